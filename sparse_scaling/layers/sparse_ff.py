@@ -1,0 +1,164 @@
+"""Sparse feed-forward layer: one active unit in every block of N.
+
+Jaszczur et al., *Sparse is Enough in Scaling Transformers*, §3.1 "Sparse Feedforward Layer".
+The d_ff units are split into d_ff // N blocks of N units; for every token a low-rank
+controller picks one unit per block and the others are zero:
+
+  Controller(x) = argmax(Reshape(x·C1·C2 + c, (-1, N)))           [..., d_ff // N]
+  SparseFF(x)   = (max(0, x·W1 + b1) ⊙ Controller(x))·W2 + b2       [..., d_model]
+
+Training samples the choice with Gumbel noise and passes gradients to the controller
+straight through the one-hot mask (hard forward, softmax backward); eval and predict take the
+argmax.
+
+W1 and W2 are both stored unit-major, [d_ff // N, N, d_model], so a unit's weights are one
+contiguous row of each. Whenever a call has fewer than N tokens (decoding), the layer gathers
+the d_ff // N chosen rows of W1 and W2 per token and never reads the rest; larger calls (and
+training) run the dense product under the mask, which reads fewer bytes there.
+"""
+
+import jax
+import jax.numpy as jnp
+from trax import layers as tl
+from trax.layers import base
+from trax.layers import initializers as init
+
+_MODES = ('train', 'eval', 'predict')
+
+
+def SparseFF(d_ff, n_elements_in_block=32, d_lowrank=None, temperature=0.1,
+             quant_prob=0.3, dropout_rate=0.0, mode='train'):
+  """Returns a feed-forward layer with one active unit in every block of N.
+
+  Input: [..., d_model] activations. Output: the same shape.
+
+  Args:
+    d_ff: Number of hidden units; a multiple of `n_elements_in_block`.
+    n_elements_in_block: N, the block size; one unit of every block is active.
+    d_lowrank: Rank of the controller. None means the paper's d_model // N (at least 1);
+      trax's models use d_ff // N instead (`ff_sparsity=N` in `ConfigurableTransformer`).
+    temperature: Scale of the Gumbel noise added to the controller's log-probabilities in
+      training (trax's convention: argmax(log_softmax + temperature·g)); 0 in eval/predict.
+    quant_prob: Share of training calls that use the hard straight-through mask; the others
+      use the soft mask (the softmax itself). As in trax, one coin is flipped per call.
+    dropout_rate: Dropout on the layer's output in training.
+    mode: 'train', 'eval' or 'predict'.
+  """
+  _check_positive_int('d_ff', d_ff)
+  _check_positive_int('n_elements_in_block', n_elements_in_block)
+  if n_elements_in_block < 2:
+    raise ValueError(f'n_elements_in_block must be >= 2 (one active unit per block of N), '
+                     f'got {n_elements_in_block}')
+  if d_ff % n_elements_in_block:
+    raise ValueError(f'd_ff ({d_ff}) must be a multiple of n_elements_in_block '
+                     f'({n_elements_in_block})')
+  if d_lowrank is not None:
+    _check_positive_int('d_lowrank', d_lowrank)
+  if not 0.0 <= quant_prob <= 1.0:
+    raise ValueError(f'quant_prob must be in [0, 1], got {quant_prob}')
+  if temperature < 0:
+    raise ValueError(f'temperature must be >= 0, got {temperature}')
+  if mode not in _MODES:
+    raise ValueError(f'mode must be one of {_MODES}, got {mode!r}')
+  return tl.Serial(
+      tl.Dup(),                                               # x, x
+      SparseFFController(d_ff, n_elements_in_block, d_lowrank,
+                         temperature, quant_prob, mode),      # choice, x
+      ChosenUnitsFF(d_ff, n_elements_in_block),               # y
+      tl.Dropout(rate=dropout_rate, mode=mode),
+      name=f'SparseFF_{d_ff}_{n_elements_in_block}')
+
+
+class SparseFFController(base.Layer):
+  """Low-rank controller choosing one unit in every block of N.
+
+  Weights: C1 [d_model, d_lowrank], C2 [d_lowrank, d_ff // N, N], c [d_ff // N, N].
+  Input x [..., d_model]. Output in train mode: the mask [..., d_ff // N, N] (straight-through
+  one-hot or soft); in eval and predict: the chosen unit of each block, [..., d_ff // N] int32.
+  """
+
+  def __init__(self, d_ff, n_elements_in_block, d_lowrank, temperature, quant_prob, mode):
+    super().__init__(name='SparseFFController')
+    self._n_blocks = d_ff // n_elements_in_block
+    self._block = n_elements_in_block
+    self._d_lowrank = d_lowrank
+    self._temperature = temperature
+    self._quant_prob = quant_prob
+    self._mode = mode
+
+  def forward(self, x):
+    c1, c2, cb = self.weights
+    logits = jnp.einsum('...d,dr,rkn->...kn', x, c1, c2) + cb     # [..., d_ff // N, N]
+    if self._mode != 'train':
+      return jnp.argmax(logits, axis=-1).astype(jnp.int32)       # [..., d_ff // N]
+    noise_rng, coin_rng = jax.random.split(self.rng)
+    probs = jax.nn.softmax(logits, axis=-1)
+    noisy = logits + self._temperature * jax.random.gumbel(noise_rng, logits.shape)
+    hard = jax.nn.one_hot(jnp.argmax(noisy, axis=-1), self._block, dtype=probs.dtype)
+    straight_through = hard + probs - jax.lax.stop_gradient(probs)
+    use_hard = jax.random.uniform(coin_rng) < self._quant_prob
+    return jnp.where(use_hard, straight_through, probs)
+
+  def init_weights_and_state(self, input_signature):
+    d_model = input_signature.shape[-1]
+    d_lowrank = self._d_lowrank or max(1, d_model // self._block)
+    d_ff = self._n_blocks * self._block
+    rng1, rng2, rng3 = jax.random.split(self.rng, 3)
+    glorot = init.GlorotUniformInitializer()
+    c1 = glorot((d_model, d_lowrank), rng1)
+    c2 = glorot((d_lowrank, d_ff), rng2).reshape(d_lowrank, self._n_blocks, self._block)
+    cb = init.RandomNormalInitializer(1e-6)((self._n_blocks, self._block), rng3)
+    self.weights = (c1, c2, cb)
+
+
+class ChosenUnitsFF(base.Layer):
+  """ReLU feed-forward that computes only the units the controller chose.
+
+  Weights: W1 [d_ff // N, N, d_model], b1 [d_ff // N, N], W2 [d_ff // N, N, d_model],
+  b2 [d_model]. Inputs: the controller's choice (a float mask [..., d_ff // N, N] or unit
+  indices [..., d_ff // N]) and x [..., d_model]. Output: [..., d_model].
+  """
+
+  def __init__(self, d_ff, n_elements_in_block):
+    super().__init__(n_in=2, n_out=1, name='ChosenUnitsFF')
+    self._n_blocks = d_ff // n_elements_in_block
+    self._block = n_elements_in_block
+
+  def forward(self, inputs):
+    choice, x = inputs
+    w1, b1, w2, b2 = self.weights
+    n_tokens = x.size // x.shape[-1]
+    if jnp.issubdtype(choice.dtype, jnp.integer) and n_tokens < self._block:
+      return self._gathered(choice, x)
+    if jnp.issubdtype(choice.dtype, jnp.integer):
+      choice = jax.nn.one_hot(choice, self._block, dtype=x.dtype)
+    hidden = jnp.einsum('...d,knd->...kn', x, w1) + b1                # [..., d_ff // N, N]
+    hidden = jax.nn.relu(hidden) * choice
+    return jnp.einsum('...kn,knd->...d', hidden, w2) + b2
+
+  def _gathered(self, units, x):
+    """Reads only the chosen rows: units [..., d_ff // N] int32, x [..., d_model]."""
+    w1, b1, w2, b2 = self.weights
+    d_ff = self._n_blocks * self._block
+    rows = units + self._block * jnp.arange(self._n_blocks, dtype=units.dtype)
+    take = lambda w: jnp.take(w.reshape(d_ff, -1), rows, axis=0, mode='clip',  # [..., d_ff // N, d_model]
+                              indices_are_sorted=True, unique_indices=True)
+    hidden = jnp.einsum('...d,...kd->...k', x, take(w1)) + take(b1)[..., 0]
+    return jnp.einsum('...k,...kd->...d', jax.nn.relu(hidden), take(w2)) + b2
+
+  def init_weights_and_state(self, input_signature):
+    _, x_signature = input_signature
+    d_model = x_signature.shape[-1]
+    shape = (self._n_blocks, self._block, d_model)
+    d_ff = self._n_blocks * self._block
+    rng1, rng2, rng3, rng4 = jax.random.split(self.rng, 4)
+    glorot = init.GlorotUniformInitializer()
+    bias = init.RandomNormalInitializer(1e-6)
+    w1 = glorot((d_ff, d_model), rng1).reshape(shape)
+    w2 = glorot((d_ff, d_model), rng2).reshape(shape)
+    self.weights = (w1, bias(shape[:2], rng3), w2, bias((d_model,), rng4))
+
+
+def _check_positive_int(name, value):
+  if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+    raise ValueError(f'{name} must be a positive integer, got {value!r}')

@@ -1,0 +1,146 @@
+"""Sparse FF (paper §3.1): behaviour, predict == eval, parity with trax's reference layer."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from trax import shapes
+from trax.layers.research import sparsity as trax_sparsity
+
+from sparse_scaling import convert
+from sparse_scaling.layers import SparseFF
+from tests.utils import assert_predict_equals_eval, primitives_reading
+
+D_MODEL, D_FF, N = 16, 64, 8
+
+
+def _init(layer, x, seed=0):
+  layer.init(shapes.signature(x), rng=jax.random.PRNGKey(seed))
+  return layer
+
+
+def _inputs(*shape, seed=0):
+  return np.random.RandomState(seed).randn(*shape).astype(np.float32)
+
+
+def _reference(layer, x):
+  """Eval-mode output computed unit by unit in numpy from the layer's weights."""
+  (_, (c1, c2, cb), (w1, b1, w2, b2), _) = [jax.tree.map(np.asarray, w) for w in layer.weights]
+  flat = x.reshape(-1, x.shape[-1])
+  chosen = np.argmax(np.einsum('td,dr,rkn->tkn', flat, c1, c2) + cb, axis=-1)  # [T, d_ff/N]
+  out = np.tile(b2, (flat.shape[0], 1))
+  for t, units in enumerate(chosen):
+    for k, n in enumerate(units):
+      out[t] += max(0.0, flat[t] @ w1[k, n] + b1[k, n]) * w2[k, n]
+  return out.reshape(x.shape), chosen
+
+
+@pytest.mark.parametrize('shape', [(5, D_MODEL), (2, 5, D_MODEL)])
+@pytest.mark.parametrize('mode', ['train', 'eval', 'predict'])
+def test_output_shape_matches_input(shape, mode):
+  x = _inputs(*shape)
+  layer = _init(SparseFF(D_FF, N, mode=mode), x)
+  assert layer(x, rng=jax.random.PRNGKey(1)).shape == shape
+
+
+@pytest.mark.parametrize('mode', ['eval', 'predict'])
+def test_one_unit_active_per_block(mode):
+  x = _inputs(2, 3, D_MODEL)  # 6 tokens < N: the gathered path in predict; dense under eval.
+  layer = _init(SparseFF(D_FF, N, mode=mode), x)
+  expected, chosen = _reference(layer, x)
+  assert chosen.shape == (6, D_FF // N)
+  np.testing.assert_allclose(layer(x), expected, atol=1e-5)
+
+
+def test_gathered_and_masked_paths_agree():
+  x = _inputs(4 * N, D_MODEL)  # N tokens or more take the masked dense path.
+  layer = _init(SparseFF(D_FF, N, mode='predict'), x)
+  full = np.asarray(layer(x))
+  for t in range(0, 4 * N, N // 2):  # N/2 tokens at a time take the gathered path.
+    np.testing.assert_allclose(layer(x[t:t + N // 2]), full[t:t + N // 2], atol=1e-5)
+
+
+@pytest.mark.parametrize('init_tokens', [3, N + 1])  # prompt on the gathered / masked path
+def test_predict_equals_eval(init_tokens):
+  x = _inputs(2, N + 6, D_MODEL)
+  assert_predict_equals_eval(functools.partial(SparseFF, D_FF, N), x, init_tokens=init_tokens)
+
+
+def test_train_with_zero_temperature_and_hard_mask_equals_eval():
+  x = _inputs(2, 5, D_MODEL)
+  train = _init(SparseFF(D_FF, N, temperature=0.0, quant_prob=1.0, mode='train'), x)
+  evaluate = _init(SparseFF(D_FF, N, mode='eval'), x)
+  evaluate.weights = train.weights
+  np.testing.assert_allclose(train(x, rng=jax.random.PRNGKey(3)), evaluate(x), atol=1e-6)
+
+
+def test_gumbel_noise_changes_choices_in_training_only():
+  x = _inputs(64, D_MODEL)
+  noisy = _init(SparseFF(D_FF, N, temperature=10.0, quant_prob=1.0, mode='train'), x)
+  outputs = [np.asarray(noisy(x, rng=jax.random.PRNGKey(s))) for s in range(2)]
+  assert not np.allclose(outputs[0], outputs[1])
+  evaluate = _init(SparseFF(D_FF, N, temperature=10.0, mode='eval'), x)
+  np.testing.assert_array_equal(evaluate(x), evaluate(x))
+
+
+@pytest.mark.parametrize('quant_prob', [0.0, 1.0])  # soft mask / straight-through hard mask
+def test_gradients_reach_the_controller(quant_prob):
+  x = _inputs(2, 5, D_MODEL)
+  layer = _init(SparseFF(D_FF, N, quant_prob=quant_prob, mode='train'), x)
+
+  def loss(weights):
+    y, _ = layer.pure_fn(x, weights, layer.state, jax.random.PRNGKey(0))
+    return jnp.sum(y ** 2)
+
+  (_, controller_grads, units_grads, _) = jax.grad(loss)(layer.weights)
+  for name, g in zip(['C1', 'C2', 'c'], controller_grads):
+    assert np.abs(g).max() > 0, f'no gradient reaches controller weight {name}'
+  for name, g in zip(['W1', 'b1', 'W2', 'b2'], units_grads):
+    assert np.abs(g).max() > 0, f'no gradient reaches {name}'
+
+
+def test_eval_matches_trax_reference_sparse_ff():
+  x = _inputs(2, 7, D_MODEL)
+  theirs = _init(trax_sparsity.SparseFF(D_FF, N, d_lowrank=4, mode='eval'), x, seed=5)
+  ours = _init(SparseFF(D_FF, N, d_lowrank=4, mode='eval'), x)
+  convert.load_sparse_ff(ours, theirs)
+  np.testing.assert_allclose(ours(x), theirs(x), atol=1e-5)
+
+
+def test_converter_rejects_a_different_configuration():
+  x = _inputs(2, 7, D_MODEL)
+  theirs = _init(trax_sparsity.SparseFF(D_FF, N, d_lowrank=4, mode='eval'), x)
+  ours = _init(SparseFF(D_FF, N, d_lowrank=2, mode='eval'), x)
+  with pytest.raises(ValueError, match='d_lowrank'):
+    convert.load_sparse_ff(ours, theirs)
+
+
+def test_default_rank_is_d_model_over_n():
+  x = _inputs(3, 256)
+  layer = _init(SparseFF(1024, 32, mode='eval'), x)
+  assert layer.weights[1][0].shape == (256, 256 // 32)
+
+
+def test_predict_reads_the_big_weights_only_through_a_gather():
+  d_model, d_ff, n = 32, 512, 16
+  x = _inputs(1, 1, d_model)
+  layer = _init(SparseFF(d_ff, n, mode='predict'), x)
+  step = lambda weights, x: layer.pure_fn(x, weights, layer.state, None)[0]
+  is_w1_or_w2 = lambda aval: aval.shape == (d_ff // n, n, d_model)
+  assert primitives_reading(step, (layer.weights, x), is_w1_or_w2) == {'gather'}
+  many = _inputs(1, n, d_model)  # N tokens take the masked dense path: the check can fail.
+  assert 'dot_general' in primitives_reading(step, (layer.weights, many), is_w1_or_w2)
+
+
+@pytest.mark.parametrize('kwargs, parameter', [
+    (dict(d_ff=60, n_elements_in_block=8), 'd_ff'),
+    (dict(d_ff=64, n_elements_in_block=1), 'n_elements_in_block'),
+    (dict(d_ff=64, n_elements_in_block=8, d_lowrank=0), 'd_lowrank'),
+    (dict(d_ff=64, n_elements_in_block=8, quant_prob=1.5), 'quant_prob'),
+    (dict(d_ff=64, n_elements_in_block=8, mode='decode'), 'mode'),
+])
+def test_bad_arguments_raise_value_error_naming_the_parameter(kwargs, parameter):
+  with pytest.raises(ValueError, match=parameter):
+    SparseFF(**kwargs)
