@@ -5,7 +5,8 @@ import numpy as np
 from trax import shapes
 
 
-def assert_predict_equals_eval(model_fn, inputs, init_tokens=3, atol=1e-5, rng_seed=0):
+def assert_predict_equals_eval(model_fn, inputs, init_tokens=3, atol=1e-5, rng_seed=0,
+                               shifted=False):
   """Decoding token by token in predict mode gives the eval-mode outputs.
 
   Args:
@@ -14,6 +15,8 @@ def assert_predict_equals_eval(model_fn, inputs, init_tokens=3, atol=1e-5, rng_s
     init_tokens: How many tokens the first predict call gets (a prompt).
     atol: Tolerance on every output element.
     rng_seed: Seed of the weights.
+    shifted: The model shifts its input right in eval but not in predict mode (trax's LMs):
+      predict mode is fed the shifted tokens, as a decoder does.
   """
   signature = shapes.signature(inputs)
   model_eval, model_predict = model_fn(mode='eval'), model_fn(mode='predict')
@@ -22,6 +25,8 @@ def assert_predict_equals_eval(model_fn, inputs, init_tokens=3, atol=1e-5, rng_s
   model_predict.init(signature, rng=rng)
   model_predict.weights = model_eval.weights
   expected = np.asarray(model_eval(inputs))
+  if shifted:
+    inputs = np.concatenate([np.zeros_like(inputs[:, :1]), inputs[:, :-1]], axis=1)
   length = inputs.shape[1]
   assert length >= init_tokens + 2, 'need a prompt and at least two decoded tokens'
   starts = [0] + list(range(init_tokens, length))

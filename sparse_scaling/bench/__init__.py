@@ -1,0 +1,1 @@
+"""Benchmarks: scripts that print paper-shaped tables (`python -m sparse_scaling.bench.<name>`)."""

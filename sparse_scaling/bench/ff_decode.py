@@ -1,0 +1,125 @@
+"""Decoding speed of one feed-forward layer: dense vs our SparseFF vs trax's reference SparseFF.
+
+Batch 1, one token: each layer runs in predict mode, jitted with its weights as arguments,
+warmed up, and timed as the median of many calls. The ideal speedup of Sparse FF over dense is
+about N where reading the weights dominates; a sweep over N at one shape shows how the time
+follows the bytes read.
+
+  python -m sparse_scaling.bench.ff_decode [--json] [--shapes 1024x4096x32,...] [--no_sweep]
+"""
+
+import gc
+import json
+
+import jax
+import jax.numpy as jnp
+from absl import app
+from absl import flags
+from trax import layers as tl
+from trax import shapes
+from trax.layers.research import sparsity as trax_sparsity
+
+from sparse_scaling.bench import timing
+from sparse_scaling.layers import SparseFF
+
+# (d_model, d_ff, N, d_lowrank, dtype): issue #2's shapes; the last is the paper's 17B FF
+# (d_lowrank 32 as in trax's 17B timing config), in bfloat16 to fit 24 GB three times over.
+SHAPES = (
+    (1024, 4096, 32, None, 'float32'),
+    (1024, 6144, 64, None, 'float32'),
+    (2048, 16384, 64, None, 'float32'),
+    (9216, 65536, 256, 32, 'bfloat16'),
+)
+SWEEP_SHAPE, SWEEP_NS = (2048, 16384), (8, 16, 32, 64, 128, 256)
+
+_JSON = flags.DEFINE_bool('json', False, 'Print one JSON list of rows last.')
+_SHAPES = flags.DEFINE_list('shapes', None, 'Subset of shapes, as d_modelxd_ffxN.')
+_SWEEP = flags.DEFINE_bool('sweep', True, 'Also sweep N at d_model 2048, d_ff 16384.')
+
+
+def decode_seconds(layer, d_model, dtype):
+  """Median seconds of one batch-1 token through `layer` in predict mode."""
+  x = jnp.ones((1, 1, d_model), dtype)
+  layer.init(shapes.signature(x))
+  layer.weights = jax.tree.map(lambda w: w.astype(dtype), layer.weights)
+  step = jax.jit(lambda weights, state, x: layer.pure_fn(x, weights, state, None)[0])
+  median, _ = timing.time_call(step, layer.weights, layer.state, x)
+  return median
+
+
+def sparse_bytes_read(d_model, d_ff, n, d_lowrank, itemsize):
+  """Weight bytes one token reads in our SparseFF: controller + d_ff/N rows of W1 and W2."""
+  return itemsize * (d_model * d_lowrank + d_lowrank * d_ff + d_ff + 2 * (d_ff // n) * d_model)
+
+
+def memory_bandwidth():
+  """Bytes per second of a jitted reduction over a 512 MiB array (a read-bandwidth estimate)."""
+  a = jnp.ones((128 * 1024 * 1024,), jnp.float32)
+  median, _ = timing.time_call(jax.jit(jnp.sum), a, min_runs=10)
+  return a.nbytes / median
+
+
+def measure(d_model, d_ff, n, d_lowrank, dtype, impls=('dense', 'trax', 'ours')):
+  """Seconds per token of each implementation at one shape, built and freed one at a time."""
+  d_lowrank = d_lowrank or max(1, d_model // n)
+  build = {
+      'dense': lambda: tl.Serial(tl.Dense(d_ff), tl.Relu(), tl.Dense(d_model)),
+      'trax': lambda: trax_sparsity.SparseFF(d_ff, n, d_lowrank=d_lowrank, mode='predict'),
+      'ours': lambda: SparseFF(d_ff, n, d_lowrank=d_lowrank, mode='predict'),
+  }
+  seconds = {}
+  for impl in impls:
+    seconds[impl] = decode_seconds(build[impl](), d_model, dtype)
+    gc.collect()
+  return d_lowrank, seconds
+
+
+def main(argv):
+  del argv
+  shapes_ = SHAPES
+  if _SHAPES.value:
+    wanted = {tuple(int(v) for v in s.split('x')) for s in _SHAPES.value}
+    shapes_ = [s for s in SHAPES if s[:3] in wanted]
+  bandwidth = memory_bandwidth()
+  print(f'# FF decode, batch 1, one token: {timing.machine_description()}')
+  print(f'# measured read bandwidth {bandwidth / 1e9:.1f} GB/s; floor = weight bytes read / it')
+  print()
+  print('| d_model | d_ff | N | d_lowrank | dtype | dense ms | trax ms | ours ms '
+        '| dense/ours | trax/ours | ours floor ms | ours GB/s |')
+  print('|---|---|---|---|---|---|---|---|---|---|---|---|')
+  rows = []
+  for d_model, d_ff, n, d_lowrank, dtype in shapes_:
+    itemsize = jnp.dtype(dtype).itemsize
+    needed = 3 * 2 * d_model * d_ff * 4  # float32 init of W1, W2 plus the cast copy, with room
+    if needed > timing.available_memory_bytes():
+      print(f'| {d_model} | {d_ff} | {n} | | {dtype} | skipped: needs ~{needed / 2**30:.0f} GiB '
+            f'free | | | | | | |')
+      continue
+    d_lowrank, s = measure(d_model, d_ff, n, d_lowrank, dtype)
+    read = sparse_bytes_read(d_model, d_ff, n, d_lowrank, itemsize)
+    print(f'| {d_model} | {d_ff} | {n} | {d_lowrank} | {dtype} | {s["dense"] * 1e3:.3f} '
+          f'| {s["trax"] * 1e3:.3f} | {s["ours"] * 1e3:.3f} | {s["dense"] / s["ours"]:.1f}x '
+          f'| {s["trax"] / s["ours"]:.1f}x | {read / bandwidth * 1e3:.3f} '
+          f'| {read / s["ours"] / 1e9:.1f} |', flush=True)
+    rows.append(dict(d_model=d_model, d_ff=d_ff, n=n, d_lowrank=d_lowrank, dtype=dtype,
+                     dense_ms=s['dense'] * 1e3, ours_ms=s['ours'] * 1e3,
+                     trax_ms=s['trax'] * 1e3))
+  if _SWEEP.value:
+    d_model, d_ff = SWEEP_SHAPE
+    _, dense = measure(d_model, d_ff, 2, None, 'float32', impls=('dense',))
+    print()
+    print(f'# Sweep over N at d_model {d_model}, d_ff {d_ff}, float32, d_lowrank d_model/N; '
+          f'dense {dense["dense"] * 1e3:.3f} ms')
+    print('| N | weights read MB | ours ms | GB/s | dense/ours |')
+    print('|---|---|---|---|---|')
+    for n in SWEEP_NS:
+      d_lowrank, s = measure(d_model, d_ff, n, None, 'float32', impls=('ours',))
+      read = sparse_bytes_read(d_model, d_ff, n, d_lowrank, 4)
+      print(f'| {n} | {read / 1e6:.2f} | {s["ours"] * 1e3:.3f} | {read / s["ours"] / 1e9:.1f} '
+            f'| {dense["dense"] / s["ours"]:.1f}x |', flush=True)
+  if _JSON.value:
+    print(json.dumps(rows))
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,42 @@
+"""Timing and machine helpers shared by the benchmarks."""
+
+import os
+import platform
+import time
+
+import jax
+import numpy as np
+
+
+def time_call(fn, *args, min_runs=20, min_seconds=1.0, warmup=3):
+  """Median and p90 wall time of `fn(*args)` in seconds, after warm-up.
+
+  Every call is blocked until its result is ready. Runs at least `min_runs` times and at
+  least `min_seconds` in total.
+  """
+  for _ in range(warmup):
+    jax.block_until_ready(fn(*args))
+  times = []
+  start = time.perf_counter()
+  while len(times) < min_runs or time.perf_counter() - start < min_seconds:
+    t = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t)
+  return float(np.median(times)), float(np.percentile(times, 90))
+
+
+def available_memory_bytes():
+  """Physical memory not in use now."""
+  return os.sysconf('SC_AVPHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
+
+
+def machine_description():
+  """One line naming the processor, core count and JAX backend."""
+  cpu = platform.processor() or platform.machine()
+  try:
+    with open('/proc/cpuinfo') as f:
+      cpu = next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
+  except (OSError, StopIteration):
+    pass
+  device = jax.devices()[0]
+  return f'{cpu}, {os.cpu_count()} cores, jax {jax.__version__} on {device.platform}'

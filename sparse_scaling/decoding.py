@@ -1,0 +1,107 @@
+"""Autoregressive decoding as one compiled XLA program.
+
+`trax.supervised.decoding` runs a Python loop that calls the jitted model once per token; at
+batch 1 the host overhead per call is of the order of the whole sparse model's step. Here the
+prompt pass and a `lax.while_loop` over the model's pure predict-mode function (weights in,
+KV and convolution caches carried as state) are jitted together, so a whole generation is a
+single device call.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from trax import shapes
+
+
+class Decoder:
+  """Greedy or temperature sampling from a trax LM built in predict mode.
+
+  Attributes:
+    model: The predict-mode model; its weights are the ones decoded with.
+  """
+
+  def __init__(self, model_fn, weights, start_id=0):
+    """Builds the predict-mode model.
+
+    Args:
+      model_fn: `mode -> layer`, a decoder-only LM taking token ids [batch, length] and
+        returning logits [batch, length, vocab_size] (shifting right inside, as trax's LMs).
+      weights: Trained weights of that model (from any mode).
+      start_id: Token fed before the prompt; trax's LMs see 0 there in training.
+    """
+    self.model = model_fn(mode='predict')
+    self._weights = weights
+    self._start_id = start_id
+    self._compiled = {}
+    self._states = {}
+
+  def generate(self, prompt, max_new_tokens, temperature=0.0, eos_id=None, seed=0):
+    """Continues every prompt of the batch.
+
+    Args:
+      prompt: Token ids [batch, prompt_length] (prompt_length may be 0).
+      max_new_tokens: How many tokens to generate at most.
+      temperature: 0 for greedy (argmax); otherwise logits are divided by it and sampled.
+      eos_id: Generation of a row stops after this token; the rest of the row is eos_id.
+      seed: Seed of the sampling noise.
+
+    Returns:
+      Generated token ids [batch, max_new_tokens] (int32), as a numpy array.
+    """
+    if max_new_tokens < 1:
+      raise ValueError(f'max_new_tokens must be >= 1, got {max_new_tokens}')
+    if temperature < 0:
+      raise ValueError(f'temperature must be >= 0, got {temperature}')
+    prompt = jnp.asarray(prompt, jnp.int32)
+    key = (prompt.shape, max_new_tokens, float(temperature), eos_id)
+    if key not in self._compiled:
+      self._compiled[key] = jax.jit(functools.partial(
+          self._generate, max_new_tokens=max_new_tokens, temperature=temperature,
+          eos_id=eos_id))
+    if prompt.shape[0] not in self._states:
+      self._states[prompt.shape[0]] = self._initial_state(prompt.shape[0])
+    state = self._states[prompt.shape[0]]
+    tokens = self._compiled[key](self._weights, state, prompt, jax.random.PRNGKey(seed))
+    return jax.device_get(tokens)
+
+  def _initial_state(self, batch_size):
+    """Empty caches for `batch_size` rows (init draws throw-away weights; they are dropped)."""
+    signature = shapes.ShapeDtype((batch_size, 1), jnp.int32)
+    _, state = self.model.init(signature, use_cache=False)
+    self.model.weights = self._weights
+    return state
+
+  def _generate(self, weights, state, prompt, rng, max_new_tokens, temperature, eos_id):
+    """Pure generation: prompt [batch, p] -> tokens [batch, max_new_tokens]."""
+    batch_size = prompt.shape[0]
+    start = jnp.full((batch_size, 1), self._start_id, jnp.int32)
+    logits, state = self.model.pure_fn(
+        jnp.concatenate([start, prompt], axis=1), weights, state, None)
+    logits = logits[:, -1]                                     # [batch, vocab]
+
+    def pick(logits, rng):
+      if temperature == 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+      return jax.random.categorical(rng, logits / temperature).astype(jnp.int32)
+
+    def cond(carry):
+      i, _, _, _, done, _ = carry
+      return (i < max_new_tokens) & ~jnp.all(done)
+
+    def body(carry):
+      i, logits, state, tokens, done, rng = carry
+      rng, sample_rng = jax.random.split(rng)
+      token = pick(logits, sample_rng)
+      if eos_id is not None:
+        token = jnp.where(done, eos_id, token)
+        done = done | (token == eos_id)
+      tokens = tokens.at[:, i].set(token)
+      logits, state = self.model.pure_fn(token[:, None], weights, state, None)
+      return i + 1, logits[:, -1], state, tokens, done, rng
+
+    fill = 0 if eos_id is None else eos_id
+    tokens = jnp.full((batch_size, max_new_tokens), fill, jnp.int32)
+    done = jnp.zeros((batch_size,), bool)
+    carry = (jnp.int32(0), logits, state, tokens, done, rng)
+    return jax.lax.while_loop(cond, body, carry)[3]

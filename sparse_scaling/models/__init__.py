@@ -1,0 +1,11 @@
+"""Models of the paper, registered with gin under `sparse_scaling.models` (mode is not gin's)."""
+import gin
+
+from sparse_scaling.models import scaling_transformer
+
+
+def _configurable(fn):
+  return gin.external_configurable(fn, module='sparse_scaling.models', denylist=['mode'])
+
+
+ScalingTransformerLM = _configurable(scaling_transformer.ScalingTransformerLM)
