@@ -1,50 +1,100 @@
-"""Trax checkpoints → sparse_scaling: map the weights of trax's reference layers onto ours.
+"""Trax checkpoints → sparse_scaling: load weights of trax's reference models into ours.
 
-Users with models trained by trax's official code (`trax.layers.research.sparsity`,
-`trax.models.research`) load them here. Each function takes an initialized trax layer and an
-initialized layer of ours with the same configuration, and sets our weights so that both
-compute the same function in eval mode.
+Users with models trained by trax's official code (`ConfigurableTransformerLM`,
+`ConfigurableTransformer`, or single layers of `trax.layers.research.sparsity`) load them
+here. trax stores weights as one flat list in layer-tree order (its checkpoints'
+`.weights.npy.gz`); our models lay their layers out in the same order, so the list is consumed
+layer by layer, and the layers whose weights differ are mapped:
+
+  trax                                   ours
+  SparseFF: C1, C2, c; W1 [d, d_ff/N, N],  SparseFF: C1, C2, c; W1 [d_ff/N, N, d], b1 = 0,
+            W2 [N, d_ff/N, d], b2                    W2 [d_ff/N, N, d], b2
+  FactoredDense: G [S, d], P [d, M], b    MultiplicativeDense: D = Gᵀ [d, S], E = P, b
+
+Every other layer (embeddings, LayerNorm, dense attention, convolutions, Dense) is trax's own
+layer in both and is copied as it is. Shapes are checked at every step.
 """
 
+import jax
 import jax.numpy as jnp
+import numpy as np
+from trax import layers as tl
+from trax.supervised import training
+
+from sparse_scaling.layers.multiplicative_dense import MultiplicativeDense
 
 
-def load_sparse_ff(ours, theirs):
-  """Copies a trax `SparseFF`'s weights into our `SparseFF`.
-
-  trax keeps W1 as [d_model, d_ff/N, N] and W2 as [N, d_ff/N, d_model] (the d_ff index is
-  grouped differently in the two), and has no first-layer bias. Ours keeps both unit-major,
-  [d_ff/N, N, d_model], with b1 [d_ff/N, N] (set to zero here).
+def load_trax_weights(ours, trax_weights):
+  """Sets the weights of our initialized model from the weights of the same trax model.
 
   Args:
-    ours: an initialized `sparse_scaling.layers.SparseFF`.
-    theirs: an initialized `trax.layers.research.sparsity.SparseFF` of the same d_ff, N and
-      d_lowrank.
+    ours: An initialized layer or model of ours.
+    trax_weights: The weights of the corresponding trax layer or model (a nested tuple, as
+      `layer.weights`, or the flat list of a checkpoint).
+
+  Raises:
+    ValueError: the weights do not fit our model (a different configuration).
   """
-  (controller,) = sublayers_named(ours, 'SparseFFController')
-  (units,) = sublayers_named(ours, 'ChosenUnitsFF')
-  (their_controller,) = sublayers_named(theirs, '_SparseFFController')
-  (their_main,) = sublayers_named(theirs, '_SparseFFMain')
-  m1, m2, mb = their_controller.weights
-  _check_shapes('SparseFF controller', controller.weights, (m1, m2, mb))
-  controller.weights = (m1, m2, mb)
-  w1, w2, b2 = their_main.weights
-  new = (jnp.transpose(w1, (1, 2, 0)), jnp.zeros_like(mb), jnp.transpose(w2, (1, 0, 2)), b2)
-  _check_shapes('SparseFF main', units.weights, new)
-  units.weights = new
+  remaining = _load(ours, jax.tree.leaves(trax_weights))
+  if remaining:
+    raise ValueError(f'{len(remaining)} trax weights left over after filling our model; '
+                     'build ours with the configuration of the trax model')
 
 
-def sublayers_named(layer, name):
-  """All layers named `name` inside `layer` (itself included), depth-first."""
-  found = [layer] if layer.name.startswith(name) else []
-  for sub in layer.sublayers:
-    found += sublayers_named(sub, name)
-  return found
+def load_trax_checkpoint(ours, path):
+  """Loads the weights of a trax checkpoint (`.../model.pkl.gz`) into our initialized model.
+
+  Args:
+    ours: An initialized model of ours with the configuration of the checkpoint's model.
+    path: The checkpoint's `.pkl.gz` file, as written by `trax.supervised.training.Loop`.
+  """
+  checkpoint = training.unpickle_from_file(path, gzip=True)
+  flat = checkpoint['flat_weights']
+  if isinstance(flat, int):  # Since 2021 the weights are in a file of their own.
+    flat = tl.np_from_file(path[:-len('.pkl.gz')] + '.weights.npy.gz', compresslevel=flat)
+  load_trax_weights(ours, flat)
 
 
-def _check_shapes(what, ours, theirs):
-  ours_shapes = [w.shape for w in ours]
-  their_shapes = [w.shape for w in theirs]
-  if ours_shapes != their_shapes:
-    raise ValueError(f'{what}: trax weights of shapes {their_shapes} do not fit our layer of '
-                     f'shapes {ours_shapes}; build ours with the same d_ff, N and d_lowrank')
+def _load(layer, arrays):
+  """Fills `layer`'s weights from the front of `arrays`; returns the rest."""
+  if layer.name.startswith('SparseFF_'):
+    return _load_sparse_ff(layer, arrays)
+  if isinstance(layer, MultiplicativeDense):
+    n = len(layer.weights)
+    (g, p, *bias), arrays = _take(arrays, n, 'MultiplicativeDense')
+    _set(layer, (jnp.transpose(g), p, *bias))
+    return arrays
+  if layer.sublayers:
+    for sub in layer.sublayers:
+      arrays = _load(sub, arrays)
+    return arrays
+  n = len(jax.tree.leaves(layer.weights))
+  if n:
+    taken, arrays = _take(arrays, n, layer.name)
+    _set(layer, jax.tree.unflatten(jax.tree.structure(layer.weights), taken))
+  return arrays
+
+
+def _load_sparse_ff(layer, arrays):
+  controller, units = [sub for sub in layer.sublayers if sub.weights]
+  (m1, m2, mb, w1, w2, b2), arrays = _take(arrays, 6, 'SparseFF')
+  _set(controller, (m1, m2, mb))
+  _set(units, (jnp.transpose(w1, (1, 2, 0)), jnp.zeros_like(mb),
+               jnp.transpose(w2, (1, 0, 2)), b2))
+  return arrays
+
+
+def _take(arrays, n, what):
+  if len(arrays) < n:
+    raise ValueError(f'trax weights ran out at {what}: build ours with the configuration of '
+                     'the trax model')
+  return [jnp.asarray(a) for a in arrays[:n]], arrays[n:]
+
+
+def _set(layer, weights):
+  ours = [np.shape(w) for w in jax.tree.leaves(layer.weights)]
+  theirs = [np.shape(w) for w in jax.tree.leaves(weights)]
+  if ours != theirs:
+    raise ValueError(f'{layer.name}: trax weights of shapes {theirs} do not fit our shapes '
+                     f'{ours}; build ours with the configuration of the trax model')
+  layer.weights = weights

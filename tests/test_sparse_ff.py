@@ -105,7 +105,7 @@ def test_eval_matches_trax_reference_sparse_ff():
   x = _inputs(2, 7, D_MODEL)
   theirs = _init(trax_sparsity.SparseFF(D_FF, N, d_lowrank=4, mode='eval'), x, seed=5)
   ours = _init(SparseFF(D_FF, N, d_lowrank=4, mode='eval'), x)
-  convert.load_sparse_ff(ours, theirs)
+  convert.load_trax_weights(ours, theirs.weights)
   np.testing.assert_allclose(ours(x), theirs(x), atol=1e-5)
 
 
@@ -113,8 +113,8 @@ def test_converter_rejects_a_different_configuration():
   x = _inputs(2, 7, D_MODEL)
   theirs = _init(trax_sparsity.SparseFF(D_FF, N, d_lowrank=4, mode='eval'), x)
   ours = _init(SparseFF(D_FF, N, d_lowrank=2, mode='eval'), x)
-  with pytest.raises(ValueError, match='d_lowrank'):
-    convert.load_sparse_ff(ours, theirs)
+  with pytest.raises(ValueError, match='do not fit'):
+    convert.load_trax_weights(ours, theirs.weights)
 
 
 def test_default_rank_is_d_model_over_n():

@@ -6,34 +6,49 @@ from trax import shapes
 
 
 def assert_predict_equals_eval(model_fn, inputs, init_tokens=3, atol=1e-5, rng_seed=0,
-                               shifted=False):
+                               shifted=False, seq_input=None):
   """Decoding token by token in predict mode gives the eval-mode outputs.
 
   Args:
     model_fn: `mode -> layer`.
-    inputs: [batch, length, ...] input of the layer.
+    inputs: [batch, length, ...] input of the layer, or a tuple of inputs of which
+      `seq_input` is decoded along axis 1 (the others are fed whole at every step).
     init_tokens: How many tokens the first predict call gets (a prompt).
     atol: Tolerance on every output element.
     rng_seed: Seed of the weights.
     shifted: The model shifts its input right in eval but not in predict mode (trax's LMs):
       predict mode is fed the shifted tokens, as a decoder does.
+    seq_input: Index of the decoded input when `inputs` is a tuple.
   """
   signature = shapes.signature(inputs)
   model_eval, model_predict = model_fn(mode='eval'), model_fn(mode='predict')
   rng = jax.random.PRNGKey(rng_seed)
   model_eval.init(signature, rng=rng)
   model_predict.init(signature, rng=rng)
-  model_predict.weights = model_eval.weights
-  expected = np.asarray(model_eval(inputs))
+  # Flat copy: predict mode wraps cached parts (encoder, K/V) in extra layers.
+  model_predict.weights = jax.tree.unflatten(jax.tree.structure(model_predict.weights),
+                                             jax.tree.leaves(model_eval.weights))
+  expected = _as_list(model_eval(inputs))
+  inputs = list(inputs) if seq_input is not None else [inputs]
+  seq = inputs[seq_input or 0]
   if shifted:
-    inputs = np.concatenate([np.zeros_like(inputs[:, :1]), inputs[:, :-1]], axis=1)
-  length = inputs.shape[1]
+    seq = np.concatenate([np.zeros_like(seq[:, :1]), seq[:, :-1]], axis=1)
+  length = seq.shape[1]
   assert length >= init_tokens + 2, 'need a prompt and at least two decoded tokens'
   starts = [0] + list(range(init_tokens, length))
   for start, end in zip(starts, starts[1:] + [length]):
-    got = np.asarray(model_predict(inputs[:, start:end]))
-    np.testing.assert_allclose(got, expected[:, start:end], atol=atol, rtol=0,
-                               err_msg=f'positions {start}:{end}')
+    inputs[seq_input or 0] = seq[:, start:end]
+    got = _as_list(model_predict(tuple(inputs) if seq_input is not None else inputs[0]))
+    for i, (g, e) in enumerate(zip(got, expected)):
+      if shifted and seq_input is not None and i > 0:
+        continue  # the pass-through decoder tokens: shifted by construction
+      np.testing.assert_allclose(g, e[:, start:end], atol=atol, rtol=0,
+                                 err_msg=f'output {i}, positions {start}:{end}')
+
+
+def _as_list(outputs):
+  outputs = outputs if isinstance(outputs, (tuple, list)) else [outputs]
+  return [np.asarray(o) for o in outputs]
 
 
 def primitives_reading(fn, args, is_target):

@@ -23,7 +23,8 @@ from trax import layers as tl
 from trax.layers import base
 from trax.layers import initializers as init
 
-_MODES = ('train', 'eval', 'predict')
+from sparse_scaling.layers.checks import check_mode
+from sparse_scaling.layers.checks import check_positive_int
 
 
 def SparseFF(d_ff, n_elements_in_block=32, d_lowrank=None, temperature=0.1,
@@ -44,8 +45,8 @@ def SparseFF(d_ff, n_elements_in_block=32, d_lowrank=None, temperature=0.1,
     dropout_rate: Dropout on the layer's output in training.
     mode: 'train', 'eval' or 'predict'.
   """
-  _check_positive_int('d_ff', d_ff)
-  _check_positive_int('n_elements_in_block', n_elements_in_block)
+  check_positive_int('d_ff', d_ff)
+  check_positive_int('n_elements_in_block', n_elements_in_block)
   if n_elements_in_block < 2:
     raise ValueError(f'n_elements_in_block must be >= 2 (one active unit per block of N), '
                      f'got {n_elements_in_block}')
@@ -53,13 +54,12 @@ def SparseFF(d_ff, n_elements_in_block=32, d_lowrank=None, temperature=0.1,
     raise ValueError(f'd_ff ({d_ff}) must be a multiple of n_elements_in_block '
                      f'({n_elements_in_block})')
   if d_lowrank is not None:
-    _check_positive_int('d_lowrank', d_lowrank)
+    check_positive_int('d_lowrank', d_lowrank)
   if not 0.0 <= quant_prob <= 1.0:
     raise ValueError(f'quant_prob must be in [0, 1], got {quant_prob}')
   if temperature < 0:
     raise ValueError(f'temperature must be >= 0, got {temperature}')
-  if mode not in _MODES:
-    raise ValueError(f'mode must be one of {_MODES}, got {mode!r}')
+  check_mode(mode)
   return tl.Serial(
       tl.Dup(),                                               # x, x
       SparseFFController(d_ff, n_elements_in_block, d_lowrank,
@@ -157,8 +157,3 @@ class ChosenUnitsFF(base.Layer):
     w1 = glorot((d_ff, d_model), rng1).reshape(shape)
     w2 = glorot((d_ff, d_model), rng2).reshape(shape)
     self.weights = (w1, bias(shape[:2], rng3), w2, bias((d_model,), rng4))
-
-
-def _check_positive_int(name, value):
-  if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-    raise ValueError(f'{name} must be a positive integer, got {value!r}')

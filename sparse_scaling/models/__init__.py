@@ -8,4 +8,5 @@ def _configurable(fn):
   return gin.external_configurable(fn, module='sparse_scaling.models', denylist=['mode'])
 
 
+ScalingTransformer = _configurable(scaling_transformer.ScalingTransformer)
 ScalingTransformerLM = _configurable(scaling_transformer.ScalingTransformerLM)

@@ -1,0 +1,18 @@
+"""Argument checks shared by the layers and models: one-line ValueErrors naming the parameter."""
+
+MODES = ('train', 'eval', 'predict')
+
+
+def check_positive_int(name, value):
+  if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+    raise ValueError(f'{name} must be a positive integer, got {value!r}')
+
+
+def check_divides(small_name, small, big_name, big):
+  if not isinstance(small, int) or small < 1 or big % small:
+    raise ValueError(f'{small_name} ({small}) must divide {big_name} ({big})')
+
+
+def check_mode(mode):
+  if mode not in MODES:
+    raise ValueError(f'mode must be one of {MODES}, got {mode!r}')

@@ -1,0 +1,122 @@
+"""Sparse QKV (paper §3.2): multiplicative layer, causal module convolution, attention."""
+
+import functools
+
+import jax
+import numpy as np
+import pytest
+from trax import shapes
+from trax.layers.research import sparsity as trax_sparsity
+
+from sparse_scaling import convert
+from sparse_scaling.layers import ModuleConv
+from sparse_scaling.layers import MultiplicativeDense
+from sparse_scaling.layers import SparseLoss
+from sparse_scaling.layers import SparseQKVAttention
+from tests.utils import assert_predict_equals_eval
+
+D_MODEL, N_HEADS, S = 16, 2, 4
+
+
+def _init(layer, x, seed=0):
+  layer.init(shapes.signature(x), rng=jax.random.PRNGKey(seed))
+  return layer
+
+
+def _inputs(*shape, seed=0):
+  return np.random.RandomState(seed).randn(*shape).astype(np.float32)
+
+
+def test_multiplicative_dense_is_the_papers_formula():
+  x = _inputs(3, 5, D_MODEL)
+  layer = _init(MultiplicativeDense(S, 24), x)
+  d, e, b = [np.asarray(w) for w in layer.weights]
+  expected = np.einsum('bli,is,im->blsm', x, d, e).reshape(3, 5, 24) + b
+  np.testing.assert_allclose(layer(x), expected, atol=1e-5)
+  assert d.shape == (D_MODEL, S) and e.shape == (D_MODEL, 24 // S)
+
+
+def test_multiplicative_dense_matches_trax_factored_dense():
+  x = _inputs(3, D_MODEL)
+  theirs = _init(trax_sparsity.FactoredDense(S, D_MODEL, 24), x, seed=3)
+  ours = _init(MultiplicativeDense(S, 24), x)
+  convert.load_trax_weights(ours, theirs.weights)
+  np.testing.assert_allclose(ours(x), theirs(x), atol=1e-5)
+
+
+@pytest.mark.parametrize('loss_sparsity, n_weights', [(0, D_MODEL * 32 + 32),
+                                                      (4, D_MODEL * (4 + 8) + 32)])
+def test_sparse_loss_is_dense_at_zero_and_multiplicative_otherwise(loss_sparsity, n_weights):
+  x = _inputs(2, D_MODEL)
+  layer = _init(SparseLoss(32, loss_sparsity), x)
+  assert layer(x).shape == (2, 32)
+  assert sum(w.size for w in jax.tree.leaves(layer.weights)) == n_weights
+
+
+@pytest.mark.parametrize('length_kernel_size', [1, 3])
+def test_module_conv_is_causal_along_the_length(length_kernel_size):
+  x = _inputs(2, 7, D_MODEL)
+  conv = _init(ModuleConv(D_MODEL, S, length_kernel_size, 3, mode='eval'), x)
+  changed = x.copy()
+  changed[:, 4:] += 1.0
+  y, y_changed = np.asarray(conv(x)), np.asarray(conv(changed))
+  np.testing.assert_allclose(y[:, :4], y_changed[:, :4], atol=1e-6)
+  assert not np.allclose(y[:, 4], y_changed[:, 4])
+
+
+def test_module_conv_mixes_neighbouring_modules_only():
+  x = np.zeros((1, 1, D_MODEL), np.float32)
+  conv = _init(ModuleConv(D_MODEL, S, 1, 3, mode='eval'), x)
+  m = D_MODEL // S
+  x[0, 0, :m] = 1.0  # only module 0 is non-zero: modules 0 and 1 see it, 2 and 3 do not
+  y = np.asarray(conv(x)).reshape(S, m) - np.asarray(conv(np.zeros_like(x))).reshape(S, m)
+  assert np.abs(y[:2]).max() > 0 and np.abs(y[2:]).max() == 0
+
+
+@pytest.mark.parametrize('length_kernel_size', [1, 3])
+def test_sparse_qkv_output_shape_matches_dense(length_kernel_size):
+  x = _inputs(2, 6, D_MODEL)
+  layer = _init(SparseQKVAttention(D_MODEL, N_HEADS, S, length_kernel_size, mode='train'), x)
+  assert layer(x, rng=jax.random.PRNGKey(0)).shape == x.shape
+
+
+@pytest.mark.parametrize('length_kernel_size', [1, 3])
+def test_sparse_qkv_predict_equals_eval(length_kernel_size):
+  model_fn = functools.partial(SparseQKVAttention, D_MODEL, N_HEADS, S, length_kernel_size,
+                               max_inference_length=16)
+  assert_predict_equals_eval(model_fn, _inputs(2, 8, D_MODEL))
+
+
+def test_sparse_qkv_is_causal():
+  x = _inputs(1, 8, D_MODEL)
+  layer = _init(SparseQKVAttention(D_MODEL, N_HEADS, S, mode='eval'), x)
+  changed = x.copy()
+  changed[:, 5:] -= 2.0
+  np.testing.assert_allclose(layer(x)[:, :5], layer(changed)[:, :5], atol=1e-6)
+
+
+def test_sparse_qkv_matches_trax_multiplicative_conv_causal_attention():
+  x = _inputs(2, 7, D_MODEL)
+  theirs = _init(trax_sparsity.MultiplicativeConvCausalAttention(
+      D_MODEL, n_heads=N_HEADS, sparsity=S, length_kernel_size=3, mode='eval'), x, seed=7)
+  ours = _init(SparseQKVAttention(D_MODEL, N_HEADS, S, 3, mode='eval'), x)
+  convert.load_trax_weights(ours, theirs.weights)
+  np.testing.assert_allclose(ours(x), theirs(x), atol=1e-5)
+
+
+@pytest.mark.parametrize('make, parameter', [
+    (lambda: SparseQKVAttention(D_MODEL, 3, S), 'n_heads'),
+    (lambda: SparseQKVAttention(D_MODEL, N_HEADS, 5), 'sparsity'),
+    (lambda: SparseQKVAttention(D_MODEL, N_HEADS, S, length_kernel_size=0),
+     'length_kernel_size'),
+    (lambda: SparseQKVAttention(D_MODEL, N_HEADS, S, module_kernel_size=2),
+     'module_kernel_size'),
+    (lambda: SparseQKVAttention(D_MODEL, N_HEADS, S, mode='decode'), 'mode'),
+    (lambda: MultiplicativeDense(3, 16), 'n_modules'),
+    (lambda: SparseLoss(30, 4), 'loss_sparsity'),
+])
+def test_bad_arguments_raise_value_error_naming_the_parameter(make, parameter):
+  with pytest.raises(ValueError, match=parameter):
+    make()
+
+
