@@ -3,8 +3,8 @@
 `trax.supervised.decoding` runs a Python loop that calls the jitted model once per token; at
 batch 1 the host overhead per call is of the order of the whole sparse model's step. Here the
 prompt pass and a `lax.while_loop` over the model's pure predict-mode function (weights in,
-KV and convolution caches carried as state) are jitted together, so a whole generation is a
-single device call.
+KV, convolution and encoder caches carried as state) are jitted together, so a whole
+generation is a single device call.
 """
 
 import functools
@@ -15,7 +15,7 @@ from trax import shapes
 
 
 class Decoder:
-  """Greedy or temperature sampling from a trax LM built in predict mode.
+  """Greedy or temperature sampling from a trax LM or encoder-decoder in predict mode.
 
   Attributes:
     model: The predict-mode model; its weights are the ones decoded with.
@@ -25,26 +25,32 @@ class Decoder:
     """Builds the predict-mode model.
 
     Args:
-      model_fn: `mode -> layer`, a decoder-only LM taking token ids [batch, length] and
-        returning logits [batch, length, vocab_size] (shifting right inside, as trax's LMs).
-      weights: Trained weights of that model (from any mode).
-      start_id: Token fed before the prompt; trax's LMs see 0 there in training.
+      model_fn: `mode -> layer`: a decoder-only LM (token ids [batch, length] -> logits
+        [batch, length, vocab]) or an encoder-decoder ((inputs [batch, length_e], targets
+        [batch, length_d]) -> (logits, ...)), shifting targets right inside, as trax's
+        models do.
+      weights: Trained weights of that model (from any mode: they are matched by order, so
+        predict mode's extra cache wrappers do not matter).
+      start_id: Token fed before the prompt; trax's models see 0 there in training.
     """
     self.model = model_fn(mode='predict')
-    self._weights = weights
+    self._leaves = jax.tree.leaves(weights)
+    self._weights = None
     self._start_id = start_id
     self._compiled = {}
     self._states = {}
 
-  def generate(self, prompt, max_new_tokens, temperature=0.0, eos_id=None, seed=0):
+  def generate(self, prompt, max_new_tokens, temperature=0.0, eos_id=None, seed=0,
+               inputs=None):
     """Continues every prompt of the batch.
 
     Args:
-      prompt: Token ids [batch, prompt_length] (prompt_length may be 0).
+      prompt: Token ids [batch, prompt_length] that the output continues (may be empty).
       max_new_tokens: How many tokens to generate at most.
       temperature: 0 for greedy (argmax); otherwise logits are divided by it and sampled.
       eos_id: Generation of a row stops after this token; the rest of the row is eos_id.
       seed: Seed of the sampling noise.
+      inputs: Encoder token ids [batch, length_e], for an encoder-decoder model only.
 
     Returns:
       Generated token ids [batch, max_new_tokens] (int32), as a numpy array.
@@ -53,32 +59,49 @@ class Decoder:
       raise ValueError(f'max_new_tokens must be >= 1, got {max_new_tokens}')
     if temperature < 0:
       raise ValueError(f'temperature must be >= 0, got {temperature}')
+    if (inputs is None) != (self.model.n_in == 1):
+      raise ValueError('inputs (the encoder tokens) must be given for an encoder-decoder '
+                       'model and only for one')
     prompt = jnp.asarray(prompt, jnp.int32)
-    key = (prompt.shape, max_new_tokens, float(temperature), eos_id)
+    inputs = None if inputs is None else jnp.asarray(inputs, jnp.int32)
+    shape_key = (prompt.shape[0], None if inputs is None else inputs.shape)
+    if shape_key not in self._states:
+      self._states[shape_key] = self._initial_state(prompt.shape[0], inputs)
+    key = (prompt.shape, shape_key, max_new_tokens, float(temperature), eos_id)
     if key not in self._compiled:
       self._compiled[key] = jax.jit(functools.partial(
           self._generate, max_new_tokens=max_new_tokens, temperature=temperature,
           eos_id=eos_id))
-    if prompt.shape[0] not in self._states:
-      self._states[prompt.shape[0]] = self._initial_state(prompt.shape[0])
-    state = self._states[prompt.shape[0]]
-    tokens = self._compiled[key](self._weights, state, prompt, jax.random.PRNGKey(seed))
+    tokens = self._compiled[key](self._weights, self._states[shape_key], prompt, inputs,
+                                 jax.random.PRNGKey(seed))
     return jax.device_get(tokens)
 
-  def _initial_state(self, batch_size):
+  def _initial_state(self, batch_size, inputs):
     """Empty caches for `batch_size` rows (init draws throw-away weights; they are dropped)."""
     signature = shapes.ShapeDtype((batch_size, 1), jnp.int32)
+    if inputs is not None:
+      signature = (shapes.signature(inputs), signature)
     _, state = self.model.init(signature, use_cache=False)
+    if self._weights is None:
+      self._weights = jax.tree.unflatten(jax.tree.structure(self.model.weights), self._leaves)
+      self._leaves = None
     self.model.weights = self._weights
     return state
 
-  def _generate(self, weights, state, prompt, rng, max_new_tokens, temperature, eos_id):
+  def _step(self, weights, state, tokens, inputs):
+    """Logits of the last position [batch, vocab] after feeding tokens [batch, n]."""
+    x = tokens if inputs is None else (inputs, tokens)
+    out, state = self.model.pure_fn(x, weights, state, None)
+    logits = out if inputs is None else out[0]
+    return logits[:, -1], state
+
+  def _generate(self, weights, state, prompt, inputs, rng, max_new_tokens, temperature,
+                eos_id):
     """Pure generation: prompt [batch, p] -> tokens [batch, max_new_tokens]."""
     batch_size = prompt.shape[0]
     start = jnp.full((batch_size, 1), self._start_id, jnp.int32)
-    logits, state = self.model.pure_fn(
-        jnp.concatenate([start, prompt], axis=1), weights, state, None)
-    logits = logits[:, -1]                                     # [batch, vocab]
+    logits, state = self._step(weights, state, jnp.concatenate([start, prompt], axis=1),
+                               inputs)
 
     def pick(logits, rng):
       if temperature == 0.0:
@@ -97,8 +120,8 @@ class Decoder:
         token = jnp.where(done, eos_id, token)
         done = done | (token == eos_id)
       tokens = tokens.at[:, i].set(token)
-      logits, state = self.model.pure_fn(token[:, None], weights, state, None)
-      return i + 1, logits[:, -1], state, tokens, done, rng
+      logits, state = self._step(weights, state, token[:, None], inputs)
+      return i + 1, logits, state, tokens, done, rng
 
     fill = 0 if eos_id is None else eos_id
     tokens = jnp.full((batch_size, max_new_tokens), fill, jnp.int32)

@@ -9,6 +9,7 @@ from trax import shapes
 from trax.supervised import decoding as trax_decoding
 
 from sparse_scaling.decoding import Decoder
+from sparse_scaling.models import ScalingTransformer
 from sparse_scaling.models import ScalingTransformerLM
 
 TINY = dict(vocab_size=32, d_model=16, d_ff=64, n_layers=2, n_heads=2, max_len=32, dropout=0.0,
@@ -71,3 +72,22 @@ def test_bad_arguments_raise_value_error(model_and_weights, kwargs, parameter):
   kwargs = dict(dict(max_new_tokens=4), **kwargs)
   with pytest.raises(ValueError, match=parameter):
     Decoder(model_fn, weights).generate(np.zeros((1, 2), np.int32), **kwargs)
+
+
+def test_encoder_decoder_greedy_equals_trax_autoregressive_sample():
+  model_fn = functools.partial(ScalingTransformer, input_vocab_size=32, d_model=16, d_ff=64,
+                               n_encoder_layers=1, n_decoder_layers=2, n_heads=2, max_len=32,
+                               dropout=0.0, ff_sparsity=8, attention_sparsity=4,
+                               enc_dec_attention_sparsity=4, loss_sparsity=4)
+  inputs = np.array([[4, 5, 6, 7, 0], [8, 9, 3, 0, 0]], np.int32)
+  model = model_fn(mode='eval')
+  model.init(shapes.signature((inputs, inputs)), rng=jax.random.PRNGKey(0))
+  ours = Decoder(model_fn, model.weights).generate(np.zeros((2, 0), np.int32), 10,
+                                                   inputs=inputs)
+  trax_model = model_fn(mode='predict')
+  trax_model.init(shapes.signature((inputs, inputs[:, :1])))
+  trax_model.weights = jax.tree.unflatten(jax.tree.structure(trax_model.weights),
+                                          jax.tree.leaves(model.weights))
+  theirs = trax_decoding.autoregressive_sample(
+      trax_model, inputs=inputs, batch_size=2, temperature=0.0, eos_id=-1, max_length=10)
+  np.testing.assert_array_equal(ours, theirs)
