@@ -1,5 +1,175 @@
-"""Placeholder: being written (trax 1.4.1 on jax 0.10 shims)."""
+"""Shims that let trax 1.4.1 run on jax 0.10 (the pinned stack).
+
+`apply()` installs them; `sparse_scaling/__init__.py` calls it on import, so they are in
+place before any of our code uses trax (this module imports trax to patch it). `apply()` is
+a no-op after the first call. Each shim is the narrowest patch we found for one break:
+
+- `_for_n_devices` replaces `trax.layers.acceleration.for_n_devices` (also exported as
+  `tl.for_n_devices`). trax calls `jax.device_put_replicated` there (acceleration.py, l.241)
+  to replicate weights, state, optimizer slots and parameters onto the devices of a
+  multi-device `training.Loop`; it was deprecated in jax 0.8.1 and removed in jax 0.10.0.
+- `_pmap` replaces the `'pmap'` entry of trax's jax backend
+  (`trax.fastmath.jax.JAX_BACKEND`), which every `fastmath.pmap` call of trax goes through:
+  the training step (optimizers/trainer.py, `_accelerate_update_fn`) and the eval /
+  `tl.Accelerate` forward pass (layers/acceleration.py, `_accelerate`). Since jax 0.8,
+  `jax.pmap` is `jax.jit` with a `NamedSharding` over a one-axis mesh (jax 0.10 removed the
+  old pmap and its opt-out flag `jax_pmap_shmap_merge`), and it refuses arguments committed
+  to another placement ("Sharding passed to jit does not match the sharding on the
+  respective arg"). The old pmap moved them, and trax relies on that: its trainer puts
+  optimizer slots and parameters on one device (`tl.on_cpu`, optimizers/trainer.py l.58 and
+  l.110).
+- `_tree_unflatten` replaces `trax.fastmath.tree_unflatten` (trax/fastmath/numpy.py, l.239),
+  which tests `tree in copy_from_tree` on every node. `Loop.load_checkpoint`
+  (supervised/training.py, l.944) restores optimizer slots with `copy_from_tree=[None, ()]`,
+  so an array leaf is compared with `()`: jax 0.10 raises TypeError (NumPy 2 an
+  ambiguous-truth ValueError), and no checkpoint with optimizer slots could be restored.
+- `_xla_computation` provides `jax.xla_computation` (deprecated in jax 0.4.30, gone in
+  jax 0.10), which `trainer_lib.Trainer.save_computation_graphs` (supervised/trainer_lib.py,
+  l.454) calls when the legacy trainer saves its graph (`trainer_lib.train(use_loop=False)`).
+"""
+
+import functools
+import importlib
+
+import jax
+from jax import numpy as jnp
+import numpy as np
+from trax import fastmath
+from trax import layers as tl
+from trax.fastmath import jax as fastmath_jax
+from trax.layers import acceleration
+
+# The module: the attribute `trax.fastmath.numpy` is trax's numpy backend instead.
+_fastmath_numpy = importlib.import_module('trax.fastmath.numpy')
+
+_AXIS = 'batch'  # The mesh axis name is arbitrary: jit compares device layouts only.
+_trax_originals = {}  # trax's own functions that the shims fall back on, set by `apply`.
 
 
 def apply():
-  pass
+  """Installs the shims into trax and jax; a no-op after the first call."""
+  if _trax_originals:
+    return
+  _trax_originals['for_n_devices'] = acceleration.for_n_devices
+  _trax_originals['tree_unflatten'] = _fastmath_numpy.tree_unflatten
+  acceleration.for_n_devices = tl.for_n_devices = _for_n_devices
+  _fastmath_numpy.tree_unflatten = fastmath.tree_unflatten = _tree_unflatten
+  fastmath_jax.JAX_BACKEND['pmap'] = _pmap
+  if not hasattr(jax, 'xla_computation'):
+    jax.xla_computation = _xla_computation
+
+
+@functools.lru_cache(maxsize=None)
+def _device_sharding(n_devices):
+  """Returns the sharding `jax.pmap` gives an argument mapped over `n_devices` devices.
+
+  Args:
+    n_devices: Size of the leading (device) axis.
+
+  Returns:
+    A `NamedSharding` that splits axis 0 over the first `n_devices` local devices, the
+    devices (and order) that `jax.pmap` maps over in a single process.
+  """
+  mesh = jax.sharding.Mesh(np.array(jax.local_devices()[:n_devices]), (_AXIS,))
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(_AXIS))
+
+
+def _for_n_devices(x, n_devices):
+  """Replicates `x` onto `n_devices` devices along a new leading axis.
+
+  Replaces `trax.layers.acceleration.for_n_devices`, whose jax branch calls
+  `jax.device_put_replicated` (acceleration.py, l.241), removed in jax 0.10.0. Each copy is
+  put on its own device, so no device ever holds all `n_devices` copies, and the result has
+  the sharding that `jax.pmap` expects. With one device or trax's TF backend it calls
+  trax's own function.
+
+  Args:
+    x: Array, scalar, or nested list/tuple/dict of them (None leaves stay None).
+    n_devices: Number of devices.
+
+  Returns:
+    `x` with every leaf of shape `s` turned into an array of shape `(n_devices,) + s`.
+  """
+  if n_devices < 2 or not fastmath.is_backend(fastmath.Backend.JAX):
+    return _trax_originals['for_n_devices'](x, n_devices)
+  sharding = _device_sharding(n_devices)
+  devices = list(sharding.mesh.devices.flat)
+
+  def replicate(leaf):
+    one = jnp.expand_dims(leaf, 0)  # [1, ...]
+    return jax.make_array_from_single_device_arrays(
+        (n_devices,) + one.shape[1:], sharding,
+        [jax.device_put(one, d) for d in devices])
+
+  return jax.tree_util.tree_map(replicate, x)
+
+
+def _pmap(fun, axis_name=None, donate_argnums=()):
+  """`jax.pmap` that first moves its arguments to the devices it maps over.
+
+  Replaces `trax.fastmath.jax.JAX_BACKEND['pmap']`. Since jax 0.8, and only so in jax 0.10,
+  a pmapped function is a `jit` with fixed input shardings that raises on any argument
+  committed elsewhere, e.g. the optimizer slots trax keeps on one device
+  (`tl.on_cpu`, optimizers/trainer.py l.58 and l.110). Before, pmap copied such arguments
+  to its devices; this wrapper does that copy with `jax.device_put`, which is a no-op for
+  arguments already in place. Only the arguments trax passes are accepted: every argument
+  is mapped over axis 0 and passed by position.
+
+  Args:
+    fun: Function to map over the leading axis of its arguments.
+    axis_name: Name of the mapped axis for collectives such as `psum`.
+    donate_argnums: Positional arguments whose buffers `fun` may reuse.
+
+  Returns:
+    The pmapped `fun`.
+  """
+  pmapped = jax.pmap(fun, axis_name=axis_name, donate_argnums=donate_argnums)
+
+  @functools.wraps(fun)
+  def placed_and_pmapped(*args):
+    n_devices = np.shape(jax.tree_util.tree_leaves(args)[0])[0]
+    return pmapped(*jax.device_put(args, _device_sharding(n_devices)))
+
+  return placed_and_pmapped
+
+
+def _tree_unflatten(flat, tree, copy_from_tree=None):
+  """`trax.fastmath.tree_unflatten` that never compares an array with `copy_from_tree`.
+
+  trax's function (trax/fastmath/numpy.py, l.239) copies any node of `tree` found in
+  `copy_from_tree` (placeholders such as `None` and `()`), testing membership with `==`; for an
+  array that is an elementwise comparison, which jax 0.10 and NumPy 2 refuse to turn into a
+  bool. An array is never a placeholder, so for one this calls trax's function without
+  `copy_from_tree`. Installed as trax's own name too, so trax's recursion comes back here.
+
+  Args:
+    flat: Flat list of leaves to put into the structure of `tree`.
+    tree: Tree whose structure the result takes.
+    copy_from_tree: Optional list of placeholder nodes to copy from `tree` as they are.
+
+  Returns:
+    A pair (new tree, leaves of `flat` left over), as trax's function.
+  """
+  if isinstance(tree, (np.ndarray, jax.Array)):
+    copy_from_tree = None
+  return _trax_originals['tree_unflatten'](
+      flat, tree, copy_from_tree=copy_from_tree)
+
+
+def _xla_computation(fun):
+  """Stands in for `jax.xla_computation` (deprecated in jax 0.4.30, gone in 0.10).
+
+  `trainer_lib.Trainer.save_computation_graphs` (supervised/trainer_lib.py, l.454) calls
+  `jax.xla_computation(f)(*args, **kwargs)` and writes `.as_hlo_text()` and
+  `.as_hlo_dot_graph()` of the result; the HLO of `jax.jit(f).lower(...)` has both.
+
+  Args:
+    fun: Function to trace.
+
+  Returns:
+    A function taking `fun`'s arguments and returning its `XlaComputation`.
+  """
+  def computation(*args, **kwargs):
+    return jax.jit(fun).lower(*args, **kwargs).compiler_ir('hlo')
+
+  return computation
