@@ -1,7 +1,9 @@
 """sparse_scaling's command line: train a gin-configured model, then decode a sample.
 
-  python main.py --gin_file=gin_configs/tiny/lm.gin --output_dir=runs/tiny_lm \
+  python main.py --gin_file=tiny/lm.gin --output_dir=runs/tiny_lm \
       [--gin_file=more.gin] [--gin_param='train.steps=100']
+
+A --gin_file is a path or a path under gin_configs/.
 
 Training is trax's own `trainer_lib.train` (its `Loop` path), so gin names are trax's:
 `train.steps`, `train.eval_frequency`, `train.optimizer`, `num_devices.value`, ..., and the models'
@@ -15,10 +17,10 @@ from absl import app
 from absl import flags
 from absl import logging
 import gin
-import numpy as np
 from trax.supervised import trainer_lib
 
 import sparse_scaling  # pylint: disable=unused-import  (applies the JAX compatibility shims)
+from sparse_scaling import configs
 from sparse_scaling import data  # pylint: disable=unused-import  (gin registrations)
 from sparse_scaling import decoding
 from sparse_scaling import models  # pylint: disable=unused-import  (gin registrations)
@@ -28,35 +30,19 @@ _GIN_PARAM = flags.DEFINE_multi_string('gin_param', [], "Gin bindings, e.g. 'tra
 _OUTPUT_DIR = flags.DEFINE_string('output_dir', None, 'Checkpoints, metrics and config.gin.')
 
 
-@gin.configurable(denylist=['model', 'weights'])
-def sample(model, weights, vocab=gin.REQUIRED, prompt='', max_new_tokens=64,
-           temperature=0.0, seed=0):
-  """Decodes one continuation of `prompt` with the compiled decoder and prints it."""
-  decoder = decoding.Decoder(model, weights)
-  prompt_ids = np.asarray([vocab.encode(prompt)], np.int32)
-  tokens = decoder.generate(prompt_ids, max_new_tokens, temperature=temperature,
-                            eos_id=vocab.eos_id(), seed=seed)[0].tolist()
-  text = vocab.decode(tokens[:tokens.index(vocab.eos_id())] if vocab.eos_id() in tokens
-                      else tokens)
-  print(f'--- sample (temperature {temperature}) ---\n{prompt}{text}')
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   if not _OUTPUT_DIR.value:
     raise app.UsageError('--output_dir is required')
   logging.set_verbosity(logging.WARNING)  # trax's Loop prints its metrics itself
-  for path in _GIN_FILE.value:
-    if not os.path.isfile(path):
-      sys.exit(f'error: --gin_file: no such file: {path}')
   try:
-    gin.parse_config_files_and_bindings(_GIN_FILE.value, _GIN_PARAM.value)
+    configs.parse(_GIN_FILE.value, _GIN_PARAM.value)
     os.makedirs(_OUTPUT_DIR.value, exist_ok=True)
     with open(os.path.join(_OUTPUT_DIR.value, 'config.gin'), 'w') as f:
       f.write(gin.config_str())
     loop = trainer_lib.train(_OUTPUT_DIR.value)
-    sample(gin.query_parameter('train.model').scoped_configurable_fn, loop.model.weights)
+    print(decoding.sample(configs.configured_model(), loop.model.weights))
   except (OSError, ValueError) as e:
     sys.exit('error: ' + ' '.join(str(e).split()))  # gin's messages span several lines
 

@@ -9,6 +9,7 @@ generation is a single device call.
 
 import functools
 
+import gin
 import jax
 import jax.numpy as jnp
 from trax import shapes
@@ -128,3 +129,25 @@ class Decoder:
     done = jnp.zeros((batch_size,), bool)
     carry = (jnp.int32(0), logits, state, tokens, done, rng)
     return jax.lax.while_loop(cond, body, carry)[3]
+
+
+@gin.configurable(module='sparse_scaling', denylist=['model_fn', 'weights'])
+def sample(model_fn, weights, vocab=gin.REQUIRED, prompt='', max_new_tokens=64,
+           temperature=0.0, seed=0):
+  """Decodes one continuation of a text prompt from an LM; returns it as printable text.
+
+  Args:
+    model_fn: `mode -> layer`, the LM.
+    weights: Its trained weights.
+    vocab: A `sentencepiece.SentencePieceProcessor` (`encode`, `decode`, `eos_id`).
+    prompt: Text the sample continues.
+    max_new_tokens: Length limit; the sample also stops at EOS.
+    temperature: 0 for greedy decoding, else the sampling temperature.
+    seed: Seed of the sampling noise.
+  """
+  tokens = Decoder(model_fn, weights).generate(
+      [vocab.encode(prompt)], max_new_tokens, temperature=temperature,
+      eos_id=vocab.eos_id(), seed=seed)[0].tolist()
+  if vocab.eos_id() in tokens:
+    tokens = tokens[:tokens.index(vocab.eos_id())]
+  return f'--- sample (temperature {temperature}) ---\n{prompt}{vocab.decode(tokens)}'

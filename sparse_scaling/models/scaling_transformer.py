@@ -171,14 +171,15 @@ def _SelfAttention(d_model, n_heads, max_len, dropout, attention_sparsity, lengt
   else:
     attention = tl.CausalAttention(d_model, n_heads=n_heads, dropout=dropout,
                                    max_inference_length=max_len, mode=mode)
-  return tl.Residual(tl.LayerNorm(), attention, tl.Dropout(rate=dropout, mode=mode))
+  return tl.Residual(tl.Serial(tl.LayerNorm(), attention, tl.Dropout(rate=dropout, mode=mode),
+                               name='SelfAttention'))
 
 
 def _MaskedSelfAttention(d_model, n_heads, dropout, mode):
   """Pre-LayerNorm residual bidirectional attention over (x, mask) -> (x, mask)."""
-  return tl.Residual(tl.LayerNorm(), tl.Attention(d_model, n_heads=n_heads, dropout=dropout,
-                                                  mode=mode),
-                     tl.Dropout(rate=dropout, mode=mode))
+  attention = tl.Attention(d_model, n_heads=n_heads, dropout=dropout, mode=mode)
+  return tl.Residual(tl.Serial(tl.LayerNorm(), attention, tl.Dropout(rate=dropout, mode=mode),
+                               name='SelfAttention'))
 
 
 def _EncDecAttention(d_model, n_heads, dropout, sparsity, length_kernel_size, mode):
@@ -189,10 +190,11 @@ def _EncDecAttention(d_model, n_heads, dropout, sparsity, length_kernel_size, mo
   else:
     attention = tl.AttentionQKV(d_model, n_heads=n_heads, dropout=dropout, mode=mode,
                                 cache_KV_in_predict=True)
-  return tl.Residual(tl.LayerNorm(),
-                     tl.Select([0, 2, 2, 1, 2]),   # vec_d vec_e vec_e mask vec_e
-                     attention,                    # vec_d mask vec_e
-                     tl.Dropout(rate=dropout, mode=mode))
+  return tl.Residual(tl.Serial(tl.LayerNorm(),
+                               tl.Select([0, 2, 2, 1, 2]),  # vec_d vec_e vec_e mask vec_e
+                               attention,                   # vec_d mask vec_e
+                               tl.Dropout(rate=dropout, mode=mode),
+                               name='EncDecAttention'))
 
 
 def _FeedForwardBlock(d_model, d_ff, dropout, ff_sparsity, mode):

@@ -1,0 +1,35 @@
+"""Gin files: where they live and how the command line reads them.
+
+`gin_configs/` mirrors the paper's tables: `models/` bind a model from UPPERCASE macros,
+`paper/` are one file per table row (an include and a few macros), `tiny/` are CPU-sized twins.
+A `--gin_file` is a path, or a path relative to `gin_configs/` (`paper/c4_800m_ff.gin`);
+includes inside gin files are relative to `gin_configs/`.
+"""
+
+import os
+import pathlib
+
+import gin
+
+GIN_DIR = pathlib.Path(__file__).resolve().parents[1] / 'gin_configs'
+
+
+def parse(gin_files, gin_params=()):
+  """Parses gin files and bindings (later ones win).
+
+  Raises:
+    FileNotFoundError: a gin file is neither a path nor under gin_configs/.
+  """
+  gin.add_config_file_search_path(str(GIN_DIR))
+  paths = []
+  for name in gin_files:
+    path = name if os.path.isfile(name) else GIN_DIR / name
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f'--gin_file: no such file: {name} (nor {GIN_DIR / name})')
+    paths.append(str(path))
+  gin.parse_config_files_and_bindings(paths, list(gin_params))
+
+
+def configured_model():
+  """The `train.model` of the parsed config, as a `mode -> layer` function."""
+  return gin.query_parameter('train.model').scoped_configurable_fn

@@ -1,0 +1,63 @@
+"""Every gin file parses and builds its model at tiny size; the paper configs' sizes."""
+
+import gin
+import jax
+import numpy as np
+import pytest
+from trax import shapes
+
+from sparse_scaling import configs
+from sparse_scaling.models.params import parameter_counts
+
+GIN_FILES = sorted(configs.GIN_DIR.rglob('*.gin'))
+TINY_MACROS = ['D_MODEL = 64', 'D_FF = 512', 'ENCODER_D_FF = 512', 'N_HEADS = 4',
+               'N_LAYERS = 1', 'N_ENCODER_LAYERS = 1', 'N_DECODER_LAYERS = 1',
+               'VOCAB_SIZE = 64', 'MAX_LEN = 32']
+
+
+def _model(gin_file, bindings=()):
+  gin.clear_config()
+  configs.parse([gin_file], bindings)
+  return configs.configured_model()
+
+
+def _signature(model, length=8):
+  tokens = shapes.ShapeDtype((2, length), np.int32)
+  return (tokens, tokens) if model.n_in == 2 else tokens
+
+
+@pytest.mark.parametrize('path', GIN_FILES, ids=lambda p: str(p.relative_to(configs.GIN_DIR)))
+def test_every_gin_file_parses_and_builds_its_model_at_tiny_size(path):
+  model = _model(str(path), TINY_MACROS)(mode='eval')
+  signature = _signature(model)
+  model.init(signature, rng=jax.random.PRNGKey(0))
+  inputs = jax.tree.map(lambda s: np.ones(s.shape, s.dtype), signature)
+  logits = model(inputs)
+  logits = logits[0] if isinstance(logits, tuple) else logits
+  assert logits.shape[:2] == (2, 8) and np.isfinite(logits).all()
+
+
+def _total(gin_file):
+  model = _model(gin_file)(mode='eval')
+  return parameter_counts(model, _signature(model, length=512))['total']
+
+
+def test_800m_config_has_about_800m_weights():
+  assert 770e6 < _total('paper/c4_800m_dense.gin') < 830e6
+
+
+@pytest.mark.parametrize('variant', ['ff', 'qkv', 'ff_qkv', 'ff_qkv_loss'])
+def test_sparse_800m_configs_match_the_dense_size_within_3_percent(variant):
+  dense = _total('paper/c4_800m_dense.gin')
+  assert abs(_total(f'paper/c4_800m_{variant}.gin') / dense - 1) < 0.03
+
+
+def test_component_counts_add_up_to_the_initialized_weights():
+  model = _model('paper/c4_800m_ff_qkv_loss.gin', TINY_MACROS)(mode='eval')
+  signature = _signature(model)
+  counts = parameter_counts(model, signature)
+  model.init(signature)
+  assert counts['total'] == sum(w.size for w in jax.tree.leaves(model.weights))
+  assert sum(v for k, v in counts.items() if k != 'total') == counts['total']
+  assert {'encoder/self_attention', 'decoder/self_attention', 'decoder/ff_controller',
+          'decoder/feed_forward', 'decoder/output'} <= set(counts)
