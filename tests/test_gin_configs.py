@@ -37,19 +37,28 @@ def test_every_gin_file_parses_and_builds_its_model_at_tiny_size(path):
   assert logits.shape[:2] == (2, 8) and np.isfinite(logits).all()
 
 
-def _total(gin_file):
-  model = _model(gin_file)(mode='eval')
+def _total(gin_file, bindings=()):
+  model = _model(gin_file, bindings)(mode='eval')
   return parameter_counts(model, _signature(model, length=512))['total']
 
 
+def _total_at_24_layers(gin_file):
+  """The weights of the 24 + 24-layer config, from builds of depth 1 and 2 (exactly affine)."""
+  one, two = (_total(gin_file, [f'N_ENCODER_LAYERS = {n}', f'N_DECODER_LAYERS = {n}'])
+              for n in (1, 2))
+  return one + 23 * (two - one)
+
+
 def test_800m_config_has_about_800m_weights():
-  assert 770e6 < _total('paper/c4_800m_dense.gin') < 830e6
+  total = _total('paper/c4_800m_dense.gin')
+  assert 770e6 < total < 830e6
+  assert total == _total_at_24_layers('paper/c4_800m_dense.gin')
 
 
 @pytest.mark.parametrize('variant', ['ff', 'qkv', 'ff_qkv', 'ff_qkv_loss'])
 def test_sparse_800m_configs_match_the_dense_size_within_3_percent(variant):
-  dense = _total('paper/c4_800m_dense.gin')
-  assert abs(_total(f'paper/c4_800m_{variant}.gin') / dense - 1) < 0.03
+  dense = _total_at_24_layers('paper/c4_800m_dense.gin')
+  assert abs(_total_at_24_layers(f'paper/c4_800m_{variant}.gin') / dense - 1) < 0.03
 
 
 def test_component_counts_add_up_to_the_initialized_weights():
