@@ -1,33 +1,85 @@
-"""sparse_scaling's command line: train a gin-configured model, then decode a sample.
+"""sparse_scaling's command line: train, evaluate and decode gin-configured models.
 
-  python main.py --gin_file=tiny/lm.gin --output_dir=runs/tiny_lm \
-      [--gin_file=more.gin] [--gin_param='train.steps=100']
+  python main.py --gin_file=tiny/lm.gin --output_dir=runs/tiny_lm [--mode=train]
+  python main.py --gin_file=tiny/lm.gin --output_dir=runs/tiny_lm --mode=eval
+  python main.py --gin_file=tiny/lm.gin --output_dir=runs/tiny_lm --mode=decode \
+      --prompt='Romeo.'
 
-A --gin_file is a path or a path under gin_configs/.
+A --gin_file is a path or a path under gin_configs/; --gin_param adds bindings (later ones
+win). Gin names follow trax's trainer (`train.steps`, `train.eval_frequency`,
+`train.optimizer`, ...) and the models' own (`ScalingTransformerLM.d_model`, ...). Training
+resumes from the checkpoint in --output_dir.
 
-Training is trax's own `trainer_lib.train` (its `Loop` path), so gin names are trax's:
-`train.steps`, `train.eval_frequency`, `train.optimizer`, `num_devices.value`, ..., and the models'
-own (`ScalingTransformerLM.d_model`, ...). Training resumes from a checkpoint in output_dir.
+Modes: train (then print a sample if the config binds `sample.vocab`); eval (log-perplexity
+and accuracy of the checkpoint on `train.eval_steps` validation batches); decode (continue
+--prompt with an LM, or summarize it with an encoder-decoder); vocab (train or load the
+SentencePiece vocabulary of the config).
 """
 
 import os
+import re
 import sys
+import warnings
 
 from absl import app
 from absl import flags
 from absl import logging
-import gin
-from trax.supervised import trainer_lib
+from trax.layers import base
 
 import sparse_scaling  # pylint: disable=unused-import  (applies the JAX compatibility shims)
 from sparse_scaling import configs
 from sparse_scaling import data  # pylint: disable=unused-import  (gin registrations)
 from sparse_scaling import decoding
 from sparse_scaling import models  # pylint: disable=unused-import  (gin registrations)
+from sparse_scaling import training
+
+MODES = ('train', 'eval', 'decode', 'vocab')
 
 _GIN_FILE = flags.DEFINE_multi_string('gin_file', [], 'Gin config files; later ones win.')
 _GIN_PARAM = flags.DEFINE_multi_string('gin_param', [], "Gin bindings, e.g. 'train.steps=10'.")
-_OUTPUT_DIR = flags.DEFINE_string('output_dir', None, 'Checkpoints, metrics and config.gin.')
+_OUTPUT_DIR = flags.DEFINE_string('output_dir', None, 'Checkpoint, metrics and config.gin.')
+_MODE = flags.DEFINE_enum('mode', 'train', MODES, 'What to do.')
+_DATA_DIR = flags.DEFINE_string('data_dir', None, 'Data directory (gin macro DATA_DIR).')
+_N_DEVICES = flags.DEFINE_integer('n_devices', None, 'Devices for data-parallel training.')
+_SEED = flags.DEFINE_integer('seed', None, 'Random seed (train.random_seed).')
+_PROMPT = flags.DEFINE_string('prompt', None, 'decode: text to continue or to summarize.')
+
+
+def _bindings():
+  """--gin_param plus the bindings of the other flags."""
+  bindings = list(_GIN_PARAM.value)
+  if _DATA_DIR.value is not None:
+    bindings.append(f'DATA_DIR = {_DATA_DIR.value!r}')
+  if _N_DEVICES.value is not None:
+    bindings.append(f'train.n_devices = {_N_DEVICES.value}')
+  if _SEED.value is not None:
+    bindings.append(f'train.random_seed = {_SEED.value}')
+  if _PROMPT.value is not None:
+    bindings.append(f'sample.prompt = {_PROMPT.value!r}')
+  return bindings
+
+
+def run(mode, output_dir):
+  """Runs one mode on the parsed gin config."""
+  if mode == 'vocab':
+    vocab = configs.configured_vocab()
+    print(f'vocabulary of {vocab.get_piece_size()} pieces ready')
+    return
+  if mode == 'decode':
+    weights = training.checkpoint_weights(output_dir)
+  else:
+    weights = training.train(output_dir, evaluate_only=mode == 'eval').model.weights
+  if mode == 'decode' or (mode == 'train' and configs.has_binding('sample.vocab')):
+    print(decoding.sample(configs.configured_model(), weights), flush=True)
+
+
+def _one_line(error):
+  """The message of `error` on one line; for trax's LayerError, the error it wraps."""
+  message = str(error)
+  if isinstance(error, base.LayerError):  # 'Exception passing through layer ...' + trace
+    causes = re.findall(r'^\w+(?:Error|Exception): (.*)$', message, flags=re.MULTILINE)
+    message = causes[-1] if causes else message
+  return ' '.join(message.split())  # gin's and trax's messages span several lines
 
 
 def main(argv):
@@ -35,16 +87,15 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   if not _OUTPUT_DIR.value:
     raise app.UsageError('--output_dir is required')
-  logging.set_verbosity(logging.WARNING)  # trax's Loop prints its metrics itself
+  logging.set_verbosity(logging.WARNING)  # the Loop prints its metrics itself
+  warnings.filterwarnings('ignore', 'GzipFile was opened for writing')  # trax's checkpoints
   try:
-    configs.parse(_GIN_FILE.value, _GIN_PARAM.value)
-    os.makedirs(_OUTPUT_DIR.value, exist_ok=True)
-    with open(os.path.join(_OUTPUT_DIR.value, 'config.gin'), 'w') as f:
-      f.write(gin.config_str())
-    loop = trainer_lib.train(_OUTPUT_DIR.value)
-    print(decoding.sample(configs.configured_model(), loop.model.weights))
-  except (OSError, ValueError) as e:
-    sys.exit('error: ' + ' '.join(str(e).split()))  # gin's messages span several lines
+    configs.parse(_GIN_FILE.value, _bindings())
+    if _MODE.value == 'train':
+      os.makedirs(_OUTPUT_DIR.value, exist_ok=True)
+    run(_MODE.value, _OUTPUT_DIR.value)
+  except (OSError, ValueError, KeyError, FloatingPointError, base.LayerError) as e:
+    sys.exit(f'error: {_one_line(e)}')
 
 
 if __name__ == '__main__':

@@ -23,6 +23,9 @@ a no-op after the first call. Each shim is the narrowest patch we found for one 
   (supervised/training.py, l.944) restores optimizer slots with `copy_from_tree=[None, ()]`,
   so an array leaf is compared with `()`: jax 0.10 raises TypeError (NumPy 2 an
   ambiguous-truth ValueError), and no checkpoint with optimizer slots could be restored.
+- `jax.host_count` is set to `jax.process_count`: trax calls the old name (training.py
+  l.1296, data/inputs.py l.613), which jax 0.10 keeps only as an alias that warns on every
+  call.
 - `_xla_computation` provides `jax.xla_computation` (deprecated in jax 0.4.30, gone in
   jax 0.10), which `trainer_lib.Trainer.save_computation_graphs` (supervised/trainer_lib.py,
   l.454) calls when the legacy trainer saves its graph (`trainer_lib.train(use_loop=False)`).
@@ -55,6 +58,7 @@ def apply():
   acceleration.for_n_devices = tl.for_n_devices = _for_n_devices
   _fastmath_numpy.tree_unflatten = fastmath.tree_unflatten = _tree_unflatten
   fastmath_jax.JAX_BACKEND['pmap'] = _pmap
+  jax.host_count = jax.process_count
   if not hasattr(jax, 'xla_computation'):
     jax.xla_computation = _xla_computation
 

@@ -33,3 +33,19 @@ def parse(gin_files, gin_params=()):
 def configured_model():
   """The `train.model` of the parsed config, as a `mode -> layer` function."""
   return gin.query_parameter('train.model').scoped_configurable_fn
+
+
+def configured_vocab():
+  """The `sample.vocab` of the parsed config (evaluated: trains or loads the vocabulary)."""
+  if not has_binding('sample.vocab'):
+    raise ValueError('the config binds no vocabulary (sample.vocab)')
+  return gin.query_parameter('sample.vocab').scoped_configurable_fn()
+
+
+def has_binding(name):
+  """Whether the parsed config binds `name` (e.g. 'sample.vocab')."""
+  try:
+    gin.query_parameter(name)
+  except ValueError:
+    return False
+  return True

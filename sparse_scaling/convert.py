@@ -48,11 +48,16 @@ def load_trax_checkpoint(ours, path):
     ours: An initialized model of ours with the configuration of the checkpoint's model.
     path: The checkpoint's `.pkl.gz` file, as written by `trax.supervised.training.Loop`.
   """
+  load_trax_weights(ours, read_checkpoint_weights(path))
+
+
+def read_checkpoint_weights(path):
+  """The flat list of weights of a trax checkpoint (`.../model.pkl.gz`), in layer order."""
   checkpoint = training.unpickle_from_file(path, gzip=True)
   flat = checkpoint['flat_weights']
   if isinstance(flat, int):  # Since 2021 the weights are in a file of their own.
     flat = tl.np_from_file(path[:-len('.pkl.gz')] + '.weights.npy.gz', compresslevel=flat)
-  load_trax_weights(ours, flat)
+  return flat
 
 
 def _load(layer, arrays):

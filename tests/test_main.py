@@ -1,43 +1,126 @@
-"""main.py end to end: the tiny job trains, checkpoints and decodes; bad input fails cleanly."""
+"""main.py end to end: train, resume after kill -9, eval, decode; faults and bad input."""
 
 import os
 import pathlib
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
+from trax.supervised import training as trax_training
+
+from sparse_scaling import training
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-FAST = ['train.steps=4', 'train.eval_frequency=2', 'train.eval_steps=1',
+FAST = ['train.eval_frequency=2', 'train.eval_steps=1', 'train.log_frequency=1',
         'embedded_lm_inputs.batch_size=4', 'embedded_lm_inputs.seq_len=32',
         'ScalingTransformerLM.n_layers=1', 'sample.max_new_tokens=4']
 
 
-def run_main(tmp_path, *args):
-  env = dict(os.environ, SPARSE_SCALING_CACHE=str(tmp_path / 'cache'))
-  return subprocess.run([sys.executable, str(ROOT / 'main.py'), *args], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=600)
+def _command(output_dir, *args, steps=4):
+  params = [f'--gin_param={p}' for p in FAST + [f'train.steps={steps}']]
+  return [sys.executable, str(ROOT / 'main.py'), '--gin_file=tiny/lm.gin',
+          f'--output_dir={output_dir}', *params, *args]
 
 
-def test_tiny_lm_trains_checkpoints_and_samples(tmp_path):
-  out = tmp_path / 'run'
-  result = run_main(tmp_path, '--gin_file=gin_configs/tiny/lm.gin', f'--output_dir={out}',
-                    *[f'--gin_param={p}' for p in FAST])
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert 'Step      4: eval                          loss' in result.stdout
-  assert '--- sample' in result.stdout
-  for name in ['config.gin', 'model.pkl.gz', 'model.weights.npy.gz']:
-    assert (out / name).exists(), name
+def _env(tmp_path):
+  return dict(os.environ, SPARSE_SCALING_CACHE=str(tmp_path / 'cache'))
 
 
-@pytest.mark.parametrize('args, message', [
-    (['--gin_file=gin_configs/tiny/no_such.gin'], 'no_such.gin'),
-    (['--gin_file=gin_configs/tiny/lm.gin', '--gin_param=train.no_such_arg=1'], 'no_such_arg'),
-    (['--gin_file=gin_configs/tiny/lm.gin', '--gin_param=ScalingTransformerLM.n_heads=3'],
-     'n_heads'),
-])
-def test_bad_input_fails_with_one_line_error(tmp_path, args, message):
-  result = run_main(tmp_path, *args, f'--output_dir={tmp_path / "run"}')
+def run_main(tmp_path, command):
+  return subprocess.run(command, cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True,
+                        timeout=600)
+
+
+def _one_line_error(result, message):
   assert result.returncode != 0
   last = result.stderr.strip().splitlines()[-1]
   assert last.startswith('error:') and message in last, result.stderr[-2000:]
+
+
+def _snapshot(directory):
+  return {p: p.read_bytes() for p in pathlib.Path(directory).rglob('*') if p.is_file()}
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+  tmp_path = tmp_path_factory.mktemp('trained')
+  out = tmp_path / 'run'
+  result = run_main(tmp_path, _command(out))
+  assert result.returncode == 0, result.stderr[-3000:]
+  return tmp_path, out, result
+
+
+def test_tiny_lm_trains_checkpoints_and_samples(trained):
+  _, out, result = trained
+  assert 'Step      4: eval                log_perplexity' in result.stdout
+  assert 'step      4/4 | loss' in result.stdout and 'tokens/s' in result.stdout
+  assert '--- sample' in result.stdout
+  for name in ['config.gin', 'checkpoint/model.pkl.gz', 'checkpoint/model.weights.npy.gz',
+               'checkpoint/data_counters0.pkl']:
+    assert (out / name).exists(), name
+  assert 'ScalingTransformerLM.ff_sparsity = 16' in (out / 'config.gin').read_text()
+  assert list((out / 'train').glob('events.out.tfevents.*'))  # TensorBoard
+
+
+def test_eval_and_decode_modes_use_the_checkpoint(trained):
+  tmp_path, out, _ = trained
+  result = run_main(tmp_path, _command(out, '--mode=eval'))
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'Evaluating the checkpoint of step 4' in result.stdout
+  assert 'eval                      accuracy' in result.stdout
+  result = run_main(tmp_path, _command(out, '--mode=decode', '--prompt=Juliet.'))
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert '--- sample' in result.stdout and 'Juliet.' in result.stdout
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--gin_file=tiny/no_such.gin'], 'no_such.gin'),
+    (['--gin_param=train.no_such_arg=1'], 'no_such_arg'),
+    (['--gin_param=ScalingTransformerLM.n_heads=3'], 'n_heads'),
+    (['--gin_param=ScalingTransformerLM.d_ff=500'], 'd_ff'),
+    (['--gin_param=embedded_lm_inputs.seq_len=1024'], 'max_len'),
+])
+def test_bad_input_fails_with_one_line_error_and_keeps_the_checkpoint(trained, args, message):
+  tmp_path, out, _ = trained
+  before = _snapshot(out)
+  _one_line_error(run_main(tmp_path, _command(out, *args)), message)
+  assert _snapshot(out) == before
+
+
+def test_decode_without_checkpoint_fails_with_one_line_error(tmp_path):
+  _one_line_error(run_main(tmp_path, _command(tmp_path / 'empty', '--mode=decode')),
+                  'no checkpoint')
+
+
+def test_kill_9_during_training_then_the_same_command_resumes(tmp_path):
+  out = tmp_path / 'run'
+  command = _command(out, steps=1000)
+  process = subprocess.Popen(command, cwd=ROOT, env=_env(tmp_path), stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL, text=True)
+  try:
+    for line in process.stdout:  # kill at once after a checkpoint beyond step 1
+      if line.startswith('step      5/'):
+        break
+    time.sleep(0.5)
+  finally:
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+  checkpoint = training.latest_checkpoint(out)  # complete, whenever the kill came
+  step = trax_training.unpickle_from_file(f'{checkpoint}/model.pkl.gz', gzip=True)['step']
+  assert step >= 4
+  result = run_main(tmp_path, _command(out, steps=step + 2))
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f'Resumed from the checkpoint of step {step} ' in result.stdout
+  assert f'step {step + 2:6d}/{step + 2}' in result.stdout
+
+
+def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path):
+  out = tmp_path / 'run'
+  diverge = ['--gin_param=train.optimizer=@trax.optimizers.SGD',
+             '--gin_param=multifactor.constant=1e30', '--gin_param=train.eval_frequency=1']
+  result = run_main(tmp_path, _command(out, *diverge, steps=20))
+  _one_line_error(result, 'stopped')
+  assert 'training loss is' in result.stderr or 'not finite' in result.stderr
+  assert (out / 'checkpoint' / 'model.pkl.gz').exists()

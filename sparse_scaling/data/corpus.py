@@ -13,7 +13,9 @@ other 38 works. Works are named by file stem without `_gut` (`'hamlet'`) and lis
 The files are plain ASCII; any byte that is not UTF-8 is replaced by U+FFFD, counted in
 `Work.n_replaced` and logged.
 """
+import gzip
 import importlib.resources
+import pathlib
 from typing import NamedTuple
 
 from absl import logging
@@ -64,14 +66,39 @@ def shakespeare_works(split):
   for name in sorted(paths):
     if (name in VALIDATION_WORKS) != (split == 'validation'):
       continue
-    text = paths[name].read_bytes().decode('utf-8', errors='replace')
-    n_replaced = text.count('\ufffd')
-    if n_replaced:
-      logging.warning('%s: replaced %d undecodable byte sequences', paths[name], n_replaced)
+    text, n_replaced = decode_text(paths[name].read_bytes(), paths[name])
     works.append(Work(name, text, n_replaced))
   return works
+
+
+def decode_text(data, source):
+  """Decodes UTF-8 bytes, replacing each undecodable sequence by U+FFFD and logging the count.
+
+  Args:
+    data: the bytes of one document.
+    source: names the document in the log line (a path or a record id).
+
+  Returns:
+    `(text, n_replaced)`: the str and the number of U+FFFD characters in it.
+  """
+  text = data.decode('utf-8', errors='replace')
+  n_replaced = text.count('\ufffd')
+  if n_replaced:
+    logging.warning('%s: replaced %d undecodable byte sequences', source, n_replaced)
+  return text, n_replaced
 
 
 def shakespeare_texts(split):
   """Returns the texts (one str per work, sorted by name) of one split; see `shakespeare_works`."""
   return [work.text for work in shakespeare_works(split)]
+
+
+def read_text(path):
+  """Reads a text file (gunzipped if its name ends in `.gz`) as `decode_text` does.
+
+  Returns:
+    `(text, n_replaced)`.
+  """
+  path = pathlib.Path(path)
+  data = path.read_bytes()
+  return decode_text(gzip.decompress(data) if path.suffix == '.gz' else data, path)

@@ -14,9 +14,9 @@ import itertools
 
 import gin
 import numpy as np
-from trax.data import inputs as trax_inputs
 
 from sparse_scaling.data import corpus
+from sparse_scaling.data import pipeline
 from sparse_scaling.data import vocab as vocab_lib
 
 VOCAB_SIZE = 4096
@@ -52,41 +52,49 @@ def embedded_lm_inputs(batch_size=8, seq_len=128, vocab_size=VOCAB_SIZE, seed=0,
         `[0, vocab_size)`.
       * weights: float32 ones of shape `(batch_size, seq_len)`.
   """
-  def make_stream(split, starts_fn):
-    def stream(n_devices):
-      if batch_size % n_devices:
-        raise ValueError(
-            f'batch_size={batch_size} is not divisible by n_devices={n_devices}')
-      tokens = _split_tokens(split, vocab_size, cache_dir)
-      return _windows(tokens, starts_fn(len(tokens)), seq_len)
-    return stream
+  def batches(split, starts_fn):
+    tokens = split_tokens(split, vocab_size, cache_dir)
+    for batch in windows(tokens, starts_fn(len(tokens), seq_len, batch_size), seq_len):
+      yield batch, batch, np.ones(batch.shape, np.float32)
 
-  def train_starts(n_tokens):
-    rng = np.random.default_rng(seed)
-    while True:
-      yield rng.integers(0, n_tokens - seq_len + 1, size=batch_size)  # [batch_size]
-
-  def eval_starts(n_tokens):
-    n_windows = n_tokens // seq_len
-    for step in itertools.count():
-      first = step * batch_size
-      yield seq_len * (np.arange(first, first + batch_size) % n_windows)  # [batch_size]
-
-  return trax_inputs.Inputs(make_stream('train', train_starts),
-                            make_stream('validation', eval_starts))
+  return pipeline.make_inputs(
+      batch_size,
+      lambda: batches('train', functools.partial(random_starts, seed=seed)),
+      lambda: batches('validation', consecutive_starts))
 
 
 @functools.lru_cache(maxsize=None)
-def _split_tokens(split, vocab_size, cache_dir):
-  """Returns one split as a 1-D int32 token stream, `EOS_ID` after each work."""
+def split_tokens(split, vocab_size, cache_dir=None):
+  """Returns one split as a 1-D int32 token stream, `EOS_ID` after each work.
+
+  Computed once per process and arguments; `vocab_size` and `cache_dir` select the vocabulary
+  (`embedded_vocab`). Shared by `embedded_lm_inputs` and the span corruption inputs.
+  """
   sp = embedded_vocab(vocab_size, cache_dir)
   ids = sp.encode(corpus.shakespeare_texts(split))
   return np.concatenate([np.array(work + [vocab_lib.EOS_ID], np.int32) for work in ids])
 
 
-def _windows(tokens, starts, seq_len):
-  """Yields `(batch, batch, weights)` for each array of window starts in `starts`."""
-  offsets = np.arange(seq_len)
+def random_starts(n_tokens, length, batch_size, seed):
+  """Yields, forever, `[batch_size]` random offsets of `length`-token windows of `n_tokens`."""
+  rng = np.random.default_rng(seed)
+  while True:
+    yield rng.integers(0, n_tokens - length + 1, size=batch_size)  # [batch_size]
+
+
+def consecutive_starts(n_tokens, length, batch_size):
+  """Yields, forever, the offsets of consecutive non-overlapping windows, `batch_size` at a time.
+
+  After the last whole window it starts again from 0.
+  """
+  n_windows = n_tokens // length
+  for step in itertools.count():
+    first = step * batch_size
+    yield length * (np.arange(first, first + batch_size) % n_windows)  # [batch_size]
+
+
+def windows(tokens, starts, length):
+  """Yields `tokens[start:start + length]` stacked to `[batch_size, length]` per array of starts."""
+  offsets = np.arange(length)
   for batch_starts in starts:
-    batch = tokens[batch_starts[:, None] + offsets]  # [batch_size, seq_len]
-    yield batch, batch, np.ones(batch.shape, np.float32)
+    yield tokens[batch_starts[:, None] + offsets]  # [batch_size, length]

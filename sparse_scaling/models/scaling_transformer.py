@@ -157,7 +157,14 @@ def FeedForward(d_model, d_ff, dropout, ff_sparsity, mode):
 
 def _Embedder(vocab_size, d_model, max_len, dropout, mode):
   """Token embedding, dropout and learned positions: ids [b, l] -> [b, l, d_model]."""
-  return tl.Serial(tl.Embedding(vocab_size, d_model), tl.Dropout(rate=dropout, mode=mode),
+
+  def check_length(tokens):
+    if tokens.shape[1] > max_len:
+      raise ValueError(f'sequence length {tokens.shape[1]} is longer than max_len ({max_len})')
+    return tokens
+
+  return tl.Serial(tl.Fn('CheckLength', check_length),
+                   tl.Embedding(vocab_size, d_model), tl.Dropout(rate=dropout, mode=mode),
                    tl.PositionalEncoding(max_len=max_len, dropout=dropout, mode=mode),
                    name='Embedder')
 
