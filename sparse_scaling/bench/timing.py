@@ -5,7 +5,10 @@ import platform
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+
+now = time.perf_counter
 
 
 def time_call(fn, *args, min_runs=20, min_seconds=1.0, warmup=3):
@@ -40,3 +43,10 @@ def machine_description():
     pass
   device = jax.devices()[0]
   return f'{cpu}, {os.cpu_count()} cores, jax {jax.__version__} on {device.platform}'
+
+
+def memory_bandwidth():
+  """Bytes per second of a jitted reduction over a 512 MiB array (a read-bandwidth estimate)."""
+  a = jnp.ones((128 * 1024 * 1024,), jnp.float32)
+  median, _ = time_call(jax.jit(jnp.sum), a, min_runs=10)
+  return a.nbytes / median

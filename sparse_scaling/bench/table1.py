@@ -1,0 +1,260 @@
+"""The paper's Table 1: unbatched decoding time per token, ours and trax's, side by side.
+
+  python -m sparse_scaling.bench.table1 [--shapes 800m,17b] [--json] [--tokens 32]
+
+Rows: dense, +Sparse FF, +Sparse QKV, +Sparse FF+QKV, +FF+QKV+loss, with the dimensions of
+`gin_configs/paper/c4_800m_*.gin` (800M: the 24-layer decoder, float32) and
+`gin_configs/paper/timing_17b_*.gin` (17B: blocks of d_model 9216, bfloat16 to fit 24 GB),
+each built as our `ScalingTransformerLM` and as trax's `ConfigurableTransformerLM` (ff_sparsity,
+`MultiplicativeConvCausalAttention`, loss_sparsity) with the same shapes.
+
+Method: batch 1; a prompt of `--prompt` tokens fills the caches, then `--tokens` greedy tokens
+are decoded one jitted predict step each (weights as arguments, state donated), every step
+blocked until ready; the table gives the median (and p90) step. Weights are random (timing
+only). s/block is the difference of two depths divided by their difference. The floor is the
+weight and KV-cache bytes a token must read, over the machine's measured read bandwidth.
+Writes docs/results/table1.md and table1.png.
+"""
+
+import functools
+import gc
+import json
+import os
+import pathlib
+
+from absl import app
+from absl import flags
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+from trax import layers as tl
+from trax import shapes
+from trax.layers.research import sparsity as trax_sparsity
+from trax.models.research import configurable_transformer as trax_ct
+
+from sparse_scaling import configs
+from sparse_scaling.bench import timing
+from sparse_scaling.models import ScalingTransformerLM
+
+VARIANTS = ('dense', 'ff', 'qkv', 'ffqkv', 'ffqkvloss')
+_GIN_VARIANT = {'dense': 'dense', 'ff': 'ff', 'qkv': 'qkv', 'ffqkv': 'ff_qkv',
+                'ffqkvloss': 'ff_qkv_loss'}
+# shape -> (gin file pattern, dtype, depths timed, whole-model depth)
+SHAPES = {
+    '800m': ('paper/c4_800m_{}.gin', 'float32', (2, 24), 24),
+    '17b': ('paper/timing_17b_{}.gin', 'bfloat16', (1, 2), 2),
+}
+# Table 1 of the paper: (s/token, s/block); None where it has no row.
+PAPER = {
+    ('800m', 'dense'): (0.160, 0.0059), ('800m', 'ff'): (0.093, 0.0031),
+    ('800m', 'qkv'): (0.152, 0.0062), ('800m', 'ffqkv'): (0.061, 0.0019),
+    ('17b', 'dense'): (3.690, 0.581), ('17b', 'ff'): (1.595, 0.259),
+    ('17b', 'qkv'): (3.154, 0.554), ('17b', 'ffqkv'): (0.183, 0.014),
+}
+RESULTS_DIR = pathlib.Path(__file__).resolve().parents[2] / 'docs' / 'results'
+
+_SHAPES = flags.DEFINE_list('shapes', ['800m', '17b'], 'Which of 800m, 17b.')
+_JSON = flags.DEFINE_bool('json', False, 'Print one JSON list of rows last.')
+_PROMPT = flags.DEFINE_integer('prompt', 128, 'Prompt length (KV cache filled before timing).')
+_TOKENS = flags.DEFINE_integer('tokens', 32, 'Decoded tokens timed per measurement.')
+_IMPLS = flags.DEFINE_list('impls', ['ours', 'trax'], 'Implementations to time.')
+_WRITE = flags.DEFINE_bool('write', True, 'Write docs/results/table1.md and table1.png.')
+
+
+def dimensions(shape, variant):
+  """The model macros of the variant's paper gin file."""
+  gin.clear_config()
+  configs.parse([SHAPES[shape][0].format(_GIN_VARIANT[variant])])
+  names = ['D_MODEL', 'D_FF', 'N_HEADS', 'VOCAB_SIZE', 'FF_SPARSITY', 'ATTENTION_SPARSITY',
+           'LOSS_SPARSITY', 'LENGTH_KERNEL_SIZE']
+  dims = {name.lower(): gin.query_parameter('%' + name) for name in names}
+  ff = dims['ff_sparsity']
+  if ff and not isinstance(ff, (tuple, list)):
+    dims['ff_sparsity'] = (ff, max(1, dims['d_model'] // ff))  # the paper's rank, for both
+  return dims
+
+
+def build(impl, dims, n_layers, max_len):
+  """A predict-mode LM of `impl` ('ours' or 'trax') with the given dimensions."""
+  common = dict(d_model=dims['d_model'], d_ff=dims['d_ff'], n_layers=n_layers,
+                n_heads=dims['n_heads'], max_len=max_len, dropout=0.0,
+                ff_sparsity=tuple(dims['ff_sparsity']) if dims['ff_sparsity'] else 0,
+                loss_sparsity=dims['loss_sparsity'], mode='predict')
+  if impl == 'ours':
+    return ScalingTransformerLM(dims['vocab_size'], attention_sparsity=dims['attention_sparsity'],
+                                length_kernel_size=dims['length_kernel_size'], **common)
+  attention = tl.CausalAttention
+  if dims['attention_sparsity']:
+    attention = functools.partial(trax_sparsity.MultiplicativeConvCausalAttention,
+                                  sparsity=dims['attention_sparsity'],
+                                  length_kernel_size=dims['length_kernel_size'],
+                                  max_inference_length=max_len)
+  return trax_ct.ConfigurableTransformerLM(dims['vocab_size'], attention_type=attention,
+                                           **common)
+
+
+def random_weights_and_state(model, dtype, seed=0):
+  """Random weights of `dtype` and fresh predict state, without a float32 init."""
+  signature = shapes.ShapeDtype((1, 1), jnp.int32)
+  weights_sig, state_sig = model.weights_and_state_signature(signature)
+  leaves, treedef = jax.tree.flatten(weights_sig)
+  keys = jax.random.split(jax.random.PRNGKey(seed), max(1, len(leaves)))
+  weights = [0.02 * jax.random.normal(k, s.shape, dtype) if jnp.issubdtype(s.dtype, jnp.floating)
+             else jnp.zeros(s.shape, s.dtype) for k, s in zip(keys, leaves)]
+  state = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), state_sig)
+  return jax.tree.unflatten(treedef, weights), state
+
+
+def seconds_per_token(model, dtype, prompt, n_tokens):
+  """Median and p90 seconds of one greedy decoding step after a prompt."""
+  weights, state = random_weights_and_state(model, dtype)
+
+  def step(weights, state, tokens):
+    logits, state = model.pure_fn(tokens, weights, state, None)
+    return jnp.argmax(logits[:, -1:], axis=-1).astype(jnp.int32), state
+
+  tokens = jnp.ones((1, prompt), jnp.int32)
+  tokens, state = jax.jit(step)(weights, state, tokens)        # fill the caches
+  decode = jax.jit(step, donate_argnums=(1,))
+  times = []
+  for i in range(n_tokens + 3):                                 # 3 warm-up steps
+    start = timing.now()
+    tokens, state = decode(weights, state, tokens)
+    jax.block_until_ready(tokens)
+    if i >= 3:
+      times.append(timing.now() - start)
+  return float(np.median(times)), float(np.percentile(times, 90))
+
+
+def bytes_per_token(dims, n_layers, kv_len, itemsize):
+  """Weight and KV-cache bytes one decoded token reads: the floor of its time."""
+  d, d_ff, vocab = dims['d_model'], dims['d_ff'], dims['vocab_size']
+  s, loss = dims['attention_sparsity'], dims['loss_sparsity']
+  if s:
+    m, lks = d // s, dims['length_kernel_size']
+    attention = d * s + d * m + d + 2 * (lks * 3 * m * m + m) + lks * m * m + m
+  else:
+    attention = 4 * d * d + 4 * d
+  if dims['ff_sparsity']:
+    n, rank = dims['ff_sparsity']
+    ff = d * rank + rank * d_ff + d_ff + 2 * (d_ff // n) * d + d_ff // n + d
+  else:
+    ff = 2 * d * d_ff + d_ff + d
+  block = attention + ff + 4 * d + 2 * kv_len * d
+  output = d * loss + d * vocab // loss + vocab if loss else d * vocab + vocab
+  return itemsize * (n_layers * block + 2 * d + output)
+
+
+def measure(shape, impls, prompt, n_tokens, bandwidth):
+  """Rows of one shape: every variant and implementation at two depths."""
+  _, dtype, depths, whole = SHAPES[shape]
+  rows = []
+  for variant in VARIANTS:
+    dims = dimensions(shape, variant)
+    for impl in impls:
+      seconds = {}
+      for depth in depths:
+        seconds[depth] = seconds_per_token(build(impl, dims, depth, prompt + n_tokens + 8),
+                                           dtype, prompt, n_tokens)
+        gc.collect()
+      per_block = (seconds[depths[1]][0] - seconds[depths[0]][0]) / (depths[1] - depths[0])
+      floor = bytes_per_token(dims, whole, prompt + n_tokens // 2,
+                              jnp.dtype(dtype).itemsize) / bandwidth
+      row = dict(shape=shape, variant=variant, impl=impl, dtype=dtype, depth=whole,
+                 s_per_token=seconds[whole][0], p90_s_per_token=seconds[whole][1],
+                 s_per_block=per_block, floor_s_per_token=floor)
+      rows.append(row)
+      print(json.dumps(row), flush=True)
+  return rows
+
+
+def markdown(rows, bandwidth, prompt, n_tokens):
+  """The results as a Markdown table, paper beside ours and trax's."""
+  by_key = {(r['shape'], r['variant'], r['impl']): r for r in rows}
+  lines = [
+      f'Machine: {timing.machine_description()}; read bandwidth {bandwidth / 1e9:.1f} GB/s. '
+      f'Batch 1, prompt {prompt} tokens, median of {n_tokens} decoded tokens (KV length '
+      f'{prompt}-{prompt + n_tokens}). Speedups are per block against the same '
+      'implementation\'s dense row.',
+      '',
+      '| shape | variant | ours s/token (p90) | ours ms/block | ours speedup/block '
+      '| trax s/token | trax ms/block | trax speedup/block | ours vs trax/block '
+      '| paper s/token | paper ms/block | paper speedup/block | floor s/token | ours GB/s |',
+      '|' + '---|' * 14]
+  for (shape, variant, impl), row in sorted(by_key.items(),
+                                            key=lambda kv: (kv[0][0], VARIANTS.index(kv[0][1]))):
+    if impl != 'ours':
+      continue
+    trax_row = by_key.get((shape, variant, 'trax'))
+    dense, trax_dense = by_key[(shape, 'dense', 'ours')], by_key.get((shape, 'dense', 'trax'))
+    paper = PAPER.get((shape, variant))
+    paper_dense = PAPER.get((shape, 'dense'))
+    cells = [shape, variant,
+             f'{row["s_per_token"]:.4f} ({row["p90_s_per_token"]:.4f})',
+             f'{row["s_per_block"] * 1e3:.3f}',
+             f'{dense["s_per_block"] / row["s_per_block"]:.2f}x']
+    if trax_row:
+      cells += [f'{trax_row["s_per_token"]:.4f}', f'{trax_row["s_per_block"] * 1e3:.3f}',
+                f'{trax_dense["s_per_block"] / trax_row["s_per_block"]:.2f}x',
+                f'{trax_row["s_per_block"] / row["s_per_block"]:.2f}x']
+    else:
+      cells += ['', '', '', '']
+    if paper:
+      cells += [f'{paper[0]:.3f}', f'{paper[1] * 1e3:.1f}', f'{paper_dense[1] / paper[1]:.2f}x']
+    else:
+      cells += ['', '', '']
+    bytes_read = row['floor_s_per_token'] * bandwidth
+    cells += [f'{row["floor_s_per_token"]:.4f}', f'{bytes_read / row["s_per_token"] / 1e9:.1f}']
+    lines.append('| ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines)
+
+
+def plot(rows, path):
+  """Bar chart of ms/block per variant, ours and trax's, one panel per shape."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  shapes_ = sorted({r['shape'] for r in rows})
+  fig, axes = plt.subplots(1, len(shapes_), figsize=(6 * len(shapes_), 4), squeeze=False)
+  for ax, shape in zip(axes[0], shapes_):
+    for i, impl in enumerate(['ours', 'trax']):
+      values = [next((r['s_per_block'] * 1e3 for r in rows if r['shape'] == shape and
+                      r['variant'] == v and r['impl'] == impl), 0) for v in VARIANTS]
+      ax.bar(np.arange(len(VARIANTS)) + 0.4 * i, values, 0.4, label=impl)
+    paper = [PAPER.get((shape, v), (0, 0))[1] * 1e3 for v in VARIANTS]
+    ax.scatter(np.arange(len(VARIANTS)) + 0.2, paper, color='k', marker='_', s=300,
+               label='paper', zorder=3)
+    ax.set_xticks(np.arange(len(VARIANTS)) + 0.2, VARIANTS)
+    ax.set_yscale('log')
+    ax.set_ylabel('ms per block per token')
+    ax.set_title(f'{shape}: unbatched decoding')
+    ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+
+
+def main(argv):
+  del argv
+  bandwidth = timing.memory_bandwidth()
+  rows = []
+  for shape in _SHAPES.value:
+    if shape not in SHAPES:
+      raise app.UsageError(f'--shapes: unknown shape {shape!r}; use {sorted(SHAPES)}')
+    rows += measure(shape, _IMPLS.value, _PROMPT.value, _TOKENS.value, bandwidth)
+  table = markdown(rows, bandwidth, _PROMPT.value, _TOKENS.value)
+  print(table)
+  if _WRITE.value:
+    os.makedirs(RESULTS_DIR, exist_ok=True)
+    (RESULTS_DIR / 'table1.md').write_text(
+        '# Table 1, reproduced: unbatched decoding time\n\n'
+        '`python -m sparse_scaling.bench.table1 --shapes ' + ','.join(_SHAPES.value) + '`\n\n'
+        + table + '\n')
+    plot(rows, RESULTS_DIR / 'table1.png')
+  if _JSON.value:
+    print(json.dumps([{k: r[k] for k in ('shape', 'variant', 'impl', 's_per_token',
+                                         's_per_block', 'floor_s_per_token')} for r in rows]))
+
+
+if __name__ == '__main__':
+  app.run(main)

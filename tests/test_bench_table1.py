@@ -1,0 +1,31 @@
+"""The Table 1 benchmark reads the paper's gin files and times both implementations."""
+
+import numpy as np
+import pytest
+
+from sparse_scaling.bench import table1
+
+
+def test_dimensions_come_from_the_paper_gin_files():
+  dims = table1.dimensions('800m', 'ffqkv')
+  assert (dims['d_model'], dims['d_ff'], dims['n_heads']) == (1024, 6144, 16)
+  assert dims['ff_sparsity'] == (64, 16) and dims['attention_sparsity'] == 16
+  dims = table1.dimensions('17b', 'ffqkvloss')
+  assert (dims['d_model'], dims['d_ff'], dims['ff_sparsity']) == (9216, 65536, (256, 32))
+  assert dims['loss_sparsity'] == 4
+
+
+def test_sparse_variants_read_fewer_bytes_per_token():
+  read = {v: table1.bytes_per_token(table1.dimensions('800m', v), 24, 128, 4)
+          for v in table1.VARIANTS}
+  assert read['ffqkvloss'] < read['ffqkv'] < read['ff'] < read['dense']
+  assert read['dense'] > 24 * (4 * 1024**2 + 2 * 1024 * 4096) * 4  # all dense block weights
+
+
+@pytest.mark.parametrize('impl', ['ours', 'trax'])
+def test_decoding_step_is_timed_for_both_implementations(impl):
+  dims = dict(d_model=32, d_ff=128, n_heads=2, vocab_size=64, ff_sparsity=(8, 4),
+              attention_sparsity=4, loss_sparsity=4, length_kernel_size=3)
+  median, p90 = table1.seconds_per_token(table1.build(impl, dims, 1, 32), 'float32',
+                                         prompt=4, n_tokens=3)
+  assert 0 < median <= p90 < 5 and np.isfinite(median)
