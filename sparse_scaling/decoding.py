@@ -134,20 +134,26 @@ class Decoder:
 @gin.configurable(module='sparse_scaling', denylist=['model_fn', 'weights'])
 def sample(model_fn, weights, vocab=gin.REQUIRED, prompt='', max_new_tokens=64,
            temperature=0.0, seed=0):
-  """Decodes one continuation of a text prompt from an LM; returns it as printable text.
+  """Decodes one sample as printable text: an LM continues `prompt`; an encoder-decoder
+  reads `prompt` as its input document (ended by EOS) and writes its output from scratch.
 
   Args:
-    model_fn: `mode -> layer`, the LM.
+    model_fn: `mode -> layer`, an LM or an encoder-decoder.
     weights: Its trained weights.
     vocab: A `sentencepiece.SentencePieceProcessor` (`encode`, `decode`, `eos_id`).
-    prompt: Text the sample continues.
+    prompt: The text continued (LM) or the input document (encoder-decoder).
     max_new_tokens: Length limit; the sample also stops at EOS.
     temperature: 0 for greedy decoding, else the sampling temperature.
     seed: Seed of the sampling noise.
   """
-  tokens = Decoder(model_fn, weights).generate(
-      [vocab.encode(prompt)], max_new_tokens, temperature=temperature,
-      eos_id=vocab.eos_id(), seed=seed)[0].tolist()
+  decoder = Decoder(model_fn, weights)
+  ids = vocab.encode(prompt)
+  if decoder.model.n_in == 1:
+    prefix, inputs, shown = [ids], None, prompt
+  else:
+    prefix, inputs, shown = [[]], [ids + [vocab.eos_id()]], f'{prompt}\n=> '
+  tokens = decoder.generate(prefix, max_new_tokens, temperature=temperature,
+                            eos_id=vocab.eos_id(), seed=seed, inputs=inputs)[0].tolist()
   if vocab.eos_id() in tokens:
     tokens = tokens[:tokens.index(vocab.eos_id())]
-  return f'--- sample (temperature {temperature}) ---\n{prompt}{vocab.decode(tokens)}'
+  return f'--- sample (temperature {temperature}) ---\n{shown}{vocab.decode(tokens)}'

@@ -124,3 +124,20 @@ def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path):
   _one_line_error(result, 'stopped')
   assert 'training loss is' in result.stderr or 'not finite' in result.stderr
   assert (out / 'checkpoint' / 'model.pkl.gz').exists()
+
+
+def test_two_devices_train_data_parallel(tmp_path):
+  env = dict(_env(tmp_path), XLA_FLAGS='--xla_force_host_platform_device_count=2',
+             JAX_PLATFORMS='cpu')
+  result = subprocess.run(_command(tmp_path / 'run', '--n_devices=2', '--seed=3', steps=2),
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'step      2/2 | loss' in result.stdout
+  assert 'train.n_devices = 2' in (tmp_path / 'run' / 'config.gin').read_text()
+
+
+def test_missing_tfds_data_fails_with_one_line_error(tmp_path):
+  command = [sys.executable, str(ROOT / 'main.py'), '--gin_file=paper/c4_800m_ff.gin',
+             f'--output_dir={tmp_path / "run"}', f'--data_dir={tmp_path / "no_data"}']
+  _one_line_error(run_main(tmp_path, command), 'c4')
+  assert not (tmp_path / 'run' / 'checkpoint').exists()

@@ -1,16 +1,20 @@
 """The paper's Table 1: unbatched decoding time per token, ours and trax's, side by side.
 
   python -m sparse_scaling.bench.table1 [--shapes 800m,17b] [--json] [--tokens 32]
+  python -m sparse_scaling.bench.table1 --batch_curve    # where sparsity stops paying
 
 Rows: dense, +Sparse FF, +Sparse QKV, +Sparse FF+QKV, +FF+QKV+loss, with the dimensions of
 `gin_configs/paper/c4_800m_*.gin` (800M: the 24-layer decoder, float32) and
-`gin_configs/paper/timing_17b_*.gin` (17B: blocks of d_model 9216, bfloat16 to fit 24 GB),
+`gin_configs/paper/timing_17b_*.gin` (17B: one and two blocks of d_model 9216, float32: they
+fit in 24 GB, and XLA's CPU matrix-vector product in bfloat16 is compute-bound, ~1.3 GB/s,
+which would flatter sparsity),
 each built as our `ScalingTransformerLM` and as trax's `ConfigurableTransformerLM` (ff_sparsity,
 `MultiplicativeConvCausalAttention`, loss_sparsity) with the same shapes.
 
 Method: batch 1; a prompt of `--prompt` tokens fills the caches, then `--tokens` greedy tokens
 are decoded one jitted predict step each (weights as arguments, state donated), every step
-blocked until ready; the table gives the median (and p90) step. Weights are random (timing
+blocked until ready; the table gives the median (and p90) step. Both implementations size
+their KV caches to the sequence timed (attention reads the whole cache at every step). Weights are random (timing
 only). s/block is the difference of two depths divided by their difference. The floor is the
 weight and KV-cache bytes a token must read, over the machine's measured read bandwidth.
 Writes docs/results/table1.md and table1.png.
@@ -43,7 +47,7 @@ _GIN_VARIANT = {'dense': 'dense', 'ff': 'ff', 'qkv': 'qkv', 'ffqkv': 'ff_qkv',
 # shape -> (gin file pattern, dtype, depths timed, whole-model depth)
 SHAPES = {
     '800m': ('paper/c4_800m_{}.gin', 'float32', (2, 24), 24),
-    '17b': ('paper/timing_17b_{}.gin', 'bfloat16', (1, 2), 2),
+    '17b': ('paper/timing_17b_{}.gin', 'float32', (1, 2), 2),
 }
 # Table 1 of the paper: (s/token, s/block); None where it has no row.
 PAPER = {
@@ -60,6 +64,8 @@ _PROMPT = flags.DEFINE_integer('prompt', 128, 'Prompt length (KV cache filled be
 _TOKENS = flags.DEFINE_integer('tokens', 32, 'Decoded tokens timed per measurement.')
 _IMPLS = flags.DEFINE_list('impls', ['ours', 'trax'], 'Implementations to time.')
 _WRITE = flags.DEFINE_bool('write', True, 'Write docs/results/table1.md and table1.png.')
+_BATCH_CURVE = flags.DEFINE_bool('batch_curve', False, 'Instead: FF+QKV vs dense speedup by '
+                                 'batch size at 800M (docs/results/batch_curve.md, .png).')
 
 
 def dimensions(shape, variant):
@@ -84,7 +90,7 @@ def build(impl, dims, n_layers, max_len):
   if impl == 'ours':
     return ScalingTransformerLM(dims['vocab_size'], attention_sparsity=dims['attention_sparsity'],
                                 length_kernel_size=dims['length_kernel_size'], **common)
-  attention = tl.CausalAttention
+  attention = functools.partial(tl.CausalAttention, max_inference_length=max_len)
   if dims['attention_sparsity']:
     attention = functools.partial(trax_sparsity.MultiplicativeConvCausalAttention,
                                   sparsity=dims['attention_sparsity'],
@@ -94,9 +100,9 @@ def build(impl, dims, n_layers, max_len):
                                            **common)
 
 
-def random_weights_and_state(model, dtype, seed=0):
+def random_weights_and_state(model, dtype, batch=1, seed=0):
   """Random weights of `dtype` and fresh predict state, without a float32 init."""
-  signature = shapes.ShapeDtype((1, 1), jnp.int32)
+  signature = shapes.ShapeDtype((batch, 1), jnp.int32)
   weights_sig, state_sig = model.weights_and_state_signature(signature)
   leaves, treedef = jax.tree.flatten(weights_sig)
   keys = jax.random.split(jax.random.PRNGKey(seed), max(1, len(leaves)))
@@ -106,15 +112,15 @@ def random_weights_and_state(model, dtype, seed=0):
   return jax.tree.unflatten(treedef, weights), state
 
 
-def seconds_per_token(model, dtype, prompt, n_tokens):
-  """Median and p90 seconds of one greedy decoding step after a prompt."""
-  weights, state = random_weights_and_state(model, dtype)
+def seconds_per_token(model, dtype, prompt, n_tokens, batch=1):
+  """Median and p90 seconds of one greedy decoding step (of `batch` rows) after a prompt."""
+  weights, state = random_weights_and_state(model, dtype, batch)
 
   def step(weights, state, tokens):
     logits, state = model.pure_fn(tokens, weights, state, None)
     return jnp.argmax(logits[:, -1:], axis=-1).astype(jnp.int32), state
 
-  tokens = jnp.ones((1, prompt), jnp.int32)
+  tokens = jnp.ones((batch, prompt), jnp.int32)
   tokens, state = jax.jit(step)(weights, state, tokens)        # fill the caches
   decode = jax.jit(step, donate_argnums=(1,))
   times = []
@@ -167,6 +173,44 @@ def measure(shape, impls, prompt, n_tokens, bandwidth):
       rows.append(row)
       print(json.dumps(row), flush=True)
   return rows
+
+
+def batch_curve(prompt, n_tokens, batches=(1, 2, 4, 8, 16, 32, 64)):
+  """Seconds per decoding step of the whole 800M decoder, dense and FF+QKV, per batch size."""
+  _, dtype, _, depth = SHAPES['800m']
+  curve = []
+  for batch in batches:
+    seconds = {v: seconds_per_token(build('ours', dimensions('800m', v), depth,
+                                          prompt + n_tokens + 8), dtype, prompt, n_tokens,
+                                    batch)[0] for v in ('dense', 'ffqkv')}
+    curve.append(dict(batch=batch, dense_s=seconds['dense'], ffqkv_s=seconds['ffqkv'],
+                      speedup=seconds['dense'] / seconds['ffqkv']))
+    print(json.dumps(curve[-1]), flush=True)
+    gc.collect()
+  return curve
+
+
+def write_batch_curve(curve, path_md, path_png):
+  """The batch curve as a Markdown table and a plot."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  lines = ['| batch | dense s/step | FF+QKV s/step | speedup |', '|---|---|---|---|']
+  lines += [f'| {c["batch"]} | {c["dense_s"]:.4f} | {c["ffqkv_s"]:.4f} | {c["speedup"]:.2f}x |'
+            for c in curve]
+  path_md.write_text('# Where sparsity stops paying: speedup of FF+QKV over dense by batch\n\n'
+                     f'`python -m sparse_scaling.bench.table1 --batch_curve` ({timing.machine_description()}; '
+                     'the 24-layer 800M decoder, ours, float32; one step decodes a token for every row)\n\n'
+                     + '\n'.join(lines) + '\n')
+  fig, ax = plt.subplots(figsize=(5, 3.5))
+  ax.plot([c['batch'] for c in curve], [c['speedup'] for c in curve], 'o-')
+  ax.axhline(1.0, color='gray', lw=0.8)
+  ax.set_xscale('log', base=2)
+  ax.set_xlabel('batch size')
+  ax.set_ylabel('dense time / FF+QKV time')
+  ax.set_title('800M decoder: speedup of Sparse FF+QKV')
+  fig.tight_layout()
+  fig.savefig(path_png, dpi=100)
 
 
 def markdown(rows, bandwidth, prompt, n_tokens):
@@ -236,21 +280,30 @@ def plot(rows, path):
 
 def main(argv):
   del argv
+  if _BATCH_CURVE.value:
+    os.makedirs(RESULTS_DIR, exist_ok=True)
+    write_batch_curve(batch_curve(_PROMPT.value, _TOKENS.value), RESULTS_DIR / 'batch_curve.md',
+                      RESULTS_DIR / 'batch_curve.png')
+    return
   bandwidth = timing.memory_bandwidth()
   rows = []
   for shape in _SHAPES.value:
     if shape not in SHAPES:
       raise app.UsageError(f'--shapes: unknown shape {shape!r}; use {sorted(SHAPES)}')
     rows += measure(shape, _IMPLS.value, _PROMPT.value, _TOKENS.value, bandwidth)
-  table = markdown(rows, bandwidth, _PROMPT.value, _TOKENS.value)
-  print(table)
-  if _WRITE.value:
+  print(markdown(rows, bandwidth, _PROMPT.value, _TOKENS.value))
+  if _WRITE.value:  # merged with the rows of shapes measured by earlier runs
     os.makedirs(RESULTS_DIR, exist_ok=True)
+    saved = RESULTS_DIR / 'table1.json'
+    earlier = json.loads(saved.read_text()) if saved.exists() else []
+    merged = [r for r in earlier if r['shape'] not in _SHAPES.value] + rows
+    saved.write_text(json.dumps(merged, indent=1) + '\n')
     (RESULTS_DIR / 'table1.md').write_text(
         '# Table 1, reproduced: unbatched decoding time\n\n'
-        '`python -m sparse_scaling.bench.table1 --shapes ' + ','.join(_SHAPES.value) + '`\n\n'
-        + table + '\n')
-    plot(rows, RESULTS_DIR / 'table1.png')
+        '`python -m sparse_scaling.bench.table1 --shapes 800m,17b` (one shape per run is\n'
+        'merged with the others\' saved rows, `table1.json`)\n\n'
+        + markdown(merged, bandwidth, _PROMPT.value, _TOKENS.value) + '\n')
+    plot(merged, RESULTS_DIR / 'table1.png')
   if _JSON.value:
     print(json.dumps([{k: r[k] for k in ('shape', 'variant', 'impl', 's_per_token',
                                          's_per_block', 'floor_s_per_token')} for r in rows]))

@@ -10,14 +10,13 @@ The results split into heads for causal dot-product attention; there is no outpu
 Per token, decoding reads d_model·(S + M) multiplicative weights and three small kernels
 instead of the 4·d_model² of dense Q, K, V and output projections. In predict mode the
 convolutions keep their last length_kernel_size − 1 input positions as state, and attention
-keeps a KV cache (`causal_attention.py`).
+keeps a KV cache.
 """
 
 import jax.numpy as jnp
 from trax import layers as tl
 from trax.layers import base
 
-from sparse_scaling.layers.causal_attention import CausalAttentionCore
 from sparse_scaling.layers.checks import check_divides
 from sparse_scaling.layers.checks import check_mode
 from sparse_scaling.layers.multiplicative_dense import MultiplicativeDense
@@ -52,7 +51,8 @@ def SparseQKVAttention(d_model, n_heads=1, sparsity=None, length_kernel_size=3,
   return tl.Serial(                                          # x [batch, length, d_model]
       MultiplicativeDense(sparsity, d_model),                # mixed [batch, length, d_model]
       tl.Branch(Conv(module_kernel_size), Conv(module_kernel_size), Conv(1)),  # q, k, v
-      CausalAttentionCore(dropout, max_inference_length, mode),
+      tl.DotProductCausalAttention(dropout=dropout,
+                                   max_inference_length=max_inference_length, mode=mode),
       tl.MergeHeads(n_heads),                                # [batch, length, d_model]
       name=f'SparseQKVAttention_{sparsity}')
 

@@ -16,7 +16,6 @@ takes `attention_sparsity`, and its encoder-decoder attention `enc_dec_attention
 
 from trax import layers as tl
 
-from sparse_scaling.layers import CausalAttention
 from sparse_scaling.layers import SparseEncDecAttention
 from sparse_scaling.layers import SparseFF
 from sparse_scaling.layers import SparseLoss
@@ -49,7 +48,8 @@ def ScalingTransformerLM(vocab_size=VOCAB_SIZE, d_model=D_MODEL, d_ff=D_FF,
     d_ff: Hidden units of each feed-forward layer.
     n_layers: Number of decoder blocks.
     n_heads: Attention heads; must divide d_model.
-    max_len: Longest sequence: positional encoding and the decoding caches.
+    max_len: Longest sequence: positional encoding and the decoding caches. Decoding attends
+      over the whole KV cache (as trax does), so its cost grows with max_len.
     dropout: Dropout rate after embeddings, on attention weights and residual branches.
     ff_sparsity: 0 for a dense FF; N for Sparse FF with blocks of N (controller rank
       d_model // N, the paper's rule); or a pair (N, d_lowrank).
@@ -177,8 +177,8 @@ def _SelfAttention(d_model, n_heads, max_len, dropout, attention_sparsity, lengt
     attention = SparseQKVAttention(d_model, n_heads, attention_sparsity, length_kernel_size,
                                    dropout=dropout, max_inference_length=max_len, mode=mode)
   else:
-    attention = CausalAttention(d_model, n_heads=n_heads, dropout=dropout, max_len=max_len,
-                                mode=mode)
+    attention = tl.CausalAttention(d_model, n_heads=n_heads, dropout=dropout,
+                                   max_inference_length=max_len, mode=mode)
   return tl.Residual(tl.Serial(tl.LayerNorm(), attention, tl.Dropout(rate=dropout, mode=mode),
                                name='SelfAttention'))
 
