@@ -27,7 +27,8 @@ def parse(gin_files, gin_params=()):
     if not os.path.isfile(path):
       raise FileNotFoundError(f'--gin_file: no such file: {name} (nor {GIN_DIR / name})')
     paths.append(str(path))
-  gin.parse_config_files_and_bindings(paths, list(gin_params))
+  # Not finalized (locked): tests and benchmarks parse several configs in one process.
+  gin.parse_config_files_and_bindings(paths, list(gin_params), finalize_config=False)
 
 
 def configured_model():

@@ -6,23 +6,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from trax import shapes
 from trax.layers.research import sparsity as trax_sparsity
 
 from sparse_scaling import convert
 from sparse_scaling.layers import SparseFF
-from tests.utils import assert_predict_equals_eval, primitives_reading
+from tests.utils import assert_predict_equals_eval
+from tests.utils import initialized as _init
+from tests.utils import primitives_reading
+from tests.utils import random_inputs as _inputs
 
 D_MODEL, D_FF, N = 16, 64, 8
-
-
-def _init(layer, x, seed=0):
-  layer.init(shapes.signature(x), rng=jax.random.PRNGKey(seed))
-  return layer
-
-
-def _inputs(*shape, seed=0):
-  return np.random.RandomState(seed).randn(*shape).astype(np.float32)
 
 
 def _reference(layer, x):

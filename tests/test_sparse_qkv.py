@@ -5,7 +5,6 @@ import functools
 import jax
 import numpy as np
 import pytest
-from trax import shapes
 from trax.layers.research import sparsity as trax_sparsity
 
 from sparse_scaling import convert
@@ -14,17 +13,10 @@ from sparse_scaling.layers import MultiplicativeDense
 from sparse_scaling.layers import SparseLoss
 from sparse_scaling.layers import SparseQKVAttention
 from tests.utils import assert_predict_equals_eval
+from tests.utils import initialized as _init
+from tests.utils import random_inputs as _inputs
 
 D_MODEL, N_HEADS, S = 16, 2, 4
-
-
-def _init(layer, x, seed=0):
-  layer.init(shapes.signature(x), rng=jax.random.PRNGKey(seed))
-  return layer
-
-
-def _inputs(*shape, seed=0):
-  return np.random.RandomState(seed).randn(*shape).astype(np.float32)
 
 
 def test_multiplicative_dense_is_the_papers_formula():

@@ -5,6 +5,17 @@ import numpy as np
 from trax import shapes
 
 
+def initialized(layer, x, seed=0):
+  """`layer`, initialized for input `x` with weights of `seed`."""
+  layer.init(shapes.signature(x), rng=jax.random.PRNGKey(seed))
+  return layer
+
+
+def random_inputs(*shape, seed=0):
+  """Standard normal float32 array of `shape`."""
+  return np.random.RandomState(seed).randn(*shape).astype(np.float32)
+
+
 def assert_predict_equals_eval(model_fn, inputs, init_tokens=3, atol=1e-5, rng_seed=0,
                                shifted=False, seq_input=None):
   """Decoding token by token in predict mode gives the eval-mode outputs.

@@ -5,7 +5,9 @@ warmed up, and timed as the median of many calls. The ideal speedup of Sparse FF
 about N where reading the weights dominates; a sweep over N at one shape shows how the time
 follows the bytes read.
 
-  python -m sparse_scaling.bench.ff_decode [--json] [--shapes 1024x4096x32,...] [--no_sweep]
+  python -m sparse_scaling.bench.ff_decode [--json] [--shapes 1024x4096x32,...] [--nosweep]
+
+--shapes takes d_modelxd_ffxN or d_modelxd_ffxNxdtype.
 """
 
 import gc
@@ -35,8 +37,6 @@ SHAPES = (
 )
 SWEEP_SHAPE, SWEEP_NS = (2048, 16384), (8, 16, 32, 64, 128, 256)
 
-_JSON = flags.DEFINE_bool('json', False, 'Print one JSON list of rows last.')
-_SHAPES = flags.DEFINE_list('shapes', None, 'Subset of shapes: d_modelxd_ffxN[xdtype].')
 _SWEEP = flags.DEFINE_bool('sweep', True, 'Also sweep N at d_model 2048, d_ff 16384.')
 
 
@@ -73,8 +73,8 @@ def measure(d_model, d_ff, n, d_lowrank, dtype, impls=('dense', 'trax', 'ours'))
 def main(argv):
   del argv
   shapes_ = SHAPES
-  if _SHAPES.value:
-    wanted = set(_SHAPES.value)
+  if timing.SHAPES.value:
+    wanted = set(timing.SHAPES.value)
     shapes_ = [s for s in SHAPES if 'x'.join(map(str, s[:3])) in wanted or
                'x'.join(map(str, s[:3])) + 'x' + s[4] in wanted]
   bandwidth = timing.memory_bandwidth()
@@ -114,7 +114,7 @@ def main(argv):
       read = sparse_bytes_read(d_model, d_ff, n, d_lowrank, 4)
       print(f'| {n} | {read / 1e6:.2f} | {s["ours"] * 1e3:.3f} | {read / s["ours"] / 1e9:.1f} '
             f'| {dense["dense"] / s["ours"]:.1f}x |', flush=True)
-  if _JSON.value:
+  if timing.JSON.value:
     print(json.dumps(rows))
 
 

@@ -58,12 +58,12 @@ PAPER = {
 }
 RESULTS_DIR = pathlib.Path(__file__).resolve().parents[2] / 'docs' / 'results'
 
-_SHAPES = flags.DEFINE_list('shapes', ['800m', '17b'], 'Which of 800m, 17b.')
-_JSON = flags.DEFINE_bool('json', False, 'Print one JSON list of rows last.')
 _PROMPT = flags.DEFINE_integer('prompt', 128, 'Prompt length (KV cache filled before timing).')
 _TOKENS = flags.DEFINE_integer('tokens', 32, 'Decoded tokens timed per measurement.')
 _IMPLS = flags.DEFINE_list('impls', ['ours', 'trax'], 'Implementations to time.')
 _WRITE = flags.DEFINE_bool('write', True, 'Write docs/results/table1.md and table1.png.')
+_RENDER_ONLY = flags.DEFINE_bool('render_only', False, 'Only rewrite table1.md and .png from '
+                                 'the saved table1.json.')
 _BATCH_CURVE = flags.DEFINE_bool('batch_curve', False, 'Instead: FF+QKV vs dense speedup by '
                                  'batch size at 800M (docs/results/batch_curve.md, .png).')
 
@@ -165,11 +165,11 @@ def measure(shape, impls, prompt, n_tokens, bandwidth):
                                            dtype, prompt, n_tokens)
         gc.collect()
       per_block = (seconds[depths[1]][0] - seconds[depths[0]][0]) / (depths[1] - depths[0])
-      floor = bytes_per_token(dims, whole, prompt + n_tokens // 2,
-                              jnp.dtype(dtype).itemsize) / bandwidth
+      read = bytes_per_token(dims, whole, prompt + n_tokens // 2, jnp.dtype(dtype).itemsize)
       row = dict(shape=shape, variant=variant, impl=impl, dtype=dtype, depth=whole,
                  s_per_token=seconds[whole][0], p90_s_per_token=seconds[whole][1],
-                 s_per_block=per_block, floor_s_per_token=floor)
+                 s_per_block=per_block, floor_s_per_token=read / bandwidth,
+                 bytes_per_token=read, bandwidth=bandwidth)
       rows.append(row)
       print(json.dumps(row), flush=True)
   return rows
@@ -213,21 +213,24 @@ def write_batch_curve(curve, path_md, path_png):
   fig.savefig(path_png, dpi=100)
 
 
-def markdown(rows, bandwidth, prompt, n_tokens):
+def markdown(rows, prompt, n_tokens):
   """The results as a Markdown table, paper beside ours and trax's."""
   by_key = {(r['shape'], r['variant'], r['impl']): r for r in rows}
+  bandwidths = ', '.join(sorted({f'{r["shape"]}: {r["bandwidth"] / 1e9:.1f} GB/s' for r in rows}))
   lines = [
-      f'Machine: {timing.machine_description()}; read bandwidth {bandwidth / 1e9:.1f} GB/s. '
-      f'Batch 1, prompt {prompt} tokens, median of {n_tokens} decoded tokens (KV length '
-      f'{prompt}-{prompt + n_tokens}). Speedups are per block against the same '
-      'implementation\'s dense row.',
+      f'Machine: {timing.machine_description()}; read bandwidth measured in each run '
+      f'({bandwidths}). Batch 1, prompt {prompt} tokens, median of {n_tokens} decoded tokens '
+      f'(KV length {prompt}-{prompt + n_tokens}). Speedups are per block against the same '
+      'implementation\'s dense row; the floor is the weight and KV bytes a token reads over '
+      'the bandwidth.',
       '',
       '| shape | variant | ours s/token (p90) | ours ms/block | ours speedup/block '
       '| trax s/token | trax ms/block | trax speedup/block | ours vs trax/block '
       '| paper s/token | paper ms/block | paper speedup/block | floor s/token | ours GB/s |',
       '|' + '---|' * 14]
   for (shape, variant, impl), row in sorted(by_key.items(),
-                                            key=lambda kv: (kv[0][0], VARIANTS.index(kv[0][1]))):
+                                            key=lambda kv: (list(SHAPES).index(kv[0][0]),
+                                                            VARIANTS.index(kv[0][1]))):
     if impl != 'ours':
       continue
     trax_row = by_key.get((shape, variant, 'trax'))
@@ -248,8 +251,8 @@ def markdown(rows, bandwidth, prompt, n_tokens):
       cells += [f'{paper[0]:.3f}', f'{paper[1] * 1e3:.1f}', f'{paper_dense[1] / paper[1]:.2f}x']
     else:
       cells += ['', '', '']
-    bytes_read = row['floor_s_per_token'] * bandwidth
-    cells += [f'{row["floor_s_per_token"]:.4f}', f'{bytes_read / row["s_per_token"] / 1e9:.1f}']
+    cells += [f'{row["floor_s_per_token"]:.4f}',
+              f'{row["bytes_per_token"] / row["s_per_token"] / 1e9:.1f}']
     lines.append('| ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines)
 
@@ -285,26 +288,28 @@ def main(argv):
     write_batch_curve(batch_curve(_PROMPT.value, _TOKENS.value), RESULTS_DIR / 'batch_curve.md',
                       RESULTS_DIR / 'batch_curve.png')
     return
-  bandwidth = timing.memory_bandwidth()
+  shapes_measured = [] if _RENDER_ONLY.value else (timing.SHAPES.value or list(SHAPES))
   rows = []
-  for shape in _SHAPES.value:
+  bandwidth = None if _RENDER_ONLY.value else timing.memory_bandwidth()
+  for shape in shapes_measured:
     if shape not in SHAPES:
       raise app.UsageError(f'--shapes: unknown shape {shape!r}; use {sorted(SHAPES)}')
     rows += measure(shape, _IMPLS.value, _PROMPT.value, _TOKENS.value, bandwidth)
-  print(markdown(rows, bandwidth, _PROMPT.value, _TOKENS.value))
+  if rows:
+    print(markdown(rows, _PROMPT.value, _TOKENS.value))
   if _WRITE.value:  # merged with the rows of shapes measured by earlier runs
     os.makedirs(RESULTS_DIR, exist_ok=True)
     saved = RESULTS_DIR / 'table1.json'
     earlier = json.loads(saved.read_text()) if saved.exists() else []
-    merged = [r for r in earlier if r['shape'] not in _SHAPES.value] + rows
+    merged = [r for r in earlier if r['shape'] not in shapes_measured] + rows
     saved.write_text(json.dumps(merged, indent=1) + '\n')
     (RESULTS_DIR / 'table1.md').write_text(
         '# Table 1, reproduced: unbatched decoding time\n\n'
         '`python -m sparse_scaling.bench.table1 --shapes 800m,17b` (one shape per run is\n'
         'merged with the others\' saved rows, `table1.json`)\n\n'
-        + markdown(merged, bandwidth, _PROMPT.value, _TOKENS.value) + '\n')
+        + markdown(merged, _PROMPT.value, _TOKENS.value) + '\n')
     plot(merged, RESULTS_DIR / 'table1.png')
-  if _JSON.value:
+  if timing.JSON.value:
     print(json.dumps([{k: r[k] for k in ('shape', 'variant', 'impl', 's_per_token',
                                          's_per_block', 'floor_s_per_token')} for r in rows]))
 

@@ -45,8 +45,6 @@ SHAPES = {
                   d_ff=4096, d_ff_qkv=6144, n=64, s=16, loss=4, batch=8, length=512),
 }
 
-_JSON = flags.DEFINE_bool('json', False, 'Print one JSON list of rows last.')
-_SHAPES = flags.DEFINE_list('shapes', list(SHAPES), 'Shapes to measure: tiny, 800m.')
 _DROPOUT = flags.DEFINE_float('dropout', DROPOUT, 'Dropout rate of every variant.')
 _STEPS = flags.DEFINE_integer('steps', 20, 'Timed steps per variant, at least.')
 
@@ -106,7 +104,7 @@ def measure(name, shape, dropout=DROPOUT, **timing_args):
 def main(argv):
   del argv
   rows = []
-  for name in _SHAPES.value:
+  for name in (timing.SHAPES.value or list(SHAPES)):
     shape = SHAPES[name]
     print(f'# Training step, {name} ScalingTransformerLM ({shape.n_layers} layers, d_model '
           f'{shape.d_model}, vocab {shape.vocab_size}), batch {shape.batch} x length '
@@ -120,7 +118,7 @@ def main(argv):
             f'| {row["ratio_to_dense"]:.2f}x |', flush=True)
       rows.append(row)
     print()
-  if _JSON.value:
+  if timing.JSON.value:
     print(json.dumps(rows))
 
 
