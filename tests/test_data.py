@@ -15,11 +15,6 @@ SEQ_LEN = 32
 
 
 @pytest.fixture(scope='module')
-def cache_dir(tmp_path_factory):
-  return tmp_path_factory.mktemp('vocab_cache')
-
-
-@pytest.fixture(scope='module')
 def sp(cache_dir):
   return data.embedded_vocab(VOCAB_SIZE, cache_dir)
 

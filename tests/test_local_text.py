@@ -17,11 +17,6 @@ N_FILES = 40
 
 
 @pytest.fixture(scope='module')
-def cache_dir(tmp_path_factory):
-  return tmp_path_factory.mktemp('vocab_cache')
-
-
-@pytest.fixture(scope='module')
 def spm_path(cache_dir):
   data.embedded_vocab(VOCAB_SIZE, cache_dir)
   [path] = cache_dir.glob(f'shakespeare_train_{VOCAB_SIZE}_*.model')

@@ -17,11 +17,6 @@ TARGETS_LEN = 32
 
 
 @pytest.fixture(scope='module')
-def cache_dir(tmp_path_factory):
-  return tmp_path_factory.mktemp('vocab_cache')
-
-
-@pytest.fixture(scope='module')
 def sc_inputs(cache_dir):
   return data.embedded_span_corruption_inputs(
       batch_size=BATCH_SIZE, inputs_len=INPUTS_LEN, targets_len=TARGETS_LEN,

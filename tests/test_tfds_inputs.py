@@ -42,11 +42,6 @@ def _paragraphs(text, n):
 
 
 @pytest.fixture(scope='module')
-def cache_dir(tmp_path_factory):
-  return tmp_path_factory.mktemp('vocab_cache')
-
-
-@pytest.fixture(scope='module')
 def c4_docs():
   hamlet, macbeth = data.shakespeare_texts('validation')[:2]
   return {'train': {'text': _paragraphs(hamlet, 300)},
