@@ -12,6 +12,7 @@ import pathlib
 import gin
 
 GIN_DIR = pathlib.Path(__file__).resolve().parents[1] / 'gin_configs'
+gin.add_config_file_search_path(str(GIN_DIR))  # Includes inside gin files.
 
 
 def parse(gin_files, gin_params=()):
@@ -20,7 +21,6 @@ def parse(gin_files, gin_params=()):
   Raises:
     FileNotFoundError: a gin file is neither a path nor under gin_configs/.
   """
-  gin.add_config_file_search_path(str(GIN_DIR))
   paths = []
   for name in gin_files:
     path = name if os.path.isfile(name) else GIN_DIR / name
