@@ -10,9 +10,29 @@ import os
 import pathlib
 
 import gin
+from gin import resource_reader
 
 GIN_DIR = pathlib.Path(__file__).resolve().parents[1] / 'gin_configs'
 gin.add_config_file_search_path(str(GIN_DIR))  # Includes inside gin files.
+
+
+def _package_file_exists(path):
+  """gin's check for an include inside a Python package, minus its crash on namespace packages.
+
+  gin (0.5.0, `resource_reader.system_path_file_exists`) reads the include
+  `runs/c4_span_corruption.gin` as package `runs`, file `c4_span_corruption.gin`; a directory
+  `runs/` in the working directory (the README's main job writes one) is a namespace package
+  without a file, and gin raises TypeError instead of moving on to `gin_configs/`.
+  """
+  try:
+    return resource_reader.system_path_file_exists(path)
+  except TypeError:
+    return False
+
+
+gin.config._FILE_READERS[:] = [  # pylint: disable=protected-access
+    (reader, _package_file_exists if exists is resource_reader.system_path_file_exists
+     else exists) for reader, exists in gin.config._FILE_READERS]  # pylint: disable=protected-access
 
 
 def parse(gin_files, gin_params=()):

@@ -91,3 +91,15 @@ def test_component_counts_add_up_to_the_initialized_weights():
   assert sum(v for k, v in counts.items() if k != 'total') == counts['total']
   assert {'encoder/self_attention', 'decoder/self_attention', 'decoder/ff_controller',
           'decoder/feed_forward', 'decoder/output'} <= set(counts)
+
+
+def test_includes_resolve_when_the_working_directory_has_same_named_folders(tmp_path,
+                                                                             monkeypatch):
+  # The main job writes runs/ beside the gin files' own runs/ and models/ includes.
+  monkeypatch.chdir(tmp_path)
+  monkeypatch.syspath_prepend(str(tmp_path))
+  for name in ('runs', 'models'):
+    (tmp_path / name).mkdir()
+  gin.clear_config()
+  configs.parse(['paper/c4_800m_dense.gin'])
+  assert gin.query_parameter('%D_MODEL') == 1024

@@ -38,6 +38,7 @@ from trax.layers.research import sparsity as trax_sparsity
 from trax.models.research import configurable_transformer as trax_ct
 
 from sparse_scaling import configs
+from sparse_scaling import decoding
 from sparse_scaling.bench import timing
 from sparse_scaling.models import ScalingTransformerLM
 
@@ -66,6 +67,11 @@ _RENDER_ONLY = flags.DEFINE_bool('render_only', False, 'Only rewrite table1.md a
                                  'the saved table1.json.')
 _BATCH_CURVE = flags.DEFINE_bool('batch_curve', False, 'Instead: FF+QKV vs dense speedup by '
                                  'batch size at 800M (docs/results/batch_curve.md, .png).')
+_PROGRAM = flags.DEFINE_bool('program', False, 'Also time whole generations compiled as one '
+                             'program (our Decoder), for both implementations: the per-step '
+                             'dispatch cost that dominates on a GPU is then gone.')
+_RESULTS = flags.DEFINE_string('results', None, 'Base name of the result files in docs/results/ '
+                               '(default: table1 on CPU, table1_<backend> elsewhere).')
 
 
 def dimensions(shape, variant):
@@ -81,12 +87,12 @@ def dimensions(shape, variant):
   return dims
 
 
-def build(impl, dims, n_layers, max_len):
-  """A predict-mode LM of `impl` ('ours' or 'trax') with the given dimensions."""
+def build(impl, dims, n_layers, max_len, mode='predict'):
+  """An LM of `impl` ('ours' or 'trax') with the given dimensions."""
   common = dict(d_model=dims['d_model'], d_ff=dims['d_ff'], n_layers=n_layers,
                 n_heads=dims['n_heads'], max_len=max_len, dropout=0.0,
                 ff_sparsity=tuple(dims['ff_sparsity']) if dims['ff_sparsity'] else 0,
-                loss_sparsity=dims['loss_sparsity'], mode='predict')
+                loss_sparsity=dims['loss_sparsity'], mode=mode)
   if impl == 'ours':
     return ScalingTransformerLM(dims['vocab_size'], attention_sparsity=dims['attention_sparsity'],
                                 length_kernel_size=dims['length_kernel_size'], **common)
@@ -133,6 +139,21 @@ def seconds_per_token(model, dtype, prompt, n_tokens, batch=1):
   return float(np.median(times)), float(np.percentile(times, 90))
 
 
+def seconds_per_token_program(model_fn, dtype, prompt, n_tokens):
+  """Seconds per token of greedy generations compiled whole (`decoding.Decoder`), batch 1.
+
+  The difference of `n_tokens` and `n_tokens // 4` new tokens (each the median of 5
+  generations) over the difference in tokens: the prompt pass cancels out.
+  """
+  weights, _ = random_weights_and_state(model_fn(), dtype)
+  decoder = decoding.Decoder(model_fn, weights)
+  prompt_ids = np.ones((1, prompt), np.int32)
+  short = max(1, n_tokens // 4)
+  medians = [timing.time_call(decoder.generate, prompt_ids, n, min_runs=5, min_seconds=0,
+                              warmup=1)[0] for n in (short, n_tokens)]
+  return (medians[1] - medians[0]) / (n_tokens - short)
+
+
 def bytes_per_token(dims, n_layers, kv_len, itemsize):
   """Weight and KV-cache bytes one decoded token reads: the floor of its time."""
   d, d_ff, vocab = dims['d_model'], dims['d_ff'], dims['vocab_size']
@@ -165,10 +186,18 @@ def measure(shape, impls, prompt, n_tokens, bandwidth):
                                            dtype, prompt, n_tokens)
         gc.collect()
       per_block = (seconds[depths[1]][0] - seconds[depths[0]][0]) / (depths[1] - depths[0])
+      program = None
+      if _PROGRAM.value:
+        program = seconds_per_token_program(
+            functools.partial(build, impl, dims, whole, prompt + n_tokens + 8), dtype, prompt,
+            n_tokens)
+        gc.collect()
       read = bytes_per_token(dims, whole, prompt + n_tokens // 2, jnp.dtype(dtype).itemsize)
       row = dict(shape=shape, variant=variant, impl=impl, dtype=dtype, depth=whole,
+                 machine=timing.machine_description(),
                  s_per_token=seconds[whole][0], p90_s_per_token=seconds[whole][1],
-                 s_per_block=per_block, floor_s_per_token=read / bandwidth,
+                 s_per_block=per_block, s_per_token_program=program,
+                 floor_s_per_token=read / bandwidth,
                  bytes_per_token=read, bandwidth=bandwidth)
       rows.append(row)
       print(json.dumps(row), flush=True)
@@ -216,9 +245,11 @@ def write_batch_curve(curve, path_md, path_png):
 def markdown(rows, prompt, n_tokens):
   """The results as a Markdown table, paper beside ours and trax's."""
   by_key = {(r['shape'], r['variant'], r['impl']): r for r in rows}
+  program = any(r.get('s_per_token_program') for r in rows)
   bandwidths = ', '.join(sorted({f'{r["shape"]}: {r["bandwidth"] / 1e9:.1f} GB/s' for r in rows}))
   lines = [
-      f'Machine: {timing.machine_description()}; read bandwidth measured in each run '
+      f'Machine: {"; ".join(sorted({r.get("machine", "") for r in rows}))}; read bandwidth '
+      'measured in each run '
       f'({bandwidths}). Batch 1, prompt {prompt} tokens, median of {n_tokens} decoded tokens '
       f'(KV length {prompt}-{prompt + n_tokens}). Speedups are per block against the same '
       'implementation\'s dense row; the floor is the weight and KV bytes a token reads over '
@@ -226,8 +257,9 @@ def markdown(rows, prompt, n_tokens):
       '',
       '| shape | variant | ours s/token (p90) | ours ms/block | ours speedup/block '
       '| trax s/token | trax ms/block | trax speedup/block | ours vs trax/block '
-      '| paper s/token | paper ms/block | paper speedup/block | floor s/token | ours GB/s |',
-      '|' + '---|' * 14]
+      '| paper s/token | paper ms/block | paper speedup/block | floor s/token | ours GB/s |'
+      + (' ours s/token, one program | trax s/token, one program |' if program else ''),
+      '|' + '---|' * (16 if program else 14)]
   for (shape, variant, impl), row in sorted(by_key.items(),
                                             key=lambda kv: (list(SHAPES).index(kv[0][0]),
                                                             VARIANTS.index(kv[0][1]))):
@@ -253,6 +285,9 @@ def markdown(rows, prompt, n_tokens):
       cells += ['', '', '']
     cells += [f'{row["floor_s_per_token"]:.4f}',
               f'{row["bytes_per_token"] / row["s_per_token"] / 1e9:.1f}']
+    if program:
+      cells += [f'{r["s_per_token_program"]:.5f}' if r and r.get('s_per_token_program') else ''
+                for r in (row, trax_row)]
     lines.append('| ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines)
 
@@ -299,16 +334,18 @@ def main(argv):
     print(markdown(rows, _PROMPT.value, _TOKENS.value))
   if _WRITE.value:  # merged with the rows of shapes measured by earlier runs
     os.makedirs(RESULTS_DIR, exist_ok=True)
-    saved = RESULTS_DIR / 'table1.json'
+    name = _RESULTS.value or ('table1' if jax.default_backend() == 'cpu'
+                              else f'table1_{jax.default_backend()}')
+    saved = RESULTS_DIR / f'{name}.json'
     earlier = json.loads(saved.read_text()) if saved.exists() else []
     merged = [r for r in earlier if r['shape'] not in shapes_measured] + rows
     saved.write_text(json.dumps(merged, indent=1) + '\n')
-    (RESULTS_DIR / 'table1.md').write_text(
+    (RESULTS_DIR / f'{name}.md').write_text(
         '# Table 1, reproduced: unbatched decoding time\n\n'
-        '`python -m sparse_scaling.bench.table1 --shapes 800m,17b` (one shape per run is\n'
-        'merged with the others\' saved rows, `table1.json`)\n\n'
+        f'`python -m sparse_scaling.bench.table1 --shapes 800m,17b --results={name}` (one shape '
+        f'per run is merged with the others\' saved rows, `{name}.json`)\n\n'
         + markdown(merged, _PROMPT.value, _TOKENS.value) + '\n')
-    plot(merged, RESULTS_DIR / 'table1.png')
+    plot(merged, RESULTS_DIR / f'{name}.png')
   if timing.JSON.value:
     print(json.dumps([{k: r[k] for k in ('shape', 'variant', 'impl', 's_per_token',
                                          's_per_block', 'floor_s_per_token')} for r in rows]))

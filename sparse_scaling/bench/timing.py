@@ -47,7 +47,8 @@ def machine_description():
   except (OSError, StopIteration):
     pass
   device = jax.devices()[0]
-  return f'{cpu}, {os.cpu_count()} cores, jax {jax.__version__} on {device.platform}'
+  on = device.platform if device.platform == 'cpu' else f'{device.device_kind} ({device.platform})'
+  return f'{cpu}, {os.cpu_count()} cores, jax {jax.__version__} on {on}'
 
 
 def memory_bandwidth():
