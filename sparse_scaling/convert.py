@@ -35,7 +35,7 @@ def load_trax_weights(ours, trax_weights):
   Raises:
     ValueError: the weights do not fit our model (a different configuration).
   """
-  remaining = _load(ours, jax.tree.leaves(trax_weights))
+  remaining = _load(ours, jax.tree.leaves(trax_weights), set())
   if remaining:
     raise ValueError(f'{len(remaining)} trax weights left over after filling our model; '
                      'build ours with the configuration of the trax model')
@@ -60,8 +60,15 @@ def read_checkpoint_weights(path):
   return flat
 
 
-def _load(layer, arrays):
-  """Fills `layer`'s weights from the front of `arrays`; returns the rest."""
+def _load(layer, arrays, seen):
+  """Fills `layer`'s weights from the front of `arrays`; returns the rest.
+
+  A layer used twice (a shared embedding) has its weights once in trax's list, where it
+  first occurs; `seen` holds the ids of the layers filled so far.
+  """
+  if id(layer) in seen:
+    return arrays
+  seen.add(id(layer))
   if layer.name.startswith('SparseFF_'):
     return _load_sparse_ff(layer, arrays)
   if isinstance(layer, MultiplicativeDense):
@@ -71,7 +78,7 @@ def _load(layer, arrays):
     return arrays
   if layer.sublayers:
     for sub in layer.sublayers:
-      arrays = _load(sub, arrays)
+      arrays = _load(sub, arrays, seen)
     return arrays
   n = len(jax.tree.leaves(layer.weights))
   if n:

@@ -78,6 +78,20 @@ def test_gumbel_noise_changes_choices_in_training_only():
   np.testing.assert_array_equal(evaluate(x), evaluate(x))
 
 
+def test_reverse_pass_replays_the_forward_choice():
+  # trax's ReversibleHalfResidual hands the forward pass's state back marked as the second run.
+  x = _inputs(2, 5, D_MODEL)
+  layer = _init(SparseFF(D_FF, N, temperature=10.0, quant_prob=1.0, mode='train'), x)
+  first, state = layer.pure_fn(x, layer.weights, layer.state, jax.random.PRNGKey(1))
+  (_, (choice, _), _, _) = state
+  replay_state = (state[0], (choice, {'running_second_time_yes': ()}), state[2], state[3])
+  # Different noise (another rng) would choose differently; the replay keeps the choice.
+  replayed, _ = layer.pure_fn(x, layer.weights, replay_state, jax.random.PRNGKey(2))
+  fresh, _ = layer.pure_fn(x, layer.weights, state, jax.random.PRNGKey(2))
+  np.testing.assert_allclose(replayed, first, atol=1e-6)
+  assert not np.allclose(fresh, first)
+
+
 @pytest.mark.parametrize('quant_prob', [0.0, 1.0])  # soft mask / straight-through hard mask
 def test_gradients_reach_the_controller(quant_prob):
   x = _inputs(2, 5, D_MODEL)

@@ -9,7 +9,10 @@ controller picks one unit per block and the others are zero:
 
 Training samples the choice with Gumbel noise and passes gradients to the controller
 straight through the one-hot mask (hard forward, softmax backward); eval and predict take the
-argmax.
+argmax. In training the controller keeps its choice as state, so that the reverse pass of a
+reversible model (Terraformer) replays it instead of recomputing it from reconstructed,
+slightly different inputs: trax's `ReversibleHalfResidual` marks that pass by handing the
+state back as `(choice, {'running_second_time_yes': ()})`.
 
 W1 and W2 are both stored unit-major, [d_ff // N, N, d_model], so a unit's weights are one
 contiguous row of each. Whenever a call has fewer than N tokens (decoding), the layer gathers
@@ -25,6 +28,11 @@ from trax.layers import initializers as init
 
 from sparse_scaling.layers.checks import check_mode
 from sparse_scaling.layers.checks import check_positive_int
+
+
+# The state markers of trax's reversible layers (reversible.py, ReversibleHalfResidual).
+_FIRST_TIME = 'running_second_time'       # Set by the forward pass: replay me in reverse.
+_SECOND_TIME = 'running_second_time_yes'  # Set by the reverse pass.
 
 
 def SparseFF(d_ff, n_elements_in_block=32, d_lowrank=None, temperature=0.1,
@@ -75,6 +83,7 @@ class SparseFFController(base.Layer):
   Weights: C1 [d_model, d_lowrank], C2 [d_lowrank, d_ff // N, N], c [d_ff // N, N].
   Input x [..., d_model]. Output in train mode: the mask [..., d_ff // N, N] (straight-through
   one-hot or soft); in eval and predict: the chosen unit of each block, [..., d_ff // N] int32.
+  State in train mode: the last choice [..., d_ff // N] and the reverse-pass marker.
   """
 
   def __init__(self, d_ff, n_elements_in_block, d_lowrank, temperature, quant_prob, mode):
@@ -94,7 +103,11 @@ class SparseFFController(base.Layer):
     noise_rng, coin_rng = jax.random.split(self.rng)
     probs = jax.nn.softmax(logits, axis=-1)
     noisy = logits + self._temperature * jax.random.gumbel(noise_rng, logits.shape)
-    hard = jax.nn.one_hot(jnp.argmax(noisy, axis=-1), self._block, dtype=probs.dtype)
+    choice, marker = self.state
+    if _SECOND_TIME not in marker:  # Else: the reverse pass replays the forward pass's choice.
+      choice = jnp.argmax(noisy, axis=-1).astype(jnp.int32)
+    self.state = (choice, {_FIRST_TIME: ()})
+    hard = jax.nn.one_hot(choice, self._block, dtype=probs.dtype)
     straight_through = hard + probs - jax.lax.stop_gradient(probs)
     use_hard = jax.random.uniform(coin_rng) < self._quant_prob
     return jnp.where(use_hard, straight_through, probs)
@@ -109,6 +122,9 @@ class SparseFFController(base.Layer):
     c2 = glorot((d_lowrank, d_ff), rng2).reshape(d_lowrank, self._n_blocks, self._block)
     cb = init.RandomNormalInitializer(1e-6)((self._n_blocks, self._block), rng3)
     self.weights = (c1, c2, cb)
+    if self._mode == 'train':
+      self.state = (jnp.zeros(input_signature.shape[:-1] + (self._n_blocks,), jnp.int32),
+                    {_FIRST_TIME: ()})
 
 
 class ChosenUnitsFF(base.Layer):
@@ -157,3 +173,23 @@ class ChosenUnitsFF(base.Layer):
     w1 = glorot((d_ff, d_model), rng1).reshape(shape)
     w2 = glorot((d_ff, d_model), rng2).reshape(shape)
     self.weights = (w1, bias(shape[:2], rng3), w2, bias((d_model,), rng4))
+
+
+def FeedForward(d_model, d_ff, dropout, ff_sparsity, mode):
+  """The FF of a block, [..., d_model] -> [..., d_model], ending in dropout.
+
+  Dense: trax's layout (Dense, dropout, ReLU, Dense, dropout). Sparse: `SparseFF`.
+
+  Args:
+    d_model: Width of input and output.
+    d_ff: Hidden units.
+    dropout: Dropout rate on the hidden activations (dense) and on the output.
+    ff_sparsity: 0, N, or (N, d_lowrank); see `ScalingTransformerLM`.
+    mode: 'train', 'eval' or 'predict'.
+  """
+  if not ff_sparsity:
+    return tl.Serial(tl.Dense(d_ff), tl.Dropout(rate=dropout, shared_axes=[-2], mode=mode),
+                     tl.Relu(), tl.Dense(d_model), tl.Dropout(rate=dropout, mode=mode),
+                     name='FeedForward')
+  n, d_lowrank = ff_sparsity if isinstance(ff_sparsity, (tuple, list)) else (ff_sparsity, None)
+  return SparseFF(d_ff, n, d_lowrank=d_lowrank, dropout_rate=dropout, mode=mode)

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from trax import layers as tl
 from trax.layers import base
 
+from sparse_scaling.layers import concat_decoder
 from sparse_scaling.layers.checks import check_divides
 from sparse_scaling.layers.checks import check_mode
 from sparse_scaling.layers.multiplicative_dense import MultiplicativeDense
@@ -24,10 +25,11 @@ from sparse_scaling.layers.multiplicative_dense import MultiplicativeDense
 
 def SparseQKVAttention(d_model, n_heads=1, sparsity=None, length_kernel_size=3,
                        module_kernel_size=3, dropout=0.0, max_inference_length=2048,
-                       mode='train'):
+                       packed=False, mode='train'):
   """Returns causal self-attention with Sparse QKV projections and no output projection.
 
-  Input and output: activations [batch, length, d_model].
+  Input and output: activations [batch, length, d_model]; with `packed`, the input is
+  (activations, mask [batch, length]) of a Terraformer decoder (`concat_decoder.py`).
 
   Args:
     d_model: Width of the activations.
@@ -37,6 +39,8 @@ def SparseQKVAttention(d_model, n_heads=1, sparsity=None, length_kernel_size=3,
     module_kernel_size: Kernel extent along the modules for Q and K (odd; V uses 1).
     dropout: Dropout on the attention weights in training.
     max_inference_length: Size of the KV cache in predict mode.
+    packed: Whether the input is a packed [encoder; decoder] sequence and its mask: attention
+      skips masked keys and the convolutions' predict state skips masked positions.
     mode: 'train', 'eval' or 'predict'.
   """
   sparsity = n_heads if sparsity is None else sparsity
@@ -45,14 +49,24 @@ def SparseQKVAttention(d_model, n_heads=1, sparsity=None, length_kernel_size=3,
   check_mode(mode)
 
   def Conv(module_kernel):
-    return [ModuleConv(d_model, sparsity, length_kernel_size, module_kernel, mode),
+    return [ModuleConv(d_model, sparsity, length_kernel_size, module_kernel, mode, packed),
             tl.SplitIntoHeads(n_heads)]                      # [batch·heads, length, d/heads]
 
-  return tl.Serial(                                          # x [batch, length, d_model]
-      MultiplicativeDense(sparsity, d_model),                # mixed [batch, length, d_model]
-      tl.Branch(Conv(module_kernel_size), Conv(module_kernel_size), Conv(1)),  # q, k, v
-      tl.DotProductCausalAttention(dropout=dropout,
-                                   max_inference_length=max_inference_length, mode=mode),
+  if packed:
+    projections = [tl.Parallel(MultiplicativeDense(sparsity, d_model), []),   # mixed, mask
+                   tl.Branch(Conv(module_kernel_size), Conv(module_kernel_size), Conv(1),
+                             tl.Select([1], n_in=2))]       # q, k, v, mask
+    attention = concat_decoder.PackedCausalAttention(n_heads, dropout, max_inference_length,
+                                                     mode)
+  else:
+    projections = [MultiplicativeDense(sparsity, d_model),  # mixed [batch, length, d_model]
+                   tl.Branch(Conv(module_kernel_size), Conv(module_kernel_size), Conv(1))]
+    attention = tl.DotProductCausalAttention(dropout=dropout,
+                                             max_inference_length=max_inference_length,
+                                             mode=mode)
+  return tl.Serial(
+      projections,                                           # q, k, v [batch·heads, ...]
+      attention,
       tl.MergeHeads(n_heads),                                # [batch, length, d_model]
       name=f'SparseQKVAttention_{sparsity}')
 
@@ -92,13 +106,15 @@ def SparseEncDecAttention(d_model, n_heads=1, sparsity=None, length_kernel_size=
       name=f'SparseEncDecAttention_{sparsity}')
 
 
-def ModuleConv(d_model, n_modules, length_kernel_size, module_kernel_size, mode):
+def ModuleConv(d_model, n_modules, length_kernel_size, module_kernel_size, mode,
+               packed=False):
   """2-D convolution over (length, modules), causal along the length, shared by modules.
 
   Input and output [batch, length, d]: d is viewed as n_modules modules of d / n_modules
   channels; the kernel is [length_kernel_size, module_kernel_size, d / n_modules,
   d / n_modules]. Modules are zero-padded on both sides (so module_kernel_size is odd), the
-  length on the left: with zeros, or in predict mode with the previous positions.
+  length on the left: with zeros, or in predict mode with the previous positions. With
+  `packed`, the input is (x, mask [batch, length]) and the previous positions are real ones.
 
   Args:
     d_model: d, the width of input and output.
@@ -106,6 +122,7 @@ def ModuleConv(d_model, n_modules, length_kernel_size, module_kernel_size, mode)
     length_kernel_size: Kernel extent along the length (>= 1).
     module_kernel_size: Kernel extent along the modules (odd).
     mode: 'train', 'eval' or 'predict'.
+    packed: Whether a mask comes with the input (see `CausalPad`).
   """
   if length_kernel_size < 1:
     raise ValueError(f'length_kernel_size must be >= 1, got {length_kernel_size}')
@@ -117,10 +134,11 @@ def ModuleConv(d_model, n_modules, length_kernel_size, module_kernel_size, mode)
   def pad_modules(x):                                        # [batch, length, S, M]
     return jnp.pad(x, [(0, 0), (0, 0), (half, half), (0, 0)])
 
+  split = [tl.SplitLastAxis(n_modules),                      # [batch, length, S, M]
+           tl.Fn('PadModules', pad_modules)]                 # [batch, length, S + 2·half, M]
   return tl.Serial(
-      tl.SplitLastAxis(n_modules),                           # [batch, length, S, M]
-      tl.Fn('PadModules', pad_modules),                      # [batch, length, S + 2·half, M]
-      CausalPad(length_kernel_size - 1, mode),               # [batch, lks − 1 + length, ...]
+      tl.Parallel(split, []) if packed else split,
+      CausalPad(length_kernel_size - 1, mode, packed),       # [batch, lks − 1 + length, ...]
       tl.Conv(d_model // n_modules, (length_kernel_size, module_kernel_size)),  # [b, l, S, M]
       tl.MergeLastTwoAxes(),                                 # [batch, length, d]
       name='ModuleConv')
@@ -129,23 +147,32 @@ def ModuleConv(d_model, n_modules, length_kernel_size, module_kernel_size, mode)
 class CausalPad(base.Layer):
   """Left-pads axis 1 with n positions: zeros, or in predict mode the previous inputs.
 
-  Input [batch, length, ...]; output [batch, n + length, ...]. In predict mode the state holds
-  the last n positions seen ([batch, n, ...], zeros at first).
+  Input [batch, length, ...] (and with `packed` a mask [batch, length] whose zeros all
+  follow its ones); output [batch, n + length, ...]. In predict mode the state holds the last n
+  positions seen ([batch, n, ...], zeros at first); with `packed`, the last n real ones.
   """
 
-  def __init__(self, n, mode):
-    super().__init__(name=f'CausalPad_{n}')
+  def __init__(self, n, mode, packed=False):
+    super().__init__(n_in=2 if packed else 1, name=f'CausalPad_{n}')
     self._n = n
     self._mode = mode
+    self._packed = packed
 
-  def forward(self, x):
+  def forward(self, inputs):
+    x, mask = inputs if self._packed else (inputs, None)
     if self._mode != 'predict':
       return jnp.pad(x, [(0, 0), (self._n, 0)] + [(0, 0)] * (x.ndim - 2))
     x = jnp.concatenate([self.state, x.astype(self.state.dtype)], axis=1)
-    self.state = x[:, x.shape[1] - self._n:]
+    if mask is None:
+      self.state = x[:, x.shape[1] - self._n:]
+    else:
+      end = self._n + jnp.sum(mask != 0, axis=1, dtype=jnp.int32)           # [batch]
+      index = end[:, None] - self._n + jnp.arange(self._n)[None, :]         # [batch, n]
+      index = index.reshape(index.shape + (1,) * (x.ndim - 2))
+      self.state = jnp.take_along_axis(x, index, axis=1)
     return x
 
   def init_weights_and_state(self, input_signature):
     if self._mode == 'predict':
-      shape = (input_signature.shape[0], self._n) + tuple(input_signature.shape[2:])
-      self.state = jnp.zeros(shape, input_signature.dtype)
+      x = input_signature[0] if self._packed else input_signature
+      self.state = jnp.zeros((x.shape[0], self._n) + tuple(x.shape[2:]), x.dtype)

@@ -2,6 +2,7 @@
 import gin
 
 from sparse_scaling.models import scaling_transformer
+from sparse_scaling.models import terraformer
 
 
 def _configurable(fn):
@@ -10,3 +11,4 @@ def _configurable(fn):
 
 ScalingTransformer = _configurable(scaling_transformer.ScalingTransformer)
 ScalingTransformerLM = _configurable(scaling_transformer.ScalingTransformerLM)
+Terraformer = _configurable(terraformer.Terraformer)

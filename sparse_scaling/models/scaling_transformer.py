@@ -17,7 +17,7 @@ takes `attention_sparsity`, and its encoder-decoder attention `enc_dec_attention
 from trax import layers as tl
 
 from sparse_scaling.layers import SparseEncDecAttention
-from sparse_scaling.layers import SparseFF
+from sparse_scaling.layers import FeedForward
 from sparse_scaling.layers import SparseLoss
 from sparse_scaling.layers import SparseQKVAttention
 from sparse_scaling.layers.checks import check_divides
@@ -61,7 +61,7 @@ def ScalingTransformerLM(vocab_size=VOCAB_SIZE, d_model=D_MODEL, d_ff=D_FF,
   _check_model_args(d_model, n_heads, attention_sparsity, mode)
   return tl.Serial(                                          # toks [batch, length]
       tl.ShiftRight(mode=mode),
-      _Embedder(vocab_size, d_model, max_len, dropout, mode),  # [batch, length, d_model]
+      Embedder(vocab_size, d_model, max_len, dropout, mode),  # [batch, length, d_model]
       [[_SelfAttention(d_model, n_heads, max_len, dropout, attention_sparsity,
                        length_kernel_size, mode),
         _FeedForwardBlock(d_model, d_ff, dropout, ff_sparsity, mode)]
@@ -107,7 +107,7 @@ def ScalingTransformer(input_vocab_size=VOCAB_SIZE, output_vocab_size=None,
   output_vocab_size = output_vocab_size or input_vocab_size
   encoder_mode = 'eval' if mode == 'predict' else mode   # the encoder sees whole inputs
   encoder = tl.Serial(
-      _Embedder(input_vocab_size, d_model, max_len, dropout, encoder_mode),
+      Embedder(input_vocab_size, d_model, max_len, dropout, encoder_mode),
       [[_MaskedSelfAttention(d_model, n_heads, dropout, encoder_mode),
         _FeedForwardBlock(d_model, encoder_d_ff or d_ff, dropout, ff_sparsity,
                           encoder_mode)]
@@ -122,7 +122,7 @@ def ScalingTransformer(input_vocab_size=VOCAB_SIZE, output_vocab_size=None,
       encoder,                                           # vec_e mask_e tok_d tok_d
       tl.Select([2, 1, 0]),                              # tok_d mask_e vec_e tok_d
       tl.ShiftRight(mode=mode),
-      _Embedder(output_vocab_size, d_model, max_len, dropout, mode),  # vec_d ...
+      Embedder(output_vocab_size, d_model, max_len, dropout, mode),  # vec_d ...
       tl.Branch([], tl.EncoderDecoderMask()),            # vec_d mask_ed vec_e tok_d
       [[_SelfAttention(d_model, n_heads, max_len, dropout, attention_sparsity,
                        length_kernel_size, mode),
@@ -136,28 +136,11 @@ def ScalingTransformer(input_vocab_size=VOCAB_SIZE, output_vocab_size=None,
       name='ScalingTransformer')
 
 
-def FeedForward(d_model, d_ff, dropout, ff_sparsity, mode):
-  """The FF of a block, [..., d_model] -> [..., d_model], ending in dropout.
+def Embedder(vocab_size, d_model, max_len, dropout, mode, embedding=None):
+  """Token embedding, dropout and learned positions: ids [b, l] -> [b, l, d_model].
 
-  Dense: trax's layout (Dense, dropout, ReLU, Dense, dropout). Sparse: `SparseFF`.
-
-  Args:
-    d_model: Width of input and output.
-    d_ff: Hidden units.
-    dropout: Dropout rate on the hidden activations (dense) and on the output.
-    ff_sparsity: 0, N, or (N, d_lowrank); see `ScalingTransformerLM`.
-    mode: 'train', 'eval' or 'predict'.
+  `embedding` is a `tl.Embedding` to share (e.g. between encoder and decoder); None makes one.
   """
-  if not ff_sparsity:
-    return tl.Serial(tl.Dense(d_ff), tl.Dropout(rate=dropout, shared_axes=[-2], mode=mode),
-                     tl.Relu(), tl.Dense(d_model), tl.Dropout(rate=dropout, mode=mode),
-                     name='FeedForward')
-  n, d_lowrank = ff_sparsity if isinstance(ff_sparsity, (tuple, list)) else (ff_sparsity, None)
-  return SparseFF(d_ff, n, d_lowrank=d_lowrank, dropout_rate=dropout, mode=mode)
-
-
-def _Embedder(vocab_size, d_model, max_len, dropout, mode):
-  """Token embedding, dropout and learned positions: ids [b, l] -> [b, l, d_model]."""
 
   def check_length(tokens):
     if tokens.shape[1] > max_len:
@@ -165,7 +148,8 @@ def _Embedder(vocab_size, d_model, max_len, dropout, mode):
     return tokens
 
   return tl.Serial(tl.Fn('CheckLength', check_length),
-                   tl.Embedding(vocab_size, d_model), tl.Dropout(rate=dropout, mode=mode),
+                   embedding or tl.Embedding(vocab_size, d_model),
+                   tl.Dropout(rate=dropout, mode=mode),
                    tl.PositionalEncoding(max_len=max_len, dropout=dropout, mode=mode),
                    name='Embedder')
 

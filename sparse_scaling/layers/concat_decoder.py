@@ -1,0 +1,161 @@
+"""A decoder over [encoder output; decoder input] instead of encoder-decoder attention.
+
+Jaszczur et al., *Sparse is Enough in Scaling Transformers*, §4 (Terraformer): the decoder has
+no cross-attention. Each example's decoder vectors are written right after its last real
+encoder vector, the decoder runs causal self-attention over the packed sequence, and the
+encoder part is stripped before the output layer:
+
+  packed[b] = [enc[b, :len_b]; dec[b]; zeros]        len_b = true encoder length of row b
+  mask[b]   = [1] * (len_b + length_d) + [0] * (length_e - len_b)
+
+Padding is always after the real positions, so causal layers never see it in training. In
+predict mode the first call packs the encoder and the decoder prompt as above; later calls
+append one decoder position per row at a shared cache index, behind the first call's padding.
+The layers that mix positions therefore take the mask: attention keeps a validity cache
+beside its KV cache (`PackedCausalAttention`), the convolution of Sparse QKV keeps its last
+*real* inputs (`sparse_qkv.CausalPad`) and the SRU keeps its state over padding (`sru.py`),
+so decoding a batch of documents of different lengths equals the full forward pass.
+"""
+
+import jax
+import jax.numpy as jnp
+from trax import layers as tl
+from trax.layers import base
+
+from sparse_scaling.layers.checks import check_mode
+
+
+def _predict_first_call(layer):
+  """Whether a predict-mode layer runs its first call (its state is still the scalar 0).
+
+  The state's shape is the flag: it is known while tracing, unlike its value, and the first
+  call (packing) and the later ones (one position each) have different output shapes.
+  """
+  return not layer.state.shape
+
+
+class ConcatEncoderDecoder(base.Layer):
+  """Packs (vec_e [b, le, d], mask_e [b, le], vec_d [b, ld, d]) into (vec_ed, mask_ed).
+
+  Outputs: vec_ed [b, le + ld, d] (the layout in the module docstring) and mask_ed
+  [b, le + ld] float32. In predict mode, calls after the first return vec_d and ones [b, ld].
+  """
+
+  def __init__(self, mode='train'):
+    super().__init__(n_in=3, n_out=2, name='ConcatEncoderDecoder')
+    check_mode(mode)
+    self._mode = mode
+
+  def forward(self, inputs):
+    vec_e, mask_e, vec_d = inputs
+    if self._mode == 'predict':
+      if not _predict_first_call(self):
+        return vec_d, jnp.ones(vec_d.shape[:2], jnp.float32)
+      self.state = jnp.zeros((1,), jnp.int32)
+    len_e, len_d = vec_e.shape[1], vec_d.shape[1]
+    lengths = jnp.sum(mask_e != 0, axis=1, dtype=jnp.int32)[:, None]     # [b, 1]
+    positions = jnp.arange(len_e + len_d)[None, :]                        # [1, le + ld]
+    from_dec = jnp.clip(positions - lengths, 0, len_d - 1)                # [b, le + ld]
+    dec = jnp.take_along_axis(vec_d, from_dec[..., None], axis=1)
+    enc = jnp.pad(vec_e, [(0, 0), (0, len_d), (0, 0)])
+    is_enc = positions < lengths
+    is_dec = (positions >= lengths) & (positions < lengths + len_d)
+    vec_ed = jnp.where(is_enc[..., None], enc, jnp.where(is_dec[..., None], dec, 0.0))
+    return vec_ed.astype(vec_e.dtype), (is_enc | is_dec).astype(jnp.float32)
+
+  def init_weights_and_state(self, input_signature):
+    if self._mode == 'predict':
+      self.state = jnp.zeros((), jnp.int32)
+
+
+class StripEncoder(base.Layer):
+  """The decoder part of a packed sequence: (vec_ed [b, le + ld, d], mask_e [b, le]) -> vec_d.
+
+  Output [b, ld, d]; in predict mode, calls after the first pass vec_ed through.
+  """
+
+  def __init__(self, mode='train'):
+    super().__init__(n_in=2, n_out=1, name='StripEncoder')
+    check_mode(mode)
+    self._mode = mode
+
+  def forward(self, inputs):
+    vec_ed, mask_e = inputs
+    if self._mode == 'predict':
+      if not _predict_first_call(self):
+        return vec_ed
+      self.state = jnp.zeros((1,), jnp.int32)
+    len_d = vec_ed.shape[1] - mask_e.shape[1]
+    lengths = jnp.sum(mask_e != 0, axis=1, dtype=jnp.int32)[:, None]     # [b, 1]
+    index = lengths + jnp.arange(len_d)[None, :]                          # [b, ld]
+    return jnp.take_along_axis(vec_ed, index[..., None], axis=1)
+
+  def init_weights_and_state(self, input_signature):
+    if self._mode == 'predict':
+      self.state = jnp.zeros((), jnp.int32)
+
+
+class PackedCausalAttention(base.Layer):
+  """Causal dot-product attention that skips masked keys, with a KV cache in predict mode.
+
+  Inputs: q, k, v [b·heads, length, d_head] (as `tl.SplitIntoHeads` makes them) and mask
+  [b, length]. Output: [b·heads, length, d_head]. A query attends to earlier-or-equal
+  positions whose mask is 1. Predict-mode state: K and V caches [b·heads, max_len, d_head], the
+  mask cache [b, max_len] and the next position.
+  """
+
+  def __init__(self, n_heads, dropout=0.0, max_inference_length=2048, mode='train'):
+    super().__init__(n_in=4, n_out=1, name='PackedCausalAttention')
+    check_mode(mode)
+    self._n_heads = n_heads
+    self._dropout = dropout
+    self._max_len = max_inference_length
+    self._mode = mode
+
+  def forward(self, inputs):
+    q, k, v, mask = inputs
+    length = q.shape[1]
+    start = 0
+    if self._mode == 'predict':
+      k_cache, v_cache, mask_cache, start = self.state
+      k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), start, 1)
+      v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), start, 1)
+      mask = jax.lax.dynamic_update_slice_in_dim(mask_cache, mask.astype(jnp.float32), start,
+                                                 1)
+      self.state = (k, v, mask, start + length)
+    query_pos = start + jnp.arange(length)[:, None]                      # [lq, 1]
+    key_pos = jnp.arange(k.shape[1])[None, :]                            # [1, lk]
+    keys = jnp.repeat(mask != 0, self._n_heads, axis=0)[:, None, :]       # [b·h, 1, lk]
+    allowed = (key_pos <= query_pos)[None] & keys                        # [b·h, lq, lk]
+    dots = jnp.einsum('bqd,bkd->bqk', q, k) / jnp.sqrt(q.shape[-1]).astype(q.dtype)
+    dots = jnp.where(allowed, dots, jnp.finfo(dots.dtype).min)
+    weights = jax.nn.softmax(dots, axis=-1)
+    if self._mode == 'train' and self._dropout:
+      keep = jax.random.bernoulli(self.rng, 1.0 - self._dropout, weights.shape)
+      weights = jnp.where(keep, weights / (1.0 - self._dropout), 0.0)
+    return jnp.einsum('bqk,bkd->bqd', weights, v)
+
+  def init_weights_and_state(self, input_signature):
+    if self._mode == 'predict':
+      q, _, _, mask = input_signature
+      cache = jnp.zeros((q.shape[0], self._max_len, q.shape[2]), q.dtype)
+      self.state = (cache, cache, jnp.zeros((mask.shape[0], self._max_len), jnp.float32),
+                    jnp.array(0, jnp.int32))
+
+
+def PackedDenseAttention(d_model, n_heads, dropout=0.0, max_inference_length=2048,
+                         mode='train'):
+  """Causal self-attention over a packed sequence: (x [b, l, d_model], mask [b, l]) -> [b, l, d_model].
+
+  Dense Q, K, V and output projections (weights in the order of trax's `tl.CausalAttention`)
+  around `PackedCausalAttention`.
+  """
+  def Projection():
+    return [tl.Dense(d_model), tl.SplitIntoHeads(n_heads)]
+
+  return tl.Serial(                                             # x, mask
+      tl.Branch(Projection(), Projection(), Projection(), tl.Select([1], n_in=2)),  # q k v mask
+      PackedCausalAttention(n_heads, dropout, max_inference_length, mode),
+      tl.MergeHeads(n_heads),
+      tl.Dense(d_model),
+      name='PackedDenseAttention')

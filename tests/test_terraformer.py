@@ -1,0 +1,141 @@
+"""Terraformer: shapes, predict == eval, trax parity, reversible gradients, errors."""
+
+import functools
+
+import jax
+import numpy as np
+import pytest
+from trax import layers as tl
+from trax import shapes
+from trax.layers.research import sparsity as trax_sparsity
+from trax.models.research import terraformer as trax_terraformer
+
+from sparse_scaling import convert
+from sparse_scaling.layers import terraformer_blocks
+from sparse_scaling.models import Terraformer
+from tests.utils import assert_predict_equals_eval
+from tests.utils import random_inputs
+
+VOCAB = 48
+TINY = dict(d_model=32, d_ff=64, n_heads=4, max_len=32, dropout=0.0)
+SETTINGS = {
+    'dense': dict(),
+    'sparse': dict(ff_sparsity=(4, 16), attention_sparsity=4, loss_sparsity=2,
+                   ff_use_sru=(1, 8)),
+    'averaged_encoder': dict(ff_use_sru=2, reversible_encoder=False),
+}
+
+
+def _model(**kwargs):
+  return functools.partial(Terraformer, VOCAB, n_encoder_layers=1, n_decoder_layers=2,
+                           **dict(TINY, **kwargs))
+
+
+def _tokens(lengths=(6, 9), length=9, seed=0):
+  """Encoder ids [len(lengths), length], padded with 0 after each row's true length."""
+  tokens = np.random.RandomState(seed).randint(1, VOCAB, (len(lengths), length))
+  tokens[np.arange(length)[None, :] >= np.array(lengths)[:, None]] = 0
+  return tokens.astype(np.int32)
+
+
+@pytest.mark.parametrize('mode', ['train', 'eval'])
+def test_logits_have_decoder_length_and_vocab(mode):
+  model = _model(**SETTINGS['sparse'])(mode=mode)
+  inputs, targets = _tokens(), _tokens((7, 7), 7, seed=1)
+  model.init(shapes.signature((inputs, targets)), rng=jax.random.PRNGKey(0))
+  logits, passed = model((inputs, targets), rng=jax.random.PRNGKey(1))
+  assert logits.shape == (2, 7, VOCAB)
+  np.testing.assert_array_equal(passed, targets)
+
+
+def test_output_ignores_encoder_padding():
+  model = _model(**SETTINGS['sparse'])(mode='eval')
+  inputs, targets = _tokens((6, 6), 6), _tokens((5, 5), 5, seed=1)
+  padded = np.pad(inputs, [(0, 0), (0, 4)])
+  model.init(shapes.signature((padded, targets)), rng=jax.random.PRNGKey(0))
+  np.testing.assert_allclose(model((inputs, targets))[0], model((padded, targets))[0],
+                             atol=1e-5)
+
+
+@pytest.mark.parametrize('init_tokens', [1, 3])
+@pytest.mark.parametrize('setting', sorted(SETTINGS))
+def test_predict_equals_eval_for_a_batch_of_different_lengths(setting, init_tokens):
+  inputs, targets = _tokens(), _tokens((7, 7), 7, seed=1)
+  assert_predict_equals_eval(_model(**SETTINGS[setting]), (inputs, targets),
+                             init_tokens=init_tokens, shifted=True, seq_input=1)
+
+
+@pytest.mark.parametrize('setting', sorted(SETTINGS))
+def test_eval_matches_trax_configurable_terraformer(setting):
+  kwargs = SETTINGS[setting]
+  inputs, targets = _tokens(), _tokens((7, 7), 7, seed=1)
+  attention = tl.CausalAttention
+  if kwargs.get('attention_sparsity'):
+    attention = functools.partial(trax_sparsity.MultiplicativeConvCausalAttention,
+                                  sparsity=kwargs['attention_sparsity'], length_kernel_size=3)
+  theirs = trax_terraformer.ConfigurableTerraformer(
+      VOCAB, n_encoder_layers=1, n_decoder_layers=2, encoder_attention_type=tl.Attention,
+      encoder_decoder_attention_type=attention, pos_type=None,
+      ff_sparsity=kwargs.get('ff_sparsity', 0), loss_sparsity=kwargs.get('loss_sparsity', 0),
+      ff_use_sru=kwargs.get('ff_use_sru', 0),
+      reversible_encoder=kwargs.get('reversible_encoder', True), mode='eval', **TINY)
+  theirs.init(shapes.signature((inputs, targets)), rng=jax.random.PRNGKey(3))
+  ours = _model(**kwargs)(mode='eval')
+  ours.init(shapes.signature((inputs, targets)))
+  convert.load_trax_weights(ours, theirs.weights)
+  np.testing.assert_allclose(ours((inputs, targets))[0], theirs((inputs, targets))[0],
+                             atol=1e-5)
+
+
+@pytest.mark.parametrize('block', ['encoder', 'decoder'])
+def test_reversible_gradients_equal_autodiff(block):
+  # The memory-efficient trainer's path: reverse_and_grad recomputes inputs from outputs.
+  if block == 'encoder':
+    blocks = [terraformer_blocks.EncoderBlock(32, 64, 4, ff_sparsity=(4, 8),
+                                              ff_use_sru=(1, 8)) for _ in range(2)]
+  else:
+    blocks = [terraformer_blocks.DecoderBlock(32, 64, 4, attention_sparsity=4,
+                                              ff_sparsity=(4, 8), ff_use_sru=(1, 8))
+              for _ in range(2)]
+  layer = tl.ReversibleSerial(blocks)
+  x1, x2 = random_inputs(2, 10, 32, seed=1), random_inputs(2, 10, 32, seed=2)
+  mask = np.ones((2, 10), np.float32)
+  mask[0, 7:] = 0
+  inputs = (x1, x2, mask)
+  weights, state = layer.init(shapes.signature(inputs), rng=jax.random.PRNGKey(0))
+  rng = jax.random.PRNGKey(4)
+  grad_out = (random_inputs(2, 10, 32, seed=5), random_inputs(2, 10, 32, seed=6),
+              np.zeros_like(mask))
+  outputs, vjp, new_state = jax.vjp(lambda x, w: layer.pure_fn(x, w, state, rng), inputs,
+                                    weights, has_aux=True)
+  grad_inputs, grad_weights = vjp(grad_out)
+  reconstructed, (rev_grad_inputs, rev_grad_weights) = layer.reverse_and_grad(
+      outputs, grad_out, weights, state, new_state, rng)
+  for ours, expected in [(reconstructed, inputs), (rev_grad_inputs[:2], grad_inputs[:2]),
+                         (rev_grad_weights, grad_weights)]:
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(expected)):
+      np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+def test_lsh_attention_trains_on_long_inputs():
+  model = _model(encoder_attention_type='lsh', decoder_attention_type='lsh', ff_sparsity=4,
+                 max_len=512)(mode='train')
+  inputs, targets = _tokens((200, 256), 256), _tokens((128, 128), 128, seed=1)
+  model.init(shapes.signature((inputs, targets)), rng=jax.random.PRNGKey(0))
+  logits, _ = model((inputs, targets), rng=jax.random.PRNGKey(1))
+  assert logits.shape == (2, 128, VOCAB) and np.all(np.isfinite(logits))
+
+
+@pytest.mark.parametrize('kwargs, parameter', [
+    (dict(n_heads=5), 'n_heads'),
+    (dict(encoder_attention_type='sparse'), 'encoder_attention_type'),
+    (dict(attention_sparsity=5), 'attention_sparsity'),
+])
+def test_bad_arguments_raise_value_error_naming_the_parameter(kwargs, parameter):
+  with pytest.raises(ValueError, match=parameter):
+    _model(**kwargs)(mode='train')
+
+
+def test_lsh_decoder_cannot_predict():
+  with pytest.raises(ValueError, match="attention_type='lsh'"):
+    _model(decoder_attention_type='lsh')(mode='predict')
