@@ -34,7 +34,8 @@ _WRITING = CHECKPOINT_DIR + '.writing'
 def train(output_dir, model=gin.REQUIRED, inputs=gin.REQUIRED, steps=1000,
           eval_frequency=100, eval_steps=10, optimizer=optimizers.Adafactor,
           lr_schedule_fn=lr_schedules.multifactor, loss_fn=None, random_seed=None,
-          n_devices=None, log_frequency=10, evaluate_only=False):
+          n_devices=None, log_frequency=10, use_memory_efficient_trainer=False,
+          evaluate_only=False):
   """Trains `model` on `inputs`, checkpointing and evaluating every `eval_frequency` steps.
 
   Resumes from the checkpoint in `output_dir` if there is one.
@@ -53,6 +54,9 @@ def train(output_dir, model=gin.REQUIRED, inputs=gin.REQUIRED, steps=1000,
     random_seed: Seed of the weights and the training randomness (None: random).
     n_devices: Devices for data-parallel training (None: all local devices).
     log_frequency: Steps between progress lines.
+    use_memory_efficient_trainer: Train reversible models (Terraformer) with trax's
+      `ReversibleSerialTrainer`, which recomputes activations backwards instead of storing
+      them: memory flat in depth.
     evaluate_only: Only evaluate the checkpoint in `output_dir` (which must exist).
 
   Returns:
@@ -62,7 +66,9 @@ def train(output_dir, model=gin.REQUIRED, inputs=gin.REQUIRED, steps=1000,
   inputs = inputs() if callable(inputs) else inputs
   train_task = training.TrainTask(
       trax_inputs.CountAndSkip('train')(inputs.train_stream(n_devices)),
-      loss_layer=loss_fn or tl.WeightedCategoryCrossEntropy(), optimizer=optimizer(),
+      loss_layer=loss_fn or tl.WeightedCategoryCrossEntropy(),
+      # The memory-efficient trainer makes one optimizer per layer.
+      optimizer=optimizer if use_memory_efficient_trainer else optimizer(),
       lr_schedule=lr_schedule_fn(), n_steps_per_checkpoint=eval_frequency)
   eval_task = training.EvalTask(
       inputs.eval_stream(n_devices),
@@ -70,7 +76,8 @@ def train(output_dir, model=gin.REQUIRED, inputs=gin.REQUIRED, steps=1000,
       metric_names=['log_perplexity', 'accuracy'], n_eval_batches=eval_steps)
   loop = Loop(model(mode='train'), [train_task], eval_model=model(mode='eval'),
               eval_tasks=[eval_task], output_dir=output_dir, n_devices=n_devices,
-              random_seed=random_seed, total_steps=steps, log_frequency=log_frequency)
+              random_seed=random_seed, use_memory_efficient_trainer=use_memory_efficient_trainer,
+              total_steps=steps, log_frequency=log_frequency)
   if evaluate_only:
     if not loop.step:
       raise FileNotFoundError(f'no checkpoint in {output_dir}: train first')

@@ -13,7 +13,8 @@ from sparse_scaling.models.params import parameter_counts
 GIN_FILES = sorted(configs.GIN_DIR.rglob('*.gin'))
 TINY_MACROS = ['D_MODEL = 64', 'D_FF = 512', 'ENCODER_D_FF = 512', 'N_HEADS = 4',
                'N_LAYERS = 1', 'N_ENCODER_LAYERS = 1', 'N_DECODER_LAYERS = 1',
-               'VOCAB_SIZE = 64', 'MAX_LEN = 32']
+               'VOCAB_SIZE = 64', 'MAX_LEN = 32',
+               "ENCODER_ATTENTION = 'dense'", "DECODER_ATTENTION = 'dense'"]  # LSH: twins
 
 
 def _model(gin_file, bindings=()):
@@ -27,8 +28,8 @@ def _signature(model, length=8):
   return (tokens, tokens) if model.n_in == 2 else tokens
 
 
-TINY_TWINS = sorted(p for p in GIN_FILES if p.name.startswith('c4_800m_') and
-                    p.parent.name == 'tiny' and 'twin' not in p.name)
+TINY_TWINS = sorted(p for p in GIN_FILES if p.parent.name == 'tiny' and 'twin' not in p.name
+                    and p.name.startswith(('c4_800m_', 'terraformer_')) and 'copy' not in p.name)
 
 
 @pytest.mark.parametrize('path', GIN_FILES, ids=lambda p: str(p.relative_to(configs.GIN_DIR)))

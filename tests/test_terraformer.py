@@ -1,6 +1,9 @@
 """Terraformer: shapes, predict == eval, trax parity, reversible gradients, errors."""
 
 import functools
+import pathlib
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -16,6 +19,7 @@ from sparse_scaling.models import Terraformer
 from tests.utils import assert_predict_equals_eval
 from tests.utils import random_inputs
 
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 VOCAB = 48
 TINY = dict(d_model=32, d_ff=64, n_heads=4, max_len=32, dropout=0.0)
 SETTINGS = {
@@ -139,3 +143,14 @@ def test_bad_arguments_raise_value_error_naming_the_parameter(kwargs, parameter)
 def test_lsh_decoder_cannot_predict():
   with pytest.raises(ValueError, match="attention_type='lsh'"):
     _model(decoder_attention_type='lsh')(mode='predict')
+
+
+def test_copy_task_learns_to_copy_through_main(tmp_path):
+  result = subprocess.run(
+      [sys.executable, str(ROOT / 'main.py'), '--gin_file=tiny/terraformer_copy.gin',
+       f'--output_dir={tmp_path / "copy"}'], cwd=ROOT, capture_output=True, text=True,
+      timeout=600)
+  assert result.returncode == 0, result.stderr[-2000:]
+  accuracies = [float(line.split('|')[-1]) for line in result.stdout.splitlines()
+                if 'eval' in line and 'accuracy' in line]
+  assert accuracies and accuracies[-1] > 0.9, result.stdout[-2000:]
