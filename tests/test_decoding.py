@@ -11,6 +11,7 @@ from trax.supervised import decoding as trax_decoding
 from sparse_scaling.decoding import Decoder
 from sparse_scaling.models import ScalingTransformer
 from sparse_scaling.models import ScalingTransformerLM
+from sparse_scaling.models import Terraformer
 
 TINY = dict(vocab_size=32, d_model=16, d_ff=64, n_layers=2, n_heads=2, max_len=32, dropout=0.0,
             ff_sparsity=8)
@@ -74,11 +75,21 @@ def test_bad_arguments_raise_value_error(model_and_weights, kwargs, parameter):
     Decoder(model_fn, weights).generate(np.zeros((1, 2), np.int32), **kwargs)
 
 
-def test_encoder_decoder_greedy_equals_trax_autoregressive_sample():
-  model_fn = functools.partial(ScalingTransformer, input_vocab_size=32, d_model=16, d_ff=64,
-                               n_encoder_layers=1, n_decoder_layers=2, n_heads=2, max_len=32,
-                               dropout=0.0, ff_sparsity=8, attention_sparsity=4,
-                               enc_dec_attention_sparsity=4, loss_sparsity=4)
+ENCODER_DECODERS = {
+    'scaling_transformer': functools.partial(
+        ScalingTransformer, input_vocab_size=32, d_model=16, d_ff=64, n_encoder_layers=1,
+        n_decoder_layers=2, n_heads=2, max_len=32, dropout=0.0, ff_sparsity=8,
+        attention_sparsity=4, enc_dec_attention_sparsity=4, loss_sparsity=4),
+    'terraformer': functools.partial(
+        Terraformer, input_vocab_size=32, d_model=16, d_ff=64, n_encoder_layers=1,
+        n_decoder_layers=1, n_heads=2, max_len=32, dropout=0.0, ff_sparsity=8,
+        attention_sparsity=4, loss_sparsity=4, ff_use_sru=(1, 4)),
+}
+
+
+@pytest.mark.parametrize('name', sorted(ENCODER_DECODERS))
+def test_encoder_decoder_greedy_equals_trax_autoregressive_sample(name):
+  model_fn = ENCODER_DECODERS[name]
   inputs = np.array([[4, 5, 6, 7, 0], [8, 9, 3, 0, 0]], np.int32)
   model = model_fn(mode='eval')
   model.init(shapes.signature((inputs, inputs)), rng=jax.random.PRNGKey(0))
