@@ -48,7 +48,7 @@ def EncoderBlock(d_model, d_ff, n_heads, attention_type='dense', dropout=0.0, ff
     attention = tl.Serial(                           # x, mask [batch, length]
         tl.Parallel([], tl.Fn('AttentionMask', lambda m: m[:, None, None, :] != 0)),
         tl.Attention(d_model, n_heads=n_heads, dropout=dropout, mode=mode),
-        tl.Select([0], n_in=2))
+        tl.Select([0], n_in=2), name='SelfAttention')
   else:
     attention = _EfficientAttention(attention_type, d_model, n_heads, dropout, False, mode)
   return [_AttentionHalfResidual(attention),

@@ -5,6 +5,7 @@
 """
 
 import collections
+import copy
 
 import numpy as np
 
@@ -16,6 +17,10 @@ _COMPONENTS = (
     ('FeedForward', 'feed_forward'),
     ('SelfAttention', 'self_attention'),
     ('EncDecAttention', 'enc_dec_attention'),
+    ('SRUSideBranch', 'sru'),
+    ('PackedDenseAttention', 'self_attention'),
+    ('SparseQKVAttention', 'self_attention'),
+    ('LSHSelfAttention', 'self_attention'),
     ('Embedder', 'embedding'),
 )
 
@@ -25,8 +30,9 @@ def parameter_counts(model, input_signature):
 
   Components are named `<part>/<component>`: part is 'encoder' inside a layer named
   'Encoder' and 'decoder' elsewhere; component is layer_norm, ff_controller, feed_forward
-  (Sparse FF's W1, b1, W2, b2 or the dense FF), self_attention, enc_dec_attention,
-  embedding (tokens and positions), or output (the vocabulary projection).
+  (Sparse FF's W1, b1, W2, b2 or the dense FF), self_attention, enc_dec_attention, sru (the
+  Terraformer's SRU branch), embedding (tokens and positions), or output (the vocabulary
+  projection).
 
   Args:
     model: A model of `sparse_scaling.models` (any mode).
@@ -35,7 +41,8 @@ def parameter_counts(model, input_signature):
   Returns:
     An ordered dict: component -> count, then 'total'.
   """
-  weights, _ = model.weights_and_state_signature(input_signature)
+  # On a copy, unsafe: restoring an uninitialized ReversibleHalfResidual's state fails.
+  weights, _ = copy.deepcopy(model).weights_and_state_signature(input_signature, unsafe=True)
   counts = collections.Counter()
   _count(model, weights, (), counts)
   result = collections.OrderedDict(sorted(counts.items()))
