@@ -155,7 +155,8 @@ def test_apply_is_idempotent_and_installs_shims():
     return (trax.layers.for_n_devices, trax.layers.acceleration.for_n_devices,
             trax.fastmath.tree_unflatten,
             sys.modules['trax.fastmath.numpy'].tree_unflatten,
-            trax.fastmath.jax.JAX_BACKEND['pmap'], jax.xla_computation)
+            trax.fastmath.jax.JAX_BACKEND['pmap'], jax.xla_computation,
+            trax.optimizers.trainer._accelerate_update_fn)
 
   compat.apply()
   first = installed()
@@ -163,7 +164,7 @@ def test_apply_is_idempotent_and_installs_shims():
   assert installed() == first
   assert first == (compat._for_n_devices, compat._for_n_devices,
                    compat._tree_unflatten, compat._tree_unflatten,
-                   compat._pmap, compat._xla_computation)
+                   compat._pmap, compat._xla_computation, compat._accelerate_update_fn)
 
 
 def test_xla_computation_dumps_hlo_of_a_layer_call():
