@@ -63,6 +63,9 @@ def train(output_dir, model=gin.REQUIRED, inputs=gin.REQUIRED, steps=1000,
     The `trax.supervised.training.Loop` after training.
   """
   n_devices = n_devices or jax.local_device_count()
+  # trax counts batches per process (CountAndSkip); a second run here starts from 0 too
+  # (a resumed one from its checkpoint's counters).
+  trax_inputs.data_counters.clear()
   inputs = inputs() if callable(inputs) else inputs
   train_task = training.TrainTask(
       trax_inputs.CountAndSkip('train')(inputs.train_stream(n_devices)),

@@ -104,3 +104,16 @@ def test_includes_resolve_when_the_working_directory_has_same_named_folders(tmp_
   gin.clear_config()
   configs.parse(['paper/c4_800m_dense.gin'])
   assert gin.query_parameter('%D_MODEL') == 1024
+
+
+def test_two_runs_in_one_process_train_on_the_same_batches(tmp_path, monkeypatch):
+  # trax counts batches per process; each run must start from the first batch.
+  monkeypatch.setenv('SPARSE_SCALING_CACHE', str(tmp_path / 'cache'))
+  losses = []
+  for run in ('a', 'b'):
+    gin.clear_config()
+    configs.parse(['tiny/c4_800m_dense.gin'])
+    loop = training.train(str(tmp_path / run))
+    losses.append([value for _, value in loop.history.get('eval', 'metrics/log_perplexity')])
+  assert len(losses[0]) == 2  # after steps 1 and 3
+  np.testing.assert_allclose(losses[0], losses[1], rtol=1e-6)

@@ -182,7 +182,7 @@ def test_lm_inputs_pack_cleaned_rfcs_in_number_order(rfc_root, spm_path):
   assert x.dtype == np.int32 and weights.dtype == np.float32
   train = next(inputs.train_stream(1))
   np.testing.assert_array_equal(next(inputs.train_stream(1))[0], train[0])
-  sp = rfc_lib._vocab(str(root), VOCAB_SIZE, None, spm_path)
+  sp = rfc_lib.vocab(str(root), VOCAB_SIZE, None, spm_path)
   first = rfc_lib.documents('validation', str(root))[0]
   assert first.number == 10
   expected = sp.encode(rfc_lib.read_rfc(first))[:BATCH_SIZE * seq_len]
@@ -198,7 +198,7 @@ def test_summarization_inputs_end_in_eos_and_pad(rfc_root, spm_path):
   x, y, weights = next(inputs.eval_stream(1))
   assert x.shape == (BATCH_SIZE, inputs_len) and y.shape == weights.shape == (
       BATCH_SIZE, targets_len)
-  sp = rfc_lib._vocab(str(root), VOCAB_SIZE, None, spm_path)
+  sp = rfc_lib.vocab(str(root), VOCAB_SIZE, None, spm_path)
   rfcs = rfc_lib.summarization_rfcs('validation', str(root))[:BATCH_SIZE]
   for row_x, row_y, row_w, rfc in zip(x, y, weights, rfcs):
     document, abstract = rfc_lib.summarization_pair(rfc)

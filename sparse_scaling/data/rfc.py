@@ -183,7 +183,7 @@ def summarization_rfcs(split, root=RFC_DIR):
 
 
 @functools.lru_cache(maxsize=None)
-def _vocab(root, n_pieces, cache_dir, spm_path):
+def vocab(root=RFC_DIR, n_pieces=VOCAB_SIZE, cache_dir=None, spm_path=None):
   """Returns the model at `spm_path`, else one trained on a sample of the train RFCs."""
   train = documents('train', root)
   sample = train[::max(1, len(train) // VOCAB_SAMPLE_DOCS)]
@@ -217,7 +217,7 @@ def rfc_lm_inputs(batch_size=8, seq_len=SEQ_LEN, vocab_size=VOCAB_SIZE, root=RFC
   splits = {split: documents(split, root) for split in ('train', 'validation')}
 
   def batches(split, seed):
-    sp = _vocab(root, vocab_size, cache_dir, spm_path)
+    sp = vocab(root, vocab_size, cache_dir, spm_path)
     texts = map(read_rfc, pipeline.epochs(splits[split], seed))
     yield from pipeline.lm_batches(
         pipeline.packed_windows(pipeline.encode(sp, texts), seq_len), batch_size)
@@ -258,7 +258,7 @@ def rfc_summarization_inputs(batch_size=8, inputs_len=arxiv.INPUTS_LEN,
   splits = {split: summarization_rfcs(split, root) for split in ('train', 'validation')}
 
   def batches(split, seed):
-    sp = _vocab(root, vocab_size, cache_dir, spm_path)
+    sp = vocab(root, vocab_size, cache_dir, spm_path)
     pairs = map(summarization_pair, pipeline.epochs(splits[split], seed))
     yield from pipeline.pair_batches(
         ((sp.encode(document), sp.encode(abstract)) for document, abstract in pairs),
