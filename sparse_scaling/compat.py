@@ -62,8 +62,10 @@ def apply():
     return
   _trax_originals['for_n_devices'] = acceleration.for_n_devices
   _trax_originals['tree_unflatten'] = _fastmath_numpy.tree_unflatten
-  _trax_originals['accelerate_update_fn'] = trax_trainer._accelerate_update_fn  # pylint: disable=protected-access
-  trax_trainer._accelerate_update_fn = _accelerate_update_fn  # pylint: disable=protected-access
+  # pylint: disable=protected-access
+  _trax_originals['accelerate_update_fn'] = trax_trainer._accelerate_update_fn
+  trax_trainer._accelerate_update_fn = _accelerate_update_fn
+  # pylint: enable=protected-access
   acceleration.for_n_devices = tl.for_n_devices = _for_n_devices
   _fastmath_numpy.tree_unflatten = fastmath.tree_unflatten = _tree_unflatten
   fastmath_jax.JAX_BACKEND['pmap'] = _pmap

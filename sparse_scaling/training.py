@@ -32,7 +32,8 @@ _WRITING = CHECKPOINT_DIR + '.writing'
 
 
 def train(output_dir, model=gin.REQUIRED, inputs=gin.REQUIRED, steps=1000,
-          eval_frequency=100, eval_steps=10, optimizer=optimizers.Adafactor,
+          eval_frequency=100, eval_steps=10, checkpoint_frequency=None,
+          optimizer=optimizers.Adafactor,
           lr_schedule_fn=lr_schedules.multifactor, loss_fn=None, random_seed=None,
           n_devices=None, log_frequency=10, use_memory_efficient_trainer=False,
           evaluate_only=False):
@@ -46,7 +47,9 @@ def train(output_dir, model=gin.REQUIRED, inputs=gin.REQUIRED, steps=1000,
     model: `mode -> layer`, e.g. `@sparse_scaling.models.ScalingTransformerLM`.
     inputs: `trax.data.inputs.Inputs`, or a function returning them.
     steps: Total training steps, counting those of a resumed run.
-    eval_frequency: Steps between evaluations and checkpoints.
+    eval_frequency: Steps between evaluations (and checkpoints, unless given below).
+    checkpoint_frequency: Steps between checkpoints; None means `eval_frequency`. Small
+      models on a GPU spend more time saving than stepping: checkpoint less often there.
     eval_steps: Batches per evaluation.
     optimizer: A trax optimizer class (Adafactor, as the paper).
     lr_schedule_fn: A function returning a `step -> learning rate` schedule.
@@ -72,13 +75,15 @@ def train(output_dir, model=gin.REQUIRED, inputs=gin.REQUIRED, steps=1000,
       loss_layer=loss_fn or tl.WeightedCategoryCrossEntropy(),
       # The memory-efficient trainer makes one optimizer per layer.
       optimizer=optimizer if use_memory_efficient_trainer else optimizer(),
-      lr_schedule=lr_schedule_fn(), n_steps_per_checkpoint=eval_frequency)
+      lr_schedule=lr_schedule_fn(),
+      n_steps_per_checkpoint=checkpoint_frequency or eval_frequency)
   eval_task = training.EvalTask(
       inputs.eval_stream(n_devices),
       [tl.WeightedCategoryCrossEntropy(), tl.WeightedCategoryAccuracy()],
       metric_names=['log_perplexity', 'accuracy'], n_eval_batches=eval_steps)
   loop = Loop(model(mode='train'), [train_task], eval_model=model(mode='eval'),
               eval_tasks=[eval_task], output_dir=output_dir, n_devices=n_devices,
+              eval_at=lambda step: step == 1 or step % eval_frequency == 0,
               random_seed=random_seed, use_memory_efficient_trainer=use_memory_efficient_trainer,
               total_steps=steps, log_frequency=log_frequency)
   if evaluate_only:
