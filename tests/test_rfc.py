@@ -13,6 +13,7 @@ import pytest
 
 from sparse_scaling import data
 from sparse_scaling.data import rfc as rfc_lib
+from sparse_scaling.reproduce import summarization
 
 VOCAB_SIZE = 512
 BATCH_SIZE = 2
@@ -219,3 +220,22 @@ def test_lm_vocabulary_is_trained_on_train_rfcs_when_no_spm_path(rfc_root, tmp_p
 @pytest.mark.parametrize('name', ['rfc_lm_inputs', 'rfc_summarization_inputs'])
 def test_input_functions_are_registered_with_gin(name):
   gin.parse_config([f'gin_check/sparse_scaling.data.{name}.batch_size = 4'])  # raises if unknown
+
+
+def test_summarization_reproduction_trains_decodes_and_scores_both_arms(rfc_root, spm_path,
+                                                                         tmp_path):
+  root, _ = rfc_root
+  bindings = [f'rfc_summarization_inputs.root = {str(root)!r}',
+              f'rfc_summarization_inputs.spm_path = {str(spm_path)!r}',
+              f'VOCAB_SIZE = {VOCAB_SIZE}', 'D_MODEL = 32', 'D_FF = 64', 'N_LAYERS = 1',
+              'INPUTS_LEN = 128', 'TARGETS_LEN = 16', 'rfc_summarization_inputs.batch_size = 2',
+              'train.eval_frequency = 2', 'train.eval_steps = 1',
+              'Terraformer.d_ff = 64', 'Terraformer.ff_sparsity = 8']
+  rows = [summarization.run_arm(arm, str(tmp_path / arm), 2, 3, 2, bindings)
+          for arm in summarization.ARMS]
+  for row in rows:
+    assert row['steps'] == 2 and row['n_docs'] == 3 and np.isfinite(row['val_log_ppl'])
+    assert all(0 <= row[t] <= 100 for t in summarization.ROUGE_TYPES)
+    assert len(row['examples']) == 3 and row['examples'][0]['reference']
+  text = summarization.markdown(rows, 'test machine')
+  assert 'Goal (issue #7)' in text and '| terraformer |' in text
