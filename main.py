@@ -79,6 +79,8 @@ def _one_line(error):
   if isinstance(error, base.LayerError):  # 'Exception passing through layer ...' + trace
     causes = re.findall(r'^\w+(?:Error|Exception): (.*)$', message, flags=re.MULTILINE)
     message = causes[-1] if causes else message
+  # gin adds where the error passed ('In call to configurable ...', 'In file ...'): dropped.
+  message = re.split(r'\s+In (?:call to configurable|file) ', message)[0]
   return ' '.join(message.split())  # gin's and trax's messages span several lines
 
 

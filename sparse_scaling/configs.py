@@ -6,6 +6,7 @@ A `--gin_file` is a path, or a path relative to `gin_configs/` (`paper/c4_800m_f
 includes inside gin files are relative to `gin_configs/`.
 """
 
+import importlib.util
 import os
 import pathlib
 
@@ -17,17 +18,22 @@ gin.add_config_file_search_path(str(GIN_DIR))  # Includes inside gin files.
 
 
 def _package_file_exists(path):
-  """gin's check for an include inside a Python package, minus its crash on namespace packages.
+  """gin's check for an include inside a Python package, asked only of real packages.
 
   gin (0.5.0, `resource_reader.system_path_file_exists`) reads the include
-  `runs/c4_span_corruption.gin` as package `runs`, file `c4_span_corruption.gin`; a directory
-  `runs/` in the working directory (the README's main job writes one) is a namespace package
-  without a file, and gin raises TypeError instead of moving on to `gin_configs/`.
+  `runs/c4_span_corruption.gin` as package `runs`, file `c4_span_corruption.gin`: for a head
+  that is no package it logs a false "Path not found" error before gin tries `gin_configs/`,
+  and a directory `runs/` in the working directory (the README's main job writes one), a
+  namespace package without a file, made it raise TypeError.
   """
+  head = os.path.dirname(path).replace('/', '.')
   try:
-    return resource_reader.system_path_file_exists(path)
-  except TypeError:
+    spec = importlib.util.find_spec(head) if head else None
+  except (ImportError, ValueError):
+    spec = None
+  if spec is None or spec.origin is None:
     return False
+  return resource_reader.system_path_file_exists(path)
 
 
 gin.config._FILE_READERS[:] = [  # pylint: disable=protected-access

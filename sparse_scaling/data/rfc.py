@@ -1,6 +1,6 @@
 """The IETF RFCs of Debian's `doc-rfc` package: an LM stream and document -> abstract pairs.
 
-DATA.md: the RFCs stand in for C4 (technical English, 63 M words) and for arXiv (long document ->
+The RFCs stand in for C4 (technical English, 63 M words) and for arXiv (long document ->
 abstract). `doc-rfc` is in Debian's non-free component and is not needed by any test; install it
 with `INSTALL_HINT` (530 MB). It holds `RFC_DIR/<category>/rfcNNNN.txt.gz` (Debian leaves files
 under 4 kB uncompressed, so `.txt` is read too) and, for most RFCs, the RFC Editor's metadata
@@ -37,7 +37,7 @@ from sparse_scaling.data import corpus
 from sparse_scaling.data import pipeline
 
 RFC_DIR = '/usr/share/doc/RFC'
-INSTALL_HINT = ("enable Debian's non-free component and install doc-rfc (DATA.md): sed -i "
+INSTALL_HINT = ("enable Debian's non-free component and install doc-rfc (docs/troubleshooting.md): sed -i "
                 "'s/^Components: main$/Components: main non-free/' "
                 '/etc/apt/sources.list.d/debian.sources && apt-get update && '
                 'apt-get install doc-rfc')
