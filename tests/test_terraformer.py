@@ -154,3 +154,11 @@ def test_copy_task_learns_to_copy_through_main(tmp_path):
   accuracies = [float(line.split('|')[-1]) for line in result.stdout.splitlines()
                 if 'eval' in line and 'accuracy' in line]
   assert accuracies and accuracies[-1] > 0.9, result.stdout[-2000:]
+
+
+def test_encoder_and_decoder_layers_compile_apart_in_the_memory_efficient_trainer():
+  # trax's ReversibleSerialTrainer caches compiled layers by repr; causal and bidirectional LSH
+  # layers print alike, so the half-residuals must not.
+  encoder = terraformer_blocks.EncoderBlock(32, 64, 4, 'lsh')
+  decoder = terraformer_blocks.DecoderBlock(32, 64, 4, 'lsh', n_attention_layers=1)
+  assert repr(encoder[0][0]) != repr(decoder[0][0])

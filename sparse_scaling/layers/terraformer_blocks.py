@@ -51,8 +51,9 @@ def EncoderBlock(d_model, d_ff, n_heads, attention_type='dense', dropout=0.0, ff
         tl.Select([0], n_in=2), name='SelfAttention')
   else:
     attention = _EfficientAttention(attention_type, d_model, n_heads, dropout, False, mode)
-  return [_AttentionHalfResidual(attention),
-          _FeedForwardHalfResidual(d_model, d_ff, dropout, ff_sparsity, ff_use_sru, mode)]
+  return [_AttentionHalfResidual(attention, 'Encoder'),
+          _FeedForwardHalfResidual(d_model, d_ff, dropout, ff_sparsity, ff_use_sru, mode,
+                                   'Encoder')]
 
 
 def DecoderBlock(d_model, d_ff, n_heads, attention_type='dense', attention_sparsity=0,
@@ -86,24 +87,31 @@ def DecoderBlock(d_model, d_ff, n_heads, attention_type='dense', attention_spars
                        "'dense' or attention_sparsity in predict mode")
     return _EfficientAttention(attention_type, d_model, n_heads, dropout, True, mode)
 
-  return ([_AttentionHalfResidual(Attention()) for _ in range(n_attention_layers)]
-          + [_FeedForwardHalfResidual(d_model, d_ff, dropout, ff_sparsity, ff_use_sru, mode)])
+  return ([_AttentionHalfResidual(Attention(), 'Decoder') for _ in range(n_attention_layers)]
+          + [_FeedForwardHalfResidual(d_model, d_ff, dropout, ff_sparsity, ff_use_sru, mode,
+                                      'Decoder')])
 
 
-def _AttentionHalfResidual(attention):
-  """x1 += attention(LayerNorm(x2), mask); swap."""
-  return [tl.ReversibleHalfResidual(tl.LayerNorm(), attention_layer=attention),
+def _AttentionHalfResidual(attention, part):
+  """x1 += attention(LayerNorm(x2), mask); swap.
+
+  The name tells encoder and decoder apart: trax's memory-efficient trainer caches compiled
+  layers by their repr, and trax's LSH layer's repr does not show whether it is causal.
+  """
+  return [tl.ReversibleHalfResidual(tl.LayerNorm(), attention_layer=attention,
+                                    name=f'{part}AttentionHalfResidual'),
           tl.ReversibleSwap()]
 
 
-def _FeedForwardHalfResidual(d_model, d_ff, dropout, ff_sparsity, ff_use_sru, mode):
+def _FeedForwardHalfResidual(d_model, d_ff, dropout, ff_sparsity, ff_use_sru, mode, part):
   """x1 += FF(LayerNorm(x2)) [+ SRU branch(x2, mask)]; swap."""
   ff = [tl.LayerNorm(), FeedForward(d_model, d_ff, dropout, ff_sparsity, mode)]
   if ff_use_sru:
     n_layers, units = (ff_use_sru if isinstance(ff_use_sru, (tuple, list))
                        else (ff_use_sru, SRU_UNITS))
     ff = [tl.Branch(ff, SRUSideBranch(d_model, units, n_layers, mode)), tl.Add()]
-  return [tl.ReversibleHalfResidual(*ff), tl.ReversibleSwap()]
+  return [tl.ReversibleHalfResidual(*ff, name=f'{part}FeedForwardHalfResidual'),
+          tl.ReversibleSwap()]
 
 
 def _EfficientAttention(attention_type, d_model, n_heads, dropout, causal, mode):
