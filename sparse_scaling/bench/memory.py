@@ -1,7 +1,7 @@
 """Peak memory of a training step: the reversible Terraformer against a dense encoder-decoder.
 
   python -m sparse_scaling.bench.memory [--models terraformer,dense]
-      [--lengths 4096,8192,16384,32768,65536] [--depths 2,4,8,16] [--point_timeout 600]
+      [--lengths 4096,8192,16384,32768,65536] [--depths 2,4,8,16] [--point_timeout 1200]
       [--memory_limit_gb 20] [--json] [--nowrite]
 
 Two sweeps, each point a training step (forward, backward, Adafactor update, float32,
@@ -16,7 +16,8 @@ vocabulary 1024, so that the output layer does not dominate):
   `ReversibleSerialTrainer`, built as `Loop(..., use_memory_efficient_trainer=True)` builds it
   (`extract_reversible_blocks`, `init_reversible_blocks`, one Adafactor per layer): layer by
   layer, each reversible layer's inputs recomputed from its outputs on the way back, its
-  update applied at once.
+  update applied at once. Its weights start as numpy arrays, as a step leaves them: from
+  `init_reversible_blocks`' jax arrays trax would compile every layer again in the second step.
 - dense: `ScalingTransformer` with every sparsity 0 (dense attention, cross-attention, FF and
   output layer), trained by trax's plain `Trainer` (one jitted step; autodiff keeps every
   layer's activations for the backward pass).
@@ -34,17 +35,15 @@ high-water mark of resident memory, `getrusage(RUSAGE_SELF).ru_maxrss`:
          /proc/self/clear_refs), minus the baseline: the memory the step itself takes, not
          counting compilation.
 
-The points measure memory and time only: trax's `ReversibleSerialTrainer` memoizes its jitted
-functions by `repr(layer)`, and the encoder's (bidirectional) and the decoder's (causal) LSH
-half-residuals have the same repr, so the decoder runs with the encoder's compiled attention
-(same cost, no causal mask). Writes docs/results/memory.md and memory.png unless --nowrite.
-The default sweep takes about 20 minutes on 2 CPU cores.
+Writes docs/results/memory.md and memory.png unless --nowrite. The default sweep takes about
+30 minutes on 2 CPU cores shared with other jobs (load about 6), 28 of them CPU time.
 """
 
 import collections
 import gc
 import json
 import math
+import os
 import pathlib
 import resource
 import shlex
@@ -75,7 +74,7 @@ D_FF = 2048
 N_HEADS = 8
 VOCAB_SIZE = 1024
 MEMORY_LIMIT_GB = 20   # of the machine's 24 GB, the rest left to the system
-POINT_TIMEOUT_S = 600
+POINT_TIMEOUT_S = 1200
 LINEAR = 1.25   # the largest exponent of length called ~linear (quadratic is 2)
 FLAT = 0.25     # the largest exponent of depth called flat (proportional is 1)
 MODULE = 'sparse_scaling.bench.memory'
@@ -136,11 +135,12 @@ def make_batch(length):
   return tokens_e, tokens_d, np.ones(tokens_d.shape, np.float32)
 
 
-def make_trainer(model_name, model, batch):
-  """The trainer of `model`, with weights and Adafactor slots initialized.
+def training_step(model_name, model, batch):
+  """Initializes `model`, its trainer and Adafactor slots for `batch`.
 
   Returns:
-    `(trainer, step)`: `step(i)` runs training step `i` on `batch` and waits for its result.
+    `step(i)`: runs training step `i` on `batch`, waits for the updated weights and returns
+    the loss.
   """
   loss = tl.WeightedCategoryCrossEntropy()
   signature, rng = shapes.signature(batch), jax.random.PRNGKey(0)
@@ -167,7 +167,7 @@ def make_trainer(model_name, model, batch):
     loss_value, _ = trainer.one_step(batch, rng, step=i)
     return float(jax.block_until_ready((loss_value, weights()))[0])
 
-  return trainer, step
+  return step
 
 
 def resident_mb():
@@ -191,7 +191,7 @@ def measure_point(point):
   """Measures one training step of `point` in this process; the result row as a dict."""
   batch = make_batch(point.length)
   model = build_model(*point)
-  _, step = make_trainer(point.model, model, batch)
+  step = training_step(point.model, model, batch)
   params = sum(np.size(w) for w in jax.tree.leaves(model.weights))
   gc.collect()
   baseline = resident_mb()
@@ -208,7 +208,7 @@ def measure_point(point):
   return dict(point._asdict(), encoder_length=encoder_length, decoder_length=decoder_length,
               params=params, status='ok', baseline_mb=baseline,
               peak_mb=max(peak, step_peak), step_mb=step_peak - baseline,
-              first_step_s=first_step_s, step_s=step_s, loss=loss)
+              first_step_s=first_step_s, step_s=step_s, loss=loss, load=os.getloadavg()[0])
 
 
 def run_child(point, memory_limit_gb):
@@ -228,8 +228,8 @@ def run_point(point, timeout_s=POINT_TIMEOUT_S, memory_limit_gb=MEMORY_LIMIT_GB)
   """Measures `point` in a child process; a row whose status is ok, OOM, timeout or error.
 
   A row that is not ok has the point, its status and `detail` (why); an ok row also has
-  encoder_length, decoder_length, params, baseline_mb, peak_mb, step_mb, first_step_s, step_s
-  and loss.
+  encoder_length, decoder_length, params, baseline_mb, peak_mb, step_mb, first_step_s, step_s,
+  loss and load.
   """
   row = dict(point._asdict(), status='timeout', detail=f'killed after {timeout_s} s')
   try:
@@ -260,15 +260,17 @@ def format_row(row):
   """The markdown table row of a result row (`TABLE_HEADER`'s columns)."""
   if row['status'] != 'ok':
     return (f'| {row["model"]} | {row["length"]:,} | {row["depth"]} '
-            f'| {row["status"]} | | | | | |')
+            f'| {row["status"]} | | | | | | |')
   return (f'| {row["model"]} | {row["length"]:,} ({row["encoder_length"]:,} + '
           f'{row["decoder_length"]:,}) | {row["depth"]} | {row["params"] / 1e6:.1f}M '
           f'| {row["baseline_mb"] / 1024:.2f} | {row["peak_mb"] / 1024:.2f} '
-          f'| {row["step_mb"] / 1024:.2f} | {row["first_step_s"]:.1f} | {row["step_s"]:.1f} |')
+          f'| {row["step_mb"] / 1024:.2f} | {row["first_step_s"]:.1f} | {row["step_s"]:.1f} '
+          f'| {row["load"]:.1f} |')
 
 
 TABLE_HEADER = ('| model | tokens (encoder + decoder) | depth | weights | baseline GB | peak GB '
-                '| step GB | first step s | step s |\n|---|---|---|---|---|---|---|---|---|')
+                '| step GB | first step s | step s | load |\n'
+                '|---|---|---|---|---|---|---|---|---|---|')
 
 
 def measured(rows, model, key):
@@ -304,7 +306,8 @@ def findings(model, by_length, by_depth, memory_limit_gb):
     linear = p <= LINEAR
     steps = ', '.join(f'x{b["step_mb"] / a["step_mb"]:.2f}' for a, b in zip(ok, ok[1:]))
     line += (f'; its step memory grows as length^{p:.2f} between the two longest '
-             f'({"~linear" if linear else "faster than linear"}; x per doubling: {steps})')
+             f'({"~linear" if linear else "faster than linear"}; x from each length to the '
+             f'next: {steps})')
   deep = measured(by_depth, model, 'depth')
   if len(deep) > 1:
     a, b = deep[0], deep[-1]
@@ -314,6 +317,14 @@ def findings(model, by_length, by_depth, memory_limit_gb):
              f'{b["step_mb"] / a["step_mb"]:.2f} (depth^{p:.2f}: {"flat" if flat else "growing"}), '
              f'peak x{b["peak_mb"] / a["peak_mb"]:.2f}, weights x{b["params"] / a["params"]:.2f}')
   return f'- {model}: {line}.', None if linear is None or flat is None else linear and flat
+
+
+def section(title, rows):
+  """A sweep's part of memory.md: its table, then why each failed point failed."""
+  failures = [f'- {r["model"]}, {r["length"]:,} tokens, depth {r["depth"]}: {r["status"]} '
+              f'({r["detail"]})' for r in rows if r['status'] != 'ok']
+  return [f'## {title}', '', TABLE_HEADER, *map(format_row, rows)] + (
+      ['', *failures] if failures else [])
 
 
 def markdown(sweeps, command, machine, memory_limit_gb, timeout_s):
@@ -330,22 +341,22 @@ def markdown(sweeps, command, machine, memory_limit_gb, timeout_s):
       '# Memory of a training step: reversible Terraformer vs dense encoder-decoder', '',
       f'`{command}`', '',
       f'Machine: {machine}. Each point is a fresh process limited to {memory_limit_gb:g} GB of '
-      f'address space and {timeout_s} s. Width: d_model {D_MODEL}, d_ff {D_FF}, {N_HEADS} heads, '
-      f'vocabulary {VOCAB_SIZE}; batch 1, float32, dropout 0, Adafactor. Tokens are split 3/4 '
-      'encoder, 1/4 decoder; depth is the number of encoder layers and of decoder layers. '
-      'terraformer: `Terraformer` with LSH attention, trained by trax\'s memory-efficient '
+      f'address space and {timeout_s} s (GB: 2^30 bytes). Width: d_model {D_MODEL}, d_ff {D_FF}, '
+      f'{N_HEADS} heads, vocabulary {VOCAB_SIZE}; batch 1, float32, dropout 0, Adafactor. Tokens '
+      'are split 3/4 encoder, 1/4 decoder; depth is the number of encoder layers and of decoder '
+      'layers. terraformer: `Terraformer` with LSH attention, trained by trax\'s memory-efficient '
       '`ReversibleSerialTrainer` (as `Loop(use_memory_efficient_trainer=True)`); dense: '
       '`ScalingTransformer` without sparsity, trained by trax\'s `Trainer`. Weights include the '
-      'positional-encoding tables (max_len = tokens, trax keeps them as weights). baseline: '
+      'positional-encoding tables (max_len = tokens; trax keeps them as weights). baseline: '
       'resident memory after the model, trainer and optimizer slots are initialized; peak: the '
       'high-water mark of the whole process (`ru_maxrss`, compilation included); step: the '
       'high-water mark during a second, compiled step minus the baseline; times: the first step '
-      '(compilation included) and the second. The method is in the module docstring.', '',
+      '(compilation included) and the second; load: the 1-minute load average after the step '
+      '(other processes on the cores slow the steps down, they do not change the memory). The '
+      'method is in the module docstring.', '',
       *(line for line, _ in lines.values()), *goal, '',
-      f'## By length, depth {LENGTH_SWEEP_DEPTH}', '', TABLE_HEADER,
-      *map(format_row, by_length), '',
-      f'## By depth, {DEPTH_SWEEP_LENGTH:,} tokens', '', TABLE_HEADER,
-      *map(format_row, by_depth)]
+      *section(f'By length, depth {LENGTH_SWEEP_DEPTH}', by_length), '',
+      *section(f'By depth, {DEPTH_SWEEP_LENGTH:,} tokens', by_depth)]
   return '\n'.join(text) + '\n'
 
 
@@ -369,6 +380,9 @@ def plot(sweeps, memory_limit_gb, path):
                 label=f'{model} OOM / timeout')
     ax.axhline(memory_limit_gb, color='gray', linestyle=':', label='limit')
     ax.set_xscale('log', base=2)
+    ticks = sorted({r[key] for r in rows})
+    ax.set_xticks(ticks, [f'{t:,}' for t in ticks])
+    ax.minorticks_off()
     ax.set_yscale('log')
     ax.set_xlabel('tokens (encoder + decoder)' if key == 'length' else 'layers (each side)')
     ax.set_ylabel('GB')
