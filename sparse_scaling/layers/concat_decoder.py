@@ -25,16 +25,39 @@ from trax.layers import base
 from sparse_scaling.layers.checks import check_mode
 
 
-def _predict_first_call(layer):
-  """Whether a predict-mode layer runs its first call (its state is still the scalar 0).
+def _true_lengths(mask_e):
+  """Real positions per row of an encoder mask [b, le]: [b, 1] int32."""
+  return jnp.sum(mask_e != 0, axis=1, dtype=jnp.int32)[:, None]
 
-  The state's shape is the flag: it is known while tracing, unlike its value, and the first
-  call (packing) and the later ones (one position each) have different output shapes.
+
+class _PacksOnce(base.Layer):
+  """A layer that packs or strips in its first predict-mode call and passes through after.
+
+  The state's shape is the flag (a scalar until the first call, then [1]): it is known while
+  tracing, unlike its value, and the first call and the later ones (one position each) have
+  different output shapes.
   """
-  return not layer.state.shape
+
+  def __init__(self, n_in, n_out, name, mode):
+    super().__init__(n_in=n_in, n_out=n_out, name=name)
+    check_mode(mode)
+    self._mode = mode
+
+  def _passes_through(self):
+    """Whether this call passes through (predict mode after the first call); marks the call."""
+    if self._mode != 'predict':
+      return False
+    if self.state.shape:
+      return True
+    self.state = jnp.zeros((1,), jnp.int32)
+    return False
+
+  def init_weights_and_state(self, input_signature):
+    if self._mode == 'predict':
+      self.state = jnp.zeros((), jnp.int32)
 
 
-class ConcatEncoderDecoder(base.Layer):
+class ConcatEncoderDecoder(_PacksOnce):
   """Packs (vec_e [b, le, d], mask_e [b, le], vec_d [b, ld, d]) into (vec_ed, mask_ed).
 
   Outputs: vec_ed [b, le + ld, d] (the layout in the module docstring) and mask_ed
@@ -42,18 +65,14 @@ class ConcatEncoderDecoder(base.Layer):
   """
 
   def __init__(self, mode='train'):
-    super().__init__(n_in=3, n_out=2, name='ConcatEncoderDecoder')
-    check_mode(mode)
-    self._mode = mode
+    super().__init__(3, 2, 'ConcatEncoderDecoder', mode)
 
   def forward(self, inputs):
     vec_e, mask_e, vec_d = inputs
-    if self._mode == 'predict':
-      if not _predict_first_call(self):
-        return vec_d, jnp.ones(vec_d.shape[:2], jnp.float32)
-      self.state = jnp.zeros((1,), jnp.int32)
+    if self._passes_through():
+      return vec_d, jnp.ones(vec_d.shape[:2], jnp.float32)
     len_e, len_d = vec_e.shape[1], vec_d.shape[1]
-    lengths = jnp.sum(mask_e != 0, axis=1, dtype=jnp.int32)[:, None]     # [b, 1]
+    lengths = _true_lengths(mask_e)                                       # [b, 1]
     positions = jnp.arange(len_e + len_d)[None, :]                        # [1, le + ld]
     from_dec = jnp.clip(positions - lengths, 0, len_d - 1)                # [b, le + ld]
     dec = jnp.take_along_axis(vec_d, from_dec[..., None], axis=1)
@@ -63,36 +82,23 @@ class ConcatEncoderDecoder(base.Layer):
     vec_ed = jnp.where(is_enc[..., None], enc, jnp.where(is_dec[..., None], dec, 0.0))
     return vec_ed.astype(vec_e.dtype), (is_enc | is_dec).astype(jnp.float32)
 
-  def init_weights_and_state(self, input_signature):
-    if self._mode == 'predict':
-      self.state = jnp.zeros((), jnp.int32)
 
-
-class StripEncoder(base.Layer):
+class StripEncoder(_PacksOnce):
   """The decoder part of a packed sequence: (vec_ed [b, le + ld, d], mask_e [b, le]) -> vec_d.
 
   Output [b, ld, d]; in predict mode, calls after the first pass vec_ed through.
   """
 
   def __init__(self, mode='train'):
-    super().__init__(n_in=2, n_out=1, name='StripEncoder')
-    check_mode(mode)
-    self._mode = mode
+    super().__init__(2, 1, 'StripEncoder', mode)
 
   def forward(self, inputs):
     vec_ed, mask_e = inputs
-    if self._mode == 'predict':
-      if not _predict_first_call(self):
-        return vec_ed
-      self.state = jnp.zeros((1,), jnp.int32)
+    if self._passes_through():
+      return vec_ed
     len_d = vec_ed.shape[1] - mask_e.shape[1]
-    lengths = jnp.sum(mask_e != 0, axis=1, dtype=jnp.int32)[:, None]     # [b, 1]
-    index = lengths + jnp.arange(len_d)[None, :]                          # [b, ld]
+    index = _true_lengths(mask_e) + jnp.arange(len_d)[None, :]           # [b, ld]
     return jnp.take_along_axis(vec_ed, index[..., None], axis=1)
-
-  def init_weights_and_state(self, input_signature):
-    if self._mode == 'predict':
-      self.state = jnp.zeros((), jnp.int32)
 
 
 class PackedCausalAttention(base.Layer):
