@@ -59,19 +59,6 @@ PAPER = {
 }
 RESULTS_DIR = pathlib.Path(__file__).resolve().parents[2] / 'docs' / 'results'
 
-_PROMPT = flags.DEFINE_integer('prompt', 128, 'Prompt length (KV cache filled before timing).')
-_TOKENS = flags.DEFINE_integer('tokens', 32, 'Decoded tokens timed per measurement.')
-_IMPLS = flags.DEFINE_list('impls', ['ours', 'trax'], 'Implementations to time.')
-_WRITE = flags.DEFINE_bool('write', True, 'Write docs/results/table1.md and table1.png.')
-_RENDER_ONLY = flags.DEFINE_bool('render_only', False, 'Only rewrite table1.md and .png from '
-                                 'the saved table1.json.')
-_BATCH_CURVE = flags.DEFINE_bool('batch_curve', False, 'Instead: FF+QKV vs dense speedup by '
-                                 'batch size at 800M (docs/results/batch_curve.md, .png).')
-_PROGRAM = flags.DEFINE_bool('program', False, 'Also time whole generations compiled as one '
-                             'program (our Decoder), for both implementations: the per-step '
-                             'dispatch cost that dominates on a GPU is then gone.')
-_RESULTS = flags.DEFINE_string('results', None, 'Base name of the result files in docs/results/ '
-                               '(default: table1 on CPU, table1_<backend> elsewhere).')
 
 
 def dimensions(shape, variant):
@@ -173,11 +160,12 @@ def bytes_per_token(dims, n_layers, kv_len, itemsize):
   return itemsize * (n_layers * block + 2 * d + output)
 
 
-def measure(shape, impls, prompt, n_tokens, bandwidth):
-  """Rows of one shape: every variant and implementation at two depths."""
+def measure(shape, variants, impls, prompt, n_tokens, bandwidth, program=False):
+  """Rows of one shape: each variant and implementation at two depths (and, with
+  `program`, as one compiled generation)."""
   _, dtype, depths, whole = SHAPES[shape]
   rows = []
-  for variant in VARIANTS:
+  for variant in variants:
     dims = dimensions(shape, variant)
     for impl in impls:
       seconds = {}
@@ -186,9 +174,9 @@ def measure(shape, impls, prompt, n_tokens, bandwidth):
                                            dtype, prompt, n_tokens)
         gc.collect()
       per_block = (seconds[depths[1]][0] - seconds[depths[0]][0]) / (depths[1] - depths[0])
-      program = None
-      if _PROGRAM.value:
-        program = seconds_per_token_program(
+      program_seconds = None
+      if program:
+        program_seconds = seconds_per_token_program(
             functools.partial(build, impl, dims, whole, prompt + n_tokens + 8), dtype, prompt,
             n_tokens)
         gc.collect()
@@ -196,7 +184,7 @@ def measure(shape, impls, prompt, n_tokens, bandwidth):
       row = dict(shape=shape, variant=variant, impl=impl, dtype=dtype, depth=whole,
                  machine=timing.machine_description(),
                  s_per_token=seconds[whole][0], p90_s_per_token=seconds[whole][1],
-                 s_per_block=per_block, s_per_token_program=program,
+                 s_per_block=per_block, s_per_token_program=program_seconds,
                  floor_s_per_token=read / bandwidth,
                  bytes_per_token=read, bandwidth=bandwidth)
       rows.append(row)
@@ -316,25 +304,49 @@ def plot(rows, path):
   fig.savefig(path, dpi=100)
 
 
+def _define_flags():
+  """Defines the command line's flags; only when run as a program (others have namesakes)."""
+  flags.DEFINE_integer('prompt', 128, 'Prompt length (KV cache filled before timing).')
+  flags.DEFINE_integer('tokens', 32, 'Decoded tokens timed per measurement.')
+  flags.DEFINE_list('impls', ['ours', 'trax'], 'Implementations to time.')
+  flags.DEFINE_list('variants', list(VARIANTS),
+                    'Variants to time (dense first: speedups are against it).')
+  flags.DEFINE_bool('write', True, 'Write docs/results/table1.md and table1.png.')
+  flags.DEFINE_bool('render_only', False,
+                    'Only rewrite table1.md and .png from the saved table1.json.')
+  flags.DEFINE_bool('batch_curve', False, 'Instead: FF+QKV vs dense speedup by batch size at '
+                    '800M (docs/results/batch_curve.md, .png).')
+  flags.DEFINE_bool('program', False, 'Also time whole generations compiled as one program '
+                    '(our Decoder), for both implementations: the per-step dispatch cost that '
+                    'dominates on a GPU is then gone.')
+  flags.DEFINE_string('results', None, 'Base name of the result files in docs/results/ '
+                      '(default: table1 on CPU, table1_<backend> elsewhere).')
+
+
 def main(argv):
   del argv
-  if _BATCH_CURVE.value:
+  args = flags.FLAGS
+  if args.batch_curve:
     os.makedirs(RESULTS_DIR, exist_ok=True)
-    write_batch_curve(batch_curve(_PROMPT.value, _TOKENS.value), RESULTS_DIR / 'batch_curve.md',
+    write_batch_curve(batch_curve(args.prompt, args.tokens), RESULTS_DIR / 'batch_curve.md',
                       RESULTS_DIR / 'batch_curve.png')
     return
-  shapes_measured = [] if _RENDER_ONLY.value else (timing.SHAPES.value or list(SHAPES))
+  shapes_measured = [] if args.render_only else (timing.SHAPES.value or list(SHAPES))
+  if not set(args.variants) <= set(VARIANTS) or args.variants[:1] != ['dense']:
+    raise app.UsageError(f'--variants: {args.variants} must start with dense and name only '
+                         f'{list(VARIANTS)}')
   rows = []
-  bandwidth = None if _RENDER_ONLY.value else timing.memory_bandwidth()
+  bandwidth = None if args.render_only else timing.memory_bandwidth()
   for shape in shapes_measured:
     if shape not in SHAPES:
       raise app.UsageError(f'--shapes: unknown shape {shape!r}; use {sorted(SHAPES)}')
-    rows += measure(shape, _IMPLS.value, _PROMPT.value, _TOKENS.value, bandwidth)
+    rows += measure(shape, args.variants, args.impls, args.prompt, args.tokens, bandwidth,
+                    args.program)
   if rows:
-    print(markdown(rows, _PROMPT.value, _TOKENS.value))
-  if _WRITE.value:  # merged with the rows of shapes measured by earlier runs
+    print(markdown(rows, args.prompt, args.tokens))
+  if args.write:  # merged with the rows of shapes measured by earlier runs
     os.makedirs(RESULTS_DIR, exist_ok=True)
-    name = _RESULTS.value or ('table1' if jax.default_backend() == 'cpu'
+    name = args.results or ('table1' if jax.default_backend() == 'cpu'
                               else f'table1_{jax.default_backend()}')
     saved = RESULTS_DIR / f'{name}.json'
     earlier = json.loads(saved.read_text()) if saved.exists() else []
@@ -344,7 +356,7 @@ def main(argv):
         '# Table 1, reproduced: unbatched decoding time\n\n'
         f'`python -m sparse_scaling.bench.table1 --shapes 800m,17b --results={name}` (one shape '
         f'per run is merged with the others\' saved rows, `{name}.json`)\n\n'
-        + markdown(merged, _PROMPT.value, _TOKENS.value) + '\n')
+        + markdown(merged, args.prompt, args.tokens) + '\n')
     plot(merged, RESULTS_DIR / f'{name}.png')
   if timing.JSON.value:
     print(json.dumps([{k: r[k] for k in ('shape', 'variant', 'impl', 's_per_token',
@@ -352,4 +364,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  _define_flags()
   app.run(main)
