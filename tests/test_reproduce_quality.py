@@ -42,6 +42,8 @@ def test_tiny_reproduction_writes_rows_markdown_and_curves(tmp_path, monkeypatch
     assert (row['steps'], row['tokens'], row['seeds']) == (21, 21 * 8 * 64, [0])
     assert np.isfinite(row['val_log_ppl_mean']) and row['val_log_ppl_spread'] == 0
     assert row['curve'][-1] == [21, row['val_log_ppl_mean']]
+    late = [value for _, value in row['curve'][-quality.LATE_EVALS:]]
+    assert np.isclose(row['late_log_ppl_mean'], np.mean(late))
   assert rows[0]['delta_vs_dense'] == 0 and rows[1]['goal'] == quality.GOALS['ff']
   for arm in ('dense', 'ff'):  # one directory per run
     assert (tmp_path / 'runs' / arm / 'seed0' / 'checkpoint' / 'model.pkl.gz').exists()
