@@ -1,0 +1,211 @@
+"""Where one decoding step's time goes, layer by layer: the why behind Table 1's speedups.
+
+  python -m sparse_scaling.bench.block_profile [--shapes 17b,800m] [--variants dense,ffqkv]
+      [--impls ours,trax] [--depth 4] [--json]
+
+Builds the one-block LM of each Table 1 variant (`table1.build`, random weights of the table's
+dtype, predict mode, KV caches of 168 positions as in Table 1) and walks its trax layer tree
+down to `--depth`: every layer is jitted alone with its weights and state as arguments and
+timed on the inputs it gets in the step (batch 1, one token; median of many calls). Beside the
+time, XLA's own cost analysis of the compiled layer gives its floating-point operations, and
+its jaxpr the bytes of weights, state and inputs it reads (of an array it only gathers from,
+the gathered rows); the floor is the larger of bytes / read bandwidth and flops / matmul
+rate, both measured in the same run. A layer far above its floor wastes time;
+a layer at a compute floor cannot get faster by reading less.
+
+The rows are the layers that take at least `--min_share` of the step, indented by depth.
+Writes docs/results/block_profile.md.
+"""
+
+import json
+
+from absl import app
+from absl import flags
+import jax
+import jax.extend
+import jax.numpy as jnp
+from trax import layers as tl
+
+from sparse_scaling.bench import table1
+from sparse_scaling.bench import timing
+
+MAX_LEN = 168  # Table 1's caches: a 128-token prompt, 32 tokens and 8 spare
+PLUMBING = ('', 'Serial', 'Branch', 'Parallel')  # combinators that only route data
+
+
+def matmul_rate(n=2048):
+  """Float32 operations per second of a jitted [n, n] @ [n, n] product: the compute roof."""
+  a = jnp.ones((n, n), jnp.float32)
+  median, _ = timing.time_call(jax.jit(jnp.matmul), a, a, min_runs=10)
+  return 2 * n ** 3 / median
+
+
+def bytes_read(fn, *args):
+  """Bytes of its arguments that a call of `fn` reads.
+
+  An argument counts whole, unless every use of it (through reshapes and nested jitted
+  functions) is the operand of a gather: then only the gathered elements count. XLA's cost
+  analysis charges a gather its whole operand, which would price Sparse FF's d_ff/N gathered
+  rows of W1 and W2 as all of them.
+  """
+  closed = jax.make_jaxpr(fn)(*args)
+  return sum(_read_per_input(closed.jaxpr))
+
+
+def _nbytes(aval):
+  return aval.size * aval.dtype.itemsize
+
+
+def _read_per_input(jaxpr):
+  """Bytes read of each input variable of `jaxpr` (see `bytes_read`)."""
+  source = {var: i for i, var in enumerate(jaxpr.invars)}  # variable -> input it views
+  gathered = [0] * len(jaxpr.invars)
+  whole = [False] * len(jaxpr.invars)
+  for eqn in jaxpr.eqns:
+    inner = eqn.params.get('jaxpr')
+    inner_reads = _read_per_input(inner.jaxpr) if hasattr(inner, 'jaxpr') else None
+    for position, var in enumerate(eqn.invars):
+      i = source.get(var) if isinstance(var, jax.extend.core.Var) else None
+      if i is None:
+        continue
+      if eqn.primitive.name == 'reshape':
+        source[eqn.outvars[0]] = i
+      elif eqn.primitive.name == 'gather' and position == 0:
+        gathered[i] += _nbytes(eqn.outvars[0].aval)
+      elif inner_reads is not None:
+        gathered[i] += inner_reads[position]
+      else:
+        whole[i] = True
+  return [_nbytes(var.aval) if whole[i] else min(gathered[i], _nbytes(var.aval))
+          for i, var in enumerate(jaxpr.invars)]
+
+
+def _as_args(values, n):
+  """A layer's input: the array itself when it takes one, else the tuple."""
+  return values[0] if n == 1 else tuple(values)
+
+
+def _as_values(output, n):
+  return (output,) if n == 1 else tuple(output)
+
+
+def profile(layer, stack, depth, level=0, rng=None):
+  """Rows of `layer` and, `depth` levels down, of its sublayers, on the data stack `stack`.
+
+  Combinator plumbing (unnamed layers, Serial, Branch, Parallel) gets no row of its own: its
+  sublayers take its place, one level under the nearest named ancestor. Returns (rows, the
+  stack after the layer). A row: layer, level, seconds, flops (XLA's cost analysis of the
+  layer compiled alone) and bytes (`bytes_read`).
+  """
+  rng = jax.random.PRNGKey(0) if rng is None else rng
+  inputs = _as_args(stack[:layer.n_in], layer.n_in)
+  run = jax.jit(lambda x, w, s: layer.pure_fn(x, w, s, rng)[0])
+  rows = []
+  shown = level == 0 or layer.name not in PLUMBING
+  if shown:
+    cost = run.lower(inputs, layer.weights, layer.state).compile().cost_analysis()
+    seconds, _ = timing.time_call(run, inputs, layer.weights, layer.state, min_runs=10,
+                                  min_seconds=0.3)
+    rows.append(dict(layer=layer.name, level=level, seconds=seconds,
+                     flops=cost.get('flops', 0.0),
+                     bytes=bytes_read(run, inputs, layer.weights, layer.state)))
+  outputs = _as_values(run(inputs, layer.weights, layer.state), layer.n_out)
+  inner_level = level + 1 if shown else level
+  if inner_level <= depth and isinstance(layer, tl.Serial):
+    inner = tuple(stack[:layer.n_in])
+    for sublayer in layer.sublayers:
+      sub_rows, inner = profile(sublayer, inner, depth, inner_level, rng)
+      rows += sub_rows
+  elif inner_level <= depth and isinstance(layer, tl.Parallel):
+    start = 0
+    for sublayer in layer.sublayers:
+      rows += profile(sublayer, stack[start:start + sublayer.n_in], depth, inner_level, rng)[0]
+      start += sublayer.n_in
+  return rows, outputs + tuple(stack[layer.n_in:])
+
+
+def profile_model(model, dtype, depth):
+  """`profile` rows of one decoding step of an LM in predict mode, with random weights."""
+  model.weights, model.state = table1.random_weights_and_state(model, dtype)
+  return profile(model, (jnp.ones((1, 1), jnp.int32),), depth)[0]
+
+
+def measure(shape, variant, impl, depth, bandwidth, rate):
+  """Rows of one variant's one-block LM, with the floors of this machine."""
+  model = table1.build(impl, table1.dimensions(shape, variant), 1, MAX_LEN)
+  rows = profile_model(model, table1.SHAPES[shape][1], depth)
+  for row in rows:
+    row.update(shape=shape, variant=variant, impl=impl,
+               floor_seconds=max(row['bytes'] / bandwidth, row['flops'] / rate))
+  return rows
+
+
+def markdown(rows, min_share, bandwidth, rate):
+  """One table per (shape, variant, impl): the layers above `min_share` of the step."""
+  lines = [f'Machine: {timing.machine_description()}; read bandwidth {bandwidth / 1e9:.1f} GB/s '
+           f'(a jitted reduction), matmul rate {rate / 1e9:.0f} GFLOP/s (a jitted float32 '
+           '2048² product), both measured in this run. Batch 1, one token, KV caches of '
+           f'{MAX_LEN}. GFLOP: XLA\'s cost analysis of each layer compiled alone; MB read: the '
+           'weights, state and inputs it reads (`bytes_read`: of an array it only gathers '
+           'from, the gathered rows); floor = max(bytes / bandwidth, flops / matmul rate); '
+           'bound: which term sets it.', '']
+  keys = sorted({(r['shape'], r['variant'], r['impl']) for r in rows},
+                key=lambda k: (list(table1.SHAPES).index(k[0]), table1.VARIANTS.index(k[1]), k[2]))
+  for key in keys:
+    group = [r for r in rows if (r['shape'], r['variant'], r['impl']) == key]
+    step = group[0]['seconds']
+    lines += [f'### {key[0]} {key[1]} ({key[2]}): one block and the output layer', '',
+              '| layer | ms | share | GFLOP | MB read | floor ms | bound | ms / floor |',
+              '|---|---|---|---|---|---|---|---|']
+    for r in group:
+      if r['level'] > 1 and r['seconds'] < min_share * step:
+        continue
+      bound = 'memory' if r['bytes'] / bandwidth >= r['flops'] / rate else 'compute'
+      lines.append(
+          f'| {"&nbsp;" * 4 * r["level"]}{r["layer"]} | {r["seconds"] * 1e3:.3f} | '
+          f'{r["seconds"] / step:.0%} | {r["flops"] / 1e9:.3f} | {r["bytes"] / 1e6:.1f} | '
+          f'{r["floor_seconds"] * 1e3:.3f} | {bound} | '
+          f'{r["seconds"] / max(r["floor_seconds"], 1e-9):.1f}x |')
+    lines.append('')
+  return '\n'.join(lines)
+
+
+def _define_flags():
+  """Defines the command line's flags; only when run as a program (others have namesakes)."""
+  flags.DEFINE_list('variants', ['dense', 'ffqkv'], 'Table 1 variants to profile.')
+  flags.DEFINE_list('impls', ['ours'], "Implementations: 'ours' and/or 'trax'.")
+  flags.DEFINE_integer('depth', 4, 'Levels of named layers to descend.')
+  flags.DEFINE_float('min_share', 0.02, 'Smallest share of the step a row below the block '
+                     'level needs to be shown.')
+  flags.DEFINE_bool('write', True, 'Write docs/results/block_profile.md.')
+
+
+def main(argv):
+  del argv
+  args = flags.FLAGS
+  shapes = timing.SHAPES.value or ['17b']
+  for name, values, allowed in (('variants', args.variants, table1.VARIANTS),
+                                ('impls', args.impls, ('ours', 'trax')),
+                                ('shapes', shapes, table1.SHAPES)):
+    if not set(values) <= set(allowed):
+      raise app.UsageError(f'--{name}: {values} must be among {list(allowed)}')
+  bandwidth, rate = timing.memory_bandwidth(), matmul_rate()
+  rows = []
+  for shape in shapes:
+    for variant in args.variants:
+      for impl in args.impls:
+        rows += measure(shape, variant, impl, args.depth, bandwidth, rate)
+  text = markdown(rows, args.min_share, bandwidth, rate)
+  print(text)
+  if args.write:
+    (table1.RESULTS_DIR / 'block_profile.md').write_text(
+        '# Where a decoding step goes: one block, layer by layer\n\n'
+        f'`python -m sparse_scaling.bench.block_profile --shapes {",".join(shapes)} '
+        f'--variants {",".join(args.variants)} --impls {",".join(args.impls)}`\n\n' + text)
+  if timing.JSON.value:
+    print(json.dumps(rows))
+
+
+if __name__ == '__main__':
+  _define_flags()
+  app.run(main)

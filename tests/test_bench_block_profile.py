@@ -1,0 +1,60 @@
+"""The block profile walks a model's layer tree and prices each layer against its floor."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sparse_scaling.bench import block_profile
+from sparse_scaling.bench import table1
+
+TINY = dict(d_model=32, d_ff=128, n_heads=2, vocab_size=64, ff_sparsity=(8, 4),
+            attention_sparsity=4, loss_sparsity=4, length_kernel_size=3)
+
+
+@pytest.mark.parametrize('impl', ['ours', 'trax'])
+def test_walk_passes_each_layer_its_inputs_and_ends_with_the_step_output(impl):
+  model = table1.build(impl, TINY, 1, 16)
+  rows = block_profile.profile_model(model, 'float32', depth=4)
+  tokens = jnp.ones((1, 1), jnp.int32)
+  # The walk ran the step once (caches advanced); the same step from the same state again:
+  logits = model.pure_fn(tokens, model.weights, model.state, jax.random.PRNGKey(0))[0]
+  _, stack = block_profile.profile(model, (tokens,), depth=4)
+  np.testing.assert_allclose(stack[0], logits, atol=1e-5)
+  assert stack[0].shape == (1, 1, TINY['vocab_size'])
+  assert rows[0]['level'] == 0 and all(r['level'] > 0 for r in rows[1:])
+  assert not [r for r in rows[1:] if r['layer'] in block_profile.PLUMBING]
+  assert all(r['seconds'] > 0 and r['flops'] >= 0 and r['bytes'] >= 0 for r in rows)
+  assert rows[0]['bytes'] > 0
+  if impl == 'ours':
+    level = {r['layer']: r['level'] for r in reversed(rows)}  # first occurrences
+    assert level['SparseQKVAttention_4'] < level['MultiplicativeDense_4'] == level['ModuleConv']
+    assert level['SparseFF_128_8'] < level['ChosenUnitsFF']
+    # W1 and W2 are 16 KB each; one token reads 16 of their 128 rows.
+    assert next(r['bytes'] for r in rows if r['layer'] == 'ChosenUnitsFF') < 8 * 1024
+
+
+def test_markdown_names_the_bound_of_each_shown_layer():
+  rows = [dict(shape='17b', variant='ffqkv', impl='ours', layer=name, level=level,
+               seconds=seconds, flops=flops, bytes=nbytes, floor_seconds=floor)
+          for name, level, seconds, flops, nbytes, floor in [
+              ('ScalingTransformerLM', 0, 1e-2, 2e8, 1e8, 2e-3),
+              ('MultiplicativeDense_64', 2, 5e-3, 1.7e8, 1e7, 1.7e-3),
+              ('LayerNorm', 2, 1e-5, 1e4, 1e4, 1e-7)]]
+  text = block_profile.markdown(rows, 0.02, bandwidth=50e9, rate=100e9)
+  assert '| &nbsp;&nbsp;&nbsp;&nbsp;&nbsp;&nbsp;&nbsp;&nbsp;MultiplicativeDense_64 | 5.000 |' in text
+  assert 'compute | 2.9x |' in text
+  assert 'LayerNorm' not in text  # under 2% of the step
+
+
+def test_matmul_rate_is_positive():
+  assert block_profile.matmul_rate(128) > 1e6
+
+
+def test_bytes_read_counts_only_the_gathered_rows_of_a_gathered_array():
+  table, rows, x = jnp.ones((1000, 8)), jnp.array([3, 7]), jnp.ones((8,))
+  gather = lambda t, r: jnp.take(t.reshape(1000, 8), r, axis=0)  # through a reshape and a jit
+  assert block_profile.bytes_read(gather, table, rows) == 2 * 8 * 4 + 2 * 4
+  assert block_profile.bytes_read(lambda t, r: gather(t, r) + t[:2], table, rows) == (
+      1000 * 8 * 4 + 2 * 4)  # also read another way: whole
+  assert block_profile.bytes_read(jnp.dot, table, x) == (1000 * 8 + 8) * 4
