@@ -10,8 +10,8 @@ timed on the inputs it gets in the step (batch 1, one token; median of many call
 time, XLA's own cost analysis of the compiled layer gives its floating-point operations, and
 its jaxpr the bytes of weights, state and inputs it reads (of an array it only gathers from,
 the gathered rows); the floor is the larger of bytes / read bandwidth and flops / matmul
-rate, both measured in the same run. A layer far above its floor wastes time;
-a layer at a compute floor cannot get faster by reading less.
+rate, both measured in the same run. A layer far above its floor wastes time; a layer at a
+compute floor cannot get faster by reading less.
 
 The rows are the layers that take at least `--min_share` of the step, indented by depth.
 Writes docs/results/block_profile.md.
