@@ -126,6 +126,7 @@ def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path):
   assert (out / 'checkpoint' / 'model.pkl.gz').exists()
 
 
+@pytest.mark.slow  # ~35 s; test_compat trains the same Loop on two devices by default
 def test_two_devices_train_data_parallel(tmp_path):
   env = dict(_env(tmp_path), XLA_FLAGS='--xla_force_host_platform_device_count=2',
              JAX_PLATFORMS='cpu')

@@ -89,13 +89,14 @@ def _as_values(output, n):
   return (output,) if n == 1 else tuple(output)
 
 
-def profile(layer, stack, depth, level=0, rng=None):
+def profile(layer, stack, depth, level=0, rng=None, min_runs=10, min_seconds=0.3):
   """Rows of `layer` and, `depth` levels down, of its sublayers, on the data stack `stack`.
 
   Combinator plumbing (unnamed layers, Serial, Branch, Parallel) gets no row of its own: its
   sublayers take its place, one level under the nearest named ancestor. Returns (rows, the
   stack after the layer). A row: layer, level, seconds, flops (XLA's cost analysis of the
-  layer compiled alone) and bytes (`bytes_read`).
+  layer compiled alone) and bytes (`bytes_read`). `min_runs` and `min_seconds` go to
+  `timing.time_call`.
   """
   rng = jax.random.PRNGKey(0) if rng is None else rng
   inputs = _as_args(stack[:layer.n_in], layer.n_in)
@@ -104,8 +105,8 @@ def profile(layer, stack, depth, level=0, rng=None):
   shown = level == 0 or layer.name not in PLUMBING
   if shown:
     cost = run.lower(inputs, layer.weights, layer.state).compile().cost_analysis()
-    seconds, _ = timing.time_call(run, inputs, layer.weights, layer.state, min_runs=10,
-                                  min_seconds=0.3)
+    seconds, _ = timing.time_call(run, inputs, layer.weights, layer.state, min_runs=min_runs,
+                                  min_seconds=min_seconds)
     rows.append(dict(layer=layer.name, level=level, seconds=seconds,
                      flops=cost.get('flops', 0.0),
                      bytes=bytes_read(run, inputs, layer.weights, layer.state)))
@@ -114,20 +115,22 @@ def profile(layer, stack, depth, level=0, rng=None):
   if inner_level <= depth and isinstance(layer, tl.Serial):
     inner = tuple(stack[:layer.n_in])
     for sublayer in layer.sublayers:
-      sub_rows, inner = profile(sublayer, inner, depth, inner_level, rng)
+      sub_rows, inner = profile(sublayer, inner, depth, inner_level, rng, min_runs,
+                                 min_seconds)
       rows += sub_rows
   elif inner_level <= depth and isinstance(layer, tl.Parallel):
     start = 0
     for sublayer in layer.sublayers:
-      rows += profile(sublayer, stack[start:start + sublayer.n_in], depth, inner_level, rng)[0]
+      rows += profile(sublayer, stack[start:start + sublayer.n_in], depth, inner_level, rng,
+                      min_runs, min_seconds)[0]
       start += sublayer.n_in
   return rows, outputs + tuple(stack[layer.n_in:])
 
 
-def profile_model(model, dtype, depth):
+def profile_model(model, dtype, depth, **timing_args):
   """`profile` rows of one decoding step of an LM in predict mode, with random weights."""
   model.weights, model.state = table1.random_weights_and_state(model, dtype)
-  return profile(model, (jnp.ones((1, 1), jnp.int32),), depth)[0]
+  return profile(model, (jnp.ones((1, 1), jnp.int32),), depth, **timing_args)[0]
 
 
 def measure(shape, variant, impl, depth, bandwidth, rate):
