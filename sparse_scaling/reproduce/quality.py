@@ -290,23 +290,21 @@ def plot(results, path):
 
 
 def write_results(results, results_dir):
-  """Writes quality.json, then renders quality.md and quality_curves.png from it."""
+  """Writes quality.json, quality.md and quality_curves.png."""
   results_dir = pathlib.Path(results_dir)
   results_dir.mkdir(parents=True, exist_ok=True)
   (results_dir / 'quality.json').write_text(json.dumps(results, indent=1) + '\n')
-  render(results_dir)
+  (results_dir / 'quality.md').write_text(markdown(results))
+  plot(results, results_dir / 'quality_curves.png')
 
 
 def render(results_dir):
-  """Rewrites quality.json's rows from its runs, then quality.md and quality_curves.png."""
-  results_dir = pathlib.Path(results_dir)
-  results = json.loads((results_dir / 'quality.json').read_text())
+  """Rewrites the three files from the saved quality.json, its rows derived again from its
+  runs."""
+  results = json.loads((pathlib.Path(results_dir) / 'quality.json').read_text())
   results['rows'] = summarize(results['runs'])
-  (results_dir / 'quality.json').write_text(json.dumps(results, indent=1) + '\n')
-  (results_dir / 'quality.md').write_text(markdown(results))
-  plot(results, results_dir / 'quality_curves.png')
+  write_results(results, results_dir)
   return results
-
 
 def main(argv):
   args = flags.FLAGS
