@@ -110,20 +110,23 @@ def profile(layer, stack, depth, level=0, rng=None, min_runs=10, min_seconds=0.3
     rows.append(dict(layer=layer.name, level=level, seconds=seconds,
                      flops=cost.get('flops', 0.0),
                      bytes=bytes_read(run, inputs, layer.weights, layer.state)))
-  outputs = _as_values(run(inputs, layer.weights, layer.state), layer.n_out)
   inner_level = level + 1 if shown else level
   if inner_level <= depth and isinstance(layer, tl.Serial):
-    inner = tuple(stack[:layer.n_in])
+    outputs = tuple(stack[:layer.n_in])  # the sublayers' stack ends as the layer's outputs
     for sublayer in layer.sublayers:
-      sub_rows, inner = profile(sublayer, inner, depth, inner_level, rng, min_runs,
-                                 min_seconds)
+      sub_rows, outputs = profile(sublayer, outputs, depth, inner_level, rng, min_runs,
+                                  min_seconds)
       rows += sub_rows
   elif inner_level <= depth and isinstance(layer, tl.Parallel):
-    start = 0
+    outputs, start = (), 0
     for sublayer in layer.sublayers:
-      rows += profile(sublayer, stack[start:start + sublayer.n_in], depth, inner_level, rng,
-                      min_runs, min_seconds)[0]
+      sub_rows, sub_outputs = profile(sublayer, stack[start:start + sublayer.n_in], depth,
+                                      inner_level, rng, min_runs, min_seconds)
+      rows += sub_rows
+      outputs += sub_outputs
       start += sublayer.n_in
+  else:
+    outputs = _as_values(run(inputs, layer.weights, layer.state), layer.n_out)
   return rows, outputs + tuple(stack[layer.n_in:])
 
 
