@@ -37,7 +37,6 @@ SLOW_TWINS = ('terraformer_arxiv.gin',)
 
 @pytest.mark.parametrize('path', GIN_FILES, ids=lambda p: str(p.relative_to(configs.GIN_DIR)))
 def test_every_gin_file_parses_and_builds_its_model_at_tiny_size(path):
-  gin.clear_config()
   configs.parse([str(path)], TINY_MACROS)
   if not configs.has_binding('train.model'):
     return  # a run or twin file, included by experiment files
@@ -55,7 +54,6 @@ def test_every_gin_file_parses_and_builds_its_model_at_tiny_size(path):
                          ids=lambda p: p.name)
 def test_tiny_twin_trains_three_steps(path, tmp_path, monkeypatch):
   monkeypatch.setenv('SPARSE_SCALING_CACHE', str(tmp_path / 'cache'))
-  gin.clear_config()
   configs.parse([str(path)])
   loop = training.train(str(tmp_path / 'run'))
   assert loop.step == 3
@@ -109,7 +107,6 @@ def test_includes_resolve_when_the_working_directory_has_same_named_folders(tmp_
   monkeypatch.syspath_prepend(str(tmp_path))
   for name in ('runs', 'models'):
     (tmp_path / name).mkdir()
-  gin.clear_config()
   configs.parse(['paper/c4_800m_dense.gin'])
   assert gin.query_parameter('%D_MODEL') == 1024
 
