@@ -2,6 +2,7 @@
 import gzip
 import json
 import logging
+import time
 
 import gin
 import numpy as np
@@ -105,9 +106,9 @@ def test_gzipped_jsonl_with_one_field_gives_strings(tmp_path):
 
 
 @pytest.mark.parametrize('make_corpus, error, match', [
-    (lambda d: d, ValueError, 'no non-blank documents'),
-    (lambda d: (d / 'a.txt').write_text(' \n') and d, ValueError, 'no non-blank documents'),
-    (lambda d: _jsonl(d / 'e.jsonl', []), ValueError, 'no non-blank documents'),
+    (lambda d: d, ValueError, 'no usable documents'),
+    (lambda d: (d / 'a.txt').write_text(' \n') and d, ValueError, 'no usable documents'),
+    (lambda d: _jsonl(d / 'e.jsonl', []), ValueError, 'no usable documents'),
     (lambda d: _jsonl(d / 'f.jsonl', [{'text': 'a'}, {'txt': 'b'}]), ValueError,
      r"f.jsonl:2 lacks string field 'text'"),
     (lambda d: (d / 'g.jsonl').write_text('{"text": "a"}\n{oops\n') and d / 'g.jsonl',
@@ -180,3 +181,54 @@ def test_summarization_needs_a_jsonl_file(text_dir):
 @pytest.mark.parametrize('name', ['local_text_lm_inputs', 'local_text_summarization_inputs'])
 def test_input_functions_are_registered_with_gin(name):
   gin.parse_config([f'gin_check/sparse_scaling.data.{name}.batch_size = 4'])  # raises if unknown
+
+
+def test_unusable_documents_are_skipped_with_a_count_and_the_rest_kept(tmp_path, paragraphs,
+                                                                        caplog):
+  good = {f'doc{i}.txt': '\n\n'.join(paragraphs[i * 5:(i + 1) * 5]) for i in range(30)}
+  for name, text in good.items():
+    (tmp_path / name).write_text(text)
+  (tmp_path / 'empty.txt').write_bytes(b'')
+  (tmp_path / 'binary.txt').write_bytes(bytes(range(256)) * 64)
+  (tmp_path / 'latin1.txt').write_bytes('café crème'.encode('latin-1'))  # kept, bytes replaced
+  (tmp_path / 'one_line.txt').write_bytes(b'word ' * 10_000_000)  # 50 MB, no newline
+  start = time.perf_counter()
+  with caplog.at_level(logging.WARNING):
+    docs = (local_text.documents(tmp_path, 'train') +
+            local_text.documents(tmp_path, 'validation'))
+  seconds = time.perf_counter() - start
+  assert sorted(docs) == sorted(list(good.values()) + ['caf\ufffd cr\ufffdme'])
+  assert (f"{tmp_path}: skipped 3 of 34 documents: 1 binary (NUL bytes), e.g. 'binary.txt'; "
+          "1 blank, e.g. 'empty.txt'; 1 a line over 1,000,000 characters, e.g. 'one_line.txt'"
+          ) in caplog.text
+  assert seconds < 10  # reading and checking the 50 MB line: well under a second here
+
+
+def test_a_gzip_file_that_does_not_decompress_fails_naming_it(tmp_path):
+  (tmp_path / 'good.txt.gz').write_bytes(gzip.compress(b'some text')[:-8])  # truncated
+  with pytest.raises(ValueError, match=r'good\.txt\.gz does not decompress') as error:
+    local_text.documents(tmp_path, 'train')
+  assert '\n' not in str(error.value)
+
+
+def test_a_directory_of_10000_tiny_files_loads_and_trains_a_vocabulary(tmp_path):
+  corpus_dir = tmp_path / 'corpus'
+  corpus_dir.mkdir()
+  for i in range(10_000):
+    (corpus_dir / f'{i:05d}.txt').write_text(f'line {i} of the corpus.\n')
+  start = time.perf_counter()
+  inputs = data.local_text_lm_inputs(corpus_dir, batch_size=BATCH_SIZE, seq_len=SEQ_LEN,
+                                     vocab_size=300, cache_dir=tmp_path / 'cache')
+  x, _, _ = next(inputs.train_stream(1))
+  seconds = time.perf_counter() - start
+  assert x.shape == (BATCH_SIZE, SEQ_LEN) and x.max() < 300
+  assert seconds < 30  # about 2 s here
+
+
+def test_a_corpus_too_small_for_the_vocabulary_fails_in_one_line(tmp_path):
+  for i in range(20):
+    (tmp_path / f'{i}.txt').write_text(f'a few words, {i}')
+  with pytest.raises(ValueError, match='SentencePiece cannot train a 4096-piece vocabulary') as e:
+    data.local_text_lm_inputs(tmp_path, vocab_size=4096, cache_dir=tmp_path / 'cache')
+  message = str(e.value).splitlines()[0]  # gin adds a line naming the input function
+  assert '(Vocabulary size too high (4096). Please set it to a value <= ' in message

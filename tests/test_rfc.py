@@ -6,6 +6,8 @@ headers) with the RFC Editor's `rfcNNNN.json` beside.
 """
 import gzip
 import json
+import logging
+import time
 
 import gin
 import numpy as np
@@ -239,3 +241,58 @@ def test_summarization_reproduction_trains_decodes_and_scores_both_arms(rfc_root
     assert len(row['examples']) == 3 and row['examples'][0]['reference']
   text = summarization.markdown(rows, 'test machine')
   assert 'Goal (issue #7)' in text and '| terraformer |' in text
+
+
+def test_unusable_rfc_files_are_skipped_with_a_count(tmp_path, paragraphs, spm_path, caplog):
+  root = tmp_path / 'RFC'
+  (root / 'standard').mkdir(parents=True)
+  for number in range(1, 24):
+    text = _rfc_text(number, paragraphs[2 * number:2 * number + 2], 'An abstract.')
+    (root / 'standard' / f'rfc{number}.txt.gz').write_bytes(gzip.compress(text.encode()))
+    meta = json.dumps(_meta(number, f'The abstract of RFC {number}, not in its text.'))
+    (root / 'standard' / f'rfc{number}.json').write_text('{oops' if number == 7 else meta)
+  bad = {31: ('rfc31.txt.gz', b'not gzip'), 32: ('rfc32.txt', b''),
+         33: ('rfc33.txt.gz', gzip.compress(bytes(range(256)) * 16)),
+         34: ('rfc34.txt.gz', gzip.compress(b'word ' * 10_000_000, compresslevel=1))}  # 50 MB
+  for name, content in bad.values():
+    (root / 'standard' / name).write_bytes(content)
+  with caplog.at_level(logging.WARNING):
+    index = {rfc.number: rfc for rfc in rfc_lib.rfc_index(str(root))}
+    assert index[7].meta == {}  # its JSON is not JSON: kept as an RFC without metadata
+    assert [rfc_lib.usable_text(index[n]) for n in bad] == [None] * 4
+    assert rfc_lib.usable_text(index[7]) and rfc_lib.summarization_pair(index[7]) is None
+    pairs = rfc_lib.summarization_rfcs('train', str(root))
+    inputs = data.rfc_lm_inputs(batch_size=BATCH_SIZE, seq_len=32, vocab_size=VOCAB_SIZE,
+                                root=root, spm_path=spm_path)
+    train = inputs.train_stream(1)
+    for _ in range(100):  # more than an epoch of the train split
+      next(train)
+  assert {rfc.number for rfc in pairs} == set(range(1, 24)) - {7, 10, 20}
+  for why in ['rfc7.json: skipped (not a JSON object', 'rfc31.txt.gz: skipped (',
+              'rfc32.txt: skipped (blank)', 'rfc33.txt.gz: skipped (binary (NUL bytes))',
+              'rfc34.txt.gz: skipped (a line over 1,000,000 characters)']:
+    assert why in caplog.text
+  assert 'RFC files skipped so far' in caplog.text
+
+
+def test_a_split_of_unusable_rfcs_fails_in_one_line(tmp_path, spm_path):
+  root = tmp_path / 'RFC'
+  root.mkdir()
+  for number in (10, 11, 12):
+    (root / f'rfc{number}.txt').write_bytes(b'' if number > 10 else b'Some text.\n')
+  with pytest.raises(ValueError, match=r'none of the 2 train RFCs is usable'):
+    data.rfc_lm_inputs(root=root, vocab_size=VOCAB_SIZE, spm_path=spm_path)  # draws a batch
+
+
+def test_an_index_of_10000_tiny_rfcs_is_quick(tmp_path, spm_path):
+  root = tmp_path / 'RFC'
+  root.mkdir()
+  for number in range(1, 10_001):
+    (root / f'rfc{number}.txt').write_text(f'RFC {number}: a tiny one.\n')
+  start = time.perf_counter()
+  inputs = data.rfc_lm_inputs(batch_size=BATCH_SIZE, seq_len=32, vocab_size=VOCAB_SIZE,
+                              root=root, spm_path=spm_path)
+  x, _, _ = next(inputs.train_stream(1))
+  seconds = time.perf_counter() - start
+  assert len(rfc_lib.rfc_index(str(root))) == 10_000 and x.shape == (BATCH_SIZE, 32)
+  assert seconds < 30  # about 1 s here

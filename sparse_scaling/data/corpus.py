@@ -16,6 +16,7 @@ The files are plain ASCII; any byte that is not UTF-8 is replaced by U+FFFD, cou
 import gzip
 import importlib.resources
 import pathlib
+import zlib
 from typing import NamedTuple
 
 from absl import logging
@@ -98,7 +99,34 @@ def read_text(path):
 
   Returns:
     `(text, n_replaced)`.
+
+  Raises:
+    ValueError: a `.gz` file that does not decompress (truncated, or not gzip), named.
   """
   path = pathlib.Path(path)
   data = path.read_bytes()
-  return decode_text(gzip.decompress(data) if path.suffix == '.gz' else data, path)
+  if path.suffix == '.gz':
+    try:
+      data = gzip.decompress(data)
+    except (OSError, EOFError, zlib.error) as error:
+      raise ValueError(f'{path} does not decompress ({error}); repair or remove it') from None
+  return decode_text(data, path)
+
+
+MAX_LINE_CHARS = 1_000_000
+
+
+def unusable(text):
+  """Why a document's text cannot be trained on, or None if it can.
+
+  A document is skipped when it is blank, holds a NUL character (a binary file: text never
+  does), or has a line over `MAX_LINE_CHARS` characters (minified data or a dump, not prose;
+  SentencePiece trains on lines and skips those over 4192 bytes).
+  """
+  if not text or text.isspace():
+    return 'blank'
+  if '\0' in text:
+    return 'binary (NUL bytes)'
+  if len(text) > MAX_LINE_CHARS and max(map(len, text.split('\n'))) > MAX_LINE_CHARS:
+    return f'a line over {MAX_LINE_CHARS:,} characters'
+  return None

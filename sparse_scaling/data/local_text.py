@@ -5,7 +5,11 @@
     `text_field` is the document, or `document_field` and `summary_field` make a pair.
 
 Bytes that are not UTF-8 are replaced by U+FFFD and counted in the log (`corpus.read_text`).
-Blank documents are dropped; a corpus with none left raises a one-line `ValueError`.
+A `.gz` file that does not decompress, and a JSONL line that is not JSON or lacks the field,
+raise a one-line `ValueError` naming the file (and line). Documents that are blank, hold a NUL
+character (binary files) or have a line over `corpus.MAX_LINE_CHARS` characters are skipped,
+and the count by reason is logged with an example of each; a corpus with none left raises a
+one-line `ValueError`.
 
 Train and validation are split by hash: a file by its path relative to the directory, a record
 by its document text; it is validation when `sha256 % 100 < VALIDATION_PERCENT`. The split never
@@ -22,6 +26,7 @@ import json
 import pathlib
 import re
 
+from absl import logging
 import gin
 
 from sparse_scaling.data import corpus
@@ -79,9 +84,21 @@ def _records(path, fields):
     keys = [record[0] for record in records]
   else:
     raise ValueError(f'path={str(path)!r} is neither a directory nor a {JSONL_SUFFIXES} file')
-  kept = [(key, record) for key, record in zip(keys, records) if record[0].strip()]
+  kept, skipped = [], {}  # skipped: {why: [keys]}
+  for key, record in zip(keys, records):
+    why = corpus.unusable(record[0])
+    if why:
+      skipped.setdefault(why, []).append(key)
+    else:
+      kept.append((key, record))
+  counts = '; '.join(f'{len(examples)} {why}, e.g. {examples[0]!r}'
+                     for why, examples in skipped.items())
   if not kept:
-    raise ValueError(f'path={str(path)!r} holds no non-blank documents ({_FORMATS})')
+    raise ValueError(f'path={str(path)!r} holds no usable documents ({_FORMATS}'
+                     f'{"; skipped: " + counts if counts else ""})')
+  if skipped:
+    logging.warning('%s: skipped %d of %d documents: %s', path, len(records) - len(kept),
+                    len(records), counts)
   return kept
 
 

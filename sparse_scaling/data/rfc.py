@@ -19,6 +19,12 @@ The IETF Trust licence allows verbatim copying only: never commit the text.
     missing, its abstract is empty, or the abstract's first `COPY_PROBE_CHARS` characters occur
     verbatim in the input (copied from the body, or an Abstract section not recognized).
 
+Unusable files are skipped, each with a log line naming it and the count so far: a text that
+does not decompress or that `corpus.unusable` rejects (blank, binary, a line over
+`corpus.MAX_LINE_CHARS` characters), and a `rfcNNNN.json` that is not a JSON object (the RFC is
+kept, as one without metadata). A stream whose RFCs are all unusable raises a one-line
+`ValueError`.
+
 The index (file names and JSON) is read once per process; texts are read as the streams go.
 Batch formats are those of `pipeline.py`.
 """
@@ -82,10 +88,16 @@ def rfc_index(root=RFC_DIR):
 
 
 def _read_meta(path, number):
-  """Returns the JSON metadata of RFC `number`, or {} if absent or about another RFC."""
+  """Returns the JSON metadata of RFC `number`, or {} if absent, unusable or about another RFC."""
   if path is None:
     return {}
-  meta = json.loads(corpus.read_text(path)[0])
+  try:
+    meta = json.loads(corpus.read_text(path)[0])
+  except ValueError as error:  # not JSON, or a .gz that does not decompress
+    meta = error
+  if not isinstance(meta, dict):
+    _skip(path, f'not a JSON object: {" ".join(str(meta).split())[:80]}')
+    return {}
   if _rfc_number(meta.get(ID_KEY, f'RFC{number}')) != number:
     logging.warning('%s: %s is %r; ignored', path, ID_KEY, meta.get(ID_KEY))
     return {}
@@ -148,16 +160,68 @@ def clean_abstract(abstract):
 
 
 def read_rfc(rfc):
-  """Returns the cleaned text of an `Rfc`."""
+  """Returns the cleaned text of an `Rfc`.
+
+  Raises:
+    ValueError: its `.gz` does not decompress.
+  """
   return clean_text(corpus.read_text(rfc.path)[0])
+
+
+_skipped = {}  # path -> why, for the files skipped so far in this process
+
+
+def _skip(path, why):
+  if str(path) not in _skipped:
+    _skipped[str(path)] = why
+    logging.warning('%s: skipped (%s); %d RFC files skipped so far', path, why, len(_skipped))
+
+
+def usable_text(rfc):
+  """Returns the cleaned text of an `Rfc`, or None (logged) if it is unusable (module doc).
+
+  A file skipped once is not read again in this process.
+  """
+  if str(rfc.path) in _skipped:
+    return None
+  try:
+    text = corpus.read_text(rfc.path)[0]
+  except (OSError, ValueError) as error:
+    _skip(rfc.path, ' '.join(str(error).split()))
+    return None
+  why = corpus.unusable(text) or corpus.unusable(text := clean_text(text))  # cheap check first
+  if why:
+    _skip(rfc.path, why)
+    return None
+  return text
+
+
+def _usable_texts(rfcs, n, split, root):
+  """Yields `usable_text` of each `Rfc` of an endless iterator, skipping unusable ones.
+
+  Raises:
+    ValueError: `n` (the split's size) RFCs in a row were unusable.
+  """
+  skipped_in_a_row = 0
+  for rfc in rfcs:
+    text = usable_text(rfc)
+    if text is None:
+      skipped_in_a_row += 1
+      if skipped_in_a_row >= n:
+        raise ValueError(f'root={root!r}: none of the {n} {split} RFCs is usable (see the '
+                         'skipped files in the log)')
+      continue
+    skipped_in_a_row = 0
+    yield text
 
 
 def summarization_pair(rfc):
   """Returns `(document, abstract)` for an `Rfc`, or None if it is skipped (module docstring)."""
   abstract = clean_abstract(rfc.meta.get(ABSTRACT_KEY))
-  if not abstract:
+  text = usable_text(rfc) if abstract else None
+  if text is None:
     return None
-  document = remove_abstract_section(read_rfc(rfc))
+  document = remove_abstract_section(text)
   if abstract[:COPY_PROBE_CHARS] in ' '.join(document.split()):
     return None
   return document, abstract
@@ -187,8 +251,8 @@ def vocab(root=RFC_DIR, n_pieces=VOCAB_SIZE, cache_dir=None, spm_path=None):
   """Returns the model at `spm_path`, else one trained on a sample of the train RFCs."""
   train = documents('train', root)
   sample = train[::max(1, len(train) // VOCAB_SAMPLE_DOCS)]
-  return pipeline.sample_vocab('rfc', [read_rfc(rfc) for rfc in sample], n_pieces, cache_dir,
-                               spm_path, VOCAB_SAMPLE_DOCS)
+  texts = [text for text in map(usable_text, sample) if text is not None]
+  return pipeline.sample_vocab('rfc', texts, n_pieces, cache_dir, spm_path, VOCAB_SAMPLE_DOCS)
 
 
 @gin.configurable(module='sparse_scaling.data')
@@ -218,7 +282,7 @@ def rfc_lm_inputs(batch_size=8, seq_len=SEQ_LEN, vocab_size=VOCAB_SIZE, root=RFC
 
   def batches(split, seed):
     sp = vocab(root, vocab_size, cache_dir, spm_path)
-    texts = map(read_rfc, pipeline.epochs(splits[split], seed))
+    texts = _usable_texts(pipeline.epochs(splits[split], seed), len(splits[split]), split, root)
     yield from pipeline.lm_batches(
         pipeline.packed_windows(pipeline.encode(sp, texts), seq_len), batch_size)
 

@@ -23,6 +23,7 @@ import hashlib
 import io
 import os
 import pathlib
+import re
 import tempfile
 
 from absl import logging
@@ -79,11 +80,28 @@ def load_or_train_vocab(corpus_name, texts_fn, vocab_size, cache_dir=None):
 def _train(texts, vocab_size, path):
   """Trains a model on the paragraphs of `texts` and writes it atomically to `path`."""
   logging.info('Training a %d-piece SentencePiece vocabulary into %s', vocab_size, path)
-  paragraphs = (p for text in texts for p in text.split('\n\n') if p.strip())
+  n_paragraphs = 0
+
+  def paragraphs():
+    nonlocal n_paragraphs
+    for text in texts:
+      for paragraph in text.split('\n\n'):
+        if paragraph.strip():
+          n_paragraphs += 1
+          yield paragraph
+
   model = io.BytesIO()
-  spm.SentencePieceTrainer.train(
-      sentence_iterator=paragraphs, model_writer=model, vocab_size=vocab_size,
-      minloglevel=2, **_TRAINER_OPTIONS)
+  try:
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=paragraphs(), model_writer=model, vocab_size=vocab_size,
+        minloglevel=2, **_TRAINER_OPTIONS)
+  except RuntimeError as error:  # SentencePiece's checks, e.g. too little text for the size
+    # 'INTERNAL: src/trainer_interface.cc(744) [check] Vocabulary size too high (4096). ...'
+    why = re.sub(r'^\w+: \S+\(\d+\) \[.*?\] ', '', ' '.join(str(error).split()))
+    why = why if n_paragraphs else 'there is no text'
+    raise ValueError(f'SentencePiece cannot train a {vocab_size}-piece vocabulary for '
+                     f'{path.name} ({why}): give it more text, a smaller vocab_size, or a '
+                     'trained model (spm_path)') from None
   path.parent.mkdir(parents=True, exist_ok=True)
   fd, tmp_path = tempfile.mkstemp(dir=path.parent, prefix=f'{path.name}.', suffix='.tmp')
   try:
