@@ -27,6 +27,7 @@ from absl import logging
 from trax.layers import base
 
 import sparse_scaling  # pylint: disable=unused-import  (applies the JAX compatibility shims)
+from sparse_scaling import checkpoints
 from sparse_scaling import configs
 from sparse_scaling import data  # pylint: disable=unused-import  (gin registrations)
 from sparse_scaling import decoding
@@ -66,9 +67,12 @@ def run(mode, output_dir):
     print(f'vocabulary of {vocab.get_piece_size()} pieces ready')
     return
   if mode == 'decode':
-    weights = training.checkpoint_weights(output_dir)
+    weights = checkpoints.read_weights(output_dir, configs.configured_model())
   else:
-    weights = training.train(output_dir, evaluate_only=mode == 'eval').model.weights
+    loop = training.train(output_dir, evaluate_only=mode == 'eval')
+    if loop.stopped_by:  # SIGTERM or SIGINT: checkpointed; exit 0 at once
+      return
+    weights = loop.model.weights
   if mode == 'decode' or (mode == 'train' and configs.has_binding('sample.vocab')):
     print(decoding.sample(configs.configured_model(), weights), flush=True)
 

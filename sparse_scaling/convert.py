@@ -15,12 +15,13 @@ Every other layer (embeddings, LayerNorm, dense attention, convolutions, Dense) 
 layer in both and is copied as it is. Shapes are checked at every step.
 """
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
-from trax import layers as tl
-from trax.supervised import training
 
+from sparse_scaling import checkpoints
 from sparse_scaling.layers.multiplicative_dense import MultiplicativeDense
 
 
@@ -44,20 +45,18 @@ def load_trax_weights(ours, trax_weights):
 def load_trax_checkpoint(ours, path):
   """Loads the weights of a trax checkpoint (`.../model.pkl.gz`) into our initialized model.
 
+  The checkpoint is read by `checkpoints.read`, which runs no code from the file.
+
   Args:
     ours: An initialized model of ours with the configuration of the checkpoint's model.
     path: The checkpoint's `.pkl.gz` file, as written by `trax.supervised.training.Loop`.
+
+  Raises:
+    checkpoints.CheckpointError: the checkpoint is damaged or holds a type not admitted.
   """
-  load_trax_weights(ours, read_checkpoint_weights(path))
-
-
-def read_checkpoint_weights(path):
-  """The flat list of weights of a trax checkpoint (`.../model.pkl.gz`), in layer order."""
-  checkpoint = training.unpickle_from_file(path, gzip=True)
-  flat = checkpoint['flat_weights']
-  if isinstance(flat, int):  # Since 2021 the weights are in a file of their own.
-    flat = tl.np_from_file(path[:-len('.pkl.gz')] + '.weights.npy.gz', compresslevel=flat)
-  return flat
+  directory, name = os.path.split(path)
+  checkpoint = checkpoints.read(directory, n_tasks=0, basename=name.removesuffix('.pkl.gz'))
+  load_trax_weights(ours, checkpoints.from_bits(checkpoint.weights))
 
 
 def _load(layer, arrays, seen):

@@ -3,32 +3,40 @@
 `train` takes the arguments of `trax.supervised.trainer_lib.train` that our runs use, under
 the same gin names (`train.steps`, `train.eval_frequency`, `train.optimizer`, ...). It builds `TrainTask`/`EvalTask` and runs a `Loop` that adds:
 
-- checkpoints that are never half-written: each is a complete trax checkpoint directory
-  (`model.pkl.gz`, weights, optimizer slots, data counters), written beside the last one and
-  swapped in by renames; a restart resumes from it, data position included;
-- a stop with a clear error, keeping the last good checkpoint, when the loss is NaN or inf;
+- checkpoints that are never half-written, read back without running code from the file and
+  checked against the model (`checkpoints.py`); a restart resumes from the last one, data
+  position included;
+- randomness of each training step drawn from (seed, step), so a resumed run's steps are those
+  of an uninterrupted run;
+- a stop on SIGTERM or SIGINT after the step in flight, with a checkpoint of that step;
+- a stop with a clear error, keeping the last good checkpoint, when the loss or the gradients'
+  global norm is NaN or inf;
+- one training run per output directory at a time (`checkpoints.lock_output_dir`);
 - a progress line per `log_frequency` steps: step, loss, tokens/s and the time left.
 """
 
+import contextlib
 import os
-import shutil
+import signal
+import threading
 import time
 
 from absl import logging
 import gin
 import jax
 import numpy as np
+from trax import fastmath
 from trax import layers as tl
 from trax import optimizers
 from trax.data import inputs as trax_inputs
+from trax.layers import base
+from trax.supervised import history as trax_history
 from trax.supervised import lr_schedules
 from trax.supervised import training
 
-from sparse_scaling import convert
+from sparse_scaling import checkpoints
 
-CHECKPOINT_DIR = 'checkpoint'      # output_dir/checkpoint/model.pkl.gz, ...
-_PREVIOUS = CHECKPOINT_DIR + '.previous'
-_WRITING = CHECKPOINT_DIR + '.writing'
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 def train(output_dir, model=gin.REQUIRED, inputs=gin.REQUIRED, steps=1000,
@@ -65,6 +73,8 @@ def train(output_dir, model=gin.REQUIRED, inputs=gin.REQUIRED, steps=1000,
   Returns:
     The `trax.supervised.training.Loop` after training.
   """
+  # Held until this function returns: a second process training here fails at once.
+  _lock = None if evaluate_only else checkpoints.lock_output_dir(output_dir)
   n_devices = n_devices or jax.local_device_count()
   # trax counts batches per process (CountAndSkip); a second run here starts from 0 too
   # (a resumed one from its checkpoint's counters).
@@ -108,42 +118,106 @@ train.__module__ = None
 train = gin.configurable('train', denylist=['output_dir', 'evaluate_only'])(train)
 
 
-def latest_checkpoint(output_dir):
-  """The directory of the last complete checkpoint in `output_dir`, or None."""
-  for name in (CHECKPOINT_DIR, _PREVIOUS):
-    path = os.path.join(output_dir, name)
-    if os.path.exists(os.path.join(path, 'model.pkl.gz')):
-      return path
-  return None
-
-
-def checkpoint_weights(output_dir):
-  """The weights of the last checkpoint in `output_dir`, as a flat list in layer order."""
-  path = latest_checkpoint(output_dir)
-  if path is None:
-    raise FileNotFoundError(f'no checkpoint in {output_dir}: train first')
-  return convert.read_checkpoint_weights(os.path.join(path, 'model.pkl.gz'))
-
-
 class Loop(training.Loop):
-  """trax's `Loop` with swapped-in checkpoints, a NaN stop and progress lines."""
+  """trax's `Loop` with safe checkpoints, clean stops, NaN guards and progress lines.
+
+  Attributes:
+    stopped_by: The name of the signal that stopped `run` early ('SIGTERM'), or None.
+  """
 
   def __init__(self, *args, total_steps, log_frequency, **kwargs):
     self._total_steps = total_steps
     self._log_frequency = log_frequency
     self._progress = None  # (time, step) at the last progress line
+    self._saved_step = None  # step of the last checkpoint this Loop wrote
+    self.stopped_by = None
     super().__init__(*args, **kwargs)
+    # trax splits one key per step off a chain that evals draw from too, and does not
+    # checkpoint it; a step's key from (seed, step) is the same in a resumed run.
+    self._step_rng = self._rng
+
+  def run(self, n_steps=1):
+    """trax's `run`; SIGTERM or SIGINT stops it after the step in flight, with a checkpoint.
+
+    A second signal has its usual effect at once.
+    """
+    with self._stopping_on_signals():
+      try:
+        super().run(n_steps)
+        if self.stopped_by:  # the signal came after the last step
+          self._stop()
+      except _Stopped:
+        pass
+
+  @contextlib.contextmanager
+  def _stopping_on_signals(self):
+    if threading.current_thread() is not threading.main_thread():  # signals reach only it
+      yield
+      return
+    previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+
+    def restore():
+      for s, handler in previous.items():
+        signal.signal(s, signal.SIG_DFL if handler is None else handler)
+
+    def stop_after_this_step(signum, unused_frame):
+      self.stopped_by = signal.Signals(signum).name
+      restore()
+
+    for s in STOP_SIGNALS:
+      signal.signal(s, stop_after_this_step)
+    try:
+      yield
+    finally:
+      restore()
+
+  def _stop(self):
+    """Checkpoints the last step (unless written already), says so and ends `run`."""
+    if self._output_dir is None:
+      print(f'Stopped by {self.stopped_by} after step {self.step} (no output_dir: nothing '
+            'saved)', flush=True)
+      raise _Stopped()
+    if self._saved_step != self.step:
+      self.save_checkpoint(checkpoints.BASENAME)
+    print(f'Stopped by {self.stopped_by} after step {self.step}: checkpoint saved in '
+          f'{checkpoints.latest_checkpoint(self._output_dir)}; run the same command to resume',
+          flush=True)
+    raise _Stopped()
 
   def _run_one_step(self, task_index, task_changed):
+    if self.stopped_by:  # the signal came during an eval or a checkpoint: no step in flight
+      self._step -= 1  # trax counted the step about to run
+      self._stop()
     if self._progress is None:
       self._progress = (time.time(), self.step - 1)
+    self._rng = jax.random.fold_in(self._step_rng, self.step)  # trax's step splits it once
     loss, stats = super()._run_one_step(task_index, task_changed)
-    if not np.all(np.isfinite(loss)):
-      raise FloatingPointError(f'training loss is {np.ravel(loss)[0]} at step {self.step}; '
-                               f'stopped. {self._last_good()}')
+    self._check_finite(loss, stats)
     if self.step % self._log_frequency == 0 or self.step == self._total_steps:
       self._print_progress(task_index, float(np.mean(loss)))
+    if self.stopped_by:
+      self._stop()
     return loss, stats
+
+  def _check_finite(self, loss, stats):
+    """Stops on a non-finite gradients' global norm or loss.
+
+    trax's optimizers return the global norm of the step's gradients among their metrics
+    (`gradients_l2`; one per layer group with the memory-efficient trainer): nothing is
+    recomputed, and the loss is fetched here anyway. The gradients come first: they make the
+    update, and overflow in backward while the loss can still be finite.
+    """
+    norms = [v for k, v in stats.items() if k.endswith('gradients_l2')]
+    loss, norms = jax.device_get((loss, norms))
+    losses = np.ravel(loss)  # one per device
+    loss = losses[~np.isfinite(losses)][0] if not np.isfinite(losses).all() else losses[0]
+    norm = np.sqrt(sum(float(np.ravel(n)[0]) ** 2 for n in norms))  # [n_devices] copies
+    if not np.isfinite(norm):
+      raise FloatingPointError(f"gradients' global norm is {norm} at step {self.step} (loss "
+                               f'{loss}); stopped. {self._last_good()}')
+    if not np.isfinite(loss):
+      raise FloatingPointError(f'training loss is {loss} at step {self.step}; stopped. '
+                               f'{self._last_good()}')
 
   def _print_progress(self, task_index, loss):
     now, step = time.time(), self.step
@@ -157,41 +231,90 @@ class Loop(training.Loop):
     self._progress = (now, step)
 
   def save_checkpoint(self, basename):
-    """Writes a complete checkpoint directory, then swaps it in by renames."""
-    if self._output_dir is None or basename != 'model':
+    """Writes a complete checkpoint directory, then swaps it in (`checkpoints.swapped_in`)."""
+    if self._output_dir is None or basename != checkpoints.BASENAME:
       return super().save_checkpoint(basename)
     if not all(np.isfinite(w).all() for w in jax.tree.leaves(self._model.weights)):
       raise FloatingPointError(f'weights are not finite at step {self.step}; stopped without '
                                f'saving them. {self._last_good()}')
     root = self._output_dir
-    writing, current, previous = (os.path.join(root, name)
-                                  for name in (_WRITING, CHECKPOINT_DIR, _PREVIOUS))
-    shutil.rmtree(writing, ignore_errors=True)
-    os.makedirs(writing)
-    self._output_dir = writing
-    try:
-      super().save_checkpoint(basename)
-    finally:
-      self._output_dir = root
-    shutil.rmtree(previous, ignore_errors=True)
-    if os.path.exists(current):
-      os.rename(current, previous)  # a crash here leaves `previous`, which loads
-    os.rename(writing, current)
-    shutil.rmtree(previous, ignore_errors=True)
-    logging.info('Checkpoint of step %d saved in %s', self.step, current)
+    with checkpoints.swapped_in(root, self.step) as writing:
+      self._output_dir = writing
+      try:
+        super().save_checkpoint(basename)
+      finally:
+        self._output_dir = root
+    self._saved_step = self.step
+    logging.info('Checkpoint of step %d saved in %s', self.step, root)
 
   def _last_good(self):
-    last = self._output_dir and latest_checkpoint(self._output_dir)
+    last = self._output_dir and checkpoints.latest_checkpoint(self._output_dir)
     return f'The last good checkpoint is kept: {last}' if last else 'No checkpoint was saved.'
 
   def load_checkpoint(self, directory=None, filename=None):
-    if directory is not None or self._output_dir is None:
-      return super().load_checkpoint(directory, filename)
-    path = latest_checkpoint(self._output_dir)
-    if path is None:
-      return None
-    trax_inputs.load_data_counters(path)
-    return super().load_checkpoint(path, filename)
+    """Restores the last checkpoint of `output_dir` (or the one in `directory`), if any.
+
+    trax's own loader unpickles without restriction, stops quietly at a truncated weights
+    file, loads weights that do not fit as far as they go, and fails on a checkpoint written
+    before the first eval (it restores the eval model's state into the training model's
+    structure). This one reads through `checkpoints` and checks everything first.
+
+    Raises:
+      checkpoints.CheckpointError: damaged, not admitted, or not fitting the model.
+    """
+    if directory is not None:
+      checkpoint = checkpoints.read(directory, len(self._tasks), filename or 'model')
+    elif self._output_dir is not None:
+      checkpoint = checkpoints.load_latest(self._output_dir, len(self._tasks))
+    else:
+      checkpoint = None
+    if checkpoint is None:
+      return
+    weights_file = os.path.join(checkpoint.directory, 'model.weights.npy.gz')
+    checkpoints.check_fits(checkpoint.weights, self._model, weights_file)
+    for i, (trainer, slots) in enumerate(zip(self._trainer_per_task, checkpoint.slots)):
+      ours = training._flatten_and_remove_empty(trainer.slots)  # pylint: disable=protected-access
+      if [np.shape(s) for s in ours] != [np.shape(s) for s in slots]:
+        raise checkpoints.CheckpointError(
+            f'{checkpoint.directory}/model.opt_slots{i}.npy.gz does not fit the optimizer '
+            f'({len(slots)} slots there, {len(ours)} here): resume with the optimizer it was '
+            'trained with (config.gin), or train in a new --output_dir')
+      trainer.slots, _ = fastmath.tree_unflatten(self._from_bits(slots), trainer.slots,
+                                                 copy_from_tree=[None, ()])
+    self._step = self._saved_step = checkpoint.step
+    self._history = trax_history.History.from_dict(checkpoint.history)
+    trax_inputs.data_counters.clear()
+    trax_inputs.data_counters.update(checkpoint.data_counters)
+    self._model.weights, _ = fastmath.tree_unflatten(
+        self._from_bits(checkpoint.weights), self._model.weights,
+        copy_from_tree=[base.EMPTY_WEIGHTS, base.GET_WEIGHTS_FROM_CACHE])
+    self._eval_model.weights = self._model.weights
+    # State depends on the batch (a changed batch size keeps the fresh state, as trax does).
+    # The eval model's was written in its own structure before the first eval, and in the
+    # training model's after one (`run_evals` copies it over).
+    state = _state_fitting(checkpoint.state, self._model.state)
+    if state is not None:
+      self._model.state = state
+      eval_state = _state_fitting(checkpoint.eval_state, self._eval_model.state)
+      if eval_state is None:
+        eval_state = _state_fitting(checkpoint.eval_state, self._model.state)
+      if eval_state is not None:
+        self._eval_model.state = eval_state
+    logging.info('Checkpoint of step %d loaded from %s', self.step, checkpoint.directory)
+
+
+class _Stopped(Exception):
+  """Ends `Loop.run` after a stop signal."""
+
+
+def _state_fitting(flat, tree):
+  """`tree` (a model's state) with the leaves of `flat`, or None if their shapes differ."""
+  _, ours = tl.flatten_weights_and_state((), tree)
+  if [np.shape(s) for s in ours] != [np.shape(s) for s in flat]:
+    return None
+  state, _ = fastmath.tree_unflatten(list(flat), tree,
+                                     copy_from_tree=[base.EMPTY_STATE, base.GET_STATE_FROM_CACHE])
+  return state
 
 
 def _duration(seconds):

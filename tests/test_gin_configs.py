@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from trax import shapes
 
+from sparse_scaling import checkpoints
 from sparse_scaling import configs
 from sparse_scaling import training
 from sparse_scaling.models.params import parameter_counts
@@ -57,7 +58,7 @@ def test_tiny_twin_trains_three_steps(path, tmp_path, monkeypatch):
   configs.parse([str(path)])
   loop = training.train(str(tmp_path / 'run'))
   assert loop.step == 3
-  assert training.latest_checkpoint(str(tmp_path / 'run'))
+  assert checkpoints.latest_checkpoint(str(tmp_path / 'run'))
   losses = [value for _, value in loop.history.get('eval', 'metrics/log_perplexity')]
   assert np.isfinite(losses).all()
 

@@ -1,8 +1,14 @@
 """Checks shared by the tests."""
 
+import pathlib
+
+import gin
 import jax
 import numpy as np
 from trax import shapes
+
+from sparse_scaling import configs
+from sparse_scaling import training
 
 
 def initialized(layer, x, seed=0):
@@ -95,3 +101,23 @@ def primitives_reading(fn, args, is_target):
   jaxpr = closed.jaxpr
   follow(jaxpr, [v for v in jaxpr.invars if is_target(v.aval)])
   return found
+
+
+# main.py's tiny LM (gin_configs/tiny/lm.gin) shrunk to train a step in about a second.
+TINY_LM = ['train.eval_frequency=2', 'train.eval_steps=1', 'train.log_frequency=1',
+           'embedded_lm_inputs.batch_size=4', 'embedded_lm_inputs.seq_len=32',
+           'ScalingTransformerLM.n_layers=1', 'sample.max_new_tokens=4']
+
+
+def train_tiny_lm(output_dir, cache_dir, *bindings, steps, evaluate_only=False):
+  """Trains (or evaluates) the TINY_LM in this process, as main.py does; returns the Loop."""
+  gin.clear_config()
+  cache = [f'embedded_lm_inputs.cache_dir = {str(cache_dir)!r}',
+           f'embedded_vocab.cache_dir = {str(cache_dir)!r}']
+  configs.parse(['tiny/lm.gin'], TINY_LM + cache + [f'train.steps={steps}', *bindings])
+  return training.train(str(output_dir), evaluate_only=evaluate_only)
+
+
+def snapshot(directory):
+  """{path: bytes} of every file below `directory`."""
+  return {p: p.read_bytes() for p in pathlib.Path(directory).rglob('*') if p.is_file()}

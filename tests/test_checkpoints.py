@@ -1,0 +1,121 @@
+"""checkpoints.py: damaged checkpoints, pickles that would run code, the previous checkpoint.
+
+All on one checkpoint of the tiny LM (conftest's `one_step_run`), copied before it is changed.
+"""
+
+import gzip
+import logging
+import os
+import pickle
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from sparse_scaling import checkpoints
+from sparse_scaling import configs
+from sparse_scaling import convert
+from tests import utils
+
+
+@pytest.fixture
+def run(one_step_run, tmp_path):
+  """A copy of the one-step run's output directory."""
+  shutil.copytree(one_step_run[0], tmp_path / 'run')
+  return tmp_path / 'run'
+
+
+class _RunsCode:
+  """Unpickling this calls `os.system`: what a hostile checkpoint does."""
+
+  def __init__(self, marker):
+    self.marker = marker
+
+  def __reduce__(self):
+    return os.system, (f'touch {self.marker}',)
+
+
+def test_a_trax_checkpoint_reads_whole_through_the_restricted_unpickler(one_step_run):
+  run_dir, _, loop = one_step_run
+  checkpoint = checkpoints.load_latest(run_dir)
+  assert checkpoint.step == 1 and checkpoint.data_counters == {'train': 2}
+  assert len(checkpoint.weights) == len(checkpoints.weight_names(loop.model))
+  for ours, theirs in zip(checkpoint.weights, jax.tree.leaves(loop.model.weights)):
+    np.testing.assert_array_equal(ours, theirs)
+  assert len(checkpoint.slots) == 1 and checkpoint.slots[0]
+  assert checkpoint.state and checkpoint.history
+
+
+@pytest.mark.parametrize('name, write', [
+    ('model.pkl.gz', lambda path, obj: path.write_bytes(gzip.compress(pickle.dumps(obj)))),
+    ('data_counters0.pkl', lambda path, obj: path.write_bytes(pickle.dumps(obj))),
+])
+def test_a_pickle_that_would_run_code_is_refused_naming_the_type(run, tmp_path, name, write):
+  marker = tmp_path / 'code_ran'
+  write(run / 'checkpoint' / name, {'step': 1, 'flat_weights': 2, 'x': _RunsCode(marker)})
+  with pytest.raises(checkpoints.CheckpointError, match=rf'{name} holds a posix\.system') as e:
+    checkpoints.load_latest(run)
+  assert '\n' not in str(e.value) and 'could run code' in str(e.value)
+  assert not marker.exists()
+
+
+def test_convert_reads_trax_checkpoints_through_the_restricted_unpickler(run, tmp_path):
+  marker = tmp_path / 'code_ran'
+  path = run / 'checkpoint' / 'model.pkl.gz'
+  path.write_bytes(gzip.compress(pickle.dumps({'flat_weights': [_RunsCode(marker)]})))
+  with pytest.raises(checkpoints.CheckpointError, match='posix.system'):
+    convert.load_trax_checkpoint(None, str(path))
+  assert not marker.exists()
+
+
+def _truncate(path):
+  path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+
+
+def _garble(path):
+  data = bytearray(path.read_bytes())
+  data[len(data) // 2:len(data) // 2 + 64] = bytes(64)
+  path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize('name, damage', [
+    ('model.pkl.gz', _truncate), ('model.weights.npy.gz', _truncate),
+    ('model.opt_slots0.npy.gz', _garble), ('model.weights.npy.gz', _garble),
+    ('data_counters0.pkl', _truncate), ('model.weights.npy.gz', os.remove),
+])
+def test_a_damaged_checkpoint_fails_in_one_line_naming_the_file(run, name, damage):
+  damage(run / 'checkpoint' / name)
+  with pytest.raises(checkpoints.CheckpointError) as e:
+    checkpoints.load_latest(run)
+  message = str(e.value)
+  assert str(run / 'checkpoint' / name) in message and '\n' not in message
+  assert 'restore the checkpoint directory from a copy' in message
+
+
+def test_train_eval_and_decode_stop_on_a_damaged_checkpoint_instead_of_starting_over(run):
+  before = utils.snapshot(run)
+  _truncate(run / 'checkpoint' / 'model.weights.npy.gz')
+  damaged = utils.snapshot(run)
+  for evaluate_only in (False, True):
+    with pytest.raises(checkpoints.CheckpointError, match='model.weights.npy.gz is damaged'):
+      utils.train_tiny_lm(run, run.parent / 'cache', steps=2, evaluate_only=evaluate_only)
+  with pytest.raises(checkpoints.CheckpointError, match='model.weights.npy.gz is damaged'):
+    checkpoints.read_weights(run, configs.configured_model())
+  assert utils.snapshot(run) == damaged != before
+
+
+def test_a_damaged_checkpoint_falls_back_to_a_kept_previous_one_with_a_warning(run, caplog):
+  shutil.copytree(run / 'checkpoint', run / checkpoints.PREVIOUS)  # as a crash mid-swap leaves
+  _garble(run / 'checkpoint' / 'model.weights.npy.gz')
+  with caplog.at_level(logging.WARNING):
+    checkpoint = checkpoints.load_latest(run)
+  assert checkpoint.directory == str(run / checkpoints.PREVIOUS) and checkpoint.step == 1
+  [warning] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+  assert 'model.weights.npy.gz is damaged' in warning and 'using the previous' in warning
+
+
+def test_no_checkpoint_is_none_and_a_crash_mid_swap_leaves_one_that_loads(run):
+  assert checkpoints.load_latest(run.parent / 'nothing_here') is None
+  os.rename(run / 'checkpoint', run / checkpoints.PREVIOUS)  # between the two renames
+  assert checkpoints.load_latest(run).step == 1
