@@ -198,11 +198,12 @@ def read(directory, n_tasks=1, basename=BASENAME):
   weights = pkl['flat_weights']
   if isinstance(weights, int):  # since 2021 in a file of its own; the int is its compresslevel
     weights = read_arrays(prefix + '.weights.npy.gz')
+  slots = []
   if n_tasks and 'slots' in pkl:  # trax's format before multi-task Loops
     slots = [pkl['slots']]
-  elif n_tasks and isinstance(pkl.get('slots_per_task'), int):
+  elif n_tasks and isinstance(pkl.get('slots_per_task'), int):  # the files' compresslevel
     slots = [read_arrays(f'{prefix}.opt_slots{i}.npy.gz') for i in range(n_tasks)]
-  else:
+  elif n_tasks:
     slots = list(pkl.get('slots_per_task') or [])[:n_tasks]
   counters = {}
   if n_tasks:

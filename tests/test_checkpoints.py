@@ -47,6 +47,17 @@ def test_a_trax_checkpoint_reads_whole_through_the_restricted_unpickler(one_step
   assert checkpoint.state and checkpoint.history
 
 
+def test_decode_reads_the_weights_checked_against_the_model(one_step_run):
+  run_dir, cache, loop = one_step_run
+  utils.parse_tiny_lm(cache)
+  weights = checkpoints.read_weights(run_dir, configs.configured_model())
+  for ours, theirs in zip(weights, jax.tree.leaves(loop.model.weights), strict=True):
+    np.testing.assert_array_equal(ours, theirs)
+  utils.parse_tiny_lm(cache, 'ScalingTransformerLM.n_layers=2')
+  with pytest.raises(checkpoints.CheckpointError, match='27 weights there, 47 in the model'):
+    checkpoints.read_weights(run_dir, configs.configured_model())
+
+
 @pytest.mark.parametrize('name, write', [
     ('model.pkl.gz', lambda path, obj: path.write_bytes(gzip.compress(pickle.dumps(obj)))),
     ('data_counters0.pkl', lambda path, obj: path.write_bytes(pickle.dumps(obj))),

@@ -1,4 +1,4 @@
-"""main.py end to end: train, resume after kill -9, eval, decode; faults and bad input."""
+"""main.py end to end: train, resume after kill -9 or SIGTERM, eval, decode; faults, bad input."""
 
 import os
 import pathlib
@@ -7,15 +7,14 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
-from trax.supervised import training as trax_training
 
-from sparse_scaling import training
+from sparse_scaling import checkpoints
+from tests import utils
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-FAST = ['train.eval_frequency=2', 'train.eval_steps=1', 'train.log_frequency=1',
-        'embedded_lm_inputs.batch_size=4', 'embedded_lm_inputs.seq_len=32',
-        'ScalingTransformerLM.n_layers=1', 'sample.max_new_tokens=4']
+FAST = utils.TINY_LM
 
 
 def _command(output_dir, *args, steps=4):
@@ -103,12 +102,13 @@ def test_kill_9_during_training_then_the_same_command_resumes(tmp_path):
     for line in process.stdout:  # kill at once after a checkpoint beyond step 1
       if line.startswith('step      5/'):
         break
+    with pytest.raises(checkpoints.OutputDirInUseError):  # a second run would stop at once
+      checkpoints.lock_output_dir(out)
     time.sleep(0.5)
   finally:
     process.send_signal(signal.SIGKILL)
     process.wait()
-  checkpoint = training.latest_checkpoint(out)  # complete, whenever the kill came
-  step = trax_training.unpickle_from_file(f'{checkpoint}/model.pkl.gz', gzip=True)['step']
+  step = checkpoints.load_latest(out).step  # complete, whenever the kill came
   assert step >= 4
   result = run_main(tmp_path, _command(out, steps=step + 2))
   assert result.returncode == 0, result.stderr[-3000:]
@@ -116,14 +116,58 @@ def test_kill_9_during_training_then_the_same_command_resumes(tmp_path):
   assert f'step {step + 2:6d}/{step + 2}' in result.stdout
 
 
-def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path):
+def test_diverging_training_stops_on_its_gradients_norm_and_keeps_the_last_good_checkpoint(
+    tmp_path):
   out = tmp_path / 'run'
-  diverge = ['--gin_param=train.optimizer=@trax.optimizers.SGD',
+  diverge = ['--gin_param=train.optimizer=@trax.optimizers.SGD',  # weights ~1e29 after step 1
              '--gin_param=multifactor.constant=1e30', '--gin_param=train.eval_frequency=1']
   result = run_main(tmp_path, _command(out, *diverge, steps=20))
-  _one_line_error(result, 'stopped')
-  assert 'training loss is' in result.stderr or 'not finite' in result.stderr
-  assert (out / 'checkpoint' / 'model.pkl.gz').exists()
+  # The gradients are checked before the loss (both are nan here, at step 2).
+  _one_line_error(result, "error: gradients' global norm is nan at step 2 (loss nan); stopped. "
+                  f'The last good checkpoint is kept: {out}/checkpoint')
+  last = checkpoints.load_latest(out)  # checkpointed every step, the diverged one excepted
+  assert last.step == 1 and all(np.isfinite(w).all() for w in last.weights)
+
+
+def _losses(stdout):
+  """{step: loss} of main.py's progress lines ('step      3/4 | loss 8.1139 | ...')."""
+  return {int(line.split()[1].split('/')[0]): line.split('| loss ')[1].split()[0]
+          for line in stdout.splitlines() if line.startswith('step ')}
+
+
+def test_sigterm_stops_after_the_step_in_flight_and_the_run_resumes_on_the_same_losses(
+    trained, tmp_path, capsys):
+  _, reference, uninterrupted = trained  # 4 steps, checkpointed at 2 and 4
+  out = tmp_path / 'run'
+  with open(tmp_path / 'stderr.txt', 'w') as stderr:
+    process = subprocess.Popen(_command(out, steps=1000), cwd=ROOT, env=_env(tmp_path),
+                               stdout=subprocess.PIPE, stderr=stderr, text=True)
+    try:
+      for line in process.stdout:
+        if line.startswith('step      1/'):
+          break
+      process.send_signal(signal.SIGTERM)  # during step 1's checkpoint and eval, or step 2
+      signalled = time.time()
+      stdout = line + process.communicate(timeout=300)[0]
+      seconds = time.time() - signalled
+    finally:
+      process.kill()
+  assert process.returncode == 0, (tmp_path / 'stderr.txt').read_text()[-3000:]
+  [stopped] = [l for l in stdout.splitlines() if l.startswith('Stopped by SIGTERM')]
+  step = int(stopped.split(' after step ')[1].split(':')[0])
+  assert stopped == (f'Stopped by SIGTERM after step {step}: checkpoint saved in '
+                     f'{out}/checkpoint; run the same command to resume')
+  assert 1 <= step < 4 and seconds < 60
+  assert checkpoints.load_latest(out).step == step
+
+  utils.train_tiny_lm(out, tmp_path / 'cache', steps=4)  # as main.py; here to save a start-up
+  resumed = capsys.readouterr().out
+  assert f'Resumed from the checkpoint of step {step} ' in resumed
+  losses = _losses(stdout) | _losses(resumed)
+  assert losses == _losses(uninterrupted.stdout) and len(losses) == 4  # to the printed 1e-4
+  for ours, theirs in zip(checkpoints.load_latest(out).weights,
+                          checkpoints.load_latest(reference).weights):
+    np.testing.assert_allclose(ours, theirs, rtol=1e-6, atol=0)
 
 
 @pytest.mark.slow  # ~35 s; test_compat trains the same Loop on two devices by default

@@ -1,6 +1,6 @@
-"""training.py's Loop under faults: an early checkpoint, a changed model, SIGINT, a failed write,
-a second run on one directory, diverging gradients. In this process, on the tiny LM
-(tests/utils.py's TINY_LM); the SIGTERM of a real main.py run is in test_main.py.
+"""training.py's Loop under faults: an early checkpoint, SIGINT, a changed model, a failed write,
+a second run on one directory. In this process, on the tiny LM (tests/utils.py's TINY_LM); a
+real main.py run's SIGTERM and diverging gradients are in test_main.py.
 """
 
 import errno
@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import tensorflow as tf
 from trax import layers as tl
@@ -17,7 +16,6 @@ from trax import optimizers
 from trax.supervised import training as trax_training
 
 from sparse_scaling import checkpoints
-from sparse_scaling import training
 from tests import utils
 
 
@@ -28,32 +26,30 @@ def run(one_step_run, tmp_path):
   return tmp_path / 'run', one_step_run[1]
 
 
-def test_a_run_stopped_after_its_first_checkpoint_resumes_and_evaluates(run, capsys):
-  # The step-1 checkpoint is written before the first eval, with the eval model's own state.
-  out, cache = run
-  loop = utils.train_tiny_lm(out, cache, steps=2)
-  assert loop.step == 2 and 'Resumed from the checkpoint of step 1' in capsys.readouterr().out
-  utils.train_tiny_lm(out, cache, steps=2, evaluate_only=True)
-  assert 'eval                log_perplexity' in capsys.readouterr().out
-
-
-def test_sigint_during_a_step_stops_after_it_with_a_checkpoint(run, capsys, monkeypatch):
+def test_a_step_1_checkpoint_resumes_stops_cleanly_on_sigint_and_evaluates(run, capsys,
+                                                                          monkeypatch):
+  # The step-1 checkpoint is written before the first eval, with the eval model's own state
+  # (trax's loader failed on it: IndexError). SIGINT comes in the middle of step 2.
   out, cache = run
   one_step = optimizers.Trainer.one_step
 
   def interrupted_step(self, *args, **kwargs):
     monkeypatch.setattr(optimizers.Trainer, 'one_step', one_step)  # once
-    signal.raise_signal(signal.SIGINT)  # the handler runs here, in the middle of step 2
+    signal.raise_signal(signal.SIGINT)  # the handler runs here, during the step
     return one_step(self, *args, **kwargs)
 
   monkeypatch.setattr(optimizers.Trainer, 'one_step', interrupted_step)
   loop = utils.train_tiny_lm(out, cache, steps=5)
   assert loop.stopped_by == 'SIGINT' and loop.step == 2
-  [line] = [l for l in capsys.readouterr().out.splitlines() if l.startswith('Stopped')]
+  stdout = capsys.readouterr().out
+  assert 'Resumed from the checkpoint of step 1' in stdout
+  [line] = [l for l in stdout.splitlines() if l.startswith('Stopped')]
   assert line == (f'Stopped by SIGINT after step 2: checkpoint saved in {out}/checkpoint; run '
                   'the same command to resume')
   assert checkpoints.load_latest(out).step == 2
   assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+  utils.train_tiny_lm(out, cache, steps=5, evaluate_only=True)
+  assert 'Evaluating the checkpoint of step 2' in capsys.readouterr().out
 
 
 def test_a_changed_model_fails_naming_the_weights_that_do_not_fit(run):
@@ -118,19 +114,3 @@ def test_a_second_run_on_an_output_dir_is_refused_until_the_first_dies(run):
   lock = checkpoints.lock_output_dir(out)  # the OS released it
   assert checkpoints.lock_output_dir(out) is lock  # shared within a process
   del lock
-
-
-def test_a_diverging_run_stops_on_its_gradients_norm_and_keeps_the_last_good_checkpoint(
-    tmp_path):
-  diverge = ['train.optimizer=@trax.optimizers.SGD', 'multifactor.constant=1e3',
-             'train.eval_frequency=1']  # losses 8.3, 578, 3e12, then nan (step 4)
-  with pytest.raises(FloatingPointError) as e:
-    utils.train_tiny_lm(tmp_path / 'run', tmp_path / 'cache', *diverge, steps=20)
-  message = str(e.value).splitlines()[0]
-  assert message.startswith("gradients' global norm is nan at step ")
-  step = int(message.split(' at step ')[1].split(' ')[0])
-  assert message == (f"gradients' global norm is nan at step {step} (loss nan); stopped. The "
-                     f'last good checkpoint is kept: {tmp_path}/run/checkpoint')
-  last = checkpoints.load_latest(tmp_path / 'run')
-  assert last.step == step - 1  # checkpointed every step, the diverged one excepted
-  assert all(np.isfinite(w).all() for w in last.weights)

@@ -109,12 +109,17 @@ TINY_LM = ['train.eval_frequency=2', 'train.eval_steps=1', 'train.log_frequency=
            'ScalingTransformerLM.n_layers=1', 'sample.max_new_tokens=4']
 
 
-def train_tiny_lm(output_dir, cache_dir, *bindings, steps, evaluate_only=False):
-  """Trains (or evaluates) the TINY_LM in this process, as main.py does; returns the Loop."""
+def parse_tiny_lm(cache_dir, *bindings, steps=1):
+  """Parses the TINY_LM's gin config (and `bindings`), its vocabulary cached in `cache_dir`."""
   gin.clear_config()
   cache = [f'embedded_lm_inputs.cache_dir = {str(cache_dir)!r}',
            f'embedded_vocab.cache_dir = {str(cache_dir)!r}']
   configs.parse(['tiny/lm.gin'], TINY_LM + cache + [f'train.steps={steps}', *bindings])
+
+
+def train_tiny_lm(output_dir, cache_dir, *bindings, steps, evaluate_only=False):
+  """Trains (or evaluates) the TINY_LM in this process, as main.py does; returns the Loop."""
+  parse_tiny_lm(cache_dir, *bindings, steps=steps)
   return training.train(str(output_dir), evaluate_only=evaluate_only)
 
 
