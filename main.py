@@ -8,7 +8,8 @@
 A --gin_file is a path or a path under gin_configs/; --gin_param adds bindings (later ones
 win). Gin names follow trax's trainer (`train.steps`, `train.eval_frequency`,
 `train.optimizer`, ...) and the models' own (`ScalingTransformerLM.d_model`, ...). Training
-resumes from the checkpoint in --output_dir.
+resumes from the checkpoint in --output_dir; SIGTERM or Ctrl-C stops it after the step in
+flight, with a checkpoint, and exit status 0 (README, "Reliability").
 
 Modes: train (then print a sample if the config binds `sample.vocab`); eval (log-perplexity
 and accuracy of the checkpoint on `train.eval_steps` validation batches); decode (continue

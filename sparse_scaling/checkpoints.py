@@ -26,10 +26,10 @@ second run on the same directory stops at once. The OS releases the lock when th
 however it ends, so a crashed run never leaves it stuck.
 """
 
+import collections
 import contextlib
 import fcntl
 import gzip
-import importlib
 import os
 import pickle
 import shutil
@@ -41,6 +41,7 @@ import jax
 from jax._src import array as jax_array
 import jax.numpy as jnp
 import numpy as np
+from numpy._core import multiarray as numpy_multiarray
 import tensorflow as tf
 from trax import shapes
 from trax.layers import base
@@ -64,13 +65,9 @@ class OutputDirInUseError(OSError):
   """Another process is training in the same output directory."""
 
 
-def _numpy_function(name):
-  return getattr(importlib.import_module('numpy._core.multiarray'), name)
-
-
 def _jax_array(fun, args, array_state, aval_state):
   """`jax.Array`'s unpickling (`jax._src.array._reconstruct_array`), for numpy arrays only."""
-  if fun is not _numpy_function('_reconstruct') or set(aval_state) - {'weak_type'}:
+  if fun is not numpy_multiarray._reconstruct or set(aval_state) - {'weak_type'}:  # pylint: disable=protected-access
     raise pickle.UnpicklingError('a jax array that is not a plain numpy array')
   return jax_array._reconstruct_array(fun, args, array_state, aval_state)  # pylint: disable=protected-access
 
@@ -79,7 +76,7 @@ def _defaultdict(factory):
   """`collections.defaultdict(list)`, the containers of trax's `History`, and no other."""
   if factory is not list:
     raise pickle.UnpicklingError(f'a defaultdict of {factory!r}')
-  return __import__('collections').defaultdict(list)
+  return collections.defaultdict(list)
 
 
 # What a trax checkpoint's pickles hold besides str, int, float, bool, None, tuple, list and dict
@@ -87,16 +84,17 @@ def _defaultdict(factory):
 # (model state), trax's ShapeDtype (the input signature), and History's defaultdict(list).
 # numpy 1.x wrote `numpy.core`, numpy 2 `numpy._core`.
 _ADMITTED = {
-    ('numpy', 'ndarray'): lambda: np.ndarray,
-    ('numpy', 'dtype'): lambda: np.dtype,
-    ('jax._src.array', '_reconstruct_array'): lambda: _jax_array,
-    ('trax.shapes', 'ShapeDtype'): lambda: shapes.ShapeDtype,
-    ('collections', 'defaultdict'): lambda: _defaultdict,
-    ('builtins', 'list'): lambda: list,
+    ('numpy', 'ndarray'): np.ndarray,
+    ('numpy', 'dtype'): np.dtype,
+    ('numpy._core.multiarray', '_reconstruct'): numpy_multiarray._reconstruct,  # pylint: disable=protected-access
+    ('numpy._core.multiarray', 'scalar'): numpy_multiarray.scalar,
+    ('numpy.core.multiarray', '_reconstruct'): numpy_multiarray._reconstruct,  # pylint: disable=protected-access
+    ('numpy.core.multiarray', 'scalar'): numpy_multiarray.scalar,
+    ('jax._src.array', '_reconstruct_array'): _jax_array,
+    ('trax.shapes', 'ShapeDtype'): shapes.ShapeDtype,
+    ('collections', 'defaultdict'): _defaultdict,
+    ('builtins', 'list'): list,
 }
-for _module in ('numpy._core.multiarray', 'numpy.core.multiarray'):
-  for _name in ('_reconstruct', 'scalar'):
-    _ADMITTED[(_module, _name)] = lambda name=_name: _numpy_function(name)
 
 
 class _Unpickler(pickle.Unpickler):
@@ -112,7 +110,7 @@ class _Unpickler(pickle.Unpickler):
           f'{self._path} holds a {module}.{name}, which a trax checkpoint never does; it was '
           'not loaded, since loading it could run code from the file (load checkpoints from '
           'people you trust only: docs/troubleshooting.md)')
-    return _ADMITTED[(module, name)]()
+    return _ADMITTED[(module, name)]
 
 
 def unpickle(path):

@@ -49,7 +49,8 @@ def train(output_dir, model=gin.REQUIRED, inputs=gin.REQUIRED, steps=1000,
           evaluate_only=False):
   """Trains `model` on `inputs`, checkpointing and evaluating every `eval_frequency` steps.
 
-  Resumes from the checkpoint in `output_dir` if there is one.
+  Resumes from the checkpoint in `output_dir` if there is one. One process at a time trains in
+  `output_dir` (`checkpoints.lock_output_dir`, held while this runs).
 
   Args:
     output_dir: Directory for the checkpoint, TensorBoard files and `config.gin` (the
@@ -73,7 +74,7 @@ def train(output_dir, model=gin.REQUIRED, inputs=gin.REQUIRED, steps=1000,
     evaluate_only: Only evaluate the checkpoint in `output_dir` (which must exist).
 
   Returns:
-    The `trax.supervised.training.Loop` after training.
+    The `Loop` after training; `loop.stopped_by` names the signal that stopped it early.
   """
   # Held until this function returns: a second process training here fails at once.
   _lock = None if evaluate_only else checkpoints.lock_output_dir(output_dir)
