@@ -23,9 +23,9 @@ def test_multiplicative_dense_is_the_papers_formula():
   x = _inputs(3, 5, D_MODEL)
   layer = _init(MultiplicativeDense(S, 24), x)
   d, e, b = [np.asarray(w) for w in layer.weights]
-  expected = np.einsum('bli,is,im->blsm', x, d, e).reshape(3, 5, 24) + b
+  expected = np.einsum('bli,si,im->blsm', x, d, e).reshape(3, 5, 24) + b
   np.testing.assert_allclose(layer(x), expected, atol=1e-5)
-  assert d.shape == (D_MODEL, S) and e.shape == (D_MODEL, 24 // S)
+  assert d.shape == (S, D_MODEL) and e.shape == (D_MODEL, 24 // S)
 
 
 def test_multiplicative_dense_matches_trax_factored_dense():

@@ -16,6 +16,7 @@ takes `attention_sparsity`, and its encoder-decoder attention `enc_dec_attention
 
 from trax import layers as tl
 
+from sparse_scaling.layers import CausalAttention
 from sparse_scaling.layers import SparseEncDecAttention
 from sparse_scaling.layers import FeedForward
 from sparse_scaling.layers import SparseLoss
@@ -161,8 +162,8 @@ def _SelfAttention(d_model, n_heads, max_len, dropout, attention_sparsity, lengt
     attention = SparseQKVAttention(d_model, n_heads, attention_sparsity, length_kernel_size,
                                    dropout=dropout, max_inference_length=max_len, mode=mode)
   else:
-    attention = tl.CausalAttention(d_model, n_heads=n_heads, dropout=dropout,
-                                   max_inference_length=max_len, mode=mode)
+    attention = CausalAttention(d_model, n_heads, dropout=dropout,
+                                max_inference_length=max_len, mode=mode)
   return tl.Residual(tl.Serial(tl.LayerNorm(), attention, tl.Dropout(rate=dropout, mode=mode),
                                name='SelfAttention'))
 
