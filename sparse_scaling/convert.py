@@ -9,10 +9,11 @@ layer by layer, and the layers whose weights differ are mapped:
   trax                                   ours
   SparseFF: C1, C2, c; W1 [d, d_ff/N, N],  SparseFF: C1, C2, c; W1 [d_ff/N, N, d], b1 = 0,
             W2 [N, d_ff/N, d], b2                    W2 [d_ff/N, N, d], b2
-  FactoredDense: G [S, d], P [d, M], b    MultiplicativeDense: D = Gᵀ [d, S], E = P, b
 
-Every other layer (embeddings, LayerNorm, dense attention, convolutions, Dense) is trax's own
-layer in both and is copied as it is. Shapes are checked at every step.
+Every other layer is copied as it is: trax's own layers (embeddings, LayerNorm, Dense) and
+ours that keep trax's layout (`FactoredDense`'s G [S, d], P [d, M], b are
+`MultiplicativeDense`'s D, E, b; the attention projections and the module convolutions keep
+`tl.Dense` and `tl.Conv` weights in trax's order). Shapes are checked at every step.
 """
 
 import jax
@@ -21,7 +22,6 @@ import numpy as np
 from trax import layers as tl
 from trax.supervised import training
 
-from sparse_scaling.layers.multiplicative_dense import MultiplicativeDense
 
 
 def load_trax_weights(ours, trax_weights):
@@ -71,11 +71,6 @@ def _load(layer, arrays, seen):
   seen.add(id(layer))
   if layer.name.startswith('SparseFF_'):
     return _load_sparse_ff(layer, arrays)
-  if isinstance(layer, MultiplicativeDense):
-    n = len(layer.weights)
-    (g, p, *bias), arrays = _take(arrays, n, 'MultiplicativeDense')
-    _set(layer, (jnp.transpose(g), p, *bias))
-    return arrays
   if layer.sublayers:
     for sub in layer.sublayers:
       arrays = _load(sub, arrays, seen)
@@ -88,11 +83,16 @@ def _load(layer, arrays, seen):
 
 
 def _load_sparse_ff(layer, arrays):
-  controller, units = [sub for sub in layer.sublayers if sub.weights]
+  """trax's six SparseFF weights into our controller and units (one layer in predict mode)."""
   (m1, m2, mb, w1, w2, b2), arrays = _take(arrays, 6, 'SparseFF')
-  _set(controller, (m1, m2, mb))
-  _set(units, (jnp.transpose(w1, (1, 2, 0)), jnp.zeros_like(mb),
-               jnp.transpose(w2, (1, 0, 2)), b2))
+  ours = ((m1, m2, mb), (jnp.transpose(w1, (1, 2, 0)), jnp.zeros_like(mb),
+                         jnp.transpose(w2, (1, 0, 2)), b2))
+  parts = [sub for sub in layer.sublayers if sub.weights]
+  if len(parts) == 1:  # SparseFFDecode
+    _set(parts[0], ours)
+  else:
+    for part, weights in zip(parts, ours):
+      _set(part, weights)
   return arrays
 
 
