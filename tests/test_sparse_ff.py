@@ -68,6 +68,20 @@ def test_decode_kernel_equals_the_gathered_rows(d_model, d_ff, n, group):
   np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.skipif(jax.default_backend() != 'gpu', reason='compiles the kernel for a GPU')
+@pytest.mark.parametrize('d_model, d_ff, n, rank', [(1024, 6144, 64, 16), (9216, 65536, 256, 32)])
+def test_decode_kernel_compiled_for_the_gpu_equals_xla_at_table1_shapes(d_model, d_ff, n, rank):
+  x = _inputs(1, 1, d_model, seed=1)
+  layer = _init(SparseFF(d_ff, n, d_lowrank=rank, mode='predict'), x, seed=2)
+  step = lambda x, w: layer.pure_fn(x, w, layer.state, None)[0]
+  run = lambda: jax.jit(lambda x, w: step(x, w))(x, layer.weights)
+  with sparse_ff_kernel.use('xla'):  # a new function each time: traced anew, not cached
+    expected = np.asarray(run())
+  with sparse_ff_kernel.use('pallas'):
+    got = np.asarray(run())
+  np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
 def test_unknown_decode_kernel_is_refused_naming_the_choices():
   with pytest.raises(ValueError, match='decode kernel must be one of'):
     with sparse_ff_kernel.use('cuda'):
