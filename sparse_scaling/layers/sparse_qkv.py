@@ -135,25 +135,27 @@ class ModuleConv(base.Layer):
       window = jnp.pad(x, [(0, 0), (n, 0), (0, 0), (0, 0)])       # [b, n + l, S, M]
     half = max(self._sizes) // 2
     window = jnp.pad(window, [(0, 0), (0, 0), (half, half), (0, 0)])   # [b, n + l, S + 2h, M]
+    fields = {}  # module kernel size -> receptive fields (predict), shared by Q and K
     outputs = []
     for (kernel, bias), size in zip(self.weights, self._sizes):
       start = half - size // 2
       view = window[:, :, start:start + self._n_modules + size - 1]
       if self._mode == 'predict':
-        y = self._receptive_field_product(view, kernel, length)
+        if size not in fields:
+          fields[size] = self._receptive_fields(view, length)   # [b, l, S, lks·k·M]
+        y = jnp.einsum('blsf,fo->blso', fields[size], kernel.reshape(-1, kernel.shape[-1]))
       else:
         y = jax.lax.conv_general_dilated(view, kernel.astype(view.dtype), (1, 1), 'VALID',
                                          dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
       outputs.append((y + bias).reshape(batch, length, d))
     return tuple(outputs)
 
-  def _receptive_field_product(self, view, kernel, length):
-    """The convolution as one product: view [b, n + l, S + k − 1, M] -> [b, l, S, M]."""
-    lks, size = kernel.shape[:2]
-    fields = jnp.concatenate([view[:, i:i + length, j:j + self._n_modules]
-                              for i in range(lks) for j in range(size)],
-                             axis=-1)                            # [b, l, S, lks·k·M]
-    return jnp.einsum('blsf,fo->blso', fields, kernel.reshape(-1, kernel.shape[-1]))
+  def _receptive_fields(self, view, length):
+    """view [b, n + l, S + k − 1, M] -> [b, l, S, lks·k·M]: each output position's inputs,
+    in the order of a kernel [lks, k, M, M] reshaped to [lks·k·M, M]."""
+    size = view.shape[2] - self._n_modules + 1
+    return jnp.concatenate([view[:, i:i + length, j:j + self._n_modules]
+                            for i in range(self._lks) for j in range(size)], axis=-1)
 
   def _last_inputs(self, window, mask):
     """The predict state after a call: the last n positions of window [b, n + l, S, M]."""
