@@ -68,6 +68,19 @@ def test_decode_kernel_equals_the_gathered_rows(d_model, d_ff, n, group):
   np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize('d_model, d_ff, n, rank', [(1024, 6144, 64, 16), (9216, 65536, 256, 32)])
+def test_decode_kernel_lowers_to_triton_for_a_gpu_at_table1_shapes(d_model, d_ff, n, rank):
+  """Lowered for CUDA on any machine: Triton's rules (every loaded block a power of 2 in
+  size) hold at the 800M and 17B shapes, and the Triton backend is the one chosen."""
+  blocks = d_ff // n
+  shapes = [(1, d_model), (1, rank), (rank, blocks, n), (blocks, n), (blocks, n, d_model),
+            (blocks, n), (blocks, n, d_model), (d_model,)]
+  args = [jax.ShapeDtypeStruct(shape, jnp.float32) for shape in shapes]
+  lowered = jax.jit(sparse_ff_kernel.sparse_units).trace(*args).lower(
+      lowering_platforms=('cuda',))
+  assert 'xla.gpu.triton' in lowered.as_text()
+
+
 @pytest.mark.skipif(jax.default_backend() != 'gpu', reason='compiles the kernel for a GPU')
 @pytest.mark.parametrize('d_model, d_ff, n, rank', [(1024, 6144, 64, 16), (9216, 65536, 256, 32)])
 def test_decode_kernel_compiled_for_the_gpu_equals_xla_at_table1_shapes(d_model, d_ff, n, rank):

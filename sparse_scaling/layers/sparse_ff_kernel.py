@@ -23,6 +23,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 
 _CHOICE = ['auto']          # 'auto' (the kernel on GPUs), 'pallas', 'interpret' or 'xla'
 CHOICES = ('auto', 'pallas', 'interpret', 'xla')
@@ -100,6 +101,7 @@ def sparse_units(x, z, c2, cb, w1, b1, w2, b2, interpret=False, group=None):
       kernel, grid=(n_tokens, n_blocks // group),
       out_shape=jax.ShapeDtypeStruct((n_tokens, n_blocks // group, d_model), jnp.float32),
       interpret=interpret,
+      compiler_params=plgpu.CompilerParams(num_warps=4),   # Triton, not Mosaic GPU
   )(x, z, c2.reshape(r, n_blocks * n), cb.reshape(-1), w1.reshape(n_blocks * n, d_model),
     b1.reshape(-1), w2.reshape(n_blocks * n, d_model))
   return (jnp.sum(parts, axis=1) + b2).astype(x.dtype)
