@@ -83,19 +83,19 @@ def _load(layer, arrays, seen):
 
 
 def _load_sparse_ff(layer, arrays):
-  """trax's six SparseFF weights into our controller and units (one layer in predict mode)."""
+  """trax's six SparseFF weights into our controller and units (`SparseFFDecode` in predict
+  mode)."""
   (m1, m2, mb, w1, w2, b2), arrays = _take(arrays, 6, 'SparseFF')
   if w1.ndim != 3 or w2.ndim != 3:
     raise ValueError(f'{layer.name}: trax weights of shapes {w1.shape}, {w2.shape} are no '
                      'SparseFF; build ours with the configuration of the trax model')
   ours = ((m1, m2, mb), (jnp.transpose(w1, (1, 2, 0)), jnp.zeros_like(mb),
                          jnp.transpose(w2, (1, 0, 2)), b2))
-  parts = [sub for sub in layer.sublayers if sub.weights]
-  if len(parts) == 1:  # SparseFFDecode
-    _set(parts[0], ours)
-  else:
-    for part, weights in zip(parts, ours):
-      _set(part, weights)
+  if not layer.sublayers:  # SparseFFDecode: one layer with the tree of the Serial
+    _set(layer, ((), *ours, ()))
+    return arrays
+  for part, weights in zip([sub for sub in layer.sublayers if sub.weights], ours):
+    _set(part, weights)
   return arrays
 
 

@@ -57,12 +57,12 @@ def test_decode_kernel_equals_the_gathered_rows(d_model, d_ff, n, group):
   than one slice, ties broken toward the lowest unit as argmax does."""
   x = _inputs(3, d_model, seed=d_model)
   layer = _init(SparseFF(d_ff, n, d_lowrank=4, mode='predict'), x, seed=d_ff)
-  (c1, c2, cb), (w1, b1, w2, b2) = layer.sublayers[0].weights
+  _, (c1, c2, cb), (w1, b1, w2, b2), _ = layer.weights
   cb = cb.at[0].set(0.0)
   c2 = c2.at[:, 0].set(0.0)  # block 0: all logits 0, a tie that unit 0 must win
   got = sparse_ff_kernel.sparse_units(x, x @ c1, c2, cb, w1, b1, w2, b2, interpret=True,
                                       group=group)
-  layer.sublayers[0].weights = ((c1, c2, cb), (w1, b1, w2, b2))
+  layer.weights = ((), (c1, c2, cb), (w1, b1, w2, b2), ())
   expected, chosen = _reference(layer, x)
   assert (chosen[:, 0] == 0).all()
   np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-4)

@@ -18,8 +18,9 @@ W1 and W2 are both stored unit-major, [d_ff // N, N, d_model], so a unit's weigh
 contiguous row of each. Whenever a call has fewer than N tokens (decoding), the layer gathers
 the d_ff // N chosen rows of W1 and W2 per token and never reads the rest; larger calls (and
 training) run the dense product under the mask, which reads fewer bytes there. In predict mode
-the controller and the units are one layer (`SparseFFDecode`), so that on a GPU a decoding
-step runs them as one Pallas kernel (`sparse_ff_kernel.py`) instead of six XLA kernels.
+the controller and the units are one layer (`SparseFFDecode`, with the same weights), so that
+on a GPU a decoding step runs them as one Pallas kernel (`sparse_ff_kernel.py`) instead of six
+XLA kernels.
 """
 
 import jax
@@ -72,15 +73,16 @@ def SparseFF(d_ff, n_elements_in_block=32, d_lowrank=None, temperature=0.1,
   if temperature < 0:
     raise ValueError(f'temperature must be >= 0, got {temperature}')
   check_mode(mode)
+  name = f'SparseFF_{d_ff}_{n_elements_in_block}'
   if mode == 'predict':
-    units = SparseFFDecode(d_ff, n_elements_in_block, d_lowrank)          # y
-  else:
-    units = [tl.Dup(),                                                    # x, x
-             SparseFFController(d_ff, n_elements_in_block, d_lowrank,
-                                temperature, quant_prob, mode),           # choice, x
-             ChosenUnitsFF(d_ff, n_elements_in_block)]                    # y
-  return tl.Serial(units, tl.Dropout(rate=dropout_rate, mode=mode),
-                   name=f'SparseFF_{d_ff}_{n_elements_in_block}')
+    return SparseFFDecode(d_ff, n_elements_in_block, d_lowrank, name)
+  return tl.Serial(
+      tl.Dup(),                                                           # x, x
+      SparseFFController(d_ff, n_elements_in_block, d_lowrank,
+                         temperature, quant_prob, mode),                  # choice, x
+      ChosenUnitsFF(d_ff, n_elements_in_block),                           # y
+      tl.Dropout(rate=dropout_rate, mode=mode),
+      name=name)
 
 
 class SparseFFController(base.Layer):
@@ -168,22 +170,24 @@ class ChosenUnitsFF(base.Layer):
 
 
 class SparseFFDecode(base.Layer):
-  """The controller's choice and the chosen units in one layer, for predict mode.
+  """`SparseFF` in predict mode: the controller's choice and the chosen units in one layer.
 
-  Input x [..., d_model]; output [..., d_model]; weights ((C1, C2, c), (W1, b1, W2, b2)), the
-  controller's and the units' of `SparseFF` in their order. A call of fewer than N tokens reads
-  only the chosen rows: on a GPU through the Pallas kernel of `sparse_ff_kernel.py`, else by
-  gathers; a longer call (a prompt) runs the dense product under the one-hot mask.
+  Input x [..., d_model]; output [..., d_model]. Weights ((), (C1, C2, c), (W1, b1, W2, b2),
+  ()): the tree of the train and eval layer (Dup, controller, units, dropout), so that a
+  trained model's weights can be set on the predict-mode model as they are. A call of fewer
+  than N tokens reads only the chosen rows: on a GPU through the Pallas kernel of
+  `sparse_ff_kernel.py`, else by gathers; a longer call (a prompt) runs the dense product under
+  the one-hot mask. There is no dropout in predict mode.
   """
 
-  def __init__(self, d_ff, n_elements_in_block, d_lowrank):
-    super().__init__(name='SparseFFDecode')
+  def __init__(self, d_ff, n_elements_in_block, d_lowrank, name):
+    super().__init__(name=name)
     self._parts = (SparseFFController(d_ff, n_elements_in_block, d_lowrank, 0.0, 0.0, 'eval'),
                    ChosenUnitsFF(d_ff, n_elements_in_block))
     self._block = n_elements_in_block
 
   def forward(self, x):
-    controller, units = self.weights
+    _, controller, units, _ = self.weights
     n_tokens = x.size // x.shape[-1]
     kernel = sparse_ff_kernel.active()
     rank, _, block = controller[1].shape
@@ -201,8 +205,8 @@ class SparseFFDecode(base.Layer):
     rng_c, rng_u = jax.random.split(self.rng)
     controller, units = self._parts
     choice = shapes.ShapeDtype(input_signature.shape[:-1] + (units._n_blocks,), jnp.int32)  # pylint: disable=protected-access
-    self.weights = (controller.init(input_signature, rng=rng_c, use_cache=False)[0],
-                    units.init((choice, input_signature), rng=rng_u, use_cache=False)[0])
+    self.weights = ((), controller.init(input_signature, rng=rng_c, use_cache=False)[0],
+                    units.init((choice, input_signature), rng=rng_u, use_cache=False)[0], ())
 
 
 def _controller_logits(x, c1, c2, cb):
