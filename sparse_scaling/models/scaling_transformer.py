@@ -23,7 +23,7 @@ from sparse_scaling.layers import SparseQKVAttention
 from sparse_scaling.layers.checks import check_divides
 from sparse_scaling.layers.checks import check_mode
 
-# The 800M model of the paper (T5-large-like; Table 1 and PAPER.md §3).
+# The 800M model of the paper (T5-large-like; Table 1 and docs/paper.md §6).
 D_MODEL = 1024
 D_FF = 4096
 N_HEADS = 16
