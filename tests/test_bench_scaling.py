@@ -6,8 +6,10 @@ then not comparable, and these tests check only what the rows hold.
 """
 
 import json
+import math
 import os
 import subprocess
+import time
 
 import gin
 import jax
@@ -24,11 +26,13 @@ DEVICE_COUNTS, STEPS, PER_DEVICE_BATCH, SEQ_LEN = [1, 2], 5, 2, 32
 
 
 @pytest.fixture(scope='module')
-def rows(cache_dir, tmp_path_factory):
+def rows_and_walls(cache_dir, tmp_path_factory):
+  """The rows, and each child's wall time in seconds (measured here) by device count."""
   env = dict(os.environ, JAX_PLATFORMS='cpu', SPARSE_SCALING_CACHE=str(cache_dir))
   env.pop('XLA_FLAGS', None)
   tmp = tmp_path_factory.mktemp('scaling')
-  outputs, children = [], []
+  outputs, children, walls = [], [], {}
+  start = time.perf_counter()
   try:
     for n in DEVICE_COUNTS:
       outputs.append(str(tmp / f'{n}.json'))
@@ -40,6 +44,7 @@ def rows(cache_dir, tmp_path_factory):
             stdout=log, stderr=subprocess.STDOUT))
     for n, child in zip(DEVICE_COUNTS, children):
       assert child.wait(timeout=600) == 0, (tmp / f'{n}.log').read_text()[-3000:]
+      walls[n] = time.perf_counter() - start  # the child ran all its steps within this time
   finally:
     for child in children:
       if child.poll() is None:
@@ -51,7 +56,12 @@ def rows(cache_dir, tmp_path_factory):
                          SEQ_LEN, STEPS)
   for row in rows:
     row.update(command='python -m sparse_scaling.bench.scaling --shapes=tiny', machine='test')
-  return rows
+  return rows, walls
+
+
+@pytest.fixture(scope='module')
+def rows(rows_and_walls):
+  return rows_and_walls[0]
 
 
 def test_a_row_per_device_count_then_the_loss_reference(rows):
@@ -63,12 +73,17 @@ def test_each_run_trains_on_the_devices_of_its_child(rows):
   assert [r['devices'] for r in rows] == [['cpu:0'], ['cpu:0', 'cpu:1'], ['cpu:0']]
 
 
-def test_throughput_is_positive_and_efficiency_is_against_one_device(rows):
+def test_throughput_is_positive_and_efficiency_is_against_one_device(rows_and_walls):
+  rows, walls = rows_and_walls
   for row in rows:
     assert row['timed_steps'] == STEPS - scaling.WARMUP_STEPS
     assert 0 < row['ms_per_step'] <= row['p90_ms_per_step']
-    assert row['tokens_per_s'] == pytest.approx(row['global_batch'] * SEQ_LEN * 1e3
-                                                / row['ms_per_step'])
+    # Bounded by the clock of this test, not the benchmark's arithmetic: at least half of the
+    # timed steps took the median or longer, all inside the child's wall time.
+    slowest_half = math.ceil(row['timed_steps'] / 2)
+    assert row['ms_per_step'] * slowest_half <= walls[row['n_devices']] * 1e3
+    assert (row['tokens_per_s'] >= row['global_batch'] * SEQ_LEN * slowest_half
+            / walls[row['n_devices']])
   one, two, _ = rows
   assert one['speedup'] == one['scaling_efficiency'] == 1.0
   assert np.isfinite(two['scaling_efficiency']) and two['scaling_efficiency'] > 0

@@ -4,7 +4,7 @@
       [--arms dense,terraformer] [--output_dir runs/summarization]
   python -m sparse_scaling.reproduce.summarization --render_only   # md from the saved json
 
-The paper (§4, Table 5; PAPER.md §4) reports the Terraformer competitive with BigBird-Pegasus
+The paper (§4, Table 5; docs/paper.md §8) reports the Terraformer competitive with BigBird-Pegasus
 on arXiv (ROUGE 46.63 / 19.02 / 41.77). arXiv cannot be downloaded here; its offline stand-in
 is IETF RFC -> abstract (`data/rfc.py`, needs Debian's doc-rfc). Both arms
 (`gin_configs/reproduce/summarization_{dense,terraformer}.gin`) train by `training.train` with
