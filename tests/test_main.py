@@ -64,15 +64,29 @@ def test_tiny_lm_trains_checkpoints_and_samples(trained):
   assert list((out / 'train').glob('events.out.tfevents.*'))  # TensorBoard
 
 
+NOISE = ['cuda', 'oneDNN', 'absl::InitializeLog', 'Gym has been unmaintained', 'gymnasium',
+         'SyntaxWarning']
+
+
+def test_main_job_says_where_it_runs_and_prints_nothing_but_its_own_output(trained):
+  _, _, result = trained
+  first = result.stdout.splitlines()[0]
+  assert first.startswith('running on cpu: 1 x cpu') and 'trax 1.4.1' in first, first
+  output = result.stdout + result.stderr
+  assert not [word for word in NOISE if word.lower() in output.lower()], result.stderr[-3000:]
+
+
 def test_eval_and_decode_modes_use_the_checkpoint(trained):
   tmp_path, out, _ = trained
   result = run_main(tmp_path, _command(out, '--mode=eval'))
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'Evaluating the checkpoint of step 4' in result.stdout
   assert 'eval                      accuracy' in result.stdout
-  result = run_main(tmp_path, _command(out, '--mode=decode', '--prompt=Juliet.'))
+  result = run_main(tmp_path, _command(out, '--mode=decode', '--prompt=Juliet.',
+                                       '--temperature=0.7', '--top_k=5', '--top_p=0.9',
+                                       '--max_new_tokens=3', '--seed=2'))
   assert result.returncode == 0, result.stderr[-3000:]
-  assert '--- sample' in result.stdout and 'Juliet.' in result.stdout
+  assert '--- sample (temperature 0.7, top_k 5, top_p 0.9) ---\nJuliet.' in result.stdout
 
 
 @pytest.mark.parametrize('args, message', [
@@ -81,6 +95,8 @@ def test_eval_and_decode_modes_use_the_checkpoint(trained):
     (['--gin_param=ScalingTransformerLM.n_heads=3'], 'n_heads'),
     (['--gin_param=ScalingTransformerLM.d_ff=500'], 'd_ff'),
     (['--gin_param=embedded_lm_inputs.seq_len=1024'], 'max_len'),
+    (['--mode=decode', '--temperature=1', '--top_p=1.5'], 'top_p'),
+    (['--mode=decode', '--gin_param=sample.top_q=0.5'], 'top_q'),
 ])
 def test_bad_input_fails_with_one_line_error_and_keeps_the_checkpoint(trained, args, message):
   tmp_path, out, _ = trained
