@@ -89,6 +89,40 @@ def test_eval_and_decode_modes_use_the_checkpoint(trained):
   assert '--- sample (temperature 0.7, top_k 5, top_p 0.9) ---\nJuliet.' in result.stdout
 
 
+def test_export_writes_named_weights_that_load_back_into_the_gin_model(trained, tmp_path):
+  import gin  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from sparse_scaling import configs  # pylint: disable=g-import-not-at-top
+  from sparse_scaling import export  # pylint: disable=g-import-not-at-top
+  _, out, _ = trained
+  path = tmp_path / 'weights.npz'
+  result = subprocess.run([sys.executable, '-m', 'sparse_scaling.export', f'--output_dir={out}',
+                           f'--to={path}'], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  flat = training.checkpoint_weights(out)
+  assert f'wrote {len(flat)} weight arrays' in result.stdout
+  configs.parse([str(out / 'config.gin')])
+  model_fn = configs.configured_model()
+  gin.clear_config()
+  tokens = np.arange(1, 9, dtype=np.int32)[None]
+  exported, reference = model_fn(mode='eval'), model_fn(mode='eval')
+  exported.init(export.model_signature(exported, 8))
+  export.load_weights(exported, path)
+  reference.init(export.model_signature(reference, 8))
+  reference.weights = jax.tree.unflatten(jax.tree.structure(reference.weights), flat)
+  np.testing.assert_array_equal(exported(tokens), reference(tokens))
+
+
+def test_export_without_checkpoint_fails_with_one_line_error(tmp_path):
+  result = subprocess.run([sys.executable, '-m', 'sparse_scaling.export',
+                           f'--output_dir={tmp_path}', f'--to={tmp_path / "w.npz"}'],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+  _one_line_error(result, 'no checkpoint')
+  assert not (tmp_path / 'w.npz').exists()
+
+
 @pytest.mark.parametrize('args, message', [
     (['--gin_file=tiny/no_such.gin'], 'no_such.gin'),
     (['--gin_param=train.no_such_arg=1'], 'no_such_arg'),
