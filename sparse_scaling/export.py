@@ -55,18 +55,20 @@ def weight_names(model, weights):
   return names
 
 
-def save_weights(model, weights, path):
+def save_weights(model, weights, path, structure=None):
   """Writes `weights` (nested, or the flat list of a checkpoint) of `model` to `path`.
 
   Args:
-    model: A layer initialized (or signature-initialized) with the weights' structure.
+    model: The layer the weights belong to.
     weights: The arrays: nested as `model.weights`, or flat in layer order.
     path: The .npz file to write.
+    structure: The nested weights or their signature, which name the arrays (default:
+      `model.weights` of an initialized model).
 
   Raises:
     ValueError: the weights do not fit the model.
   """
-  names = weight_names(model, model.weights)
+  names = weight_names(model, model.weights if structure is None else structure)
   leaves = jax.tree.leaves(weights)
   if len(leaves) != len(names):
     raise ValueError(f'{len(leaves)} weight arrays for a model of {len(names)}: the '
@@ -126,8 +128,8 @@ def export_run(output_dir, to, gin_file=None, length=32):
   weights = training.checkpoint_weights(output_dir)
   configs.parse([gin_file])
   model = configs.configured_model()(mode='eval')
-  model.weights, _ = model.weights_and_state_signature(model_signature(model, length))
-  save_weights(model, weights, to)
+  signature, _ = model.weights_and_state_signature(model_signature(model, length))
+  save_weights(model, weights, to, structure=signature)
   return len(jax.tree.leaves(weights))
 
 
