@@ -5,6 +5,7 @@
 - `describe()` is the line `main.py` prints at start (backend, devices, jax and trax
   versions); `check_accelerator()` stops a run that would silently train on the CPU while
   an NVIDIA GPU or a TPU is attached (JAX without its CUDA or TPU plugin).
+- `keep_tensorflow_off_gpus()` leaves the GPUs to JAX.
 - `quiet_imports()` drops the notices that TensorFlow's C++ code and gym print while they
   are imported (see `NOISE`); any other output of those imports is passed on.
   `ignore_trax_syntax_warnings()` hides the SyntaxWarnings of trax's sources. These are
@@ -41,6 +42,12 @@ NOISE = (
 def _release(version):
   """'0.10.2.dev1' -> (0, 10, 2)."""
   return tuple(int(part) for part in re.findall(r'\d+', version)[:3])
+
+
+def tested_jax(version):
+  """Whether jax `version` is in the tested range (any patch of the newest tested minor)."""
+  low, high = JAX_RANGE
+  return low <= _release(version) and _release(version)[:2] <= high[:2]
 
 
 def check_versions(python=None, jax_version=None):
@@ -124,6 +131,18 @@ def check_accelerator(allow_cpu=False):
             'tpu': "pip install 'sparse_scaling[tpu]' (jax[tpu])"}[kind]
   raise RuntimeError(f'a {kind.upper()} is attached ({device}) but JAX {jax.__version__} '
                      f'sees only the CPU: {plugin}, or pass --allow_cpu to train on the CPU')
+
+
+def keep_tensorflow_off_gpus():
+  """Hides the GPUs from TensorFlow, which only reads data here (trax imports it).
+
+  The `tensorflow` wheel finds the CUDA libraries that JAX's CUDA plugin installs; its first
+  op would then take most of the GPU's memory from JAX. A no-op once TensorFlow has set up
+  its devices (whoever did that chose).
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  with contextlib.suppress(RuntimeError):  # devices already initialized
+    tf.config.set_visible_devices([], 'GPU')
 
 
 def _is_noise(line):

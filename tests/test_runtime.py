@@ -37,6 +37,13 @@ def test_tested_versions_pass_silently(python, jax_version):
     runtime.check_versions(python, jax_version)
 
 
+@pytest.mark.parametrize('version, tested', [('0.10.2', True), ('0.11.0', True), ('0.11.2', True),
+                                             ('0.11.9', True), ('0.10.1', False),
+                                             ('0.4.35', False), ('0.12.0', False)])
+def test_tested_jax_is_the_range_the_notebook_keeps(version, tested):
+  assert runtime.tested_jax(version) == tested
+
+
 def test_importing_the_package_with_an_old_jax_fails_before_trax_is_imported():
   code = ('import importlib.metadata as m, sys\n'
           'version = m.version\n'
@@ -125,3 +132,17 @@ def test_syntax_warnings_of_trax_sources_are_ignored_and_others_shown():
     assert not caught
     compile(source, os.path.join('site-packages', 'mine', 'training.py'), 'exec')
   assert [w.category for w in caught] == [SyntaxWarning]
+
+
+def test_tensorflow_is_kept_off_the_gpus(monkeypatch):
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  calls = []
+  monkeypatch.setattr(tf.config, 'set_visible_devices', lambda *args: calls.append(args))
+  runtime.keep_tensorflow_off_gpus()
+  assert calls == [([], 'GPU')]
+
+  def initialized(*args):
+    raise RuntimeError('Visible devices cannot be modified after being initialized')
+
+  monkeypatch.setattr(tf.config, 'set_visible_devices', initialized)
+  runtime.keep_tensorflow_off_gpus()  # someone set TensorFlow up already: left as it is
