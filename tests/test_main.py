@@ -69,9 +69,11 @@ NOISE = ['cuda', 'oneDNN', 'absl::InitializeLog', 'Gym has been unmaintained', '
 
 
 def test_main_job_says_where_it_runs_and_prints_nothing_but_its_own_output(trained):
+  import jax  # pylint: disable=g-import-not-at-top
   _, _, result = trained
   first = result.stdout.splitlines()[0]
-  assert first.startswith('running on cpu: 1 x cpu') and 'trax 1.4.1' in first, first
+  assert first.startswith(f'running on {jax.default_backend()}: ') and 'trax 1.4.1' in first
+  assert f'jax {jax.__version__}' in first, first
   output = result.stdout + result.stderr
   assert not [word for word in NOISE if word.lower() in output.lower()], result.stderr[-3000:]
 
