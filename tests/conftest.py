@@ -6,7 +6,13 @@ import gin
 import jax
 import pytest
 
-import sparse_scaling  # pylint: disable=unused-import  (shims; TensorFlow kept off the GPUs)
+# Before any backend starts: on GPUs, scatter-adds (embedding gradients) otherwise sum in a
+# varying order, and tests compare two training runs to 1e-6. No effect on the CPU.
+if '--xla_gpu_deterministic_ops' not in os.environ.get('XLA_FLAGS', ''):
+  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                             ' --xla_gpu_deterministic_ops=true').strip()
+
+import sparse_scaling  # pylint: disable=unused-import,g-import-not-at-top,g-bad-import-order
 
 
 def pytest_configure(config):  # pylint: disable=unused-argument
