@@ -4,18 +4,19 @@
 
 reads the last checkpoint of a run (`training.checkpoint_weights`) and the run's operative
 config (`config.gin`), and writes every weight array under a name made of its place in the
-model's layer tree: the index and name of each layer on the path, then the array's index in
-its layer, e.g.
+model's layer tree: the index and name of each layer on the path (trax's sizes after the name,
+as in `SparseFF_64_8`, dropped), then the array's index in its layer, e.g.
 
-  02_Serial/00_Branch/01_Serial/02_SparseFF/3     (block 0's Sparse FF, its 4th array)
+  03_Serial/00_Branch/01_Parallel/01_Serial/01_SparseFF/0    (block 0's Sparse FF, W1)
 
-The same config always gives the same names, so a file loads back by name
+The same model always gives the same names (sizes do not enter them), so a file loads back by name
 (`load_weights`) into the model built from that config, whatever the order of the file.
 A layer used twice (a shared embedding) is named where it first occurs. Arrays keep their
 dtype, except bfloat16 (which .npz cannot hold): it is written as float32.
 """
 
 import os
+import re
 import sys
 
 from absl import app
@@ -47,7 +48,7 @@ def weight_names(model, weights):
     subs = layer.sublayers
     if subs and isinstance(layer_weights, (tuple, list)) and len(layer_weights) == len(subs):
       for i, (sub, sub_weights) in enumerate(zip(subs, layer_weights)):
-        walk(sub, sub_weights, f'{path}{i:02d}_{sub.name}/')
+        walk(sub, sub_weights, f'{path}{i:02d}_{re.sub(r"(_[0-9]+)+$", "", sub.name)}/')
     else:  # a leaf layer (or one that keeps its own weights): its arrays by index
       names.extend(f'{path}{j}' for j in range(len(jax.tree.leaves(layer_weights))))
 
