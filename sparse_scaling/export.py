@@ -7,7 +7,7 @@ config (`config.gin`), and writes every weight array under a name made of its pl
 model's layer tree: the index and name of each layer on the path (trax's sizes after the name,
 as in `SparseFF_64_8`, dropped), then the array's index in its layer, e.g.
 
-  03_Serial/00_Branch/01_Parallel/01_Serial/01_SparseFF/0    (block 0's Sparse FF, W1)
+  03_Serial/00_Branch/01_Parallel/01_Serial/01_SparseFF/02_ChosenUnitsFF/0   (block 0's W1)
 
 The same model always gives the same names (sizes do not enter them), so a file loads back by name
 (`load_weights`) into the model built from that config, whatever the order of the file.
