@@ -118,6 +118,8 @@ def test_quiet_imports_drop_the_notices_and_pass_on_the_rest(capfd):
                 b'I0000 00:00:1.1 1 port.cc:153] oneDNN custom operations are on. You may\n'
                 b'I0000 00:00:1.2 1 cudart_stub.cc:31] Could not find cuda drivers on your '
                 b'machine, GPU will not be used.\n'
+                b'E0000 00:00:1.4 1 cuda_platform.cc:52] failed call to cuInit: INTERNAL: CUDA '
+                b'error: Failed call to cuInit: UNKNOWN ERROR (303)\n'
                 b'E0000 00:00:1.3 1 something.cc:1] a real error\n')
     print(banner, file=sys.stderr)
     print('a real warning', file=sys.stderr)
