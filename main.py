@@ -12,7 +12,8 @@ resumes from the checkpoint in --output_dir.
 
 Modes: train (then print a sample if the config binds `sample.vocab`); eval (log-perplexity
 and accuracy of the checkpoint on `train.eval_steps` validation batches); decode (continue
---prompt with an LM, or summarize it with an encoder-decoder); vocab (train or load the
+--prompt with an LM, or summarize it with an encoder-decoder; --max_new_tokens,
+--temperature, --top_k, --top_p and --seed choose how); vocab (train or load the
 SentencePiece vocabulary of the config).
 """
 
@@ -24,13 +25,16 @@ import warnings
 from absl import app
 from absl import flags
 from absl import logging
-from trax.layers import base
 
-import sparse_scaling  # pylint: disable=unused-import  (applies the JAX compatibility shims)
+# First: checks the versions, imports trax quietly and applies the JAX compatibility shims.
+import sparse_scaling  # pylint: disable=unused-import
+from trax.layers import base  # pylint: disable=g-bad-import-order
+
 from sparse_scaling import configs
 from sparse_scaling import data  # pylint: disable=unused-import  (gin registrations)
 from sparse_scaling import decoding
 from sparse_scaling import models  # pylint: disable=unused-import  (gin registrations)
+from sparse_scaling import runtime
 from sparse_scaling import training
 
 MODES = ('train', 'eval', 'decode', 'vocab')
@@ -41,8 +45,14 @@ _OUTPUT_DIR = flags.DEFINE_string('output_dir', None, 'Checkpoint, metrics and c
 _MODE = flags.DEFINE_enum('mode', 'train', MODES, 'What to do.')
 _DATA_DIR = flags.DEFINE_string('data_dir', None, 'Data directory (gin macro DATA_DIR).')
 _N_DEVICES = flags.DEFINE_integer('n_devices', None, 'Devices for data-parallel training.')
-_SEED = flags.DEFINE_integer('seed', None, 'Random seed (train.random_seed).')
+_SEED = flags.DEFINE_integer('seed', None, 'Random seed (train.random_seed, sample.seed).')
 _PROMPT = flags.DEFINE_string('prompt', None, 'decode: text to continue or to summarize.')
+_MAX_NEW_TOKENS = flags.DEFINE_integer('max_new_tokens', None, 'decode: tokens to generate.')
+_TEMPERATURE = flags.DEFINE_float('temperature', None, 'decode: 0 is greedy, else sampled.')
+_TOP_K = flags.DEFINE_integer('top_k', None, 'decode: sample among the k most likely tokens.')
+_TOP_P = flags.DEFINE_float('top_p', None, 'decode: nucleus sampling, in (0, 1].')
+_ALLOW_CPU = flags.DEFINE_bool('allow_cpu', False,
+                               'Run on the CPU although a GPU or TPU is attached.')
 
 
 def _bindings():
@@ -56,6 +66,11 @@ def _bindings():
     bindings.append(f'train.random_seed = {_SEED.value}')
   if _PROMPT.value is not None:
     bindings.append(f'sample.prompt = {_PROMPT.value!r}')
+  for flag in (_MAX_NEW_TOKENS, _TEMPERATURE, _TOP_K, _TOP_P):
+    if flag.value is not None:
+      bindings.append(f'sample.{flag.name} = {flag.value!r}')
+  if _SEED.value is not None:
+    bindings.append(f'sample.seed = {_SEED.value}')
   return bindings
 
 
@@ -91,6 +106,11 @@ def main(argv):
     raise app.UsageError('--output_dir is required')
   logging.set_verbosity(logging.WARNING)  # the Loop prints its metrics itself
   warnings.filterwarnings('ignore', 'GzipFile was opened for writing')  # trax's checkpoints
+  try:
+    runtime.check_accelerator(allow_cpu=_ALLOW_CPU.value)
+  except RuntimeError as e:
+    sys.exit(f'error: {e}')
+  print(runtime.describe(), flush=True)
   try:
     configs.parse(_GIN_FILE.value, _bindings())
     if _MODE.value == 'train':

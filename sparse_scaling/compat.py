@@ -1,4 +1,8 @@
-"""Shims that let trax 1.4.1 run on jax 0.10 (the pinned stack).
+"""Shims that let trax 1.4.1 run on jax 0.10 (the pinned stack) and 0.11.
+
+Tested on jax 0.10.2 (Python 3.11, the lock) and 0.11.2 (Python 3.12): every break below is
+the same on both, so no shim branches on the version; an API that a release may lack is
+detected by feature (`jax.xla_computation`). `sparse_scaling.runtime` refuses older jax.
 
 `apply()` installs them; `sparse_scaling/__init__.py` calls it on import, so they are in
 place before any of our code uses trax (this module imports trax to patch it). `apply()` is

@@ -25,7 +25,6 @@ from absl import app
 from absl import flags
 import gin
 import numpy as np
-from rouge_score import rouge_scorer
 from trax import shapes
 
 from sparse_scaling import configs
@@ -113,6 +112,8 @@ def summarize(model_fn, weights, sp, documents, inputs_len, targets_len, batch_s
 
 def rouge(references, summaries):
   """F-measures per document, in percent: {rouge type: [score, ...]}."""
+  # An extra of the package (`dev`), needed only here.
+  from rouge_score import rouge_scorer  # pylint: disable=g-import-not-at-top
   scorer = rouge_scorer.RougeScorer(ROUGE_TYPES, use_stemmer=True)
   scores = {t: [] for t in ROUGE_TYPES}
   for reference, summary in zip(references, summaries):
