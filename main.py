@@ -135,7 +135,10 @@ def main(argv):
     # A process of the run that failed or was killed breaks the collectives of the others
     # (on CPU at once; on GPUs and TPUs JAX's heartbeat stops them). Exit now: JAX's
     # shutdown would wait for the processes that are gone.
-    print(f'error: process {jax.process_index()} of {jax.process_count()}: {_one_line(e)}',
+    message = _one_line(e)
+    if isinstance(e, jax.errors.JaxRuntimeError) or 'Gloo' in message:
+      message += ' (a collective failed: did another process of the run stop? See its output)'
+    print(f'error: process {jax.process_index()} of {jax.process_count()}: {message}',
           file=sys.stderr, flush=True)
     sys.stdout.flush()
     os._exit(1)  # pylint: disable=protected-access

@@ -15,12 +15,12 @@ from sparse_scaling import parallel
 
 @gin.configurable(module='tests')
 def report_step(loop, loss, seconds, report_dir=gin.REQUIRED, weights_at=gin.REQUIRED):
-  """Appends {step, loss} to report_dir/steps<process>.jsonl; at step `weights_at` saves the
-  weights the devices hold to report_dir/weights<process>.npz."""
+  """At step `weights_at`, saves the weights the devices hold to report_dir/weights<process>.npz;
+  then appends {step, loss} to report_dir/steps<process>.jsonl."""
   del seconds
   process = jax.process_index()
-  with open(os.path.join(report_dir, f'steps{process}.jsonl'), 'a') as f:
-    f.write(json.dumps(dict(step=loop.step, loss=loss)) + '\n')
   if loop.step == weights_at:
     np.savez(os.path.join(report_dir, f'weights{process}.npz'),
              *jax.tree.leaves(parallel.to_host(loop.device_weights)))
+  with open(os.path.join(report_dir, f'steps{process}.jsonl'), 'a') as f:
+    f.write(json.dumps(dict(step=loop.step, loss=loss)) + '\n')

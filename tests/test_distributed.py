@@ -4,9 +4,12 @@ JAX's distributed runtime joins them (`--coordinator_address`, `--num_processes`
 `--process_id`), gloo carries their collectives. They train the tiny LM of tiny/lm.gin (one
 layer) on one output directory, against the reference: one process with two CPU devices. A
 gin-bound `train.on_step` (tests/distributed_probe.py) has each process report its losses and
-weights. Phase 1: both train STEPS steps, all three processes at once. Phase 2: both resume from
-their checkpoints for a step (trax's Loop draws its keys from the seed again: resumed runs agree
-with each other, not with an uninterrupted one), then process 1 is killed.
+weights.
+
+Default: the two processes and the reference train STEPS steps, all at once; after step STEPS
+process 1 is killed (process 0 has checkpointed, and evaluates next). Slow: both runs resume
+from their checkpoints for a step (trax's Loop draws its keys from the seed again, so resumed
+runs agree with each other, not with an uninterrupted one).
 """
 
 import json
@@ -35,7 +38,8 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def _start(output_dir, reports, steps, log, *args, weights_at=STEPS, env=None):
+def _start(output_dir, reports, steps, log, *args, env, weights_at=STEPS):
+  reports.mkdir(exist_ok=True)
   params = FAST + [f'train.steps={steps}', f'report_step.report_dir={str(reports)!r}',
                    f'report_step.weights_at={weights_at}']
   command = [sys.executable, str(ROOT / 'main.py'), '--gin_file=tiny/lm.gin',
@@ -45,24 +49,32 @@ def _start(output_dir, reports, steps, log, *args, weights_at=STEPS, env=None):
     return subprocess.Popen(command, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
 
 
-def _processes(output_dir, reports, steps, log_prefix, **kwargs):
-  """Starts process 0 and 1 of a run on localhost; their output goes to <log_prefix>i.txt."""
+def _processes(tmp, reports, steps, log, env):
+  """Starts process 0 and 1 of a run on tmp/run; their output goes to tmp/logs/<log>I.txt."""
   port = _free_port()
-  return [_start(output_dir, reports, steps, f'{log_prefix}{i}.txt',
+  return [_start(tmp / 'run', reports, steps, tmp / 'logs' / f'{log}{i}.txt',
                  f'--coordinator_address=localhost:{port}', '--num_processes=2',
-                 f'--process_id={i}', f'--heartbeat_timeout={HEARTBEAT_TIMEOUT}', **kwargs)
+                 f'--process_id={i}', f'--heartbeat_timeout={HEARTBEAT_TIMEOUT}', env=env)
           for i in range(2)]
 
 
-def _reference(tmp, reports, steps, log, env, **kwargs):
-  """Starts the reference run: one process, two CPU devices."""
+def _reference(tmp, reports, steps, log, env):
+  """Starts the reference run on tmp/reference: one process, two CPU devices."""
   return _start(tmp / 'reference', reports, steps, tmp / 'logs' / f'{log}.txt', '--n_devices=2',
-                env=dict(env, XLA_FLAGS='--xla_force_host_platform_device_count=2'), **kwargs)
+                env=dict(env, XLA_FLAGS='--xla_force_host_platform_device_count=2'))
 
 
 def _steps(reports, process):
   path = reports / f'steps{process}.jsonl'
   return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _wait_for_step(reports, step, processes):
+  deadline = time.time() + 600
+  while not all(len(_steps(reports, i)) >= step for i in range(2)):
+    assert all(p.poll() is None for p in processes), f'a process exited before step {step}'
+    assert time.time() < deadline, f'no step {step} in 600 s'
+    time.sleep(0.2)
 
 
 def _kill_all(processes):
@@ -81,100 +93,88 @@ def env(cache_dir):
 
 
 @pytest.fixture(scope='module')
-def phase1(tmp_path_factory, env):
-  """Two processes train STEPS steps on one directory; the reference, with 2 devices, too."""
-  tmp = tmp_path_factory.mktemp('distributed')
-  for name in ('run', 'reports', 'reference', 'reference_reports', 'logs'):
-    (tmp / name).mkdir()
-  processes = _processes(tmp / 'run', tmp / 'reports', STEPS, tmp / 'logs' / 'process', env=env)
-  reference = _reference(tmp, tmp / 'reference_reports', STEPS, 'reference', env)
-  try:
-    for process, log in zip(processes + [reference], ['process0', 'process1', 'reference']):
-      assert process.wait(timeout=600) == 0, (tmp / 'logs' / f'{log}.txt').read_text()[-3000:]
-  finally:
-    _kill_all(processes + [reference])
-  return tmp
-
-
-@pytest.fixture(scope='module')
-def phase2(phase1, env):
-  """Both runs resume for a step; then process 1 of the two is killed.
+def run(tmp_path_factory, env):
+  """Two processes and the reference train STEPS steps; then process 1 is killed.
 
   Returns:
-    (process 0's exit code, seconds from the kill to its exit, its output).
+    (the run's directory, process 0's exit code, seconds from the kill to its exit).
   """
-  reports = phase1 / 'resumed_reports'
-  (phase1 / 'resumed_reference_reports').mkdir()
-  reports.mkdir()
-  reference = _reference(phase1, phase1 / 'resumed_reference_reports', STEPS + 1,
-                         'resumed_reference', env, weights_at=0)
-  processes = _processes(phase1 / 'run', reports, 1000, phase1 / 'logs' / 'resumed', env=env,
-                         weights_at=0)
+  tmp = tmp_path_factory.mktemp('distributed')
+  (tmp / 'logs').mkdir()
+  processes = _processes(tmp, tmp / 'reports', 1000, 'process', env)
+  reference = _reference(tmp, tmp / 'reference_reports', STEPS, 'reference', env)
   try:
-    deadline = time.time() + 600
-    while not (_steps(reports, 0) and _steps(reports, 1)):
-      assert all(p.poll() is None for p in processes), 'a resumed process exited early'
-      assert time.time() < deadline, 'no step after resuming'
-      time.sleep(0.2)
+    _wait_for_step(tmp / 'reports', STEPS, processes)
     processes[1].send_signal(signal.SIGKILL)
     killed = time.time()
     returncode = processes[0].wait(timeout=120)
     seconds = time.time() - killed
-    assert reference.wait(timeout=600) == 0, (
-        phase1 / 'logs' / 'resumed_reference.txt').read_text()[-3000:]
+    assert reference.wait(timeout=600) == 0, (tmp / 'logs' / 'reference.txt').read_text()[-3000:]
   finally:
     _kill_all(processes + [reference])
-  return returncode, seconds, (phase1 / 'logs' / 'resumed0.txt').read_text()
+  return tmp, returncode, seconds
 
 
-def test_processes_train_as_one_process_with_two_devices(phase1):
+def test_processes_train_as_one_process_with_two_devices(run):
   # Each process trains on its rows of the global batch with its device's key, as device i
   # of the one process does: the same losses (to the compat tests' tolerance).
-  process0, process1 = _steps(phase1 / 'reports', 0), _steps(phase1 / 'reports', 1)
-  reference = _steps(phase1 / 'reference_reports', 0)
+  tmp = run[0]
+  process0, process1 = (_steps(tmp / 'reports', i)[:STEPS] for i in range(2))
+  reference = _steps(tmp / 'reference_reports', 0)
   assert [s['step'] for s in process0] == [s['step'] for s in process1] == [1, 2, 3, 4]
   assert [s['loss'] for s in process0] == [s['loss'] for s in process1]  # a global mean
   np.testing.assert_allclose([s['loss'] for s in process0], [s['loss'] for s in reference],
                              rtol=1e-5)
 
 
-def test_processes_hold_identical_weights(phase1):
-  weights0, weights1 = (np.load(phase1 / 'reports' / f'weights{i}.npz') for i in range(2))
-  reference = np.load(phase1 / 'reference_reports' / 'weights0.npz')
+def test_processes_hold_identical_weights(run):
+  tmp = run[0]
+  weights0, weights1 = (np.load(tmp / 'reports' / f'weights{i}.npz') for i in range(2))
+  reference = np.load(tmp / 'reference_reports' / 'weights0.npz')
   assert len(weights0.files) == len(weights1.files) == len(reference.files) > 10
   for name in weights0.files:
     np.testing.assert_array_equal(weights0[name], weights1[name])
     np.testing.assert_allclose(weights0[name], reference[name], rtol=1e-5, atol=1e-6)
 
 
-def test_only_process_0_writes_checkpoints_tensorboard_and_config(phase1):
-  run = phase1 / 'run'
-  assert (run / 'config.gin').exists() and (run / 'checkpoint' / 'model.pkl.gz').exists()
-  assert [p.name for p in run.rglob('data_counters*')] == ['data_counters0.pkl']
+def test_only_process_0_writes_checkpoints_tensorboard_and_config(run):
+  tmp = run[0]
+  assert (tmp / 'run' / 'config.gin').exists()
+  assert (tmp / 'run' / 'checkpoint' / 'model.pkl.gz').exists()
+  assert [p.name for p in (tmp / 'run').rglob('data_counters*')] == ['data_counters0.pkl']
   for part in ('train', 'eval'):
-    assert len(list((run / part).glob('events.out.tfevents.*'))) == 1, part
-  logs = phase1 / 'logs'
-  assert 'step      4/4 | loss' in (logs / 'process0.txt').read_text()
-  assert '--- sample' in (logs / 'process0.txt').read_text()
-  assert 'step ' not in (logs / 'process1.txt').read_text()
+    assert len(list((tmp / 'run' / part).glob('events.out.tfevents.*'))) == 1, part
+  assert 'step      4/1000 | loss' in (tmp / 'logs' / 'process0.txt').read_text()
+  assert 'step ' not in (tmp / 'logs' / 'process1.txt').read_text()
 
 
-def test_every_process_resumes_from_the_checkpoint(phase1, phase2):
-  # Weights, optimizer slots and data position restored in both processes: their step 5 is
-  # the resumed reference's step 5.
-  del phase2
-  reference = _steps(phase1 / 'resumed_reference_reports', 0)
-  assert [s['step'] for s in reference] == [STEPS + 1]
-  for process in range(2):
-    first = _steps(phase1 / 'resumed_reports', process)[0]
-    assert first['step'] == STEPS + 1
-    np.testing.assert_allclose(first['loss'], reference[0]['loss'], rtol=1e-5)
-
-
-def test_a_killed_process_stops_the_other_with_a_clear_error(phase2):
-  returncode, seconds, output = phase2
+def test_a_killed_process_stops_the_other_with_a_clear_error(run):
+  tmp, returncode, seconds = run
+  output = (tmp / 'logs' / 'process0.txt').read_text()
   assert returncode != 0
   assert seconds < HEARTBEAT_TIMEOUT + 30
   # Ours when a collective fails (gloo on CPU); JAX's when its heartbeat finds the process gone.
   assert ('error: process 0 of 2:' in output
           or 'the JAX distributed service detected fatal errors' in output), output[-3000:]
+
+
+@pytest.mark.slow  # ~1 min on 2 cores: three more trax processes
+def test_every_process_resumes_from_the_checkpoint(run, env):
+  # Weights, optimizer slots and data position restored in both processes: their step 5 is
+  # the resumed reference's.
+  tmp = run[0]
+  processes = _processes(tmp, tmp / 'resumed_reports', 1000, 'resumed', env)
+  reference = _reference(tmp, tmp / 'resumed_reference_reports', STEPS + 1,
+                         'resumed_reference', env)
+  try:
+    _wait_for_step(tmp / 'resumed_reports', 1, processes)
+    assert reference.wait(timeout=600) == 0, (
+        tmp / 'logs' / 'resumed_reference.txt').read_text()[-3000:]
+  finally:
+    _kill_all(processes + [reference])
+  resumed_reference = _steps(tmp / 'resumed_reference_reports', 0)
+  assert [s['step'] for s in resumed_reference] == [STEPS + 1]
+  for process in range(2):
+    first = _steps(tmp / 'resumed_reports', process)[0]
+    assert first['step'] == STEPS + 1
+    np.testing.assert_allclose(first['loss'], resumed_reference[0]['loss'], rtol=1e-5)
