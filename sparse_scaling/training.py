@@ -197,7 +197,10 @@ class Loop(training.Loop):
 
   @property
   def device_weights(self):
-    """The weights the training step updates, where they live (on the training devices)."""
+    """The weights the training step updates, where they live (on the training devices).
+
+    Not for the memory-efficient trainer, which keeps them per layer on the host.
+    """
     return self._trainer_per_task[0].accelerated_model_with_loss.weights
 
   def _parallel_trainers(self):
