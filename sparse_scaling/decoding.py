@@ -99,7 +99,7 @@ class Decoder:
     model: The predict-mode model; its weights are the ones decoded with.
   """
 
-  def __init__(self, model_fn, weights, start_id=0):
+  def __init__(self, model_fn, weights, start_id=0, dtype=None):
     """Builds the predict-mode model.
 
     Args:
@@ -110,9 +110,16 @@ class Decoder:
       weights: Trained weights of that model (from any mode: they are matched by order, so
         predict mode's extra cache wrappers do not matter).
       start_id: Token fed before the prompt; trax's models see 0 there in training.
+      dtype: None keeps the weights' dtype; 'bfloat16' (or another float dtype) casts the
+        floating-point weights and caches to it: half the bytes a token reads. Matrix
+        products and reductions of bfloat16 accumulate in float32 on GPUs and TPUs; the
+        sampling runs on float32 logits.
     """
     self.model = model_fn(mode='predict')
-    self._leaves = jax.tree.leaves(weights)
+    self._dtype = None if dtype is None else jnp.dtype(dtype)
+    if self._dtype is not None and not jnp.issubdtype(self._dtype, jnp.floating):
+      raise ValueError(f'dtype must be a floating-point dtype, got {dtype!r}')
+    self._leaves = [self._cast(w) for w in jax.tree.leaves(weights)]
     self._weights = None
     self._start_id = start_id
     self._compiled = {}
@@ -171,11 +178,18 @@ class Decoder:
     if inputs is not None:
       signature = (shapes.signature(inputs), signature)
     _, state = self.model.init(signature, use_cache=False)
+    state = jax.tree.map(self._cast, state)
     if self._weights is None:
       self._weights = jax.tree.unflatten(jax.tree.structure(self.model.weights), self._leaves)
       self._leaves = None
     self.model.weights = self._weights
     return state
+
+  def _cast(self, array):
+    """A floating-point array in the decoding dtype; anything else as it is."""
+    if self._dtype is None or not jnp.issubdtype(jnp.result_type(array), jnp.floating):
+      return array
+    return jnp.asarray(array, self._dtype)
 
   def _step(self, weights, state, tokens, inputs):
     """Logits of the last position [batch, vocab] after feeding tokens [batch, n]."""
@@ -242,7 +256,7 @@ class Decoder:
 
 @gin.configurable(module='sparse_scaling', denylist=['model_fn', 'weights'])
 def sample(model_fn, weights, vocab=gin.REQUIRED, prompt='', max_new_tokens=64,
-           temperature=0.0, top_k=None, top_p=None, seed=0):
+           temperature=0.0, top_k=None, top_p=None, seed=0, dtype=None):
   """Decodes one sample as printable text: an LM continues `prompt`; an encoder-decoder
   reads `prompt` as its input document (ended by EOS) and writes its output from scratch.
 
@@ -256,9 +270,10 @@ def sample(model_fn, weights, vocab=gin.REQUIRED, prompt='', max_new_tokens=64,
     top_k: Sample among the `top_k` most likely tokens only (None: all).
     top_p: Nucleus sampling, in (0, 1] (None: all tokens).
     seed: Seed of the sampling noise.
+    dtype: Decode with the weights and caches in this dtype ('bfloat16'); None: as trained.
   """
   _check_sampling(max_new_tokens, temperature, top_k, top_p)  # before the model is built
-  decoder = Decoder(model_fn, weights)
+  decoder = Decoder(model_fn, weights, dtype=dtype)
   ids = vocab.encode(prompt)
   if decoder.model.n_in == 1:
     prefix, inputs, shown = [ids], None, prompt

@@ -202,7 +202,7 @@ def seconds_per_token_program(model_fn, dtype, prompt, n_tokens):
   generations) over the difference in tokens: the prompt pass cancels out.
   """
   weights, _ = random_weights_and_state(model_fn(), dtype)
-  decoder = decoding.Decoder(model_fn, weights)
+  decoder = decoding.Decoder(model_fn, weights, dtype=dtype)
   prompt_ids = np.ones((1, prompt), np.int32)
   short = max(1, n_tokens // 4)
   medians = [timing.time_call(decoder.generate, prompt_ids, n, min_runs=5, min_seconds=0,
