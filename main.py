@@ -13,8 +13,15 @@ flight, with a checkpoint, and exit status 0 (README, "Reliability").
 
 Modes: train (then print a sample if the config binds `sample.vocab`); eval (log-perplexity
 and accuracy of the checkpoint on `train.eval_steps` validation batches); decode (continue
---prompt with an LM, or summarize it with an encoder-decoder); vocab (train or load the
+--prompt with an LM, or summarize it with an encoder-decoder; --max_new_tokens,
+--temperature, --top_k, --top_p and --seed choose how); vocab (train or load the
 SentencePiece vocabulary of the config).
+
+Several hosts (docs/distributed.md): run the same command in every process, with
+--coordinator_address=HOST:PORT --num_processes=P --process_id=I, or with --distributed
+under a launcher JAX reads itself (Slurm, Open MPI, a Cloud TPU pod slice). The global batch
+is split over all devices of all processes; process 0 writes the checkpoint, TensorBoard files
+and config.gin into --output_dir, which every process must see.
 """
 
 import os
@@ -25,14 +32,19 @@ import warnings
 from absl import app
 from absl import flags
 from absl import logging
-from trax.layers import base
 
-import sparse_scaling  # pylint: disable=unused-import  (applies the JAX compatibility shims)
+# First: checks the versions, imports trax quietly and applies the JAX compatibility shims.
+import sparse_scaling  # pylint: disable=unused-import
+import jax  # pylint: disable=g-bad-import-order
+from trax.layers import base  # pylint: disable=g-bad-import-order
+
 from sparse_scaling import checkpoints
 from sparse_scaling import configs
 from sparse_scaling import data  # pylint: disable=unused-import  (gin registrations)
 from sparse_scaling import decoding
 from sparse_scaling import models  # pylint: disable=unused-import  (gin registrations)
+from sparse_scaling import parallel
+from sparse_scaling import runtime
 from sparse_scaling import training
 
 MODES = ('train', 'eval', 'decode', 'vocab')
@@ -43,8 +55,25 @@ _OUTPUT_DIR = flags.DEFINE_string('output_dir', None, 'Checkpoint, metrics and c
 _MODE = flags.DEFINE_enum('mode', 'train', MODES, 'What to do.')
 _DATA_DIR = flags.DEFINE_string('data_dir', None, 'Data directory (gin macro DATA_DIR).')
 _N_DEVICES = flags.DEFINE_integer('n_devices', None, 'Devices for data-parallel training.')
-_SEED = flags.DEFINE_integer('seed', None, 'Random seed (train.random_seed).')
+_SEED = flags.DEFINE_integer('seed', None, 'Random seed (train.random_seed, sample.seed).')
 _PROMPT = flags.DEFINE_string('prompt', None, 'decode: text to continue or to summarize.')
+_MAX_NEW_TOKENS = flags.DEFINE_integer('max_new_tokens', None, 'decode: tokens to generate.')
+_TEMPERATURE = flags.DEFINE_float('temperature', None, 'decode: 0 is greedy, else sampled.')
+_TOP_K = flags.DEFINE_integer('top_k', None, 'decode: sample among the k most likely tokens.')
+_TOP_P = flags.DEFINE_float('top_p', None, 'decode: nucleus sampling, in (0, 1].')
+_ALLOW_CPU = flags.DEFINE_bool('allow_cpu', False,
+                               'Run on the CPU although a GPU or TPU is attached.')
+_COORDINATOR_ADDRESS = flags.DEFINE_string(
+    'coordinator_address', None, 'Multi-process run: HOST:PORT of process 0.')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Multi-process run: processes.')
+_PROCESS_ID = flags.DEFINE_integer(
+    'process_id', None, 'Multi-process run: this process, 0 to --num_processes - 1.')
+_DISTRIBUTED = flags.DEFINE_bool(
+    'distributed', False, 'Join a multi-process run; JAX reads what the three flags above '
+    'leave out from the launcher (Slurm, Open MPI, a Cloud TPU pod slice).')
+_HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
+    'heartbeat_timeout', 100, 'Multi-process run: seconds the others wait for a silent '
+    'process before they stop with an error.')
 
 
 def _bindings():
@@ -58,6 +87,11 @@ def _bindings():
     bindings.append(f'train.random_seed = {_SEED.value}')
   if _PROMPT.value is not None:
     bindings.append(f'sample.prompt = {_PROMPT.value!r}')
+  for flag in (_MAX_NEW_TOKENS, _TEMPERATURE, _TOP_K, _TOP_P):
+    if flag.value is not None:
+      bindings.append(f'sample.{flag.name} = {flag.value!r}')
+  if _SEED.value is not None:
+    bindings.append(f'sample.seed = {_SEED.value}')
   return bindings
 
 
@@ -74,7 +108,8 @@ def run(mode, output_dir):
     if loop.stopped_by:  # SIGTERM or SIGINT: checkpointed; exit 0 at once
       return
     weights = loop.model.weights
-  if mode == 'decode' or (mode == 'train' and configs.has_binding('sample.vocab')):
+  sample = mode == 'decode' or (mode == 'train' and configs.has_binding('sample.vocab'))
+  if sample and jax.process_index() == 0:
     print(decoding.sample(configs.configured_model(), weights), flush=True)
 
 
@@ -96,13 +131,42 @@ def main(argv):
     raise app.UsageError('--output_dir is required')
   logging.set_verbosity(logging.WARNING)  # the Loop prints its metrics itself
   warnings.filterwarnings('ignore', 'GzipFile was opened for writing')  # trax's checkpoints
+  distributed = _DISTRIBUTED.value or any(
+      flag.value is not None for flag in (_COORDINATOR_ADDRESS, _NUM_PROCESSES, _PROCESS_ID))
+  if distributed:  # before anything touches a device
+    try:
+      parallel.initialize(_COORDINATOR_ADDRESS.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                          heartbeat_timeout_seconds=_HEARTBEAT_TIMEOUT.value)
+    except (ValueError, TypeError, RuntimeError) as e:
+      sys.exit(f'error: cannot join the multi-process run: {_one_line(e)} (give '
+               '--coordinator_address, --num_processes and --process_id, or start it with a '
+               'launcher JAX reads: Slurm, Open MPI, a Cloud TPU pod slice)')
+  errors = (OSError, ValueError, KeyError, FloatingPointError, base.LayerError)
+  if distributed:  # a collective with a process that is gone fails so, or as a ValueError
+    errors += (jax.errors.JaxRuntimeError,)
+  try:
+    runtime.check_accelerator(allow_cpu=_ALLOW_CPU.value)
+  except RuntimeError as e:
+    sys.exit(f'error: {e}')
+  print(runtime.describe(), flush=True)
   try:
     configs.parse(_GIN_FILE.value, _bindings())
     if _MODE.value == 'train':
       os.makedirs(_OUTPUT_DIR.value, exist_ok=True)
     run(_MODE.value, _OUTPUT_DIR.value)
-  except (OSError, ValueError, KeyError, FloatingPointError, base.LayerError) as e:
-    sys.exit(f'error: {_one_line(e)}')
+  except errors as e:
+    if not distributed:
+      sys.exit(f'error: {_one_line(e)}')
+    # A process of the run that failed or was killed breaks the collectives of the others
+    # (on CPU at once; on GPUs and TPUs JAX's heartbeat stops them). Exit now: JAX's
+    # shutdown would wait for the processes that are gone.
+    message = _one_line(e)
+    if isinstance(e, jax.errors.JaxRuntimeError) or 'Gloo' in message:
+      message += ' (a collective failed: did another process of the run stop? See its output)'
+    print(f'error: process {jax.process_index()} of {jax.process_count()}: {message}',
+          file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(1)  # pylint: disable=protected-access
 
 
 if __name__ == '__main__':

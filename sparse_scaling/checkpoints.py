@@ -7,6 +7,7 @@ its own under the run's `output_dir`:
   checkpoint/model.weights.npy.gz    the weights, flat in layer order (`np.save`, no pickle)
   checkpoint/model.opt_slots0.npy.gz the optimizer slots of training task 0 (`np.save`)
   checkpoint/data_counters0.pkl      pickle: batches drawn so far, so a resumed run reads on
+                                     (process 0's; every process of a run resumes from it)
 
 Writing (`swapped_in`): a checkpoint is written into `checkpoint.writing/` and swapped in by two
 renames (`checkpoint/` -> `checkpoint.previous/`, `checkpoint.writing/` -> `checkpoint/`), so a
@@ -23,7 +24,8 @@ holds (`_ADMITTED`) and refuses any other by name; the arrays are read by `np.lo
 
 Locking (`lock_output_dir`): a training run holds `fcntl.flock` on `output_dir/train.lock`, so a
 second run on the same directory stops at once. The OS releases the lock when the process ends,
-however it ends, so a crashed run never leaves it stuck.
+however it ends, so a crashed run never leaves it stuck. In a run of several processes only
+process 0, which writes for all of them, takes it (`training.train`).
 """
 
 import collections
@@ -37,7 +39,6 @@ import weakref
 from typing import NamedTuple
 
 from absl import logging
-import jax
 from jax._src import array as jax_array
 import jax.numpy as jnp
 import numpy as np
@@ -205,7 +206,9 @@ def read(directory, n_tasks=1, basename=BASENAME):
     slots = list(pkl.get('slots_per_task') or [])[:n_tasks]
   counters = {}
   if n_tasks:
-    path = os.path.join(directory, f'data_counters{jax.process_index()}.pkl')
+    # Process 0's: it alone writes a checkpoint, and every process of a run reads the same
+    # global batches (`parallel.process_batches`), so its position is theirs.
+    path = os.path.join(directory, 'data_counters0.pkl')
     if tf.io.gfile.exists(path):
       counters = unpickle(path)
       if not isinstance(counters, dict):

@@ -1,4 +1,8 @@
-"""Shims that let trax 1.4.1 run on jax 0.10 (the pinned stack).
+"""Shims that let trax 1.4.1 run on jax 0.10 (the pinned stack) and 0.11.
+
+Tested on jax 0.10.2 (Python 3.11, the lock) and 0.11.2 (Python 3.12): every break below is
+the same on both, so no shim branches on the version; an API that a release may lack is
+detected by feature (`jax.xla_computation`). `sparse_scaling.runtime` refuses older jax.
 
 `apply()` installs them; `sparse_scaling/__init__.py` calls it on import, so they are in
 place before any of our code uses trax (this module imports trax to patch it). `apply()` is
@@ -32,9 +36,6 @@ a no-op after the first call. Each shim is the narrowest patch we found for one 
 - `jax.host_count` is set to `jax.process_count`: trax calls the old name (training.py
   l.1296, data/inputs.py l.613), which jax 0.10 keeps only as an alias that warns on every
   call.
-- `_xla_computation` provides `jax.xla_computation` (deprecated in jax 0.4.30, gone in
-  jax 0.10), which `trainer_lib.Trainer.save_computation_graphs` (supervised/trainer_lib.py,
-  l.454) calls when the legacy trainer saves its graph (`trainer_lib.train(use_loop=False)`).
 """
 
 import functools
@@ -70,8 +71,6 @@ def apply():
   _fastmath_numpy.tree_unflatten = fastmath.tree_unflatten = _tree_unflatten
   fastmath_jax.JAX_BACKEND['pmap'] = _pmap
   jax.host_count = jax.process_count
-  if not hasattr(jax, 'xla_computation'):
-    jax.xla_computation = _xla_computation
 
 
 @functools.lru_cache(maxsize=None)
@@ -203,21 +202,3 @@ def _tree_unflatten(flat, tree, copy_from_tree=None):
   return _trax_originals['tree_unflatten'](
       flat, tree, copy_from_tree=copy_from_tree)
 
-
-def _xla_computation(fun):
-  """Stands in for `jax.xla_computation` (deprecated in jax 0.4.30, gone in 0.10).
-
-  `trainer_lib.Trainer.save_computation_graphs` (supervised/trainer_lib.py, l.454) calls
-  `jax.xla_computation(f)(*args, **kwargs)` and writes `.as_hlo_text()` and
-  `.as_hlo_dot_graph()` of the result; the HLO of `jax.jit(f).lower(...)` has both.
-
-  Args:
-    fun: Function to trace.
-
-  Returns:
-    A function taking `fun`'s arguments and returning its `XlaComputation`.
-  """
-  def computation(*args, **kwargs):
-    return jax.jit(fun).lower(*args, **kwargs).compiler_ir('hlo')
-
-  return computation

@@ -3,7 +3,9 @@
 `gin_configs/` mirrors the paper's tables: `models/` bind a model from UPPERCASE macros,
 `paper/` are one file per table row (an include and a few macros), `tiny/` are CPU-sized twins.
 A `--gin_file` is a path, or a path relative to `gin_configs/` (`paper/c4_800m_ff.gin`);
-includes inside gin files are relative to `gin_configs/`.
+includes inside gin files are relative to `gin_configs/`. In a checkout `gin_configs/` is the
+directory beside the package; an installed package carries it as `sparse_scaling/gin_configs`
+(pyproject.toml).
 """
 
 import importlib.util
@@ -13,7 +15,9 @@ import pathlib
 import gin
 from gin import resource_reader
 
-GIN_DIR = pathlib.Path(__file__).resolve().parents[1] / 'gin_configs'
+_PACKAGE_DIR = pathlib.Path(__file__).resolve().parent
+GIN_DIR = next((d for d in (_PACKAGE_DIR / 'gin_configs', _PACKAGE_DIR.parent / 'gin_configs')
+                if d.is_dir()), _PACKAGE_DIR.parent / 'gin_configs')
 gin.add_config_file_search_path(str(GIN_DIR))  # Includes inside gin files.
 
 

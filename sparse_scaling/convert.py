@@ -9,10 +9,11 @@ layer by layer, and the layers whose weights differ are mapped:
   trax                                   ours
   SparseFF: C1, C2, c; W1 [d, d_ff/N, N],  SparseFF: C1, C2, c; W1 [d_ff/N, N, d], b1 = 0,
             W2 [N, d_ff/N, d], b2                    W2 [d_ff/N, N, d], b2
-  FactoredDense: G [S, d], P [d, M], b    MultiplicativeDense: D = Gᵀ [d, S], E = P, b
 
-Every other layer (embeddings, LayerNorm, dense attention, convolutions, Dense) is trax's own
-layer in both and is copied as it is. Shapes are checked at every step.
+Every other layer is copied as it is: trax's own layers (embeddings, LayerNorm, Dense) and
+ours that keep trax's layout (`FactoredDense`'s G [S, d], P [d, M], b are
+`MultiplicativeDense`'s D, E, b; the attention projections and the module convolutions keep
+`tl.Dense` and `tl.Conv` weights in trax's order). Shapes are checked at every step.
 """
 
 import os
@@ -22,7 +23,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from sparse_scaling import checkpoints
-from sparse_scaling.layers.multiplicative_dense import MultiplicativeDense
 
 
 def load_trax_weights(ours, trax_weights):
@@ -70,11 +70,6 @@ def _load(layer, arrays, seen):
   seen.add(id(layer))
   if layer.name.startswith('SparseFF_'):
     return _load_sparse_ff(layer, arrays)
-  if isinstance(layer, MultiplicativeDense):
-    n = len(layer.weights)
-    (g, p, *bias), arrays = _take(arrays, n, 'MultiplicativeDense')
-    _set(layer, (jnp.transpose(g), p, *bias))
-    return arrays
   if layer.sublayers:
     for sub in layer.sublayers:
       arrays = _load(sub, arrays, seen)
@@ -87,11 +82,19 @@ def _load(layer, arrays, seen):
 
 
 def _load_sparse_ff(layer, arrays):
-  controller, units = [sub for sub in layer.sublayers if sub.weights]
+  """trax's six SparseFF weights into our controller and units (`SparseFFDecode` in predict
+  mode)."""
   (m1, m2, mb, w1, w2, b2), arrays = _take(arrays, 6, 'SparseFF')
-  _set(controller, (m1, m2, mb))
-  _set(units, (jnp.transpose(w1, (1, 2, 0)), jnp.zeros_like(mb),
-               jnp.transpose(w2, (1, 0, 2)), b2))
+  if w1.ndim != 3 or w2.ndim != 3:
+    raise ValueError(f'{layer.name}: trax weights of shapes {w1.shape}, {w2.shape} are no '
+                     'SparseFF; build ours with the configuration of the trax model')
+  ours = ((m1, m2, mb), (jnp.transpose(w1, (1, 2, 0)), jnp.zeros_like(mb),
+                         jnp.transpose(w2, (1, 0, 2)), b2))
+  if not layer.sublayers:  # SparseFFDecode: one layer with the tree of the Serial
+    _set(layer, ((), *ours, ()))
+    return arrays
+  for part, weights in zip([sub for sub in layer.sublayers if sub.weights], ours):
+    _set(part, weights)
   return arrays
 
 

@@ -5,6 +5,21 @@ batch 1 the host overhead per call is of the order of the whole sparse model's s
 prompt pass and a `lax.while_loop` over the model's pure predict-mode function (weights in,
 KV, convolution and encoder caches carried as state) are jitted together, so a whole
 generation is a single device call.
+
+Prompts of different lengths: every row is fed one token per step, so all rows stay at the
+same position of their caches (KV cache, Sparse QKV's convolution window, SRU state) and no
+row ever sees padding. The prompt pass feeds the first min(lengths) tokens of every row at
+once; after it, a row whose prompt is longer takes its own next prompt token (teacher
+forcing) until its prompt is used up, and its own samples after that. Row r so goes through
+exactly the calls it would alone, up to how its prompt is split between the prompt pass and
+single steps (predict == eval). A long prompt beside a short one costs one step per token of
+the difference.
+
+Sampling: logits / temperature, then top_k (keep the k largest), then top_p (keep the
+smallest set of most likely tokens whose probability reaches top_p); temperature 0 is greedy.
+The noise of row r's j-th new token is drawn from `fold_in(PRNGKey(seeds[r]), j)`, where
+`seeds[r] = seed + r` for an int seed: a row depends on its own prompt and seed only, never
+on the rest of the batch.
 """
 
 import functools
@@ -12,17 +27,79 @@ import functools
 import gin
 import jax
 import jax.numpy as jnp
+import numpy as np
 from trax import shapes
 
 
+def filter_logits(logits, temperature, top_k=None, top_p=None):
+  """Logits of the tokens that sampling may pick; the others are -inf.
+
+  Args:
+    logits: [..., vocab] float logits.
+    temperature: > 0; the logits are divided by it first.
+    top_k: Keep only the `top_k` largest logits (ties with the k-th are kept); None: all.
+    top_p: Keep the most likely tokens, in order, until the probability of those before
+      the next one reaches `top_p` (the most likely token is always kept); None or 1: all.
+
+  Returns:
+    float32 [..., vocab]: the tempered logits, -inf outside the allowed set.
+  """
+  logits = logits.astype(jnp.float32) / temperature
+  if top_k is not None and top_k < logits.shape[-1]:
+    kth = jax.lax.top_k(logits, top_k)[0][..., -1:]                   # [..., 1]
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+  if top_p is not None and top_p < 1:
+    ranked = -jnp.sort(-logits, axis=-1)                              # [..., vocab], descending
+    probs = jax.nn.softmax(ranked, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs                  # 0 for the first
+    threshold = jnp.min(jnp.where(mass_before < top_p, ranked, jnp.inf), axis=-1,
+                        keepdims=True)
+    logits = jnp.where(logits < threshold, -jnp.inf, logits)
+  return logits
+
+
+def _check_sampling(max_new_tokens, temperature, top_k, top_p):
+  """Raises ValueError naming the first sampling option outside its range."""
+  if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+    raise ValueError(f'max_new_tokens must be an integer >= 1, got {max_new_tokens!r}')
+  if not temperature >= 0:
+    raise ValueError(f'temperature must be >= 0, got {temperature!r}')
+  if top_k is not None and (not isinstance(top_k, (int, np.integer)) or top_k < 1):
+    raise ValueError(f'top_k must be None or an integer >= 1, got {top_k!r}')
+  if top_p is not None and not 0 < top_p <= 1:
+    raise ValueError(f'top_p must be None or in (0, 1], got {top_p!r}')
+
+
+def _padded(prompt):
+  """Prompt rows -> (token ids [batch, max length] int32, lengths [batch] int32).
+
+  `prompt` is an array [batch, length] (every row that long) or a list of rows of token ids
+  of any lengths, which are right-padded with 0.
+  """
+  if isinstance(prompt, (np.ndarray, jax.Array)):
+    prompt = np.asarray(prompt, np.int32)
+    if prompt.ndim != 2:
+      raise ValueError(f'prompt must be [batch, length] or a list of rows, got shape '
+                       f'{prompt.shape}')
+    return prompt, np.full((prompt.shape[0],), prompt.shape[1], np.int32)
+  rows = [np.asarray(row, np.int32) for row in prompt]
+  if not rows or any(row.ndim != 1 for row in rows):
+    raise ValueError('prompt must be [batch, length] or a non-empty list of rows of token ids')
+  lengths = np.array([len(row) for row in rows], np.int32)
+  padded = np.zeros((len(rows), lengths.max()), np.int32)
+  for i, row in enumerate(rows):
+    padded[i, :len(row)] = row
+  return padded, lengths
+
+
 class Decoder:
-  """Greedy or temperature sampling from a trax LM or encoder-decoder in predict mode.
+  """Greedy or sampled generation from a trax LM or encoder-decoder in predict mode.
 
   Attributes:
     model: The predict-mode model; its weights are the ones decoded with.
   """
 
-  def __init__(self, model_fn, weights, start_id=0):
+  def __init__(self, model_fn, weights, start_id=0, dtype=None):
     """Builds the predict-mode model.
 
     Args:
@@ -33,48 +110,66 @@ class Decoder:
       weights: Trained weights of that model (from any mode: they are matched by order, so
         predict mode's extra cache wrappers do not matter).
       start_id: Token fed before the prompt; trax's models see 0 there in training.
+      dtype: None keeps the weights' dtype; 'bfloat16' (or another float dtype) casts the
+        floating-point weights and caches to it: half the bytes a token reads. Matrix
+        products and reductions of bfloat16 accumulate in float32 on GPUs and TPUs; the
+        sampling runs on float32 logits.
     """
     self.model = model_fn(mode='predict')
-    self._leaves = jax.tree.leaves(weights)
+    self._dtype = None if dtype is None else jnp.dtype(dtype)
+    if self._dtype is not None and not jnp.issubdtype(self._dtype, jnp.floating):
+      raise ValueError(f'dtype must be a floating-point dtype, got {dtype!r}')
+    self._leaves = [self._cast(w) for w in jax.tree.leaves(weights)]
     self._weights = None
     self._start_id = start_id
     self._compiled = {}
     self._states = {}
 
-  def generate(self, prompt, max_new_tokens, temperature=0.0, eos_id=None, seed=0,
-               inputs=None):
+  def generate(self, prompt, max_new_tokens, temperature=0.0, top_k=None, top_p=None,
+               eos_id=None, seed=0, inputs=None):
     """Continues every prompt of the batch.
 
     Args:
-      prompt: Token ids [batch, prompt_length] that the output continues (may be empty).
-      max_new_tokens: How many tokens to generate at most.
+      prompt: Token ids: an array [batch, length] (may be empty), or a list of rows of
+        different lengths; each row continues its own prompt.
+      max_new_tokens: How many tokens to generate per row at most.
       temperature: 0 for greedy (argmax); otherwise logits are divided by it and sampled.
+      top_k: Sample only among the `top_k` most likely tokens (None: all).
+      top_p: Nucleus sampling: only among the most likely tokens whose probability
+        reaches `top_p`, in (0, 1] (None or 1: all).
       eos_id: Generation of a row stops after this token; the rest of the row is eos_id.
-      seed: Seed of the sampling noise.
+      seed: Seed of the sampling noise: an int (row r uses seed + r) or one int per row.
       inputs: Encoder token ids [batch, length_e], for an encoder-decoder model only.
 
     Returns:
       Generated token ids [batch, max_new_tokens] (int32), as a numpy array.
+
+    Raises:
+      ValueError: an option outside its range, named in the message.
     """
-    if max_new_tokens < 1:
-      raise ValueError(f'max_new_tokens must be >= 1, got {max_new_tokens}')
-    if temperature < 0:
-      raise ValueError(f'temperature must be >= 0, got {temperature}')
+    _check_sampling(max_new_tokens, temperature, top_k, top_p)
     if (inputs is None) != (self.model.n_in == 1):
       raise ValueError('inputs (the encoder tokens) must be given for an encoder-decoder '
                        'model and only for one')
-    prompt = jnp.asarray(prompt, jnp.int32)
+    prompt, lengths = _padded(prompt)
+    batch_size = prompt.shape[0]
+    seeds = np.asarray(seed, np.int64)
+    seeds = seed + np.arange(batch_size) if seeds.ndim == 0 else seeds
+    if seeds.shape != (batch_size,):
+      raise ValueError(f'seed must be an int or one per row ({batch_size}), got {seed!r}')
     inputs = None if inputs is None else jnp.asarray(inputs, jnp.int32)
-    shape_key = (prompt.shape[0], None if inputs is None else inputs.shape)
+    shape_key = (batch_size, None if inputs is None else inputs.shape)
     if shape_key not in self._states:
-      self._states[shape_key] = self._initial_state(prompt.shape[0], inputs)
-    key = (prompt.shape, shape_key, max_new_tokens, float(temperature), eos_id)
+      self._states[shape_key] = self._initial_state(batch_size, inputs)
+    if temperature == 0:
+      top_k = top_p = None  # greedy: the filters change nothing
+    options = dict(n_shared=int(lengths.min()), max_new_tokens=int(max_new_tokens),
+                   temperature=float(temperature), top_k=top_k, top_p=top_p, eos_id=eos_id)
+    key = (prompt.shape, shape_key, tuple(sorted(options.items())))
     if key not in self._compiled:
-      self._compiled[key] = jax.jit(functools.partial(
-          self._generate, max_new_tokens=max_new_tokens, temperature=temperature,
-          eos_id=eos_id))
-    tokens = self._compiled[key](self._weights, self._states[shape_key], prompt, inputs,
-                                 jax.random.PRNGKey(seed))
+      self._compiled[key] = jax.jit(functools.partial(self._generate, **options))
+    tokens = self._compiled[key](self._weights, self._states[shape_key], prompt, lengths,
+                                 inputs, seeds.astype(np.uint32))
     return jax.device_get(tokens)
 
   def _initial_state(self, batch_size, inputs):
@@ -83,11 +178,18 @@ class Decoder:
     if inputs is not None:
       signature = (shapes.signature(inputs), signature)
     _, state = self.model.init(signature, use_cache=False)
+    state = jax.tree.map(self._cast, state)
     if self._weights is None:
       self._weights = jax.tree.unflatten(jax.tree.structure(self.model.weights), self._leaves)
       self._leaves = None
     self.model.weights = self._weights
     return state
+
+  def _cast(self, array):
+    """A floating-point array in the decoding dtype; anything else as it is."""
+    if self._dtype is None or not jnp.issubdtype(jnp.result_type(array), jnp.floating):
+      return array
+    return jnp.asarray(array, self._dtype)
 
   def _step(self, weights, state, tokens, inputs):
     """Logits of the last position [batch, vocab] after feeding tokens [batch, n]."""
@@ -96,44 +198,65 @@ class Decoder:
     logits = out if inputs is None else out[0]
     return logits[:, -1], state
 
-  def _generate(self, weights, state, prompt, inputs, rng, max_new_tokens, temperature,
-                eos_id):
-    """Pure generation: prompt [batch, p] -> tokens [batch, max_new_tokens]."""
-    batch_size = prompt.shape[0]
-    start = jnp.full((batch_size, 1), self._start_id, jnp.int32)
-    logits, state = self._step(weights, state, jnp.concatenate([start, prompt], axis=1),
-                               inputs)
+  def _generate(self, weights, state, prompt, lengths, inputs, seeds, n_shared,
+                max_new_tokens, temperature, top_k, top_p, eos_id):
+    """Pure generation: prompts [batch, p] of `lengths` -> tokens [batch, max_new_tokens].
 
-    def pick(logits, rng):
+    Step i (from 0) chooses the token at position n_shared + i of every row: its prompt's
+    token while the row has one there, else a new token from the logits of the last step.
+    """
+    batch_size, prompt_length = prompt.shape
+    rows = jnp.arange(batch_size)
+    n_steps = prompt_length - n_shared + max_new_tokens  # until the longest row is complete
+    keys = jax.vmap(jax.random.PRNGKey)(seeds)                        # [batch, 2]
+    prompt = jnp.pad(prompt, ((0, 0), (0, 1)))  # a column to read past the end of every row
+
+    def choose(i, logits, tokens, done):
+      new_index = n_shared + i - lengths                              # [batch]; < 0: prompt
       if temperature == 0.0:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-      return jax.random.categorical(rng, logits / temperature).astype(jnp.int32)
-
-    def cond(carry):
-      i, _, _, _, done, _ = carry
-      return (i < max_new_tokens) & ~jnp.all(done)
+        new = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+      else:
+        row_keys = jax.vmap(jax.random.fold_in)(keys, jnp.maximum(new_index, 0))
+        new = jax.vmap(jax.random.categorical)(
+            row_keys, filter_logits(logits, temperature, top_k, top_p)).astype(jnp.int32)
+      if eos_id is not None:
+        new = jnp.where(done, eos_id, new)
+        done = done | ((new_index >= 0) & (new == eos_id))
+      token = jnp.where(new_index < 0, prompt[:, jnp.minimum(n_shared + i, prompt_length)],
+                        new)
+      column = jnp.where(new_index >= 0, new_index, max_new_tokens)  # forced: dropped
+      tokens = tokens.at[rows, column].set(token, mode='drop')
+      return token, tokens, done
 
     def body(carry):
-      i, logits, state, tokens, done, rng = carry
-      rng, sample_rng = jax.random.split(rng)
-      token = pick(logits, sample_rng)
-      if eos_id is not None:
-        token = jnp.where(done, eos_id, token)
-        done = done | (token == eos_id)
-      tokens = tokens.at[:, i].set(token)
+      i, token, state, tokens, done = carry
       logits, state = self._step(weights, state, token[:, None], inputs)
-      return i + 1, logits, state, tokens, done, rng
+      token, tokens, done = choose(i, logits, tokens, done)
+      return i + 1, token, state, tokens, done
 
+    def cond(carry):
+      i, _, _, _, done = carry
+      complete = n_shared + i - lengths >= max_new_tokens
+      return (i < n_steps) & ~jnp.all(done | complete)
+
+    start = jnp.full((batch_size, 1), self._start_id, jnp.int32)
+    logits, state = self._step(weights, state,
+                               jnp.concatenate([start, prompt[:, :n_shared]], axis=1), inputs)
     fill = 0 if eos_id is None else eos_id
     tokens = jnp.full((batch_size, max_new_tokens), fill, jnp.int32)
-    done = jnp.zeros((batch_size,), bool)
-    carry = (jnp.int32(0), logits, state, tokens, done, rng)
+    token, tokens, done = choose(0, logits, tokens, jnp.zeros((batch_size,), bool))
+    carry = (jnp.int32(1), token, state, tokens, done)
+    if n_steps > 1:
+      # One step before the loop: some layers' state changes shape or structure after the
+      # prompt pass (trax's MultiplicativeConvCausalAttention keeps the inputs of its last
+      # call), and a while_loop's carry must keep one shape.
+      carry = body(carry)
     return jax.lax.while_loop(cond, body, carry)[3]
 
 
 @gin.configurable(module='sparse_scaling', denylist=['model_fn', 'weights'])
 def sample(model_fn, weights, vocab=gin.REQUIRED, prompt='', max_new_tokens=64,
-           temperature=0.0, seed=0):
+           temperature=0.0, top_k=None, top_p=None, seed=0, dtype=None):
   """Decodes one sample as printable text: an LM continues `prompt`; an encoder-decoder
   reads `prompt` as its input document (ended by EOS) and writes its output from scratch.
 
@@ -144,16 +267,23 @@ def sample(model_fn, weights, vocab=gin.REQUIRED, prompt='', max_new_tokens=64,
     prompt: The text continued (LM) or the input document (encoder-decoder).
     max_new_tokens: Length limit; the sample also stops at EOS.
     temperature: 0 for greedy decoding, else the sampling temperature.
+    top_k: Sample among the `top_k` most likely tokens only (None: all).
+    top_p: Nucleus sampling, in (0, 1] (None: all tokens).
     seed: Seed of the sampling noise.
+    dtype: Decode with the weights and caches in this dtype ('bfloat16'); None: as trained.
   """
-  decoder = Decoder(model_fn, weights)
+  _check_sampling(max_new_tokens, temperature, top_k, top_p)  # before the model is built
+  decoder = Decoder(model_fn, weights, dtype=dtype)
   ids = vocab.encode(prompt)
   if decoder.model.n_in == 1:
     prefix, inputs, shown = [ids], None, prompt
   else:
     prefix, inputs, shown = [[]], [ids + [vocab.eos_id()]], f'{prompt}\n=> '
-  tokens = decoder.generate(prefix, max_new_tokens, temperature=temperature,
-                            eos_id=vocab.eos_id(), seed=seed, inputs=inputs)[0].tolist()
+  tokens = decoder.generate(prefix, max_new_tokens, temperature=temperature, top_k=top_k,
+                            top_p=top_p, eos_id=vocab.eos_id(), seed=seed,
+                            inputs=inputs)[0].tolist()
   if vocab.eos_id() in tokens:
     tokens = tokens[:tokens.index(vocab.eos_id())]
-  return f'--- sample (temperature {temperature}) ---\n{shown}{vocab.decode(tokens)}'
+  options = ''.join(f', {name} {value}' for name, value in (('top_k', top_k), ('top_p', top_p))
+                    if value is not None and temperature)
+  return f'--- sample (temperature {temperature}{options}) ---\n{shown}{vocab.decode(tokens)}'

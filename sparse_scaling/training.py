@@ -11,12 +11,16 @@ the same gin names (`train.steps`, `train.eval_frequency`, `train.optimizer`, ..
 - a stop on SIGTERM or SIGINT after the step in flight, with a checkpoint of that step;
 - a stop with a clear error, keeping the last good checkpoint, when the loss or the gradients'
   global norm is NaN or inf;
-- one training run per output directory at a time (`checkpoints.lock_output_dir`);
-- a progress line per `log_frequency` steps: step, loss, tokens/s and the time left.
+- one training run per output directory at a time (`checkpoints.lock_output_dir`, held by
+  process 0);
+- a progress line per `log_frequency` steps: step, loss, tokens/s and the time left;
+- with more than one device in all, `parallel.Trainer`'s step over every device of every
+  process, whose weights and optimizer slots stay on the devices between steps; a run of
+  several processes (`parallel.initialize` first) has each read its rows of every global
+  batch, and only process 0 writes checkpoints, TensorBoard files and `config.gin`.
 """
 
 import contextlib
-import math
 import os
 import signal
 import threading
@@ -29,6 +33,7 @@ import numpy as np
 from trax import fastmath
 from trax import layers as tl
 from trax import optimizers
+from trax import shapes
 from trax.data import inputs as trax_inputs
 from trax.layers import base
 from trax.supervised import history as trax_history
@@ -36,6 +41,7 @@ from trax.supervised import lr_schedules
 from trax.supervised import training
 
 from sparse_scaling import checkpoints
+from sparse_scaling import parallel
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _fold_in = jax.jit(jax.random.fold_in)  # one dispatch (27 us) instead of several (410 us)
@@ -46,72 +52,117 @@ def train(output_dir, model=gin.REQUIRED, inputs=gin.REQUIRED, steps=1000,
           optimizer=optimizers.Adafactor,
           lr_schedule_fn=lr_schedules.multifactor, loss_fn=None, random_seed=None,
           n_devices=None, log_frequency=10, use_memory_efficient_trainer=False,
-          evaluate_only=False):
+          evaluate_only=False, on_step=None):
   """Trains `model` on `inputs`, checkpointing and evaluating every `eval_frequency` steps.
 
-  Resumes from the checkpoint in `output_dir` if there is one. One process at a time trains in
-  `output_dir` (`checkpoints.lock_output_dir`, held while this runs).
+  Resumes from the checkpoint in `output_dir` if there is one. One run at a time trains in
+  `output_dir`: its process 0 holds `checkpoints.lock_output_dir` while this runs. In a run of
+  several processes (`parallel.initialize` called first), every process calls `train` with the
+  same arguments.
 
   Args:
     output_dir: Directory for the checkpoint, TensorBoard files and `config.gin` (the
-      operative gin config).
+      operative gin config); None writes nothing. Several processes share one directory.
     model: `mode -> layer`, e.g. `@sparse_scaling.models.ScalingTransformerLM`.
-    inputs: `trax.data.inputs.Inputs`, or a function returning them.
+    inputs: `trax.data.inputs.Inputs`, or a function returning them. Their batch size is the
+      global batch, over all devices of all processes.
     steps: Total training steps, counting those of a resumed run.
-    eval_frequency: Steps between evaluations (and checkpoints, unless given below).
-    checkpoint_frequency: Steps between checkpoints; None means `eval_frequency`. Small
-      models on a GPU spend more time saving than stepping: checkpoint less often there.
+    eval_frequency: Steps between evaluations (and checkpoints, unless given below); None:
+      no evaluation (trax then writes no training metrics to TensorBoard either).
+    checkpoint_frequency: Steps between checkpoints; None means `eval_frequency`, and with
+      no evaluation a checkpoint at the last step only. Small models on a GPU spend more time
+      saving than stepping: checkpoint less often there.
     eval_steps: Batches per evaluation.
     optimizer: A trax optimizer class (Adafactor, as the paper).
     lr_schedule_fn: A function returning a `step -> learning rate` schedule.
     loss_fn: Loss layer (default: weighted cross-entropy).
-    random_seed: Seed of the weights and the training randomness (None: random).
-    n_devices: Devices for data-parallel training (None: all local devices).
+    random_seed: Seed of the weights and the training randomness (None: random; in a run of
+      several processes, process 0's).
+    n_devices: Devices of this process to train on (None: all local devices; trax's Loop
+      takes no other number).
     log_frequency: Steps between progress lines.
     use_memory_efficient_trainer: Train reversible models (Terraformer) with trax's
       `ReversibleSerialTrainer`, which recomputes activations backwards instead of storing
-      them: memory flat in depth.
+      them: memory flat in depth. One process only.
     evaluate_only: Only evaluate the checkpoint in `output_dir` (which must exist).
+    on_step: None, or a function called after every training step as
+      `on_step(loop, loss, seconds)`: the `Loop`, the step's training loss (a float, the mean
+      over the global batch) and the step's wall-clock seconds, from taking the batch to the
+      loss being ready (the first step's include compilation). An exception it raises stops
+      training and leaves `train`.
 
   Returns:
     The `Loop` after training; `loop.stopped_by` names the signal that stopped it early.
   """
-  # Held until this function returns: a second process training here fails at once.
-  _lock = None if evaluate_only else checkpoints.lock_output_dir(output_dir)
   n_devices = n_devices or jax.local_device_count()
+  processes = jax.process_count()
+  if use_memory_efficient_trainer and processes > 1:
+    raise ValueError(f'use_memory_efficient_trainer=True trains in one process, not in a run '
+                     f'of {processes}')
+  if eval_frequency is not None and eval_frequency < 1:
+    raise ValueError(f'eval_frequency={eval_frequency}: give a positive number of steps, or '
+                     'None for no evaluation')
+  if evaluate_only and output_dir is None:
+    raise ValueError('evaluate_only=True needs the output_dir of a trained run')
+  # Held until this function returns: a second run training here fails at once. Process 0
+  # writes for the whole run, so it alone takes the lock (the others share the directory).
+  _lock = (checkpoints.lock_output_dir(output_dir)
+           if output_dir is not None and not evaluate_only and jax.process_index() == 0
+           else None)
+  if processes > 1:
+    random_seed = parallel.broadcast_seed(random_seed)
   # trax counts batches per process (CountAndSkip); a second run here starts from 0 too
   # (a resumed one from its checkpoint's counters).
   trax_inputs.data_counters.clear()
   inputs = inputs() if callable(inputs) else inputs
+  all_devices = n_devices * processes
+  train_batches = trax_inputs.CountAndSkip('train')(
+      parallel.process_batches(inputs.train_stream(all_devices)))
+  first = next(train_batches)  # a sample, not trained on (as trax's TrainTask takes one)
+  every = checkpoint_frequency or eval_frequency
   train_task = training.TrainTask(
-      trax_inputs.CountAndSkip('train')(inputs.train_stream(n_devices)),
+      train_batches,
       loss_layer=loss_fn or tl.WeightedCategoryCrossEntropy(),
       # The memory-efficient trainer makes one optimizer per layer.
       optimizer=optimizer if use_memory_efficient_trainer else optimizer(),
-      lr_schedule=lr_schedule_fn(),
-      n_steps_per_checkpoint=checkpoint_frequency or eval_frequency)
-  eval_task = training.EvalTask(
-      inputs.eval_stream(n_devices),
-      [tl.WeightedCategoryCrossEntropy(), tl.WeightedCategoryAccuracy()],
-      metric_names=['log_perplexity', 'accuracy'], n_eval_batches=eval_steps)
-  loop = Loop(model(mode='train'), [train_task], eval_model=model(mode='eval'),
-              eval_tasks=[eval_task], output_dir=output_dir, n_devices=n_devices,
-              eval_at=lambda step: step == 1 or step % eval_frequency == 0,
+      lr_schedule=lr_schedule_fn(), n_steps_per_checkpoint=every,
+      # `parallel.Trainer`'s model state holds one device's rows: init it for those.
+      sample_batch=(first if _trainer_is_trax(use_memory_efficient_trainer)
+                    else parallel.device_rows(first)))
+  eval_tasks = eval_model = None
+  if eval_frequency is not None or evaluate_only:
+    eval_tasks = [training.EvalTask(
+        parallel.process_batches(inputs.eval_stream(all_devices)),
+        [tl.WeightedCategoryCrossEntropy(), tl.WeightedCategoryAccuracy()],
+        metric_names=['log_perplexity', 'accuracy'], n_eval_batches=eval_steps)]
+    eval_model = model(mode='eval')
+  loop = Loop(model(mode='train'), [train_task], eval_model=eval_model,
+              eval_tasks=eval_tasks, output_dir=output_dir, n_devices=n_devices,
+              checkpoint_at=((lambda step: step == 1 or step % every == 0) if every
+                             else (lambda step: step == steps)),
+              eval_at=eval_frequency and (lambda step: step == 1 or step % eval_frequency == 0),
               random_seed=random_seed, use_memory_efficient_trainer=use_memory_efficient_trainer,
-              total_steps=steps, log_frequency=log_frequency)
+              total_steps=steps, log_frequency=log_frequency,
+              tokens_per_step=np.size(first[0]) * processes, on_step=on_step)
   if evaluate_only:
     if not loop.step:
       raise FileNotFoundError(f'no checkpoint in {output_dir}: train first')
-    print(f'Evaluating the checkpoint of step {loop.step} in {output_dir}', flush=True)
+    loop.print(f'Evaluating the checkpoint of step {loop.step} in {output_dir}')
     loop.run_evals()
     return loop
-  with open(os.path.join(output_dir, 'config.gin'), 'w') as f:
-    f.write(gin.operative_config_str())  # as t5x: the bindings this run actually used
+  if output_dir is not None and loop.is_chief:
+    with open(os.path.join(output_dir, 'config.gin'), 'w') as f:
+      f.write(gin.operative_config_str())  # as t5x: the bindings this run actually used
   if loop.step:
-    print(f'Resumed from the checkpoint of step {loop.step} in {output_dir}', flush=True)
+    loop.print(f'Resumed from the checkpoint of step {loop.step} in {output_dir}')
   if loop.step < steps:
     loop.run(steps - loop.step)
   return loop
+
+
+def _trainer_is_trax(use_memory_efficient_trainer):
+  """Whether `Loop` trains with trax's trainer: one device in all, or the memory-efficient one."""
+  return use_memory_efficient_trainer or jax.device_count() == 1
 
 
 # Registered with gin under the bare name `train` (no module): gin prefers an exact selector
@@ -122,22 +173,64 @@ train = gin.configurable('train', denylist=['output_dir', 'evaluate_only'])(trai
 
 
 class Loop(training.Loop):
-  """trax's `Loop` with safe checkpoints, clean stops, NaN guards and progress lines.
+  """trax's `Loop` with safe checkpoints, clean stops, NaN guards, progress lines, a step
+  callback and `parallel.Trainer` when there is more than one device in all (the module
+  docstring).
 
   Attributes:
     stopped_by: The name of the signal that stopped `run` early ('SIGTERM'), or None.
   """
 
-  def __init__(self, *args, total_steps, log_frequency, **kwargs):
+  def __init__(self, *args, total_steps, log_frequency, tokens_per_step, on_step=None,
+               **kwargs):
     self._total_steps = total_steps
     self._log_frequency = log_frequency
+    self._tokens_per_step = tokens_per_step
+    self._on_step = on_step
     self._progress = None  # (time, step) at the last progress line
     self._saved_step = None  # step of the last checkpoint this Loop wrote
     self.stopped_by = None
     super().__init__(*args, **kwargs)
+    if not parallel.same_on_all_processes(self.step):
+      raise ValueError(f'the processes resumed from different steps (this one from step '
+                       f'{self.step}): output_dir must be one directory that every process '
+                       'reads, e.g. on a shared filesystem')
     # trax splits one key per step off a chain that evals draw from too, and does not
     # checkpoint it; a step's key from (seed, step) is the same in a resumed run.
     self._step_rng = self._rng
+
+  def print(self, message):
+    """Prints `message` (flushed), on process 0 only."""
+    if self.is_chief:
+      print(message, flush=True)
+
+  @property
+  def device_weights(self):
+    """The weights the training step updates, where they live (on the training devices).
+
+    Not for the memory-efficient trainer, which keeps them per layer on the host.
+    """
+    return self._trainer_per_task[0].accelerated_model_with_loss.weights
+
+  def _parallel_trainers(self):
+    return [t for t in self._trainer_per_task if isinstance(t, parallel.Trainer)]
+
+  def _init_trainer(self, task):
+    if _trainer_is_trax(self._use_memory_efficient_trainer):
+      return super()._init_trainer(task)
+    model_with_loss = training._model_with_ends(  # pylint: disable=protected-access
+        self._model, [task.loss_layer], shapes.signature(task.sample_batch))
+    task.optimizer.tree_init(model_with_loss.weights)
+    return parallel.Trainer(model_with_loss, task.optimizer, adasum=self._adasum)
+
+  def _init_evaluator(self, eval_task):
+    if _trainer_is_trax(self._use_memory_efficient_trainer):
+      return super()._init_evaluator(eval_task)
+    # pylint: disable=protected-access
+    model_with_metrics = training._model_with_metrics(self._eval_model, eval_task)
+    return training._Evaluator(weights=parallel.replicated(model_with_metrics.weights[1]),
+                               state=parallel.per_device(model_with_metrics.state[1]),
+                               metrics_fn=parallel.metrics_fn(model_with_metrics))
 
   def run(self, n_steps=1):
     """trax's `run`; SIGTERM or SIGINT stops it after the step in flight, with a checkpoint.
@@ -151,6 +244,13 @@ class Loop(training.Loop):
           self._stop()
       except _Stopped:
         pass
+    self._weights_to_host()
+    self._eval_model.weights = self._model.weights
+
+  def _weights_to_host(self):
+    """Copies the trained weights, state and slots from the devices to the model (if stale)."""
+    for trainer in self._parallel_trainers():
+      trainer.to_host()
 
   @contextlib.contextmanager
   def _stopping_on_signals(self):
@@ -177,70 +277,102 @@ class Loop(training.Loop):
   def _stop(self):
     """Checkpoints the last step (unless written already), says so and ends `run`."""
     if self._output_dir is None:
-      print(f'Stopped by {self.stopped_by} after step {self.step} (no output_dir: nothing '
-            'saved)', flush=True)
+      self.print(f'Stopped by {self.stopped_by} after step {self.step} (no output_dir: '
+                 'nothing saved)')
       raise _Stopped()
     if self._saved_step != self.step:
       self.save_checkpoint(checkpoints.BASENAME)
-    print(f'Stopped by {self.stopped_by} after step {self.step}: checkpoint saved in '
-          f'{checkpoints.latest_checkpoint(self._output_dir)}; run the same command to resume',
-          flush=True)
+    self.print(f'Stopped by {self.stopped_by} after step {self.step}: checkpoint saved in '
+               f'{checkpoints.latest_checkpoint(self._output_dir)}; run the same command to '
+               'resume')
     raise _Stopped()
 
   def _run_one_step(self, task_index, task_changed):
     if self.stopped_by:  # the signal came during an eval or a checkpoint: no step in flight
       self._step -= 1  # trax counted the step about to run
       self._stop()
+    if task_changed:
+      self._weights_to_host()  # trax re-places the model's weights on the devices
+    start = time.perf_counter()
     if self._progress is None:
       self._progress = (time.time(), self.step - 1)
     self._rng = _fold_in(self._step_rng, self.step)  # trax's step splits it once
     loss, stats = super()._run_one_step(task_index, task_changed)
-    self._check_finite(loss, stats)
+    mean_loss, stop = self._check_finite(loss, stats)  # waits for the step
+    seconds = time.perf_counter() - start
+    if self._on_step is not None:
+      self._on_step(self, mean_loss, seconds)
     if self.step % self._log_frequency == 0 or self.step == self._total_steps:
-      self._print_progress(task_index, float(np.mean(loss)))
-    if self.stopped_by:
+      self._print_progress(mean_loss)
+    if stop:
       self._stop()
     return loss, stats
 
   def _check_finite(self, loss, stats):
-    """Stops on a non-finite gradients' global norm or loss.
+    """Fetches the step's mean loss; stops on a non-finite gradients' global norm or loss.
 
     trax's optimizers return the global norm of the step's gradients among their metrics
     (`gradients_l2`; one per layer group with the memory-efficient trainer): nothing is
-    recomputed, and the loss is fetched here anyway. The gradients come first: they make the
-    update, and overflow in backward while the loss can still be finite.
+    recomputed, and they come in the one fetch that waits for the loss anyway. The gradients
+    come first: they make the update, and overflow in backward while the loss can still be
+    finite.
+
+    Returns:
+      (the mean loss over the global batch, whether a stop signal came).
     """
-    losses = np.ravel(loss)  # one per device
-    norm = math.sqrt(sum(float(np.ravel(v)[0]) ** 2  # [n_devices] copies
-                         for k, v in stats.items() if k.endswith('gradients_l2')))
+    norms = [v for k, v in stats.items() if k.endswith('gradients_l2')]
+    fetched = jax.device_get([loss, norms])
+    losses, norms = np.ravel(fetched[0]), [np.ravel(n)[0] for n in fetched[1]]  # per device
+    stop = self.stopped_by is not None
+    with np.errstate(over='ignore', invalid='ignore'):
+      norm = float(np.sqrt(np.sum(np.square(np.asarray(norms, np.float64)))))
     finite = np.isfinite(losses)
-    if math.isfinite(norm) and finite.all():
-      return
-    loss = losses[~finite][0] if not finite.all() else losses[0]
-    if not math.isfinite(norm):
+    if np.isfinite(norm) and finite.all():
+      return float(np.mean(losses)), stop
+    loss = losses[~finite][0] if not finite.all() else np.mean(losses)
+    if not np.isfinite(norm):
       raise FloatingPointError(f"gradients' global norm is {norm} at step {self.step} (loss "
                                f'{loss}); stopped. {self._last_good()}')
     raise FloatingPointError(f'training loss is {loss} at step {self.step}; stopped. '
                              f'{self._last_good()}')
 
-  def _print_progress(self, task_index, loss):
+  def _print_progress(self, loss):
     now, step = time.time(), self.step
     then, then_step = self._progress
     seconds_per_step = (now - then) / max(1, step - then_step)
-    tokens = np.size(self._tasks[task_index].sample_batch[0])
     left = max(0, self._total_steps - step) * seconds_per_step
-    print(f'step {step:6d}/{self._total_steps} | loss {loss:.4f} | '
-          f'{tokens / seconds_per_step:,.0f} tokens/s | {1 / seconds_per_step:.2f} steps/s | '
-          f'ETA {_duration(left)}', flush=True)
+    self.print(f'step {step:6d}/{self._total_steps} | loss {loss:.4f} | '
+               f'{self._tokens_per_step / seconds_per_step:,.0f} tokens/s | '
+               f'{1 / seconds_per_step:.2f} steps/s | ETA {_duration(left)}')
     self._progress = (now, step)
 
+  def _log_step(self, msg, stdout=True):
+    super()._log_step(msg, stdout=stdout and self.is_chief)
+
+  @contextlib.contextmanager
+  def _open_summary_writers(self):
+    if self.is_chief:
+      with super()._open_summary_writers() as writers:
+        yield writers
+    else:  # as trax's without an output_dir
+      yield [None] * len(self._tasks), [None] * len(self._eval_tasks)
+
   def save_checkpoint(self, basename):
-    """Writes a complete checkpoint directory, then swaps it in (`checkpoints.swapped_in`)."""
-    if self._output_dir is None or basename != checkpoints.BASENAME:
+    """Writes a complete checkpoint directory, then swaps it in (`checkpoints.swapped_in`).
+
+    Only process 0 writes; the others only copy their weights from the devices (as it does).
+    """
+    if self._output_dir is None:
+      return super().save_checkpoint(basename)
+    self._weights_to_host()
+    if basename != checkpoints.BASENAME:
       return super().save_checkpoint(basename)
     if not all(np.isfinite(w).all() for w in jax.tree.leaves(self._model.weights)):
       raise FloatingPointError(f'weights are not finite at step {self.step}; stopped without '
                                f'saving them. {self._last_good()}')
+    if not self.is_chief:
+      self._saved_step = self.step
+      return
     root = self._output_dir
     with checkpoints.swapped_in(root, self.step) as writing:
       self._output_dir = writing
@@ -261,7 +393,9 @@ class Loop(training.Loop):
     trax's own loader unpickles without restriction, stops quietly at a truncated weights
     file, loads weights that do not fit as far as they go, and fails on a checkpoint written
     before the first eval (it restores the eval model's state into the training model's
-    structure). This one reads through `checkpoints` and checks everything first.
+    structure). This one reads through `checkpoints` and checks everything first. Every
+    process of a run reads the checkpoint, data position included (process 0's: every
+    process reads the same global batches).
 
     Raises:
       checkpoints.CheckpointError: damaged, not admitted, or not fitting the model.
@@ -304,6 +438,8 @@ class Loop(training.Loop):
         eval_state = _state_fitting(checkpoint.eval_state, self._model.state)
       if eval_state is not None:
         self._eval_model.state = eval_state
+    for trainer in self._parallel_trainers():
+      trainer.from_host()  # the next step places the restored weights and slots
     logging.info('Checkpoint of step %d loaded from %s', self.step, checkpoint.directory)
 
 

@@ -2,6 +2,7 @@
 
 import math
 
+import jax
 import pytest
 
 from sparse_scaling.bench import memory
@@ -12,6 +13,8 @@ POINT = memory.Point('terraformer', 512, 1)
 
 @pytest.fixture(scope='module')
 def row():
+  if jax.default_backend() != 'cpu':
+    pytest.skip('the memory benchmark measures host memory (ru_maxrss): a CPU benchmark')
   with pytest.MonkeyPatch.context() as patch:
     for name, value in (('D_MODEL', 64), ('D_FF', 128), ('N_HEADS', 2), ('VOCAB_SIZE', 64)):
       patch.setattr(memory, name, value)

@@ -1,13 +1,15 @@
-"""Data-parallel scaling benchmark: the tiny shape on 1 and 2 CPU devices.
+"""Data-parallel scaling benchmark.
 
-The benchmark's children run as `scaling.measure` runs them, each seeing only its devices (2
-forced host devices for n = 2, as test_compat.py's child), but both at once: their times are
-then not comparable, and these tests check only what the rows hold.
+The slow tests run the benchmark's three children on the tiny shape (1 device, 2 devices, the
+1-device reference), one at a time, as `scaling.measure` runs them; on 2 shared cores their
+times mean little, so they check what the rows hold. The fast tests run `scaling.measure` on a
+stand-in child (tests/scaling_child_stub.py) to check that each line is printed as it arrives
+and that a run out of time still reports its steps, and check the rows and their table.
 """
 
 import json
 import os
-import subprocess
+import time
 
 import gin
 import jax
@@ -15,92 +17,136 @@ import numpy as np
 import pytest
 
 from sparse_scaling.bench import scaling
-
-# Three trax processes (1, 2 devices and the reference): ~2 min on 2 cores; 2-device training
-# itself is in the default suite (test_compat.py).
-pytestmark = pytest.mark.slow
+from sparse_scaling.bench import timing
 
 DEVICE_COUNTS, STEPS, PER_DEVICE_BATCH, SEQ_LEN = [1, 2], 5, 2, 32
+DIMS = dict(n_layers=2, d_model=64, d_ff=256, ff_sparsity=64, attention_sparsity=16,
+            vocab_size=512)
 
 
-@pytest.fixture(scope='module')
-def rows(cache_dir, tmp_path_factory):
+def _cpu_env(cache_dir):
   env = dict(os.environ, JAX_PLATFORMS='cpu', SPARSE_SCALING_CACHE=str(cache_dir))
   env.pop('XLA_FLAGS', None)
-  tmp = tmp_path_factory.mktemp('scaling')
-  outputs, children = [], []
-  try:
-    for n in DEVICE_COUNTS:
-      outputs.append(str(tmp / f'{n}.json'))
-      with open(tmp / f'{n}.log', 'w') as log:
-        children.append(subprocess.Popen(
-            scaling.child_command('tiny', n, DEVICE_COUNTS, PER_DEVICE_BATCH, SEQ_LEN, STEPS,
-                                  outputs[-1]),
-            cwd=scaling.ROOT, env=scaling.child_env(env, jax.default_backend(), n),
-            stdout=log, stderr=subprocess.STDOUT))
-    for n, child in zip(DEVICE_COUNTS, children):
-      assert child.wait(timeout=600) == 0, (tmp / f'{n}.log').read_text()[-3000:]
-  finally:
-    for child in children:
-      if child.poll() is None:
-        child.kill()
-        child.wait()
-  dims = scaling.model_dimensions('tiny', SEQ_LEN)
-  gin.clear_config()  # model_dimensions leaves the gin file parsed, for training.train
-  rows = scaling.rows_of('tiny', dims, 1000, scaling.read_runs(outputs), PER_DEVICE_BATCH,
-                         SEQ_LEN, STEPS)
+  return env
+
+
+@pytest.fixture
+def stub_children(monkeypatch):
+  """`scaling.measure` runs tests/scaling_child_stub.py; returns its printed (time, line)s."""
+  monkeypatch.setattr(scaling, 'MODULE', 'tests.scaling_child_stub')
+  printed = []
+  monkeypatch.setattr(scaling, 'print', lambda line, **kwargs: printed.append(
+      (time.perf_counter(), line)), raising=False)
+  return printed
+
+
+def test_each_line_of_a_run_is_printed_as_it_arrives(stub_children, tmp_path):
+  runs, failures = scaling.measure('tiny', DEVICE_COUNTS, PER_DEVICE_BATCH, SEQ_LEN, STEPS,
+                                   _cpu_env(tmp_path))
+  assert not failures
+  assert runs == {key: dict(step_seconds=[0.5, 0.25], losses=[5.0 + key[1], 4.0 + key[1]],
+                            devices=['cpu:0'])
+                  for key in [(1, 2), (2, 4), (1, 4)]}
+  lines = [line for _, line in stub_children]
+  assert [line for line in lines if line.startswith('# run')] == [
+      '# run 1/3: 1 device(s), global batch 2', '# run 2/3: 2 device(s), global batch 4',
+      '# run 3/3: 1 device(s), global batch 4']
+  assert lines.count('a line of the child that is not a record') == 3
+  assert '#   step    1:     500.0 ms, loss 7.0000  (compilation included)' in lines
+  # The child waits 1.5 s between its steps: step 1 was printed then, not when it exited.
+  first = next(t for t, line in stub_children if line.startswith('#   step    1'))
+  second = next(t for t, line in stub_children if line.startswith('#   step    2'))
+  assert second - first > 1.0
+
+
+def test_a_run_out_of_time_is_killed_and_reports_its_steps(stub_children, tmp_path, monkeypatch):
+  monkeypatch.setattr(scaling, 'KILL_GRACE_SECONDS', 1)
+  start = timing.now()
+  runs, failures = scaling.measure('tiny', DEVICE_COUNTS, PER_DEVICE_BATCH, SEQ_LEN, STEPS,
+                                   _cpu_env(tmp_path), deadline=start + 3)
+  assert timing.now() - start < 30  # the stub hangs for 600 s after its first step: killed
+  assert [len(run['losses']) for run in runs.values()] == [1, 1, 1]
+  assert len(failures) == 3 and 'failed (exit -9)' in failures[0]
+
+
+class _Loop:
+  step = 7
+  device_weights = {'w': jax.numpy.ones(2)}
+
+
+def test_step_recorder_prints_a_record_per_step_and_stops_at_the_deadline(capsys):
+  recorder = scaling._StepRecorder(1, deadline=timing.now() + 60, min_steps=3)
+  recorder(_Loop(), 3.5, 0.1)
+  recorder(_Loop(), 3.25, 120.0)  # the next step would end past the deadline, but 2 < 3 steps
+  with pytest.raises(scaling._OutOfTime):
+    recorder(_Loop(), 3.0, 120.0)
+  run = scaling.read_records(capsys.readouterr().out.splitlines(), echo=lambda line: None)
+  assert run == dict(step_seconds=[0.1, 120.0, 120.0], losses=[3.5, 3.25, 3.0],
+                     devices=[str(jax.devices()[0])])
+
+
+def test_step_recorder_fails_when_the_step_ran_elsewhere(monkeypatch):
+  monkeypatch.setattr(jax, 'local_devices', lambda: ['cuda:0'])  # weights on cpu:0: the host
+  with pytest.raises(RuntimeError, match=r"1-device training step ran on \['cpu:0'\], not on "
+                     r"\['cuda:0'\]. trax's Trainer keeps the optimizer slots on the host"):
+    scaling._StepRecorder(1, deadline=None)(_Loop(), 3.5, 0.1)
+
+
+def _run(seconds, losses):
+  return dict(step_seconds=seconds, losses=losses, devices=['cpu:0'])
+
+
+def test_rows_hold_what_short_runs_measured_and_the_table_shows_it():
+  runs = {(1, 2): _run([9.0, 0.2, 0.2, 0.1, 0.1], [8, 7, 6, 5, 4]),
+          (2, 4): _run([9.0, 0.3, 0.3, 0.2, 0.2, 0.2], [8, 7, 6, 5, 4, 3.5]),
+          (1, 4): _run([9.0, 0.5], [8.5, 7.25])}  # stopped after 2 steps: none timed
+  rows = scaling.rows_of('tiny', DIMS, 1000, runs, PER_DEVICE_BATCH, SEQ_LEN, 30)
+  one, two, reference = rows
+  assert one['tokens_per_s'] == 2 * SEQ_LEN / 0.1 and one['speedup'] == 1.0
+  assert two['tokens_per_s'] == 4 * SEQ_LEN / 0.2
+  assert two['scaling_efficiency'] == pytest.approx(0.5 * two['speedup'])
+  assert (reference['steps_run'], reference['timed_steps'], reference['ms_per_step']) == (2, 0,
+                                                                                         None)
+  # Over the 2 steps both took.
+  assert two['max_abs_loss_diff'] == reference['max_abs_loss_diff'] == 0.5
+  assert two['loss_agreement_steps'] == 2
   for row in rows:
     row.update(command='python -m sparse_scaling.bench.scaling --shapes=tiny', machine='test')
-  return rows
+  text = scaling.markdown(rows)
+  assert '| 1 (reference: the batch of 2) | 4 | 2 (0) | 9.0 | - (-) | - | - |  |  |' in text
+  assert 'over the 2 steps both took is 0.5, 0.5 at step 1' in text
 
 
-def test_a_row_per_device_count_then_the_loss_reference(rows):
+@pytest.mark.slow  # Three trax processes, one after the other: ~3 min on 2 cores.
+def test_benchmark_runs_on_one_and_two_cpu_devices(cache_dir, tmp_path, monkeypatch):
+  runs, failures = scaling.measure('tiny', DEVICE_COUNTS, PER_DEVICE_BATCH, SEQ_LEN, STEPS,
+                                   _cpu_env(cache_dir))
+  assert not failures
+  dims = scaling.model_dimensions('tiny', SEQ_LEN)
+  gin.clear_config()  # model_dimensions leaves the gin file parsed, for training.train
+  rows = scaling.rows_of('tiny', dims, 1000, runs, PER_DEVICE_BATCH, SEQ_LEN, STEPS)
   assert [(r['n_devices'], r['global_batch'], r['role']) for r in rows] == [
       (1, 2, 'scaling'), (2, 4, 'scaling'), (1, 4, 'loss_reference')]
-
-
-def test_each_run_trains_on_the_devices_of_its_child(rows):
   assert [r['devices'] for r in rows] == [['cpu:0'], ['cpu:0', 'cpu:1'], ['cpu:0']]
-
-
-def test_throughput_is_positive_and_efficiency_is_against_one_device(rows):
   for row in rows:
-    assert row['timed_steps'] == STEPS - scaling.WARMUP_STEPS
+    assert row['steps_run'] == STEPS and row['timed_steps'] == STEPS - scaling.WARMUP_STEPS
     assert 0 < row['ms_per_step'] <= row['p90_ms_per_step']
-    assert row['tokens_per_s'] == pytest.approx(row['global_batch'] * SEQ_LEN * 1e3
-                                                / row['ms_per_step'])
-  one, two, _ = rows
-  assert one['speedup'] == one['scaling_efficiency'] == 1.0
-  assert np.isfinite(two['scaling_efficiency']) and two['scaling_efficiency'] > 0
-  assert two['speedup'] == pytest.approx(2 * two['scaling_efficiency'])
-  assert two['tokens_per_s_per_device'] == pytest.approx(two['tokens_per_s'] / 2)
-
-
-def test_losses_are_finite_and_fall(rows):
-  for row in rows:
     assert len(row['losses']) == STEPS and np.isfinite(row['losses']).all()
     assert row['final_loss'] == row['losses'][-1] < row['losses'][0]
-
-
-def test_two_devices_track_one_device_at_the_same_global_batch(rows):
   # Same weights, same batches, but per-device Gumbel noise and hard-or-soft coins in Sparse
-  # FF (and another summation order): close, not equal. Measured: 0.0013 at step 1, 0.013 at
-  # most over 5 steps, in which the loss falls by 0.8.
+  # FF (and another summation order): close, not equal.
   _, two, reference = rows
   assert two['max_abs_loss_diff'] == reference['max_abs_loss_diff']
   assert 0 < two['loss_diff_at_step_1'] < 0.01
   assert two['max_abs_loss_diff'] < 0.1 * (two['losses'][0] - two['losses'][-1])
-  assert two['loss_agreement'].startswith('close, not exact')
-
-
-def test_results_keep_other_shapes_and_show_the_table(rows, tmp_path, monkeypatch):
+  # The results keep the rows of other shapes.
   monkeypatch.setattr(scaling, 'RESULTS_DIR', tmp_path)
-  other = [dict(row, shape='other') for row in rows]
-  (tmp_path / 'scaling.json').write_text(json.dumps(other))
+  for row in rows:
+    row.update(command='python -m sparse_scaling.bench.scaling --shapes=tiny', machine='test')
+  (tmp_path / 'scaling.json').write_text(json.dumps([dict(row, shape='other') for row in rows]))
   scaling.write_results(rows)
   saved = json.loads((tmp_path / 'scaling.json').read_text())
   assert [row['shape'] for row in saved] == ['other'] * 3 + ['tiny'] * 3
   text = (tmp_path / 'scaling.md').read_text()
   assert text.count('| devices | global batch |') == 2
-  assert '| 2 | 4 |' in text and '| 1 (reference: the batch of 2) | 4 |' in text
   assert 'Loss agreement, 2 devices against 1 at global batch 4' in text

@@ -147,7 +147,6 @@ def _report(reports, n_devices):
 
 
 def test_apply_is_idempotent_and_installs_shims():
-  import jax  # pylint: disable=g-import-not-at-top
   from sparse_scaling import compat  # pylint: disable=g-import-not-at-top
   import trax  # pylint: disable=g-import-not-at-top
 
@@ -155,7 +154,7 @@ def test_apply_is_idempotent_and_installs_shims():
     return (trax.layers.for_n_devices, trax.layers.acceleration.for_n_devices,
             trax.fastmath.tree_unflatten,
             sys.modules['trax.fastmath.numpy'].tree_unflatten,
-            trax.fastmath.jax.JAX_BACKEND['pmap'], jax.xla_computation,
+            trax.fastmath.jax.JAX_BACKEND['pmap'],
             trax.optimizers.trainer._accelerate_update_fn)
 
   compat.apply()
@@ -164,23 +163,7 @@ def test_apply_is_idempotent_and_installs_shims():
   assert installed() == first
   assert first == (compat._for_n_devices, compat._for_n_devices,
                    compat._tree_unflatten, compat._tree_unflatten,
-                   compat._pmap, compat._xla_computation, compat._accelerate_update_fn)
-
-
-def test_xla_computation_dumps_hlo_of_a_layer_call():
-  import jax  # pylint: disable=g-import-not-at-top
-  import sparse_scaling  # pylint: disable=g-import-not-at-top,unused-import
-  from trax import layers as tl  # pylint: disable=g-import-not-at-top
-  from trax import shapes  # pylint: disable=g-import-not-at-top
-
-  # Called as trainer_lib.Trainer.save_computation_graphs calls it.
-  layer = tl.Serial(tl.Dense(4), tl.Relu())
-  x = np.ones((2, 3), np.float32)
-  weights, state = layer.init(shapes.signature(x))
-  computation = jax.xla_computation(layer)(
-      x, weights=weights, state=state, rng=jax.random.PRNGKey(0))
-  assert 'ENTRY' in computation.as_hlo_text()
-  assert computation.as_hlo_dot_graph().startswith('digraph')
+                   compat._pmap, compat._accelerate_update_fn)
 
 
 def test_tree_unflatten_fills_arrays_and_copies_placeholders():

@@ -1,14 +1,20 @@
-"""The compiled decoder: equal to trax's autoregressive sampling, EOS, sampling, errors."""
+"""The compiled decoder: equal to trax's autoregressive sampling, EOS, sampling options,
+prompts of different lengths, errors."""
 
 import functools
 
 import jax
 import numpy as np
 import pytest
+import jax.numpy as jnp
+from trax import layers as tl
 from trax import shapes
+from trax.layers.research import sparsity as trax_sparsity
+from trax.models.research import configurable_transformer as trax_ct
 from trax.supervised import decoding as trax_decoding
 
 from sparse_scaling.decoding import Decoder
+from sparse_scaling.decoding import filter_logits
 from sparse_scaling.models import ScalingTransformer
 from sparse_scaling.models import ScalingTransformerLM
 from sparse_scaling.models import Terraformer
@@ -37,11 +43,27 @@ def test_greedy_equals_trax_autoregressive_sample(model_and_weights):
   np.testing.assert_array_equal(ours, theirs)
 
 
-def test_empty_prompt_decodes_from_the_start_token(model_and_weights):
+def _greedy_by_the_eval_model(model_fn, weights, prompt, max_new_tokens):
+  """Greedy continuation without caches: the eval-mode model run on the whole sequence."""
+  model = model_fn(mode='eval')
+  model.init(shapes.ShapeDtype((1, 8), np.int32))
+  forward = jax.jit(lambda tokens: model.pure_fn(tokens, weights, model.state, None)[0])
+  start, length = prompt.shape[1], prompt.shape[1] + max_new_tokens
+  tokens = np.zeros((prompt.shape[0], length), np.int32)
+  tokens[:, :start] = prompt
+  for i in range(start, length):
+    # Causal and shifted right inside: position i sees the start token and tokens[:, :i] only.
+    tokens[:, i] = np.argmax(forward(tokens)[:, i], axis=-1)
+  return tokens[:, start:]
+
+
+def test_greedy_from_an_empty_prompt_equals_argmax_of_the_eval_model(model_and_weights):
+  # From the start token alone; prompts are checked against trax's sampler above.
   model_fn, weights = model_and_weights
-  tokens = Decoder(model_fn, weights).generate(np.zeros((3, 0), np.int32), max_new_tokens=5)
-  assert tokens.shape == (3, 5)
-  np.testing.assert_array_equal(tokens[0], tokens[1])  # same start, greedy: same rows
+  prompt = np.zeros((2, 0), np.int32)
+  tokens = Decoder(model_fn, weights).generate(prompt, max_new_tokens=8)
+  assert tokens.shape == (2, 8)
+  np.testing.assert_array_equal(tokens, _greedy_by_the_eval_model(model_fn, weights, prompt, 8))
 
 
 def test_rows_stop_after_eos(model_and_weights):
@@ -66,13 +88,120 @@ def test_sampling_depends_on_the_seed_only(model_and_weights):
   assert (a != c).any()
 
 
-@pytest.mark.parametrize('kwargs, parameter', [(dict(max_new_tokens=0), 'max_new_tokens'),
-                                               (dict(temperature=-1.0), 'temperature')])
+@pytest.mark.parametrize('kwargs, parameter', [
+    (dict(max_new_tokens=0), 'max_new_tokens'), (dict(temperature=-1.0), 'temperature'),
+    (dict(top_k=0), 'top_k'), (dict(top_p=0.0), 'top_p'), (dict(top_p=1.5), 'top_p'),
+    (dict(seed=[1, 2, 3]), 'seed')])
 def test_bad_arguments_raise_value_error(model_and_weights, kwargs, parameter):
   model_fn, weights = model_and_weights
-  kwargs = dict(dict(max_new_tokens=4), **kwargs)
-  with pytest.raises(ValueError, match=parameter):
+  kwargs = dict(dict(max_new_tokens=4, temperature=1.0), **kwargs)
+  with pytest.raises(ValueError, match=parameter) as error:
     Decoder(model_fn, weights).generate(np.zeros((1, 2), np.int32), **kwargs)
+  assert '\n' not in str(error.value)
+
+
+def test_unknown_sampling_option_is_named(model_and_weights):
+  model_fn, weights = model_and_weights
+  with pytest.raises(TypeError, match='top_q'):
+    Decoder(model_fn, weights).generate(np.zeros((1, 2), np.int32), 4, top_q=0.5)
+
+
+# Sampling options.
+
+def test_filter_logits_keeps_the_top_k_and_the_nucleus():
+  logits = np.log(np.array([[0.05, 0.5, 0.1, 0.3, 0.05]], np.float32))
+  allowed = lambda **kw: set(np.flatnonzero(np.isfinite(filter_logits(logits, 1.0, **kw)[0])))
+  assert allowed() == {0, 1, 2, 3, 4}
+  assert allowed(top_k=1) == {1}
+  assert allowed(top_k=3) == {1, 2, 3}
+  assert allowed(top_p=0.45) == {1}         # the most likely token alone reaches 0.45
+  assert allowed(top_p=0.7) == {1, 3}       # 0.5 before 0.3: not yet 0.7
+  assert allowed(top_p=0.85) == {1, 2, 3}
+  assert allowed(top_p=1e-9) == {1}
+  assert allowed(top_k=2, top_p=0.99) == {1, 3}
+  np.testing.assert_allclose(filter_logits(logits, 2.0)[0], logits[0] / 2)
+
+
+@pytest.mark.parametrize('options', [dict(top_k=1), dict(top_p=1e-6)])
+def test_top_k_1_and_tiny_top_p_equal_greedy(model_and_weights, options):
+  model_fn, weights = model_and_weights
+  decoder = Decoder(model_fn, weights)
+  prompt = np.array([[5, 6, 7], [9, 3, 2]], np.int32)
+  greedy = decoder.generate(prompt, 12)
+  np.testing.assert_array_equal(decoder.generate(prompt, 12, temperature=3.0, **options),
+                                greedy)
+
+
+def _teacher_forced_logits(model_fn, weights, prompt, generated):
+  """Eval-mode logits [batch, new, vocab] of each generated token (the model shifts right)."""
+  model = model_fn(mode='eval')
+  tokens = np.concatenate([prompt, generated], axis=1)
+  model.init(shapes.signature(tokens))
+  model.weights = weights
+  return np.asarray(model(tokens))[:, prompt.shape[1]:]
+
+
+@pytest.mark.parametrize('options', [dict(top_k=3), dict(top_p=0.6), dict(top_k=4, top_p=0.8)])
+def test_samples_fall_in_the_allowed_set(model_and_weights, options):
+  model_fn, weights = model_and_weights
+  prompt = np.array([[5, 6, 7], [9, 3, 2], [1, 1, 4]], np.int32)
+  unfiltered, filtered = (Decoder(model_fn, weights).generate(
+      prompt, 16, temperature=4.0, seed=1, **kw) for kw in ({}, options))
+  logits = _teacher_forced_logits(model_fn, weights, prompt, filtered)
+  # The allowed set from logits recomputed in eval mode (predict == eval to 1e-5, so a
+  # picked token's logit is given 1e-4 of slack).
+  picked = np.take_along_axis(logits, filtered[..., None], axis=-1)
+  allowed = filter_logits(np.where(np.arange(logits.shape[-1]) == filtered[..., None],
+                                   picked + 1e-4, logits), 4.0, **options)
+  assert np.isfinite(np.take_along_axis(np.asarray(allowed), filtered[..., None], -1)).all()
+  # At temperature 4 the unfiltered samples leave the set somewhere; the filter is not a no-op.
+  logits = _teacher_forced_logits(model_fn, weights, prompt, unfiltered)
+  allowed = filter_logits(logits, 4.0, **options)
+  assert not np.isfinite(np.take_along_axis(np.asarray(allowed), unfiltered[..., None], -1)).all()
+
+
+# Prompts of different lengths.
+
+DENSE = dict(TINY, ff_sparsity=0)
+SPARSE = dict(TINY, attention_sparsity=4, loss_sparsity=4)  # Sparse FF + QKV + loss
+
+
+@pytest.mark.parametrize('config', [DENSE, SPARSE], ids=['dense', 'sparse_ff_qkv_loss'])
+@pytest.mark.parametrize('sampling', [dict(), dict(temperature=1.5, top_k=8, seed=7)],
+                         ids=['greedy', 'sampled'])
+def test_each_row_of_a_ragged_batch_equals_that_prompt_alone(config, sampling):
+  model_fn = functools.partial(ScalingTransformerLM, **config)
+  model = model_fn(mode='eval')
+  model.init(shapes.ShapeDtype((1, 8), np.int32), rng=jax.random.PRNGKey(1))
+  decoder = Decoder(model_fn, model.weights)
+  prompts = [[5, 6, 7, 8, 9, 10, 11], [3], [4, 12, 13, 2], [], [7, 7, 1, 30, 2]]
+  batch = decoder.generate(prompts, 8, eos_id=5, **sampling)
+  seed = sampling.pop('seed', 0)
+  for r, prompt in enumerate(prompts):
+    alone = decoder.generate(np.array([prompt], np.int32).reshape(1, -1), 8, eos_id=5,
+                             seed=seed + r, **sampling)
+    np.testing.assert_array_equal(batch[r], alone[0], err_msg=f'row {r}, prompt {prompt}')
+
+
+def test_equal_length_rows_given_as_a_list_equal_the_array(model_and_weights):
+  model_fn, weights = model_and_weights
+  decoder = Decoder(model_fn, weights)
+  prompt = [[5, 6, 7], [9, 3, 2]]
+  np.testing.assert_array_equal(decoder.generate(prompt, 6, temperature=2.0),
+                                decoder.generate(np.array(prompt), 6, temperature=2.0))
+
+
+def test_other_prompt_lengths_reuse_the_compiled_generation(model_and_weights):
+  model_fn, weights = model_and_weights
+  decoder = Decoder(model_fn, weights)
+  traces = []
+  step = decoder._step  # pylint: disable=protected-access
+  decoder._step = lambda *args: traces.append(1) or step(*args)  # pylint: disable=protected-access
+  decoder.generate([[5, 6, 7, 8], [9, 3]], 6)
+  n_traced = len(traces)  # prompt pass, the step before the loop, the loop body
+  assert n_traced == 3
+  decoder.generate([[1, 2], [4, 5, 6, 7]], 6, seed=3)  # same padded shape and shortest row
+  assert len(traces) == n_traced
 
 
 ENCODER_DECODERS = {
@@ -102,3 +231,76 @@ def test_encoder_decoder_greedy_equals_trax_autoregressive_sample(name):
   theirs = trax_decoding.autoregressive_sample(
       trax_model, inputs=inputs, batch_size=2, temperature=0.0, eos_id=-1, max_length=10)
   np.testing.assert_array_equal(ours, theirs)
+
+
+def test_model_whose_state_changes_shape_after_the_prompt_decodes_as_trax():
+  # trax's MultiplicativeConvCausalAttention keeps the inputs of its last call as state
+  # (and renames its cache dict after the first call): the state after the prompt pass
+  # differs from the state after a step.
+  attention = functools.partial(trax_sparsity.MultiplicativeConvCausalAttention, sparsity=4,
+                                length_kernel_size=3, max_inference_length=32)
+  model_fn = functools.partial(trax_ct.ConfigurableTransformerLM, 32, d_model=16, d_ff=32,
+                               n_layers=1, n_heads=2, max_len=32, dropout=0.0,
+                               attention_type=attention)
+  model = model_fn(mode='eval')
+  model.init(shapes.ShapeDtype((1, 8), np.int32), rng=jax.random.PRNGKey(0))
+  prompt = np.array([[5, 6, 7, 8]], np.int32)
+  ours = Decoder(model_fn, model.weights).generate(prompt, max_new_tokens=6)
+  trax_model = model_fn(mode='predict')
+  trax_model.init(shapes.signature(prompt))
+  trax_model.weights = jax.tree.unflatten(jax.tree.structure(trax_model.weights),
+                                          jax.tree.leaves(model.weights))
+  theirs = trax_decoding.autoregressive_sample(
+      trax_model, inputs=prompt, batch_size=1, temperature=0.0, eos_id=-1, max_length=6)
+  np.testing.assert_array_equal(ours, theirs)
+
+
+def _trained_on_a_cycle(model_fn, steps=150, period=7):
+  """Weights of `model_fn` fitted (Adam, in process) to the token cycle 1, 2, ..., period."""
+  tokens = jnp.asarray((np.arange(24) % period + 1)[None].repeat(4, 0), jnp.int32)
+  model = model_fn(mode='eval')
+  weights, state = model.init(shapes.signature(tokens), rng=jax.random.PRNGKey(0))
+
+  def loss(w):
+    logits, _ = model.pure_fn(tokens, w, state, None)
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[..., None], -1))
+
+  @jax.jit
+  def step(w, m, v, i):
+    g = jax.grad(loss)(w)
+    m = jax.tree.map(lambda m, g: 0.9 * m + 0.1 * g, m, g)
+    v = jax.tree.map(lambda v, g: 0.999 * v + 0.001 * g * g, v, g)
+    lr = 0.01 / (1 - 0.9 ** i) * jnp.sqrt(1 - 0.999 ** i)
+    return jax.tree.map(lambda w, m, v: w - lr * m / (jnp.sqrt(v) + 1e-8), w, m, v), m, v
+
+  zeros = jax.tree.map(jnp.zeros_like, weights)
+  m, v = zeros, zeros
+  for i in range(1, steps + 1):
+    weights, m, v = step(weights, m, v, i)
+  assert float(loss(weights)) < 0.5  # it learned the cycle
+  return weights
+
+
+def test_bfloat16_decoding_equals_float32_on_a_trained_model():
+  """Weights and caches in bfloat16 (half the bytes a token reads): greedy tokens as in
+  float32, and last-step logits within 0.05 of the float32 logits' spread."""
+  model_fn = functools.partial(ScalingTransformerLM, **dict(TINY, attention_sparsity=2,
+                                                            loss_sparsity=2))
+  weights = _trained_on_a_cycle(model_fn)
+  prompt = np.array([[1, 2, 3], [5, 6, 7]], np.int32)
+  f32, bf16 = Decoder(model_fn, weights), Decoder(model_fn, weights, dtype='bfloat16')
+  np.testing.assert_array_equal(bf16.generate(prompt, 16), f32.generate(prompt, 16))
+  assert {str(w.dtype) for w in jax.tree.leaves(bf16.model.weights)} <= {'bfloat16', 'int32'}
+  logits = []
+  for decoder in (f32, bf16):
+    state = decoder._initial_state(2, None)  # pylint: disable=protected-access
+    start = jnp.zeros((2, 1), jnp.int32)
+    out, _ = decoder._step(decoder.model.weights, state,  # pylint: disable=protected-access
+                           jnp.concatenate([start, prompt], axis=1), None)
+    logits.append(np.asarray(out, np.float32))
+  assert np.abs(logits[1] - logits[0]).max() < 0.05 * logits[0].std()
+
+
+def test_decoding_dtype_must_be_a_float():
+  with pytest.raises(ValueError, match='dtype must be a floating-point dtype'):
+    Decoder(functools.partial(ScalingTransformerLM, **TINY), {}, dtype='int8')

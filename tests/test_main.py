@@ -63,15 +63,63 @@ def test_tiny_lm_trains_checkpoints_and_samples(trained):
   assert list((out / 'train').glob('events.out.tfevents.*'))  # TensorBoard
 
 
+NOISE = ['cuda', 'oneDNN', 'absl::InitializeLog', 'Gym has been unmaintained', 'gymnasium',
+         'SyntaxWarning']
+
+
+def test_main_job_says_where_it_runs_and_prints_nothing_but_its_own_output(trained):
+  import jax  # pylint: disable=g-import-not-at-top
+  _, _, result = trained
+  first = result.stdout.splitlines()[0]
+  assert first.startswith(f'running on {jax.default_backend()}: ') and 'trax 1.4.1' in first
+  assert f'jax {jax.__version__}' in first, first
+  output = result.stdout + result.stderr
+  assert not [word for word in NOISE if word.lower() in output.lower()], result.stderr[-3000:]
+
+
 def test_eval_and_decode_modes_use_the_checkpoint(trained):
   tmp_path, out, _ = trained
   result = run_main(tmp_path, _command(out, '--mode=eval'))
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'Evaluating the checkpoint of step 4' in result.stdout
   assert 'eval                      accuracy' in result.stdout
-  result = run_main(tmp_path, _command(out, '--mode=decode', '--prompt=Juliet.'))
+  result = run_main(tmp_path, _command(out, '--mode=decode', '--prompt=Juliet.',
+                                       '--temperature=0.7', '--top_k=5', '--top_p=0.9',
+                                       '--max_new_tokens=3', '--seed=2'))
   assert result.returncode == 0, result.stderr[-3000:]
-  assert '--- sample' in result.stdout and 'Juliet.' in result.stdout
+  assert '--- sample (temperature 0.7, top_k 5, top_p 0.9) ---\nJuliet.' in result.stdout
+
+
+def test_export_writes_named_weights_that_load_back_into_the_gin_model(trained, tmp_path):
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from sparse_scaling import configs  # pylint: disable=g-import-not-at-top
+  from sparse_scaling import export  # pylint: disable=g-import-not-at-top
+  _, out, _ = trained
+  path = tmp_path / 'weights.npz'
+  result = subprocess.run([sys.executable, '-m', 'sparse_scaling.export', f'--output_dir={out}',
+                           f'--to={path}'], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  flat = checkpoints.from_bits(checkpoints.load_latest(out, n_tasks=0).weights)
+  assert f'wrote {len(flat)} weight arrays' in result.stdout
+  configs.parse([str(out / 'config.gin')])  # the model's bindings hold until the test ends
+  model_fn = configs.configured_model()
+  tokens = np.arange(1, 9, dtype=np.int32)[None]
+  exported, reference = model_fn(mode='eval'), model_fn(mode='eval')
+  exported.init(export.model_signature(exported, 8))
+  export.load_weights(exported, path)
+  reference.init(export.model_signature(reference, 8))
+  reference.weights = jax.tree.unflatten(jax.tree.structure(reference.weights), flat)
+  np.testing.assert_array_equal(exported(tokens), reference(tokens))
+
+
+def test_export_without_checkpoint_fails_with_one_line_error(tmp_path):
+  result = subprocess.run([sys.executable, '-m', 'sparse_scaling.export',
+                           f'--output_dir={tmp_path}', f'--to={tmp_path / "w.npz"}'],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+  _one_line_error(result, 'no checkpoint')
+  assert not (tmp_path / 'w.npz').exists()
 
 
 @pytest.mark.parametrize('args, message', [
@@ -80,6 +128,8 @@ def test_eval_and_decode_modes_use_the_checkpoint(trained):
     (['--gin_param=ScalingTransformerLM.n_heads=3'], 'n_heads'),
     (['--gin_param=ScalingTransformerLM.d_ff=500'], 'd_ff'),
     (['--gin_param=embedded_lm_inputs.seq_len=1024'], 'max_len'),
+    (['--mode=decode', '--temperature=1', '--top_p=1.5'], 'top_p'),
+    (['--mode=decode', '--gin_param=sample.top_q=0.5'], 'top_q'),
 ])
 def test_bad_input_fails_with_one_line_error_and_keeps_the_checkpoint(trained, args, message):
   tmp_path, out, _ = trained

@@ -87,6 +87,38 @@ def test_lm_matches_trax_configurable_transformer_lm(ff_sparsity, attention_spar
   np.testing.assert_allclose(ours(tokens), theirs(tokens), atol=1e-4)
 
 
+ENC_DEC_SETTINGS = {  # dense: one embedding shared by encoder and decoder, as trax's default
+    'dense': dict(),
+    'sparse_own_decoder_vocab': dict(ff_sparsity=(8, 4), attention_sparsity=4,
+                                     enc_dec_attention_sparsity=4, loss_sparsity=4,
+                                     output_vocab_size=VOCAB + 8),
+}
+
+
+@pytest.mark.parametrize('setting', sorted(ENC_DEC_SETTINGS))
+def test_encoder_decoder_matches_trax_configurable_transformer(setting):
+  kwargs = ENC_DEC_SETTINGS[setting]
+  inputs = _tokens(length=7, seed=1)
+  inputs[0, 5:] = 0  # padding in the encoder input
+  targets = _tokens(length=8, seed=2)
+  attention = tl.CausalAttention
+  if kwargs.get('attention_sparsity'):
+    attention = functools.partial(trax_sparsity.MultiplicativeConvCausalAttention,
+                                  sparsity=kwargs['attention_sparsity'], length_kernel_size=3)
+  theirs = trax_ct.ConfigurableTransformer(
+      VOCAB, output_vocab_size=kwargs.get('output_vocab_size'), n_encoder_layers=1,
+      n_decoder_layers=2, ff_sparsity=kwargs.get('ff_sparsity', 0),
+      loss_sparsity=kwargs.get('loss_sparsity', 0), encoder_decoder_attention_type=attention,
+      enc_dec_attention_sparsity=kwargs.get('enc_dec_attention_sparsity', 0), mode='eval',
+      **TINY)
+  theirs.init(shapes.signature((inputs, targets)), rng=jax.random.PRNGKey(5))
+  ours = _enc_dec(**kwargs)(mode='eval')
+  ours.init(shapes.signature((inputs, targets)))
+  convert.load_trax_weights(ours, theirs.weights)
+  np.testing.assert_allclose(ours((inputs, targets))[0], theirs((inputs, targets))[0],
+                             atol=1e-4)
+
+
 def test_trax_checkpoint_loads_into_our_model(tmp_path):
   tokens = _tokens()
   theirs = trax_ct.ConfigurableTransformerLM(VOCAB, n_layers=2, ff_sparsity=(8, 4),

@@ -10,6 +10,7 @@ from trax.layers.research import sparsity as trax_sparsity
 
 from sparse_scaling import convert
 from sparse_scaling.layers import SparseFF
+from sparse_scaling.layers import sparse_ff_kernel
 from tests.utils import assert_predict_equals_eval
 from tests.utils import initialized as _init
 from tests.utils import primitives_reading
@@ -20,7 +21,7 @@ D_MODEL, D_FF, N = 16, 64, 8
 
 def _reference(layer, x):
   """Eval-mode output computed unit by unit in numpy from the layer's weights."""
-  (_, (c1, c2, cb), (w1, b1, w2, b2), _) = [jax.tree.map(np.asarray, w) for w in layer.weights]
+  c1, c2, cb, w1, b1, w2, b2 = [np.asarray(w) for w in jax.tree.leaves(layer.weights)]
   flat = x.reshape(-1, x.shape[-1])
   chosen = np.argmax(np.einsum('td,dr,rkn->tkn', flat, c1, c2) + cb, axis=-1)  # [T, d_ff/N]
   out = np.tile(b2, (flat.shape[0], 1))
@@ -38,13 +39,66 @@ def test_output_shape_matches_input(shape, mode):
   assert layer(x, rng=jax.random.PRNGKey(1)).shape == shape
 
 
-@pytest.mark.parametrize('mode', ['eval', 'predict'])
-def test_one_unit_active_per_block(mode):
+@pytest.mark.parametrize('mode, kernel', [('eval', 'xla'), ('predict', 'xla'),
+                                          ('predict', 'interpret')])
+def test_one_unit_active_per_block(mode, kernel):
   x = _inputs(2, 3, D_MODEL)  # 6 tokens < N: the gathered path in predict; dense under eval.
   layer = _init(SparseFF(D_FF, N, mode=mode), x)
   expected, chosen = _reference(layer, x)
   assert chosen.shape == (6, D_FF // N)
-  np.testing.assert_allclose(layer(x), expected, atol=1e-5)
+  with sparse_ff_kernel.use(kernel):  # the Pallas kernel, interpreted on the CPU
+    np.testing.assert_allclose(layer(x), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize('d_model, d_ff, n, group', [(16, 64, 8, 1), (48, 256, 4, 8),
+                                                     (2048 + 1024, 512, 8, 2)])
+def test_decode_kernel_equals_the_gathered_rows(d_model, d_ff, n, group):
+  """The Pallas kernel (interpreted) on fresh random weights: groups of blocks, rows longer
+  than one slice, ties broken toward the lowest unit as argmax does."""
+  x = _inputs(3, d_model, seed=d_model)
+  layer = _init(SparseFF(d_ff, n, d_lowrank=4, mode='predict'), x, seed=d_ff)
+  _, (c1, c2, cb), (w1, b1, w2, b2), _ = layer.weights
+  cb = cb.at[0].set(0.0)
+  c2 = c2.at[:, 0].set(0.0)  # block 0: all logits 0, a tie that unit 0 must win
+  got = sparse_ff_kernel.sparse_units(x, x @ c1, c2, cb, w1, b1, w2, b2, interpret=True,
+                                      group=group)
+  layer.weights = ((), (c1, c2, cb), (w1, b1, w2, b2), ())
+  expected, chosen = _reference(layer, x)
+  assert (chosen[:, 0] == 0).all()
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize('d_model, d_ff, n, rank', [(1024, 6144, 64, 16), (9216, 65536, 256, 32)])
+def test_decode_kernel_lowers_to_triton_for_a_gpu_at_table1_shapes(d_model, d_ff, n, rank):
+  """Lowered for CUDA on any machine: Triton's rules (every loaded block a power of 2 in
+  size) hold at the 800M and 17B shapes, and the Triton backend is the one chosen."""
+  blocks = d_ff // n
+  shapes = [(1, d_model), (1, rank), (rank, blocks, n), (blocks, n), (blocks, n, d_model),
+            (blocks, n), (blocks, n, d_model), (d_model,)]
+  args = [jax.ShapeDtypeStruct(shape, jnp.float32) for shape in shapes]
+  lowered = jax.jit(sparse_ff_kernel.sparse_units).trace(*args).lower(
+      lowering_platforms=('cuda',))
+  assert 'xla.gpu.triton' in lowered.as_text()
+
+
+@pytest.mark.skipif(jax.default_backend() != 'gpu', reason='compiles the kernel for a GPU')
+@pytest.mark.parametrize('d_model, d_ff, n, rank', [(1024, 6144, 64, 16), (9216, 65536, 256, 32)])
+def test_decode_kernel_compiled_for_the_gpu_equals_xla_at_table1_shapes(d_model, d_ff, n, rank):
+  x = _inputs(1, 1, d_model, seed=1)
+  layer = _init(SparseFF(d_ff, n, d_lowrank=rank, mode='predict'), x, seed=2)
+  step = lambda x, w: layer.pure_fn(x, w, layer.state, None)[0]
+  run = lambda: jax.jit(lambda x, w: step(x, w))(x, layer.weights)
+  with sparse_ff_kernel.use('xla'):  # a new function each time: traced anew, not cached
+    expected = np.asarray(run())
+  with sparse_ff_kernel.use('pallas'):
+    got = np.asarray(run())
+  np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_unknown_decode_kernel_is_refused_naming_the_choices():
+  with pytest.raises(ValueError, match='decode kernel must be one of'):
+    with sparse_ff_kernel.use('cuda'):
+      pass
 
 
 def test_gathered_and_masked_paths_agree():

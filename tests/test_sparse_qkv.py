@@ -5,11 +5,13 @@ import functools
 import jax
 import numpy as np
 import pytest
+from trax import layers as tl
 from trax.layers.research import sparsity as trax_sparsity
 
 from sparse_scaling import convert
 from sparse_scaling.layers import ModuleConv
 from sparse_scaling.layers import MultiplicativeDense
+from sparse_scaling.layers import SparseEncDecAttention
 from sparse_scaling.layers import SparseLoss
 from sparse_scaling.layers import SparseQKVAttention
 from tests.utils import assert_predict_equals_eval
@@ -23,9 +25,9 @@ def test_multiplicative_dense_is_the_papers_formula():
   x = _inputs(3, 5, D_MODEL)
   layer = _init(MultiplicativeDense(S, 24), x)
   d, e, b = [np.asarray(w) for w in layer.weights]
-  expected = np.einsum('bli,is,im->blsm', x, d, e).reshape(3, 5, 24) + b
+  expected = np.einsum('bli,si,im->blsm', x, d, e).reshape(3, 5, 24) + b
   np.testing.assert_allclose(layer(x), expected, atol=1e-5)
-  assert d.shape == (D_MODEL, S) and e.shape == (D_MODEL, 24 // S)
+  assert d.shape == (S, D_MODEL) and e.shape == (D_MODEL, 24 // S)
 
 
 def test_multiplicative_dense_matches_trax_factored_dense():
@@ -94,6 +96,22 @@ def test_sparse_qkv_matches_trax_multiplicative_conv_causal_attention():
   ours = _init(SparseQKVAttention(D_MODEL, N_HEADS, S, 3, mode='eval'), x)
   convert.load_trax_weights(ours, theirs.weights)
   np.testing.assert_allclose(ours(x), theirs(x), atol=1e-5)
+
+
+def test_sparse_enc_dec_attention_matches_trax_attention_qkv_with_a_sparse_query():
+  # trax's encoder-decoder attention under ConfigurableTransformer(enc_dec_attention_sparsity=S):
+  # AttentionQKV with a FactoredDense + LocallyConvDense query and no output Dense.
+  decoder, encoder = _inputs(2, 5, D_MODEL, seed=1), _inputs(2, 7, D_MODEL, seed=2)
+  mask = np.ones((2, 1, 1, 7), bool)
+  mask[0, ..., 4:] = False                                  # padding in the first encoder row
+  inputs = (decoder, encoder, encoder, mask)
+  theirs = _init(tl.AttentionQKV(D_MODEL, n_heads=N_HEADS, q_sparsity=S, result_sparsity='noop',
+                                 mode='eval'), inputs, seed=7)
+  ours = _init(SparseEncDecAttention(D_MODEL, N_HEADS, S, mode='eval'), inputs)
+  convert.load_trax_weights(ours, theirs.weights)
+  (out, out_mask), (expected, expected_mask) = ours(inputs), theirs(inputs)
+  np.testing.assert_allclose(out, expected, atol=1e-5)
+  np.testing.assert_array_equal(out_mask, expected_mask)
 
 
 @pytest.mark.parametrize('make, parameter', [

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from trax import layers as tl
 from trax import shapes
+from trax.layers.research import efficient_attention
 from trax.layers.research import sparsity as trax_sparsity
 from trax.models.research import terraformer as trax_terraformer
 
@@ -121,13 +122,35 @@ def test_reversible_gradients_equal_autodiff(block):
       np.testing.assert_allclose(a, b, atol=1e-4)
 
 
+def _layers(layer, cls):
+  """`layer` and its sublayers, at any depth, that are instances of `cls`."""
+  found = [layer] if isinstance(layer, cls) else []
+  return found + [l for sub in layer.sublayers for l in _layers(sub, cls)]
+
+
 def test_lsh_attention_trains_on_long_inputs():
-  model = _model(encoder_attention_type='lsh', decoder_attention_type='lsh', ff_sparsity=4,
-                 max_len=512)(mode='train')
+  # Encoder 256 and decoder 128 tokens: LSH chunks of 128, so attention spans chunks.
+  model = functools.partial(Terraformer, VOCAB, n_encoder_layers=1, n_decoder_layers=1,
+                            encoder_attention_type='lsh', decoder_attention_type='lsh',
+                            ff_sparsity=4, **dict(TINY, max_len=512))(mode='train')
   inputs, targets = _tokens((200, 256), 256), _tokens((128, 128), 128, seed=1)
-  model.init(shapes.signature((inputs, targets)), rng=jax.random.PRNGKey(0))
-  logits, _ = model((inputs, targets), rng=jax.random.PRNGKey(1))
-  assert logits.shape == (2, 128, VOCAB) and np.all(np.isfinite(logits))
+  batch = (inputs, targets, (targets > 0).astype(np.float32))
+  model_with_loss = tl.Serial(model, tl.WeightedCategoryCrossEntropy())
+  model_with_loss.init(shapes.signature(batch), rng=jax.random.PRNGKey(0))
+  lsh = _layers(model_with_loss, efficient_attention.LSHSelfAttention)
+  assert len(lsh) == 3  # one in the encoder block, two in the decoder block
+  before = [jax.tree.map(np.array, layer.weights) for layer in lsh]
+  state, rng = model_with_loss.state, jax.random.PRNGKey(1)  # the same LSH hashes and noise
+  loss_and_grad = jax.jit(jax.value_and_grad(
+      lambda weights: model_with_loss.pure_fn(batch, weights, state, rng)[0]))
+  loss, grads = loss_and_grad(model_with_loss.weights)
+  assert np.isfinite(loss) and all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
+  model_with_loss.weights = jax.tree.map(lambda w, g: w - 0.1 * g, model_with_loss.weights,
+                                         grads)  # one step of gradient descent
+  assert loss_and_grad(model_with_loss.weights)[0] < loss
+  for layer, old in zip(lsh, before):  # the gradient reached every LSH attention's weights
+    for new_w, old_w in zip(jax.tree.leaves(layer.weights), jax.tree.leaves(old)):
+      assert not np.allclose(new_w, old_w)
 
 
 @pytest.mark.parametrize('kwargs, parameter', [

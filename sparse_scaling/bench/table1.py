@@ -1,23 +1,29 @@
 """The paper's Table 1: unbatched decoding time per token, ours and trax's, side by side.
 
-  python -m sparse_scaling.bench.table1 [--shapes 800m,17b] [--json] [--tokens 32]
+  python -m sparse_scaling.bench.table1 [--shapes 800m,17b] [--impls ours,trax] [--program]
+      [--nostep] [--dtype bfloat16] [--json] [--tokens 32]
   python -m sparse_scaling.bench.table1 --batch_curve    # where sparsity stops paying
 
 Rows: dense, +Sparse FF, +Sparse QKV, +Sparse FF+QKV, +FF+QKV+loss, with the dimensions of
-`gin_configs/paper/c4_800m_*.gin` (800M: the 24-layer decoder, float32) and
-`gin_configs/paper/timing_17b_*.gin` (17B: one and two blocks of d_model 9216, float32: they
-fit in 24 GB, and XLA's CPU matrix-vector product in bfloat16 is compute-bound, ~1.3 GB/s,
-which would flatter sparsity),
-each built as our `ScalingTransformerLM` and as trax's `ConfigurableTransformerLM` (ff_sparsity,
-`MultiplicativeConvCausalAttention`, loss_sparsity) with the same shapes.
+`gin_configs/paper/c4_800m_*.gin` (800M: the 24-layer decoder) and
+`gin_configs/paper/timing_17b_*.gin` (17B: two blocks of d_model 9216), float32 unless
+`--dtype` says otherwise (XLA's CPU matrix-vector product in bfloat16 is compute-bound, ~1.3
+GB/s, which would flatter sparsity), each built as our `ScalingTransformerLM` and as trax's
+`ConfigurableTransformerLM` (ff_sparsity, `MultiplicativeConvCausalAttention`,
+loss_sparsity) with the same shapes. `ours-xla` is ours with Sparse FF decoding by XLA's
+gathers where `ours` uses the Pallas kernel (on GPUs: `layers/sparse_ff_kernel.py`).
 
-Method: batch 1; a prompt of `--prompt` tokens fills the caches, then `--tokens` greedy tokens
-are decoded one jitted predict step each (weights as arguments, state donated), every step
-blocked until ready; the table gives the median (and p90) step. Both implementations size
-their KV caches to the sequence timed (attention reads the whole cache at every step). Weights are random (timing
-only). s/block is the difference of two depths divided by their difference. The floor is the
-weight and KV-cache bytes a token must read, over the machine's measured read bandwidth.
-Writes docs/results/table1.md and table1.png.
+Method: batch 1, random weights (timing only). Per block: the first block's attention and FF
+layers jitted together (weights as arguments, state donated) and fed one token's activations
+per step, median (p90) of `--tokens` steps after 3 warm-up steps. Per token (step): a prompt
+of `--prompt` tokens fills the caches, then `--tokens` greedy tokens are decoded by one jitted
+predict step each, every step blocked until ready. Per token (program, `--program`): whole
+generations compiled as one program (`decoding.Decoder`), the dispatch cost per step gone.
+Both implementations size their KV caches to the sequence timed (attention reads the whole
+cache at every step). The floor is the weight and KV-cache bytes a token must read, over the
+bandwidth measured in the same run (`timing.memory_bandwidth`). Every row is printed as it is
+measured; a measurement that fails is reported with its error, not dropped. Writes
+docs/results/table1.md and table1.png (table1_<backend> elsewhere than the CPU).
 """
 
 import functools
@@ -40,6 +46,7 @@ from trax.models.research import configurable_transformer as trax_ct
 from sparse_scaling import configs
 from sparse_scaling import decoding
 from sparse_scaling.bench import timing
+from sparse_scaling.layers import sparse_ff_kernel
 from sparse_scaling.models import ScalingTransformerLM
 
 VARIANTS = ('dense', 'ff', 'qkv', 'ffqkv', 'ffqkvloss')
@@ -75,12 +82,12 @@ def dimensions(shape, variant):
 
 
 def build(impl, dims, n_layers, max_len, mode='predict'):
-  """An LM of `impl` ('ours' or 'trax') with the given dimensions."""
+  """An LM of `impl` ('ours', 'ours-xla' or 'trax') with the given dimensions."""
   common = dict(d_model=dims['d_model'], d_ff=dims['d_ff'], n_layers=n_layers,
                 n_heads=dims['n_heads'], max_len=max_len, dropout=0.0,
                 ff_sparsity=tuple(dims['ff_sparsity']) if dims['ff_sparsity'] else 0,
                 loss_sparsity=dims['loss_sparsity'], mode=mode)
-  if impl == 'ours':
+  if impl.startswith('ours'):
     return ScalingTransformerLM(dims['vocab_size'], attention_sparsity=dims['attention_sparsity'],
                                 length_kernel_size=dims['length_kernel_size'], **common)
   attention = functools.partial(tl.CausalAttention, max_inference_length=max_len)
@@ -91,6 +98,31 @@ def build(impl, dims, n_layers, max_len, mode='predict'):
                                   max_inference_length=max_len)
   return trax_ct.ConfigurableTransformerLM(dims['vocab_size'], attention_type=attention,
                                            **common)
+
+
+def scope_labels(model):
+  """A label per top-level layer of an LM: embed, block<i>/attention, block<i>/ff, output.
+
+  A block is a layer holding attention and the layer right after it (its feed-forward), in
+  our models and in trax's alike.
+  """
+  labels, block = [], -1
+  for layer in model.sublayers:
+    if any('Attention' in name for name in _names(layer)):
+      block += 1
+      labels.append(f'block{block}/attention')
+    elif labels and labels[-1] == f'block{block}/attention':
+      labels.append(f'block{block}/ff')
+    else:
+      labels.append('output' if block >= 0 else 'embed')
+  return labels
+
+
+def _names(layer):
+  out = [layer.name]
+  for sub in layer.sublayers:
+    out += _names(sub)
+  return out
 
 
 def random_weights_and_state(model, dtype, batch=1, seed=0):
@@ -105,6 +137,25 @@ def random_weights_and_state(model, dtype, batch=1, seed=0):
   return jax.tree.unflatten(treedef, weights), state
 
 
+def kernel_choice(impl):
+  """What Sparse FF decoding uses for `impl`: 'ours-xla' forces XLA's gathers; 'ours' takes
+  the default (the Pallas kernel on GPUs, `layers/sparse_ff_kernel.py`)."""
+  return sparse_ff_kernel.use('xla' if impl == 'ours-xla' else 'auto')
+
+
+def _timed_steps(step, weights, state, x, n_steps, warmup=3):
+  """Median and p90 seconds of `x, state = step(weights, state, x)`, state donated."""
+  step = jax.jit(step, donate_argnums=(1,))
+  times = []
+  for i in range(n_steps + warmup):
+    start = timing.now()
+    x, state = step(weights, state, x)
+    jax.block_until_ready(x)
+    if i >= warmup:
+      times.append(timing.now() - start)
+  return float(np.median(times)), float(np.percentile(times, 90))
+
+
 def seconds_per_token(model, dtype, prompt, n_tokens, batch=1):
   """Median and p90 seconds of one greedy decoding step (of `batch` rows) after a prompt."""
   weights, state = random_weights_and_state(model, dtype, batch)
@@ -115,15 +166,33 @@ def seconds_per_token(model, dtype, prompt, n_tokens, batch=1):
 
   tokens = jnp.ones((batch, prompt), jnp.int32)
   tokens, state = jax.jit(step)(weights, state, tokens)        # fill the caches
-  decode = jax.jit(step, donate_argnums=(1,))
-  times = []
-  for i in range(n_tokens + 3):                                 # 3 warm-up steps
-    start = timing.now()
-    tokens, state = decode(weights, state, tokens)
-    jax.block_until_ready(tokens)
-    if i >= 3:
-      times.append(timing.now() - start)
-  return float(np.median(times)), float(np.percentile(times, 90))
+  return _timed_steps(step, weights, state, tokens, n_tokens)
+
+
+def seconds_per_block(model, dtype, n_tokens):
+  """Median and p90 seconds of one block's decoding step, the block timed alone.
+
+  The first block's layers (attention and feed-forward, `scope_labels`) of `model` are jitted
+  together, weights as arguments and state donated, and fed one token's activations
+  [1, 1, d_model] at a time; attention reads its whole cache at every step, so the cost does
+  not depend on how full it is.
+  """
+  weights, state = random_weights_and_state(model, dtype)
+  labels = scope_labels(model)
+  index = [i for i, label in enumerate(labels) if label.startswith('block0/')]
+  layers = [model.sublayers[i] for i in index]
+
+  def step(weights, state, x):
+    new_state = []
+    for layer, w, s in zip(layers, weights, state):
+      x, s = layer.pure_fn(x, w, s, None)
+      new_state.append(s)
+    return x, tuple(new_state)
+
+  d_model = jax.tree.leaves(weights[index[0]])[0].shape[0]
+  x = 0.1 * jax.random.normal(jax.random.PRNGKey(1), (1, 1, d_model), dtype)
+  return _timed_steps(step, tuple(weights[i] for i in index),
+                      tuple(state[i] for i in index), x, n_tokens)
 
 
 def seconds_per_token_program(model_fn, dtype, prompt, n_tokens):
@@ -133,7 +202,7 @@ def seconds_per_token_program(model_fn, dtype, prompt, n_tokens):
   generations) over the difference in tokens: the prompt pass cancels out.
   """
   weights, _ = random_weights_and_state(model_fn(), dtype)
-  decoder = decoding.Decoder(model_fn, weights)
+  decoder = decoding.Decoder(model_fn, weights, dtype=dtype)
   prompt_ids = np.ones((1, prompt), np.int32)
   short = max(1, n_tokens // 4)
   medians = [timing.time_call(decoder.generate, prompt_ids, n, min_runs=5, min_seconds=0,
@@ -160,33 +229,50 @@ def bytes_per_token(dims, n_layers, kv_len, itemsize):
   return itemsize * (n_layers * block + 2 * d + output)
 
 
-def measure(shape, variants, impls, prompt, n_tokens, bandwidth, program=False):
-  """Rows of one shape: each variant and implementation at two depths (and, with
-  `program`, as one compiled generation)."""
-  _, dtype, depths, whole = SHAPES[shape]
+def measure(shape, variants, impls, prompt, n_tokens, bandwidth, program=False, step=True,
+            dtype=None):
+  """Rows of one shape: each variant and implementation, one block timed alone and (with
+  `step`) the whole decoder's jitted step and (with `program`) its compiled generation.
+
+  A measurement that fails (a column an implementation cannot fill) gives a row with the
+  error instead, and the others go on.
+  """
+  _, shape_dtype, _, whole = SHAPES[shape]
+  dtype = dtype or shape_dtype
   rows = []
   for variant in variants:
     dims = dimensions(shape, variant)
     for impl in impls:
-      seconds = {}
-      for depth in depths:
-        seconds[depth] = seconds_per_token(build(impl, dims, depth, prompt + n_tokens + 8),
-                                           dtype, prompt, n_tokens)
-        gc.collect()
-      per_block = (seconds[depths[1]][0] - seconds[depths[0]][0]) / (depths[1] - depths[0])
-      program_seconds = None
-      if program:
-        program_seconds = seconds_per_token_program(
-            functools.partial(build, impl, dims, whole, prompt + n_tokens + 8), dtype, prompt,
-            n_tokens)
-        gc.collect()
+      if impl == 'ours-xla' and not dims['ff_sparsity']:
+        continue  # the same as 'ours' without Sparse FF
+      max_len = prompt + n_tokens + 8
       read = bytes_per_token(dims, whole, prompt + n_tokens // 2, jnp.dtype(dtype).itemsize)
       row = dict(shape=shape, variant=variant, impl=impl, dtype=dtype, depth=whole,
-                 machine=timing.machine_description(),
-                 s_per_token=seconds[whole][0], p90_s_per_token=seconds[whole][1],
-                 s_per_block=per_block, s_per_token_program=program_seconds,
-                 floor_s_per_token=read / bandwidth,
-                 bytes_per_token=read, bandwidth=bandwidth)
+                 machine=timing.machine_description(), floor_s_per_token=read / bandwidth,
+                 bytes_per_token=read, bandwidth=bandwidth, s_per_token=None,
+                 p90_s_per_token=None, s_per_token_program=None)
+      with kernel_choice(impl):
+        row['kernel'] = sparse_ff_kernel.active() if dims['ff_sparsity'] else None
+        for name, run in [
+            ('block', lambda: seconds_per_block(build(impl, dims, 1, max_len), dtype,
+                                                n_tokens)),
+            ('step', lambda: seconds_per_token(build(impl, dims, whole, max_len), dtype,
+                                               prompt, n_tokens) if step else None),
+            ('program', lambda: seconds_per_token_program(
+                functools.partial(build, impl, dims, whole, max_len), dtype, prompt,
+                n_tokens) if program else None)]:
+          try:
+            result = run()
+          except Exception as e:  # pylint: disable=broad-except
+            row.setdefault('errors', {})[name] = f'{type(e).__name__}: {str(e)[:300]}'
+            result = None
+          if name == 'block':
+            row['s_per_block'], row['p90_s_per_block'] = result or (None, None)
+          elif name == 'step' and result:
+            row['s_per_token'], row['p90_s_per_token'] = result
+          elif name == 'program':
+            row['s_per_token_program'] = result
+          gc.collect()
       rows.append(row)
       print(json.dumps(row), flush=True)
   return rows
@@ -230,53 +316,51 @@ def write_batch_curve(curve, path_md, path_png):
   fig.savefig(path_png, dpi=100)
 
 
+IMPLS = ('ours', 'ours-xla', 'trax')
+
+
 def markdown(rows, prompt, n_tokens):
-  """The results as a Markdown table, paper beside ours and trax's."""
+  """The results as a Markdown table: one row per variant and implementation, the paper's
+  figures beside ours; speedups against the same implementation's dense row."""
+  bandwidths = ', '.join(sorted({f'{r["shape"]}: {r["bandwidth"] / 1e9:.0f} GB/s' for r in rows}))
   by_key = {(r['shape'], r['variant'], r['impl']): r for r in rows}
-  program = any(r.get('s_per_token_program') for r in rows)
-  bandwidths = ', '.join(sorted({f'{r["shape"]}: {r["bandwidth"] / 1e9:.1f} GB/s' for r in rows}))
   lines = [
-      f'Machine: {"; ".join(sorted({r.get("machine", "") for r in rows}))}; read bandwidth '
-      'measured in each run '
-      f'({bandwidths}). Batch 1, prompt {prompt} tokens, median of {n_tokens} decoded tokens '
-      f'(KV length {prompt}-{prompt + n_tokens}). Speedups are per block against the same '
-      'implementation\'s dense row; the floor is the weight and KV bytes a token reads over '
-      'the bandwidth.',
+      f'Machine: {"; ".join(sorted({r.get("machine", "") for r in rows}))}; bandwidth '
+      f'measured in each run ({bandwidths}). Batch 1, prompt {prompt} tokens, '
+      f'{n_tokens} decoded tokens (KV caches of {prompt + n_tokens + 8}). ms/block: one '
+      'block (attention and FF) timed alone, median (p90) of its steps; s/token: the whole '
+      'decoder, one jitted step per token (step) or the whole generation as one compiled '
+      'program (program); floor: the weight and KV bytes a token reads over the bandwidth. '
+      'Speedups are against the same implementation\'s dense row. Implementations: ours '
+      '(Sparse FF decoding by the Pallas kernel on a GPU, by gathers elsewhere), ours-xla '
+      '(gathers everywhere), trax (trax 1.4.1\'s `ConfigurableTransformerLM`).',
       '',
-      '| shape | variant | ours s/token (p90) | ours ms/block | ours speedup/block '
-      '| trax s/token | trax ms/block | trax speedup/block | ours vs trax/block '
-      '| paper s/token | paper ms/block | paper speedup/block | floor s/token | ours GB/s |'
-      + (' ours s/token, one program | trax s/token, one program |' if program else ''),
-      '|' + '---|' * (16 if program else 14)]
-  for (shape, variant, impl), row in sorted(by_key.items(),
-                                            key=lambda kv: (list(SHAPES).index(kv[0][0]),
-                                                            VARIANTS.index(kv[0][1]))):
-    if impl != 'ours':
-      continue
-    trax_row = by_key.get((shape, variant, 'trax'))
-    dense, trax_dense = by_key[(shape, 'dense', 'ours')], by_key.get((shape, 'dense', 'trax'))
-    paper = PAPER.get((shape, variant))
-    paper_dense = PAPER.get((shape, 'dense'))
-    cells = [shape, variant,
-             f'{row["s_per_token"]:.4f} ({row["p90_s_per_token"]:.4f})',
-             f'{row["s_per_block"] * 1e3:.3f}',
-             f'{dense["s_per_block"] / row["s_per_block"]:.2f}x']
-    if trax_row:
-      cells += [f'{trax_row["s_per_token"]:.4f}', f'{trax_row["s_per_block"] * 1e3:.3f}',
-                f'{trax_dense["s_per_block"] / trax_row["s_per_block"]:.2f}x',
-                f'{trax_row["s_per_block"] / row["s_per_block"]:.2f}x']
-    else:
-      cells += ['', '', '', '']
-    if paper:
-      cells += [f'{paper[0]:.3f}', f'{paper[1] * 1e3:.1f}', f'{paper_dense[1] / paper[1]:.2f}x']
-    else:
-      cells += ['', '', '']
-    cells += [f'{row["floor_s_per_token"]:.4f}',
-              f'{row["bytes_per_token"] / row["s_per_token"] / 1e9:.1f}']
-    if program:
-      cells += [f'{r["s_per_token_program"]:.5f}' if r and r.get('s_per_token_program') else ''
-                for r in (row, trax_row)]
+      '| shape | variant | impl | dtype | ms/block (p90) | speedup/block | s/token, step '
+      '| s/token, program | speedup/token, program | floor s/token | paper s/token '
+      '| paper speedup/block |',
+      '|' + '---|' * 12]
+  order = lambda kv: (list(SHAPES).index(kv[0][0]), VARIANTS.index(kv[0][1]),
+                      IMPLS.index(kv[0][2]))
+  ratio = lambda a, b: f'{a / b:.2f}x' if a and b else ''
+  for (shape, variant, impl), row in sorted(by_key.items(), key=order):
+    dense = by_key.get((shape, 'dense', impl)) or by_key.get((shape, 'dense', 'ours'), {})
+    paper, paper_dense = PAPER.get((shape, variant)), PAPER.get((shape, 'dense'))
+    block = row.get('s_per_block')
+    cells = [shape, variant, impl + (f' ({row["kernel"]})' if row.get('kernel') else ''),
+             row['dtype'],
+             f'{block * 1e3:.3f} ({row["p90_s_per_block"] * 1e3:.3f})' if block else 'failed',
+             ratio(dense.get('s_per_block'), block),
+             f'{row["s_per_token"]:.5f}' if row.get('s_per_token') else '',
+             f'{row["s_per_token_program"]:.5f}' if row.get('s_per_token_program') else '',
+             ratio(dense.get('s_per_token_program'), row.get('s_per_token_program')),
+             f'{row["floor_s_per_token"]:.5f}',
+             f'{paper[0]:.3f}' if paper else '',
+             ratio(paper_dense[1], paper[1]) if paper else '']
     lines.append('| ' + ' | '.join(cells) + ' |')
+  errors = [f'- {r["shape"]} {r["variant"]} {r["impl"]}, {part}: {message}'
+            for r in rows for part, message in r.get('errors', {}).items()]
+  if errors:
+    lines += ['', 'Measurements that failed:', ''] + errors
   return '\n'.join(lines)
 
 
@@ -289,8 +373,8 @@ def plot(rows, path):
   fig, axes = plt.subplots(1, len(shapes_), figsize=(6 * len(shapes_), 4), squeeze=False)
   for ax, shape in zip(axes[0], shapes_):
     for i, impl in enumerate(['ours', 'trax']):
-      values = [next((r['s_per_block'] * 1e3 for r in rows if r['shape'] == shape and
-                      r['variant'] == v and r['impl'] == impl), 0) for v in VARIANTS]
+      values = [next(((r.get('s_per_block') or 0) * 1e3 for r in rows if r['shape'] == shape
+                      and r['variant'] == v and r['impl'] == impl), 0) for v in VARIANTS]
       ax.bar(np.arange(len(VARIANTS)) + 0.4 * i, values, 0.4, label=impl)
     paper = [PAPER.get((shape, v), (0, 0))[1] * 1e3 for v in VARIANTS]
     ax.scatter(np.arange(len(VARIANTS)) + 0.2, paper, color='k', marker='_', s=300,
@@ -308,7 +392,9 @@ def _define_flags():
   """Defines the command line's flags; only when run as a program (others have namesakes)."""
   flags.DEFINE_integer('prompt', 128, 'Prompt length (KV cache filled before timing).')
   flags.DEFINE_integer('tokens', 32, 'Decoded tokens timed per measurement.')
-  flags.DEFINE_list('impls', ['ours', 'trax'], 'Implementations to time.')
+  flags.DEFINE_list('impls', ['ours', 'trax'], f'Implementations to time, of {list(IMPLS)}.')
+  flags.DEFINE_string('dtype', None, "Weights' dtype (default: the shape's, float32).")
+  flags.DEFINE_bool('step', True, 'Also time the whole decoder as one jitted step per token.')
   flags.DEFINE_list('variants', list(VARIANTS),
                     'Variants to time (dense first: speedups are against it).')
   flags.DEFINE_bool('write', True, 'Write docs/results/table1.md and table1.png.')
@@ -335,13 +421,17 @@ def main(argv):
   if not set(args.variants) <= set(VARIANTS) or args.variants[:1] != ['dense']:
     raise app.UsageError(f'--variants: {args.variants} must start with dense and name only '
                          f'{list(VARIANTS)}')
+  if not set(args.impls) <= set(IMPLS):
+    raise app.UsageError(f'--impls: {args.impls} must name only {list(IMPLS)}')
+  if args.dtype not in (None, 'float32', 'bfloat16'):
+    raise app.UsageError(f'--dtype: {args.dtype!r} must be float32 or bfloat16')
   rows = []
   bandwidth = None if args.render_only else timing.memory_bandwidth()
   for shape in shapes_measured:
     if shape not in SHAPES:
       raise app.UsageError(f'--shapes: unknown shape {shape!r}; use {sorted(SHAPES)}')
     rows += measure(shape, args.variants, args.impls, args.prompt, args.tokens, bandwidth,
-                    args.program)
+                    args.program, args.step, args.dtype)
   if rows:
     print(markdown(rows, args.prompt, args.tokens))
   if args.write:  # merged with the rows of shapes measured by earlier runs
@@ -359,8 +449,9 @@ def main(argv):
         + markdown(merged, args.prompt, args.tokens) + '\n')
     plot(merged, RESULTS_DIR / f'{name}.png')
   if timing.JSON.value:
-    print(json.dumps([{k: r[k] for k in ('shape', 'variant', 'impl', 's_per_token',
-                                         's_per_block', 'floor_s_per_token')} for r in rows]))
+    print(json.dumps([{k: r.get(k) for k in ('shape', 'variant', 'impl', 's_per_token',
+                                             's_per_block', 's_per_token_program',
+                                             'floor_s_per_token')} for r in rows]))
 
 
 if __name__ == '__main__':

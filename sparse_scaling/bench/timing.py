@@ -51,8 +51,23 @@ def machine_description():
   return f'{cpu}, {os.cpu_count()} cores, jax {jax.__version__} on {on}'
 
 
-def memory_bandwidth():
-  """Bytes per second of a jitted reduction over a 512 MiB array (a read-bandwidth estimate)."""
-  a = jnp.ones((128 * 1024 * 1024,), jnp.float32)
-  median, _ = time_call(jax.jit(jnp.sum), a, min_runs=10)
-  return a.nbytes / median
+def memory_bandwidth(with_probe=False):
+  """Device memory bandwidth in bytes per second: the best of four jitted probes.
+
+  Each probe streams a 512 MiB float32 array once: a full reduction (`jnp.sum`), a reduction
+  of every row and of every column of its [16384, 8192] view, and a scaled copy (read plus
+  write counted). Which one reaches the memory's rate depends on the backend (XLA's GPU
+  reductions to one scalar run below it), so the floors take the best.
+
+  Args:
+    with_probe: Also return the name of the probe that set it.
+  """
+  a = jnp.asarray(np.random.RandomState(0).rand(16384, 8192).astype(np.float32))
+  probes = {'full reduction': (jnp.sum, a.nbytes),
+            'row reduction': (lambda x: jnp.sum(x, axis=1), a.nbytes),
+            'column reduction': (lambda x: jnp.sum(x, axis=0), a.nbytes),
+            'scaled copy, read + write': (lambda x: x * 1.5, 2 * a.nbytes)}
+  rates = {name: nbytes / time_call(jax.jit(fn), a, min_runs=10, min_seconds=0.2)[0]
+           for name, (fn, nbytes) in probes.items()}
+  best = max(rates, key=rates.get)
+  return (rates[best], best) if with_probe else rates[best]

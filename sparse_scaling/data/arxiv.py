@@ -1,6 +1,6 @@
 """arXiv summarization (TFDS `scientific_papers/arxiv`), the paper's downstream task.
 
-Paper §5 (PAPER.md, trax's `scientific_papers_terraformer.gin`): `scientific_papers/arxiv:1.1.1`,
+docs/paper.md §5 (trax's `scientific_papers_terraformer.gin`): `scientific_papers/arxiv:1.1.1`,
 article -> abstract; the article truncated to 15,359 tokens plus EOS and padded to 15,360, the
 abstract to 1,023 plus EOS and padded to 1,024; batch 32; T5's 32k SentencePiece vocabulary.
 (trax's config appends 0 rather than EOS to the article; here both sides end in `EOS_ID`.)

@@ -1,6 +1,6 @@
 """C4 (TFDS `c4/en`) as in the paper: span corruption for the encoder-decoder, and an LM stream.
 
-Paper §5 (PAPER.md): C4 `c4/en:2.3.0`, T5 span corruption (noise density 0.15, mean span 3),
+docs/paper.md §5: C4 `c4/en:2.3.0`, T5 span corruption (noise density 0.15, mean span 3),
 inputs 512 and targets 256 (trax's `c4_trax_data.gin`), batch 32, a 32k SentencePiece vocabulary.
 tfds 4.9.10's C4 builder is at version 3.1.0 and still supports 2.3.1, 2.3.0, 2.2.1 and 2.2.0;
 `C4_VERSION` is 3.1.0, and `version='2.3.0'` selects the paper's.

@@ -1,6 +1,6 @@
 """T5-style span corruption, the paper's C4 objective, in numpy; and its embedded-corpus inputs.
 
-Paper §5 (PAPER.md): the encoder-decoder is pretrained on span corruption with noise density
+docs/paper.md §5: the encoder-decoder is pretrained on span corruption with noise density
 0.15 and mean noise span length 3 (trax's `c4_trax_data.gin`). This is a re-implementation of
 T5's `random_spans_noise_mask` and `noise_span_to_unique_sentinel` (Raffel et al., 2020,
 `t5.data.preprocessors`), without the `t5` package:

@@ -13,7 +13,7 @@ predict mode the first call packs the encoder and the decoder prompt as above; l
 append one decoder position per row at a shared cache index, behind the first call's padding.
 The layers that mix positions therefore take the mask: attention keeps a validity cache
 beside its KV cache (`PackedCausalAttention`), the convolution of Sparse QKV keeps its last
-*real* inputs (`sparse_qkv.CausalPad`) and the SRU keeps its state over padding (`sru.py`),
+*real* inputs (`PackedModuleConv`) and the SRU keeps its state over padding (`sru.py`),
 so decoding a batch of documents of different lengths equals the full forward pass.
 """
 
@@ -22,7 +22,10 @@ import jax.numpy as jnp
 from trax import layers as tl
 from trax.layers import base
 
+from sparse_scaling.layers.checks import check_divides
 from sparse_scaling.layers.checks import check_mode
+from sparse_scaling.layers.multiplicative_dense import MultiplicativeDense
+from sparse_scaling.layers.sparse_qkv import ModuleConv
 
 
 def _true_lengths(mask_e):
@@ -165,3 +168,47 @@ def PackedDenseAttention(d_model, n_heads, dropout=0.0, max_inference_length=204
       tl.MergeHeads(n_heads),
       tl.Dense(d_model),
       name='PackedDenseAttention')
+
+
+def PackedSparseQKVAttention(d_model, n_heads, sparsity, length_kernel_size=3,
+                             module_kernel_size=3, dropout=0.0, max_inference_length=2048,
+                             mode='train'):
+  """Sparse QKV self-attention (`sparse_qkv.py`) over a packed sequence.
+
+  Inputs (x [b, l, d_model], mask [b, l]); output [b, l, d_model]. The weights of
+  `SparseQKVAttention`, in its order; attention skips masked keys and, in predict mode, the
+  convolutions' state holds the last real positions.
+  """
+  check_divides('n_heads', n_heads, 'd_model', d_model)
+  check_divides('sparsity', sparsity, 'd_model', d_model)
+  heads = lambda: tl.SplitIntoHeads(n_heads)
+  return tl.Serial(                                                   # x, mask
+      tl.Parallel(MultiplicativeDense(sparsity, d_model), []),        # mixed, mask
+      PackedModuleConv(d_model, sparsity, length_kernel_size,
+                       (module_kernel_size, module_kernel_size, 1), mode),   # q k v mask
+      tl.Parallel(heads(), heads(), heads(), []),                     # [b·heads, l, d/heads]
+      PackedCausalAttention(n_heads, dropout, max_inference_length, mode),
+      tl.MergeHeads(n_heads),                                         # [b, l, d_model]
+      name=f'PackedSparseQKVAttention_{sparsity}')
+
+
+class PackedModuleConv(ModuleConv):
+  """`ModuleConv` of a packed sequence: (x [b, l, d], mask [b, l]) -> (outputs..., mask).
+
+  The mask's zeros all follow its ones. In predict mode the state holds the last
+  length_kernel_size − 1 *real* inputs of each row, so that a row's next position (written
+  behind its padding) sees its own last positions.
+  """
+
+  def __init__(self, d_model, n_modules, length_kernel_size, module_kernel_size, mode):
+    super().__init__(d_model, n_modules, length_kernel_size, module_kernel_size, mode, n_in=2)
+
+  def forward(self, inputs):
+    x, mask = inputs
+    return (*self._convolve(x, mask), mask)
+
+  def _last_inputs(self, window, mask):
+    n = self._lks - 1
+    end = n + jnp.sum(mask != 0, axis=1, dtype=jnp.int32)              # [b]
+    index = end[:, None] - n + jnp.arange(n)[None, :]                  # [b, n]
+    return jnp.take_along_axis(window, index[:, :, None, None], axis=1)

@@ -3,9 +3,9 @@
 Jaszczur et al., *Sparse is Enough in Scaling Transformers*, §3.2 "Sparse QKV Layer". The
 output is split into S modules of size M = d_out / S, and
 
-  y[s, m] = Σ_i x_i · D[i, s] · E[i, m]       (+ bias[s, m])
+  y[s, m] = Σ_i x_i · D[s, i] · E[i, m]       (+ bias[s, m])
 
-with D [d_in, S] and E [d_in, M]: d_in·(S + M) weights instead of d_in·d_out, and it can still
+with D [S, d_in] and E [d_in, M]: d_in·(S + M) weights instead of d_in·d_out, and it can still
 represent any permutation (paper, Fig. 4a). One token reads D and E once, so decoding costs
 d_in·(S + M) weight reads.
 """
@@ -19,10 +19,11 @@ from sparse_scaling.layers.checks import check_divides
 
 
 class MultiplicativeDense(base.Layer):
-  """y[..., s, m] = Σ_i x[..., i]·D[i, s]·E[i, m] + b, flattened to [..., d_out].
+  """y[..., s, m] = Σ_i x[..., i]·D[s, i]·E[i, m] + b, flattened to [..., d_out].
 
-  Weights: D [d_in, S] (normal, stddev 0.5, as trax's gating), E [d_in, d_out / S] (Glorot),
-  and b [d_out] if `use_bias`.
+  Weights: D [S, d_in] (normal, stddev 0.5, as trax's gating; the layout of trax's
+  `FactoredDense`, whose rows a token scales before one [S, d_in] x [d_in, M] product),
+  E [d_in, d_out / S] (Glorot), and b [d_out] if `use_bias`.
   """
 
   def __init__(self, n_modules, d_out, use_bias=True):
@@ -41,14 +42,14 @@ class MultiplicativeDense(base.Layer):
 
   def forward(self, x):
     d, e = self.weights[:2]
-    y = jnp.einsum('...i,is,im->...sm', x, d, e)       # [..., S, M]
+    y = jnp.einsum('...i,si,im->...sm', x, d, e)       # [..., S, M]
     y = y.reshape(x.shape[:-1] + (self._d_out,))        # [..., d_out]
     return y + self.weights[2] if self._use_bias else y
 
   def init_weights_and_state(self, input_signature):
     d_in = input_signature.shape[-1]
     rng_d, rng_e, rng_b = jax.random.split(self.rng, 3)
-    d = init.RandomNormalInitializer(0.5)((d_in, self._n_modules), rng_d)
+    d = init.RandomNormalInitializer(0.5)((self._n_modules, d_in), rng_d)
     e = init.GlorotUniformInitializer()((d_in, self._d_out // self._n_modules), rng_e)
     bias = init.RandomNormalInitializer(1e-6)((self._d_out,), rng_b)
     self.weights = (d, e, bias) if self._use_bias else (d, e)

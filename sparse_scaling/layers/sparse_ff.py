@@ -17,15 +17,20 @@ state back as `(choice, {'running_second_time_yes': ()})`.
 W1 and W2 are both stored unit-major, [d_ff // N, N, d_model], so a unit's weights are one
 contiguous row of each. Whenever a call has fewer than N tokens (decoding), the layer gathers
 the d_ff // N chosen rows of W1 and W2 per token and never reads the rest; larger calls (and
-training) run the dense product under the mask, which reads fewer bytes there.
+training) run the dense product under the mask, which reads fewer bytes there. In predict mode
+the controller and the units are one layer (`SparseFFDecode`, with the same weights), so that
+on a GPU a decoding step runs them as one Pallas kernel (`sparse_ff_kernel.py`) instead of six
+XLA kernels.
 """
 
 import jax
 import jax.numpy as jnp
 from trax import layers as tl
 from trax.layers import base
+from trax import shapes
 from trax.layers import initializers as init
 
+from sparse_scaling.layers import sparse_ff_kernel
 from sparse_scaling.layers.checks import check_mode
 from sparse_scaling.layers.checks import check_positive_int
 
@@ -68,13 +73,16 @@ def SparseFF(d_ff, n_elements_in_block=32, d_lowrank=None, temperature=0.1,
   if temperature < 0:
     raise ValueError(f'temperature must be >= 0, got {temperature}')
   check_mode(mode)
+  name = f'SparseFF_{d_ff}_{n_elements_in_block}'
+  if mode == 'predict':
+    return SparseFFDecode(d_ff, n_elements_in_block, d_lowrank, name)
   return tl.Serial(
-      tl.Dup(),                                               # x, x
+      tl.Dup(),                                                           # x, x
       SparseFFController(d_ff, n_elements_in_block, d_lowrank,
-                         temperature, quant_prob, mode),      # choice, x
-      ChosenUnitsFF(d_ff, n_elements_in_block),               # y
+                         temperature, quant_prob, mode),                  # choice, x
+      ChosenUnitsFF(d_ff, n_elements_in_block),                           # y
       tl.Dropout(rate=dropout_rate, mode=mode),
-      name=f'SparseFF_{d_ff}_{n_elements_in_block}')
+      name=name)
 
 
 class SparseFFController(base.Layer):
@@ -96,8 +104,7 @@ class SparseFFController(base.Layer):
     self._mode = mode
 
   def forward(self, x):
-    c1, c2, cb = self.weights
-    logits = jnp.einsum('...d,dr,rkn->...kn', x, c1, c2) + cb     # [..., d_ff // N, N]
+    logits = _controller_logits(x, *self.weights)                 # [..., d_ff // N, N]
     if self._mode != 'train':
       return jnp.argmax(logits, axis=-1).astype(jnp.int32)       # [..., d_ff // N]
     noise_rng, coin_rng = jax.random.split(self.rng)
@@ -142,25 +149,12 @@ class ChosenUnitsFF(base.Layer):
 
   def forward(self, inputs):
     choice, x = inputs
-    w1, b1, w2, b2 = self.weights
     n_tokens = x.size // x.shape[-1]
     if jnp.issubdtype(choice.dtype, jnp.integer) and n_tokens < self._block:
-      return self._gathered(choice, x)
+      return _gathered_units(choice, x, *self.weights)
     if jnp.issubdtype(choice.dtype, jnp.integer):
       choice = jax.nn.one_hot(choice, self._block, dtype=x.dtype)
-    hidden = jnp.einsum('...d,knd->...kn', x, w1) + b1                # [..., d_ff // N, N]
-    hidden = jax.nn.relu(hidden) * choice
-    return jnp.einsum('...kn,knd->...d', hidden, w2) + b2
-
-  def _gathered(self, units, x):
-    """Reads only the chosen rows: units [..., d_ff // N] int32, x [..., d_model]."""
-    w1, b1, w2, b2 = self.weights
-    d_ff = self._n_blocks * self._block
-    rows = units + self._block * jnp.arange(self._n_blocks, dtype=units.dtype)
-    take = lambda w: jnp.take(w.reshape(d_ff, -1), rows, axis=0, mode='clip',  # [..., d_ff // N, d_model]
-                              indices_are_sorted=True, unique_indices=True)
-    hidden = jnp.einsum('...d,...kd->...k', x, take(w1)) + take(b1)[..., 0]
-    return jnp.einsum('...k,...kd->...d', jax.nn.relu(hidden), take(w2)) + b2
+    return _masked_units(choice, x, *self.weights)
 
   def init_weights_and_state(self, input_signature):
     _, x_signature = input_signature
@@ -173,6 +167,71 @@ class ChosenUnitsFF(base.Layer):
     w1 = glorot((d_ff, d_model), rng1).reshape(shape)
     w2 = glorot((d_ff, d_model), rng2).reshape(shape)
     self.weights = (w1, bias(shape[:2], rng3), w2, bias((d_model,), rng4))
+
+
+class SparseFFDecode(base.Layer):
+  """`SparseFF` in predict mode: the controller's choice and the chosen units in one layer.
+
+  Input x [..., d_model]; output [..., d_model]. Weights ((), (C1, C2, c), (W1, b1, W2, b2),
+  ()): the tree of the train and eval layer (Dup, controller, units, dropout), so that a
+  trained model's weights can be set on the predict-mode model as they are. A call of fewer
+  than N tokens reads only the chosen rows: on a GPU through the Pallas kernel of
+  `sparse_ff_kernel.py`, else by gathers; a longer call (a prompt) runs the dense product under
+  the one-hot mask. There is no dropout in predict mode.
+  """
+
+  def __init__(self, d_ff, n_elements_in_block, d_lowrank, name):
+    super().__init__(name=name)
+    self._parts = (SparseFFController(d_ff, n_elements_in_block, d_lowrank, 0.0, 0.0, 'eval'),
+                   ChosenUnitsFF(d_ff, n_elements_in_block))
+    self._block = n_elements_in_block
+
+  def forward(self, x):
+    _, controller, units, _ = self.weights
+    n_tokens = x.size // x.shape[-1]
+    kernel = sparse_ff_kernel.active()
+    rank, _, block = controller[1].shape
+    if n_tokens < self._block and kernel != 'xla' and _is_power_of_2(rank, block):
+      flat = x.reshape(n_tokens, x.shape[-1])                      # [tokens, d_model]
+      y = sparse_ff_kernel.sparse_units(flat, flat @ controller[0], *controller[1:], *units,
+                                        interpret=kernel == 'interpret')
+      return y.reshape(x.shape)
+    choice = jnp.argmax(_controller_logits(x, *controller), axis=-1).astype(jnp.int32)
+    if n_tokens < self._block:
+      return _gathered_units(choice, x, *units)
+    return _masked_units(jax.nn.one_hot(choice, self._block, dtype=x.dtype), x, *units)
+
+  def init_weights_and_state(self, input_signature):
+    rng_c, rng_u = jax.random.split(self.rng)
+    controller, units = self._parts
+    choice = shapes.ShapeDtype(input_signature.shape[:-1] + (units._n_blocks,), jnp.int32)  # pylint: disable=protected-access
+    self.weights = ((), controller.init(input_signature, rng=rng_c, use_cache=False)[0],
+                    units.init((choice, input_signature), rng=rng_u, use_cache=False)[0], ())
+
+
+def _controller_logits(x, c1, c2, cb):
+  """x [..., d_model] -> logits [..., d_ff // N, N] of the low-rank controller."""
+  return jnp.einsum('...d,dr,rkn->...kn', x, c1, c2) + cb
+
+
+def _masked_units(mask, x, w1, b1, w2, b2):
+  """The dense product under a (soft or one-hot) mask [..., d_ff // N, N]: x [..., d]."""
+  hidden = jnp.einsum('...d,knd->...kn', x, w1) + b1                  # [..., d_ff // N, N]
+  return jnp.einsum('...kn,knd->...d', jax.nn.relu(hidden) * mask, w2) + b2
+
+
+def _gathered_units(units, x, w1, b1, w2, b2):
+  """Reads only the chosen rows: units [..., d_ff // N] int32, x [..., d_model]."""
+  n_blocks, block, d_model = w1.shape
+  rows = units + block * jnp.arange(n_blocks, dtype=units.dtype)
+  take = lambda w: jnp.take(w.reshape(n_blocks * block, -1), rows, axis=0, mode='clip',
+                            indices_are_sorted=True, unique_indices=True)  # [..., d_ff // N, d]
+  hidden = jnp.einsum('...d,...kd->...k', x, take(w1)) + take(b1)[..., 0]
+  return jnp.einsum('...k,...kd->...d', jax.nn.relu(hidden), take(w2)) + b2
+
+
+def _is_power_of_2(*values):
+  return all(v > 0 and v & (v - 1) == 0 for v in values)
 
 
 def FeedForward(d_model, d_ff, dropout, ff_sparsity, mode):

@@ -3,21 +3,25 @@
 Jaszczur et al., *Sparse is Enough in Scaling Transformers*, §3.2 "Sparse QKV Layer". One
 multiplicative layer (`multiplicative_dense.py`) mixes the d_model inputs into S modules of
 size M = d_model / S. Its output, viewed as an image [length, S] with M channels, goes through
-a 2-D convolution that is causal along the length: Q and K with a (length_kernel_size, 3)
+2-D convolutions that are causal along the length: Q and K with a (length_kernel_size, 3)
 kernel, V with (length_kernel_size, 1). The convolution weights are shared across modules.
-The results split into heads for causal dot-product attention; there is no output projection.
+The results split into heads for causal dot-product attention (`causal_attention.py`); there
+is no output projection.
 
 Per token, decoding reads d_model·(S + M) multiplicative weights and three small kernels
-instead of the 4·d_model² of dense Q, K, V and output projections. In predict mode the
-convolutions keep their last length_kernel_size − 1 input positions as state, and attention
-keeps a KV cache.
+instead of the 4·d_model² of dense Q, K, V and output projections. In predict mode the three
+convolutions share one state, the last length_kernel_size − 1 outputs of the multiplicative
+layer, and compute each new position as one matrix product over its receptive field (no
+convolution call); attention keeps a KV cache.
 """
 
+import jax
 import jax.numpy as jnp
 from trax import layers as tl
 from trax.layers import base
+from trax.layers import initializers as init
 
-from sparse_scaling.layers import concat_decoder
+from sparse_scaling.layers.causal_attention import CausalAttentionCore
 from sparse_scaling.layers.checks import check_divides
 from sparse_scaling.layers.checks import check_mode
 from sparse_scaling.layers.multiplicative_dense import MultiplicativeDense
@@ -25,11 +29,10 @@ from sparse_scaling.layers.multiplicative_dense import MultiplicativeDense
 
 def SparseQKVAttention(d_model, n_heads=1, sparsity=None, length_kernel_size=3,
                        module_kernel_size=3, dropout=0.0, max_inference_length=2048,
-                       packed=False, mode='train'):
+                       mode='train'):
   """Returns causal self-attention with Sparse QKV projections and no output projection.
 
-  Input and output: activations [batch, length, d_model]; with `packed`, the input is
-  (activations, mask [batch, length]) of a Terraformer decoder (`concat_decoder.py`).
+  Input and output: activations [batch, length, d_model].
 
   Args:
     d_model: Width of the activations.
@@ -39,35 +42,14 @@ def SparseQKVAttention(d_model, n_heads=1, sparsity=None, length_kernel_size=3,
     module_kernel_size: Kernel extent along the modules for Q and K (odd; V uses 1).
     dropout: Dropout on the attention weights in training.
     max_inference_length: Size of the KV cache in predict mode.
-    packed: Whether the input is a packed [encoder; decoder] sequence and its mask: attention
-      skips masked keys and the convolutions' predict state skips masked positions.
     mode: 'train', 'eval' or 'predict'.
   """
-  sparsity = n_heads if sparsity is None else sparsity
-  check_divides('n_heads', n_heads, 'd_model', d_model)
-  check_divides('sparsity', sparsity, 'd_model', d_model)
-  check_mode(mode)
-
-  def Conv(module_kernel):
-    return [ModuleConv(d_model, sparsity, length_kernel_size, module_kernel, mode, packed),
-            tl.SplitIntoHeads(n_heads)]                      # [batch·heads, length, d/heads]
-
-  if packed:
-    projections = [tl.Parallel(MultiplicativeDense(sparsity, d_model), []),   # mixed, mask
-                   tl.Branch(Conv(module_kernel_size), Conv(module_kernel_size), Conv(1),
-                             tl.Select([1], n_in=2))]       # q, k, v, mask
-    attention = concat_decoder.PackedCausalAttention(n_heads, dropout, max_inference_length,
-                                                     mode)
-  else:
-    projections = [MultiplicativeDense(sparsity, d_model),  # mixed [batch, length, d_model]
-                   tl.Branch(Conv(module_kernel_size), Conv(module_kernel_size), Conv(1))]
-    attention = tl.DotProductCausalAttention(dropout=dropout,
-                                             max_inference_length=max_inference_length,
-                                             mode=mode)
+  sparsity = _check_sparse_qkv_args(d_model, n_heads, sparsity, mode)
   return tl.Serial(
-      projections,                                           # q, k, v [batch·heads, ...]
-      attention,
-      tl.MergeHeads(n_heads),                                # [batch, length, d_model]
+      MultiplicativeDense(sparsity, d_model),                # [batch, length, d_model]
+      ModuleConv(d_model, sparsity, length_kernel_size,
+                 (module_kernel_size, module_kernel_size, 1), mode),   # q, k, v
+      CausalAttentionCore(n_heads, dropout, max_inference_length, mode),
       name=f'SparseQKVAttention_{sparsity}')
 
 
@@ -89,10 +71,7 @@ def SparseEncDecAttention(d_model, n_heads=1, sparsity=None, length_kernel_size=
     dropout: Dropout on the attention weights in training.
     mode: 'train', 'eval' or 'predict'.
   """
-  sparsity = n_heads if sparsity is None else sparsity
-  check_divides('n_heads', n_heads, 'd_model', d_model)
-  check_divides('sparsity', sparsity, 'd_model', d_model)
-  check_mode(mode)
+  sparsity = _check_sparse_qkv_args(d_model, n_heads, sparsity, mode)
 
   def KeysOrValues():
     dense = tl.Dense(d_model)
@@ -106,73 +85,100 @@ def SparseEncDecAttention(d_model, n_heads=1, sparsity=None, length_kernel_size=
       name=f'SparseEncDecAttention_{sparsity}')
 
 
-def ModuleConv(d_model, n_modules, length_kernel_size, module_kernel_size, mode,
-               packed=False):
-  """2-D convolution over (length, modules), causal along the length, shared by modules.
+class ModuleConv(base.Layer):
+  """2-D convolutions of one input over (length, modules), causal along the length.
 
-  Input and output [batch, length, d]: d is viewed as n_modules modules of d / n_modules
-  channels; the kernel is [length_kernel_size, module_kernel_size, d / n_modules,
-  d / n_modules]. Modules are zero-padded on both sides (so module_kernel_size is odd), the
-  length on the left: with zeros, or in predict mode with the previous positions. With
-  `packed`, the input is (x, mask [batch, length]) and the previous positions are real ones.
+  Input x [batch, length, d]; one output [batch, length, d] per entry of
+  `module_kernel_size`. d is viewed as S = n_modules modules of M = d / S channels; output i
+  is the convolution with a kernel [length_kernel_size, module_kernel_size[i], M, M] shared by
+  the modules, plus a bias [M]. Modules are zero-padded on both sides (so module kernel sizes
+  are odd), the length on the left: with zeros, or in predict mode with the previous positions,
+  the state [batch, length_kernel_size − 1, S, M] that all outputs share.
 
-  Args:
-    d_model: d, the width of input and output.
-    n_modules: S.
-    length_kernel_size: Kernel extent along the length (>= 1).
-    module_kernel_size: Kernel extent along the modules (odd).
-    mode: 'train', 'eval' or 'predict'.
-    packed: Whether a mask comes with the input (see `CausalPad`).
-  """
-  if length_kernel_size < 1:
-    raise ValueError(f'length_kernel_size must be >= 1, got {length_kernel_size}')
-  if module_kernel_size < 1 or module_kernel_size % 2 == 0:
-    raise ValueError(f'module_kernel_size must be odd (padded equally on both sides), got '
-                     f'{module_kernel_size}')
-  half = module_kernel_size // 2
-
-  def pad_modules(x):                                        # [batch, length, S, M]
-    return jnp.pad(x, [(0, 0), (0, 0), (half, half), (0, 0)])
-
-  split = [tl.SplitLastAxis(n_modules),                      # [batch, length, S, M]
-           tl.Fn('PadModules', pad_modules)]                 # [batch, length, S + 2·half, M]
-  return tl.Serial(
-      tl.Parallel(split, []) if packed else split,
-      CausalPad(length_kernel_size - 1, mode, packed),       # [batch, lks − 1 + length, ...]
-      tl.Conv(d_model // n_modules, (length_kernel_size, module_kernel_size)),  # [b, l, S, M]
-      tl.MergeLastTwoAxes(),                                 # [batch, length, d]
-      name='ModuleConv')
-
-
-class CausalPad(base.Layer):
-  """Left-pads axis 1 with n positions: zeros, or in predict mode the previous inputs.
-
-  Input [batch, length, ...] (and with `packed` a mask [batch, length] whose zeros all
-  follow its ones); output [batch, n + length, ...]. In predict mode the state holds the last n
-  positions seen ([batch, n, ...], zeros at first); with `packed`, the last n real ones.
+  Weights: ((kernel, bias) for each output), the layout of trax's `tl.Conv`. Predict mode
+  computes a call as one matrix product per output over the receptive fields (a call there is
+  a prompt or one token); train and eval run the convolution.
   """
 
-  def __init__(self, n, mode, packed=False):
-    super().__init__(n_in=2 if packed else 1, name=f'CausalPad_{n}')
-    self._n = n
+  def __init__(self, d_model, n_modules, length_kernel_size, module_kernel_size, mode,
+               n_in=1):
+    sizes = (tuple(module_kernel_size) if isinstance(module_kernel_size, (tuple, list))
+             else (module_kernel_size,))
+    check_divides('n_modules', n_modules, 'd_model', d_model)
+    if not isinstance(length_kernel_size, int) or length_kernel_size < 1:
+      raise ValueError(f'length_kernel_size must be >= 1, got {length_kernel_size}')
+    for size in sizes:
+      if not isinstance(size, int) or size < 1 or size % 2 == 0:
+        raise ValueError(f'module_kernel_size must be odd (padded equally on both sides), '
+                         f'got {size}')
+    check_mode(mode)
+    super().__init__(n_in=n_in, n_out=len(sizes) + n_in - 1, name='ModuleConv')
+    self._n_modules = n_modules
+    self._channels = d_model // n_modules
+    self._lks = length_kernel_size
+    self._sizes = sizes
     self._mode = mode
-    self._packed = packed
 
-  def forward(self, inputs):
-    x, mask = inputs if self._packed else (inputs, None)
-    if self._mode != 'predict':
-      return jnp.pad(x, [(0, 0), (self._n, 0)] + [(0, 0)] * (x.ndim - 2))
-    x = jnp.concatenate([self.state, x.astype(self.state.dtype)], axis=1)
-    if mask is None:
-      self.state = x[:, x.shape[1] - self._n:]
+  def forward(self, x):
+    outputs = self._convolve(x)
+    return outputs if len(outputs) > 1 else outputs[0]
+
+  def _convolve(self, x, mask=None):
+    """The outputs for x [batch, length, d] (and the packed variant's mask), as a tuple."""
+    batch, length, d = x.shape
+    x = x.reshape(batch, length, self._n_modules, self._channels)   # [b, l, S, M]
+    n = self._lks - 1
+    if self._mode == 'predict':
+      window = jnp.concatenate([self.state, x.astype(self.state.dtype)], axis=1)
+      self.state = self._last_inputs(window, mask)
     else:
-      end = self._n + jnp.sum(mask != 0, axis=1, dtype=jnp.int32)           # [batch]
-      index = end[:, None] - self._n + jnp.arange(self._n)[None, :]         # [batch, n]
-      index = index.reshape(index.shape + (1,) * (x.ndim - 2))
-      self.state = jnp.take_along_axis(x, index, axis=1)
-    return x
+      window = jnp.pad(x, [(0, 0), (n, 0), (0, 0), (0, 0)])       # [b, n + l, S, M]
+    half = max(self._sizes) // 2
+    window = jnp.pad(window, [(0, 0), (0, 0), (half, half), (0, 0)])   # [b, n + l, S + 2h, M]
+    fields = {}  # module kernel size -> receptive fields (predict), shared by Q and K
+    outputs = []
+    for (kernel, bias), size in zip(self.weights, self._sizes):
+      start = half - size // 2
+      view = window[:, :, start:start + self._n_modules + size - 1]
+      if self._mode == 'predict':
+        if size not in fields:
+          fields[size] = self._receptive_fields(view, length)   # [b, l, S, lks·k·M]
+        y = jnp.einsum('blsf,fo->blso', fields[size], kernel.reshape(-1, kernel.shape[-1]))
+      else:
+        y = jax.lax.conv_general_dilated(view, kernel.astype(view.dtype), (1, 1), 'VALID',
+                                         dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+      outputs.append((y + bias).reshape(batch, length, d))
+    return tuple(outputs)
+
+  def _receptive_fields(self, view, length):
+    """view [b, n + l, S + k − 1, M] -> [b, l, S, lks·k·M]: each output position's inputs,
+    in the order of a kernel [lks, k, M, M] reshaped to [lks·k·M, M]."""
+    size = view.shape[2] - self._n_modules + 1
+    return jnp.concatenate([view[:, i:i + length, j:j + self._n_modules]
+                            for i in range(self._lks) for j in range(size)], axis=-1)
+
+  def _last_inputs(self, window, mask):
+    """The predict state after a call: the last n positions of window [b, n + l, S, M]."""
+    del mask
+    return window[:, window.shape[1] - (self._lks - 1):]
 
   def init_weights_and_state(self, input_signature):
+    x = input_signature[0] if self._n_in > 1 else input_signature
+    rngs = jax.random.split(self.rng, 2 * len(self._sizes))
+    glorot = init.GlorotNormalInitializer()      # tl.Conv's (HWIO: in -2, out -1)
+    bias = init.RandomNormalInitializer(1e-6)
+    m = self._channels
+    self.weights = tuple(
+        (glorot((self._lks, size, m, m), rngs[2 * i]), bias((m,), rngs[2 * i + 1]))
+        for i, size in enumerate(self._sizes))
     if self._mode == 'predict':
-      x = input_signature[0] if self._packed else input_signature
-      self.state = jnp.zeros((x.shape[0], self._n) + tuple(x.shape[2:]), x.dtype)
+      self.state = jnp.zeros((x.shape[0], self._lks - 1, self._n_modules, m), x.dtype)
+
+
+def _check_sparse_qkv_args(d_model, n_heads, sparsity, mode):
+  """The number of modules (default n_heads, as trax) after checking the arguments."""
+  sparsity = n_heads if sparsity is None else sparsity
+  check_divides('n_heads', n_heads, 'd_model', d_model)
+  check_divides('sparsity', sparsity, 'd_model', d_model)
+  check_mode(mode)
+  return sparsity

@@ -19,8 +19,8 @@ from trax import layers as tl
 from trax.layers.research import efficient_attention
 
 from sparse_scaling.layers.concat_decoder import PackedDenseAttention
+from sparse_scaling.layers.concat_decoder import PackedSparseQKVAttention
 from sparse_scaling.layers.sparse_ff import FeedForward
-from sparse_scaling.layers.sparse_qkv import SparseQKVAttention
 from sparse_scaling.layers.sru import SRUSideBranch
 
 ATTENTION_TYPES = ('dense', 'chunked', 'lsh')
@@ -77,9 +77,9 @@ def DecoderBlock(d_model, d_ff, n_heads, attention_type='dense', attention_spars
   """
   def Attention():
     if attention_sparsity:
-      return SparseQKVAttention(d_model, n_heads, attention_sparsity, length_kernel_size,
-                                dropout=dropout, max_inference_length=max_len, packed=True,
-                                mode=mode)
+      return PackedSparseQKVAttention(d_model, n_heads, attention_sparsity, length_kernel_size,
+                                      dropout=dropout, max_inference_length=max_len,
+                                      mode=mode)
     if attention_type == 'dense':
       return PackedDenseAttention(d_model, n_heads, dropout, max_len, mode)
     if mode == 'predict':

@@ -20,6 +20,7 @@ _COMPONENTS = (
     ('SRUSideBranch', 'sru'),
     ('PackedDenseAttention', 'self_attention'),
     ('SparseQKVAttention', 'self_attention'),
+    ('PackedSparseQKVAttention', 'self_attention'),
     ('LSHSelfAttention', 'self_attention'),
     ('Embedder', 'embedding'),
 )

@@ -16,6 +16,7 @@ takes `attention_sparsity`, and its encoder-decoder attention `enc_dec_attention
 
 from trax import layers as tl
 
+from sparse_scaling.layers import CausalAttention
 from sparse_scaling.layers import SparseEncDecAttention
 from sparse_scaling.layers import FeedForward
 from sparse_scaling.layers import SparseLoss
@@ -23,7 +24,7 @@ from sparse_scaling.layers import SparseQKVAttention
 from sparse_scaling.layers.checks import check_divides
 from sparse_scaling.layers.checks import check_mode
 
-# The 800M model of the paper (T5-large-like; Table 1 and PAPER.md §3).
+# The 800M model of the paper (T5-large-like; Table 1 and docs/paper.md §6).
 D_MODEL = 1024
 D_FF = 4096
 N_HEADS = 16
@@ -84,7 +85,8 @@ def ScalingTransformer(input_vocab_size=VOCAB_SIZE, output_vocab_size=None,
 
   Args:
     input_vocab_size: Vocabulary of the encoder (and of the decoder unless given).
-    output_vocab_size: Vocabulary of the decoder; None shares the encoder's.
+    output_vocab_size: Vocabulary of the decoder; None shares the encoder's embedding (as
+      trax's `ConfigurableTransformer` and T5 do).
     d_model: Width of the residual stream.
     d_ff: Hidden units of each decoder feed-forward layer.
     n_encoder_layers: Encoder blocks.
@@ -104,10 +106,13 @@ def ScalingTransformer(input_vocab_size=VOCAB_SIZE, output_vocab_size=None,
   _check_model_args(d_model, n_heads, attention_sparsity, mode)
   if enc_dec_attention_sparsity:
     check_divides('enc_dec_attention_sparsity', enc_dec_attention_sparsity, 'd_model', d_model)
+  embedding = tl.Embedding(input_vocab_size, d_model)
+  output_embedding = embedding if output_vocab_size is None else tl.Embedding(
+      output_vocab_size, d_model)
   output_vocab_size = output_vocab_size or input_vocab_size
   encoder_mode = 'eval' if mode == 'predict' else mode   # the encoder sees whole inputs
   encoder = tl.Serial(
-      Embedder(input_vocab_size, d_model, max_len, dropout, encoder_mode),
+      Embedder(input_vocab_size, d_model, max_len, dropout, encoder_mode, embedding),
       [[_MaskedSelfAttention(d_model, n_heads, dropout, encoder_mode),
         _FeedForwardBlock(d_model, encoder_d_ff or d_ff, dropout, ff_sparsity,
                           encoder_mode)]
@@ -122,7 +127,8 @@ def ScalingTransformer(input_vocab_size=VOCAB_SIZE, output_vocab_size=None,
       encoder,                                           # vec_e mask_e tok_d tok_d
       tl.Select([2, 1, 0]),                              # tok_d mask_e vec_e tok_d
       tl.ShiftRight(mode=mode),
-      Embedder(output_vocab_size, d_model, max_len, dropout, mode),  # vec_d ...
+      Embedder(output_vocab_size, d_model, max_len, dropout, mode,
+               output_embedding),                        # vec_d mask_e vec_e tok_d
       tl.Branch([], tl.EncoderDecoderMask()),            # vec_d mask_ed vec_e tok_d
       [[_SelfAttention(d_model, n_heads, max_len, dropout, attention_sparsity,
                        length_kernel_size, mode),
@@ -161,8 +167,8 @@ def _SelfAttention(d_model, n_heads, max_len, dropout, attention_sparsity, lengt
     attention = SparseQKVAttention(d_model, n_heads, attention_sparsity, length_kernel_size,
                                    dropout=dropout, max_inference_length=max_len, mode=mode)
   else:
-    attention = tl.CausalAttention(d_model, n_heads=n_heads, dropout=dropout,
-                                   max_inference_length=max_len, mode=mode)
+    attention = CausalAttention(d_model, n_heads, dropout=dropout,
+                                max_inference_length=max_len, mode=mode)
   return tl.Residual(tl.Serial(tl.LayerNorm(), attention, tl.Dropout(rate=dropout, mode=mode),
                                name='SelfAttention'))
 

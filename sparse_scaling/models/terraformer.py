@@ -34,7 +34,7 @@ from sparse_scaling.models.scaling_transformer import N_HEADS
 from sparse_scaling.models.scaling_transformer import N_LAYERS
 from sparse_scaling.models.scaling_transformer import VOCAB_SIZE
 
-# The paper's Terraformer on C4 (trax's terraformer_c4_medium.gin, PAPER.md §3) is the 800M
+# The paper's Terraformer on C4 (trax's terraformer_c4_medium.gin, docs/paper.md §6) is the 800M
 # model's shape with d_ff 6144.
 D_FF = 6144
 

@@ -5,7 +5,7 @@
       [--output_dir runs/quality]
   python -m sparse_scaling.reproduce.quality --render_only   # md and png from the saved json
 
-The paper (Fig. 1, Table 2, §3.3; PAPER.md §4) trains its 800M encoder-decoder on C4 span
+The paper (Fig. 1, Table 2, §3.3; docs/paper.md §8) trains its 800M encoder-decoder on C4 span
 corruption dense, with Sparse FF, with Sparse QKV, with both, and with both plus the sparse
 loss: all match the dense log-perplexity but the last, which is slightly worse. Here every arm
 is the decoder-only LM of `gin_configs/reproduce/quality_<size>.gin` with the arm's knobs

@@ -4,7 +4,7 @@
       [--arms dense,terraformer] [--output_dir runs/summarization]
   python -m sparse_scaling.reproduce.summarization --render_only   # md from the saved json
 
-The paper (§4, Table 5; PAPER.md §4) reports the Terraformer competitive with BigBird-Pegasus
+The paper (§4, Table 5; docs/paper.md §8) reports the Terraformer competitive with BigBird-Pegasus
 on arXiv (ROUGE 46.63 / 19.02 / 41.77). arXiv cannot be downloaded here; its offline stand-in
 is IETF RFC -> abstract (`data/rfc.py`, needs Debian's doc-rfc). Both arms
 (`gin_configs/reproduce/summarization_{dense,terraformer}.gin`) train by `training.train` with
@@ -25,7 +25,6 @@ from absl import app
 from absl import flags
 import gin
 import numpy as np
-from rouge_score import rouge_scorer
 from trax import shapes
 
 from sparse_scaling import configs
@@ -113,6 +112,8 @@ def summarize(model_fn, weights, sp, documents, inputs_len, targets_len, batch_s
 
 def rouge(references, summaries):
   """F-measures per document, in percent: {rouge type: [score, ...]}."""
+  # An extra of the package (`dev`), needed only here.
+  from rouge_score import rouge_scorer  # pylint: disable=g-import-not-at-top
   scorer = rouge_scorer.RougeScorer(ROUGE_TYPES, use_stemmer=True)
   scores = {t: [] for t in ROUGE_TYPES}
   for reference, summary in zip(references, summaries):

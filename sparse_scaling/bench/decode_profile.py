@@ -1,0 +1,373 @@
+"""What one decoding step runs, kernel by kernel: the fixed cost per block behind Table 1.
+
+  python -m sparse_scaling.bench.decode_profile [--shapes 800m] [--variants dense,ffqkv]
+      [--layers 24] [--steps 20] [--dtype float32] [--json] [--nowrite]
+
+Builds each Table 1 variant as our `ScalingTransformerLM` in predict mode (random weights,
+batch 1, KV caches of 168 positions as in Table 1), compiles one decoding step (jitted, state
+donated) with every top-level layer under a named scope (`embed`, `block<i>/attention`,
+`block<i>/ff`, `output`), and reads three things:
+
+- the optimized HLO of the step: every instruction that runs as a kernel (a fusion, a
+  library call, a copy), the scope it belongs to (its `op_name` metadata), and the bytes it
+  moves: its operands and outputs, except that an operand its fused computation only slices,
+  gathers or updates in place counts only the part it touches;
+- a `jax.profiler` trace of `--steps` steps: the time of each of those kernels on the device
+  (on a GPU the CUDA kernels that CUPTI records, on the CPU the thunks XLA's runtime runs);
+- the wall time of a step, measured apart from the trace.
+
+The summary gives, per variant: wall and device-busy time per step, kernels per step and per
+block, time and bytes per block, and the block's bandwidth floor. The detail lists one block's
+kernels (block 1: block 0 can differ where XLA fuses across the embedding). Device time far
+above bytes / bandwidth with many kernels of a few microseconds each is launch-bound: the
+step's cost is its number of kernels, not what they read. Writes
+docs/results/decode_profile_<backend>.md unless --nowrite.
+"""
+
+import collections
+import contextlib
+import glob
+import json
+import re
+import statistics
+import tempfile
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sparse_scaling.bench import table1
+from sparse_scaling.bench import timing
+
+MAX_LEN = 168  # Table 1's caches: a 128-token prompt, 32 tokens and 8 spare
+_ITEMSIZE = {'pred': 1, 's8': 1, 'u8': 1, 'bf16': 2, 'f16': 2, 's16': 2, 'u16': 2,
+             'f32': 4, 's32': 4, 'u32': 4, 'f64': 8, 's64': 8, 'u64': 8}
+# Instructions that are no kernel of their own.
+_FREE = {'parameter', 'constant', 'tuple', 'get-tuple-element', 'bitcast', 'after-all',
+         'partition-id', 'replica-id'}
+_SLICING = {'dynamic-slice', 'gather', 'slice'}
+
+
+def scoped_step(model):
+  """`(weights, state, tokens) -> (next tokens, state)`: one greedy step of an LM, each
+  top-level layer under a named scope (the model's layers take and give one array each)."""
+  labels = table1.scope_labels(model)
+
+  def step(weights, state, tokens):
+    x, new_state = tokens, []
+    for layer, label, w, s in zip(model.sublayers, labels, weights, state):
+      with jax.named_scope(label):
+        x, s = layer.pure_fn(x, w, s, None)
+      new_state.append(s)
+    token = jnp.argmax(x[:, -1:], axis=-1).astype(jnp.int32)
+    return token, tuple(new_state)
+
+  return step
+
+
+# --- the optimized HLO -------------------------------------------------------------------
+
+_INSTRUCTION = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+) = (.*)$')
+_COMPUTATION = re.compile(r'^%?([\w.\-]+) \(.*\) -> .* \{$|^ENTRY %?([\w.\-]+) ')
+
+
+def _split_type(rest):
+  """'TYPE opcode(operands), attrs' -> (TYPE, 'opcode(operands), attrs')."""
+  if rest.startswith('('):
+    depth = 0
+    for i, c in enumerate(rest):
+      depth += {'(': 1, ')': -1}.get(c, 0)
+      if depth == 0:
+        return rest[:i + 1], rest[i + 1:].lstrip()
+  head, _, tail = rest.partition(' ')
+  return head, tail
+
+
+def _call(text):
+  """'opcode(arguments), attrs' -> (opcode, arguments text, attrs)."""
+  opcode, _, rest = text.partition('(')
+  depth, i = 1, 0
+  while depth and i < len(rest):
+    depth += {'(': 1, ')': -1}.get(rest[i], 0)
+    i += 1
+  return opcode, rest[:i - 1], rest[i:]
+
+
+def shape_bytes(type_text):
+  """Bytes of an HLO type: 'f32[1,1024]{1,0}' or a tuple of such."""
+  total = 0
+  for dtype, dims in re.findall(r'(\w+)\[([\d,]*)\]', type_text):
+    total += _ITEMSIZE.get(dtype, 4) * int(np.prod([int(d) for d in dims.split(',') if d]))
+  return total
+
+
+def parse_hlo(text):
+  """Computations of an HLO module: name -> list of instruction dicts, and the entry's name."""
+  computations, entry, current = {}, None, None
+  for line in text.splitlines():
+    header = _COMPUTATION.match(line)
+    if header:
+      current = header.group(1) or header.group(2)
+      if line.startswith('ENTRY'):
+        entry = current
+      computations[current] = []
+      continue
+    match = _INSTRUCTION.match(line)
+    if current is None or not match:
+      continue
+    type_text, call = _split_type(match.group(2))
+    opcode, arguments, attrs = _call(call)
+    op_name = re.search(r'op_name="([^"]*)"', attrs)
+    calls = re.search(r'calls=%?([\w.\-]+)', attrs)
+    target = re.search(r'custom_call_target="([^"]*)"', attrs)
+    kind = re.search(r'kind=(\w+)', attrs)
+    computations[current].append(dict(
+        name=match.group(1), type=type_text, opcode=opcode,
+        operands=re.findall(r'%([\w.\-]+)', arguments),
+        index=int(arguments) if opcode == 'parameter' else None,
+        op_name=op_name.group(1) if op_name else '', calls=calls and calls.group(1),
+        target=target and target.group(1), kind=kind and kind.group(1),
+        root=line.lstrip().startswith('ROOT')))
+  return computations, entry
+
+
+def _touched_bytes(fused, position, whole):
+  """Bytes of parameter `position` of a fused computation that its body reads or writes."""
+  param = next((i for i in fused if i['index'] == position), None)
+  if param is None:
+    return whole
+  users = [i for i in fused if param['name'] in i['operands']]
+  if not users:
+    return 0
+  touched = 0
+  for user in users:
+    if user['opcode'] in _SLICING and user['operands'][0] == param['name']:
+      touched += shape_bytes(user['type'])
+    elif user['opcode'] == 'dynamic-update-slice' and user['operands'][0] == param['name']:
+      update = next((i for i in fused if i['name'] == user['operands'][1]), None)
+      touched += shape_bytes(update['type']) if update else whole
+    else:
+      return whole
+  return min(touched, whole)
+
+
+def _output_bytes(inst, fused):
+  """Bytes a kernel writes: its outputs, or the update of an in-place dynamic-update-slice."""
+  if not fused:
+    return shape_bytes(inst['type'])
+  by_name = {i['name']: i for i in fused}
+  root = next((i for i in fused if i['root']), None)
+  roots = [by_name.get(o) for o in root['operands']] if root and root['opcode'] == 'tuple' \
+      else [root]
+  total = 0
+  for out in roots:
+    while out and out['opcode'] in ('bitcast', 'copy') and out['operands']:
+      out = by_name.get(out['operands'][0], out) if out['operands'][0] in by_name else None
+    if out and out['opcode'] == 'dynamic-update-slice':
+      total += shape_bytes(by_name[out['operands'][1]]['type'])
+    elif out:
+      total += shape_bytes(out['type'])
+  return total
+
+
+def kernels(text):
+  """The entry computation's instructions that run: name -> dict(scope, category, bytes)."""
+  computations, entry = parse_hlo(text)
+  types = {i['name']: i['type'] for i in computations[entry]}
+  out = {}
+  for inst in computations[entry]:
+    if inst['opcode'] in _FREE:
+      continue
+    fused = computations.get(inst['calls']) if inst['opcode'] == 'fusion' else None
+    moved = _output_bytes(inst, fused)
+    for position, operand in enumerate(inst['operands']):
+      whole = shape_bytes(types.get(operand, ''))
+      moved += _touched_bytes(fused, position, whole) if fused else whole
+    if inst['opcode'] == 'dynamic-update-slice':   # in place: the update only
+      moved = 2 * shape_bytes(types.get(inst['operands'][1], ''))
+    category = inst['opcode']
+    if fused:
+      root = next((i for i in fused if i['root']), None)
+      category = f'fusion {inst["kind"] or ""} ({root["opcode"] if root else "?"})'
+    elif inst['target']:
+      category = f'custom-call {inst["target"]}'
+    out[inst['name']] = dict(scope=_scope(inst['op_name']), category=category, bytes=moved)
+  # Instructions XLA made without metadata (the CPU's dots) belong where their users are.
+  users = collections.defaultdict(list)
+  for inst in computations[entry]:
+    for operand in inst['operands']:
+      users[operand].append(inst['name'])
+  for name, meta in out.items():
+    if meta['scope'] == 'other':
+      scopes = [out[u]['scope'] for u in users[name] if out.get(u, {}).get('scope', 'other')
+                != 'other']
+      meta['scope'] = scopes[0] if scopes else 'other'
+  return out
+
+
+def _scope(op_name):
+  match = re.search(r'(embed|block\d+/(?:attention|ff)|output)', op_name)
+  return match.group(1) if match else 'other'
+
+
+# --- the trace ---------------------------------------------------------------------------
+
+def kernel_times(run, n_steps):
+  """Seconds per step of each HLO instruction's kernels: name -> (launches, seconds).
+
+  Runs `run()` `n_steps` times under `jax.profiler.trace` and reads the trace: device
+  planes' events (GPU kernels) where there are any, else the host's XLA thunks.
+  """
+  with tempfile.TemporaryDirectory() as log_dir:
+    with jax.profiler.trace(log_dir):
+      for _ in range(n_steps):
+        jax.block_until_ready(run())
+    paths = glob.glob(f'{log_dir}/**/*.xplane.pb', recursive=True)
+    data = jax.profiler.ProfileData.from_file(paths[0])
+  device_planes = [p for p in data.planes if p.name.startswith('/device:')]
+  planes = device_planes or [p for p in data.planes if p.name.startswith('/host:')]
+  totals = collections.defaultdict(lambda: [0, 0.0])
+  for plane in planes:
+    for line in plane.lines:
+      for event in line.events:
+        stats = dict(event.stats)
+        name = stats.get('hlo_op') or (event.name if device_planes else None)
+        if not name or event.name.startswith('end: '):
+          continue
+        if 'hlo_module' in stats and 'step' not in str(stats['hlo_module']):
+          continue
+        totals[name][0] += 1
+        totals[name][1] += event.duration_ns * 1e-9
+  return {name: (count / n_steps, seconds / n_steps)
+          for name, (count, seconds) in totals.items()}
+
+
+# --- one variant -------------------------------------------------------------------------
+
+def profile_variant(shape, variant, n_layers, n_steps, dtype, bandwidth):
+  """Summary and per-kernel rows of one decoding step of a Table 1 variant."""
+  summary, detail = profile(table1.dimensions(shape, variant), n_layers, n_steps, dtype,
+                            bandwidth)
+  summary.update(shape=shape, variant=variant)
+  return summary, detail
+
+
+def profile(dims, n_layers, n_steps, dtype, bandwidth):
+  """Summary and per-kernel rows of one decoding step of our LM with dimensions `dims`."""
+  model = table1.build('ours', dims, n_layers, MAX_LEN)
+  weights, state = table1.random_weights_and_state(model, dtype)
+  step = scoped_step(model)
+  tokens = jnp.ones((1, 1), jnp.int32)
+  compiled = jax.jit(step, donate_argnums=(1,)).lower(weights, state, tokens).compile()
+  info = kernels(compiled.as_text())
+  holder = {'state': state}
+
+  def run():
+    token, holder['state'] = compiled(weights, holder['state'], tokens)
+    return token
+
+  wall, _ = timing.time_call(run, min_runs=max(20, n_steps), min_seconds=0.5, warmup=3)
+  times = kernel_times(run, n_steps)
+  rows = []
+  for name, (launches, seconds) in times.items():
+    meta = info.get(name) or info.get(name.split(':')[0]) or {}
+    rows.append(dict(kernel=name, launches=launches, seconds=seconds,
+                     scope=meta.get('scope', 'other'), category=meta.get('category', '?'),
+                     bytes=meta.get('bytes', 0)))
+  by_scope = collections.defaultdict(lambda: dict(kernels=0.0, seconds=0.0, bytes=0))
+  for row in rows:
+    part = by_scope[row['scope']]
+    part['kernels'] += row['launches']
+    part['seconds'] += row['seconds']
+    part['bytes'] += row['bytes']
+  blocks = sorted({int(re.search(r'\d+', s).group()) for s in by_scope if s.startswith('block')})
+  later = blocks[1:] or blocks
+
+  def per_block(part, key):
+    return statistics.median(by_scope[f'block{b}/{part}'][key] for b in later) if later else 0
+
+  summary = dict(
+      layers=n_layers, dtype=dtype,
+      wall_s=wall, device_s=sum(r['seconds'] for r in rows),
+      kernels=sum(r['launches'] for r in rows),
+      block_kernels=per_block('attention', 'kernels') + per_block('ff', 'kernels'),
+      block_s=per_block('attention', 'seconds') + per_block('ff', 'seconds'),
+      block_bytes=per_block('attention', 'bytes') + per_block('ff', 'bytes'),
+      attention_kernels=per_block('attention', 'kernels'),
+      ff_kernels=per_block('ff', 'kernels'), bandwidth=bandwidth)
+  summary['block_floor_s'] = summary['block_bytes'] / bandwidth
+  detail = [r for r in rows if r['scope'] in (f'block{later[0]}/attention',
+                                              f'block{later[0]}/ff')] if later else []
+  return summary, sorted(detail, key=lambda r: (r['scope'], -r['seconds']))
+
+
+def markdown(summaries, details, bandwidth, probe):
+  """The summary table and each variant's block detail."""
+  lines = [f'Machine: {timing.machine_description()}; read bandwidth {bandwidth / 1e9:.0f} GB/s '
+           f'({probe}, measured in this run). Batch 1, one token per step, KV caches of '
+           f'{MAX_LEN}. Device time: the kernels\' own time in a `jax.profiler` trace; wall: '
+           'one jitted step, dispatch included. Bytes: what each kernel\'s operands and '
+           'outputs hold in the optimized HLO (a slice, gather or in-place update counts '
+           'only what it touches); floor = block bytes / bandwidth.', '',
+           '| shape | variant | layers | wall ms/step | device ms/step | kernels/step '
+           '| kernels/block (attn + ff) | µs/block | MB/block | floor µs/block |',
+           '|---|---|---|---|---|---|---|---|---|---|']
+  for s in summaries:
+    lines.append(
+        f'| {s["shape"]} | {s["variant"]} | {s["layers"]} | {s["wall_s"] * 1e3:.3f} | '
+        f'{s["device_s"] * 1e3:.3f} | {s["kernels"]:.0f} | {s["block_kernels"]:.0f} '
+        f'({s["attention_kernels"]:.0f} + {s["ff_kernels"]:.0f}) | {s["block_s"] * 1e6:.1f} | '
+        f'{s["block_bytes"] / 1e6:.2f} | {s["block_floor_s"] * 1e6:.2f} |')
+  for s, detail in zip(summaries, details):
+    lines += ['', f'### {s["shape"]} {s["variant"]}: the kernels of one block', '',
+              '| scope | kernel | what | launches | µs | MB |', '|---|---|---|---|---|---|']
+    for r in detail:
+      lines.append(f'| {r["scope"].split("/")[1]} | `{r["kernel"]}` | {r["category"]} | '
+                   f'{r["launches"]:.0f} | {r["seconds"] * 1e6:.1f} | {r["bytes"] / 1e6:.3f} |')
+  return '\n'.join(lines)
+
+
+def _define_flags():
+  """Defines the command line's flags; only when run as a program (others have namesakes)."""
+  flags.DEFINE_list('variants', list(table1.VARIANTS), 'Table 1 variants to profile.')
+  flags.DEFINE_integer('layers', None, "Blocks of the decoder (default: the shape's whole "
+                       'depth, 24 at 800m).')
+  flags.DEFINE_integer('steps', 20, 'Steps traced.')
+  flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Weights and activations.')
+  flags.DEFINE_bool('write', True, 'Write docs/results/decode_profile_<backend>.md.')
+
+
+def main(argv):
+  del argv
+  args = flags.FLAGS
+  shapes = timing.SHAPES.value or ['800m']
+  for name, values, allowed in (('variants', args.variants, table1.VARIANTS),
+                                ('shapes', shapes, table1.SHAPES)):
+    if not set(values) <= set(allowed):
+      raise app.UsageError(f'--{name}: {values} must be among {list(allowed)}')
+  bandwidth, probe = timing.memory_bandwidth(with_probe=True)
+  summaries, details = [], []
+  for shape in shapes:
+    for variant in args.variants:
+      summary, detail = profile_variant(shape, variant, args.layers or table1.SHAPES[shape][3],
+                                        args.steps, args.dtype, bandwidth)
+      summaries.append(summary)
+      details.append(detail)
+      print(json.dumps(summary), flush=True)
+  text = markdown(summaries, details, bandwidth, probe)
+  print(text, flush=True)
+  if args.write:
+    path = table1.RESULTS_DIR / f'decode_profile_{jax.default_backend()}.md'
+    path.write_text('# One decoding step, kernel by kernel\n\n'
+                    f'`python -m sparse_scaling.bench.decode_profile --shapes {",".join(shapes)} '
+                    f'--variants {",".join(args.variants)} --dtype {args.dtype}`\n\n'
+                    + text + '\n')
+  if timing.JSON.value:
+    print(json.dumps(dict(summaries=summaries, details=details)))
+
+
+if __name__ == '__main__':
+  _define_flags()
+  app.run(main)

@@ -1,0 +1,98 @@
+"""Causal multi-head attention with a KV cache, as one layer behind its projections.
+
+The attention of the Transformer baseline (Vaswani et al., 2017), computing what trax's
+`tl.CausalAttention` computes (same weights, same outputs), with the heads split and merged
+inside the attention layer itself:
+
+  CausalAttentionCore:  q, k, v [batch, length, d_model] -> [batch, length, d_model]
+  CausalAttention:      x [batch, length, d_model] -> [batch, length, d_model]
+                        (dense Q, K, V and output projections around the core)
+
+The Sparse QKV layer (`sparse_qkv.py`) puts its own projections in front of the same core.
+In predict mode the caches are [batch·heads, max_len, d_head], written in place at the step's
+position: with the heads merged into the batch axis, both products of a step read a cache as
+it lies (with batch and heads as two axes, XLA copies the whole cache at every step to reach
+the layout of a batched product).
+"""
+
+import jax
+import jax.numpy as jnp
+from trax import layers as tl
+from trax.layers import base
+
+from sparse_scaling.layers.checks import check_divides
+from sparse_scaling.layers.checks import check_mode
+
+
+class CausalAttentionCore(base.Layer):
+  """softmax(q·kᵀ / √d_head + causal mask)·v, per head; no weights.
+
+  Inputs q, k, v [batch, length, d_model]; output [batch, length, d_model]. In predict mode the
+  state is (k_cache, v_cache [batch·heads, max_len, d_head], index int32): a call of `length`
+  positions writes its keys and values at `index` and attends to the cache up to them.
+  """
+
+  def __init__(self, n_heads, dropout=0.0, max_inference_length=2048, mode='train'):
+    super().__init__(n_in=3, n_out=1, name='CausalAttentionCore')
+    check_mode(mode)
+    if not 0.0 <= dropout < 1.0:
+      raise ValueError(f'dropout must be in [0, 1), got {dropout}')
+    self._n_heads = n_heads
+    self._dropout = dropout
+    self._max_len = max_inference_length
+    self._mode = mode
+
+  def forward(self, inputs):
+    q, k, v = inputs
+    batch, length, d_model = q.shape
+    n_heads, d_head = self._n_heads, d_model // self._n_heads
+
+    def heads(a):                                                 # [batch·heads, len, d_head]
+      a = a.reshape(batch, length, n_heads, d_head).transpose(0, 2, 1, 3)
+      return a.reshape(batch * n_heads, length, d_head)
+
+    q, k, v = heads(q), heads(k), heads(v)
+    start = 0
+    if self._mode == 'predict':
+      k_cache, v_cache, start = self.state
+      k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), start, 1)
+      v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), start, 1)
+      self.state = (k, v, start + length)
+    dots = jnp.einsum('bqd,bkd->bqk', q, k) / jnp.sqrt(d_head).astype(q.dtype)
+    query_pos = start + jnp.arange(length)[:, None]               # [lq, 1]
+    key_pos = jnp.arange(k.shape[1])[None, :]                     # [1, lk]
+    dots = jnp.where(key_pos <= query_pos, dots, jnp.finfo(dots.dtype).min)
+    weights = jax.nn.softmax(dots, axis=-1)                       # [batch·heads, lq, lk]
+    if self._mode == 'train' and self._dropout:
+      keep = jax.random.bernoulli(self.rng, 1.0 - self._dropout, weights.shape)
+      weights = jnp.where(keep, weights / (1.0 - self._dropout), 0.0)
+    out = jnp.einsum('bqk,bkd->bqd', weights.astype(v.dtype), v)  # [batch·heads, lq, d_head]
+    out = out.reshape(batch, n_heads, length, d_head).transpose(0, 2, 1, 3)
+    return out.reshape(batch, length, d_model)
+
+  def init_weights_and_state(self, input_signature):
+    if self._mode == 'predict':
+      q = input_signature[0]
+      shape = (q.shape[0] * self._n_heads, self._max_len, q.shape[2] // self._n_heads)
+      self.state = (jnp.zeros(shape, q.dtype), jnp.zeros(shape, q.dtype),  # two buffers
+                    jnp.array(0, jnp.int32))
+
+
+def CausalAttention(d_model, n_heads=1, dropout=0.0, max_inference_length=2048, mode='train'):
+  """Dense causal self-attention: [batch, length, d_model] -> [batch, length, d_model].
+
+  The weights of trax's `tl.CausalAttention`, in its order: Q, K, V and output `tl.Dense`.
+
+  Args:
+    d_model: Width of the activations.
+    n_heads: Attention heads; must divide d_model.
+    dropout: Dropout on the attention weights in training.
+    max_inference_length: Size of the KV cache in predict mode.
+    mode: 'train', 'eval' or 'predict'.
+  """
+  check_divides('n_heads', n_heads, 'd_model', d_model)
+  return tl.Serial(
+      tl.Branch(tl.Dense(d_model), tl.Dense(d_model), tl.Dense(d_model)),   # q, k, v
+      CausalAttentionCore(n_heads, dropout, max_inference_length, mode),
+      tl.Dense(d_model),
+      name='CausalAttention')

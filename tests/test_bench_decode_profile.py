@@ -1,0 +1,49 @@
+"""The decode profile: one step's kernels, attributed to blocks, priced by the bytes they move."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from sparse_scaling.bench import decode_profile
+from sparse_scaling.bench import table1
+
+TINY = dict(d_model=32, d_ff=128, n_heads=2, vocab_size=64, ff_sparsity=(8, 4),
+            attention_sparsity=4, loss_sparsity=4, length_kernel_size=3)
+DENSE = dict(TINY, ff_sparsity=0, attention_sparsity=0, loss_sparsity=0)
+
+
+def test_scoped_step_is_the_models_greedy_step():
+  model = table1.build('ours', TINY, 2, 16)
+  weights, state = table1.random_weights_and_state(model, 'float32')
+  tokens = jnp.ones((1, 1), jnp.int32)
+  token, _ = decode_profile.scoped_step(model)(weights, state, tokens)
+  logits, _ = model.pure_fn(tokens, weights, state, None)
+  assert int(token[0, 0]) == int(jnp.argmax(logits[0, -1]))
+
+
+@pytest.mark.parametrize('dims', [TINY, DENSE], ids=['ffqkvloss', 'dense'])
+def test_every_block_runs_its_kernels_and_the_summary_adds_them_up(dims):
+  summary, detail = decode_profile.profile(dims, 3, 3, 'float32', bandwidth=30e9)
+  assert summary['kernels'] > 3 * summary['block_kernels'] > 0
+  assert 0 < summary['block_s'] < summary['device_s']
+  assert summary['block_bytes'] > 0
+  assert {r['scope'] for r in detail} == {'block1/attention', 'block1/ff'}
+  # The detail is block 1; the summary the median block (XLA may fuse blocks differently).
+  assert sum(r['launches'] for r in detail) == pytest.approx(summary['block_kernels'], rel=0.2)
+  # The block's weights are all read at least once.
+  model = table1.build('ours', dims, 1, 16)
+  block_weights = sum(w.size * 4 for w in jax.tree.leaves(
+      table1.random_weights_and_state(model, 'float32')[0][2:4]))
+  gathered = dims['ff_sparsity'] and 2 * (dims['d_ff'] - dims['d_ff'] // 8) * dims['d_model'] * 4
+  assert summary['block_bytes'] >= block_weights - (gathered or 0)
+
+
+def test_hlo_bytes_count_what_slices_gathers_and_in_place_updates_touch():
+  def step(table, cache, rows, i, x):
+    cache = jax.lax.dynamic_update_slice_in_dim(cache, x[None], i, 0)   # in place: one row
+    return jnp.take(table, rows, axis=0).sum(0) + x, cache              # two rows of 1000
+  table, cache = jnp.ones((1000, 256)), jnp.zeros((512, 256))
+  hlo = jax.jit(step, donate_argnums=(1,)).lower(table, cache, jnp.array([3, 9]), 5,
+                                                  jnp.ones((256,))).compile().as_text()
+  moved = sum(k['bytes'] for k in decode_profile.kernels(hlo).values())
+  assert moved < 20 * 256 * 4  # a few rows, never a whole table or cache

@@ -1,0 +1,43 @@
+"""Causal attention with a head-major KV cache: trax's numbers, predict == eval, no cache copy."""
+
+import functools
+
+import jax
+import numpy as np
+from trax import layers as tl
+
+from sparse_scaling import convert
+from sparse_scaling.bench import decode_profile
+from sparse_scaling.layers import CausalAttention
+from tests.utils import assert_predict_equals_eval
+from tests.utils import initialized as _init
+from tests.utils import random_inputs as _inputs
+
+D_MODEL, N_HEADS = 16, 4
+
+
+def test_matches_trax_causal_attention_with_the_same_weights():
+  x = _inputs(2, 7, D_MODEL)
+  theirs = _init(tl.CausalAttention(D_MODEL, n_heads=N_HEADS, mode='eval'), x, seed=5)
+  ours = _init(CausalAttention(D_MODEL, N_HEADS, mode='eval'), x)
+  convert.load_trax_weights(ours, theirs.weights)
+  np.testing.assert_allclose(ours(x), theirs(x), atol=1e-5)
+
+
+def test_predict_equals_eval():
+  model_fn = functools.partial(CausalAttention, D_MODEL, N_HEADS, max_inference_length=16)
+  assert_predict_equals_eval(model_fn, _inputs(2, 9, D_MODEL))
+
+
+def test_a_decoding_step_writes_the_cache_in_place_and_never_copies_it():
+  """A step reads each of the K and V caches [batch·heads, max_len, d_head] once and writes
+  only the new position: a transpose or copy of a cache (XLA makes one when a product wants
+  another layout) would move it twice more."""
+  d_model = 64  # heads of 32: the scores [heads, 1, max_len] are small beside a cache
+  x = _inputs(1, 1, d_model)
+  layer = _init(CausalAttention(d_model, 2, max_inference_length=4096, mode='predict'), x)
+  step = jax.jit(lambda w, s, x: layer.pure_fn(x, w, s, None), donate_argnums=(1,))
+  hlo = step.lower(layer.weights, layer.state, x).compile().as_text()
+  moved = sum(k['bytes'] for k in decode_profile.kernels(hlo).values())
+  cache_bytes = 4096 * d_model * 4
+  assert 2 * cache_bytes <= moved < 2.5 * cache_bytes
