@@ -3,9 +3,10 @@
   python -m sparse_scaling.export --output_dir=runs/tiny_lm --to=weights.npz
 
 reads the last checkpoint of a run (`checkpoints.read_weights`, which runs no code from the
-file and checks the weights against the model) and the run's operative config (`config.gin`), and writes every weight array under a name made of its place in the
-model's layer tree: the index and name of each layer on the path (trax's sizes after the name,
-as in `SparseFF_64_8`, dropped), then the array's index in its layer, e.g.
+file and checks the weights against the model) and the run's operative config (`config.gin`),
+and writes every weight array under a name made of its place in the model's layer tree: the
+index and name of each layer on the path (trax's sizes after the name, as in `SparseFF_64_8`,
+dropped), then the array's index in its layer, e.g.
 
   03_Serial/00_Branch/01_Parallel/01_Serial/01_SparseFF/02_ChosenUnitsFF/0   (block 0's W1)
 
