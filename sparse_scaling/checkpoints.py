@@ -41,8 +41,10 @@ from typing import NamedTuple
 from absl import logging
 from jax._src import array as jax_array
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 from numpy._core import multiarray as numpy_multiarray
+from numpy._core import numeric as numpy_numeric
 import tensorflow as tf
 from trax import shapes
 from trax.layers import base
@@ -73,6 +75,17 @@ def _jax_array(fun, args, array_state, aval_state):
   return jax_array._reconstruct_array(fun, args, array_state, aval_state)  # pylint: disable=protected-access
 
 
+def _frombuffer(buffer, dtype, shape, order):
+  """numpy's unpickling of an array under pickle protocol 5 (`numpy._core.numeric._frombuffer`).
+
+  trax pickles with the highest protocol, under which numpy writes a numpy array (not a jax
+  one) as its raw bytes: the model state that `parallel.Trainer` copies to the host is one.
+  """
+  if not isinstance(dtype, np.dtype) or dtype.hasobject:
+    raise pickle.UnpicklingError(f'an array of dtype {dtype!r} from a buffer')
+  return numpy_numeric._frombuffer(buffer, dtype, shape, order)  # pylint: disable=protected-access
+
+
 def _defaultdict(factory):
   """`collections.defaultdict(list)`, the containers of trax's `History`, and no other."""
   if factory is not list:
@@ -81,7 +94,8 @@ def _defaultdict(factory):
 
 
 # What a trax checkpoint's pickles hold besides str, int, float, bool, None, tuple, list and dict
-# (which pickle builds without looking a name up): numpy arrays, dtypes and scalars, jax arrays
+# (which pickle builds without looking a name up): numpy arrays (pickle protocols 4 and 5),
+# dtypes (bfloat16 too) and scalars, jax arrays
 # (model state), trax's ShapeDtype (the input signature), and History's defaultdict(list).
 # numpy 1.x wrote `numpy.core`, numpy 2 `numpy._core`.
 _ADMITTED = {
@@ -91,6 +105,9 @@ _ADMITTED = {
     ('numpy._core.multiarray', 'scalar'): numpy_multiarray.scalar,
     ('numpy.core.multiarray', '_reconstruct'): numpy_multiarray._reconstruct,  # pylint: disable=protected-access
     ('numpy.core.multiarray', 'scalar'): numpy_multiarray.scalar,
+    ('numpy._core.numeric', '_frombuffer'): _frombuffer,
+    ('numpy.core.numeric', '_frombuffer'): _frombuffer,
+    ('ml_dtypes', 'bfloat16'): ml_dtypes.bfloat16,  # the type of a bfloat16 array's dtype
     ('jax._src.array', '_reconstruct_array'): _jax_array,
     ('trax.shapes', 'ShapeDtype'): shapes.ShapeDtype,
     ('collections', 'defaultdict'): _defaultdict,

@@ -187,7 +187,9 @@ def _tree_unflatten(flat, tree, copy_from_tree=None):
   `copy_from_tree` (placeholders such as `None` and `()`), testing membership with `==`; for an
   array that is an elementwise comparison, which jax 0.10 and NumPy 2 refuse to turn into a
   bool. An array is never a placeholder, so for one this calls trax's function without
-  `copy_from_tree`. Installed as trax's own name too, so trax's recursion comes back here.
+  `copy_from_tree`; so for a numpy scalar (`np.int32(3) == ()` is an empty array), which a
+  model state copied from the devices (`parallel.to_host`) and read from its checkpoint holds.
+  Installed as trax's own name too, so trax's recursion comes back here.
 
   Args:
     flat: Flat list of leaves to put into the structure of `tree`.
@@ -197,7 +199,7 @@ def _tree_unflatten(flat, tree, copy_from_tree=None):
   Returns:
     A pair (new tree, leaves of `flat` left over), as trax's function.
   """
-  if isinstance(tree, (np.ndarray, jax.Array)):
+  if isinstance(tree, (np.ndarray, np.generic, jax.Array)):
     copy_from_tree = None
   return _trax_originals['tree_unflatten'](
       flat, tree, copy_from_tree=copy_from_tree)

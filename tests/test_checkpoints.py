@@ -10,6 +10,7 @@ import pickle
 import shutil
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -69,6 +70,24 @@ def test_a_pickle_that_would_run_code_is_refused_naming_the_type(run, tmp_path, 
     checkpoints.load_latest(run)
   assert '\n' not in str(e.value) and 'could run code' in str(e.value)
   assert not marker.exists()
+
+
+@pytest.mark.parametrize('protocol', [4, 5])
+def test_numpy_and_jax_arrays_unpickle_under_each_protocol(tmp_path, protocol):
+  # trax pickles with the highest protocol (5), under which numpy writes a numpy array as raw
+  # bytes (`_frombuffer`): the model state that parallel.Trainer copies to the host is numpy.
+  # trax bit-casts bfloat16 weights and slots to uint16, not the state.
+  state = {'numpy': np.arange(6, dtype=np.float32).reshape(2, 3),
+           'fortran': np.asfortranarray(np.arange(6, dtype=np.int32).reshape(2, 3)),
+           'jax': jnp.arange(3, dtype=jnp.bfloat16), 'scalar': np.int32(7),
+           'empty': np.zeros((0, 4), np.uint16)}
+  path = tmp_path / 'state.pkl'
+  path.write_bytes(pickle.dumps(state, protocol=protocol))
+  loaded = checkpoints.unpickle(str(path))
+  assert loaded.keys() == state.keys()
+  for name, array in state.items():
+    assert loaded[name].dtype == array.dtype and loaded[name].shape == np.shape(array), name
+    np.testing.assert_array_equal(loaded[name], array)
 
 
 def test_convert_reads_trax_checkpoints_through_the_restricted_unpickler(run, tmp_path):

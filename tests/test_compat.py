@@ -170,6 +170,7 @@ def test_tree_unflatten_fills_arrays_and_copies_placeholders():
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import sparse_scaling  # pylint: disable=g-import-not-at-top,unused-import
   from trax import fastmath  # pylint: disable=g-import-not-at-top
+  from trax.layers import base  # pylint: disable=g-import-not-at-top
 
   # Adam slots of (Dense, Relu), restored as Loop.load_checkpoint restores them.
   slots = ((jnp.zeros(3), jnp.zeros(3)), ())
@@ -178,6 +179,13 @@ def test_tree_unflatten_fills_arrays_and_copies_placeholders():
   assert not rest
   np.testing.assert_array_equal(tree[0][1], np.full(3, 2.0))
   assert tree[1] == ()
+  # A model state with numpy scalars (parallel.to_host's, as its checkpoint holds it) as the
+  # structure, restored as training.Loop.load_checkpoint restores state.
+  state = ((np.int32(3), ()), np.float32(0.5))
+  tree, rest = fastmath.tree_unflatten(
+      [np.int32(4), np.float32(1.5)], state,
+      copy_from_tree=[base.EMPTY_STATE, base.GET_STATE_FROM_CACHE])
+  assert not rest and tree == ((4, ()), 1.5)
 
 
 def test_loop_trains_on_two_devices(reports):
