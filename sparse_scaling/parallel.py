@@ -14,7 +14,11 @@ is one compiled program over that mesh:
   (`jax.random.split(rng, D)[d]`, the keys trax's `Trainer.one_step` gives its devices);
 - the gradients are averaged over all D devices (trax's `_average_multidevice_gradients`:
   psum / D) and every device applies the same optimizer update to its copy of the weights;
-- the loss is the mean over all devices, the same number on every process.
+- the loss is the mean over all devices, the same number on every process;
+- each process's request to stop (`Trainer.stop_requested`, set by `training.Loop` on SIGTERM
+  or SIGINT) goes in as one flag per device and comes out as their maximum
+  (`stats['stop_requested']`), so every process learns after the same step that one of them
+  was asked to stop, at no cost beyond the step itself.
 
 `Trainer` does this in place of trax's `optimizers.Trainer`, which `training.Loop` uses when
 the run has one device in all. trax's trainer keeps a device axis (`pmap`) and after every
@@ -213,7 +217,11 @@ class Trainer:
   """trax's `optimizers.Trainer` over every device of every process (the module docstring).
 
   Same interface as trax's (`one_step`, `slots`, `model_with_loss`,
-  `accelerated_model_with_loss`), plus `to_host` and `from_host`.
+  `accelerated_model_with_loss`), plus `to_host`, `from_host` and `stop_requested`.
+
+  Attributes:
+    stop_requested: This process's wish to stop training, sent with every step; the step's
+      `stats['stop_requested']` is 1 if any process of the run sent True.
   """
 
   def __init__(self, model_with_loss, optimizer, adasum=False):
@@ -223,9 +231,11 @@ class Trainer:
     self._on_devices = _OnDevices(model_with_loss)
     self._slots = None  # on the devices; placed from the optimizer at the first step
     self._host_is_stale = False
+    self.stop_requested = False
+    self._stop_flags = {}  # False/True -> the flags placed on this process's devices
     forward_and_backward = jax.value_and_grad(model_with_loss.pure_fn, argnums=1, has_aux=True)
 
-    def step_on_one_device(weights_and_slots, step, opt_params, batch, state, rng):
+    def step_on_one_device(weights_and_slots, step, opt_params, batch, state, rng, stop):
       weights, slots = weights_and_slots
       (loss, state), gradients = forward_and_backward(batch, weights, _unstack(state),
                                                       _one_key(rng))
@@ -234,10 +244,11 @@ class Trainer:
       weights, slots, stats = optimizer.tree_update(step, gradients, weights, slots,
                                                     opt_params, store_slots=False)
       stats['loss'] = jax.lax.pmean(loss, AXIS)
+      stats['stop_requested'] = jax.lax.pmax(stop[0], AXIS)
       return (weights, slots), _stack(state), stats
 
     self._step = _on_mesh(step_on_one_device,
-                          in_specs=(_P(), _P(), _P(), _P(AXIS), _P(AXIS), _P()),
+                          in_specs=(_P(), _P(), _P(), _P(AXIS), _P(AXIS), _P(), _P(AXIS)),
                           out_specs=(_P(), _P(AXIS), _P()), donate_argnums=(0, 4))
 
   @property
@@ -276,9 +287,17 @@ class Trainer:
     on_devices = self._on_devices
     (on_devices.weights, self._slots), on_devices.state, stats = self._step(
         (on_devices.weights, self._slots), replicated(np.int32(step)), replicated(opt_params),
-        global_batch(batch), on_devices.state, replicated(rng))
+        global_batch(batch), on_devices.state, replicated(rng), self._stop_flag())
     self._host_is_stale = True
     return stats['loss'], stats
+
+  def _stop_flag(self):
+    """`stop_requested` as a flag per local device, placed once for each value."""
+    flag = bool(self.stop_requested)
+    if flag not in self._stop_flags:
+      self._stop_flags[flag] = _put(np.full((jax.local_device_count(),), flag, np.int32),
+                                    _P(AXIS))
+    return self._stop_flags[flag]
 
   def to_host(self):
     """Copies the weights, state and slots of the devices into the model and the optimizer."""

@@ -8,7 +8,8 @@ the same gin names (`train.steps`, `train.eval_frequency`, `train.optimizer`, ..
   position included;
 - randomness of each training step drawn from (seed, step), so a resumed run's steps are those
   of an uninterrupted run;
-- a stop on SIGTERM or SIGINT after the step in flight, with a checkpoint of that step;
+- a stop on SIGTERM or SIGINT after the step in flight, with a checkpoint of that step (in a
+  run of several processes, all stop after the same step: the step carries the request);
 - a stop with a clear error, keeping the last good checkpoint, when the loss or the gradients'
   global norm is NaN or inf;
 - one training run per output directory at a time (`checkpoints.lock_output_dir`, held by
@@ -178,7 +179,8 @@ class Loop(training.Loop):
   docstring).
 
   Attributes:
-    stopped_by: The name of the signal that stopped `run` early ('SIGTERM'), or None.
+    stopped_by: What stopped `run` early ('SIGTERM', 'SIGINT', or in a run of several
+      processes 'a signal to another process'), or None.
   """
 
   def __init__(self, *args, total_steps, log_frequency, tokens_per_step, on_step=None,
@@ -288,7 +290,9 @@ class Loop(training.Loop):
     raise _Stopped()
 
   def _run_one_step(self, task_index, task_changed):
-    if self.stopped_by:  # the signal came during an eval or a checkpoint: no step in flight
+    # A signal during an eval or a checkpoint: no step in flight. In a run of several
+    # processes the step after it carries the request to the others (below).
+    if self.stopped_by and self._n_hosts == 1:
       self._step -= 1  # trax counted the step about to run
       self._stop()
     if task_changed:
@@ -297,14 +301,19 @@ class Loop(training.Loop):
     if self._progress is None:
       self._progress = (time.time(), self.step - 1)
     self._rng = _fold_in(self._step_rng, self.step)  # trax's step splits it once
+    for trainer in self._parallel_trainers():
+      trainer.stop_requested = self.stopped_by is not None
     loss, stats = super()._run_one_step(task_index, task_changed)
-    mean_loss, stop = self._check_finite(loss, stats)  # waits for the step
+    mean_loss, stop_requested = self._check_finite(loss, stats)  # waits for the step
     seconds = time.perf_counter() - start
     if self._on_step is not None:
       self._on_step(self, mean_loss, seconds)
     if self.step % self._log_frequency == 0 or self.step == self._total_steps:
       self._print_progress(mean_loss)
-    if stop:
+    # One process: a signal until now. Several: one that a process sent with this step, so
+    # that all stop after the same step (a later one goes with the next step).
+    if self.stopped_by if stop_requested is None else stop_requested:
+      self.stopped_by = self.stopped_by or 'a signal to another process'
       self._stop()
     return loss, stats
 
@@ -318,17 +327,22 @@ class Loop(training.Loop):
     finite.
 
     Returns:
-      (the mean loss over the global batch, whether a stop signal came).
+      (the mean loss over the global batch, and in a run of several processes whether any
+      process asked to stop with this step, as `parallel.Trainer`'s step reports it; else
+      None).
     """
+    request = stats.pop('stop_requested', None)  # not a metric for TensorBoard
     norms = [v for k, v in stats.items() if k.endswith('gradients_l2')]
-    fetched = jax.device_get([loss, norms])
+    if self._n_hosts == 1:
+      request = None
+    fetched = jax.device_get([loss, norms, request])
     losses, norms = np.ravel(fetched[0]), [np.ravel(n)[0] for n in fetched[1]]  # per device
-    stop = self.stopped_by is not None
+    stop_requested = None if request is None else bool(fetched[2])
     with np.errstate(over='ignore', invalid='ignore'):
       norm = float(np.sqrt(np.sum(np.square(np.asarray(norms, np.float64)))))
     finite = np.isfinite(losses)
     if np.isfinite(norm) and finite.all():
-      return float(np.mean(losses)), stop
+      return float(np.mean(losses)), stop_requested
     loss = losses[~finite][0] if not finite.all() else np.mean(losses)
     if not np.isfinite(norm):
       raise FloatingPointError(f"gradients' global norm is {norm} at step {self.step} (loss "

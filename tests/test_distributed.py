@@ -7,14 +7,16 @@ gin-bound `train.on_step` (tests/distributed_probe.py) has each process report i
 weights.
 
 Default: the two processes and the reference train STEPS steps, all at once; after step STEPS
-process 1 is killed (process 0 has checkpointed, and evaluates next). Slow: both runs resume
-from their checkpoints for a step (trax's Loop draws its keys from the seed again, so resumed
-runs agree with each other, not with an uninterrupted one).
+process 1 is killed (process 0 has checkpointed, and evaluates next). Then two processes resume
+a copy of that run, and a SIGTERM to process 1 alone stops both after the same step, with a
+checkpoint. Slow: both runs resume from their checkpoints for a step, against the reference
+resumed likewise.
 """
 
 import json
 import os
 import pathlib
+import shutil
 import signal
 import socket
 import subprocess
@@ -23,6 +25,8 @@ import time
 
 import numpy as np
 import pytest
+
+from sparse_scaling import checkpoints
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 4  # Checkpoints and evaluations at steps 1, 2 and 4.
@@ -49,10 +53,10 @@ def _start(output_dir, reports, steps, log, *args, env, weights_at=STEPS):
     return subprocess.Popen(command, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
 
 
-def _processes(tmp, reports, steps, log, env):
-  """Starts process 0 and 1 of a run on tmp/run; their output goes to tmp/logs/<log>I.txt."""
+def _processes(tmp, reports, steps, log, env, run='run'):
+  """Starts process 0 and 1 of a run on tmp/<run>; their output goes to tmp/logs/<log>I.txt."""
   port = _free_port()
-  return [_start(tmp / 'run', reports, steps, tmp / 'logs' / f'{log}{i}.txt',
+  return [_start(tmp / run, reports, steps, tmp / 'logs' / f'{log}{i}.txt',
                  f'--coordinator_address=localhost:{port}', '--num_processes=2',
                  f'--process_id={i}', f'--heartbeat_timeout={HEARTBEAT_TIMEOUT}', env=env)
           for i in range(2)]
@@ -156,6 +160,32 @@ def test_a_killed_process_stops_the_other_with_a_clear_error(run):
   # Ours when a collective fails (gloo on CPU); JAX's when its heartbeat finds the process gone.
   assert ('error: process 0 of 2:' in output
           or 'the JAX distributed service detected fatal errors' in output), output[-3000:]
+
+
+def test_sigterm_to_one_process_stops_both_after_the_same_step_with_a_checkpoint(run, env):
+  # Both resume a copy of the run (every process reads the checkpoint, process 0's data
+  # position). Process 1 alone is signalled (as a scheduler may reach one host first); the
+  # next step carries its request to process 0, and both stop after that step.
+  tmp = run[0]
+  shutil.copytree(tmp / 'run', tmp / 'stopped')
+  reports = tmp / 'stopped_reports'
+  processes = _processes(tmp, reports, 1000, 'stopped', env, run='stopped')
+  try:
+    _wait_for_step(reports, 1, processes)
+    processes[1].send_signal(signal.SIGTERM)
+    returncodes = [p.wait(timeout=300) for p in processes]
+  finally:
+    _kill_all(processes)
+  logs = [(tmp / 'logs' / f'stopped{i}.txt').read_text() for i in range(2)]
+  assert returncodes == [0, 0], [log[-3000:] for log in logs]
+  steps = [[s['step'] for s in _steps(reports, i)] for i in range(2)]
+  assert steps[0] == steps[1] and steps[0][0] == STEPS + 1  # resumed, stopped together
+  assert [s['loss'] for s in _steps(reports, 0)] == [s['loss'] for s in _steps(reports, 1)]
+  last = steps[0][-1]
+  assert (f'Stopped by a signal to another process after step {last}: checkpoint saved in '
+          f'{tmp}/stopped/checkpoint; run the same command to resume') in logs[0]
+  assert 'Stopped by' not in logs[1]  # process 0 speaks for the run
+  assert checkpoints.load_latest(tmp / 'stopped').step == last
 
 
 @pytest.mark.slow  # ~1 min on 2 cores: three more trax processes

@@ -6,10 +6,15 @@ CPU devices (XLA_FLAGS must be set before jax starts), and here, on one device, 
 trainer: same batches, same initial weights. The child runs
 `python -m tests.test_parallel DIR CACHE_DIR`, writes DIR/report.json and its output to
 DIR/log.txt; it starts with the module's first test. Several processes: test_distributed.py.
+
+After its STEPS steps the child resumes on the two devices and a SIGTERM during step STEPS + 1
+stops it after that step; then it resumes once more at a learning rate of 1e30 and diverges.
 """
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 
@@ -77,6 +82,33 @@ def _two_device_child(output_dir, cache_dir):
       checkpoint_is_device_weights=_equal(device_weights, checkpoint),
       model_is_device_weights=_equal(device_weights, jax.tree.leaves(loop.model.weights)),
       n_weights=len(checkpoint))
+
+  # Resumed; a SIGTERM in the middle of step STEPS + 1 (as it reaches parallel.Trainer).
+  parallel.to_host = to_host
+  one_step = parallel.Trainer.one_step
+
+  def interrupted_step(self, batch, rng, step=0, learning_rate=None):
+    if step == STEPS + 1:
+      signal.raise_signal(signal.SIGTERM)
+    return one_step(self, batch, rng, step=step, learning_rate=learning_rate)
+
+  parallel.Trainer.one_step = interrupted_step
+  resumed = []
+  loop = training.train(output_dir, steps=STEPS + 3,
+                        on_step=lambda loop, loss, seconds: resumed.append(loss))
+  parallel.Trainer.one_step = one_step
+  report.update(stopped_by=loop.stopped_by, stopped_at=loop.step, resumed_losses=resumed,
+                checkpoint_after_stop=checkpoints.load_latest(output_dir).step)
+
+  # Resumed at a learning rate of 1e30: Adam moves every weight by ~1e30, then overflows.
+  gin.bind_parameter('multifactor.constant', 1e30)
+  try:
+    training.train(output_dir, steps=STEPS + 20)
+    report.update(diverged='no error')
+  except FloatingPointError as e:
+    report.update(diverged=str(e))
+  kept = checkpoints.load_latest(output_dir)
+  report.update(kept_step=kept.step, kept_finite=all(np.isfinite(w).all() for w in kept.weights))
   with open(os.path.join(output_dir, 'report.json'), 'w') as f:
     json.dump(report, f)
 
@@ -107,10 +139,10 @@ def two_devices(child):
 
 @pytest.fixture(scope='module')
 def one_device(tmp_path_factory, cache_dir):
-  """The child's run on this process's one device (trax's trainer)."""
+  """The child's run on this process's one device (trax's trainer), never stopped."""
   _parse(cache_dir)
   losses = []
-  loop = training.train(tmp_path_factory.mktemp('one_device'), steps=STEPS,
+  loop = training.train(tmp_path_factory.mktemp('one_device'), steps=STEPS + 1,
                         on_step=lambda loop, loss, seconds: losses.append(loss))
   gin.clear_config()
   return dict(losses=losses, evals=_evals(loop))
@@ -135,8 +167,29 @@ def test_two_devices_match_one_device(two_devices, one_device):
   # As tests/test_compat.py: two half batches of equal weight average to the full batch's
   # mean up to float32 summation order; rtol 1e-5 is ~1000x below a step's change of the
   # loss, so evaluations of stale weights or a missed gradient mean would fail.
-  np.testing.assert_allclose(two_devices['losses'], one_device['losses'], rtol=1e-5)
+  np.testing.assert_allclose(two_devices['losses'], one_device['losses'][:STEPS], rtol=1e-5)
   np.testing.assert_allclose(two_devices['evals'], one_device['evals'], rtol=1e-5)
+
+
+def test_sigterm_stops_two_devices_after_the_step_and_the_resumed_step_is_uninterrupted(
+    two_devices, one_device):
+  # The run resumed from step STEPS's checkpoint (weights, slots, data position placed on the
+  # devices again) and stopped after the step the signal came in, with a checkpoint of it.
+  assert two_devices['stopped_by'] == 'SIGTERM'
+  assert two_devices['stopped_at'] == two_devices['checkpoint_after_stop'] == STEPS + 1
+  assert len(two_devices['resumed_losses']) == 1
+  # Its step is the one-device run's step STEPS + 1, which was never stopped (as above).
+  np.testing.assert_allclose(two_devices['resumed_losses'], one_device['losses'][STEPS:],
+                             rtol=1e-5)
+
+
+def test_two_devices_stop_on_the_gradients_norm_and_keep_the_last_good_checkpoint(two_devices):
+  diverged = re.fullmatch(r"gradients' global norm is (nan|inf) at step (\d+) \(loss \S+\); "
+                          r'stopped\. The last good checkpoint is kept: \S+/checkpoint',
+                          two_devices['diverged'].splitlines()[0])  # gin adds a line
+  assert diverged, two_devices['diverged']
+  assert STEPS + 1 <= two_devices['kept_step'] < int(diverged.group(2))
+  assert two_devices['kept_finite']
 
 
 if __name__ == '__main__':
