@@ -192,6 +192,7 @@ class Loop(training.Loop):
     self._progress = None  # (time, step) at the last progress line
     self._saved_step = None  # step of the last checkpoint this Loop wrote
     self.stopped_by = None
+    _check_stray_data_counters(kwargs.get('output_dir'))
     super().__init__(*args, **kwargs)
     if not parallel.same_on_all_processes(self.step):
       raise ValueError(f'the processes resumed from different steps (this one from step '
@@ -459,6 +460,21 @@ class Loop(training.Loop):
 
 class _Stopped(Exception):
   """Ends `Loop.run` after a stop signal."""
+
+
+def _check_stray_data_counters(output_dir):
+  """Reads `output_dir/data_counters<i>.pkl`, if any, through `checkpoints.unpickle` first.
+
+  Our checkpoints keep the data position inside `checkpoint/`; a file in `output_dir` itself
+  was written by trax's own Loop, or put there. trax's Loop unpickles it without restriction
+  as it starts (and then uses the checkpoint's): read here first, a pickle that would run code
+  stops the run with `checkpoints.CheckpointError` naming its type before trax opens it.
+  """
+  if output_dir is None:
+    return
+  path = os.path.join(os.path.expanduser(output_dir), f'data_counters{jax.process_index()}.pkl')
+  if os.path.exists(path):
+    checkpoints.unpickle(path)
 
 
 def _state_fitting(flat, tree):

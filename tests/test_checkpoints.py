@@ -72,6 +72,19 @@ def test_a_pickle_that_would_run_code_is_refused_naming_the_type(run, tmp_path, 
   assert not marker.exists()
 
 
+def test_a_stray_data_counters_pickle_is_refused_before_trax_opens_it(run, tmp_path):
+  # trax's Loop unpickles output_dir/data_counters0.pkl (not ours, in checkpoint/) as it starts.
+  marker = tmp_path / 'code_ran'
+  (run / 'data_counters0.pkl').write_bytes(pickle.dumps({'train': _RunsCode(marker)}))
+  with pytest.raises(checkpoints.CheckpointError,
+                     match=r'run/data_counters0\.pkl holds a posix\.system'):
+    utils.train_tiny_lm(run, run.parent / 'cache', steps=2)
+  assert not marker.exists()
+  # A plain one is read (the checkpoint's data position then wins).
+  (run / 'data_counters0.pkl').write_bytes(pickle.dumps({'train': 5}))
+  assert utils.train_tiny_lm(run, run.parent / 'cache', steps=2).step == 2
+
+
 @pytest.mark.parametrize('protocol', [4, 5])
 def test_numpy_and_jax_arrays_unpickle_under_each_protocol(tmp_path, protocol):
   # trax pickles with the highest protocol (5), under which numpy writes a numpy array as raw
