@@ -30,6 +30,7 @@ process 0, which writes for all of them, takes it (`training.train`).
 
 import collections
 import contextlib
+import errno
 import fcntl
 import gzip
 import os
@@ -397,7 +398,9 @@ def lock_output_dir(output_dir):
   """Takes `output_dir/train.lock` for this process while the returned object lives.
 
   A second call in the same process for the same directory returns the same lock (one process
-  may build several Loops on a directory, one after the other).
+  may build several Loops on a directory, one after the other). On a filesystem that cannot
+  lock (`flock` fails with anything but EWOULDBLOCK), it logs a one-line warning and returns an
+  object that holds no lock: the run goes on, unprotected.
 
   Raises:
     OutputDirInUseError: another process holds it.
@@ -410,8 +413,12 @@ def lock_output_dir(output_dir):
   file = open(path, 'a')  # pylint: disable=consider-using-with  (kept open: it is the lock)
   try:
     fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-  except OSError:
+  except OSError as e:
     file.close()
+    if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+      logging.warning('cannot lock %s (%s): nothing stops a second run on output_dir=%s; '
+                      'keep one run per directory yourself', path, file_reason(e), output_dir)
+      return _Lock(None)
     raise OutputDirInUseError(
         f'output_dir={output_dir} is in use: another process is training there (it holds '
         f'{path}); wait for it to end, or use another --output_dir') from None

@@ -4,6 +4,7 @@ real main.py run's SIGTERM and diverging gradients are in test_main.py.
 """
 
 import errno
+import logging
 import shutil
 import signal
 import subprocess
@@ -114,3 +115,16 @@ def test_a_second_run_on_an_output_dir_is_refused_until_the_first_dies(run):
   lock = checkpoints.lock_output_dir(out)  # the OS released it
   assert checkpoints.lock_output_dir(out) is lock  # shared within a process
   del lock
+
+
+def test_an_output_dir_that_cannot_be_locked_warns_in_one_line(tmp_path, monkeypatch, caplog):
+  def no_locks(unused_file, unused_operation):  # as flock on a filesystem without locks
+    raise OSError(errno.ENOLCK, 'No locks available')
+
+  monkeypatch.setattr(checkpoints.fcntl, 'flock', no_locks)
+  with caplog.at_level(logging.WARNING):
+    checkpoints.lock_output_dir(tmp_path / 'run')  # no OutputDirInUseError
+  [warning] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+  assert warning == (f'cannot lock {tmp_path}/run/train.lock (No locks available): nothing '
+                     f'stops a second run on output_dir={tmp_path}/run; keep one run per '
+                     'directory yourself')
