@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from sparse_scaling import configs
+from sparse_scaling import parallel
 from sparse_scaling import training
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -136,6 +137,20 @@ def test_two_devices_match_one_device(two_devices, one_device):
   # loss, so evaluations of stale weights or a missed gradient mean would fail.
   np.testing.assert_allclose(two_devices['losses'], one_device['losses'], rtol=1e-5)
   np.testing.assert_allclose(two_devices['evals'], one_device['evals'], rtol=1e-5)
+
+
+def test_one_accelerator_trains_with_the_parallel_trainer(monkeypatch, tmp_path, cache_dir,
+                                                           one_device):
+  # On one GPU or TPU the Loop takes `parallel.Trainer` (weights and slots stay on the
+  # device); it must train as trax's trainer does on the same device.
+  monkeypatch.setattr(training, '_trainer_is_trax', lambda memory_efficient: memory_efficient)
+  _parse(cache_dir)
+  losses = []
+  loop = training.train(tmp_path, steps=STEPS,
+                        on_step=lambda loop, loss, seconds: losses.append(loss))
+  assert isinstance(loop._trainer_per_task[0], parallel.Trainer)  # pylint: disable=protected-access
+  np.testing.assert_allclose(losses, one_device['losses'], rtol=1e-5)
+  np.testing.assert_allclose(_evals(loop), one_device['evals'], rtol=1e-5)
 
 
 if __name__ == '__main__':
