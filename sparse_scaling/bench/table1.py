@@ -1,7 +1,7 @@
 """The paper's Table 1: unbatched decoding time per token, ours and trax's, side by side.
 
   python -m sparse_scaling.bench.table1 [--shapes 800m,17b] [--impls ours,trax] [--program]
-      [--nostep] [--dtype bfloat16] [--json] [--tokens 32]
+      [--nostep] [--dtype bfloat16] [--depth 15] [--json] [--tokens 32]
   python -m sparse_scaling.bench.table1 --batch_curve    # where sparsity stops paying
 
 Rows: dense, +Sparse FF, +Sparse QKV, +Sparse FF+QKV, +FF+QKV+loss, with the dimensions of
@@ -230,15 +230,16 @@ def bytes_per_token(dims, n_layers, kv_len, itemsize):
 
 
 def measure(shape, variants, impls, prompt, n_tokens, bandwidth, program=False, step=True,
-            dtype=None):
+            dtype=None, depth=None):
   """Rows of one shape: each variant and implementation, one block timed alone and (with
-  `step`) the whole decoder's jitted step and (with `program`) its compiled generation.
+  `step`) the whole decoder's jitted step and (with `program`) its compiled generation, of
+  `depth` blocks (default: the shape's, `SHAPES`).
 
   A measurement that fails (a column an implementation cannot fill) gives a row with the
   error instead, and the others go on.
   """
   _, shape_dtype, _, whole = SHAPES[shape]
-  dtype = dtype or shape_dtype
+  dtype, whole = dtype or shape_dtype, depth or whole
   rows = []
   for variant in variants:
     dims = dimensions(shape, variant)
@@ -346,7 +347,8 @@ def markdown(rows, prompt, n_tokens):
     dense = by_key.get((shape, 'dense', impl)) or by_key.get((shape, 'dense', 'ours'), {})
     paper, paper_dense = PAPER.get((shape, variant)), PAPER.get((shape, 'dense'))
     block = row.get('s_per_block')
-    cells = [shape, variant, impl + (f' ({row["kernel"]})' if row.get('kernel') else ''),
+    depth = row.get('depth', SHAPES[shape][3])
+    cells = [shape + (f' ({depth} blocks)' if depth != SHAPES[shape][3] else ''), variant, impl + (f' ({row["kernel"]})' if row.get('kernel') else ''),
              row['dtype'],
              f'{block * 1e3:.3f} ({row["p90_s_per_block"] * 1e3:.3f})' if block else 'failed',
              ratio(dense.get('s_per_block'), block),
@@ -405,6 +407,9 @@ def _define_flags():
   flags.DEFINE_bool('program', False, 'Also time whole generations compiled as one program '
                     '(our Decoder), for both implementations: the per-step dispatch cost that '
                     'dominates on a GPU is then gone.')
+  flags.DEFINE_integer('depth', None, "Blocks of the whole decoder timed per token (default: "
+                       "the shape's, 24 at 800m and 2 at 17b; 15 at 17b is the whole "
+                       '~17B-weight decoder).', lower_bound=1)
   flags.DEFINE_string('results', None, 'Base name of the result files in docs/results/ '
                       '(default: table1 on CPU, table1_<backend> elsewhere).')
 
@@ -431,7 +436,7 @@ def main(argv):
     if shape not in SHAPES:
       raise app.UsageError(f'--shapes: unknown shape {shape!r}; use {sorted(SHAPES)}')
     rows += measure(shape, args.variants, args.impls, args.prompt, args.tokens, bandwidth,
-                    args.program, args.step, args.dtype)
+                    args.program, args.step, args.dtype, args.depth)
   if rows:
     print(markdown(rows, args.prompt, args.tokens))
   if args.write:  # merged with the rows of shapes measured by earlier runs
