@@ -320,11 +320,16 @@ def write_batch_curve(curve, path_md, path_png):
 IMPLS = ('ours', 'ours-xla', 'trax')
 
 
+def _setting(row):
+  """What a row's speedups are relative to: its shape, depth and dtype."""
+  return row['shape'], row.get('depth', SHAPES[row['shape']][3]), row['dtype']
+
+
 def markdown(rows, prompt, n_tokens):
   """The results as a Markdown table: one row per variant and implementation, the paper's
   figures beside ours; speedups against the same implementation's dense row."""
   bandwidths = ', '.join(sorted({f'{r["shape"]}: {r["bandwidth"] / 1e9:.0f} GB/s' for r in rows}))
-  by_key = {(r['shape'], r['variant'], r['impl']): r for r in rows}
+  by_key = {(*_setting(r), r['variant'], r['impl']): r for r in rows}
   lines = [
       f'Machine: {"; ".join(sorted({r.get("machine", "") for r in rows}))}; bandwidth '
       f'measured in each run ({bandwidths}). Batch 1, prompt {prompt} tokens, '
@@ -332,7 +337,8 @@ def markdown(rows, prompt, n_tokens):
       'block (attention and FF) timed alone, median (p90) of its steps; s/token: the whole '
       'decoder, one jitted step per token (step) or the whole generation as one compiled '
       'program (program); floor: the weight and KV bytes a token reads over the bandwidth. '
-      'Speedups are against the same implementation\'s dense row. Implementations: ours '
+      'Speedups are against the dense row of the same implementation, shape, depth and '
+      'dtype. Implementations: ours '
       '(Sparse FF decoding by the Pallas kernel on a GPU, by gathers elsewhere), ours-xla '
       '(gathers everywhere), trax (trax 1.4.1\'s `ConfigurableTransformerLM`).',
       '',
@@ -340,14 +346,14 @@ def markdown(rows, prompt, n_tokens):
       '| s/token, program | speedup/token, program | floor s/token | paper s/token '
       '| paper speedup/block |',
       '|' + '---|' * 12]
-  order = lambda kv: (list(SHAPES).index(kv[0][0]), VARIANTS.index(kv[0][1]),
-                      IMPLS.index(kv[0][2]))
+  order = lambda kv: (list(SHAPES).index(kv[0][0]), kv[0][1], kv[0][2],
+                      VARIANTS.index(kv[0][3]), IMPLS.index(kv[0][4]))
   ratio = lambda a, b: f'{a / b:.2f}x' if a and b else ''
-  for (shape, variant, impl), row in sorted(by_key.items(), key=order):
-    dense = by_key.get((shape, 'dense', impl)) or by_key.get((shape, 'dense', 'ours'), {})
+  for (shape, depth, dtype, variant, impl), row in sorted(by_key.items(), key=order):
+    dense = (by_key.get((shape, depth, dtype, 'dense', impl))
+             or by_key.get((shape, depth, dtype, 'dense', 'ours'), {}))
     paper, paper_dense = PAPER.get((shape, variant)), PAPER.get((shape, 'dense'))
     block = row.get('s_per_block')
-    depth = row.get('depth', SHAPES[shape][3])
     cells = [shape + (f' ({depth} blocks)' if depth != SHAPES[shape][3] else ''), variant, impl + (f' ({row["kernel"]})' if row.get('kernel') else ''),
              row['dtype'],
              f'{block * 1e3:.3f} ({row["p90_s_per_block"] * 1e3:.3f})' if block else 'failed',
@@ -445,12 +451,13 @@ def main(argv):
                               else f'table1_{jax.default_backend()}')
     saved = RESULTS_DIR / f'{name}.json'
     earlier = json.loads(saved.read_text()) if saved.exists() else []
-    merged = [r for r in earlier if r['shape'] not in shapes_measured] + rows
+    measured = {_setting(r) for r in rows}
+    merged = [r for r in earlier if _setting(r) not in measured] + rows
     saved.write_text(json.dumps(merged, indent=1) + '\n')
     (RESULTS_DIR / f'{name}.md').write_text(
         '# Table 1, reproduced: unbatched decoding time\n\n'
-        f'`python -m sparse_scaling.bench.table1 --shapes 800m,17b --results={name}` (one shape '
-        f'per run is merged with the others\' saved rows, `{name}.json`)\n\n'
+        f'`python -m sparse_scaling.bench.table1 --shapes 800m,17b --results={name}` (a run\'s '
+        f'rows replace the saved rows of the same shape, depth and dtype in `{name}.json`)\n\n'
         + markdown(merged, args.prompt, args.tokens) + '\n')
     plot(merged, RESULTS_DIR / f'{name}.png')
   if timing.JSON.value:
