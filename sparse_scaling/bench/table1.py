@@ -346,7 +346,7 @@ def markdown(rows, prompt, n_tokens):
       '| s/token, program | speedup/token, program | floor s/token | paper s/token '
       '| paper speedup/block |',
       '|' + '---|' * 12]
-  order = lambda kv: (list(SHAPES).index(kv[0][0]), kv[0][1], kv[0][2],
+  order = lambda kv: (list(SHAPES).index(kv[0][0]), kv[0][1], kv[0][2] != 'float32', kv[0][2],
                       VARIANTS.index(kv[0][3]), IMPLS.index(kv[0][4]))
   ratio = lambda a, b: f'{a / b:.2f}x' if a and b else ''
   for (shape, depth, dtype, variant, impl), row in sorted(by_key.items(), key=order):
