@@ -15,8 +15,11 @@ the same gin names (`train.steps`, `train.eval_frequency`, `train.optimizer`, ..
 - one training run per output directory at a time (`checkpoints.lock_output_dir`, held by
   process 0);
 - a progress line per `log_frequency` steps: step, loss, tokens/s and the time left;
-- with more than one device in all, `parallel.Trainer`'s step over every device of every
-  process, whose weights and optimizer slots stay on the devices between steps; a run of
+- on accelerators (one GPU or TPU too) or more than one device in all, `parallel.Trainer`'s
+  step over every device of every process, whose weights and optimizer slots stay on the
+  devices between steps (trax's Trainer, kept for one CPU device, copies the optimizer slots
+  to the host and back at every step: on one H200 that made the 800M LM's step 1.25x slower
+  than each of two devices' step, `docs/results/scaling.md`); a run of
   several processes (`parallel.initialize` first) has each read its rows of every global
   batch, and only process 0 writes checkpoints, TensorBoard files and `config.gin`.
 """
@@ -162,8 +165,10 @@ def train(output_dir, model=gin.REQUIRED, inputs=gin.REQUIRED, steps=1000,
 
 
 def _trainer_is_trax(use_memory_efficient_trainer):
-  """Whether `Loop` trains with trax's trainer: one device in all, or the memory-efficient one."""
-  return use_memory_efficient_trainer or jax.device_count() == 1
+  """Whether `Loop` trains with trax's trainer: one CPU device in all, or the memory-efficient
+  one (where weights live on the host anyway)."""
+  return use_memory_efficient_trainer or (jax.device_count() == 1
+                                          and jax.devices()[0].platform == 'cpu')
 
 
 # Registered with gin under the bare name `train` (no module): gin prefers an exact selector
@@ -175,8 +180,7 @@ train = gin.configurable('train', denylist=['output_dir', 'evaluate_only'])(trai
 
 class Loop(training.Loop):
   """trax's `Loop` with safe checkpoints, clean stops, NaN guards, progress lines, a step
-  callback and `parallel.Trainer` when there is more than one device in all (the module
-  docstring).
+  callback and `parallel.Trainer` unless training on one CPU device (the module docstring).
 
   Attributes:
     stopped_by: What stopped `run` early ('SIGTERM', 'SIGINT', or in a run of several

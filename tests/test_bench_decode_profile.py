@@ -47,3 +47,17 @@ def test_hlo_bytes_count_what_slices_gathers_and_in_place_updates_touch():
                                                   jnp.ones((256,))).compile().as_text()
   moved = sum(k['bytes'] for k in decode_profile.kernels(hlo).values())
   assert moved < 20 * 256 * 4  # a few rows, never a whole table or cache
+
+
+def test_a_gpu_kernels_name_finds_its_instruction():
+  # XLA's GPU kernels are named after their instructions with '.' and '-' made '_'; a
+  # library's helper kernel matches none and is counted as unnamed, in no block.
+  info = {'loop_add_fusion.3': dict(scope='block1/ff', category='fusion', bytes=8),
+          'custom-call.12': dict(scope='block1/attention', category='gemm', bytes=4)}
+  times = {'loop_add_fusion_3': (1.0, 2e-6), 'custom_call_12': (1.0, 3e-6),
+           'sm90_xmma_gemm_f32f32': (1.0, 5e-6)}
+  rows = {r['kernel']: r for r in decode_profile.attribute(times, info)}
+  assert rows['loop_add_fusion_3']['scope'] == 'block1/ff'
+  assert rows['custom_call_12']['bytes'] == 4
+  assert rows['sm90_xmma_gemm_f32f32']['scope'] == 'other'
+  assert not rows['sm90_xmma_gemm_f32f32']['attributed']

@@ -85,3 +85,17 @@ def test_a_measurement_that_fails_is_reported_and_the_others_go_on(monkeypatch):
   text = table1.markdown(rows, 4, 3)
   assert 'Measurements that failed:' in text and 'ff ours, program: RuntimeError' in text
   assert '| 800m | ff | ours-xla (xla) | float32 |' in text
+
+
+def test_depth_sets_the_whole_decoders_blocks_and_the_table_says_so(monkeypatch):
+  dense = dict(TINY, ff_sparsity=0, attention_sparsity=0, loss_sparsity=0)
+  monkeypatch.setattr(table1, "dimensions", lambda shape, variant: dense)
+  built = []
+  real_build = table1.build
+  monkeypatch.setattr(table1, 'build', lambda impl, dims, n, max_len, **kw: (
+      built.append(n), real_build(impl, dims, n, max_len, **kw))[1])
+  rows = table1.measure('17b', ['dense'], ['ours'], prompt=4, n_tokens=3, bandwidth=30e9,
+                        step=True, depth=3)
+  assert rows[0]['depth'] == 3 and sorted(set(built)) == [1, 3]  # one block, then the whole
+  assert rows[0]["bytes_per_token"] > 1.4 * table1.bytes_per_token(dense, 2, 6, 4)
+  assert '| 17b (3 blocks) | dense | ours |' in table1.markdown(rows, 4, 3)

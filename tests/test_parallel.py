@@ -24,6 +24,7 @@ import pytest
 
 from sparse_scaling import checkpoints
 from sparse_scaling import configs
+from sparse_scaling import parallel
 from sparse_scaling import training
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -190,6 +191,20 @@ def test_two_devices_stop_on_the_gradients_norm_and_keep_the_last_good_checkpoin
   assert diverged, two_devices['diverged']
   assert STEPS + 1 <= two_devices['kept_step'] < int(diverged.group(2))
   assert two_devices['kept_finite']
+
+
+def test_one_accelerator_trains_with_the_parallel_trainer(monkeypatch, tmp_path, cache_dir,
+                                                           one_device):
+  # On one GPU or TPU the Loop takes `parallel.Trainer` (weights and slots stay on the
+  # device); it must train as trax's trainer does on the same device.
+  monkeypatch.setattr(training, '_trainer_is_trax', lambda memory_efficient: memory_efficient)
+  _parse(cache_dir)
+  losses = []
+  loop = training.train(tmp_path, steps=STEPS,
+                        on_step=lambda loop, loss, seconds: losses.append(loss))
+  assert isinstance(loop._trainer_per_task[0], parallel.Trainer)  # pylint: disable=protected-access
+  np.testing.assert_allclose(losses, one_device['losses'][:STEPS], rtol=1e-5)
+  np.testing.assert_allclose(_evals(loop), one_device['evals'], rtol=1e-5)
 
 
 if __name__ == '__main__':

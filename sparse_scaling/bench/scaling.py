@@ -6,8 +6,8 @@
 
 For each n of --n_devices (and n = 1, the reference, always) the LM trains --steps steps at
 global batch n * --per_device_batch through `training.train(n_devices=n)`, the code path of
-`main.py --n_devices=n`. With one device that is trax's `Trainer` (a jitted step); with n, the
-step of `parallel.Trainer`: the batch is split over the n devices (device i gets rows
+`main.py --n_devices=n`: on GPUs and TPUs, for every n, the step of `parallel.Trainer` (on one
+CPU device, trax's `Trainer`): the batch is split over the n devices (device i gets rows
 i * B/n to (i + 1) * B/n - 1), each runs the forward and backward pass on its rows, the
 gradients are averaged over the devices (psum / n) and every device applies the same Adafactor
 update; weights and optimizer slots stay on the devices between steps. No evaluation and no

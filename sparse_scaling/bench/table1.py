@@ -1,7 +1,7 @@
 """The paper's Table 1: unbatched decoding time per token, ours and trax's, side by side.
 
   python -m sparse_scaling.bench.table1 [--shapes 800m,17b] [--impls ours,trax] [--program]
-      [--nostep] [--dtype bfloat16] [--json] [--tokens 32]
+      [--nostep] [--dtype bfloat16] [--depth 15] [--json] [--tokens 32]
   python -m sparse_scaling.bench.table1 --batch_curve    # where sparsity stops paying
 
 Rows: dense, +Sparse FF, +Sparse QKV, +Sparse FF+QKV, +FF+QKV+loss, with the dimensions of
@@ -230,15 +230,16 @@ def bytes_per_token(dims, n_layers, kv_len, itemsize):
 
 
 def measure(shape, variants, impls, prompt, n_tokens, bandwidth, program=False, step=True,
-            dtype=None):
+            dtype=None, depth=None):
   """Rows of one shape: each variant and implementation, one block timed alone and (with
-  `step`) the whole decoder's jitted step and (with `program`) its compiled generation.
+  `step`) the whole decoder's jitted step and (with `program`) its compiled generation, of
+  `depth` blocks (default: the shape's, `SHAPES`).
 
   A measurement that fails (a column an implementation cannot fill) gives a row with the
   error instead, and the others go on.
   """
   _, shape_dtype, _, whole = SHAPES[shape]
-  dtype = dtype or shape_dtype
+  dtype, whole = dtype or shape_dtype, depth or whole
   rows = []
   for variant in variants:
     dims = dimensions(shape, variant)
@@ -319,11 +320,16 @@ def write_batch_curve(curve, path_md, path_png):
 IMPLS = ('ours', 'ours-xla', 'trax')
 
 
+def _setting(row):
+  """What a row's speedups are relative to: its shape, depth and dtype."""
+  return row['shape'], row.get('depth', SHAPES[row['shape']][3]), row['dtype']
+
+
 def markdown(rows, prompt, n_tokens):
   """The results as a Markdown table: one row per variant and implementation, the paper's
   figures beside ours; speedups against the same implementation's dense row."""
   bandwidths = ', '.join(sorted({f'{r["shape"]}: {r["bandwidth"] / 1e9:.0f} GB/s' for r in rows}))
-  by_key = {(r['shape'], r['variant'], r['impl']): r for r in rows}
+  by_key = {(*_setting(r), r['variant'], r['impl']): r for r in rows}
   lines = [
       f'Machine: {"; ".join(sorted({r.get("machine", "") for r in rows}))}; bandwidth '
       f'measured in each run ({bandwidths}). Batch 1, prompt {prompt} tokens, '
@@ -331,7 +337,8 @@ def markdown(rows, prompt, n_tokens):
       'block (attention and FF) timed alone, median (p90) of its steps; s/token: the whole '
       'decoder, one jitted step per token (step) or the whole generation as one compiled '
       'program (program); floor: the weight and KV bytes a token reads over the bandwidth. '
-      'Speedups are against the same implementation\'s dense row. Implementations: ours '
+      'Speedups are against the dense row of the same implementation, shape, depth and '
+      'dtype. Implementations: ours '
       '(Sparse FF decoding by the Pallas kernel on a GPU, by gathers elsewhere), ours-xla '
       '(gathers everywhere), trax (trax 1.4.1\'s `ConfigurableTransformerLM`).',
       '',
@@ -339,14 +346,15 @@ def markdown(rows, prompt, n_tokens):
       '| s/token, program | speedup/token, program | floor s/token | paper s/token '
       '| paper speedup/block |',
       '|' + '---|' * 12]
-  order = lambda kv: (list(SHAPES).index(kv[0][0]), VARIANTS.index(kv[0][1]),
-                      IMPLS.index(kv[0][2]))
+  order = lambda kv: (list(SHAPES).index(kv[0][0]), kv[0][1], kv[0][2] != 'float32', kv[0][2],
+                      VARIANTS.index(kv[0][3]), IMPLS.index(kv[0][4]))
   ratio = lambda a, b: f'{a / b:.2f}x' if a and b else ''
-  for (shape, variant, impl), row in sorted(by_key.items(), key=order):
-    dense = by_key.get((shape, 'dense', impl)) or by_key.get((shape, 'dense', 'ours'), {})
+  for (shape, depth, dtype, variant, impl), row in sorted(by_key.items(), key=order):
+    dense = (by_key.get((shape, depth, dtype, 'dense', impl))
+             or by_key.get((shape, depth, dtype, 'dense', 'ours'), {}))
     paper, paper_dense = PAPER.get((shape, variant)), PAPER.get((shape, 'dense'))
     block = row.get('s_per_block')
-    cells = [shape, variant, impl + (f' ({row["kernel"]})' if row.get('kernel') else ''),
+    cells = [shape + (f' ({depth} blocks)' if depth != SHAPES[shape][3] else ''), variant, impl + (f' ({row["kernel"]})' if row.get('kernel') else ''),
              row['dtype'],
              f'{block * 1e3:.3f} ({row["p90_s_per_block"] * 1e3:.3f})' if block else 'failed',
              ratio(dense.get('s_per_block'), block),
@@ -405,6 +413,9 @@ def _define_flags():
   flags.DEFINE_bool('program', False, 'Also time whole generations compiled as one program '
                     '(our Decoder), for both implementations: the per-step dispatch cost that '
                     'dominates on a GPU is then gone.')
+  flags.DEFINE_integer('depth', None, "Blocks of the whole decoder timed per token (default: "
+                       "the shape's, 24 at 800m and 2 at 17b; 15 at 17b is the whole "
+                       '~17B-weight decoder).', lower_bound=1)
   flags.DEFINE_string('results', None, 'Base name of the result files in docs/results/ '
                       '(default: table1 on CPU, table1_<backend> elsewhere).')
 
@@ -431,7 +442,7 @@ def main(argv):
     if shape not in SHAPES:
       raise app.UsageError(f'--shapes: unknown shape {shape!r}; use {sorted(SHAPES)}')
     rows += measure(shape, args.variants, args.impls, args.prompt, args.tokens, bandwidth,
-                    args.program, args.step, args.dtype)
+                    args.program, args.step, args.dtype, args.depth)
   if rows:
     print(markdown(rows, args.prompt, args.tokens))
   if args.write:  # merged with the rows of shapes measured by earlier runs
@@ -440,12 +451,13 @@ def main(argv):
                               else f'table1_{jax.default_backend()}')
     saved = RESULTS_DIR / f'{name}.json'
     earlier = json.loads(saved.read_text()) if saved.exists() else []
-    merged = [r for r in earlier if r['shape'] not in shapes_measured] + rows
+    measured = {_setting(r) for r in rows}
+    merged = [r for r in earlier if _setting(r) not in measured] + rows
     saved.write_text(json.dumps(merged, indent=1) + '\n')
     (RESULTS_DIR / f'{name}.md').write_text(
         '# Table 1, reproduced: unbatched decoding time\n\n'
-        f'`python -m sparse_scaling.bench.table1 --shapes 800m,17b --results={name}` (one shape '
-        f'per run is merged with the others\' saved rows, `{name}.json`)\n\n'
+        f'`python -m sparse_scaling.bench.table1 --shapes 800m,17b --results={name}` (a run\'s '
+        f'rows replace the saved rows of the same shape, depth and dtype in `{name}.json`)\n\n'
         + markdown(merged, args.prompt, args.tokens) + '\n')
     plot(merged, RESULTS_DIR / f'{name}.png')
   if timing.JSON.value:
