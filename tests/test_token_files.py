@@ -110,6 +110,10 @@ def test_eval_windows_are_the_validation_tokens_in_order(token_dir):
   assert (first[0][0].reshape(-1) == tokens[:n]).all()
   assert (first[1][0].reshape(-1) == tokens[n:2 * n]).all()
   assert all((a[0] == b[0]).all() for a, b in zip(first, second))
+  cycled = _stream(data.token_file_lm_inputs(path, BATCH_SIZE, SEQ_LEN, VOCAB_SIZE,
+                                             eval_windows=2 * BATCH_SIZE), 'eval', 4)
+  for i in range(4):  # the first two batches, again and again
+    assert (cycled[i][0] == first[i % 2][0]).all()
 
 
 def test_fewer_train_shards_read_only_the_first(token_dir):
@@ -151,6 +155,8 @@ def test_bad_input_gives_one_line_errors(token_dir, tmp_path, sp):
   _one_line_error(ValueError, lambda: data.token_file_lm_inputs(
       path, batch_size=64, seq_len=SEQ_LEN, vocab_size=VOCAB_SIZE, validation_shards=1),
                   'batch_size=64', 'validation')
+  _one_line_error(ValueError, lambda: data.token_file_lm_inputs(
+      path, BATCH_SIZE, SEQ_LEN, VOCAB_SIZE, eval_windows=10_000), 'eval_windows=10000')
   # A copy with its second train shard missing: one shard reads, two do not.
   partial = tmp_path / 'partial'
   partial.mkdir()

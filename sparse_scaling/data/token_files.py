@@ -21,8 +21,8 @@ allows verbatim copying only).
 `token_file_lm_inputs` reads the first `train_shards` and `validation_shards` shards, the same
 files on every machine: train batches are the non-overlapping `seq_len` windows of the train
 tokens in a new random order each epoch (seeded), so no token is seen k + 1 times before every
-window has been seen k times; eval batches are the consecutive windows of the validation tokens,
-cycled, so every eval stream yields the same batches.
+window has been seen k times; eval batches are the consecutive windows of the validation tokens
+(or of their first `eval_windows`), cycled, so every eval stream yields the same batches.
 """
 
 import hashlib
@@ -194,7 +194,7 @@ def shuffled_window_starts(n_tokens, length, batch_size, seed):
 
 @gin.configurable(module='sparse_scaling.data')
 def token_file_lm_inputs(path, batch_size=8, seq_len=128, vocab_size=lm.VOCAB_SIZE,
-                         train_shards=None, validation_shards=None, seed=0):
+                         train_shards=None, validation_shards=None, eval_windows=None, seed=0):
   """Returns trax `Inputs` for language modeling on token files (see the module docstring).
 
   Args:
@@ -204,6 +204,9 @@ def token_file_lm_inputs(path, batch_size=8, seq_len=128, vocab_size=lm.VOCAB_SI
     vocab_size: the model's vocabulary; must equal the token files' pieces.
     train_shards: how many train shards to read, from the first (None: all).
     validation_shards: the same for validation.
+    eval_windows: None, or the eval stream cycles through only the first `eval_windows`
+      windows: with `eval_steps * batch_size` of them every evaluation reads the same tokens
+      (trax's evaluations go on reading one stream), also after resuming from a checkpoint.
     seed: seed of the train windows' order.
 
   Returns:
@@ -226,6 +229,12 @@ def token_file_lm_inputs(path, batch_size=8, seq_len=128, vocab_size=lm.VOCAB_SI
     if len(array) // seq_len < batch_size:
       raise ValueError(f'seq_len={seq_len}, batch_size={batch_size}: the {split} tokens '
                        f'({len(array):,}) hold fewer than one batch of windows')
+  if eval_windows is not None:
+    if not batch_size <= eval_windows <= len(tokens['validation']) // seq_len:
+      raise ValueError(f'eval_windows={eval_windows}: give from batch_size={batch_size} to the '
+                       f'{len(tokens["validation"]) // seq_len} windows of seq_len={seq_len} '
+                       'the validation tokens hold')
+    tokens['validation'] = tokens['validation'][:eval_windows * seq_len]
 
   def batches(split, starts):
     for batch in lm.windows(tokens[split], starts, seq_len):
