@@ -22,7 +22,8 @@ reads the same windows in every run. Each run trains in `<output_dir>/<arm>/seed
 when done, writes its record there (`run.json`: the scores, the curve, tokens/s): a finished
 run is not trained again, and a run cut off (a time limit) resumes from its last checkpoint.
 `--fresh` empties a run's directory first. After every run `<results_dir>/quality.json` (a row
-per arm, a record per run), `quality.md` and `quality_curves.png` are rewritten; results_dir
+per arm, a record per run), `quality.md` and `quality_curves.png` are rewritten from the runs
+saved there and the records under `--output_dir` (`render`); results_dir
 defaults to docs/results for the cpu size and docs/results/quality_<size> for the others.
 `--render_only` rewrites them from the saved runs: those of `<results_dir>/quality.json`,
 replaced or joined by the `run.json`s under each `--output_dir` (so two machines' or two
@@ -36,6 +37,7 @@ any rerun, skips most of the compilation (on an H200, the first call of a run fe
 import json
 import os
 import pathlib
+import shlex
 import shutil
 import sys
 import time
@@ -78,6 +80,9 @@ GOALS = {'ff': 0.02, 'ff_qkv': 0.05, 'ff_qkv_loss': 0.10}
 CORPORA = {'embedded': 'embedded_lm_inputs', 'rfc': 'rfc_lm_inputs',
            'tokens': 'token_file_lm_inputs'}
 DEFAULT_CORPUS = {'gpu': 'tokens'}  # others: embedded
+CORPUS_TEXT = {'embedded': 'the embedded corpus', 'rfc': 'the rfc corpus',
+               'tokens': 'token files (sparse_scaling/data/token_files.py; the gpu size: Debian\'s '
+                         'IETF RFCs)'}
 RECORD = 'run.json'  # a finished run's record, in its directory
 EVALS_PER_RUN = 10  # with --steps: eval_frequency = steps // 10 (plus trax's eval at step 1)
 # and checkpoints at steps // 2 and steps (and trax's at step 1)
@@ -215,8 +220,9 @@ def reproduce(size, corpus, seeds, arms, output_dir, steps=None, command='', gin
               fresh=False, results_dir=None):
   """Trains every arm with every seed; returns the results that `write_results` writes.
 
-  With `results_dir`, the results so far are written there after every run (a call cut off by
-  a time limit leaves the finished runs' table behind).
+  With `results_dir`, after every run the table there is rewritten (`render`): its saved runs
+  joined by the records under `output_dir`, so a call cut off by a time limit leaves the
+  finished runs behind, and arms trained apart (another call, another machine) join one table.
 
   Returns:
     A dict: the fields of `SHARED` (`command`, `size`, `corpus`, `machine`, `setting` (model
@@ -233,7 +239,7 @@ def reproduce(size, corpus, seeds, arms, output_dir, steps=None, command='', gin
       runs.append(train_run(size, arm, seed, corpus, output_dir, steps, gin_params, fresh,
                             command))
       if results_dir is not None:
-        write_results(results_from_runs(runs), results_dir)
+        render(results_dir, [output_dir])
   return results_from_runs(runs)
 
 
@@ -293,7 +299,8 @@ def markdown(results):
       f'Machine: {results["machine"]}.',
       '',
       f'Setting: the decoder-only `ScalingTransformerLM` (`gin_configs/reproduce/'
-      f'quality_{results["size"]}.gin`) on the {results["corpus"]} corpus, not the paper\'s '
+      f'quality_{results["size"]}.gin`) on '
+      f'{CORPUS_TEXT.get(results["corpus"], results["corpus"])}, not the paper\'s '
       f'800M encoder-decoder on C4 span corruption: {setting["n_layers"]} layers, d_model '
       f'{setting["d_model"]}, {setting["n_heads"]} heads, vocabulary {setting["vocab_size"]}, '
       f'dropout {setting["dropout"]}; batch {setting["batch_size"]} x {setting["seq_len"]} '
@@ -466,7 +473,7 @@ def main(argv):
   results = reproduce(
       args.size, args.corpus or DEFAULT_CORPUS.get(args.size, 'embedded'),
       [int(seed) for seed in args.seeds], args.arms, output_dir, args.steps,
-      command=' '.join(['python -m sparse_scaling.reproduce.quality'] + sys.argv[1:]),
+      command=shlex.join(['python', '-m', 'sparse_scaling.reproduce.quality'] + sys.argv[1:]),
       gin_params=args.gin_param, fresh=args.fresh, results_dir=results_dir)
   print(markdown(results))
 
