@@ -8,6 +8,8 @@ import pytest
 from trax import shapes
 
 from sparse_scaling import configs
+from sparse_scaling import data
+from sparse_scaling.data import token_files
 from sparse_scaling.models.params import parameter_counts
 from sparse_scaling.reproduce import quality
 
@@ -15,16 +17,40 @@ ROW_KEYS = {'arm', 'params', 'seeds', 'val_log_ppl_mean', 'val_log_ppl_spread', 
             'tokens'}
 
 
-@pytest.mark.parametrize('size', ['cpu', 'small'])
-def test_arms_have_the_dense_parameter_count_within_1_percent(size):
+def _counts(size):
   counts = {}
   for arm in quality.ARMS:
     gin.clear_config()
     configs.parse([quality.GIN_FILE.format(size)], quality.bindings(arm, 0, 'embedded'))
     model = configs.configured_model()(mode='eval')
     counts[arm] = parameter_counts(model, shapes.ShapeDtype((1, 8), np.int32))['total']
+  return counts
+
+
+@pytest.mark.parametrize('size', ['cpu', 'small', 'gpu'])
+def test_arms_have_the_dense_parameter_count_within_1_percent(size):
+  counts = _counts(size)
+  assert 'dense_conv' in counts
   for arm, count in counts.items():
     assert abs(count / counts['dense'] - 1) < 0.01, (arm, counts)
+
+
+def test_gpu_size_meets_the_issues_scale():
+  # Issue #16: >= 20M weights, >= 25M training tokens, >= 1M validation tokens an evaluation,
+  # at least LATE_EVALS evaluations, and the token files' first 2 train shards read at most
+  # twice (their 12M-token cap: token_files.SHARD_TOKENS).
+  assert min(_counts('gpu').values()) >= 20e6
+  gin.clear_config()
+  configs.parse([quality.GIN_FILE.format('gpu')], quality.bindings('dense', 0, 'tokens'))
+  tokens_per_step = (gin.query_parameter('%BATCH_SIZE') * gin.query_parameter('%SEQ_LEN'))
+  steps = gin.query_parameter('train.steps')
+  assert steps * tokens_per_step >= 25e6
+  assert gin.query_parameter('train.eval_steps') * tokens_per_step >= 1e6
+  assert steps // gin.query_parameter('train.eval_frequency') >= quality.LATE_EVALS
+  assert (gin.query_parameter('token_file_lm_inputs.eval_windows') ==  # the same every time
+          gin.query_parameter('train.eval_steps') * gin.query_parameter('%BATCH_SIZE'))
+  shards = gin.query_parameter('token_file_lm_inputs.train_shards')
+  assert steps * tokens_per_step <= 2 * 0.99 * shards * token_files.SHARD_TOKENS
 
 
 def test_tiny_reproduction_writes_rows_markdown_and_curves(tmp_path, monkeypatch, cache_dir):
@@ -56,3 +82,63 @@ def test_tiny_reproduction_writes_rows_markdown_and_curves(tmp_path, monkeypatch
   quality.render(results_dir)  # --render_only
   assert (results_dir / 'quality.md').read_text() == markdown
   assert (results_dir / 'quality_curves.png').exists()
+
+
+@pytest.fixture(scope='module')
+def tiny_tokens(tmp_path_factory, cache_dir):
+  """Token files of the embedded corpus at the tiny size's vocabulary (512)."""
+  path = tmp_path_factory.mktemp('tokens')
+  splits = {split: data.shakespeare_texts(split)[:2] for split in ('train', 'validation')}
+  token_files.write_token_files(path, splits, data.embedded_vocab(512, cache_dir), 'test', '-',
+                                shard_tokens=20_000, validation_shard_tokens=20_000)
+  return path
+
+
+def _run(tmp_path, arm, output_dir, tiny_tokens, steps=4):
+  return quality.train_run('tiny', arm, 0, 'tokens', str(output_dir), steps=steps,
+                           gin_params=[f"token_file_lm_inputs.path = '{tiny_tokens}'",
+                                       'token_file_lm_inputs.batch_size = %BATCH_SIZE',
+                                       'token_file_lm_inputs.seq_len = %SEQ_LEN',
+                                       'token_file_lm_inputs.vocab_size = %VOCAB_SIZE',
+                                       'token_file_lm_inputs.eval_windows = 32'],  # 4 x 8
+                           command='test')
+
+
+def test_finished_runs_are_kept_and_other_runs_refused(tmp_path, tiny_tokens):
+  record = _run(tmp_path, 'dense_conv', tmp_path / 'runs', tiny_tokens)
+  assert record['steps'] == 4 and record['knobs']['attention_conv'] == 4
+  assert record['tokens_per_s'] > 0 and record['size'] == 'tiny'
+  assert _run(tmp_path, 'dense_conv', tmp_path / 'runs', tiny_tokens) == record  # not retrained
+  with pytest.raises(ValueError, match='another run'):
+    _run(tmp_path, 'dense_conv', tmp_path / 'runs', tiny_tokens, steps=6)
+
+
+def test_a_cut_off_run_resumes_from_its_checkpoint(tmp_path, tiny_tokens, capsys):
+  output_dir = tmp_path / 'runs'
+  record = _run(tmp_path, 'dense', output_dir, tiny_tokens)
+  run_dir = output_dir / 'dense' / 'seed0'
+  (run_dir / quality.RECORD).unlink()  # as if cut off after its last checkpoint (step 4)
+  capsys.readouterr()
+  resumed = _run(tmp_path, 'dense', output_dir, tiny_tokens)
+  assert 'Resumed from the checkpoint of step 4' in capsys.readouterr().out
+  assert resumed['history'] == record['history'] and resumed['steps'] == 4
+  assert resumed['tokens_per_s'] is None  # no step trained in this call
+
+
+def test_render_merges_output_dirs_and_renders_some_arms(tmp_path, tiny_tokens):
+  _run(tmp_path, 'dense', tmp_path / 'gpu0', tiny_tokens)
+  _run(tmp_path, 'dense_conv', tmp_path / 'gpu1', tiny_tokens)
+  only_conv = quality.render(tmp_path / 'one', [tmp_path / 'gpu1'])
+  assert [row['arm'] for row in only_conv['rows']] == ['dense_conv']
+  assert only_conv['rows'][0]['delta_vs_dense'] is None
+  assert '| dense_conv | 216 | - | - | - | 4 |' in (tmp_path / 'one' / 'quality.md').read_text()
+  both = quality.render(tmp_path / 'both', [tmp_path / 'gpu0', tmp_path / 'gpu1'])
+  assert [row['arm'] for row in both['rows']] == ['dense', 'dense_conv']
+  conv = both['rows'][1]
+  assert conv['delta_vs_dense'] == conv['val_log_ppl_mean'] - both['rows'][0]['val_log_ppl_mean']
+  # quality.json's runs, joined by a record: the saved table grows by the new arm.
+  quality.render(tmp_path / 'grown', [tmp_path / 'gpu0'])
+  grown = quality.render(tmp_path / 'grown', [tmp_path / 'gpu1'])
+  assert [row['arm'] for row in grown['rows']] == ['dense', 'dense_conv']
+  with pytest.raises(FileNotFoundError, match='nothing to render'):
+    quality.render(tmp_path / 'none', [tmp_path / 'empty'])

@@ -10,6 +10,7 @@ from trax.layers.research import sparsity as trax_sparsity
 
 from sparse_scaling import convert
 from sparse_scaling.layers import SparseFF
+from sparse_scaling.layers import sparse_ff
 from sparse_scaling.layers import sparse_ff_kernel
 from tests.utils import assert_predict_equals_eval
 from tests.utils import initialized as _init
@@ -130,6 +131,33 @@ def test_gumbel_noise_changes_choices_in_training_only():
   assert not np.allclose(outputs[0], outputs[1])
   evaluate = _init(SparseFF(D_FF, N, temperature=10.0, mode='eval'), x)
   np.testing.assert_array_equal(evaluate(x), evaluate(x))
+
+
+@pytest.mark.parametrize('temperature', [0.1, 1.0])
+def test_training_choices_follow_the_gumbel_max_distribution(temperature):
+  # trax's argmax(logits + temperature·Gumbel) draws unit j with probability
+  # softmax(logits / temperature)_j; the sampler must draw the same distribution.
+  logits = np.array([0.0, 0.1, -0.05, 0.2, -0.3, 0.15, 0.05, -0.1], np.float32)
+  tokens = 40_000
+  choice = np.asarray(sparse_ff._sample_units(  # pylint: disable=protected-access
+      jnp.broadcast_to(logits, (tokens, 1, N)), temperature, jax.random.PRNGKey(0)))
+  assert choice.shape == (tokens, 1) and choice.dtype == np.int32
+  frequencies = np.bincount(choice[:, 0], minlength=N) / tokens
+  expected = np.exp(logits / temperature) / np.exp(logits / temperature).sum()
+  # 4.5 standard errors of a frequency: fails for a wrong temperature or an off-by-one unit.
+  np.testing.assert_allclose(frequencies, expected,
+                             atol=4.5 * np.sqrt(expected * (1 - expected) / tokens).max())
+  gumbel = np.argmax(logits + temperature * np.random.RandomState(0).gumbel(size=(tokens, N)),
+                     axis=-1)
+  np.testing.assert_allclose(frequencies, np.bincount(gumbel, minlength=N) / tokens,
+                             atol=6.5 * np.sqrt(expected * (1 - expected) / tokens).max())
+
+
+def test_zero_temperature_takes_the_argmax():
+  logits = _inputs(50, 4, N)
+  np.testing.assert_array_equal(
+      sparse_ff._sample_units(logits, 0.0, jax.random.PRNGKey(0)),  # pylint: disable=protected-access
+      np.argmax(logits, axis=-1))
 
 
 def test_reverse_pass_replays_the_forward_choice():

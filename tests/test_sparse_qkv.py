@@ -30,6 +30,19 @@ def test_multiplicative_dense_is_the_papers_formula():
   assert d.shape == (S, D_MODEL) and e.shape == (D_MODEL, 24 // S)
 
 
+def test_multiplicative_dense_computes_one_function_for_few_and_many_tokens():
+  # Up to M tokens the layer scales each input by D; more form the dense weight D ⊙ E once.
+  x = _inputs(2, 7, D_MODEL)                      # 14 tokens > M = 24 / 4 = 6
+  layer = _init(MultiplicativeDense(S, 24), x)
+  many = np.asarray(layer(x))
+  few = np.concatenate([np.asarray(layer(x[:, i:i + 1])) for i in range(7)], axis=1)  # 2 each
+  np.testing.assert_allclose(many, few, atol=1e-5)
+  grads = [jax.grad(lambda w, xs=xs: layer.pure_fn(xs, w, (), None)[0].sum())(layer.weights)
+           for xs in (x, x[:1, :3])]
+  for g in grads:  # both paths pass gradients to D, E and the bias
+    assert all(np.abs(leaf).max() > 0 for leaf in jax.tree.leaves(g))
+
+
 def test_multiplicative_dense_matches_trax_factored_dense():
   x = _inputs(3, D_MODEL)
   theirs = _init(trax_sparsity.FactoredDense(S, D_MODEL, 24), x, seed=3)

@@ -1,6 +1,6 @@
 """Data for sparse_scaling: the embedded Shakespeare corpus, its SentencePiece vocabulary and
-trax inputs: LM and span corruption on the embedded corpus, TFDS C4 and arXiv, local text files
-and Debian's IETF RFCs (`sparse_scaling.data.<function>` in gin)."""
+trax inputs: LM and span corruption on the embedded corpus, TFDS C4 and arXiv, local text files,
+Debian's IETF RFCs and token files (`sparse_scaling.data.<function>` in gin)."""
 from sparse_scaling.data.arxiv import arxiv_summarization_inputs
 from sparse_scaling.data.c4 import c4_lm_inputs
 from sparse_scaling.data.c4 import c4_span_corruption_inputs
@@ -19,6 +19,7 @@ from sparse_scaling.data.local_text import local_text_summarization_inputs
 from sparse_scaling.data.rfc import rfc_lm_inputs
 from sparse_scaling.data.rfc import rfc_summarization_inputs
 from sparse_scaling.data.span_corruption import embedded_span_corruption_inputs
+from sparse_scaling.data.token_files import token_file_lm_inputs
 from sparse_scaling.data.span_corruption import span_corrupt
 from sparse_scaling.data.span_corruption import uncorrupt
 from sparse_scaling.data.vocab import EOS_ID

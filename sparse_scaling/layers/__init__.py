@@ -1,6 +1,7 @@
 """Sparse layers of the Scaling Transformer, one paper idea per file."""
 from sparse_scaling.layers.causal_attention import CausalAttention
 from sparse_scaling.layers.causal_attention import CausalAttentionCore
+from sparse_scaling.layers.conv_attention import DenseConvAttention
 from sparse_scaling.layers.multiplicative_dense import MultiplicativeDense
 from sparse_scaling.layers.sparse_ff import FeedForward
 from sparse_scaling.layers.sparse_ff import SparseFF

@@ -7,7 +7,8 @@ output is split into S modules of size M = d_out / S, and
 
 with D [S, d_in] and E [d_in, M]: d_in·(S + M) weights instead of d_in·d_out, and it can still
 represent any permutation (paper, Fig. 4a). One token reads D and E once, so decoding costs
-d_in·(S + M) weight reads.
+d_in·(S + M) weight reads. A call of more than M tokens (training) forms the dense weight
+D ⊙ E [d_in, d_out] once instead: the same function, computed as one ordinary product.
 """
 
 import jax
@@ -42,8 +43,19 @@ class MultiplicativeDense(base.Layer):
 
   def forward(self, x):
     d, e = self.weights[:2]
-    y = jnp.einsum('...i,si,im->...sm', x, d, e)       # [..., S, M]
-    y = y.reshape(x.shape[:-1] + (self._d_out,))        # [..., d_out]
+    n_tokens = x.size // x.shape[-1]
+    if n_tokens > e.shape[1]:
+      # Many tokens (training, a prompt): the same product through the dense weight
+      # W[i, s, m] = D[s, i]·E[i, m], built once per call (d_in·S·M products, fewer than the
+      # tokens·d_in·S of scaling every token's input by D once tokens > M), then one
+      # [tokens, d_in] x [d_in, d_out] product: no [tokens, S, d_in] intermediate to lay out
+      # in either pass.
+      w = (d.T[:, :, None] * e[:, None, :]).reshape(x.shape[-1], self._d_out)
+      y = x @ w                                         # [..., d_out]
+    else:
+      # Few tokens (decoding): read D and E only, d_in·(S + M) weights.
+      y = jnp.einsum('...i,si,im->...sm', x, d, e)     # [..., S, M]
+      y = y.reshape(x.shape[:-1] + (self._d_out,))      # [..., d_out]
     return y + self.weights[2] if self._use_bias else y
 
   def init_weights_and_state(self, input_signature):

@@ -7,7 +7,11 @@ controller picks one unit per block and the others are zero:
   Controller(x) = argmax(Reshape(x·C1·C2 + c, (-1, N)))           [..., d_ff // N]
   SparseFF(x)   = (max(0, x·W1 + b1) ⊙ Controller(x))·W2 + b2       [..., d_model]
 
-Training samples the choice with Gumbel noise and passes gradients to the controller
+Training samples the choice as trax does, argmax(logits + temperature·Gumbel noise), which
+draws unit j of a block with probability softmax(logits / temperature)_j; here it is drawn
+from that distribution directly, one uniform number per block inverted through its cumulative
+sum, instead of one Gumbel number per unit (the same distribution, N times fewer random numbers
+and no logarithms; another random stream than trax's). Gradients pass to the controller
 straight through the one-hot mask (hard forward, softmax backward); eval and predict take the
 argmax. In training the controller keeps its choice as state, so that the reverse pass of a
 reversible model (Terraformer) replays it instead of recomputing it from reconstructed,
@@ -109,10 +113,9 @@ class SparseFFController(base.Layer):
       return jnp.argmax(logits, axis=-1).astype(jnp.int32)       # [..., d_ff // N]
     noise_rng, coin_rng = jax.random.split(self.rng)
     probs = jax.nn.softmax(logits, axis=-1)
-    noisy = logits + self._temperature * jax.random.gumbel(noise_rng, logits.shape)
     choice, marker = self.state
     if _SECOND_TIME not in marker:  # Else: the reverse pass replays the forward pass's choice.
-      choice = jnp.argmax(noisy, axis=-1).astype(jnp.int32)
+      choice = _sample_units(logits, self._temperature, noise_rng)
     self.state = (choice, {_FIRST_TIME: ()})
     hard = jax.nn.one_hot(choice, self._block, dtype=probs.dtype)
     straight_through = hard + probs - jax.lax.stop_gradient(probs)
@@ -209,15 +212,36 @@ class SparseFFDecode(base.Layer):
                     units.init((choice, input_signature), rng=rng_u, use_cache=False)[0], ())
 
 
+def _sample_units(logits, temperature, rng):
+  """One unit per block: logits [..., d_ff // N, N] -> int32 [..., d_ff // N].
+
+  Draws unit j with probability softmax(logits / temperature)_j, the distribution of trax's
+  argmax(logits + temperature·Gumbel), by inverting the cumulative distribution at one
+  uniform number per block; temperature 0 takes the argmax.
+  """
+  if not temperature:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  cdf = jnp.cumsum(jax.nn.softmax(logits / temperature, axis=-1), axis=-1)   # [..., k, N]
+  u = jax.random.uniform(rng, logits.shape[:-1] + (1,), cdf.dtype) * cdf[..., -1:]
+  return jnp.sum(cdf[..., :-1] <= u, axis=-1).astype(jnp.int32)   # units before the draw
+
+
 def _controller_logits(x, c1, c2, cb):
   """x [..., d_model] -> logits [..., d_ff // N, N] of the low-rank controller."""
   return jnp.einsum('...d,dr,rkn->...kn', x, c1, c2) + cb
 
 
 def _masked_units(mask, x, w1, b1, w2, b2):
-  """The dense product under a (soft or one-hot) mask [..., d_ff // N, N]: x [..., d]."""
-  hidden = jnp.einsum('...d,knd->...kn', x, w1) + b1                  # [..., d_ff // N, N]
-  return jnp.einsum('...kn,knd->...d', jax.nn.relu(hidden) * mask, w2) + b2
+  """The dense product under a (soft or one-hot) mask [..., d_ff // N, N]: x [..., d].
+
+  Both products run on 2-D views ([tokens, d] and [d_ff, d]), so that XLA lays the hidden
+  activations out token-major instead of transposing them between the products.
+  """
+  n_blocks, block, d_model = w1.shape
+  flat = x.reshape(-1, d_model)                                        # [tokens, d]
+  hidden = jnp.dot(flat, w1.reshape(-1, d_model).T) + b1.reshape(-1)  # [tokens, d_ff]
+  masked = jax.nn.relu(hidden) * mask.reshape(-1, n_blocks * block)
+  return (masked @ w2.reshape(-1, d_model)).reshape(x.shape) + b2
 
 
 def _gathered_units(units, x, w1, b1, w2, b2):

