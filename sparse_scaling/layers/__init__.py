@@ -1,8 +1,9 @@
 """Sparse layers of the Scaling Transformer, one paper idea per file."""
 from sparse_scaling.layers.causal_attention import CausalAttention
 from sparse_scaling.layers.causal_attention import CausalAttentionCore
+from sparse_scaling.layers.embedding import Embedder
+from sparse_scaling.layers.feed_forward import FeedForward
 from sparse_scaling.layers.multiplicative_dense import MultiplicativeDense
-from sparse_scaling.layers.sparse_ff import FeedForward
 from sparse_scaling.layers.sparse_ff import SparseFF
 from sparse_scaling.layers.sparse_loss import SparseLoss
 from sparse_scaling.layers.sparse_qkv import ModuleConv

@@ -20,7 +20,7 @@ from trax.layers.research import efficient_attention
 
 from sparse_scaling.layers.concat_decoder import PackedDenseAttention
 from sparse_scaling.layers.concat_decoder import PackedSparseQKVAttention
-from sparse_scaling.layers.sparse_ff import FeedForward
+from sparse_scaling.layers.feed_forward import FeedForward
 from sparse_scaling.layers.sru import SRUSideBranch
 
 ATTENTION_TYPES = ('dense', 'chunked', 'lsh')

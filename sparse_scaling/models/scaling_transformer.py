@@ -17,6 +17,7 @@ takes `attention_sparsity`, and its encoder-decoder attention `enc_dec_attention
 from trax import layers as tl
 
 from sparse_scaling.layers import CausalAttention
+from sparse_scaling.layers import Embedder
 from sparse_scaling.layers import SparseEncDecAttention
 from sparse_scaling.layers import FeedForward
 from sparse_scaling.layers import SparseLoss
@@ -140,24 +141,6 @@ def ScalingTransformer(input_vocab_size=VOCAB_SIZE, output_vocab_size=None,
       tl.Select([0], n_in=3),                            # vec_d tok_d
       SparseLoss(output_vocab_size, loss_sparsity),      # logits tok_d
       name='ScalingTransformer')
-
-
-def Embedder(vocab_size, d_model, max_len, dropout, mode, embedding=None):
-  """Token embedding, dropout and learned positions: ids [b, l] -> [b, l, d_model].
-
-  `embedding` is a `tl.Embedding` to share (e.g. between encoder and decoder); None makes one.
-  """
-
-  def check_length(tokens):
-    if tokens.shape[1] > max_len:
-      raise ValueError(f'sequence length {tokens.shape[1]} is longer than max_len ({max_len})')
-    return tokens
-
-  return tl.Serial(tl.Fn('CheckLength', check_length),
-                   embedding or tl.Embedding(vocab_size, d_model),
-                   tl.Dropout(rate=dropout, mode=mode),
-                   tl.PositionalEncoding(max_len=max_len, dropout=dropout, mode=mode),
-                   name='Embedder')
 
 
 def _SelfAttention(d_model, n_heads, max_len, dropout, attention_sparsity, length_kernel_size,
