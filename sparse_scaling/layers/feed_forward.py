@@ -7,13 +7,14 @@ trax's (Dense, dropout, ReLU, Dense, dropout); `ff_sparsity` replaces it with th
 
 from trax import layers as tl
 
+from sparse_scaling.layers import components
 from sparse_scaling.layers.sparse_ff import SparseFF
 
 
 def FeedForward(d_model, d_ff, dropout, ff_sparsity, mode):
   """The FF of a block, [..., d_model] -> [..., d_model], ending in dropout.
 
-  Dense: `DenseFF`. Sparse: `SparseFF`.
+  Dense: trax's layout (Dense, dropout, ReLU, Dense, dropout). Sparse: `SparseFF`.
 
   Args:
     d_model: Width of input and output.
@@ -23,13 +24,9 @@ def FeedForward(d_model, d_ff, dropout, ff_sparsity, mode):
     mode: 'train', 'eval' or 'predict'.
   """
   if not ff_sparsity:
-    return DenseFF(d_model, d_ff, dropout, mode)
+    return components.DenseFF(
+        tl.Dense(d_ff), tl.Dropout(rate=dropout, shared_axes=[-2], mode=mode), tl.Relu(),
+        tl.Dense(d_model), tl.Dropout(rate=dropout, mode=mode), name='FeedForward')
   n, d_lowrank = ff_sparsity if isinstance(ff_sparsity, (tuple, list)) else (ff_sparsity, None)
   return SparseFF(d_ff, n, d_lowrank=d_lowrank, dropout_rate=dropout, mode=mode)
 
-
-def DenseFF(d_model, d_ff, dropout, mode):
-  """trax's dense FF: Dense(d_ff), dropout, ReLU, Dense(d_model), dropout."""
-  return tl.Serial(tl.Dense(d_ff), tl.Dropout(rate=dropout, shared_axes=[-2], mode=mode),
-                   tl.Relu(), tl.Dense(d_model), tl.Dropout(rate=dropout, mode=mode),
-                   name='FeedForward')

@@ -22,6 +22,7 @@ from sparse_scaling.layers import SparseEncDecAttention
 from sparse_scaling.layers import FeedForward
 from sparse_scaling.layers import SparseLoss
 from sparse_scaling.layers import SparseQKVAttention
+from sparse_scaling.layers import components
 from sparse_scaling.layers.checks import check_divides
 from sparse_scaling.layers.checks import check_mode
 
@@ -112,7 +113,7 @@ def ScalingTransformer(input_vocab_size=VOCAB_SIZE, output_vocab_size=None,
       output_vocab_size, d_model)
   output_vocab_size = output_vocab_size or input_vocab_size
   encoder_mode = 'eval' if mode == 'predict' else mode   # the encoder sees whole inputs
-  encoder = tl.Serial(
+  encoder = components.Encoder(
       Embedder(input_vocab_size, d_model, max_len, dropout, encoder_mode, embedding),
       [[_MaskedSelfAttention(d_model, n_heads, dropout, encoder_mode),
         _FeedForwardBlock(d_model, encoder_d_ff or d_ff, dropout, ff_sparsity,
@@ -152,15 +153,15 @@ def _SelfAttention(d_model, n_heads, max_len, dropout, attention_sparsity, lengt
   else:
     attention = CausalAttention(d_model, n_heads, dropout=dropout,
                                 max_inference_length=max_len, mode=mode)
-  return tl.Residual(tl.Serial(tl.LayerNorm(), attention, tl.Dropout(rate=dropout, mode=mode),
-                               name='SelfAttention'))
+  return tl.Residual(components.SelfAttention(
+      tl.LayerNorm(), attention, tl.Dropout(rate=dropout, mode=mode), name='SelfAttention'))
 
 
 def _MaskedSelfAttention(d_model, n_heads, dropout, mode):
   """Pre-LayerNorm residual bidirectional attention over (x, mask) -> (x, mask)."""
   attention = tl.Attention(d_model, n_heads=n_heads, dropout=dropout, mode=mode)
-  return tl.Residual(tl.Serial(tl.LayerNorm(), attention, tl.Dropout(rate=dropout, mode=mode),
-                               name='SelfAttention'))
+  return tl.Residual(components.SelfAttention(
+      tl.LayerNorm(), attention, tl.Dropout(rate=dropout, mode=mode), name='SelfAttention'))
 
 
 def _EncDecAttention(d_model, n_heads, dropout, sparsity, length_kernel_size, mode):
@@ -171,11 +172,12 @@ def _EncDecAttention(d_model, n_heads, dropout, sparsity, length_kernel_size, mo
   else:
     attention = tl.AttentionQKV(d_model, n_heads=n_heads, dropout=dropout, mode=mode,
                                 cache_KV_in_predict=True)
-  return tl.Residual(tl.Serial(tl.LayerNorm(),
-                               tl.Select([0, 2, 2, 1, 2]),  # vec_d vec_e vec_e mask vec_e
-                               attention,                   # vec_d mask vec_e
-                               tl.Dropout(rate=dropout, mode=mode),
-                               name='EncDecAttention'))
+  return tl.Residual(components.EncDecAttention(
+      tl.LayerNorm(),
+      tl.Select([0, 2, 2, 1, 2]),                  # vec_d vec_e vec_e mask vec_e
+      attention,                                   # vec_d mask vec_e
+      tl.Dropout(rate=dropout, mode=mode),
+      name='EncDecAttention'))
 
 
 def _FeedForwardBlock(d_model, d_ff, dropout, ff_sparsity, mode):

@@ -23,6 +23,7 @@ from trax import layers as tl
 
 from sparse_scaling.layers import Embedder
 from sparse_scaling.layers import SparseLoss
+from sparse_scaling.layers import components
 from sparse_scaling.layers import concat_decoder
 from sparse_scaling.layers import terraformer_blocks
 from sparse_scaling.layers.checks import check_divides
@@ -108,7 +109,7 @@ def Terraformer(input_vocab_size=VOCAB_SIZE, output_vocab_size=None, d_model=D_M
     pack = [tl.Select([0, 1, 2, 1]),                            # vec_e mask_e vec_d mask_e
             concat_decoder.ConcatEncoderDecoder(mode),          # ed mask_ed mask_e
             tl.Select([0, 0, 1, 2])]                            # ed ed mask_ed mask_e
-  encoder = tl.Serial(encoder, name='Encoder')
+  encoder = components.Encoder(encoder, name='Encoder')
   if mode == 'predict':
     encoder_embedder, encoder = tl.Cache(encoder_embedder), tl.Cache(encoder)
 
