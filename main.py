@@ -33,13 +33,14 @@ from absl import app
 from absl import flags
 from absl import logging
 
-# First: checks the versions, imports trax quietly and applies the JAX compatibility shims.
-import sparse_scaling  # pylint: disable=unused-import
-import jax  # pylint: disable=g-bad-import-order
-from trax.layers import base  # pylint: disable=g-bad-import-order
+# First: the package's setup (versions checked, trax imported quietly, the JAX shims).
+from sparse_scaling import compat  # pylint: disable=g-bad-import-order
+compat.apply()
+import jax  # pylint: disable=g-bad-import-order,g-import-not-at-top
+from trax.layers import base  # pylint: disable=g-bad-import-order,g-import-not-at-top
 
-from sparse_scaling import checkpoints
-from sparse_scaling import configs
+from sparse_scaling import checkpoints  # pylint: disable=g-import-not-at-top
+from sparse_scaling import configs  # pylint: disable=g-import-not-at-top
 from sparse_scaling import data  # pylint: disable=unused-import  (gin registrations)
 from sparse_scaling import decoding
 from sparse_scaling import models  # pylint: disable=unused-import  (gin registrations)

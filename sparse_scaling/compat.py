@@ -1,12 +1,21 @@
-"""Shims that let trax 1.4.1 run on jax 0.10 (the pinned stack) and 0.11.
+"""The one setup call: `apply()` readies trax 1.4.1 for jax 0.10 (the pinned stack) and 0.11.
+
+`apply()` is idempotent (a no-op after its first call) and is the only thing importing
+`sparse_scaling` does; `main.py`, the benchmarks, the reproductions, the notebook and the tests
+call it themselves too, so that none of them depends on what an import did. In order it:
+
+- sets `TF_CPP_MIN_LOG_LEVEL=3` unless set (TensorFlow only reads data here; trax imports it);
+- checks the Python and JAX versions against the tested range before trax or JAX is imported
+  (`runtime.check_versions`: one clear line instead of a traceback inside trax);
+- imports trax with TensorFlow's and gym's import notices dropped and the SyntaxWarnings of
+  trax's sources hidden (`runtime.quiet_imports`, `runtime.ignore_trax_syntax_warnings`), and
+  keeps TensorFlow off the GPUs (`runtime.keep_tensorflow_off_gpus`);
+- installs the shims below into trax and jax.
 
 Tested on jax 0.10.2 (Python 3.11, the lock) and 0.11.2 (Python 3.12): every break below is
-the same on both, so no shim branches on the version; an API that a release may lack is
-detected by feature (`jax.xla_computation`). `sparse_scaling.runtime` refuses older jax.
-
-`apply()` installs them; `sparse_scaling/__init__.py` calls it on import, so they are in
-place before any of our code uses trax (this module imports trax to patch it). `apply()` is
-a no-op after the first call. Each shim is the narrowest patch we found for one break:
+the same on both, so no shim branches on the version. `sparse_scaling.runtime` refuses older
+jax. This module imports jax and trax only inside functions, after the version check. Each shim
+is the narrowest patch we found for one break:
 
 - `_for_n_devices` replaces `trax.layers.acceleration.for_n_devices` (also exported as
   `tl.for_n_devices`). trax calls `jax.device_put_replicated` there (acceleration.py, l.241)
@@ -38,29 +47,41 @@ a no-op after the first call. Each shim is the narrowest patch we found for one 
   call.
 """
 
+# pylint: disable=g-import-not-at-top  (jax and trax: after the version check, in `apply`)
 import functools
 import importlib
+import os
 
-import jax
-from jax import numpy as jnp
 import numpy as np
-from trax import fastmath
-from trax import layers as tl
-from trax.fastmath import jax as fastmath_jax
-from trax.layers import acceleration
-from trax.optimizers import trainer as trax_trainer
 
-# The module: the attribute `trax.fastmath.numpy` is trax's numpy backend instead.
-_fastmath_numpy = importlib.import_module('trax.fastmath.numpy')
+from sparse_scaling import runtime
 
 _AXIS = 'batch'  # The mesh axis name is arbitrary: jit compares device layouts only.
 _trax_originals = {}  # trax's own functions that the shims fall back on, set by `apply`.
 
 
 def apply():
-  """Installs the shims into trax and jax; a no-op after the first call."""
+  """Checks the versions, imports trax quietly and installs the shims; a no-op after the first
+  call (see the module docstring).
+
+  Raises:
+    ImportError: Python or jax is older than tested (trax is then not imported).
+  """
   if _trax_originals:
     return
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')  # before TensorFlow is imported
+  runtime.check_versions()
+  runtime.ignore_trax_syntax_warnings()
+  with runtime.quiet_imports():
+    import jax  # imports trax, TensorFlow and gym
+    from trax import fastmath
+    from trax import layers as tl
+    from trax.fastmath import jax as fastmath_jax
+    from trax.layers import acceleration
+    from trax.optimizers import trainer as trax_trainer
+    runtime.keep_tensorflow_off_gpus()
+  # The module: the attribute `trax.fastmath.numpy` is trax's numpy backend instead.
+  _fastmath_numpy = importlib.import_module('trax.fastmath.numpy')
   _trax_originals['for_n_devices'] = acceleration.for_n_devices
   _trax_originals['tree_unflatten'] = _fastmath_numpy.tree_unflatten
   # pylint: disable=protected-access
@@ -84,6 +105,7 @@ def _device_sharding(n_devices):
     A `NamedSharding` that splits axis 0 over the first `n_devices` local devices, the
     devices (and order) that `jax.pmap` maps over in a single process.
   """
+  import jax
   mesh = jax.sharding.Mesh(np.array(jax.local_devices()[:n_devices]), (_AXIS,))
   return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(_AXIS))
 
@@ -104,6 +126,9 @@ def _for_n_devices(x, n_devices):
   Returns:
     `x` with every leaf of shape `s` turned into an array of shape `(n_devices,) + s`.
   """
+  import jax
+  from jax import numpy as jnp
+  from trax import fastmath
   if n_devices < 2 or not fastmath.is_backend(fastmath.Backend.JAX):
     return _trax_originals['for_n_devices'](x, n_devices)
   sharding = _device_sharding(n_devices)
@@ -137,6 +162,7 @@ def _pmap(fun, axis_name=None, donate_argnums=()):
   Returns:
     The pmapped `fun`.
   """
+  import jax
   pmapped = jax.pmap(fun, axis_name=axis_name, donate_argnums=donate_argnums)
 
   @functools.wraps(fun)
@@ -168,6 +194,7 @@ def _accelerate_update_fn(forward_and_backward_fn, optimizer, n_devices, acceler
     `((weights, slots), step, opt_params, batch, state, rng) -> ((weights, slots), state,
     stats)`, as trax's.
   """
+  import jax
   update_fn = _trax_originals['accelerate_update_fn'](
       forward_and_backward_fn, optimizer, n_devices, accelerate=accelerate, adasum=adasum)
   if n_devices != 1 or not accelerate:
@@ -199,6 +226,7 @@ def _tree_unflatten(flat, tree, copy_from_tree=None):
   Returns:
     A pair (new tree, leaves of `flat` left over), as trax's function.
   """
+  import jax
   if isinstance(tree, (np.ndarray, np.generic, jax.Array)):
     copy_from_tree = None
   return _trax_originals['tree_unflatten'](

@@ -5,9 +5,11 @@
 A `--gin_file` is a path, or a path relative to `gin_configs/` (`paper/c4_800m_ff.gin`);
 includes inside gin files are relative to `gin_configs/`. In a checkout `gin_configs/` is the
 directory beside the package; an installed package carries it as `sparse_scaling/gin_configs`
-(pyproject.toml).
+(pyproject.toml). Importing this module changes nothing in gin: `parse` sets up how gin finds
+the files (`_setup_gin`), once.
 """
 
+import functools
 import importlib.util
 import os
 import pathlib
@@ -18,7 +20,6 @@ from gin import resource_reader
 _PACKAGE_DIR = pathlib.Path(__file__).resolve().parent
 GIN_DIR = next((d for d in (_PACKAGE_DIR / 'gin_configs', _PACKAGE_DIR.parent / 'gin_configs')
                 if d.is_dir()), _PACKAGE_DIR.parent / 'gin_configs')
-gin.add_config_file_search_path(str(GIN_DIR))  # Includes inside gin files.
 
 
 def _package_file_exists(path):
@@ -40,9 +41,20 @@ def _package_file_exists(path):
   return resource_reader.system_path_file_exists(path)
 
 
-gin.config._FILE_READERS[:] = [  # pylint: disable=protected-access
-    (reader, _package_file_exists if exists is resource_reader.system_path_file_exists
-     else exists) for reader, exists in gin.config._FILE_READERS]  # pylint: disable=protected-access
+@functools.cache
+def _setup_gin():
+  """Makes gin find includes under gin_configs/, with no false error on the way; once.
+
+  gin tries every reader at the prefix '' (the working directory) before the search paths,
+  and its public API only adds readers (`gin.config.register_file_reader`) and paths
+  (`gin.add_config_file_search_path`) behind its own: gin 0.5.0 has no public way to keep its
+  package reader from being asked about `runs/...` first. So its check alone is replaced, in
+  gin's list of readers, by `_package_file_exists`.
+  """
+  gin.add_config_file_search_path(str(GIN_DIR))
+  gin.config._FILE_READERS[:] = [  # pylint: disable=protected-access
+      (reader, _package_file_exists if exists is resource_reader.system_path_file_exists
+       else exists) for reader, exists in gin.config._FILE_READERS]  # pylint: disable=protected-access
 
 
 def parse(gin_files, gin_params=()):
@@ -57,6 +69,7 @@ def parse(gin_files, gin_params=()):
     if not os.path.isfile(path):
       raise FileNotFoundError(f'--gin_file: no such file: {name} (nor {GIN_DIR / name})')
     paths.append(str(path))
+  _setup_gin()
   # Not finalized (locked): tests and benchmarks parse several configs in one process.
   gin.parse_config_files_and_bindings(paths, list(gin_params), finalize_config=False)
 

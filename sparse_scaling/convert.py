@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sparse_scaling import checkpoints
+from sparse_scaling.layers import sparse_ff
 
 
 def load_trax_weights(ours, trax_weights):
@@ -68,7 +69,7 @@ def _load(layer, arrays, seen):
   if id(layer) in seen:
     return arrays
   seen.add(id(layer))
-  if layer.name.startswith('SparseFF_'):
+  if _is_sparse_ff(layer):
     return _load_sparse_ff(layer, arrays)
   if layer.sublayers:
     for sub in layer.sublayers:
@@ -79,6 +80,12 @@ def _load(layer, arrays, seen):
     taken, arrays = _take(arrays, n, layer.name)
     _set(layer, jax.tree.unflatten(jax.tree.structure(layer.weights), taken))
   return arrays
+
+
+def _is_sparse_ff(layer):
+  """Whether `layer` is one Sparse FF (`sparse_ff.SparseFF`), known by its layers' classes."""
+  return isinstance(layer, sparse_ff.SparseFFDecode) or any(
+      isinstance(sub, sparse_ff.SparseFFController) for sub in layer.sublayers)
 
 
 def _load_sparse_ff(layer, arrays):

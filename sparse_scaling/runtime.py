@@ -1,7 +1,8 @@
 """Where the code runs: tested versions, the accelerator JAX sees, and quiet imports.
 
-- `check_versions()` runs on import of the package, before trax or JAX is imported: a Python
-  or JAX outside the tested range gets one clear line instead of a traceback inside trax.
+- `check_versions()` runs first in `compat.apply()` (the package's setup, which importing it
+  calls), before trax or JAX is imported: a Python or JAX outside the tested range gets one
+  clear line instead of a traceback inside trax.
 - `describe()` is the line `main.py` prints at start (backend, devices, jax and trax
   versions); `check_accelerator()` stops a run that would silently train on the CPU while
   an NVIDIA GPU or a TPU is attached (JAX without its CUDA or TPU plugin).

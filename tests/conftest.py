@@ -12,7 +12,9 @@ if '--xla_gpu_deterministic_ops' not in os.environ.get('XLA_FLAGS', ''):
   os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                              ' --xla_gpu_deterministic_ops=true').strip()
 
-import sparse_scaling  # pylint: disable=unused-import,g-import-not-at-top,g-bad-import-order
+from sparse_scaling import compat  # pylint: disable=g-import-not-at-top,g-bad-import-order
+
+compat.apply()  # the package's setup, as every program makes it (idempotent)
 
 
 def pytest_configure(config):  # pylint: disable=unused-argument

@@ -54,7 +54,8 @@ def _train_and_report(n_devices, output_dir):
   """
   # pylint: disable=g-import-not-at-top
   import jax
-  import sparse_scaling  # pylint: disable=unused-import  # Applies the compat shims.
+  from sparse_scaling import compat
+  compat.apply()
   import trax
   from trax import layers as tl
   from trax.supervised import training

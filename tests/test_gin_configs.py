@@ -8,6 +8,7 @@ from trax import shapes
 
 from sparse_scaling import checkpoints
 from sparse_scaling import configs
+from sparse_scaling import models
 from sparse_scaling import training
 from sparse_scaling.models.params import parameter_counts
 
@@ -61,6 +62,18 @@ def test_tiny_twin_trains_three_steps(path, tmp_path, monkeypatch):
   assert checkpoints.latest_checkpoint(str(tmp_path / 'run'))
   losses = [value for _, value in loop.history.get('eval', 'metrics/log_perplexity')]
   assert np.isfinite(losses).all()
+
+
+def test_a_parsed_binding_reaches_the_configured_model_not_a_plain_call():
+  # main.py builds `train.model` through gin; the Python function stays plain (commit 79460e8:
+  # a parsed config used to reshape plain calls).
+  configs.parse(['tiny/lm.gin'], ['ScalingTransformerLM.d_model = 48'])
+  tokens = shapes.ShapeDtype((1, 8), np.int32)
+  configured = parameter_counts(configs.configured_model()(mode='eval'), tokens)
+  plain = parameter_counts(models.ScalingTransformerLM(
+      vocab_size=64, d_ff=64, n_layers=1, n_heads=2, max_len=16, mode='eval'), tokens)
+  assert configured['decoder/embedding'] == (4096 + 512) * 48   # tiny/lm.gin's vocab, max_len
+  assert plain['decoder/embedding'] == (64 + 16) * 1024         # the default d_model
 
 
 def _total(gin_file, bindings=()):

@@ -208,5 +208,6 @@ def test_one_accelerator_trains_with_the_parallel_trainer(monkeypatch, tmp_path,
 
 
 if __name__ == '__main__':
-  import sparse_scaling  # pylint: disable=g-import-not-at-top,unused-import
+  from sparse_scaling import compat  # pylint: disable=g-import-not-at-top
+  compat.apply()
   _two_device_child(sys.argv[1], sys.argv[2])

@@ -198,6 +198,15 @@ def test_eval_matches_trax_reference_sparse_ff():
   np.testing.assert_allclose(ours(x), theirs(x), atol=1e-5)
 
 
+def test_converter_finds_sparse_ff_by_its_layers_not_its_name():
+  x = _inputs(2, 7, D_MODEL)
+  theirs = _init(trax_sparsity.SparseFF(D_FF, N, d_lowrank=4, mode='eval'), x, seed=5)
+  ours = _init(SparseFF(D_FF, N, d_lowrank=4, mode='eval'), x)
+  ours._name = 'Renamed'  # pylint: disable=protected-access
+  convert.load_trax_weights(ours, theirs.weights)
+  np.testing.assert_allclose(ours(x), theirs(x), atol=1e-5)
+
+
 def test_converter_rejects_a_different_configuration():
   x = _inputs(2, 7, D_MODEL)
   theirs = _init(trax_sparsity.SparseFF(D_FF, N, d_lowrank=4, mode='eval'), x)

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from trax import layers as tl
 from trax.layers import base
 
+from sparse_scaling.layers import components
 from sparse_scaling.layers.checks import check_divides
 from sparse_scaling.layers.checks import check_mode
 from sparse_scaling.layers.multiplicative_dense import MultiplicativeDense
@@ -162,7 +163,7 @@ def PackedDenseAttention(d_model, n_heads, dropout=0.0, max_inference_length=204
   def Projection():
     return [tl.Dense(d_model), tl.SplitIntoHeads(n_heads)]
 
-  return tl.Serial(                                             # x, mask
+  return components.SelfAttention(                              # x, mask
       tl.Branch(Projection(), Projection(), Projection(), tl.Select([1], n_in=2)),  # q k v mask
       PackedCausalAttention(n_heads, dropout, max_inference_length, mode),
       tl.MergeHeads(n_heads),
@@ -182,7 +183,7 @@ def PackedSparseQKVAttention(d_model, n_heads, sparsity, length_kernel_size=3,
   check_divides('n_heads', n_heads, 'd_model', d_model)
   check_divides('sparsity', sparsity, 'd_model', d_model)
   heads = lambda: tl.SplitIntoHeads(n_heads)
-  return tl.Serial(                                                   # x, mask
+  return components.SelfAttention(                                    # x, mask
       tl.Parallel(MultiplicativeDense(sparsity, d_model), []),        # mixed, mask
       PackedModuleConv(d_model, sparsity, length_kernel_size,
                        (module_kernel_size, module_kernel_size, 1), mode),   # q k v mask

@@ -256,23 +256,3 @@ def _gathered_units(units, x, w1, b1, w2, b2):
 
 def _is_power_of_2(*values):
   return all(v > 0 and v & (v - 1) == 0 for v in values)
-
-
-def FeedForward(d_model, d_ff, dropout, ff_sparsity, mode):
-  """The FF of a block, [..., d_model] -> [..., d_model], ending in dropout.
-
-  Dense: trax's layout (Dense, dropout, ReLU, Dense, dropout). Sparse: `SparseFF`.
-
-  Args:
-    d_model: Width of input and output.
-    d_ff: Hidden units.
-    dropout: Dropout rate on the hidden activations (dense) and on the output.
-    ff_sparsity: 0, N, or (N, d_lowrank); see `ScalingTransformerLM`.
-    mode: 'train', 'eval' or 'predict'.
-  """
-  if not ff_sparsity:
-    return tl.Serial(tl.Dense(d_ff), tl.Dropout(rate=dropout, shared_axes=[-2], mode=mode),
-                     tl.Relu(), tl.Dense(d_model), tl.Dropout(rate=dropout, mode=mode),
-                     name='FeedForward')
-  n, d_lowrank = ff_sparsity if isinstance(ff_sparsity, (tuple, list)) else (ff_sparsity, None)
-  return SparseFF(d_ff, n, d_lowrank=d_lowrank, dropout_rate=dropout, mode=mode)

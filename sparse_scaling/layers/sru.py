@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from trax import layers as tl
 from trax.layers import base
 
+from sparse_scaling.layers import components
 from sparse_scaling.layers.checks import check_mode
 from sparse_scaling.layers.checks import check_positive_int
 
@@ -55,8 +56,8 @@ def SRUSideBranch(d_model, n_units, n_layers, mode):
   `FeedForwardWithOptions`, so that weights convert one to one).
   """
   srus = [[tl.Select([0, 1, 1]), SRU(n_units, mode)] for _ in range(n_layers)]  # keeps mask
-  return tl.Serial(tl.LayerNorm(), tl.Dense(n_units), srus, tl.Select([0], n_in=2),
-                   tl.Dense(d_model), name='SRUSideBranch')
+  return components.SRUBranch(tl.LayerNorm(), tl.Dense(n_units), srus, tl.Select([0], n_in=2),
+                              tl.Dense(d_model), name='SRUSideBranch')
 
 
 class SRUScan(base.Layer):

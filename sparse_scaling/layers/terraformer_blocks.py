@@ -18,9 +18,10 @@ Attention types ('dense', 'chunked', 'lsh'; a decoder also takes Sparse QKV thro
 from trax import layers as tl
 from trax.layers.research import efficient_attention
 
+from sparse_scaling.layers import components
 from sparse_scaling.layers.concat_decoder import PackedDenseAttention
 from sparse_scaling.layers.concat_decoder import PackedSparseQKVAttention
-from sparse_scaling.layers.sparse_ff import FeedForward
+from sparse_scaling.layers.feed_forward import FeedForward
 from sparse_scaling.layers.sru import SRUSideBranch
 
 ATTENTION_TYPES = ('dense', 'chunked', 'lsh')
@@ -45,7 +46,7 @@ def EncoderBlock(d_model, d_ff, n_heads, attention_type='dense', dropout=0.0, ff
     mode: 'train' or 'eval' (an encoder runs in eval mode when the model predicts).
   """
   if attention_type == 'dense':
-    attention = tl.Serial(                           # x, mask [batch, length]
+    attention = components.SelfAttention(            # x, mask [batch, length]
         tl.Parallel([], tl.Fn('AttentionMask', lambda m: m[:, None, None, :] != 0)),
         tl.Attention(d_model, n_heads=n_heads, dropout=dropout, mode=mode),
         tl.Select([0], n_in=2), name='SelfAttention')

@@ -8,32 +8,39 @@ import collections
 import copy
 
 import numpy as np
+from trax.layers import attention
+from trax.layers import core
+from trax.layers import normalization
+from trax.layers.research import efficient_attention
 
-# Innermost named layer -> component; the first match walking from a weight up to the root.
+from sparse_scaling.layers import components
+from sparse_scaling.layers import sparse_ff
+
+# Layer classes -> component; the first layer of one of these classes walking from a weight up
+# to the root decides. Names play no part: a renamed layer keeps its weights' component. trax's
+# classes are those of their modules: `tl.LayerNorm` and `tl.PositionalEncoding` are gin's
+# wrappers, of which no layer is an instance.
 _COMPONENTS = (
-    ('LayerNorm', 'layer_norm'),
-    ('SparseFFController', 'ff_controller'),
-    ('SparseFF_', 'feed_forward'),
-    ('FeedForward', 'feed_forward'),
-    ('SelfAttention', 'self_attention'),
-    ('EncDecAttention', 'enc_dec_attention'),
-    ('SRUSideBranch', 'sru'),
-    ('PackedDenseAttention', 'self_attention'),
-    ('SparseQKVAttention', 'self_attention'),
-    ('PackedSparseQKVAttention', 'self_attention'),
-    ('LSHSelfAttention', 'self_attention'),
-    ('Embedder', 'embedding'),
+    (normalization.LayerNorm, 'layer_norm'),
+    (sparse_ff.SparseFFController, 'ff_controller'),
+    ((sparse_ff.ChosenUnitsFF, sparse_ff.SparseFFDecode, components.DenseFF), 'feed_forward'),
+    ((components.SelfAttention, efficient_attention.SelfAttention,
+      efficient_attention.LSHSelfAttention), 'self_attention'),
+    (components.EncDecAttention, 'enc_dec_attention'),
+    (components.SRUBranch, 'sru'),
+    ((core.Embedding, attention.PositionalEncoding), 'embedding'),
 )
 
 
 def parameter_counts(model, input_signature):
   """Number of weights in each component of `model`, and their total.
 
-  Components are named `<part>/<component>`: part is 'encoder' inside a layer named
-  'Encoder' and 'decoder' elsewhere; component is layer_norm, ff_controller, feed_forward
-  (Sparse FF's W1, b1, W2, b2 or the dense FF), self_attention, enc_dec_attention, sru (the
-  Terraformer's SRU branch), embedding (tokens and positions), or output (the vocabulary
-  projection).
+  Components are named `<part>/<component>`: part is 'encoder' inside a
+  `layers.components.Encoder` and 'decoder' elsewhere; component is layer_norm, ff_controller,
+  feed_forward (Sparse FF's W1, b1, W2, b2 or the dense FF), self_attention,
+  enc_dec_attention, sru (the Terraformer's SRU branch), embedding (tokens and positions), or
+  output (the vocabulary projection, or any other weights). Layers are told apart by their
+  classes (`_COMPONENTS`), never by their names.
 
   Args:
     model: A model of `sparse_scaling.models` (any mode).
@@ -52,7 +59,7 @@ def parameter_counts(model, input_signature):
 
 
 def _count(layer, weights, path, counts):
-  path = path + (layer.name,)
+  path = path + (layer,)
   if layer.sublayers:
     for sub, sub_weights in zip(layer.sublayers, weights):
       _count(sub, sub_weights, path, counts)
@@ -63,10 +70,11 @@ def _count(layer, weights, path, counts):
 
 
 def _component(path):
-  part = 'encoder' if any(name == 'Encoder' for name in path) else 'decoder'
-  for name in reversed(path):
-    for prefix, component in _COMPONENTS:
-      if name.startswith(prefix):
+  """`<part>/<component>` of the weights of the last layer of `path` (root first)."""
+  part = 'encoder' if any(isinstance(layer, components.Encoder) for layer in path) else 'decoder'
+  for layer in reversed(path):
+    for classes, component in _COMPONENTS:
+      if isinstance(layer, classes):
         return f'{part}/{component}'
   return f'{part}/output'
 

@@ -21,10 +21,12 @@ from trax import layers as tl
 
 from sparse_scaling.layers import CausalAttention
 from sparse_scaling.layers import DenseConvAttention
+from sparse_scaling.layers import Embedder
 from sparse_scaling.layers import SparseEncDecAttention
 from sparse_scaling.layers import FeedForward
 from sparse_scaling.layers import SparseLoss
 from sparse_scaling.layers import SparseQKVAttention
+from sparse_scaling.layers import components
 from sparse_scaling.layers.checks import check_divides
 from sparse_scaling.layers.checks import check_mode
 
@@ -123,7 +125,7 @@ def ScalingTransformer(input_vocab_size=VOCAB_SIZE, output_vocab_size=None,
       output_vocab_size, d_model)
   output_vocab_size = output_vocab_size or input_vocab_size
   encoder_mode = 'eval' if mode == 'predict' else mode   # the encoder sees whole inputs
-  encoder = tl.Serial(
+  encoder = components.Encoder(
       Embedder(input_vocab_size, d_model, max_len, dropout, encoder_mode, embedding),
       [[_MaskedSelfAttention(d_model, n_heads, dropout, encoder_mode),
         _FeedForwardBlock(d_model, encoder_d_ff or d_ff, dropout, ff_sparsity,
@@ -154,24 +156,6 @@ def ScalingTransformer(input_vocab_size=VOCAB_SIZE, output_vocab_size=None,
       name='ScalingTransformer')
 
 
-def Embedder(vocab_size, d_model, max_len, dropout, mode, embedding=None):
-  """Token embedding, dropout and learned positions: ids [b, l] -> [b, l, d_model].
-
-  `embedding` is a `tl.Embedding` to share (e.g. between encoder and decoder); None makes one.
-  """
-
-  def check_length(tokens):
-    if tokens.shape[1] > max_len:
-      raise ValueError(f'sequence length {tokens.shape[1]} is longer than max_len ({max_len})')
-    return tokens
-
-  return tl.Serial(tl.Fn('CheckLength', check_length),
-                   embedding or tl.Embedding(vocab_size, d_model),
-                   tl.Dropout(rate=dropout, mode=mode),
-                   tl.PositionalEncoding(max_len=max_len, dropout=dropout, mode=mode),
-                   name='Embedder')
-
-
 def _SelfAttention(d_model, n_heads, max_len, dropout, attention_sparsity, length_kernel_size,
                    mode, attention_conv=0):
   """Pre-LayerNorm residual causal self-attention: dense, Sparse QKV with S modules, or dense
@@ -185,15 +169,15 @@ def _SelfAttention(d_model, n_heads, max_len, dropout, attention_sparsity, lengt
   else:
     attention = CausalAttention(d_model, n_heads, dropout=dropout,
                                 max_inference_length=max_len, mode=mode)
-  return tl.Residual(tl.Serial(tl.LayerNorm(), attention, tl.Dropout(rate=dropout, mode=mode),
-                               name='SelfAttention'))
+  return tl.Residual(components.SelfAttention(
+      tl.LayerNorm(), attention, tl.Dropout(rate=dropout, mode=mode), name='SelfAttention'))
 
 
 def _MaskedSelfAttention(d_model, n_heads, dropout, mode):
   """Pre-LayerNorm residual bidirectional attention over (x, mask) -> (x, mask)."""
   attention = tl.Attention(d_model, n_heads=n_heads, dropout=dropout, mode=mode)
-  return tl.Residual(tl.Serial(tl.LayerNorm(), attention, tl.Dropout(rate=dropout, mode=mode),
-                               name='SelfAttention'))
+  return tl.Residual(components.SelfAttention(
+      tl.LayerNorm(), attention, tl.Dropout(rate=dropout, mode=mode), name='SelfAttention'))
 
 
 def _EncDecAttention(d_model, n_heads, dropout, sparsity, length_kernel_size, mode):
@@ -204,11 +188,12 @@ def _EncDecAttention(d_model, n_heads, dropout, sparsity, length_kernel_size, mo
   else:
     attention = tl.AttentionQKV(d_model, n_heads=n_heads, dropout=dropout, mode=mode,
                                 cache_KV_in_predict=True)
-  return tl.Residual(tl.Serial(tl.LayerNorm(),
-                               tl.Select([0, 2, 2, 1, 2]),  # vec_d vec_e vec_e mask vec_e
-                               attention,                   # vec_d mask vec_e
-                               tl.Dropout(rate=dropout, mode=mode),
-                               name='EncDecAttention'))
+  return tl.Residual(components.EncDecAttention(
+      tl.LayerNorm(),
+      tl.Select([0, 2, 2, 1, 2]),                  # vec_d vec_e vec_e mask vec_e
+      attention,                                   # vec_d mask vec_e
+      tl.Dropout(rate=dropout, mode=mode),
+      name='EncDecAttention'))
 
 
 def _FeedForwardBlock(d_model, d_ff, dropout, ff_sparsity, mode):

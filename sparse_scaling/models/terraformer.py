@@ -21,22 +21,23 @@ decoder keeps KV, convolution and SRU caches over the packed sequence.
 import jax.numpy as jnp
 from trax import layers as tl
 
+from sparse_scaling.layers import Embedder
 from sparse_scaling.layers import SparseLoss
+from sparse_scaling.layers import components
 from sparse_scaling.layers import concat_decoder
 from sparse_scaling.layers import terraformer_blocks
 from sparse_scaling.layers.checks import check_divides
 from sparse_scaling.layers.checks import check_mode
-from sparse_scaling.models.scaling_transformer import DROPOUT
-from sparse_scaling.models.scaling_transformer import D_MODEL
-from sparse_scaling.models.scaling_transformer import Embedder
-from sparse_scaling.models.scaling_transformer import MAX_LEN
-from sparse_scaling.models.scaling_transformer import N_HEADS
-from sparse_scaling.models.scaling_transformer import N_LAYERS
-from sparse_scaling.models.scaling_transformer import VOCAB_SIZE
 
-# The paper's Terraformer on C4 (trax's terraformer_c4_medium.gin, docs/paper.md §6) is the 800M
-# model's shape with d_ff 6144.
+# The paper's Terraformer on C4 (trax's terraformer_c4_medium.gin, docs/paper.md §6): the 800M
+# model's shape (24 + 24 layers, d_model 1024, 16 heads) with d_ff 6144.
+D_MODEL = 1024
 D_FF = 6144
+N_HEADS = 16
+N_LAYERS = 24
+VOCAB_SIZE = 32000
+MAX_LEN = 2048
+DROPOUT = 0.1
 
 
 def Terraformer(input_vocab_size=VOCAB_SIZE, output_vocab_size=None, d_model=D_MODEL,
@@ -108,7 +109,7 @@ def Terraformer(input_vocab_size=VOCAB_SIZE, output_vocab_size=None, d_model=D_M
     pack = [tl.Select([0, 1, 2, 1]),                            # vec_e mask_e vec_d mask_e
             concat_decoder.ConcatEncoderDecoder(mode),          # ed mask_ed mask_e
             tl.Select([0, 0, 1, 2])]                            # ed ed mask_ed mask_e
-  encoder = tl.Serial(encoder, name='Encoder')
+  encoder = components.Encoder(encoder, name='Encoder')
   if mode == 'predict':
     encoder_embedder, encoder = tl.Cache(encoder_embedder), tl.Cache(encoder)
 
