@@ -43,6 +43,7 @@ from trax import shapes
 
 from sparse_scaling import configs
 from sparse_scaling import training
+from sparse_scaling.bench import common
 from sparse_scaling.bench import timing
 from sparse_scaling.models.params import parameter_counts
 
@@ -67,9 +68,9 @@ EVALS_PER_RUN = 10  # with --steps: eval_frequency = steps // 10 (plus trax's ev
 LATE_EVALS = 3  # a second, less noisy score: the mean of each run's last 3 evaluations
 SETTING = ('D_MODEL', 'N_LAYERS', 'N_HEADS', 'VOCAB_SIZE', 'SEQ_LEN', 'BATCH_SIZE', 'DROPOUT')
 KNOBS = ('D_FF', 'FF_SPARSITY', 'ATTENTION_SPARSITY', 'LOSS_SPARSITY')
-RESULTS_DIR = pathlib.Path(__file__).resolve().parents[2] / 'docs' / 'results'
 
-def _define_flags():
+
+def define_flags():
   """Defines the command line's flags; only when run as a program (others have namesakes)."""
   flags.DEFINE_enum('size', 'small', SIZES,
                     'tiny: CPU minutes (tests); cpu: 2 CPU cores, about an hour; small: one GPU.')
@@ -79,7 +80,7 @@ def _define_flags():
   flags.DEFINE_list('arms', list(ARMS), f'Arms to train, of {list(ARMS)}.')
   flags.DEFINE_integer('steps', None, "Training steps per run (default: the gin file's).")
   flags.DEFINE_string('output_dir', 'runs/quality', 'Runs go to <arm>/seed<seed>.')
-  flags.DEFINE_string('results_dir', str(RESULTS_DIR),
+  flags.DEFINE_string('results_dir', str(common.RESULTS_DIR),
                       'Where quality.json, .md and _curves.png are written.')
   flags.DEFINE_bool('render_only', False,
                     'Only rewrite quality.md and the png from the saved quality.json.')
@@ -100,9 +101,8 @@ def bindings(arm, seed, corpus, steps=None):
 
 def train_run(size, arm, seed, corpus, output_dir, steps=None):
   """Trains one arm with one seed from scratch; returns its record (see `reproduce`)."""
-  gin.clear_config()
-  configs.parse([GIN_FILE.format(size)], bindings(arm, seed, corpus, steps))
-  setting = _macros(SETTING)
+  common.parse_gin([GIN_FILE.format(size)], bindings(arm, seed, corpus, steps))
+  setting = common.macros(SETTING)
   model = configs.configured_model()(mode='eval')
   params = parameter_counts(model, shapes.ShapeDtype((1, setting['seq_len']), np.int32))
   run_dir = os.path.join(output_dir, arm, f'seed{seed}')
@@ -118,7 +118,7 @@ def train_run(size, arm, seed, corpus, output_dir, steps=None):
   return dict(arm=arm, seed=seed, params=params['total'], val_log_ppl=history[-1][1],
               history=history, wall_s=wall_s, steps=loop.step,
               tokens=loop.step * setting['batch_size'] * setting['seq_len'],
-              knobs=_macros(KNOBS), setting=setting,
+              knobs=common.macros(KNOBS), setting=setting,
               eval_steps=gin.query_parameter('train.eval_steps'), output_dir=run_dir)
 
 
@@ -126,17 +126,6 @@ def _eval_history(loop):
   """[[step, validation log-perplexity], ...] of a trained `Loop`."""
   return [[int(step), float(value)]
           for step, value in loop.history.get('eval', 'metrics/log_perplexity')]
-
-
-def _macros(names):
-  """The parsed config's values of gin macros, by lowercase name (macro references followed)."""
-  values = {}
-  for name in names:
-    value = gin.query_parameter('%' + name)
-    if isinstance(value, gin.config.ConfigurableReference):  # FF_SPARSITY = %SPARSE_FF
-      value = value.scoped_configurable_fn()
-    values[name.lower()] = value
-  return values
 
 
 def reproduce(size, corpus, seeds, arms, output_dir, steps=None, command=''):
@@ -207,10 +196,10 @@ def markdown(results):
       f'step, over {results["eval_tokens"]:,} tokens: the same validation windows for every '
       f'run.',
       '',
-      '| arm | d_ff | FF N | QKV S | loss S | params | vs dense | steps | tokens | val log-ppl '
-      f'(mean ± spread) | Δ vs dense | goal | result | last {LATE_EVALS} evals | Δ vs dense | '
-      's/run |',
-      '|' + '---|' * 16]
+      common.table_header(['arm', 'd_ff', 'FF N', 'QKV S', 'loss S', 'params', 'vs dense',
+                           'steps', 'tokens', 'val log-ppl (mean ± spread)', 'Δ vs dense',
+                           'goal', 'result', f'last {LATE_EVALS} evals', 'Δ vs dense',
+                           's/run'])]
   for row in rows:
     knobs = row['knobs']
     cells = [row['arm'], knobs['d_ff'], knobs['ff_sparsity'] or '-',
@@ -222,7 +211,7 @@ def markdown(results):
              {True: 'pass', False: 'miss', None: '-'}[row['meets_goal']],
              f'{row["late_log_ppl_mean"]:.4f}', _signed(row['late_delta_vs_dense'], '{:+.4f}'),
              f'{row["wall_s"]:.0f}']
-    lines.append('| ' + ' | '.join(map(str, cells)) + ' |')
+    lines.append(common.table_row(cells))
   seeds = sorted({seed for row in rows for seed in row['seeds']})
   lines += [
       '',
@@ -258,12 +247,9 @@ def _signed(value, fmt):
 
 def plot(results, path):
   """Validation log-perplexity by step, mean over seeds, one line per arm; and minus dense."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   rows = results['rows']
   dense = next((row for row in rows if row['arm'] == 'dense'), None)
-  fig, axes = plt.subplots(1, 2 if dense else 1, figsize=(11 if dense else 6, 4), squeeze=False)
+  fig, axes = common.pyplot().subplots(1, 2 if dense else 1, figsize=(11 if dense else 6, 4), squeeze=False)
   for i, row in enumerate(rows):
     steps, values = zip(*row['curve'])
     axes[0, 0].plot(steps, values, 'o-', ms=3, color=f'C{i}', label=row['arm'])
@@ -284,16 +270,13 @@ def plot(results, path):
   for ax in axes[0]:
     ax.set_xlabel('step')
     ax.legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+  common.save_figure(fig, path)
 
 
 def write_results(results, results_dir):
   """Writes quality.json, quality.md and quality_curves.png."""
   results_dir = pathlib.Path(results_dir)
-  results_dir.mkdir(parents=True, exist_ok=True)
-  (results_dir / 'quality.json').write_text(json.dumps(results, indent=1) + '\n')
+  common.write_json(results_dir / 'quality.json', results)
   (results_dir / 'quality.md').write_text(markdown(results))
   plot(results, results_dir / 'quality_curves.png')
 
@@ -305,6 +288,7 @@ def render(results_dir):
   results['rows'] = summarize(results['runs'])
   write_results(results, results_dir)
   return results
+
 
 def main(argv):
   args = flags.FLAGS
@@ -328,5 +312,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  _define_flags()
-  app.run(main)
+  common.run(main, define_flags)
