@@ -16,6 +16,7 @@ import jax
 import numpy as np
 import pytest
 
+from sparse_scaling.bench import common
 from sparse_scaling.bench import scaling
 from sparse_scaling.bench import timing
 
@@ -140,7 +141,7 @@ def test_benchmark_runs_on_one_and_two_cpu_devices(cache_dir, tmp_path, monkeypa
   assert 0 < two['loss_diff_at_step_1'] < 0.01
   assert two['max_abs_loss_diff'] < 0.1 * (two['losses'][0] - two['losses'][-1])
   # The results keep the rows of other shapes.
-  monkeypatch.setattr(scaling, 'RESULTS_DIR', tmp_path)
+  monkeypatch.setattr(common, 'RESULTS_DIR', tmp_path)
   for row in rows:
     row.update(command='python -m sparse_scaling.bench.scaling --shapes=tiny', machine='test')
   (tmp_path / 'scaling.json').write_text(json.dumps([dict(row, shape='other') for row in rows]))

@@ -3,7 +3,7 @@
   python -m sparse_scaling.bench.block_profile [--shapes 17b,800m] [--variants dense,ffqkv]
       [--impls ours,trax] [--depth 4] [--json]
 
-Builds the one-block LM of each Table 1 variant (`table1.build`, random weights of the table's
+Builds the one-block LM of each Table 1 variant (`decoders.build`, random weights of the table's
 dtype, predict mode, KV caches of 168 positions as in Table 1) and walks its trax layer tree
 down to `--depth`: every layer is jitted alone with its weights and state as arguments and
 timed on the inputs it gets in the step (batch 1, one token; median of many calls). Beside the
@@ -26,10 +26,10 @@ import jax.extend
 import jax.numpy as jnp
 from trax import layers as tl
 
-from sparse_scaling.bench import table1
+from sparse_scaling.bench import common
+from sparse_scaling.bench import decoders
 from sparse_scaling.bench import timing
 
-MAX_LEN = 168  # Table 1's caches: a 128-token prompt, 32 tokens and 8 spare
 PLUMBING = ('', 'Serial', 'Branch', 'Parallel')  # combinators that only route data
 
 
@@ -132,14 +132,14 @@ def profile(layer, stack, depth, level=0, rng=None, min_runs=10, min_seconds=0.3
 
 def profile_model(model, dtype, depth, **timing_args):
   """`profile` rows of one decoding step of an LM in predict mode, with random weights."""
-  model.weights, model.state = table1.random_weights_and_state(model, dtype)
+  model.weights, model.state = decoders.random_weights_and_state(model, dtype)
   return profile(model, (jnp.ones((1, 1), jnp.int32),), depth, **timing_args)[0]
 
 
 def measure(shape, variant, impl, depth, bandwidth, rate):
   """Rows of one variant's one-block LM, with the floors of this machine."""
-  model = table1.build(impl, table1.dimensions(shape, variant), 1, MAX_LEN)
-  rows = profile_model(model, table1.SHAPES[shape][1], depth)
+  model = decoders.build(impl, decoders.dimensions(shape, variant), 1, decoders.MAX_LEN)
+  rows = profile_model(model, decoders.SHAPES[shape][1], depth)
   for row in rows:
     row.update(shape=shape, variant=variant, impl=impl,
                floor_seconds=max(row['bytes'] / bandwidth, row['flops'] / rate))
@@ -151,48 +151,49 @@ def markdown(rows, min_share, bandwidth, rate):
   lines = [f'Machine: {timing.machine_description()}; read bandwidth {bandwidth / 1e9:.1f} GB/s '
            f'(a jitted reduction), matmul rate {rate / 1e9:.0f} GFLOP/s (a jitted float32 '
            '2048² product), both measured in this run. Batch 1, one token, KV caches of '
-           f'{MAX_LEN}. GFLOP: XLA\'s cost analysis of each layer compiled alone; MB read: the '
-           'weights, state and inputs it reads (`bytes_read`: of an array it only gathers '
-           'from, the gathered rows); floor = max(bytes / bandwidth, flops / matmul rate); '
-           'bound: which term sets it.', '']
+           f'{decoders.MAX_LEN}. GFLOP: XLA\'s cost analysis of each layer compiled alone; '
+           'MB read: the weights, state and inputs it reads (`bytes_read`: of an array it '
+           'only gathers from, the gathered rows); floor = max(bytes / bandwidth, flops / '
+           'matmul rate); bound: which term sets it.', '']
   keys = sorted({(r['shape'], r['variant'], r['impl']) for r in rows},
-                key=lambda k: (list(table1.SHAPES).index(k[0]), table1.VARIANTS.index(k[1]), k[2]))
+                key=lambda k: (list(decoders.SHAPES).index(k[0]), decoders.VARIANTS.index(k[1]),
+                               k[2]))
   for key in keys:
     group = [r for r in rows if (r['shape'], r['variant'], r['impl']) == key]
     step = group[0]['seconds']
     lines += [f'### {key[0]} {key[1]} ({key[2]}): one block and the output layer', '',
-              '| layer | ms | share | GFLOP | MB read | floor ms | bound | ms / floor |',
-              '|---|---|---|---|---|---|---|---|']
+              common.table_header(['layer', 'ms', 'share', 'GFLOP', 'MB read', 'floor ms',
+                                   'bound', 'ms / floor'])]
     for r in group:
       if r['level'] > 1 and r['seconds'] < min_share * step:
         continue
       bound = 'memory' if r['bytes'] / bandwidth >= r['flops'] / rate else 'compute'
-      lines.append(
-          f'| {"&nbsp;" * 4 * r["level"]}{r["layer"]} | {r["seconds"] * 1e3:.3f} | '
-          f'{r["seconds"] / step:.0%} | {r["flops"] / 1e9:.3f} | {r["bytes"] / 1e6:.1f} | '
-          f'{r["floor_seconds"] * 1e3:.3f} | {bound} | '
-          f'{r["seconds"] / max(r["floor_seconds"], 1e-9):.1f}x |')
+      lines.append(common.table_row([
+          '&nbsp;' * 4 * r['level'] + r['layer'], f'{r["seconds"] * 1e3:.3f}',
+          f'{r["seconds"] / step:.0%}', f'{r["flops"] / 1e9:.3f}', f'{r["bytes"] / 1e6:.1f}',
+          f'{r["floor_seconds"] * 1e3:.3f}', bound,
+          f'{r["seconds"] / max(r["floor_seconds"], 1e-9):.1f}x']))
     lines.append('')
   return '\n'.join(lines)
 
 
-def _define_flags():
+def define_flags():
   """Defines the command line's flags; only when run as a program (others have namesakes)."""
+  common.define_flags(json_output=True, shapes=True, writes='docs/results/block_profile.md')
   flags.DEFINE_list('variants', ['dense', 'ffqkv'], 'Table 1 variants to profile.')
   flags.DEFINE_list('impls', ['ours'], "Implementations: 'ours' and/or 'trax'.")
   flags.DEFINE_integer('depth', 4, 'Levels of named layers to descend.')
   flags.DEFINE_float('min_share', 0.02, 'Smallest share of the step a row below the block '
                      'level needs to be shown.')
-  flags.DEFINE_bool('write', True, 'Write docs/results/block_profile.md.')
 
 
 def main(argv):
   del argv
   args = flags.FLAGS
-  shapes = timing.SHAPES.value or ['17b']
-  for name, values, allowed in (('variants', args.variants, table1.VARIANTS),
+  shapes = args.shapes or ['17b']
+  for name, values, allowed in (('variants', args.variants, decoders.VARIANTS),
                                 ('impls', args.impls, ('ours', 'trax')),
-                                ('shapes', shapes, table1.SHAPES)):
+                                ('shapes', shapes, decoders.SHAPES)):
     if not set(values) <= set(allowed):
       raise app.UsageError(f'--{name}: {values} must be among {list(allowed)}')
   bandwidth, rate = timing.memory_bandwidth(), matmul_rate()
@@ -204,14 +205,13 @@ def main(argv):
   text = markdown(rows, args.min_share, bandwidth, rate)
   print(text)
   if args.write:
-    (table1.RESULTS_DIR / 'block_profile.md').write_text(
+    (common.RESULTS_DIR / 'block_profile.md').write_text(
         '# Where a decoding step goes: one block, layer by layer\n\n'
         f'`python -m sparse_scaling.bench.block_profile --shapes {",".join(shapes)} '
         f'--variants {",".join(args.variants)} --impls {",".join(args.impls)}`\n\n' + text)
-  if timing.JSON.value:
+  if args.json:
     print(json.dumps(rows))
 
 
 if __name__ == '__main__':
-  _define_flags()
-  app.run(main)
+  common.run(main, define_flags)

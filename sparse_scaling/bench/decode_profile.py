@@ -42,10 +42,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sparse_scaling.bench import table1
+from sparse_scaling.bench import common
+from sparse_scaling.bench import decoders
 from sparse_scaling.bench import timing
 
-MAX_LEN = 168  # Table 1's caches: a 128-token prompt, 32 tokens and 8 spare
 _ITEMSIZE = {'pred': 1, 's8': 1, 'u8': 1, 'bf16': 2, 'f16': 2, 's16': 2, 'u16': 2,
              'f32': 4, 's32': 4, 'u32': 4, 'f64': 8, 's64': 8, 'u64': 8}
 # Instructions that are no kernel of their own.
@@ -57,7 +57,7 @@ _SLICING = {'dynamic-slice', 'gather', 'slice'}
 def scoped_step(model):
   """`(weights, state, tokens) -> (next tokens, state)`: one greedy step of an LM, each
   top-level layer under a named scope (the model's layers take and give one array each)."""
-  labels = table1.scope_labels(model)
+  labels = decoders.scope_labels(model)
 
   def step(weights, state, tokens):
     x, new_state = tokens, []
@@ -277,7 +277,7 @@ _PROFILE_OPTIONS = {'gpu': {'xla_gpu_enable_command_buffer': ''}}
 
 def profile_variant(shape, variant, n_layers, n_steps, dtype, bandwidth):
   """Summary and per-kernel rows of one decoding step of a Table 1 variant."""
-  summary, detail = profile(table1.dimensions(shape, variant), n_layers, n_steps, dtype,
+  summary, detail = profile(decoders.dimensions(shape, variant), n_layers, n_steps, dtype,
                             bandwidth)
   summary.update(shape=shape, variant=variant)
   return summary, detail
@@ -285,8 +285,8 @@ def profile_variant(shape, variant, n_layers, n_steps, dtype, bandwidth):
 
 def profile(dims, n_layers, n_steps, dtype, bandwidth):
   """Summary and per-kernel rows of one decoding step of our LM with dimensions `dims`."""
-  model = table1.build('ours', dims, n_layers, MAX_LEN)
-  weights, state = table1.random_weights_and_state(model, dtype)
+  model = decoders.build('ours', dims, n_layers, decoders.MAX_LEN)
+  weights, state = decoders.random_weights_and_state(model, dtype)
   step = scoped_step(model)
   tokens = jnp.ones((1, 1), jnp.int32)
   lowered = jax.jit(step, donate_argnums=(1,)).lower(weights, state, tokens)
@@ -339,57 +339,60 @@ def markdown(summaries, details, bandwidth, probe):
   """The summary table and each variant's block detail."""
   lines = [f'Machine: {timing.machine_description()}; read bandwidth {bandwidth / 1e9:.0f} GB/s '
            f'({probe}, measured in this run). Batch 1, one token per step, KV caches of '
-           f'{MAX_LEN}. Device time: the kernels\' own time in a `jax.profiler` trace; wall: '
-           'one jitted step, dispatch included. Bytes: what each kernel\'s operands and '
-           'outputs hold in the optimized HLO (a slice, gather or in-place update counts '
-           'only what it touches); floor = block bytes / bandwidth.', '',
+           f'{decoders.MAX_LEN}. Device time: the kernels\' own time in a `jax.profiler` '
+           'trace; wall: one jitted step, dispatch included. Bytes: what each kernel\'s '
+           'operands and outputs hold in the optimized HLO (a slice, gather or in-place '
+           'update counts only what it touches); floor = block bytes / bandwidth.', '',
            'On a GPU the traced step is compiled without command buffers (CUDA graphs), '
            'so that every kernel carries its instruction\'s name; wall is the default '
            'compilation. Unnamed: device time of kernels no instruction names (a '
            'library\'s helpers), counted in the step but in no block.', '',
-           '| shape | variant | layers | wall ms/step | device ms/step | unnamed ms/step '
-           '| kernels/step | kernels/block (attn + ff) | µs/block | MB/block '
-           '| floor µs/block |',
-           '|---|---|---|---|---|---|---|---|---|---|---|']
+           common.table_header(['shape', 'variant', 'layers', 'wall ms/step', 'device ms/step',
+                                'unnamed ms/step', 'kernels/step',
+                                'kernels/block (attn + ff)', 'µs/block', 'MB/block',
+                                'floor µs/block'])]
   for s in summaries:
-    lines.append(
-        f'| {s["shape"]} | {s["variant"]} | {s["layers"]} | {s["wall_s"] * 1e3:.3f} | '
-        f'{s["device_s"] * 1e3:.3f} | {s.get("unattributed_s", 0) * 1e3:.3f} | '
-        f'{s["kernels"]:.0f} | {s["block_kernels"]:.0f} '
-        f'({s["attention_kernels"]:.0f} + {s["ff_kernels"]:.0f}) | {s["block_s"] * 1e6:.1f} | '
-        f'{s["block_bytes"] / 1e6:.2f} | {s["block_floor_s"] * 1e6:.2f} |')
+    lines.append(common.table_row([
+        s['shape'], s['variant'], s['layers'], f'{s["wall_s"] * 1e3:.3f}',
+        f'{s["device_s"] * 1e3:.3f}', f'{s.get("unattributed_s", 0) * 1e3:.3f}',
+        f'{s["kernels"]:.0f}',
+        f'{s["block_kernels"]:.0f} ({s["attention_kernels"]:.0f} + {s["ff_kernels"]:.0f})',
+        f'{s["block_s"] * 1e6:.1f}', f'{s["block_bytes"] / 1e6:.2f}',
+        f'{s["block_floor_s"] * 1e6:.2f}']))
   for s, detail in zip(summaries, details):
     lines += ['', f'### {s["shape"]} {s["variant"]}: the kernels of one block', '',
-              '| scope | kernel | what | launches | µs | MB |', '|---|---|---|---|---|---|']
+              common.table_header(['scope', 'kernel', 'what', 'launches', 'µs', 'MB'])]
     for r in detail:
-      lines.append(f'| {r["scope"].split("/")[1]} | `{r["kernel"]}` | {r["category"]} | '
-                   f'{r["launches"]:.0f} | {r["seconds"] * 1e6:.1f} | {r["bytes"] / 1e6:.3f} |')
+      lines.append(common.table_row([
+          r['scope'].split('/')[1], f'`{r["kernel"]}`', r['category'], f'{r["launches"]:.0f}',
+          f'{r["seconds"] * 1e6:.1f}', f'{r["bytes"] / 1e6:.3f}']))
   return '\n'.join(lines)
 
 
-def _define_flags():
+def define_flags():
   """Defines the command line's flags; only when run as a program (others have namesakes)."""
-  flags.DEFINE_list('variants', list(table1.VARIANTS), 'Table 1 variants to profile.')
+  common.define_flags(json_output=True, shapes=True,
+                      writes='docs/results/decode_profile_<backend>.md')
+  flags.DEFINE_list('variants', list(decoders.VARIANTS), 'Table 1 variants to profile.')
   flags.DEFINE_integer('layers', None, "Blocks of the decoder (default: the shape's whole "
                        'depth, 24 at 800m).')
   flags.DEFINE_integer('steps', 20, 'Steps traced.')
   flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Weights and activations.')
-  flags.DEFINE_bool('write', True, 'Write docs/results/decode_profile_<backend>.md.')
 
 
 def main(argv):
   del argv
   args = flags.FLAGS
-  shapes = timing.SHAPES.value or ['800m']
-  for name, values, allowed in (('variants', args.variants, table1.VARIANTS),
-                                ('shapes', shapes, table1.SHAPES)):
+  shapes = args.shapes or ['800m']
+  for name, values, allowed in (('variants', args.variants, decoders.VARIANTS),
+                                ('shapes', shapes, decoders.SHAPES)):
     if not set(values) <= set(allowed):
       raise app.UsageError(f'--{name}: {values} must be among {list(allowed)}')
   bandwidth, probe = timing.memory_bandwidth(with_probe=True)
   summaries, details = [], []
   for shape in shapes:
     for variant in args.variants:
-      summary, detail = profile_variant(shape, variant, args.layers or table1.SHAPES[shape][3],
+      summary, detail = profile_variant(shape, variant, args.layers or decoders.SHAPES[shape][3],
                                         args.steps, args.dtype, bandwidth)
       summaries.append(summary)
       details.append(detail)
@@ -397,15 +400,14 @@ def main(argv):
   text = markdown(summaries, details, bandwidth, probe)
   print(text, flush=True)
   if args.write:
-    path = table1.RESULTS_DIR / f'decode_profile_{jax.default_backend()}.md'
+    path = common.RESULTS_DIR / f'decode_profile_{jax.default_backend()}.md'
     path.write_text('# One decoding step, kernel by kernel\n\n'
                     f'`python -m sparse_scaling.bench.decode_profile --shapes {",".join(shapes)} '
                     f'--variants {",".join(args.variants)} --dtype {args.dtype}`\n\n'
                     + text + '\n')
-  if timing.JSON.value:
+  if args.json:
     print(json.dumps(dict(summaries=summaries, details=details)))
 
 
 if __name__ == '__main__':
-  _define_flags()
-  app.run(main)
+  common.run(main, define_flags)

@@ -15,12 +15,12 @@ import json
 
 import jax
 import jax.numpy as jnp
-from absl import app
 from absl import flags
 from trax import layers as tl
 from trax import shapes
 from trax.layers.research import sparsity as trax_sparsity
 
+from sparse_scaling.bench import common
 from sparse_scaling.bench import timing
 from sparse_scaling.layers import SparseFF
 
@@ -36,8 +36,7 @@ SHAPES = (
     (9216, 65536, 256, 32, 'bfloat16'),
 )
 SWEEP_SHAPE, SWEEP_NS = (2048, 16384), (8, 16, 32, 64, 128, 256)
-
-_SWEEP = flags.DEFINE_bool('sweep', True, 'Also sweep N at d_model 2048, d_ff 16384.')
+FLAGS = flags.FLAGS
 
 
 def decode_seconds(layer, d_model, dtype):
@@ -70,20 +69,26 @@ def measure(d_model, d_ff, n, d_lowrank, dtype, impls=('dense', 'trax', 'ours'))
   return d_lowrank, seconds
 
 
+def define_flags():
+  """Defines the command line's flags; only when run as a program (others have namesakes)."""
+  common.define_flags(json_output=True, shapes=True)
+  flags.DEFINE_bool('sweep', True, 'Also sweep N at d_model 2048, d_ff 16384.')
+
+
 def main(argv):
   del argv
   shapes_ = SHAPES
-  if timing.SHAPES.value:
-    wanted = set(timing.SHAPES.value)
+  if FLAGS.shapes:
+    wanted = set(FLAGS.shapes)
     shapes_ = [s for s in SHAPES if 'x'.join(map(str, s[:3])) in wanted or
                'x'.join(map(str, s[:3])) + 'x' + s[4] in wanted]
   bandwidth = timing.memory_bandwidth()
   print(f'# FF decode, batch 1, one token: {timing.machine_description()}')
   print(f'# measured read bandwidth {bandwidth / 1e9:.1f} GB/s; floor = weight bytes read / it')
   print()
-  print('| d_model | d_ff | N | d_lowrank | dtype | dense ms | trax ms | ours ms '
-        '| dense/ours | trax/ours | ours floor ms | ours GB/s |')
-  print('|---|---|---|---|---|---|---|---|---|---|---|---|')
+  print(common.table_header(['d_model', 'd_ff', 'N', 'd_lowrank', 'dtype', 'dense ms', 'trax ms',
+                             'ours ms', 'dense/ours', 'trax/ours', 'ours floor ms',
+                             'ours GB/s']))
   rows = []
   for d_model, d_ff, n, d_lowrank, dtype in shapes_:
     itemsize = jnp.dtype(dtype).itemsize
@@ -94,29 +99,30 @@ def main(argv):
       continue
     d_lowrank, s = measure(d_model, d_ff, n, d_lowrank, dtype)
     read = sparse_bytes_read(d_model, d_ff, n, d_lowrank, itemsize)
-    print(f'| {d_model} | {d_ff} | {n} | {d_lowrank} | {dtype} | {s["dense"] * 1e3:.3f} '
-          f'| {s["trax"] * 1e3:.3f} | {s["ours"] * 1e3:.3f} | {s["dense"] / s["ours"]:.1f}x '
-          f'| {s["trax"] / s["ours"]:.1f}x | {read / bandwidth * 1e3:.3f} '
-          f'| {read / s["ours"] / 1e9:.1f} |', flush=True)
+    print(common.table_row([
+        d_model, d_ff, n, d_lowrank, dtype, f'{s["dense"] * 1e3:.3f}', f'{s["trax"] * 1e3:.3f}',
+        f'{s["ours"] * 1e3:.3f}', f'{s["dense"] / s["ours"]:.1f}x',
+        f'{s["trax"] / s["ours"]:.1f}x', f'{read / bandwidth * 1e3:.3f}',
+        f'{read / s["ours"] / 1e9:.1f}']), flush=True)
     rows.append(dict(d_model=d_model, d_ff=d_ff, n=n, d_lowrank=d_lowrank, dtype=dtype,
                      dense_ms=s['dense'] * 1e3, ours_ms=s['ours'] * 1e3,
                      trax_ms=s['trax'] * 1e3))
-  if _SWEEP.value:
+  if FLAGS.sweep:
     d_model, d_ff = SWEEP_SHAPE
     _, dense = measure(d_model, d_ff, 2, None, 'float32', impls=('dense',))
     print()
     print(f'# Sweep over N at d_model {d_model}, d_ff {d_ff}, float32, d_lowrank d_model/N; '
           f'dense {dense["dense"] * 1e3:.3f} ms')
-    print('| N | weights read MB | ours ms | GB/s | dense/ours |')
-    print('|---|---|---|---|---|')
+    print(common.table_header(['N', 'weights read MB', 'ours ms', 'GB/s', 'dense/ours']))
     for n in SWEEP_NS:
       d_lowrank, s = measure(d_model, d_ff, n, None, 'float32', impls=('ours',))
       read = sparse_bytes_read(d_model, d_ff, n, d_lowrank, 4)
-      print(f'| {n} | {read / 1e6:.2f} | {s["ours"] * 1e3:.3f} | {read / s["ours"] / 1e9:.1f} '
-            f'| {dense["dense"] / s["ours"]:.1f}x |', flush=True)
-  if timing.JSON.value:
+      print(common.table_row([n, f'{read / 1e6:.2f}', f'{s["ours"] * 1e3:.3f}',
+                              f'{read / s["ours"] / 1e9:.1f}',
+                              f'{dense["dense"] / s["ours"]:.1f}x']), flush=True)
+  if FLAGS.json:
     print(json.dumps(rows))
 
 
 if __name__ == '__main__':
-  app.run(main)
+  common.run(main, define_flags)

@@ -44,11 +44,9 @@ import gc
 import json
 import math
 import os
-import pathlib
 import resource
 import shlex
 import signal
-import subprocess
 import sys
 
 from absl import app
@@ -60,6 +58,7 @@ from trax import optimizers
 from trax import shapes
 from trax.optimizers import trainer as trax_trainer
 
+from sparse_scaling.bench import common
 from sparse_scaling.bench import timing
 from sparse_scaling.models import ScalingTransformer
 from sparse_scaling.models import Terraformer
@@ -78,8 +77,6 @@ POINT_TIMEOUT_S = 1200
 LINEAR = 1.25   # the largest exponent of length called ~linear (quadratic is 2)
 FLAT = 0.25     # the largest exponent of depth called flat (proportional is 1)
 MODULE = 'sparse_scaling.bench.memory'
-ROOT = pathlib.Path(__file__).resolve().parents[2]
-RESULTS_DIR = ROOT / 'docs' / 'results'
 _RESULT = 'RESULT '   # starts the child's line of results on its stdout
 # A failed allocation under RLIMIT_AS, as jax, XLA, C++ or Python report it.
 _OUT_OF_MEMORY = ('RESOURCE_EXHAUSTED', 'MemoryError', 'bad_alloc', 'out of memory',
@@ -93,11 +90,8 @@ FLAGS = flags.FLAGS
 
 
 def define_flags():
-  """Defines the flags of this program; called only when it runs.
-
-  `--write` is also a flag of table1 and scaling: defined on import, it would clash in a
-  process that imports those too (the tests).
-  """
+  """Defines the command line's flags; only when run as a program (others have namesakes)."""
+  common.define_flags(json_output=True, writes='docs/results/memory.md and memory.png')
   flags.DEFINE_list('models', list(MODELS), f'Models to measure, of {MODELS}.')
   flags.DEFINE_list('lengths', [str(n) for n in LENGTHS],
                     f'Tokens (encoder + decoder, multiples of 512) of the sweep by length, at '
@@ -106,7 +100,6 @@ def define_flags():
                     f'Depths of the sweep by depth, at {DEPTH_SWEEP_LENGTH} tokens.')
   flags.DEFINE_integer('point_timeout', POINT_TIMEOUT_S, 'Seconds a point may take.')
   flags.DEFINE_float('memory_limit_gb', MEMORY_LIMIT_GB, 'Address space of each point, GB.')
-  flags.DEFINE_bool('write', True, 'Write docs/results/memory.md and memory.png.')
   flags.DEFINE_string('child_point', None, 'Internal: measure this model,length,depth in this '
                       'process and print the result.')
 
@@ -222,8 +215,8 @@ def run_child(point, memory_limit_gb):
 
 def child_command(point, memory_limit_gb):
   """The command of the child process that measures `point`."""
-  return [sys.executable, '-m', MODULE, f'--child_point={",".join(map(str, point))}',
-          f'--memory_limit_gb={memory_limit_gb}']
+  return common.module_command(MODULE, f'--child_point={",".join(map(str, point))}',
+                               f'--memory_limit_gb={memory_limit_gb}')
 
 
 def run_point(point, timeout_s=POINT_TIMEOUT_S, memory_limit_gb=MEMORY_LIMIT_GB):
@@ -233,22 +226,21 @@ def run_point(point, timeout_s=POINT_TIMEOUT_S, memory_limit_gb=MEMORY_LIMIT_GB)
   encoder_length, decoder_length, params, baseline_mb, peak_mb, step_mb, first_step_s, step_s,
   loss and load.
   """
-  row = dict(point._asdict(), status='timeout', detail=f'killed after {timeout_s} s')
-  try:
-    done = subprocess.run(child_command(point, memory_limit_gb), cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout_s, check=False)
-  except subprocess.TimeoutExpired:
-    return row
-  results = [line for line in done.stdout.splitlines() if line.startswith(_RESULT)]
-  if done.returncode == 0 and results:
+  returncode, timed_out, lines = common.run_child(
+      child_command(point, memory_limit_gb), read=list, kill_after_s=timeout_s)
+  results = [line for line in lines if line.startswith(_RESULT)]
+  if returncode == 0 and results:
     return json.loads(results[-1][len(_RESULT):])
-  errors = done.stderr.strip().splitlines() or [f'exit status {done.returncode}']
+  if timed_out:
+    return dict(point._asdict(), status='timeout', detail=f'killed after {timeout_s} s')
+  errors = [line for line in lines if line.strip()] or [f'exit status {returncode}']
   detail = next((line for line in reversed(errors) if any(s in line for s in _OUT_OF_MEMORY)),
                 errors[-1])
-  if done.returncode < 0:
-    detail = f'{signal.Signals(-done.returncode).name}: {detail}'
-  out_of_memory = done.returncode < 0 or any(s in detail for s in _OUT_OF_MEMORY)
-  return dict(row, status='OOM' if out_of_memory else 'error', detail=detail.strip()[-300:])
+  if returncode < 0:
+    detail = f'{signal.Signals(-returncode).name}: {detail}'
+  out_of_memory = returncode < 0 or any(s in detail for s in _OUT_OF_MEMORY)
+  return dict(point._asdict(), status='OOM' if out_of_memory else 'error',
+              detail=detail.strip()[-300:])
 
 
 def sweep_points(models, lengths, depths):
@@ -270,9 +262,9 @@ def format_row(row):
           f'| {row["load"]:.1f} |')
 
 
-TABLE_HEADER = ('| model | tokens (encoder + decoder) | depth | weights | baseline GB | peak GB '
-                '| step GB | first step s | step s | load |\n'
-                '|---|---|---|---|---|---|---|---|---|---|')
+TABLE_HEADER = common.table_header(['model', 'tokens (encoder + decoder)', 'depth', 'weights',
+                                    'baseline GB', 'peak GB', 'step GB', 'first step s',
+                                    'step s', 'load'])
 
 
 def measured(rows, model, key):
@@ -364,10 +356,7 @@ def markdown(sweeps, command, machine, memory_limit_gb, timeout_s):
 
 def plot(sweeps, memory_limit_gb, path):
   """Peak and step memory by length and by depth, one panel per sweep; failures at the limit."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+  fig, axes = common.pyplot().subplots(1, 2, figsize=(12, 4.5))
   for ax, (key, rows) in zip(axes, sweeps):
     for i, model in enumerate(dict.fromkeys(r['model'] for r in rows)):
       color = f'C{i}'
@@ -391,8 +380,7 @@ def plot(sweeps, memory_limit_gb, path):
     ax.set_title(f'by length, depth {LENGTH_SWEEP_DEPTH}' if key == 'length'
                  else f'by depth, {DEPTH_SWEEP_LENGTH} tokens')
     ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  common.save_figure(fig, path)
 
 
 def _integers(name, values):
@@ -428,13 +416,12 @@ def main(argv):
                   FLAGS.point_timeout)
   print(text)
   if FLAGS.write:
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    (RESULTS_DIR / 'memory.md').write_text(text)
-    plot(sweeps, FLAGS.memory_limit_gb, RESULTS_DIR / 'memory.png')
-  if timing.JSON.value:
+    common.RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    (common.RESULTS_DIR / 'memory.md').write_text(text)
+    plot(sweeps, FLAGS.memory_limit_gb, common.RESULTS_DIR / 'memory.png')
+  if FLAGS.json:
     print(json.dumps(list(measured.values())))
 
 
 if __name__ == '__main__':
-  define_flags()
-  app.run(main)
+  common.run(main, define_flags)

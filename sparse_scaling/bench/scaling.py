@@ -49,22 +49,18 @@ Writes docs/results/scaling.md and scaling.json (keeping the rows of shapes not 
 import functools
 import json
 import os
-import pathlib
 import shlex
-import subprocess
 import sys
-import threading
 
 from absl import app
 from absl import flags
 from absl import logging
-import gin
 import jax
 import numpy as np
 from trax import shapes
 
-from sparse_scaling import configs
 from sparse_scaling import training
+from sparse_scaling.bench import common
 from sparse_scaling.bench import timing
 from sparse_scaling.data import lm
 from sparse_scaling.models import ScalingTransformerLM
@@ -83,19 +79,15 @@ LOSS_AGREEMENT = (
     'Gumbel noise and its hard-or-soft coin per device for its part of the batch, where one '
     'device draws one coin for the whole batch')
 MODULE = 'sparse_scaling.bench.scaling'
-ROOT = pathlib.Path(__file__).resolve().parents[2]
-RESULTS_DIR = ROOT / 'docs' / 'results'
 _DEVICE_ENV = ('JAX_PLATFORMS', 'XLA_FLAGS', 'JAX_NUM_CPU_DEVICES', 'CUDA_VISIBLE_DEVICES')
 
 FLAGS = flags.FLAGS
 
 
 def define_flags():
-  """Defines the flags of this program; called only when it runs.
-
-  `--steps` and `--write` are also flags of other benchmarks (train_step, table1): defined on
-  import, they would clash in a process that imports those too (the tests).
-  """
+  """Defines the command line's flags; only when run as a program (others have namesakes)."""
+  common.define_flags(json_output=True, shapes=True,
+                      writes='docs/results/scaling.md and scaling.json')
   flags.DEFINE_list('n_devices', ['1', '2'], 'Device counts to measure; 1 is always measured.')
   flags.DEFINE_integer('steps', 30, f'Training steps per run; the first {WARMUP_STEPS} are not '
                        'timed.')
@@ -103,7 +95,6 @@ def define_flags():
   flags.DEFINE_integer('seq_len', 512, 'Tokens per sequence.')
   flags.DEFINE_float('max_seconds', None, 'Wall-clock budget of the program, from after its '
                      'imports; each run stops when its share is spent and reports its steps.')
-  flags.DEFINE_bool('write', True, 'Write docs/results/scaling.md and scaling.json.')
   flags.DEFINE_integer('child_devices', None, 'Internal: run as the child process that trains '
                        'on this many devices.')
   flags.DEFINE_integer('child_batch', None, "Internal: the child's global batch.")
@@ -116,15 +107,16 @@ def model_dimensions(shape, seq_len):
 
   Leaves the gin file parsed: `training.train` takes its optimizer and learning rate from it.
   """
-  gin.clear_config()
-  configs.parse([SHAPES[shape]])
-  macro = lambda name: gin.query_parameter('%' + name)
-  return dict(vocab_size=macro('VOCAB_SIZE'), d_model=macro('D_MODEL'), d_ff=macro('D_FF'),
-              n_layers=macro('N_DECODER_LAYERS'), n_heads=macro('N_HEADS'),
-              max_len=max(macro('MAX_LEN'), seq_len), dropout=0.0,
-              ff_sparsity=macro('FF_SPARSITY'), attention_sparsity=macro('ATTENTION_SPARSITY'),
-              loss_sparsity=macro('LOSS_SPARSITY'),
-              length_kernel_size=macro('LENGTH_KERNEL_SIZE'))
+  common.parse_gin([SHAPES[shape]])
+  macro = common.macros(['VOCAB_SIZE', 'D_MODEL', 'D_FF', 'N_DECODER_LAYERS', 'N_HEADS',
+                         'MAX_LEN', 'FF_SPARSITY', 'ATTENTION_SPARSITY', 'LOSS_SPARSITY',
+                         'LENGTH_KERNEL_SIZE'])
+  return dict(vocab_size=macro['vocab_size'], d_model=macro['d_model'], d_ff=macro['d_ff'],
+              n_layers=macro['n_decoder_layers'], n_heads=macro['n_heads'],
+              max_len=max(macro['max_len'], seq_len), dropout=0.0,
+              ff_sparsity=macro['ff_sparsity'], attention_sparsity=macro['attention_sparsity'],
+              loss_sparsity=macro['loss_sparsity'],
+              length_kernel_size=macro['length_kernel_size'])
 
 
 def runs_to_measure(device_counts, per_device_batch):
@@ -232,9 +224,10 @@ def child_env(env, platform, n_devices):
 
 def child_command(shape, n_devices, batch_size, seq_len, steps, platform, seconds=None):
   """The command of the child process that trains on `n_devices` at global `batch_size`."""
-  command = [sys.executable, '-u', '-m', MODULE, f'--shapes={shape}', f'--steps={steps}',
-             f'--seq_len={seq_len}', f'--child_devices={n_devices}',
-             f'--child_batch={batch_size}', f'--child_platform={platform}']
+  command = common.module_command(
+      MODULE, f'--shapes={shape}', f'--steps={steps}', f'--seq_len={seq_len}',
+      f'--child_devices={n_devices}', f'--child_batch={batch_size}',
+      f'--child_platform={platform}')
   return command + ([] if seconds is None else [f'--child_seconds={seconds:.0f}'])
 
 
@@ -256,20 +249,12 @@ def measure(shape, device_counts, per_device_batch, seq_len, steps, env, deadlin
     seconds = None if deadline is None else max(1.0, (deadline - timing.now()) / (len(todo) - i))
     print(f'# run {i + 1}/{len(todo)}: {n} device(s), global batch {batch}'
           + ('' if seconds is None else f', {seconds:.0f} s'), flush=True)
-    child = subprocess.Popen(
-        child_command(shape, n, batch, seq_len, steps, platform, seconds), cwd=ROOT,
-        env=child_env(env, platform, n), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True, bufsize=1)
-    killer = None if deadline is None else threading.Timer(
-        max(0.0, deadline - timing.now()) + KILL_GRACE_SECONDS, child.kill)
-    if killer:
-      killer.start()
-    try:
-      run = read_records(child.stdout, echo=functools.partial(print, flush=True))
-    finally:
-      returncode = child.wait()
-      if killer:
-        killer.cancel()
+    returncode, _, run = common.run_child(
+        child_command(shape, n, batch, seq_len, steps, platform, seconds),
+        read=functools.partial(read_records, echo=functools.partial(print, flush=True)),
+        env=child_env(env, platform, n),
+        kill_after_s=None if deadline is None else (
+            max(0.0, deadline - timing.now()) + KILL_GRACE_SECONDS))
     if returncode:
       failures.append(f'the run on {n} device(s) at global batch {batch} failed (exit '
                       f'{returncode})')
@@ -344,21 +329,21 @@ def markdown(rows):
       f'the median of the steps after the first {WARMUP_STEPS} (the first compiles the step; '
       'its seconds are the "first step" column); float32, dropout 0.'
       + (f' {first["note"]}' if first.get('note') else ''), '',
-      '| devices | global batch | steps (timed) | first step s | ms/step (p90) | tokens/s '
-      '| tokens/s per device | speedup | efficiency | final loss | ran on |',
-      '|---|---|---|---|---|---|---|---|---|---|---|']
+      common.table_header(['devices', 'global batch', 'steps (timed)', 'first step s',
+                           'ms/step (p90)', 'tokens/s', 'tokens/s per device', 'speedup',
+                           'efficiency', 'final loss', 'ran on'])]
   for row in rows:
     devices = str(row['n_devices'])
     if row['role'] != 'scaling':
       devices += f' (reference: the batch of {largest})'
-    lines.append(
-        f'| {devices} | {row["global_batch"]} | {row["steps_run"]} ({row["timed_steps"]}) '
-        f'| {_number(row["compile_step_seconds"], ".1f")} | {_number(row["ms_per_step"], ".1f")} '
-        f'({_number(row["p90_ms_per_step"], ".1f")}) | {_number(row["tokens_per_s"], ",.0f")} '
-        f'| {_number(row["tokens_per_s_per_device"], ",.0f")} '
-        f'| {_number(row["speedup"], ".2f", "")}{"x" if row["speedup"] else ""} '
-        f'| {_number(row["scaling_efficiency"], ".0%", "")} | {row["final_loss"]:.4f} '
-        f'| {", ".join(row["devices"] or [])} |')
+    lines.append(common.table_row([
+        devices, row['global_batch'], f'{row["steps_run"]} ({row["timed_steps"]})',
+        _number(row['compile_step_seconds'], '.1f'),
+        f'{_number(row["ms_per_step"], ".1f")} ({_number(row["p90_ms_per_step"], ".1f")})',
+        _number(row['tokens_per_s'], ',.0f'), _number(row['tokens_per_s_per_device'], ',.0f'),
+        _number(row['speedup'], '.2f', '') + ('x' if row['speedup'] else ''),
+        _number(row['scaling_efficiency'], '.0%', ''), f'{row["final_loss"]:.4f}',
+        ', '.join(row['devices'] or [])]))
   agreement = next((row for row in rows if 'max_abs_loss_diff' in row), None)
   if agreement:
     lines += ['', f'Loss agreement, {largest} devices against 1 at global batch '
@@ -372,15 +357,10 @@ def markdown(rows):
 
 def write_results(rows):
   """Writes scaling.json (every shape's rows) and scaling.md, replacing the shapes of `rows`."""
-  os.makedirs(RESULTS_DIR, exist_ok=True)
-  saved = RESULTS_DIR / 'scaling.json'
-  measured = {row['shape'] for row in rows}
-  earlier = json.loads(saved.read_text()) if saved.exists() else []
-  merged = [row for row in earlier if row['shape'] not in measured] + rows
-  saved.write_text(json.dumps(merged, indent=1) + '\n')
+  merged = common.merge_json(common.RESULTS_DIR / 'scaling.json', rows, key='shape')
   sections = [markdown([row for row in merged if row['shape'] == shape])
               for shape in dict.fromkeys(row['shape'] for row in merged)]
-  (RESULTS_DIR / 'scaling.md').write_text(
+  (common.RESULTS_DIR / 'scaling.md').write_text(
       '# Data-parallel training throughput\n\n'
       '`python -m sparse_scaling.bench.scaling`: the Scaling Transformer LM (Sparse FF+QKV) '
       'trained by `training.train` on 1 to n devices, each run in a process that sees only its '
@@ -398,7 +378,7 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   logging.set_verbosity(logging.WARNING)
   start = timing.now()
-  shape_names = timing.SHAPES.value or DEFAULT_SHAPES
+  shape_names = FLAGS.shapes or DEFAULT_SHAPES
   seq_len, steps = FLAGS.seq_len, FLAGS.steps
   if FLAGS.child_devices is not None:
     run_child(shape_names[0], FLAGS.child_devices, FLAGS.child_batch, seq_len, steps,
@@ -448,12 +428,11 @@ def main(argv):
     rows += shape_rows
   if FLAGS.write and rows:
     write_results(rows)  # what the runs measured, failed ones included (their steps are shown)
-  if timing.JSON.value:
+  if FLAGS.json:
     print(json.dumps(rows))
   if failures:
     sys.exit('error: ' + '; '.join(failures))
 
 
 if __name__ == '__main__':
-  define_flags()
-  app.run(main)
+  common.run(main, define_flags)

@@ -10,7 +10,7 @@ Rows: dense, +Sparse FF, +Sparse QKV, +Sparse FF+QKV, +FF+QKV+loss, with the dim
 `--dtype` says otherwise (XLA's CPU matrix-vector product in bfloat16 is compute-bound, ~1.3
 GB/s, which would flatter sparsity), each built as our `ScalingTransformerLM` and as trax's
 `ConfigurableTransformerLM` (ff_sparsity, `MultiplicativeConvCausalAttention`,
-loss_sparsity) with the same shapes. `ours-xla` is ours with Sparse FF decoding by XLA's
+loss_sparsity) with the same shapes (`decoders.py`). `ours-xla` is ours with Sparse FF decoding by XLA's
 gathers where `ours` uses the Pallas kernel (on GPUs: `layers/sparse_ff_kernel.py`).
 
 Method: batch 1, random weights (timing only). Per block: the first block's attention and FF
@@ -29,34 +29,24 @@ docs/results/table1.md and table1.png (table1_<backend> elsewhere than the CPU).
 import functools
 import gc
 import json
-import os
-import pathlib
 
 from absl import app
 from absl import flags
-import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
-from trax import layers as tl
-from trax import shapes
-from trax.layers.research import sparsity as trax_sparsity
-from trax.models.research import configurable_transformer as trax_ct
 
-from sparse_scaling import configs
 from sparse_scaling import decoding
+from sparse_scaling.bench import common
 from sparse_scaling.bench import timing
+from sparse_scaling.bench.decoders import SHAPES
+from sparse_scaling.bench.decoders import VARIANTS
+from sparse_scaling.bench.decoders import build
+from sparse_scaling.bench.decoders import dimensions
+from sparse_scaling.bench.decoders import random_weights_and_state
+from sparse_scaling.bench.decoders import scope_labels
 from sparse_scaling.layers import sparse_ff_kernel
-from sparse_scaling.models import ScalingTransformerLM
 
-VARIANTS = ('dense', 'ff', 'qkv', 'ffqkv', 'ffqkvloss')
-_GIN_VARIANT = {'dense': 'dense', 'ff': 'ff', 'qkv': 'qkv', 'ffqkv': 'ff_qkv',
-                'ffqkvloss': 'ff_qkv_loss'}
-# shape -> (gin file pattern, dtype, depths timed, whole-model depth)
-SHAPES = {
-    '800m': ('paper/c4_800m_{}.gin', 'float32', (2, 24), 24),
-    '17b': ('paper/timing_17b_{}.gin', 'float32', (1, 2), 2),
-}
 # Table 1 of the paper: (s/token, s/block); None where it has no row.
 PAPER = {
     ('800m', 'dense'): (0.160, 0.0059), ('800m', 'ff'): (0.093, 0.0031),
@@ -64,79 +54,6 @@ PAPER = {
     ('17b', 'dense'): (3.690, 0.581), ('17b', 'ff'): (1.595, 0.259),
     ('17b', 'qkv'): (3.154, 0.554), ('17b', 'ffqkv'): (0.183, 0.014),
 }
-RESULTS_DIR = pathlib.Path(__file__).resolve().parents[2] / 'docs' / 'results'
-
-
-
-def dimensions(shape, variant):
-  """The model macros of the variant's paper gin file."""
-  gin.clear_config()
-  configs.parse([SHAPES[shape][0].format(_GIN_VARIANT[variant])])
-  names = ['D_MODEL', 'D_FF', 'N_HEADS', 'VOCAB_SIZE', 'FF_SPARSITY', 'ATTENTION_SPARSITY',
-           'LOSS_SPARSITY', 'LENGTH_KERNEL_SIZE']
-  dims = {name.lower(): gin.query_parameter('%' + name) for name in names}
-  ff = dims['ff_sparsity']
-  if ff and not isinstance(ff, (tuple, list)):
-    dims['ff_sparsity'] = (ff, max(1, dims['d_model'] // ff))  # the paper's rank, for both
-  return dims
-
-
-def build(impl, dims, n_layers, max_len, mode='predict'):
-  """An LM of `impl` ('ours', 'ours-xla' or 'trax') with the given dimensions."""
-  common = dict(d_model=dims['d_model'], d_ff=dims['d_ff'], n_layers=n_layers,
-                n_heads=dims['n_heads'], max_len=max_len, dropout=0.0,
-                ff_sparsity=tuple(dims['ff_sparsity']) if dims['ff_sparsity'] else 0,
-                loss_sparsity=dims['loss_sparsity'], mode=mode)
-  if impl.startswith('ours'):
-    return ScalingTransformerLM(dims['vocab_size'], attention_sparsity=dims['attention_sparsity'],
-                                length_kernel_size=dims['length_kernel_size'], **common)
-  attention = functools.partial(tl.CausalAttention, max_inference_length=max_len)
-  if dims['attention_sparsity']:
-    attention = functools.partial(trax_sparsity.MultiplicativeConvCausalAttention,
-                                  sparsity=dims['attention_sparsity'],
-                                  length_kernel_size=dims['length_kernel_size'],
-                                  max_inference_length=max_len)
-  return trax_ct.ConfigurableTransformerLM(dims['vocab_size'], attention_type=attention,
-                                           **common)
-
-
-def scope_labels(model):
-  """A label per top-level layer of an LM: embed, block<i>/attention, block<i>/ff, output.
-
-  A block is a layer holding attention and the layer right after it (its feed-forward), in
-  our models and in trax's alike.
-  """
-  labels, block = [], -1
-  for layer in model.sublayers:
-    if any('Attention' in name for name in _names(layer)):
-      block += 1
-      labels.append(f'block{block}/attention')
-    elif labels and labels[-1] == f'block{block}/attention':
-      labels.append(f'block{block}/ff')
-    else:
-      labels.append('output' if block >= 0 else 'embed')
-  return labels
-
-
-def _names(layer):
-  out = [layer.name]
-  for sub in layer.sublayers:
-    out += _names(sub)
-  return out
-
-
-def random_weights_and_state(model, dtype, batch=1, seed=0):
-  """Random weights of `dtype` and fresh predict state, without a float32 init."""
-  signature = shapes.ShapeDtype((batch, 1), jnp.int32)
-  weights_sig, state_sig = model.weights_and_state_signature(signature)
-  leaves, treedef = jax.tree.flatten(weights_sig)
-  keys = jax.random.split(jax.random.PRNGKey(seed), max(1, len(leaves)))
-  weights = [0.02 * jax.random.normal(k, s.shape, dtype) if jnp.issubdtype(s.dtype, jnp.floating)
-             else jnp.zeros(s.shape, s.dtype) for k, s in zip(keys, leaves)]
-  state = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), state_sig)
-  return jax.tree.unflatten(treedef, weights), state
-
-
 def kernel_choice(impl):
   """What Sparse FF decoding uses for `impl`: 'ours-xla' forces XLA's gathers; 'ours' takes
   the default (the Pallas kernel on GPUs, `layers/sparse_ff_kernel.py`)."""
@@ -296,25 +213,21 @@ def batch_curve(prompt, n_tokens, batches=(1, 2, 4, 8, 16, 32, 64)):
 
 def write_batch_curve(curve, path_md, path_png):
   """The batch curve as a Markdown table and a plot."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  lines = ['| batch | dense s/step | FF+QKV s/step | speedup |', '|---|---|---|---|']
-  lines += [f'| {c["batch"]} | {c["dense_s"]:.4f} | {c["ffqkv_s"]:.4f} | {c["speedup"]:.2f}x |'
-            for c in curve]
+  text = common.table(['batch', 'dense s/step', 'FF+QKV s/step', 'speedup'],
+                      [[c['batch'], f'{c["dense_s"]:.4f}', f'{c["ffqkv_s"]:.4f}',
+                        f'{c["speedup"]:.2f}x'] for c in curve])
   path_md.write_text('# Where sparsity stops paying: speedup of FF+QKV over dense by batch\n\n'
                      f'`python -m sparse_scaling.bench.table1 --batch_curve` ({timing.machine_description()}; '
                      'the 24-layer 800M decoder, ours, float32; one step decodes a token for every row)\n\n'
-                     + '\n'.join(lines) + '\n')
-  fig, ax = plt.subplots(figsize=(5, 3.5))
+                     + text + '\n')
+  fig, ax = common.pyplot().subplots(figsize=(5, 3.5))
   ax.plot([c['batch'] for c in curve], [c['speedup'] for c in curve], 'o-')
   ax.axhline(1.0, color='gray', lw=0.8)
   ax.set_xscale('log', base=2)
   ax.set_xlabel('batch size')
   ax.set_ylabel('dense time / FF+QKV time')
   ax.set_title('800M decoder: speedup of Sparse FF+QKV')
-  fig.tight_layout()
-  fig.savefig(path_png, dpi=100)
+  common.save_figure(fig, path_png)
 
 
 IMPLS = ('ours', 'ours-xla', 'trax')
@@ -342,10 +255,10 @@ def markdown(rows, prompt, n_tokens):
       '(Sparse FF decoding by the Pallas kernel on a GPU, by gathers elsewhere), ours-xla '
       '(gathers everywhere), trax (trax 1.4.1\'s `ConfigurableTransformerLM`).',
       '',
-      '| shape | variant | impl | dtype | ms/block (p90) | speedup/block | s/token, step '
-      '| s/token, program | speedup/token, program | floor s/token | paper s/token '
-      '| paper speedup/block |',
-      '|' + '---|' * 12]
+      common.table_header(['shape', 'variant', 'impl', 'dtype', 'ms/block (p90)',
+                           'speedup/block', 's/token, step', 's/token, program',
+                           'speedup/token, program', 'floor s/token', 'paper s/token',
+                           'paper speedup/block'])]
   order = lambda kv: (list(SHAPES).index(kv[0][0]), kv[0][1], kv[0][2] != 'float32', kv[0][2],
                       VARIANTS.index(kv[0][3]), IMPLS.index(kv[0][4]))
   ratio = lambda a, b: f'{a / b:.2f}x' if a and b else ''
@@ -354,7 +267,8 @@ def markdown(rows, prompt, n_tokens):
              or by_key.get((shape, depth, dtype, 'dense', 'ours'), {}))
     paper, paper_dense = PAPER.get((shape, variant)), PAPER.get((shape, 'dense'))
     block = row.get('s_per_block')
-    cells = [shape + (f' ({depth} blocks)' if depth != SHAPES[shape][3] else ''), variant, impl + (f' ({row["kernel"]})' if row.get('kernel') else ''),
+    cells = [shape + (f' ({depth} blocks)' if depth != SHAPES[shape][3] else ''), variant,
+             impl + (f' ({row["kernel"]})' if row.get('kernel') else ''),
              row['dtype'],
              f'{block * 1e3:.3f} ({row["p90_s_per_block"] * 1e3:.3f})' if block else 'failed',
              ratio(dense.get('s_per_block'), block),
@@ -364,7 +278,7 @@ def markdown(rows, prompt, n_tokens):
              f'{row["floor_s_per_token"]:.5f}',
              f'{paper[0]:.3f}' if paper else '',
              ratio(paper_dense[1], paper[1]) if paper else '']
-    lines.append('| ' + ' | '.join(cells) + ' |')
+    lines.append(common.table_row(cells))
   errors = [f'- {r["shape"]} {r["variant"]} {r["impl"]}, {part}: {message}'
             for r in rows for part, message in r.get('errors', {}).items()]
   if errors:
@@ -374,11 +288,8 @@ def markdown(rows, prompt, n_tokens):
 
 def plot(rows, path):
   """Bar chart of ms/block per variant, ours and trax's, one panel per shape."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   shapes_ = sorted({r['shape'] for r in rows})
-  fig, axes = plt.subplots(1, len(shapes_), figsize=(6 * len(shapes_), 4), squeeze=False)
+  fig, axes = common.pyplot().subplots(1, len(shapes_), figsize=(6 * len(shapes_), 4), squeeze=False)
   for ax, shape in zip(axes[0], shapes_):
     for i, impl in enumerate(['ours', 'trax']):
       values = [next(((r.get('s_per_block') or 0) * 1e3 for r in rows if r['shape'] == shape
@@ -392,12 +303,13 @@ def plot(rows, path):
     ax.set_ylabel('ms per block per token')
     ax.set_title(f'{shape}: unbatched decoding')
     ax.legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  common.save_figure(fig, path)
 
 
-def _define_flags():
+def define_flags():
   """Defines the command line's flags; only when run as a program (others have namesakes)."""
+  common.define_flags(json_output=True, shapes=True,
+                      writes='docs/results/table1.md and table1.png')
   flags.DEFINE_integer('prompt', 128, 'Prompt length (KV cache filled before timing).')
   flags.DEFINE_integer('tokens', 32, 'Decoded tokens timed per measurement.')
   flags.DEFINE_list('impls', ['ours', 'trax'], f'Implementations to time, of {list(IMPLS)}.')
@@ -405,7 +317,6 @@ def _define_flags():
   flags.DEFINE_bool('step', True, 'Also time the whole decoder as one jitted step per token.')
   flags.DEFINE_list('variants', list(VARIANTS),
                     'Variants to time (dense first: speedups are against it).')
-  flags.DEFINE_bool('write', True, 'Write docs/results/table1.md and table1.png.')
   flags.DEFINE_bool('render_only', False,
                     'Only rewrite table1.md and .png from the saved table1.json.')
   flags.DEFINE_bool('batch_curve', False, 'Instead: FF+QKV vs dense speedup by batch size at '
@@ -424,11 +335,11 @@ def main(argv):
   del argv
   args = flags.FLAGS
   if args.batch_curve:
-    os.makedirs(RESULTS_DIR, exist_ok=True)
-    write_batch_curve(batch_curve(args.prompt, args.tokens), RESULTS_DIR / 'batch_curve.md',
-                      RESULTS_DIR / 'batch_curve.png')
+    common.RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    write_batch_curve(batch_curve(args.prompt, args.tokens),
+                      common.RESULTS_DIR / 'batch_curve.md', common.RESULTS_DIR / 'batch_curve.png')
     return
-  shapes_measured = [] if args.render_only else (timing.SHAPES.value or list(SHAPES))
+  shapes_measured = [] if args.render_only else (args.shapes or list(SHAPES))
   if not set(args.variants) <= set(VARIANTS) or args.variants[:1] != ['dense']:
     raise app.UsageError(f'--variants: {args.variants} must start with dense and name only '
                          f'{list(VARIANTS)}')
@@ -446,26 +357,20 @@ def main(argv):
   if rows:
     print(markdown(rows, args.prompt, args.tokens))
   if args.write:  # merged with the rows of shapes measured by earlier runs
-    os.makedirs(RESULTS_DIR, exist_ok=True)
     name = args.results or ('table1' if jax.default_backend() == 'cpu'
                               else f'table1_{jax.default_backend()}')
-    saved = RESULTS_DIR / f'{name}.json'
-    earlier = json.loads(saved.read_text()) if saved.exists() else []
-    measured = {_setting(r) for r in rows}
-    merged = [r for r in earlier if _setting(r) not in measured] + rows
-    saved.write_text(json.dumps(merged, indent=1) + '\n')
-    (RESULTS_DIR / f'{name}.md').write_text(
+    merged = common.merge_json(common.RESULTS_DIR / f'{name}.json', rows, key=_setting)
+    (common.RESULTS_DIR / f'{name}.md').write_text(
         '# Table 1, reproduced: unbatched decoding time\n\n'
         f'`python -m sparse_scaling.bench.table1 --shapes 800m,17b --results={name}` (a run\'s '
         f'rows replace the saved rows of the same shape, depth and dtype in `{name}.json`)\n\n'
         + markdown(merged, args.prompt, args.tokens) + '\n')
-    plot(merged, RESULTS_DIR / f'{name}.png')
-  if timing.JSON.value:
+    plot(merged, common.RESULTS_DIR / f'{name}.png')
+  if args.json:
     print(json.dumps([{k: r.get(k) for k in ('shape', 'variant', 'impl', 's_per_token',
                                              's_per_block', 's_per_token_program',
                                              'floor_s_per_token')} for r in rows]))
 
 
 if __name__ == '__main__':
-  _define_flags()
-  app.run(main)
+  common.run(main, define_flags)

@@ -1,17 +1,12 @@
-"""Timing and machine helpers shared by the benchmarks."""
+"""Timing and machine helpers shared by the benchmarks: clocks, bandwidth, the machine's line."""
 
 import os
 import platform
 import time
 
-from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-# Flags every benchmark has (defined once: tests import several benchmarks together).
-JSON = flags.DEFINE_bool('json', False, 'Print one JSON list of rows last.')
-SHAPES = flags.DEFINE_list('shapes', None, "Shapes to measure (default: the benchmark's all).")
 
 now = time.perf_counter
 

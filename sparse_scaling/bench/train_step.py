@@ -2,8 +2,9 @@
 
 The variants are the 800M rows of Table 1 at equal parameters (gin_configs/paper/
 c4_800m_<variant>.gin: N=64, S=16, loss 4, d_ff 6144 with Sparse QKV), as a 2-layer
-decoder-only LM, and a tiny twin (gin_configs/tiny/lm.gin's model). Only ff_qkv_loss has
-fewer weights: the paper keeps its d_ff, and the multiplicative output layer is smaller.
+decoder-only LM, and their tiny twins (gin_configs/tiny/train_step_<variant>.gin: the width
+of tiny/lm.gin's model). Only ff_qkv_loss has fewer weights: the paper keeps its d_ff, and the
+multiplicative output layer is smaller.
 
 A step is trax's own: `optimizers.Trainer.one_step`, which `training.Loop` runs, on
 tl.Serial(model in train mode, WeightedCategoryCrossEntropy) with Adafactor (trax's defaults:
@@ -21,14 +22,15 @@ import gc
 import itertools
 import json
 
+import gin
 import jax
 import numpy as np
-from absl import app
 from absl import flags
 from trax import layers as tl
 from trax import optimizers
 from trax import shapes
 
+from sparse_scaling.bench import common
 from sparse_scaling.bench import timing
 from sparse_scaling.models import ScalingTransformerLM
 from sparse_scaling.models.params import parameter_counts
@@ -36,29 +38,31 @@ from sparse_scaling.models.params import parameter_counts
 DROPOUT = 0.1  # the paper's 800M (gin_configs/models/scaling_transformer_800m.gin)
 VARIANTS = ('dense', 'ff', 'ff_qkv', 'ff_qkv_loss')  # gin_configs/paper/c4_800m_<variant>.gin
 
-Shape = collections.namedtuple(
-    'Shape', 'vocab_size d_model n_heads n_layers max_len d_ff d_ff_qkv n s loss batch length')
+# A shape: the gin file of each variant ('{}'), the decoder's depth, and the batch timed.
+Shape = collections.namedtuple('Shape', 'gin_file n_layers batch length')
 SHAPES = {
-    'tiny': Shape(vocab_size=4096, d_model=128, n_heads=4, n_layers=2, max_len=512, d_ff=512,
-                  d_ff_qkv=768, n=16, s=4, loss=4, batch=8, length=128),
-    '800m': Shape(vocab_size=32000, d_model=1024, n_heads=16, n_layers=2, max_len=2048,
-                  d_ff=4096, d_ff_qkv=6144, n=64, s=16, loss=4, batch=8, length=512),
+    'tiny': Shape('tiny/train_step_{}.gin', n_layers=2, batch=8, length=128),
+    '800m': Shape('paper/c4_800m_{}.gin', n_layers=2, batch=8, length=512),
 }
+_MACROS = ('VOCAB_SIZE', 'D_MODEL', 'D_FF', 'N_HEADS', 'MAX_LEN', 'FF_SPARSITY',
+           'ATTENTION_SPARSITY', 'LOSS_SPARSITY', 'LENGTH_KERNEL_SIZE')
+FLAGS = flags.FLAGS
 
-_DROPOUT = flags.DEFINE_float('dropout', DROPOUT, 'Dropout rate of every variant.')
-_STEPS = flags.DEFINE_integer('steps', 20, 'Timed steps per variant, at least.')
+
+def dimensions(shape, variant):
+  """The model macros of the variant's gin file at `shape` (the config is cleared after:
+  trax's Adafactor would take the file's bindings)."""
+  common.parse_gin([shape.gin_file.format(variant)])
+  dims = common.macros(_MACROS)
+  gin.clear_config()
+  return dims
 
 
 def build_model(shape, variant, dropout):
-  """The ScalingTransformerLM of one variant, in train mode."""
-  parts = variant.split('_')
-  return ScalingTransformerLM(
-      vocab_size=shape.vocab_size, d_model=shape.d_model, n_layers=shape.n_layers,
-      n_heads=shape.n_heads, max_len=shape.max_len, dropout=dropout,
-      d_ff=shape.d_ff_qkv if 'qkv' in parts else shape.d_ff,
-      ff_sparsity=shape.n if 'ff' in parts else 0,
-      attention_sparsity=shape.s if 'qkv' in parts else 0,
-      loss_sparsity=shape.loss if 'loss' in parts else 0, mode='train')
+  """The ScalingTransformerLM of one variant, in train mode: its gin file's decoder with
+  `shape.n_layers` layers."""
+  return ScalingTransformerLM(n_layers=shape.n_layers, dropout=dropout, mode='train',
+                              **dimensions(shape, variant))
 
 
 def step_seconds(model, batch, **timing_args):
@@ -85,7 +89,8 @@ def measure(name, shape, dropout=DROPOUT, **timing_args):
 
   `timing_args` go to `timing.time_call`: min_runs, min_seconds, warmup.
   """
-  tokens = np.random.RandomState(0).randint(1, shape.vocab_size, (shape.batch, shape.length))
+  vocab_size = dimensions(shape, VARIANTS[0])['vocab_size']
+  tokens = np.random.RandomState(0).randint(1, vocab_size, (shape.batch, shape.length))
   tokens = tokens.astype(np.int32)                             # [batch, length]
   batch = (tokens, tokens, np.ones(tokens.shape, np.float32))  # inputs, targets, weights
   dense = None
@@ -101,26 +106,35 @@ def measure(name, shape, dropout=DROPOUT, **timing_args):
     gc.collect()
 
 
+def define_flags():
+  """Defines the command line's flags; only when run as a program (others have namesakes)."""
+  common.define_flags(json_output=True, shapes=True)
+  flags.DEFINE_float('dropout', DROPOUT, 'Dropout rate of every variant.')
+  flags.DEFINE_integer('steps', 20, 'Timed steps per variant, at least.')
+
+
 def main(argv):
   del argv
   rows = []
-  for name in (timing.SHAPES.value or list(SHAPES)):
+  for name in (FLAGS.shapes or list(SHAPES)):
     shape = SHAPES[name]
+    dims = dimensions(shape, VARIANTS[0])
     print(f'# Training step, {name} ScalingTransformerLM ({shape.n_layers} layers, d_model '
-          f'{shape.d_model}, vocab {shape.vocab_size}), batch {shape.batch} x length '
-          f'{shape.length}, float32, dropout {_DROPOUT.value}, Adafactor: '
+          f'{dims["d_model"]}, vocab {dims["vocab_size"]}), batch {shape.batch} x length '
+          f'{shape.length}, float32, dropout {FLAGS.dropout}, Adafactor: '
           f'{timing.machine_description()}')
-    print('| variant | params | ms/step | p90 ms | tokens/s | vs dense (goal <= 1.25x) |')
-    print('|---|---|---|---|---|---|')
-    for row in measure(name, shape, _DROPOUT.value, min_runs=_STEPS.value):
-      print(f'| {row["variant"]} | {row["params"] / 1e6:.1f}M | {row["ms_per_step"]:.1f} '
-            f'| {row["p90_ms_per_step"]:.1f} | {row["tokens_per_s"]:,.0f} '
-            f'| {row["ratio_to_dense"]:.2f}x |', flush=True)
+    print(common.table_header(['variant', 'params', 'ms/step', 'p90 ms', 'tokens/s',
+                               'vs dense (goal <= 1.25x)']))
+    for row in measure(name, shape, FLAGS.dropout, min_runs=FLAGS.steps):
+      print(common.table_row([row['variant'], f'{row["params"] / 1e6:.1f}M',
+                              f'{row["ms_per_step"]:.1f}', f'{row["p90_ms_per_step"]:.1f}',
+                              f'{row["tokens_per_s"]:,.0f}', f'{row["ratio_to_dense"]:.2f}x']),
+            flush=True)
       rows.append(row)
     print()
-  if timing.JSON.value:
+  if FLAGS.json:
     print(json.dumps(rows))
 
 
 if __name__ == '__main__':
-  app.run(main)
+  common.run(main, define_flags)

@@ -30,6 +30,7 @@ from trax import shapes
 from sparse_scaling import configs
 from sparse_scaling import decoding
 from sparse_scaling import training
+from sparse_scaling.bench import common
 from sparse_scaling.bench import timing
 from sparse_scaling.data import pipeline
 from sparse_scaling.data import rfc
@@ -41,35 +42,34 @@ GIN_FILE = 'reproduce/summarization_{}.gin'
 ROUGE_TYPES = ('rouge1', 'rouge2', 'rougeLsum')
 GOAL_ROUGE_L = 1.0  # Issue #7: Terraformer ROUGE-L within 1 point of the dense model.
 N_EXAMPLES = 3
-RESULTS_DIR = pathlib.Path(__file__).resolve().parents[2] / 'docs' / 'results'
 
-def _define_flags():
+
+def define_flags():
   """The command line's flags (defined only when run as a program: `quality` has namesakes)."""
   flags.DEFINE_list('arms', list(ARMS), 'Arms to train and score.')
   flags.DEFINE_integer('steps', None, 'Training steps (default: the gin file\'s).')
   flags.DEFINE_integer('n_docs', 64, 'Validation RFCs summarized and scored.')
   flags.DEFINE_integer('decode_batch', 16, 'Documents decoded together.')
   flags.DEFINE_string('output_dir', 'runs/summarization', 'Runs, one dir per arm.')
-  flags.DEFINE_string('results_dir', str(RESULTS_DIR), 'Where the md/json go.')
+  flags.DEFINE_string('results_dir', str(common.RESULTS_DIR), 'Where the md/json go.')
   flags.DEFINE_bool('render_only', False, 'Only rewrite the md from the json.')
   flags.DEFINE_multi_string('gin_param', [], 'Extra bindings for every arm.')
 
 
 def run_arm(arm, output_dir, steps, n_docs, decode_batch, bindings=()):
   """Trains one arm from scratch and scores its summaries; returns its result row."""
-  gin.clear_config()
   bindings = list(bindings) + ([f'train.steps = {steps}'] if steps else [])
-  configs.parse([GIN_FILE.format(arm)], bindings)
+  common.parse_gin([GIN_FILE.format(arm)], bindings)
   shutil.rmtree(output_dir, ignore_errors=True)
   os.makedirs(output_dir)
   start = time.time()
   loop = training.train(output_dir)
   train_seconds = time.time() - start
-  inputs_len = gin.query_parameter('%INPUTS_LEN')
-  targets_len = gin.query_parameter('%TARGETS_LEN')
+  sizes = common.macros(['INPUTS_LEN', 'TARGETS_LEN', 'VOCAB_SIZE'])
+  inputs_len, targets_len = sizes['inputs_len'], sizes['targets_len']
   root, spm_path = (_binding(f'rfc_summarization_inputs.{name}', default)
                     for name, default in (('root', rfc.RFC_DIR), ('spm_path', None)))
-  sp = rfc.vocab(str(root), gin.query_parameter('%VOCAB_SIZE'), None, spm_path)
+  sp = rfc.vocab(str(root), sizes['vocab_size'], None, spm_path)
   pairs = [rfc.summarization_pair(r)
            for r in rfc.summarization_rfcs('validation', str(root))[:n_docs]]
   model_fn = configs.configured_model()
@@ -135,13 +135,13 @@ def markdown(rows, machine):
            'RFCs. Paper (arXiv, Table 5): Terraformer competitive with BigBird-Pegasus '
            '46.63 / 19.02 / 41.77 at full scale; these are small models trained for minutes '
            'on CPU, so only the comparison between the arms means anything.', '',
-           '| arm | params | steps | val log-ppl | ROUGE-1 | ROUGE-2 | ROUGE-Lsum | docs '
-           '| train s | decode s |', '|' + '---|' * 10]
+           common.table_header(['arm', 'params', 'steps', 'val log-ppl', 'ROUGE-1', 'ROUGE-2',
+                                'ROUGE-Lsum', 'docs', 'train s', 'decode s'])]
   for r in rows:
-    lines.append(f'| {r["arm"]} | {r["params"] / 1e6:.1f}M | {r["steps"]} | '
-                 f'{r["val_log_ppl"]:.3f} | {r["rouge1"]:.2f} | {r["rouge2"]:.2f} | '
-                 f'{r["rougeLsum"]:.2f} | {r["n_docs"]} | {r["train_seconds"]:.0f} | '
-                 f'{r["decode_seconds"]:.0f} |')
+    lines.append(common.table_row([
+        r['arm'], f'{r["params"] / 1e6:.1f}M', r['steps'], f'{r["val_log_ppl"]:.3f}',
+        f'{r["rouge1"]:.2f}', f'{r["rouge2"]:.2f}', f'{r["rougeLsum"]:.2f}', r['n_docs'],
+        f'{r["train_seconds"]:.0f}', f'{r["decode_seconds"]:.0f}']))
   if set(ARMS) <= set(by_arm):
     gap = by_arm['dense']['rougeLsum'] - by_arm['terraformer']['rougeLsum']
     verdict = 'met' if gap <= GOAL_ROUGE_L else 'missed'
@@ -168,12 +168,10 @@ def main(argv):
     rows = [run_arm(arm, os.path.join(args.output_dir, arm), args.steps, args.n_docs,
                     args.decode_batch, args.gin_param) for arm in args.arms]
     data = dict(machine=timing.machine_description(), rows=rows)
-    results_dir.mkdir(parents=True, exist_ok=True)
-    saved.write_text(json.dumps(data, indent=1) + '\n')
+    common.write_json(saved, data)
   (results_dir / 'summarization.md').write_text(markdown(data['rows'], data['machine']))
   print((results_dir / 'summarization.md').read_text())
 
 
 if __name__ == '__main__':
-  _define_flags()
-  app.run(main)
+  common.run(main, define_flags)
