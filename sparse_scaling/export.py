@@ -2,8 +2,8 @@
 
   python -m sparse_scaling.export --output_dir=runs/tiny_lm --to=weights.npz
 
-reads the last checkpoint of a run (`checkpoints.read_weights`, which runs no code from the
-file and checks the weights against the model) and the run's operative config (`config.gin`),
+reads the last checkpoint of a run (`checkpoints.load_latest`, which runs no code from the
+file; its weights are checked against the model) and the run's operative config (`config.gin`),
 and writes every weight array under a name made of its place in the model's layer tree: the
 index and name of each layer on the path (trax's sizes after the name, as in `SparseFF_64_8`,
 dropped), then the array's index in its layer, e.g.
@@ -127,12 +127,16 @@ def export_run(output_dir, to, gin_file=None, length=32):
     The number of arrays written.
   """
   gin_file = gin_file or os.path.join(output_dir, 'config.gin')
+  checkpoint = checkpoints.load_latest(output_dir, n_tasks=0)
+  if checkpoint is None:
+    raise FileNotFoundError(f'no checkpoint in {output_dir}: train first')
   configs.parse([gin_file])
-  weights = checkpoints.read_weights(output_dir, configs.configured_model())
   model = configs.configured_model()(mode='eval')
   signature, _ = model.weights_and_state_signature(model_signature(model, length))
+  checkpoints.check_fits(checkpoint.weights, model, checkpoint.directory, signature)
+  weights = checkpoints.from_bits(checkpoint.weights)
   save_weights(model, weights, to, structure=signature)
-  return len(jax.tree.leaves(weights))
+  return len(weights)
 
 
 def _define_flags():
