@@ -1,5 +1,6 @@
-"""The convolution control (dense attention + Sparse QKV's convolution): dense at the identity
-kernel, causal, predict == eval, gradients, the LM's knob and its parameter count."""
+"""The control of Sparse QKV's sparsity (Sparse QKV with a dense projection): Sparse QKV itself
+at the multiplicative layer's dense weight, causal, predict == eval, gradients, the LM's knob
+and its parameter count."""
 
 import functools
 
@@ -9,8 +10,8 @@ import numpy as np
 import pytest
 from trax import shapes
 
-from sparse_scaling.layers import CausalAttention
 from sparse_scaling.layers import DenseConvAttention
+from sparse_scaling.layers import SparseQKVAttention
 from sparse_scaling.models import ScalingTransformerLM
 from sparse_scaling.models.params import parameter_counts
 from tests.utils import assert_predict_equals_eval
@@ -21,28 +22,18 @@ D_MODEL, N_HEADS, S = 16, 2, 4
 VOCAB = 32
 
 
-def _identity_kernels(weights, length_kernel_size):
-  """The layer's weights with every convolution the identity: the current position's own
-  module, bias 0."""
-  (select, branch), core, out = weights  # tl.Branch: its Select's (), then (Q, K, V)
-  m = D_MODEL // S
-  projections = []
-  for dense, ((kernel, bias),) in branch:
-    identity = np.zeros(kernel.shape, np.float32)
-    identity[length_kernel_size - 1, kernel.shape[1] // 2] = np.eye(m)
-    projections.append((dense, ((jnp.asarray(identity), jnp.zeros_like(bias)),)))
-  return ((select, tuple(projections)), core, out)
-
-
 @pytest.mark.parametrize('length_kernel_size', [1, 3])
-def test_identity_kernels_give_dense_attention(length_kernel_size):
+def test_equals_sparse_qkv_at_the_multiplicative_layers_dense_weight(length_kernel_size):
   x = _inputs(2, 7, D_MODEL)
-  ours = _init(DenseConvAttention(D_MODEL, N_HEADS, S, length_kernel_size, mode='eval'), x)
-  dense = _init(CausalAttention(D_MODEL, N_HEADS, mode='eval'), x)
-  ours.weights = _identity_kernels(ours.weights, length_kernel_size)
-  (_, (q, k, v)), _, out = ours.weights
-  dense.weights = (((), (q[0], k[0], v[0])), (), out)
-  np.testing.assert_allclose(ours(x), dense(x), atol=1e-5)
+  sparse = _init(SparseQKVAttention(D_MODEL, N_HEADS, S, length_kernel_size, mode='eval'), x)
+  ours = _init(DenseConvAttention(D_MODEL, N_HEADS, S, length_kernel_size, mode='eval'), x,
+               seed=1)
+  (d, e, bias), convolutions, core = sparse.weights
+  dense = np.einsum('si,im->ism', d, e).reshape(D_MODEL, D_MODEL)  # W[i, (s, m)] = D[s, i] E[i, m]
+  ours.weights = ((jnp.asarray(dense), bias), convolutions, core)
+  np.testing.assert_allclose(ours(x), sparse(x), atol=1e-5)
+  assert not np.allclose(_init(DenseConvAttention(D_MODEL, N_HEADS, S, length_kernel_size,
+                                                  mode='eval'), x, seed=1)(x), sparse(x))
 
 
 def test_is_causal():
@@ -81,11 +72,11 @@ def test_gradients_reach_every_weight_and_match_finite_differences():
 
   grads = jax.grad(loss)(layer.weights)
   leaves = jax.tree.leaves(grads)
-  assert len(leaves) == 3 * (2 + 2) + 2  # q, k, v: Dense w, b and kernel, bias; output w, b
+  assert len(leaves) == 2 + 3 * 2  # Dense w, b; kernel and bias of Q, K and V
   for g in leaves:
     assert np.isfinite(g).all() and np.abs(g).max() > 0
   direction = jax.tree.map(lambda w: _inputs(*w.shape, seed=2), layer.weights)
-  eps = 1e-2
+  eps = 1e-3
   moved = [loss(jax.tree.map(lambda w, d, s=s: w + s * eps * d, layer.weights, direction))
            for s in (1, -1)]
   numeric = (moved[0] - moved[1]) / (2 * eps)
@@ -93,13 +84,14 @@ def test_gradients_reach_every_weight_and_match_finite_differences():
   np.testing.assert_allclose(analytic, numeric, rtol=2e-2)
 
 
-def test_lm_has_dense_weights_plus_the_convolutions():
+def test_lm_has_one_dense_projection_and_the_convolutions_instead_of_four_projections():
   signature = shapes.ShapeDtype((1, 8), np.int32)
   counts = {conv: parameter_counts(ScalingTransformerLM(
       vocab_size=VOCAB, d_model=D_MODEL, d_ff=32, n_layers=2, n_heads=N_HEADS, max_len=16,
       attention_conv=conv, mode='eval'), signature) for conv in (0, S)}
   m = D_MODEL // S
-  per_layer = 2 * (3 * 3 * m * m + m) + (3 * 1 * m * m + m)  # Q, K (3, 3); V (3, 1); biases
+  convolutions = 2 * (3 * 3 * m * m + m) + (3 * 1 * m * m + m)  # Q, K (3, 3); V (3, 1)
+  per_layer = convolutions - 3 * (D_MODEL * D_MODEL + D_MODEL)  # one Dense of four
   assert counts[S]['total'] - counts[0]['total'] == 2 * per_layer
   assert (counts[S]['decoder/self_attention'] - counts[0]['decoder/self_attention'] ==
           2 * per_layer)

@@ -131,7 +131,7 @@ def test_render_merges_output_dirs_and_renders_some_arms(tmp_path, tiny_tokens):
   only_conv = quality.render(tmp_path / 'one', [tmp_path / 'gpu1'])
   assert [row['arm'] for row in only_conv['rows']] == ['dense_conv']
   assert only_conv['rows'][0]['delta_vs_dense'] is None
-  assert '| dense_conv | 216 | - | - | - | 4 |' in (tmp_path / 'one' / 'quality.md').read_text()
+  assert '| dense_conv | 312 | - | - | - | 4 |' in (tmp_path / 'one' / 'quality.md').read_text()
   both = quality.render(tmp_path / 'both', [tmp_path / 'gpu0', tmp_path / 'gpu1'])
   assert [row['arm'] for row in both['rows']] == ['dense', 'dense_conv']
   conv = both['rows'][1]

@@ -9,8 +9,8 @@ knob; every knob at 0 gives the dense baseline:
   attention_sparsity  Sparse QKV, S modules + causal convolution    §3.2  layers/sparse_qkv.py
   loss_sparsity       multiplicative vocabulary projection          §3.3  layers/sparse_loss.py
 
-`attention_conv` is no paper idea but the control of Sparse QKV's convolution
-(layers/conv_attention.py): dense attention with the same causal convolution after Q, K and V.
+`attention_conv` is no paper idea but the control of Sparse QKV's sparsity
+(layers/conv_attention.py): Sparse QKV with a dense projection instead of the multiplicative one.
 
 The encoder-decoder keeps dense self-attention in the encoder; the decoder's self-attention
 takes `attention_sparsity`, and its encoder-decoder attention `enc_dec_attention_sparsity`
@@ -64,15 +64,15 @@ def ScalingTransformerLM(vocab_size=VOCAB_SIZE, d_model=D_MODEL, d_ff=D_FF,
     attention_sparsity: 0 for dense attention; S for Sparse QKV with S modules.
     loss_sparsity: 0 for a dense output layer; S for a multiplicative one with S modules.
     length_kernel_size: Length extent of the Sparse QKV convolutions.
-    attention_conv: 0, or S: dense attention with Sparse QKV's convolution over S modules
-      after Q, K and V (the control, layers/conv_attention.py); only with attention_sparsity 0.
+    attention_conv: 0, or S: Sparse QKV's convolution over S modules after a dense projection
+      (the control, layers/conv_attention.py); only with attention_sparsity 0.
     mode: 'train', 'eval' or 'predict' (fast decoding with caches).
   """
   _check_model_args(d_model, n_heads, attention_sparsity, mode)
   if attention_conv:
     if attention_sparsity:
-      raise ValueError(f'attention_conv={attention_conv} is the control of dense attention; '
-                       f'it takes attention_sparsity=0, got {attention_sparsity}')
+      raise ValueError(f'attention_conv={attention_conv} replaces Sparse QKV by its dense '
+                       f'control; it takes attention_sparsity=0, got {attention_sparsity}')
     check_divides('attention_conv', attention_conv, 'd_model', d_model)
   return tl.Serial(                                          # toks [batch, length]
       tl.ShiftRight(mode=mode),
@@ -158,8 +158,8 @@ def ScalingTransformer(input_vocab_size=VOCAB_SIZE, output_vocab_size=None,
 
 def _SelfAttention(d_model, n_heads, max_len, dropout, attention_sparsity, length_kernel_size,
                    mode, attention_conv=0):
-  """Pre-LayerNorm residual causal self-attention: dense, Sparse QKV with S modules, or dense
-  with the convolution over `attention_conv` modules."""
+  """Pre-LayerNorm residual causal self-attention: dense, Sparse QKV with S modules, or its
+  dense control with `attention_conv` modules."""
   if attention_conv:
     attention = DenseConvAttention(d_model, n_heads, attention_conv, length_kernel_size,
                                    dropout=dropout, max_inference_length=max_len, mode=mode)

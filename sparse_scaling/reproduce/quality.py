@@ -13,8 +13,9 @@ is the decoder-only LM of `gin_configs/reproduce/quality_<size>.gin` with the ar
 (`ARMS`) bound on top, trained by `training.train` for the same steps on the same data with
 the same seeds. The +QKV arms spend the weights Sparse QKV saves on d_ff (the paper's
 4096 -> 6144), the +loss arm also those of the output layer, so all arms have about the dense
-parameter count. `dense_conv` is no paper arm but the control of Sparse QKV's convolution:
-dense attention with the same causal convolution after Q, K and V (layers/conv_attention.py).
+parameter count. `dense_conv` is no paper arm but the control of Sparse QKV's sparsity: Sparse
+QKV with a dense projection instead of the multiplicative layer (layers/conv_attention.py),
+d_ff raised by the weights it saves against dense attention.
 
 A run's score is its last evaluation, at the final step: `train.eval_steps` validation
 batches. Every run evaluates at the same steps on a fresh eval stream, so the n-th evaluation
@@ -67,9 +68,9 @@ ARMS = {
                'D_FF = %QKV_D_FF'],
     'ff_qkv_loss': ['FF_SPARSITY = %SPARSE_FF', 'ATTENTION_SPARSITY = %SPARSE_QKV',
                     'LOSS_SPARSITY = %SPARSE_LOSS', 'D_FF = %QKV_LOSS_D_FF'],
-    # The control, no paper idea: dense attention with Sparse QKV's convolution
-    # (layers/conv_attention.py). If it closes dense's gap to qkv, the gain is the
-    # convolution's, not sparsity's.
+    # The control, no paper idea: Sparse QKV with a dense projection instead of the
+    # multiplicative one (layers/conv_attention.py). If it matches qkv, a gain of qkv over
+    # dense is the convolution's (and the missing output projection's), not sparsity's.
     'dense_conv': ['ATTENTION_CONV = %SPARSE_QKV', 'D_FF = %CONV_D_FF'],
 }
 # Largest validation log-perplexity above dense (nats) that counts as the paper's result:
@@ -360,18 +361,18 @@ def markdown(results):
 
 
 def _convolution_lines(rows):
-  """The control's reading: what the convolution alone and sparsity given it change."""
+  """The control's reading: what Sparse QKV's structure and what its sparsity change."""
   by_arm = {row['arm']: row for row in rows}
   if not {'dense', 'qkv', 'dense_conv'} <= by_arm.keys():
     return []
   conv, qkv = by_arm['dense_conv'], by_arm['qkv']
   spread = max(by_arm[arm]['val_log_ppl_spread'] for arm in ('dense', 'qkv', 'dense_conv'))
   return [
-      f'Convolution control: dense_conv - dense = {conv["delta_vs_dense"]:+.4f} nats (the '
-      f'convolution alone, dense projections kept); qkv - dense_conv = '
-      f'{qkv["val_log_ppl_mean"] - conv["val_log_ppl_mean"]:+.4f} (Sparse QKV\'s projections '
-      f'instead of dense ones, the convolution on both sides); the largest seed spread of the '
-      f'three arms is {spread:.4f}.',
+      f'Control: dense_conv - dense = {conv["delta_vs_dense"]:+.4f} nats (Sparse QKV\'s '
+      f'structure, the convolution and no output projection, with a dense projection); qkv - '
+      f'dense_conv = {qkv["val_log_ppl_mean"] - conv["val_log_ppl_mean"]:+.4f} (the '
+      f'multiplicative projection instead of the dense one: the sparsity); the largest seed '
+      f'spread of the three arms is {spread:.4f}.',
       '']
 
 
