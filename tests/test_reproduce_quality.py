@@ -81,6 +81,9 @@ def test_tiny_reproduction_writes_rows_markdown_and_curves(tmp_path, monkeypatch
   (results_dir / 'quality.md').unlink()
   quality.render(results_dir)  # --render_only
   assert (results_dir / 'quality.md').read_text() == markdown
+  (results_dir / quality.NOTES).write_text('## Notes\n\nBy hand.\n')
+  quality.render(results_dir)
+  assert (results_dir / 'quality.md').read_text() == markdown + '\n## Notes\n\nBy hand.\n'
   assert (results_dir / 'quality_curves.png').exists()
 
 

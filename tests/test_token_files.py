@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from sparse_scaling import data
+from sparse_scaling.data import make_token_files
 from sparse_scaling.data import token_files
 
 VOCAB_SIZE = 512
@@ -174,3 +175,15 @@ def test_bad_input_gives_one_line_errors(token_dir, tmp_path, sp):
       tmp_path / 'x', {}, Huge(), 'test', '-'), '70000 pieces', 'uint16')
   _one_line_error(ValueError, lambda: token_files.write_token_files(
       tmp_path / 'x', {}, sp, 'test', '-', shard_tokens=0), 'shard_tokens=0')
+
+
+def test_embedded_source_splits_by_work_with_its_vocabulary(cache_dir, tmp_path):
+  splits, sp, rule = make_token_files.SOURCES['embedded'](VOCAB_SIZE, cache_dir)
+  assert splits['validation'] == data.shakespeare_texts('validation')
+  assert sp.get_piece_size() == VOCAB_SIZE and 'hamlet' in rule
+  manifest = token_files.write_token_files(
+      tmp_path, {'train': splits['train'][:2], 'validation': splits['validation'][:1]}, sp,
+      'embedded', rule)
+  assert manifest['documents'] == {'train': 2, 'validation': 1}
+  assert (token_files.load_tokens(tmp_path, 'validation').astype(np.int64).tolist() ==
+          sp.encode(splits['validation'][0]) + [data.EOS_ID])

@@ -85,6 +85,7 @@ CORPUS_TEXT = {'embedded': 'the embedded corpus', 'rfc': 'the rfc corpus',
                'tokens': 'token files (sparse_scaling/data/token_files.py; the gpu size: Debian\'s '
                          'IETF RFCs)'}
 RECORD = 'run.json'  # a finished run's record, in its directory
+NOTES = 'quality_notes.md'  # hand-written, in results_dir: appended to quality.md
 EVALS_PER_RUN = 10  # with --steps: eval_frequency = steps // 10 (plus trax's eval at step 1)
 # and checkpoints at steps // 2 and steps (and trax's at step 1)
 LATE_EVALS = 3  # a second, less noisy score: the mean of each run's last 3 evaluations
@@ -414,11 +415,14 @@ def plot(results, path):
 
 
 def write_results(results, results_dir):
-  """Writes quality.json, quality.md and quality_curves.png."""
+  """Writes quality.json, quality.md and quality_curves.png; quality.md ends with
+  `<results_dir>/quality_notes.md` if there is one (what the numbers cannot say)."""
   results_dir = pathlib.Path(results_dir)
   results_dir.mkdir(parents=True, exist_ok=True)
   (results_dir / 'quality.json').write_text(json.dumps(results, indent=1) + '\n')
-  (results_dir / 'quality.md').write_text(markdown(results))
+  notes = results_dir / NOTES
+  (results_dir / 'quality.md').write_text(
+      markdown(results) + ('\n' + notes.read_text() if notes.is_file() else ''))
   plot(results, results_dir / 'quality_curves.png')
 
 
