@@ -21,9 +21,11 @@ def test_walk_passes_each_layer_its_inputs_and_ends_with_the_step_output(impl, d
   model.weights, model.state = table1.random_weights_and_state(model, 'float32')
   tokens = jnp.ones((1, 1), jnp.int32)
   rows, stack = block_profile.profile(model, (tokens,), depth, **FAST)
-  # Layer by layer, the walk ends where the whole step does.
+  # Layer by layer, the walk ends where the whole step does: a layer given wrong inputs is off
+  # by O(1). The tolerance leaves room for the rounding of other fusions (each layer compiled
+  # alone against the whole step), which on a GPU exceeds the CPU's 1e-6.
   logits = model.pure_fn(tokens, model.weights, model.state, jax.random.PRNGKey(0))[0]
-  np.testing.assert_allclose(stack[0], logits, atol=1e-5)
+  np.testing.assert_allclose(stack[0], logits, rtol=1e-4, atol=1e-4)
   assert stack[0].shape == (1, 1, TINY['vocab_size'])
   assert rows[0]['level'] == 0 and all(r['level'] > 0 for r in rows[1:])
   assert not [r for r in rows[1:] if r['layer'] in block_profile.PLUMBING]

@@ -9,6 +9,7 @@ and that a run out of time still reports its steps, and check the rows and their
 
 import json
 import os
+import re
 import time
 
 import gin
@@ -87,10 +88,14 @@ def test_step_recorder_prints_a_record_per_step_and_stops_at_the_deadline(capsys
 
 
 def test_step_recorder_fails_when_the_step_ran_elsewhere(monkeypatch):
-  monkeypatch.setattr(jax, 'local_devices', lambda: ['cuda:0'])  # weights on cpu:0: the host
-  with pytest.raises(RuntimeError, match=r"1-device training step ran on \['cpu:0'\], not on "
-                     r"\['cuda:0'\]. trax's Trainer keeps the optimizer slots on the host"):
-    scaling._StepRecorder(1, deadline=None)(_Loop(), 3.5, 0.1)
+  host = jax.devices('cpu')[0]  # the weights on the host (on any backend), the step expected
+  loop = _Loop()                # on an accelerator
+  loop.device_weights = {'w': jax.device_put(jax.numpy.ones(2), host)}
+  monkeypatch.setattr(jax, 'local_devices', lambda: ['cuda:7'])
+  with pytest.raises(RuntimeError, match=re.escape(
+      f"1-device training step ran on ['{host}'], not on ['cuda:7']. trax's Trainer keeps the "
+      'optimizer slots on the host')):
+    scaling._StepRecorder(1, deadline=None)(loop, 3.5, 0.1)
 
 
 def _run(seconds, losses):

@@ -59,3 +59,12 @@ def test_matched_variants_have_the_dense_parameter_count(measured, variant):
   dense, = (row['params'] for row, _ in measured if row['variant'] == 'dense')
   params, = (row['params'] for row, _ in measured if row['variant'] == variant)
   assert params == pytest.approx(dense, rel=0.05)
+
+
+def test_the_gpu_shape_times_every_quality_arm_at_its_size():
+  # The step of issue #16's GPU runs: reproduce/quality_gpu.gin with each arm's bindings.
+  shape = train_step.SHAPES['gpu']
+  assert shape.variants[0] == 'dense' and 'dense_conv' in shape.variants
+  dense, conv = (train_step.dimensions(shape, arm) for arm in ('dense', 'dense_conv'))
+  assert (dense['d_model'], dense['d_ff'], dense['attention_conv']) == (512, 2048, 0)
+  assert (conv['d_ff'], conv['attention_conv'], conv['attention_sparsity']) == (2720, 8, 0)

@@ -145,3 +145,24 @@ def test_render_merges_output_dirs_and_renders_some_arms(tmp_path, tiny_tokens):
   assert [row['arm'] for row in grown['rows']] == ['dense', 'dense_conv']
   with pytest.raises(FileNotFoundError, match='nothing to render'):
     quality.render(tmp_path / 'none', [tmp_path / 'empty'])
+
+
+def _row(arm, curve, spread=0.01):
+  return dict(arm=arm, curve=[[step, value] for step, value in enumerate(curve)],
+              val_log_ppl_mean=curve[-1], val_log_ppl_spread=spread,
+              delta_vs_dense=None)
+
+
+def test_a_diverged_arm_is_named_and_the_control_is_not_read_from_it():
+  dense, qkv = _row('dense', [7.0, 4.0, 3.5, 3.3]), _row('qkv', [7.0, 4.0, 3.4, 3.2])
+  stable = _row('dense_conv', [7.0, 4.0, 3.5, 3.46])        # +0.04 over its best: noise
+  diverged = _row('dense_conv', [7.0, 4.0, 4.3, 4.4])       # +0.4 over its best
+  for row in (qkv, stable, diverged):
+    row['delta_vs_dense'] = row['val_log_ppl_mean'] - dense['val_log_ppl_mean']
+  assert not quality._divergence_lines([dense, qkv, stable])  # pylint: disable=protected-access
+  assert quality._convolution_lines([dense, qkv, stable])[0].startswith(  # pylint: disable=protected-access
+      'Control: dense_conv - dense = +0.1600 nats')
+  [line, _] = quality._divergence_lines([dense, qkv, diverged])  # pylint: disable=protected-access
+  assert 'dense_conv (+0.40)' in line and 'qkv' not in line
+  assert quality._convolution_lines([dense, qkv, diverged]) == [  # pylint: disable=protected-access
+      'Control: not readable here, dense_conv diverged.', '']

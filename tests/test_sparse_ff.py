@@ -77,8 +77,13 @@ def test_decode_kernel_lowers_to_triton_for_a_gpu_at_table1_shapes(d_model, d_ff
   shapes = [(1, d_model), (1, rank), (rank, blocks, n), (blocks, n), (blocks, n, d_model),
             (blocks, n), (blocks, n, d_model), (d_model,)]
   args = [jax.ShapeDtypeStruct(shape, jnp.float32) for shape in shapes]
-  lowered = jax.jit(sparse_ff_kernel.sparse_units).trace(*args).lower(
-      lowering_platforms=('cuda',))
+  # The Triton lowering of jax >= 0.11 asks the default device which GPU it is; on a machine
+  # without one an abstract H200 answers (jax 0.10 asks nothing and ignores it).
+  h200 = jax.sharding.AbstractDevice(device_kind='NVIDIA H200', num_cores=None, platform='cuda')
+  with jax.sharding.use_abstract_mesh(
+      jax.sharding.AbstractMesh((1,), ('x',), abstract_device=h200)):
+    lowered = jax.jit(sparse_ff_kernel.sparse_units).trace(*args).lower(
+        lowering_platforms=('cuda',))
   assert 'xla.gpu.triton' in lowered.as_text()
 
 
@@ -222,14 +227,21 @@ def test_default_rank_is_d_model_over_n():
 
 
 def test_predict_reads_the_big_weights_only_through_a_gather():
+  """XLA's decoding path (CPUs, TPUs; `sparse_ff_kernel.use('xla')` anywhere) gathers the
+  chosen rows of W1 and W2; the kernel's (GPUs by default) hands them to the Pallas call."""
   d_model, d_ff, n = 32, 512, 16
   x = _inputs(1, 1, d_model)
   layer = _init(SparseFF(d_ff, n, mode='predict'), x)
-  step = lambda weights, x: layer.pure_fn(x, weights, layer.state, None)[0]
+  # A new function for each trace: jax caches a function's trace, and the kernel choice is
+  # read when tracing.
+  step = lambda: lambda weights, x: layer.pure_fn(x, weights, layer.state, None)[0]
   is_w1_or_w2 = lambda aval: aval.shape == (d_ff // n, n, d_model)
-  assert primitives_reading(step, (layer.weights, x), is_w1_or_w2) == {'gather'}
+  with sparse_ff_kernel.use('xla'):
+    assert primitives_reading(step(), (layer.weights, x), is_w1_or_w2) == {'gather'}
+  with sparse_ff_kernel.use('interpret'):  # the kernel reads its rows itself
+    assert primitives_reading(step(), (layer.weights, x), is_w1_or_w2) == {'pallas_call'}
   many = _inputs(1, n, d_model)  # N tokens take the masked dense path: the check can fail.
-  assert 'dot_general' in primitives_reading(step, (layer.weights, many), is_w1_or_w2)
+  assert 'dot_general' in primitives_reading(step(), (layer.weights, many), is_w1_or_w2)
 
 
 @pytest.mark.parametrize('kwargs, parameter', [

@@ -17,6 +17,8 @@ from trax import optimizers
 from trax.supervised import training as trax_training
 
 from sparse_scaling import checkpoints
+from sparse_scaling import parallel
+from sparse_scaling import training
 from tests import utils
 
 
@@ -32,14 +34,16 @@ def test_a_step_1_checkpoint_resumes_stops_cleanly_on_sigint_and_evaluates(run, 
   # The step-1 checkpoint is written before the first eval, with the eval model's own state
   # (trax's loader failed on it: IndexError). SIGINT comes in the middle of step 2.
   out, cache = run
-  one_step = optimizers.Trainer.one_step
+  # The trainer the Loop uses here: trax's on a CPU, ours (parallel.py) on one accelerator.
+  trainer = optimizers.Trainer if training._trainer_is_trax(False) else parallel.Trainer  # pylint: disable=protected-access
+  one_step = trainer.one_step
 
   def interrupted_step(self, *args, **kwargs):
-    monkeypatch.setattr(optimizers.Trainer, 'one_step', one_step)  # once
+    monkeypatch.setattr(trainer, 'one_step', one_step)  # once
     signal.raise_signal(signal.SIGINT)  # the handler runs here, during the step
     return one_step(self, *args, **kwargs)
 
-  monkeypatch.setattr(optimizers.Trainer, 'one_step', interrupted_step)
+  monkeypatch.setattr(trainer, 'one_step', interrupted_step)
   loop = utils.train_tiny_lm(out, cache, steps=5)
   assert loop.stopped_by == 'SIGINT' and loop.step == 2
   stdout = capsys.readouterr().out

@@ -72,7 +72,8 @@ def primitives_reading(fn, args, is_target):
   """Names of the primitives that read the arguments selected by `is_target`.
 
   Traces `fn(*args)` to a jaxpr and follows each selected argument through reshapes and into
-  nested jitted calls, returning every primitive that consumes it.
+  nested jitted calls, returning every primitive that consumes it (a Pallas kernel counts as
+  one consumer, 'pallas_call': what it does with its refs is its own).
 
   Args:
     fn: A function of `args`.
@@ -88,7 +89,7 @@ def primitives_reading(fn, args, is_target):
         if not any(var is v for v in variables):
           continue
         inner = eqn.params.get('jaxpr')
-        if inner is not None:
+        if inner is not None and eqn.primitive.name != 'pallas_call':
           follow(getattr(inner, 'jaxpr', inner), [inner_invar(inner, position)])
         elif eqn.primitive.name == 'reshape':
           follow(jaxpr, eqn.outvars)

@@ -151,10 +151,11 @@ def parse_gin(gin_files, bindings=()):
 def macros(names):
   """The parsed config's values of the gin macros `names`, by lowercase name; a macro that
   names another (`FF_SPARSITY = %SPARSE_FF`) gives that one's value."""
-  values = {}
-  for name in names:
-    value = gin.query_parameter('%' + name)
-    if isinstance(value, gin.config.ConfigurableReference):
-      value = value.scoped_configurable_fn()
-    values[name.lower()] = value
-  return values
+  return {name.lower(): resolve(gin.query_parameter('%' + name)) for name in names}
+
+
+def resolve(value):
+  """A queried gin value with macro references followed (`%SPARSE_FF` -> 32)."""
+  while isinstance(value, gin.config.ConfigurableReference):
+    value = value.scoped_configurable_fn()
+  return value

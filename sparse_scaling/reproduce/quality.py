@@ -54,6 +54,7 @@ from trax import shapes
 
 from sparse_scaling import configs
 from sparse_scaling import training
+from sparse_scaling.bench import common
 from sparse_scaling.bench import timing
 from sparse_scaling.models.params import parameter_counts
 
@@ -88,13 +89,12 @@ RECORD = 'run.json'  # a finished run's record, in its directory
 NOTES = 'quality_notes.md'  # hand-written, in results_dir: appended to quality.md
 EVALS_PER_RUN = 10  # with --steps: eval_frequency = steps // 10 (plus trax's eval at step 1)
 # and checkpoints at steps // 2 and steps (and trax's at step 1)
+DIVERGED = 0.05  # nats: an arm whose mean curve ends this far above its best evaluation
 LATE_EVALS = 3  # a second, less noisy score: the mean of each run's last 3 evaluations
 SETTING = ('D_MODEL', 'N_LAYERS', 'N_HEADS', 'VOCAB_SIZE', 'SEQ_LEN', 'BATCH_SIZE', 'DROPOUT')
 # Fields of a run record that every run of one table shares (its size, corpus and setting).
 SHARED = ('command', 'size', 'corpus', 'machine', 'setting', 'eval_tokens')
 KNOBS = ('D_FF', 'FF_SPARSITY', 'ATTENTION_SPARSITY', 'LOSS_SPARSITY', 'ATTENTION_CONV')
-RESULTS_DIR = pathlib.Path(__file__).resolve().parents[2] / 'docs' / 'results'
-
 def _define_flags():
   """Defines the command line's flags; only when run as a program (others have namesakes)."""
   flags.DEFINE_enum('size', 'small', SIZES,
@@ -120,7 +120,7 @@ def _define_flags():
 
 def default_results_dir(size):
   """docs/results for the cpu size (the published table), docs/results/quality_<size> else."""
-  return str(RESULTS_DIR if size == 'cpu' else RESULTS_DIR / f'quality_{size}')
+  return str(common.RESULTS_DIR if size == 'cpu' else common.RESULTS_DIR / f'quality_{size}')
 
 
 def bindings(arm, seed, corpus, steps=None, gin_params=()):
@@ -165,9 +165,8 @@ def train_run(size, arm, seed, corpus, output_dir, steps=None, gin_params=(), fr
   if record is not None:
     print(f'--- {arm}, seed {seed}: done before, {run_dir}/{RECORD}', flush=True)
     return record
-  gin.clear_config()
-  configs.parse([GIN_FILE.format(size)], run_bindings)
-  setting = _macros(SETTING)
+  common.parse_gin([GIN_FILE.format(size)], run_bindings)
+  setting = common.macros(SETTING)
   model = configs.configured_model()(mode='eval')
   params = parameter_counts(model, shapes.ShapeDtype((1, setting['seq_len']), np.int32))
   os.makedirs(run_dir, exist_ok=True)
@@ -187,11 +186,11 @@ def train_run(size, arm, seed, corpus, output_dir, steps=None, gin_params=(), fr
       # The first step of a call compiles; the median of the others is the training speed.
       tokens_per_s=(tokens_per_step / float(np.median(step_seconds[1:]))
                     if len(step_seconds) > 1 else None),
-      knobs=_macros(KNOBS), setting=setting, size=size, corpus=corpus,
+      knobs=common.macros(KNOBS), setting=setting, size=size, corpus=corpus,
       eval_tokens=gin.query_parameter('train.eval_steps') * tokens_per_step,
       machine=timing.machine_description(), command=command, output_dir=run_dir,
       bindings=run_bindings)
-  pathlib.Path(run_dir, RECORD).write_text(json.dumps(record, indent=1) + '\n')
+  common.write_json(pathlib.Path(run_dir, RECORD), record)
   return record
 
 
@@ -205,17 +204,6 @@ def _eval_history(loop):
   """[[step, validation log-perplexity], ...] of a trained `Loop`."""
   return [[int(step), float(value)]
           for step, value in loop.history.get('eval', 'metrics/log_perplexity')]
-
-
-def _macros(names):
-  """The parsed config's values of gin macros, by lowercase name (macro references followed)."""
-  values = {}
-  for name in names:
-    value = gin.query_parameter('%' + name)
-    if isinstance(value, gin.config.ConfigurableReference):  # FF_SPARSITY = %SPARSE_FF
-      value = value.scoped_configurable_fn()
-    values[name.lower()] = value
-  return values
 
 
 def reproduce(size, corpus, seeds, arms, output_dir, steps=None, command='', gin_params=(),
@@ -311,10 +299,10 @@ def markdown(results):
       f'step, over {results["eval_tokens"]:,} tokens: the same validation windows for every '
       f'run.',
       '',
-      '| arm | d_ff | FF N | QKV S | loss S | conv S | params | vs dense | steps | tokens | '
-      f'seeds | val log-ppl (mean ± spread) | Δ vs dense | goal | result | last {LATE_EVALS} '
-      'evals | Δ vs dense | tokens/s | s/run |',
-      '|' + '---|' * 19]
+      common.table_header([
+          'arm', 'd_ff', 'FF N', 'QKV S', 'loss S', 'conv S', 'params', 'vs dense', 'steps',
+          'tokens', 'seeds', 'val log-ppl (mean ± spread)', 'Δ vs dense', 'goal', 'result',
+          f'last {LATE_EVALS} evals', 'Δ vs dense', 'tokens/s', 's/run'])]
   for row in rows:
     knobs = row['knobs']
     cells = [row['arm'], knobs['d_ff'], knobs['ff_sparsity'] or '-',
@@ -327,7 +315,7 @@ def markdown(results):
              {True: 'pass', False: 'miss', None: '-'}[row['meets_goal']],
              f'{row["late_log_ppl_mean"]:.4f}', _signed(row['late_delta_vs_dense'], '{:+.4f}'),
              _signed(row.get('tokens_per_s'), '{:,.0f}'), f'{row["wall_s"]:.0f}']
-    lines.append('| ' + ' | '.join(map(str, cells)) + ' |')
+    lines.append(common.table_row(cells))
   seeds = sorted({seed for row in rows for seed in row['seeds']})
   lines += [
       '',
@@ -348,7 +336,7 @@ def markdown(results):
         '+loss arm also by the output layer\'s; the Sparse FF controller (rank d_model / N) is '
         'extra, as in the paper.',
         '']
-  lines += _convolution_lines(rows)
+  lines += _divergence_lines(rows) + _convolution_lines(rows)
   lines += [
       f'Wall time: {sum(row["wall_s"] * len(row["seeds"]) for row in rows):.0f} s for '
       f'{sum(len(row["seeds"]) for row in rows)} runs (s/run: training, compilation, '
@@ -361,6 +349,28 @@ def markdown(results):
   return '\n'.join(lines) + '\n'
 
 
+def rise(row):
+  """How far (nats) an arm's mean curve ends above its lowest evaluation."""
+  values = [value for _, value in row['curve']]
+  return values[-1] - min(values)
+
+
+def diverged(row):
+  """Whether an arm's training went wrong: its mean curve ends `DIVERGED` nats or more above
+  its lowest evaluation, and its final score says nothing about its architecture."""
+  return rise(row) >= DIVERGED
+
+
+def _divergence_lines(rows):
+  """Names the arms whose training diverged."""
+  bad = [f'{row["arm"]} (+{rise(row):.2f})' for row in rows if diverged(row)]
+  if not bad:
+    return []
+  return [f'**Diverged** (the mean curve ends {DIVERGED} nats or more above its lowest '
+          f'evaluation): {", ".join(bad)}. Their Δ measures the failed training, not the '
+          'architecture.', '']
+
+
 def _convolution_lines(rows):
   """The control's reading: what Sparse QKV's structure and what its sparsity change."""
   by_arm = {row['arm']: row for row in rows}
@@ -368,6 +378,9 @@ def _convolution_lines(rows):
     return []
   conv, qkv = by_arm['dense_conv'], by_arm['qkv']
   spread = max(by_arm[arm]['val_log_ppl_spread'] for arm in ('dense', 'qkv', 'dense_conv'))
+  failed = [arm for arm in ('dense', 'qkv', 'dense_conv') if diverged(by_arm[arm])]
+  if failed:
+    return [f'Control: not readable here, {" and ".join(failed)} diverged.', '']
   return [
       f'Control: dense_conv - dense = {conv["delta_vs_dense"]:+.4f} nats (Sparse QKV\'s '
       f'structure, the convolution and no output projection, with a dense projection); qkv - '
@@ -383,9 +396,7 @@ def _signed(value, fmt):
 
 def plot(results, path):
   """Validation log-perplexity by step, mean over seeds, one line per arm; and minus dense."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  plt = common.pyplot()
   rows = results['rows']
   dense = next((row for row in rows if row['arm'] == 'dense'), None)
   fig, axes = plt.subplots(1, 2 if dense else 1, figsize=(11 if dense else 6, 4), squeeze=False)
@@ -409,9 +420,7 @@ def plot(results, path):
   for ax in axes[0]:
     ax.set_xlabel('step')
     ax.legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+  common.save_figure(fig, path)
 
 
 def write_results(results, results_dir):
@@ -419,7 +428,7 @@ def write_results(results, results_dir):
   `<results_dir>/quality_notes.md` if there is one (what the numbers cannot say)."""
   results_dir = pathlib.Path(results_dir)
   results_dir.mkdir(parents=True, exist_ok=True)
-  (results_dir / 'quality.json').write_text(json.dumps(results, indent=1) + '\n')
+  common.write_json(results_dir / 'quality.json', results)
   notes = results_dir / NOTES
   (results_dir / 'quality.md').write_text(
       markdown(results) + ('\n' + notes.read_text() if notes.is_file() else ''))
@@ -484,5 +493,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  _define_flags()
-  app.run(main)
+  common.run(main, _define_flags)
