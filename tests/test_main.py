@@ -122,14 +122,21 @@ def test_export_without_checkpoint_fails_with_one_line_error(tmp_path):
   assert not (tmp_path / 'w.npz').exists()
 
 
+# Each case starts main.py (~17 s on 2 cores): three run by default (a gin file, the data
+# against the model, a sampling option), the others with -m slow; the layers' and the
+# sampler's rules are also tested in-process (test_sparse_ff, test_scaling_transformer,
+# test_decoding).
+_SLOW = pytest.mark.slow
+
+
 @pytest.mark.parametrize('args, message', [
     (['--gin_file=tiny/no_such.gin'], 'no_such.gin'),
-    (['--gin_param=train.no_such_arg=1'], 'no_such_arg'),
-    (['--gin_param=ScalingTransformerLM.n_heads=3'], 'n_heads'),
-    (['--gin_param=ScalingTransformerLM.d_ff=500'], 'd_ff'),
+    pytest.param(['--gin_param=train.no_such_arg=1'], 'no_such_arg', marks=_SLOW),
+    pytest.param(['--gin_param=ScalingTransformerLM.n_heads=3'], 'n_heads', marks=_SLOW),
+    pytest.param(['--gin_param=ScalingTransformerLM.d_ff=500'], 'd_ff', marks=_SLOW),
     (['--gin_param=embedded_lm_inputs.seq_len=1024'], 'max_len'),
     (['--mode=decode', '--temperature=1', '--top_p=1.5'], 'top_p'),
-    (['--mode=decode', '--gin_param=sample.top_q=0.5'], 'top_q'),
+    pytest.param(['--mode=decode', '--gin_param=sample.top_q=0.5'], 'top_q', marks=_SLOW),
 ])
 def test_bad_input_fails_with_one_line_error_and_keeps_the_checkpoint(trained, args, message):
   tmp_path, out, _ = trained
@@ -143,6 +150,8 @@ def test_decode_without_checkpoint_fails_with_one_line_error(tmp_path):
                   'no checkpoint')
 
 
+@pytest.mark.slow  # 58 s; by default the SIGTERM test resumes a stopped run and
+# test_training's lock test has a killed process release its lock.
 def test_kill_9_during_training_then_the_same_command_resumes(tmp_path):
   out = tmp_path / 'run'
   command = _command(out, steps=1000)
