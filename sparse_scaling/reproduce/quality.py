@@ -95,6 +95,8 @@ SETTING = ('D_MODEL', 'N_LAYERS', 'N_HEADS', 'VOCAB_SIZE', 'SEQ_LEN', 'BATCH_SIZ
 # Fields of a run record that every run of one table shares (its size, corpus and setting).
 SHARED = ('command', 'size', 'corpus', 'machine', 'setting', 'eval_tokens')
 KNOBS = ('D_FF', 'FF_SPARSITY', 'ATTENTION_SPARSITY', 'LOSS_SPARSITY', 'ATTENTION_CONV')
+
+
 def _define_flags():
   """Defines the command line's flags; only when run as a program (others have namesakes)."""
   flags.DEFINE_enum('size', 'small', SIZES,
@@ -428,8 +430,7 @@ def write_results(results, results_dir):
   """Writes quality.json, quality.md and quality_curves.png; quality.md ends with
   `<results_dir>/quality_notes.md` if there is one (what the numbers cannot say)."""
   results_dir = pathlib.Path(results_dir)
-  results_dir.mkdir(parents=True, exist_ok=True)
-  common.write_json(results_dir / 'quality.json', results)
+  common.write_json(results_dir / 'quality.json', results)  # creates results_dir
   notes = results_dir / NOTES
   (results_dir / 'quality.md').write_text(
       markdown(results) + ('\n' + notes.read_text() if notes.is_file() else ''))
