@@ -68,3 +68,31 @@ def test_the_gpu_shape_times_every_quality_arm_at_its_size():
   dense, conv = (train_step.dimensions(shape, arm) for arm in ('dense', 'dense_conv'))
   assert (dense['d_model'], dense['d_ff'], dense['attention_conv']) == (512, 2048, 0)
   assert (conv['d_ff'], conv['attention_conv'], conv['attention_sparsity']) == (2720, 8, 0)
+
+
+def test_op_labels_name_the_pass_the_innermost_layer_and_the_operation():
+  label = train_step.op_label
+  assert label('jit(f)/jit(main)/Serial/SparseFF_64_8/SparseFFController/cumsum') == \
+      'fwd SparseFFController/cumsum'
+  assert label('jit(f)/transpose(jvp(Serial))/ChosenUnitsFF/dot_general') == \
+      'bwd ChosenUnitsFF/dot_general'
+  assert label('jit(f)/jit(main)/mul') == 'fwd optimizer/mul'
+  assert label('') == 'fwd optimizer/(no op_name)'
+
+
+def test_profile_attributes_the_step_s_device_time_to_its_layers():
+  # One Sparse FF layer's training step, traced: the groups add up to the step's kernels,
+  # and the controller and the units show up by their layers' names in both passes.
+  model = train_step.build_model(TINY, 'ff', dropout=0.0)
+  tokens = jax.numpy.ones((TINY.batch, TINY.length), jax.numpy.int32)
+  profile = train_step.profile_step(model, (tokens, tokens, tokens * 1.0), n_steps=2)
+  total, rows = profile['device_s'], profile['groups']
+  assert total > 0 and profile['wall_s'] > 0
+  assert profile['kernels'] == sum(row['kernels'] for row in rows)
+  assert sum(row['seconds'] for row in rows) == pytest.approx(total)
+  assert [row['seconds'] for row in rows] == sorted((row['seconds'] for row in rows),
+                                                    reverse=True)
+  labels = {row['label'] for row in rows}
+  for pass_ in ('fwd', 'bwd'):
+    assert any(l.startswith(f'{pass_} ChosenUnitsFF/') for l in labels), labels
+  assert any(l.startswith('fwd SparseFFController/') for l in labels), labels

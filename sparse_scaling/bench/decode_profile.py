@@ -1,7 +1,7 @@
 """What one decoding step runs, kernel by kernel: the fixed cost per block behind Table 1.
 
   python -m sparse_scaling.bench.decode_profile [--shapes 800m] [--variants dense,ffqkv]
-      [--layers 24] [--steps 20] [--dtype float32] [--json] [--nowrite]
+      [--layers 24] [--steps 20] [--dtype float32] [--kernels auto] [--json] [--nowrite]
 
 Builds each Table 1 variant as our `ScalingTransformerLM` in predict mode (random weights,
 batch 1, KV caches of 168 positions as in Table 1), compiles one decoding step (jitted, state
@@ -24,8 +24,10 @@ The summary gives, per variant: wall and device-busy time per step, kernels per 
 block, time and bytes per block, and the block's bandwidth floor. The detail lists one block's
 kernels (block 1: block 0 can differ where XLA fuses across the embedding). Device time far
 above bytes / bandwidth with many kernels of a few microseconds each is launch-bound: the
-step's cost is its number of kernels, not what they read. Writes
-docs/results/decode_profile_<backend>.md unless --nowrite.
+step's cost is its number of kernels, not what they read. `--kernels` chooses the Pallas
+decoding kernels (`layers/decode_kernels.py`: auto, pallas, interpret or xla). Writes
+docs/results/decode_profile_<backend>.md (with --kernels other than auto:
+decode_profile_<backend>_<kernels>.md) unless --nowrite.
 """
 
 import collections
@@ -45,6 +47,7 @@ import numpy as np
 from sparse_scaling.bench import common
 from sparse_scaling.bench import decoders
 from sparse_scaling.bench import timing
+from sparse_scaling.layers import decode_kernels
 
 _ITEMSIZE = {'pred': 1, 's8': 1, 'u8': 1, 'bf16': 2, 'f16': 2, 's16': 2, 'u16': 2,
              'f32': 4, 's32': 4, 'u32': 4, 'f64': 8, 's64': 8, 'u64': 8}
@@ -197,7 +200,8 @@ def kernels(text):
       category = f'fusion {inst["kind"] or ""} ({root["opcode"] if root else "?"})'
     elif inst['target']:
       category = f'custom-call {inst["target"]}'
-    out[inst['name']] = dict(scope=_scope(inst['op_name']), category=category, bytes=moved)
+    out[inst['name']] = dict(scope=_scope(inst['op_name']), category=category, bytes=moved,
+                             op_name=_op_name(inst, fused))
   # Instructions XLA made without metadata (the CPU's dots) belong where their users are.
   users = collections.defaultdict(list)
   for inst in computations[entry]:
@@ -211,6 +215,16 @@ def kernels(text):
   return out
 
 
+def _op_name(inst, fused):
+  """The kernel's op_name: its own, or its fused computation's root's (fusions often carry
+  none of their own)."""
+  if inst['op_name'] or not fused:
+    return inst['op_name']
+  root = next((i for i in fused if i['root']), None)
+  named = [i['op_name'] for i in ([root] if root else []) + fused if i['op_name']]
+  return named[0] if named else ''
+
+
 def _scope(op_name):
   match = re.search(r'(embed|block\d+/(?:attention|ff)|output)', op_name)
   return match.group(1) if match else 'other'
@@ -218,11 +232,12 @@ def _scope(op_name):
 
 # --- the trace ---------------------------------------------------------------------------
 
-def kernel_times(run, n_steps):
+def kernel_times(run, n_steps, module='step'):
   """Seconds per step of each HLO instruction's kernels: name -> (launches, seconds).
 
   Runs `run()` `n_steps` times under `jax.profiler.trace` and reads the trace: device
-  planes' events (GPU kernels) where there are any, else the host's XLA thunks.
+  planes' events (GPU kernels) where there are any, else the host's XLA thunks; only those
+  of XLA modules whose name holds `module`.
   """
   with tempfile.TemporaryDirectory() as log_dir:
     with jax.profiler.trace(log_dir):
@@ -240,7 +255,7 @@ def kernel_times(run, n_steps):
         name = stats.get('hlo_op') or (event.name if device_planes else None)
         if not name or event.name.startswith('end: '):
           continue
-        if 'hlo_module' in stats and 'step' not in str(stats['hlo_module']):
+        if 'hlo_module' in stats and module not in str(stats['hlo_module']):
           continue
         totals[name][0] += 1
         totals[name][1] += event.duration_ns * 1e-9
@@ -264,13 +279,14 @@ def attribute(times, info):
     meta = info.get(name) or by_key.get(kernel_key(name)) or {}
     rows.append(dict(kernel=name, launches=launches, seconds=seconds,
                      scope=meta.get('scope', 'other'), category=meta.get('category', '?'),
-                     bytes=meta.get('bytes', 0), attributed=bool(meta)))
+                     bytes=meta.get('bytes', 0), op_name=meta.get('op_name', ''),
+                     attributed=bool(meta)))
   return rows
 
 
 # On a GPU, XLA records runs of kernels as CUDA graphs (command buffers), whose kernels a trace
 # sees without their instructions' names; the profiled step is compiled without them.
-_PROFILE_OPTIONS = {'gpu': {'xla_gpu_enable_command_buffer': ''}}
+PROFILE_OPTIONS = {'gpu': {'xla_gpu_enable_command_buffer': ''}}
 
 
 # --- one variant -------------------------------------------------------------------------
@@ -291,7 +307,7 @@ def profile(dims, n_layers, n_steps, dtype, bandwidth):
   tokens = jnp.ones((1, 1), jnp.int32)
   lowered = jax.jit(step, donate_argnums=(1,)).lower(weights, state, tokens)
   compiled = lowered.compile()
-  options = _PROFILE_OPTIONS.get(jax.default_backend())
+  options = PROFILE_OPTIONS.get(jax.default_backend())
   traced = lowered.compile(compiler_options=options) if options else compiled
   info = kernels(traced.as_text())
   holder = {'state': state}
@@ -378,6 +394,8 @@ def define_flags():
                        'depth, 24 at 800m).')
   flags.DEFINE_integer('steps', 20, 'Steps traced.')
   flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Weights and activations.')
+  flags.DEFINE_enum('kernels', 'auto', list(decode_kernels.CHOICES),
+                    'Where decoding runs Pallas kernels (layers/decode_kernels.py).')
 
 
 def main(argv):
@@ -392,18 +410,22 @@ def main(argv):
   summaries, details = [], []
   for shape in shapes:
     for variant in args.variants:
-      summary, detail = profile_variant(shape, variant, args.layers or decoders.SHAPES[shape][3],
-                                        args.steps, args.dtype, bandwidth)
+      with decode_kernels.use(args.kernels):
+        summary, detail = profile_variant(shape, variant,
+                                          args.layers or decoders.SHAPES[shape][3], args.steps,
+                                          args.dtype, bandwidth)
       summaries.append(summary)
       details.append(detail)
       print(json.dumps(summary), flush=True)
   text = markdown(summaries, details, bandwidth, probe)
   print(text, flush=True)
   if args.write:
-    path = common.RESULTS_DIR / f'decode_profile_{jax.default_backend()}.md'
+    suffix = '' if args.kernels == 'auto' else f'_{args.kernels}'
+    path = common.RESULTS_DIR / f'decode_profile_{jax.default_backend()}{suffix}.md'
     path.write_text('# One decoding step, kernel by kernel\n\n'
                     f'`python -m sparse_scaling.bench.decode_profile --shapes {",".join(shapes)} '
-                    f'--variants {",".join(args.variants)} --dtype {args.dtype}`\n\n'
+                    f'--variants {",".join(args.variants)} --dtype {args.dtype} '
+                    f'--kernels {args.kernels}`\n\n'
                     + text + '\n')
   if args.json:
     print(json.dumps(dict(summaries=summaries, details=details)))

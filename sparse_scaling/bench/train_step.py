@@ -16,23 +16,34 @@ least --steps steps, each blocked until ready. The issue's goal: a sparse step t
 the dense one. The tiny shape takes about 2 minutes on 2 CPU cores, mostly compilation.
 
   python -m sparse_scaling.bench.train_step [--json] [--shapes tiny,800m,gpu] [--dropout 0.1]
-      [--steps 20]
+      [--steps 20] [--variants dense,ff] [--profile 25]
+
+--profile N also traces --steps steps of each variant (`jax.profiler`, every trax layer's
+forward under a named scope, on a GPU compiled without command buffers so that each kernel
+keeps its instruction's name) and prints the N (layer, operation) pairs that take the most
+device time per step, forward and backward apart: where a sparse variant's extra time goes.
 """
 
 import collections
+import contextlib
 import gc
 import itertools
 import json
+import re
 
 import gin
 import jax
 import numpy as np
+from absl import app
 from absl import flags
 from trax import layers as tl
 from trax import optimizers
 from trax import shapes
+from trax.layers import base
+from trax.optimizers import trainer as trainer_lib
 
 from sparse_scaling.bench import common
+from sparse_scaling.bench import decode_profile
 from sparse_scaling.bench import timing
 from sparse_scaling.models import ScalingTransformerLM
 from sparse_scaling.models.params import parameter_counts
@@ -81,8 +92,8 @@ def build_model(shape, variant, dropout):
                               **dimensions(shape, variant))
 
 
-def step_seconds(model, batch, **timing_args):
-  """Median and p90 seconds of one trax training step of `model` on `batch`."""
+def _trainer(model, batch):
+  """trax's Trainer of `model` with the LM loss and Adafactor, weights on the device."""
   model_with_loss = tl.Serial(model, tl.WeightedCategoryCrossEntropy())
   model_with_loss.init(shapes.signature(batch), rng=jax.random.PRNGKey(0))
   # Committed to the device as the step's outputs are: trax then compiles the step once.
@@ -90,7 +101,12 @@ def step_seconds(model, batch, **timing_args):
       (model_with_loss.weights, model_with_loss.state), jax.devices()[0])
   optimizer = optimizers.Adafactor()
   optimizer.tree_init(model_with_loss.weights)
-  trainer = optimizers.Trainer(model_with_loss, optimizer, n_devices=1)
+  return optimizers.Trainer(model_with_loss, optimizer, n_devices=1)
+
+
+def step_seconds(model, batch, **timing_args):
+  """Median and p90 seconds of one trax training step of `model` on `batch`."""
+  trainer = _trainer(model, batch)
   rng, steps = jax.random.PRNGKey(1), itertools.count()
 
   def one_step():
@@ -100,10 +116,108 @@ def step_seconds(model, batch, **timing_args):
   return timing.time_call(one_step, **timing_args)
 
 
-def measure(name, shape, dropout=DROPOUT, **timing_args):
+@contextlib.contextmanager
+def layer_scopes():
+  """Within the block, every trax layer's forward runs under `jax.named_scope(layer.name)`,
+  so that the op_name of each HLO instruction names the layers it was traced in."""
+  pure_fn = base.Layer.pure_fn
+
+  def scoped(self, *args, **kwargs):
+    with jax.named_scope(self.name):
+      return pure_fn(self, *args, **kwargs)
+
+  base.Layer.pure_fn = scoped
+  try:
+    yield
+  finally:
+    base.Layer.pure_fn = pure_fn
+
+
+def op_label(op_name):
+  """'fwd Layer/operation' or 'bwd Layer/operation' from an instruction's op_name: the
+  innermost layer scope and the JAX operation; the optimizer's update has no layer."""
+  backward = 'transpose(' in op_name
+  parts = [re.sub(r'^(?:\w+\()+([^()]*)\)+$', r'\1', part) for part in op_name.split('/')
+           if part and not part.startswith('jit(')]
+  operation = parts[-1] if parts else '(no op_name)'
+  layers = [p for p in parts[:-1] if re.match(r'^[A-Z]', p)]
+  where = layers[-1] if layers else 'optimizer'
+  return f'{"bwd" if backward else "fwd"} {where}/{operation}'
+
+
+def profile_step(model, batch, n_steps):
+  """Device time of one training step by (layer, operation).
+
+  Returns dict(device_s: the kernels' time per step, kernels: their number, wall_s: the
+  compiled step called alone, groups: rows sorted by seconds, each dict(label, kernels,
+  seconds, bytes)). Wall far above device time is time the device waits: for the host to
+  launch kernels, or for trax's Python between steps (then wall_s is near device_s).
+  """
+  with layer_scopes():
+    trainer = _trainer(model, batch)
+    trained = trainer.accelerated_model_with_loss
+    # trax's own step function, jitted here so that it can be lowered and compiled apart.
+    # pylint: disable=protected-access
+    update = jax.jit(trainer_lib._accelerate_update_fn(
+        trainer._forward_and_backward_fn, trainer.optimizer, n_devices=1, accelerate=False))
+    device = jax.devices()[0]
+    slots, opt_params = jax.device_put((trainer._slots, trainer._opt_params), device)
+    # pylint: enable=protected-access
+    rng = jax.random.PRNGKey(1)
+    holder = dict(weights=(trained.weights, slots), state=trained.state)
+    lowered = update.lower(holder['weights'], 0, opt_params, batch, holder['state'], rng)
+  options = decode_profile.PROFILE_OPTIONS.get(jax.default_backend())
+  compiled = lowered.compile(compiler_options=options) if options else lowered.compile()
+  text = compiled.as_text()
+  info = decode_profile.kernels(text)
+  module = re.search(r'HloModule ([\w.\-]+)', text).group(1)
+
+  def runner(program):
+    def run():
+      holder['weights'], holder['state'], stats = program(
+          holder['weights'], 0, opt_params, batch, holder['state'], rng)
+      return stats['loss']
+    return run
+
+  # The step as trax compiles it, called alone: wall time without trax's Python around it.
+  wall, _ = timing.time_call(runner(lowered.compile() if options else compiled),
+                             min_runs=n_steps, min_seconds=0.0)
+  run = runner(compiled)
+  jax.block_until_ready(run())
+  kernel_rows = decode_profile.attribute(
+      decode_profile.kernel_times(run, n_steps, module=module), info)
+  groups = collections.defaultdict(lambda: dict(kernels=0.0, seconds=0.0, bytes=0))
+  for row in kernel_rows:
+    group = groups[op_label(row['op_name']) if row['attributed'] else 'unnamed kernels']
+    group['kernels'] += row['launches']
+    group['seconds'] += row['seconds']
+    group['bytes'] += row['bytes']
+  rows = [dict(label=label, **group) for label, group in groups.items()]
+  return dict(device_s=sum(r['seconds'] for r in kernel_rows), wall_s=wall,
+              kernels=sum(r['launches'] for r in kernel_rows),
+              groups=sorted(rows, key=lambda r: -r['seconds']))
+
+
+def print_profile(variant, profile, top, trax_step_s):
+  """The `top` rows of `profile_step`'s result as a table."""
+  rows, total = profile['groups'], profile['device_s']
+  print(f'\n{variant}: {total * 1e3:.2f} ms of device time per step in {profile["kernels"]:.0f} '
+        f'kernels; the compiled step alone {profile["wall_s"] * 1e3:.2f} ms, trax\'s step '
+        f'{trax_step_s * 1e3:.2f} ms (wall). {len(rows)} (layer, operation) groups, the {top} '
+        'largest:')
+  print(common.table_header(['layer/operation', 'kernels', 'ms/step', 'MB/step', 'share']))
+  for row in rows[:top]:
+    print(common.table_row([row['label'], f'{row["kernels"]:.0f}',
+                            f'{row["seconds"] * 1e3:.3f}', f'{row["bytes"] / 1e6:.1f}',
+                            f'{row["seconds"] / total:.1%}']), flush=True)
+
+
+def measure(name, shape, dropout=DROPOUT, profile=0, **timing_args):
   """Yields one row per variant at `shape`: params, ms/step (median, p90), tokens/s, vs dense.
 
-  `timing_args` go to `timing.time_call`: min_runs, min_seconds, warmup.
+  `timing_args` go to `timing.time_call`: min_runs, min_seconds, warmup. With `profile` > 0,
+  each row also carries `profile`: the device time per step and the (layer, operation) rows
+  of `profile_step` over min_runs steps.
   """
   vocab_size = dimensions(shape, shape.variants[0])['vocab_size']
   tokens = np.random.RandomState(0).randint(1, vocab_size, (shape.batch, shape.length))
@@ -115,9 +229,13 @@ def measure(name, shape, dropout=DROPOUT, **timing_args):
     params = parameter_counts(model, shapes.signature(tokens))['total']
     median, p90 = step_seconds(model, batch, **timing_args)
     dense = dense or median
-    yield dict(shape=name, variant=variant, params=params, ms_per_step=median * 1e3,
+    row = dict(shape=name, variant=variant, params=params, ms_per_step=median * 1e3,
                p90_ms_per_step=p90 * 1e3, tokens_per_s=tokens.size / median,
                ratio_to_dense=median / dense)
+    if profile:
+      row['profile'] = profile_step(model, batch, timing_args.get('min_runs', 20))
+      row['profile']['groups'] = row['profile']['groups'][:profile]
+    yield row
     del model  # freed before the next variant is built
     gc.collect()
 
@@ -127,6 +245,11 @@ def define_flags():
   common.define_flags(json_output=True, shapes=True)
   flags.DEFINE_float('dropout', DROPOUT, 'Dropout rate of every variant.')
   flags.DEFINE_integer('steps', 20, 'Timed steps per variant, at least.')
+  flags.DEFINE_list('variants', None, "Variants to time (default: the shape's all; dense "
+                    'always runs first, as the reference).')
+  flags.DEFINE_integer('profile', 0, 'If > 0: also trace --steps steps of each variant and '
+                       'print the PROFILE (layer, operation) pairs that take the most device '
+                       'time.')
 
 
 def main(argv):
@@ -134,6 +257,13 @@ def main(argv):
   rows = []
   for name in (FLAGS.shapes or list(SHAPES)):
     shape = SHAPES[name]
+    if FLAGS.variants:
+      unknown = set(FLAGS.variants) - set(shape.variants)
+      if unknown:
+        raise app.UsageError(f'--variants: {sorted(unknown)} must be among {list(shape.variants)} '
+                             f'at shape {name}')
+      shape = shape._replace(variants=tuple(v for v in shape.variants
+                                            if v == 'dense' or v in FLAGS.variants))
     dims = dimensions(shape, shape.variants[0])
     print(f'# Training step, {name} ScalingTransformerLM ({shape.n_layers} layers, d_model '
           f'{dims["d_model"]}, vocab {dims["vocab_size"]}), batch {shape.batch} x length '
@@ -141,12 +271,14 @@ def main(argv):
           f'{timing.machine_description()}')
     print(common.table_header(['variant', 'params', 'ms/step', 'p90 ms', 'tokens/s',
                                'vs dense (goal <= 1.25x)']))
-    for row in measure(name, shape, FLAGS.dropout, min_runs=FLAGS.steps):
+    for row in measure(name, shape, FLAGS.dropout, FLAGS.profile, min_runs=FLAGS.steps):
       print(common.table_row([row['variant'], f'{row["params"] / 1e6:.1f}M',
                               f'{row["ms_per_step"]:.1f}', f'{row["p90_ms_per_step"]:.1f}',
                               f'{row["tokens_per_s"]:,.0f}', f'{row["ratio_to_dense"]:.2f}x']),
             flush=True)
       rows.append(row)
+      if 'profile' in row:
+        print_profile(row['variant'], row['profile'], FLAGS.profile, row['ms_per_step'] / 1e3)
     print()
   if FLAGS.json:
     print(json.dumps(rows))
