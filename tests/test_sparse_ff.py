@@ -11,6 +11,7 @@ from trax.layers.research import sparsity as trax_sparsity
 from sparse_scaling import convert
 from sparse_scaling.layers import SparseFF
 from sparse_scaling.layers import sparse_ff
+from sparse_scaling.layers import decode_kernels
 from sparse_scaling.layers import sparse_ff_kernel
 from tests.utils import assert_predict_equals_eval
 from tests.utils import initialized as _init
@@ -47,7 +48,7 @@ def test_one_unit_active_per_block(mode, kernel):
   layer = _init(SparseFF(D_FF, N, mode=mode), x)
   expected, chosen = _reference(layer, x)
   assert chosen.shape == (6, D_FF // N)
-  with sparse_ff_kernel.use(kernel):  # the Pallas kernel, interpreted on the CPU
+  with decode_kernels.use(kernel):  # the Pallas kernel, interpreted on the CPU
     np.testing.assert_allclose(layer(x), expected, atol=1e-5)
 
 
@@ -94,16 +95,16 @@ def test_decode_kernel_compiled_for_the_gpu_equals_xla_at_table1_shapes(d_model,
   layer = _init(SparseFF(d_ff, n, d_lowrank=rank, mode='predict'), x, seed=2)
   step = lambda x, w: layer.pure_fn(x, w, layer.state, None)[0]
   run = lambda: jax.jit(lambda x, w: step(x, w))(x, layer.weights)
-  with sparse_ff_kernel.use('xla'):  # a new function each time: traced anew, not cached
+  with decode_kernels.use('xla'):  # a new function each time: traced anew, not cached
     expected = np.asarray(run())
-  with sparse_ff_kernel.use('pallas'):
+  with decode_kernels.use('pallas'):
     got = np.asarray(run())
   np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
 
 
 def test_unknown_decode_kernel_is_refused_naming_the_choices():
   with pytest.raises(ValueError, match='decode kernel must be one of'):
-    with sparse_ff_kernel.use('cuda'):
+    with decode_kernels.use('cuda'):
       pass
 
 
@@ -227,7 +228,7 @@ def test_default_rank_is_d_model_over_n():
 
 
 def test_predict_reads_the_big_weights_only_through_a_gather():
-  """XLA's decoding path (CPUs, TPUs; `sparse_ff_kernel.use('xla')` anywhere) gathers the
+  """XLA's decoding path (CPUs, TPUs; `decode_kernels.use('xla')` anywhere) gathers the
   chosen rows of W1 and W2; the kernel's (GPUs by default) hands them to the Pallas call."""
   d_model, d_ff, n = 32, 512, 16
   x = _inputs(1, 1, d_model)
@@ -236,9 +237,9 @@ def test_predict_reads_the_big_weights_only_through_a_gather():
   # read when tracing.
   step = lambda: lambda weights, x: layer.pure_fn(x, weights, layer.state, None)[0]
   is_w1_or_w2 = lambda aval: aval.shape == (d_ff // n, n, d_model)
-  with sparse_ff_kernel.use('xla'):
+  with decode_kernels.use('xla'):
     assert primitives_reading(step(), (layer.weights, x), is_w1_or_w2) == {'gather'}
-  with sparse_ff_kernel.use('interpret'):  # the kernel reads its rows itself
+  with decode_kernels.use('interpret'):  # the kernel reads its rows itself
     assert primitives_reading(step(), (layer.weights, x), is_w1_or_w2) == {'pallas_call'}
   many = _inputs(1, n, d_model)  # N tokens take the masked dense path: the check can fail.
   assert 'dot_general' in primitives_reading(step(), (layer.weights, many), is_w1_or_w2)

@@ -34,6 +34,7 @@ from trax.layers import base
 from trax import shapes
 from trax.layers import initializers as init
 
+from sparse_scaling.layers import decode_kernels
 from sparse_scaling.layers import sparse_ff_kernel
 from sparse_scaling.layers.checks import check_mode
 from sparse_scaling.layers.checks import check_positive_int
@@ -192,9 +193,10 @@ class SparseFFDecode(base.Layer):
   def forward(self, x):
     _, controller, units, _ = self.weights
     n_tokens = x.size // x.shape[-1]
-    kernel = sparse_ff_kernel.active()
+    kernel = decode_kernels.active('sparse_ff')
     rank, _, block = controller[1].shape
-    if n_tokens < self._block and kernel != 'xla' and _is_power_of_2(rank, block):
+    if (n_tokens < self._block and kernel != 'xla'
+        and decode_kernels.is_power_of_2(rank, block)):
       flat = x.reshape(n_tokens, x.shape[-1])                      # [tokens, d_model]
       y = sparse_ff_kernel.sparse_units(flat, flat @ controller[0], *controller[1:], *units,
                                         interpret=kernel == 'interpret')
@@ -253,6 +255,3 @@ def _gathered_units(units, x, w1, b1, w2, b2):
   hidden = jnp.einsum('...d,...kd->...k', x, take(w1)) + take(b1)[..., 0]
   return jnp.einsum('...k,...kd->...d', jax.nn.relu(hidden), take(w2)) + b2
 
-
-def _is_power_of_2(*values):
-  return all(v > 0 and v & (v - 1) == 0 for v in values)

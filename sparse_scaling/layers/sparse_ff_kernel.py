@@ -14,39 +14,16 @@ and XLA adds the programs' parts and b2 in one reduction. Reads per token: z, th
 controller columns and the 2·(d_ff / N) chosen rows of W1 and W2, as `gathered_units` does.
 
 Runs on GPUs through Pallas' Triton backend; `interpret=True` runs the same kernel on any
-backend (the tests do, on the CPU). `use(name)` chooses where `sparse_ff.py` calls it.
+backend (the tests do, on the CPU). `decode_kernels.use(name)` chooses where `sparse_ff.py`
+calls it.
 """
 
-import contextlib
 import functools
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
-
-_CHOICE = ['auto']          # 'auto' (the kernel on GPUs), 'pallas', 'interpret' or 'xla'
-CHOICES = ('auto', 'pallas', 'interpret', 'xla')
-
-
-@contextlib.contextmanager
-def use(name):
-  """Within the block, Sparse FF decoding traced anew uses `name`: one of CHOICES."""
-  if name not in CHOICES:
-    raise ValueError(f'sparse FF decode kernel must be one of {CHOICES}, got {name!r}')
-  previous, _CHOICE[0] = _CHOICE[0], name
-  try:
-    yield
-  finally:
-    _CHOICE[0] = previous
-
-
-def active():
-  """'pallas', 'interpret' or 'xla': what decoding calls use now."""
-  if _CHOICE[0] == 'auto':
-    return 'pallas' if jax.default_backend() == 'gpu' else 'xla'
-  return _CHOICE[0]
-
 
 def _chunk(d_model):
   """Width of the slices of a row the kernel loads: a power of 2 that divides d_model."""
@@ -60,12 +37,14 @@ def _kernel(x_ref, z_ref, c2_ref, cb_ref, w1_ref, b1_ref, w2_ref, out_ref, *, gr
             chunk, n_chunks):
   """One (token, group of blocks) program. Shapes in `sparse_units`."""
   t, p = pl.program_id(0), pl.program_id(1)
-  z = z_ref[t, :]                                                  # [r]
+  # In float32 whatever the weights' dtype: summed in bfloat16, the controller's logits lose
+  # the bits that decide its argmax.
+  z = z_ref[t, :].astype(jnp.float32)                              # [r]
   hidden, rows = [], []
   for g in range(group):
     k = p * group + g
-    logits = jnp.sum(z[:, None] * c2_ref[:, pl.ds(k * n, n)], axis=0)  # [N]
-    logits = logits + cb_ref[pl.ds(k * n, n)]
+    logits = jnp.sum(z[:, None] * c2_ref[:, pl.ds(k * n, n)].astype(jnp.float32), axis=0)
+    logits = logits + cb_ref[pl.ds(k * n, n)].astype(jnp.float32)   # [N]
     best = jnp.max(logits)
     unit = jnp.min(jnp.where(logits == best, jnp.arange(n, dtype=jnp.int32), n))
     row = k * n + unit
