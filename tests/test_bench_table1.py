@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from sparse_scaling.bench import table1
+from sparse_scaling.layers import decode_kernels
 
 
 def test_dimensions_come_from_the_paper_gin_files():
@@ -77,11 +78,13 @@ def test_a_measurement_that_fails_is_reported_and_the_others_go_on(monkeypatch):
   monkeypatch.setattr(table1, 'seconds_per_token_program', broken)
   rows = table1.measure('800m', ['dense', 'ff'], ['ours', 'ours-xla'], prompt=4, n_tokens=3,
                         bandwidth=30e9, program=True, step=False)
-  assert [(r['variant'], r['impl']) for r in rows] == [('dense', 'ours'), ('ff', 'ours'),
-                                                      ('ff', 'ours-xla')]
+  # ours-xla decodes dense attention by XLA too (ours: by the attention kernel on a GPU).
+  assert [(r['variant'], r['impl']) for r in rows] == [('dense', 'ours'), ('dense', 'ours-xla'),
+                                                      ('ff', 'ours'), ('ff', 'ours-xla')]
   assert all(r['s_per_block'] > 0 and r['s_per_token_program'] is None for r in rows)
-  assert rows[2]['kernel'] == 'xla' and rows[0]['kernel'] is None
-  assert rows[1]['errors'] == {'program': 'RuntimeError: no such column'}
+  # A dense model decodes by XLA by default everywhere (the attention kernel is opt-in).
+  assert rows[3]['kernel'] == 'xla' and rows[0]['kernel'] == 'xla'
+  assert rows[2]['errors'] == {'program': 'RuntimeError: no such column'}
   text = table1.markdown(rows, 4, 3)
   assert 'Measurements that failed:' in text and 'ff ours, program: RuntimeError' in text
   assert '| 800m | ff | ours-xla (xla) | float32 |' in text
@@ -98,4 +101,14 @@ def test_depth_sets_the_whole_decoders_blocks_and_the_table_says_so(monkeypatch)
                         step=True, depth=3)
   assert rows[0]['depth'] == 3 and sorted(set(built)) == [1, 3]  # one block, then the whole
   assert rows[0]["bytes_per_token"] > 1.4 * table1.bytes_per_token(dense, 2, 6, 4)
-  assert '| 17b (3 blocks) | dense | ours |' in table1.markdown(rows, 4, 3)
+  assert '| 17b (3 blocks) | dense | ours (xla) |' in table1.markdown(rows, 4, 3)
+
+
+def test_the_kernel_column_names_the_pallas_kernels_a_model_decodes_through():
+  dims = dict(TINY, attention_sparsity=4)
+  with decode_kernels.use('xla'):
+    assert table1.kernels_used(dims) == 'xla'
+  with decode_kernels.use('interpret'):
+    assert table1.kernels_used(dims) == 'pallas: ff+qkv+attn'
+    assert table1.kernels_used(dict(dims, ff_sparsity=0, attention_sparsity=0)) == \
+        'pallas: attn'

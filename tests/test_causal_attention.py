@@ -4,11 +4,13 @@ import functools
 
 import jax
 import numpy as np
+import pytest
 from trax import layers as tl
 
 from sparse_scaling import convert
 from sparse_scaling.bench import decode_profile
 from sparse_scaling.layers import CausalAttention
+from sparse_scaling.layers import decode_kernels
 from tests.utils import assert_predict_equals_eval
 from tests.utils import initialized as _init
 from tests.utils import random_inputs as _inputs
@@ -24,9 +26,15 @@ def test_matches_trax_causal_attention_with_the_same_weights():
   np.testing.assert_allclose(ours(x), theirs(x), atol=1e-5)
 
 
-def test_predict_equals_eval():
-  model_fn = functools.partial(CausalAttention, D_MODEL, N_HEADS, max_inference_length=16)
-  assert_predict_equals_eval(model_fn, _inputs(2, 9, D_MODEL))
+@pytest.mark.parametrize('kernel, max_len, length', [('xla', 16, 9), ('interpret', 16, 9),
+                                                    ('interpret', 20, 19)])
+def test_predict_equals_eval(kernel, max_len, length):
+  # kernel 'interpret': each decoded token through the Pallas kernel (attention_kernel.py),
+  # run by Pallas' interpreter. A cache of 20 is read in blocks of 16, the second overlapping
+  # the first; decoding fills it up to its last position.
+  model_fn = functools.partial(CausalAttention, D_MODEL, N_HEADS, max_inference_length=max_len)
+  with decode_kernels.use(kernel):
+    assert_predict_equals_eval(model_fn, _inputs(2, length, D_MODEL))
 
 
 def test_a_decoding_step_writes_the_cache_in_place_and_never_copies_it():
@@ -37,7 +45,8 @@ def test_a_decoding_step_writes_the_cache_in_place_and_never_copies_it():
   x = _inputs(1, 1, d_model)
   layer = _init(CausalAttention(d_model, 2, max_inference_length=4096, mode='predict'), x)
   step = jax.jit(lambda w, s, x: layer.pure_fn(x, w, s, None), donate_argnums=(1,))
-  hlo = step.lower(layer.weights, layer.state, x).compile().as_text()
+  with decode_kernels.use('xla'):  # XLA's ops (the kernel's in-place writes: test_sparse_qkv)
+    hlo = step.lower(layer.weights, layer.state, x).compile().as_text()
   moved = sum(k['bytes'] for k in decode_profile.kernels(hlo).values())
   cache_bytes = 4096 * d_model * 4
   assert 2 * cache_bytes <= moved < 2.5 * cache_bytes

@@ -3,6 +3,7 @@
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from trax import layers as tl
@@ -10,6 +11,7 @@ from trax.layers.research import sparsity as trax_sparsity
 
 from sparse_scaling import convert
 from sparse_scaling.layers import ModuleConv
+from sparse_scaling.layers import decode_kernels
 from sparse_scaling.layers import MultiplicativeDense
 from sparse_scaling.layers import SparseEncDecAttention
 from sparse_scaling.layers import SparseLoss
@@ -87,11 +89,78 @@ def test_sparse_qkv_output_shape_matches_dense(length_kernel_size):
   assert layer(x, rng=jax.random.PRNGKey(0)).shape == x.shape
 
 
-@pytest.mark.parametrize('length_kernel_size', [1, 3])
-def test_sparse_qkv_predict_equals_eval(length_kernel_size):
+@pytest.mark.parametrize('length_kernel_size, kernel', [(1, 'xla'), (3, 'xla'), (2, 'interpret'),
+                                                       (3, 'interpret')])
+def test_sparse_qkv_predict_equals_eval(length_kernel_size, kernel):
+  # kernel 'interpret': a token decodes through the Pallas kernels (its convolutions and its
+  # attention), run by Pallas' interpreter; the prompt goes through XLA.
   model_fn = functools.partial(SparseQKVAttention, D_MODEL, N_HEADS, S, length_kernel_size,
                                max_inference_length=16)
-  assert_predict_equals_eval(model_fn, _inputs(2, 8, D_MODEL))
+  with decode_kernels.use(kernel):
+    assert_predict_equals_eval(model_fn, _inputs(2, 8, D_MODEL))
+
+
+@pytest.mark.parametrize('d_model, n_heads, sparsity', [(64, 4, 8), (32, 4, 2)])
+def test_decode_kernels_equal_xla_step_by_step(d_model, n_heads, sparsity):
+  """Module and head sizes apart (8 modules of 8 against 4 heads of 16; 2 of 16 against 4 of
+  8): each step's output and the whole state (convolution state, caches, index) as XLA's."""
+  x = _inputs(3, 12, d_model)
+  runs = {}
+  for kernel in ('xla', 'interpret'):
+    layer = _init(SparseQKVAttention(d_model, n_heads, sparsity, max_inference_length=16,
+                                     mode='predict'), x[:, :2])
+    outputs = [layer(x[:, :2])]
+    with decode_kernels.use(kernel):
+      step = jax.jit(lambda w, s, t: layer.pure_fn(t, w, s, None))  # traced in this block
+      state = layer.state
+      jaxpr = str(jax.make_jaxpr(step)(layer.weights, state, x[:, 2:3]))
+      assert jaxpr.count('pallas_call') == (2 if kernel == 'interpret' else 0)
+      for i in range(2, 12):
+        out, state = step(layer.weights, state, x[:, i:i + 1])
+        outputs.append(out)
+    runs[kernel] = (np.concatenate(outputs, axis=1), state)
+  np.testing.assert_allclose(runs['interpret'][0], runs['xla'][0], rtol=1e-5, atol=1e-5)
+  for got, expected in zip(jax.tree.leaves(runs['interpret'][1]), jax.tree.leaves(runs['xla'][1])):
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('d_model, sparsity', [(1024, 16), (512, 8)])
+def test_decode_kernels_lower_to_triton_for_a_gpu(d_model, sparsity):
+  """Lowered for CUDA on any machine (800M's and the quality runs' shapes, KV caches of 168):
+  Triton's rules hold and the Triton backend is chosen, for both kernels."""
+  layer = SparseQKVAttention(d_model, sparsity, sparsity, max_inference_length=168,
+                             mode='predict')
+  x = jax.ShapeDtypeStruct((1, 1, d_model), jnp.float32)
+  weights, state = layer.weights_and_state_signature(x)
+  step = lambda w, s, t: layer.pure_fn(t, w, s, None)
+  h200 = jax.sharding.AbstractDevice(device_kind='NVIDIA H200', num_cores=None, platform='cuda')
+  with decode_kernels.use('pallas'), jax.sharding.use_abstract_mesh(
+      jax.sharding.AbstractMesh((1,), ('x',), abstract_device=h200)):
+    lowered = jax.jit(step).trace(weights, state, x).lower(lowering_platforms=('cuda',))
+  text = lowered.as_text()
+  assert text.count('xla.gpu.triton') >= 2   # the convolutions, the attention
+  # The attention kernel writes the token into the caches in place: outputs 1 and 2 alias
+  # operands of the call (no copy of a cache per step).
+  assert 'output_operand_alias<output_tuple_indices = [1]' in text
+  assert 'output_operand_alias<output_tuple_indices = [2]' in text
+
+
+@pytest.mark.skipif(jax.default_backend() != 'gpu', reason='compiles the kernels for a GPU')
+def test_decode_kernels_compiled_for_the_gpu_equal_xla_at_the_800m_shape():
+  x = _inputs(1, 6, 1024, seed=1)
+  runs = {}
+  for kernel in ('xla', 'pallas'):
+    layer = _init(SparseQKVAttention(1024, 16, 16, max_inference_length=168, mode='predict'),
+                  x[:, :2], seed=2)
+    layer(x[:, :2])
+    with decode_kernels.use(kernel):
+      step = jax.jit(lambda w, s, t: layer.pure_fn(t, w, s, None))
+      state, outputs = layer.state, []
+      for i in range(2, 6):
+        out, state = step(layer.weights, state, x[:, i:i + 1])
+        outputs.append(np.asarray(out))
+    runs[kernel] = np.concatenate(outputs, axis=1)
+  np.testing.assert_allclose(runs['pallas'], runs['xla'], rtol=1e-4, atol=1e-4)
 
 
 def test_sparse_qkv_is_causal():

@@ -10,8 +10,10 @@ Rows: dense, +Sparse FF, +Sparse QKV, +Sparse FF+QKV, +FF+QKV+loss, with the dim
 `--dtype` says otherwise (XLA's CPU matrix-vector product in bfloat16 is compute-bound, ~1.3
 GB/s, which would flatter sparsity), each built as our `ScalingTransformerLM` and as trax's
 `ConfigurableTransformerLM` (ff_sparsity, `MultiplicativeConvCausalAttention`,
-loss_sparsity) with the same shapes (`decoders.py`). `ours-xla` is ours with Sparse FF decoding by XLA's
-gathers where `ours` uses the Pallas kernel (on GPUs: `layers/sparse_ff_kernel.py`).
+loss_sparsity) with the same shapes (`decoders.py`). Ours decodes as `layers/decode_kernels.py`
+chooses: `ours` by default (on GPUs the Sparse FF kernel), `ours-pallas` with every Pallas
+kernel (also Sparse QKV's convolutions and attention over the KV cache), `ours-xla` by XLA's
+ops only.
 
 Method: batch 1, random weights (timing only). Per block: the first block's attention and FF
 layers jitted together (weights as arguments, state donated) and fed one token's activations
@@ -45,7 +47,7 @@ from sparse_scaling.bench.decoders import build
 from sparse_scaling.bench.decoders import dimensions
 from sparse_scaling.bench.decoders import random_weights_and_state
 from sparse_scaling.bench.decoders import scope_labels
-from sparse_scaling.layers import sparse_ff_kernel
+from sparse_scaling.layers import decode_kernels
 
 # Table 1 of the paper: (s/token, s/block); None where it has no row.
 PAPER = {
@@ -55,9 +57,18 @@ PAPER = {
     ('17b', 'qkv'): (3.154, 0.554), ('17b', 'ffqkv'): (0.183, 0.014),
 }
 def kernel_choice(impl):
-  """What Sparse FF decoding uses for `impl`: 'ours-xla' forces XLA's gathers; 'ours' takes
-  the default (the Pallas kernel on GPUs, `layers/sparse_ff_kernel.py`)."""
-  return sparse_ff_kernel.use('xla' if impl == 'ours-xla' else 'auto')
+  """What decoding uses for `impl`: 'ours-xla' forces XLA's ops; 'ours' takes the default
+  (the Pallas kernels on GPUs, `layers/decode_kernels.py`)."""
+  return decode_kernels.use({'ours-xla': 'xla', 'ours-pallas': 'pallas'}.get(impl, 'auto'))
+
+
+def kernels_used(dims):
+  """'xla', or 'pallas: ' and the Pallas kernels a model of `dims` decodes through now."""
+  parts = (('ff', 'sparse_ff', dims['ff_sparsity']),
+           ('qkv', 'sparse_qkv', dims['attention_sparsity']), ('attn', 'attention', True))
+  used = [short for short, kernel, present in parts
+          if present and decode_kernels.active(kernel) != 'xla']
+  return 'pallas: ' + '+'.join(used) if used else 'xla'
 
 
 def _timed_steps(step, weights, state, x, n_steps, warmup=3):
@@ -161,8 +172,6 @@ def measure(shape, variants, impls, prompt, n_tokens, bandwidth, program=False, 
   for variant in variants:
     dims = dimensions(shape, variant)
     for impl in impls:
-      if impl == 'ours-xla' and not dims['ff_sparsity']:
-        continue  # the same as 'ours' without Sparse FF
       max_len = prompt + n_tokens + 8
       read = bytes_per_token(dims, whole, prompt + n_tokens // 2, jnp.dtype(dtype).itemsize)
       row = dict(shape=shape, variant=variant, impl=impl, dtype=dtype, depth=whole,
@@ -170,7 +179,7 @@ def measure(shape, variants, impls, prompt, n_tokens, bandwidth, program=False, 
                  bytes_per_token=read, bandwidth=bandwidth, s_per_token=None,
                  p90_s_per_token=None, s_per_token_program=None)
       with kernel_choice(impl):
-        row['kernel'] = sparse_ff_kernel.active() if dims['ff_sparsity'] else None
+        row['kernel'] = kernels_used(dims)
         for name, run in [
             ('block', lambda: seconds_per_block(build(impl, dims, 1, max_len), dtype,
                                                 n_tokens)),
@@ -230,7 +239,7 @@ def write_batch_curve(curve, path_md, path_png):
   common.save_figure(fig, path_png)
 
 
-IMPLS = ('ours', 'ours-xla', 'trax')
+IMPLS = ('ours', 'ours-pallas', 'ours-xla', 'trax')
 
 
 def _setting(row):
@@ -251,9 +260,10 @@ def markdown(rows, prompt, n_tokens):
       'decoder, one jitted step per token (step) or the whole generation as one compiled '
       'program (program); floor: the weight and KV bytes a token reads over the bandwidth. '
       'Speedups are against the dense row of the same implementation, shape, depth and '
-      'dtype. Implementations: ours '
-      '(Sparse FF decoding by the Pallas kernel on a GPU, by gathers elsewhere), ours-xla '
-      '(gathers everywhere), trax (trax 1.4.1\'s `ConfigurableTransformerLM`).',
+      'dtype. Implementations: ours (the default: Sparse FF decoding by its Pallas kernel on '
+      'a GPU, XLA\'s ops otherwise), ours-pallas (every Pallas kernel: also Sparse QKV\'s '
+      'convolutions and attention over the KV cache), ours-xla (XLA\'s ops only), trax '
+      '(trax 1.4.1\'s `ConfigurableTransformerLM`).',
       '',
       common.table_header(['shape', 'variant', 'impl', 'dtype', 'ms/block (p90)',
                            'speedup/block', 's/token, step', 's/token, program',
@@ -268,7 +278,7 @@ def markdown(rows, prompt, n_tokens):
     paper, paper_dense = PAPER.get((shape, variant)), PAPER.get((shape, 'dense'))
     block = row.get('s_per_block')
     cells = [shape + (f' ({depth} blocks)' if depth != SHAPES[shape][3] else ''), variant,
-             impl + (f' ({row["kernel"]})' if row.get('kernel') else ''),
+             impl + (f' ({row["kernel"]})' if row.get('kernel') and impl != 'trax' else ''),
              row['dtype'],
              f'{block * 1e3:.3f} ({row["p90_s_per_block"] * 1e3:.3f})' if block else 'failed',
              ratio(dense.get('s_per_block'), block),

@@ -12,7 +12,8 @@ The Sparse QKV layer (`sparse_qkv.py`) puts its own projections in front of the 
 In predict mode the caches are [batch·heads, max_len, d_head], written in place at the step's
 position: with the heads merged into the batch axis, both products of a step read a cache as
 it lies (with batch and heads as two axes, XLA copies the whole cache at every step to reach
-the layout of a batched product).
+the layout of a batched product). A call of one token per row decodes through one Pallas
+kernel on a GPU (`attention_kernel.py`; `decode_kernels.py` says where).
 """
 
 import jax
@@ -20,6 +21,8 @@ import jax.numpy as jnp
 from trax import layers as tl
 from trax.layers import base
 
+from sparse_scaling.layers import attention_kernel
+from sparse_scaling.layers import decode_kernels
 from sparse_scaling.layers.checks import check_divides
 from sparse_scaling.layers.checks import check_mode
 
@@ -46,6 +49,16 @@ class CausalAttentionCore(base.Layer):
     q, k, v = inputs
     batch, length, d_model = q.shape
     n_heads, d_head = self._n_heads, d_model // self._n_heads
+    kernel = decode_kernels.active('attention')
+    if (self._mode == 'predict' and length == 1 and kernel != 'xla'
+        and attention_kernel.fits(d_head, self._max_len)):
+      k_cache, v_cache, start = self.state
+      split = lambda a: a.reshape(batch, n_heads, d_head)
+      out, k_cache, v_cache = attention_kernel.attention_step(
+          split(q), split(k), split(v), k_cache, v_cache, start,
+          interpret=kernel == 'interpret')
+      self.state = (k_cache, v_cache, start + 1)
+      return out.reshape(batch, 1, d_model)
 
     def heads(a):                                                 # [batch·heads, len, d_head]
       a = a.reshape(batch, length, n_heads, d_head).transpose(0, 2, 1, 3)

@@ -21,6 +21,8 @@ from trax import layers as tl
 from trax.layers import base
 from trax.layers import initializers as init
 
+from sparse_scaling.layers import decode_kernels
+from sparse_scaling.layers import sparse_qkv_kernel
 from sparse_scaling.layers.causal_attention import CausalAttentionCore
 from sparse_scaling.layers.checks import check_divides
 from sparse_scaling.layers.checks import check_mode
@@ -97,7 +99,8 @@ class ModuleConv(base.Layer):
 
   Weights: ((kernel, bias) for each output), the layout of trax's `tl.Conv`. Predict mode
   computes a call as one matrix product per output over the receptive fields (a call there is
-  a prompt or one token); train and eval run the convolution.
+  a prompt or one token), or a token on a GPU as one Pallas kernel (`sparse_qkv_kernel.py`);
+  train and eval run the convolution.
   """
 
   def __init__(self, d_model, n_modules, length_kernel_size, module_kernel_size, mode,
@@ -128,6 +131,13 @@ class ModuleConv(base.Layer):
     batch, length, d = x.shape
     x = x.reshape(batch, length, self._n_modules, self._channels)   # [b, l, S, M]
     n = self._lks - 1
+    kernel = decode_kernels.active('sparse_qkv')
+    if (self._mode == 'predict' and length == 1 and mask is None and kernel != 'xla'
+        and sparse_qkv_kernel.fits(self._channels, self._lks)):
+      outputs, self.state = sparse_qkv_kernel.conv_step(
+          x[:, 0].astype(self.state.dtype), self.state, self.weights, self._sizes,
+          interpret=kernel == 'interpret')
+      return tuple(out.reshape(batch, length, d) for out in outputs)
     if self._mode == 'predict':
       window = jnp.concatenate([self.state, x.astype(self.state.dtype)], axis=1)
       self.state = self._last_inputs(window, mask)
