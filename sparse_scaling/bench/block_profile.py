@@ -24,6 +24,7 @@ from absl import flags
 import jax
 import jax.extend
 import jax.numpy as jnp
+import numpy as np
 from trax import layers as tl
 
 from sparse_scaling.bench import common
@@ -62,6 +63,13 @@ def _read_per_input(jaxpr):
   gathered = [0] * len(jaxpr.invars)
   whole = [False] * len(jaxpr.invars)
   for eqn in jaxpr.eqns:
+    if eqn.primitive.name == 'pallas_call':
+      for position, reads in enumerate(_kernel_reads(eqn)):
+        var = eqn.invars[position]
+        i = source.get(var) if isinstance(var, jax.extend.core.Var) else None
+        if i is not None:
+          gathered[i] += reads
+      continue
     inner = eqn.params.get('jaxpr')
     inner_reads = _read_per_input(inner.jaxpr) if hasattr(inner, 'jaxpr') else None
     for position, var in enumerate(eqn.invars):
@@ -78,6 +86,19 @@ def _read_per_input(jaxpr):
         whole[i] = True
   return [_nbytes(var.aval) if whole[i] else min(gathered[i], _nbytes(var.aval))
           for i, var in enumerate(jaxpr.invars)]
+
+
+def _kernel_reads(eqn):
+  """Bytes a Pallas kernel reads of each operand: what its programs load (every load of a
+  program counts, once per program of the grid), not the whole arrays it could index."""
+  kernel = eqn.params['jaxpr']
+  programs = int(np.prod(eqn.params['grid_mapping'].grid))
+  refs = {var: position for position, var in enumerate(kernel.invars[:len(eqn.invars)])}
+  reads = [0] * len(eqn.invars)
+  for inner in kernel.eqns:
+    if inner.primitive.name in ('get', 'masked_load') and inner.invars[0] in refs:
+      reads[refs[inner.invars[0]]] += programs * _nbytes(inner.outvars[0].aval)
+  return reads
 
 
 def _as_args(values, n):
