@@ -42,6 +42,13 @@ is the narrowest patch we found for one break:
   (supervised/training.py, l.944) restores optimizer slots with `copy_from_tree=[None, ()]`,
   so an array leaf is compared with `()`: jax 0.10 raises TypeError (NumPy 2 an
   ambiguous-truth ValueError), and no checkpoint with optimizer slots could be restored.
+- `_reversible_one_step` wraps `trax.optimizers.ReversibleSerialTrainer.one_step` (the
+  memory-efficient trainer of the Terraformer's runs). trax's Loop keeps that trainer's
+  random keys on the CPU (`tl.on_cpu`, supervised/training.py l.189 and l.566) for its
+  several-device path, which splits them on the CPU; on one device the trainer hands the key
+  as it is to each layer's `jit` (optimizers/trainer.py l.509-511), and on a GPU jax refuses
+  a computation whose activations are on the GPU and whose key is on the CPU. The wrapper
+  moves the key to the first local device when the trainer runs on one device.
 - `jax.host_count` is set to `jax.process_count`: trax calls the old name (training.py
   l.1296, data/inputs.py l.613), which jax 0.10 keeps only as an alias that warns on every
   call.
@@ -87,6 +94,8 @@ def apply():
   # pylint: disable=protected-access
   _trax_originals['accelerate_update_fn'] = trax_trainer._accelerate_update_fn
   trax_trainer._accelerate_update_fn = _accelerate_update_fn
+  _trax_originals['reversible_one_step'] = trax_trainer.ReversibleSerialTrainer.one_step
+  trax_trainer.ReversibleSerialTrainer.one_step = _reversible_one_step
   # pylint: enable=protected-access
   acceleration.for_n_devices = tl.for_n_devices = _for_n_devices
   _fastmath_numpy.tree_unflatten = fastmath.tree_unflatten = _tree_unflatten
@@ -171,6 +180,20 @@ def _pmap(fun, axis_name=None, donate_argnums=()):
     return pmapped(*jax.device_put(args, _device_sharding(n_devices)))
 
   return placed_and_pmapped
+
+
+def _reversible_one_step(self, batch, rng, step=0, learning_rate=None):
+  """`ReversibleSerialTrainer.one_step` with the key on the device the step runs on.
+
+  trax's Loop commits the memory-efficient trainer's keys to the CPU (`tl.on_cpu`); with one
+  device trax passes the key as it is to the layers' jitted functions, which run on the first
+  local device. Several devices: trax's own path (it splits the key on the CPU itself).
+  """
+  import jax
+  if self._n_devices == 1:  # pylint: disable=protected-access
+    rng = jax.device_put(rng, jax.local_devices()[0])
+  return _trax_originals['reversible_one_step'](self, batch, rng, step=step,
+                                                learning_rate=learning_rate)
 
 
 def _accelerate_update_fn(forward_and_backward_fn, optimizer, n_devices, accelerate=True,

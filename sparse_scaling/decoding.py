@@ -224,8 +224,11 @@ class Decoder:
         done = done | ((new_index >= 0) & (new == eos_id))
       token = jnp.where(new_index < 0, prompt[:, jnp.minimum(n_shared + i, prompt_length)],
                         new)
-      column = jnp.where(new_index >= 0, new_index, max_new_tokens)  # forced: dropped
-      tokens = tokens.at[rows, column].set(token, mode='drop')
+      # Forced tokens, and rows already complete, write to a spare last column: every index
+      # stays in bounds. (Out-of-bounds writes dropped by the scatter itself landed in the
+      # next row's first column on a GPU under --xla_gpu_deterministic_ops.)
+      kept = (new_index >= 0) & (new_index < max_new_tokens)
+      tokens = tokens.at[rows, jnp.where(kept, new_index, max_new_tokens)].set(token)
       return token, tokens, done
 
     def body(carry):
@@ -243,7 +246,7 @@ class Decoder:
     logits, state = self._step(weights, state,
                                jnp.concatenate([start, prompt[:, :n_shared]], axis=1), inputs)
     fill = 0 if eos_id is None else eos_id
-    tokens = jnp.full((batch_size, max_new_tokens), fill, jnp.int32)
+    tokens = jnp.full((batch_size, max_new_tokens + 1), fill, jnp.int32)  # + a spare column
     token, tokens, done = choose(0, logits, tokens, jnp.zeros((batch_size,), bool))
     carry = (jnp.int32(1), token, state, tokens, done)
     if n_steps > 1:
@@ -251,7 +254,7 @@ class Decoder:
       # prompt pass (trax's MultiplicativeConvCausalAttention keeps the inputs of its last
       # call), and a while_loop's carry must keep one shape.
       carry = body(carry)
-    return jax.lax.while_loop(cond, body, carry)[3]
+    return jax.lax.while_loop(cond, body, carry)[3][:, :max_new_tokens]
 
 
 @gin.configurable(module='sparse_scaling', denylist=['model_fn', 'weights'])

@@ -156,7 +156,8 @@ def test_apply_is_idempotent_and_installs_shims():
             trax.fastmath.tree_unflatten,
             sys.modules['trax.fastmath.numpy'].tree_unflatten,
             trax.fastmath.jax.JAX_BACKEND['pmap'],
-            trax.optimizers.trainer._accelerate_update_fn)
+            trax.optimizers.trainer._accelerate_update_fn,
+            trax.optimizers.trainer.ReversibleSerialTrainer.one_step)
 
   compat.apply()
   first = installed()
@@ -164,7 +165,27 @@ def test_apply_is_idempotent_and_installs_shims():
   assert installed() == first
   assert first == (compat._for_n_devices, compat._for_n_devices,
                    compat._tree_unflatten, compat._tree_unflatten,
-                   compat._pmap, compat._accelerate_update_fn)
+                   compat._pmap, compat._accelerate_update_fn, compat._reversible_one_step)
+
+
+def test_reversible_trainer_gets_its_key_on_the_device_of_its_step(monkeypatch):
+  # trax's Loop commits the memory-efficient trainer's keys to the CPU; on one device the
+  # step's layers run on the first local device (a GPU where there is one), so the key must
+  # be there. Several devices: trax's key, as it was.
+  import jax  # pylint: disable=g-import-not-at-top
+  from sparse_scaling import compat  # pylint: disable=g-import-not-at-top
+  compat.apply()
+  seen = []
+  monkeypatch.setitem(compat._trax_originals, 'reversible_one_step',
+                      lambda self, batch, rng, step, learning_rate: seen.append(rng) or 'ran')
+  key = jax.device_put(jax.random.PRNGKey(3), jax.devices('cpu')[0])
+  trainer = type('Trainer', (), {'_n_devices': 1})()
+  assert compat._reversible_one_step(trainer, 'batch', key, step=2) == 'ran'
+  assert seen[0].devices() == {jax.local_devices()[0]}
+  np.testing.assert_array_equal(seen[0], key)
+  trainer._n_devices = 2
+  compat._reversible_one_step(trainer, 'batch', key)
+  assert seen[1] is key
 
 
 def test_tree_unflatten_fills_arrays_and_copies_placeholders():
