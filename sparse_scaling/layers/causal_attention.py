@@ -12,8 +12,8 @@ The Sparse QKV layer (`sparse_qkv.py`) puts its own projections in front of the 
 In predict mode the caches are [batch·heads, max_len, d_head], written in place at the step's
 position: with the heads merged into the batch axis, both products of a step read a cache as
 it lies (with batch and heads as two axes, XLA copies the whole cache at every step to reach
-the layout of a batched product). A call of one token per row decodes through one Pallas
-kernel on a GPU (`attention_kernel.py`; `decode_kernels.py` says where).
+the layout of a batched product). A call of one token per row can decode through one Pallas
+kernel instead (`attention_kernel.py`; off by default, `decode_kernels.py` says why and where).
 """
 
 import jax

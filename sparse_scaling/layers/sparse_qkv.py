@@ -99,8 +99,8 @@ class ModuleConv(base.Layer):
 
   Weights: ((kernel, bias) for each output), the layout of trax's `tl.Conv`. Predict mode
   computes a call as one matrix product per output over the receptive fields (a call there is
-  a prompt or one token), or a token on a GPU as one Pallas kernel (`sparse_qkv_kernel.py`);
-  train and eval run the convolution.
+  a prompt or one token), or one token per row as one Pallas kernel (`sparse_qkv_kernel.py`;
+  off by default, `decode_kernels.py`); train and eval run the convolution.
   """
 
   def __init__(self, d_model, n_modules, length_kernel_size, module_kernel_size, mode,
