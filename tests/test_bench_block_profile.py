@@ -59,6 +59,26 @@ def test_markdown_names_the_bound_of_each_shown_layer():
   assert 'LayerNorm' not in text  # under 2% of the step
 
 
+def test_flops_unknown_to_the_compiled_count_come_from_the_lowered_program():
+  # On GPUs XLA's compiled cost analysis gives -1 for a product run by cuBLAS; the count of the
+  # program before compilation stands in.
+  class Lowered:
+    def __init__(self, compiled, lowered):
+      self._costs = compiled, lowered
+
+    def compile(self):
+      return type('Compiled', (), {'cost_analysis': lambda _: self._costs[0]})()
+
+    def cost_analysis(self):
+      return self._costs[1]
+
+  assert block_profile.flop_count(Lowered({'flops': 8.0}, {'flops': 9.0})) == 8.0
+  assert block_profile.flop_count(Lowered({'flops': -1.0}, {'flops': 9.0})) == 9.0
+  assert block_profile.flop_count(Lowered({'flops': -1.0}, None)) == 0.0
+  f = jax.jit(lambda a, b: a @ b).lower(jnp.ones((4, 8)), jnp.ones((8, 2)))
+  assert block_profile.flop_count(f) == 2 * 4 * 8 * 2
+
+
 def test_matmul_rate_is_positive():
   assert block_profile.matmul_rate(128) > 1e6
 

@@ -101,6 +101,16 @@ def _kernel_reads(eqn):
   return reads
 
 
+def flop_count(lowered):
+  """Floating-point operations of a lowered computation: XLA's count for the compiled program,
+  or, where that is unknown (-1: on GPUs XLA cannot count what runs as a library call, a
+  cuBLAS product; jax-ml/jax#16008), its count for the program before compilation."""
+  flops = (lowered.compile().cost_analysis() or {}).get('flops', 0.0)
+  if flops < 0:
+    flops = (lowered.cost_analysis() or {}).get('flops', 0.0)
+  return max(flops, 0.0)
+
+
 def _as_args(values, n):
   """A layer's input: the array itself when it takes one, else the tuple."""
   return values[0] if n == 1 else tuple(values)
@@ -125,11 +135,10 @@ def profile(layer, stack, depth, level=0, rng=None, min_runs=10, min_seconds=0.3
   rows = []
   shown = level == 0 or layer.name not in PLUMBING
   if shown:
-    cost = run.lower(inputs, layer.weights, layer.state).compile().cost_analysis()
+    flops = flop_count(run.lower(inputs, layer.weights, layer.state))
     seconds, _ = timing.time_call(run, inputs, layer.weights, layer.state, min_runs=min_runs,
                                   min_seconds=min_seconds)
-    rows.append(dict(layer=layer.name, level=level, seconds=seconds,
-                     flops=cost.get('flops', 0.0),
+    rows.append(dict(layer=layer.name, level=level, seconds=seconds, flops=flops,
                      bytes=bytes_read(run, inputs, layer.weights, layer.state)))
   inner_level = level + 1 if shown else level
   if inner_level <= depth and isinstance(layer, tl.Serial):
