@@ -286,7 +286,26 @@ def attribute(times, info):
 
 # On a GPU, XLA records runs of kernels as CUDA graphs (command buffers), whose kernels a trace
 # sees without their instructions' names; the profiled step is compiled without them.
-PROFILE_OPTIONS = {'gpu': {'xla_gpu_enable_command_buffer': ''}}
+_PROFILE_OPTIONS = {'gpu': {'xla_gpu_enable_command_buffer': ''}}
+
+
+def compile_for_trace(lowered):
+  """(the program as XLA compiles it by default, the program to trace): the same one except on
+  a GPU, where the traced one is compiled without command buffers (`_PROFILE_OPTIONS`)."""
+  compiled = lowered.compile()
+  options = _PROFILE_OPTIONS.get(jax.default_backend())
+  return compiled, lowered.compile(compiler_options=options) if options else compiled
+
+
+def totals(rows, key):
+  """`attribute`'s rows added up by `key(row)`: group -> dict(kernels, seconds, bytes)."""
+  groups = collections.defaultdict(lambda: dict(kernels=0.0, seconds=0.0, bytes=0))
+  for row in rows:
+    group = groups[key(row)]
+    group['kernels'] += row['launches']
+    group['seconds'] += row['seconds']
+    group['bytes'] += row['bytes']
+  return groups
 
 
 # --- one variant -------------------------------------------------------------------------
@@ -306,9 +325,7 @@ def profile(dims, n_layers, n_steps, dtype, bandwidth):
   step = scoped_step(model)
   tokens = jnp.ones((1, 1), jnp.int32)
   lowered = jax.jit(step, donate_argnums=(1,)).lower(weights, state, tokens)
-  compiled = lowered.compile()
-  options = PROFILE_OPTIONS.get(jax.default_backend())
-  traced = lowered.compile(compiler_options=options) if options else compiled
+  compiled, traced = compile_for_trace(lowered)
   info = kernels(traced.as_text())
   holder = {'state': state}
 
@@ -323,12 +340,7 @@ def profile(dims, n_layers, n_steps, dtype, bandwidth):
   run = runner(traced)
   jax.block_until_ready(run())
   rows = attribute(kernel_times(run, n_steps), info)
-  by_scope = collections.defaultdict(lambda: dict(kernels=0.0, seconds=0.0, bytes=0))
-  for row in rows:
-    part = by_scope[row['scope']]
-    part['kernels'] += row['launches']
-    part['seconds'] += row['seconds']
-    part['bytes'] += row['bytes']
+  by_scope = totals(rows, lambda row: row['scope'])
   blocks = sorted({int(re.search(r'\d+', s).group()) for s in by_scope if s.startswith('block')})
   later = blocks[1:] or blocks
 

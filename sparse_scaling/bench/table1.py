@@ -57,8 +57,8 @@ PAPER = {
     ('17b', 'qkv'): (3.154, 0.554), ('17b', 'ffqkv'): (0.183, 0.014),
 }
 def kernel_choice(impl):
-  """What decoding uses for `impl`: 'ours-xla' forces XLA's ops; 'ours' takes the default
-  (the Pallas kernels on GPUs, `layers/decode_kernels.py`)."""
+  """What decoding uses for `impl` (`layers/decode_kernels.py`): 'ours' the default (on GPUs
+  the Sparse FF kernel), 'ours-pallas' every Pallas kernel, 'ours-xla' XLA's ops only."""
   return decode_kernels.use({'ours-xla': 'xla', 'ours-pallas': 'pallas'}.get(impl, 'auto'))
 
 

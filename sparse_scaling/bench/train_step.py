@@ -166,8 +166,7 @@ def profile_step(model, batch, n_steps):
     rng = jax.random.PRNGKey(1)
     holder = dict(weights=(trained.weights, slots), state=trained.state)
     lowered = update.lower(holder['weights'], 0, opt_params, batch, holder['state'], rng)
-  options = decode_profile.PROFILE_OPTIONS.get(jax.default_backend())
-  compiled = lowered.compile(compiler_options=options) if options else lowered.compile()
+  default, compiled = decode_profile.compile_for_trace(lowered)
   text = compiled.as_text()
   info = decode_profile.kernels(text)
   module = re.search(r'HloModule ([\w.\-]+)', text).group(1)
@@ -180,18 +179,13 @@ def profile_step(model, batch, n_steps):
     return run
 
   # The step as trax compiles it, called alone: wall time without trax's Python around it.
-  wall, _ = timing.time_call(runner(lowered.compile() if options else compiled),
-                             min_runs=n_steps, min_seconds=0.0)
+  wall, _ = timing.time_call(runner(default), min_runs=n_steps, min_seconds=0.0)
   run = runner(compiled)
   jax.block_until_ready(run())
   kernel_rows = decode_profile.attribute(
       decode_profile.kernel_times(run, n_steps, module=module), info)
-  groups = collections.defaultdict(lambda: dict(kernels=0.0, seconds=0.0, bytes=0))
-  for row in kernel_rows:
-    group = groups[op_label(row['op_name']) if row['attributed'] else 'unnamed kernels']
-    group['kernels'] += row['launches']
-    group['seconds'] += row['seconds']
-    group['bytes'] += row['bytes']
+  groups = decode_profile.totals(
+      kernel_rows, lambda row: op_label(row['op_name']) if row['attributed'] else 'unnamed kernels')
   rows = [dict(label=label, **group) for label, group in groups.items()]
   return dict(device_s=sum(r['seconds'] for r in kernel_rows), wall_s=wall,
               kernels=sum(r['launches'] for r in kernel_rows),

@@ -36,10 +36,7 @@ def fits(d_head, max_len):
 
 def _block(max_len):
   """Positions per block: the largest power of 2 up to POSITIONS that fits in the cache."""
-  block = 1
-  while block * 2 <= min(POSITIONS, max_len):
-    block *= 2
-  return block
+  return 1 << (min(POSITIONS, max_len).bit_length() - 1)
 
 
 def _kernel(index_ref, q_ref, k_ref, v_ref, k_cache_ref, v_cache_ref, out_ref, k_out_ref,
