@@ -26,8 +26,9 @@ kernels (block 1: block 0 can differ where XLA fuses across the embedding). Devi
 above bytes / bandwidth with many kernels of a few microseconds each is launch-bound: the
 step's cost is its number of kernels, not what they read. `--kernels` chooses the Pallas
 decoding kernels (`layers/decode_kernels.py`: auto, pallas, interpret or xla). Writes
-docs/results/decode_profile_<backend>.md (with --kernels other than auto:
-decode_profile_<backend>_<kernels>.md) unless --nowrite.
+docs/results/decode_profile_<backend>.md unless --nowrite (shapes other than 800m and
+--kernels other than auto add themselves to the name: decode_profile_gpu_17b.md,
+decode_profile_gpu_pallas.md).
 """
 
 import collections
@@ -432,7 +433,8 @@ def main(argv):
   text = markdown(summaries, details, bandwidth, probe)
   print(text, flush=True)
   if args.write:
-    suffix = '' if args.kernels == 'auto' else f'_{args.kernels}'
+    suffix = ('' if shapes == ['800m'] else '_' + '_'.join(shapes)) + (
+        '' if args.kernels == 'auto' else f'_{args.kernels}')
     path = common.RESULTS_DIR / f'decode_profile_{jax.default_backend()}{suffix}.md'
     path.write_text('# One decoding step, kernel by kernel\n\n'
                     f'`python -m sparse_scaling.bench.decode_profile --shapes {",".join(shapes)} '
