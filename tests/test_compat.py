@@ -179,13 +179,17 @@ def test_reversible_trainer_gets_its_key_on_the_device_of_its_step(monkeypatch):
   monkeypatch.setitem(compat._trax_originals, 'reversible_one_step',
                       lambda self, batch, rng, step, learning_rate: seen.append(rng) or 'ran')
   key = jax.device_put(jax.random.PRNGKey(3), jax.devices('cpu')[0])
+  moved, device_put = [], jax.device_put
+  monkeypatch.setattr(jax, 'device_put', lambda x, device: moved.append(device) or
+                      device_put(x, device))
   trainer = type('Trainer', (), {'_n_devices': 1})()
   assert compat._reversible_one_step(trainer, 'batch', key, step=2) == 'ran'
+  assert moved == [jax.local_devices()[0]]  # the first local device: a GPU where there is one
   assert seen[0].devices() == {jax.local_devices()[0]}
   np.testing.assert_array_equal(seen[0], key)
   trainer._n_devices = 2
   compat._reversible_one_step(trainer, 'batch', key)
-  assert seen[1] is key
+  assert seen[1] is key and len(moved) == 1
 
 
 def test_tree_unflatten_fills_arrays_and_copies_placeholders():
