@@ -6,7 +6,15 @@ import gin
 import jax
 import pytest
 
-# Before any backend starts: on GPUs, scatter-adds (embedding gradients) otherwise sum in a
+# Before any backend starts. With SPARSE_SCALING_TEST_GPUS=0,1 (a list of GPU indices) the
+# pytest-xdist workers take those GPUs in turn (worker gwN the N-th modulo their number), so
+# that `-n 16` spreads the suite over a machine's GPUs instead of sharing the first.
+_GPUS = os.environ.get('SPARSE_SCALING_TEST_GPUS', '').split(',')
+if _GPUS != [''] and os.environ.get('PYTEST_XDIST_WORKER', '').startswith('gw'):
+  os.environ['CUDA_VISIBLE_DEVICES'] = _GPUS[
+      int(os.environ['PYTEST_XDIST_WORKER'][2:]) % len(_GPUS)]
+
+# On GPUs, scatter-adds (embedding gradients) otherwise sum in a
 # varying order, and tests compare two training runs to 1e-6. No effect on the CPU.
 if '--xla_gpu_deterministic_ops' not in os.environ.get('XLA_FLAGS', ''):
   os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
@@ -15,6 +23,16 @@ if '--xla_gpu_deterministic_ops' not in os.environ.get('XLA_FLAGS', ''):
 from sparse_scaling import compat  # pylint: disable=g-import-not-at-top,g-bad-import-order
 
 compat.apply()  # the package's setup, as every program makes it (idempotent)
+
+
+# Modules with a test or fixture of one to two minutes on 2 CPU cores, started first: the
+# workers then end on short tests, instead of one worker running a long one alone at the end.
+LONG_FIRST = ('test_distributed.py', 'test_compat.py', 'test_notebook.py', 'test_rfc.py')
+
+
+def pytest_collection_modifyitems(items):
+  """Runs LONG_FIRST's modules first, each in its collected order."""
+  items.sort(key=lambda item: item.path.name not in LONG_FIRST)  # stable: the rest in order
 
 
 def pytest_configure(config):  # pylint: disable=unused-argument

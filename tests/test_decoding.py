@@ -167,9 +167,16 @@ DENSE = dict(TINY, ff_sparsity=0)
 SPARSE = dict(TINY, attention_sparsity=4, loss_sparsity=4)  # Sparse FF + QKV + loss
 
 
-@pytest.mark.parametrize('config', [DENSE, SPARSE], ids=['dense', 'sparse_ff_qkv_loss'])
-@pytest.mark.parametrize('sampling', [dict(), dict(temperature=1.5, top_k=8, seed=7)],
-                         ids=['greedy', 'sampled'])
+SAMPLED = dict(temperature=1.5, top_k=8, seed=7)
+
+
+# Greedy and sampled decoding, dense and sparse models, each once by default (the suite's time
+# budget); the other two pairs run with -m slow.
+@pytest.mark.parametrize('config, sampling', [
+    pytest.param(DENSE, {}, id='greedy-dense'),
+    pytest.param(SPARSE, SAMPLED, id='sampled-sparse_ff_qkv_loss'),
+    pytest.param(DENSE, SAMPLED, id='sampled-dense', marks=pytest.mark.slow),
+    pytest.param(SPARSE, {}, id='greedy-sparse_ff_qkv_loss', marks=pytest.mark.slow)])
 def test_each_row_of_a_ragged_batch_equals_that_prompt_alone(config, sampling):
   model_fn = functools.partial(ScalingTransformerLM, **config)
   model = model_fn(mode='eval')

@@ -12,6 +12,7 @@ from sparse_scaling import convert
 from sparse_scaling.layers import SparseFF
 from sparse_scaling.layers import sparse_ff
 from sparse_scaling.layers import decode_kernels
+from sparse_scaling.layers import sparse_ff_controller_kernel
 from sparse_scaling.layers import sparse_ff_kernel
 from tests.utils import assert_predict_equals_eval
 from tests.utils import initialized as _init
@@ -194,6 +195,73 @@ def test_gradients_reach_the_controller(quant_prob):
     assert np.abs(g).max() > 0, f'no gradient reaches controller weight {name}'
   for name, g in zip(['W1', 'b1', 'W2', 'b2'], units_grads):
     assert np.abs(g).max() > 0, f'no gradient reaches {name}'
+
+
+def _train_step_under(kernel, layer, x, state, rng):
+  """Output, new state and gradients (weights, x) of a train-mode call under `kernel`."""
+  def loss(weights, x):
+    y, new_state = layer.pure_fn(x, weights, state, rng)
+    return jnp.sum(jnp.sin(3 * y)), (y, new_state)
+
+  with decode_kernels.use(kernel):  # a new function each time: traced anew
+    grads, (y, new_state) = jax.grad(loss, argnums=(0, 1), has_aux=True)(layer.weights, x)
+  return y, new_state, grads
+
+
+@pytest.mark.parametrize('quant_prob, temperature', [(0.0, 0.5), (1.0, 0.5), (1.0, 0.0)])
+def test_training_controller_kernel_equals_xla_with_its_gradients(quant_prob, temperature):
+  """The controller's Pallas kernels (interpreted on the CPU) against XLA's path: the same
+  draws from the same random numbers, the same mask, and the same gradients for every
+  weight and the input; the reverse pass's replay keeps the forward pass's choice."""
+  x = _inputs(2, 24, 32, seed=5)  # 48 tokens: 3 programs of 16; rank 16, blocks of 16
+  layer = _init(SparseFF(128, 16, d_lowrank=16, temperature=temperature,
+                         quant_prob=quant_prob, mode='train'), x)
+  assert sparse_ff_controller_kernel.fits(48, 16, 16)
+  for seed in (1, 2):
+    rng = jax.random.PRNGKey(seed)
+    expected = _train_step_under('xla', layer, x, layer.state, rng)
+    got = _train_step_under('interpret', layer, x, layer.state, rng)
+    np.testing.assert_array_equal(got[1][1][0], expected[1][1][0])  # the choice kept as state
+    for g, e in zip(jax.tree.leaves((got[0], got[2])), jax.tree.leaves((expected[0], expected[2]))):
+      np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)
+  choice = expected[1][1][0]
+  replay = (layer.state[0], (choice, {'running_second_time_yes': ()}), *layer.state[2:])
+  replayed = _train_step_under('interpret', layer, x, replay, jax.random.PRNGKey(9))
+  np.testing.assert_array_equal(replayed[1][1][0], choice)
+  np.testing.assert_allclose(replayed[0], expected[0], rtol=1e-5, atol=1e-5)
+
+
+def test_training_controller_kernel_lowers_to_triton_at_the_gpu_size():
+  """Forward and backward kernels lowered for CUDA at the quality reproduction's GPU size
+  (16,384 tokens, rank 16, 64 blocks of 32): Triton's block rules hold there."""
+  args = [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in [
+      ((16384, 16), jnp.float32), ((16, 64, 32), jnp.float32), ((64, 32), jnp.float32),
+      ((16384, 64), jnp.float32), ((), jnp.bool_)]]
+
+  def loss(z, c2, cb, u, hard):
+    mask, _ = sparse_ff_controller_kernel.controller_mask(z, c2, cb, u, hard, 0.1, False)
+    return jnp.sum(mask * mask)
+
+  h200 = jax.sharding.AbstractDevice(device_kind='NVIDIA H200', num_cores=None, platform='cuda')
+  with jax.sharding.use_abstract_mesh(
+      jax.sharding.AbstractMesh((1,), ('x',), abstract_device=h200)):
+    lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(*args).lower(
+        lowering_platforms=('cuda',))
+  assert lowered.as_text().count('xla.gpu.triton') == 2  # the forward and backward kernels
+
+
+@pytest.mark.skipif(jax.default_backend() != 'gpu', reason='compiles the kernel for a GPU')
+def test_training_controller_kernel_compiled_for_the_gpu_equals_xla():
+  x = _inputs(4, 256, 512, seed=3)
+  layer = _init(SparseFF(2048, 32, d_lowrank=16, temperature=0.1, quant_prob=0.0,
+                         mode='train'), x)
+  rng = jax.random.PRNGKey(4)
+  expected = _train_step_under('xla', layer, x, layer.state, rng)
+  got = _train_step_under('pallas', layer, x, layer.state, rng)
+  # A draw within float32 rounding of a boundary between units may go either way.
+  assert np.mean(np.asarray(got[1][1][0]) == np.asarray(expected[1][1][0])) > 0.999
+  for g, e in zip(jax.tree.leaves((got[0], got[2])), jax.tree.leaves((expected[0], expected[2]))):
+    np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4)
 
 
 def test_eval_matches_trax_reference_sparse_ff():

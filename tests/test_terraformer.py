@@ -168,6 +168,9 @@ def test_lsh_decoder_cannot_predict():
     _model(decoder_attention_type='lsh')(mode='predict')
 
 
+# 800 steps (~2 minutes on 2 CPU cores): slow. By default the notebook's test trains the same
+# gin file for 100 steps (tests/test_notebook.py).
+@pytest.mark.slow
 def test_copy_task_learns_to_copy_through_main(tmp_path):
   result = subprocess.run(
       [sys.executable, str(ROOT / 'main.py'), '--gin_file=tiny/terraformer_copy.gin',

@@ -16,12 +16,15 @@ least --steps steps, each blocked until ready. The issue's goal: a sparse step t
 the dense one. The tiny shape takes about 2 minutes on 2 CPU cores, mostly compilation.
 
   python -m sparse_scaling.bench.train_step [--json] [--shapes tiny,800m,gpu] [--dropout 0.1]
-      [--steps 20] [--variants dense,ff] [--profile 25]
+      [--steps 20] [--variants dense,ff] [--kernels xla,pallas] [--profile 25]
 
 --profile N also traces --steps steps of each variant (`jax.profiler`, every trax layer's
 forward under a named scope, on a GPU compiled without command buffers so that each kernel
 keeps its instruction's name) and prints the N (layer, operation) pairs that take the most
 device time per step, forward and backward apart: where a sparse variant's extra time goes.
+--kernels times each sparse variant under each Pallas kernel choice (`layers/decode_kernels.py`;
+on a GPU, `pallas` runs Sparse FF's controller as `layers/sparse_ff_controller_kernel.py`), one
+row each, in the same run.
 """
 
 import collections
@@ -45,6 +48,7 @@ from trax.optimizers import trainer as trainer_lib
 from sparse_scaling.bench import common
 from sparse_scaling.bench import decode_profile
 from sparse_scaling.bench import timing
+from sparse_scaling.layers import decode_kernels
 from sparse_scaling.models import ScalingTransformerLM
 from sparse_scaling.models.params import parameter_counts
 from sparse_scaling.reproduce.quality import ARMS
@@ -206,12 +210,14 @@ def print_profile(variant, profile, top, trax_step_s):
                             f'{row["seconds"] / total:.1%}']), flush=True)
 
 
-def measure(name, shape, dropout=DROPOUT, profile=0, **timing_args):
+def measure(name, shape, dropout=DROPOUT, profile=0, kernels=('auto',), **timing_args):
   """Yields one row per variant at `shape`: params, ms/step (median, p90), tokens/s, vs dense.
 
-  `timing_args` go to `timing.time_call`: min_runs, min_seconds, warmup. With `profile` > 0,
-  each row also carries `profile`: the device time per step and the (layer, operation) rows
-  of `profile_step` over min_runs steps.
+  `kernels`: the Pallas kernel choices (`layers/decode_kernels.py`) each sparse variant is
+  timed under, one row each, side by side; dense runs once, under the first. `timing_args` go
+  to `timing.time_call`: min_runs, min_seconds, warmup. With `profile` > 0, each row also
+  carries `profile`: the device time per step and the (layer, operation) rows of
+  `profile_step` over min_runs steps.
   """
   vocab_size = dimensions(shape, shape.variants[0])['vocab_size']
   tokens = np.random.RandomState(0).randint(1, vocab_size, (shape.batch, shape.length))
@@ -221,15 +227,17 @@ def measure(name, shape, dropout=DROPOUT, profile=0, **timing_args):
   for variant in shape.variants:  # dense first
     model = build_model(shape, variant, dropout)
     params = parameter_counts(model, shapes.signature(tokens))['total']
-    median, p90 = step_seconds(model, batch, **timing_args)
-    dense = dense or median
-    row = dict(shape=name, variant=variant, params=params, ms_per_step=median * 1e3,
-               p90_ms_per_step=p90 * 1e3, tokens_per_s=tokens.size / median,
-               ratio_to_dense=median / dense)
-    if profile:
-      row['profile'] = profile_step(model, batch, timing_args.get('min_runs', 20))
-      row['profile']['groups'] = row['profile']['groups'][:profile]
-    yield row
+    for choice in kernels[:1] if variant == 'dense' else kernels:
+      with decode_kernels.use(choice):  # traced in the first step, under the choice
+        median, p90 = step_seconds(model, batch, **timing_args)
+        dense = dense or median
+        row = dict(shape=name, variant=variant, kernels=choice, params=params,
+                   ms_per_step=median * 1e3, p90_ms_per_step=p90 * 1e3,
+                   tokens_per_s=tokens.size / median, ratio_to_dense=median / dense)
+        if profile:
+          row['profile'] = profile_step(model, batch, timing_args.get('min_runs', 20))
+          row['profile']['groups'] = row['profile']['groups'][:profile]
+      yield row
     del model  # freed before the next variant is built
     gc.collect()
 
@@ -241,6 +249,9 @@ def define_flags():
   flags.DEFINE_integer('steps', 20, 'Timed steps per variant, at least.')
   flags.DEFINE_list('variants', None, "Variants to time (default: the shape's all; dense "
                     'always runs first, as the reference).')
+  flags.DEFINE_list('kernels', ['auto'], 'Pallas kernel choices (layers/decode_kernels.py: '
+                    f'{", ".join(decode_kernels.CHOICES)}) to time each sparse variant under, '
+                    'side by side.')
   flags.DEFINE_integer('profile', 0, 'If > 0: also trace --steps steps of each variant and '
                        'print the PROFILE (layer, operation) pairs that take the most device '
                        'time.')
@@ -248,6 +259,9 @@ def define_flags():
 
 def main(argv):
   del argv
+  unknown = set(FLAGS.kernels) - set(decode_kernels.CHOICES)
+  if unknown or not FLAGS.kernels:
+    raise app.UsageError(f'--kernels: {sorted(unknown)} must be among {list(decode_kernels.CHOICES)}')
   rows = []
   for name in (FLAGS.shapes or list(SHAPES)):
     shape = SHAPES[name]
@@ -265,14 +279,16 @@ def main(argv):
           f'{timing.machine_description()}')
     print(common.table_header(['variant', 'params', 'ms/step', 'p90 ms', 'tokens/s',
                                'vs dense (goal <= 1.25x)']))
-    for row in measure(name, shape, FLAGS.dropout, FLAGS.profile, min_runs=FLAGS.steps):
-      print(common.table_row([row['variant'], f'{row["params"] / 1e6:.1f}M',
+    for row in measure(name, shape, FLAGS.dropout, FLAGS.profile, FLAGS.kernels,
+                       min_runs=FLAGS.steps):
+      label = row['variant'] + (f' [{row["kernels"]}]' if len(FLAGS.kernels) > 1 else '')
+      print(common.table_row([label, f'{row["params"] / 1e6:.1f}M',
                               f'{row["ms_per_step"]:.1f}', f'{row["p90_ms_per_step"]:.1f}',
                               f'{row["tokens_per_s"]:,.0f}', f'{row["ratio_to_dense"]:.2f}x']),
             flush=True)
       rows.append(row)
       if 'profile' in row:
-        print_profile(row['variant'], row['profile'], FLAGS.profile, row['ms_per_step'] / 1e3)
+        print_profile(label, row['profile'], FLAGS.profile, row['ms_per_step'] / 1e3)
     print()
   if FLAGS.json:
     print(json.dumps(rows))

@@ -18,7 +18,7 @@ import contextlib
 import jax
 
 CHOICES = ('auto', 'pallas', 'interpret', 'xla')
-KERNELS = ('sparse_ff', 'sparse_qkv', 'attention')
+KERNELS = ('sparse_ff', 'sparse_qkv', 'attention', 'sparse_ff_controller')
 AUTO_ON_GPU = ('sparse_ff',)
 _CHOICE = ['auto']
 

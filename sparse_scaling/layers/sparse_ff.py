@@ -35,6 +35,7 @@ from trax import shapes
 from trax.layers import initializers as init
 
 from sparse_scaling.layers import decode_kernels
+from sparse_scaling.layers import sparse_ff_controller_kernel
 from sparse_scaling.layers import sparse_ff_kernel
 from sparse_scaling.layers.checks import check_mode
 from sparse_scaling.layers.checks import check_positive_int
@@ -109,18 +110,31 @@ class SparseFFController(base.Layer):
     self._mode = mode
 
   def forward(self, x):
-    logits = _controller_logits(x, *self.weights)                 # [..., d_ff // N, N]
     if self._mode != 'train':
+      logits = _controller_logits(x, *self.weights)               # [..., d_ff // N, N]
       return jnp.argmax(logits, axis=-1).astype(jnp.int32)       # [..., d_ff // N]
     noise_rng, coin_rng = jax.random.split(self.rng)
-    probs = jax.nn.softmax(logits, axis=-1)
     choice, marker = self.state
-    if _SECOND_TIME not in marker:  # Else: the reverse pass replays the forward pass's choice.
+    replay = _SECOND_TIME in marker  # The reverse pass replays the forward pass's choice.
+    use_hard = jax.random.uniform(coin_rng) < self._quant_prob
+    c1, c2, cb = self.weights
+    n_tokens = x.size // x.shape[-1]
+    kernel = decode_kernels.active('sparse_ff_controller')
+    if kernel != 'xla' and sparse_ff_controller_kernel.fits(n_tokens, c1.shape[1], self._block):
+      z = x.reshape(n_tokens, -1) @ c1                                   # [tokens, d_lowrank]
+      draw = (choice.reshape(n_tokens, -1) if replay else
+              jax.random.uniform(noise_rng, (n_tokens, self._n_blocks), x.dtype))
+      mask, choice = sparse_ff_controller_kernel.controller_mask(
+          z, c2, cb, draw, use_hard, self._temperature, replay, kernel == 'interpret')
+      self.state = (choice.reshape(x.shape[:-1] + (self._n_blocks,)), {_FIRST_TIME: ()})
+      return mask.reshape(x.shape[:-1] + (self._n_blocks, self._block))
+    logits = _controller_logits(x, c1, c2, cb)                    # [..., d_ff // N, N]
+    probs = jax.nn.softmax(logits, axis=-1)
+    if not replay:
       choice = _sample_units(logits, self._temperature, noise_rng)
     self.state = (choice, {_FIRST_TIME: ()})
     hard = jax.nn.one_hot(choice, self._block, dtype=probs.dtype)
     straight_through = hard + probs - jax.lax.stop_gradient(probs)
-    use_hard = jax.random.uniform(coin_rng) < self._quant_prob
     return jnp.where(use_hard, straight_through, probs)
 
   def init_weights_and_state(self, input_signature):
