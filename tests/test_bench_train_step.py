@@ -1,5 +1,7 @@
 """Training-step benchmark: one row per variant, times of trax's own steps, matched parameters."""
 
+import subprocess
+import sys
 import time
 
 import jax
@@ -96,3 +98,43 @@ def test_profile_attributes_the_step_s_device_time_to_its_layers():
   for pass_ in ('fwd', 'bwd'):
     assert any(l.startswith(f'{pass_} ChosenUnitsFF/') for l in labels), labels
   assert any(l.startswith('fwd SparseFFController/') for l in labels), labels
+
+
+def test_rounds_time_every_row_in_alternating_rounds(monkeypatch):
+  # Stand-in steps of known length, one per (variant, kernel choice): the rows are built
+  # first, timed in turns (the order reversed every other round), and their ratios are those
+  # of the steps.
+  calls, sleep_ms = [], {('dense', 'xla'): 4, ('ff', 'xla'): 8, ('ff', 'interpret'): 12}
+
+  def stand_in(model, batch, kernels='auto'):
+    arm = (model.variant, kernels)
+
+    def one_step():
+      calls.append(arm)
+      time.sleep(sleep_ms[arm] / 1e3)
+      return batch[0]
+    return one_step
+
+  monkeypatch.setattr(train_step, 'stepper', stand_in)
+  monkeypatch.setattr(train_step, 'build_model',
+                      lambda shape, variant, dropout: type('M', (), {'variant': variant})())
+  monkeypatch.setattr(train_step, 'parameter_counts', lambda model, signature: {'total': 1})
+  shape = TINY._replace(variants=('dense', 'ff'))
+  rows = list(train_step.measure('tiny', shape, kernels=('xla', 'interpret'), rounds=3,
+                                 min_runs=6, warmup=1))
+  arms = list(sleep_ms)
+  assert [(row['variant'], row['kernels']) for row in rows] == arms
+  assert calls[:3] == arms  # one warm-up each, then rounds of 2 steps per row
+  timed = calls[3:]
+  assert timed == [a for a in arms for _ in '12'] + [a for a in arms[::-1] for _ in '12'] + \
+      [a for a in arms for _ in '12']
+  ratios = [row['ratio_to_dense'] for row in rows]
+  assert ratios[0] == 1.0
+  assert ratios[1] == pytest.approx(2.0, rel=0.25) and ratios[2] == pytest.approx(3.0, rel=0.25)
+
+
+def test_rounds_below_one_are_refused():
+  proc = subprocess.run([sys.executable, '-m', 'sparse_scaling.bench.train_step', '--rounds',
+                         '0', '--shapes', 'tiny'], capture_output=True, text=True)
+  assert proc.returncode != 0
+  assert '--rounds: 0 must be >= 1' in proc.stderr

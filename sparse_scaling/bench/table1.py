@@ -81,7 +81,7 @@ def _timed_steps(step, weights, state, x, n_steps, warmup=3):
     jax.block_until_ready(x)
     if i >= warmup:
       times.append(timing.now() - start)
-  return float(np.median(times)), float(np.percentile(times, 90))
+  return timing.median_p90(times)
 
 
 def seconds_per_token(model, dtype, prompt, n_tokens, batch=1):

@@ -25,7 +25,33 @@ def time_call(fn, *args, min_runs=20, min_seconds=1.0, warmup=3):
     t = time.perf_counter()
     jax.block_until_ready(fn(*args))
     times.append(time.perf_counter() - t)
+  return median_p90(times)
+
+
+def median_p90(times):
+  """(median, p90) of a list of seconds."""
   return float(np.median(times)), float(np.percentile(times, 90))
+
+
+def interleaved_times(fns, rounds, runs_per_round, warmup=3):
+  """Wall times of each of `fns` (called without arguments), in alternating rounds.
+
+  Each fn is warmed up first; then every round calls each fn `runs_per_round` times in turn,
+  the order reversed every other round, so that a drift of the machine (another job, the
+  clock) falls on every fn alike and their ratios compare like with like. Every call is
+  blocked until its result is ready. Returns one list of seconds per fn.
+  """
+  for fn in fns:
+    for _ in range(warmup):
+      jax.block_until_ready(fn())
+  times = [[] for _ in fns]
+  for r in range(rounds):
+    for i in (range(len(fns)) if r % 2 == 0 else reversed(range(len(fns)))):
+      for _ in range(runs_per_round):
+        t = time.perf_counter()
+        jax.block_until_ready(fns[i]())
+        times[i].append(time.perf_counter() - t)
+  return times
 
 
 def available_memory_bytes():

@@ -16,7 +16,7 @@ least --steps steps, each blocked until ready. The issue's goal: a sparse step t
 the dense one. The tiny shape takes about 2 minutes on 2 CPU cores, mostly compilation.
 
   python -m sparse_scaling.bench.train_step [--json] [--shapes tiny,800m,gpu] [--dropout 0.1]
-      [--steps 20] [--variants dense,ff] [--kernels xla,pallas] [--profile 25]
+      [--steps 20] [--variants dense,ff] [--kernels xla,pallas] [--rounds 4] [--profile 25]
 
 --profile N also traces --steps steps of each variant (`jax.profiler`, every trax layer's
 forward under a named scope, on a GPU compiled without command buffers so that each kernel
@@ -24,7 +24,9 @@ keeps its instruction's name) and prints the N (layer, operation) pairs that tak
 device time per step, forward and backward apart: where a sparse variant's extra time goes.
 --kernels times each sparse variant under each Pallas kernel choice (`layers/decode_kernels.py`;
 on a GPU, `pallas` runs Sparse FF's controller as `layers/sparse_ff_controller_kernel.py`), one
-row each, in the same run.
+row each, in the same run. --rounds R > 1 compiles every row's step first and then times them
+in R alternating rounds (order reversed every other round), so that the drift of a shared
+machine between rows falls on all of them alike.
 """
 
 import collections
@@ -108,16 +110,18 @@ def _trainer(model, batch):
   return optimizers.Trainer(model_with_loss, optimizer, n_devices=1)
 
 
-def step_seconds(model, batch, **timing_args):
-  """Median and p90 seconds of one trax training step of `model` on `batch`."""
+def stepper(model, batch, kernels='auto'):
+  """A function that runs one trax training step of `model` on `batch`, traced (in its first
+  call) and run under the Pallas kernel choice `kernels`; it returns what the step wrote."""
   trainer = _trainer(model, batch)
   rng, steps = jax.random.PRNGKey(1), itertools.count()
 
   def one_step():
-    loss, _ = trainer.one_step(batch, rng, step=next(steps))
+    with decode_kernels.use(kernels):
+      loss, _ = trainer.one_step(batch, rng, step=next(steps))
     return loss, trainer.accelerated_model_with_loss.weights
 
-  return timing.time_call(one_step, **timing_args)
+  return one_step
 
 
 @contextlib.contextmanager
@@ -210,35 +214,49 @@ def print_profile(variant, profile, top, trax_step_s):
                             f'{row["seconds"] / total:.1%}']), flush=True)
 
 
-def measure(name, shape, dropout=DROPOUT, profile=0, kernels=('auto',), **timing_args):
+def measure(name, shape, dropout=DROPOUT, profile=0, kernels=('auto',), rounds=1,
+            **timing_args):
   """Yields one row per variant at `shape`: params, ms/step (median, p90), tokens/s, vs dense.
 
   `kernels`: the Pallas kernel choices (`layers/decode_kernels.py`) each sparse variant is
   timed under, one row each, side by side; dense runs once, under the first. `timing_args` go
-  to `timing.time_call`: min_runs, min_seconds, warmup. With `profile` > 0, each row also
-  carries `profile`: the device time per step and the (layer, operation) rows of
-  `profile_step` over min_runs steps.
+  to `timing.time_call`: min_runs, min_seconds, warmup. With `rounds` > 1 every (variant,
+  choice) is built and compiled first, then timed in `rounds` alternating rounds
+  (`timing.interleaved_times`, min_runs steps each in all; min_seconds is not used), so that
+  a shared machine's drift falls on dense and the sparse variants alike. With `profile` > 0,
+  each row also carries `profile`: the device time per step and the (layer, operation) rows
+  of `profile_step` over min_runs steps.
   """
   vocab_size = dimensions(shape, shape.variants[0])['vocab_size']
   tokens = np.random.RandomState(0).randint(1, vocab_size, (shape.batch, shape.length))
   tokens = tokens.astype(np.int32)                             # [batch, length]
   batch = (tokens, tokens, np.ones(tokens.shape, np.float32))  # inputs, targets, weights
+  arms = [(variant, choice) for variant in shape.variants  # dense first, under one choice
+          for choice in (kernels[:1] if variant == 'dense' else kernels)]
+  models, seconds = {}, {}
+  if rounds > 1:
+    # One model per row: a trainer writes its step's weights into the model it was given.
+    models = {arm: build_model(shape, arm[0], dropout) for arm in arms}
+    runs = -(-timing_args.get('min_runs', 20) // rounds)
+    times = timing.interleaved_times([stepper(models[arm], batch, arm[1]) for arm in arms],
+                                     rounds, runs, timing_args.get('warmup', 3))
+    seconds = dict(zip(arms, map(timing.median_p90, times)))
   dense = None
-  for variant in shape.variants:  # dense first
-    model = build_model(shape, variant, dropout)
+  for variant, choice in arms:
+    model = models.pop((variant, choice)) if models else build_model(shape, variant, dropout)
     params = parameter_counts(model, shapes.signature(tokens))['total']
-    for choice in kernels[:1] if variant == 'dense' else kernels:
-      with decode_kernels.use(choice):  # traced in the first step, under the choice
-        median, p90 = step_seconds(model, batch, **timing_args)
-        dense = dense or median
-        row = dict(shape=name, variant=variant, kernels=choice, params=params,
-                   ms_per_step=median * 1e3, p90_ms_per_step=p90 * 1e3,
-                   tokens_per_s=tokens.size / median, ratio_to_dense=median / dense)
-        if profile:
-          row['profile'] = profile_step(model, batch, timing_args.get('min_runs', 20))
-          row['profile']['groups'] = row['profile']['groups'][:profile]
-      yield row
-    del model  # freed before the next variant is built
+    median, p90 = (seconds[variant, choice] if seconds else
+                   timing.time_call(stepper(model, batch, choice), **timing_args))
+    dense = dense or median
+    row = dict(shape=name, variant=variant, kernels=choice, params=params,
+               ms_per_step=median * 1e3, p90_ms_per_step=p90 * 1e3,
+               tokens_per_s=tokens.size / median, ratio_to_dense=median / dense)
+    if profile:
+      with decode_kernels.use(choice):
+        row['profile'] = profile_step(model, batch, timing_args.get('min_runs', 20))
+      row['profile']['groups'] = row['profile']['groups'][:profile]
+    yield row
+    del model  # freed before the next row's model is built
     gc.collect()
 
 
@@ -252,6 +270,8 @@ def define_flags():
   flags.DEFINE_list('kernels', ['auto'], 'Pallas kernel choices (layers/decode_kernels.py: '
                     f'{", ".join(decode_kernels.CHOICES)}) to time each sparse variant under, '
                     'side by side.')
+  flags.DEFINE_integer('rounds', 1, 'If > 1: compile every variant first, then time their '
+                       '--steps steps in this many alternating rounds.')
   flags.DEFINE_integer('profile', 0, 'If > 0: also trace --steps steps of each variant and '
                        'print the PROFILE (layer, operation) pairs that take the most device '
                        'time.')
@@ -259,6 +279,8 @@ def define_flags():
 
 def main(argv):
   del argv
+  if FLAGS.rounds < 1:
+    raise app.UsageError(f'--rounds: {FLAGS.rounds} must be >= 1')
   unknown = set(FLAGS.kernels) - set(decode_kernels.CHOICES)
   if unknown or not FLAGS.kernels:
     raise app.UsageError(f'--kernels: {sorted(unknown)} must be among {list(decode_kernels.CHOICES)}')
@@ -279,7 +301,7 @@ def main(argv):
           f'{timing.machine_description()}')
     print(common.table_header(['variant', 'params', 'ms/step', 'p90 ms', 'tokens/s',
                                'vs dense (goal <= 1.25x)']))
-    for row in measure(name, shape, FLAGS.dropout, FLAGS.profile, FLAGS.kernels,
+    for row in measure(name, shape, FLAGS.dropout, FLAGS.profile, FLAGS.kernels, FLAGS.rounds,
                        min_runs=FLAGS.steps):
       label = row['variant'] + (f' [{row["kernels"]}]' if len(FLAGS.kernels) > 1 else '')
       print(common.table_row([label, f'{row["params"] / 1e6:.1f}M',
