@@ -237,7 +237,7 @@ def kernel_times(run, n_steps, module='step'):
   """Seconds per step of each HLO instruction's kernels: name -> (launches, seconds).
 
   Runs `run()` `n_steps` times under `jax.profiler.trace` and reads the trace: device
-  planes' events (GPU kernels) where there are any, else the host's XLA thunks; only those
+  planes' events (GPU kernels) on an accelerator, the host's XLA thunks on the CPU; only those
   of XLA modules whose name holds `module`.
   """
   with tempfile.TemporaryDirectory() as log_dir:
@@ -246,7 +246,10 @@ def kernel_times(run, n_steps, module='step'):
         jax.block_until_ready(run())
     paths = glob.glob(f'{log_dir}/**/*.xplane.pb', recursive=True)
     data = jax.profiler.ProfileData.from_file(paths[0])
-  device_planes = [p for p in data.planes if p.name.startswith('/device:')]
+  # On the CPU the host's planes: a GPU machine's trace has (empty) GPU planes also when JAX
+  # runs on its CPU (JAX_PLATFORMS=cpu).
+  device_planes = [p for p in data.planes if p.name.startswith('/device:')
+                   and jax.default_backend() != 'cpu']
   planes = device_planes or [p for p in data.planes if p.name.startswith('/host:')]
   totals = collections.defaultdict(lambda: [0, 0.0])
   for plane in planes:
