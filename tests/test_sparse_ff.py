@@ -250,6 +250,20 @@ def test_training_controller_kernel_lowers_to_triton_at_the_gpu_size():
   assert lowered.as_text().count('xla.gpu.triton') == 2  # the forward and backward kernels
 
 
+@pytest.mark.parametrize('backend', ['gpu', 'cpu', 'tpu'])
+def test_auto_runs_sparse_ff_s_kernels_on_a_gpu_only(backend, monkeypatch):
+  # The choice measured on an H200 (README "Decoding on a GPU", "Training step"): Sparse FF's
+  # decoding kernel and its controller's training kernels; the others only when asked.
+  monkeypatch.setattr(decode_kernels.jax, 'default_backend', lambda: backend)
+  on = {'sparse_ff', 'sparse_ff_controller'} if backend == 'gpu' else set()
+  assert {k: decode_kernels.active(k) for k in decode_kernels.KERNELS} == {
+      k: 'pallas' if k in on else 'xla' for k in decode_kernels.KERNELS}
+  with decode_kernels.use('xla'):
+    assert {decode_kernels.active(k) for k in decode_kernels.KERNELS} == {'xla'}
+  with pytest.raises(ValueError, match='kernel must be one of'):
+    decode_kernels.active('sparse_loss')
+
+
 @pytest.mark.skipif(jax.default_backend() != 'gpu', reason='compiles the kernel for a GPU')
 def test_training_controller_kernel_compiled_for_the_gpu_equals_xla():
   x = _inputs(4, 256, 512, seed=3)
