@@ -233,7 +233,7 @@ def measure(name, shape, dropout=DROPOUT, profile=0, kernels=('auto',), rounds=1
   batch = (tokens, tokens, np.ones(tokens.shape, np.float32))  # inputs, targets, weights
   arms = [(variant, choice) for variant in shape.variants  # dense first, under one choice
           for choice in (kernels[:1] if variant == 'dense' else kernels)]
-  models, seconds = {}, {}
+  models, seconds = {}, {}  # with rounds > 1: per row, built and timed before any is yielded
   if rounds > 1:
     # One model per row: a trainer writes its step's weights into the model it was given.
     models = {arm: build_model(shape, arm[0], dropout) for arm in arms}
@@ -243,10 +243,12 @@ def measure(name, shape, dropout=DROPOUT, profile=0, kernels=('auto',), rounds=1
     seconds = dict(zip(arms, map(timing.median_p90, times)))
   dense = None
   for variant, choice in arms:
-    model = models.pop((variant, choice)) if models else build_model(shape, variant, dropout)
+    if rounds > 1:
+      model, (median, p90) = models.pop((variant, choice)), seconds[variant, choice]
+    else:
+      model = build_model(shape, variant, dropout)
+      median, p90 = timing.time_call(stepper(model, batch, choice), **timing_args)
     params = parameter_counts(model, shapes.signature(tokens))['total']
-    median, p90 = (seconds[variant, choice] if seconds else
-                   timing.time_call(stepper(model, batch, choice), **timing_args))
     dense = dense or median
     row = dict(shape=name, variant=variant, kernels=choice, params=params,
                ms_per_step=median * 1e3, p90_ms_per_step=p90 * 1e3,
