@@ -248,8 +248,8 @@ def kernel_times(run, n_steps, module='step'):
     data = jax.profiler.ProfileData.from_file(paths[0])
   # On the CPU the host's planes: a GPU machine's trace has (empty) GPU planes also when JAX
   # runs on its CPU (JAX_PLATFORMS=cpu).
-  device_planes = [p for p in data.planes if p.name.startswith('/device:')
-                   and jax.default_backend() != 'cpu']
+  on_device = jax.default_backend() != 'cpu'
+  device_planes = [p for p in data.planes if on_device and p.name.startswith('/device:')]
   planes = device_planes or [p for p in data.planes if p.name.startswith('/host:')]
   totals = collections.defaultdict(lambda: [0, 0.0])
   for plane in planes:

@@ -22,10 +22,15 @@ def time_call(fn, *args, min_runs=20, min_seconds=1.0, warmup=3):
   times = []
   start = time.perf_counter()
   while len(times) < min_runs or time.perf_counter() - start < min_seconds:
-    t = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t)
+    times.append(seconds_of(fn, *args))
   return median_p90(times)
+
+
+def seconds_of(fn, *args):
+  """Wall time of one call `fn(*args)`, blocked until its result is ready."""
+  start = time.perf_counter()
+  jax.block_until_ready(fn(*args))
+  return time.perf_counter() - start
 
 
 def median_p90(times):
@@ -47,10 +52,7 @@ def interleaved_times(fns, rounds, runs_per_round, warmup=3):
   times = [[] for _ in fns]
   for r in range(rounds):
     for i in (range(len(fns)) if r % 2 == 0 else reversed(range(len(fns)))):
-      for _ in range(runs_per_round):
-        t = time.perf_counter()
-        jax.block_until_ready(fns[i]())
-        times[i].append(time.perf_counter() - t)
+      times[i] += [seconds_of(fns[i]) for _ in range(runs_per_round)]
   return times
 
 
