@@ -166,3 +166,43 @@ def test_a_diverged_arm_is_named_and_the_control_is_not_read_from_it():
   assert 'dense_conv (+0.40)' in line and 'qkv' not in line
   assert quality._convolution_lines([dense, qkv, diverged]) == [  # pylint: disable=protected-access
       'Control: not readable here, dense_conv diverged.', '']
+
+
+def _record(arm, seed, final, bindings=()):
+  """A finished run's record with a two-point curve ending at `final`."""
+  return dict(
+      arm=arm, seed=seed, params=1000, val_log_ppl=final, history=[[1, 7.0], [8, final]],
+      wall_s=1.0, steps=8, tokens=64, tokens_per_s=None, size='tiny', corpus='tokens',
+      knobs=dict(d_ff=32, ff_sparsity=0, attention_sparsity=0, loss_sparsity=0,
+                 attention_conv=0),
+      setting=dict(d_model=8, n_layers=1, n_heads=1, vocab_size=16, seq_len=4, batch_size=2,
+                   dropout=0.0),
+      eval_tokens=8, machine='test', command='test', output_dir='-',
+      bindings=quality.bindings(arm, seed, 'tokens') + list(bindings))
+
+
+def test_delta_pairs_each_run_with_dense_s_run_of_its_seed():
+  runs = [_record('dense', 0, 3.0), _record('dense', 1, 3.4),
+          _record('ff', 0, 3.01), _record('ff', 1, 3.42), _record('ff', 2, 9.0),
+          _record('qkv', 5, 3.0)]
+  dense, ff, qkv = quality.summarize(runs)
+  assert dense['delta_vs_dense'] == 0 and dense['delta_by_seed_range'] == [0, 0]
+  # Seed 2 has no dense run: it counts in ff's mean, not in its Δ.
+  assert ff['val_log_ppl_mean'] == pytest.approx((3.01 + 3.42 + 9.0) / 3)
+  assert ff['delta_vs_dense'] == pytest.approx(0.015)  # not 5.14 - 3.2
+  assert ff['delta_by_seed_range'] == pytest.approx([0.01, 0.02]) and ff['meets_goal']
+  assert ff['late_delta_vs_dense'] == pytest.approx(0.015 / 2)  # 7.0 cancels
+  assert qkv['delta_vs_dense'] is None and qkv['delta_by_seed_range'] is None
+  assert '| +0.010 .. +0.020 |' in quality.markdown(quality.results_from_runs(runs))
+
+
+def test_render_refuses_runs_of_different_gin_params(tmp_path):
+  for name, seed, extra in (('a', 0, []), ('b', 1, ['multifactor.constant = 0.32'])):
+    run_dir = tmp_path / name / 'dense' / f'seed{seed}'
+    run_dir.mkdir(parents=True)
+    (run_dir / quality.RECORD).write_text(json.dumps(_record('dense', seed, 3.0, extra)))
+  same = quality.render(tmp_path / 'one', [tmp_path / 'b'])
+  assert same['extra_bindings'] == ['multifactor.constant = 0.32']
+  assert '`multifactor.constant = 0.32`' in (tmp_path / 'one' / 'quality.md').read_text()
+  with pytest.raises(ValueError, match='mix --steps or --gin_param'):
+    quality.render(tmp_path / 'both', [tmp_path / 'a', tmp_path / 'b'])
