@@ -100,12 +100,10 @@ def test_sparse_qkv_predict_equals_eval(length_kernel_size, kernel):
     assert_predict_equals_eval(model_fn, _inputs(2, 8, D_MODEL))
 
 
-@pytest.mark.parametrize('d_model, n_heads, sparsity, n_kernels', [(64, 4, 8, 2), (32, 4, 2, 2),
-                                                                    (64, 4, 4, 1)])
-def test_decode_kernels_equal_xla_step_by_step(d_model, n_heads, sparsity, n_kernels):
+@pytest.mark.parametrize('d_model, n_heads, sparsity', [(64, 4, 8), (32, 4, 2)])
+def test_decode_kernels_equal_xla_step_by_step(d_model, n_heads, sparsity):
   """Module and head sizes apart (8 modules of 8 against 4 heads of 16; 2 of 16 against 4 of
-  8: the convolutions' kernel, then attention's) and equal (4 of 16: one kernel for both):
-  each step's output and the whole state (convolution state, caches, index) as XLA's."""
+  8): each step's output and the whole state (convolution state, caches, index) as XLA's."""
   x = _inputs(3, 12, d_model)
   runs = {}
   for kernel in ('xla', 'interpret'):
@@ -116,7 +114,7 @@ def test_decode_kernels_equal_xla_step_by_step(d_model, n_heads, sparsity, n_ker
       step = jax.jit(lambda w, s, t: layer.pure_fn(t, w, s, None))  # traced in this block
       state = layer.state
       jaxpr = str(jax.make_jaxpr(step)(layer.weights, state, x[:, 2:3]))
-      assert jaxpr.count('pallas_call') == (n_kernels if kernel == 'interpret' else 0)
+      assert jaxpr.count('pallas_call') == (2 if kernel == 'interpret' else 0)
       for i in range(2, 12):
         out, state = step(layer.weights, state, x[:, i:i + 1])
         outputs.append(out)
@@ -126,14 +124,11 @@ def test_decode_kernels_equal_xla_step_by_step(d_model, n_heads, sparsity, n_ker
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize('d_model, n_heads, sparsity, n_kernels, cache_outputs', [
-    (1024, 16, 16, 1, (2, 3)), (512, 8, 8, 1, (2, 3)), (512, 4, 8, 2, (1, 2))])
-def test_decode_kernels_lower_to_triton_for_a_gpu(d_model, n_heads, sparsity, n_kernels,
-                                                  cache_outputs):
-  """Lowered for CUDA on any machine (800M's and the quality runs' shapes, where the modules are
-  the heads: one kernel; and heads of two modules: two), KV caches of 168: Triton's rules hold
-  and the Triton backend is chosen."""
-  layer = SparseQKVAttention(d_model, n_heads, sparsity, max_inference_length=168,
+@pytest.mark.parametrize('d_model, sparsity', [(1024, 16), (512, 8)])
+def test_decode_kernels_lower_to_triton_for_a_gpu(d_model, sparsity):
+  """Lowered for CUDA on any machine (800M's and the quality runs' shapes, KV caches of 168):
+  Triton's rules hold and the Triton backend is chosen, for both kernels."""
+  layer = SparseQKVAttention(d_model, sparsity, sparsity, max_inference_length=168,
                              mode='predict')
   x = jax.ShapeDtypeStruct((1, 1, d_model), jnp.float32)
   weights, state = layer.weights_and_state_signature(x)
@@ -143,11 +138,11 @@ def test_decode_kernels_lower_to_triton_for_a_gpu(d_model, n_heads, sparsity, n_
       jax.sharding.AbstractMesh((1,), ('x',), abstract_device=h200)):
     lowered = jax.jit(step).trace(weights, state, x).lower(lowering_platforms=('cuda',))
   text = lowered.as_text()
-  assert text.count('xla.gpu.triton') == n_kernels
-  # The token's key and value go into the caches in place: the caches are outputs that alias
+  assert text.count('xla.gpu.triton') >= 2   # the convolutions, the attention
+  # The attention kernel writes the token into the caches in place: outputs 1 and 2 alias
   # operands of the call (no copy of a cache per step).
-  for output in cache_outputs:
-    assert f'output_operand_alias<output_tuple_indices = [{output}]' in text
+  assert 'output_operand_alias<output_tuple_indices = [1]' in text
+  assert 'output_operand_alias<output_tuple_indices = [2]' in text
 
 
 @pytest.mark.skipif(jax.default_backend() != 'gpu', reason='compiles the kernels for a GPU')

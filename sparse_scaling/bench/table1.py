@@ -63,13 +63,9 @@ def kernel_choice(impl):
 
 
 def kernels_used(dims):
-  """'xla', or 'pallas: ' and the Pallas kernels a model of `dims` decodes through now
-  ('qkv-attn': Sparse QKV's convolutions and attention as one, where the modules are the
-  heads; `sparse_qkv.py`)."""
-  s = dims['attention_sparsity']
-  one = bool(s) and s == dims['n_heads'] and decode_kernels.active('sparse_qkv_attention') != 'xla'
-  parts = (('ff', 'sparse_ff', dims['ff_sparsity']), ('qkv-attn', 'sparse_qkv_attention', one),
-           ('qkv', 'sparse_qkv', s and not one), ('attn', 'attention', not one))
+  """'xla', or 'pallas: ' and the Pallas kernels a model of `dims` decodes through now."""
+  parts = (('ff', 'sparse_ff', dims['ff_sparsity']),
+           ('qkv', 'sparse_qkv', dims['attention_sparsity']), ('attn', 'attention', True))
   used = [short for short, kernel, present in parts
           if present and decode_kernels.active(kernel) != 'xla']
   return 'pallas: ' + '+'.join(used) if used else 'xla'

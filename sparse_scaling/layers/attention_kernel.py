@@ -34,40 +34,29 @@ def fits(d_head, max_len):
   return decode_kernels.is_power_of_2(d_head) and max_len >= 1
 
 
-def block_size(max_len):
+def _block(max_len):
   """Positions per block: the largest power of 2 up to POSITIONS that fits in the cache."""
   return 1 << (min(POSITIONS, max_len).bit_length() - 1)
 
 
-def load_cache(k_cache_ref, v_cache_ref, row, max_len, block):
-  """Row `row` of both caches, in blocks of `block` positions (the last may overlap the one
-  before), every load issued at once: (starts, keys, values), each block [block, d_head]."""
-  starts = [min(i * block, max_len - block) for i in range((max_len + block - 1) // block)]
-  keys = [k_cache_ref[row, pl.ds(start, block), :] for start in starts]
-  values = [v_cache_ref[row, pl.ds(start, block), :] for start in starts]
-  return starts, keys, values
+def _kernel(index_ref, q_ref, k_ref, v_ref, k_cache_ref, v_cache_ref, out_ref, k_out_ref,
+            v_out_ref, *, n_heads, max_len, block):
+  """One (row, head) program. Shapes in `attention_step`.
 
-
-def attend(q, k, v, index, cache, k_out_ref, v_out_ref, row, block):
-  """softmax(q·Kᵀ / √d_head)·V of one token over row `row` of the caches; writes its key and
-  value there at `index`, in place.
-
-  Args:
-    q, k, v: [d_head] each, the token's (any float dtype).
-    index: int32 scalar, the token's position.
-    cache: `load_cache`'s (starts, keys, values) of the row, loaded before the write.
-    k_out_ref, v_out_ref: the caches [rows, max_len, d_head] (outputs aliasing the inputs).
-    row: The caches' row: batch row · heads + head.
-    block: Positions per loaded block.
-
-  Returns:
-    The output [d_head], float32.
+  The whole cache of the head is loaded first, in blocks (the last may overlap the one
+  before), all in flight at once; positions from `index` on are masked out of the softmax.
   """
-  starts, keys, values = cache
-  k_out_ref[row, index, :] = k.astype(k_out_ref.dtype)
-  v_out_ref[row, index, :] = v.astype(v_out_ref.dtype)
-  q = q.astype(jnp.float32)
-  root = float(q.shape[-1]) ** 0.5                 # scores are q·k / √d_head, as the layer's
+  program = pl.program_id(0)                      # row · heads + head: the caches' row
+  b, h = program // n_heads, program % n_heads
+  index = index_ref[0]
+  starts = [min(i * block, max_len - block) for i in range((max_len + block - 1) // block)]
+  keys = [k_cache_ref[program, pl.ds(start, block), :] for start in starts]    # [block, d_head]
+  values = [v_cache_ref[program, pl.ds(start, block), :] for start in starts]
+  q = q_ref[b, h, :].astype(jnp.float32)           # [d_head]
+  k, v = k_ref[b, h, :], v_ref[b, h, :]
+  k_out_ref[program, index, :] = k.astype(k_out_ref.dtype)
+  v_out_ref[program, index, :] = v.astype(v_out_ref.dtype)
+  root = float(q_ref.shape[-1]) ** 0.5           # scores are q·k / √d_head, as the layer's
   k = k.astype(k_out_ref.dtype).astype(jnp.float32)   # the token as the cache holds it
   v = v.astype(v_out_ref.dtype).astype(jnp.float32)
   own = jnp.sum(q * k) / root
@@ -88,22 +77,7 @@ def attend(q, k, v, index, cache, k_out_ref, v_out_ref, row, block):
     total += jnp.sum(p)
     out += jnp.sum(p[:, None] * jnp.where(valid[:, None], value.astype(jnp.float32), 0.0),
                    axis=0)
-  return out / total
-
-
-def _kernel(index_ref, q_ref, k_ref, v_ref, k_cache_ref, v_cache_ref, out_ref, k_out_ref,
-            v_out_ref, *, n_heads, max_len, block):
-  """One (row, head) program. Shapes in `attention_step`.
-
-  The whole cache of the head is loaded first, in blocks, all in flight at once; positions
-  from `index` on are masked out of the softmax.
-  """
-  program = pl.program_id(0)                      # row · heads + head: the caches' row
-  b, h = program // n_heads, program % n_heads
-  cache = load_cache(k_cache_ref, v_cache_ref, program, max_len, block)
-  out = attend(q_ref[b, h, :], k_ref[b, h, :], v_ref[b, h, :], index_ref[0], cache, k_out_ref,
-               v_out_ref, program, block)
-  out_ref[b, h, :] = out.astype(out_ref.dtype)
+  out_ref[b, h, :] = (out / total).astype(out_ref.dtype)
 
 
 def attention_step(q, k, v, k_cache, v_cache, index, interpret=False):
@@ -121,7 +95,7 @@ def attention_step(q, k, v, k_cache, v_cache, index, interpret=False):
   batch, n_heads, _ = q.shape
   max_len = k_cache.shape[1]
   kernel = functools.partial(_kernel, n_heads=n_heads, max_len=max_len,
-                             block=block_size(max_len))
+                             block=_block(max_len))
   return pl.pallas_call(
       kernel, grid=(batch * n_heads,),
       out_shape=(jax.ShapeDtypeStruct(q.shape, q.dtype),

@@ -3,10 +3,7 @@
 Decoding a token reads little and runs many small XLA kernels; on a GPU, three layers can
 decode through Pallas kernels instead: Sparse FF (`sparse_ff_kernel.py`), Sparse QKV's
 convolutions (`sparse_qkv_kernel.py`) and attention over the KV cache (`attention_kernel.py`).
-Where Sparse QKV's modules are its heads, its convolutions and attention can decode as one
-kernel (`sparse_qkv_kernel.conv_attention_step`, kernel 'sparse_qkv_attention'; the two
-kernels 'sparse_qkv' and 'attention' remain for other layers and shapes). In training, Sparse
-FF's controller can run as two (`sparse_ff_controller_kernel.py`). Each
+In training, Sparse FF's controller can run as two (`sparse_ff_controller_kernel.py`). Each
 layer asks `active(kernel)` when it is traced:
 
   'auto'       on a GPU the kernels measured faster there (AUTO_ON_GPU: Sparse FF's decoding
@@ -23,8 +20,7 @@ import contextlib
 import jax
 
 CHOICES = ('auto', 'pallas', 'interpret', 'xla')
-KERNELS = ('sparse_ff', 'sparse_qkv', 'attention', 'sparse_qkv_attention',
-           'sparse_ff_controller')
+KERNELS = ('sparse_ff', 'sparse_qkv', 'attention', 'sparse_ff_controller')
 AUTO_ON_GPU = ('sparse_ff', 'sparse_ff_controller')
 _CHOICE = ['auto']
 

@@ -47,40 +47,12 @@ def SparseQKVAttention(d_model, n_heads=1, sparsity=None, length_kernel_size=3,
     mode: 'train', 'eval' or 'predict'.
   """
   sparsity = _check_sparse_qkv_args(d_model, n_heads, sparsity, mode)
-  sizes = (module_kernel_size, module_kernel_size, 1)
-  return _SparseQKVSerial(
+  return tl.Serial(
       MultiplicativeDense(sparsity, d_model),                # [batch, length, d_model]
-      ModuleConv(d_model, sparsity, length_kernel_size, sizes, mode),   # q, k, v
+      ModuleConv(d_model, sparsity, length_kernel_size,
+                 (module_kernel_size, module_kernel_size, 1), mode),   # q, k, v
       CausalAttentionCore(n_heads, dropout, max_inference_length, mode),
-      one_kernel=(mode == 'predict' and sparsity == n_heads
-                  and sparse_qkv_kernel.fits(d_model // sparsity, length_kernel_size)),
-      sizes=sizes, name=f'SparseQKVAttention_{sparsity}')
-
-
-class _SparseQKVSerial(tl.Serial):
-  """`tl.Serial(MultiplicativeDense, ModuleConv, CausalAttentionCore)`, the same weights and
-  state, whose decoding of one token per row can run the convolutions and the attention as one
-  Pallas kernel (`sparse_qkv_kernel.conv_attention_step`) where the modules are the heads."""
-
-  def __init__(self, *sublayers, one_kernel, sizes, name):
-    super().__init__(*sublayers, name=name)
-    self._one_kernel = one_kernel   # predict mode, S = heads, shapes the kernel takes
-    self._sizes = sizes
-
-  def forward(self, xs):
-    kernel = decode_kernels.active('sparse_qkv_attention')
-    batch, length, d_model = xs.shape
-    if not self._one_kernel or length != 1 or kernel == 'xla':
-      return super().forward(xs)
-    multiplicative = self.sublayers[0]
-    (w_mult, w_conv, _), (s_mult, s_conv, (k_cache, v_cache, index)) = self.weights, self.state
-    y, s_mult = multiplicative.pure_fn(xs, w_mult, s_mult, self.rng, use_cache=True)
-    n_modules = w_mult[0].shape[0]                                   # D [S, d_model]
-    out, s_conv, k_cache, v_cache = sparse_qkv_kernel.conv_attention_step(
-        y.reshape(batch, n_modules, -1).astype(s_conv.dtype), s_conv, w_conv, self._sizes,
-        k_cache, v_cache, index, interpret=kernel == 'interpret')     # out [batch, S, M]
-    self.state = (s_mult, s_conv, (k_cache, v_cache, index + 1))
-    return out.reshape(batch, 1, d_model)
+      name=f'SparseQKVAttention_{sparsity}')
 
 
 def SparseEncDecAttention(d_model, n_heads=1, sparsity=None, length_kernel_size=3,
