@@ -193,7 +193,10 @@ def test_delta_pairs_each_run_with_dense_s_run_of_its_seed():
   assert ff['delta_by_seed_range'] == pytest.approx([0.01, 0.02]) and ff['meets_goal']
   assert ff['late_delta_vs_dense'] == pytest.approx(0.015 / 2)  # 7.0 cancels
   assert qkv['delta_vs_dense'] is None and qkv['delta_by_seed_range'] is None
-  assert '| +0.010 .. +0.020 |' in quality.markdown(quality.results_from_runs(runs))
+  markdown = quality.markdown(quality.results_from_runs(
+      runs + [_record('dense_conv', 0, 3.1)]))
+  assert '| +0.010 .. +0.020 |' in markdown
+  assert 'Control: not readable here, qkv or dense_conv shares no seed with dense.' in markdown
 
 
 def test_render_refuses_runs_of_different_gin_params(tmp_path):

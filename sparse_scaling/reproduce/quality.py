@@ -200,7 +200,7 @@ def train_run(size, arm, seed, corpus, output_dir, steps=None, gin_params=(), fr
 def extra_bindings(run):
   """The bindings a run record holds beyond its arm's, corpus and seed: `--steps`' and
   `--gin_param`'s (a learning rate, for one), which one table's runs must share."""
-  own = set(ARMS[run['arm']]) | set(bindings(run['arm'], run['seed'], run['corpus']))
+  own = set(bindings(run['arm'], run['seed'], run['corpus']))
   return [binding for binding in run.get('bindings', []) if binding not in own]
 
 
@@ -415,6 +415,8 @@ def _convolution_lines(rows):
   failed = [arm for arm in ('dense', 'qkv', 'dense_conv') if diverged(by_arm[arm])]
   if failed:
     return [f'Control: not readable here, {" and ".join(failed)} diverged.', '']
+  if conv['delta_vs_dense'] is None or qkv['delta_vs_dense'] is None:
+    return ['Control: not readable here, qkv or dense_conv shares no seed with dense.', '']
   return [
       f'Control: dense_conv - dense = {conv["delta_vs_dense"]:+.4f} nats (Sparse QKV\'s '
       f'structure, the convolution and no output projection, with a dense projection); qkv - '
