@@ -74,26 +74,55 @@ def machine_description():
   return f'{cpu}, {os.cpu_count()} cores, jax {jax.__version__} on {on}'
 
 
-def memory_bandwidth(with_probe=False):
-  """Device memory bandwidth in bytes per second: the best of five jitted probes.
+ACCELERATOR_PASSES = 20  # passes of a looped bandwidth probe per call on a GPU or TPU
 
-  Each probe streams a 512 MiB float32 array once: a full reduction (`jnp.sum`), a reduction
-  of every row and of every column of its [16384, 8192] view, a matrix-vector product (what
-  a decoding step's dense layers are) and a scaled copy (read plus write counted). Which one
-  reaches the memory's rate depends on the backend (on an H200 the reductions and the copy
-  stayed at 2.5-2.8 TB/s while the dense 17B decoder's matrix-vector products read 4.3 TB/s,
-  `docs/results/table1_gpu.md`), so the floors take the best.
+
+def memory_bandwidth(with_probe=False):
+  """Device memory bandwidth in bytes per second: the best of `bandwidth_probes`.
 
   Args:
     with_probe: Also return the name of the probe that set it.
   """
-  a = jnp.asarray(np.random.RandomState(0).rand(16384, 8192).astype(np.float32))
-  probes = {'full reduction': (jnp.sum, a.nbytes),
-            'row reduction': (lambda x: jnp.sum(x, axis=1), a.nbytes),
-            'column reduction': (lambda x: jnp.sum(x, axis=0), a.nbytes),
-            'matrix-vector product': (lambda x: x @ jnp.ones(x.shape[1], x.dtype), a.nbytes),
-            'scaled copy, read + write': (lambda x: x * 1.5, 2 * a.nbytes)}
-  rates = {name: nbytes / time_call(jax.jit(fn), a, min_runs=10, min_seconds=0.2)[0]
-           for name, (fn, nbytes) in probes.items()}
+  rates = bandwidth_probes()
   best = max(rates, key=rates.get)
   return (rates[best], best) if with_probe else rates[best]
+
+
+def bandwidth_probes(shape=(16384, 8192)):
+  """Bytes per second that each of several jitted probes reads: name -> rate.
+
+  Each probe streams a float32 array x of `shape` once per call: a full reduction,
+  a reduction of every row and of every column, a matrix-vector and a vector-matrix product
+  (a decoding step's dense layer reads its weight as the latter does) and a scaled copy (read
+  plus write counted). On an accelerator the last two also run `ACCELERATOR_PASSES` passes in
+  one compiled loop, each pass depending on the one before, so that a call's dispatch and
+  synchronisation (~0.1 ms on an H200's host, against ~0.15 ms of reading) drop out: timed a
+  call per pass, the probes read 1.8-2.6 TB/s on an H200 where the dense decoders read
+  4.3 TB/s; in the loop they read 3.6-3.8 TB/s (4.2 at [9216, 40960], the 17B FF layer's
+  weight). Which probe reaches the memory's rate depends on the backend, so the floors take
+  the best.
+
+  Args:
+    shape: The probes' array (rows a multiple of columns); the default is 512 MiB.
+  """
+  x = jnp.asarray(np.random.RandomState(0).rand(*shape).astype(np.float32))
+  rows, cols = x.shape
+  passes = {  # name: (one pass (x, carry) -> carry, the carry's first value, bytes moved)
+      'full reduction': (lambda x, c: jnp.sum(x), None, x.nbytes),
+      'row reduction': (lambda x, c: jnp.sum(x, axis=1), None, x.nbytes),
+      'column reduction': (lambda x, c: jnp.sum(x, axis=0), None, x.nbytes),
+      'matrix-vector product': (lambda x, c: x @ jnp.ones(cols, x.dtype), None, x.nbytes),
+      'vector-matrix product': (lambda x, v: jnp.tile(v @ x, rows // cols) / cols,
+                                jnp.ones(rows, x.dtype), x.nbytes),
+      'scaled copy, read + write': (lambda x, y: y * 0.999, x, 2 * x.nbytes)}
+  probes = {name: (jax.jit(one_pass), first, nbytes, 1)
+            for name, (one_pass, first, nbytes) in passes.items()}
+  if jax.default_backend() != 'cpu':
+    for name in ('vector-matrix product', 'scaled copy, read + write'):
+      one_pass, first, nbytes = passes[name]
+      looped = jax.jit(lambda x, c, one_pass=one_pass: jax.lax.fori_loop(
+          0, ACCELERATOR_PASSES, lambda i, c: one_pass(x, c), c))
+      probes[f'{name}, {ACCELERATOR_PASSES} passes in one loop'] = (
+          looped, first, nbytes, ACCELERATOR_PASSES)
+  return {name: n * nbytes / time_call(probe, x, first, min_runs=10, min_seconds=0.2)[0]
+          for name, (probe, first, nbytes, n) in probes.items()}
