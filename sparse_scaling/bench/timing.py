@@ -96,23 +96,21 @@ def bandwidth_probes(shape=(16384, 8192)):
   (a decoding step's dense layer reads its weight as the latter does) and a scaled copy (read
   plus write counted). On an accelerator the last two also run `ACCELERATOR_PASSES` passes in
   one compiled loop, each pass depending on the one before, so that a call's dispatch and
-  synchronisation (~0.1 ms on an H200's host, against ~0.15 ms of reading) drop out: timed a
-  call per pass, the probes read 1.8-2.6 TB/s on an H200 where the dense decoders read
-  4.3 TB/s; in the loop they read 3.6-3.8 TB/s (4.2 at [9216, 40960], the 17B FF layer's
-  weight). Which probe reaches the memory's rate depends on the backend, so the floors take
-  the best.
+  synchronisation (~0.1 ms on an H200's host, against ~0.15 ms of reading) drop out (README,
+  "Decoding on a GPU", has the H200's figures). Which probe reaches the memory's rate depends
+  on the backend, so the floors take the best.
 
   Args:
-    shape: The probes' array (rows a multiple of columns); the default is 512 MiB.
+    shape: The probes' array [rows, cols]; the default is 512 MiB.
   """
   x = jnp.asarray(np.random.RandomState(0).rand(*shape).astype(np.float32))
-  rows, cols = x.shape
+  rows, cols = shape
   passes = {  # name: (one pass (x, carry) -> carry, the carry's first value, bytes moved)
       'full reduction': (lambda x, c: jnp.sum(x), None, x.nbytes),
       'row reduction': (lambda x, c: jnp.sum(x, axis=1), None, x.nbytes),
       'column reduction': (lambda x, c: jnp.sum(x, axis=0), None, x.nbytes),
       'matrix-vector product': (lambda x, c: x @ jnp.ones(cols, x.dtype), None, x.nbytes),
-      'vector-matrix product': (lambda x, v: jnp.tile(v @ x, rows // cols) / cols,
+      'vector-matrix product': (lambda x, v: jnp.resize(v @ x, rows) / cols,
                                 jnp.ones(rows, x.dtype), x.nbytes),
       'scaled copy, read + write': (lambda x, y: y * 0.999, x, 2 * x.nbytes)}
   probes = {name: (jax.jit(one_pass), first, nbytes, 1)
