@@ -109,6 +109,10 @@ def test_the_kernel_column_names_the_pallas_kernels_a_model_decodes_through():
   with decode_kernels.use('xla'):
     assert table1.kernels_used(dims) == 'xla'
   with decode_kernels.use('interpret'):
-    assert table1.kernels_used(dims) == 'pallas: ff+qkv+attn'
+    assert table1.kernels_used(dims) == 'pallas: ffblock+qkvblock'
     assert table1.kernels_used(dict(dims, ff_sparsity=0, attention_sparsity=0)) == \
         'pallas: attn'
+    # 17B's shapes: d_model 9216 and 144 channels per module fit neither block nor Sparse
+    # QKV's convolution kernel, and heads of 96 not attention's; Sparse FF decodes by its own.
+    big = dict(dims, d_model=9216, n_heads=96, ff_sparsity=(256, 32), attention_sparsity=64)
+    assert table1.kernels_used(big) == 'pallas: ff'

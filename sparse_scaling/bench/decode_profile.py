@@ -374,7 +374,10 @@ def markdown(summaries, details, bandwidth, probe):
            f'{decoders.MAX_LEN}. Device time: the kernels\' own time in a `jax.profiler` '
            'trace; wall: one jitted step, dispatch included. Bytes: what each kernel\'s '
            'operands and outputs hold in the optimized HLO (a slice, gather or in-place '
-           'update counts only what it touches); floor = block bytes / bandwidth.', '',
+           'update counts only what it touches; a Pallas kernel, a custom call, counts its '
+           'operands whole though it may read a part of them, as Sparse FF\'s reads only the '
+           'chosen rows of W1 and W2: there MB and the floor are upper bounds); floor = block '
+           'bytes / bandwidth.', '',
            'On a GPU the traced step is compiled without command buffers (CUDA graphs), '
            'so that every kernel carries its instruction\'s name; wall is the default '
            'compilation. Unnamed: device time of kernels no instruction names (a '

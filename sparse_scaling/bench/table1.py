@@ -11,9 +11,9 @@ Rows: dense, +Sparse FF, +Sparse QKV, +Sparse FF+QKV, +FF+QKV+loss, with the dim
 GB/s, which would flatter sparsity), each built as our `ScalingTransformerLM` and as trax's
 `ConfigurableTransformerLM` (ff_sparsity, `MultiplicativeConvCausalAttention`,
 loss_sparsity) with the same shapes (`decoders.py`). Ours decodes as `layers/decode_kernels.py`
-chooses: `ours` by default (on GPUs the Sparse FF kernel), `ours-pallas` with every Pallas
-kernel (also Sparse QKV's convolutions and attention over the KV cache), `ours-xla` by XLA's
-ops only.
+chooses: `ours` by default (on GPUs the sparse blocks through fused Pallas kernels,
+`layers/fused_residual.py`), `ours-pallas` with every Pallas kernel (also attention over the
+KV cache of dense attention), `ours-xla` by XLA's ops only.
 
 Method: batch 1, random weights (timing only). Per block: the first block's attention and FF
 layers jitted together (weights as arguments, state donated) and fed one token's activations
@@ -47,7 +47,10 @@ from sparse_scaling.bench.decoders import build
 from sparse_scaling.bench.decoders import dimensions
 from sparse_scaling.bench.decoders import random_weights_and_state
 from sparse_scaling.bench.decoders import scope_labels
+from sparse_scaling.layers import attention_kernel
 from sparse_scaling.layers import decode_kernels
+from sparse_scaling.layers import sparse_qkv_block_kernel
+from sparse_scaling.layers import sparse_qkv_kernel
 
 # Table 1 of the paper: (s/token, s/block); None where it has no row.
 PAPER = {
@@ -63,11 +66,27 @@ def kernel_choice(impl):
 
 
 def kernels_used(dims):
-  """'xla', or 'pallas: ' and the Pallas kernels a model of `dims` decodes through now."""
-  parts = (('ff', 'sparse_ff', dims['ff_sparsity']),
-           ('qkv', 'sparse_qkv', dims['attention_sparsity']), ('attn', 'attention', True))
-  used = [short for short, kernel, present in parts
-          if present and decode_kernels.active(kernel) != 'xla']
+  """'xla', or 'pallas: ' and the Pallas kernels a model of `dims` decodes through now: a
+  fused block (ffblock, qkvblock) where it takes the shapes, in place of its layer's own
+  kernel (ff; qkv and attn)."""
+  on = lambda kernel: decode_kernels.active(kernel) != 'xla'
+  d_model, used = dims['d_model'], []
+  if dims['ff_sparsity']:
+    n, rank = dims['ff_sparsity']
+    if on('sparse_ff_block') and decode_kernels.is_power_of_2(d_model, n, rank):
+      used.append('ffblock')
+    elif on('sparse_ff'):
+      used.append('ff')
+  s = dims['attention_sparsity']
+  if s and on('sparse_qkv_block') and sparse_qkv_block_kernel.fits(
+      d_model, s, dims['n_heads'], (3, 3, 1), dims['length_kernel_size']):
+    used.append('qkvblock')
+  else:
+    if s and on('sparse_qkv') and sparse_qkv_kernel.fits(d_model // s,
+                                                          dims['length_kernel_size']):
+      used.append('qkv')
+    if on('attention') and attention_kernel.fits(d_model // dims['n_heads'], 1):
+      used.append('attn')
   return 'pallas: ' + '+'.join(used) if used else 'xla'
 
 
@@ -260,10 +279,10 @@ def markdown(rows, prompt, n_tokens):
       'decoder, one jitted step per token (step) or the whole generation as one compiled '
       'program (program); floor: the weight and KV bytes a token reads over the bandwidth. '
       'Speedups are against the dense row of the same implementation, shape, depth and '
-      'dtype. Implementations: ours (the default: Sparse FF decoding by its Pallas kernel on '
-      'a GPU, XLA\'s ops otherwise), ours-pallas (every Pallas kernel: also Sparse QKV\'s '
-      'convolutions and attention over the KV cache), ours-xla (XLA\'s ops only), trax '
-      '(trax 1.4.1\'s `ConfigurableTransformerLM`).',
+      'dtype. Implementations: ours (the default: on a GPU the sparse blocks decode through '
+      'fused Pallas kernels, the kernel column names them; XLA\'s ops otherwise), ours-pallas '
+      '(every Pallas kernel, also attention over the KV cache of dense attention), ours-xla '
+      '(XLA\'s ops only), trax (trax 1.4.1\'s `ConfigurableTransformerLM`).',
       '',
       common.table_header(['shape', 'variant', 'impl', 'dtype', 'ms/block (p90)',
                            'speedup/block', 's/token, step', 's/token, program',

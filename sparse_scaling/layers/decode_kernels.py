@@ -1,15 +1,19 @@
 """Where the layers run their Pallas kernels: one switch for all of them.
 
-Decoding a token reads little and runs many small XLA kernels; on a GPU, three layers can
-decode through Pallas kernels instead: Sparse FF (`sparse_ff_kernel.py`), Sparse QKV's
-convolutions (`sparse_qkv_kernel.py`) and attention over the KV cache (`attention_kernel.py`).
-In training, Sparse FF's controller can run as two (`sparse_ff_controller_kernel.py`). Each
+Decoding a token reads little and runs many small XLA kernels; on a GPU, the layers can
+decode through Pallas kernels instead. A Scaling Transformer's sparse blocks in predict mode
+decode a token through kernels fused across the block (`fused_residual.py`): the Sparse QKV
+attention block in three (`sparse_qkv_block_kernel.py`) and the Sparse FF block in two and a
+reduction (`sparse_ff_kernel.py`). The layers also have kernels of their own, used where a
+block's do not apply: Sparse FF (`sparse_ff_kernel.py`), Sparse QKV's convolutions
+(`sparse_qkv_kernel.py`) and attention over the KV cache (`attention_kernel.py`). In
+training, Sparse FF's controller can run as two (`sparse_ff_controller_kernel.py`). Each
 layer asks `active(kernel)` when it is traced:
 
-  'auto'       on a GPU the kernels measured faster there (AUTO_ON_GPU: Sparse FF's decoding
-               kernel and its controller's training kernels; Sparse QKV's and attention's
-               cut a block's kernels but not the time of a whole generation, README
-               "Decoding on a GPU"), XLA's ops elsewhere;
+  'auto'       on a GPU the kernels measured faster there (AUTO_ON_GPU: the two blocks',
+               Sparse FF's and its controller's training kernels; Sparse QKV's and
+               attention's own cut a block's kernels but not the time of a whole generation,
+               README "Decoding on a GPU"), XLA's ops elsewhere;
   'pallas'     every kernel, compiled (GPUs only);
   'interpret'  every kernel, run by Pallas' interpreter on any backend (the tests' CPU check);
   'xla'        XLA's ops everywhere (`table1 --impls ours-xla`, `train_step --kernels xla`).
@@ -18,10 +22,13 @@ layer asks `active(kernel)` when it is traced:
 import contextlib
 
 import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
 
 CHOICES = ('auto', 'pallas', 'interpret', 'xla')
-KERNELS = ('sparse_ff', 'sparse_qkv', 'attention', 'sparse_ff_controller')
-AUTO_ON_GPU = ('sparse_ff', 'sparse_ff_controller')
+KERNELS = ('sparse_ff', 'sparse_qkv', 'attention', 'sparse_ff_controller', 'sparse_ff_block',
+           'sparse_qkv_block')
+AUTO_ON_GPU = ('sparse_ff', 'sparse_ff_controller', 'sparse_ff_block', 'sparse_qkv_block')
 _CHOICE = ['auto']
 
 
@@ -49,3 +56,25 @@ def active(kernel):
 def is_power_of_2(*values):
   """Whether every value is a positive power of 2 (Triton's block shapes must be)."""
   return all(isinstance(v, int) and v > 0 and v & (v - 1) == 0 for v in values)
+
+
+def row_chunk(width, largest=1024):
+  """The widest power of 2 up to `largest` that divides `width`: how a kernel loads a row."""
+  chunk = 1
+  while chunk < largest and width % (2 * chunk) == 0:
+    chunk *= 2
+  return chunk
+
+
+def layer_norm_stats(x_ref, row, epsilon):
+  """Inside a kernel: (mean, 1 / √(variance + ε)) of x_ref[row, :], in float32.
+
+  trax's `LayerNorm` statistics; the row [d] is loaded in power-of-2 chunks.
+  """
+  width = x_ref.shape[1]
+  chunk = row_chunk(width)
+  parts = [x_ref[row, pl.ds(i * chunk, chunk)].astype(jnp.float32)
+           for i in range(width // chunk)]
+  mean = sum(jnp.sum(part) for part in parts) / width
+  variance = sum(jnp.sum((part - mean) * (part - mean)) for part in parts) / width
+  return mean, 1.0 / jnp.sqrt(variance + epsilon)

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 from trax import layers as tl
 from trax.layers import base
+from trax.layers import normalization
 from trax import shapes
 from trax.layers import initializers as init
 
@@ -39,6 +40,7 @@ from sparse_scaling.layers import sparse_ff_controller_kernel
 from sparse_scaling.layers import sparse_ff_kernel
 from sparse_scaling.layers.checks import check_mode
 from sparse_scaling.layers.checks import check_positive_int
+from sparse_scaling.layers.fused_residual import FusedResidual
 
 
 # The state markers of trax's reversible layers (reversible.py, ReversibleHalfResidual).
@@ -226,6 +228,32 @@ class SparseFFDecode(base.Layer):
     choice = shapes.ShapeDtype(input_signature.shape[:-1] + (units._n_blocks,), jnp.int32)  # pylint: disable=protected-access
     self.weights = ((), controller.init(input_signature, rng=rng_c, use_cache=False)[0],
                     units.init((choice, input_signature), rng=rng_u, use_cache=False)[0], ())
+
+
+class SparseFFResidual(FusedResidual):
+  """x + SparseFF(LayerNorm(x)) as `tl.Residual`; one decoded token as two Pallas kernels
+  (`sparse_ff_kernel.py`: the LayerNorm with the controller's first product, then the units)
+  and XLA's sum of their parts (where `decode_kernels` says so)."""
+
+  PARTS = (normalization.LayerNorm, SparseFFDecode)
+
+  def fused(self, x, parts):
+    kernel = decode_kernels.active('sparse_ff_block')
+    norm = self.part(0)
+    (norm_w, _), ((_, controller, units, _), _) = parts
+    rank, _, block = controller[1].shape
+    batch, _, d_model = x.shape
+    # d_model a power of 2: its rows split into a few partial sums (17B's 9216 would not).
+    if (kernel == 'xla' or not norm._center  # pylint: disable=protected-access
+        or not decode_kernels.is_power_of_2(rank, block, d_model)):
+      return None
+    flat = x.reshape(batch, d_model)
+    interpret = kernel == 'interpret'
+    normed, z = sparse_ff_kernel.norm_controller(flat, *norm_w, controller[0],
+                                                 norm._epsilon, interpret)  # pylint: disable=protected-access
+    y = sparse_ff_kernel.sparse_units(normed, z, *controller[1:], *units, interpret=interpret,
+                                      residual=flat)                      # flat + FF(...)
+    return y.reshape(x.shape), ((), ())
 
 
 def _sample_units(logits, temperature, rng):

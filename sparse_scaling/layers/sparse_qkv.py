@@ -19,13 +19,16 @@ import jax
 import jax.numpy as jnp
 from trax import layers as tl
 from trax.layers import base
+from trax.layers import normalization
 from trax.layers import initializers as init
 
 from sparse_scaling.layers import decode_kernels
+from sparse_scaling.layers import sparse_qkv_block_kernel
 from sparse_scaling.layers import sparse_qkv_kernel
 from sparse_scaling.layers.causal_attention import CausalAttentionCore
 from sparse_scaling.layers.checks import check_divides
 from sparse_scaling.layers.checks import check_mode
+from sparse_scaling.layers.fused_residual import FusedResidual
 from sparse_scaling.layers.multiplicative_dense import MultiplicativeDense
 
 
@@ -183,6 +186,30 @@ class ModuleConv(base.Layer):
         for i, size in enumerate(self._sizes))
     if self._mode == 'predict':
       self.state = jnp.zeros((x.shape[0], self._lks - 1, self._n_modules, m), x.dtype)
+
+
+class SparseQKVResidual(FusedResidual):
+  """x + SparseQKVAttention(LayerNorm(x)) as `tl.Residual`; one decoded token as the three
+  Pallas kernels of `sparse_qkv_block_kernel.py` (where `decode_kernels` says so)."""
+
+  PARTS = (normalization.LayerNorm, MultiplicativeDense, ModuleConv, CausalAttentionCore)
+
+  def fused(self, x, parts):
+    kernel = decode_kernels.active('sparse_qkv_block')
+    norm, mixed, conv, core = [self.part(i) for i in range(len(self.PARTS))]
+    (norm_w, _), (mixed_w, _), (conv_w, conv_state), (_, (k_cache, v_cache, index)) = parts
+    batch, _, d_model = x.shape
+    if (kernel == 'xla' or not norm._center  # pylint: disable=protected-access
+        or not sparse_qkv_block_kernel.fits(d_model, mixed._n_modules, core._n_heads,  # pylint: disable=protected-access
+                                            conv._sizes, conv._lks)):  # pylint: disable=protected-access
+      return None
+    if len(mixed_w) == 2:
+      mixed_w = (*mixed_w, jnp.zeros((d_model,), x.dtype))
+    out, conv_state, k_cache, v_cache, index = sparse_qkv_block_kernel.decode_step(
+        x.reshape(batch, d_model), norm_w, mixed_w, conv_w, conv_state, k_cache, v_cache,
+        index, n_heads=core._n_heads, sizes=conv._sizes,  # pylint: disable=protected-access
+        epsilon=norm._epsilon, interpret=kernel == 'interpret')  # pylint: disable=protected-access
+    return out.reshape(x.shape), ((), (), conv_state, (k_cache, v_cache, index))
 
 
 def _check_sparse_qkv_args(d_model, n_heads, sparsity, mode):

@@ -24,8 +24,10 @@ from sparse_scaling.layers import DenseConvAttention
 from sparse_scaling.layers import Embedder
 from sparse_scaling.layers import SparseEncDecAttention
 from sparse_scaling.layers import FeedForward
+from sparse_scaling.layers import SparseFFResidual
 from sparse_scaling.layers import SparseLoss
 from sparse_scaling.layers import SparseQKVAttention
+from sparse_scaling.layers import SparseQKVResidual
 from sparse_scaling.layers import components
 from sparse_scaling.layers.checks import check_divides
 from sparse_scaling.layers.checks import check_mode
@@ -169,7 +171,9 @@ def _SelfAttention(d_model, n_heads, max_len, dropout, attention_sparsity, lengt
   else:
     attention = CausalAttention(d_model, n_heads, dropout=dropout,
                                 max_inference_length=max_len, mode=mode)
-  return tl.Residual(components.SelfAttention(
+  residual = (SparseQKVResidual if attention_sparsity and not attention_conv and
+              mode == 'predict' else tl.Residual)    # the same layer, decoding fused
+  return residual(components.SelfAttention(
       tl.LayerNorm(), attention, tl.Dropout(rate=dropout, mode=mode), name='SelfAttention'))
 
 
@@ -198,7 +202,8 @@ def _EncDecAttention(d_model, n_heads, dropout, sparsity, length_kernel_size, mo
 
 def _FeedForwardBlock(d_model, d_ff, dropout, ff_sparsity, mode):
   """Pre-LayerNorm residual feed-forward."""
-  return tl.Residual(tl.LayerNorm(), FeedForward(d_model, d_ff, dropout, ff_sparsity, mode))
+  residual = SparseFFResidual if ff_sparsity and mode == 'predict' else tl.Residual
+  return residual(tl.LayerNorm(), FeedForward(d_model, d_ff, dropout, ff_sparsity, mode))
 
 
 def _check_model_args(d_model, n_heads, attention_sparsity, mode):

@@ -1,0 +1,148 @@
+"""Blocks that decode a token through kernels fused across their layers (`fused_residual.py`).
+
+A Scaling Transformer's sparse blocks in predict mode are `SparseQKVResidual` and
+`SparseFFResidual`: `tl.Residual` itself (same weights, same state) whose one-token calls run
+as Pallas kernels on a GPU (`sparse_qkv_block_kernel.py`, `sparse_ff_kernel.py`). Here the
+kernels run in Pallas' interpreter (any backend) against XLA's path, and are lowered for a GPU.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from trax import layers as tl
+from trax import shapes
+
+from sparse_scaling.layers import decode_kernels
+from sparse_scaling.layers import fused_residual
+from sparse_scaling.layers import SparseFFResidual
+from sparse_scaling.layers import SparseQKVResidual
+from sparse_scaling.models import ScalingTransformerLM
+
+VOCAB = 40
+
+
+def _lm(mode, d_model=64, n_heads=4, attention_sparsity=8, ff_sparsity=(8, 16), max_len=16,
+        **kwargs):
+  return ScalingTransformerLM(VOCAB, d_model, d_ff=128, n_layers=2, n_heads=n_heads,
+                              max_len=max_len, dropout=0.0, ff_sparsity=ff_sparsity,
+                              attention_sparsity=attention_sparsity, mode=mode, **kwargs)
+
+
+def _decode(kernel, model_kwargs, tokens, prompt=3, dtype=jnp.float32):
+  """Logits of each decoded token and the final state, decoding `tokens` after a prompt."""
+  model = _lm('predict', **model_kwargs)
+  model.init(shapes.signature(tokens[:, :1]), rng=jax.random.PRNGKey(0))
+  cast = lambda tree: jax.tree.map(
+      lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
+  model.weights, model.state = cast(model.weights), cast(model.state)
+  model(tokens[:, :prompt])
+  with decode_kernels.use(kernel):
+    step = jax.jit(lambda w, s, t: model.pure_fn(t, w, s, None))    # traced in this block
+    jaxpr = str(jax.make_jaxpr(step)(model.weights, model.state, tokens[:, :1]))
+    state, logits = model.state, []
+    for i in range(prompt, tokens.shape[1]):
+      out, state = step(model.weights, state, tokens[:, i:i + 1])
+      logits.append(np.asarray(out))
+  return np.concatenate(logits, axis=1), state, jaxpr.count('pallas_call')
+
+
+@pytest.mark.parametrize('d_model, n_heads, attention_sparsity', [(64, 4, 8), (64, 4, 2),
+                                                                   (256, 4, 16), (16, 2, 4)])
+def test_fused_blocks_equal_xla_step_by_step(d_model, n_heads, attention_sparsity):
+  """Modules and heads of different sizes (8 modules of 8 channels against 4 heads of 16;
+  2 of 32 against 4 of 16; 16 of 16 against 4 of 64, where the multiplicative layer is one
+  matrix product per program; 4 of 4 against 2 of 8, fewer channels than a program's 8), two
+  rows, the caches filled past their end: each step's logits and the whole state
+  (convolution states, caches, positions) as XLA's path."""
+  kwargs = dict(d_model=d_model, n_heads=n_heads, attention_sparsity=attention_sparsity)
+  tokens = jnp.asarray(np.random.RandomState(1).randint(1, VOCAB, (2, 18)), jnp.int32)
+  expected, expected_state, n_xla = _decode('xla', kwargs, tokens)
+  got, state, n_kernels = _decode('interpret', kwargs, tokens)
+  assert n_xla == 0
+  assert n_kernels == 2 * (3 + 2)         # per block: mixed, conv, attend; norm, units
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+  for g, e in zip(jax.tree.leaves(state), jax.tree.leaves(expected_state)):
+    np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_blocks_decode_bfloat16_weights_at_least_as_well_as_xla():
+  """bfloat16 weights, caches and states (`Decoder(dtype=...)`): the kernels compute in
+  float32 and round only what the state holds, so their logits are no farther from the
+  float32 decoder's than XLA's bfloat16 path is (measured: 0.044 against 0.14 at most)."""
+  tokens = jnp.asarray(np.random.RandomState(4).randint(1, VOCAB, (1, 9)), jnp.int32)
+  reference, _, _ = _decode('xla', {}, tokens)
+  xla, _, _ = _decode('xla', {}, tokens, dtype=jnp.bfloat16)
+  got, _, n_kernels = _decode('interpret', {}, tokens, dtype=jnp.bfloat16)
+  assert n_kernels == 2 * 5 and got.dtype == xla.dtype == jnp.bfloat16
+  error = lambda logits: np.abs(logits.astype(np.float32) - reference).max()
+  assert error(got) <= max(error(xla), 0.05)
+
+
+def test_fused_blocks_keep_the_weights_and_state_of_tl_residual():
+  tokens = np.ones((1, 4), np.int32)
+  trees = []
+  for residual in (tl.Residual, None):
+    model = _lm('predict') if residual is None else None
+    if residual is not None:  # the same model with plain residual blocks
+      model = _lm('predict')
+      plain = [tl.Residual(*layer.sublayers[0].sublayers[1].sublayers[1:])
+               if isinstance(layer, fused_residual.FusedResidual) else layer
+               for layer in model.sublayers]
+      model = tl.Serial(*plain)
+    model.init(shapes.signature(tokens))
+    trees.append(jax.tree.map(lambda a: (a.shape, a.dtype), (model.weights, model.state)))
+  assert trees[0] == trees[1]
+  blocks = [type(layer) for layer in _lm('predict').sublayers
+            if isinstance(layer, fused_residual.FusedResidual)]
+  assert blocks == [SparseQKVResidual, SparseFFResidual] * 2
+  assert not any(isinstance(layer, fused_residual.FusedResidual)
+                 for layer in _lm('eval').sublayers)
+
+
+@pytest.mark.parametrize('kwargs, n_per_block', [
+    (dict(d_model=48, n_heads=4, attention_sparsity=4), 1),
+    (dict(length_kernel_size=1), 2 + 1)])
+def test_shapes_the_kernels_do_not_take_decode_through_xla(kwargs, n_per_block):
+  """d_model 48 (not a power of 2): both blocks decline; Sparse FF decodes through its own
+  kernel (`SparseFFDecode`), Sparse QKV's 12 channels fit none of its kernels. No look-back along the length (length_kernel_size 1): the attention block declines and its
+  attention decodes through its own kernel (`attention_kernel.py`); the FF block's two run.
+  The logits are XLA's."""
+  tokens = jnp.asarray(np.random.RandomState(2).randint(1, VOCAB, (1, 7)), jnp.int32)
+  expected, _, _ = _decode('xla', kwargs, tokens)
+  got, _, n_kernels = _decode('interpret', kwargs, tokens)
+  assert n_kernels == 2 * n_per_block
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_blocks_lower_to_triton_for_a_gpu_at_the_800m_shape():
+  """One 800M FF+QKV block (d_model 1024, 16 modules, 16 heads, d_ff 6144, N 64), KV caches
+  of 168, lowered for CUDA on any machine: five Triton kernels, the caches written in place."""
+  model = ScalingTransformerLM(64, 1024, d_ff=6144, n_layers=1, n_heads=16, max_len=168,
+                               dropout=0.0, ff_sparsity=(64, 16), attention_sparsity=16,
+                               mode='predict')
+  tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+  weights, state = model.weights_and_state_signature(tokens)
+  step = lambda w, s, t: model.pure_fn(t, w, s, None)
+  h200 = jax.sharding.AbstractDevice(device_kind='NVIDIA H200', num_cores=None, platform='cuda')
+  with decode_kernels.use('pallas'), jax.sharding.use_abstract_mesh(
+      jax.sharding.AbstractMesh((1,), ('x',), abstract_device=h200)):
+    text = jax.jit(step).trace(weights, state, tokens).lower(
+        lowering_platforms=('cuda',)).as_text()
+  assert text.count('xla.gpu.triton') == 5
+  # The convolution kernel's outputs 3 and 4 are the K and V caches, aliasing its operands.
+  assert 'output_operand_alias<output_tuple_indices = [3]' in text
+  assert 'output_operand_alias<output_tuple_indices = [4]' in text
+
+
+@pytest.mark.skipif(jax.default_backend() != 'gpu', reason='compiles the kernels for a GPU')
+def test_fused_blocks_compiled_for_the_gpu_equal_xla_at_the_800m_shape():
+  kwargs = dict(d_model=1024, n_heads=16, attention_sparsity=16, ff_sparsity=(64, 16),
+                max_len=168)
+  tokens = jnp.asarray(np.random.RandomState(3).randint(1, VOCAB, (1, 10)), jnp.int32)
+  expected, expected_state, _ = _decode('xla', kwargs, tokens, prompt=5)
+  got, state, n_kernels = _decode('pallas', kwargs, tokens, prompt=5)
+  assert n_kernels == 2 * 5
+  np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+  for g, e in zip(jax.tree.leaves(state), jax.tree.leaves(expected_state)):
+    np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4)
