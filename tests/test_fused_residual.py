@@ -105,9 +105,10 @@ def test_fused_blocks_keep_the_weights_and_state_of_tl_residual():
     (dict(length_kernel_size=1), 2 + 1)])
 def test_shapes_the_kernels_do_not_take_decode_through_xla(kwargs, n_per_block):
   """d_model 48 (not a power of 2): both blocks decline; Sparse FF decodes through its own
-  kernel (`SparseFFDecode`), Sparse QKV's 12 channels fit none of its kernels. No look-back along the length (length_kernel_size 1): the attention block declines and its
-  attention decodes through its own kernel (`attention_kernel.py`); the FF block's two run.
-  The logits are XLA's."""
+  kernel (`SparseFFDecode`), Sparse QKV's 12 channels fit none of its kernels. No look-back
+  along the length (length_kernel_size 1): the attention block declines and its attention
+  decodes through its own kernel (`attention_kernel.py`); the FF block's two run. The logits
+  are XLA's."""
   tokens = jnp.asarray(np.random.RandomState(2).randint(1, VOCAB, (1, 7)), jnp.int32)
   expected, _, _ = _decode('xla', kwargs, tokens)
   got, _, n_kernels = _decode('interpret', kwargs, tokens)
@@ -115,12 +116,18 @@ def test_shapes_the_kernels_do_not_take_decode_through_xla(kwargs, n_per_block):
   np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_fused_blocks_lower_to_triton_for_a_gpu_at_the_800m_shape():
-  """One 800M FF+QKV block (d_model 1024, 16 modules, 16 heads, d_ff 6144, N 64), KV caches
-  of 168, lowered for CUDA on any machine: five Triton kernels, the caches written in place."""
-  model = ScalingTransformerLM(64, 1024, d_ff=6144, n_layers=1, n_heads=16, max_len=168,
-                               dropout=0.0, ff_sparsity=(64, 16), attention_sparsity=16,
-                               mode='predict')
+@pytest.mark.parametrize('d_model, d_ff, n_heads, sparsity, ff_sparsity, n_products', [
+    (1024, 6144, 16, 16, (64, 16), 1), (8, 32, 2, 2, (4, 2), 0)])
+def test_fused_blocks_lower_to_triton_for_a_gpu(d_model, d_ff, n_heads, sparsity, ff_sparsity,
+                                                n_products):
+  """One block lowered for CUDA on any machine, KV caches of 168: 800M FF+QKV (d_model 1024,
+  16 modules, 16 heads, d_ff 6144, N 64), where the multiplicative layer is a matrix product,
+  and a tiny one (d_model 8), where it is broadcast sums (Triton's products need sides of 16):
+  five Triton kernels, the caches written in place, and a matrix product in a kernel's code
+  (`dot_general:`, its source location in Triton's module) only at the 800M shape."""
+  model = ScalingTransformerLM(64, d_model, d_ff=d_ff, n_layers=1, n_heads=n_heads,
+                               max_len=168, dropout=0.0, ff_sparsity=ff_sparsity,
+                               attention_sparsity=sparsity, mode='predict')
   tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
   weights, state = model.weights_and_state_signature(tokens)
   step = lambda w, s, t: model.pure_fn(t, w, s, None)
@@ -130,6 +137,7 @@ def test_fused_blocks_lower_to_triton_for_a_gpu_at_the_800m_shape():
     text = jax.jit(step).trace(weights, state, tokens).lower(
         lowering_platforms=('cuda',)).as_text()
   assert text.count('xla.gpu.triton') == 5
+  assert text.count('dot_general:') == n_products
   # The convolution kernel's outputs 3 and 4 are the K and V caches, aliasing its operands.
   assert 'output_operand_alias<output_tuple_indices = [3]' in text
   assert 'output_operand_alias<output_tuple_indices = [4]' in text

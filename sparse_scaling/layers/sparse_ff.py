@@ -244,7 +244,8 @@ class SparseFFResidual(FusedResidual):
     rank, _, block = controller[1].shape
     batch, _, d_model = x.shape
     # d_model a power of 2: its rows split into a few partial sums (17B's 9216 would not).
-    if (kernel == 'xla' or not norm._center  # pylint: disable=protected-access
+    # N rows or more take the masked dense product, as `SparseFFDecode` does.
+    if (kernel == 'xla' or not norm._center or batch >= block  # pylint: disable=protected-access
         or not decode_kernels.is_power_of_2(rank, block, d_model)):
       return None
     flat = x.reshape(batch, d_model)

@@ -20,7 +20,7 @@ channels, H heads of d_head channels and C channels per program:
 Each program reads a few tens of kilobytes, so many programs share the work: a program of one
 GPU multiprocessor reads far below the card's rate, and a launch costs about a microsecond.
 On an H200 at the 800M shape the three take 3.2, 6.2 and 2.8 µs, against fifteen XLA kernels
-in 29 µs (README, "Decoding on a GPU", with the sweep that chose ROWS, WIDTH, VALUE_WIDTH and
+in 26 µs (README, "Decoding on a GPU", with the sweep that chose ROWS, WIDTH, VALUE_WIDTH and
 WARPS). The result equals the layers' XLA path (`tests/test_fused_residual.py`).
 
 Runs on GPUs through Pallas' Triton backend; `interpret=True` runs it on any backend (the
@@ -54,11 +54,12 @@ def _f32(a):
   return a.astype(jnp.float32)
 
 
-def _mixed_kernel(x_ref, scale_ref, bias_ref, d_ref, e_ref, y_ref, *, rows, sub, epsilon):
+def _mixed_kernel(x_ref, scale_ref, bias_ref, d_ref, e_ref, y_ref, *, rows, sub, dot,
+                  epsilon):
   """One (row, input slice) program: partial sums of y [S, M].
 
-  With sub = rows (S, M and rows all >= 16) the product is one matrix product
-  [S, rows] x [rows, M] in IEEE float32 (Triton's dot); else sums of broadcast products.
+  With `dot` (sub = rows; S, M and rows all >= 16, Triton's least) the product is one matrix
+  product [S, rows] x [rows, M] in IEEE float32; else sums of broadcast products.
   """
   b, p = pl.program_id(0), pl.program_id(1)
   mean, inv = decode_kernels.layer_norm_stats(x_ref, b, epsilon)
@@ -69,7 +70,7 @@ def _mixed_kernel(x_ref, scale_ref, bias_ref, d_ref, e_ref, y_ref, *, rows, sub,
   for x, scale, bias, d, e in loads:
     xn = ((_f32(x) - mean) * inv * _f32(scale) + _f32(bias)).astype(x_ref.dtype)   # [sub]
     scaled = _f32(d) * _f32(xn)[None, :]                                          # [S, sub]
-    if sub == rows:
+    if dot:
       part = jnp.dot(scaled, _f32(e), precision=jax.lax.Precision.HIGHEST)         # [S, M]
     else:
       part = jnp.sum(scaled[:, :, None] * _f32(e)[None, :, :], axis=1)            # [S, M]
@@ -219,10 +220,10 @@ def decode_step(x, norm, mixed, conv, state, k_cache, v_cache, index, *, n_heads
   params = plgpu.CompilerParams(num_warps=warps)   # Triton, not Mosaic GPU
   index = jnp.reshape(index, (1,)).astype(jnp.int32)
 
+  dot = DOT and min(n_modules, n_channels, rows) >= 16
   y = pl.pallas_call(
-      functools.partial(_mixed_kernel, rows=rows, epsilon=epsilon,
-                        sub=rows if DOT and min(n_modules, n_channels, rows) >= 16 else
-                        min(rows, 8)),
+      functools.partial(_mixed_kernel, rows=rows, sub=rows if dot else min(rows, 8), dot=dot,
+                        epsilon=epsilon),
       grid=(batch, d_model // rows),
       out_shape=jax.ShapeDtypeStruct((batch, d_model // rows, n_modules, n_channels),
                                      jnp.float32),
