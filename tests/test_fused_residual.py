@@ -80,19 +80,16 @@ def test_fused_blocks_decode_bfloat16_weights_at_least_as_well_as_xla():
 
 
 def test_fused_blocks_keep_the_weights_and_state_of_tl_residual():
-  tokens = np.ones((1, 4), np.int32)
-  trees = []
-  for residual in (tl.Residual, None):
-    model = _lm('predict') if residual is None else None
-    if residual is not None:  # the same model with plain residual blocks
-      model = _lm('predict')
-      plain = [tl.Residual(*layer.sublayers[0].sublayers[1].sublayers[1:])
-               if isinstance(layer, fused_residual.FusedResidual) else layer
-               for layer in model.sublayers]
-      model = tl.Serial(*plain)
-    model.init(shapes.signature(tokens))
-    trees.append(jax.tree.map(lambda a: (a.shape, a.dtype), (model.weights, model.state)))
-  assert trees[0] == trees[1]
+  def tree(model):   # shapes and dtypes of the weights and state
+    model.init(shapes.signature(np.ones((1, 4), np.int32)))
+    return jax.tree.map(lambda a: (a.shape, a.dtype), (model.weights, model.state))
+
+  # The same model with plain residual blocks: tl.Residual of each fused block's layer
+  # (its sublayers are Branch[Select, Parallel[Serial(), layer]] and Add, as tl.Residual's).
+  plain = tl.Serial(*[tl.Residual(*layer.sublayers[0].sublayers[1].sublayers[1:])
+                      if isinstance(layer, fused_residual.FusedResidual) else layer
+                      for layer in _lm('predict').sublayers])
+  assert tree(_lm('predict')) == tree(plain)
   blocks = [type(layer) for layer in _lm('predict').sublayers
             if isinstance(layer, fused_residual.FusedResidual)]
   assert blocks == [SparseQKVResidual, SparseFFResidual] * 2

@@ -49,6 +49,7 @@ from sparse_scaling.bench.decoders import random_weights_and_state
 from sparse_scaling.bench.decoders import scope_labels
 from sparse_scaling.layers import attention_kernel
 from sparse_scaling.layers import decode_kernels
+from sparse_scaling.layers import sparse_ff_kernel
 from sparse_scaling.layers import sparse_qkv_block_kernel
 from sparse_scaling.layers import sparse_qkv_kernel
 
@@ -73,9 +74,9 @@ def kernels_used(dims):
   d_model, used = dims['d_model'], []
   if dims['ff_sparsity']:
     n, rank = dims['ff_sparsity']
-    if on('sparse_ff_block') and decode_kernels.is_power_of_2(d_model, n, rank):
+    if on('sparse_ff_block') and sparse_ff_kernel.block_fits(d_model, rank, n):
       used.append('ffblock')
-    elif on('sparse_ff'):
+    elif on('sparse_ff') and sparse_ff_kernel.fits(rank, n):
       used.append('ff')
   s = dims['attention_sparsity']
   if s and on('sparse_qkv_block') and sparse_qkv_block_kernel.fits(

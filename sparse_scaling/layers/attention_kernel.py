@@ -34,13 +34,8 @@ def fits(d_head, max_len):
   return decode_kernels.is_power_of_2(d_head) and max_len >= 1
 
 
-def _block(max_len):
-  """Positions per block: the largest power of 2 up to POSITIONS that fits in the cache."""
-  return 1 << (min(POSITIONS, max_len).bit_length() - 1)
-
-
 def _kernel(index_ref, q_ref, k_ref, v_ref, k_cache_ref, v_cache_ref, out_ref, k_out_ref,
-            v_out_ref, *, n_heads, max_len, block):
+            v_out_ref, *, n_heads, block, starts):
   """One (row, head) program. Shapes in `attention_step`.
 
   The whole cache of the head is loaded first, in blocks (the last may overlap the one
@@ -49,7 +44,6 @@ def _kernel(index_ref, q_ref, k_ref, v_ref, k_cache_ref, v_cache_ref, out_ref, k
   program = pl.program_id(0)                      # row · heads + head: the caches' row
   b, h = program // n_heads, program % n_heads
   index = index_ref[0]
-  starts = [min(i * block, max_len - block) for i in range((max_len + block - 1) // block)]
   keys = [k_cache_ref[program, pl.ds(start, block), :] for start in starts]    # [block, d_head]
   values = [v_cache_ref[program, pl.ds(start, block), :] for start in starts]
   q = q_ref[b, h, :].astype(jnp.float32)           # [d_head]
@@ -94,8 +88,8 @@ def attention_step(q, k, v, k_cache, v_cache, index, interpret=False):
   """
   batch, n_heads, _ = q.shape
   max_len = k_cache.shape[1]
-  kernel = functools.partial(_kernel, n_heads=n_heads, max_len=max_len,
-                             block=_block(max_len))
+  block, starts = decode_kernels.cache_blocks(max_len, POSITIONS)
+  kernel = functools.partial(_kernel, n_heads=n_heads, block=block, starts=starts)
   return pl.pallas_call(
       kernel, grid=(batch * n_heads,),
       out_shape=(jax.ShapeDtypeStruct(q.shape, q.dtype),

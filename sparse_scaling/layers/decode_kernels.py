@@ -78,3 +78,21 @@ def layer_norm_stats(x_ref, row, epsilon):
   mean = sum(jnp.sum(part) for part in parts) / width
   variance = sum(jnp.sum((part - mean) * (part - mean)) for part in parts) / width
   return mean, 1.0 / jnp.sqrt(variance + epsilon)
+
+
+def layer_norm_slice(x_ref, scale_ref, bias_ref, row, cols, stats):
+  """Inside a kernel: LayerNorm(x_ref[row, :])[cols] in x_ref's dtype, from `stats` (those of
+  `layer_norm_stats`) and the norm's scale and bias [d]."""
+  mean, inv = stats
+  x = x_ref[row, cols].astype(jnp.float32)
+  normed = (x - mean) * inv * scale_ref[cols].astype(jnp.float32)
+  return (normed + bias_ref[cols].astype(jnp.float32)).astype(x_ref.dtype)
+
+
+def cache_blocks(max_len, positions=64):
+  """(block, starts): how a kernel reads a KV cache of `max_len` positions, in blocks of the
+  largest power of 2 up to `positions` that fits, the last block overlapping the one before
+  (a kernel masks each position it reads twice in one of them)."""
+  block = 1 << (min(positions, max_len).bit_length() - 1)
+  return block, tuple(min(i * block, max_len - block)
+                      for i in range((max_len + block - 1) // block))

@@ -211,8 +211,7 @@ class SparseFFDecode(base.Layer):
     n_tokens = x.size // x.shape[-1]
     kernel = decode_kernels.active('sparse_ff')
     rank, _, block = controller[1].shape
-    if (n_tokens < self._block and kernel != 'xla'
-        and decode_kernels.is_power_of_2(rank, block)):
+    if n_tokens < self._block and kernel != 'xla' and sparse_ff_kernel.fits(rank, block):
       flat = x.reshape(n_tokens, x.shape[-1])                      # [tokens, d_model]
       y = sparse_ff_kernel.sparse_units(flat, flat @ controller[0], *controller[1:], *units,
                                         interpret=kernel == 'interpret')
@@ -243,10 +242,9 @@ class SparseFFResidual(FusedResidual):
     (norm_w, _), ((_, controller, units, _), _) = parts
     rank, _, block = controller[1].shape
     batch, _, d_model = x.shape
-    # d_model a power of 2: its rows split into a few partial sums (17B's 9216 would not).
     # N rows or more take the masked dense product, as `SparseFFDecode` does.
     if (kernel == 'xla' or not norm._center or batch >= block  # pylint: disable=protected-access
-        or not decode_kernels.is_power_of_2(rank, block, d_model)):
+        or not sparse_ff_kernel.block_fits(d_model, rank, block)):
       return None
     flat = x.reshape(batch, d_model)
     interpret = kernel == 'interpret'

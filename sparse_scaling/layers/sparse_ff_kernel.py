@@ -31,6 +31,18 @@ from jax.experimental.pallas import triton as plgpu
 
 from sparse_scaling.layers import decode_kernels
 
+def fits(d_lowrank, block):
+  """Whether `sparse_units` takes these shapes: the controller's rank and N powers of 2."""
+  return decode_kernels.is_power_of_2(d_lowrank, block)
+
+
+def block_fits(d_model, d_lowrank, block):
+  """Whether the FF block's kernels (`norm_controller`, then `sparse_units`) take these
+  shapes: also d_model a power of 2, so that its rows split into a few partial sums (17B's
+  9216 would not)."""
+  return fits(d_lowrank, block) and decode_kernels.is_power_of_2(d_model)
+
+
 def _kernel(x_ref, z_ref, c2_ref, cb_ref, w1_ref, b1_ref, w2_ref, b2_ref, *refs, group, n,
             chunk, n_chunks):
   """One (token, group of blocks) program. Shapes in `sparse_units`; refs: the residual
@@ -102,14 +114,13 @@ def sparse_units(x, z, c2, cb, w1, b1, w2, b2, interpret=False, group=None, resi
 def _norm_kernel(x_ref, scale_ref, bias_ref, c1_ref, xn_ref, z_ref, *, rows, sub, epsilon):
   """One (token, slice of rows of C1) program. Shapes in `norm_controller`."""
   t, p = pl.program_id(0), pl.program_id(1)
-  mean, inv = decode_kernels.layer_norm_stats(x_ref, t, epsilon)
+  stats = decode_kernels.layer_norm_stats(x_ref, t, epsilon)
   z = None
   for k in range(rows // sub):
     cols = pl.ds(p * rows + k * sub, sub)
-    xn = ((x_ref[t, cols].astype(jnp.float32) - mean) * inv * scale_ref[cols].astype(jnp.float32)
-          + bias_ref[cols].astype(jnp.float32))                                       # [sub]
-    xn_ref[t, cols] = xn.astype(xn_ref.dtype)
-    part = jnp.sum(xn.astype(xn_ref.dtype).astype(jnp.float32)[:, None]
+    xn = decode_kernels.layer_norm_slice(x_ref, scale_ref, bias_ref, t, cols, stats)  # [sub]
+    xn_ref[t, cols] = xn
+    part = jnp.sum(xn.astype(jnp.float32)[:, None]
                    * c1_ref[cols, :].astype(jnp.float32), axis=0)                      # [r]
     z = part if z is None else z + part
   z_ref[t, p, :] = z

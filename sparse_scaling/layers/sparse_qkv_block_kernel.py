@@ -20,8 +20,8 @@ channels, H heads of d_head channels and C channels per program:
 Each program reads a few tens of kilobytes, so many programs share the work: a program of one
 GPU multiprocessor reads far below the card's rate, and a launch costs about a microsecond.
 On an H200 at the 800M shape the three take 3.2, 6.2 and 2.8 µs, against fifteen XLA kernels
-in 26 µs (README, "Decoding on a GPU", with the sweep that chose ROWS, WIDTH, VALUE_WIDTH and
-WARPS). The result equals the layers' XLA path (`tests/test_fused_residual.py`).
+in 26 µs (README, "Decoding on a GPU"; `bench/decode_shares.py` sweeps ROWS, WIDTH,
+VALUE_WIDTH, WARPS and DOT). The result equals the layers' XLA path (`tests/test_fused_residual.py`).
 
 Runs on GPUs through Pallas' Triton backend; `interpret=True` runs it on any backend (the
 tests do, on the CPU). `decode_kernels.use(name)` chooses where `sparse_qkv.py` calls it.
@@ -62,13 +62,12 @@ def _mixed_kernel(x_ref, scale_ref, bias_ref, d_ref, e_ref, y_ref, *, rows, sub,
   product [S, rows] x [rows, M] in IEEE float32; else sums of broadcast products.
   """
   b, p = pl.program_id(0), pl.program_id(1)
-  mean, inv = decode_kernels.layer_norm_stats(x_ref, b, epsilon)
+  stats = decode_kernels.layer_norm_stats(x_ref, b, epsilon)
   slices = [pl.ds(p * rows + k * sub, sub) for k in range(rows // sub)]
-  loads = [(x_ref[b, cols], scale_ref[cols], bias_ref[cols], d_ref[:, cols], e_ref[cols, :])
-           for cols in slices]
+  loads = [(decode_kernels.layer_norm_slice(x_ref, scale_ref, bias_ref, b, cols, stats),
+            d_ref[:, cols], e_ref[cols, :]) for cols in slices]
   y = None
-  for x, scale, bias, d, e in loads:
-    xn = ((_f32(x) - mean) * inv * _f32(scale) + _f32(bias)).astype(x_ref.dtype)   # [sub]
+  for xn, d, e in loads:                                                         # xn [sub]
     scaled = _f32(d) * _f32(xn)[None, :]                                          # [S, sub]
     if dot:
       part = jnp.dot(scaled, _f32(e), precision=jax.lax.Precision.HIGHEST)         # [S, M]
@@ -173,13 +172,6 @@ def _attend_kernel(index_ref, x_ref, q_ref, scores_ref, k_cache_ref, v_cache_ref
   out_ref[b, pl.ds(h * d_head + v * value_width, value_width)] = (x + out).astype(out_ref.dtype)
 
 
-def _blocks(max_len):
-  """(block, starts): blocks of the cache's positions, the last overlapping the one before."""
-  block = 1 << (min(POSITIONS, max_len).bit_length() - 1)
-  return block, tuple(min(i * block, max_len - block)
-                      for i in range((max_len + block - 1) // block))
-
-
 def decode_step(x, norm, mixed, conv, state, k_cache, v_cache, index, *, n_heads, sizes,
                 epsilon, interpret=False, rows=None, width=None, value_width=None,
                 warps=None):
@@ -216,7 +208,7 @@ def decode_step(x, norm, mixed, conv, state, k_cache, v_cache, index, *, n_heads
   rows = min(rows, decode_kernels.row_chunk(d_model))
   width = min(width, n_channels, d_head)   # a program's channels lie in one module and head
   value_width = min(value_width, d_head)
-  block, starts = _blocks(max_len)
+  block, starts = decode_kernels.cache_blocks(max_len, POSITIONS)
   params = plgpu.CompilerParams(num_warps=warps)   # Triton, not Mosaic GPU
   index = jnp.reshape(index, (1,)).astype(jnp.int32)
 
