@@ -15,6 +15,7 @@ from trax import shapes
 
 from sparse_scaling.layers import decode_kernels
 from sparse_scaling.layers import fused_residual
+from sparse_scaling.layers import sparse_qkv_block_kernel
 from sparse_scaling.layers import SparseFFResidual
 from sparse_scaling.layers import SparseQKVResidual
 from sparse_scaling.models import ScalingTransformerLM
@@ -47,14 +48,24 @@ def _decode(kernel, model_kwargs, tokens, prompt=3, dtype=jnp.float32):
   return np.concatenate(logits, axis=1), state, jaxpr.count('pallas_call')
 
 
-@pytest.mark.parametrize('d_model, n_heads, attention_sparsity', [(64, 4, 8), (64, 4, 2),
-                                                                   (256, 4, 16), (16, 2, 4)])
-def test_fused_blocks_equal_xla_step_by_step(d_model, n_heads, attention_sparsity):
+@pytest.mark.parametrize('d_model, n_heads, attention_sparsity, settings', [
+    (64, 4, 8, {}), (64, 4, 2, {}), (256, 4, 16, {}), (16, 2, 4, {}), (48, 4, 4, {}),
+    (384, 4, 8, {}), (64, 4, 8, dict(ROWS=16, MAX_PARTS=2, MODULES=4, SPLIT=2)),
+    (384, 4, 8, dict(CONV_PROGRAMS=8))])
+def test_fused_blocks_equal_xla_step_by_step(d_model, n_heads, attention_sparsity, settings,
+                                             monkeypatch):
   """Modules and heads of different sizes (8 modules of 8 channels against 4 heads of 16;
   2 of 32 against 4 of 16; 16 of 16 against 4 of 64, where the multiplicative layer is one
-  matrix product per program; 4 of 4 against 2 of 8, fewer channels than a program's 8), two
-  rows, the caches filled past their end: each step's logits and the whole state
+  matrix product per program; 4 of 4 against 2 of 8, fewer channels than a program's 8),
+  sides that are not powers of 2 (d_model 48: modules and heads of 12, 3 partial sums of the
+  multiplicative layer; d_model 384: 8 modules of 48 channels, a matrix product per piece,
+  heads of 96), programs that convolve several modules with the partial sums added first and
+  multiplicative programs of 2 modules each, and programs of 16 channels and 8 modules where
+  8 channels each would make too many programs (as at 17B),
+  two rows, the caches filled past their end: each step's logits and the whole state
   (convolution states, caches, positions) as XLA's path."""
+  for name, value in settings.items():
+    monkeypatch.setattr(sparse_qkv_block_kernel, name, value)
   kwargs = dict(d_model=d_model, n_heads=n_heads, attention_sparsity=attention_sparsity)
   tokens = jnp.asarray(np.random.RandomState(1).randint(1, VOCAB, (2, 18)), jnp.int32)
   expected, expected_state, n_xla = _decode('xla', kwargs, tokens)
@@ -98,14 +109,14 @@ def test_fused_blocks_keep_the_weights_and_state_of_tl_residual():
 
 
 @pytest.mark.parametrize('kwargs, n_per_block', [
-    (dict(d_model=48, n_heads=4, attention_sparsity=4), 1),
+    (dict(ff_sparsity=(8, 12)), 3),
     (dict(length_kernel_size=1), 2 + 1)])
 def test_shapes_the_kernels_do_not_take_decode_through_xla(kwargs, n_per_block):
-  """d_model 48 (not a power of 2): both blocks decline; Sparse FF decodes through its own
-  kernel (`SparseFFDecode`), Sparse QKV's 12 channels fit none of its kernels. No look-back
-  along the length (length_kernel_size 1): the attention block declines and its attention
-  decodes through its own kernel (`attention_kernel.py`); the FF block's two run. The logits
-  are XLA's."""
+  """A controller of rank 12 (not a power of 2, as Triton's blocks must be): the FF block
+  declines and Sparse FF decodes through XLA; the attention block's three kernels run. No
+  look-back along the length (length_kernel_size 1): the attention block declines and its
+  attention decodes through its own kernel (`attention_kernel.py`); the FF block's two run.
+  The logits are XLA's."""
   tokens = jnp.asarray(np.random.RandomState(2).randint(1, VOCAB, (1, 7)), jnp.int32)
   expected, _, _ = _decode('xla', kwargs, tokens)
   got, _, n_kernels = _decode('interpret', kwargs, tokens)
@@ -114,14 +125,17 @@ def test_shapes_the_kernels_do_not_take_decode_through_xla(kwargs, n_per_block):
 
 
 @pytest.mark.parametrize('d_model, d_ff, n_heads, sparsity, ff_sparsity, n_products', [
-    (1024, 6144, 16, 16, (64, 16), 1), (8, 32, 2, 2, (4, 2), 0)])
+    (1024, 6144, 16, 16, (64, 16), 1), (8, 32, 2, 2, (4, 2), 0),
+    (9216, 65536, 96, 64, (256, 32), 1)])
 def test_fused_blocks_lower_to_triton_for_a_gpu(d_model, d_ff, n_heads, sparsity, ff_sparsity,
                                                 n_products):
   """One block lowered for CUDA on any machine, KV caches of 168: 800M FF+QKV (d_model 1024,
-  16 modules, 16 heads, d_ff 6144, N 64), where the multiplicative layer is a matrix product,
-  and a tiny one (d_model 8), where it is broadcast sums (Triton's products need sides of 16):
-  five Triton kernels, the caches written in place, and a matrix product in a kernel's code
-  (`dot_general:`, its source location in Triton's module) only at the 800M shape."""
+  16 modules, 16 heads, d_ff 6144, N 64), where the multiplicative layer is a matrix product;
+  a tiny one (d_model 8), where it is broadcast sums (Triton's products need sides of 16);
+  17B FF+QKV (d_model 9216, 64 modules of 144 channels, 96 heads of 96, N 256), loaded in
+  power-of-2 pieces (the products of the pieces of 128 and 16 channels share one source
+  line): five Triton kernels, the caches written in place, and a matrix product in a kernel's
+  code (`dot_general:`, its source location in Triton's module) except at the tiny shape."""
   model = ScalingTransformerLM(64, d_model, d_ff=d_ff, n_layers=1, n_heads=n_heads,
                                max_len=168, dropout=0.0, ff_sparsity=ff_sparsity,
                                attention_sparsity=sparsity, mode='predict')
@@ -141,9 +155,12 @@ def test_fused_blocks_lower_to_triton_for_a_gpu(d_model, d_ff, n_heads, sparsity
 
 
 @pytest.mark.skipif(jax.default_backend() != 'gpu', reason='compiles the kernels for a GPU')
-def test_fused_blocks_compiled_for_the_gpu_equal_xla_at_the_800m_shape():
-  kwargs = dict(d_model=1024, n_heads=16, attention_sparsity=16, ff_sparsity=(64, 16),
-                max_len=168)
+@pytest.mark.parametrize('d_model, n_heads, attention_sparsity', [(1024, 16, 16), (1152, 12, 8)])
+def test_fused_blocks_compiled_for_the_gpu_equal_xla(d_model, n_heads, attention_sparsity):
+  """The 800M shape, and one loaded in pieces as 17B's (modules of 144 channels, heads of
+  96, d_model 1152)."""
+  kwargs = dict(d_model=d_model, n_heads=n_heads, attention_sparsity=attention_sparsity,
+                ff_sparsity=(64, 16), max_len=168)
   tokens = jnp.asarray(np.random.RandomState(3).randint(1, VOCAB, (1, 10)), jnp.int32)
   expected, expected_state, _ = _decode('xla', kwargs, tokens, prompt=5)
   got, state, n_kernels = _decode('pallas', kwargs, tokens, prompt=5)

@@ -356,6 +356,7 @@ def profile(dims, n_layers, n_steps, dtype, bandwidth):
       wall_s=wall, device_s=sum(r['seconds'] for r in rows),
       kernels=sum(r['launches'] for r in rows),
       unattributed_s=sum(r['seconds'] for r in rows if not r['attributed']),
+      outside_s=sum(r['seconds'] for r in rows if not r['scope'].startswith('block')),
       block_kernels=per_block('attention', 'kernels') + per_block('ff', 'kernels'),
       block_s=per_block('attention', 'seconds') + per_block('ff', 'seconds'),
       block_bytes=per_block('attention', 'bytes') + per_block('ff', 'bytes'),
@@ -363,7 +364,7 @@ def profile(dims, n_layers, n_steps, dtype, bandwidth):
       ff_kernels=per_block('ff', 'kernels'), bandwidth=bandwidth)
   summary['block_floor_s'] = summary['block_bytes'] / bandwidth
   detail = [r for r in rows if r['scope'] in (f'block{later[0]}/attention',
-                                              f'block{later[0]}/ff')] if later else []
+                                              f'block{later[0]}/ff', 'output')] if later else []
   return summary, sorted(detail, key=lambda r: (r['scope'], -r['seconds']))
 
 
@@ -381,25 +382,28 @@ def markdown(summaries, details, bandwidth, probe):
            'On a GPU the traced step is compiled without command buffers (CUDA graphs), '
            'so that every kernel carries its instruction\'s name; wall is the default '
            'compilation. Unnamed: device time of kernels no instruction names (a '
-           'library\'s helpers), counted in the step but in no block.', '',
+           'library\'s helpers), counted in the step but in no block. Outside blocks: the '
+           'embedding, the output layer, the argmax and unnamed kernels.', '',
            common.table_header(['shape', 'variant', 'layers', 'wall ms/step', 'device ms/step',
-                                'unnamed ms/step', 'kernels/step',
+                                'unnamed ms/step', 'outside blocks ms/step', 'kernels/step',
                                 'kernels/block (attn + ff)', 'µs/block', 'MB/block',
                                 'floor µs/block'])]
   for s in summaries:
     lines.append(common.table_row([
         s['shape'], s['variant'], s['layers'], f'{s["wall_s"] * 1e3:.3f}',
         f'{s["device_s"] * 1e3:.3f}', f'{s.get("unattributed_s", 0) * 1e3:.3f}',
+        f'{s.get("outside_s", 0) * 1e3:.3f}',
         f'{s["kernels"]:.0f}',
         f'{s["block_kernels"]:.0f} ({s["attention_kernels"]:.0f} + {s["ff_kernels"]:.0f})',
         f'{s["block_s"] * 1e6:.1f}', f'{s["block_bytes"] / 1e6:.2f}',
         f'{s["block_floor_s"] * 1e6:.2f}']))
   for s, detail in zip(summaries, details):
-    lines += ['', f'### {s["shape"]} {s["variant"]}: the kernels of one block', '',
+    lines += ['', f'### {s["shape"]} {s["variant"]}: the kernels of one block, and the output '
+              'layer\'s', '',
               common.table_header(['scope', 'kernel', 'what', 'launches', 'µs', 'MB'])]
     for r in detail:
       lines.append(common.table_row([
-          r['scope'].split('/')[1], f'`{r["kernel"]}`', r['category'], f'{r["launches"]:.0f}',
+          r['scope'].split('/')[-1], f'`{r["kernel"]}`', r['category'], f'{r["launches"]:.0f}',
           f'{r["seconds"] * 1e6:.1f}', f'{r["bytes"] / 1e6:.3f}']))
   return '\n'.join(lines)
 

@@ -20,7 +20,9 @@ layers jitted together (weights as arguments, state donated) and fed one token's
 per step, median (p90) of `--tokens` steps after 3 warm-up steps. Per token (step): a prompt
 of `--prompt` tokens fills the caches, then `--tokens` greedy tokens are decoded by one jitted
 predict step each, every step blocked until ready. Per token (program, `--program`): whole
-generations compiled as one program (`decoding.Decoder`), the dispatch cost per step gone.
+generations compiled as one program (`decoding.Decoder`), the dispatch cost per step gone; per
+block (program, `--program`): the first block looped on its own output in one compiled
+program.
 Both implementations size their KV caches to the sequence timed (attention reads the whole
 cache at every step). The floor is the weight and KV-cache bytes a token must read, over the
 bandwidth measured in the same run (`timing.memory_bandwidth`). Every row is printed as it is
@@ -74,7 +76,7 @@ def kernels_used(dims):
   d_model, used = dims['d_model'], []
   if dims['ff_sparsity']:
     n, rank = dims['ff_sparsity']
-    if on('sparse_ff_block') and sparse_ff_kernel.block_fits(d_model, rank, n):
+    if on('sparse_ff_block') and sparse_ff_kernel.fits(rank, n):
       used.append('ffblock')
     elif on('sparse_ff') and sparse_ff_kernel.fits(rank, n):
       used.append('ff')
@@ -117,14 +119,10 @@ def seconds_per_token(model, dtype, prompt, n_tokens, batch=1):
   return _timed_steps(step, weights, state, tokens, n_tokens)
 
 
-def seconds_per_block(model, dtype, n_tokens):
-  """Median and p90 seconds of one block's decoding step, the block timed alone.
-
-  The first block's layers (attention and feed-forward, `scope_labels`) of `model` are jitted
-  together, weights as arguments and state donated, and fed one token's activations
-  [1, 1, d_model] at a time; attention reads its whole cache at every step, so the cost does
-  not depend on how full it is.
-  """
+def _first_block(model, dtype):
+  """(step, weights, state, x): the first block's layers (attention and feed-forward,
+  `scope_labels`) of `model` as `x, state = step(weights, state, x)`, with random weights,
+  fresh state and one token's activations x [1, 1, d_model]."""
   weights, state = random_weights_and_state(model, dtype)
   labels = scope_labels(model)
   index = [i for i, label in enumerate(labels) if label.startswith('block0/')]
@@ -139,8 +137,45 @@ def seconds_per_block(model, dtype, n_tokens):
 
   d_model = jax.tree.leaves(weights[index[0]])[0].shape[0]
   x = 0.1 * jax.random.normal(jax.random.PRNGKey(1), (1, 1, d_model), dtype)
-  return _timed_steps(step, tuple(weights[i] for i in index),
-                      tuple(state[i] for i in index), x, n_tokens)
+  return (step, tuple(weights[i] for i in index), tuple(state[i] for i in index), x)
+
+
+def seconds_per_block(model, dtype, n_tokens):
+  """Median and p90 seconds of one block's decoding step, the block timed alone.
+
+  The first block of `model` (`_first_block`) is jitted, weights as arguments and state
+  donated, and fed one token's activations [1, 1, d_model] at a time; attention reads its
+  whole cache at every step, so the cost does not depend on how full it is.
+  """
+  return _timed_steps(*_first_block(model, dtype), n_tokens)
+
+
+def seconds_per_block_program(model, dtype, n_tokens):
+  """Seconds of one block's decoding step in a compiled program: the first block of `model`
+  (`_first_block`) applied to its own output `n_tokens` and 4·`n_tokens` times in one loop
+  (`lax.fori_loop`, state donated), the difference over the difference in steps (each the
+  median of 5 runs). What a block costs inside a compiled generation, without the dispatch
+  of a call that `seconds_per_block` pays per step (most of it on a GPU)."""
+  step, weights, state, x = _first_block(model, dtype)
+
+  @functools.partial(jax.jit, static_argnums=3, donate_argnums=1)
+  def loop(weights, state, x, n_steps):
+    def body(_, carry):
+      x, state = carry
+      return step(weights, state, x)
+    x, state = jax.lax.fori_loop(0, n_steps, body, (x, state))
+    return state, x
+
+  holder = {'state': state}
+
+  def run(n_steps):
+    holder['state'], out = loop(weights, holder['state'], x, n_steps)
+    return out
+
+  short, long = n_tokens, 4 * n_tokens
+  medians = [timing.time_call(run, n, min_runs=5, min_seconds=0, warmup=1)[0]
+             for n in (short, long)]
+  return (medians[1] - medians[0]) / (long - short)
 
 
 def seconds_per_token_program(model_fn, dtype, prompt, n_tokens):
@@ -205,6 +240,8 @@ def measure(shape, variants, impls, prompt, n_tokens, bandwidth, program=False, 
                                                 n_tokens)),
             ('step', lambda: seconds_per_token(build(impl, dims, whole, max_len), dtype,
                                                prompt, n_tokens) if step else None),
+            ('block_program', lambda: seconds_per_block_program(
+                build(impl, dims, 1, max_len), dtype, n_tokens) if program else None),
             ('program', lambda: seconds_per_token_program(
                 functools.partial(build, impl, dims, whole, max_len), dtype, prompt,
                 n_tokens) if program else None)]:
@@ -219,6 +256,8 @@ def measure(shape, variants, impls, prompt, n_tokens, bandwidth, program=False, 
             row['s_per_token'], row['p90_s_per_token'] = result
           elif name == 'program':
             row['s_per_token_program'] = result
+          elif name == 'block_program':
+            row['s_per_block_program'] = result
           gc.collect()
       rows.append(row)
       print(json.dumps(row), flush=True)
@@ -276,7 +315,9 @@ def markdown(rows, prompt, n_tokens):
       f'Machine: {"; ".join(sorted({r.get("machine", "") for r in rows}))}; bandwidth '
       f'measured in each run ({bandwidths}). Batch 1, prompt {prompt} tokens, '
       f'{n_tokens} decoded tokens (KV caches of {prompt + n_tokens + 8}). ms/block: one '
-      'block (attention and FF) timed alone, median (p90) of its steps; s/token: the whole '
+      'block (attention and FF) timed alone, median (p90) of its steps, each step a call '
+      '(program: the block looped in one compiled program, no dispatch per step); s/token: '
+      'the whole '
       'decoder, one jitted step per token (step) or the whole generation as one compiled '
       'program (program); floor: the weight and KV bytes a token reads over the bandwidth. '
       'Speedups are against the dense row of the same implementation, shape, depth and '
@@ -286,7 +327,8 @@ def markdown(rows, prompt, n_tokens):
       '(XLA\'s ops only), trax (trax 1.4.1\'s `ConfigurableTransformerLM`).',
       '',
       common.table_header(['shape', 'variant', 'impl', 'dtype', 'ms/block (p90)',
-                           'speedup/block', 's/token, step', 's/token, program',
+                           'speedup/block', 'ms/block, program', 'speedup/block, program',
+                           's/token, step', 's/token, program',
                            'speedup/token, program', 'floor s/token', 'paper s/token',
                            'paper speedup/block'])]
   order = lambda kv: (list(SHAPES).index(kv[0][0]), kv[0][1], kv[0][2] != 'float32', kv[0][2],
@@ -302,6 +344,9 @@ def markdown(rows, prompt, n_tokens):
              row['dtype'],
              f'{block * 1e3:.3f} ({row["p90_s_per_block"] * 1e3:.3f})' if block else 'failed',
              ratio(dense.get('s_per_block'), block),
+             f'{row["s_per_block_program"] * 1e3:.4f}' if row.get('s_per_block_program')
+             else '',
+             ratio(dense.get('s_per_block_program'), row.get('s_per_block_program')),
              f'{row["s_per_token"]:.5f}' if row.get('s_per_token') else '',
              f'{row["s_per_token_program"]:.5f}' if row.get('s_per_token_program') else '',
              ratio(dense.get('s_per_token_program'), row.get('s_per_token_program')),

@@ -58,12 +58,35 @@ def is_power_of_2(*values):
   return all(isinstance(v, int) and v > 0 and v & (v - 1) == 0 for v in values)
 
 
+def pieces(size):
+  """(start, length) of the power-of-2 pieces that cover range(size), largest first: how a
+  kernel loads a side that is not a power of 2 (144 -> ((0, 128), (128, 16)))."""
+  out, start = [], 0
+  for bit in reversed(range(size.bit_length())):
+    if size & (1 << bit):
+      out.append((start, 1 << bit))
+      start += 1 << bit
+  return tuple(out)
+
+
+def sum_pieces(load, size):
+  """Inside a kernel: the sum along axis 0 of the rows [0, size) that `load(pl.ds(...))`
+  gives, in float32, loaded in power-of-2 pieces."""
+  return sum(jnp.sum(load(pl.ds(start, length)).astype(jnp.float32), axis=0)
+             for start, length in pieces(size))
+
+
+def largest_share(limit, *sides):
+  """The largest power of 2 up to `limit` that divides every side: a program's share of them."""
+  share = 1
+  while 2 * share <= limit and all(side % (2 * share) == 0 for side in sides):
+    share *= 2
+  return share
+
+
 def row_chunk(width, largest=1024):
   """The widest power of 2 up to `largest` that divides `width`: how a kernel loads a row."""
-  chunk = 1
-  while chunk < largest and width % (2 * chunk) == 0:
-    chunk *= 2
-  return chunk
+  return largest_share(largest, width)
 
 
 def layer_norm_stats(x_ref, row, epsilon):

@@ -244,7 +244,7 @@ class SparseFFResidual(FusedResidual):
     batch, _, d_model = x.shape
     # N rows or more take the masked dense product, as `SparseFFDecode` does.
     if (kernel == 'xla' or not norm._center or batch >= block  # pylint: disable=protected-access
-        or not sparse_ff_kernel.block_fits(d_model, rank, block)):
+        or not sparse_ff_kernel.fits(rank, block)):
       return None
     flat = x.reshape(batch, d_model)
     interpret = kernel == 'interpret'

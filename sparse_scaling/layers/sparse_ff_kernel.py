@@ -31,16 +31,18 @@ from jax.experimental.pallas import triton as plgpu
 
 from sparse_scaling.layers import decode_kernels
 
+# Blocks of N units per `sparse_units` program (None: one, or as many as keep 256 programs or
+# more per token; at 17B's 256 blocks one a program ran 11% faster than two) and warps per
+# program.
+GROUP, WARPS = None, 4
+NORM_ROWS = 64  # rows of C1 per `norm_controller` program (a power of 2)
+
+
 def fits(d_lowrank, block):
-  """Whether `sparse_units` takes these shapes: the controller's rank and N powers of 2."""
+  """Whether `sparse_units` (and so the FF block, `norm_controller` then `sparse_units`) takes
+  these shapes: the controller's rank and N powers of 2. d_model may be any: rows and partial
+  sums are loaded in power-of-2 pieces."""
   return decode_kernels.is_power_of_2(d_lowrank, block)
-
-
-def block_fits(d_model, d_lowrank, block):
-  """Whether the FF block's kernels (`norm_controller`, then `sparse_units`) take these
-  shapes: also d_model a power of 2, so that its rows split into a few partial sums (17B's
-  9216 would not)."""
-  return fits(d_lowrank, block) and decode_kernels.is_power_of_2(d_model)
 
 
 def _kernel(x_ref, z_ref, c2_ref, cb_ref, w1_ref, b1_ref, w2_ref, b2_ref, *refs, group, n,
@@ -52,11 +54,7 @@ def _kernel(x_ref, z_ref, c2_ref, cb_ref, w1_ref, b1_ref, w2_ref, b2_ref, *refs,
   first = (p == 0).astype(jnp.float32)   # program 0's part also carries b2 (and residual)
   # In float32 whatever the weights' dtype: summed in bfloat16, the controller's logits lose
   # the bits that decide its argmax.
-  n_parts = z_ref.shape[1]
-  if decode_kernels.is_power_of_2(n_parts):
-    z = jnp.sum(z_ref[t, :, :].astype(jnp.float32), axis=0)        # [r]
-  else:
-    z = sum(z_ref[t, q, :].astype(jnp.float32) for q in range(n_parts))
+  z = decode_kernels.sum_pieces(lambda parts: z_ref[t, parts, :], z_ref.shape[1])   # [r]
   hidden, rows = [], []
   for g in range(group):
     k = p * group + g
@@ -94,9 +92,11 @@ def sparse_units(x, z, c2, cb, w1, b1, w2, b2, interpret=False, group=None, resi
     z = z[:, None, :]
   n_tokens, d_model = x.shape
   r, n_blocks, n = c2.shape
-  if group is None:  # about 128 programs per token keep the GPU's multiprocessors busy
-    group = next(g for g in (8, 4, 2, 1) if n_blocks % g == 0 and n_blocks // g >= 96) \
-        if n_blocks >= 96 else 1
+  group = group or GROUP
+  if group is None:
+    group = next(g for g in (8, 4, 2, 1) if n_blocks % g == 0 and n_blocks // g >= 256) \
+        if n_blocks >= 256 else 1
+  group = decode_kernels.largest_share(group, n_blocks)
   chunk = decode_kernels.row_chunk(d_model)
   kernel = functools.partial(_kernel, group=group, n=n, chunk=chunk,
                              n_chunks=d_model // chunk)
@@ -104,7 +104,7 @@ def sparse_units(x, z, c2, cb, w1, b1, w2, b2, interpret=False, group=None, resi
       kernel, grid=(n_tokens, n_blocks // group),
       out_shape=jax.ShapeDtypeStruct((n_tokens, n_blocks // group, d_model), jnp.float32),
       interpret=interpret,
-      compiler_params=plgpu.CompilerParams(num_warps=4),   # Triton, not Mosaic GPU
+      compiler_params=plgpu.CompilerParams(num_warps=WARPS),   # Triton, not Mosaic GPU
   )(x, z, c2.reshape(r, n_blocks * n), cb.reshape(-1), w1.reshape(n_blocks * n, d_model),
     b1.reshape(-1), w2.reshape(n_blocks * n, d_model), b2,
     *([] if residual is None else [residual]))
@@ -126,7 +126,7 @@ def _norm_kernel(x_ref, scale_ref, bias_ref, c1_ref, xn_ref, z_ref, *, rows, sub
   z_ref[t, p, :] = z
 
 
-def norm_controller(x, scale, bias, c1, epsilon, interpret=False, rows=64):
+def norm_controller(x, scale, bias, c1, epsilon, interpret=False, rows=None):
   """The block's LayerNorm and the controller's first product, split over rows of C1.
 
   Args:
@@ -135,14 +135,14 @@ def norm_controller(x, scale, bias, c1, epsilon, interpret=False, rows=64):
     c1: [d, r], the controller's first factor.
     epsilon: The LayerNorm's ε.
     interpret: Run in Pallas' interpreter (any backend).
-    rows: Rows of C1 per program (a power of 2 dividing d).
+    rows: Rows of C1 per program (a power of 2, capped at what divides d; None: NORM_ROWS).
 
   Returns:
     (LayerNorm(x) [T, d] in x's dtype, partial sums of LayerNorm(x)·C1 [T, d / rows, r]),
     the inputs of `sparse_units`.
   """
   n_tokens, d_model = x.shape
-  rows = min(rows, decode_kernels.row_chunk(d_model))
+  rows = decode_kernels.largest_share(rows or NORM_ROWS, d_model)
   kernel = functools.partial(_norm_kernel, rows=rows, sub=min(rows, 64), epsilon=epsilon)
   return pl.pallas_call(
       kernel, grid=(n_tokens, d_model // rows),

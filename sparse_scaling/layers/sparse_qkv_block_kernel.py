@@ -6,22 +6,26 @@ token of it as about fifteen kernels of one or two microseconds each on a GPU, w
 reads well under a megabyte. Here, with y the multiplicative layer's output, S modules of M
 channels, H heads of d_head channels and C channels per program:
 
-  mixed   program (row, p):  LayerNorm(x)[rows p] · D[:, rows p] · E[rows p, :]  [S, M]
-          partial sums of y over d / rows slices of the input (the next kernel adds them).
-  conv    program (row, o, c): output o of the convolutions (Q, K or V) on channels
-          [c·C, (c + 1)·C): the window (the state's positions and y) times the kernel's C
-          output columns. K and V programs write their channels into the KV caches in place
-          (and V's the convolution's new state); Q programs write q and the partial scores
-          q[C]·K_cache[:, C] of every cached position, one row per channel slice.
+  mixed   program (row, p, q): LayerNorm(x)[rows p] · D[modules q, rows p] · E[rows p, :]
+          partial sums of y [modules q, M] over d / rows slices of the input (the next kernel
+          adds them; where they are more than MAX_PARTS, XLA adds them first).
+  conv    program (row, o, g, c): output o of the convolutions (Q, K or V) on channels
+          [c·C, (c + 1)·C) of each module of group g: the window (the state's positions and
+          y) times the kernel's C output columns, loaded once for the group. K and V programs
+          write their channels into the KV caches in place (and V's the convolution's new
+          state); Q programs write q and the partial scores q[C]·K_cache[:, C] of every cached
+          position, one row per channel slice.
   attend  program (row·head, v): the head's scores (its slices' partial scores added, the
           token's own from q and its cached key), softmax, and the V cache's columns
           [v·Cv, (v + 1)·Cv); out = x + that.
 
 Each program reads a few tens of kilobytes, so many programs share the work: a program of one
 GPU multiprocessor reads far below the card's rate, and a launch costs about a microsecond.
-On an H200 at the 800M shape the three take 3.2, 6.2 and 2.8 µs, against fifteen XLA kernels
-in 26 µs (README, "Decoding on a GPU"; `bench/decode_shares.py` sweeps ROWS, WIDTH,
-VALUE_WIDTH, WARPS and DOT). The result equals the layers' XLA path (`tests/test_fused_residual.py`).
+Sides that are not powers of 2 (Triton's blocks must be) are loaded in power-of-2 pieces
+(`decode_kernels.pieces`: 144 channels as 128 and 16). On an H200 at the 800M shape the three
+take 3.2, 6.2 and 2.8 µs, against fifteen XLA kernels in 26 µs; at 17B's shapes 21.4, 31.9
+and 7.9 µs (README, "Decoding on a GPU"; `bench/decode_shares.py` sweeps the shares below).
+The result equals the layers' XLA path (`tests/test_fused_residual.py`).
 
 Runs on GPUs through Pallas' Triton backend; `interpret=True` runs it on any backend (the
 tests do, on the CPU). `decode_kernels.use(name)` chooses where `sparse_qkv.py` calls it.
@@ -41,12 +45,22 @@ POSITIONS = 64  # cache positions read per block, at most
 # `mixed` program, channels per `conv` program, value columns per `attend` program, warps.
 ROWS, WIDTH, VALUE_WIDTH, WARPS = 64, 8, 16, 4
 DOT = True   # `mixed` as one matrix product per program where S, M and ROWS are >= 16
+# Modules per `conv` program (a power of 2; None: at large shapes, where programs of WIDTH
+# channels would be many more than CONV_PROGRAMS, programs first take WIDE channels, then
+# several modules, so that one program's convolution weights serve more of the token: at 17B,
+# 432 programs of 16 channels and 4 modules instead of 3456 of 8 and 1), and the most partial
+# sums of y that `conv` adds itself (more are added by XLA first).
+MODULES, CONV_PROGRAMS, WIDE, MAX_PARTS = None, 384, 16, 16
+# Modules per `mixed` program (a power of 2; None: all S). Triton holds a product's operands in
+# registers: [64, 64] x [64, 144] per program at 17B ran 340 us, [16, 64] x [64, 144] 10x less.
+SPLIT = 16
 
 
 def fits(d_model, n_modules, n_heads, sizes, length_kernel_size):
-  """Whether the kernels take these shapes (Triton's blocks are powers of 2)."""
-  n_channels, d_head = d_model // n_modules, d_model // n_heads
-  return (decode_kernels.is_power_of_2(d_model, n_channels, d_head) and len(sizes) == 3
+  """Whether the kernels take these shapes: three convolutions that look back along the
+  length. Sides that are not powers of 2 (17B's d_model 9216, 144 channels, heads of 96) are
+  loaded in power-of-2 pieces (`decode_kernels.pieces`)."""
+  return (d_model % n_modules == 0 and d_model % n_heads == 0 and len(sizes) == 3
           and length_kernel_size >= 2)
 
 
@@ -54,86 +68,114 @@ def _f32(a):
   return a.astype(jnp.float32)
 
 
-def _mixed_kernel(x_ref, scale_ref, bias_ref, d_ref, e_ref, y_ref, *, rows, sub, dot,
+def _mixed_kernel(x_ref, scale_ref, bias_ref, d_ref, e_ref, y_ref, *, rows, sub, split, dot,
                   epsilon):
-  """One (row, input slice) program: partial sums of y [S, M].
+  """One (row, input slice, slice of `split` modules) program: partial sums of those modules'
+  y [split, M], in power-of-2 pieces of both sides.
 
-  With `dot` (sub = rows; S, M and rows all >= 16, Triton's least) the product is one matrix
-  product [S, rows] x [rows, M] in IEEE float32; else sums of broadcast products.
+  With `dot` (sub = rows; every piece and rows >= 16, Triton's least) each piece is one matrix
+  product [S', rows] x [rows, M'] in IEEE float32; else sums of broadcast products.
   """
-  b, p = pl.program_id(0), pl.program_id(1)
+  b, p, first = pl.program_id(0), pl.program_id(1), pl.program_id(2) * split
+  n_channels = e_ref.shape[1]
+  s_pieces, m_pieces = decode_kernels.pieces(split), decode_kernels.pieces(n_channels)
   stats = decode_kernels.layer_norm_stats(x_ref, b, epsilon)
-  slices = [pl.ds(p * rows + k * sub, sub) for k in range(rows // sub)]
-  loads = [(decode_kernels.layer_norm_slice(x_ref, scale_ref, bias_ref, b, cols, stats),
-            d_ref[:, cols], e_ref[cols, :]) for cols in slices]
-  y = None
-  for xn, d, e in loads:                                                         # xn [sub]
-    scaled = _f32(d) * _f32(xn)[None, :]                                          # [S, sub]
-    if dot:
-      part = jnp.dot(scaled, _f32(e), precision=jax.lax.Precision.HIGHEST)         # [S, M]
-    else:
-      part = jnp.sum(scaled[:, :, None] * _f32(e)[None, :, :], axis=1)            # [S, M]
-    y = part if y is None else y + part
-  y_ref[b, p] = y
+  y = {}
+  for k in range(rows // sub):
+    cols = pl.ds(p * rows + k * sub, sub)
+    xn = _f32(decode_kernels.layer_norm_slice(x_ref, scale_ref, bias_ref, b, cols, stats))
+    scaled = {s0: _f32(d_ref[pl.ds(first + s0, ls), cols]) * xn[None, :]
+              for s0, ls in s_pieces}
+    for m0, lm in m_pieces:
+      e = _f32(e_ref[cols, pl.ds(m0, lm)])                                       # [sub, M']
+      for s0, _ in s_pieces:
+        if dot:
+          part = jnp.dot(scaled[s0], e, precision=jax.lax.Precision.HIGHEST)     # [S', M']
+        else:
+          part = jnp.sum(scaled[s0][:, :, None] * e[None, :, :], axis=1)
+        y[s0, m0] = part if (s0, m0) not in y else y[s0, m0] + part
+  for s0, ls in s_pieces:
+    for m0, lm in m_pieces:
+      y_ref[b, p, pl.ds(first + s0, ls), pl.ds(m0, lm)] = y[s0, m0]
 
 
 def _conv_kernel(index_ref, y_ref, y_bias_ref, state_ref, wq_ref, bq_ref, wk_ref, bk_ref,
                  wv_ref, bv_ref, k_cache_ref, v_cache_ref, scores_ref, q_ref, state_out_ref,
-                 k_out_ref, v_out_ref, *, sizes, n_heads, width, starts, block):
-  """One (row, output, channel slice) program. Shapes in `decode_step`."""
-  b, o, c = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+                 k_out_ref, v_out_ref, *, sizes, n_heads, width, group, starts, block):
+  """One (row, output, group of modules, channel slice) program. Shapes in `decode_step`."""
+  b, o, g, c = (pl.program_id(i) for i in range(4))
   _, n, n_modules, n_channels = state_ref.shape
+  n_parts = y_ref.shape[1]
   d_head = q_ref.shape[1] // n_heads
-  flat = c * width
-  s, m0 = flat // n_channels, flat % n_channels
-  row = b * n_heads + flat // d_head          # the caches' row: (row, head)
-  off = flat % d_head
+  m0 = c * width
+  m_pieces = decode_kernels.pieces(n_channels)
   # A full cache takes the token at its last position, as XLA's dynamic_update_slice does.
   index = jnp.minimum(index_ref[0], k_cache_ref.shape[1] - 1)
 
   def token(module, cols):
     """This token's multiplicative output at `module`, as the state holds it: [len(cols)]."""
-    y = jnp.sum(_f32(y_ref[b, :, module, cols]), axis=0) + _f32(y_bias_ref[module, cols])
-    return _f32(y.astype(state_ref.dtype))
+    y = decode_kernels.sum_pieces(lambda parts: y_ref[b, parts, module, cols], n_parts)
+    return _f32((y + _f32(y_bias_ref[module, cols])).astype(state_ref.dtype))
+
+  def window(windows, i, shift, start, length):
+    """The input at state position i (n: the token) of module g·group + shift, channels
+    [start, start + length): [length], zero outside the modules; loaded once per branch."""
+    if (i, shift, start) not in windows:
+      module = g * group + shift
+      inside = ((module >= 0) & (module < n_modules)).astype(jnp.float32)
+      module = jnp.clip(module, 0, n_modules - 1)
+      cols = pl.ds(start, length)
+      w = _f32(state_ref[b, i, module, cols]) if i < n else token(module, cols)
+      windows[i, shift, start] = w * inside
+    return windows[i, shift, start]
 
   def convolve(size, w_ref, bias_ref):
-    """Channels [m0, m0 + width) of the output with module kernel `size`: [width]."""
-    taps = []
-    for i in range(n + 1):
-      for j in range(size):
-        module = s + j - size // 2
-        inside = ((module >= 0) & (module < n_modules)).astype(jnp.float32)
-        module = jnp.clip(module, 0, n_modules - 1)
-        window = (_f32(state_ref[b, i, module, :]) if i < n
-                  else token(module, pl.ds(0, n_channels)))                        # [M]
-        taps.append((window * inside, w_ref[i, j, :, pl.ds(m0, width)]))          # [M, C]
-    products = None   # summed over the taps first: one reduction across threads, not nine
-    for window, weight in taps:
-      product = window[:, None] * _f32(weight)                                   # [M, C]
-      products = product if products is None else products + product
-    return _f32(bias_ref[pl.ds(m0, width)]) + jnp.sum(products, axis=0)
+    """Channels [m0, m0 + width) of the output of kernel `size` at each module of the group."""
+    weights = {(i, j, start): _f32(w_ref[i, j, pl.ds(start, length), pl.ds(m0, width)])
+               for i in range(n + 1) for j in range(size) for start, length in m_pieces}
+    windows, outs = {}, []   # the group's modules share their neighbours' windows
+    for k in range(group):
+      products = {}   # summed over the taps first: one reduction across threads, not nine
+      for (i, j, start), weight in weights.items():
+        window_ = window(windows, i, k + j - size // 2, start, weight.shape[0])
+        product = window_[:, None] * weight                                      # [M', C]
+        products[start] = product if start not in products else products[start] + product
+      outs.append(_f32(bias_ref[pl.ds(m0, width)])
+                  + sum(jnp.sum(p, axis=0) for p in products.values()))
+    return outs
+
+  def cache_slot(k):
+    """(cache row, offset in the head, flat channel) of module k of the group's channels."""
+    flat = (g * group + k) * n_channels + m0
+    return b * n_heads + flat // d_head, flat % d_head, flat
 
   @pl.when(o == 0)
   def _():
-    keys = [k_cache_ref[row, pl.ds(start, block), pl.ds(off, width)] for start in starts]
-    q = convolve(sizes[0], wq_ref, bq_ref).astype(q_ref.dtype)
-    q_ref[b, pl.ds(flat, width)] = q
-    for start, key in zip(starts, keys):       # positions from `index` on: unused
-      scores_ref[b, c, pl.ds(start, block)] = jnp.sum(_f32(key) * _f32(q)[None, :], axis=1)
+    for k, q in enumerate(convolve(sizes[0], wq_ref, bq_ref)):
+      row, off, flat = cache_slot(k)
+      q = q.astype(q_ref.dtype)
+      q_ref[b, pl.ds(flat, width)] = q
+      for start in starts:       # positions from `index` on: unused
+        key = k_cache_ref[row, pl.ds(start, block), pl.ds(off, width)]
+        scores_ref[b, flat // width, pl.ds(start, block)] = jnp.sum(
+            _f32(key) * _f32(q)[None, :], axis=1)
 
   @pl.when(o == 1)
   def _():
-    k_out_ref[row, index, pl.ds(off, width)] = (
-        convolve(sizes[1], wk_ref, bk_ref).astype(k_out_ref.dtype))
+    for k, out in enumerate(convolve(sizes[1], wk_ref, bk_ref)):
+      row, off, _ = cache_slot(k)
+      k_out_ref[row, index, pl.ds(off, width)] = out.astype(k_out_ref.dtype)
 
   @pl.when(o == 2)
   def _():
-    v_out_ref[row, index, pl.ds(off, width)] = (
-        convolve(sizes[2], wv_ref, bv_ref).astype(v_out_ref.dtype))
     cols = pl.ds(m0, width)
-    for i in range(n):  # the state moves one position on
-      newer = state_ref[b, i + 1, s, cols] if i + 1 < n else token(s, cols)
-      state_out_ref[b, i, s, cols] = newer.astype(state_out_ref.dtype)
+    for k, out in enumerate(convolve(sizes[2], wv_ref, bv_ref)):
+      row, off, _ = cache_slot(k)
+      v_out_ref[row, index, pl.ds(off, width)] = out.astype(v_out_ref.dtype)
+      s = g * group + k
+      for i in range(n):  # the state moves one position on
+        newer = state_ref[b, i + 1, s, cols] if i + 1 < n else token(s, cols)
+        state_out_ref[b, i, s, cols] = newer.astype(state_out_ref.dtype)
 
 
 def _attend_kernel(index_ref, x_ref, q_ref, scores_ref, k_cache_ref, v_cache_ref, out_ref,
@@ -146,17 +188,20 @@ def _attend_kernel(index_ref, x_ref, q_ref, scores_ref, k_cache_ref, v_cache_ref
   next_ref[0] = index_ref[0] + 1   # the next token's position (every program writes it)
   index = jnp.minimum(index_ref[0], k_cache_ref.shape[1] - 1)
   cols = pl.ds(v * value_width, value_width)
-  parts = [scores_ref[b, pl.ds(h * slices, slices), pl.ds(start, block)] for start in starts]
+  parts = [decode_kernels.sum_pieces(
+      lambda rows, start=start: scores_ref[b, pl.ds(h * slices + rows.start, rows.size),
+                                           pl.ds(start, block)], slices) for start in starts]
   values = [v_cache_ref[r, pl.ds(start, block), cols] for start in starts]
-  q = _f32(q_ref[b, pl.ds(h * d_head, d_head)])
-  key = _f32(k_cache_ref[r, index, :])             # the token's key, as the cache holds it
+  own = sum(jnp.sum(_f32(q_ref[b, pl.ds(h * d_head + start, length)])    # the token's key,
+                    * _f32(k_cache_ref[r, index, pl.ds(start, length)]))  # as the cache holds it
+            for start, length in decode_kernels.pieces(d_head))
   x = _f32(x_ref[b, pl.ds(h * d_head + v * value_width, value_width)])
   root = float(d_head) ** 0.5
-  own = jnp.sum(q * key) / root
+  own = own / root
   scores = []
   for i, (start, part) in enumerate(zip(starts, parts)):
     position = start + jnp.arange(block)
-    score = jnp.where(position == index, own, jnp.sum(part, axis=0) / root)
+    score = jnp.where(position == index, own, part / root)
     valid = (position >= i * block) & (position <= index)   # blocks overlap at the end
     scores.append(jnp.where(valid, score, -jnp.inf))
   top = scores[0].max()
@@ -174,7 +219,7 @@ def _attend_kernel(index_ref, x_ref, q_ref, scores_ref, k_cache_ref, v_cache_ref
 
 def decode_step(x, norm, mixed, conv, state, k_cache, v_cache, index, *, n_heads, sizes,
                 epsilon, interpret=False, rows=None, width=None, value_width=None,
-                warps=None):
+                warps=None, modules=None, split=None):
   """x + SparseQKVAttention(LayerNorm(x)) for one token per row, and the new states.
 
   Args:
@@ -189,9 +234,10 @@ def decode_step(x, norm, mixed, conv, state, k_cache, v_cache, index, *, n_heads
     sizes: k_o, the module kernel sizes of Q, K, V.
     epsilon: The LayerNorm's ε.
     interpret: Run in Pallas' interpreter (any backend).
-    rows, width, value_width, warps: Input rows per `mixed` program, channels per `conv`
-      program, value columns per `attend` program, warps per program (powers of 2; None:
-      ROWS, WIDTH, VALUE_WIDTH, WARPS).
+    rows, width, value_width, warps, modules, split: Input rows per `mixed` program,
+      channels per `conv` program, value columns per `attend` program, warps per program,
+      modules per `conv` program, modules per `mixed` program (powers of 2, each capped at
+      what divides its sides; None: ROWS, WIDTH, VALUE_WIDTH, WARPS, MODULES, SPLIT).
 
   Returns:
     (out [B, d] in x's dtype, new state, k_cache, v_cache, index + 1), the caches updated in
@@ -203,29 +249,45 @@ def decode_step(x, norm, mixed, conv, state, k_cache, v_cache, index, *, n_heads
   n_modules, n_channels = d.shape[0], e.shape[1]
   d_head = d_model // n_heads
   max_len = k_cache.shape[1]
-  rows, width = rows or ROWS, width or WIDTH
-  value_width, warps = value_width or VALUE_WIDTH, warps or WARPS
-  rows = min(rows, decode_kernels.row_chunk(d_model))
-  width = min(width, n_channels, d_head)   # a program's channels lie in one module and head
-  value_width = min(value_width, d_head)
+  share = decode_kernels.largest_share
+  rows = share(rows or ROWS, d_model)
+  # A program's channels lie in one module and one head.
+  width, modules = share(width or WIDTH, n_channels, d_head), modules or MODULES
+  if modules is None:
+    modules = 1
+    while 3 * n_modules * (n_channels // width) // modules > 2 * CONV_PROGRAMS:
+      wider = share(2 * width, n_channels, d_head)
+      if wider <= WIDE and wider > width:
+        width = wider
+      elif n_modules % (2 * modules) == 0:
+        modules *= 2
+      else:
+        break
+  modules = share(modules, n_modules)
+  value_width = share(value_width or VALUE_WIDTH, d_head)
+  warps = warps or WARPS
+  split = n_modules if (split or SPLIT) is None else share(split or SPLIT, n_modules)
   block, starts = decode_kernels.cache_blocks(max_len, POSITIONS)
   params = plgpu.CompilerParams(num_warps=warps)   # Triton, not Mosaic GPU
   index = jnp.reshape(index, (1,)).astype(jnp.int32)
 
-  dot = DOT and min(n_modules, n_channels, rows) >= 16
+  dot = DOT and min(rows, *(length for side in (split, n_channels)
+                            for _, length in decode_kernels.pieces(side))) >= 16
   y = pl.pallas_call(
-      functools.partial(_mixed_kernel, rows=rows, sub=rows if dot else min(rows, 8), dot=dot,
-                        epsilon=epsilon),
-      grid=(batch, d_model // rows),
+      functools.partial(_mixed_kernel, rows=rows, sub=rows if dot else min(rows, 8),
+                        split=split, dot=dot, epsilon=epsilon),
+      grid=(batch, d_model // rows, n_modules // split),
       out_shape=jax.ShapeDtypeStruct((batch, d_model // rows, n_modules, n_channels),
                                      jnp.float32),
       interpret=interpret, compiler_params=params,
   )(x, *norm, d, e)
+  if y.shape[1] > MAX_PARTS:   # else every `conv` program would add them all
+    y = jnp.sum(y, axis=1, keepdims=True)
 
   scores, q, state, k_cache, v_cache = pl.pallas_call(
       functools.partial(_conv_kernel, sizes=tuple(sizes), n_heads=n_heads, width=width,
-                        starts=starts, block=block),
-      grid=(batch, 3, d_model // width),
+                        group=modules, starts=starts, block=block),
+      grid=(batch, 3, n_modules // modules, n_channels // width),
       out_shape=(jax.ShapeDtypeStruct((batch, d_model // width, max_len), jnp.float32),
                  jax.ShapeDtypeStruct((batch, d_model), x.dtype),
                  jax.ShapeDtypeStruct(state.shape, state.dtype),
