@@ -1,8 +1,11 @@
 """The sweep of the fused blocks' shares (`bench/decode_shares.py`)."""
 
+import numpy as np
 import pytest
 
 from sparse_scaling.bench import decode_shares
+from sparse_scaling.layers import sparse_ff_kernel
+from sparse_scaling.layers import sparse_qkv_block_kernel
 
 
 def _constants():
@@ -13,8 +16,8 @@ def test_each_setting_is_in_force_while_it_is_measured_and_undone_after():
   before = _constants()
   seen = []
 
-  def measure(model_fn, dtype, prompt, n_tokens):   # what a measurement's trace would see
-    del model_fn, dtype, prompt, n_tokens
+  def measure(dims, depth):   # what a measurement's trace would see
+    del dims, depth
     seen.append(_constants())
     return 1e-3 * len(seen)
 
@@ -26,12 +29,24 @@ def test_each_setting_is_in_force_while_it_is_measured_and_undone_after():
   assert _constants() == before
 
 
-def test_a_block_is_measured_in_a_compiled_loop(monkeypatch):
-  calls = []
-  monkeypatch.setattr(decode_shares.table1, 'seconds_per_block_program',
-                      lambda model, dtype, n_tokens: calls.append((model, dtype, n_tokens)) or 2e-5)
-  assert decode_shares.per_block(lambda: 'model', 'float32', 128, 32) == 2e-5
-  assert calls == [('model', 'float32', 32)]
+def test_the_kernels_alone_are_timed_with_the_setting_in_force(monkeypatch):
+  """`--measure kernels` on a tiny shape, in Pallas' interpreter: both blocks' kernels run
+  in the timed loops, traced with the setting's shares, and each block gets a time."""
+  traced = []
+  for module, name in ((sparse_qkv_block_kernel, 'decode_step'),
+                       (sparse_ff_kernel, 'sparse_units')):
+    real = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, real=real, name=name, **k: (
+        traced.append((name, sparse_qkv_block_kernel.MODULES, sparse_ff_kernel.GROUP)),
+        real(*a, **k))[1])
+  dims = dict(d_model=32, d_ff=64, n_heads=2, attention_sparsity=4, ff_sparsity=(8, 4),
+              length_kernel_size=3)
+  monkeypatch.setattr(decode_shares.decoders, 'dimensions', lambda shape, variant: dims)
+  measure = lambda dims, depth: decode_shares.kernels(dims, depth, interpret=True, steps=(1, 2))
+  [(_, (attention, ff))] = decode_shares.sweep('800m', 'ffqkv', 1, ['MODULES=2+FF_GROUP=2'],
+                                               measure)
+  assert sorted(set(traced)) == [('decode_step', 2, 2), ('sparse_units', 2, 2)]
+  assert np.isfinite(attention) and np.isfinite(ff)
 
 
 @pytest.mark.parametrize('text', ['WIDTH', 'WIDTH=12', 'DOT=2', 'SPEED=4', 'WIDTH=8+', '',

@@ -50,18 +50,19 @@ def _decode(kernel, model_kwargs, tokens, prompt=3, dtype=jnp.float32):
 
 @pytest.mark.parametrize('d_model, n_heads, attention_sparsity, settings', [
     (64, 4, 8, {}), (64, 4, 2, {}), (256, 4, 16, {}), (16, 2, 4, {}), (48, 4, 4, {}),
-    (384, 4, 8, {}), (64, 4, 8, dict(ROWS=16, MAX_PARTS=2, MODULES=4, SPLIT=2)),
-    (384, 4, 8, dict(CONV_PROGRAMS=8))])
+    (64, 4, 8, dict(ROWS=16, MAX_PARTS=2, MODULES=4, SPLIT=2)),
+    (768, 8, 16, dict(CONV_PROGRAMS=8))])
 def test_fused_blocks_equal_xla_step_by_step(d_model, n_heads, attention_sparsity, settings,
                                              monkeypatch):
   """Modules and heads of different sizes (8 modules of 8 channels against 4 heads of 16;
   2 of 32 against 4 of 16; 16 of 16 against 4 of 64, where the multiplicative layer is one
   matrix product per program; 4 of 4 against 2 of 8, fewer channels than a program's 8),
   sides that are not powers of 2 (d_model 48: modules and heads of 12, 3 partial sums of the
-  multiplicative layer; d_model 384: 8 modules of 48 channels, a matrix product per piece,
-  heads of 96), programs that convolve several modules with the partial sums added first and
-  multiplicative programs of 2 modules each, and programs of 16 channels and 8 modules where
-  8 channels each would make too many programs (as at 17B),
+  multiplicative layer), programs that convolve several modules with the partial sums added
+  first and multiplicative programs of 2 modules each, and d_model 768 as 17B's shapes in
+  small: 16 modules of 48 channels (a matrix product per piece of 32 and 16), 12 partial
+  sums, heads of 96, programs of 16 channels and 16 modules where 8 channels each would make
+  too many programs,
   two rows, the caches filled past their end: each step's logits and the whole state
   (convolution states, caches, positions) as XLA's path."""
   for name, value in settings.items():
@@ -108,15 +109,21 @@ def test_fused_blocks_keep_the_weights_and_state_of_tl_residual():
                  for layer in _lm('eval').sublayers)
 
 
-@pytest.mark.parametrize('kwargs, n_per_block', [
-    (dict(ff_sparsity=(8, 12)), 3),
-    (dict(length_kernel_size=1), 2 + 1)])
-def test_shapes_the_kernels_do_not_take_decode_through_xla(kwargs, n_per_block):
+@pytest.mark.parametrize('kwargs, max_d_model, n_per_block', [
+    (dict(ff_sparsity=(8, 12)), None, 3),
+    (dict(length_kernel_size=1), None, 2 + 1),
+    ({}, 32, 2 + 2)])
+def test_shapes_the_kernels_do_not_take_decode_through_xla(kwargs, max_d_model, n_per_block,
+                                                           monkeypatch):
   """A controller of rank 12 (not a power of 2, as Triton's blocks must be): the FF block
   declines and Sparse FF decodes through XLA; the attention block's three kernels run. No
   look-back along the length (length_kernel_size 1): the attention block declines and its
   attention decodes through its own kernel (`attention_kernel.py`); the FF block's two run.
-  The logits are XLA's."""
+  d_model above MAX_D_MODEL (as 17B's 9216 above 4096): the attention block declines and its
+  layers decode through their own kernels (Sparse QKV's convolutions, attention's); the FF
+  block's two run. The logits are XLA's."""
+  if max_d_model:
+    monkeypatch.setattr(sparse_qkv_block_kernel, 'MAX_D_MODEL', max_d_model)
   tokens = jnp.asarray(np.random.RandomState(2).randint(1, VOCAB, (1, 7)), jnp.int32)
   expected, _, _ = _decode('xla', kwargs, tokens)
   got, _, n_kernels = _decode('interpret', kwargs, tokens)
@@ -128,14 +135,17 @@ def test_shapes_the_kernels_do_not_take_decode_through_xla(kwargs, n_per_block):
     (1024, 6144, 16, 16, (64, 16), 1), (8, 32, 2, 2, (4, 2), 0),
     (9216, 65536, 96, 64, (256, 32), 1)])
 def test_fused_blocks_lower_to_triton_for_a_gpu(d_model, d_ff, n_heads, sparsity, ff_sparsity,
-                                                n_products):
+                                                n_products, monkeypatch):
   """One block lowered for CUDA on any machine, KV caches of 168: 800M FF+QKV (d_model 1024,
   16 modules, 16 heads, d_ff 6144, N 64), where the multiplicative layer is a matrix product;
   a tiny one (d_model 8), where it is broadcast sums (Triton's products need sides of 16);
   17B FF+QKV (d_model 9216, 64 modules of 144 channels, 96 heads of 96, N 256), loaded in
   power-of-2 pieces (the products of the pieces of 128 and 16 channels share one source
   line): five Triton kernels, the caches written in place, and a matrix product in a kernel's
-  code (`dot_general:`, its source location in Triton's module) except at the tiny shape."""
+  code (`dot_general:`, its source location in Triton's module) except at the tiny shape.
+  (At 17B the attention block is slower than XLA's kernels and declines, MAX_D_MODEL; here
+  it is lowered all the same.)"""
+  monkeypatch.setattr(sparse_qkv_block_kernel, 'MAX_D_MODEL', d_model)
   model = ScalingTransformerLM(64, d_model, d_ff=d_ff, n_layers=1, n_heads=n_heads,
                                max_len=168, dropout=0.0, ff_sparsity=ff_sparsity,
                                attention_sparsity=sparsity, mode='predict')

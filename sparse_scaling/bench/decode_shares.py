@@ -27,6 +27,7 @@ import functools
 from absl import app
 from absl import flags
 import jax
+import jax.numpy as jnp
 
 from sparse_scaling.bench import common
 from sparse_scaling.bench import decoders
@@ -79,22 +80,87 @@ def shares(setting):
       setattr(*SHARES[name], value)
 
 
-def per_block(model_fn, dtype, prompt, n_tokens):
-  """`table1.seconds_per_block_program` with `table1.seconds_per_token_program`'s arguments."""
-  del prompt
-  return table1.seconds_per_block_program(model_fn(), dtype, n_tokens)
+def per_token(dims, depth):
+  """Seconds per token of one compiled generation of the decoder (`depth` blocks)."""
+  return table1.seconds_per_token_program(
+      functools.partial(decoders.build, 'ours', dims, depth, decoders.MAX_LEN), 'float32',
+      128, 32)
 
 
-def sweep(shape, variant, depth, settings, measure=table1.seconds_per_token_program):
-  """Seconds per token (or block) of each setting: [(text, seconds)], each printed as measured."""
+def per_block(dims, depth):
+  """Seconds of the first block looped on its own output in a compiled program."""
+  del depth
+  return table1.seconds_per_block_program(
+      decoders.build('ours', dims, 1, decoders.MAX_LEN), 'float32', 32)
+
+
+def kernels(dims, depth, interpret=False, steps=(8, 40)):
+  """(attention, FF): seconds per iteration of the fused blocks' kernels alone, each block's
+  looped on its own output in one compiled program (random weights, float32, KV caches of
+  MAX_LEN, the position fixed at 100): the difference of `steps` over their difference, each
+  the median of 5 runs. The loop's own cost per iteration (on the H200 ~18 µs) is included."""
+  del depth
+  d_model, n_heads, lks = dims['d_model'], dims['n_heads'], dims['length_kernel_size']
+  n_modules, (block, rank) = dims['attention_sparsity'], dims['ff_sparsity']
+  n_channels, d_head, n_blocks = d_model // n_modules, d_model // n_heads, dims['d_ff'] // block
+  keys = iter(jax.random.split(jax.random.PRNGKey(0), 24))
+  normal = lambda *shape: 0.02 * jax.random.normal(next(keys), shape, jnp.float32)
+  x, norm = normal(1, d_model), (1 + normal(d_model), normal(d_model))
+  mixed = (normal(n_modules, d_model), normal(d_model, n_channels), normal(d_model))
+  conv = tuple((normal(lks, size, n_channels, n_channels), normal(n_channels))
+               for size in (3, 3, 1))
+  state = normal(1, lks - 1, n_modules, n_channels)
+  caches = (normal(n_heads, decoders.MAX_LEN, d_head), normal(n_heads, decoders.MAX_LEN, d_head))
+  controller = (normal(d_model, rank), normal(rank, n_blocks, block), normal(n_blocks, block))
+  units = (normal(n_blocks, block, d_model), normal(n_blocks, block),
+           normal(n_blocks, block, d_model), normal(d_model))
+
+  def attention(x, mixed, conv, caches, n):
+    def body(_, carry):
+      x, state, k_cache, v_cache = carry
+      out, state, k_cache, v_cache, _ = sparse_qkv_block_kernel.decode_step(
+          x, norm, mixed, conv, state, k_cache, v_cache, jnp.int32(100), n_heads=n_heads,
+          sizes=(3, 3, 1), epsilon=1e-6, interpret=interpret)
+      return 0.5 * out, state, k_cache, v_cache
+    return jax.lax.fori_loop(0, n, body, (x, state, *caches))[0]
+
+  def feed_forward(x, controller, units, n):
+    def body(_, x):
+      normed, z = sparse_ff_kernel.norm_controller(x, *norm, controller[0], 1e-6, interpret)
+      return 0.5 * sparse_ff_kernel.sparse_units(normed, z, *controller[1:], *units,
+                                                 interpret=interpret, residual=x)
+    return jax.lax.fori_loop(0, n, body, x)
+
+  def seconds(fn, *args):
+    fn = jax.jit(fn)   # traced anew: the shares in force now
+    runs = {}
+    for n in steps:
+      jax.block_until_ready(fn(*args, jnp.int32(n)))
+      runs[n] = timing.time_call(lambda: fn(*args, jnp.int32(n)), min_runs=5, min_seconds=0,
+                                 warmup=0)[0]
+    return (runs[steps[1]] - runs[steps[0]]) / (steps[1] - steps[0])
+
+  return (seconds(attention, x, mixed, conv, caches),
+          seconds(feed_forward, x, controller, units))
+
+
+MEASURES = {'token': per_token, 'block': per_block, 'kernels': kernels}
+_UNITS = {'token': ['ms/token'], 'block': ['ms/block'],
+          'kernels': ['attention µs/iteration', 'FF µs/iteration']}
+
+
+def sweep(shape, variant, depth, settings, measure=per_token):
+  """What `measure(dims, depth)` gives for each setting (seconds, or a tuple of them):
+  [(text, result)], each printed as measured (milliseconds; microseconds for `kernels`)."""
   dims = decoders.dimensions(shape, variant)
-  model_fn = functools.partial(decoders.build, 'ours', dims, depth, decoders.MAX_LEN)
   results = []
   for text in settings:
     with shares(parse_setting(text)):   # traced anew by each measurement
-      seconds = measure(model_fn, 'float32', 128, 32)
-    results.append((text, seconds))
-    print(common.table_row([text, f'{seconds * 1e3:.4f}']), flush=True)
+      result = measure(dims, depth)
+    results.append((text, result))
+    scale = 1e6 if measure is kernels else 1e3
+    values = result if isinstance(result, tuple) else (result,)
+    print(common.table_row([text] + [f'{v * scale:.4f}' for v in values]), flush=True)
   return results
 
 
@@ -105,8 +171,9 @@ def define_flags():
                     'Table 1 variant (one with Sparse QKV).')
   flags.DEFINE_integer('depth', 6, 'Blocks of the decoder timed (--measure token).',
                        lower_bound=1)
-  flags.DEFINE_enum('measure', 'token', ['token', 'block'], 'Time one compiled generation '
-                    'per token, or the first block looped in a compiled program.')
+  flags.DEFINE_enum('measure', 'token', list(MEASURES), 'Time one compiled generation per '
+                    'token, the first block looped in a compiled program, or the fused '
+                    "blocks' kernels alone so looped (random weights).")
   flags.DEFINE_list('settings', DEFAULT_SETTINGS,
                     f'Settings: NAME=value pairs joined by "+", NAME one of {list(SHARES)}; '
                     '"default" for the constants as they are.')
@@ -120,14 +187,19 @@ def main(argv):
       parse_setting(text)
   except ValueError as e:
     raise app.UsageError(str(e)) from None
-  timed = (f'{args.depth} blocks, float32, one compiled generation of 32 tokens after 128'
-           if args.measure == 'token' else 'float32, one block looped in a compiled program')
+  if args.measure == 'kernels' and jax.default_backend() != 'gpu':
+    raise app.UsageError('--measure kernels: the kernels compile for GPUs only (here: '
+                         f'{jax.default_backend()})')
+  timed = {'token': f'{args.depth} blocks, float32, one compiled generation of 32 tokens '
+                   'after 128',
+           'block': 'float32, one block looped in a compiled program',
+           'kernels': "float32, the fused blocks' kernels alone looped in a compiled "
+                      'program'}[args.measure]
   print(f'Machine: {timing.machine_description()}. {args.variant} at {args.shape}, {timed}.')
   if jax.default_backend() != 'gpu':
     print('Not a GPU: the fused blocks do not run here, every setting times XLA\'s path.')
-  print(common.table_header(['setting', f'ms/{args.measure}']))
-  sweep(args.shape, args.variant, args.depth, args.settings,
-        table1.seconds_per_token_program if args.measure == 'token' else per_block)
+  print(common.table_header(['setting'] + _UNITS[args.measure]))
+  sweep(args.shape, args.variant, args.depth, args.settings, MEASURES[args.measure])
 
 
 if __name__ == '__main__':

@@ -24,7 +24,8 @@ GPU multiprocessor reads far below the card's rate, and a launch costs about a m
 Sides that are not powers of 2 (Triton's blocks must be) are loaded in power-of-2 pieces
 (`decode_kernels.pieces`: 144 channels as 128 and 16). On an H200 at the 800M shape the three
 take 3.2, 6.2 and 2.8 µs, against fifteen XLA kernels in 26 µs; at 17B's shapes 21.4, 31.9
-and 7.9 µs (README, "Decoding on a GPU"; `bench/decode_shares.py` sweeps the shares below).
+and 7.9 µs, slower than XLA's kernels there, so the block declines above MAX_D_MODEL (README,
+"Decoding on a GPU"; `bench/decode_shares.py` sweeps the shares below).
 The result equals the layers' XLA path (`tests/test_fused_residual.py`).
 
 Runs on GPUs through Pallas' Triton backend; `interpret=True` runs it on any backend (the
@@ -54,14 +55,19 @@ MODULES, CONV_PROGRAMS, WIDE, MAX_PARTS = None, 384, 16, 16
 # Modules per `mixed` program (a power of 2; None: all S). Triton holds a product's operands in
 # registers: [64, 64] x [64, 144] per program at 17B ran 340 us, [16, 64] x [64, 144] 10x less.
 SPLIT = 16
+# The block is taken up to this d_model. At 17B's 9216 it ran 63.8 us on an H200
+# (convolutions 31.9, multiplicative 21.4 and its sum 2.6, attention 7.9) against the 35.6 us
+# of XLA's fifteen kernels, where at 800M's 1024 it runs 12.2 us against 26 (README,
+# "Decoding on a GPU").
+MAX_D_MODEL = 4096
 
 
 def fits(d_model, n_modules, n_heads, sizes, length_kernel_size):
-  """Whether the kernels take these shapes: three convolutions that look back along the
-  length. Sides that are not powers of 2 (17B's d_model 9216, 144 channels, heads of 96) are
-  loaded in power-of-2 pieces (`decode_kernels.pieces`)."""
+  """Whether the kernels take these shapes, and pay there: three convolutions that look back
+  along the length, d_model up to MAX_D_MODEL. Sides that are not powers of 2 (d_model 1152,
+  144 channels, heads of 96) are loaded in power-of-2 pieces (`decode_kernels.pieces`)."""
   return (d_model % n_modules == 0 and d_model % n_heads == 0 and len(sizes) == 3
-          and length_kernel_size >= 2)
+          and length_kernel_size >= 2 and d_model <= MAX_D_MODEL)
 
 
 def _f32(a):
