@@ -97,8 +97,9 @@ def per_block(dims, depth):
 def kernels(dims, depth, interpret=False, steps=(8, 40)):
   """(attention, FF): seconds per iteration of the fused blocks' kernels alone, each block's
   looped on its own output in one compiled program (random weights, float32, KV caches of
-  MAX_LEN, the position fixed at 100): the difference of `steps` over their difference, each
-  the median of 5 runs. The loop's own cost per iteration (on the H200 ~18 µs) is included."""
+  MAX_LEN, the position fixed at 100, Q and K's module kernels of 3 and V's of 1, as
+  `SparseQKVAttention`'s): `timing.per_step` of the `steps` iterations. The loop's own cost
+  per iteration (on the H200 ~18 µs) is included."""
   del depth
   d_model, n_heads, lks = dims['d_model'], dims['n_heads'], dims['length_kernel_size']
   n_modules, (block, rank) = dims['attention_sparsity'], dims['ff_sparsity']
@@ -133,12 +134,7 @@ def kernels(dims, depth, interpret=False, steps=(8, 40)):
 
   def seconds(fn, *args):
     fn = jax.jit(fn)   # traced anew: the shares in force now
-    runs = {}
-    for n in steps:
-      jax.block_until_ready(fn(*args, jnp.int32(n)))
-      runs[n] = timing.time_call(lambda: fn(*args, jnp.int32(n)), min_runs=5, min_seconds=0,
-                                 warmup=0)[0]
-    return (runs[steps[1]] - runs[steps[0]]) / (steps[1] - steps[0])
+    return timing.per_step(lambda n: fn(*args, jnp.int32(n)), *steps)
 
   return (seconds(attention, x, mixed, conv, caches),
           seconds(feed_forward, x, controller, units))

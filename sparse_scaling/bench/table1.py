@@ -172,10 +172,7 @@ def seconds_per_block_program(model, dtype, n_tokens):
     holder['state'], out = loop(weights, holder['state'], x, n_steps)
     return out
 
-  short, long = n_tokens, 4 * n_tokens
-  medians = [timing.time_call(run, n, min_runs=5, min_seconds=0, warmup=1)[0]
-             for n in (short, long)]
-  return (medians[1] - medians[0]) / (long - short)
+  return timing.per_step(run, n_tokens, 4 * n_tokens)
 
 
 def seconds_per_token_program(model_fn, dtype, prompt, n_tokens):
@@ -187,10 +184,8 @@ def seconds_per_token_program(model_fn, dtype, prompt, n_tokens):
   weights, _ = random_weights_and_state(model_fn(), dtype)
   decoder = decoding.Decoder(model_fn, weights, dtype=dtype)
   prompt_ids = np.ones((1, prompt), np.int32)
-  short = max(1, n_tokens // 4)
-  medians = [timing.time_call(decoder.generate, prompt_ids, n, min_runs=5, min_seconds=0,
-                              warmup=1)[0] for n in (short, n_tokens)]
-  return (medians[1] - medians[0]) / (n_tokens - short)
+  return timing.per_step(lambda n: decoder.generate(prompt_ids, n), max(1, n_tokens // 4),
+                         n_tokens)
 
 
 def bytes_per_token(dims, n_layers, kv_len, itemsize):

@@ -26,6 +26,15 @@ def time_call(fn, *args, min_runs=20, min_seconds=1.0, warmup=3):
   return median_p90(times)
 
 
+def per_step(run, short, long, min_runs=5):
+  """Seconds per step of `run(n_steps)`: the difference of the medians of `long` and `short`
+  steps (`min_runs` calls each, after one warm-up) over the difference in steps, so that what
+  a call costs besides its steps (a prompt pass, dispatch) cancels out."""
+  medians = [time_call(run, n, min_runs=min_runs, min_seconds=0, warmup=1)[0]
+             for n in (short, long)]
+  return (medians[1] - medians[0]) / (long - short)
+
+
 def seconds_of(fn, *args):
   """Wall time of one call `fn(*args)`, blocked until its result is ready."""
   start = time.perf_counter()

@@ -69,10 +69,10 @@ def pieces(size):
   return tuple(out)
 
 
-def sum_pieces(load, size):
-  """Inside a kernel: the sum along axis 0 of the rows [0, size) that `load(pl.ds(...))`
-  gives, in float32, loaded in power-of-2 pieces."""
-  return sum(jnp.sum(load(pl.ds(start, length)).astype(jnp.float32), axis=0)
+def sum_pieces(load, size, first=0):
+  """Inside a kernel: the sum along axis 0 of the rows [first, first + size) that
+  `load(pl.ds(...))` gives, in float32, loaded in power-of-2 pieces."""
+  return sum(jnp.sum(load(pl.ds(first + start, length)).astype(jnp.float32), axis=0)
              for start, length in pieces(size))
 
 

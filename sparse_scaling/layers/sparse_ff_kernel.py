@@ -31,9 +31,9 @@ from jax.experimental.pallas import triton as plgpu
 
 from sparse_scaling.layers import decode_kernels
 
-# Blocks of N units per `sparse_units` program (None: one, or as many as keep 256 programs or
-# more per token; at 17B's 256 blocks one a program ran 11% faster than two) and warps per
-# program.
+# Blocks of N units per `sparse_units` program (None: one, or up to 8 while 256 programs or
+# more per token remain; at 17B's 256 blocks one a program ran 11% faster than two) and warps
+# per program.
 GROUP, WARPS = None, 4
 NORM_ROWS = 64  # rows of C1 per `norm_controller` program (a power of 2)
 
@@ -92,11 +92,8 @@ def sparse_units(x, z, c2, cb, w1, b1, w2, b2, interpret=False, group=None, resi
     z = z[:, None, :]
   n_tokens, d_model = x.shape
   r, n_blocks, n = c2.shape
-  group = group or GROUP
-  if group is None:
-    group = next(g for g in (8, 4, 2, 1) if n_blocks % g == 0 and n_blocks // g >= 256) \
-        if n_blocks >= 256 else 1
-  group = decode_kernels.largest_share(group, n_blocks)
+  group = decode_kernels.largest_share(group or GROUP or min(8, max(1, n_blocks // 256)),
+                                      n_blocks)
   chunk = decode_kernels.row_chunk(d_model)
   kernel = functools.partial(_kernel, group=group, n=n, chunk=chunk,
                              n_chunks=d_model // chunk)

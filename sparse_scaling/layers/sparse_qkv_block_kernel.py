@@ -52,7 +52,7 @@ DOT = True   # `mixed` as matrix products where ROWS and every piece of modules 
 # 432 programs of 16 channels and 4 modules instead of 3456 of 8 and 1), and the most partial
 # sums of y that `conv` adds itself (more are added by XLA first).
 MODULES, CONV_PROGRAMS, WIDE, MAX_PARTS = None, 384, 16, 16
-# Modules per `mixed` program (a power of 2; None: all S). Triton holds a product's operands in
+# Modules per `mixed` program (a power of 2). Triton holds a product's operands in
 # registers: [64, 64] x [64, 144] per program at 17B ran 340.8 us, [16, 64] x [64, 144] 21.4.
 SPLIT = 16
 # The block is taken up to this d_model. At 17B's 9216 it ran 63.8 us on an H200
@@ -195,8 +195,8 @@ def _attend_kernel(index_ref, x_ref, q_ref, scores_ref, k_cache_ref, v_cache_ref
   index = jnp.minimum(index_ref[0], k_cache_ref.shape[1] - 1)
   cols = pl.ds(v * value_width, value_width)
   parts = [decode_kernels.sum_pieces(
-      lambda rows, start=start: scores_ref[b, pl.ds(h * slices + rows.start, rows.size),
-                                           pl.ds(start, block)], slices) for start in starts]
+      lambda rows, start=start: scores_ref[b, rows, pl.ds(start, block)], slices, h * slices)
+           for start in starts]
   values = [v_cache_ref[r, pl.ds(start, block), cols] for start in starts]
   own = sum(jnp.sum(_f32(q_ref[b, pl.ds(h * d_head + start, length)])    # the token's key,
                     * _f32(k_cache_ref[r, index, pl.ds(start, length)]))  # as the cache holds it
@@ -272,7 +272,7 @@ def decode_step(x, norm, mixed, conv, state, k_cache, v_cache, index, *, n_heads
   modules = share(modules, n_modules)
   value_width = share(value_width or VALUE_WIDTH, d_head)
   warps = warps or WARPS
-  split = n_modules if (split or SPLIT) is None else share(split or SPLIT, n_modules)
+  split = share(split or SPLIT, n_modules)
   block, starts = decode_kernels.cache_blocks(max_len, POSITIONS)
   params = plgpu.CompilerParams(num_warps=warps)   # Triton, not Mosaic GPU
   index = jnp.reshape(index, (1,)).astype(jnp.int32)
