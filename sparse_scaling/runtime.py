@@ -12,11 +12,14 @@
   `ignore_trax_syntax_warnings()` hides the SyntaxWarnings of trax's sources. These are
   filters because no dependency avoids them: trax 1.4.1 needs tensorflow-text, which needs
   the `tensorflow` distribution itself (not tensorflow-cpu), and trax imports gym.
+- `stack_without_source()` makes importing trax 4x faster (31 s to 7 s on a 2-core CPU): see
+  its docstring.
 """
 
 import contextlib
 import glob
 import importlib.metadata
+import inspect
 import io
 import os
 import re
@@ -191,3 +194,34 @@ def ignore_trax_syntax_warnings():
   supervised/training.py and layers/combinators.py), printed whenever Python compiles them
   without a cached .pyc; SyntaxWarnings of any other code still show."""
   warnings.filterwarnings('ignore', category=SyntaxWarning, module=r'.*[\\/]trax[\\/]')
+
+
+@contextlib.contextmanager
+def stack_without_source():
+  """Inside the block, `inspect.stack()` lists the frames without looking up their source.
+
+  trax's `assert_shape` decorator (trax/layers/assert_shape.py, l.98) calls `inspect.stack()`
+  for the file and line of each of its 65 uses, as trax's modules are imported. That call
+  looks up the source of every frame on the stack, and for the import machinery's frames
+  (`<frozen importlib._bootstrap>`, no file) `inspect.getmodule` scans all of `sys.modules`,
+  some 4,000 modules once TensorFlow is in: three quarters of the time it takes to import
+  trax. trax reads only the frame (`inspect.stack()[1][0]`), so the frames here carry their
+  file, line and function but no source lines (`code_context` and `index` None). The real
+  `inspect.stack` is back when the block ends.
+  """
+  def stack(context=1):
+    del context  # no source lines are read
+    frames, frame = [], sys._getframe(1)  # pylint: disable=protected-access
+    while frame is not None:
+      code = frame.f_code
+      frames.append(inspect.FrameInfo(frame, code.co_filename, frame.f_lineno, code.co_name,
+                                      None, None))
+      frame = frame.f_back
+    return frames
+
+  real = inspect.stack
+  inspect.stack = stack
+  try:
+    yield
+  finally:
+    inspect.stack = real

@@ -1,5 +1,6 @@
 """sparse_scaling.runtime: version checks at import, the accelerator check, quiet imports."""
 
+import inspect
 import os
 import subprocess
 import sys
@@ -152,3 +153,32 @@ def test_tensorflow_is_kept_off_the_gpus(monkeypatch):
 
   monkeypatch.setattr(tf.config, 'set_visible_devices', initialized)
   runtime.keep_tensorflow_off_gpus()  # someone set TensorFlow up already: left as it is
+
+
+def _stack():
+  return [(info.frame, info.filename, info.lineno, info.function) for info in inspect.stack()]
+
+
+def test_stack_without_source_lists_the_frames_inspect_does():
+  real = inspect.stack
+  expected = _stack()
+  with runtime.stack_without_source():
+    assert inspect.stack is not real
+    listed = _stack()
+    assert inspect.stack()[0].code_context is None  # no source read
+  assert inspect.stack is real
+  # The same files and functions; the same frames and lines below `_stack`'s own frame, but
+  # for this test's line of the call.
+  assert [f[1:4:2] for f in listed] == [f[1:4:2] for f in expected]
+  assert [f[0] for f in listed[1:]] == [f[0] for f in expected[1:]]
+  assert [f[2] for f in listed[2:]] == [f[2] for f in expected[2:]]
+
+
+def test_trax_imported_by_the_package_names_where_its_shape_asserts_were_defined():
+  # trax's assert_shape records the file and line of each decorated layer at import, which
+  # `compat.apply` runs inside `stack_without_source`.
+  from trax import layers as tl  # pylint: disable=g-import-not-at-top
+  dense = tl.Dense(4)
+  message = dense._before_assert_fun._message  # pylint: disable=protected-access
+  assert message.startswith(f'Defined at {inspect.getsourcefile(tl.core)}:')
+  assert message.endswith(' function input')

@@ -153,9 +153,10 @@ def seconds_per_block(model, dtype, n_tokens):
 def seconds_per_block_program(model, dtype, n_tokens):
   """Seconds of one block's decoding step in a compiled program: the first block of `model`
   (`_first_block`) applied to its own output `n_tokens` and 4·`n_tokens` times in one loop
-  (`lax.fori_loop`, state donated), the difference over the difference in steps (each the
-  median of 5 runs). What a block costs inside a compiled generation, without the dispatch
-  of a call that `seconds_per_block` pays per step (most of it on a GPU)."""
+  (`lax.fori_loop`, state donated), the difference over the difference in steps
+  (`timing.per_step`: the fastest of 5 runs each, the lengths alternating). What a block
+  costs inside a compiled generation, without the dispatch of a call that
+  `seconds_per_block` pays per step (most of it on a GPU)."""
   step, weights, state, x = _first_block(model, dtype)
 
   @functools.partial(jax.jit, static_argnums=3, donate_argnums=1)
@@ -178,8 +179,9 @@ def seconds_per_block_program(model, dtype, n_tokens):
 def seconds_per_token_program(model_fn, dtype, prompt, n_tokens):
   """Seconds per token of greedy generations compiled whole (`decoding.Decoder`), batch 1.
 
-  The difference of `n_tokens` and `n_tokens // 4` new tokens (each the median of 5
-  generations) over the difference in tokens: the prompt pass cancels out.
+  The difference of `n_tokens` and `n_tokens // 4` new tokens (`timing.per_step`: the
+  fastest of 5 generations each, the lengths alternating) over the difference in tokens: the
+  prompt pass cancels out.
   """
   weights, _ = random_weights_and_state(model_fn(), dtype)
   decoder = decoding.Decoder(model_fn, weights, dtype=dtype)

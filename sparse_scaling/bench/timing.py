@@ -27,12 +27,17 @@ def time_call(fn, *args, min_runs=20, min_seconds=1.0, warmup=3):
 
 
 def per_step(run, short, long, min_runs=5):
-  """Seconds per step of `run(n_steps)`: the difference of the medians of `long` and `short`
-  steps (`min_runs` calls each, after one warm-up) over the difference in steps, so that what
-  a call costs besides its steps (a prompt pass, dispatch) cancels out."""
-  medians = [time_call(run, n, min_runs=min_runs, min_seconds=0, warmup=1)[0]
-             for n in (short, long)]
-  return (medians[1] - medians[0]) / (long - short)
+  """Seconds per step of `run(n_steps)`: the difference of the fastest of `long` and of
+  `short` steps over the difference in steps, so that what a call costs besides its steps (a
+  prompt pass, dispatch) cancels out.
+
+  The two lengths run in alternating rounds (`min_runs` calls each, after one warm-up) and
+  each keeps its fastest call: another job on the machine only adds time, so the minima are
+  the least disturbed pair, and a burst of load cannot fall on one length alone.
+  """
+  times = interleaved_times([lambda: run(short), lambda: run(long)], rounds=min_runs,
+                            runs_per_round=1, warmup=1)
+  return (min(times[1]) - min(times[0])) / (long - short)
 
 
 def seconds_of(fn, *args):
