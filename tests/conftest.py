@@ -1,6 +1,8 @@
 """Fixtures and settings shared by the test modules."""
 
 import os
+import shutil
+import tempfile
 
 import gin
 import jax
@@ -20,6 +22,21 @@ if '--xla_gpu_deterministic_ops' not in os.environ.get('XLA_FLAGS', ''):
   os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                              ' --xla_gpu_deterministic_ops=true').strip()
 
+# Compiling takes most of the suite's time on a CPU (tiny models, many programs), and the
+# workers and the programs that tests start (main.py, the notebook's kernel, the distributed
+# processes) compile many of the same programs: they share one persistent compilation cache,
+# JAX's own, made by the first process of the run (pytest itself, before its workers start:
+# they and every child inherit the environment) and removed when the run ends. Its entries are
+# keyed by the program, the jax version and the flags, and hold the same executable a fresh
+# compilation gives. A cache directory already set in the environment is used and kept.
+_OWN_CACHE = 'JAX_COMPILATION_CACHE_DIR' not in os.environ
+if _OWN_CACHE:
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='sparse_scaling_jax_cache_')
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')  # every program
+jax.config.update('jax_compilation_cache_dir', os.environ['JAX_COMPILATION_CACHE_DIR'])
+jax.config.update('jax_persistent_cache_min_compile_time_secs',
+                  float(os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS']))
+
 from sparse_scaling import compat  # pylint: disable=g-import-not-at-top,g-bad-import-order
 
 compat.apply()  # the package's setup, as every program makes it (idempotent)
@@ -33,6 +50,12 @@ LONG_FIRST = ('test_distributed.py', 'test_compat.py', 'test_notebook.py', 'test
 def pytest_collection_modifyitems(items):
   """Runs LONG_FIRST's modules first, each in its collected order."""
   items.sort(key=lambda item: item.path.name not in LONG_FIRST)  # stable: the rest in order
+
+
+def pytest_unconfigure(config):
+  """The run's compilation cache is removed by the process that made it."""
+  if _OWN_CACHE and not hasattr(config, 'workerinput'):
+    shutil.rmtree(os.environ['JAX_COMPILATION_CACHE_DIR'], ignore_errors=True)
 
 
 def pytest_configure(config):  # pylint: disable=unused-argument
