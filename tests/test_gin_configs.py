@@ -32,9 +32,12 @@ def _signature(model, length=8):
 
 TINY_TWINS = sorted(p for p in GIN_FILES if p.parent.name == 'tiny' and 'twin' not in p.name
                     and p.name.startswith(('c4_800m_', 'terraformer_')) and 'copy' not in p.name)
-# The long-document twins train with LSH in trax's memory-efficient trainer (~45 s each): the
-# RFC twin, which includes the arXiv config, runs by default, the arXiv one with -m slow.
-SLOW_TWINS = ('terraformer_arxiv.gin',)
+# The long-document twins train with LSH in trax's memory-efficient trainer (1-2 min each on 2
+# cores, most of it compiling each layer's steps apart): with -m slow. By default the C4
+# medium twin trains a Terraformer on the same span corruption in the standard trainer;
+# test_bench_memory.py runs a step of the memory-efficient trainer built as the Loop builds it,
+# on LSH attention, and test_terraformer.py checks the reversible gradients.
+SLOW_TWINS = ('terraformer_arxiv.gin', 'terraformer_rfc.gin')
 
 
 @pytest.mark.parametrize('path', GIN_FILES, ids=lambda p: str(p.relative_to(configs.GIN_DIR)))

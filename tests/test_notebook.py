@@ -33,7 +33,7 @@ def test_notebook_runs_top_to_bottom_at_tiny_size_on_cpu(tmp_path, monkeypatch):
   assert len(tagged) == 1, 'one cell tagged `parameters`'
   # As papermill does: a cell after the parameters cell overrides them.
   notebook.cells.insert(tagged[0] + 1, nbformat.v4.new_code_cell(
-      f'TINY = True\nWORK_DIR = {str(tmp_path / "runs")!r}\nCOPY_STEPS = 100',
+      f'TINY = True\nWORK_DIR = {str(tmp_path / "runs")!r}\nCOPY_STEPS = 20',
       metadata={'tags': ['injected-parameters']}))
   copy = tmp_path / NOTEBOOK.name
   nbformat.write(notebook, copy)
