@@ -1,5 +1,7 @@
 """Every gin file parses and builds its model at tiny size; the paper configs' sizes."""
 
+import functools
+
 import gin
 import jax
 import numpy as np
@@ -37,7 +39,10 @@ TINY_TWINS = sorted(p for p in GIN_FILES if p.parent.name == 'tiny' and 'twin' n
 # medium twin trains a Terraformer on the same span corruption in the standard trainer;
 # test_bench_memory.py runs a step of the memory-efficient trainer built as the Loop builds it,
 # on LSH attention, and test_terraformer.py checks the reversible gradients.
-SLOW_TWINS = ('terraformer_arxiv.gin', 'terraformer_rfc.gin')
+# Of the C4 800M twins, the two ends run by default (dense, and FF+QKV+loss with all three
+# sparse layers); the three between them, each a subset of the last one's layers, with -m slow.
+SLOW_TWINS = ('terraformer_arxiv.gin', 'terraformer_rfc.gin', 'c4_800m_ff.gin',
+              'c4_800m_qkv.gin', 'c4_800m_ff_qkv.gin')
 
 
 @pytest.mark.parametrize('path', GIN_FILES, ids=lambda p: str(p.relative_to(configs.GIN_DIR)))
@@ -84,6 +89,7 @@ def _total(gin_file, bindings=()):
   return parameter_counts(model, _signature(model, length=512))['total']
 
 
+@functools.lru_cache(maxsize=None)  # the dense config's, for each test that compares with it
 def _total_at_24_layers(gin_file):
   """The weights of the 24 + 24-layer config, from builds of depth 1 and 2 (exactly affine)."""
   one, two = (_total(gin_file, [f'N_ENCODER_LAYERS = {n}', f'N_DECODER_LAYERS = {n}'])
