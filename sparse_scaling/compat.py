@@ -9,7 +9,7 @@ call it themselves too, so that none of them depends on what an import did. In o
   (`runtime.check_versions`: one clear line instead of a traceback inside trax);
 - imports trax with TensorFlow's and gym's import notices dropped and the SyntaxWarnings of
   trax's sources hidden (`runtime.quiet_imports`, `runtime.ignore_trax_syntax_warnings`),
-  4x faster than a plain import (`runtime.stack_without_source`), and keeps TensorFlow off the
+  without its slowest part (`runtime.stack_without_source`), and keeps TensorFlow off the
   GPUs (`runtime.keep_tensorflow_off_gpus`);
 - installs the shims below into trax and jax.
 
