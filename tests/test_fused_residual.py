@@ -15,12 +15,15 @@ from trax import shapes
 
 from sparse_scaling.layers import decode_kernels
 from sparse_scaling.layers import fused_residual
+from sparse_scaling.layers import sparse_ff_kernel
 from sparse_scaling.layers import sparse_qkv_block_kernel
 from sparse_scaling.layers import SparseFFResidual
 from sparse_scaling.layers import SparseQKVResidual
 from sparse_scaling.models import ScalingTransformerLM
 
 VOCAB = 40
+# Settings of sparse_ff_kernel's constants; the others are the QKV block's.
+FF_SHARES = ('MAX_PARTS_BYTES', 'COLUMNS', 'GATHER', 'GROUP')
 
 
 def _lm(mode, d_model=64, n_heads=4, attention_sparsity=8, ff_sparsity=(8, 16), max_len=16,
@@ -50,7 +53,8 @@ def _decode(kernel, model_kwargs, tokens, prompt=3, dtype=jnp.float32):
 
 @pytest.mark.parametrize('d_model, n_heads, attention_sparsity, settings', [
     (64, 4, 8, {}), (64, 4, 2, {}), (256, 4, 16, {}), (16, 2, 4, {}), (48, 4, 4, {}),
-    (64, 4, 8, dict(ROWS=16, MAX_PARTS=2, MODULES=4, SPLIT=2)),
+    (64, 4, 8, dict(ROWS=16, MAX_PARTS=2, MODULES=4, SPLIT=2,
+                    MAX_PARTS_BYTES=0, COLUMNS=8, GATHER=4, GROUP=2)),
     (768, 8, 16, dict(CONV_PROGRAMS=8))])
 def test_fused_blocks_equal_xla_step_by_step(d_model, n_heads, attention_sparsity, settings,
                                              monkeypatch):
@@ -59,20 +63,25 @@ def test_fused_blocks_equal_xla_step_by_step(d_model, n_heads, attention_sparsit
   matrix product per program; 4 of 4 against 2 of 8, fewer channels than a program's 8),
   sides that are not powers of 2 (d_model 48: modules and heads of 12, 3 partial sums of the
   multiplicative layer), programs that convolve several modules with the partial sums added
-  first and multiplicative programs of 2 modules each, and d_model 768 as 17B's shapes in
+  first and multiplicative programs of 2 modules each (and, in the same case, the FF block
+  with W2's chosen rows multiplied by a kernel of their own, as at 17B where the units
+  programs' parts would be large: programs of 8 columns gathering 4 rows a load, after units
+  programs of two blocks), and d_model 768 as 17B's shapes in
   small: 16 modules of 48 channels (a matrix product per piece of 32 and 16), 12 partial
   sums, heads of 96, programs of 16 channels and 16 modules where 8 channels each would make
   too many programs,
   two rows, the caches filled past their end: each step's logits and the whole state
   (convolution states, caches, positions) as XLA's path."""
   for name, value in settings.items():
-    monkeypatch.setattr(sparse_qkv_block_kernel, name, value)
+    monkeypatch.setattr(sparse_ff_kernel if name in FF_SHARES else sparse_qkv_block_kernel,
+                        name, value)
   kwargs = dict(d_model=d_model, n_heads=n_heads, attention_sparsity=attention_sparsity)
   tokens = jnp.asarray(np.random.RandomState(1).randint(1, VOCAB, (2, 18)), jnp.int32)
   expected, expected_state, n_xla = _decode('xla', kwargs, tokens)
   got, state, n_kernels = _decode('interpret', kwargs, tokens)
   assert n_xla == 0
-  assert n_kernels == 2 * (3 + 2)         # per block: mixed, conv, attend; norm, units
+  # per block: mixed, conv, attend; norm, units (and down, multiplying W2's rows)
+  assert n_kernels == 2 * (3 + 2 + (settings.get('MAX_PARTS_BYTES') == 0))
   np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
   for g, e in zip(jax.tree.leaves(state), jax.tree.leaves(expected_state)):
     np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)
@@ -131,18 +140,20 @@ def test_shapes_the_kernels_do_not_take_decode_through_xla(kwargs, max_d_model, 
   np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize('d_model, d_ff, n_heads, sparsity, ff_sparsity, n_products', [
-    (1024, 6144, 16, 16, (64, 16), 1), (8, 32, 2, 2, (4, 2), 0),
-    (9216, 65536, 96, 64, (256, 32), 1)])
+@pytest.mark.parametrize('d_model, d_ff, n_heads, sparsity, ff_sparsity, n_products, n_ff', [
+    (1024, 6144, 16, 16, (64, 16), 1, 2), (8, 32, 2, 2, (4, 2), 0, 2),
+    (9216, 65536, 96, 64, (256, 32), 1, 3)])
 def test_fused_blocks_lower_to_triton_for_a_gpu(d_model, d_ff, n_heads, sparsity, ff_sparsity,
-                                                n_products, monkeypatch):
+                                                n_products, n_ff, monkeypatch):
   """One block lowered for CUDA on any machine, KV caches of 168: 800M FF+QKV (d_model 1024,
   16 modules, 16 heads, d_ff 6144, N 64), where the multiplicative layer is a matrix product;
   a tiny one (d_model 8), where it is broadcast sums (Triton's products need sides of 16);
   17B FF+QKV (d_model 9216, 64 modules of 144 channels, 96 heads of 96, N 256), loaded in
   power-of-2 pieces (the products of the pieces of 128 and 16 channels share one source
-  line): five Triton kernels, the caches written in place, and a matrix product in a kernel's
-  code (`dot_general:`, its source location in Triton's module) except at the tiny shape.
+  line): the attention block's three Triton kernels and the FF block's two (three at 17B,
+  where W2's chosen rows are multiplied in a kernel of their own), the caches written in
+  place, and a matrix product in a kernel's code (`dot_general:`, its source location in
+  Triton's module) except at the tiny shape.
   (At 17B the attention block is slower than XLA's kernels and declines, MAX_D_MODEL; here
   it is lowered all the same.)"""
   monkeypatch.setattr(sparse_qkv_block_kernel, 'MAX_D_MODEL', d_model)
@@ -157,7 +168,7 @@ def test_fused_blocks_lower_to_triton_for_a_gpu(d_model, d_ff, n_heads, sparsity
       jax.sharding.AbstractMesh((1,), ('x',), abstract_device=h200)):
     text = jax.jit(step).trace(weights, state, tokens).lower(
         lowering_platforms=('cuda',)).as_text()
-  assert text.count('xla.gpu.triton') == 5
+  assert text.count('xla.gpu.triton') == 3 + n_ff
   assert text.count('dot_general:') == n_products
   # The convolution kernel's outputs 3 and 4 are the K and V caches, aliasing its operands.
   assert 'output_operand_alias<output_tuple_indices = [3]' in text

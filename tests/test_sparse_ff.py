@@ -53,11 +53,18 @@ def test_one_unit_active_per_block(mode, kernel):
     np.testing.assert_allclose(layer(x), expected, atol=1e-5)
 
 
+@pytest.mark.parametrize('parts_bytes', [None, 0])
 @pytest.mark.parametrize('d_model, d_ff, n, group', [(16, 64, 8, 1), (48, 256, 4, 8),
-                                                     (2048 + 1024, 512, 8, 2)])
-def test_decode_kernel_equals_the_gathered_rows(d_model, d_ff, n, group):
-  """The Pallas kernel (interpreted) on fresh random weights: groups of blocks, rows longer
-  than one slice, ties broken toward the lowest unit as argmax does."""
+                                                     (2048 + 1024, 512, 8, 2), (24, 768, 8, 1)])
+def test_decode_kernel_equals_the_gathered_rows(d_model, d_ff, n, group, parts_bytes,
+                                                monkeypatch):
+  """The Pallas kernels (interpreted) on fresh random weights, W2's rows multiplied in the
+  units programs (parts, the default at these sizes) and by a kernel of their own (0 bytes of
+  parts: gathered 32 rows a load, so that 96 blocks take 32 + 32 + 32): groups of blocks, rows
+  longer than one slice, ties broken toward the lowest unit as argmax does."""
+  if parts_bytes is not None:
+    monkeypatch.setattr(sparse_ff_kernel, 'MAX_PARTS_BYTES', parts_bytes)
+    monkeypatch.setattr(sparse_ff_kernel, 'GATHER', 32)
   x = _inputs(3, d_model, seed=d_model)
   layer = _init(SparseFF(d_ff, n, d_lowrank=4, mode='predict'), x, seed=d_ff)
   _, (c1, c2, cb), (w1, b1, w2, b2), _ = layer.weights

@@ -9,7 +9,10 @@ per convolution program, MODULES modules per convolution program, SPLIT modules 
 multiplicative program, VALUE_WIDTH value columns per attention program, WARPS per program,
 DOT (1: the multiplicative product as one matrix product) and MAX_PARTS (the most partial
 sums the convolutions add themselves); `layers/sparse_ff_kernel.py` has FF_GROUP (blocks of N
-units per program), FF_WARPS and FF_ROWS (rows of C1 per LayerNorm-controller program). For
+units per program), FF_WARPS, FF_ROWS (rows of C1 per LayerNorm-controller program),
+FF_PARTS_BYTES (the most bytes of parts the units programs write, each its own rows of W2
+times their activations; beyond, a second kernel multiplies W2's rows: 0 always), FF_COLUMNS
+(columns of d_model per program of that kernel) and FF_GATHER (rows it gathers a load). For
 each setting (NAME=value pairs joined by '+'; 'default' changes nothing) this builds the Table
 1 decoder of `--variant` at `--shape` with `--depth` blocks (`decoders.py`, random weights,
 batch 1, float32), and times one compiled generation (`--measure token`:
@@ -42,7 +45,9 @@ SHARES = {**{name: (sparse_qkv_block_kernel, name)
              for name in ('ROWS', 'WIDTH', 'VALUE_WIDTH', 'WARPS', 'DOT', 'MODULES',
                           'MAX_PARTS', 'SPLIT')},
           'FF_GROUP': (sparse_ff_kernel, 'GROUP'), 'FF_WARPS': (sparse_ff_kernel, 'WARPS'),
-          'FF_ROWS': (sparse_ff_kernel, 'NORM_ROWS')}
+          'FF_ROWS': (sparse_ff_kernel, 'NORM_ROWS'),
+          'FF_PARTS_BYTES': (sparse_ff_kernel, 'MAX_PARTS_BYTES'),
+          'FF_COLUMNS': (sparse_ff_kernel, 'COLUMNS'), 'FF_GATHER': (sparse_ff_kernel, 'GATHER')}
 DEFAULT_SETTINGS = ['default', 'DOT=0', 'WIDTH=16', 'WARPS=8', 'ROWS=32', 'ROWS=128',
                     'VALUE_WIDTH=32', 'VALUE_WIDTH=64', 'WIDTH=16+WARPS=8']
 
@@ -60,9 +65,10 @@ def parse_setting(text):
                        f'{list(SHARES)}')
     value = int(value)
     if (name == 'DOT' and value not in (0, 1)) or (name == 'MAX_PARTS' and value < 1) or (
-        name not in ('DOT', 'MAX_PARTS') and not decode_kernels.is_power_of_2(value)):
-      raise ValueError(f'--settings: {pair!r}: DOT is 0 or 1, MAX_PARTS positive, the others '
-                       'powers of 2')
+        name not in ('DOT', 'MAX_PARTS', 'FF_PARTS_BYTES')
+        and not decode_kernels.is_power_of_2(value)):
+      raise ValueError(f'--settings: {pair!r}: DOT is 0 or 1, MAX_PARTS positive, '
+                       'FF_PARTS_BYTES any, the others powers of 2')
     setting[name] = bool(value) if name == 'DOT' else value
   return setting
 
@@ -127,9 +133,7 @@ def kernels(dims, depth, interpret=False, steps=(8, 40)):
 
   def feed_forward(x, controller, units, n):
     def body(_, x):
-      normed, z = sparse_ff_kernel.norm_controller(x, *norm, controller[0], 1e-6, interpret)
-      return 0.5 * sparse_ff_kernel.sparse_units(normed, z, *controller[1:], *units,
-                                                 interpret=interpret, residual=x)
+      return 0.5 * sparse_ff_kernel.ff_block(x, *norm, controller, units, 1e-6, interpret)
     return jax.lax.fori_loop(0, n, body, x)
 
   def seconds(fn, *args):

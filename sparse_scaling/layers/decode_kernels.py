@@ -4,8 +4,8 @@ Decoding a token reads little and runs many small XLA kernels; on a GPU, the lay
 decode through Pallas kernels instead. A Scaling Transformer's sparse blocks in predict mode
 decode a token through kernels fused across the block (`fused_residual.py`): the Sparse QKV
 attention block in three (`sparse_qkv_block_kernel.py`) and the Sparse FF block in two and a
-reduction (`sparse_ff_kernel.py`). The layers also have kernels of their own, used where a
-block's do not apply: Sparse FF (`sparse_ff_kernel.py`), Sparse QKV's convolutions
+reduction, or in three (`sparse_ff_kernel.py`). The layers also have kernels of their own, used
+where a block's do not apply: Sparse FF (`sparse_ff_kernel.py`), Sparse QKV's convolutions
 (`sparse_qkv_kernel.py`) and attention over the KV cache (`attention_kernel.py`). In
 training, Sparse FF's controller can run as two (`sparse_ff_controller_kernel.py`). Each
 layer asks `active(kernel)` when it is traced:
@@ -58,14 +58,17 @@ def is_power_of_2(*values):
   return all(isinstance(v, int) and v > 0 and v & (v - 1) == 0 for v in values)
 
 
-def pieces(size):
+def pieces(size, largest=None):
   """(start, length) of the power-of-2 pieces that cover range(size), largest first: how a
-  kernel loads a side that is not a power of 2 (144 -> ((0, 128), (128, 16)))."""
+  kernel loads a side that is not a power of 2 (144 -> ((0, 128), (128, 16))); with
+  `largest` (a power of 2), none longer (144, 64 -> ((0, 64), (64, 64), (128, 16)))."""
   out, start = [], 0
   for bit in reversed(range(size.bit_length())):
-    if size & (1 << bit):
-      out.append((start, 1 << bit))
-      start += 1 << bit
+    length = 1 << bit
+    if size & length:
+      step = min(length, largest or length)
+      out.extend((start + i, step) for i in range(0, length, step))
+      start += length
   return tuple(out)
 
 

@@ -23,8 +23,8 @@ contiguous row of each. Whenever a call has fewer than N tokens (decoding), the 
 the d_ff // N chosen rows of W1 and W2 per token and never reads the rest; larger calls (and
 training) run the dense product under the mask, which reads fewer bytes there. In predict mode
 the controller and the units are one layer (`SparseFFDecode`, with the same weights), so that
-on a GPU a decoding step runs them as one Pallas kernel (`sparse_ff_kernel.py`) instead of six
-XLA kernels.
+on a GPU a decoding step runs them as one or two Pallas kernels (`sparse_ff_kernel.py`)
+instead of six XLA kernels.
 """
 
 import jax
@@ -230,9 +230,10 @@ class SparseFFDecode(base.Layer):
 
 
 class SparseFFResidual(FusedResidual):
-  """x + SparseFF(LayerNorm(x)) as `tl.Residual`; one decoded token as two Pallas kernels
-  (`sparse_ff_kernel.py`: the LayerNorm with the controller's first product, then the units)
-  and XLA's sum of their parts (where `decode_kernels` says so)."""
+  """x + SparseFF(LayerNorm(x)) as `tl.Residual`; one decoded token as Pallas kernels
+  (`sparse_ff_kernel.ff_block`: the LayerNorm with the controller's first product, then the
+  units, and W2's chosen rows either in the units programs, their parts added by XLA, or in a
+  kernel of their own; where `decode_kernels` says so)."""
 
   PARTS = (normalization.LayerNorm, SparseFFDecode)
 
@@ -246,12 +247,8 @@ class SparseFFResidual(FusedResidual):
     if (kernel == 'xla' or not norm._center or batch >= block  # pylint: disable=protected-access
         or not sparse_ff_kernel.fits(rank, block)):
       return None
-    flat = x.reshape(batch, d_model)
-    interpret = kernel == 'interpret'
-    normed, z = sparse_ff_kernel.norm_controller(flat, *norm_w, controller[0],
-                                                 norm._epsilon, interpret)  # pylint: disable=protected-access
-    y = sparse_ff_kernel.sparse_units(normed, z, *controller[1:], *units, interpret=interpret,
-                                      residual=flat)                      # flat + FF(...)
+    y = sparse_ff_kernel.ff_block(x.reshape(batch, d_model), *norm_w, controller, units,
+                                  norm._epsilon, interpret=kernel == 'interpret')  # pylint: disable=protected-access
     return y.reshape(x.shape), ((), ())
 
 

@@ -1,21 +1,33 @@
-"""Sparse FF decoding as Pallas kernels: controller choice, gathered rows, ReLU, product.
+"""Sparse FF decoding as Pallas kernels: controller choice, gathered rows, ReLU, products.
 
 The decoding half of §3.1 (`sparse_ff.py`) for calls of a few tokens. XLA runs it as about
 six kernels per layer (the controller's second product, its argmax, two gathers, two
 products), each of a few microseconds on a GPU while the layer reads well under a megabyte.
-Here one kernel (`sparse_units`) does all of it for a group of G blocks of N units per program:
+Here `units`, one program per (token, group of G blocks of N units), finds each block's unit:
 
   logits[k] = z·C2[:, k] + c[k]                  z = x·C1, [d_lowrank]
   u[k]      = argmax(logits[k])                  the chosen unit of block k
   h[k]      = relu(x·W1[k, u[k]] + b1[k, u[k]])
-  part[p]   = Σ_{k of program p} h[k]·W2[k, u[k]]           [d_model]
+  y         = Σ_k h[k]·W2[k, u[k]] + b2          (+ a residual)
 
-and XLA adds the programs' parts in one reduction (program 0's part carries b2, and a
-residual if given). Reads per token: z, the G·N controller columns and the 2·(d_ff / N) chosen
-rows of W1 and W2, as `gathered_units` does. z comes from XLA (`SparseFFDecode`) or, in a
-residual block (`SparseFFResidual`), from a second kernel (`norm_controller`): the block's
-LayerNorm and x·C1, as partial sums over slices of d_model that `sparse_units` adds. The
-block is then two kernels and the sum (on an H200 at the 800M shape 2.3, 3.8 and 1.5 µs).
+and the last line is done one of two ways. Where the programs are few (800M: 96 blocks of
+d_model 1024), each multiplies its own rows of W2 and writes a part [d_model], which XLA adds
+('parts'). Where the parts would be large (17B: 256 parts of 9216, 9.4 MB written and read
+again), `units` writes h and the chosen rows, and a second kernel, `down`, one program per
+(token, slice of d_model's columns), gathers those columns of every chosen row of W2
+('columns'). Measured on an H200 (2026-12-01), the FF block looped on its own output in one
+compiled program, µs per iteration with the loop's own ~18 µs (`python -m
+sparse_scaling.bench.decode_shares --shape 17b --measure kernels --settings
+default,FF_PARTS_BYTES=1073741824,FF_GATHER=64,FF_COLUMNS=32,default`): at 17B columns 33.2
+and 32.3, parts 41.0; at 800M parts 22.9 and 23.2, columns 23.6 and 24.9 (`--shape 800m
+--settings default,FF_PARTS_BYTES=0,default,FF_PARTS_BYTES=0`). In a decoding step's profile
+the 17B FF block went from 27.5 µs (units 20.0, norm_controller 4.3, XLA's sum 3.2) to 22.1
+(units 12.3, down 5.8, norm_controller 4.0; docs/results/decode_profile_gpu_17b.md).
+
+Reads per token: z, C2 and the 2·(d_ff / N) chosen rows of W1 and W2, as `gathered_units`
+does. z comes from XLA (`SparseFFDecode`) or, in a residual block (`SparseFFResidual`,
+`ff_block`), from `norm_controller`: the block's LayerNorm and x·C1 as partial sums over
+slices of d_model, which `units` adds.
 
 Runs on GPUs through Pallas' Triton backend; `interpret=True` runs the same kernels on any
 backend (the tests do, on the CPU). `decode_kernels.use(name)` chooses where `sparse_ff.py`
@@ -31,52 +43,81 @@ from jax.experimental.pallas import triton as plgpu
 
 from sparse_scaling.layers import decode_kernels
 
-# Blocks of N units per `sparse_units` program (None: one, or up to 8 while 256 programs or
-# more per token remain; at 17B's 256 blocks one a program ran 11% faster than two) and warps
-# per program.
+# Blocks of N units per `units` program (None: one, or up to 8 while 256 programs or more per
+# token remain; at 17B's 256 blocks one a program ran 11% faster than two) and warps per
+# program of `units` and `down`.
 GROUP, WARPS = None, 4
 NORM_ROWS = 64  # rows of C1 per `norm_controller` program (a power of 2)
+# The units programs multiply their own rows of W2 while the parts they write hold at most
+# MAX_PARTS_BYTES (float32); beyond, `down` does, COLUMNS of d_model per program, gathering at
+# most GATHER chosen rows a load (at 17B in the loop above: 64 columns of all 256 rows in one
+# load 33.2 and 32.3 µs, 32 columns 31.8, 64 rows a load 42.6).
+MAX_PARTS_BYTES, COLUMNS, GATHER = 1 << 20, 64, 256
 
 
 def fits(d_lowrank, block):
-  """Whether `sparse_units` (and so the FF block, `norm_controller` then `sparse_units`) takes
-  these shapes: the controller's rank and N powers of 2. d_model may be any: rows and partial
-  sums are loaded in power-of-2 pieces."""
+  """Whether `sparse_units` and `ff_block` take these shapes: the controller's rank and N
+  powers of 2. d_model may be any: rows and partial sums are loaded in power-of-2 pieces."""
   return decode_kernels.is_power_of_2(d_lowrank, block)
 
 
-def _kernel(x_ref, z_ref, c2_ref, cb_ref, w1_ref, b1_ref, w2_ref, b2_ref, *refs, group, n,
-            chunk, n_chunks):
-  """One (token, group of blocks) program. Shapes in `sparse_units`; refs: the residual
-  [T, d] if there is one, then the output."""
-  *residual_ref, out_ref = refs
+def _f32(a):
+  return a.astype(jnp.float32)
+
+
+def _units_kernel(x_ref, z_ref, c2_ref, cb_ref, w1_ref, b1_ref, *refs, group, n, chunk,
+                  n_chunks, parts):
+  """One (token, group of blocks) program. Shapes in `sparse_units`; refs: with `parts`, W2,
+  b2, the residual [T, d] if given and the parts [T, P, d]; else the outputs hidden [T, K]
+  (float32) and rows [T, K] (int32)."""
   t, p = pl.program_id(0), pl.program_id(1)
-  first = (p == 0).astype(jnp.float32)   # program 0's part also carries b2 (and residual)
+  xs = [_f32(x_ref[t, pl.ds(c * chunk, chunk)]) for c in range(n_chunks)]
   # In float32 whatever the weights' dtype: summed in bfloat16, the controller's logits lose
   # the bits that decide its argmax.
-  z = decode_kernels.sum_pieces(lambda parts: z_ref[t, parts, :], z_ref.shape[1])   # [r]
+  z = decode_kernels.sum_pieces(lambda pieces: z_ref[t, pieces, :], z_ref.shape[1])   # [r]
   hidden, rows = [], []
   for g in range(group):
     k = p * group + g
-    logits = jnp.sum(z[:, None] * c2_ref[:, pl.ds(k * n, n)].astype(jnp.float32), axis=0)
-    logits = logits + cb_ref[pl.ds(k * n, n)].astype(jnp.float32)   # [N]
+    logits = jnp.sum(z[:, None] * _f32(c2_ref[:, pl.ds(k * n, n)]), axis=0)
+    logits = logits + _f32(cb_ref[pl.ds(k * n, n)])                          # [N]
     best = jnp.max(logits)
-    unit = jnp.min(jnp.where(logits == best, jnp.arange(n, dtype=jnp.int32), n))
-    row = k * n + unit
-    h = b1_ref[row].astype(jnp.float32)
+    row = k * n + jnp.min(jnp.where(logits == best, jnp.arange(n, dtype=jnp.int32), n))
+    h = _f32(b1_ref[row])
     for c in range(n_chunks):
-      x = x_ref[t, pl.ds(c * chunk, chunk)].astype(jnp.float32)
-      h += jnp.sum(x * w1_ref[row, pl.ds(c * chunk, chunk)].astype(jnp.float32))
+      h += jnp.sum(xs[c] * _f32(w1_ref[row, pl.ds(c * chunk, chunk)]))
     hidden.append(jnp.maximum(h, 0.0))
     rows.append(row)
+  if not parts:
+    hidden_ref, row_ref = refs
+    for g in range(group):
+      hidden_ref[t, p * group + g] = hidden[g]
+      row_ref[t, p * group + g] = rows[g]
+    return
+  w2_ref, b2_ref, *residual_ref, out_ref = refs
+  first = (p == 0).astype(jnp.float32)   # program 0's part also carries b2 (and residual)
   for c in range(n_chunks):
-    part = hidden[0] * w2_ref[rows[0], pl.ds(c * chunk, chunk)].astype(jnp.float32)
-    for g in range(1, group):
-      part += hidden[g] * w2_ref[rows[g], pl.ds(c * chunk, chunk)].astype(jnp.float32)
-    extra = b2_ref[pl.ds(c * chunk, chunk)].astype(jnp.float32)
+    cols = pl.ds(c * chunk, chunk)
+    part = sum(hidden[g] * _f32(w2_ref[rows[g], cols]) for g in range(group))
+    extra = _f32(b2_ref[cols])
     if residual_ref:
-      extra += residual_ref[0][t, pl.ds(c * chunk, chunk)].astype(jnp.float32)
-    out_ref[t, p, pl.ds(c * chunk, chunk)] = part + first * extra
+      extra += _f32(residual_ref[0][t, cols])
+    out_ref[t, p, cols] = part + first * extra
+
+
+def _down_kernel(hidden_ref, row_ref, w2_ref, b2_ref, *refs, columns):
+  """One (token, slice of columns) program: Σ_k hidden[k]·W2[row_k, cols] + b2 (+ residual),
+  the chosen rows gathered GATHER at a time. Shapes in `sparse_units`."""
+  *residual_ref, out_ref = refs
+  t, c = pl.program_id(0), pl.program_id(1)
+  cols = pl.ds(c * columns, columns)
+  out = _f32(b2_ref[cols])
+  if residual_ref:
+    out += _f32(residual_ref[0][t, cols])
+  for start, length in decode_kernels.pieces(hidden_ref.shape[1], largest=GATHER):
+    blocks = pl.ds(start, length)
+    w = _f32(w2_ref[row_ref[t, blocks], cols])                                  # [length, C]
+    out += jnp.sum(hidden_ref[t, blocks][:, None] * w, axis=0)
+  out_ref[t, cols] = out.astype(out_ref.dtype)
 
 
 def sparse_units(x, z, c2, cb, w1, b1, w2, b2, interpret=False, group=None, residual=None):
@@ -86,7 +127,8 @@ def sparse_units(x, z, c2, cb, w1, b1, w2, b2, interpret=False, group=None, resi
   b1 [K, N], b2 [d] (K = d_ff / N blocks). The units are chosen by argmax, as in eval and
   predict mode; ties go to the lowest unit, as `jnp.argmax`. z may also come as P partial
   sums [T, P, r] (`norm_controller`'s), which the kernel adds. A `residual` [T, d] is added
-  to the output inside the kernel (a residual block's x + FF(...), with no kernel of its own).
+  to the output inside the kernels (a residual block's x + FF(...), with no kernel of its
+  own).
   """
   if z.ndim == 2:
     z = z[:, None, :]
@@ -94,18 +136,42 @@ def sparse_units(x, z, c2, cb, w1, b1, w2, b2, interpret=False, group=None, resi
   r, n_blocks, n = c2.shape
   group = decode_kernels.largest_share(group or GROUP or min(8, max(1, n_blocks // 256)),
                                       n_blocks)
+  parts = n_tokens * (n_blocks // group) * d_model * 4 <= MAX_PARTS_BYTES
   chunk = decode_kernels.row_chunk(d_model)
-  kernel = functools.partial(_kernel, group=group, n=n, chunk=chunk,
-                             n_chunks=d_model // chunk)
-  parts = pl.pallas_call(
-      kernel, grid=(n_tokens, n_blocks // group),
-      out_shape=jax.ShapeDtypeStruct((n_tokens, n_blocks // group, d_model), jnp.float32),
-      interpret=interpret,
-      compiler_params=plgpu.CompilerParams(num_warps=WARPS),   # Triton, not Mosaic GPU
-  )(x, z, c2.reshape(r, n_blocks * n), cb.reshape(-1), w1.reshape(n_blocks * n, d_model),
-    b1.reshape(-1), w2.reshape(n_blocks * n, d_model), b2,
-    *([] if residual is None else [residual]))
-  return jnp.sum(parts, axis=1).astype(x.dtype)
+  kernel = functools.partial(_units_kernel, group=group, n=n, chunk=chunk,
+                             n_chunks=d_model // chunk, parts=parts)
+  params = plgpu.CompilerParams(num_warps=WARPS)   # Triton, not Mosaic GPU
+  inputs = (x, z, c2.reshape(r, n_blocks * n), cb.reshape(-1),
+            w1.reshape(n_blocks * n, d_model), b1.reshape(-1))
+  w2 = w2.reshape(n_blocks * n, d_model)
+  residual = [] if residual is None else [residual]
+  if parts:
+    out = pl.pallas_call(
+        kernel, grid=(n_tokens, n_blocks // group), interpret=interpret,
+        compiler_params=params,
+        out_shape=jax.ShapeDtypeStruct((n_tokens, n_blocks // group, d_model), jnp.float32),
+    )(*inputs, w2, b2, *residual)
+    return jnp.sum(out, axis=1).astype(x.dtype)
+  hidden, rows = pl.pallas_call(
+      kernel, grid=(n_tokens, n_blocks // group), interpret=interpret, compiler_params=params,
+      out_shape=(jax.ShapeDtypeStruct((n_tokens, n_blocks), jnp.float32),
+                 jax.ShapeDtypeStruct((n_tokens, n_blocks), jnp.int32)),
+  )(*inputs)
+  columns = decode_kernels.largest_share(COLUMNS, d_model)
+  return pl.pallas_call(
+      functools.partial(_down_kernel, columns=columns), grid=(n_tokens, d_model // columns),
+      interpret=interpret, compiler_params=params,
+      out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
+  )(hidden, rows, w2, b2, *residual)
+
+
+def ff_block(x, scale, bias, controller, units, epsilon, interpret=False):
+  """x + SparseFF(LayerNorm(x)) for a few tokens x [T, d] (trax's centred `LayerNorm` of
+  scale and bias [d]; controller (C1, C2, c) and units (W1, b1, W2, b2) as `sparse_units`):
+  `norm_controller`, then `sparse_units` with x as the residual."""
+  c1, c2, cb = controller
+  normed, z = norm_controller(x, scale, bias, c1, epsilon, interpret)
+  return sparse_units(normed, z, c2, cb, *units, interpret=interpret, residual=x)
 
 
 def _norm_kernel(x_ref, scale_ref, bias_ref, c1_ref, xn_ref, z_ref, *, rows, sub, epsilon):
