@@ -58,6 +58,11 @@ def is_power_of_2(*values):
   return all(isinstance(v, int) and v > 0 and v & (v - 1) == 0 for v in values)
 
 
+def f32(a):
+  """Inside a kernel: `a` in float32, in which the kernels compute whatever the weights' dtype."""
+  return a.astype(jnp.float32)
+
+
 def pieces(size, largest=None):
   """(start, length) of the power-of-2 pieces that cover range(size), largest first: how a
   kernel loads a side that is not a power of 2 (144 -> ((0, 128), (128, 16))); with

@@ -195,7 +195,7 @@ class SparseFFDecode(base.Layer):
   Input x [..., d_model]; output [..., d_model]. Weights ((), (C1, C2, c), (W1, b1, W2, b2),
   ()): the tree of the train and eval layer (Dup, controller, units, dropout), so that a
   trained model's weights can be set on the predict-mode model as they are. A call of fewer
-  than N tokens reads only the chosen rows: on a GPU through the Pallas kernel of
+  than N tokens reads only the chosen rows: on a GPU through the Pallas kernels of
   `sparse_ff_kernel.py`, else by gathers; a longer call (a prompt) runs the dense product under
   the one-hot mask. There is no dropout in predict mode.
   """

@@ -42,6 +42,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from sparse_scaling.layers import decode_kernels
+from sparse_scaling.layers.decode_kernels import f32
 
 # Blocks of N units per `units` program (None: one, or up to 8 while 256 programs or more per
 # token remain; at 17B's 256 blocks one a program ran 11% faster than two) and warps per
@@ -61,30 +62,26 @@ def fits(d_lowrank, block):
   return decode_kernels.is_power_of_2(d_lowrank, block)
 
 
-def _f32(a):
-  return a.astype(jnp.float32)
-
-
 def _units_kernel(x_ref, z_ref, c2_ref, cb_ref, w1_ref, b1_ref, *refs, group, n, chunk,
                   n_chunks, parts):
   """One (token, group of blocks) program. Shapes in `sparse_units`; refs: with `parts`, W2,
   b2, the residual [T, d] if given and the parts [T, P, d]; else the outputs hidden [T, K]
   (float32) and rows [T, K] (int32)."""
   t, p = pl.program_id(0), pl.program_id(1)
-  xs = [_f32(x_ref[t, pl.ds(c * chunk, chunk)]) for c in range(n_chunks)]
+  xs = [f32(x_ref[t, pl.ds(c * chunk, chunk)]) for c in range(n_chunks)]
   # In float32 whatever the weights' dtype: summed in bfloat16, the controller's logits lose
   # the bits that decide its argmax.
   z = decode_kernels.sum_pieces(lambda pieces: z_ref[t, pieces, :], z_ref.shape[1])   # [r]
   hidden, rows = [], []
   for g in range(group):
     k = p * group + g
-    logits = jnp.sum(z[:, None] * _f32(c2_ref[:, pl.ds(k * n, n)]), axis=0)
-    logits = logits + _f32(cb_ref[pl.ds(k * n, n)])                          # [N]
+    logits = jnp.sum(z[:, None] * f32(c2_ref[:, pl.ds(k * n, n)]), axis=0)
+    logits = logits + f32(cb_ref[pl.ds(k * n, n)])                           # [N]
     best = jnp.max(logits)
     row = k * n + jnp.min(jnp.where(logits == best, jnp.arange(n, dtype=jnp.int32), n))
-    h = _f32(b1_ref[row])
+    h = f32(b1_ref[row])
     for c in range(n_chunks):
-      h += jnp.sum(xs[c] * _f32(w1_ref[row, pl.ds(c * chunk, chunk)]))
+      h += jnp.sum(xs[c] * f32(w1_ref[row, pl.ds(c * chunk, chunk)]))
     hidden.append(jnp.maximum(h, 0.0))
     rows.append(row)
   if not parts:
@@ -97,10 +94,10 @@ def _units_kernel(x_ref, z_ref, c2_ref, cb_ref, w1_ref, b1_ref, *refs, group, n,
   first = (p == 0).astype(jnp.float32)   # program 0's part also carries b2 (and residual)
   for c in range(n_chunks):
     cols = pl.ds(c * chunk, chunk)
-    part = sum(hidden[g] * _f32(w2_ref[rows[g], cols]) for g in range(group))
-    extra = _f32(b2_ref[cols])
+    part = sum(hidden[g] * f32(w2_ref[rows[g], cols]) for g in range(group))
+    extra = f32(b2_ref[cols])
     if residual_ref:
-      extra += _f32(residual_ref[0][t, cols])
+      extra += f32(residual_ref[0][t, cols])
     out_ref[t, p, cols] = part + first * extra
 
 
@@ -110,12 +107,12 @@ def _down_kernel(hidden_ref, row_ref, w2_ref, b2_ref, *refs, columns):
   *residual_ref, out_ref = refs
   t, c = pl.program_id(0), pl.program_id(1)
   cols = pl.ds(c * columns, columns)
-  out = _f32(b2_ref[cols])
+  out = f32(b2_ref[cols])
   if residual_ref:
-    out += _f32(residual_ref[0][t, cols])
+    out += f32(residual_ref[0][t, cols])
   for start, length in decode_kernels.pieces(hidden_ref.shape[1], largest=GATHER):
     blocks = pl.ds(start, length)
-    w = _f32(w2_ref[row_ref[t, blocks], cols])                                  # [length, C]
+    w = f32(w2_ref[row_ref[t, blocks], cols])                                   # [length, C]
     out += jnp.sum(hidden_ref[t, blocks][:, None] * w, axis=0)
   out_ref[t, cols] = out.astype(out_ref.dtype)
 

@@ -40,6 +40,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from sparse_scaling.layers import decode_kernels
+from sparse_scaling.layers.decode_kernels import f32
 
 POSITIONS = 64  # cache positions read per block, at most
 # Programs' shares (powers of 2), measured on an H200 at the 800M shape: input rows per
@@ -70,10 +71,6 @@ def fits(d_model, n_modules, n_heads, sizes, length_kernel_size):
           and length_kernel_size >= 2 and d_model <= MAX_D_MODEL)
 
 
-def _f32(a):
-  return a.astype(jnp.float32)
-
-
 def _mixed_kernel(x_ref, scale_ref, bias_ref, d_ref, e_ref, y_ref, *, rows, sub, split, dot,
                   epsilon):
   """One (row, input slice, slice of `split` modules) program: partial sums of those modules'
@@ -89,11 +86,11 @@ def _mixed_kernel(x_ref, scale_ref, bias_ref, d_ref, e_ref, y_ref, *, rows, sub,
   y = {}
   for k in range(rows // sub):
     cols = pl.ds(p * rows + k * sub, sub)
-    xn = _f32(decode_kernels.layer_norm_slice(x_ref, scale_ref, bias_ref, b, cols, stats))
-    scaled = {s0: _f32(d_ref[pl.ds(first + s0, ls), cols]) * xn[None, :]
+    xn = f32(decode_kernels.layer_norm_slice(x_ref, scale_ref, bias_ref, b, cols, stats))
+    scaled = {s0: f32(d_ref[pl.ds(first + s0, ls), cols]) * xn[None, :]
               for s0, ls in s_pieces}
     for m0, lm in m_pieces:
-      e = _f32(e_ref[cols, pl.ds(m0, lm)])                                       # [sub, M']
+      e = f32(e_ref[cols, pl.ds(m0, lm)])                                        # [sub, M']
       for s0, _ in s_pieces:
         if dot:
           part = jnp.dot(scaled[s0], e, precision=jax.lax.Precision.HIGHEST)     # [S', M']
@@ -121,7 +118,7 @@ def _conv_kernel(index_ref, y_ref, y_bias_ref, state_ref, wq_ref, bq_ref, wk_ref
   def token(module, cols):
     """This token's multiplicative output at `module`, as the state holds it: [len(cols)]."""
     y = decode_kernels.sum_pieces(lambda parts: y_ref[b, parts, module, cols], n_parts)
-    return _f32((y + _f32(y_bias_ref[module, cols])).astype(state_ref.dtype))
+    return f32((y + f32(y_bias_ref[module, cols])).astype(state_ref.dtype))
 
   def window(windows, i, shift, start, length):
     """The input at state position i (n: the token) of module g·group + shift, channels
@@ -131,13 +128,13 @@ def _conv_kernel(index_ref, y_ref, y_bias_ref, state_ref, wq_ref, bq_ref, wk_ref
       inside = ((module >= 0) & (module < n_modules)).astype(jnp.float32)
       module = jnp.clip(module, 0, n_modules - 1)
       cols = pl.ds(start, length)
-      w = _f32(state_ref[b, i, module, cols]) if i < n else token(module, cols)
+      w = f32(state_ref[b, i, module, cols]) if i < n else token(module, cols)
       windows[i, shift, start] = w * inside
     return windows[i, shift, start]
 
   def convolve(size, w_ref, bias_ref):
     """Channels [m0, m0 + width) of the output of kernel `size` at each module of the group."""
-    weights = {(i, j, start): _f32(w_ref[i, j, pl.ds(start, length), pl.ds(m0, width)])
+    weights = {(i, j, start): f32(w_ref[i, j, pl.ds(start, length), pl.ds(m0, width)])
                for i in range(n + 1) for j in range(size) for start, length in m_pieces}
     windows, outs = {}, []   # the group's modules share their neighbours' windows
     for k in range(group):
@@ -146,7 +143,7 @@ def _conv_kernel(index_ref, y_ref, y_bias_ref, state_ref, wq_ref, bq_ref, wk_ref
         window_ = window(windows, i, k + j - size // 2, start, weight.shape[0])
         product = window_[:, None] * weight                                      # [M', C]
         products[start] = product if start not in products else products[start] + product
-      outs.append(_f32(bias_ref[pl.ds(m0, width)])
+      outs.append(f32(bias_ref[pl.ds(m0, width)])
                   + sum(jnp.sum(p, axis=0) for p in products.values()))
     return outs
 
@@ -164,7 +161,7 @@ def _conv_kernel(index_ref, y_ref, y_bias_ref, state_ref, wq_ref, bq_ref, wk_ref
       for start in starts:       # positions from `index` on: unused
         key = k_cache_ref[row, pl.ds(start, block), pl.ds(off, width)]
         scores_ref[b, flat // width, pl.ds(start, block)] = jnp.sum(
-            _f32(key) * _f32(q)[None, :], axis=1)
+            f32(key) * f32(q)[None, :], axis=1)
 
   @pl.when(o == 1)
   def _():
@@ -198,10 +195,10 @@ def _attend_kernel(index_ref, x_ref, q_ref, scores_ref, k_cache_ref, v_cache_ref
       lambda rows, start=start: scores_ref[b, rows, pl.ds(start, block)], slices, h * slices)
            for start in starts]
   values = [v_cache_ref[r, pl.ds(start, block), cols] for start in starts]
-  own = sum(jnp.sum(_f32(q_ref[b, pl.ds(h * d_head + start, length)])    # the token's key,
-                    * _f32(k_cache_ref[r, index, pl.ds(start, length)]))  # as the cache holds it
+  own = sum(jnp.sum(f32(q_ref[b, pl.ds(h * d_head + start, length)])     # the token's key,
+                    * f32(k_cache_ref[r, index, pl.ds(start, length)]))   # as the cache holds it
             for start, length in decode_kernels.pieces(d_head))
-  x = _f32(x_ref[b, pl.ds(h * d_head + v * value_width, value_width)])
+  x = f32(x_ref[b, pl.ds(h * d_head + v * value_width, value_width)])
   root = float(d_head) ** 0.5
   own = own / root
   scores = []
@@ -216,7 +213,7 @@ def _attend_kernel(index_ref, x_ref, q_ref, scores_ref, k_cache_ref, v_cache_ref
   weights, weighted = None, None   # summed over the blocks first, then reduced once
   for score, value in zip(scores, values):
     p = jnp.exp(score - top)                                             # [block]; 0 masked
-    products = p[:, None] * _f32(value)                                  # [block, Cv]
+    products = p[:, None] * f32(value)                                   # [block, Cv]
     weights = p if weights is None else weights + p
     weighted = products if weighted is None else weighted + products
   out = jnp.sum(weighted, axis=0) / jnp.sum(weights)
