@@ -12,19 +12,21 @@ channels, H heads of d_head channels and C channels per program:
   conv    program (row, o, g, c): output o of the convolutions (Q, K or V) on channels
           [c·C, (c + 1)·C) of each module of group g: the window (the state's positions and
           y) times the kernel's C output columns, loaded once for the group. K and V programs
-          write their channels into the KV caches in place (and V's the convolution's new
-          state); Q programs write q and the partial scores q[C]·K_cache[:, C] of every cached
-          position, one row per channel slice.
+          write their channels into the KV caches in place; Q programs write q and the
+          partial scores q[C]·K_cache[:, C] of every cached position, one row per channel
+          slice.
   attend  program (row·head, v): the head's scores (its slices' partial scores added, the
           token's own from q and its cached key), softmax, and the V cache's columns
-          [v·Cv, (v + 1)·Cv); out = x + that.
+          [v·Cv, (v + 1)·Cv); out = x + that. It also moves the convolution's state on at
+          those channels and the position on, both in place.
 
 Each program reads a few tens of kilobytes, so many programs share the work: a program of one
 GPU multiprocessor reads far below the card's rate, and a launch costs about a microsecond.
 Sides that are not powers of 2 (Triton's blocks must be) are loaded in power-of-2 pieces
 (`decode_kernels.pieces`: 144 channels as 128 and 16). On an H200 at the 800M shape the three
-take 3.2, 6.2 and 2.8 µs, against fifteen XLA kernels in 26 µs; at 17B's shapes 21.4, 31.9
-and 7.9 µs, slower than XLA's kernels there, so the block declines above MAX_D_MODEL (README,
+take 3.2, 7.2 and 3.9 µs (in the latest profile, attend moving the state on), against fifteen
+XLA kernels in 26 µs; at 17B's shapes 21.4, 31.9 and 7.9 µs, slower than XLA's kernels
+there, so the block declines above MAX_D_MODEL (README,
 "Decoding on a GPU"; `bench/decode_shares.py` sweeps the shares below).
 The result equals the layers' XLA path (`tests/test_fused_residual.py`).
 
@@ -103,7 +105,7 @@ def _mixed_kernel(x_ref, scale_ref, bias_ref, d_ref, e_ref, y_ref, *, rows, sub,
 
 
 def _conv_kernel(index_ref, y_ref, y_bias_ref, state_ref, wq_ref, bq_ref, wk_ref, bk_ref,
-                 wv_ref, bv_ref, k_cache_ref, v_cache_ref, scores_ref, q_ref, state_out_ref,
+                 wv_ref, bv_ref, k_cache_ref, v_cache_ref, scores_ref, q_ref, position_ref,
                  k_out_ref, v_out_ref, *, sizes, n_heads, width, group, starts, block):
   """One (row, output, group of modules, channel slice) program. Shapes in `decode_step`."""
   b, o, g, c = (pl.program_id(i) for i in range(4))
@@ -112,6 +114,7 @@ def _conv_kernel(index_ref, y_ref, y_bias_ref, state_ref, wq_ref, bq_ref, wk_ref
   d_head = q_ref.shape[1] // n_heads
   m0 = c * width
   m_pieces = decode_kernels.pieces(n_channels)
+  position_ref[0] = index_ref[0]   # for `attend`, which moves index_ref on in place
   # A full cache takes the token at its last position, as XLA's dynamic_update_slice does.
   index = jnp.minimum(index_ref[0], k_cache_ref.shape[1] - 1)
 
@@ -171,25 +174,26 @@ def _conv_kernel(index_ref, y_ref, y_bias_ref, state_ref, wq_ref, bq_ref, wk_ref
 
   @pl.when(o == 2)
   def _():
-    cols = pl.ds(m0, width)
     for k, out in enumerate(convolve(sizes[2], wv_ref, bv_ref)):
       row, off, _ = cache_slot(k)
       v_out_ref[row, index, pl.ds(off, width)] = out.astype(v_out_ref.dtype)
-      s = g * group + k
-      for i in range(n):  # the state moves one position on
-        newer = state_ref[b, i + 1, s, cols] if i + 1 < n else token(s, cols)
-        state_out_ref[b, i, s, cols] = newer.astype(state_out_ref.dtype)
 
 
-def _attend_kernel(index_ref, x_ref, q_ref, scores_ref, k_cache_ref, v_cache_ref, out_ref,
-                   next_ref, *, n_heads, width, value_width, starts, block):
-  """One (row·head, value columns) program. Shapes in `decode_step`."""
+def _attend_kernel(position_ref, x_ref, q_ref, scores_ref, k_cache_ref, v_cache_ref, y_ref,
+                   y_bias_ref, state_ref, index_ref, out_ref, state_out_ref, next_ref, *,
+                   n_heads, width, value_width, starts, block, barrier):
+  """One (row·head, value columns) program. Shapes in `decode_step`; the state flat
+  [B, lks − 1, d] and y [B, parts, d]. index_ref and next_ref are one buffer, as are state_ref
+  and state_out_ref: the program reads position_ref, never index_ref."""
+  del index_ref
   r, v = pl.program_id(0), pl.program_id(1)
   b, h = r // n_heads, r % n_heads
   d_head = x_ref.shape[1] // n_heads
   slices = d_head // width
-  next_ref[0] = index_ref[0] + 1   # the next token's position (every program writes it)
-  index = jnp.minimum(index_ref[0], k_cache_ref.shape[1] - 1)
+  next_ref[0] = position_ref[0] + 1   # the next token's position (every program writes it)
+  index = jnp.minimum(position_ref[0], k_cache_ref.shape[1] - 1)
+  _move_state(y_ref, y_bias_ref, state_ref, state_out_ref, b,
+              pl.ds(h * d_head + v * value_width, value_width), barrier)
   cols = pl.ds(v * value_width, value_width)
   parts = [decode_kernels.sum_pieces(
       lambda rows, start=start: scores_ref[b, rows, pl.ds(start, block)], slices, h * slices)
@@ -220,6 +224,21 @@ def _attend_kernel(index_ref, x_ref, q_ref, scores_ref, k_cache_ref, v_cache_ref
   out_ref[b, pl.ds(h * d_head + v * value_width, value_width)] = (x + out).astype(out_ref.dtype)
 
 
+def _move_state(y_ref, y_bias_ref, state_ref, state_out_ref, b, cols, barrier):
+  """The convolution's state moves one position on at channels `cols`, in place: the newest
+  position takes this token's multiplicative output y (its partial sums added, as the state's
+  dtype holds it). `conv` has read the whole state before (its programs read their
+  neighbours' modules, so none of them could write it); here a program reads and writes its
+  own channels only, all reads first (`barrier`: a GPU's threads wait for each other)."""
+  n = state_ref.shape[1]
+  y = decode_kernels.sum_pieces(lambda parts: y_ref[b, parts, cols], y_ref.shape[1])
+  newer = [state_ref[b, i + 1, cols] for i in range(n - 1)] + [y + f32(y_bias_ref[cols])]
+  if barrier:
+    plgpu.debug_barrier()
+  for i, value in enumerate(newer):
+    state_out_ref[b, i, cols] = value.astype(state_out_ref.dtype)
+
+
 def decode_step(x, norm, mixed, conv, state, k_cache, v_cache, index, *, n_heads, sizes,
                 epsilon, interpret=False, rows=None, width=None, value_width=None,
                 warps=None, modules=None, split=None):
@@ -243,9 +262,10 @@ def decode_step(x, norm, mixed, conv, state, k_cache, v_cache, index, *, n_heads
       what divides its sides; None: ROWS, WIDTH, VALUE_WIDTH, WARPS, MODULES, SPLIT).
 
   Returns:
-    (out [B, d] in x's dtype, new state, k_cache, v_cache, index + 1), the caches updated in
-    place. The next position comes from the last kernel, so that no XLA kernel of a few
-    microseconds is left to add 1 to a scalar.
+    (out [B, d] in x's dtype, new state, k_cache, v_cache, index + 1), each state written in
+    place into the buffer it came in: where the state is donated (a jitted step) or carried
+    (a generation's loop), XLA then copies nothing into it. A new state in a buffer of its
+    own cost two copy kernels per block (0.8 µs each on an H200, 40 µs a token at 800M).
   """
   batch, d_model = x.shape
   d, e, y_bias = mixed
@@ -287,13 +307,13 @@ def decode_step(x, norm, mixed, conv, state, k_cache, v_cache, index, *, n_heads
   if y.shape[1] > MAX_PARTS:   # else every `conv` program would add them all
     y = jnp.sum(y, axis=1, keepdims=True)
 
-  scores, q, state, k_cache, v_cache = pl.pallas_call(
+  scores, q, position, k_cache, v_cache = pl.pallas_call(
       functools.partial(_conv_kernel, sizes=tuple(sizes), n_heads=n_heads, width=width,
                         group=modules, starts=starts, block=block),
       grid=(batch, 3, n_modules // modules, n_channels // width),
       out_shape=(jax.ShapeDtypeStruct((batch, d_model // width, max_len), jnp.float32),
                  jax.ShapeDtypeStruct((batch, d_model), x.dtype),
-                 jax.ShapeDtypeStruct(state.shape, state.dtype),
+                 jax.ShapeDtypeStruct((1,), jnp.int32),
                  jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
                  jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype)),
       input_output_aliases={10: 3, 11: 4},
@@ -301,12 +321,17 @@ def decode_step(x, norm, mixed, conv, state, k_cache, v_cache, index, *, n_heads
   )(index, y, y_bias.reshape(n_modules, n_channels), state,
     *[w for pair in conv for w in pair], k_cache, v_cache)
 
-  out, index = pl.pallas_call(
+  flat_state = state.reshape(batch, state.shape[1], d_model)
+  out, flat_state, index = pl.pallas_call(
       functools.partial(_attend_kernel, n_heads=n_heads, width=width,
-                        value_width=value_width, starts=starts, block=block),
+                        value_width=value_width, starts=starts, block=block,
+                        barrier=not interpret),
       grid=(batch * n_heads, d_head // value_width),
       out_shape=(jax.ShapeDtypeStruct(x.shape, x.dtype),
+                 jax.ShapeDtypeStruct(flat_state.shape, flat_state.dtype),
                  jax.ShapeDtypeStruct((1,), jnp.int32)),
+      input_output_aliases={8: 1, 9: 2},
       interpret=interpret, compiler_params=params,
-  )(index, x, q, scores, k_cache, v_cache)
-  return out, state, k_cache, v_cache, index[0]
+  )(position, x, q, scores, k_cache, v_cache, y.reshape(batch, y.shape[1], d_model), y_bias,
+    flat_state, index)
+  return out, flat_state.reshape(state.shape), k_cache, v_cache, index[0]
