@@ -13,6 +13,7 @@ from trax.layers.research import sparsity as trax_sparsity
 from trax.models.research import configurable_transformer as trax_ct
 from trax.supervised import decoding as trax_decoding
 
+from sparse_scaling import decoding
 from sparse_scaling.decoding import Decoder
 from sparse_scaling.decoding import filter_logits
 from sparse_scaling.layers import decode_kernels
@@ -319,3 +320,26 @@ def test_bfloat16_decoding_equals_float32_on_a_trained_model(kernel):
 def test_decoding_dtype_must_be_a_float():
   with pytest.raises(ValueError, match='dtype must be a floating-point dtype'):
     Decoder(functools.partial(ScalingTransformerLM, **TINY), {}, dtype='int8')
+
+
+def test_decoding_programs_keep_matrix_vector_products_on_gpus_only(monkeypatch):
+  options = decoding.COMPILER_OPTIONS['gpu']
+  # XLA knows the option's name (it refuses one it does not, on any backend) ...
+  x, w = jnp.arange(8.0)[None], jnp.ones((8, 4))
+  np.testing.assert_allclose(jax.jit(jnp.dot, compiler_options=options)(x, w), x @ w)
+  # ... and decoding programs get it on GPUs only.
+  assert decoding.compiler_options() == (options if jax.default_backend() == 'gpu' else None)
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  assert decoding.compiler_options() == options
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'tpu')
+  assert decoding.compiler_options() is None
+
+
+@pytest.mark.skipif(jax.default_backend() != 'gpu', reason="XLA's GPU compiler")
+def test_a_decoding_matrix_vector_product_compiles_to_a_matrix_product_on_a_gpu():
+  x, w = jnp.ones((1, 1024)), jnp.ones((1024, 4096))   # the 800M decoder's FF, one token
+  xla = jax.jit(jnp.dot).lower(x, w).compile().as_text()
+  ours = decoding.jit(jnp.dot).lower(x, w).compile().as_text()
+  assert ' reduce(' in xla and ' dot(' not in xla   # XLA's rewrite, which the option stops
+  assert (' dot(' in ours or '__cublas' in ours) and ' reduce(' not in ours
+  np.testing.assert_allclose(decoding.jit(jnp.dot)(x, w), jnp.dot(x, w), rtol=1e-3)

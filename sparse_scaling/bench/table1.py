@@ -22,7 +22,8 @@ of `--prompt` tokens fills the caches, then `--tokens` greedy tokens are decoded
 predict step each, every step blocked until ready. Per token (program, `--program`): whole
 generations compiled as one program (`decoding.Decoder`), the dispatch cost per step gone; per
 block (program, `--program`): the first block looped on its own output in one compiled
-program.
+program. Every program is compiled as the `Decoder` compiles its own (`decoding.jit`: on a
+GPU, XLA's matrix-vector products stay matrix products), the dense rows included.
 Both implementations size their KV caches to the sequence timed (attention reads the whole
 cache at every step). The floor is the weight and KV-cache bytes a token must read, over the
 bandwidth measured in the same run (`timing.memory_bandwidth`). Every row is printed as it is
@@ -95,7 +96,7 @@ def kernels_used(dims):
 
 def _timed_steps(step, weights, state, x, n_steps, warmup=3):
   """Median and p90 seconds of `x, state = step(weights, state, x)`, state donated."""
-  step = jax.jit(step, donate_argnums=(1,))
+  step = decoding.jit(step, donate_argnums=(1,))
   times = []
   for i in range(n_steps + warmup):
     start = timing.now()
@@ -115,7 +116,7 @@ def seconds_per_token(model, dtype, prompt, n_tokens, batch=1):
     return jnp.argmax(logits[:, -1:], axis=-1).astype(jnp.int32), state
 
   tokens = jnp.ones((batch, prompt), jnp.int32)
-  tokens, state = jax.jit(step)(weights, state, tokens)        # fill the caches
+  tokens, state = decoding.jit(step)(weights, state, tokens)   # fill the caches
   return _timed_steps(step, weights, state, tokens, n_tokens)
 
 
@@ -159,7 +160,7 @@ def seconds_per_block_program(model, dtype, n_tokens):
   `seconds_per_block` pays per step (most of it on a GPU)."""
   step, weights, state, x = _first_block(model, dtype)
 
-  @functools.partial(jax.jit, static_argnums=3, donate_argnums=1)
+  @functools.partial(decoding.jit, static_argnums=3, donate_argnums=1)
   def loop(weights, state, x, n_steps):
     def body(_, carry):
       x, state = carry
