@@ -53,6 +53,22 @@ def test_hlo_bytes_count_what_slices_gathers_and_in_place_updates_touch():
   assert moved < 20 * 256 * 4  # a few rows, never a whole table or cache
 
 
+def test_a_kernel_without_metadata_belongs_to_its_users_block_through_bitcasts():
+  # As XLA's GPU compiler leaves a product over the KV cache: no op_name, used by a bitcast.
+  hlo = """HloModule step
+
+ENTRY %main (p0: f32[4,8], p1: f32[8]) -> f32[4] {
+  %p0 = f32[4,8]{1,0} parameter(0)
+  %p1 = f32[8]{0} parameter(1)
+  %dot.1 = f32[4,1]{1,0} dot(%p0, %p1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  %bitcast.2 = f32[4]{0} bitcast(%dot.1)
+  ROOT %exponential.3 = f32[4]{0} exponential(%bitcast.2), metadata={op_name="jit(step)/block1/attention/exp"}
+}
+"""
+  info = decode_profile.kernels(hlo)
+  assert info['dot.1']['scope'] == info['exponential.3']['scope'] == 'block1/attention'
+
+
 def test_a_gpu_kernels_name_finds_its_instruction():
   # XLA's GPU kernels are named after their instructions with '.' and '-' made '_'; a
   # library's helper kernel matches none and is counted as unnamed, in no block.

@@ -45,6 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sparse_scaling import decoding
 from sparse_scaling.bench import common
 from sparse_scaling.bench import decoders
 from sparse_scaling.bench import timing
@@ -203,16 +204,23 @@ def kernels(text):
       category = f'custom-call {inst["target"]}'
     out[inst['name']] = dict(scope=_scope(inst['op_name']), category=category, bytes=moved,
                              op_name=_op_name(inst, fused))
-  # Instructions XLA made without metadata (the CPU's dots) belong where their users are.
+  # Instructions XLA made without metadata (the CPU's dots, a GPU's product over a KV cache)
+  # belong where their users are, found through instructions that run no kernel (bitcasts).
   users = collections.defaultdict(list)
   for inst in computations[entry]:
     for operand in inst['operands']:
       users[operand].append(inst['name'])
+
+  def user_scopes(name):
+    for user in users[name]:
+      if user not in out:
+        yield from user_scopes(user)
+      elif out[user]['scope'] != 'other':
+        yield out[user]['scope']
+
   for name, meta in out.items():
     if meta['scope'] == 'other':
-      scopes = [out[u]['scope'] for u in users[name] if out.get(u, {}).get('scope', 'other')
-                != 'other']
-      meta['scope'] = scopes[0] if scopes else 'other'
+      meta['scope'] = next(user_scopes(name), 'other')
   return out
 
 
@@ -328,7 +336,7 @@ def profile(dims, n_layers, n_steps, dtype, bandwidth):
   weights, state = decoders.random_weights_and_state(model, dtype)
   step = scoped_step(model)
   tokens = jnp.ones((1, 1), jnp.int32)
-  lowered = jax.jit(step, donate_argnums=(1,)).lower(weights, state, tokens)
+  lowered = decoding.jit(step, donate_argnums=(1,)).lower(weights, state, tokens)
   compiled, traced = compile_for_trace(lowered)
   info = kernels(traced.as_text())
   holder = {'state': state}
