@@ -341,5 +341,5 @@ def test_a_decoding_matrix_vector_product_compiles_to_a_matrix_product_on_a_gpu(
   xla = jax.jit(jnp.dot).lower(x, w).compile().as_text()
   ours = decoding.jit(jnp.dot).lower(x, w).compile().as_text()
   assert ' reduce(' in xla and ' dot(' not in xla   # XLA's rewrite, which the option stops
-  assert (' dot(' in ours or '__cublas' in ours) and ' reduce(' not in ours
+  assert ' dot(' in ours or '__cublas' in ours   # (a split-K product may add a reduction)
   np.testing.assert_allclose(decoding.jit(jnp.dot)(x, w), jnp.dot(x, w), rtol=1e-3)

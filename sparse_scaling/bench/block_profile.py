@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from trax import layers as tl
 
+from sparse_scaling import decoding
 from sparse_scaling.bench import common
 from sparse_scaling.bench import decoders
 from sparse_scaling.bench import timing
@@ -131,7 +132,7 @@ def profile(layer, stack, depth, level=0, rng=None, min_runs=10, min_seconds=0.3
   """
   rng = jax.random.PRNGKey(0) if rng is None else rng
   inputs = _as_args(stack[:layer.n_in], layer.n_in)
-  run = jax.jit(lambda x, w, s: layer.pure_fn(x, w, s, rng)[0])
+  run = decoding.jit(lambda x, w, s: layer.pure_fn(x, w, s, rng)[0])
   rows = []
   shown = level == 0 or layer.name not in PLUMBING
   if shown:

@@ -20,6 +20,7 @@ from trax import layers as tl
 from trax import shapes
 from trax.layers.research import sparsity as trax_sparsity
 
+from sparse_scaling import decoding
 from sparse_scaling.bench import common
 from sparse_scaling.bench import timing
 from sparse_scaling.layers import SparseFF
@@ -44,7 +45,7 @@ def decode_seconds(layer, d_model, dtype):
   x = jnp.ones((1, 1, d_model), dtype)
   layer.init(shapes.signature(x))
   layer.weights = jax.tree.map(lambda w: w.astype(dtype), layer.weights)
-  step = jax.jit(lambda weights, state, x: layer.pure_fn(x, weights, state, None)[0])
+  step = decoding.jit(lambda weights, state, x: layer.pure_fn(x, weights, state, None)[0])
   median, _ = timing.time_call(step, layer.weights, layer.state, x)
   return median
 
