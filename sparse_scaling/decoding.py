@@ -35,9 +35,9 @@ from trax import shapes
 # token of one row makes every dense layer such a product (800M: [1024] x [1024, 4096]), and
 # the rewrite materializes the products of a layer or reduces down the matrix's columns, at
 # half the card's rate or less. Without it these are XLA's matrix-product kernels: the dense
-# 800M decoder's generation takes 1.18 ms a token on an H200 instead of 1.55, and the Sparse
-# FF+QKV one 0.62 instead of 0.63 (README, "Decoding on a GPU"). Batched decoding and the
-# prompt pass multiply matrices and are not rewritten either way.
+# 800M decoder's generation took 1.18 ms a token on an H200 instead of 1.62
+# (docs/results/table1_gpu.md; README, "Decoding on a GPU"). Batched decoding and the prompt
+# pass multiply matrices and are not rewritten either way.
 COMPILER_OPTIONS = {'gpu': {'xla_disable_hlo_passes': 'dot-strength-reduction'}}
 
 

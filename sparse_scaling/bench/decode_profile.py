@@ -32,7 +32,6 @@ decode_profile_gpu_pallas.md).
 """
 
 import collections
-import contextlib
 import glob
 import json
 import re

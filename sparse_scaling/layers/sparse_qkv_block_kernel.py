@@ -265,7 +265,8 @@ def decode_step(x, norm, mixed, conv, state, k_cache, v_cache, index, *, n_heads
     (out [B, d] in x's dtype, new state, k_cache, v_cache, index + 1), each state written in
     place into the buffer it came in: where the state is donated (a jitted step) or carried
     (a generation's loop), XLA then copies nothing into it. A new state in a buffer of its
-    own cost two copy kernels per block (0.8 µs each on an H200, 40 µs a token at 800M).
+    own cost two copy kernels per block (on an H200 at 800M, 84 µs a step outside the blocks
+    against 44; `bench/decode_profile.py`).
   """
   batch, d_model = x.shape
   d, e, y_bias = mixed
