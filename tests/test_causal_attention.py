@@ -10,6 +10,7 @@ from trax import layers as tl
 from sparse_scaling import convert
 from sparse_scaling.bench import decode_profile
 from sparse_scaling.layers import CausalAttention
+from sparse_scaling.layers import causal_attention
 from sparse_scaling.layers import decode_kernels
 from tests.utils import assert_predict_equals_eval
 from tests.utils import initialized as _init
@@ -26,15 +27,30 @@ def test_matches_trax_causal_attention_with_the_same_weights():
   np.testing.assert_allclose(ours(x), theirs(x), atol=1e-5)
 
 
-@pytest.mark.parametrize('kernel, max_len, length', [('xla', 16, 9), ('interpret', 16, 9),
-                                                    ('interpret', 20, 19)])
-def test_predict_equals_eval(kernel, max_len, length):
-  # kernel 'interpret': each decoded token through the Pallas kernel (attention_kernel.py),
-  # run by Pallas' interpreter. A cache of 20 is read in blocks of 16, the second overlapping
-  # the first; decoding fills it up to its last position.
+@pytest.mark.parametrize('kernel, reductions, max_len, length', [
+    ('xla', False, 16, 9), ('xla', True, 16, 9), ('xla', True, 16, 16),
+    ('interpret', False, 16, 9), ('interpret', False, 20, 19)])
+def test_predict_equals_eval(kernel, reductions, max_len, length, monkeypatch):
+  # reductions: each decoded token's products over the cache as sums (as on a GPU; here on
+  # any backend), up to a full cache. kernel 'interpret': each decoded token through the
+  # Pallas kernel (attention_kernel.py), run by Pallas' interpreter. A cache of 20 is read in
+  # blocks of 16, the second overlapping the first; decoding fills it up to its last position.
+  monkeypatch.setattr(causal_attention, 'one_query_as_reductions', lambda: reductions)
   model_fn = functools.partial(CausalAttention, D_MODEL, N_HEADS, max_inference_length=max_len)
   with decode_kernels.use(kernel):
     assert_predict_equals_eval(model_fn, _inputs(2, length, D_MODEL))
+
+
+def test_one_query_products_are_reductions_on_gpus_only(monkeypatch):
+  assert causal_attention.one_query_as_reductions() == (jax.default_backend() == 'gpu')
+  x = _inputs(1, 1, D_MODEL)
+  layer = _init(CausalAttention(D_MODEL, N_HEADS, mode='predict'), x)
+  for reductions in (False, True):
+    monkeypatch.setattr(causal_attention, 'one_query_as_reductions', lambda: reductions)
+    jaxpr = str(jax.make_jaxpr(lambda w, s, x: layer.pure_fn(x, w, s, None))(
+        layer.weights, layer.state, x))
+    # The Q, K, V and output projections stay products; those over the cache become sums.
+    assert jaxpr.count('dot_general') == (4 if reductions else 6)
 
 
 def test_a_decoding_step_writes_the_cache_in_place_and_never_copies_it():
