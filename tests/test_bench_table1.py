@@ -3,6 +3,8 @@
 import functools
 import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -80,6 +82,19 @@ def test_one_block_is_timed_in_a_compiled_loop():
   wall = time.perf_counter() - start
   weights = (4 * 256 * 256 + 2 * 256 * 1024) * 4
   assert weights / 1e13 < seconds < wall / (3 * 96)
+
+
+@pytest.mark.parametrize('dims', [TINY, dict(TINY, ff_sparsity=0, attention_sparsity=0)])
+def test_a_bfloat16_block_keeps_its_dtype_and_is_timed_in_a_compiled_loop(dims):
+  # The state's caches in the weights' dtype, as the Decoder keeps them: a block's output then
+  # has its input's dtype, which the compiled loop needs (its carry).
+  model = table1.build('ours', dims, 1, 32)
+  step, weights, state, x = table1._first_block(model, 'bfloat16')  # pylint: disable=protected-access
+  out, new_state = step(weights, state, x)
+  assert x.dtype == out.dtype == jnp.bfloat16
+  floats = [a for a in jax.tree.leaves(new_state) if jnp.issubdtype(a.dtype, jnp.floating)]
+  assert floats and {a.dtype for a in floats} == {jnp.dtype(jnp.bfloat16)}
+  assert table1.seconds_per_block_program(model, 'bfloat16', 4) > 0
 
 
 def test_a_measurement_that_fails_is_reported_and_the_others_go_on(monkeypatch):

@@ -87,12 +87,15 @@ def _names(layer):
 
 
 def random_weights_and_state(model, dtype, batch=1, seed=0):
-  """Random weights of `dtype` and fresh predict state, without a float32 init."""
+  """Random weights of `dtype` and fresh predict state, without a float32 init: the state's
+  floating-point arrays (KV caches, convolution states) also in `dtype`, as the `Decoder`
+  keeps them, so that a block's output has its input's dtype."""
   signature = shapes.ShapeDtype((batch, 1), jnp.int32)
   weights_sig, state_sig = model.weights_and_state_signature(signature)
   leaves, treedef = jax.tree.flatten(weights_sig)
   keys = jax.random.split(jax.random.PRNGKey(seed), max(1, len(leaves)))
   weights = [0.02 * jax.random.normal(k, s.shape, dtype) if jnp.issubdtype(s.dtype, jnp.floating)
              else jnp.zeros(s.shape, s.dtype) for k, s in zip(keys, leaves)]
-  state = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), state_sig)
+  state = jax.tree.map(lambda s: jnp.zeros(s.shape, dtype if jnp.issubdtype(s.dtype, jnp.floating)
+                                           else s.dtype), state_sig)
   return jax.tree.unflatten(treedef, weights), state
