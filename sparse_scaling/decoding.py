@@ -36,7 +36,7 @@ from trax import shapes
 # the rewrite materializes the products of a layer or reduces down the matrix's columns, at
 # half the card's rate or less. Without it these are XLA's matrix-product kernels: the dense
 # 800M decoder's generation took 1.18 ms a token on an H200 instead of 1.62
-# (docs/results/table1_gpu.md; README, "Decoding on a GPU"). Batched decoding and the prompt
+# (docs/results/table1_gpu.md; docs/decoding_gpu.md). Batched decoding and the prompt
 # pass multiply matrices and are not rewritten either way.
 COMPILER_OPTIONS = {'gpu': {'xla_disable_hlo_passes': 'dot-strength-reduction'}}
 

@@ -259,7 +259,7 @@ def test_training_controller_kernel_lowers_to_triton_at_the_gpu_size():
 
 @pytest.mark.parametrize('backend', ['gpu', 'cpu', 'tpu'])
 def test_auto_runs_sparse_ff_s_kernels_on_a_gpu_only(backend, monkeypatch):
-  # The choice measured on an H200 (README "Decoding on a GPU", "Training step"): the sparse
+  # The choice measured on an H200 (docs/decoding_gpu.md; README, "Training step"): the sparse
   # blocks' decoding kernels, Sparse FF's own and its controller's training kernels; the
   # others only when asked.
   monkeypatch.setattr(decode_kernels.jax, 'default_backend', lambda: backend)

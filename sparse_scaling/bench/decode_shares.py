@@ -20,8 +20,8 @@ batch 1, float32), and times one compiled generation (`--measure token`:
 compiled program (`--measure block`: `table1.seconds_per_block_program`, where the 17B
 shape's output layer would hide the blocks), printing one Markdown row per setting as it is
 measured. The constants are restored after each. The kernels run on GPUs only: elsewhere
-every setting times XLA's path, and the program says so. Results: stdout (the README's
-"Decoding on a GPU" quotes runs on an H200).
+every setting times XLA's path, and the program says so. Results: stdout
+(docs/decoding_gpu.md quotes runs on an H200).
 """
 
 import contextlib

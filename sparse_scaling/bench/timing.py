@@ -110,8 +110,8 @@ def bandwidth_probes(shape=(16384, 8192)):
   (a decoding step's dense layer reads its weight as the latter does) and a scaled copy (read
   plus write counted). On an accelerator the last two also run `ACCELERATOR_PASSES` passes in
   one compiled loop, each pass depending on the one before, so that a call's dispatch and
-  synchronisation (~0.1 ms on an H200's host, against ~0.15 ms of reading) drop out (README,
-  "Decoding on a GPU", has the H200's figures). Which probe reaches the memory's rate depends
+  synchronisation (~0.1 ms on an H200's host, against ~0.15 ms of reading) drop out
+  (docs/decoding_gpu.md has the H200's figures). Which probe reaches the memory's rate depends
   on the backend, so the floors take the best.
 
   Args:

@@ -13,7 +13,7 @@ layer asks `active(kernel)` when it is traced:
   'auto'       on a GPU the kernels measured faster there (AUTO_ON_GPU: the two blocks',
                Sparse FF's and its controller's training kernels; Sparse QKV's and
                attention's own cut a block's kernels but not the time of a whole generation,
-               README "Decoding on a GPU"), XLA's ops elsewhere;
+               docs/decoding_gpu.md), XLA's ops elsewhere;
   'pallas'     every kernel, compiled (GPUs only);
   'interpret'  every kernel, run by Pallas' interpreter on any backend (the tests' CPU check);
   'xla'        XLA's ops everywhere (`table1 --impls ours-xla`, `train_step --kernels xla`).

@@ -2,7 +2,7 @@
 
 `tl.Residual(LayerNorm, ..., layer)` computes x + layer(LayerNorm(x)). Decoding one token, each
 of its layers is a few small XLA kernels on a GPU, and the block's time is their number, not
-its bytes (README, "Decoding on a GPU"). `FusedResidual` is that block, built from the same
+its bytes (docs/decoding_gpu.md). `FusedResidual` is that block, built from the same
 sublayers as `tl.Residual` (so the same weights and state trees, and the same outputs in
 every mode), whose forward hands a one-token predict call to `fused`: a subclass computes the
 whole block there, in a few Pallas kernels, from the weights and states of the sublayers it

@@ -26,8 +26,8 @@ Sides that are not powers of 2 (Triton's blocks must be) are loaded in power-of-
 (`decode_kernels.pieces`: 144 channels as 128 and 16). On an H200 at the 800M shape the three
 take 3.2, 7.2 and 3.9 µs (in the latest profile, attend moving the state on), against fifteen
 XLA kernels in 26 µs; at 17B's shapes 21.4, 31.9 and 7.9 µs, slower than XLA's kernels
-there, so the block declines above MAX_D_MODEL (README,
-"Decoding on a GPU"; `bench/decode_shares.py` sweeps the shares below).
+there, so the block declines above MAX_D_MODEL (docs/decoding_gpu.md;
+`bench/decode_shares.py` sweeps the shares below).
 The result equals the layers' XLA path (`tests/test_fused_residual.py`).
 
 Runs on GPUs through Pallas' Triton backend; `interpret=True` runs it on any backend (the
@@ -60,8 +60,8 @@ MODULES, CONV_PROGRAMS, WIDE, MAX_PARTS = None, 384, 16, 16
 SPLIT = 16
 # The block is taken up to this d_model. At 17B's 9216 it ran 63.8 us on an H200
 # (convolutions 31.9, multiplicative 21.4 and its sum 2.6, attention 7.9) against the 35.6 us
-# of XLA's fifteen kernels, where at 800M's 1024 it runs 12.2 us against 26 (README,
-# "Decoding on a GPU").
+# of XLA's fifteen kernels, where at 800M's 1024 it runs 12.2 us against 26
+# (docs/decoding_gpu.md).
 MAX_D_MODEL = 4096
 
 
