@@ -96,6 +96,6 @@ def random_weights_and_state(model, dtype, batch=1, seed=0):
   keys = jax.random.split(jax.random.PRNGKey(seed), max(1, len(leaves)))
   weights = [0.02 * jax.random.normal(k, s.shape, dtype) if jnp.issubdtype(s.dtype, jnp.floating)
              else jnp.zeros(s.shape, s.dtype) for k, s in zip(keys, leaves)]
-  state = jax.tree.map(lambda s: jnp.zeros(s.shape, dtype if jnp.issubdtype(s.dtype, jnp.floating)
-                                           else s.dtype), state_sig)
+  state_dtype = lambda s: dtype if jnp.issubdtype(s.dtype, jnp.floating) else s.dtype
+  state = jax.tree.map(lambda s: jnp.zeros(s.shape, state_dtype(s)), state_sig)
   return jax.tree.unflatten(treedef, weights), state

@@ -35,8 +35,8 @@ def one_query_as_reductions():
   GPU compiler rewrites such products as reductions itself, but decoding programs compile
   with that rewrite off (`decoding.COMPILER_OPTIONS`, for the weights' products); the
   products then run as matrix-product kernels and the softmax as a kernel of its own, where
-  the reductions fuse the softmax into the weighted sum of the values (README, "Decoding on a
-  GPU"). On the CPU the batched products are the faster form, and stay.
+  the reductions fuse the softmax into the weighted sum of the values (docs/decoding_gpu.md).
+  On the CPU the batched products are the faster form, and stay.
   """
   return jax.default_backend() == 'gpu'
 
