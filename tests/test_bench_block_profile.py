@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
 import numpy as np
 import pytest
 
@@ -90,3 +91,26 @@ def test_bytes_read_counts_only_the_gathered_rows_of_a_gathered_array():
   assert block_profile.bytes_read(lambda t, r: gather(t, r) + t[:2], table, rows) == (
       1000 * 8 * 4 + 2 * 4)  # also read another way: whole
   assert block_profile.bytes_read(jnp.dot, table, x) == (1000 * 8 + 8) * 4
+
+
+def test_pallas_bytes_count_what_a_kernels_programs_load_and_store():
+  # 4 programs: each loads its 8 floats of x, one row of a 1000-row table (a gather), and in
+  # program 0 only (pl.when, counted as if every program took it) all of y; each stores 8.
+  def kernel(x_ref, table_ref, rows_ref, y_ref, out_ref):
+    i = pl.program_id(0)
+    out_ref[pl.ds(i * 8, 8)] = x_ref[pl.ds(i * 8, 8)] + table_ref[rows_ref[i], :]
+
+    @pl.when(i == 0)
+    def _():
+      out_ref[pl.ds(0, 8)] = y_ref[pl.ds(0, 8)] + jnp.sum(y_ref[...])
+
+  def call(x, table, rows, y):
+    return pl.pallas_call(kernel, grid=(4,), out_shape=jax.ShapeDtypeStruct((32,), x.dtype),
+                          interpret=True)(x, table, rows, y)
+
+  found = block_profile.pallas_bytes(
+      jax.jit(call), jnp.ones(32), jnp.ones((1000, 8)), jnp.arange(4), jnp.ones(32))
+  x, table, rows = 32 * 4, 4 * 8 * 4, 4 * 4     # x whole, 4 rows of the table, the indices
+  y = min(4 * (32 + 8) * 4, 32 * 4)              # capped at what y holds
+  out = min(4 * (8 + 8) * 4, 32 * 4)
+  assert found == {('kernel', 4): x + table + rows + y + out}

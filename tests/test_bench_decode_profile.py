@@ -81,3 +81,20 @@ def test_a_gpu_kernels_name_finds_its_instruction():
   assert rows['custom_call_12']['bytes'] == 4
   assert rows['sm90_xmma_gemm_f32f32']['scope'] == 'other'
   assert not rows['sm90_xmma_gemm_f32f32']['attributed']
+
+
+def test_a_pallas_kernels_bytes_are_what_its_programs_move_not_its_operands():
+  # A Triton custom call as XLA's GPU program has it: operands whole (a 256 MB table of which
+  # the kernel gathers rows); its function's name and grid find what its programs move.
+  hlo = """HloModule step
+
+ENTRY %main (p0: f32[65536,1024], p1: f32[1,1024]) -> f32[1,1024] {
+  %p0 = f32[65536,1024]{1,0} parameter(0)
+  %p1 = f32[1,1024]{1,0} parameter(1)
+  ROOT %pallas_call.7 = f32[1,1024]{1,0} custom-call(%p0, %p1), custom_call_target="__gpu$xla.gpu.triton", metadata={op_name="jit(step)/block1/ff/pallas_call"}, backend_config={debug = false, grid_x = 1 : i32, grid_y = 96 : i32, grid_z = 1 : i32, ir = "ML\\EFR\\00name = \\22x\\22", name = "_units_kernel", num_stages = 3 : i32, num_warps = 4 : i32}
+}
+"""
+  whole = decode_profile.kernels(hlo)['pallas_call.7']
+  assert whole['bytes'] == (65536 + 2) * 1024 * 4 and whole['scope'] == 'block1/ff'
+  moved = decode_profile.kernels(hlo, {('_units_kernel', 96): 1234, ('_units_kernel', 48): 9})
+  assert moved['pallas_call.7']['bytes'] == 1234

@@ -65,7 +65,7 @@ def _read_per_input(jaxpr):
   whole = [False] * len(jaxpr.invars)
   for eqn in jaxpr.eqns:
     if eqn.primitive.name == 'pallas_call':
-      for position, reads in enumerate(_kernel_reads(eqn)):
+      for position, reads in enumerate(_kernel_accesses(eqn)[0]):
         var = eqn.invars[position]
         i = source.get(var) if isinstance(var, jax.extend.core.Var) else None
         if i is not None:
@@ -89,17 +89,60 @@ def _read_per_input(jaxpr):
           for i, var in enumerate(jaxpr.invars)]
 
 
-def _kernel_reads(eqn):
-  """Bytes a Pallas kernel reads of each operand: what its programs load (every load of a
-  program counts, once per program of the grid), not the whole arrays it could index."""
+def _kernel_accesses(eqn):
+  """(bytes loaded of each operand, bytes stored into each output) by a Pallas kernel's
+  programs: what they load, not the whole arrays they could index. Every access of a program
+  counts, once per program of the grid; an access in a branch that some programs take
+  (`pl.when`) counts as if all took it."""
   kernel = eqn.params['jaxpr']
   programs = int(np.prod(eqn.params['grid_mapping'].grid))
-  refs = {var: position for position, var in enumerate(kernel.invars[:len(eqn.invars)])}
-  reads = [0] * len(eqn.invars)
-  for inner in kernel.eqns:
-    if inner.primitive.name in ('get', 'masked_load') and inner.invars[0] in refs:
-      reads[refs[inner.invars[0]]] += programs * _nbytes(inner.outvars[0].aval)
-  return reads
+  n_in = len(eqn.invars)
+  loads, stores = [0] * n_in, [0] * (len(kernel.invars) - n_in)
+
+  def visit(jaxpr, refs):   # refs: the jaxpr's variables -> the kernel's refs they are
+    for inner in jaxpr.eqns:
+      name = inner.primitive.name
+      first = inner.invars[0] if inner.invars else None
+      ref = refs.get(first) if isinstance(first, jax.extend.core.Var) else None
+      if name in ('get', 'masked_load') and ref is not None and ref < n_in:
+        loads[ref] += programs * _nbytes(inner.outvars[0].aval)
+      elif name in ('swap', 'masked_swap') and ref is not None and ref >= n_in:
+        stores[ref - n_in] += programs * _nbytes(inner.invars[1].aval)
+      elif name == 'cond':
+        for branch in inner.params['branches']:
+          visit(branch.jaxpr, {var: refs[outer] for var, outer
+                               in zip(branch.jaxpr.invars, inner.invars[1:])
+                               if isinstance(outer, jax.extend.core.Var) and outer in refs})
+
+  visit(kernel, {var: position for position, var in enumerate(kernel.invars)})
+  return loads, stores
+
+
+def pallas_bytes(fn, *args):
+  """Bytes moved by each Pallas kernel a call of `fn` runs: {(kernel function's name,
+  programs): bytes}. Of each operand what its programs load, of each output what they store
+  (`_kernel_accesses`), neither more than the array holds. A kernel's custom call in XLA's
+  program names the same function and grid; its operands are whole arrays of which the kernel
+  may read a part (Sparse FF's chosen rows)."""
+  found = {}
+
+  def visit(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == 'pallas_call':
+        loads, stores = _kernel_accesses(eqn)
+        moved = sum(min(n, _nbytes(var.aval)) for n, var in zip(loads, eqn.invars))
+        moved += sum(min(n, _nbytes(var.aval)) for n, var in zip(stores, eqn.outvars))
+        name = getattr(getattr(eqn.params['jaxpr'], 'debug_info', None), 'func_name', None)
+        found[name, int(np.prod(eqn.params['grid_mapping'].grid))] = moved
+        continue
+      for value in eqn.params.values():
+        for item in value if isinstance(value, (tuple, list)) else (value,):
+          inner = getattr(item, 'jaxpr', item)
+          if hasattr(inner, 'eqns'):
+            visit(inner)
+
+  visit(jax.make_jaxpr(fn)(*args).jaxpr)
+  return found
 
 
 def flop_count(lowered):

@@ -11,7 +11,9 @@ donated) with every top-level layer under a named scope (`embed`, `block<i>/atte
 - the optimized HLO of the step: every instruction that runs as a kernel (a fusion, a
   library call, a copy), the scope it belongs to (its `op_name` metadata), and the bytes it
   moves: its operands and outputs, except that an operand its fused computation only slices,
-  gathers or updates in place counts only the part it touches;
+  gathers or updates in place counts only the part it touches, and that a Pallas kernel
+  counts what its programs load and store (`block_profile.pallas_bytes`, from the step's
+  jaxpr: Sparse FF's chosen rows, not W1 and W2 whole);
 - a `jax.profiler` trace of `--steps` steps: the time of each of those kernels on the device
   (on a GPU the CUDA kernels that CUPTI records, on the CPU the thunks XLA's runtime runs);
 - the wall time of a step, measured apart from the trace.
@@ -45,6 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sparse_scaling import decoding
+from sparse_scaling.bench import block_profile
 from sparse_scaling.bench import common
 from sparse_scaling.bench import decoders
 from sparse_scaling.bench import timing
@@ -131,12 +134,15 @@ def parse_hlo(text):
     calls = re.search(r'calls=%?([\w.\-]+)', attrs)
     target = re.search(r'custom_call_target="([^"]*)"', attrs)
     kind = re.search(r'kind=(\w+)', attrs)
+    grid = [int(n) for n in re.findall(r'grid_[xyz] = (\d+)', attrs)]
+    names = re.findall(r'\bname = "(\w+)"', attrs)   # a Triton kernel's function (last)
     computations[current].append(dict(
         name=match.group(1), type=type_text, opcode=opcode,
         operands=re.findall(r'%([\w.\-]+)', arguments),
         index=int(arguments) if opcode == 'parameter' else None,
         op_name=op_name.group(1) if op_name else '', calls=calls and calls.group(1),
         target=target and target.group(1), kind=kind and kind.group(1),
+        kernel=(names[-1], int(np.prod(grid))) if grid and names else None,
         root=line.lstrip().startswith('ROOT')))
   return computations, entry
 
@@ -180,8 +186,13 @@ def _output_bytes(inst, fused):
   return total
 
 
-def kernels(text):
-  """The entry computation's instructions that run: name -> dict(scope, category, bytes)."""
+def kernels(text, pallas=None):
+  """The entry computation's instructions that run: name -> dict(scope, category, bytes).
+
+  A custom call's bytes are its operands and outputs whole, except a Pallas kernel's found in
+  `pallas` ({(function name, programs): bytes}, `block_profile.pallas_bytes`): what its
+  programs load and store.
+  """
   computations, entry = parse_hlo(text)
   types = {i['name']: i['type'] for i in computations[entry]}
   out = {}
@@ -195,6 +206,8 @@ def kernels(text):
       moved += _touched_bytes(fused, position, whole) if fused else whole
     if inst['opcode'] == 'dynamic-update-slice':   # in place: the update only
       moved = 2 * shape_bytes(types.get(inst['operands'][1], ''))
+    if pallas and inst['kernel'] in pallas:
+      moved = pallas[inst['kernel']]
     category = inst['opcode']
     if fused:
       root = next((i for i in fused if i['root']), None)
@@ -337,7 +350,7 @@ def profile(dims, n_layers, n_steps, dtype, bandwidth):
   tokens = jnp.ones((1, 1), jnp.int32)
   lowered = decoding.jit(step, donate_argnums=(1,)).lower(weights, state, tokens)
   compiled, traced = compile_for_trace(lowered)
-  info = kernels(traced.as_text())
+  info = kernels(traced.as_text(), block_profile.pallas_bytes(step, weights, state, tokens))
   holder = {'state': state}
 
   def runner(program):
@@ -382,10 +395,10 @@ def markdown(summaries, details, bandwidth, probe):
            f'{decoders.MAX_LEN}. Device time: the kernels\' own time in a `jax.profiler` '
            'trace; wall: one jitted step, dispatch included. Bytes: what each kernel\'s '
            'operands and outputs hold in the optimized HLO (a slice, gather or in-place '
-           'update counts only what it touches; a Pallas kernel, a custom call, counts its '
-           'operands whole though it may read a part of them, as Sparse FF\'s reads only the '
-           'chosen rows of W1 and W2: there MB and the floor are upper bounds); floor = block '
-           'bytes / bandwidth.', '',
+           'update counts only what it touches; a Pallas kernel counts what its programs '
+           'load and store, each program\'s accesses, so data several programs read counts '
+           'each time: as Sparse FF\'s, the chosen rows of W1 and W2, not the whole '
+           'arrays); floor = block bytes / bandwidth.', '',
            'On a GPU the traced step is compiled without command buffers (CUDA graphs), '
            'so that every kernel carries its instruction\'s name; wall is the default '
            'compilation. Unnamed: device time of kernels no instruction names (a '
