@@ -108,8 +108,8 @@ def test_pallas_bytes_count_what_a_kernels_programs_load_and_store():
     return pl.pallas_call(kernel, grid=(4,), out_shape=jax.ShapeDtypeStruct((32,), x.dtype),
                           interpret=True)(x, table, rows, y)
 
-  found = block_profile.pallas_bytes(
-      jax.jit(call), jnp.ones(32), jnp.ones((1000, 8)), jnp.arange(4), jnp.ones(32))
+  found = block_profile.pallas_bytes(jax.make_jaxpr(jax.jit(call))(
+      jnp.ones(32), jnp.ones((1000, 8)), jnp.arange(4), jnp.ones(32)))
   x, table, rows = 32 * 4, 4 * 8 * 4, 4 * 4     # x whole, 4 rows of the table, the indices
   y = min(4 * (32 + 8) * 4, 32 * 4)              # capped at what y holds
   out = min(4 * (8 + 8) * 4, 32 * 4)

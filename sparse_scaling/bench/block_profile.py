@@ -118,9 +118,10 @@ def _kernel_accesses(eqn):
   return loads, stores
 
 
-def pallas_bytes(fn, *args):
-  """Bytes moved by each Pallas kernel a call of `fn` runs: {(kernel function's name,
-  programs): bytes}. Of each operand what its programs load, of each output what they store
+def pallas_bytes(closed_jaxpr):
+  """Bytes moved by each Pallas kernel a traced program runs (`closed_jaxpr`, as
+  `jax.make_jaxpr` or a jitted function's `.trace(...).jaxpr` give it): {(kernel function's
+  name, programs): bytes}. Of each operand what its programs load, of each output what they store
   (`_kernel_accesses`), neither more than the array holds. A kernel's custom call in XLA's
   program names the same function and grid; its operands are whole arrays of which the kernel
   may read a part (Sparse FF's chosen rows)."""
@@ -141,7 +142,7 @@ def pallas_bytes(fn, *args):
           if hasattr(inner, 'eqns'):
             visit(inner)
 
-  visit(jax.make_jaxpr(fn)(*args).jaxpr)
+  visit(closed_jaxpr.jaxpr)
   return found
 
 

@@ -348,9 +348,9 @@ def profile(dims, n_layers, n_steps, dtype, bandwidth):
   weights, state = decoders.random_weights_and_state(model, dtype)
   step = scoped_step(model)
   tokens = jnp.ones((1, 1), jnp.int32)
-  lowered = decoding.jit(step, donate_argnums=(1,)).lower(weights, state, tokens)
-  compiled, traced = compile_for_trace(lowered)
-  info = kernels(traced.as_text(), block_profile.pallas_bytes(step, weights, state, tokens))
+  program = decoding.jit(step, donate_argnums=(1,)).trace(weights, state, tokens)
+  compiled, traced = compile_for_trace(program.lower())
+  info = kernels(traced.as_text(), block_profile.pallas_bytes(program.jaxpr))
   holder = {'state': state}
 
   def runner(program):

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from trax import layers as tl
 from trax.layers import base
 
+from sparse_scaling import decoding
 from sparse_scaling.layers import attention_kernel
 from sparse_scaling.layers import decode_kernels
 from sparse_scaling.layers.checks import check_divides
@@ -29,16 +30,18 @@ from sparse_scaling.layers.checks import check_mode
 
 def one_query_as_reductions():
   """Whether a decoding step's products over the KV cache, one query per row, are written as
-  elementwise products and sums (on GPUs) rather than as batched matrix products.
+  elementwise products and sums rather than as batched matrix products: where decoding
+  programs compile with XLA's dot-strength-reduction off (`decoding.compiler_options`, on
+  GPUs, for the weights' products).
 
-  A query of one position makes both products matrix-vector products over the cache. XLA's
-  GPU compiler rewrites such products as reductions itself, but decoding programs compile
-  with that rewrite off (`decoding.COMPILER_OPTIONS`, for the weights' products); the
-  products then run as matrix-product kernels and the softmax as a kernel of its own, where
-  the reductions fuse the softmax into the weighted sum of the values (docs/decoding_gpu.md).
-  On the CPU the batched products are the faster form, and stay.
+  A query of one position makes both products matrix-vector products over the cache, which
+  that pass would have rewritten as reductions. Without it they run as matrix-product kernels
+  and the softmax as a kernel of its own, where the reductions fuse the softmax into the
+  weighted sum of the values (docs/decoding_gpu.md). Elsewhere the products stay (on the CPU
+  they are the faster form).
   """
-  return jax.default_backend() == 'gpu'
+  options = decoding.compiler_options() or {}
+  return 'dot-strength-reduction' in options.get('xla_disable_hlo_passes', '')
 
 
 class CausalAttentionCore(base.Layer):
