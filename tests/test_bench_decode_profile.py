@@ -98,3 +98,13 @@ ENTRY %main (p0: f32[65536,1024], p1: f32[1,1024]) -> f32[1,1024] {
   assert whole['bytes'] == (65536 + 2) * 1024 * 4 and whole['scope'] == 'block1/ff'
   moved = decode_profile.kernels(hlo, {('_units_kernel', 96): 1234, ('_units_kernel', 48): 9})
   assert moved['pallas_call.7']['bytes'] == 1234
+
+
+def test_each_kind_of_run_writes_its_own_results_file():
+  name = decode_profile.results_name
+  assert name('gpu', ['800m'], 'auto', 'float32') == 'decode_profile_gpu.md'
+  assert name('gpu', ['17b'], 'auto', 'float32') == 'decode_profile_gpu_17b.md'
+  assert name('gpu', ['800m'], 'pallas', 'float32') == 'decode_profile_gpu_pallas.md'
+  assert name('gpu', ['800m'], 'auto', 'bfloat16') == 'decode_profile_gpu_bfloat16.md'
+  assert name('cpu', ['800m', '17b'], 'xla', 'bfloat16') == (
+      'decode_profile_cpu_800m_17b_xla_bfloat16.md')

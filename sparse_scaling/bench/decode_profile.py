@@ -428,10 +428,19 @@ def markdown(summaries, details, bandwidth, probe):
   return '\n'.join(lines)
 
 
+def results_name(backend, shapes, kernels, dtype):
+  """The results file of a run: decode_profile_<backend>.md for the defaults (800m, 'auto',
+  float32), each other choice adding its suffix, so that runs of one kind replace each other."""
+  suffix = ''.join(['' if shapes == ['800m'] else '_' + '_'.join(shapes),
+                    '' if kernels == 'auto' else f'_{kernels}',
+                    '' if dtype == 'float32' else f'_{dtype}'])
+  return f'decode_profile_{backend}{suffix}.md'
+
+
 def define_flags():
   """Defines the command line's flags; only when run as a program (others have namesakes)."""
   common.define_flags(json_output=True, shapes=True,
-                      writes='docs/results/decode_profile_<backend>.md')
+                      writes='docs/results/decode_profile_<backend>[_<shapes>][_<kernels>][_<dtype>].md')
   flags.DEFINE_list('variants', list(decoders.VARIANTS), 'Table 1 variants to profile.')
   flags.DEFINE_integer('layers', None, "Blocks of the decoder (default: the shape's whole "
                        'depth, 24 at 800m).')
@@ -463,9 +472,8 @@ def main(argv):
   text = markdown(summaries, details, bandwidth, probe)
   print(text, flush=True)
   if args.write:
-    suffix = ('' if shapes == ['800m'] else '_' + '_'.join(shapes)) + (
-        '' if args.kernels == 'auto' else f'_{args.kernels}')
-    path = common.RESULTS_DIR / f'decode_profile_{jax.default_backend()}{suffix}.md'
+    path = common.RESULTS_DIR / results_name(jax.default_backend(), shapes, args.kernels,
+                                             args.dtype)
     path.write_text('# One decoding step, kernel by kernel\n\n'
                     f'`python -m sparse_scaling.bench.decode_profile --shapes {",".join(shapes)} '
                     f'--variants {",".join(args.variants)} --dtype {args.dtype} '
