@@ -1,14 +1,16 @@
 """How the fused blocks' work is shared among programs: a sweep, side by side.
 
   python -m sparse_scaling.bench.decode_shares [--shape 800m] [--variant ffqkv] [--depth 6]
-      [--measure token] [--settings default,DOT=0,WIDTH=16,WARPS=8,ROWS=32,...]
+      [--measure token] [--settings default,DOT=0,WIDTH=16,CONV_WARPS=8,ROWS=32,...]
 
 `layers/sparse_qkv_block_kernel.py` splits a token's Sparse QKV block over programs by
 module constants (its "shares"): ROWS input rows per multiplicative program, WIDTH channels
 per convolution program, MODULES modules per convolution program, SPLIT modules per
-multiplicative program, VALUE_WIDTH value columns per attention program, WARPS per program,
-DOT (1: the multiplicative product as one matrix product) and MAX_PARTS (the most partial
-sums the convolutions add themselves); `layers/sparse_ff_kernel.py` has FF_GROUP (blocks of N
+multiplicative program, VALUE_WIDTH value columns per attention program, MIXED_WARPS,
+CONV_WARPS and ATTEND_WARPS (warps per program of each kernel), DOT (1: the multiplicative
+product as one matrix product), CONV_SCORES (1: the Q programs compute the partial scores
+against the K cache; 0: the attention programs compute the scores) and MAX_PARTS (the most
+partial sums the convolutions add themselves); `layers/sparse_ff_kernel.py` has FF_GROUP (blocks of N
 units per program), FF_WARPS, FF_ROWS (rows of C1 per LayerNorm-controller program),
 FF_PARTS_BYTES (the most bytes of parts the units programs write, each its own rows of W2
 times their activations; beyond, a second kernel multiplies W2's rows: 0 always), FF_COLUMNS
@@ -42,19 +44,21 @@ from sparse_scaling.layers import sparse_qkv_block_kernel
 
 # Setting name -> (module, constant).
 SHARES = {**{name: (sparse_qkv_block_kernel, name)
-             for name in ('ROWS', 'WIDTH', 'VALUE_WIDTH', 'WARPS', 'DOT', 'MODULES',
-                          'MAX_PARTS', 'SPLIT')},
+             for name in ('ROWS', 'WIDTH', 'VALUE_WIDTH', 'MIXED_WARPS', 'CONV_WARPS',
+                          'ATTEND_WARPS', 'DOT', 'CONV_SCORES', 'MODULES', 'MAX_PARTS',
+                          'SPLIT')},
           'FF_GROUP': (sparse_ff_kernel, 'GROUP'), 'FF_WARPS': (sparse_ff_kernel, 'WARPS'),
           'FF_ROWS': (sparse_ff_kernel, 'NORM_ROWS'),
           'FF_PARTS_BYTES': (sparse_ff_kernel, 'MAX_PARTS_BYTES'),
           'FF_COLUMNS': (sparse_ff_kernel, 'COLUMNS'), 'FF_GATHER': (sparse_ff_kernel, 'GATHER')}
-DEFAULT_SETTINGS = ['default', 'DOT=0', 'WIDTH=16', 'WARPS=8', 'ROWS=32', 'ROWS=128',
-                    'VALUE_WIDTH=32', 'VALUE_WIDTH=64', 'WIDTH=16+WARPS=8']
+_SWITCHES = ('DOT', 'CONV_SCORES')   # 0 or 1
+DEFAULT_SETTINGS = ['default', 'DOT=0', 'CONV_SCORES=0', 'WIDTH=16', 'MIXED_WARPS=8',
+                    'ATTEND_WARPS=1', 'ROWS=32', 'VALUE_WIDTH=32', 'WIDTH=16+CONV_WARPS=8']
 
 
 def parse_setting(text):
-  """'WIDTH=16+WARPS=8' -> {'WIDTH': 16, 'WARPS': 8}; 'default' -> {}. One-line ValueError
-  naming the rule for anything else."""
+  """'WIDTH=16+CONV_WARPS=8' -> {'WIDTH': 16, 'CONV_WARPS': 8}; 'default' -> {}. One-line
+  ValueError naming the rule for anything else."""
   if text == 'default':
     return {}
   setting = {}
@@ -64,12 +68,12 @@ def parse_setting(text):
       raise ValueError(f'--settings: {pair!r} must be NAME=integer with NAME one of '
                        f'{list(SHARES)}')
     value = int(value)
-    if (name == 'DOT' and value not in (0, 1)) or (name == 'MAX_PARTS' and value < 1) or (
-        name not in ('DOT', 'MAX_PARTS', 'FF_PARTS_BYTES')
+    if (name in _SWITCHES and value not in (0, 1)) or (name == 'MAX_PARTS' and value < 1) or (
+        name not in (*_SWITCHES, 'MAX_PARTS', 'FF_PARTS_BYTES')
         and not decode_kernels.is_power_of_2(value)):
-      raise ValueError(f'--settings: {pair!r}: DOT is 0 or 1, MAX_PARTS positive, '
+      raise ValueError(f'--settings: {pair!r}: DOT and CONV_SCORES are 0 or 1, MAX_PARTS positive, '
                        'FF_PARTS_BYTES any, the others powers of 2')
-    setting[name] = bool(value) if name == 'DOT' else value
+    setting[name] = bool(value) if name in _SWITCHES else value
   return setting
 
 

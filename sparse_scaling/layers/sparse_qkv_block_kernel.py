@@ -12,11 +12,12 @@ channels, H heads of d_head channels and C channels per program:
   conv    program (row, o, g, c): output o of the convolutions (Q, K or V) on channels
           [c·C, (c + 1)·C) of each module of group g: the window (the state's positions and
           y) times the kernel's C output columns, loaded once for the group. K and V programs
-          write their channels into the KV caches in place; Q programs write q and the
-          partial scores q[C]·K_cache[:, C] of every cached position, one row per channel
-          slice.
-  attend  program (row·head, v): the head's scores (its slices' partial scores added, the
-          token's own from q and its cached key), softmax, and the V cache's columns
+          write their channels into the KV caches in place; Q programs write q and (with
+          CONV_SCORES) the partial scores q[C]·K_cache[:, C] of every cached position, one
+          row per channel slice.
+  attend  program (row·head, v): the head's scores (its slices' partial scores added, or
+          without CONV_SCORES q·K_cache, the token's own from q and its cached key), softmax,
+          and the V cache's columns
           [v·Cv, (v + 1)·Cv); out = x + that. It also moves the convolution's state on at
           those channels and the position on, both in place.
 
@@ -46,8 +47,17 @@ from sparse_scaling.layers.decode_kernels import f32
 
 POSITIONS = 64  # cache positions read per block, at most
 # Programs' shares (powers of 2), measured on an H200 at the 800M shape: input rows per
-# `mixed` program, channels per `conv` program, value columns per `attend` program, warps.
-ROWS, WIDTH, VALUE_WIDTH, WARPS = 64, 8, 16, 4
+# `mixed` program, channels per `conv` program, value columns per `attend` program, and each
+# kernel's warps per program.
+ROWS, WIDTH, VALUE_WIDTH = 64, 8, 16
+MIXED_WARPS, CONV_WARPS, ATTEND_WARPS = 4, 4, 4
+# Where a head's scores against the cached keys are computed: True, in the Q programs of
+# `conv` (partial scores of their channels, added by `attend`); False, in `attend` from q and
+# the K cache. On an H200 at 800M False made a generation ~4% faster (0.560 and 0.563 against
+# 0.584 ms/token; docs/decoding_gpu.md, "The kernels' shares at 800M"); it is not the default
+# until its compiled kernels have been checked against XLA's on a GPU
+# (tests/test_fused_residual.py) and Table 1 re-run with it.
+CONV_SCORES = True
 DOT = True   # `mixed` as matrix products where ROWS and every piece of modules and M are >= 16
 # Modules per `conv` program (a power of 2; None: at large shapes, where programs of WIDTH
 # channels would be many more than CONV_PROGRAMS, programs first take WIDE channels, then
@@ -181,7 +191,7 @@ def _conv_kernel(index_ref, y_ref, y_bias_ref, state_ref, wq_ref, bq_ref, wk_ref
 
 def _attend_kernel(position_ref, x_ref, q_ref, scores_ref, k_cache_ref, v_cache_ref, y_ref,
                    y_bias_ref, state_ref, index_ref, out_ref, state_out_ref, next_ref, *,
-                   n_heads, width, value_width, starts, block, barrier):
+                   n_heads, width, value_width, starts, block, barrier, conv_scores):
   """One (row·head, value columns) program. Shapes in `decode_step`; the state flat
   [B, lks − 1, d] and y [B, parts, d]. index_ref and next_ref are one buffer, as are state_ref
   and state_out_ref: the program reads position_ref, never index_ref."""
@@ -195,9 +205,16 @@ def _attend_kernel(position_ref, x_ref, q_ref, scores_ref, k_cache_ref, v_cache_
   _move_state(y_ref, y_bias_ref, state_ref, state_out_ref, b,
               pl.ds(h * d_head + v * value_width, value_width), barrier)
   cols = pl.ds(v * value_width, value_width)
-  parts = [decode_kernels.sum_pieces(
-      lambda rows, start=start: scores_ref[b, rows, pl.ds(start, block)], slices, h * slices)
-           for start in starts]
+  if conv_scores:   # the Q programs' partial scores, one row per channel slice
+    parts = [decode_kernels.sum_pieces(
+        lambda rows, start=start: scores_ref[b, rows, pl.ds(start, block)], slices, h * slices)
+             for start in starts]
+  else:
+    q = [(f32(q_ref[b, pl.ds(h * d_head + s0, ls)]), s0, ls)
+         for s0, ls in decode_kernels.pieces(d_head)]
+    parts = [sum(jnp.sum(f32(k_cache_ref[r, pl.ds(start, block), pl.ds(s0, ls)]) * qs[None, :],
+                         axis=1) for qs, s0, ls in q)
+             for start in starts]
   values = [v_cache_ref[r, pl.ds(start, block), cols] for start in starts]
   own = sum(jnp.sum(f32(q_ref[b, pl.ds(h * d_head + start, length)])     # the token's key,
                     * f32(k_cache_ref[r, index, pl.ds(start, length)]))   # as the cache holds it
@@ -241,7 +258,7 @@ def _move_state(y_ref, y_bias_ref, state_ref, state_out_ref, b, cols, barrier):
 
 def decode_step(x, norm, mixed, conv, state, k_cache, v_cache, index, *, n_heads, sizes,
                 epsilon, interpret=False, rows=None, width=None, value_width=None,
-                warps=None, modules=None, split=None):
+                modules=None, split=None):
   """x + SparseQKVAttention(LayerNorm(x)) for one token per row, and the new states.
 
   Args:
@@ -256,10 +273,10 @@ def decode_step(x, norm, mixed, conv, state, k_cache, v_cache, index, *, n_heads
     sizes: k_o, the module kernel sizes of Q, K, V.
     epsilon: The LayerNorm's ε.
     interpret: Run in Pallas' interpreter (any backend).
-    rows, width, value_width, warps, modules, split: Input rows per `mixed` program,
-      channels per `conv` program, value columns per `attend` program, warps per program,
-      modules per `conv` program, modules per `mixed` program (powers of 2, each capped at
-      what divides its sides; None: ROWS, WIDTH, VALUE_WIDTH, WARPS, MODULES, SPLIT).
+    rows, width, value_width, modules, split: Input rows per `mixed` program, channels per
+      `conv` program, value columns per `attend` program, modules per `conv` program, modules
+      per `mixed` program (powers of 2, each capped at what divides its sides; None: ROWS,
+      WIDTH, VALUE_WIDTH, MODULES, SPLIT).
 
   Returns:
     (out [B, d] in x's dtype, new state, k_cache, v_cache, index + 1), each state written in
@@ -289,10 +306,9 @@ def decode_step(x, norm, mixed, conv, state, k_cache, v_cache, index, *, n_heads
         break
   modules = share(modules, n_modules)
   value_width = share(value_width or VALUE_WIDTH, d_head)
-  warps = warps or WARPS
   split = share(split or SPLIT, n_modules)
   block, starts = decode_kernels.cache_blocks(max_len, POSITIONS)
-  params = plgpu.CompilerParams(num_warps=warps)   # Triton, not Mosaic GPU
+  params = lambda warps: plgpu.CompilerParams(num_warps=warps)   # Triton, not Mosaic GPU
   index = jnp.reshape(index, (1,)).astype(jnp.int32)
 
   dot = DOT and min(rows, *(length for side in (split, n_channels)
@@ -303,14 +319,15 @@ def decode_step(x, norm, mixed, conv, state, k_cache, v_cache, index, *, n_heads
       grid=(batch, d_model // rows, n_modules // split),
       out_shape=jax.ShapeDtypeStruct((batch, d_model // rows, n_modules, n_channels),
                                      jnp.float32),
-      interpret=interpret, compiler_params=params,
+      interpret=interpret, compiler_params=params(MIXED_WARPS),
   )(x, *norm, d, e)
   if y.shape[1] > MAX_PARTS:   # else every `conv` program would add them all
     y = jnp.sum(y, axis=1, keepdims=True)
 
+  # Without CONV_SCORES the scores are left unwritten, and `attend` does not read them.
   scores, q, position, k_cache, v_cache = pl.pallas_call(
       functools.partial(_conv_kernel, sizes=tuple(sizes), n_heads=n_heads, width=width,
-                        group=modules, starts=starts, block=block),
+                        group=modules, starts=starts if CONV_SCORES else (), block=block),
       grid=(batch, 3, n_modules // modules, n_channels // width),
       out_shape=(jax.ShapeDtypeStruct((batch, d_model // width, max_len), jnp.float32),
                  jax.ShapeDtypeStruct((batch, d_model), x.dtype),
@@ -318,7 +335,7 @@ def decode_step(x, norm, mixed, conv, state, k_cache, v_cache, index, *, n_heads
                  jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
                  jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype)),
       input_output_aliases={10: 3, 11: 4},
-      interpret=interpret, compiler_params=params,
+      interpret=interpret, compiler_params=params(CONV_WARPS),
   )(index, y, y_bias.reshape(n_modules, n_channels), state,
     *[w for pair in conv for w in pair], k_cache, v_cache)
 
@@ -326,13 +343,13 @@ def decode_step(x, norm, mixed, conv, state, k_cache, v_cache, index, *, n_heads
   out, flat_state, index = pl.pallas_call(
       functools.partial(_attend_kernel, n_heads=n_heads, width=width,
                         value_width=value_width, starts=starts, block=block,
-                        barrier=not interpret),
+                        barrier=not interpret, conv_scores=CONV_SCORES),
       grid=(batch * n_heads, d_head // value_width),
       out_shape=(jax.ShapeDtypeStruct(x.shape, x.dtype),
                  jax.ShapeDtypeStruct(flat_state.shape, flat_state.dtype),
                  jax.ShapeDtypeStruct((1,), jnp.int32)),
       input_output_aliases={8: 1, 9: 2},
-      interpret=interpret, compiler_params=params,
+      interpret=interpret, compiler_params=params(ATTEND_WARPS),
   )(position, x, q, scores, k_cache, v_cache, y.reshape(batch, y.shape[1], d_model), y_bias,
     flat_state, index)
   return out, flat_state.reshape(state.shape), k_cache, v_cache, index[0]
