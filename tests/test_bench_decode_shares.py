@@ -56,3 +56,25 @@ def test_the_kernels_alone_are_timed_with_the_setting_in_force(monkeypatch):
 def test_a_bad_setting_is_refused_naming_the_rule(text):
   with pytest.raises(ValueError, match='--settings: '):
     decode_shares.parse_setting(text)
+
+
+def test_a_trace_gives_each_blocks_time_and_each_kernels(monkeypatch):
+  """`--measure trace` on a tiny shape, in Pallas' interpreter (on the CPU the trace holds
+  XLA's thunks, named by instruction): both blocks take device time, their kernels' times add
+  up to the blocks', slowest first; the attention block's state and caches are fed back from
+  call to call into its donated arguments."""
+  dims = dict(d_model=32, d_ff=64, n_heads=2, attention_sparsity=4, ff_sparsity=(8, 4),
+              length_kernel_size=3)
+  monkeypatch.setattr(decode_shares.decoders, 'dimensions', lambda shape, variant: dims)
+  measure = lambda dims, depth: decode_shares.trace(dims, depth, interpret=True, steps=3)
+  [(_, (attention, ff, per_kernel))] = decode_shares.sweep('800m', 'ffqkv', 1, ['default'],
+                                                           measure)
+  assert attention > 0 and ff > 0
+  assert sum(per_kernel.values()) == pytest.approx(attention + ff)
+  assert list(per_kernel.values()) == sorted(per_kernel.values(), reverse=True)
+
+
+def test_a_table_cell_lists_each_kernels_time():
+  assert decode_shares._cell(2.5e-6, 1e6) == '2.5000'
+  assert decode_shares._cell({'_conv_kernel': 6.3e-6, 'copy.1': 1.3e-6}, 1e6) == (
+      '`_conv_kernel` 6.3, `copy.1` 1.3')

@@ -187,7 +187,8 @@ def _output_bytes(inst, fused):
 
 
 def kernels(text, pallas=None):
-  """The entry computation's instructions that run: name -> dict(scope, category, bytes).
+  """The entry computation's instructions that run: name -> dict(scope, category, bytes,
+  op_name, function: a Triton kernel's function name, else None).
 
   A custom call's bytes are its operands and outputs whole, except a Pallas kernel's found in
   `pallas` ({(function name, programs): bytes}, `block_profile.pallas_bytes`): what its
@@ -215,7 +216,8 @@ def kernels(text, pallas=None):
     elif inst['target']:
       category = f'custom-call {inst["target"]}'
     out[inst['name']] = dict(scope=_scope(inst['op_name']), category=category, bytes=moved,
-                             op_name=_op_name(inst, fused))
+                             op_name=_op_name(inst, fused),
+                             function=inst['kernel'] and inst['kernel'][0])
   # Instructions XLA made without metadata (the CPU's dots, a GPU's product over a KV cache)
   # belong where their users are, found through instructions that run no kernel (bitcasts).
   users = collections.defaultdict(list)

@@ -10,8 +10,8 @@ multiplicative program, VALUE_WIDTH value columns per attention program, MIXED_W
 CONV_WARPS and ATTEND_WARPS (warps per program of each kernel), DOT (1: the multiplicative
 product as one matrix product), CONV_SCORES (1: the Q programs compute the partial scores
 against the K cache; 0: the attention programs compute the scores) and MAX_PARTS (the most
-partial sums the convolutions add themselves); `layers/sparse_ff_kernel.py` has FF_GROUP (blocks of N
-units per program), FF_WARPS, FF_ROWS (rows of C1 per LayerNorm-controller program),
+partial sums the convolutions add themselves); `layers/sparse_ff_kernel.py` has FF_GROUP
+(blocks of N units per program), FF_WARPS, FF_ROWS (rows of C1 per LayerNorm-controller program),
 FF_PARTS_BYTES (the most bytes of parts the units programs write, each its own rows of W2
 times their activations; beyond, a second kernel multiplies W2's rows: 0 always), FF_COLUMNS
 (columns of d_model per program of that kernel) and FF_GATHER (rows it gathers a load). For
@@ -20,12 +20,16 @@ each setting (NAME=value pairs joined by '+'; 'default' changes nothing) this bu
 batch 1, float32), and times one compiled generation (`--measure token`:
 `table1.seconds_per_token_program`, a 128-token prompt, 32 tokens) or one block looped in a
 compiled program (`--measure block`: `table1.seconds_per_block_program`, where the 17B
-shape's output layer would hide the blocks), printing one Markdown row per setting as it is
+shape's output layer would hide the blocks); or, on random weights, the fused blocks' kernels
+alone: looped in a compiled program (`--measure kernels`), or one call of each block traced,
+each kernel's device time (`--measure trace`: a second or two per setting where a generation
+takes over a minute, on an H200 at 800M). It prints one Markdown row per setting as it is
 measured. The constants are restored after each. The kernels run on GPUs only: elsewhere
-every setting times XLA's path, and the program says so. Results: stdout
+`token` and `block` time XLA's path, and the program says so. Results: stdout
 (docs/decoding_gpu.md quotes runs on an H200).
 """
 
+import collections
 import contextlib
 import functools
 
@@ -35,6 +39,7 @@ import jax
 import jax.numpy as jnp
 
 from sparse_scaling.bench import common
+from sparse_scaling.bench import decode_profile
 from sparse_scaling.bench import decoders
 from sparse_scaling.bench import table1
 from sparse_scaling.bench import timing
@@ -104,13 +109,12 @@ def per_block(dims, depth):
       decoders.build('ours', dims, 1, decoders.MAX_LEN), 'float32', 32)
 
 
-def kernels(dims, depth, interpret=False, steps=(8, 40)):
-  """(attention, FF): seconds per iteration of the fused blocks' kernels alone, each block's
-  looped on its own output in one compiled program (random weights, float32, KV caches of
-  MAX_LEN, the position fixed at 100, Q and K's module kernels of 3 and V's of 1, as
-  `SparseQKVAttention`'s): `timing.per_step` of the `steps` iterations. The loop's own cost
-  per iteration (on the H200 ~18 µs) is included."""
-  del depth
+def fused_blocks(dims, interpret=False):
+  """The fused blocks of `dims` on random weights (float32, KV caches of MAX_LEN, the position
+  fixed at 100, Q and K's module kernels of 3 and V's of 1, as `SparseQKVAttention`'s):
+  (attention(weights, x, state, k_cache, v_cache) -> (out, state, k_cache, v_cache),
+  feed_forward(weights, x) -> out, (attention's weights, FF's weights), x [1, d_model],
+  (state, k_cache, v_cache))."""
   d_model, n_heads, lks = dims['d_model'], dims['n_heads'], dims['length_kernel_size']
   n_modules, (block, rank) = dims['attention_sparsity'], dims['ff_sparsity']
   n_channels, d_head, n_blocks = d_model // n_modules, d_model // n_heads, dims['d_ff'] // block
@@ -126,46 +130,111 @@ def kernels(dims, depth, interpret=False, steps=(8, 40)):
   units = (normal(n_blocks, block, d_model), normal(n_blocks, block),
            normal(n_blocks, block, d_model), normal(d_model))
 
-  def attention(x, mixed, conv, caches, n):
-    def body(_, carry):
-      x, state, k_cache, v_cache = carry
-      out, state, k_cache, v_cache, _ = sparse_qkv_block_kernel.decode_step(
-          x, norm, mixed, conv, state, k_cache, v_cache, jnp.int32(100), n_heads=n_heads,
-          sizes=(3, 3, 1), epsilon=1e-6, interpret=interpret)
-      return 0.5 * out, state, k_cache, v_cache
-    return jax.lax.fori_loop(0, n, body, (x, state, *caches))[0]
+  def attention(weights, x, state, k_cache, v_cache):
+    norm, mixed, conv = weights
+    out, state, k_cache, v_cache, _ = sparse_qkv_block_kernel.decode_step(
+        x, norm, mixed, conv, state, k_cache, v_cache, jnp.int32(100), n_heads=n_heads,
+        sizes=(3, 3, 1), epsilon=1e-6, interpret=interpret)
+    return out, state, k_cache, v_cache
 
-  def feed_forward(x, controller, units, n):
-    def body(_, x):
-      return 0.5 * sparse_ff_kernel.ff_block(x, *norm, controller, units, 1e-6, interpret)
-    return jax.lax.fori_loop(0, n, body, x)
+  def feed_forward(weights, x):
+    norm, controller, units = weights
+    return sparse_ff_kernel.ff_block(x, *norm, controller, units, 1e-6, interpret)
+
+  return (attention, feed_forward, ((norm, mixed, conv), (norm, controller, units)), x,
+          (state, *caches))
+
+
+def kernels(dims, depth, interpret=False, steps=(8, 40)):
+  """(attention, FF): seconds per iteration of the fused blocks' kernels alone
+  (`fused_blocks`), each block's looped on its own output in one compiled program:
+  `timing.per_step` of the `steps` iterations. The loop's own cost per iteration (on the
+  H200 ~18 µs) is included."""
+  del depth
+  attention, feed_forward, (attention_w, ff_w), x, carry = fused_blocks(dims, interpret)
+
+  def attention_loop(weights, x, carry, n):
+    def body(_, c):
+      out, *carry = attention(weights, *c)
+      return (0.5 * out, *carry)
+    return jax.lax.fori_loop(0, n, body, (x, *carry))[0]
+
+  def ff_loop(weights, x, n):
+    return jax.lax.fori_loop(0, n, lambda _, x: 0.5 * feed_forward(weights, x), x)
 
   def seconds(fn, *args):
     fn = jax.jit(fn)   # traced anew: the shares in force now
     return timing.per_step(lambda n: fn(*args, jnp.int32(n)), *steps)
 
-  return (seconds(attention, x, mixed, conv, caches),
-          seconds(feed_forward, x, controller, units))
+  return seconds(attention_loop, attention_w, x, carry), seconds(ff_loop, ff_w, x)
 
 
-MEASURES = {'token': per_token, 'block': per_block, 'kernels': kernels}
+def trace(dims, depth, interpret=False, steps=20):
+  """(attention, FF, {kernel: seconds}): device seconds of one call of each fused block alone
+  (`fused_blocks`), and of each kernel, named by its Pallas function ('_conv_kernel') or, for
+  XLA's, its instruction. Each block is jitted with its state donated and fed back, so caches
+  and states are written in place as in a generation, compiled without command buffers, and
+  traced over `steps` calls (`decode_profile.kernel_times`). A block's weights stay in the
+  GPU's L2 cache between calls, as they do not in a generation of many blocks: kernels that
+  wait on memory take longer there (at 800M the units kernel 2.4 µs here, 4.1 in a
+  generation's profile)."""
+  del depth
+  attention, feed_forward, (attention_w, ff_w), x, carry = fused_blocks(dims, interpret)
+  per_kernel = collections.Counter()
+
+  def seconds(fn, args, donate, feed):
+    program = jax.jit(fn, donate_argnums=donate).trace(*args)   # the shares in force now
+    compiled = decode_profile.compile_for_trace(program.lower())[1]
+    names = {name: meta['function'] or name
+             for name, meta in decode_profile.kernels(compiled.as_text()).items()}
+    args = list(args)
+
+    def run():
+      out = compiled(*args)
+      feed(args, out)
+      return out
+
+    jax.block_until_ready(run())
+    times = decode_profile.kernel_times(run, steps, module='')
+    for name, (_, s) in times.items():
+      per_kernel[names.get(name, name)] += s
+    return sum(s for _, s in times.values())
+
+  def carry_on(args, out):   # the new state and caches, in the donated buffers' place
+    args[2:] = out[1:]
+
+  attention_s = seconds(attention, (attention_w, x, *carry), (2, 3, 4), carry_on)
+  ff_s = seconds(feed_forward, (ff_w, x), (), lambda args, out: None)
+  return attention_s, ff_s, dict(per_kernel.most_common())
+
+
+MEASURES = {'token': per_token, 'block': per_block, 'kernels': kernels, 'trace': trace}
 _UNITS = {'token': ['ms/token'], 'block': ['ms/block'],
-          'kernels': ['attention µs/iteration', 'FF µs/iteration']}
+          'kernels': ['attention µs/iteration', 'FF µs/iteration'],
+          'trace': ['attention µs', 'FF µs', 'kernels µs']}
 
 
 def sweep(shape, variant, depth, settings, measure=per_token):
-  """What `measure(dims, depth)` gives for each setting (seconds, or a tuple of them):
-  [(text, result)], each printed as measured (milliseconds; microseconds for `kernels`)."""
+  """What `measure(dims, depth)` gives for each setting (seconds, or a tuple of them and of
+  {name: seconds}): [(text, result)], each printed as measured (milliseconds; microseconds for
+  `kernels` and `trace`)."""
   dims = decoders.dimensions(shape, variant)
   results = []
   for text in settings:
     with shares(parse_setting(text)):   # traced anew by each measurement
       result = measure(dims, depth)
     results.append((text, result))
-    scale = 1e6 if measure is kernels else 1e3
+    scale = 1e6 if measure in (kernels, trace) else 1e3
     values = result if isinstance(result, tuple) else (result,)
-    print(common.table_row([text] + [f'{v * scale:.4f}' for v in values]), flush=True)
+    print(common.table_row([text] + [_cell(v, scale) for v in values]), flush=True)
   return results
+
+
+def _cell(value, scale):
+  """A table cell: seconds scaled, or {name: seconds} as 'name 6.3, name 3.5' (scaled)."""
+  if isinstance(value, dict):
+    return ', '.join(f'`{name}` {v * scale:.1f}' for name, v in value.items())
+  return f'{value * scale:.4f}'
 
 
 def define_flags():
@@ -176,8 +245,9 @@ def define_flags():
   flags.DEFINE_integer('depth', 6, 'Blocks of the decoder timed (--measure token).',
                        lower_bound=1)
   flags.DEFINE_enum('measure', 'token', list(MEASURES), 'Time one compiled generation per '
-                    'token, the first block looped in a compiled program, or the fused '
-                    "blocks' kernels alone so looped (random weights).")
+                    'token, the first block looped in a compiled program, the fused '
+                    "blocks' kernels alone so looped (random weights), or one call of each "
+                    'fused block traced, kernel by kernel.')
   flags.DEFINE_list('settings', DEFAULT_SETTINGS,
                     f'Settings: NAME=value pairs joined by "+", NAME one of {list(SHARES)}; '
                     '"default" for the constants as they are.')
@@ -191,14 +261,16 @@ def main(argv):
       parse_setting(text)
   except ValueError as e:
     raise app.UsageError(str(e)) from None
-  if args.measure == 'kernels' and jax.default_backend() != 'gpu':
-    raise app.UsageError('--measure kernels: the kernels compile for GPUs only (here: '
+  if args.measure in ('kernels', 'trace') and jax.default_backend() != 'gpu':
+    raise app.UsageError(f'--measure {args.measure}: the kernels compile for GPUs only (here: '
                          f'{jax.default_backend()})')
   timed = {'token': f'{args.depth} blocks, float32, one compiled generation of 32 tokens '
                    'after 128',
            'block': 'float32, one block looped in a compiled program',
            'kernels': "float32, the fused blocks' kernels alone looped in a compiled "
-                      'program'}[args.measure]
+                      'program',
+           'trace': "float32, one call of each fused block alone, device time of its "
+                    'kernels'}[args.measure]
   print(f'Machine: {timing.machine_description()}. {args.variant} at {args.shape}, {timed}.')
   if jax.default_backend() != 'gpu':
     print('Not a GPU: the fused blocks do not run here, every setting times XLA\'s path.')
