@@ -55,8 +55,8 @@ def _decode(kernel, model_kwargs, tokens, prompt=3, dtype=jnp.float32):
     (64, 4, 8, {}), (64, 4, 2, {}), (256, 4, 16, {}), (16, 2, 4, {}), (48, 4, 4, {}),
     (64, 4, 8, dict(ROWS=16, MAX_PARTS=2, MODULES=4, SPLIT=2,
                     MAX_PARTS_BYTES=0, COLUMNS=8, GATHER=4, GROUP=2)),
-    (48, 4, 4, dict(CONV_SCORES=False)),
-    (768, 8, 16, dict(CONV_PROGRAMS=8))])
+    (48, 4, 4, dict(CONV_SCORES=False, MIXED_CHANNELS=4)),
+    (768, 8, 16, dict(CONV_PROGRAMS=8, MIXED_CHANNELS=16))])
 def test_fused_blocks_equal_xla_step_by_step(d_model, n_heads, attention_sparsity, settings,
                                              monkeypatch):
   """Modules and heads of different sizes (8 modules of 8 channels against 4 heads of 16;
@@ -72,7 +72,8 @@ def test_fused_blocks_equal_xla_step_by_step(d_model, n_heads, attention_sparsit
   sums, heads of 96, programs of 16 channels and 16 modules where 8 channels each would make
   too many programs,
   the heads' scores computed by the attention programs from q and the K cache instead of the
-  convolution's Q programs (d_model 48: heads of 12, loaded as 8 and 4),
+  convolution's Q programs (d_model 48: heads of 12, loaded as 8 and 4), multiplicative
+  programs of a slice of the channels (4 of 12 as broadcast sums; 16 of 48, a matrix product),
   two rows, the caches filled past their end: each step's logits and the whole state
   (convolution states, caches, positions) as XLA's path."""
   for name, value in settings.items():
@@ -144,11 +145,12 @@ def test_shapes_the_kernels_do_not_take_decode_through_xla(kwargs, max_d_model, 
 
 
 @pytest.mark.parametrize(
-    'd_model, d_ff, n_heads, sparsity, ff_sparsity, n_products, n_ff, conv_scores', [
-        (1024, 6144, 16, 16, (64, 16), 1, 2, True), (8, 32, 2, 2, (4, 2), 0, 2, True),
-        (9216, 65536, 96, 64, (256, 32), 1, 3, True), (1024, 6144, 16, 16, (64, 16), 1, 2, False)])
+    'd_model, d_ff, n_heads, sparsity, ff_sparsity, n_products, n_ff, settings', [
+        (1024, 6144, 16, 16, (64, 16), 1, 2, {}), (8, 32, 2, 2, (4, 2), 0, 2, {}),
+        (9216, 65536, 96, 64, (256, 32), 1, 3, {}),
+        (1024, 6144, 16, 16, (64, 16), 1, 2, dict(CONV_SCORES=False, MIXED_CHANNELS=16))])
 def test_fused_blocks_lower_to_triton_for_a_gpu(d_model, d_ff, n_heads, sparsity, ff_sparsity,
-                                                n_products, n_ff, conv_scores, monkeypatch):
+                                                n_products, n_ff, settings, monkeypatch):
   """One block lowered for CUDA on any machine, KV caches of 168: 800M FF+QKV (d_model 1024,
   16 modules, 16 heads, d_ff 6144, N 64), where the multiplicative layer is a matrix product;
   a tiny one (d_model 8), where it is broadcast sums (Triton's products need sides of 16);
@@ -158,11 +160,13 @@ def test_fused_blocks_lower_to_triton_for_a_gpu(d_model, d_ff, n_heads, sparsity
   where W2's chosen rows are multiplied in a kernel of their own), the caches written in
   place, and a matrix product in a kernel's code (`dot_general:`, its source location in
   Triton's module) except at the tiny shape; the 800M block also with the heads' scores
-  computed by the attention kernel (`CONV_SCORES`).
+  computed by the attention kernel (`CONV_SCORES`) and multiplicative programs of 16
+  channels (`MIXED_CHANNELS`).
   (At 17B the attention block is slower than XLA's kernels and declines, MAX_D_MODEL; here
   it is lowered all the same.)"""
   monkeypatch.setattr(sparse_qkv_block_kernel, 'MAX_D_MODEL', d_model)
-  monkeypatch.setattr(sparse_qkv_block_kernel, 'CONV_SCORES', conv_scores)
+  for name, value in settings.items():
+    monkeypatch.setattr(sparse_qkv_block_kernel, name, value)
   model = ScalingTransformerLM(64, d_model, d_ff=d_ff, n_layers=1, n_heads=n_heads,
                                max_len=168, dropout=0.0, ff_sparsity=ff_sparsity,
                                attention_sparsity=sparsity, mode='predict')
@@ -182,14 +186,15 @@ def test_fused_blocks_lower_to_triton_for_a_gpu(d_model, d_ff, n_heads, sparsity
 
 
 @pytest.mark.skipif(jax.default_backend() != 'gpu', reason='compiles the kernels for a GPU')
-@pytest.mark.parametrize('conv_scores', [True, False])
+@pytest.mark.parametrize('settings', [{}, dict(CONV_SCORES=False), dict(MIXED_CHANNELS=16)])
 @pytest.mark.parametrize('d_model, n_heads, attention_sparsity', [(1024, 16, 16), (1152, 12, 8)])
 def test_fused_blocks_compiled_for_the_gpu_equal_xla(d_model, n_heads, attention_sparsity,
-                                                     conv_scores, monkeypatch):
+                                                     settings, monkeypatch):
   """The 800M shape, and one loaded in pieces as 17B's (modules of 144 channels, heads of
-  96, d_model 1152); the heads' scores from the convolution's Q programs or the attention
-  kernel (`CONV_SCORES`)."""
-  monkeypatch.setattr(sparse_qkv_block_kernel, 'CONV_SCORES', conv_scores)
+  96, d_model 1152); the default shares, the heads' scores from the attention kernel
+  (`CONV_SCORES`), multiplicative programs of 16 channels (`MIXED_CHANNELS`)."""
+  for name, value in settings.items():
+    monkeypatch.setattr(sparse_qkv_block_kernel, name, value)
   kwargs = dict(d_model=d_model, n_heads=n_heads, attention_sparsity=attention_sparsity,
                 ff_sparsity=(64, 16), max_len=168)
   tokens = jnp.asarray(np.random.RandomState(3).randint(1, VOCAB, (1, 10)), jnp.int32)

@@ -4,14 +4,14 @@
       [--measure token] [--settings default,DOT=0,WIDTH=16,CONV_WARPS=8,ROWS=32,...]
 
 `layers/sparse_qkv_block_kernel.py` splits a token's Sparse QKV block over programs by
-module constants (its "shares"): ROWS input rows per multiplicative program, WIDTH channels
-per convolution program, MODULES modules per convolution program, SPLIT modules per
-multiplicative program, VALUE_WIDTH value columns per attention program, MIXED_WARPS,
-CONV_WARPS and ATTEND_WARPS (warps per program of each kernel), DOT (1: the multiplicative
-product as one matrix product), CONV_SCORES (1: the Q programs compute the partial scores
-against the K cache; 0: the attention programs compute the scores) and MAX_PARTS (the most
-partial sums the convolutions add themselves); `layers/sparse_ff_kernel.py` has FF_GROUP
-(blocks of N units per program), FF_WARPS, FF_ROWS (rows of C1 per LayerNorm-controller program),
+module constants (its "shares"): ROWS input rows, SPLIT modules and MIXED_CHANNELS channels
+per multiplicative program, WIDTH channels and MODULES modules per convolution program,
+VALUE_WIDTH value columns per attention program, MIXED_WARPS, CONV_WARPS and ATTEND_WARPS
+(warps per program of each kernel), DOT (1: the multiplicative product as one matrix
+product), CONV_SCORES (1: the Q programs compute the partial scores against the K cache; 0:
+the attention programs compute the scores) and MAX_PARTS (the most partial sums the
+convolutions add themselves); `layers/sparse_ff_kernel.py` has FF_GROUP (blocks of N units
+per program), FF_WARPS, FF_ROWS (rows of C1 per LayerNorm-controller program),
 FF_PARTS_BYTES (the most bytes of parts the units programs write, each its own rows of W2
 times their activations; beyond, a second kernel multiplies W2's rows: 0 always), FF_COLUMNS
 (columns of d_model per program of that kernel) and FF_GATHER (rows it gathers a load). For
@@ -51,7 +51,7 @@ from sparse_scaling.layers import sparse_qkv_block_kernel
 SHARES = {**{name: (sparse_qkv_block_kernel, name)
              for name in ('ROWS', 'WIDTH', 'VALUE_WIDTH', 'MIXED_WARPS', 'CONV_WARPS',
                           'ATTEND_WARPS', 'DOT', 'CONV_SCORES', 'MODULES', 'MAX_PARTS',
-                          'SPLIT')},
+                          'SPLIT', 'MIXED_CHANNELS')},
           'FF_GROUP': (sparse_ff_kernel, 'GROUP'), 'FF_WARPS': (sparse_ff_kernel, 'WARPS'),
           'FF_ROWS': (sparse_ff_kernel, 'NORM_ROWS'),
           'FF_PARTS_BYTES': (sparse_ff_kernel, 'MAX_PARTS_BYTES'),

@@ -6,9 +6,10 @@ token of it as about fifteen kernels of one or two microseconds each on a GPU, w
 reads well under a megabyte. Here, with y the multiplicative layer's output, S modules of M
 channels, H heads of d_head channels and C channels per program:
 
-  mixed   program (row, p, q): LayerNorm(x)[rows p] · D[modules q, rows p] · E[rows p, :]
-          partial sums of y [modules q, M] over d / rows slices of the input (the next kernel
-          adds them; where they are more than MAX_PARTS, XLA adds them first).
+  mixed   program (row, p, q): LayerNorm(x)[rows p] · D[modules q, rows p] · E[rows p,
+          channels q]: partial sums of y [modules q, channels q] over d / rows slices of the
+          input (the next kernel adds them; where they are more than MAX_PARTS, XLA adds them
+          first).
   conv    program (row, o, g, c): output o of the convolutions (Q, K or V) on channels
           [c·C, (c + 1)·C) of each module of group g: the window (the state's positions and
           y) times the kernel's C output columns, loaded once for the group. K and V programs
@@ -68,6 +69,11 @@ MODULES, CONV_PROGRAMS, WIDE, MAX_PARTS = None, 384, 16, 16
 # Modules per `mixed` program (a power of 2). Triton holds a product's operands in
 # registers: [64, 64] x [64, 144] per program at 17B ran 340.8 us, [16, 64] x [64, 144] 21.4.
 SPLIT = 16
+# Channels of M per `mixed` program (a power of 2 dividing M; None: all M, in pieces). At 800M
+# a program of 16 modules and all 64 channels holds 255 registers per thread and spills
+# (Nsight Compute on an H200), and the kernel runs 16 programs: fewer channels per program
+# spread the same product over more programs. Not yet measured (docs/decoding_gpu.md).
+MIXED_CHANNELS = None
 # The block is taken up to this d_model. At 17B's 9216 it ran 63.8 us on an H200
 # (convolutions 31.9, multiplicative 21.4 and its sum 2.6, attention 7.9) against the 35.6 us
 # of XLA's fifteen kernels, where at 800M's 1024 it runs 12.2 us against 26
@@ -83,17 +89,19 @@ def fits(d_model, n_modules, n_heads, sizes, length_kernel_size):
           and length_kernel_size >= 2 and d_model <= MAX_D_MODEL)
 
 
-def _mixed_kernel(x_ref, scale_ref, bias_ref, d_ref, e_ref, y_ref, *, rows, sub, split, dot,
-                  epsilon):
-  """One (row, input slice, slice of `split` modules) program: partial sums of those modules'
-  y [split, M], in power-of-2 pieces of both sides.
+def _mixed_kernel(x_ref, scale_ref, bias_ref, d_ref, e_ref, y_ref, *, rows, sub, split,
+                  channels, dot, epsilon):
+  """One (row, input slice, slice of `split` modules and `channels` channels) program:
+  partial sums of y at those modules and channels [split, channels], in power-of-2 pieces of
+  both sides.
 
   With `dot` (sub = rows; every piece and rows >= 16, Triton's least) each piece is one matrix
   product [S', rows] x [rows, M'] in IEEE float32; else sums of broadcast products.
   """
-  b, p, first = pl.program_id(0), pl.program_id(1), pl.program_id(2) * split
-  n_channels = e_ref.shape[1]
-  s_pieces, m_pieces = decode_kernels.pieces(split), decode_kernels.pieces(n_channels)
+  b, p = pl.program_id(0), pl.program_id(1)
+  slices = e_ref.shape[1] // channels
+  first, c0 = pl.program_id(2) // slices * split, pl.program_id(2) % slices * channels
+  s_pieces, m_pieces = decode_kernels.pieces(split), decode_kernels.pieces(channels)
   stats = decode_kernels.layer_norm_stats(x_ref, b, epsilon)
   y = {}
   for k in range(rows // sub):
@@ -102,7 +110,7 @@ def _mixed_kernel(x_ref, scale_ref, bias_ref, d_ref, e_ref, y_ref, *, rows, sub,
     scaled = {s0: f32(d_ref[pl.ds(first + s0, ls), cols]) * xn[None, :]
               for s0, ls in s_pieces}
     for m0, lm in m_pieces:
-      e = f32(e_ref[cols, pl.ds(m0, lm)])                                        # [sub, M']
+      e = f32(e_ref[cols, pl.ds(c0 + m0, lm)])                                   # [sub, M']
       for s0, _ in s_pieces:
         if dot:
           part = jnp.dot(scaled[s0], e, precision=jax.lax.Precision.HIGHEST)     # [S', M']
@@ -111,7 +119,7 @@ def _mixed_kernel(x_ref, scale_ref, bias_ref, d_ref, e_ref, y_ref, *, rows, sub,
         y[s0, m0] = part if (s0, m0) not in y else y[s0, m0] + part
   for s0, ls in s_pieces:
     for m0, lm in m_pieces:
-      y_ref[b, p, pl.ds(first + s0, ls), pl.ds(m0, lm)] = y[s0, m0]
+      y_ref[b, p, pl.ds(first + s0, ls), pl.ds(c0 + m0, lm)] = y[s0, m0]
 
 
 def _conv_kernel(index_ref, y_ref, y_bias_ref, state_ref, wq_ref, bq_ref, wk_ref, bk_ref,
@@ -307,16 +315,17 @@ def decode_step(x, norm, mixed, conv, state, k_cache, v_cache, index, *, n_heads
   modules = share(modules, n_modules)
   value_width = share(value_width or VALUE_WIDTH, d_head)
   split = share(split or SPLIT, n_modules)
+  channels = n_channels if MIXED_CHANNELS is None else share(MIXED_CHANNELS, n_channels)
   block, starts = decode_kernels.cache_blocks(max_len, POSITIONS)
   params = lambda warps: plgpu.CompilerParams(num_warps=warps)   # Triton, not Mosaic GPU
   index = jnp.reshape(index, (1,)).astype(jnp.int32)
 
-  dot = DOT and min(rows, *(length for side in (split, n_channels)
+  dot = DOT and min(rows, *(length for side in (split, channels)
                             for _, length in decode_kernels.pieces(side))) >= 16
   y = pl.pallas_call(
       functools.partial(_mixed_kernel, rows=rows, sub=rows if dot else min(rows, 8),
-                        split=split, dot=dot, epsilon=epsilon),
-      grid=(batch, d_model // rows, n_modules // split),
+                        split=split, channels=channels, dot=dot, epsilon=epsilon),
+      grid=(batch, d_model // rows, n_modules // split * (n_channels // channels)),
       out_shape=jax.ShapeDtypeStruct((batch, d_model // rows, n_modules, n_channels),
                                      jnp.float32),
       interpret=interpret, compiler_params=params(MIXED_WARPS),
