@@ -441,8 +441,9 @@ def results_name(backend, shapes, kernels, dtype):
 
 def define_flags():
   """Defines the command line's flags; only when run as a program (others have namesakes)."""
-  common.define_flags(json_output=True, shapes=True,
-                      writes='docs/results/decode_profile_<backend>[_<shapes>][_<kernels>][_<dtype>].md')
+  common.define_flags(
+      json_output=True, shapes=True,
+      writes='docs/results/decode_profile_<backend>[_<shapes>][_<kernels>][_<dtype>].md')
   flags.DEFINE_list('variants', list(decoders.VARIANTS), 'Table 1 variants to profile.')
   flags.DEFINE_integer('layers', None, "Blocks of the decoder (default: the shape's whole "
                        'depth, 24 at 800m).')

@@ -76,8 +76,8 @@ def parse_setting(text):
     if (name in _SWITCHES and value not in (0, 1)) or (name == 'MAX_PARTS' and value < 1) or (
         name not in (*_SWITCHES, 'MAX_PARTS', 'FF_PARTS_BYTES')
         and not decode_kernels.is_power_of_2(value)):
-      raise ValueError(f'--settings: {pair!r}: DOT and CONV_SCORES are 0 or 1, MAX_PARTS positive, '
-                       'FF_PARTS_BYTES any, the others powers of 2')
+      raise ValueError(f'--settings: {pair!r}: DOT and CONV_SCORES are 0 or 1, MAX_PARTS '
+                       'positive, FF_PARTS_BYTES any, the others powers of 2')
     setting[name] = bool(value) if name in _SWITCHES else value
   return setting
 

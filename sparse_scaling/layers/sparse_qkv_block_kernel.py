@@ -217,11 +217,11 @@ def _attend_kernel(position_ref, x_ref, q_ref, scores_ref, k_cache_ref, v_cache_
     parts = [decode_kernels.sum_pieces(
         lambda rows, start=start: scores_ref[b, rows, pl.ds(start, block)], slices, h * slices)
              for start in starts]
-  else:
-    q = [(f32(q_ref[b, pl.ds(h * d_head + s0, ls)]), s0, ls)
-         for s0, ls in decode_kernels.pieces(d_head)]
-    parts = [sum(jnp.sum(f32(k_cache_ref[r, pl.ds(start, block), pl.ds(s0, ls)]) * qs[None, :],
-                         axis=1) for qs, s0, ls in q)
+  else:             # q · K_cache, the head's pieces of d_head added
+    q_pieces = [(f32(q_ref[b, pl.ds(h * d_head + s0, ls)]), s0, ls)
+                for s0, ls in decode_kernels.pieces(d_head)]
+    parts = [sum(jnp.sum(f32(k_cache_ref[r, pl.ds(start, block), pl.ds(s0, ls)]) * q[None, :],
+                         axis=1) for q, s0, ls in q_pieces)
              for start in starts]
   values = [v_cache_ref[r, pl.ds(start, block), cols] for start in starts]
   own = sum(jnp.sum(f32(q_ref[b, pl.ds(h * d_head + start, length)])     # the token's key,
