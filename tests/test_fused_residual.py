@@ -52,28 +52,27 @@ def _decode(kernel, model_kwargs, tokens, prompt=3, dtype=jnp.float32):
 
 
 @pytest.mark.parametrize('d_model, n_heads, attention_sparsity, settings', [
-    (64, 4, 8, {}), (64, 4, 2, {}), (256, 4, 16, {}), (16, 2, 4, {}), (48, 4, 4, {}),
-    (64, 4, 8, dict(ROWS=16, MAX_PARTS=2, MODULES=4, SPLIT=2,
+    (64, 4, 8, {}), (64, 4, 2, {}), (256, 4, 16, {}), (16, 2, 4, {}),
+    (48, 4, 4, dict(CONV_SCORES=False)),
+    (64, 4, 8, dict(ROWS=16, MAX_PARTS=2, MODULES=4, SPLIT=2, MIXED_CHANNELS=4,
                     MAX_PARTS_BYTES=0, COLUMNS=8, GATHER=4, GROUP=2)),
-    (48, 4, 4, dict(CONV_SCORES=False, MIXED_CHANNELS=4)),
-    (768, 8, 16, dict(CONV_PROGRAMS=8, MIXED_CHANNELS=16))])
+    (768, 8, 16, dict(CONV_PROGRAMS=8))])
 def test_fused_blocks_equal_xla_step_by_step(d_model, n_heads, attention_sparsity, settings,
                                              monkeypatch):
   """Modules and heads of different sizes (8 modules of 8 channels against 4 heads of 16;
   2 of 32 against 4 of 16; 16 of 16 against 4 of 64, where the multiplicative layer is one
   matrix product per program; 4 of 4 against 2 of 8, fewer channels than a program's 8),
   sides that are not powers of 2 (d_model 48: modules and heads of 12, 3 partial sums of the
-  multiplicative layer), programs that convolve several modules with the partial sums added
-  first and multiplicative programs of 2 modules each (and, in the same case, the FF block
-  with W2's chosen rows multiplied by a kernel of their own, as at 17B where the units
-  programs' parts would be large: programs of 8 columns gathering 4 rows a load, after units
-  programs of two blocks), and d_model 768 as 17B's shapes in
+  multiplicative layer; there the heads' scores computed by the attention programs from q and
+  the K cache, heads of 12 loaded as 8 and 4, instead of the convolution's Q programs),
+  programs that convolve several modules with the partial sums added first and
+  multiplicative programs of 2 modules and 4 of the 8 channels each (and, in the same case,
+  the FF block with W2's chosen rows multiplied by a kernel of their own, as at 17B where the
+  units programs' parts would be large: programs of 8 columns gathering 4 rows a load, after
+  units programs of two blocks), and d_model 768 as 17B's shapes in
   small: 16 modules of 48 channels (a matrix product per piece of 32 and 16), 12 partial
   sums, heads of 96, programs of 16 channels and 16 modules where 8 channels each would make
   too many programs,
-  the heads' scores computed by the attention programs from q and the K cache instead of the
-  convolution's Q programs (d_model 48: heads of 12, loaded as 8 and 4), multiplicative
-  programs of a slice of the channels (4 of 12 as broadcast sums; 16 of 48, a matrix product),
   two rows, the caches filled past their end: each step's logits and the whole state
   (convolution states, caches, positions) as XLA's path."""
   for name, value in settings.items():
