@@ -315,12 +315,19 @@ def attribute(times, info):
 _PROFILE_OPTIONS = {'gpu': {'xla_gpu_enable_command_buffer': ''}}
 
 
+def compile_traced(lowered):
+  """The program to trace: on a GPU compiled without command buffers (`_PROFILE_OPTIONS`),
+  elsewhere as XLA compiles it by default."""
+  return lowered.compile(compiler_options=_PROFILE_OPTIONS.get(jax.default_backend()))
+
+
 def compile_for_trace(lowered):
   """(the program as XLA compiles it by default, the program to trace): the same one except on
-  a GPU, where the traced one is compiled without command buffers (`_PROFILE_OPTIONS`)."""
+  a GPU (`compile_traced`)."""
   compiled = lowered.compile()
-  options = _PROFILE_OPTIONS.get(jax.default_backend())
-  return compiled, lowered.compile(compiler_options=options) if options else compiled
+  if jax.default_backend() not in _PROFILE_OPTIONS:
+    return compiled, compiled
+  return compiled, compile_traced(lowered)
 
 
 def totals(rows, key):

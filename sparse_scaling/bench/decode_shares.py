@@ -38,6 +38,7 @@ from absl import flags
 import jax
 import jax.numpy as jnp
 
+from sparse_scaling import decoding
 from sparse_scaling.bench import common
 from sparse_scaling.bench import decode_profile
 from sparse_scaling.bench import decoders
@@ -172,8 +173,9 @@ def kernels(dims, depth, interpret=False, steps=(8, 40)):
 def trace(dims, depth, interpret=False, steps=20):
   """(attention, FF, {kernel: seconds}): device seconds of one call of each fused block alone
   (`fused_blocks`), and of each kernel, named by its Pallas function ('_conv_kernel') or, for
-  XLA's, its instruction. Each block is jitted with its state donated and fed back, so caches
-  and states are written in place as in a generation, compiled without command buffers, and
+  XLA's, its instruction. Each block is jitted as a generation's program (`decoding.jit`) with
+  its state donated and fed back, so caches and states are written in place as in a
+  generation, compiled without command buffers, and
   traced over `steps` calls (`decode_profile.kernel_times`). A block's weights stay in the
   GPU's L2 cache between calls, as they do not in a generation of many blocks: kernels that
   wait on memory take longer there (at 800M the units kernel 2.4 µs here, 4.1 in a
@@ -183,8 +185,9 @@ def trace(dims, depth, interpret=False, steps=20):
   per_kernel = collections.Counter()
 
   def seconds(fn, args, donate, feed):
-    program = jax.jit(fn, donate_argnums=donate).trace(*args)   # the shares in force now
-    compiled = decode_profile.compile_for_trace(program.lower())[1]
+    # Traced anew (the shares in force now) and compiled as a generation compiles a block.
+    program = decoding.jit(fn, donate_argnums=donate).trace(*args)
+    compiled = decode_profile.compile_traced(program.lower())
     names = {name: meta['function'] or name
              for name, meta in decode_profile.kernels(compiled.as_text()).items()}
     args = list(args)

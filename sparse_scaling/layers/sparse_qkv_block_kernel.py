@@ -317,18 +317,18 @@ def decode_step(x, norm, mixed, conv, state, k_cache, v_cache, index, *, n_heads
   split = share(split or SPLIT, n_modules)
   channels = n_channels if MIXED_CHANNELS is None else share(MIXED_CHANNELS, n_channels)
   block, starts = decode_kernels.cache_blocks(max_len, POSITIONS)
-  params = lambda warps: plgpu.CompilerParams(num_warps=warps)   # Triton, not Mosaic GPU
   index = jnp.reshape(index, (1,)).astype(jnp.int32)
 
   dot = DOT and min(rows, *(length for side in (split, channels)
                             for _, length in decode_kernels.pieces(side))) >= 16
+  # Each kernel's compiler_params are Triton's (plgpu), not Mosaic GPU's.
   y = pl.pallas_call(
       functools.partial(_mixed_kernel, rows=rows, sub=rows if dot else min(rows, 8),
                         split=split, channels=channels, dot=dot, epsilon=epsilon),
       grid=(batch, d_model // rows, n_modules // split * (n_channels // channels)),
       out_shape=jax.ShapeDtypeStruct((batch, d_model // rows, n_modules, n_channels),
                                      jnp.float32),
-      interpret=interpret, compiler_params=params(MIXED_WARPS),
+      interpret=interpret, compiler_params=plgpu.CompilerParams(num_warps=MIXED_WARPS),
   )(x, *norm, d, e)
   if y.shape[1] > MAX_PARTS:   # else every `conv` program would add them all
     y = jnp.sum(y, axis=1, keepdims=True)
@@ -344,7 +344,7 @@ def decode_step(x, norm, mixed, conv, state, k_cache, v_cache, index, *, n_heads
                  jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
                  jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype)),
       input_output_aliases={10: 3, 11: 4},
-      interpret=interpret, compiler_params=params(CONV_WARPS),
+      interpret=interpret, compiler_params=plgpu.CompilerParams(num_warps=CONV_WARPS),
   )(index, y, y_bias.reshape(n_modules, n_channels), state,
     *[w for pair in conv for w in pair], k_cache, v_cache)
 
@@ -358,7 +358,7 @@ def decode_step(x, norm, mixed, conv, state, k_cache, v_cache, index, *, n_heads
                  jax.ShapeDtypeStruct(flat_state.shape, flat_state.dtype),
                  jax.ShapeDtypeStruct((1,), jnp.int32)),
       input_output_aliases={8: 1, 9: 2},
-      interpret=interpret, compiler_params=params(ATTEND_WARPS),
+      interpret=interpret, compiler_params=plgpu.CompilerParams(num_warps=ATTEND_WARPS),
   )(position, x, q, scores, k_cache, v_cache, y.reshape(batch, y.shape[1], d_model), y_bias,
     flat_state, index)
   return out, flat_state.reshape(state.shape), k_cache, v_cache, index[0]
