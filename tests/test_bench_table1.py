@@ -1,6 +1,7 @@
 """The Table 1 benchmark reads the paper's gin files and times both implementations."""
 
 import functools
+import json
 import time
 
 import jax
@@ -8,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from sparse_scaling.bench import common
 from sparse_scaling.bench import table1
 from sparse_scaling.layers import decode_kernels
 
@@ -117,6 +119,33 @@ def test_a_measurement_that_fails_is_reported_and_the_others_go_on(monkeypatch):
   text = table1.markdown(rows, 4, 3)
   assert 'Measurements that failed:' in text and 'ff ours, program: RuntimeError' in text
   assert '| 800m | ff | ours-xla (xla) | float32 |' in text
+
+
+def test_a_run_cut_off_keeps_the_rows_it_finished_in_the_results(monkeypatch, tmp_path):
+  monkeypatch.setattr(common, 'RESULTS_DIR', tmp_path)
+  monkeypatch.setattr(table1, 'dimensions', lambda shape, variant: dict(
+      TINY, ff_sparsity=0 if variant == 'dense' else (8, 4)))
+  real_block = table1.seconds_per_block
+
+  def block_then_cut_off(*args):
+    if timed:   # the second variant: the run's time is up
+      raise KeyboardInterrupt
+    timed.append(1)
+    return real_block(*args)
+
+  timed, written = [], []
+  monkeypatch.setattr(table1, 'seconds_per_block', block_then_cut_off)
+  common.write_json(tmp_path / 't.json', [dict(shape='800m', variant='ff', impl='ours',
+                                               dtype='float32', depth=24)])   # an earlier run's
+  with pytest.raises(KeyboardInterrupt):
+    table1.measure('800m', ['dense', 'ff'], ['ours'], prompt=4, n_tokens=3, bandwidth=30e9,
+                   step=False, on_row=lambda row: (written.append(row),
+                                                   table1.write_results('t', written, 4, 3)))
+  saved = json.loads((tmp_path / 't.json').read_text())
+  # The dense row is saved; the earlier run's ff row of the same setting is gone with it.
+  assert [(r['variant'], r['s_per_block'] > 0) for r in saved] == [('dense', True)]
+  assert '| 800m | dense | ours (xla) |' in (tmp_path / 't.md').read_text()
+  assert (tmp_path / 't.png').stat().st_size > 0
 
 
 def test_depth_sets_the_whole_decoders_blocks_and_the_table_says_so(monkeypatch):

@@ -211,10 +211,11 @@ def bytes_per_token(dims, n_layers, kv_len, itemsize):
 
 
 def measure(shape, variants, impls, prompt, n_tokens, bandwidth, program=False, step=True,
-            dtype=None, depth=None):
+            dtype=None, depth=None, on_row=None):
   """Rows of one shape: each variant and implementation, one block timed alone and (with
   `step`) the whole decoder's jitted step and (with `program`) its compiled generation, of
-  `depth` blocks (default: the shape's, `SHAPES`).
+  `depth` blocks (default: the shape's, `SHAPES`). Each row is printed (flushed) and given
+  to `on_row` as soon as it is measured, so that a run cut off keeps the rows it finished.
 
   A measurement that fails (a column an implementation cannot fill) gives a row with the
   error instead, and the others go on.
@@ -259,6 +260,8 @@ def measure(shape, variants, impls, prompt, n_tokens, bandwidth, program=False, 
           gc.collect()
       rows.append(row)
       print(json.dumps(row), flush=True)
+      if on_row:
+        on_row(row)
   return rows
 
 
@@ -404,6 +407,18 @@ def define_flags():
                       '(default: table1 on CPU, table1_<backend> elsewhere).')
 
 
+def write_results(name, rows, prompt, n_tokens):
+  """docs/results/<name>.json, .md and .png: `rows` in place of the saved rows of their shape,
+  depth and dtype (the rows of a run so far: written after each, a run cut off keeps them)."""
+  merged = common.merge_json(common.RESULTS_DIR / f'{name}.json', rows, key=_setting)
+  (common.RESULTS_DIR / f'{name}.md').write_text(
+      '# Table 1, reproduced: unbatched decoding time\n\n'
+      f'`python -m sparse_scaling.bench.table1 --shapes 800m,17b --results={name}` (a run\'s '
+      f'rows replace the saved rows of the same shape, depth and dtype in `{name}.json`)\n\n'
+      + markdown(merged, prompt, n_tokens) + '\n')
+  plot(merged, common.RESULTS_DIR / f'{name}.png')
+
+
 def main(argv):
   del argv
   args = flags.FLAGS
@@ -420,25 +435,25 @@ def main(argv):
     raise app.UsageError(f'--impls: {args.impls} must name only {list(IMPLS)}')
   if args.dtype not in (None, 'float32', 'bfloat16'):
     raise app.UsageError(f'--dtype: {args.dtype!r} must be float32 or bfloat16')
+  name = args.results or ('table1' if jax.default_backend() == 'cpu'
+                            else f'table1_{jax.default_backend()}')
   rows = []
+
+  def on_row(row):
+    rows.append(row)
+    if args.write:
+      write_results(name, rows, args.prompt, args.tokens)
+
   bandwidth = None if args.render_only else timing.memory_bandwidth()
   for shape in shapes_measured:
     if shape not in SHAPES:
       raise app.UsageError(f'--shapes: unknown shape {shape!r}; use {sorted(SHAPES)}')
-    rows += measure(shape, args.variants, args.impls, args.prompt, args.tokens, bandwidth,
-                    args.program, args.step, args.dtype, args.depth)
+    measure(shape, args.variants, args.impls, args.prompt, args.tokens, bandwidth,
+            args.program, args.step, args.dtype, args.depth, on_row=on_row)
   if rows:
     print(markdown(rows, args.prompt, args.tokens))
-  if args.write:  # merged with the rows of shapes measured by earlier runs
-    name = args.results or ('table1' if jax.default_backend() == 'cpu'
-                              else f'table1_{jax.default_backend()}')
-    merged = common.merge_json(common.RESULTS_DIR / f'{name}.json', rows, key=_setting)
-    (common.RESULTS_DIR / f'{name}.md').write_text(
-        '# Table 1, reproduced: unbatched decoding time\n\n'
-        f'`python -m sparse_scaling.bench.table1 --shapes 800m,17b --results={name}` (a run\'s '
-        f'rows replace the saved rows of the same shape, depth and dtype in `{name}.json`)\n\n'
-        + markdown(merged, args.prompt, args.tokens) + '\n')
-    plot(merged, common.RESULTS_DIR / f'{name}.png')
+  elif args.write:   # --render_only
+    write_results(name, rows, args.prompt, args.tokens)
   if args.json:
     print(json.dumps([{k: r.get(k) for k in ('shape', 'variant', 'impl', 's_per_token',
                                              's_per_block', 's_per_token_program',
