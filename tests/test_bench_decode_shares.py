@@ -21,12 +21,12 @@ def test_each_setting_is_in_force_while_it_is_measured_and_undone_after():
     seen.append(_constants())
     return 1e-3 * len(seen)
 
-  settings = ['default', 'WIDTH=16+CONV_WARPS=8', 'DOT=0+CONV_SCORES=0',
+  settings = ['default', 'WIDTH=16+CONV_WARPS=8', 'DOT=0+MIXED_CHANNELS=32',
               'MODULES=4+FF_GROUP=1+MAX_PARTS=144']
   results = decode_shares.sweep('800m', 'ffqkv', 1, settings, measure=measure)
   assert [text for text, _ in results] == settings
   assert seen == [before, dict(before, WIDTH=16, CONV_WARPS=8),
-                  dict(before, DOT=False, CONV_SCORES=False),
+                  dict(before, DOT=False, MIXED_CHANNELS=32),
                   dict(before, MODULES=4, FF_GROUP=1, MAX_PARTS=144)]
   assert _constants() == before
 

@@ -53,7 +53,7 @@ def _decode(kernel, model_kwargs, tokens, prompt=3, dtype=jnp.float32):
 
 @pytest.mark.parametrize('d_model, n_heads, attention_sparsity, settings', [
     (64, 4, 8, {}), (64, 4, 2, {}), (256, 4, 16, {}), (16, 2, 4, {}),
-    (48, 4, 4, dict(CONV_SCORES=False)),
+    (48, 4, 4, dict(MIXED_CHANNELS=None)),
     (64, 4, 8, dict(ROWS=16, MAX_PARTS=2, MODULES=4, SPLIT=2, MIXED_CHANNELS=4,
                     MAX_PARTS_BYTES=0, COLUMNS=8, GATHER=4, GROUP=2)),
     (768, 8, 16, dict(CONV_PROGRAMS=8))])
@@ -63,15 +63,14 @@ def test_fused_blocks_equal_xla_step_by_step(d_model, n_heads, attention_sparsit
   2 of 32 against 4 of 16; 16 of 16 against 4 of 64, where the multiplicative layer is one
   matrix product per program; 4 of 4 against 2 of 8, fewer channels than a program's 8),
   sides that are not powers of 2 (d_model 48: modules and heads of 12, 3 partial sums of the
-  multiplicative layer; there the heads' scores computed by the attention programs from q and
-  the K cache, heads of 12 loaded as 8 and 4, instead of the convolution's Q programs),
+  multiplicative layer, each program taking all 12 channels, and heads, loaded as 8 and 4),
   programs that convolve several modules with the partial sums added first and
   multiplicative programs of 2 modules and 4 of the 8 channels each (and, in the same case,
   the FF block with W2's chosen rows multiplied by a kernel of their own, as at 17B where the
   units programs' parts would be large: programs of 8 columns gathering 4 rows a load, after
   units programs of two blocks), and d_model 768 as 17B's shapes in
-  small: 16 modules of 48 channels (a matrix product per piece of 32 and 16), 12 partial
-  sums, heads of 96, programs of 16 channels and 16 modules where 8 channels each would make
+  small: 16 modules of 48 channels (multiplicative programs of 16 of them, a matrix product
+  each), 12 partial sums, heads of 96, programs of 16 channels and 16 modules where 8 channels each would make
   too many programs,
   two rows, the caches filled past their end: each step's logits and the whole state
   (convolution states, caches, positions) as XLA's path."""
@@ -147,7 +146,7 @@ def test_shapes_the_kernels_do_not_take_decode_through_xla(kwargs, max_d_model, 
     'd_model, d_ff, n_heads, sparsity, ff_sparsity, n_products, n_ff, settings', [
         (1024, 6144, 16, 16, (64, 16), 1, 2, {}), (8, 32, 2, 2, (4, 2), 0, 2, {}),
         (9216, 65536, 96, 64, (256, 32), 1, 3, {}),
-        (1024, 6144, 16, 16, (64, 16), 1, 2, dict(CONV_SCORES=False, MIXED_CHANNELS=16))])
+        (1024, 6144, 16, 16, (64, 16), 1, 2, dict(MIXED_CHANNELS=None))])
 def test_fused_blocks_lower_to_triton_for_a_gpu(d_model, d_ff, n_heads, sparsity, ff_sparsity,
                                                 n_products, n_ff, settings, monkeypatch):
   """One block lowered for CUDA on any machine, KV caches of 168: 800M FF+QKV (d_model 1024,
@@ -158,9 +157,8 @@ def test_fused_blocks_lower_to_triton_for_a_gpu(d_model, d_ff, n_heads, sparsity
   line): the attention block's three Triton kernels and the FF block's two (three at 17B,
   where W2's chosen rows are multiplied in a kernel of their own), the caches written in
   place, and a matrix product in a kernel's code (`dot_general:`, its source location in
-  Triton's module) except at the tiny shape; the 800M block also with the heads' scores
-  computed by the attention kernel (`CONV_SCORES`) and multiplicative programs of 16
-  channels (`MIXED_CHANNELS`).
+  Triton's module) except at the tiny shape; the 800M block also with multiplicative
+  programs of all 64 channels (`MIXED_CHANNELS`, by default 16).
   (At 17B the attention block is slower than XLA's kernels and declines, MAX_D_MODEL; here
   it is lowered all the same.)"""
   monkeypatch.setattr(sparse_qkv_block_kernel, 'MAX_D_MODEL', d_model)
@@ -179,19 +177,19 @@ def test_fused_blocks_lower_to_triton_for_a_gpu(d_model, d_ff, n_heads, sparsity
         lowering_platforms=('cuda',)).as_text()
   assert text.count('xla.gpu.triton') == 3 + n_ff
   assert text.count('dot_general:') == n_products
-  # The convolution kernel's outputs 3 and 4 are the K and V caches, aliasing its operands.
-  assert 'output_operand_alias<output_tuple_indices = [3]' in text
-  assert 'output_operand_alias<output_tuple_indices = [4]' in text
+  # The convolution kernel's outputs 2 and 3 are the K and V caches, its operands 10 and 11.
+  assert 'output_operand_alias<output_tuple_indices = [2], operand_index = 10,' in text
+  assert 'output_operand_alias<output_tuple_indices = [3], operand_index = 11,' in text
 
 
 @pytest.mark.skipif(jax.default_backend() != 'gpu', reason='compiles the kernels for a GPU')
-@pytest.mark.parametrize('settings', [{}, dict(CONV_SCORES=False), dict(MIXED_CHANNELS=16)])
+@pytest.mark.parametrize('settings', [{}, dict(MIXED_CHANNELS=None)])
 @pytest.mark.parametrize('d_model, n_heads, attention_sparsity', [(1024, 16, 16), (1152, 12, 8)])
 def test_fused_blocks_compiled_for_the_gpu_equal_xla(d_model, n_heads, attention_sparsity,
                                                      settings, monkeypatch):
   """The 800M shape, and one loaded in pieces as 17B's (modules of 144 channels, heads of
-  96, d_model 1152); the default shares, the heads' scores from the attention kernel
-  (`CONV_SCORES`), multiplicative programs of 16 channels (`MIXED_CHANNELS`)."""
+  96, d_model 1152); the default shares, and multiplicative programs of all channels
+  (`MIXED_CHANNELS`)."""
   for name, value in settings.items():
     monkeypatch.setattr(sparse_qkv_block_kernel, name, value)
   kwargs = dict(d_model=d_model, n_heads=n_heads, attention_sparsity=attention_sparsity,

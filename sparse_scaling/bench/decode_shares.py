@@ -8,9 +8,8 @@ module constants (its "shares"): ROWS input rows, SPLIT modules and MIXED_CHANNE
 per multiplicative program, WIDTH channels and MODULES modules per convolution program,
 VALUE_WIDTH value columns per attention program, MIXED_WARPS, CONV_WARPS and ATTEND_WARPS
 (warps per program of each kernel), DOT (1: the multiplicative product as one matrix
-product), CONV_SCORES (1: the Q programs compute the partial scores against the K cache; 0:
-the attention programs compute the scores) and MAX_PARTS (the most partial sums the
-convolutions add themselves); `layers/sparse_ff_kernel.py` has FF_GROUP (blocks of N units
+product) and MAX_PARTS (the most partial sums the convolutions add themselves);
+`layers/sparse_ff_kernel.py` has FF_GROUP (blocks of N units
 per program), FF_WARPS, FF_ROWS (rows of C1 per LayerNorm-controller program),
 FF_PARTS_BYTES (the most bytes of parts the units programs write, each its own rows of W2
 times their activations; beyond, a second kernel multiplies W2's rows: 0 always), FF_COLUMNS
@@ -51,14 +50,14 @@ from sparse_scaling.layers import sparse_qkv_block_kernel
 # Setting name -> (module, constant).
 SHARES = {**{name: (sparse_qkv_block_kernel, name)
              for name in ('ROWS', 'WIDTH', 'VALUE_WIDTH', 'MIXED_WARPS', 'CONV_WARPS',
-                          'ATTEND_WARPS', 'DOT', 'CONV_SCORES', 'MODULES', 'MAX_PARTS',
+                          'ATTEND_WARPS', 'DOT', 'MODULES', 'MAX_PARTS',
                           'SPLIT', 'MIXED_CHANNELS')},
           'FF_GROUP': (sparse_ff_kernel, 'GROUP'), 'FF_WARPS': (sparse_ff_kernel, 'WARPS'),
           'FF_ROWS': (sparse_ff_kernel, 'NORM_ROWS'),
           'FF_PARTS_BYTES': (sparse_ff_kernel, 'MAX_PARTS_BYTES'),
           'FF_COLUMNS': (sparse_ff_kernel, 'COLUMNS'), 'FF_GATHER': (sparse_ff_kernel, 'GATHER')}
-_SWITCHES = ('DOT', 'CONV_SCORES')   # 0 or 1
-DEFAULT_SETTINGS = ['default', 'DOT=0', 'CONV_SCORES=0', 'WIDTH=16', 'MIXED_WARPS=8',
+_SWITCHES = ('DOT',)   # 0 or 1
+DEFAULT_SETTINGS = ['default', 'DOT=0', 'MIXED_CHANNELS=32', 'WIDTH=16', 'MIXED_WARPS=8',
                     'ATTEND_WARPS=1', 'ROWS=32', 'VALUE_WIDTH=32', 'WIDTH=16+CONV_WARPS=8']
 
 
@@ -77,7 +76,7 @@ def parse_setting(text):
     if (name in _SWITCHES and value not in (0, 1)) or (name == 'MAX_PARTS' and value < 1) or (
         name not in (*_SWITCHES, 'MAX_PARTS', 'FF_PARTS_BYTES')
         and not decode_kernels.is_power_of_2(value)):
-      raise ValueError(f'--settings: {pair!r}: DOT and CONV_SCORES are 0 or 1, MAX_PARTS '
+      raise ValueError(f'--settings: {pair!r}: DOT is 0 or 1, MAX_PARTS '
                        'positive, FF_PARTS_BYTES any, the others powers of 2')
     setting[name] = bool(value) if name in _SWITCHES else value
   return setting

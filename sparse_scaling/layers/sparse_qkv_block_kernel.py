@@ -13,21 +13,18 @@ channels, H heads of d_head channels and C channels per program:
   conv    program (row, o, g, c): output o of the convolutions (Q, K or V) on channels
           [c·C, (c + 1)·C) of each module of group g: the window (the state's positions and
           y) times the kernel's C output columns, loaded once for the group. K and V programs
-          write their channels into the KV caches in place; Q programs write q and (with
-          CONV_SCORES) the partial scores q[C]·K_cache[:, C] of every cached position, one
-          row per channel slice.
-  attend  program (row·head, v): the head's scores (its slices' partial scores added, or
-          without CONV_SCORES q·K_cache, the token's own from q and its cached key), softmax,
-          and the V cache's columns
-          [v·Cv, (v + 1)·Cv); out = x + that. It also moves the convolution's state on at
-          those channels and the position on, both in place.
+          write their channels into the KV caches in place, Q programs into q.
+  attend  program (row·head, v): the head's scores q·K_cache (the token's own from q and its
+          cached key), softmax, and the V cache's columns [v·Cv, (v + 1)·Cv); out = x + that.
+          It also moves the convolution's state on at those channels and the position on,
+          both in place.
 
 Each program reads a few tens of kilobytes, so many programs share the work: a program of one
 GPU multiprocessor reads far below the card's rate, and a launch costs about a microsecond.
 Sides that are not powers of 2 (Triton's blocks must be) are loaded in power-of-2 pieces
 (`decode_kernels.pieces`: 144 channels as 128 and 16). On an H200 at the 800M shape the three
-take 3.2, 7.2 and 3.9 µs (in the latest profile, attend moving the state on), against fifteen
-XLA kernels in 26 µs; at 17B's shapes 21.4, 31.9 and 7.9 µs, slower than XLA's kernels
+take 2.7, 5.5 and 4.6 µs (docs/results/decode_profile_gpu.md), against fifteen XLA kernels
+in 26 µs; at 17B's shapes (an earlier form) 21.4, 31.9 and 7.9 µs, slower than XLA's kernels
 there, so the block declines above MAX_D_MODEL (docs/decoding_gpu.md;
 `bench/decode_shares.py` sweeps the shares below).
 The result equals the layers' XLA path (`tests/test_fused_residual.py`).
@@ -52,13 +49,6 @@ POSITIONS = 64  # cache positions read per block, at most
 # kernel's warps per program.
 ROWS, WIDTH, VALUE_WIDTH = 64, 8, 16
 MIXED_WARPS, CONV_WARPS, ATTEND_WARPS = 4, 4, 4
-# Where a head's scores against the cached keys are computed: True, in the Q programs of
-# `conv` (partial scores of their channels, added by `attend`); False, in `attend` from q and
-# the K cache. On an H200 at 800M False made a generation ~4% faster (0.560 and 0.563 against
-# 0.584 ms/token; docs/decoding_gpu.md, "The kernels' shares at 800M"); it is not the default
-# until its compiled kernels have been checked against XLA's on a GPU
-# (tests/test_fused_residual.py) and Table 1 re-run with it.
-CONV_SCORES = True
 DOT = True   # `mixed` as matrix products where ROWS and every piece of modules and M are >= 16
 # Modules per `conv` program (a power of 2; None: at large shapes, where programs of WIDTH
 # channels would be many more than CONV_PROGRAMS, programs first take WIDE channels, then
@@ -71,9 +61,9 @@ MODULES, CONV_PROGRAMS, WIDE, MAX_PARTS = None, 384, 16, 16
 SPLIT = 16
 # Channels of M per `mixed` program (a power of 2 dividing M; None: all M, in pieces). At 800M
 # a program of 16 modules and all 64 channels holds 255 registers per thread and spills
-# (Nsight Compute on an H200), and the kernel runs 16 programs: fewer channels per program
-# spread the same product over more programs. Not yet measured (docs/decoding_gpu.md).
-MIXED_CHANNELS = None
+# (Nsight Compute on an H200) in a kernel of 16 programs; 16 channels make 64 programs, and
+# the kernel took 2.0 µs against 2.7 run alone (docs/decoding_gpu.md).
+MIXED_CHANNELS = 16
 # The block is taken up to this d_model. At 17B's 9216 it ran 63.8 us on an H200
 # (convolutions 31.9, multiplicative 21.4 and its sum 2.6, attention 7.9) against the 35.6 us
 # of XLA's fifteen kernels, where at 800M's 1024 it runs 12.2 us against 26
@@ -123,8 +113,8 @@ def _mixed_kernel(x_ref, scale_ref, bias_ref, d_ref, e_ref, y_ref, *, rows, sub,
 
 
 def _conv_kernel(index_ref, y_ref, y_bias_ref, state_ref, wq_ref, bq_ref, wk_ref, bk_ref,
-                 wv_ref, bv_ref, k_cache_ref, v_cache_ref, scores_ref, q_ref, position_ref,
-                 k_out_ref, v_out_ref, *, sizes, n_heads, width, group, starts, block):
+                 wv_ref, bv_ref, k_cache_ref, v_cache_ref, q_ref, position_ref, k_out_ref,
+                 v_out_ref, *, sizes, n_heads, width, group):
   """One (row, output, group of modules, channel slice) program. Shapes in `decode_step`."""
   b, o, g, c = (pl.program_id(i) for i in range(4))
   _, n, n_modules, n_channels = state_ref.shape
@@ -176,13 +166,8 @@ def _conv_kernel(index_ref, y_ref, y_bias_ref, state_ref, wq_ref, bq_ref, wk_ref
   @pl.when(o == 0)
   def _():
     for k, q in enumerate(convolve(sizes[0], wq_ref, bq_ref)):
-      row, off, flat = cache_slot(k)
-      q = q.astype(q_ref.dtype)
-      q_ref[b, pl.ds(flat, width)] = q
-      for start in starts:       # positions from `index` on: unused
-        key = k_cache_ref[row, pl.ds(start, block), pl.ds(off, width)]
-        scores_ref[b, flat // width, pl.ds(start, block)] = jnp.sum(
-            f32(key) * f32(q)[None, :], axis=1)
+      _, _, flat = cache_slot(k)
+      q_ref[b, pl.ds(flat, width)] = q.astype(q_ref.dtype)
 
   @pl.when(o == 1)
   def _():
@@ -197,9 +182,9 @@ def _conv_kernel(index_ref, y_ref, y_bias_ref, state_ref, wq_ref, bq_ref, wk_ref
       v_out_ref[row, index, pl.ds(off, width)] = out.astype(v_out_ref.dtype)
 
 
-def _attend_kernel(position_ref, x_ref, q_ref, scores_ref, k_cache_ref, v_cache_ref, y_ref,
-                   y_bias_ref, state_ref, index_ref, out_ref, state_out_ref, next_ref, *,
-                   n_heads, width, value_width, starts, block, barrier, conv_scores):
+def _attend_kernel(position_ref, x_ref, q_ref, k_cache_ref, v_cache_ref, y_ref, y_bias_ref,
+                   state_ref, index_ref, out_ref, state_out_ref, next_ref, *, n_heads,
+                   value_width, starts, block, barrier):
   """One (row·head, value columns) program. Shapes in `decode_step`; the state flat
   [B, lks − 1, d] and y [B, parts, d]. index_ref and next_ref are one buffer, as are state_ref
   and state_out_ref: the program reads position_ref, never index_ref."""
@@ -207,35 +192,26 @@ def _attend_kernel(position_ref, x_ref, q_ref, scores_ref, k_cache_ref, v_cache_
   r, v = pl.program_id(0), pl.program_id(1)
   b, h = r // n_heads, r % n_heads
   d_head = x_ref.shape[1] // n_heads
-  slices = d_head // width
   next_ref[0] = position_ref[0] + 1   # the next token's position (every program writes it)
   index = jnp.minimum(position_ref[0], k_cache_ref.shape[1] - 1)
   _move_state(y_ref, y_bias_ref, state_ref, state_out_ref, b,
               pl.ds(h * d_head + v * value_width, value_width), barrier)
   cols = pl.ds(v * value_width, value_width)
-  if conv_scores:   # the Q programs' partial scores, one row per channel slice
-    parts = [decode_kernels.sum_pieces(
-        lambda rows, start=start: scores_ref[b, rows, pl.ds(start, block)], slices, h * slices)
-             for start in starts]
-  else:             # q · K_cache, the head's pieces of d_head added
-    q_pieces = [(f32(q_ref[b, pl.ds(h * d_head + s0, ls)]), s0, ls)
-                for s0, ls in decode_kernels.pieces(d_head)]
-    parts = [sum(jnp.sum(f32(k_cache_ref[r, pl.ds(start, block), pl.ds(s0, ls)]) * q[None, :],
-                         axis=1) for q, s0, ls in q_pieces)
-             for start in starts]
+  q_pieces = [(f32(q_ref[b, pl.ds(h * d_head + s0, ls)]), s0, ls)
+              for s0, ls in decode_kernels.pieces(d_head)]
+  # q · K_cache, the head's pieces of d_head added; `conv` has written the token's own key
+  # at `index`, so its score is read as the cache holds it, like the others'.
+  parts = [sum(jnp.sum(f32(k_cache_ref[r, pl.ds(start, block), pl.ds(s0, ls)]) * q[None, :],
+                       axis=1) for q, s0, ls in q_pieces)
+           for start in starts]
   values = [v_cache_ref[r, pl.ds(start, block), cols] for start in starts]
-  own = sum(jnp.sum(f32(q_ref[b, pl.ds(h * d_head + start, length)])     # the token's key,
-                    * f32(k_cache_ref[r, index, pl.ds(start, length)]))   # as the cache holds it
-            for start, length in decode_kernels.pieces(d_head))
   x = f32(x_ref[b, pl.ds(h * d_head + v * value_width, value_width)])
   root = float(d_head) ** 0.5
-  own = own / root
   scores = []
   for i, (start, part) in enumerate(zip(starts, parts)):
     position = start + jnp.arange(block)
-    score = jnp.where(position == index, own, part / root)
     valid = (position >= i * block) & (position <= index)   # blocks overlap at the end
-    scores.append(jnp.where(valid, score, -jnp.inf))
+    scores.append(jnp.where(valid, part / root, -jnp.inf))
   top = scores[0].max()
   for score in scores[1:]:
     top = jnp.maximum(top, score.max())
@@ -333,32 +309,29 @@ def decode_step(x, norm, mixed, conv, state, k_cache, v_cache, index, *, n_heads
   if y.shape[1] > MAX_PARTS:   # else every `conv` program would add them all
     y = jnp.sum(y, axis=1, keepdims=True)
 
-  # Without CONV_SCORES the scores are left unwritten, and `attend` does not read them.
-  scores, q, position, k_cache, v_cache = pl.pallas_call(
+  q, position, k_cache, v_cache = pl.pallas_call(
       functools.partial(_conv_kernel, sizes=tuple(sizes), n_heads=n_heads, width=width,
-                        group=modules, starts=starts if CONV_SCORES else (), block=block),
+                        group=modules),
       grid=(batch, 3, n_modules // modules, n_channels // width),
-      out_shape=(jax.ShapeDtypeStruct((batch, d_model // width, max_len), jnp.float32),
-                 jax.ShapeDtypeStruct((batch, d_model), x.dtype),
+      out_shape=(jax.ShapeDtypeStruct((batch, d_model), x.dtype),
                  jax.ShapeDtypeStruct((1,), jnp.int32),
                  jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
                  jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype)),
-      input_output_aliases={10: 3, 11: 4},
+      input_output_aliases={10: 2, 11: 3},
       interpret=interpret, compiler_params=plgpu.CompilerParams(num_warps=CONV_WARPS),
   )(index, y, y_bias.reshape(n_modules, n_channels), state,
     *[w for pair in conv for w in pair], k_cache, v_cache)
 
   flat_state = state.reshape(batch, state.shape[1], d_model)
   out, flat_state, index = pl.pallas_call(
-      functools.partial(_attend_kernel, n_heads=n_heads, width=width,
-                        value_width=value_width, starts=starts, block=block,
-                        barrier=not interpret, conv_scores=CONV_SCORES),
+      functools.partial(_attend_kernel, n_heads=n_heads, value_width=value_width,
+                        starts=starts, block=block, barrier=not interpret),
       grid=(batch * n_heads, d_head // value_width),
       out_shape=(jax.ShapeDtypeStruct(x.shape, x.dtype),
                  jax.ShapeDtypeStruct(flat_state.shape, flat_state.dtype),
                  jax.ShapeDtypeStruct((1,), jnp.int32)),
-      input_output_aliases={8: 1, 9: 2},
+      input_output_aliases={7: 1, 8: 2},
       interpret=interpret, compiler_params=plgpu.CompilerParams(num_warps=ATTEND_WARPS),
-  )(position, x, q, scores, k_cache, v_cache, y.reshape(batch, y.shape[1], d_model), y_bias,
+  )(position, x, q, k_cache, v_cache, y.reshape(batch, y.shape[1], d_model), y_bias,
     flat_state, index)
   return out, flat_state.reshape(state.shape), k_cache, v_cache, index[0]
