@@ -23,7 +23,7 @@ from sparse_scaling.models import ScalingTransformerLM
 
 VOCAB = 40
 # Settings of sparse_ff_kernel's constants; the others are the QKV block's.
-FF_SHARES = ('MAX_PARTS_BYTES', 'COLUMNS', 'GATHER', 'GROUP', 'ATOMIC')
+FF_SHARES = ('MAX_PARTS_BYTES', 'COLUMNS', 'GATHER', 'GROUP')
 
 
 def _lm(mode, d_model=64, n_heads=4, attention_sparsity=8, ff_sparsity=(8, 16), max_len=16,
@@ -52,7 +52,7 @@ def _decode(kernel, model_kwargs, tokens, prompt=3, dtype=jnp.float32):
 
 
 @pytest.mark.parametrize('d_model, n_heads, attention_sparsity, settings', [
-    (64, 4, 8, {}), (64, 4, 2, {}), (256, 4, 16, dict(ATOMIC=True)), (16, 2, 4, {}),
+    (64, 4, 8, {}), (64, 4, 2, {}), (256, 4, 16, {}), (16, 2, 4, {}),
     (48, 4, 4, dict(MIXED_CHANNELS=None)),
     (64, 4, 8, dict(ROWS=16, MAX_PARTS=2, MODULES=4, SPLIT=2, MIXED_CHANNELS=4,
                     MAX_PARTS_BYTES=0, COLUMNS=8, GATHER=4, GROUP=2)),
@@ -61,8 +61,7 @@ def test_fused_blocks_equal_xla_step_by_step(d_model, n_heads, attention_sparsit
                                              monkeypatch):
   """Modules and heads of different sizes (8 modules of 8 channels against 4 heads of 16;
   2 of 32 against 4 of 16; 16 of 16 against 4 of 64, where the multiplicative layer is one
-  matrix product per program and the units programs add their parts into the residual
-  (`ATOMIC`); 4 of 4 against 2 of 8, fewer channels than a program's 8),
+  matrix product per program; 4 of 4 against 2 of 8, fewer channels than a program's 8),
   sides that are not powers of 2 (d_model 48: modules and heads of 12, 3 partial sums of the
   multiplicative layer, each program taking all 12 channels, and heads, loaded as 8 and 4),
   programs that convolve several modules with the partial sums added first and
@@ -147,7 +146,7 @@ def test_shapes_the_kernels_do_not_take_decode_through_xla(kwargs, max_d_model, 
     'd_model, d_ff, n_heads, sparsity, ff_sparsity, n_products, n_ff, settings', [
         (1024, 6144, 16, 16, (64, 16), 1, 2, {}), (8, 32, 2, 2, (4, 2), 0, 2, {}),
         (9216, 65536, 96, 64, (256, 32), 1, 3, {}),
-        (1024, 6144, 16, 16, (64, 16), 1, 2, dict(MIXED_CHANNELS=None, ATOMIC=True))])
+        (1024, 6144, 16, 16, (64, 16), 1, 2, dict(MIXED_CHANNELS=None))])
 def test_fused_blocks_lower_to_triton_for_a_gpu(d_model, d_ff, n_heads, sparsity, ff_sparsity,
                                                 n_products, n_ff, settings, monkeypatch):
   """One block lowered for CUDA on any machine, KV caches of 168: 800M FF+QKV (d_model 1024,
@@ -159,14 +158,12 @@ def test_fused_blocks_lower_to_triton_for_a_gpu(d_model, d_ff, n_heads, sparsity
   where W2's chosen rows are multiplied in a kernel of their own), the caches written in
   place, and a matrix product in a kernel's code (`dot_general:`, its source location in
   Triton's module) except at the tiny shape; the 800M block also with multiplicative
-  programs of all 64 channels (`MIXED_CHANNELS`, by default 16) and the units programs
-  adding their parts into the residual's buffer (`ATOMIC`: Triton's atomic adds).
+  programs of all 64 channels (`MIXED_CHANNELS`, by default 16).
   (At 17B the attention block is slower than XLA's kernels and declines, MAX_D_MODEL; here
   it is lowered all the same.)"""
   monkeypatch.setattr(sparse_qkv_block_kernel, 'MAX_D_MODEL', d_model)
   for name, value in settings.items():
-    monkeypatch.setattr(sparse_ff_kernel if name in FF_SHARES else sparse_qkv_block_kernel,
-                        name, value)
+    monkeypatch.setattr(sparse_qkv_block_kernel, name, value)
   model = ScalingTransformerLM(64, d_model, d_ff=d_ff, n_layers=1, n_heads=n_heads,
                                max_len=168, dropout=0.0, ff_sparsity=ff_sparsity,
                                attention_sparsity=sparsity, mode='predict')
@@ -183,22 +180,18 @@ def test_fused_blocks_lower_to_triton_for_a_gpu(d_model, d_ff, n_heads, sparsity
   # The convolution kernel's outputs 2 and 3 are the K and V caches, its operands 10 and 11.
   assert 'output_operand_alias<output_tuple_indices = [2], operand_index = 10,' in text
   assert 'output_operand_alias<output_tuple_indices = [3], operand_index = 11,' in text
-  # With ATOMIC the units kernel's one output is the residual's buffer, its operand 8.
-  assert ('atomic_rmw' in text) == ('output_operand_alias<output_tuple_indices = [], '
-                                    'operand_index = 8,' in text) == bool(settings.get('ATOMIC'))
 
 
 @pytest.mark.skipif(jax.default_backend() != 'gpu', reason='compiles the kernels for a GPU')
-@pytest.mark.parametrize('settings', [{}, dict(MIXED_CHANNELS=None), dict(ATOMIC=True)])
+@pytest.mark.parametrize('settings', [{}, dict(MIXED_CHANNELS=None)])
 @pytest.mark.parametrize('d_model, n_heads, attention_sparsity', [(1024, 16, 16), (1152, 12, 8)])
 def test_fused_blocks_compiled_for_the_gpu_equal_xla(d_model, n_heads, attention_sparsity,
                                                      settings, monkeypatch):
   """The 800M shape, and one loaded in pieces as 17B's (modules of 144 channels, heads of
-  96, d_model 1152); the default shares, multiplicative programs of all channels
-  (`MIXED_CHANNELS`), the units programs adding their parts into the residual (`ATOMIC`)."""
+  96, d_model 1152); the default shares, and multiplicative programs of all channels
+  (`MIXED_CHANNELS`)."""
   for name, value in settings.items():
-    monkeypatch.setattr(sparse_ff_kernel if name in FF_SHARES else sparse_qkv_block_kernel,
-                        name, value)
+    monkeypatch.setattr(sparse_qkv_block_kernel, name, value)
   kwargs = dict(d_model=d_model, n_heads=n_heads, attention_sparsity=attention_sparsity,
                 ff_sparsity=(64, 16), max_len=168)
   tokens = jnp.asarray(np.random.RandomState(3).randint(1, VOCAB, (1, 10)), jnp.int32)

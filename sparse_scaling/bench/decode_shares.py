@@ -9,12 +9,11 @@ per multiplicative program, WIDTH channels and MODULES modules per convolution p
 VALUE_WIDTH value columns per attention program, MIXED_WARPS, CONV_WARPS and ATTEND_WARPS
 (warps per program of each kernel), DOT (1: the multiplicative product as one matrix
 product) and MAX_PARTS (the most partial sums the convolutions add themselves);
-`layers/sparse_ff_kernel.py` has FF_GROUP (blocks of N units per program), FF_WARPS, FF_ROWS
-(rows of C1 per LayerNorm-controller program), FF_PARTS_BYTES (the most bytes of parts the
-units programs write, each its own rows of W2 times their activations; beyond, a second
-kernel multiplies W2's rows: 0 always), FF_COLUMNS (columns of d_model per program of that
-kernel), FF_GATHER (rows it gathers a load) and FF_ATOMIC (1: the units programs add their
-parts into the residual, no sum by XLA). For
+`layers/sparse_ff_kernel.py` has FF_GROUP (blocks of N units
+per program), FF_WARPS, FF_ROWS (rows of C1 per LayerNorm-controller program),
+FF_PARTS_BYTES (the most bytes of parts the units programs write, each its own rows of W2
+times their activations; beyond, a second kernel multiplies W2's rows: 0 always), FF_COLUMNS
+(columns of d_model per program of that kernel) and FF_GATHER (rows it gathers a load). For
 each setting (NAME=value pairs joined by '+'; 'default' changes nothing) this builds the Table
 1 decoder of `--variant` at `--shape` with `--depth` blocks (`decoders.py`, random weights,
 batch 1, float32), and times one compiled generation (`--measure token`:
@@ -56,9 +55,8 @@ SHARES = {**{name: (sparse_qkv_block_kernel, name)
           'FF_GROUP': (sparse_ff_kernel, 'GROUP'), 'FF_WARPS': (sparse_ff_kernel, 'WARPS'),
           'FF_ROWS': (sparse_ff_kernel, 'NORM_ROWS'),
           'FF_PARTS_BYTES': (sparse_ff_kernel, 'MAX_PARTS_BYTES'),
-          'FF_COLUMNS': (sparse_ff_kernel, 'COLUMNS'), 'FF_GATHER': (sparse_ff_kernel, 'GATHER'),
-          'FF_ATOMIC': (sparse_ff_kernel, 'ATOMIC')}
-_SWITCHES = ('DOT', 'FF_ATOMIC')   # 0 or 1
+          'FF_COLUMNS': (sparse_ff_kernel, 'COLUMNS'), 'FF_GATHER': (sparse_ff_kernel, 'GATHER')}
+_SWITCHES = ('DOT',)   # 0 or 1
 DEFAULT_SETTINGS = ['default', 'DOT=0', 'MIXED_CHANNELS=32', 'WIDTH=16', 'MIXED_WARPS=8',
                     'ATTEND_WARPS=1', 'ROWS=32', 'VALUE_WIDTH=32', 'WIDTH=16+CONV_WARPS=8']
 
@@ -78,7 +76,7 @@ def parse_setting(text):
     if (name in _SWITCHES and value not in (0, 1)) or (name == 'MAX_PARTS' and value < 1) or (
         name not in (*_SWITCHES, 'MAX_PARTS', 'FF_PARTS_BYTES')
         and not decode_kernels.is_power_of_2(value)):
-      raise ValueError(f'--settings: {pair!r}: DOT and FF_ATOMIC are 0 or 1, MAX_PARTS '
+      raise ValueError(f'--settings: {pair!r}: DOT is 0 or 1, MAX_PARTS '
                        'positive, FF_PARTS_BYTES any, the others powers of 2')
     setting[name] = bool(value) if name in _SWITCHES else value
   return setting

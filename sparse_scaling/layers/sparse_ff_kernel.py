@@ -12,8 +12,7 @@ Here `units`, one program per (token, group of G blocks of N units), finds each 
 
 and the last line is done one of two ways. Where the programs are few (800M: 96 blocks of
 d_model 1024), each multiplies its own rows of W2 and writes a part [d_model], which XLA adds
-('parts'; with ATOMIC, in a float32 residual block, each adds its part into the residual's
-buffer instead). Where the parts would be large (17B: 256 parts of 9216, 9.4 MB written and read
+('parts'). Where the parts would be large (17B: 256 parts of 9216, 9.4 MB written and read
 again), `units` writes h and the chosen rows, and a second kernel, `down`, one program per
 (token, slice of d_model's columns), gathers those columns of every chosen row of W2
 ('columns'). Measured on an H200 (2026-12-01), the FF block looped on its own output in one
@@ -55,10 +54,6 @@ NORM_ROWS = 64  # rows of C1 per `norm_controller` program (a power of 2)
 # most GATHER chosen rows a load (at 17B in the loop above: 64 columns of all 256 rows in one
 # load 33.2 and 32.3 µs, 32 columns 31.8, 64 rows a load 42.6).
 MAX_PARTS_BYTES, COLUMNS, GATHER = 1 << 20, 64, 256
-# In a float32 residual block, the units programs add their parts into the residual's buffer
-# (Triton's atomic adds; the output aliases the residual) instead of writing parts that XLA
-# then sums: one kernel fewer, in an order that varies from run to run.
-ATOMIC = False
 
 
 def fits(d_lowrank, block):
@@ -68,10 +63,9 @@ def fits(d_lowrank, block):
 
 
 def _units_kernel(x_ref, z_ref, c2_ref, cb_ref, w1_ref, b1_ref, *refs, group, n, chunk,
-                  n_chunks, parts, atomic):
+                  n_chunks, parts):
   """One (token, group of blocks) program. Shapes in `sparse_units`; refs: with `parts`, W2,
-  b2, the residual [T, d] if given and the parts [T, P, d] (`atomic`: the output [T, d], the
-  residual's buffer, which the program adds its part to); else the outputs hidden [T, K]
+  b2, the residual [T, d] if given and the parts [T, P, d]; else the outputs hidden [T, K]
   (float32) and rows [T, K] (int32)."""
   t, p = pl.program_id(0), pl.program_id(1)
   xs = [f32(x_ref[t, pl.ds(c * chunk, chunk)]) for c in range(n_chunks)]
@@ -102,9 +96,6 @@ def _units_kernel(x_ref, z_ref, c2_ref, cb_ref, w1_ref, b1_ref, *refs, group, n,
     cols = pl.ds(c * chunk, chunk)
     part = sum(hidden[g] * f32(w2_ref[rows[g], cols]) for g in range(group))
     extra = f32(b2_ref[cols])
-    if atomic:   # the residual is already in out_ref
-      plgpu.atomic_add(out_ref, (t, cols), part + first * extra)
-      continue
     if residual_ref:
       extra += f32(residual_ref[0][t, cols])
     out_ref[t, p, cols] = part + first * extra
@@ -143,21 +134,14 @@ def sparse_units(x, z, c2, cb, w1, b1, w2, b2, interpret=False, group=None, resi
   group = decode_kernels.largest_share(group or GROUP or min(8, max(1, n_blocks // 256)),
                                       n_blocks)
   parts = n_tokens * (n_blocks // group) * d_model * 4 <= MAX_PARTS_BYTES
-  atomic = parts and ATOMIC and residual is not None and residual.dtype == jnp.float32
   chunk = decode_kernels.row_chunk(d_model)
   kernel = functools.partial(_units_kernel, group=group, n=n, chunk=chunk,
-                             n_chunks=d_model // chunk, parts=parts, atomic=atomic)
+                             n_chunks=d_model // chunk, parts=parts)
   params = plgpu.CompilerParams(num_warps=WARPS)   # Triton, not Mosaic GPU
   inputs = (x, z, c2.reshape(r, n_blocks * n), cb.reshape(-1),
             w1.reshape(n_blocks * n, d_model), b1.reshape(-1))
   w2 = w2.reshape(n_blocks * n, d_model)
   residual = [] if residual is None else [residual]
-  if atomic:
-    return pl.pallas_call(
-        kernel, grid=(n_tokens, n_blocks // group), interpret=interpret,
-        compiler_params=params, out_shape=jax.ShapeDtypeStruct(x.shape, jnp.float32),
-        input_output_aliases={len(inputs) + 2: 0},
-    )(*inputs, w2, b2, *residual)
   if parts:
     out = pl.pallas_call(
         kernel, grid=(n_tokens, n_blocks // group), interpret=interpret,

@@ -14,10 +14,10 @@ channels, H heads of d_head channels and C channels per program:
           [c·C, (c + 1)·C) of each module of group g: the window (the state's positions and
           y) times the kernel's C output columns, loaded once for the group. K and V programs
           write their channels into the KV caches in place, Q programs into q.
-  attend  program (row·head, v): the head's scores q·K_cache (the token's own from q and its
-          cached key), softmax, and the V cache's columns [v·Cv, (v + 1)·Cv); out = x + that.
-          It also moves the convolution's state on at those channels and the position on,
-          both in place.
+  attend  program (row·head, v): the head's scores q·K_cache (the token's own key among them,
+          as `conv` wrote it), softmax, and the V cache's columns [v·Cv, (v + 1)·Cv); out =
+          x + that. It also moves the convolution's state on at those channels and the
+          position on, both in place.
 
 Each program reads a few tens of kilobytes, so many programs share the work: a program of one
 GPU multiprocessor reads far below the card's rate, and a launch costs about a microsecond.
