@@ -68,10 +68,10 @@ def test_fused_blocks_equal_xla_step_by_step(d_model, n_heads, attention_sparsit
   multiplicative programs of 2 modules and 4 of the 8 channels each (and, in the same case,
   the FF block with W2's chosen rows multiplied by a kernel of their own, as at 17B where the
   units programs' parts would be large: programs of 8 columns gathering 4 rows a load, after
-  units programs of two blocks), and d_model 768 as 17B's shapes in
-  small: 16 modules of 48 channels (multiplicative programs of 16 of them, a matrix product
-  each), 12 partial sums, heads of 96, programs of 16 channels and 16 modules where 8 channels each would make
-  too many programs,
+  units programs of two blocks), and d_model 768 as 17B's shapes in small: 16 modules of 48
+  channels (multiplicative programs of 16 of them, a matrix product each), 12 partial sums,
+  heads of 96, programs of 16 channels and 16 modules where 8 channels each would make too
+  many programs,
   two rows, the caches filled past their end: each step's logits and the whole state
   (convolution states, caches, positions) as XLA's path."""
   for name, value in settings.items():

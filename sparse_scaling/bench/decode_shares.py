@@ -9,11 +9,11 @@ per multiplicative program, WIDTH channels and MODULES modules per convolution p
 VALUE_WIDTH value columns per attention program, MIXED_WARPS, CONV_WARPS and ATTEND_WARPS
 (warps per program of each kernel), DOT (1: the multiplicative product as one matrix
 product) and MAX_PARTS (the most partial sums the convolutions add themselves);
-`layers/sparse_ff_kernel.py` has FF_GROUP (blocks of N units
-per program), FF_WARPS, FF_ROWS (rows of C1 per LayerNorm-controller program),
-FF_PARTS_BYTES (the most bytes of parts the units programs write, each its own rows of W2
-times their activations; beyond, a second kernel multiplies W2's rows: 0 always), FF_COLUMNS
-(columns of d_model per program of that kernel) and FF_GATHER (rows it gathers a load). For
+`layers/sparse_ff_kernel.py` has FF_GROUP (blocks of N units per program), FF_WARPS, FF_ROWS
+(rows of C1 per LayerNorm-controller program), FF_PARTS_BYTES (the most bytes of parts the
+units programs write, each its own rows of W2 times their activations; beyond, a second
+kernel multiplies W2's rows: 0 always), FF_COLUMNS (columns of d_model per program of that
+kernel) and FF_GATHER (rows it gathers a load). For
 each setting (NAME=value pairs joined by '+'; 'default' changes nothing) this builds the Table
 1 decoder of `--variant` at `--shape` with `--depth` blocks (`decoders.py`, random weights,
 batch 1, float32), and times one compiled generation (`--measure token`:
@@ -56,7 +56,6 @@ SHARES = {**{name: (sparse_qkv_block_kernel, name)
           'FF_ROWS': (sparse_ff_kernel, 'NORM_ROWS'),
           'FF_PARTS_BYTES': (sparse_ff_kernel, 'MAX_PARTS_BYTES'),
           'FF_COLUMNS': (sparse_ff_kernel, 'COLUMNS'), 'FF_GATHER': (sparse_ff_kernel, 'GATHER')}
-_SWITCHES = ('DOT',)   # 0 or 1
 DEFAULT_SETTINGS = ['default', 'DOT=0', 'MIXED_CHANNELS=32', 'WIDTH=16', 'MIXED_WARPS=8',
                     'ATTEND_WARPS=1', 'ROWS=32', 'VALUE_WIDTH=32', 'WIDTH=16+CONV_WARPS=8']
 
@@ -73,12 +72,12 @@ def parse_setting(text):
       raise ValueError(f'--settings: {pair!r} must be NAME=integer with NAME one of '
                        f'{list(SHARES)}')
     value = int(value)
-    if (name in _SWITCHES and value not in (0, 1)) or (name == 'MAX_PARTS' and value < 1) or (
-        name not in (*_SWITCHES, 'MAX_PARTS', 'FF_PARTS_BYTES')
+    if (name == 'DOT' and value not in (0, 1)) or (name == 'MAX_PARTS' and value < 1) or (
+        name not in ('DOT', 'MAX_PARTS', 'FF_PARTS_BYTES')
         and not decode_kernels.is_power_of_2(value)):
-      raise ValueError(f'--settings: {pair!r}: DOT is 0 or 1, MAX_PARTS '
-                       'positive, FF_PARTS_BYTES any, the others powers of 2')
-    setting[name] = bool(value) if name in _SWITCHES else value
+      raise ValueError(f'--settings: {pair!r}: DOT is 0 or 1, MAX_PARTS positive, '
+                       'FF_PARTS_BYTES any, the others powers of 2')
+    setting[name] = bool(value) if name == 'DOT' else value
   return setting
 
 
@@ -174,8 +173,8 @@ def trace(dims, depth, interpret=False, steps=20):
   (`fused_blocks`), and of each kernel, named by its Pallas function ('_conv_kernel') or, for
   XLA's, its instruction. Each block is jitted as a generation's program (`decoding.jit`) with
   its state donated and fed back, so caches and states are written in place as in a
-  generation, compiled without command buffers, and
-  traced over `steps` calls (`decode_profile.kernel_times`). A block's weights stay in the
+  generation, compiled without command buffers, and traced over `steps` calls
+  (`decode_profile.kernel_times`). A block's weights stay in the
   GPU's L2 cache between calls, as they do not in a generation of many blocks: kernels that
   wait on memory take longer there (at 800M the units kernel 2.4 µs here, 4.1 in a
   generation's profile)."""
