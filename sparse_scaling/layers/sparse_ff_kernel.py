@@ -66,38 +66,45 @@ def _units_kernel(x_ref, z_ref, c2_ref, cb_ref, w1_ref, b1_ref, *refs, group, n,
                   n_chunks, parts):
   """One (token, group of blocks) program. Shapes in `sparse_units`; refs: with `parts`, W2,
   b2, the residual [T, d] if given and the parts [T, P, d]; else the outputs hidden [T, K]
-  (float32) and rows [T, K] (int32)."""
+  (float32) and rows [T, K] (int32). Loads in the order of `decode_kernels`' note: all that
+  wait on nothing first, then the chosen rows of W1, b1 and W2 together."""
   t, p = pl.program_id(0), pl.program_id(1)
-  xs = [f32(x_ref[t, pl.ds(c * chunk, chunk)]) for c in range(n_chunks)]
+  chunks = [pl.ds(c * chunk, chunk) for c in range(n_chunks)]
+  blocks = [p * group + g for g in range(group)]
+  xs = [x_ref[t, cols] for cols in chunks]
+  z_parts = decode_kernels.load_pieces(lambda parts: z_ref[t, parts, :], z_ref.shape[1])
+  c2s = [c2_ref[:, pl.ds(k * n, n)] for k in blocks]
+  cbs = [cb_ref[pl.ds(k * n, n)] for k in blocks]
+  if parts:
+    w2_ref, b2_ref, *residual_ref, out_ref = refs
+    extras = [f32(b2_ref[cols]) for cols in chunks]
+    if residual_ref:
+      extras = [extra + f32(residual_ref[0][t, cols]) for extra, cols in zip(extras, chunks)]
   # In float32 whatever the weights' dtype: summed in bfloat16, the controller's logits lose
   # the bits that decide its argmax.
-  z = decode_kernels.sum_pieces(lambda pieces: z_ref[t, pieces, :], z_ref.shape[1])   # [r]
-  hidden, rows = [], []
-  for g in range(group):
-    k = p * group + g
-    logits = jnp.sum(z[:, None] * f32(c2_ref[:, pl.ds(k * n, n)]), axis=0)
-    logits = logits + f32(cb_ref[pl.ds(k * n, n)])                           # [N]
+  z = decode_kernels.sum_rows(z_parts)                                               # [r]
+  rows = []
+  for k, c2, cb in zip(blocks, c2s, cbs):
+    logits = jnp.sum(z[:, None] * f32(c2), axis=0) + f32(cb)                        # [N]
     best = jnp.max(logits)
-    row = k * n + jnp.min(jnp.where(logits == best, jnp.arange(n, dtype=jnp.int32), n))
-    h = f32(b1_ref[row])
-    for c in range(n_chunks):
-      h += jnp.sum(xs[c] * f32(w1_ref[row, pl.ds(c * chunk, chunk)]))
+    rows.append(k * n + jnp.min(jnp.where(logits == best, jnp.arange(n, dtype=jnp.int32), n)))
+  b1s = [b1_ref[row] for row in rows]
+  w1s = [[w1_ref[row, cols] for cols in chunks] for row in rows]
+  if parts:
+    w2s = [[w2_ref[row, cols] for cols in chunks] for row in rows]
+  hidden = []
+  for b1, w1 in zip(b1s, w1s):
+    h = f32(b1) + sum(jnp.sum(f32(x) * f32(w)) for x, w in zip(xs, w1))
     hidden.append(jnp.maximum(h, 0.0))
-    rows.append(row)
   if not parts:
     hidden_ref, row_ref = refs
-    for g in range(group):
-      hidden_ref[t, p * group + g] = hidden[g]
-      row_ref[t, p * group + g] = rows[g]
+    for g, (h, row) in enumerate(zip(hidden, rows)):
+      hidden_ref[t, p * group + g] = h
+      row_ref[t, p * group + g] = row
     return
-  w2_ref, b2_ref, *residual_ref, out_ref = refs
   first = (p == 0).astype(jnp.float32)   # program 0's part also carries b2 (and residual)
-  for c in range(n_chunks):
-    cols = pl.ds(c * chunk, chunk)
-    part = sum(hidden[g] * f32(w2_ref[rows[g], cols]) for g in range(group))
-    extra = f32(b2_ref[cols])
-    if residual_ref:
-      extra += f32(residual_ref[0][t, cols])
+  for c, (cols, extra) in enumerate(zip(chunks, extras)):
+    part = sum(h * f32(w2[c]) for h, w2 in zip(hidden, w2s))
     out_ref[t, p, cols] = part + first * extra
 
 
@@ -172,16 +179,19 @@ def ff_block(x, scale, bias, controller, units, epsilon, interpret=False):
 
 
 def _norm_kernel(x_ref, scale_ref, bias_ref, c1_ref, xn_ref, z_ref, *, rows, sub, epsilon):
-  """One (token, slice of rows of C1) program. Shapes in `norm_controller`."""
+  """One (token, slice of rows of C1) program. Shapes in `norm_controller`. C1's rows and
+  the slice are loaded before the row's statistics (`decode_kernels`' note on load order)."""
   t, p = pl.program_id(0), pl.program_id(1)
+  slices = [pl.ds(p * rows + k * sub, sub) for k in range(rows // sub)]
+  loaded = [decode_kernels.load_norm_slice(x_ref, scale_ref, bias_ref, t, cols)
+            for cols in slices]
+  c1s = [c1_ref[cols, :] for cols in slices]
   stats = decode_kernels.layer_norm_stats(x_ref, t, epsilon)
   z = None
-  for k in range(rows // sub):
-    cols = pl.ds(p * rows + k * sub, sub)
-    xn = decode_kernels.layer_norm_slice(x_ref, scale_ref, bias_ref, t, cols, stats)  # [sub]
+  for cols, load, c1 in zip(slices, loaded, c1s):
+    xn = decode_kernels.layer_norm_slice(load, stats)                                 # [sub]
     xn_ref[t, cols] = xn
-    part = jnp.sum(xn.astype(jnp.float32)[:, None]
-                   * c1_ref[cols, :].astype(jnp.float32), axis=0)                      # [r]
+    part = jnp.sum(f32(xn)[:, None] * f32(c1), axis=0)                                 # [r]
     z = part if z is None else z + part
   z_ref[t, p, :] = z
 

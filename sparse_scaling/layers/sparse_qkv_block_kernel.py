@@ -92,15 +92,19 @@ def _mixed_kernel(x_ref, scale_ref, bias_ref, d_ref, e_ref, y_ref, *, rows, sub,
   slices = e_ref.shape[1] // channels
   first, c0 = pl.program_id(2) // slices * split, pl.program_id(2) % slices * channels
   s_pieces, m_pieces = decode_kernels.pieces(split), decode_kernels.pieces(channels)
+  # D's and E's rows and the slice before the row's statistics (`decode_kernels`' note).
+  row_slices = [pl.ds(p * rows + k * sub, sub) for k in range(rows // sub)]
+  loaded = [decode_kernels.load_norm_slice(x_ref, scale_ref, bias_ref, b, cols)
+            for cols in row_slices]
+  ds = [{s0: d_ref[pl.ds(first + s0, ls), cols] for s0, ls in s_pieces} for cols in row_slices]
+  es = [{m0: e_ref[cols, pl.ds(c0 + m0, lm)] for m0, lm in m_pieces} for cols in row_slices]
   stats = decode_kernels.layer_norm_stats(x_ref, b, epsilon)
   y = {}
-  for k in range(rows // sub):
-    cols = pl.ds(p * rows + k * sub, sub)
-    xn = f32(decode_kernels.layer_norm_slice(x_ref, scale_ref, bias_ref, b, cols, stats))
-    scaled = {s0: f32(d_ref[pl.ds(first + s0, ls), cols]) * xn[None, :]
-              for s0, ls in s_pieces}
-    for m0, lm in m_pieces:
-      e = f32(e_ref[cols, pl.ds(c0 + m0, lm)])                                   # [sub, M']
+  for load, d, es_k in zip(loaded, ds, es):
+    xn = f32(decode_kernels.layer_norm_slice(load, stats))
+    scaled = {s0: f32(d[s0]) * xn[None, :] for s0 in d}
+    for m0, e in es_k.items():
+      e = f32(e)                                                                 # [sub, M']
       for s0, _ in s_pieces:
         if dot:
           part = jnp.dot(scaled[s0], e, precision=jax.lax.Precision.HIGHEST)     # [S', M']
@@ -126,36 +130,48 @@ def _conv_kernel(index_ref, y_ref, y_bias_ref, state_ref, wq_ref, bq_ref, wk_ref
   # A full cache takes the token at its last position, as XLA's dynamic_update_slice does.
   index = jnp.minimum(index_ref[0], k_cache_ref.shape[1] - 1)
 
-  def token(module, cols):
-    """This token's multiplicative output at `module`, as the state holds it: [len(cols)]."""
-    y = decode_kernels.sum_pieces(lambda parts: y_ref[b, parts, module, cols], n_parts)
-    return f32((y + f32(y_bias_ref[module, cols])).astype(state_ref.dtype))
+  def load(i, shift, start, length):
+    """The loads of the input at state position i (n: the token, its partial sums and y's
+    bias) of module g·group + shift, channels [start, start + length), and whether that
+    module is one (zero outside the modules)."""
+    module = g * group + shift
+    inside = ((module >= 0) & (module < n_modules)).astype(jnp.float32)
+    module = jnp.clip(module, 0, n_modules - 1)
+    cols = pl.ds(start, length)
+    if i < n:
+      return inside, [state_ref[b, i, module, cols]]
+    parts = decode_kernels.load_pieces(lambda parts: y_ref[b, parts, module, cols], n_parts)
+    return inside, parts + [y_bias_ref[module, cols]]
 
-  def window(windows, i, shift, start, length):
-    """The input at state position i (n: the token) of module g·group + shift, channels
-    [start, start + length): [length], zero outside the modules; loaded once per branch."""
-    if (i, shift, start) not in windows:
-      module = g * group + shift
-      inside = ((module >= 0) & (module < n_modules)).astype(jnp.float32)
-      module = jnp.clip(module, 0, n_modules - 1)
-      cols = pl.ds(start, length)
-      w = f32(state_ref[b, i, module, cols]) if i < n else token(module, cols)
-      windows[i, shift, start] = w * inside
-    return windows[i, shift, start]
+  def window(i, inside, loads):
+    """[length]: `load`'s input as the state holds it (the token's partial sums added)."""
+    if i < n:
+      return f32(loads[0]) * inside
+    *parts, bias = loads
+    y = decode_kernels.sum_rows(parts) + f32(bias)
+    return f32(y.astype(state_ref.dtype)) * inside
 
   def convolve(size, w_ref, bias_ref):
-    """Channels [m0, m0 + width) of the output of kernel `size` at each module of the group."""
-    weights = {(i, j, start): f32(w_ref[i, j, pl.ds(start, length), pl.ds(m0, width)])
+    """Channels [m0, m0 + width) of the output of kernel `size` at each module of the group.
+    Every load first (`decode_kernels`' note on load order), the group's modules sharing
+    their neighbours' windows."""
+    weights = {(i, j, start): w_ref[i, j, pl.ds(start, length), pl.ds(m0, width)]
                for i in range(n + 1) for j in range(size) for start, length in m_pieces}
-    windows, outs = {}, []   # the group's modules share their neighbours' windows
+    bias = bias_ref[pl.ds(m0, width)]
+    loads = {}
+    for k in range(group):
+      for (i, j, start), weight in weights.items():
+        key = (i, k + j - size // 2, start)
+        if key not in loads:
+          loads[key] = load(*key, weight.shape[0])
+    windows = {key: window(key[0], *loaded) for key, loaded in loads.items()}
+    outs = []
     for k in range(group):
       products = {}   # summed over the taps first: one reduction across threads, not nine
       for (i, j, start), weight in weights.items():
-        window_ = window(windows, i, k + j - size // 2, start, weight.shape[0])
-        product = window_[:, None] * weight                                      # [M', C]
+        product = windows[i, k + j - size // 2, start][:, None] * f32(weight)    # [M', C]
         products[start] = product if start not in products else products[start] + product
-      outs.append(f32(bias_ref[pl.ds(m0, width)])
-                  + sum(jnp.sum(p, axis=0) for p in products.values()))
+      outs.append(f32(bias) + sum(jnp.sum(p, axis=0) for p in products.values()))
     return outs
 
   def cache_slot(k):
@@ -194,18 +210,23 @@ def _attend_kernel(position_ref, x_ref, q_ref, k_cache_ref, v_cache_ref, y_ref, 
   d_head = x_ref.shape[1] // n_heads
   next_ref[0] = position_ref[0] + 1   # the next token's position (every program writes it)
   index = jnp.minimum(position_ref[0], k_cache_ref.shape[1] - 1)
+  cols = pl.ds(v * value_width, value_width)
+  # Every load first (`decode_kernels`' note on load order): q's pieces of d_head, the
+  # head's K cache in blocks of positions and pieces, its V cache's columns, x; then the
+  # state's, which `_move_state` waits for before it writes the state.
+  q_pieces = decode_kernels.pieces(d_head)
+  qs = [q_ref[b, pl.ds(h * d_head + s0, ls)] for s0, ls in q_pieces]
+  keys = [[k_cache_ref[r, pl.ds(start, block), pl.ds(s0, ls)] for s0, ls in q_pieces]
+          for start in starts]
+  values = [v_cache_ref[r, pl.ds(start, block), cols] for start in starts]
+  x = x_ref[b, pl.ds(h * d_head + v * value_width, value_width)]
   _move_state(y_ref, y_bias_ref, state_ref, state_out_ref, b,
               pl.ds(h * d_head + v * value_width, value_width), barrier)
-  cols = pl.ds(v * value_width, value_width)
-  q_pieces = [(f32(q_ref[b, pl.ds(h * d_head + s0, ls)]), s0, ls)
-              for s0, ls in decode_kernels.pieces(d_head)]
   # q · K_cache, the head's pieces of d_head added; `conv` has written the token's own key
   # at `index`, so its score is read as the cache holds it, like the others'.
-  parts = [sum(jnp.sum(f32(k_cache_ref[r, pl.ds(start, block), pl.ds(s0, ls)]) * q[None, :],
-                       axis=1) for q, s0, ls in q_pieces)
-           for start in starts]
-  values = [v_cache_ref[r, pl.ds(start, block), cols] for start in starts]
-  x = f32(x_ref[b, pl.ds(h * d_head + v * value_width, value_width)])
+  parts = [sum(jnp.sum(f32(k) * f32(q)[None, :], axis=1) for q, k in zip(qs, key_pieces))
+           for key_pieces in keys]
+  x = f32(x)
   root = float(d_head) ** 0.5
   scores = []
   for i, (start, part) in enumerate(zip(starts, parts)):
@@ -232,8 +253,11 @@ def _move_state(y_ref, y_bias_ref, state_ref, state_out_ref, b, cols, barrier):
   neighbours' modules, so none of them could write it); here a program reads and writes its
   own channels only, all reads first (`barrier`: a GPU's threads wait for each other)."""
   n = state_ref.shape[1]
-  y = decode_kernels.sum_pieces(lambda parts: y_ref[b, parts, cols], y_ref.shape[1])
-  newer = [state_ref[b, i + 1, cols] for i in range(n - 1)] + [y + f32(y_bias_ref[cols])]
+  older = [state_ref[b, i + 1, cols] for i in range(n - 1)]
+  parts = decode_kernels.load_pieces(lambda parts: y_ref[b, parts, cols], y_ref.shape[1])
+  bias = y_bias_ref[cols]
+  y = decode_kernels.sum_rows(parts)
+  newer = older + [y + f32(bias)]
   if barrier:
     plgpu.debug_barrier()
   for i, value in enumerate(newer):
