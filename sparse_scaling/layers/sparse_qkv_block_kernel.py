@@ -211,7 +211,8 @@ def _attend_kernel(position_ref, x_ref, q_ref, k_cache_ref, v_cache_ref, y_ref, 
   d_head = x_ref.shape[1] // n_heads
   next_ref[0] = position_ref[0] + 1   # the next token's position (every program writes it)
   index = jnp.minimum(position_ref[0], k_cache_ref.shape[1] - 1)
-  cols = pl.ds(v * value_width, value_width)
+  cols = pl.ds(v * value_width, value_width)              # of the head's channels
+  own = pl.ds(h * d_head + v * value_width, value_width)  # the same, of d_model's
   # Every load first (`decode_kernels`' note on load order): q's pieces of d_head, the
   # head's K cache in blocks of positions and pieces, its V cache's columns, x; then the
   # state's, which `_move_state` waits for before it writes the state.
@@ -220,9 +221,8 @@ def _attend_kernel(position_ref, x_ref, q_ref, k_cache_ref, v_cache_ref, y_ref, 
   keys = [[k_cache_ref[r, pl.ds(start, block), pl.ds(s0, ls)] for s0, ls in q_pieces]
           for start in starts]
   values = [v_cache_ref[r, pl.ds(start, block), cols] for start in starts]
-  x = x_ref[b, pl.ds(h * d_head + v * value_width, value_width)]
-  _move_state(y_ref, y_bias_ref, state_ref, state_out_ref, b,
-              pl.ds(h * d_head + v * value_width, value_width), barrier)
+  x = x_ref[b, own]
+  _move_state(y_ref, y_bias_ref, state_ref, state_out_ref, b, own, barrier)
   # q · K_cache, the head's pieces of d_head added; `conv` has written the token's own key
   # at `index`, so its score is read as the cache holds it, like the others'.
   parts = [sum(jnp.sum(f32(k) * f32(q)[None, :], axis=1) for q, k in zip(qs, key_pieces))
@@ -244,7 +244,7 @@ def _attend_kernel(position_ref, x_ref, q_ref, k_cache_ref, v_cache_ref, y_ref, 
     weights = p if weights is None else weights + p
     weighted = products if weighted is None else weighted + products
   out = jnp.sum(weighted, axis=0) / jnp.sum(weights)
-  out_ref[b, pl.ds(h * d_head + v * value_width, value_width)] = (x + out).astype(out_ref.dtype)
+  out_ref[b, own] = (x + out).astype(out_ref.dtype)
 
 
 def _move_state(y_ref, y_bias_ref, state_ref, state_out_ref, b, cols, barrier):
