@@ -89,6 +89,25 @@ def test_fused_blocks_equal_xla_step_by_step(d_model, n_heads, attention_sparsit
     np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize('d_model, n_heads, attention_sparsity', [(64, 4, 8), (48, 4, 4)])
+def test_chained_blocks_equal_xla_step_by_step(d_model, n_heads, attention_sparsity,
+                                               monkeypatch):
+  """`FusedDecoder` with CHAIN: each attention block hands its partial sums to the FF block
+  after it (`sparse_qkv_block_kernel._ff_partials`), whose units programs finish its
+  LayerNorm and x·C1 from them, 4 kernels a layer. Logits and the whole state as XLA's path,
+  two rows, the caches filled past their end; d_model 48 takes heads of 12 in slices of 4 (12
+  partial sums a row)."""
+  monkeypatch.setattr(fused_residual, 'CHAIN', True)
+  kwargs = dict(d_model=d_model, n_heads=n_heads, attention_sparsity=attention_sparsity)
+  tokens = jnp.asarray(np.random.RandomState(5).randint(1, VOCAB, (2, 18)), jnp.int32)
+  expected, expected_state, _ = _decode('xla', kwargs, tokens)
+  got, state, n_kernels = _decode('interpret', kwargs, tokens)
+  assert n_kernels == 2 * (3 + 1)
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+  for g, e in zip(jax.tree.leaves(state), jax.tree.leaves(expected_state)):
+    np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)
+
+
 def test_fused_blocks_decode_bfloat16_weights_at_least_as_well_as_xla():
   """bfloat16 weights, caches and states (`Decoder(dtype=...)`): the kernels compute in
   float32 and round only what the state holds, so their logits are no farther from the
@@ -146,7 +165,8 @@ def test_shapes_the_kernels_do_not_take_decode_through_xla(kwargs, max_d_model, 
     'd_model, d_ff, n_heads, sparsity, ff_sparsity, n_products, n_ff, settings', [
         (1024, 6144, 16, 16, (64, 16), 1, 2, {}), (8, 32, 2, 2, (4, 2), 0, 2, {}),
         (9216, 65536, 96, 64, (256, 32), 1, 3, {}),
-        (1024, 6144, 16, 16, (64, 16), 1, 2, dict(MIXED_CHANNELS=None))])
+        (1024, 6144, 16, 16, (64, 16), 1, 2, dict(MIXED_CHANNELS=None)),
+        (1024, 6144, 16, 16, (64, 16), 1, 1, dict(CHAIN=True))])
 def test_fused_blocks_lower_to_triton_for_a_gpu(d_model, d_ff, n_heads, sparsity, ff_sparsity,
                                                 n_products, n_ff, settings, monkeypatch):
   """One block lowered for CUDA on any machine, KV caches of 168: 800M FF+QKV (d_model 1024,
@@ -158,12 +178,15 @@ def test_fused_blocks_lower_to_triton_for_a_gpu(d_model, d_ff, n_heads, sparsity
   where W2's chosen rows are multiplied in a kernel of their own), the caches written in
   place, and a matrix product in a kernel's code (`dot_general:`, its source location in
   Triton's module) except at the tiny shape; the 800M block also with multiplicative
-  programs of all 64 channels (`MIXED_CHANNELS`, by default 16).
+  programs of all 64 channels (`MIXED_CHANNELS`, by default 16), and chained (`CHAIN`: the
+  attention kernel's partial sums in place of the FF block's LayerNorm kernel, so that the
+  FF block is the units kernel alone).
   (At 17B the attention block is slower than XLA's kernels and declines, MAX_D_MODEL; here
   it is lowered all the same.)"""
   monkeypatch.setattr(sparse_qkv_block_kernel, 'MAX_D_MODEL', d_model)
   for name, value in settings.items():
-    monkeypatch.setattr(sparse_qkv_block_kernel, name, value)
+    monkeypatch.setattr(fused_residual if name == 'CHAIN' else sparse_qkv_block_kernel, name,
+                        value)
   model = ScalingTransformerLM(64, d_model, d_ff=d_ff, n_layers=1, n_heads=n_heads,
                                max_len=168, dropout=0.0, ff_sparsity=ff_sparsity,
                                attention_sparsity=sparsity, mode='predict')
@@ -183,21 +206,22 @@ def test_fused_blocks_lower_to_triton_for_a_gpu(d_model, d_ff, n_heads, sparsity
 
 
 @pytest.mark.skipif(jax.default_backend() != 'gpu', reason='compiles the kernels for a GPU')
-@pytest.mark.parametrize('settings', [{}, dict(MIXED_CHANNELS=None)])
+@pytest.mark.parametrize('settings', [{}, dict(MIXED_CHANNELS=None), dict(CHAIN=True)])
 @pytest.mark.parametrize('d_model, n_heads, attention_sparsity', [(1024, 16, 16), (1152, 12, 8)])
 def test_fused_blocks_compiled_for_the_gpu_equal_xla(d_model, n_heads, attention_sparsity,
                                                      settings, monkeypatch):
   """The 800M shape, and one loaded in pieces as 17B's (modules of 144 channels, heads of
-  96, d_model 1152); the default shares, and multiplicative programs of all channels
-  (`MIXED_CHANNELS`)."""
+  96, d_model 1152); the default shares, multiplicative programs of all channels
+  (`MIXED_CHANNELS`), and the blocks chained (`CHAIN`, 4 kernels a layer)."""
   for name, value in settings.items():
-    monkeypatch.setattr(sparse_qkv_block_kernel, name, value)
+    monkeypatch.setattr(fused_residual if name == 'CHAIN' else sparse_qkv_block_kernel, name,
+                        value)
   kwargs = dict(d_model=d_model, n_heads=n_heads, attention_sparsity=attention_sparsity,
                 ff_sparsity=(64, 16), max_len=168)
   tokens = jnp.asarray(np.random.RandomState(3).randint(1, VOCAB, (1, 10)), jnp.int32)
   expected, expected_state, _ = _decode('xla', kwargs, tokens, prompt=5)
   got, state, n_kernels = _decode('pallas', kwargs, tokens, prompt=5)
-  assert n_kernels == 2 * 5
+  assert n_kernels == 2 * (4 if settings.get('CHAIN') else 5)
   np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
   for g, e in zip(jax.tree.leaves(state), jax.tree.leaves(expected_state)):
     np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4)

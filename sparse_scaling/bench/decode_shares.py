@@ -13,7 +13,9 @@ product) and MAX_PARTS (the most partial sums the convolutions add themselves);
 (rows of C1 per LayerNorm-controller program), FF_PARTS_BYTES (the most bytes of parts the
 units programs write, each its own rows of W2 times their activations; beyond, a second
 kernel multiplies W2's rows: 0 always), FF_COLUMNS (columns of d_model per program of that
-kernel) and FF_GATHER (rows it gathers a load). For
+kernel) and FF_GATHER (rows it gathers a load); `layers/fused_residual.py` has CHAIN (1: each
+attention block hands the FF block after it the partial sums of its LayerNorm, one kernel
+fewer a layer; `--measure token` and `block` only). For
 each setting (NAME=value pairs joined by '+'; 'default' changes nothing) this builds the Table
 1 decoder of `--variant` at `--shape` with `--depth` blocks (`decoders.py`, random weights,
 batch 1, float32), and times one compiled generation (`--measure token`:
@@ -44,6 +46,7 @@ from sparse_scaling.bench import decoders
 from sparse_scaling.bench import table1
 from sparse_scaling.bench import timing
 from sparse_scaling.layers import decode_kernels
+from sparse_scaling.layers import fused_residual
 from sparse_scaling.layers import sparse_ff_kernel
 from sparse_scaling.layers import sparse_qkv_block_kernel
 
@@ -55,7 +58,8 @@ SHARES = {**{name: (sparse_qkv_block_kernel, name)
           'FF_GROUP': (sparse_ff_kernel, 'GROUP'), 'FF_WARPS': (sparse_ff_kernel, 'WARPS'),
           'FF_ROWS': (sparse_ff_kernel, 'NORM_ROWS'),
           'FF_PARTS_BYTES': (sparse_ff_kernel, 'MAX_PARTS_BYTES'),
-          'FF_COLUMNS': (sparse_ff_kernel, 'COLUMNS'), 'FF_GATHER': (sparse_ff_kernel, 'GATHER')}
+          'FF_COLUMNS': (sparse_ff_kernel, 'COLUMNS'), 'FF_GATHER': (sparse_ff_kernel, 'GATHER'),
+          'CHAIN': (fused_residual, 'CHAIN')}
 DEFAULT_SETTINGS = ['default', 'DOT=0', 'MIXED_CHANNELS=32', 'WIDTH=16', 'MIXED_WARPS=8',
                     'ATTEND_WARPS=1', 'ROWS=32', 'VALUE_WIDTH=32', 'WIDTH=16+CONV_WARPS=8']
 
@@ -72,12 +76,13 @@ def parse_setting(text):
       raise ValueError(f'--settings: {pair!r} must be NAME=integer with NAME one of '
                        f'{list(SHARES)}')
     value = int(value)
-    if (name == 'DOT' and value not in (0, 1)) or (name == 'MAX_PARTS' and value < 1) or (
-        name not in ('DOT', 'MAX_PARTS', 'FF_PARTS_BYTES')
+    if (name in ('DOT', 'CHAIN') and value not in (0, 1)) or (
+        name == 'MAX_PARTS' and value < 1) or (
+        name not in ('DOT', 'CHAIN', 'MAX_PARTS', 'FF_PARTS_BYTES')
         and not decode_kernels.is_power_of_2(value)):
-      raise ValueError(f'--settings: {pair!r}: DOT is 0 or 1, MAX_PARTS positive, '
+      raise ValueError(f'--settings: {pair!r}: DOT and CHAIN are 0 or 1, MAX_PARTS positive, '
                        'FF_PARTS_BYTES any, the others powers of 2')
-    setting[name] = bool(value) if name == 'DOT' else value
+    setting[name] = bool(value) if name in ('DOT', 'CHAIN') else value
   return setting
 
 

@@ -7,9 +7,20 @@ sublayers as `tl.Residual` (so the same weights and state trees, and the same ou
 every mode), whose forward hands a one-token predict call to `fused`: a subclass computes the
 whole block there, in a few Pallas kernels, from the weights and states of the sublayers it
 names in PARTS. Where `fused` declines (returns None), the block runs its layers as usual.
+
+`FusedDecoder` is a predict-mode model's top level, `tl.Serial` of the same sublayers. With
+CHAIN on, its one-token calls run each attention block that is followed by an FF block as
+one chain: the attention kernel's programs also write the partial sums from which the FF
+block's units programs finish its LayerNorm, so that the FF block needs no kernel of its own
+for it (a trax layer hands the next one a single array; these sums cross the boundary here).
 """
 
 from trax import layers as tl
+from trax.layers import combinators
+
+# Whether `FusedDecoder` chains an attention block and the FF block after it (off until it is
+# measured faster per token on a GPU: docs/decoding_gpu.md).
+CHAIN = False
 
 
 class FusedResidual(tl.Serial):
@@ -29,22 +40,83 @@ class FusedResidual(tl.Serial):
       layer = layer.sublayers[step]
     return layer
 
-  def forward(self, x):
-    if self._mode == 'predict' and x.ndim == 3 and x.shape[1] == 1:
-      parts = [(_get(self.weights, path), _get(self.state, path)) for path in self._paths]
-      result = self.fused(x, parts)
-      if result is not None:
-        out, states = result
-        state = self.state
-        for path, part_state in zip(self._paths, states):
-          state = _put(state, path, part_state)
-        self.state = state
-        return out
-    return super().forward(x)
+  def part_weights(self, weights, i):
+    """The weights of PARTS[i] in the block's `weights`."""
+    return _get(weights, self._paths[i])
 
-  def fused(self, x, parts):
-    """(out, new states of PARTS) for x [batch, 1, d] and (weights, state) of PARTS; or None."""
+  def forward(self, x):
+    result = self.fused_call(x, self.weights, self.state)
+    if result is None:
+      return super().forward(x)
+    out, self.state, _ = result
+    return out
+
+  def fused_call(self, x, weights, state, **chain):
+    """(out, new state, what `fused` returns beside them) of a one-token predict call of the
+    block with these weights and state through `fused`; None where it declines."""
+    if not (self._mode == 'predict' and x.ndim == 3 and x.shape[1] == 1):
+      return None
+    parts = [(_get(weights, path), _get(state, path)) for path in self._paths]
+    result = self.fused(x, parts, **chain)
+    if result is None:
+      return None
+    out, states, *more = result
+    for path, part_state in zip(self._paths, states):
+      state = _put(state, path, part_state)
+    return out, state, more
+
+  def fused(self, x, parts, **chain):
+    """(out, new states of PARTS, ...) for x [batch, 1, d] and (weights, state) of PARTS; or
+    None. `chain`: what `FusedDecoder` passes between chained blocks."""
     raise NotImplementedError
+
+
+class FusedDecoder(tl.Serial):
+  """A predict-mode model's top level: `tl.Serial` of the same sublayers (the same weights
+  and state trees). With CHAIN, a one-token call runs each block with `chain_norm` (the FF
+  block) after one that takes `ff_norm` (the attention block) as one chain: the attention
+  block returns partial sums for the FF block's LayerNorm (`fused(..., ff_norm=...)`), which
+  the FF block finishes in its units kernel (`fused(..., partials=...)`)."""
+
+  def forward(self, xs):
+    if not CHAIN:
+      return super().forward(xs)
+    weights, state = self.weights, self.state
+    rngs = combinators._split_rngs(self.rng, self._n_layers)  # pylint: disable=protected-access
+    stack, new_state, layers = xs, [], list(self.sublayers)
+    i = 0
+    while i < len(layers):
+      if i + 1 < len(layers) and hasattr(layers[i + 1], 'chain_norm'):
+        chained = self._chain(layers[i], layers[i + 1], stack, weights[i:i + 2],
+                              state[i:i + 2])
+        if chained is not None:
+          stack = chained[0]
+          new_state += chained[1]
+          i += 2
+          continue
+      layer = layers[i]
+      inputs = combinators.inputs_from_stack(stack, layer.n_in)
+      outputs, s = layer.pure_fn(inputs, weights[i], state[i], rngs[i], use_cache=True)
+      stack = combinators.outputs_onto_stack(outputs, stack, layer.n_in)
+      new_state.append(s)
+      i += 1
+    self.state = tuple(new_state)
+    return stack
+
+  @staticmethod
+  def _chain(attention, ff, x, weights, state):
+    """(out, [attention's state, ff's state]) of the two blocks chained, or None."""
+    if not isinstance(attention, FusedResidual) or isinstance(x, (tuple, list)):
+      return None
+    ff_norm = ff.chain_norm(x, weights[1])
+    if ff_norm is None:
+      return None
+    first = attention.fused_call(x, weights[0], state[0], ff_norm=ff_norm)
+    if first is None:
+      return None
+    out, attention_state, (partials,) = first
+    second = ff.fused_call(out, weights[1], state[1], partials=partials)
+    return second[0], [attention_state, second[1]]
 
 
 def _path(layer, cls):

@@ -233,23 +233,41 @@ class SparseFFResidual(FusedResidual):
   """x + SparseFF(LayerNorm(x)) as `tl.Residual`; one decoded token as Pallas kernels
   (`sparse_ff_kernel.ff_block`: the LayerNorm with the controller's first product, then the
   units, and W2's chosen rows either in the units programs, their parts added by XLA, or in a
-  kernel of their own; where `decode_kernels` says so)."""
+  kernel of their own; where `decode_kernels` says so). Chained after an attention block
+  (`fused_residual.CHAIN`), the units kernel finishes the LayerNorm from that block's partial
+  sums, with no kernel of its own for it."""
 
   PARTS = (normalization.LayerNorm, SparseFFDecode)
 
-  def fused(self, x, parts):
+  def fused(self, x, parts, partials=None):
+    """With `partials` (the attention block's before it, `FusedDecoder`), no LayerNorm kernel."""
     kernel = decode_kernels.active('sparse_ff_block')
     norm = self.part(0)
     (norm_w, _), ((_, controller, units, _), _) = parts
-    rank, _, block = controller[1].shape
-    batch, _, d_model = x.shape
-    # N rows or more take the masked dense product, as `SparseFFDecode` does.
-    if (kernel == 'xla' or not norm._center or batch >= block  # pylint: disable=protected-access
-        or not sparse_ff_kernel.fits(rank, block)):
+    if not self._takes(x, controller):
       return None
+    batch, _, d_model = x.shape
     y = sparse_ff_kernel.ff_block(x.reshape(batch, d_model), *norm_w, controller, units,
-                                  norm._epsilon, interpret=kernel == 'interpret')  # pylint: disable=protected-access
+                                  norm._epsilon, interpret=kernel == 'interpret',  # pylint: disable=protected-access
+                                  partials=partials)
     return y.reshape(x.shape), ((), ())
+
+  def chain_norm(self, x, weights):
+    """(scale, bias, C1) for the partial sums that the attention block before this one
+    computes (`FusedDecoder`), where a one-token call of this block runs its kernels; else
+    None."""
+    if not (self._mode == 'predict' and x.ndim == 3 and x.shape[1] == 1):
+      return None
+    norm_w, (_, controller, _, _) = self.part_weights(weights, 0), self.part_weights(weights, 1)
+    return (*norm_w, controller[0]) if self._takes(x, controller) else None
+
+  def _takes(self, x, controller):
+    """Whether a one-token call on x [batch, 1, d] runs the kernels: N rows or more take the
+    masked dense product, as `SparseFFDecode` does."""
+    rank, _, block = controller[1].shape
+    return (decode_kernels.active('sparse_ff_block') != 'xla'
+            and self.part(0)._center and x.shape[0] < block  # pylint: disable=protected-access
+            and sparse_ff_kernel.fits(rank, block))
 
 
 def _sample_units(logits, temperature, rng):

@@ -62,17 +62,30 @@ def fits(d_lowrank, block):
   return decode_kernels.is_power_of_2(d_lowrank, block)
 
 
-def _units_kernel(x_ref, z_ref, c2_ref, cb_ref, w1_ref, b1_ref, *refs, group, n, chunk,
-                  n_chunks, parts):
-  """One (token, group of blocks) program. Shapes in `sparse_units`; refs: with `parts`, W2,
-  b2, the residual [T, d] if given and the parts [T, P, d]; else the outputs hidden [T, K]
-  (float32) and rows [T, K] (int32). Loads in the order of `decode_kernels`' note: all that
-  wait on nothing first, then the chosen rows of W1, b1 and W2 together."""
+def _units_kernel(x_ref, *refs, group, n, chunk, n_chunks, parts, epsilon):
+  """One (token, group of blocks) program. Shapes in `sparse_units`; refs: z's partial sums
+  [T, P, r], or with `epsilon` the attention programs' partial sums (Σx, Σ(x − x̄)²,
+  products; `sparse_qkv_block_kernel._ff_partials`) and the LayerNorm's scale and bias, x
+  then being the block's input; C2, c, W1, b1; with `parts`, W2, b2, the residual [T, d] if
+  given and the parts [T, P, d]; else the outputs hidden [T, K] (float32) and rows [T, K]
+  (int32). Loads in the order of `decode_kernels`' note: all that wait on nothing first, then
+  the chosen rows of W1, b1 and W2 together."""
   t, p = pl.program_id(0), pl.program_id(1)
   chunks = [pl.ds(c * chunk, chunk) for c in range(n_chunks)]
   blocks = [p * group + g for g in range(group)]
+  if epsilon is None:
+    z_ref, c2_ref, cb_ref, w1_ref, b1_ref, *refs = refs
+    z_parts = decode_kernels.load_pieces(lambda parts: z_ref[t, parts, :], z_ref.shape[1])
+  else:
+    sum_ref, m2_ref, products_ref, scale_ref, bias_ref, c2_ref, cb_ref, w1_ref, b1_ref, *refs = (
+        refs)
+    n_slices = sum_ref.shape[1]
+    sums = decode_kernels.load_pieces(lambda ps: sum_ref[t, ps], n_slices)
+    m2s = decode_kernels.load_pieces(lambda ps: m2_ref[t, ps], n_slices)
+    products = [decode_kernels.load_pieces(lambda ps, i=i: products_ref[t, ps, i, :], n_slices)
+                for i in range(3)]
+    norms = [(scale_ref[cols], bias_ref[cols]) for cols in chunks]
   xs = [x_ref[t, cols] for cols in chunks]
-  z_parts = decode_kernels.load_pieces(lambda parts: z_ref[t, parts, :], z_ref.shape[1])
   c2s = [c2_ref[:, pl.ds(k * n, n)] for k in blocks]
   cbs = [cb_ref[pl.ds(k * n, n)] for k in blocks]
   if parts:
@@ -82,7 +95,17 @@ def _units_kernel(x_ref, z_ref, c2_ref, cb_ref, w1_ref, b1_ref, *refs, group, n,
       extras = [extra + f32(residual_ref[0][t, cols]) for extra, cols in zip(extras, chunks)]
   # In float32 whatever the weights' dtype: summed in bfloat16, the controller's logits lose
   # the bits that decide its argmax.
-  z = decode_kernels.sum_rows(z_parts)                                               # [r]
+  if epsilon is None:
+    z = decode_kernels.sum_rows(z_parts)                                             # [r]
+  else:   # the LayerNorm's statistics merged from slices of d / n_slices columns each
+    d_model, size = x_ref.shape[1], x_ref.shape[1] // n_slices
+    mean = decode_kernels.sum_rows(sums) / d_model
+    spread = sum(jnp.sum((f32(part) / size - mean) ** 2) for part in sums)
+    inv = jax.lax.rsqrt((decode_kernels.sum_rows(m2s) + size * spread) / d_model + epsilon)
+    product, scaled, biased = (decode_kernels.sum_rows(loaded) for loaded in products)
+    z = inv * (product - mean * scaled) + biased                                    # [r]
+    xs = [decode_kernels.layer_norm_slice((x, *norm), (mean, inv))
+          for x, norm in zip(xs, norms)]
   rows = []
   for k, c2, cb in zip(blocks, c2s, cbs):
     logits = jnp.sum(z[:, None] * f32(c2), axis=0) + f32(cb)                        # [N]
@@ -124,7 +147,8 @@ def _down_kernel(hidden_ref, row_ref, w2_ref, b2_ref, *refs, columns):
   out_ref[t, cols] = out.astype(out_ref.dtype)
 
 
-def sparse_units(x, z, c2, cb, w1, b1, w2, b2, interpret=False, group=None, residual=None):
+def sparse_units(x, z, c2, cb, w1, b1, w2, b2, interpret=False, group=None, residual=None,
+                 norm=None):
   """Sparse FF output for a few tokens: x [T, d], z = x·C1 [T, r] -> [T, d].
 
   Weights as `sparse_ff.py` keeps them: C2 [r, K, N], c [K, N], W1 and W2 [K, N, d],
@@ -132,10 +156,15 @@ def sparse_units(x, z, c2, cb, w1, b1, w2, b2, interpret=False, group=None, resi
   predict mode; ties go to the lowest unit, as `jnp.argmax`. z may also come as P partial
   sums [T, P, r] (`norm_controller`'s), which the kernel adds. A `residual` [T, d] is added
   to the output inside the kernels (a residual block's x + FF(...), with no kernel of its
-  own).
+  own). With `norm` (scale [d], bias [d], ε), z is the attention programs' partial sums
+  (`sparse_qkv_block_kernel.decode_step`'s with `ff_norm`) and x the block's input: each
+  program finishes the LayerNorm and x·C1 from them.
   """
-  if z.ndim == 2:
-    z = z[:, None, :]
+  if norm is None:
+    z, epsilon = ((z[:, None, :] if z.ndim == 2 else z),), None
+  else:
+    *norm, epsilon = norm
+    z = (*z, *norm)
   n_tokens, d_model = x.shape
   r, n_blocks, n = c2.shape
   group = decode_kernels.largest_share(group or GROUP or min(8, max(1, n_blocks // 256)),
@@ -143,9 +172,9 @@ def sparse_units(x, z, c2, cb, w1, b1, w2, b2, interpret=False, group=None, resi
   parts = n_tokens * (n_blocks // group) * d_model * 4 <= MAX_PARTS_BYTES
   chunk = decode_kernels.row_chunk(d_model)
   kernel = functools.partial(_units_kernel, group=group, n=n, chunk=chunk,
-                             n_chunks=d_model // chunk, parts=parts)
+                             n_chunks=d_model // chunk, parts=parts, epsilon=epsilon)
   params = plgpu.CompilerParams(num_warps=WARPS)   # Triton, not Mosaic GPU
-  inputs = (x, z, c2.reshape(r, n_blocks * n), cb.reshape(-1),
+  inputs = (x, *z, c2.reshape(r, n_blocks * n), cb.reshape(-1),
             w1.reshape(n_blocks * n, d_model), b1.reshape(-1))
   w2 = w2.reshape(n_blocks * n, d_model)
   residual = [] if residual is None else [residual]
@@ -169,11 +198,16 @@ def sparse_units(x, z, c2, cb, w1, b1, w2, b2, interpret=False, group=None, resi
   )(hidden, rows, w2, b2, *residual)
 
 
-def ff_block(x, scale, bias, controller, units, epsilon, interpret=False):
+def ff_block(x, scale, bias, controller, units, epsilon, interpret=False, partials=None):
   """x + SparseFF(LayerNorm(x)) for a few tokens x [T, d] (trax's centred `LayerNorm` of
   scale and bias [d]; controller (C1, C2, c) and units (W1, b1, W2, b2) as `sparse_units`):
-  `norm_controller`, then `sparse_units` with x as the residual."""
+  `norm_controller`, then `sparse_units` with x as the residual; or, given the attention
+  programs' `partials` for this block (`sparse_qkv_block_kernel.decode_step`'s with
+  `ff_norm`), `sparse_units` alone."""
   c1, c2, cb = controller
+  if partials is not None:
+    return sparse_units(x, partials, c2, cb, *units, interpret=interpret, residual=x,
+                        norm=(scale, bias, epsilon))
   normed, z = norm_controller(x, scale, bias, c1, epsilon, interpret)
   return sparse_units(normed, z, c2, cb, *units, interpret=interpret, residual=x)
 

@@ -190,11 +190,14 @@ class ModuleConv(base.Layer):
 
 class SparseQKVResidual(FusedResidual):
   """x + SparseQKVAttention(LayerNorm(x)) as `tl.Residual`; one decoded token as the three
-  Pallas kernels of `sparse_qkv_block_kernel.py` (where `decode_kernels` says so)."""
+  Pallas kernels of `sparse_qkv_block_kernel.py` (where `decode_kernels` says so), whose
+  attention kernel also writes the next FF block's LayerNorm partial sums where the blocks
+  are chained (`fused_residual.CHAIN`)."""
 
   PARTS = (normalization.LayerNorm, MultiplicativeDense, ModuleConv, CausalAttentionCore)
 
-  def fused(self, x, parts):
+  def fused(self, x, parts, ff_norm=None):
+    """With `ff_norm` (the next FF block's, `FusedDecoder`), also the partial sums for it."""
     kernel = decode_kernels.active('sparse_qkv_block')
     norm, mixed, conv, core = [self.part(i) for i in range(len(self.PARTS))]
     (norm_w, _), (mixed_w, _), (conv_w, conv_state), (_, (k_cache, v_cache, index)) = parts
@@ -205,11 +208,13 @@ class SparseQKVResidual(FusedResidual):
       return None
     if len(mixed_w) == 2:
       mixed_w = (*mixed_w, jnp.zeros((d_model,), x.dtype))
-    out, conv_state, k_cache, v_cache, index = sparse_qkv_block_kernel.decode_step(
+    out, conv_state, k_cache, v_cache, index, *partials = sparse_qkv_block_kernel.decode_step(
         x.reshape(batch, d_model), norm_w, mixed_w, conv_w, conv_state, k_cache, v_cache,
         index, n_heads=core._n_heads, sizes=conv._sizes,  # pylint: disable=protected-access
-        epsilon=norm._epsilon, interpret=kernel == 'interpret')  # pylint: disable=protected-access
-    return out.reshape(x.shape), ((), (), conv_state, (k_cache, v_cache, index))
+        epsilon=norm._epsilon, interpret=kernel == 'interpret',  # pylint: disable=protected-access
+        ff_norm=ff_norm)
+    states = ((), (), conv_state, (k_cache, v_cache, index))
+    return (out.reshape(x.shape), states) + ((partials,) if ff_norm else ())
 
 
 def _check_sparse_qkv_args(d_model, n_heads, sparsity, mode):

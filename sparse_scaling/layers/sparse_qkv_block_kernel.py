@@ -200,12 +200,18 @@ def _conv_kernel(index_ref, y_ref, y_bias_ref, state_ref, wq_ref, bq_ref, wk_ref
 
 
 def _attend_kernel(position_ref, x_ref, q_ref, k_cache_ref, v_cache_ref, y_ref, y_bias_ref,
-                   state_ref, index_ref, out_ref, state_out_ref, next_ref, *, n_heads,
-                   value_width, starts, block, barrier):
+                   state_ref, index_ref, *refs, n_heads, value_width, starts, block, barrier,
+                   ff_norm):
   """One (row·head, value columns) program. Shapes in `decode_step`; the state flat
   [B, lks − 1, d] and y [B, parts, d]. index_ref and next_ref are one buffer, as are state_ref
-  and state_out_ref: the program reads position_ref, never index_ref."""
+  and state_out_ref: the program reads position_ref, never index_ref. With `ff_norm`, refs
+  begin with the next FF block's LayerNorm scale and bias and C1, and end with this program's
+  partial sums for it (`_ff_partials`)."""
   del index_ref
+  if ff_norm:
+    scale_ref, bias_ref, c1_ref, out_ref, state_out_ref, next_ref, *partial_refs = refs
+  else:
+    out_ref, state_out_ref, next_ref = refs
   r, v = pl.program_id(0), pl.program_id(1)
   b, h = r // n_heads, r % n_heads
   d_head = x_ref.shape[1] // n_heads
@@ -222,6 +228,8 @@ def _attend_kernel(position_ref, x_ref, q_ref, k_cache_ref, v_cache_ref, y_ref, 
           for start in starts]
   values = [v_cache_ref[r, pl.ds(start, block), cols] for start in starts]
   x = x_ref[b, own]
+  if ff_norm:
+    ff_weights = scale_ref[own], bias_ref[own], c1_ref[own, :]
   _move_state(y_ref, y_bias_ref, state_ref, state_out_ref, b, own, barrier)
   # q · K_cache, the head's pieces of d_head added; `conv` has written the token's own key
   # at `index`, so its score is read as the cache holds it, like the others'.
@@ -243,8 +251,26 @@ def _attend_kernel(position_ref, x_ref, q_ref, k_cache_ref, v_cache_ref, y_ref, 
     products = p[:, None] * f32(value)                                   # [block, Cv]
     weights = p if weights is None else weights + p
     weighted = products if weighted is None else weighted + products
-  out = jnp.sum(weighted, axis=0) / jnp.sum(weights)
-  out_ref[b, own] = (x + out).astype(out_ref.dtype)
+  out = (x + jnp.sum(weighted, axis=0) / jnp.sum(weights)).astype(out_ref.dtype)
+  out_ref[b, own] = out
+  if ff_norm:   # the program's index among its row's d / Cv
+    _ff_partials(f32(out), *ff_weights, *partial_refs, b, h * (d_head // value_width) + v)
+
+
+def _ff_partials(x, scale, bias, c1, sum_ref, m2_ref, products_ref, b, p):
+  """The partial sums over one program's columns of the residual x [C] from which the next
+  FF block's units programs finish its LayerNorm and x·C1 (`sparse_ff_kernel.ff_block`'s
+  `partials`): Σx and Σ(x − x̄)² (x̄ this slice's mean; merged as in Chan et al.'s parallel
+  variance), and Σx·scale·C1, Σscale·C1 and Σbias·C1 [r], so that
+  LayerNorm(x)·C1 = inv·(Σx·scale·C1 − mean·Σscale·C1) + Σbias·C1."""
+  total = jnp.sum(x)
+  centred = x - total / x.shape[0]
+  sum_ref[b, p] = total
+  m2_ref[b, p] = jnp.sum(centred * centred)
+  scaled = f32(scale)[:, None] * f32(c1)                                              # [C, r]
+  products_ref[b, p, 0, :] = jnp.sum(x[:, None] * scaled, axis=0)
+  products_ref[b, p, 1, :] = jnp.sum(scaled, axis=0)
+  products_ref[b, p, 2, :] = jnp.sum(f32(bias)[:, None] * f32(c1), axis=0)
 
 
 def _move_state(y_ref, y_bias_ref, state_ref, state_out_ref, b, cols, barrier):
@@ -267,7 +293,7 @@ def _move_state(y_ref, y_bias_ref, state_ref, state_out_ref, b, cols, barrier):
 
 def decode_step(x, norm, mixed, conv, state, k_cache, v_cache, index, *, n_heads, sizes,
                 epsilon, interpret=False, rows=None, width=None, value_width=None,
-                modules=None, split=None):
+                modules=None, split=None, ff_norm=None):
   """x + SparseQKVAttention(LayerNorm(x)) for one token per row, and the new states.
 
   Args:
@@ -286,9 +312,14 @@ def decode_step(x, norm, mixed, conv, state, k_cache, v_cache, index, *, n_heads
       `conv` program, value columns per `attend` program, modules per `conv` program, modules
       per `mixed` program (powers of 2, each capped at what divides its sides; None: ROWS,
       WIDTH, VALUE_WIDTH, MODULES, SPLIT).
+    ff_norm: (scale [d], bias [d], C1 [d, r]) of the next FF block's LayerNorm and
+      controller, or None. Given, the attention programs also return the partial sums from
+      which `sparse_ff_kernel.ff_block` finishes that LayerNorm without a kernel of its own.
 
   Returns:
-    (out [B, d] in x's dtype, new state, k_cache, v_cache, index + 1), each state written in
+    (out [B, d] in x's dtype, new state, k_cache, v_cache, index + 1), and with `ff_norm` the
+    partial sums (Σx [B, P], Σ(x − x̄)² [B, P], products [B, P, 3, r]) of its P = d / Cv
+    programs' columns (`_ff_partials`); each state written in
     place into the buffer it came in: where the state is donated (a jitted step) or carried
     (a generation's loop), XLA then copies nothing into it. A new state in a buffer of its
     own cost two copy kernels per block (on an H200 at 800M, 84 µs a step outside the blocks
@@ -348,15 +379,21 @@ def decode_step(x, norm, mixed, conv, state, k_cache, v_cache, index, *, n_heads
     *[w for pair in conv for w in pair], k_cache, v_cache)
 
   flat_state = state.reshape(batch, state.shape[1], d_model)
-  out, flat_state, index = pl.pallas_call(
+  n_programs = d_model // value_width
+  partials = () if ff_norm is None else (
+      jax.ShapeDtypeStruct((batch, n_programs), jnp.float32),
+      jax.ShapeDtypeStruct((batch, n_programs), jnp.float32),
+      jax.ShapeDtypeStruct((batch, n_programs, 3, ff_norm[2].shape[1]), jnp.float32))
+  out, flat_state, index, *partials = pl.pallas_call(
       functools.partial(_attend_kernel, n_heads=n_heads, value_width=value_width,
-                        starts=starts, block=block, barrier=not interpret),
+                        starts=starts, block=block, barrier=not interpret,
+                        ff_norm=ff_norm is not None),
       grid=(batch * n_heads, d_head // value_width),
       out_shape=(jax.ShapeDtypeStruct(x.shape, x.dtype),
                  jax.ShapeDtypeStruct(flat_state.shape, flat_state.dtype),
-                 jax.ShapeDtypeStruct((1,), jnp.int32)),
+                 jax.ShapeDtypeStruct((1,), jnp.int32), *partials),
       input_output_aliases={7: 1, 8: 2},
       interpret=interpret, compiler_params=plgpu.CompilerParams(num_warps=ATTEND_WARPS),
   )(position, x, q, k_cache, v_cache, y.reshape(batch, y.shape[1], d_model), y_bias,
-    flat_state, index)
-  return out, flat_state.reshape(state.shape), k_cache, v_cache, index[0]
+    flat_state, index, *(ff_norm or ()))
+  return (out, flat_state.reshape(state.shape), k_cache, v_cache, index[0], *partials)

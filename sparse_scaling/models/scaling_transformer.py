@@ -24,6 +24,7 @@ from sparse_scaling.layers import DenseConvAttention
 from sparse_scaling.layers import Embedder
 from sparse_scaling.layers import SparseEncDecAttention
 from sparse_scaling.layers import FeedForward
+from sparse_scaling.layers import FusedDecoder
 from sparse_scaling.layers import SparseFFResidual
 from sparse_scaling.layers import SparseLoss
 from sparse_scaling.layers import SparseQKVAttention
@@ -76,7 +77,8 @@ def ScalingTransformerLM(vocab_size=VOCAB_SIZE, d_model=D_MODEL, d_ff=D_FF,
       raise ValueError(f'attention_conv={attention_conv} replaces Sparse QKV by its dense '
                        f'control; it takes attention_sparsity=0, got {attention_sparsity}')
     check_divides('attention_conv', attention_conv, 'd_model', d_model)
-  return tl.Serial(                                          # toks [batch, length]
+  top = FusedDecoder if mode == 'predict' else tl.Serial    # the same layer, blocks chained
+  return top(                                                # toks [batch, length]
       tl.ShiftRight(mode=mode),
       Embedder(vocab_size, d_model, max_len, dropout, mode),  # [batch, length, d_model]
       [[_SelfAttention(d_model, n_heads, max_len, dropout, attention_sparsity,
