@@ -81,6 +81,7 @@ class FusedDecoder(tl.Serial):
   def forward(self, xs):
     if not CHAIN:
       return super().forward(xs)
+    self._validate_forward_inputs(xs)
     weights, state = self.weights, self.state
     rngs = combinators._split_rngs(self.rng, self._n_layers)  # pylint: disable=protected-access
     stack, new_state, layers = xs, [], list(self.sublayers)

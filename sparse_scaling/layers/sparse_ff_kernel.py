@@ -75,7 +75,7 @@ def _units_kernel(x_ref, *refs, group, n, chunk, n_chunks, parts, epsilon):
   blocks = [p * group + g for g in range(group)]
   if epsilon is None:
     z_ref, c2_ref, cb_ref, w1_ref, b1_ref, *refs = refs
-    z_parts = decode_kernels.load_pieces(lambda parts: z_ref[t, parts, :], z_ref.shape[1])
+    z_parts = decode_kernels.load_pieces(lambda ps: z_ref[t, ps, :], z_ref.shape[1])
   else:
     sum_ref, m2_ref, products_ref, scale_ref, bias_ref, c2_ref, cb_ref, w1_ref, b1_ref, *refs = (
         refs)
