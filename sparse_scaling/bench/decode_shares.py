@@ -60,6 +60,7 @@ SHARES = {**{name: (sparse_qkv_block_kernel, name)
           'FF_PARTS_BYTES': (sparse_ff_kernel, 'MAX_PARTS_BYTES'),
           'FF_COLUMNS': (sparse_ff_kernel, 'COLUMNS'), 'FF_GATHER': (sparse_ff_kernel, 'GATHER'),
           'CHAIN': (fused_residual, 'CHAIN')}
+_SWITCHES = ('DOT', 'CHAIN')   # 0 or 1
 DEFAULT_SETTINGS = ['default', 'DOT=0', 'MIXED_CHANNELS=32', 'WIDTH=16', 'MIXED_WARPS=8',
                     'ATTEND_WARPS=1', 'ROWS=32', 'VALUE_WIDTH=32', 'WIDTH=16+CONV_WARPS=8']
 
@@ -76,13 +77,13 @@ def parse_setting(text):
       raise ValueError(f'--settings: {pair!r} must be NAME=integer with NAME one of '
                        f'{list(SHARES)}')
     value = int(value)
-    if (name in ('DOT', 'CHAIN') and value not in (0, 1)) or (
+    if (name in _SWITCHES and value not in (0, 1)) or (
         name == 'MAX_PARTS' and value < 1) or (
-        name not in ('DOT', 'CHAIN', 'MAX_PARTS', 'FF_PARTS_BYTES')
+        name not in (*_SWITCHES, 'MAX_PARTS', 'FF_PARTS_BYTES')
         and not decode_kernels.is_power_of_2(value)):
       raise ValueError(f'--settings: {pair!r}: DOT and CHAIN are 0 or 1, MAX_PARTS positive, '
                        'FF_PARTS_BYTES any, the others powers of 2')
-    setting[name] = bool(value) if name in ('DOT', 'CHAIN') else value
+    setting[name] = bool(value) if name in _SWITCHES else value
   return setting
 
 
