@@ -8,7 +8,8 @@ module constants (its "shares"): ROWS input rows, SPLIT modules and MIXED_CHANNE
 per multiplicative program, WIDTH channels and MODULES modules per convolution program,
 VALUE_WIDTH value columns per attention program, MIXED_WARPS, CONV_WARPS and ATTEND_WARPS
 (warps per program of each kernel), DOT (1: the multiplicative product as one matrix
-product) and MAX_PARTS (the most partial sums the convolutions add themselves);
+product) and MAX_PARTS (the most partial sums the convolutions add themselves); MODULES=all
+and MIXED_CHANNELS=all set those two to None (the kernel's choice, and all of M);
 `layers/sparse_ff_kernel.py` has FF_GROUP (blocks of N units per program), FF_WARPS, FF_ROWS
 (rows of C1 per LayerNorm-controller program), FF_PARTS_BYTES (the most bytes of parts the
 units programs write, each its own rows of W2 times their activations; beyond, a second
@@ -61,6 +62,7 @@ SHARES = {**{name: (sparse_qkv_block_kernel, name)
           'FF_COLUMNS': (sparse_ff_kernel, 'COLUMNS'), 'FF_GATHER': (sparse_ff_kernel, 'GATHER'),
           'CHAIN': (fused_residual, 'CHAIN')}
 _SWITCHES = ('DOT', 'CHAIN')   # 0 or 1
+_ALL = ('MODULES', 'MIXED_CHANNELS')   # also 'all': None, the kernel's own choice
 DEFAULT_SETTINGS = ['default', 'DOT=0', 'MIXED_CHANNELS=32', 'WIDTH=16', 'MIXED_WARPS=8',
                     'ATTEND_WARPS=1', 'ROWS=32', 'VALUE_WIDTH=32', 'WIDTH=16+CONV_WARPS=8']
 
@@ -73,9 +75,12 @@ def parse_setting(text):
   setting = {}
   for pair in text.split('+'):
     name, _, value = pair.partition('=')
+    if name in _ALL and value == 'all':
+      setting[name] = None
+      continue
     if name not in SHARES or not value.isdigit():
       raise ValueError(f'--settings: {pair!r} must be NAME=integer with NAME one of '
-                       f'{list(SHARES)}')
+                       f'{list(SHARES)} (MODULES and MIXED_CHANNELS also =all)')
     value = int(value)
     if (name in _SWITCHES and value not in (0, 1)) or (
         name == 'MAX_PARTS' and value < 1) or (
