@@ -62,6 +62,23 @@ def fits(d_lowrank, block):
   return decode_kernels.is_power_of_2(d_lowrank, block)
 
 
+def merge_partials(sums, m2s, products, d_model, epsilon):
+  """(mean, 1/σ, z = LayerNorm(x)·C1 [r]) of a row from its slices' partial sums, as
+  `load_pieces` gives them (`sparse_qkv_block_kernel._ff_partials`; P slices of d / P
+  columns): Σx [P] and Σ(x − x̄)² [P], merged as in Chan et al.'s parallel variance, and
+  Σ(x − x̄)·scale·C1, Σscale·C1 and Σbias·C1 [P, r]. Each slice's first product is moved
+  from its own mean x̄ to the row's: + (x̄ − mean)·Σscale·C1."""
+  size = d_model // sum(part.shape[0] for part in sums)
+  mean = decode_kernels.sum_rows(sums) / d_model
+  moves = [f32(part) / size - mean for part in sums]                               # [P']
+  spread = sum(jnp.sum(move * move) for move in moves)
+  inv = jax.lax.rsqrt((decode_kernels.sum_rows(m2s) + size * spread) / d_model + epsilon)
+  moved = sum(jnp.sum(move[:, None] * f32(scaled), axis=0)
+              for move, scaled in zip(moves, products[1]))
+  centred, biased = (decode_kernels.sum_rows(products[i]) for i in (0, 2))
+  return mean, inv, inv * (centred + moved) + biased
+
+
 def _units_kernel(x_ref, *refs, group, n, chunk, n_chunks, parts, epsilon):
   """One (token, group of blocks) program. Shapes in `sparse_units`; refs: z's partial sums
   [T, P, r], or with `epsilon` the attention programs' partial sums (Σx, Σ(x − x̄)²,
@@ -97,13 +114,8 @@ def _units_kernel(x_ref, *refs, group, n, chunk, n_chunks, parts, epsilon):
   # the bits that decide its argmax.
   if epsilon is None:
     z = decode_kernels.sum_rows(z_parts)                                             # [r]
-  else:   # the LayerNorm's statistics merged from slices of d / n_slices columns each
-    d_model, size = x_ref.shape[1], x_ref.shape[1] // n_slices
-    mean = decode_kernels.sum_rows(sums) / d_model
-    spread = sum(jnp.sum((f32(part) / size - mean) ** 2) for part in sums)
-    inv = jax.lax.rsqrt((decode_kernels.sum_rows(m2s) + size * spread) / d_model + epsilon)
-    product, scaled, biased = (decode_kernels.sum_rows(loaded) for loaded in products)
-    z = inv * (product - mean * scaled) + biased                                    # [r]
+  else:
+    mean, inv, z = merge_partials(sums, m2s, products, x_ref.shape[1], epsilon)
     xs = [decode_kernels.layer_norm_slice((x, *norm), (mean, inv))
           for x, norm in zip(xs, norms)]
   rows = []

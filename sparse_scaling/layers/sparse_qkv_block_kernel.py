@@ -45,16 +45,17 @@ from sparse_scaling.layers import decode_kernels
 from sparse_scaling.layers.decode_kernels import f32
 
 POSITIONS = 64  # cache positions read per block, at most
-# Programs' shares (powers of 2), measured on an H200 at the 800M shape: input rows per
+# Programs' shares (powers of 2), measured on an H200 at the 800M shape (WIDTH 16 against 8:
+# convolutions 3.6 against 4.5 µs, docs/decoding_gpu.md): input rows per
 # `mixed` program, channels per `conv` program, value columns per `attend` program, and each
 # kernel's warps per program.
-ROWS, WIDTH, VALUE_WIDTH = 64, 8, 16
+ROWS, WIDTH, VALUE_WIDTH = 64, 16, 16
 MIXED_WARPS, CONV_WARPS, ATTEND_WARPS = 4, 4, 4
 DOT = True   # `mixed` as matrix products where ROWS and every piece of modules and M are >= 16
 # Modules per `conv` program (a power of 2; None: at large shapes, where programs of WIDTH
 # channels would be many more than CONV_PROGRAMS, programs first take WIDE channels, then
 # several modules, so that one program's convolution weights serve more of the token: at 17B,
-# 432 programs of 16 channels and 4 modules instead of 3456 of 8 and 1), and the most partial
+# 432 programs of 16 channels and 4 modules instead of 1728 of 16 and 1), and the most partial
 # sums of y that `conv` adds itself (more are added by XLA first).
 MODULES, CONV_PROGRAMS, WIDE, MAX_PARTS = None, 384, 16, 16
 # Modules per `mixed` program (a power of 2). Triton holds a product's operands in
@@ -261,14 +262,17 @@ def _ff_partials(x, scale, bias, c1, sum_ref, m2_ref, products_ref, b, p):
   """The partial sums over one program's columns of the residual x [C] from which the next
   FF block's units programs finish its LayerNorm and x·C1 (`sparse_ff_kernel.ff_block`'s
   `partials`): Σx and Σ(x − x̄)² (x̄ this slice's mean; merged as in Chan et al.'s parallel
-  variance), and Σx·scale·C1, Σscale·C1 and Σbias·C1 [r], so that
-  LayerNorm(x)·C1 = inv·(Σx·scale·C1 − mean·Σscale·C1) + Σbias·C1."""
+  variance), and Σ(x − x̄)·scale·C1, Σscale·C1 and Σbias·C1 [r], so that, summed over the
+  slices, LayerNorm(x)·C1 = inv·Σ(Σ(x − x̄)·scale·C1 + (x̄ − mean)·Σscale·C1) + Σbias·C1.
+  Each slice centred on its own mean, no two large sums cancel where the residual's mean is
+  large against its spread (`Σx·scale·C1 − mean·Σscale·C1` lost the logits' bits there:
+  `tests/test_fused_residual.py`)."""
   total = jnp.sum(x)
   centred = x - total / x.shape[0]
   sum_ref[b, p] = total
   m2_ref[b, p] = jnp.sum(centred * centred)
   scaled = f32(scale)[:, None] * f32(c1)                                              # [C, r]
-  products_ref[b, p, 0, :] = jnp.sum(x[:, None] * scaled, axis=0)
+  products_ref[b, p, 0, :] = jnp.sum(centred[:, None] * scaled, axis=0)
   products_ref[b, p, 1, :] = jnp.sum(scaled, axis=0)
   products_ref[b, p, 2, :] = jnp.sum(f32(bias)[:, None] * f32(c1), axis=0)
 
