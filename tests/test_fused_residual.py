@@ -257,3 +257,23 @@ def test_fused_blocks_compiled_for_the_gpu_equal_xla(d_model, n_heads, attention
   np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
   for g, e in zip(jax.tree.leaves(state), jax.tree.leaves(expected_state)):
     np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4)
+
+
+def test_benchmarks_time_and_profile_the_blocks_chained():
+  """Table 1's one-block step (`table1._first_block`) and the profile's scoped step
+  (`decode_profile.scoped_step`) run the blocks through `fused_residual.run_layers`, chained
+  as a decoded token is: 3 + 1 kernels a block, the units kernel in its FF block's scope;
+  the profile's step picks the token the model's own step does."""
+  from sparse_scaling.bench import decode_profile, table1   # pylint: disable=import-outside-toplevel
+  model = _lm('predict')
+  tokens = jnp.asarray([[3], [5]], jnp.int32)
+  model.init(shapes.signature(tokens), rng=jax.random.PRNGKey(0))
+  with decode_kernels.use('interpret'):
+    block, weights, state, x = table1._first_block(model, jnp.float32)  # pylint: disable=protected-access
+    assert str(jax.make_jaxpr(block)(weights, state, x)).count('pallas_call') == 3 + 1
+    step = decode_profile.scoped_step(model)
+    lowered = jax.jit(step).lower(model.weights, model.state, tokens).as_text(debug_info=True)
+    assert lowered.count('block1/ff/pallas_call') >= 1
+    token, _ = step(model.weights, model.state, tokens)
+    logits, _ = model.pure_fn(tokens, model.weights, model.state, None)
+  np.testing.assert_array_equal(token[:, 0], np.argmax(logits[:, -1], axis=-1))

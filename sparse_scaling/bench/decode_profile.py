@@ -52,6 +52,7 @@ from sparse_scaling.bench import common
 from sparse_scaling.bench import decoders
 from sparse_scaling.bench import timing
 from sparse_scaling.layers import decode_kernels
+from sparse_scaling.layers import fused_residual
 
 _ITEMSIZE = {'pred': 1, 's8': 1, 'u8': 1, 'bf16': 2, 'f16': 2, 's16': 2, 'u16': 2,
              'f32': 4, 's32': 4, 'u32': 4, 'f64': 8, 's64': 8, 'u64': 8}
@@ -63,17 +64,15 @@ _SLICING = {'dynamic-slice', 'gather', 'slice'}
 
 def scoped_step(model):
   """`(weights, state, tokens) -> (next tokens, state)`: one greedy step of an LM, each
-  top-level layer under a named scope (the model's layers take and give one array each)."""
+  top-level layer under a named scope (the model's layers take and give one array each),
+  the blocks chained as in decoding (`fused_residual.run_layers`), each half under its own."""
   labels = decoders.scope_labels(model)
 
   def step(weights, state, tokens):
-    x, new_state = tokens, []
-    for layer, label, w, s in zip(model.sublayers, labels, weights, state):
-      with jax.named_scope(label):
-        x, s = layer.pure_fn(x, w, s, None)
-      new_state.append(s)
+    x, new_state = fused_residual.run_layers(model.sublayers, tokens, weights, state,
+                                             scope=lambda i: jax.named_scope(labels[i]))
     token = jnp.argmax(x[:, -1:], axis=-1).astype(jnp.int32)
-    return token, tuple(new_state)
+    return token, new_state
 
   return step
 

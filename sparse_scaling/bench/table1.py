@@ -52,6 +52,7 @@ from sparse_scaling.bench.decoders import random_weights_and_state
 from sparse_scaling.bench.decoders import scope_labels
 from sparse_scaling.layers import attention_kernel
 from sparse_scaling.layers import decode_kernels
+from sparse_scaling.layers import fused_residual
 from sparse_scaling.layers import sparse_ff_kernel
 from sparse_scaling.layers import sparse_qkv_block_kernel
 from sparse_scaling.layers import sparse_qkv_kernel
@@ -129,12 +130,8 @@ def _first_block(model, dtype):
   index = [i for i, label in enumerate(labels) if label.startswith('block0/')]
   layers = [model.sublayers[i] for i in index]
 
-  def step(weights, state, x):
-    new_state = []
-    for layer, w, s in zip(layers, weights, state):
-      x, s = layer.pure_fn(x, w, s, None)
-      new_state.append(s)
-    return x, tuple(new_state)
+  def step(weights, state, x):   # chained as in decoding where CHAIN lets (`run_layers`)
+    return fused_residual.run_layers(layers, x, weights, state)
 
   d_model = jax.tree.leaves(weights[index[0]])[0].shape[0]
   x = 0.1 * jax.random.normal(jax.random.PRNGKey(1), (1, 1, d_model), dtype)

@@ -15,6 +15,8 @@ block's units programs finish its LayerNorm, so that the FF block needs no kerne
 for it (a trax layer hands the next one a single array; these sums cross the boundary here).
 """
 
+import contextlib
+
 from trax import layers as tl
 from trax.layers import combinators
 
@@ -82,42 +84,57 @@ class FusedDecoder(tl.Serial):
     if not CHAIN:
       return super().forward(xs)
     self._validate_forward_inputs(xs)
-    weights, state = self.weights, self.state
     rngs = combinators._split_rngs(self.rng, self._n_layers)  # pylint: disable=protected-access
-    stack, new_state, layers = xs, [], list(self.sublayers)
-    i = 0
-    while i < len(layers):
-      if i + 1 < len(layers) and hasattr(layers[i + 1], 'chain_norm'):
-        chained = self._chain(layers[i], layers[i + 1], stack, weights[i:i + 2],
-                              state[i:i + 2])
-        if chained is not None:
-          stack = chained[0]
-          new_state += chained[1]
-          i += 2
-          continue
-      layer = layers[i]
-      inputs = combinators.inputs_from_stack(stack, layer.n_in)
-      outputs, s = layer.pure_fn(inputs, weights[i], state[i], rngs[i], use_cache=True)
-      stack = combinators.outputs_onto_stack(outputs, stack, layer.n_in)
-      new_state.append(s)
-      i += 1
-    self.state = tuple(new_state)
+    stack, self.state = run_layers(self.sublayers, xs, self.weights, self.state, rngs,
+                                   use_cache=True)
     return stack
 
-  @staticmethod
-  def _chain(attention, ff, x, weights, state):
-    """(out, [attention's state, ff's state]) of the two blocks chained, or None."""
-    if not isinstance(attention, FusedResidual) or isinstance(x, (tuple, list)):
-      return None
-    ff_norm = ff.chain_norm(x, weights[1])
-    if ff_norm is None:
-      return None
+
+def run_layers(layers, xs, weights, state, rngs=None, scope=None, use_cache=False):
+  """(outputs, new state) of `layers` in series on xs, as `tl.Serial`'s forward, chaining
+  an attention block and the FF block after it where CHAIN lets them (`FusedDecoder`; the
+  benchmarks time and profile blocks through it too). `scope(i)`, if given, is a context (a
+  profile's named scope) around what layer i computes, its half of a chain too; `use_cache`
+  as `pure_fn`'s (True only inside a combinator's own `pure_fn`, as `tl.Serial` has it)."""
+  scope = scope or (lambda i: contextlib.nullcontext())
+  rngs = [None] * len(layers) if rngs is None else rngs
+  stack, new_state, layers = xs, [], list(layers)
+  i = 0
+  while i < len(layers):
+    if CHAIN and i + 1 < len(layers) and hasattr(layers[i + 1], 'chain_norm'):
+      chained = _chain(layers[i], layers[i + 1], stack, weights[i:i + 2], state[i:i + 2],
+                       (scope(i), scope(i + 1)))
+      if chained is not None:
+        stack = chained[0]
+        new_state += chained[1]
+        i += 2
+        continue
+    layer = layers[i]
+    inputs = combinators.inputs_from_stack(stack, layer.n_in)
+    with scope(i):
+      outputs, s = layer.pure_fn(inputs, weights[i], state[i], rngs[i], use_cache=use_cache)
+    stack = combinators.outputs_onto_stack(outputs, stack, layer.n_in)
+    new_state.append(s)
+    i += 1
+  return stack, tuple(new_state)
+
+
+def _chain(attention, ff, x, weights, state, scopes):
+  """(out, [attention's state, ff's state]) of the two blocks chained, or None. `scopes`: a
+  context for each block's half."""
+  if not isinstance(attention, FusedResidual) or isinstance(x, (tuple, list)):
+    return None
+  ff_norm = ff.chain_norm(x, weights[1])
+  if ff_norm is None:
+    return None
+  with scopes[0]:
     first = attention.fused_call(x, weights[0], state[0], ff_norm=ff_norm)
-    if first is None:
-      return None
-    out, attention_state, (partials,) = first
+  if first is None:
+    return None
+  out, attention_state, (partials,) = first
+  with scopes[1]:
     second = ff.fused_call(out, weights[1], state[1], partials=partials)
-    return second[0], [attention_state, second[1]]
+  return second[0], [attention_state, second[1]]
 
 
 def _path(layer, cls):
