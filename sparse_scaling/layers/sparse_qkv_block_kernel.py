@@ -23,7 +23,7 @@ Each program reads a few tens of kilobytes, so many programs share the work: a p
 GPU multiprocessor reads far below the card's rate, and a launch costs about a microsecond.
 Sides that are not powers of 2 (Triton's blocks must be) are loaded in power-of-2 pieces
 (`decode_kernels.pieces`: 144 channels as 128 and 16), and each issues its loads early
-(`decode_kernels`' note on load order). On an H200 at the 800M shape the three take 2.4, 5.0
+(`decode_kernels`' note on load order). On an H200 at the 800M shape the three take 2.3, 4.2
 and 3.9 µs (docs/results/decode_profile_gpu.md), against fifteen XLA kernels
 in 26 µs; at 17B's shapes (an earlier form) 21.4, 31.9 and 7.9 µs, slower than XLA's kernels
 there, so the block declines above MAX_D_MODEL (docs/decoding_gpu.md;
