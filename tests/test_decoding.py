@@ -290,17 +290,23 @@ def _trained_on_a_cycle(model_fn, steps=150, period=7):
   return weights
 
 
+@pytest.fixture(scope='module')
+def trained_on_a_cycle():
+  """(model_fn, weights): the sparse LM below fitted to a cycle, once for both kernels."""
+  model_fn = functools.partial(ScalingTransformerLM, **dict(TINY, attention_sparsity=2,
+                                                            loss_sparsity=2))
+  return model_fn, _trained_on_a_cycle(model_fn)
+
+
 @pytest.mark.parametrize('kernel', ['auto', 'interpret'])
-def test_bfloat16_decoding_equals_float32_on_a_trained_model(kernel):
+def test_bfloat16_decoding_equals_float32_on_a_trained_model(kernel, trained_on_a_cycle):
   """Weights and caches in bfloat16 (half the bytes a token reads): greedy tokens as in
   float32, and last-step logits within 0.1 of the float32 logits' spread (bfloat16 keeps 8
   significant bits: the logits, of magnitude ~10 here, move by up to ~0.05 of the spread on
   the CPU and 0.051 on an H200). 'auto' decodes
   Sparse FF as the backend does (the Pallas kernel on a GPU), 'interpret' runs that kernel
   on any backend."""
-  model_fn = functools.partial(ScalingTransformerLM, **dict(TINY, attention_sparsity=2,
-                                                            loss_sparsity=2))
-  weights = _trained_on_a_cycle(model_fn)
+  model_fn, weights = trained_on_a_cycle
   prompt = np.array([[1, 2, 3], [5, 6, 7]], np.int32)
   with decode_kernels.use(kernel):
     f32, bf16 = Decoder(model_fn, weights), Decoder(model_fn, weights, dtype='bfloat16')

@@ -41,8 +41,10 @@ TINY_TWINS = sorted(p for p in GIN_FILES if p.parent.name == 'tiny' and 'twin' n
 # on LSH attention, and test_terraformer.py checks the reversible gradients.
 # Of the C4 800M twins, the two ends run by default (dense, and FF+QKV+loss with all three
 # sparse layers); the three between them, each a subset of the last one's layers, with -m slow.
+# The dense twin trains by default in test_two_runs_in_one_process_train_on_the_same_batches,
+# with this test's checks; here with -m slow.
 SLOW_TWINS = ('terraformer_arxiv.gin', 'terraformer_rfc.gin', 'c4_800m_ff.gin',
-              'c4_800m_qkv.gin', 'c4_800m_ff_qkv.gin')
+              'c4_800m_qkv.gin', 'c4_800m_ff_qkv.gin', 'c4_800m_dense.gin')
 
 
 @pytest.mark.parametrize('path', GIN_FILES, ids=lambda p: str(p.relative_to(configs.GIN_DIR)))
@@ -135,13 +137,16 @@ def test_includes_resolve_when_the_working_directory_has_same_named_folders(tmp_
 
 
 def test_two_runs_in_one_process_train_on_the_same_batches(tmp_path, monkeypatch):
-  # trax counts batches per process; each run must start from the first batch.
+  # trax counts batches per process; each run must start from the first batch. The first run
+  # is also the dense C4 800M twin's test_tiny_twin_trains_three_steps (there with -m slow).
   monkeypatch.setenv('SPARSE_SCALING_CACHE', str(tmp_path / 'cache'))
   losses = []
   for run in ('a', 'b'):
     gin.clear_config()
     configs.parse(['tiny/c4_800m_dense.gin'])
     loop = training.train(str(tmp_path / run))
+    assert loop.step == 3
+    assert checkpoints.latest_checkpoint(str(tmp_path / run))
     losses.append([value for _, value in loop.history.get('eval', 'metrics/log_perplexity')])
-  assert len(losses[0]) == 2  # after steps 1 and 3
+  assert len(losses[0]) == 2 and np.isfinite(losses[0]).all()  # after steps 1 and 3
   np.testing.assert_allclose(losses[0], losses[1], rtol=1e-6)

@@ -1,6 +1,7 @@
 """The quality reproduction: its arms keep the dense parameter count; a tiny run end to end."""
 
 import json
+import shutil
 
 import gin
 import numpy as np
@@ -107,18 +108,28 @@ def _run(tmp_path, arm, output_dir, tiny_tokens, steps=4):
                            command='test')
 
 
-def test_finished_runs_are_kept_and_other_runs_refused(tmp_path, tiny_tokens):
-  record = _run(tmp_path, 'dense_conv', tmp_path / 'runs', tiny_tokens)
+@pytest.fixture(scope='module')
+def finished(tmp_path_factory, tiny_tokens):
+  """{arm: (output_dir, record)}: a dense and a dense_conv run of 4 steps, each in an output
+  directory of its own, trained once for the tests below (a test that changes one copies it)."""
+  root = tmp_path_factory.mktemp('finished')
+  return {arm: (root / directory, _run(root, arm, root / directory, tiny_tokens))
+          for arm, directory in (('dense', 'gpu0'), ('dense_conv', 'gpu1'))}
+
+
+def test_finished_runs_are_kept_and_other_runs_refused(tmp_path, tiny_tokens, finished):
+  output_dir, record = finished['dense_conv']
   assert record['steps'] == 4 and record['knobs']['attention_conv'] == 4
   assert record['tokens_per_s'] > 0 and record['size'] == 'tiny'
-  assert _run(tmp_path, 'dense_conv', tmp_path / 'runs', tiny_tokens) == record  # not retrained
+  assert _run(tmp_path, 'dense_conv', output_dir, tiny_tokens) == record  # not retrained
   with pytest.raises(ValueError, match='another run'):
-    _run(tmp_path, 'dense_conv', tmp_path / 'runs', tiny_tokens, steps=6)
+    _run(tmp_path, 'dense_conv', output_dir, tiny_tokens, steps=6)
 
 
-def test_a_cut_off_run_resumes_from_its_checkpoint(tmp_path, tiny_tokens, capsys):
+def test_a_cut_off_run_resumes_from_its_checkpoint(tmp_path, tiny_tokens, capsys, finished):
   output_dir = tmp_path / 'runs'
-  record = _run(tmp_path, 'dense', output_dir, tiny_tokens)
+  shutil.copytree(finished['dense'][0], output_dir)
+  record = finished['dense'][1]
   run_dir = output_dir / 'dense' / 'seed0'
   (run_dir / quality.RECORD).unlink()  # as if cut off after its last checkpoint (step 4)
   capsys.readouterr()
@@ -128,20 +139,19 @@ def test_a_cut_off_run_resumes_from_its_checkpoint(tmp_path, tiny_tokens, capsys
   assert resumed['tokens_per_s'] is None  # no step trained in this call
 
 
-def test_render_merges_output_dirs_and_renders_some_arms(tmp_path, tiny_tokens):
-  _run(tmp_path, 'dense', tmp_path / 'gpu0', tiny_tokens)
-  _run(tmp_path, 'dense_conv', tmp_path / 'gpu1', tiny_tokens)
-  only_conv = quality.render(tmp_path / 'one', [tmp_path / 'gpu1'])
+def test_render_merges_output_dirs_and_renders_some_arms(tmp_path, finished):
+  gpu0, gpu1 = finished['dense'][0], finished['dense_conv'][0]
+  only_conv = quality.render(tmp_path / 'one', [gpu1])
   assert [row['arm'] for row in only_conv['rows']] == ['dense_conv']
   assert only_conv['rows'][0]['delta_vs_dense'] is None
   assert '| dense_conv | 312 | - | - | - | 4 |' in (tmp_path / 'one' / 'quality.md').read_text()
-  both = quality.render(tmp_path / 'both', [tmp_path / 'gpu0', tmp_path / 'gpu1'])
+  both = quality.render(tmp_path / 'both', [gpu0, gpu1])
   assert [row['arm'] for row in both['rows']] == ['dense', 'dense_conv']
   conv = both['rows'][1]
   assert conv['delta_vs_dense'] == conv['val_log_ppl_mean'] - both['rows'][0]['val_log_ppl_mean']
   # quality.json's runs, joined by a record: the saved table grows by the new arm.
-  quality.render(tmp_path / 'grown', [tmp_path / 'gpu0'])
-  grown = quality.render(tmp_path / 'grown', [tmp_path / 'gpu1'])
+  quality.render(tmp_path / 'grown', [gpu0])
+  grown = quality.render(tmp_path / 'grown', [gpu1])
   assert [row['arm'] for row in grown['rows']] == ['dense', 'dense_conv']
   with pytest.raises(FileNotFoundError, match='nothing to render'):
     quality.render(tmp_path / 'none', [tmp_path / 'empty'])
