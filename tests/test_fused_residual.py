@@ -56,7 +56,7 @@ def _decode(kernel, model_kwargs, tokens, prompt=3, dtype=jnp.float32):
     (48, 4, 4, dict(MIXED_CHANNELS=None)),
     (64, 4, 8, dict(ROWS=16, MAX_PARTS=2, MODULES=4, SPLIT=2, MIXED_CHANNELS=4,
                     MAX_PARTS_BYTES=0, COLUMNS=8, GATHER=4, GROUP=2)),
-    (768, 8, 16, dict(CONV_PROGRAMS=8))])
+    (768, 8, 16, dict(CONV_PROGRAMS=8, STATS_IN_KERNEL=512))])
 def test_fused_blocks_equal_xla_step_by_step(d_model, n_heads, attention_sparsity, settings,
                                              monkeypatch):
   """Modules and heads of different sizes (8 modules of 8 channels against 4 heads of 16;
@@ -71,7 +71,8 @@ def test_fused_blocks_equal_xla_step_by_step(d_model, n_heads, attention_sparsit
   units programs of two blocks), and d_model 768 as 17B's shapes in small: 16 modules of 48
   channels (multiplicative programs of 16 of them, a matrix product each), 12 partial sums,
   heads of 96, programs of 16 channels and 16 modules where 16 channels of one module each
-  would make too many programs,
+  would make too many programs, and the LayerNorm's statistics computed once by XLA for the
+  multiplicative programs (above STATS_IN_KERNEL, as at 17B),
   two rows, the caches filled past their end: each step's logits and the whole state
   (convolution states, caches, positions) as XLA's path."""
   for name, value in settings.items():
@@ -238,13 +239,16 @@ def test_fused_blocks_lower_to_triton_for_a_gpu(d_model, d_ff, n_heads, sparsity
 
 
 @pytest.mark.skipif(jax.default_backend() != 'gpu', reason='compiles the kernels for a GPU')
-@pytest.mark.parametrize('settings', [{}, dict(MIXED_CHANNELS=None), dict(CHAIN=False)])
+@pytest.mark.parametrize('settings', [{}, dict(MIXED_CHANNELS=None), dict(CHAIN=False),
+                                      dict(STATS_IN_KERNEL=0)])
 @pytest.mark.parametrize('d_model, n_heads, attention_sparsity', [(1024, 16, 16), (1152, 12, 8)])
 def test_fused_blocks_compiled_for_the_gpu_equal_xla(d_model, n_heads, attention_sparsity,
                                                      settings, monkeypatch):
   """The 800M shape, and one loaded in pieces as 17B's (modules of 144 channels, heads of
   96, d_model 1152); the default shares, multiplicative programs of all channels
-  (`MIXED_CHANNELS`), and each block alone (CHAIN off, 5 kernels a layer)."""
+  (`MIXED_CHANNELS`), each block alone (CHAIN off, 5 kernels a layer), and the
+  multiplicative programs reading the LayerNorm statistics XLA computed (`STATS_IN_KERNEL`,
+  as above 4096)."""
   for name, value in settings.items():
     monkeypatch.setattr(fused_residual if name == 'CHAIN' else sparse_qkv_block_kernel, name,
                         value)

@@ -8,7 +8,10 @@ module constants (its "shares"): ROWS input rows, SPLIT modules and MIXED_CHANNE
 per multiplicative program, WIDTH channels and MODULES modules per convolution program,
 VALUE_WIDTH value columns per attention program, MIXED_WARPS, CONV_WARPS and ATTEND_WARPS
 (warps per program of each kernel), DOT (1: the multiplicative product as one matrix
-product) and MAX_PARTS (the most partial sums the convolutions add themselves); MODULES=all
+product), STATS_IN_KERNEL (the largest d_model at which each multiplicative program computes its
+row's LayerNorm statistics itself), MAX_D_MODEL (the largest d_model the attention block
+takes: `--measure block` at 17B with MAX_D_MODEL=16384 times the fused block where it
+declines by default) and MAX_PARTS (the most partial sums the convolutions add themselves); MODULES=all
 and MIXED_CHANNELS=all set those two to None (the kernel's choice, and all of M);
 `layers/sparse_ff_kernel.py` has FF_GROUP (blocks of N units per program), FF_WARPS, FF_ROWS
 (rows of C1 per LayerNorm-controller program), FF_PARTS_BYTES (the most bytes of parts the
@@ -55,14 +58,16 @@ from sparse_scaling.layers import sparse_qkv_block_kernel
 SHARES = {**{name: (sparse_qkv_block_kernel, name)
              for name in ('ROWS', 'WIDTH', 'VALUE_WIDTH', 'MIXED_WARPS', 'CONV_WARPS',
                           'ATTEND_WARPS', 'DOT', 'MODULES', 'MAX_PARTS',
-                          'SPLIT', 'MIXED_CHANNELS')},
+                          'SPLIT', 'MIXED_CHANNELS', 'STATS_IN_KERNEL',
+                          'MAX_D_MODEL')},
           'FF_GROUP': (sparse_ff_kernel, 'GROUP'), 'FF_WARPS': (sparse_ff_kernel, 'WARPS'),
           'FF_ROWS': (sparse_ff_kernel, 'NORM_ROWS'),
           'FF_PARTS_BYTES': (sparse_ff_kernel, 'MAX_PARTS_BYTES'),
           'FF_COLUMNS': (sparse_ff_kernel, 'COLUMNS'), 'FF_GATHER': (sparse_ff_kernel, 'GATHER'),
           'CHAIN': (fused_residual, 'CHAIN')}
 _SWITCHES = ('DOT', 'CHAIN')   # 0 or 1
-_ALL = ('MODULES', 'MIXED_CHANNELS')   # also 'all': None, the kernel's own choice
+_ALL = ('MODULES', 'MIXED_CHANNELS')
+_ANY = ('FF_PARTS_BYTES', 'STATS_IN_KERNEL', 'MAX_D_MODEL')   # any integer >= 0   # also 'all': None, the kernel's own choice
 DEFAULT_SETTINGS = ['default', 'DOT=0', 'MIXED_CHANNELS=32', 'WIDTH=16', 'MIXED_WARPS=8',
                     'ATTEND_WARPS=1', 'ROWS=32', 'VALUE_WIDTH=32', 'WIDTH=16+CONV_WARPS=8']
 
@@ -84,10 +89,10 @@ def parse_setting(text):
     value = int(value)
     if (name in _SWITCHES and value not in (0, 1)) or (
         name == 'MAX_PARTS' and value < 1) or (
-        name not in (*_SWITCHES, 'MAX_PARTS', 'FF_PARTS_BYTES')
+        name not in (*_SWITCHES, 'MAX_PARTS', *_ANY)
         and not decode_kernels.is_power_of_2(value)):
-      raise ValueError(f'--settings: {pair!r}: DOT and CHAIN are 0 or 1, MAX_PARTS positive, '
-                       'FF_PARTS_BYTES any, the others powers of 2')
+      raise ValueError(f'--settings: {pair!r}: DOT and CHAIN are 0 or 1, MAX_PARTS '
+                       f'positive, {", ".join(_ANY)} any, the others powers of 2')
     setting[name] = bool(value) if name in _SWITCHES else value
   return setting
 

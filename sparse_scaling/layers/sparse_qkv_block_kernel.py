@@ -25,8 +25,8 @@ Sides that are not powers of 2 (Triton's blocks must be) are loaded in power-of-
 (`decode_kernels.pieces`: 144 channels as 128 and 16), and each issues its loads early
 (`decode_kernels`' note on load order). On an H200 at the 800M shape the three take 2.3, 4.2
 and 3.9 µs (docs/results/decode_profile_gpu.md), against fifteen XLA kernels
-in 26 µs; at 17B's shapes (an earlier form) 21.4, 31.9 and 7.9 µs, slower than XLA's kernels
-there, so the block declines above MAX_D_MODEL (docs/decoding_gpu.md;
+in 26 µs; at 17B's shapes 17.9 (with XLA's LayerNorm statistics, STATS_IN_KERNEL), 14.2 and
+9.8 µs, 49 in all against XLA's 43.5, so the block declines above MAX_D_MODEL (docs/decoding_gpu.md;
 `bench/decode_shares.py` sweeps the shares below).
 The result equals the layers' XLA path (`tests/test_fused_residual.py`).
 
@@ -52,6 +52,11 @@ POSITIONS = 64  # cache positions read per block, at most
 ROWS, WIDTH, VALUE_WIDTH = 64, 16, 16
 MIXED_WARPS, CONV_WARPS, ATTEND_WARPS = 4, 4, 4
 DOT = True   # `mixed` as matrix products where ROWS and every piece of modules and M are >= 16
+# Each `mixed` program computes its row's LayerNorm statistics itself up to this d_model
+# (every program reads the whole row: at 17B with 64 input rows per program, 5184 programs
+# read 36 KB each, and the kernel took 44.8 µs on an H200); above, XLA computes them once and
+# the programs read two numbers (17.9 µs, and 4 µs of XLA's kernels; docs/decoding_gpu.md).
+STATS_IN_KERNEL = 4096
 # Modules per `conv` program (a power of 2; None: at large shapes, where programs of WIDTH
 # channels would be many more than CONV_PROGRAMS, programs first take WIDE channels, then
 # several modules, so that one program's convolution weights serve more of the token: at 17B,
@@ -66,10 +71,10 @@ SPLIT = 16
 # (Nsight Compute on an H200) in a kernel of 16 programs; 16 channels make 64 programs, and
 # the kernel took 2.0 µs against 2.7 run alone (docs/decoding_gpu.md).
 MIXED_CHANNELS = 16
-# The block is taken up to this d_model. At 17B's 9216 it ran 63.8 us on an H200
-# (convolutions 31.9, multiplicative 21.4 and its sum 2.6, attention 7.9) against the 35.6 us
-# of XLA's fifteen kernels, where at 800M's 1024 it runs 12.2 us against 26
-# (docs/decoding_gpu.md).
+# The block is taken up to this d_model. At 17B's 9216 it ran 49.3 µs on an H200 (traced
+# alone; 46-48 with other shares) against the 43.5 of XLA's twenty kernels, and one 17B block
+# looped in a program took 0.067-0.077 ms with it against 0.061 with XLA's attention, where at
+# 800M's 1024 it runs 9.2 µs against 26 (docs/decoding_gpu.md).
 MAX_D_MODEL = 4096
 
 
@@ -81,15 +86,17 @@ def fits(d_model, n_modules, n_heads, sizes, length_kernel_size):
           and length_kernel_size >= 2 and d_model <= MAX_D_MODEL)
 
 
-def _mixed_kernel(x_ref, scale_ref, bias_ref, d_ref, e_ref, y_ref, *, rows, sub, split,
+def _mixed_kernel(x_ref, scale_ref, bias_ref, d_ref, e_ref, *refs, rows, sub, split,
                   channels, dot, epsilon):
   """One (row, input slice, slice of `split` modules and `channels` channels) program:
   partial sums of y at those modules and channels [split, channels], in power-of-2 pieces of
   both sides.
 
   With `dot` (sub = rows; every piece and rows >= 16, Triton's least) each piece is one matrix
-  product [S', rows] x [rows, M'] in IEEE float32; else sums of broadcast products.
+  product [S', rows] x [rows, M'] in IEEE float32; else sums of broadcast products. `refs`:
+  (mean [B], inv [B], y) where XLA computed the row's statistics, else (y,).
   """
+  *stats_refs, y_ref = refs
   b, p = pl.program_id(0), pl.program_id(1)
   slices = e_ref.shape[1] // channels
   first, c0 = pl.program_id(2) // slices * split, pl.program_id(2) % slices * channels
@@ -100,7 +107,10 @@ def _mixed_kernel(x_ref, scale_ref, bias_ref, d_ref, e_ref, y_ref, *, rows, sub,
             for cols in row_slices]
   ds = [{s0: d_ref[pl.ds(first + s0, ls), cols] for s0, ls in s_pieces} for cols in row_slices]
   es = [{m0: e_ref[cols, pl.ds(c0 + m0, lm)] for m0, lm in m_pieces} for cols in row_slices]
-  stats = decode_kernels.layer_norm_stats(x_ref, b, epsilon)
+  if stats_refs:
+    stats = tuple(ref[b] for ref in stats_refs)
+  else:
+    stats = decode_kernels.layer_norm_stats(x_ref, b, epsilon)
   y = {}
   for load, d, es_k in zip(loaded, ds, es):
     xn = f32(decode_kernels.layer_norm_slice(load, stats))
@@ -357,6 +367,11 @@ def decode_step(x, norm, mixed, conv, state, k_cache, v_cache, index, *, n_heads
 
   dot = DOT and min(rows, *(length for side in (split, channels)
                             for _, length in decode_kernels.pieces(side))) >= 16
+  stats = ()
+  if d_model > STATS_IN_KERNEL:
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=1)
+    stats = (mean, jax.lax.rsqrt(jnp.mean(jnp.square(x32 - mean[:, None]), axis=1) + epsilon))
   # Each kernel's compiler_params are Triton's (plgpu), not Mosaic GPU's.
   y = pl.pallas_call(
       functools.partial(_mixed_kernel, rows=rows, sub=rows if dot else min(rows, 8),
@@ -365,7 +380,7 @@ def decode_step(x, norm, mixed, conv, state, k_cache, v_cache, index, *, n_heads
       out_shape=jax.ShapeDtypeStruct((batch, d_model // rows, n_modules, n_channels),
                                      jnp.float32),
       interpret=interpret, compiler_params=plgpu.CompilerParams(num_warps=MIXED_WARPS),
-  )(x, *norm, d, e)
+  )(x, *norm, d, e, *stats)
   if y.shape[1] > MAX_PARTS:   # else every `conv` program would add them all
     y = jnp.sum(y, axis=1, keepdims=True)
 
