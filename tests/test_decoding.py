@@ -143,7 +143,14 @@ def _teacher_forced_logits(model_fn, weights, prompt, generated):
   return np.asarray(model(tokens))[:, prompt.shape[1]:]
 
 
-@pytest.mark.parametrize('options', [dict(top_k=3), dict(top_p=0.6), dict(top_k=4, top_p=0.8)])
+# Both filters at once by default; each alone (a decoder compiled for each) with -m slow. By
+# default test_top_k_1_and_tiny_top_p_equal_greedy has the decoder apply each filter alone (one
+# dropped or misapplied there samples other tokens than greedy's), and
+# test_filter_logits_keeps_the_top_k_and_the_nucleus checks the set each one gives.
+@pytest.mark.parametrize('options', [
+    pytest.param(dict(top_k=3), marks=pytest.mark.slow),
+    pytest.param(dict(top_p=0.6), marks=pytest.mark.slow),
+    dict(top_k=4, top_p=0.8)])
 def test_samples_fall_in_the_allowed_set(model_and_weights, options):
   model_fn, weights = model_and_weights
   prompt = np.array([[5, 6, 7], [9, 3, 2], [1, 1, 4]], np.int32)

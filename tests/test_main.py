@@ -1,4 +1,10 @@
-"""main.py end to end: train, resume after kill -9 or SIGTERM, eval, decode; faults, bad input."""
+"""main.py end to end: train, resume after kill -9 or SIGTERM, eval, decode; faults, bad input.
+
+Training, its output, the signals and the export run main.py (or the export module) as a
+program. The other modes and the errors run main.py's `main` in the test's process, its flags
+parsed as `python main.py` parses them (`run_main_here`): the same code, without a start-up of
+~7 s each on 2 cores.
+"""
 
 import os
 import pathlib
@@ -6,10 +12,14 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 
+from absl import flags
+from absl import logging as absl_logging
 import numpy as np
 import pytest
 
+from sparse_scaling import __main__ as entry
 from sparse_scaling import checkpoints
 from tests import utils
 
@@ -30,6 +40,30 @@ def _env(tmp_path):
 def run_main(tmp_path, command):
   return subprocess.run(command, cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True,
                         timeout=600)
+
+
+def run_main_here(tmp_path, command, monkeypatch, capsys):
+  """`run_main` in this process: main.py's `main` on the flags of `command`, parsed by absl as
+  `app.run` parses them; an exit message goes to stderr with exit status 1, as Python's exit
+  gives them. Returns a `subprocess.CompletedProcess` as `run_main` does."""
+  # main.py as `python -m sparse_scaling` loads it: once per process (it defines its flags).
+  main = entry._main_module()  # pylint: disable=protected-access
+  assert command[:2] == [sys.executable, str(ROOT / 'main.py')]
+  monkeypatch.setenv('SPARSE_SCALING_CACHE', str(tmp_path / 'cache'))
+  monkeypatch.chdir(ROOT)
+  verbosity = absl_logging.get_verbosity()  # main sets it
+  capsys.readouterr()
+  returncode, exit_message = 0, ''
+  try:
+    with warnings.catch_warnings():  # main adds a filter
+      main.main(flags.FLAGS(['main.py', *command[2:]]))
+  except SystemExit as e:
+    returncode, exit_message = (1, f'{e.code}\n') if isinstance(e.code, str) else (e.code, '')
+  finally:
+    flags.FLAGS.unparse_flags()
+    absl_logging.set_verbosity(verbosity)
+  out, err = capsys.readouterr()
+  return subprocess.CompletedProcess(command, returncode, out, err + exit_message)
 
 
 def _one_line_error(result, message):
@@ -77,15 +111,16 @@ def test_main_job_says_where_it_runs_and_prints_nothing_but_its_own_output(train
   assert not [word for word in NOISE if word.lower() in output.lower()], result.stderr[-3000:]
 
 
-def test_eval_and_decode_modes_use_the_checkpoint(trained):
+def test_eval_and_decode_modes_use_the_checkpoint(trained, monkeypatch, capsys):
   tmp_path, out, _ = trained
-  result = run_main(tmp_path, _command(out, '--mode=eval'))
+  result = run_main_here(tmp_path, _command(out, '--mode=eval'), monkeypatch, capsys)
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'Evaluating the checkpoint of step 4' in result.stdout
   assert 'eval                      accuracy' in result.stdout
-  result = run_main(tmp_path, _command(out, '--mode=decode', '--prompt=Juliet.',
-                                       '--temperature=0.7', '--top_k=5', '--top_p=0.9',
-                                       '--max_new_tokens=3', '--seed=2'))
+  result = run_main_here(tmp_path, _command(out, '--mode=decode', '--prompt=Juliet.',
+                                            '--temperature=0.7', '--top_k=5', '--top_p=0.9',
+                                            '--max_new_tokens=3', '--seed=2'),
+                         monkeypatch, capsys)
   assert result.returncode == 0, result.stderr[-3000:]
   assert '--- sample (temperature 0.7, top_k 5, top_p 0.9) ---\nJuliet.' in result.stdout
 
@@ -122,32 +157,29 @@ def test_export_without_checkpoint_fails_with_one_line_error(tmp_path):
   assert not (tmp_path / 'w.npz').exists()
 
 
-# Each case starts main.py (~17 s on 2 cores): three run by default (a gin file, the data
-# against the model, a sampling option), the others with -m slow; the layers' and the
-# sampler's rules are also tested in-process (test_sparse_ff, test_scaling_transformer,
-# test_decoding).
-_SLOW = pytest.mark.slow
-
-
+# Every case by default: in this process each takes under 3 s (as a program, ~17 s on 2
+# cores). The layers' and the sampler's rules are also tested on their own (test_sparse_ff,
+# test_scaling_transformer, test_decoding).
 @pytest.mark.parametrize('args, message', [
     (['--gin_file=tiny/no_such.gin'], 'no_such.gin'),
-    pytest.param(['--gin_param=train.no_such_arg=1'], 'no_such_arg', marks=_SLOW),
-    pytest.param(['--gin_param=ScalingTransformerLM.n_heads=3'], 'n_heads', marks=_SLOW),
-    pytest.param(['--gin_param=ScalingTransformerLM.d_ff=500'], 'd_ff', marks=_SLOW),
+    (['--gin_param=train.no_such_arg=1'], 'no_such_arg'),
+    (['--gin_param=ScalingTransformerLM.n_heads=3'], 'n_heads'),
+    (['--gin_param=ScalingTransformerLM.d_ff=500'], 'd_ff'),
     (['--gin_param=embedded_lm_inputs.seq_len=1024'], 'max_len'),
     (['--mode=decode', '--temperature=1', '--top_p=1.5'], 'top_p'),
-    pytest.param(['--mode=decode', '--gin_param=sample.top_q=0.5'], 'top_q', marks=_SLOW),
+    (['--mode=decode', '--gin_param=sample.top_q=0.5'], 'top_q'),
 ])
-def test_bad_input_fails_with_one_line_error_and_keeps_the_checkpoint(trained, args, message):
+def test_bad_input_fails_with_one_line_error_and_keeps_the_checkpoint(trained, args, message,
+                                                                     monkeypatch, capsys):
   tmp_path, out, _ = trained
   before = _snapshot(out)
-  _one_line_error(run_main(tmp_path, _command(out, *args)), message)
+  _one_line_error(run_main_here(tmp_path, _command(out, *args), monkeypatch, capsys), message)
   assert _snapshot(out) == before
 
 
-def test_decode_without_checkpoint_fails_with_one_line_error(tmp_path):
-  _one_line_error(run_main(tmp_path, _command(tmp_path / 'empty', '--mode=decode')),
-                  'no checkpoint')
+def test_decode_without_checkpoint_fails_with_one_line_error(tmp_path, monkeypatch, capsys):
+  _one_line_error(run_main_here(tmp_path, _command(tmp_path / 'empty', '--mode=decode'),
+                                monkeypatch, capsys), 'no checkpoint')
 
 
 @pytest.mark.slow  # 58 s; by default the SIGTERM test resumes a stopped run and
@@ -176,11 +208,11 @@ def test_kill_9_during_training_then_the_same_command_resumes(tmp_path):
 
 
 def test_diverging_training_stops_on_its_gradients_norm_and_keeps_the_last_good_checkpoint(
-    tmp_path):
+    tmp_path, monkeypatch, capsys):
   out = tmp_path / 'run'
   diverge = ['--gin_param=train.optimizer=@trax.optimizers.SGD',  # weights ~1e29 after step 1
              '--gin_param=multifactor.constant=1e30', '--gin_param=train.eval_frequency=1']
-  result = run_main(tmp_path, _command(out, *diverge, steps=20))
+  result = run_main_here(tmp_path, _command(out, *diverge, steps=20), monkeypatch, capsys)
   # The gradients are checked before the loss (both are nan here, at step 2).
   _one_line_error(result, "error: gradients' global norm is nan at step 2 (loss nan); stopped. "
                   f'The last good checkpoint is kept: {out}/checkpoint')
@@ -240,8 +272,8 @@ def test_two_devices_train_data_parallel(tmp_path):
   assert 'train.n_devices = 2' in (tmp_path / 'run' / 'config.gin').read_text()
 
 
-def test_missing_tfds_data_fails_with_one_line_error(tmp_path):
+def test_missing_tfds_data_fails_with_one_line_error(tmp_path, monkeypatch, capsys):
   command = [sys.executable, str(ROOT / 'main.py'), '--gin_file=paper/c4_800m_ff.gin',
              f'--output_dir={tmp_path / "run"}', f'--data_dir={tmp_path / "no_data"}']
-  _one_line_error(run_main(tmp_path, command), 'c4')
+  _one_line_error(run_main_here(tmp_path, command, monkeypatch, capsys), 'c4')
   assert not (tmp_path / 'run' / 'checkpoint').exists()

@@ -72,6 +72,8 @@ def test_python_m_sparse_scaling_runs_main_py_from_a_checkout():
   module = entry._main_module()  # pylint: disable=protected-access
   assert pathlib.Path(module.__file__) == ROOT / 'main.py'
   assert callable(module.main) and module.MODES == ('train', 'eval', 'decode', 'vocab')
+  # Loaded once per process: main.py's flags are defined once.
+  assert entry._main_module() is module  # pylint: disable=protected-access
 
 
 @pytest.mark.slow  # installs the locked stack into a new venv: minutes

@@ -1,5 +1,6 @@
 """The quality reproduction: its arms keep the dense parameter count; a tiny run end to end."""
 
+import functools
 import json
 import shutil
 
@@ -18,6 +19,7 @@ ROW_KEYS = {'arm', 'params', 'seeds', 'val_log_ppl_mean', 'val_log_ppl_spread', 
             'tokens'}
 
 
+@functools.lru_cache(maxsize=None)  # the gpu size's, for both tests that read it
 def _counts(size):
   counts = {}
   for arm in quality.ARMS:

@@ -9,10 +9,11 @@ import pytest
 from sparse_scaling import checkpoints
 from sparse_scaling import configs
 from sparse_scaling import training
+from tests import utils
 
-BINDINGS = ['train.eval_frequency=None', 'train.log_frequency=1',
-            'embedded_lm_inputs.batch_size=2', 'embedded_lm_inputs.seq_len=16',
-            'ScalingTransformerLM.n_layers=1']
+# The tiny LM of the other in-process runs (conftest's `one_step_run`, test_training.py,
+# test_checkpoints.py), whose training step the run's compilation cache then holds already.
+BINDINGS = utils.TINY_LM + ['train.eval_frequency=None']
 
 
 def _parse(cache_dir):
