@@ -8,11 +8,11 @@ module constants (its "shares"): ROWS input rows, SPLIT modules and MIXED_CHANNE
 per multiplicative program, WIDTH channels and MODULES modules per convolution program,
 VALUE_WIDTH value columns per attention program, MIXED_WARPS, CONV_WARPS and ATTEND_WARPS
 (warps per program of each kernel), DOT (1: the multiplicative product as one matrix
-product), STATS_IN_KERNEL (the largest d_model at which each multiplicative program computes its
-row's LayerNorm statistics itself), MAX_D_MODEL (the largest d_model the attention block
+product), STATS_IN_KERNEL (the largest d_model at which each multiplicative program computes
+its row's LayerNorm statistics itself), MAX_D_MODEL (the largest d_model the attention block
 takes: `--measure block` at 17B with MAX_D_MODEL=16384 times the fused block where it
-declines by default) and MAX_PARTS (the most partial sums the convolutions add themselves); MODULES=all
-and MIXED_CHANNELS=all set those two to None (the kernel's choice, and all of M);
+declines by default) and MAX_PARTS (the most partial sums the convolutions add themselves);
+MODULES=all and MIXED_CHANNELS=all set those two to None (the kernel's choice, and all of M);
 `layers/sparse_ff_kernel.py` has FF_GROUP (blocks of N units per program), FF_WARPS, FF_ROWS
 (rows of C1 per LayerNorm-controller program), FF_PARTS_BYTES (the most bytes of parts the
 units programs write, each its own rows of W2 times their activations; beyond, a second
@@ -66,8 +66,8 @@ SHARES = {**{name: (sparse_qkv_block_kernel, name)
           'FF_COLUMNS': (sparse_ff_kernel, 'COLUMNS'), 'FF_GATHER': (sparse_ff_kernel, 'GATHER'),
           'CHAIN': (fused_residual, 'CHAIN')}
 _SWITCHES = ('DOT', 'CHAIN')   # 0 or 1
-_ALL = ('MODULES', 'MIXED_CHANNELS')
-_ANY = ('FF_PARTS_BYTES', 'STATS_IN_KERNEL', 'MAX_D_MODEL')   # any integer >= 0   # also 'all': None, the kernel's own choice
+_ALL = ('MODULES', 'MIXED_CHANNELS')   # also 'all': None, the kernel's own choice
+_ANY = ('FF_PARTS_BYTES', 'STATS_IN_KERNEL', 'MAX_D_MODEL')   # any integer >= 0
 DEFAULT_SETTINGS = ['default', 'DOT=0', 'MIXED_CHANNELS=32', 'WIDTH=16', 'MIXED_WARPS=8',
                     'ATTEND_WARPS=1', 'ROWS=32', 'VALUE_WIDTH=32', 'WIDTH=16+CONV_WARPS=8']
 
