@@ -54,8 +54,9 @@ def test_the_kernels_alone_are_timed_with_the_setting_in_force(monkeypatch):
   assert np.isfinite(attention) and np.isfinite(ff)
 
 
-@pytest.mark.parametrize('text', ['WIDTH', 'WIDTH=12', 'DOT=2', 'CHAIN=2', 'STATS_IN_KERNEL=-1', 'SPEED=4',
-                                  'WIDTH=8+', '', 'MAX_PARTS=0', 'FF_GROUP=3', 'ROWS=all'])
+@pytest.mark.parametrize('text', ['WIDTH', 'WIDTH=12', 'DOT=2', 'CHAIN=2', 'STATS_IN_KERNEL=-1',
+                                  'SPEED=4', 'WIDTH=8+', '', 'MAX_PARTS=0', 'FF_GROUP=3',
+                                  'ROWS=all'])
 def test_a_bad_setting_is_refused_naming_the_rule(text):
   with pytest.raises(ValueError, match='--settings: '):
     decode_shares.parse_setting(text)

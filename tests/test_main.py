@@ -58,7 +58,8 @@ def run_main_here(tmp_path, command, monkeypatch, capsys):
     with warnings.catch_warnings():  # main adds a filter
       main.main(flags.FLAGS(['main.py', *command[2:]]))
   except SystemExit as e:
-    returncode, exit_message = (1, f'{e.code}\n') if isinstance(e.code, str) else (e.code, '')
+    returncode, exit_message = ((1, f'{e.code}\n') if isinstance(e.code, str)
+                                else (e.code or 0, ''))   # sys.exit(None) is a success
   finally:
     flags.FLAGS.unparse_flags()
     absl_logging.set_verbosity(verbosity)

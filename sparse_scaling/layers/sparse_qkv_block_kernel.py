@@ -23,10 +23,11 @@ Each program reads a few tens of kilobytes, so many programs share the work: a p
 GPU multiprocessor reads far below the card's rate, and a launch costs about a microsecond.
 Sides that are not powers of 2 (Triton's blocks must be) are loaded in power-of-2 pieces
 (`decode_kernels.pieces`: 144 channels as 128 and 16), and each issues its loads early
-(`decode_kernels`' note on load order). On an H200 at the 800M shape the three take 2.3, 4.2
-and 3.9 µs (docs/results/decode_profile_gpu.md), against fifteen XLA kernels
-in 26 µs; at 17B's shapes 17.9 (with XLA's LayerNorm statistics, STATS_IN_KERNEL), 14.2 and
-9.8 µs, 49 in all against XLA's 43.5, so the block declines above MAX_D_MODEL (docs/decoding_gpu.md;
+(`decode_kernels`' note on load order). On an H200 at the 800M shape the three take 2.4, 4.2
+and 4.3 µs, the last also writing the next FF block's partial sums
+(docs/results/decode_profile_gpu.md), against fifteen XLA kernels in 26 µs; at 17B's shapes
+17.9 (with XLA's LayerNorm statistics, STATS_IN_KERNEL), 14.2 and 9.8 µs, 49 in all against
+XLA's 43.5, so the block declines above MAX_D_MODEL (docs/decoding_gpu.md;
 `bench/decode_shares.py` sweeps the shares below).
 The result equals the layers' XLA path (`tests/test_fused_residual.py`).
 
