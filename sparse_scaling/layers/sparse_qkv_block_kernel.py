@@ -26,8 +26,9 @@ Sides that are not powers of 2 (Triton's blocks must be) are loaded in power-of-
 (`decode_kernels`' note on load order). On an H200 at the 800M shape the three take 2.4, 4.2
 and 4.3 µs, the last also writing the next FF block's partial sums
 (docs/results/decode_profile_gpu.md), against fifteen XLA kernels in 26 µs; at 17B's shapes
-17.9 (with XLA's LayerNorm statistics, STATS_IN_KERNEL), 14.2 and 9.8 µs, 49 in all against
-XLA's 43.5, so the block declines above MAX_D_MODEL (docs/decoding_gpu.md;
+12.7 (with XLA's LayerNorm statistics, STATS_IN_KERNEL), 14.4 and 9.7 µs, 44.2 in all traced
+alone against XLA's 43.5, and a block looped in a program is slower with them than with
+XLA's attention, so the block declines above MAX_D_MODEL (docs/decoding_gpu.md;
 `bench/decode_shares.py` sweeps the shares below).
 The result equals the layers' XLA path (`tests/test_fused_residual.py`).
 
@@ -56,7 +57,8 @@ DOT = True   # `mixed` as matrix products where ROWS and every piece of modules 
 # Each `mixed` program computes its row's LayerNorm statistics itself up to this d_model
 # (every program reads the whole row: at 17B with 64 input rows per program, 5184 programs
 # read 36 KB each, and the kernel took 44.8 µs on an H200); above, XLA computes them once and
-# the programs read two numbers (17.9 µs, and 4 µs of XLA's kernels; docs/decoding_gpu.md).
+# the programs read two numbers (17.9 µs with SPLIT 16, and 4 µs of XLA's kernels;
+# docs/decoding_gpu.md).
 STATS_IN_KERNEL = 4096
 # Modules per `conv` program (a power of 2; None: at large shapes, where programs of WIDTH
 # channels would be many more than CONV_PROGRAMS, programs first take WIDE channels, then
@@ -64,18 +66,21 @@ STATS_IN_KERNEL = 4096
 # 432 programs of 16 channels and 4 modules instead of 1728 of 16 and 1), and the most partial
 # sums of y that `conv` adds itself (more are added by XLA first).
 MODULES, CONV_PROGRAMS, WIDE, MAX_PARTS = None, 384, 16, 16
-# Modules per `mixed` program (a power of 2). Triton holds a product's operands in
-# registers: [64, 64] x [64, 144] per program at 17B ran 340.8 us, [16, 64] x [64, 144] 21.4.
-SPLIT = 16
+# Modules per `mixed` program (a power of 2; at 800M all 16 either way). Triton holds a
+# product's operands in registers: at 17B (64 modules) [64, 64] x [64, 144] per program ran
+# 340.8 us and [16, 64] x [64, 144] 21.4; with MIXED_CHANNELS' 16 channels, [64, 64] x [64, 16]
+# 12.7 µs against 17.8 for [16, 64] x [64, 16] (E's rows read once, not four times).
+SPLIT = 64
 # Channels of M per `mixed` program (a power of 2 dividing M; None: all M, in pieces). At 800M
 # a program of 16 modules and all 64 channels holds 255 registers per thread and spills
 # (Nsight Compute on an H200) in a kernel of 16 programs; 16 channels make 64 programs, and
 # the kernel took 2.0 µs against 2.7 run alone (docs/decoding_gpu.md).
 MIXED_CHANNELS = 16
-# The block is taken up to this d_model. At 17B's 9216 it ran 49.3 µs on an H200 (traced
-# alone; 46-48 with other shares) against the 43.5 of XLA's twenty kernels, and one 17B block
-# looped in a program took 0.067-0.077 ms with it against 0.061 with XLA's attention, where at
-# 800M's 1024 it runs 9.2 µs against 26 (docs/decoding_gpu.md).
+# The block is taken up to this d_model. At 17B's 9216 it ran 44.2 µs on an H200 (traced
+# alone; 41.0 with 32 value columns per attention program) against the 43.5 of XLA's twenty
+# kernels, and one 17B block looped in a program took 0.0645 ms with it (unchained; 0.0748
+# chained) against 0.0604-0.0622 with XLA's attention, where at 800M's 1024 it runs 9.2 µs
+# against 26 (docs/decoding_gpu.md).
 MAX_D_MODEL = 4096
 
 
