@@ -52,7 +52,7 @@ def _decode(kernel, model_kwargs, tokens, prompt=3, dtype=jnp.float32):
 
 
 @pytest.mark.parametrize('d_model, n_heads, attention_sparsity, settings', [
-    (64, 4, 8, {}), (64, 4, 2, {}), (256, 4, 16, {}), (16, 2, 4, {}),
+    (64, 4, 8, {}), (64, 4, 2, {}), (256, 4, 16, {}), (256, 4, 32, {}), (16, 2, 4, {}),
     (48, 4, 4, dict(MIXED_CHANNELS=None)),
     (64, 4, 8, dict(ROWS=16, MAX_PARTS=2, MODULES=4, SPLIT=2, MIXED_CHANNELS=4,
                     MAX_PARTS_BYTES=0, COLUMNS=8, GATHER=4, GROUP=2)),
@@ -61,7 +61,9 @@ def test_fused_blocks_equal_xla_step_by_step(d_model, n_heads, attention_sparsit
                                              monkeypatch):
   """Modules and heads of different sizes (8 modules of 8 channels against 4 heads of 16;
   2 of 32 against 4 of 16; 16 of 16 against 4 of 64, where the multiplicative layer is one
-  matrix product per program; 4 of 4 against 2 of 8, fewer channels than a program's 16),
+  matrix product per program; 32 of 8 against 4 of 64, multiplicative programs of all 32
+  modules (SPLIT 64, as at 17B's 64); 4 of 4 against 2 of 8, fewer channels than a program's
+  16),
   sides that are not powers of 2 (d_model 48: modules and heads of 12, 3 partial sums of the
   multiplicative layer, each program taking all 12 channels, and heads, loaded as 8 and 4),
   programs that convolve several modules with the partial sums added first and
