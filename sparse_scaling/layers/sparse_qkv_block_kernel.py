@@ -55,10 +55,10 @@ ROWS, WIDTH, VALUE_WIDTH = 64, 16, 16
 MIXED_WARPS, CONV_WARPS, ATTEND_WARPS = 4, 4, 4
 DOT = True   # `mixed` as matrix products where ROWS and every piece of modules and M are >= 16
 # Each `mixed` program computes its row's LayerNorm statistics itself up to this d_model
-# (every program reads the whole row: at 17B with 64 input rows per program, 5184 programs
-# read 36 KB each, and the kernel took 44.8 µs on an H200); above, XLA computes them once and
-# the programs read two numbers (17.9 µs with SPLIT 16, and 4 µs of XLA's kernels;
-# docs/decoding_gpu.md).
+# (every program reads the whole row: at 17B with 64 input rows per program, SPLIT 64's 1296
+# programs read 36 KB each, and the kernel took 20.5 µs on an H200; SPLIT 16's 5184, 44.8);
+# above, XLA computes them once and the programs read two numbers (12.7 µs, and 4 µs of XLA's
+# kernels; docs/decoding_gpu.md).
 STATS_IN_KERNEL = 4096
 # Modules per `conv` program (a power of 2; None: at large shapes, where programs of WIDTH
 # channels would be many more than CONV_PROGRAMS, programs first take WIDE channels, then
@@ -78,8 +78,8 @@ SPLIT = 64
 MIXED_CHANNELS = 16
 # The block is taken up to this d_model. At 17B's 9216 it ran 44.2 µs on an H200 (traced
 # alone; 41.0 with 32 value columns per attention program) against the 43.5 of XLA's twenty
-# kernels, and one 17B block looped in a program took 0.0645 ms with it (unchained; 0.0748
-# chained) against 0.0604-0.0622 with XLA's attention, where at 800M's 1024 it runs 9.2 µs
+# kernels, and one 17B block looped in a program took 0.0645 ms with it (32 value columns,
+# unchained; 0.0748 chained) against 0.0604-0.0622 with XLA's attention, where at 800M's 1024 it runs 9.2 µs
 # against 26 (docs/decoding_gpu.md).
 MAX_D_MODEL = 4096
 
