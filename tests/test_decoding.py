@@ -108,6 +108,22 @@ def test_unknown_sampling_option_is_named(model_and_weights):
     Decoder(model_fn, weights).generate(np.zeros((1, 2), np.int32), 4, top_q=0.5)
 
 
+@pytest.mark.parametrize('backend', ['cpu', 'gpu'])
+def test_argmax_takes_the_lowest_index_of_the_largest_as_jnp_argmax(backend, monkeypatch):
+  # On a CPU it is lax.top_k (faster there); the same indices, ties included, in every form.
+  monkeypatch.setattr(jax, 'default_backend', lambda: backend)
+  logits = np.random.RandomState(0).randn(2, 3, 5, 7).astype(np.float32)
+  logits[0, 1, 2, 4] = logits[0, 1, 2, 1] = 9.0                   # a tie: index 1 wins
+  logits[1, 2, 3] = 0.5                                           # a whole row equal: 0
+  for x in (logits, logits[0, 0, 0], jnp.asarray(logits, jnp.bfloat16)):
+    got = decoding.argmax(x)
+    assert got.dtype == jnp.int32
+    np.testing.assert_array_equal(got, np.argmax(np.asarray(x, np.float32), axis=-1))
+  assert decoding.argmax(logits)[0, 1, 2] == 1 and (decoding.argmax(logits)[1, 2, 3] == 0)
+  primitive = 'top_k' if backend == 'cpu' else 'argmax'
+  assert primitive in str(jax.make_jaxpr(lambda x: decoding.argmax(x))(logits))   # traced anew
+
+
 # Sampling options.
 
 def test_filter_logits_keeps_the_top_k_and_the_nucleus():

@@ -19,7 +19,8 @@ units programs write, each its own rows of W2 times their activations; beyond, a
 kernel multiplies W2's rows: 0 always), FF_COLUMNS (columns of d_model per program of that
 kernel) and FF_GATHER (rows it gathers a load); `layers/fused_residual.py` has CHAIN (1: each
 attention block hands the FF block after it the partial sums of its LayerNorm, one kernel
-fewer a layer; `--measure token` and `block` only). For
+fewer a layer; `--measure token` and `block` only); `decoding.py` has CPU_TOP_K (1: on a CPU,
+the controller's and greedy decoding's argmax as `lax.top_k`; `token` and `block`). For
 each setting (NAME=value pairs joined by '+'; 'default' changes nothing) this builds the Table
 1 decoder of `--variant` at `--shape` with `--depth` blocks (`decoders.py`, random weights,
 batch 1, float32), and times one compiled generation (`--measure token`:
@@ -64,8 +65,8 @@ SHARES = {**{name: (sparse_qkv_block_kernel, name)
           'FF_ROWS': (sparse_ff_kernel, 'NORM_ROWS'),
           'FF_PARTS_BYTES': (sparse_ff_kernel, 'MAX_PARTS_BYTES'),
           'FF_COLUMNS': (sparse_ff_kernel, 'COLUMNS'), 'FF_GATHER': (sparse_ff_kernel, 'GATHER'),
-          'CHAIN': (fused_residual, 'CHAIN')}
-_SWITCHES = ('DOT', 'CHAIN')   # 0 or 1
+          'CHAIN': (fused_residual, 'CHAIN'), 'CPU_TOP_K': (decoding, 'CPU_TOP_K')}
+_SWITCHES = ('DOT', 'CHAIN', 'CPU_TOP_K')   # 0 or 1
 _ALL = ('MODULES', 'MIXED_CHANNELS')   # also 'all': None, the kernel's own choice
 _ANY = ('FF_PARTS_BYTES', 'STATS_IN_KERNEL', 'MAX_D_MODEL')   # any integer >= 0
 DEFAULT_SETTINGS = ['default', 'DOT=0', 'MIXED_CHANNELS=32', 'WIDTH=16', 'MIXED_WARPS=8',
@@ -91,8 +92,8 @@ def parse_setting(text):
         name == 'MAX_PARTS' and value < 1) or (
         name not in (*_SWITCHES, 'MAX_PARTS', *_ANY)
         and not decode_kernels.is_power_of_2(value)):
-      raise ValueError(f'--settings: {pair!r}: DOT and CHAIN are 0 or 1, MAX_PARTS '
-                       f'positive, {", ".join(_ANY)} any, the others powers of 2')
+      raise ValueError(f'--settings: {pair!r}: DOT, CHAIN and CPU_TOP_K are 0 or 1, '
+                       f'MAX_PARTS positive, {", ".join(_ANY)} any, the others powers of 2')
     setting[name] = bool(value) if name in _SWITCHES else value
   return setting
 

@@ -35,6 +35,7 @@ from trax.layers import normalization
 from trax import shapes
 from trax.layers import initializers as init
 
+from sparse_scaling import decoding
 from sparse_scaling.layers import decode_kernels
 from sparse_scaling.layers import sparse_ff_controller_kernel
 from sparse_scaling.layers import sparse_ff_kernel
@@ -114,7 +115,7 @@ class SparseFFController(base.Layer):
   def forward(self, x):
     if self._mode != 'train':
       logits = _controller_logits(x, *self.weights)               # [..., d_ff // N, N]
-      return jnp.argmax(logits, axis=-1).astype(jnp.int32)       # [..., d_ff // N]
+      return decoding.argmax(logits)                              # [..., d_ff // N]
     noise_rng, coin_rng = jax.random.split(self.rng)
     choice, marker = self.state
     replay = _SECOND_TIME in marker  # The reverse pass replays the forward pass's choice.
@@ -216,7 +217,7 @@ class SparseFFDecode(base.Layer):
       y = sparse_ff_kernel.sparse_units(flat, flat @ controller[0], *controller[1:], *units,
                                         interpret=kernel == 'interpret')
       return y.reshape(x.shape)
-    choice = jnp.argmax(_controller_logits(x, *controller), axis=-1).astype(jnp.int32)
+    choice = decoding.argmax(_controller_logits(x, *controller))
     if n_tokens < self._block:
       return _gathered_units(choice, x, *units)
     return _masked_units(jax.nn.one_hot(choice, self._block, dtype=x.dtype), x, *units)
@@ -278,7 +279,7 @@ def _sample_units(logits, temperature, rng):
   uniform number per block; temperature 0 takes the argmax.
   """
   if not temperature:
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return decoding.argmax(logits)
   cdf = jnp.cumsum(jax.nn.softmax(logits / temperature, axis=-1), axis=-1)   # [..., k, N]
   u = jax.random.uniform(rng, logits.shape[:-1] + (1,), cdf.dtype) * cdf[..., -1:]
   return jnp.sum(cdf[..., :-1] <= u, axis=-1).astype(jnp.int32)   # units before the draw
