@@ -1,4 +1,4 @@
-"""The one-token products benchmark (`bench/products.py`), on a tiny block in Pallas' interpreter."""
+"""The one-token products benchmark (`bench/products.py`): a tiny block, Pallas' interpreter."""
 
 import subprocess
 import sys

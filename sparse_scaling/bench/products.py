@@ -27,8 +27,9 @@ two loop lengths (`timing.per_step`). The forms:
 
 Each row prints µs per pair, the rate (both products' bytes over that time) and the pair's
 floor at the probe's rate, as measured, and how far the outputs are from the first form's.
-At 17B's shapes (3 GB an FF pair) a form takes about a minute on an H200. On a CPU the Pallas forms run in Pallas' interpreter (the tests do) and the options of XLA's
-GPU compiler change nothing. docs/decoding_gpu.md quotes runs on an H200.
+At 17B's shapes (3 GB an FF pair) a form takes about a minute on an H200. On a CPU the
+Pallas forms run in Pallas' interpreter (the tests do) and the options of XLA's GPU compiler
+change nothing. docs/decoding_gpu.md quotes runs on an H200.
 """
 
 import math
