@@ -79,8 +79,8 @@ MIXED_CHANNELS = 16
 # The block is taken up to this d_model. At 17B's 9216 it ran 44.2 µs on an H200 (traced
 # alone; 41.0 with 32 value columns per attention program) against the 43.5 of XLA's twenty
 # kernels, and one 17B block looped in a program took 0.0645 ms with it (32 value columns,
-# unchained; 0.0748 chained) against 0.0604-0.0622 with XLA's attention, where at 800M's 1024 it runs 9.2 µs
-# against 26 (docs/decoding_gpu.md).
+# unchained; 0.0748 chained) against 0.0604-0.0622 with XLA's attention, where at 800M's 1024
+# it runs 9.2 µs against 26 (docs/decoding_gpu.md).
 MAX_D_MODEL = 4096
 
 
