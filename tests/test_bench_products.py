@@ -43,7 +43,7 @@ def test_a_wrong_product_would_show_in_the_error_column(small_shares, monkeypatc
   assert all((row['error'] > 1e-6) == (row['form'] == 'split') for row in rows)
 
 
-def test_shapes_that_the_programs_do_not_divide_are_named():
+def test_fits_refuses_shapes_the_programs_do_not_divide():
   assert products.fits(1024, 4096) and products.fits(9216, 27648)
   assert not products.fits(1000, 4096)
 
