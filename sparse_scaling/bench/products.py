@@ -125,7 +125,7 @@ def fits(d, n):
              and side % ROWS_ROWS == 0 for side in (d, n))
 
 
-def weights(d, n, copies, seed=0):
+def random_pairs(d, n, copies, seed=0):
   """`copies` pairs (A [d, n], a [n], B [n, d], b [d]) of random float32 weights."""
   rng = np.random.RandomState(seed)
   normal = lambda *shape: jnp.asarray(rng.randn(*shape).astype(np.float32))
@@ -156,14 +156,14 @@ def measure(dims, forms, bandwidth, steps=(20, 220), on_row=print):
   rows = []
   for pair, (d, n) in pairs_of(dims).items():
     nbytes = 2 * d * n * 4
-    weights_ = weights(d, n, max(1, -(-COLD_BYTES // nbytes)))
+    pairs = random_pairs(d, n, max(1, -(-COLD_BYTES // nbytes)))
     x = jnp.ones((1, d), jnp.float32)
     expected = None
     for form in forms:
-      run = chain(form, weights_)
+      run = chain(form, pairs)
       out = jax.block_until_ready(run(x, 2))
       expected = out if expected is None else expected
-      seconds = timing.per_step(lambda s, run=run: run(x, s), *steps) / len(weights_)
+      seconds = timing.per_step(lambda s, run=run: run(x, s), *steps) / len(pairs)
       row = dict(pair=pair, d=d, n=n, mb=nbytes / 1e6, form=form, us=seconds * 1e6,
                  tbs=nbytes / seconds / 1e12, floor_us=nbytes / bandwidth * 1e6,
                  error=float(jnp.max(jnp.abs(out - expected))))
