@@ -3,6 +3,7 @@
 import subprocess
 import sys
 
+import jax.numpy as jnp
 import pytest
 
 from sparse_scaling.bench import products
@@ -32,6 +33,19 @@ def test_every_form_computes_the_same_chain_and_gets_a_row(small_shares):
     assert row['floor_us'] == pytest.approx(row['mb'] * 1e6 / 1e9 * 1e6)   # bytes at 1 GB/s, µs
   assert {(r['d'], r['n']) for r in rows} == {(32, 64), (32, 96), (32, 32)}
   assert products.table_row(rows[0]).startswith('| ff | 32 -> 64 -> 32 | 0.0 | xla |')
+
+
+def test_bfloat16_pairs_read_half_the_bytes_and_every_form_keeps_the_dtype(small_shares):
+  rows = products.measure(DIMS, list(products.FORMS), bandwidth=1e9, steps=(1, 2),
+                          on_row=lambda row: None, dtype=jnp.bfloat16)
+  for row in rows:
+    assert row['mb'] == pytest.approx(2 * row['d'] * row['n'] * 2 / 1e6)
+    assert row['error'] < 2e-2, row   # bfloat16's rounding; float32 forms agree to 1e-5
+  pairs = products.random_pairs(32, 64, 1, dtype=jnp.bfloat16)
+  assert {w.dtype for w in pairs[0]} == {jnp.dtype(jnp.bfloat16)}
+  x = jnp.ones((1, 32), jnp.bfloat16)
+  for form in products.FORMS:
+    assert products.chain(form, pairs)(x, 2).dtype == jnp.bfloat16, form
 
 
 def test_a_wrong_product_would_show_in_the_error_column(small_shares, monkeypatch):

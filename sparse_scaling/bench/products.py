@@ -1,6 +1,7 @@
 """One-token weight products: the rate a dense block's products reach, form by form.
 
   python -m sparse_scaling.bench.products [--shape 800m] [--forms xla,rewrite,cublas,split,rows]
+      [--dtype float32]
 
 Decoding one token of one row makes every dense layer a vector-matrix product. Table 1's
 floors count the bytes a token reads at the card's rate, which the bandwidth probe measures
@@ -24,6 +25,9 @@ two loop lengths (`timing.per_step`). The forms:
            partial sums, which XLA adds
   rows     a Pallas kernel on Wᵀ [n, d] (transposed once, outside the loop): programs of
            ROWS_ROWS output rows, reading theirs whole in pieces of ROWS_PIECE
+
+Weights and activations are `--dtype` (bfloat16: half the bytes; every form accumulates in
+float32, the Pallas kernels explicitly).
 
 Each row prints µs per pair, the rate (both products' bytes over that time) and the pair's
 floor at the probe's rate, as measured, and how far the outputs are from the first form's.
@@ -57,7 +61,8 @@ def _split_kernel(x_ref, w_ref, out_ref):
   """Program (k, c): Σ_i x[i]·W[i, cols] over its SPLIT_ROWS rows i, written to out[k, cols]."""
   k, c = pl.program_id(0), pl.program_id(1)
   rows, cols = pl.ds(k * SPLIT_ROWS, SPLIT_ROWS), pl.ds(c * SPLIT_COLUMNS, SPLIT_COLUMNS)
-  out_ref[k, cols] = jnp.sum(x_ref[0, rows][:, None] * w_ref[rows, cols], axis=0)
+  x, w = x_ref[0, rows].astype(jnp.float32), w_ref[rows, cols].astype(jnp.float32)
+  out_ref[k, cols] = jnp.sum(x[:, None] * w, axis=0)
 
 
 def _rows_kernel(x_ref, wt_ref, b_ref, out_ref):
@@ -67,11 +72,12 @@ def _rows_kernel(x_ref, wt_ref, b_ref, out_ref):
 
   def step(i, acc):
     cols = pl.ds(pl.multiple_of(i * ROWS_PIECE, ROWS_PIECE), ROWS_PIECE)
-    return acc + wt_ref[rows, cols] * x_ref[0, cols][None, :]
+    return acc + (wt_ref[rows, cols].astype(jnp.float32)
+                  * x_ref[0, cols].astype(jnp.float32)[None, :])
 
   acc = jax.lax.fori_loop(0, wt_ref.shape[1] // ROWS_PIECE, step,
                           jnp.zeros((ROWS_ROWS, ROWS_PIECE), jnp.float32))
-  out_ref[0, rows] = jnp.sum(acc, axis=1) + b_ref[rows]
+  out_ref[0, rows] = jnp.sum(acc, axis=1) + b_ref[rows].astype(jnp.float32)
 
 
 def _pallas_call(kernel, grid, out_shape, *args):
@@ -125,10 +131,10 @@ def fits(d, n):
              and side % ROWS_ROWS == 0 for side in (d, n))
 
 
-def random_pairs(d, n, copies, seed=0):
-  """`copies` pairs (A [d, n], a [n], B [n, d], b [d]) of random float32 weights."""
+def random_pairs(d, n, copies, seed=0, dtype=jnp.float32):
+  """`copies` pairs (A [d, n], a [n], B [n, d], b [d]) of random weights of `dtype`."""
   rng = np.random.RandomState(seed)
-  normal = lambda *shape: jnp.asarray(rng.randn(*shape).astype(np.float32))
+  normal = lambda *shape: jnp.asarray(rng.randn(*shape).astype(np.float32), dtype)
   return [(normal(d, n) / math.sqrt(d), 0.1 * normal(n), normal(n, d) / math.sqrt(n),
            0.1 * normal(d)) for _ in range(copies)]
 
@@ -140,33 +146,34 @@ def chain(form, pairs):
   if transposed:
     pairs = [(a.T.copy(), a_bias, b.T.copy(), b_bias) for a, a_bias, b, b_bias in pairs]
 
-  def one_pass(_, x):
+  def one_pass(_, x):   # each product back in x's dtype (the Pallas kernels write float32)
     for a, a_bias, b, b_bias in pairs:
-      hidden = jnp.maximum(product(x, a, a_bias), 0.0)
-      x = x + product(hidden, b, b_bias) * 1e-3
+      hidden = jnp.maximum(product(x, a, a_bias), 0.0).astype(x.dtype)
+      x = x + (product(hidden, b, b_bias) * 1e-3).astype(x.dtype)
     return x
 
   return jax.jit(lambda x, steps: jax.lax.fori_loop(0, steps, one_pass, x),
                  compiler_options=options())
 
 
-def measure(dims, forms, bandwidth, steps=(20, 220), on_row=print):
+def measure(dims, forms, bandwidth, steps=(20, 220), on_row=print, dtype=jnp.float32):
   """One row per (pair, form): {pair, d, n, mb, form, us, tbs, floor_us, error}, each handed to
-  `on_row` as measured. `steps`: the two loop lengths whose difference times a pass."""
+  `on_row` as measured, weights and activations of `dtype`. `steps`: the two loop lengths
+  whose difference times a pass."""
   rows = []
   for pair, (d, n) in pairs_of(dims).items():
-    nbytes = 2 * d * n * 4
-    pairs = random_pairs(d, n, max(1, -(-COLD_BYTES // nbytes)))
-    x = jnp.ones((1, d), jnp.float32)
+    nbytes = 2 * d * n * jnp.dtype(dtype).itemsize
+    pairs = random_pairs(d, n, max(1, -(-COLD_BYTES // nbytes)), dtype=dtype)
+    x = jnp.ones((1, d), dtype)
     expected = None
     for form in forms:
       run = chain(form, pairs)
       out = jax.block_until_ready(run(x, 2))
-      expected = out if expected is None else expected
+      expected = out.astype(jnp.float32) if expected is None else expected
       seconds = timing.per_step(lambda s, run=run: run(x, s), *steps) / len(pairs)
       row = dict(pair=pair, d=d, n=n, mb=nbytes / 1e6, form=form, us=seconds * 1e6,
                  tbs=nbytes / seconds / 1e12, floor_us=nbytes / bandwidth * 1e6,
-                 error=float(jnp.max(jnp.abs(out - expected))))
+                 error=float(jnp.max(jnp.abs(out.astype(jnp.float32) - expected))))
       rows.append(row)
       on_row(row)
   return rows
@@ -188,6 +195,7 @@ def define_flags():
                     "block's products are timed.")
   flags.DEFINE_list('forms', list(FORMS), f'Forms to time, of {list(FORMS)}; the first is '
                     'the reference of the last column.')
+  flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Weights and activations.')
 
 
 def main(argv):
@@ -202,11 +210,12 @@ def main(argv):
                            f'that {SPLIT_ROWS}, {SPLIT_COLUMNS} and {ROWS_PIECE} divide')
   bandwidth, probe = timing.memory_bandwidth(with_probe=True)
   print(f'Machine: {timing.machine_description()}. The {args.shape} dense block\'s products, '
-        f'float32, one row, pairs chained over {COLD_BYTES >> 20}+ MiB of distinct weights, '
+        f'{args.dtype}, one row, pairs chained over {COLD_BYTES >> 20}+ MiB of distinct weights, '
         f'looped in one compiled program. Floor: the pair\'s bytes at {bandwidth / 1e12:.2f} '
         f'TB/s ({probe}).', flush=True)
   print(common.table_header(COLUMNS), flush=True)
-  measure(dims, args.forms, bandwidth, on_row=lambda row: print(table_row(row), flush=True))
+  measure(dims, args.forms, bandwidth, on_row=lambda row: print(table_row(row), flush=True),
+          dtype=jnp.dtype(args.dtype))
 
 
 if __name__ == '__main__':
