@@ -26,8 +26,8 @@ two loop lengths (`timing.per_step`). The forms:
   rows     a Pallas kernel on Wᵀ [n, d] (transposed once, outside the loop): programs of
            ROWS_ROWS output rows, reading theirs whole in pieces of ROWS_PIECE
 
-Weights and activations are `--dtype` (bfloat16: half the bytes; every form accumulates in
-float32, the Pallas kernels explicitly).
+Weights and activations are `--dtype` (bfloat16: half the bytes; the Pallas kernels
+accumulate in float32, XLA's forms as XLA's kernels do).
 
 Each row prints µs per pair, the rate (both products' bytes over that time) and the pair's
 floor at the probe's rate, as measured, and how far the outputs are from the first form's.
@@ -210,8 +210,8 @@ def main(argv):
                            f'that {SPLIT_ROWS}, {SPLIT_COLUMNS} and {ROWS_PIECE} divide')
   bandwidth, probe = timing.memory_bandwidth(with_probe=True)
   print(f'Machine: {timing.machine_description()}. The {args.shape} dense block\'s products, '
-        f'{args.dtype}, one row, pairs chained over {COLD_BYTES >> 20}+ MiB of distinct weights, '
-        f'looped in one compiled program. Floor: the pair\'s bytes at {bandwidth / 1e12:.2f} '
+        f'{args.dtype}, one row, pairs chained over {COLD_BYTES >> 20}+ MiB of distinct '
+        f'weights, looped in one compiled program. Floor: the pair\'s bytes at {bandwidth / 1e12:.2f} '
         f'TB/s ({probe}).', flush=True)
   print(common.table_header(COLUMNS), flush=True)
   measure(dims, args.forms, bandwidth, on_row=lambda row: print(table_row(row), flush=True),
