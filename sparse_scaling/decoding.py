@@ -40,17 +40,42 @@ from trax import shapes
 # pass multiply matrices and are not rewritten either way.
 COMPILER_OPTIONS = {'gpu': {'xla_disable_hlo_passes': 'dot-strength-reduction'}}
 
+# Options added for a program whose largest weight is a 16-bit float (bfloat16) array of at
+# most CUBLAS_MAX_BYTES: cuBLAS's product kernels in place of XLA's Triton ones. In one H200
+# sitting (docs/decoding_gpu.md, "bfloat16: cuBLAS's products up to 256 MiB"), the dense 800M
+# bfloat16 generation (largest weight: the 65.5 MB output layer) took 0.99-1.00 ms a token
+# with them against 1.19-1.21 without; the dense 17B one of 15 blocks (weights of 170-755 MB)
+# 8.45 against 7.70, XLA's kernels reading 17B's FF weights at 4.38 TB/s against cuBLAS's
+# 4.09. Where between the two sizes they cross was not measured. float32's programs were
+# faster with XLA's kernels at 800M (1.11 against 1.25 ms a token, a scratch run).
+COMPILER_OPTIONS_16BIT = {'gpu': {'xla_gpu_enable_triton_gemm': False}}
+CUBLAS_MAX_BYTES = 256 << 20
 
-def compiler_options():
-  """XLA's options for a decoding program on the default backend; None: XLA's defaults."""
-  options = COMPILER_OPTIONS.get(jax.default_backend())
-  return dict(options) if options else None
+# Whether such programs take COMPILER_OPTIONS_16BIT (`bench.decode_shares`' CUBLAS).
+CUBLAS_16BIT = True
 
 
-def jit(fn, **kwargs):
-  """`jax.jit` of a decoding program (`kwargs` are jit's), compiled with `compiler_options()`:
-  the `Decoder`'s generations and the decoding benchmarks' steps."""
-  return jax.jit(fn, compiler_options=compiler_options(), **kwargs)
+def compiler_options(weights=None):
+  """XLA's options for a decoding program on the default backend that reads `weights` (a
+  pytree of arrays; None: float32 weights): COMPILER_OPTIONS, and COMPILER_OPTIONS_16BIT
+  where the largest weight is a 16-bit array of at most CUBLAS_MAX_BYTES. None: XLA's
+  defaults."""
+  backend = jax.default_backend()
+  options = dict(COMPILER_OPTIONS.get(backend, {}))
+  floats = [(np.size(w), jnp.result_type(w)) for w in jax.tree.leaves(weights)
+            if jnp.issubdtype(jnp.result_type(w), jnp.floating)]
+  size, dtype = max(floats, key=lambda f: f[0] * f[1].itemsize, default=(0, None))
+  if CUBLAS_16BIT and dtype is not None and dtype.itemsize == 2 and (
+      size * dtype.itemsize <= CUBLAS_MAX_BYTES):
+    options.update(COMPILER_OPTIONS_16BIT.get(backend, {}))
+  return options or None
+
+
+def jit(fn, weights=None, **kwargs):
+  """`jax.jit` of a decoding program (`kwargs` are jit's) that reads `weights`, compiled
+  with `compiler_options(weights)`: the `Decoder`'s generations and the decoding benchmarks'
+  steps. The weights are only looked at (dtypes and sizes), not bound."""
+  return jax.jit(fn, compiler_options=compiler_options(weights), **kwargs)
 
 
 # Whether `argmax` is `lax.top_k` on a CPU (`bench.decode_shares`' CPU_TOP_K).
@@ -150,7 +175,8 @@ class Decoder:
       dtype: None keeps the weights' dtype; 'bfloat16' (or another float dtype) casts the
         floating-point weights and caches to it: half the bytes a token reads. Matrix
         products and reductions of bfloat16 accumulate in float32 on GPUs and TPUs; the
-        sampling runs on float32 logits.
+        sampling runs on float32 logits. On a GPU, programs of 16-bit weights up to
+        CUBLAS_MAX_BYTES each multiply with cuBLAS's kernels (`compiler_options`).
     """
     self.model = model_fn(mode='predict')
     self._dtype = None if dtype is None else jnp.dtype(dtype)
@@ -204,7 +230,8 @@ class Decoder:
                    temperature=float(temperature), top_k=top_k, top_p=top_p, eos_id=eos_id)
     key = (prompt.shape, shape_key, tuple(sorted(options.items())))
     if key not in self._compiled:
-      self._compiled[key] = jit(functools.partial(self._generate, **options))
+      self._compiled[key] = jit(functools.partial(self._generate, **options),
+                                self._weights)
     tokens = self._compiled[key](self._weights, self._states[shape_key], prompt, lengths,
                                  inputs, seeds.astype(np.uint32))
     return jax.device_get(tokens)

@@ -2,6 +2,9 @@
 prompts of different lengths, errors."""
 
 import functools
+import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -362,6 +365,64 @@ def test_decoding_programs_keep_matrix_vector_products_on_gpus_only(monkeypatch)
   assert decoding.compiler_options() == options
   monkeypatch.setattr(jax, 'default_backend', lambda: 'tpu')
   assert decoding.compiler_options() is None
+
+
+def test_16bit_programs_of_weights_up_to_a_size_multiply_with_cublas_on_gpus_only(monkeypatch):
+  gpu, cublas = decoding.COMPILER_OPTIONS['gpu'], decoding.COMPILER_OPTIONS_16BIT['gpu']
+  x, w = jnp.arange(8.0)[None], jnp.ones((8, 4))   # XLA knows the option's name
+  np.testing.assert_allclose(jax.jit(jnp.dot, compiler_options=cublas)(x, w), x @ w)
+  monkeypatch.setattr(decoding, 'CUBLAS_MAX_BYTES', 64)
+  small = (jnp.ones((4, 8), jnp.bfloat16), jnp.ones(3), jnp.arange(100))   # 64 bytes at most
+  large = (jnp.ones((4, 8), jnp.bfloat16), jnp.ones((5, 8), jnp.float16))   # 80 bytes
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  assert decoding.compiler_options(small) == {**gpu, **cublas}
+  assert decoding.compiler_options(large) == gpu
+  assert decoding.compiler_options((jnp.ones((4, 8)),)) == decoding.compiler_options() == gpu
+  assert decoding.compiler_options((jnp.ones((4, 8)), small)) == gpu   # float32's is largest
+  monkeypatch.setattr(decoding, 'CUBLAS_16BIT', False)
+  assert decoding.compiler_options(small) == gpu
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'cpu')
+  monkeypatch.setattr(decoding, 'CUBLAS_16BIT', True)
+  assert decoding.compiler_options(small) is None
+
+
+@pytest.mark.parametrize('dtype, weights_dtype', [(None, None), ('bfloat16', None),
+                                                   (None, 'bfloat16'), ('float32', 'bfloat16')])
+def test_the_decoder_compiles_its_programs_for_the_weights_it_decodes_with(monkeypatch, dtype,
+                                                                          weights_dtype):
+  model_fn = functools.partial(ScalingTransformerLM, **TINY)
+  weights = model_fn().init(shapes.ShapeDtype((1, 8), jnp.int32))[0]
+  if weights_dtype:
+    weights = jax.tree.map(lambda w: jnp.asarray(w, weights_dtype), weights)
+  compiled_for = []
+  real_jit = decoding.jit
+  monkeypatch.setattr(decoding, 'jit', lambda fn, weights=None, **kwargs: (
+      compiled_for.append({w.dtype for w in jax.tree.leaves(weights)}),
+      real_jit(fn, weights, **kwargs))[1])
+  Decoder(model_fn, weights, dtype=dtype).generate(np.ones((1, 3), np.int32), 2)
+  assert compiled_for == [{jnp.dtype(dtype or weights_dtype or 'float32')}]
+
+
+_PRODUCT_KERNELS = """
+import jax.numpy as jnp
+from sparse_scaling import decoding
+for dtype in ('bfloat16', 'float32'):
+  x, w = jnp.ones((1, 1024), dtype), jnp.ones((1024, 4096), dtype)   # 800M's W1, one token
+  for decoding.CUBLAS_16BIT in (True, False):
+    text = decoding.jit(jnp.dot, w).lower(x, w).compile().as_text()
+    print(dtype, decoding.CUBLAS_16BIT, '__cublas' in text)
+"""
+
+
+@pytest.mark.skipif(jax.default_backend() != 'gpu', reason="XLA's GPU compiler")
+def test_a_bfloat16_decoding_product_runs_as_cublas_on_a_gpu_and_float32s_does_not():
+  # In a process of its own: the tests' XLA_FLAGS (deterministic ops) make every product
+  # cuBLAS's, and XLA reads them once.
+  env = {name: value for name, value in os.environ.items() if name != 'XLA_FLAGS'}
+  out = subprocess.run([sys.executable, '-c', _PRODUCT_KERNELS], env=env, check=True,
+                       capture_output=True, text=True).stdout.split('\n')
+  assert out[:4] == ['bfloat16 True True', 'bfloat16 False False', 'float32 True False',
+                     'float32 False False']
 
 
 @pytest.mark.skipif(jax.default_backend() != 'gpu', reason="XLA's GPU compiler")

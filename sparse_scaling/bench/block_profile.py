@@ -176,7 +176,7 @@ def profile(layer, stack, depth, level=0, rng=None, min_runs=10, min_seconds=0.3
   """
   rng = jax.random.PRNGKey(0) if rng is None else rng
   inputs = _as_args(stack[:layer.n_in], layer.n_in)
-  run = decoding.jit(lambda x, w, s: layer.pure_fn(x, w, s, rng)[0])
+  run = decoding.jit(lambda x, w, s: layer.pure_fn(x, w, s, rng)[0], layer.weights)
   rows = []
   shown = level == 0 or layer.name not in PLUMBING
   if shown:

@@ -356,7 +356,7 @@ def profile(dims, n_layers, n_steps, dtype, bandwidth):
   weights, state = decoders.random_weights_and_state(model, dtype)
   step = scoped_step(model)
   tokens = jnp.ones((1, 1), jnp.int32)
-  program = decoding.jit(step, donate_argnums=(1,)).trace(weights, state, tokens)
+  program = decoding.jit(step, weights, donate_argnums=(1,)).trace(weights, state, tokens)
   compiled, traced = compile_for_trace(program.lower())
   info = kernels(traced.as_text(), block_profile.pallas_bytes(program.jaxpr))
   holder = {'state': state}

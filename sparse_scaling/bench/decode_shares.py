@@ -1,7 +1,7 @@
 """How the fused blocks' work is shared among programs: a sweep, side by side.
 
   python -m sparse_scaling.bench.decode_shares [--shape 800m] [--variant ffqkv] [--depth 6]
-      [--measure token] [--settings default,DOT=0,WIDTH=16,CONV_WARPS=8,ROWS=32,...]
+      [--measure token] [--dtype float32] [--settings default,DOT=0,WIDTH=16,ROWS=32,...]
 
 `layers/sparse_qkv_block_kernel.py` splits a token's Sparse QKV block over programs by
 module constants (its "shares"): ROWS input rows, SPLIT modules and MIXED_CHANNELS channels
@@ -20,10 +20,13 @@ kernel multiplies W2's rows: 0 always), FF_COLUMNS (columns of d_model per progr
 kernel) and FF_GATHER (rows it gathers a load); `layers/fused_residual.py` has CHAIN (1: each
 attention block hands the FF block after it the partial sums of its LayerNorm, one kernel
 fewer a layer; `--measure token` and `block` only); `decoding.py` has CPU_TOP_K (1: on a CPU,
-the controller's and greedy decoding's argmax as `lax.top_k`; `token` and `block`). For
-each setting (NAME=value pairs joined by '+'; 'default' changes nothing) this builds the Table
-1 decoder of `--variant` at `--shape` with `--depth` blocks (`decoders.py`, random weights,
-batch 1, float32), and times one compiled generation (`--measure token`:
+the controller's and greedy decoding's argmax as `lax.top_k`; `token` and `block`) and CUBLAS
+(1: on a GPU, bfloat16 programs of weights up to `decoding.CUBLAS_MAX_BYTES` multiply
+with cuBLAS's kernels, not XLA's Triton ones; `token` and `block` with `--dtype bfloat16`,
+any variant, dense included). For each setting (NAME=value pairs joined by '+'; 'default'
+changes nothing) this builds the Table 1 decoder of `--variant` at `--shape` with `--depth`
+blocks (`decoders.py`, random weights, batch 1, `--dtype`: float32 unless said), and times
+one compiled generation (`--measure token`:
 `table1.seconds_per_token_program`, a 128-token prompt, 32 tokens) or one block looped in a
 compiled program (`--measure block`: `table1.seconds_per_block_program`, where the 17B
 shape's output layer would hide the blocks); or, on random weights, the fused blocks' kernels
@@ -65,8 +68,9 @@ SHARES = {**{name: (sparse_qkv_block_kernel, name)
           'FF_ROWS': (sparse_ff_kernel, 'NORM_ROWS'),
           'FF_PARTS_BYTES': (sparse_ff_kernel, 'MAX_PARTS_BYTES'),
           'FF_COLUMNS': (sparse_ff_kernel, 'COLUMNS'), 'FF_GATHER': (sparse_ff_kernel, 'GATHER'),
-          'CHAIN': (fused_residual, 'CHAIN'), 'CPU_TOP_K': (decoding, 'CPU_TOP_K')}
-_SWITCHES = ('DOT', 'CHAIN', 'CPU_TOP_K')   # 0 or 1
+          'CHAIN': (fused_residual, 'CHAIN'), 'CPU_TOP_K': (decoding, 'CPU_TOP_K'),
+          'CUBLAS': (decoding, 'CUBLAS_16BIT')}
+_SWITCHES = ('DOT', 'CHAIN', 'CPU_TOP_K', 'CUBLAS')   # 0 or 1
 _ALL = ('MODULES', 'MIXED_CHANNELS')   # also 'all': None, the kernel's own choice
 _ANY = ('FF_PARTS_BYTES', 'STATS_IN_KERNEL', 'MAX_D_MODEL')   # any integer >= 0
 DEFAULT_SETTINGS = ['default', 'DOT=0', 'MIXED_CHANNELS=32', 'WIDTH=16', 'MIXED_WARPS=8',
@@ -92,7 +96,7 @@ def parse_setting(text):
         name == 'MAX_PARTS' and value < 1) or (
         name not in (*_SWITCHES, 'MAX_PARTS', *_ANY)
         and not decode_kernels.is_power_of_2(value)):
-      raise ValueError(f'--settings: {pair!r}: DOT, CHAIN and CPU_TOP_K are 0 or 1, '
+      raise ValueError(f'--settings: {pair!r}: {", ".join(_SWITCHES)} are 0 or 1, '
                        f'MAX_PARTS positive, {", ".join(_ANY)} any, the others powers of 2')
     setting[name] = bool(value) if name in _SWITCHES else value
   return setting
@@ -111,18 +115,18 @@ def shares(setting):
       setattr(*SHARES[name], value)
 
 
-def per_token(dims, depth):
-  """Seconds per token of one compiled generation of the decoder (`depth` blocks)."""
+def per_token(dims, depth, dtype='float32'):
+  """Seconds per token of one compiled generation of the decoder (`depth` blocks, weights
+  of `dtype`)."""
   return table1.seconds_per_token_program(
-      functools.partial(decoders.build, 'ours', dims, depth, decoders.MAX_LEN), 'float32',
-      128, 32)
+      functools.partial(decoders.build, 'ours', dims, depth, decoders.MAX_LEN), dtype, 128, 32)
 
 
-def per_block(dims, depth):
+def per_block(dims, depth, dtype='float32'):
   """Seconds of the first block looped on its own output in a compiled program."""
   del depth
   return table1.seconds_per_block_program(
-      decoders.build('ours', dims, 1, decoders.MAX_LEN), 'float32', 32)
+      decoders.build('ours', dims, 1, decoders.MAX_LEN), dtype, 32)
 
 
 def fused_blocks(dims, interpret=False):
@@ -258,14 +262,16 @@ def _cell(value, scale):
 def define_flags():
   """Defines the command line's flags; only when run as a program."""
   flags.DEFINE_enum('shape', '800m', list(decoders.SHAPES), 'Table 1 shape.')
-  flags.DEFINE_enum('variant', 'ffqkv', [v for v in decoders.VARIANTS if 'qkv' in v],
-                    'Table 1 variant (one with Sparse QKV).')
+  flags.DEFINE_enum('variant', 'ffqkv', list(decoders.VARIANTS),
+                    'Table 1 variant (with Sparse QKV for --measure kernels and trace).')
   flags.DEFINE_integer('depth', 6, 'Blocks of the decoder timed (--measure token).',
                        lower_bound=1)
   flags.DEFINE_enum('measure', 'token', list(MEASURES), 'Time one compiled generation per '
                     'token, the first block looped in a compiled program, the fused '
                     "blocks' kernels alone so looped (random weights), or one call of each "
                     'fused block traced, kernel by kernel.')
+  flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'],
+                    'Weights and caches (bfloat16: --measure token and block only).')
   flags.DEFINE_list('settings', DEFAULT_SETTINGS,
                     f'Settings: NAME=value pairs joined by "+", NAME one of {list(SHARES)}; '
                     '"default" for the constants as they are.')
@@ -279,12 +285,16 @@ def main(argv):
       parse_setting(text)
   except ValueError as e:
     raise app.UsageError(str(e)) from None
-  if args.measure in ('kernels', 'trace') and jax.default_backend() != 'gpu':
-    raise app.UsageError(f'--measure {args.measure}: the kernels compile for GPUs only (here: '
-                         f'{jax.default_backend()})')
-  timed = {'token': f'{args.depth} blocks, float32, one compiled generation of 32 tokens '
-                   'after 128',
-           'block': 'float32, one block looped in a compiled program',
+  if args.measure in ('kernels', 'trace'):
+    if jax.default_backend() != 'gpu':
+      raise app.UsageError(f'--measure {args.measure}: the kernels compile for GPUs only '
+                           f'(here: {jax.default_backend()})')
+    if 'qkv' not in args.variant or args.dtype != 'float32':
+      raise app.UsageError(f'--measure {args.measure}: times the fused float32 blocks of a '
+                           f'variant with Sparse QKV, not {args.variant} in {args.dtype}')
+  timed = {'token': f'{args.depth} blocks, {args.dtype}, one compiled generation of 32 '
+                   'tokens after 128',
+           'block': f'{args.dtype}, one block looped in a compiled program',
            'kernels': "float32, the fused blocks' kernels alone looped in a compiled "
                       'program',
            'trace': "float32, one call of each fused block alone, device time of its "
@@ -293,7 +303,10 @@ def main(argv):
   if jax.default_backend() != 'gpu':
     print('Not a GPU: the fused blocks do not run here, every setting times XLA\'s path.')
   print(common.table_header(['setting'] + _UNITS[args.measure]))
-  sweep(args.shape, args.variant, args.depth, args.settings, MEASURES[args.measure])
+  measure = MEASURES[args.measure]
+  if measure in (per_token, per_block):
+    measure = functools.partial(measure, dtype=args.dtype)
+  sweep(args.shape, args.variant, args.depth, args.settings, measure)
 
 
 if __name__ == '__main__':

@@ -45,7 +45,8 @@ def decode_seconds(layer, d_model, dtype):
   x = jnp.ones((1, 1, d_model), dtype)
   layer.init(shapes.signature(x))
   layer.weights = jax.tree.map(lambda w: w.astype(dtype), layer.weights)
-  step = decoding.jit(lambda weights, state, x: layer.pure_fn(x, weights, state, None)[0])
+  step = decoding.jit(lambda weights, state, x: layer.pure_fn(x, weights, state, None)[0],
+                      layer.weights)
   median, _ = timing.time_call(step, layer.weights, layer.state, x)
   return median
 

@@ -16,11 +16,12 @@ of them from one use to the next, as in a generation, whose 800M blocks read ~50
 They are looped in one compiled program, and the time per pair is the difference between
 two loop lengths (`timing.per_step`). The forms:
 
-  xla      XLA's kernels, as the decoders compile them (`decoding.jit`; on a GPU, XLA's dot
-           rewrite off)
+  xla      XLA's kernels, as float32 decoders compile them (`decoding.jit`; on a GPU, XLA's
+           dot rewrite off, and its Triton product kernels)
   rewrite  XLA's default options: on a GPU, a product of up to ten million elements becomes
            an elementwise product and a sum
-  cublas   the decoders' options, with XLA's Triton products off: cuBLAS's kernels on a GPU
+  cublas   those options with XLA's Triton products off: cuBLAS's kernels on a GPU, as
+           bfloat16 decoders compile them (`decoding.COMPILER_OPTIONS_16BIT`)
   split    a Pallas kernel: programs of SPLIT_ROWS rows and SPLIT_COLUMNS columns of W write
            partial sums, which XLA adds
   rows     a Pallas kernel on Wᵀ [n, d] (transposed once, outside the loop): programs of
@@ -111,9 +112,8 @@ def rows_product(x, wt, b):
 FORMS = {
     'xla': (xla_product, decoding.compiler_options, False),
     'rewrite': (xla_product, lambda: None, False),
-    'cublas': (xla_product,
-               lambda: dict(decoding.compiler_options() or {}, xla_gpu_enable_triton_gemm=False),
-               False),
+    'cublas': (xla_product, lambda: dict(decoding.compiler_options() or {},
+                                         **decoding.COMPILER_OPTIONS_16BIT['gpu']), False),
     'split': (split_product, decoding.compiler_options, False),
     'rows': (rows_product, decoding.compiler_options, True),
 }

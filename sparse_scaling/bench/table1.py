@@ -23,7 +23,8 @@ predict step each, every step blocked until ready. Per token (program, `--progra
 generations compiled as one program (`decoding.Decoder`), the dispatch cost per step gone; per
 block (program, `--program`): the first block looped on its own output in one compiled
 program. Every program is compiled as the `Decoder` compiles its own (`decoding.jit`: on a
-GPU, XLA's matrix-vector products stay matrix products), the dense rows included.
+GPU, XLA's matrix-vector products stay matrix products, in bfloat16 up to 256 MiB a weight
+cuBLAS's kernels), the dense rows included.
 Both implementations size their KV caches to the sequence timed (attention reads the whole
 cache at every step). The floor is the weight and KV-cache bytes a token must read, over the
 bandwidth measured in the same run (`timing.memory_bandwidth`). Every row is printed as it is
@@ -97,7 +98,7 @@ def kernels_used(dims):
 
 def _timed_steps(step, weights, state, x, n_steps, warmup=3):
   """Median and p90 seconds of `x, state = step(weights, state, x)`, state donated."""
-  step = decoding.jit(step, donate_argnums=(1,))
+  step = decoding.jit(step, weights, donate_argnums=(1,))
   times = []
   for i in range(n_steps + warmup):
     start = timing.now()
@@ -117,7 +118,7 @@ def seconds_per_token(model, dtype, prompt, n_tokens, batch=1):
     return jnp.argmax(logits[:, -1:], axis=-1).astype(jnp.int32), state
 
   tokens = jnp.ones((batch, prompt), jnp.int32)
-  tokens, state = decoding.jit(step)(weights, state, tokens)   # fill the caches
+  tokens, state = decoding.jit(step, weights)(weights, state, tokens)   # fill the caches
   return _timed_steps(step, weights, state, tokens, n_tokens)
 
 
@@ -157,7 +158,7 @@ def seconds_per_block_program(model, dtype, n_tokens):
   `seconds_per_block` pays per step (most of it on a GPU)."""
   step, weights, state, x = _first_block(model, dtype)
 
-  @functools.partial(decoding.jit, static_argnums=3, donate_argnums=1)
+  @functools.partial(decoding.jit, weights=weights, static_argnums=3, donate_argnums=1)
   def loop(weights, state, x, n_steps):
     def body(_, carry):
       x, state = carry
