@@ -100,6 +100,22 @@ ENTRY %main (p0: f32[65536,1024], p1: f32[1,1024]) -> f32[1,1024] {
   assert moved['pallas_call.7']['bytes'] == 1234
 
 
+def test_a_cublas_calls_workspace_is_not_counted_as_bytes_moved():
+  # One bfloat16 row times an 800M FF weight as XLA's GPU program runs it through cuBLAS:
+  # (result, 32 MiB of workspace).
+  hlo = """HloModule step
+
+ENTRY %main (p0: bf16[1,1024], p1: bf16[1024,4096]) -> bf16[4096] {
+  %p0 = bf16[1,1024]{1,0} parameter(0)
+  %p1 = bf16[1024,4096]{1,0} parameter(1)
+  ROOT %custom-call.1 = (bf16[4096]{0}, s8[33554432]{0}) custom-call(%p0, %p1), custom_call_target="__cublas$lt$matmul", metadata={op_name="jit(step)/block1/ff/dot_general"}
+}
+"""
+  kernel = decode_profile.kernels(hlo)['custom-call.1']
+  assert kernel['bytes'] == 2 * (1024 + 1024 * 4096 + 4096)
+  assert kernel['category'] == 'custom-call __cublas$lt$matmul'
+
+
 def test_each_kind_of_run_writes_its_own_results_file():
   name = decode_profile.results_name
   assert name('gpu', ['800m'], 'auto', 'float32') == 'decode_profile_gpu.md'
