@@ -48,11 +48,9 @@ COMPILER_OPTIONS = {'gpu': {'xla_disable_hlo_passes': 'dot-strength-reduction'}}
 # 8.45 against 7.70, XLA's kernels reading 17B's FF weights at 4.38 TB/s against cuBLAS's
 # 4.09. Where between the two sizes they cross was not measured. float32's programs were
 # faster with XLA's kernels at 800M (1.11 against 1.25 ms a token, a scratch run).
+# CUBLAS_MAX_BYTES = 0: none does (`bench.decode_shares`' CUBLAS_BYTES).
 COMPILER_OPTIONS_16BIT = {'gpu': {'xla_gpu_enable_triton_gemm': False}}
 CUBLAS_MAX_BYTES = 256 << 20
-
-# Whether such programs take COMPILER_OPTIONS_16BIT (`bench.decode_shares`' CUBLAS).
-CUBLAS_16BIT = True
 
 
 def compiler_options(weights=None):
@@ -62,11 +60,11 @@ def compiler_options(weights=None):
   defaults."""
   backend = jax.default_backend()
   options = dict(COMPILER_OPTIONS.get(backend, {}))
-  floats = [(np.size(w), jnp.result_type(w)) for w in jax.tree.leaves(weights)
+  floats = [(np.size(w) * jnp.result_type(w).itemsize, jnp.result_type(w).itemsize)
+            for w in jax.tree.leaves(weights)
             if jnp.issubdtype(jnp.result_type(w), jnp.floating)]
-  size, dtype = max(floats, key=lambda f: f[0] * f[1].itemsize, default=(0, None))
-  if CUBLAS_16BIT and dtype is not None and dtype.itemsize == 2 and (
-      size * dtype.itemsize <= CUBLAS_MAX_BYTES):
+  nbytes, itemsize = max(floats, default=(0, 4))   # the largest weight's
+  if itemsize == 2 and 0 < nbytes <= CUBLAS_MAX_BYTES:
     options.update(COMPILER_OPTIONS_16BIT.get(backend, {}))
   return options or None
 

@@ -25,7 +25,7 @@ def test_each_setting_is_in_force_while_it_is_measured_and_undone_after():
 
   settings = ['default', 'WIDTH=16+CONV_WARPS=8', 'DOT=0+MIXED_CHANNELS=32',
               'MODULES=4+FF_GROUP=1+MAX_PARTS=144', 'MIXED_CHANNELS=all',
-              'STATS_IN_KERNEL=0+MAX_D_MODEL=16384', 'CPU_TOP_K=0', 'CUBLAS=0']
+              'STATS_IN_KERNEL=0+MAX_D_MODEL=16384', 'CPU_TOP_K=0', 'CUBLAS_BYTES=0']
   results = decode_shares.sweep('800m', 'ffqkv', 1, settings, measure=measure)
   assert [text for text, _ in results] == settings
   assert seen == [before, dict(before, WIDTH=16, CONV_WARPS=8),
@@ -33,7 +33,7 @@ def test_each_setting_is_in_force_while_it_is_measured_and_undone_after():
                   dict(before, MODULES=4, FF_GROUP=1, MAX_PARTS=144),
                   dict(before, MIXED_CHANNELS=None),
                   dict(before, STATS_IN_KERNEL=0, MAX_D_MODEL=16384),
-                  dict(before, CPU_TOP_K=False), dict(before, CUBLAS=False)]
+                  dict(before, CPU_TOP_K=False), dict(before, CUBLAS_BYTES=0)]
   assert _constants() == before
 
 
@@ -59,7 +59,7 @@ def test_the_kernels_alone_are_timed_with_the_setting_in_force(monkeypatch):
 
 @pytest.mark.parametrize('text', ['WIDTH', 'WIDTH=12', 'DOT=2', 'CHAIN=2', 'STATS_IN_KERNEL=-1',
                                   'SPEED=4', 'WIDTH=8+', '', 'MAX_PARTS=0', 'FF_GROUP=3',
-                                  'ROWS=all', 'CPU_TOP_K=2', 'CUBLAS=2'])
+                                  'ROWS=all', 'CPU_TOP_K=2', 'CUBLAS_BYTES=-1'])
 def test_a_bad_setting_is_refused_naming_the_rule(text):
   with pytest.raises(ValueError, match='--settings: '):
     decode_shares.parse_setting(text)
@@ -95,7 +95,7 @@ def test_a_generation_and_a_block_are_timed_in_the_dtype_asked_for(monkeypatch):
                       lambda model, dtype, n: seen.append(('block', dtype)) or 1.0)
   monkeypatch.setattr(decode_shares.decoders, 'build', lambda *args, **kwargs: None)
   for measure in (decode_shares.per_token, decode_shares.per_block):
-    decode_shares.sweep('800m', 'dense', 2, ['CUBLAS=0'],
+    decode_shares.sweep('800m', 'dense', 2, ['CUBLAS_BYTES=0'],
                         functools.partial(measure, dtype='bfloat16'))
   decode_shares.sweep('800m', 'dense', 2, ['default'], decode_shares.per_token)
   assert seen == [('token', 'bfloat16'), ('block', 'bfloat16'), ('token', 'float32')]

@@ -379,10 +379,10 @@ def test_16bit_programs_of_weights_up_to_a_size_multiply_with_cublas_on_gpus_onl
   assert decoding.compiler_options(large) == gpu
   assert decoding.compiler_options((jnp.ones((4, 8)),)) == decoding.compiler_options() == gpu
   assert decoding.compiler_options((jnp.ones((4, 8)), small)) == gpu   # float32's is largest
-  monkeypatch.setattr(decoding, 'CUBLAS_16BIT', False)
+  monkeypatch.setattr(decoding, 'CUBLAS_MAX_BYTES', 0)
   assert decoding.compiler_options(small) == gpu
   monkeypatch.setattr(jax, 'default_backend', lambda: 'cpu')
-  monkeypatch.setattr(decoding, 'CUBLAS_16BIT', True)
+  monkeypatch.setattr(decoding, 'CUBLAS_MAX_BYTES', 64)
   assert decoding.compiler_options(small) is None
 
 

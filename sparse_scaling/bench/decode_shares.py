@@ -20,10 +20,10 @@ kernel multiplies W2's rows: 0 always), FF_COLUMNS (columns of d_model per progr
 kernel) and FF_GATHER (rows it gathers a load); `layers/fused_residual.py` has CHAIN (1: each
 attention block hands the FF block after it the partial sums of its LayerNorm, one kernel
 fewer a layer; `--measure token` and `block` only); `decoding.py` has CPU_TOP_K (1: on a CPU,
-the controller's and greedy decoding's argmax as `lax.top_k`; `token` and `block`) and CUBLAS
-(1: on a GPU, bfloat16 programs of weights up to `decoding.CUBLAS_MAX_BYTES` multiply
-with cuBLAS's kernels, not XLA's Triton ones; `token` and `block` with `--dtype bfloat16`,
-any variant, dense included). For each setting (NAME=value pairs joined by '+'; 'default'
+the controller's and greedy decoding's argmax as `lax.top_k`; `token` and `block`) and
+CUBLAS_BYTES (`CUBLAS_MAX_BYTES`: on a GPU, bfloat16 programs whose weights are at most that
+many bytes each multiply with cuBLAS's kernels, not XLA's Triton ones, 0 none; `token` and
+`block` with `--dtype bfloat16`, any variant, dense included). For each setting (NAME=value pairs joined by '+'; 'default'
 changes nothing) this builds the Table 1 decoder of `--variant` at `--shape` with `--depth`
 blocks (`decoders.py`, random weights, batch 1, `--dtype`: float32 unless said), and times
 one compiled generation (`--measure token`:
@@ -69,10 +69,10 @@ SHARES = {**{name: (sparse_qkv_block_kernel, name)
           'FF_PARTS_BYTES': (sparse_ff_kernel, 'MAX_PARTS_BYTES'),
           'FF_COLUMNS': (sparse_ff_kernel, 'COLUMNS'), 'FF_GATHER': (sparse_ff_kernel, 'GATHER'),
           'CHAIN': (fused_residual, 'CHAIN'), 'CPU_TOP_K': (decoding, 'CPU_TOP_K'),
-          'CUBLAS': (decoding, 'CUBLAS_16BIT')}
-_SWITCHES = ('DOT', 'CHAIN', 'CPU_TOP_K', 'CUBLAS')   # 0 or 1
+          'CUBLAS_BYTES': (decoding, 'CUBLAS_MAX_BYTES')}
+_SWITCHES = ('DOT', 'CHAIN', 'CPU_TOP_K')   # 0 or 1
 _ALL = ('MODULES', 'MIXED_CHANNELS')   # also 'all': None, the kernel's own choice
-_ANY = ('FF_PARTS_BYTES', 'STATS_IN_KERNEL', 'MAX_D_MODEL')   # any integer >= 0
+_ANY = ('FF_PARTS_BYTES', 'STATS_IN_KERNEL', 'MAX_D_MODEL', 'CUBLAS_BYTES')   # any int >= 0
 DEFAULT_SETTINGS = ['default', 'DOT=0', 'MIXED_CHANNELS=32', 'WIDTH=16', 'MIXED_WARPS=8',
                     'ATTEND_WARPS=1', 'ROWS=32', 'VALUE_WIDTH=32', 'WIDTH=16+CONV_WARPS=8']
 
