@@ -168,12 +168,13 @@ def _touched_bytes(fused, position, whole):
 
 def _output_bytes(inst, fused):
   """Bytes a kernel writes: its outputs, or the update of an in-place dynamic-update-slice.
-  A cuBLAS call's outputs are its result and a workspace (s8[...]) it may use; only the
-  result counts."""
+  A cuBLAS call's outputs are its result and, last, a workspace (s8[...]) it may use; only
+  the result counts."""
   if not fused:
-    if (inst['target'] or '').startswith('__cublas'):
-      return shape_bytes(re.sub(r'\bs8\[[\d,]*\]', '', inst['type']))
-    return shape_bytes(inst['type'])
+    outputs = re.findall(r'\w+\[[\d,]*\]', inst['type'])
+    if (inst['target'] or '').startswith('__cublas') and outputs and outputs[-1][:3] == 's8[':
+      outputs = outputs[:-1]
+    return shape_bytes(' '.join(outputs))
   by_name = {i['name']: i for i in fused}
   root = next((i for i in fused if i['root']), None)
   roots = [by_name.get(o) for o in root['operands']] if root and root['opcode'] == 'tuple' \
