@@ -52,14 +52,36 @@ COMPILER_OPTIONS = {'gpu': {'xla_disable_hlo_passes': 'dot-strength-reduction'}}
 COMPILER_OPTIONS_16BIT = {'gpu': {'xla_gpu_enable_triton_gemm': False}}
 CUBLAS_MAX_BYTES = 256 << 20
 
+# XLA records a GPU program's runs of kernels as CUDA graphs (command buffers), but by default
+# not its loops: each pass of a generation's while loop, one token, is launched from the host,
+# which first reads the loop's condition back from the device. With WHILE and CONDITIONAL
+# among the recorded commands the loop itself is a graph (CUDA's conditional nodes), the
+# condition stays on the device and no token waits for the host. In one H200 sitting
+# (docs/decoding_gpu.md, "The generation's loop as a CUDA graph") the 800M FF+QKV generation
+# took 0.374-0.396 ms a token in bfloat16 with them against 0.417-0.422 without, 0.423 against
+# 0.436 in float32; dense, whose kernels are long enough to hide the host, was unchanged
+# (0.999 against 0.978, 1.097 against 1.100). A loop of one block, though, got slower: in
+# Table 1's run of that sitting one 800M block looped in a compiled program took 0.0213 ms
+# (FF+QKV) and 0.0403 (dense) against 0.0149 and 0.0363 in the run before, a few µs an
+# iteration for the graph's conditional node, which a token of 24 blocks hides. So the
+# benchmarks whose loop repeats one block or product compile without it (`loops=False`).
+# GRAPH_LOOPS = False: XLA's default everywhere (`bench.decode_shares`' GRAPHS=0).
+COMPILER_OPTIONS_LOOPS = {'gpu': {
+    'xla_gpu_enable_command_buffer': 'FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL',
+    'xla_gpu_graph_min_graph_size': 1}}
+GRAPH_LOOPS = True
 
-def compiler_options(weights=None):
+
+def compiler_options(weights=None, loops=True):
   """XLA's options for a decoding program on the default backend that reads `weights` (a
-  pytree of arrays; None: float32 weights): COMPILER_OPTIONS, and COMPILER_OPTIONS_16BIT
-  where the largest weight is a 16-bit array of at most CUBLAS_MAX_BYTES. None: XLA's
-  defaults."""
+  pytree of arrays; None: float32 weights): COMPILER_OPTIONS, COMPILER_OPTIONS_LOOPS where
+  `loops` (its loop is a generation's, over tokens) and GRAPH_LOOPS, and
+  COMPILER_OPTIONS_16BIT where the largest weight is a 16-bit array of at most
+  CUBLAS_MAX_BYTES. None: XLA's defaults."""
   backend = jax.default_backend()
   options = dict(COMPILER_OPTIONS.get(backend, {}))
+  if loops and GRAPH_LOOPS:
+    options.update(COMPILER_OPTIONS_LOOPS.get(backend, {}))
   floats = [(np.size(w) * jnp.result_type(w).itemsize, jnp.result_type(w).itemsize)
             for w in jax.tree.leaves(weights)
             if jnp.issubdtype(jnp.result_type(w), jnp.floating)]
@@ -69,11 +91,11 @@ def compiler_options(weights=None):
   return options or None
 
 
-def jit(fn, weights=None, **kwargs):
+def jit(fn, weights=None, loops=True, **kwargs):
   """`jax.jit` of a decoding program (`kwargs` are jit's) that reads `weights`, compiled
-  with `compiler_options(weights)`: the `Decoder`'s generations and the decoding benchmarks'
-  steps. The weights are only looked at (dtypes and sizes), not bound."""
-  return jax.jit(fn, compiler_options=compiler_options(weights), **kwargs)
+  with `compiler_options(weights, loops)`: the `Decoder`'s generations and the decoding
+  benchmarks' steps. The weights are only looked at (dtypes and sizes), not bound."""
+  return jax.jit(fn, compiler_options=compiler_options(weights, loops), **kwargs)
 
 
 # Whether `argmax` is `lax.top_k` on a CPU (`bench.decode_shares`' CPU_TOP_K).

@@ -3,9 +3,11 @@
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
 import pytest
 
+from sparse_scaling import decoding
 from sparse_scaling.bench import products
 
 DIMS = dict(d_model=32, d_ff=64)
@@ -67,3 +69,12 @@ def test_an_unknown_form_is_refused_naming_the_forms():
                          'xla,gemv'], capture_output=True, text=True)
   assert proc.returncode != 0
   assert "--forms: ['xla', 'gemv'] must name one or more of ['xla', 'rewrite'" in proc.stderr
+
+
+def test_the_forms_loop_their_products_as_xla_compiles_loops(monkeypatch):
+  # Their loop repeats a product, not a generation's token: no CUDA graph of the loop
+  # (decoding.GRAPH_LOOPS), whose conditional node would add its cost to every pair.
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  for form, (_, options, _) in products.FORMS.items():
+    assert 'xla_gpu_enable_command_buffer' not in (options() or {}), form
+  assert products.FORMS['xla'][1]() == decoding.COMPILER_OPTIONS['gpu']

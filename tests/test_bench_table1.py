@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from sparse_scaling import decoding
 from sparse_scaling.bench import common
 from sparse_scaling.bench import table1
 from sparse_scaling.layers import decode_kernels
@@ -100,6 +101,21 @@ def test_a_bfloat16_block_keeps_its_dtype_and_is_timed_in_a_compiled_loop(dims):
   assert floats and {a.dtype for a in floats} == {jnp.dtype(jnp.bfloat16)}
   # The loop compiles and runs (at this size its time is noise: no bound asserted).
   assert np.isfinite(table1.seconds_per_block_program(model, 'bfloat16', 4))
+
+
+def test_a_block_looped_in_a_program_keeps_xlas_loops_where_a_generation_does_not(
+    monkeypatch):
+  # On a GPU a generation's loop is a CUDA graph (decoding.GRAPH_LOOPS), whose conditional
+  # node would add its cost to each iteration of a loop of one block.
+  compiled = []
+  real_jit = decoding.jit
+  monkeypatch.setattr(decoding, 'jit', lambda fn, weights=None, loops=True, **kwargs: (
+      compiled.append(loops), real_jit(fn, weights, loops, **kwargs))[1])
+  model_fn = functools.partial(table1.build, 'ours', TINY, 1, 32)
+  table1.seconds_per_block_program(model_fn(), 'float32', 1)
+  assert compiled == [False]
+  table1.seconds_per_token_program(model_fn, 'float32', 4, 4)
+  assert compiled[1:] and all(compiled[1:])
 
 
 def test_a_measurement_that_fails_is_reported_and_the_others_go_on(monkeypatch):

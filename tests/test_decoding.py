@@ -354,21 +354,27 @@ def test_decoding_dtype_must_be_a_float():
     Decoder(functools.partial(ScalingTransformerLM, **TINY), {}, dtype='int8')
 
 
-def test_decoding_programs_keep_matrix_vector_products_on_gpus_only(monkeypatch):
-  options = decoding.COMPILER_OPTIONS['gpu']
-  # XLA knows the option's name (it refuses one it does not, on any backend) ...
+def test_decoding_programs_keep_matrix_vector_products_and_graph_loops_on_gpus_only(
+    monkeypatch):
+  options = {**decoding.COMPILER_OPTIONS['gpu'], **decoding.COMPILER_OPTIONS_LOOPS['gpu']}
+  # XLA knows the options' names and values (it refuses one it does not, on any backend) ...
   x, w = jnp.arange(8.0)[None], jnp.ones((8, 4))
   np.testing.assert_allclose(jax.jit(jnp.dot, compiler_options=options)(x, w), x @ w)
-  # ... and decoding programs get it on GPUs only.
+  # ... and decoding programs get them on GPUs only, the loops' with GRAPH_LOOPS.
   assert decoding.compiler_options() == (options if jax.default_backend() == 'gpu' else None)
   monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
   assert decoding.compiler_options() == options
+  # A program whose loop repeats one block or product, not a token, keeps XLA's loops.
+  assert decoding.compiler_options(loops=False) == decoding.COMPILER_OPTIONS['gpu']
+  monkeypatch.setattr(decoding, 'GRAPH_LOOPS', False)
+  assert decoding.compiler_options() == decoding.COMPILER_OPTIONS['gpu']
   monkeypatch.setattr(jax, 'default_backend', lambda: 'tpu')
   assert decoding.compiler_options() is None
 
 
 def test_16bit_programs_of_weights_up_to_a_size_multiply_with_cublas_on_gpus_only(monkeypatch):
-  gpu, cublas = decoding.COMPILER_OPTIONS['gpu'], decoding.COMPILER_OPTIONS_16BIT['gpu']
+  cublas = decoding.COMPILER_OPTIONS_16BIT['gpu']
+  gpu = {**decoding.COMPILER_OPTIONS['gpu'], **decoding.COMPILER_OPTIONS_LOOPS['gpu']}
   x, w = jnp.arange(8.0)[None], jnp.ones((8, 4))   # XLA knows the option's name
   np.testing.assert_allclose(jax.jit(jnp.dot, compiler_options=cublas)(x, w), x @ w)
   monkeypatch.setattr(decoding, 'CUBLAS_MAX_BYTES', 64)

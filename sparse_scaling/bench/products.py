@@ -37,6 +37,7 @@ Pallas forms run in Pallas' interpreter (the tests do) and the options of XLA's 
 change nothing. docs/decoding_gpu.md quotes runs on an H200.
 """
 
+import functools
 import math
 
 from absl import app
@@ -108,14 +109,18 @@ def rows_product(x, wt, b):
   return _pallas_call(_rows_kernel, (n // ROWS_ROWS,), (1, n), x, wt, b)
 
 
+# XLA's options for decoding programs whose loop repeats a product, not a token
+# (`decoding.compiler_options`).
+_options = functools.partial(decoding.compiler_options, loops=False)
+
 # form -> (product(x, weight, bias), a function giving XLA's options, weights transposed)
 FORMS = {
-    'xla': (xla_product, decoding.compiler_options, False),
+    'xla': (xla_product, _options, False),
     'rewrite': (xla_product, lambda: None, False),
-    'cublas': (xla_product, lambda: dict(decoding.compiler_options() or {},
+    'cublas': (xla_product, lambda: dict(_options() or {},
                                          **decoding.COMPILER_OPTIONS_16BIT['gpu']), False),
-    'split': (split_product, decoding.compiler_options, False),
-    'rows': (rows_product, decoding.compiler_options, True),
+    'split': (split_product, _options, False),
+    'rows': (rows_product, _options, True),
 }
 
 

@@ -155,10 +155,14 @@ def seconds_per_block_program(model, dtype, n_tokens):
   (`lax.fori_loop`, state donated), the difference over the difference in steps
   (`timing.per_step`: the fastest of 5 runs each, the lengths alternating). What a block
   costs inside a compiled generation, without the dispatch of a call that
-  `seconds_per_block` pays per step (most of it on a GPU)."""
+  `seconds_per_block` pays per step (most of it on a GPU). Its loop is compiled as XLA
+  compiles loops by default (`loops=False`), as in every run of this column before
+  `decoding.GRAPH_LOOPS`: a generation's loop recorded as a CUDA graph costs a few µs an
+  iteration, which a token hides and one block would not."""
   step, weights, state, x = _first_block(model, dtype)
 
-  @functools.partial(decoding.jit, weights=weights, static_argnums=3, donate_argnums=1)
+  @functools.partial(decoding.jit, weights=weights, loops=False, static_argnums=3,
+                     donate_argnums=1)
   def loop(weights, state, x, n_steps):
     def body(_, carry):
       x, state = carry
