@@ -58,16 +58,17 @@ CUBLAS_MAX_BYTES = 256 << 20
 # among the recorded commands the loop itself is a graph (CUDA's conditional nodes), the
 # condition stays on the device and no token waits for the host. In one H200 sitting
 # (docs/decoding_gpu.md, "The generation's loop as a CUDA graph") the 800M FF+QKV generation
-# took 0.374-0.396 ms a token in bfloat16 with them against 0.417-0.422 without, 0.423 against
-# 0.436 in float32; dense, whose kernels are long enough to hide the host, was unchanged
-# (0.999 against 0.978, 1.097 against 1.100). A loop of one block, though, got slower: in
-# Table 1's run of that sitting one 800M block looped in a compiled program took 0.0213 ms
-# (FF+QKV) and 0.0403 (dense) against 0.0149 and 0.0363 in the run before, a few µs an
-# iteration for the graph's conditional node, which a token of 24 blocks hides. So the
+# took 0.374-0.396 ms a token in bfloat16 with them against 0.398-0.422 without, 0.423-0.427
+# against 0.434-0.436 in float32; dense, whose kernels are long enough to hide the host, was
+# unchanged (0.999 against 0.978, 1.097 against 1.100). A loop of one block, though, got
+# slower: in Table 1's run of that sitting one 800M block looped in a compiled program took
+# 0.0213 ms (FF+QKV) and 0.0403 (dense) against 0.0149 and 0.0363 in the run before, a few µs
+# an iteration, likely the graph's conditional node, which a token of 24 blocks hides. So the
 # benchmarks whose loop repeats one block or product compile without it (`loops=False`).
 # GRAPH_LOOPS = False: XLA's default everywhere (`bench.decode_shares`' GRAPHS=0).
 COMPILER_OPTIONS_LOOPS = {'gpu': {
-    'xla_gpu_enable_command_buffer': 'FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL',
+    'xla_gpu_enable_command_buffer':
+        'FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL',
     'xla_gpu_graph_min_graph_size': 1}}
 GRAPH_LOOPS = True
 
