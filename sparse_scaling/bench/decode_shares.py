@@ -25,7 +25,8 @@ CUBLAS_BYTES (`CUBLAS_MAX_BYTES`: on a GPU, bfloat16 programs whose weights are 
 many bytes each multiply with cuBLAS's kernels, not XLA's Triton ones, 0 none; `token` and
 `block` with `--dtype bfloat16`, any variant, dense included) and GRAPHS (`GRAPH_LOOPS`, 0:
 on a GPU a generation's loop is not recorded as a CUDA graph; `token`). For each setting
-(NAME=value pairs joined by '+'; 'default' changes nothing) this builds the Table 1 decoder of `--variant` at `--shape` with `--depth`
+(NAME=value pairs joined by '+'; 'default' changes nothing) this builds the Table 1 decoder
+of `--variant` at `--shape` with `--depth`
 blocks (`decoders.py`, random weights, batch 1, `--dtype`: float32 unless said), and times
 one compiled generation (`--measure token`:
 `table1.seconds_per_token_program`, a 128-token prompt, 32 tokens) or one block looped in a
