@@ -1,6 +1,7 @@
 """Fixtures and settings shared by the test modules."""
 
 import os
+import pathlib
 import shutil
 import tempfile
 
@@ -37,6 +38,15 @@ jax.config.update('jax_compilation_cache_dir', os.environ['JAX_COMPILATION_CACHE
 jax.config.update('jax_persistent_cache_min_compile_time_secs',
                   float(os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS']))
 
+# The embedded corpus's SentencePiece vocabularies likewise: one cache directory for the run
+# (`SPARSE_SCALING_CACHE`, the `cache_dir` fixture), so that each vocabulary is trained once
+# (~3 s) and each process tokenizes the corpus once per vocabulary (~4 s), where a directory
+# per test repeated both; removed when the run ends, unless it was set in the environment.
+# Tests of the cache itself give their own directories.
+_OWN_VOCAB_CACHE = 'SPARSE_SCALING_CACHE' not in os.environ
+if _OWN_VOCAB_CACHE:
+  os.environ['SPARSE_SCALING_CACHE'] = tempfile.mkdtemp(prefix='sparse_scaling_vocab_cache_')
+
 from sparse_scaling import compat  # pylint: disable=g-import-not-at-top,g-bad-import-order
 
 compat.apply()  # the package's setup, as every program makes it (idempotent)
@@ -53,9 +63,13 @@ def pytest_collection_modifyitems(items):
 
 
 def pytest_unconfigure(config):
-  """The run's compilation cache is removed by the process that made it."""
-  if _OWN_CACHE and not hasattr(config, 'workerinput'):
-    shutil.rmtree(os.environ['JAX_COMPILATION_CACHE_DIR'], ignore_errors=True)
+  """The run's caches are removed by the process that made them."""
+  if hasattr(config, 'workerinput'):
+    return
+  for own, name in ((_OWN_CACHE, 'JAX_COMPILATION_CACHE_DIR'),
+                    (_OWN_VOCAB_CACHE, 'SPARSE_SCALING_CACHE')):
+    if own:
+      shutil.rmtree(os.environ[name], ignore_errors=True)
 
 
 def pytest_configure(config):  # pylint: disable=unused-argument
@@ -74,10 +88,10 @@ def pytest_configure(config):  # pylint: disable=unused-argument
                       os.environ['JAX_DEFAULT_MATMUL_PRECISION'])
 
 
-@pytest.fixture(scope='module')
-def cache_dir(tmp_path_factory):
-  """A vocabulary cache directory of the module's own (nothing is written to ~/.cache)."""
-  return tmp_path_factory.mktemp('vocab_cache')
+@pytest.fixture(scope='session')
+def cache_dir():
+  """The run's vocabulary cache directory (above; nothing is written to ~/.cache)."""
+  return pathlib.Path(os.environ['SPARSE_SCALING_CACHE'])
 
 
 @pytest.fixture(autouse=True)
@@ -90,7 +104,7 @@ def _clean_gin_config():
 
 
 @pytest.fixture(scope='session')
-def one_step_run(tmp_path_factory):
+def one_step_run(tmp_path_factory, cache_dir):
   """main.py's tiny LM (tests/utils.py's TINY_LM) trained for one step in this process.
 
   Returns:
@@ -99,6 +113,6 @@ def one_step_run(tmp_path_factory):
   """
   from tests import utils  # pylint: disable=g-import-not-at-top
   root = tmp_path_factory.mktemp('one_step_run')
-  loop = utils.train_tiny_lm(root / 'run', root / 'cache', steps=1)
+  loop = utils.train_tiny_lm(root / 'run', cache_dir, steps=1)
   gin.clear_config()
-  return root / 'run', root / 'cache', loop
+  return root / 'run', cache_dir, loop

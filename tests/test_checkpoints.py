@@ -72,17 +72,17 @@ def test_a_pickle_that_would_run_code_is_refused_naming_the_type(run, tmp_path, 
   assert not marker.exists()
 
 
-def test_a_stray_data_counters_pickle_is_refused_before_trax_opens_it(run, tmp_path):
+def test_a_stray_data_counters_pickle_is_refused_before_trax_opens_it(run, tmp_path, cache_dir):
   # trax's Loop unpickles output_dir/data_counters0.pkl (not ours, in checkpoint/) as it starts.
   marker = tmp_path / 'code_ran'
   (run / 'data_counters0.pkl').write_bytes(pickle.dumps({'train': _RunsCode(marker)}))
   with pytest.raises(checkpoints.CheckpointError,
                      match=r'run/data_counters0\.pkl holds a posix\.system'):
-    utils.train_tiny_lm(run, run.parent / 'cache', steps=2)
+    utils.train_tiny_lm(run, cache_dir, steps=2)
   assert not marker.exists()
   # A plain one is read (the checkpoint's data position then wins).
   (run / 'data_counters0.pkl').write_bytes(pickle.dumps({'train': 5}))
-  assert utils.train_tiny_lm(run, run.parent / 'cache', steps=2).step == 2
+  assert utils.train_tiny_lm(run, cache_dir, steps=2).step == 2
 
 
 @pytest.mark.parametrize('protocol', [4, 5])
@@ -136,13 +136,13 @@ def test_a_damaged_checkpoint_fails_in_one_line_naming_the_file(run, name, damag
   assert 'restore the checkpoint directory from a copy' in message
 
 
-def test_train_eval_and_decode_stop_on_a_damaged_checkpoint_instead_of_starting_over(run):
+def test_train_eval_and_decode_stop_on_a_damaged_checkpoint_instead_of_starting_over(run, cache_dir):
   before = utils.snapshot(run)
   _truncate(run / 'checkpoint' / 'model.weights.npy.gz')
   damaged = utils.snapshot(run)
   for evaluate_only in (False, True):
     with pytest.raises(checkpoints.CheckpointError, match='model.weights.npy.gz is damaged'):
-      utils.train_tiny_lm(run, run.parent / 'cache', steps=2, evaluate_only=evaluate_only)
+      utils.train_tiny_lm(run, cache_dir, steps=2, evaluate_only=evaluate_only)
   with pytest.raises(checkpoints.CheckpointError, match='model.weights.npy.gz is damaged'):
     checkpoints.read_weights(run, configs.configured_model())
   assert utils.snapshot(run) == damaged != before

@@ -64,8 +64,7 @@ def test_every_gin_file_parses_and_builds_its_model_at_tiny_size(path):
 @pytest.mark.parametrize('path', [
     pytest.param(p, marks=pytest.mark.slow) if p.name in SLOW_TWINS else p for p in TINY_TWINS],
                          ids=lambda p: p.name)
-def test_tiny_twin_trains_three_steps(path, tmp_path, monkeypatch):
-  monkeypatch.setenv('SPARSE_SCALING_CACHE', str(tmp_path / 'cache'))
+def test_tiny_twin_trains_three_steps(path, tmp_path):
   configs.parse([str(path)])
   loop = training.train(str(tmp_path / 'run'))
   assert loop.step == 3
@@ -136,10 +135,9 @@ def test_includes_resolve_when_the_working_directory_has_same_named_folders(tmp_
   assert gin.query_parameter('%D_MODEL') == 1024
 
 
-def test_two_runs_in_one_process_train_on_the_same_batches(tmp_path, monkeypatch):
+def test_two_runs_in_one_process_train_on_the_same_batches(tmp_path):
   # trax counts batches per process; each run must start from the first batch. The first run
   # is also the dense C4 800M twin's test_tiny_twin_trains_three_steps (there with -m slow).
-  monkeypatch.setenv('SPARSE_SCALING_CACHE', str(tmp_path / 'cache'))
   losses = []
   for run in ('a', 'b'):
     gin.clear_config()

@@ -33,23 +33,17 @@ def _command(output_dir, *args, steps=4):
           f'--output_dir={output_dir}', *params, *args]
 
 
-def _env(tmp_path):
-  return dict(os.environ, SPARSE_SCALING_CACHE=str(tmp_path / 'cache'))
+def run_main(command):
+  return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
-def run_main(tmp_path, command):
-  return subprocess.run(command, cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True,
-                        timeout=600)
-
-
-def run_main_here(tmp_path, command, monkeypatch, capsys):
+def run_main_here(command, monkeypatch, capsys):
   """`run_main` in this process: main.py's `main` on the flags of `command`, parsed by absl as
   `app.run` parses them; an exit message goes to stderr with exit status 1, as Python's exit
   gives them. Returns a `subprocess.CompletedProcess` as `run_main` does."""
   # main.py as `python -m sparse_scaling` loads it: once per process (it defines its flags).
   main = entry._main_module()  # pylint: disable=protected-access
   assert command[:2] == [sys.executable, str(ROOT / 'main.py')]
-  monkeypatch.setenv('SPARSE_SCALING_CACHE', str(tmp_path / 'cache'))
   monkeypatch.chdir(ROOT)
   verbosity = absl_logging.get_verbosity()  # main sets it
   capsys.readouterr()
@@ -79,15 +73,14 @@ def _snapshot(directory):
 
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory):
-  tmp_path = tmp_path_factory.mktemp('trained')
-  out = tmp_path / 'run'
-  result = run_main(tmp_path, _command(out))
+  out = tmp_path_factory.mktemp('trained') / 'run'
+  result = run_main(_command(out))
   assert result.returncode == 0, result.stderr[-3000:]
-  return tmp_path, out, result
+  return out, result
 
 
 def test_tiny_lm_trains_checkpoints_and_samples(trained):
-  _, out, result = trained
+  out, result = trained
   assert 'Step      4: eval                log_perplexity' in result.stdout
   assert 'step      4/4 | loss' in result.stdout and 'tokens/s' in result.stdout
   assert '--- sample' in result.stdout
@@ -104,7 +97,7 @@ NOISE = ['cuda', 'oneDNN', 'absl::InitializeLog', 'Gym has been unmaintained', '
 
 def test_main_job_says_where_it_runs_and_prints_nothing_but_its_own_output(trained):
   import jax  # pylint: disable=g-import-not-at-top
-  _, _, result = trained
+  _, result = trained
   first = result.stdout.splitlines()[0]
   assert first.startswith(f'running on {jax.default_backend()}: ') and 'trax 1.4.1' in first
   assert f'jax {jax.__version__}' in first, first
@@ -113,12 +106,12 @@ def test_main_job_says_where_it_runs_and_prints_nothing_but_its_own_output(train
 
 
 def test_eval_and_decode_modes_use_the_checkpoint(trained, monkeypatch, capsys):
-  tmp_path, out, _ = trained
-  result = run_main_here(tmp_path, _command(out, '--mode=eval'), monkeypatch, capsys)
+  out, _ = trained
+  result = run_main_here(_command(out, '--mode=eval'), monkeypatch, capsys)
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'Evaluating the checkpoint of step 4' in result.stdout
   assert 'eval                      accuracy' in result.stdout
-  result = run_main_here(tmp_path, _command(out, '--mode=decode', '--prompt=Juliet.',
+  result = run_main_here(_command(out, '--mode=decode', '--prompt=Juliet.',
                                             '--temperature=0.7', '--top_k=5', '--top_p=0.9',
                                             '--max_new_tokens=3', '--seed=2'),
                          monkeypatch, capsys)
@@ -131,7 +124,7 @@ def test_export_writes_named_weights_that_load_back_into_the_gin_model(trained, 
   import numpy as np  # pylint: disable=g-import-not-at-top
   from sparse_scaling import configs  # pylint: disable=g-import-not-at-top
   from sparse_scaling import export  # pylint: disable=g-import-not-at-top
-  _, out, _ = trained
+  out, _ = trained
   path = tmp_path / 'weights.npz'
   result = subprocess.run([sys.executable, '-m', 'sparse_scaling.export', f'--output_dir={out}',
                            f'--to={path}'], cwd=ROOT, capture_output=True, text=True,
@@ -172,14 +165,14 @@ def test_export_without_checkpoint_fails_with_one_line_error(tmp_path):
 ])
 def test_bad_input_fails_with_one_line_error_and_keeps_the_checkpoint(trained, args, message,
                                                                      monkeypatch, capsys):
-  tmp_path, out, _ = trained
+  out, _ = trained
   before = _snapshot(out)
-  _one_line_error(run_main_here(tmp_path, _command(out, *args), monkeypatch, capsys), message)
+  _one_line_error(run_main_here(_command(out, *args), monkeypatch, capsys), message)
   assert _snapshot(out) == before
 
 
 def test_decode_without_checkpoint_fails_with_one_line_error(tmp_path, monkeypatch, capsys):
-  _one_line_error(run_main_here(tmp_path, _command(tmp_path / 'empty', '--mode=decode'),
+  _one_line_error(run_main_here(_command(tmp_path / 'empty', '--mode=decode'),
                                 monkeypatch, capsys), 'no checkpoint')
 
 
@@ -188,7 +181,7 @@ def test_decode_without_checkpoint_fails_with_one_line_error(tmp_path, monkeypat
 def test_kill_9_during_training_then_the_same_command_resumes(tmp_path):
   out = tmp_path / 'run'
   command = _command(out, steps=1000)
-  process = subprocess.Popen(command, cwd=ROOT, env=_env(tmp_path), stdout=subprocess.PIPE,
+  process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE,
                              stderr=subprocess.DEVNULL, text=True)
   try:
     for line in process.stdout:  # kill at once after a checkpoint beyond step 1
@@ -202,7 +195,7 @@ def test_kill_9_during_training_then_the_same_command_resumes(tmp_path):
     process.wait()
   step = checkpoints.load_latest(out).step  # complete, whenever the kill came
   assert step >= 4
-  result = run_main(tmp_path, _command(out, steps=step + 2))
+  result = run_main(_command(out, steps=step + 2))
   assert result.returncode == 0, result.stderr[-3000:]
   assert f'Resumed from the checkpoint of step {step} ' in result.stdout
   assert f'step {step + 2:6d}/{step + 2}' in result.stdout
@@ -213,7 +206,7 @@ def test_diverging_training_stops_on_its_gradients_norm_and_keeps_the_last_good_
   out = tmp_path / 'run'
   diverge = ['--gin_param=train.optimizer=@trax.optimizers.SGD',  # weights ~1e29 after step 1
              '--gin_param=multifactor.constant=1e30', '--gin_param=train.eval_frequency=1']
-  result = run_main_here(tmp_path, _command(out, *diverge, steps=20), monkeypatch, capsys)
+  result = run_main_here(_command(out, *diverge, steps=20), monkeypatch, capsys)
   # The gradients are checked before the loss (both are nan here, at step 2).
   _one_line_error(result, "error: gradients' global norm is nan at step 2 (loss nan); stopped. "
                   f'The last good checkpoint is kept: {out}/checkpoint')
@@ -228,11 +221,11 @@ def _losses(stdout):
 
 
 def test_sigterm_stops_after_the_step_in_flight_and_the_run_resumes_on_the_same_losses(
-    trained, tmp_path, capsys):
-  _, reference, uninterrupted = trained  # 4 steps, checkpointed at 2 and 4
+    trained, tmp_path, cache_dir, capsys):
+  reference, uninterrupted = trained  # 4 steps, checkpointed at 2 and 4
   out = tmp_path / 'run'
   with open(tmp_path / 'stderr.txt', 'w') as stderr:
-    process = subprocess.Popen(_command(out, steps=1000), cwd=ROOT, env=_env(tmp_path),
+    process = subprocess.Popen(_command(out, steps=1000), cwd=ROOT,
                                stdout=subprocess.PIPE, stderr=stderr, text=True)
     try:
       for line in process.stdout:
@@ -252,7 +245,7 @@ def test_sigterm_stops_after_the_step_in_flight_and_the_run_resumes_on_the_same_
   assert 1 <= step < 4 and seconds < 60
   assert checkpoints.load_latest(out).step == step
 
-  utils.train_tiny_lm(out, tmp_path / 'cache', steps=4)  # as main.py; here to save a start-up
+  utils.train_tiny_lm(out, cache_dir, steps=4)  # as main.py; here to save a start-up
   resumed = capsys.readouterr().out
   assert f'Resumed from the checkpoint of step {step} ' in resumed
   losses = _losses(stdout) | _losses(resumed)
@@ -264,7 +257,7 @@ def test_sigterm_stops_after_the_step_in_flight_and_the_run_resumes_on_the_same_
 
 @pytest.mark.slow  # ~35 s; test_compat trains the same Loop on two devices by default
 def test_two_devices_train_data_parallel(tmp_path):
-  env = dict(_env(tmp_path), XLA_FLAGS='--xla_force_host_platform_device_count=2',
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
              JAX_PLATFORMS='cpu')
   result = subprocess.run(_command(tmp_path / 'run', '--n_devices=2', '--seed=3', steps=2),
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -276,5 +269,5 @@ def test_two_devices_train_data_parallel(tmp_path):
 def test_missing_tfds_data_fails_with_one_line_error(tmp_path, monkeypatch, capsys):
   command = [sys.executable, str(ROOT / 'main.py'), '--gin_file=paper/c4_800m_ff.gin',
              f'--output_dir={tmp_path / "run"}', f'--data_dir={tmp_path / "no_data"}']
-  _one_line_error(run_main_here(tmp_path, command, monkeypatch, capsys), 'c4')
+  _one_line_error(run_main_here(command, monkeypatch, capsys), 'c4')
   assert not (tmp_path / 'run' / 'checkpoint').exists()

@@ -41,7 +41,6 @@ def test_notebook_runs_top_to_bottom_at_tiny_size_on_cpu(tmp_path, monkeypatch):
   nbformat.write(notebook, copy)
   notebook = nbformat.read(copy, as_version=4)
   monkeypatch.setenv('JAX_PLATFORMS', 'cpu')
-  monkeypatch.setenv('SPARSE_SCALING_CACHE', str(tmp_path / 'cache'))
   # From the repository root, as a user opens it; raises CellExecutionError on a failing cell.
   NotebookClient(notebook, timeout=CELL_TIMEOUT_S, kernel_name='python3',
                  resources={'metadata': {'path': str(ROOT)}}).execute()
