@@ -1,5 +1,6 @@
 """Fixtures and settings shared by the test modules."""
 
+import importlib.util
 import os
 import pathlib
 import shutil
@@ -22,6 +23,19 @@ if _GPUS != [''] and os.environ.get('PYTEST_XDIST_WORKER', '').startswith('gw'):
 if '--xla_gpu_deterministic_ops' not in os.environ.get('XLA_FLAGS', ''):
   os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                              ' --xla_gpu_deterministic_ops=true').strip()
+
+# Where JAX has only the CPU (no accelerator plugin, or JAX_PLATFORMS=cpu), the suite and the
+# programs it starts compile at XLA's backend optimization level 0 (XLA's default: 3). LLVM's
+# optimizations are much of the time XLA takes to compile a program, which is most of the
+# suite's time, and its tiny programs gain little from them: on a 2-core Xeon
+# test_scaling_transformer.py, test_sparse_qkv.py and test_sparse_ff.py took 224 s of CPU time
+# at level 0 against 300 at level 2. Every test passes at either level except one, whose bound
+# rests on XLA's optimizations (bfloat16 decoding: the optimized programs skip some of
+# bfloat16's roundings); it compiles its programs at XLA's default (tests/test_decoding.py).
+_ONLY_CPU = (os.environ.get('JAX_PLATFORMS') == 'cpu' or
+             not any(importlib.util.find_spec(name) for name in ('jax_plugins', 'libtpu')))
+if _ONLY_CPU and '--xla_backend_optimization_level' not in os.environ['XLA_FLAGS']:
+  os.environ['XLA_FLAGS'] += ' --xla_backend_optimization_level=0'
 
 # Compiling takes most of the suite's time on a CPU (tiny models, many programs), and the
 # workers and the programs that tests start (main.py, the notebook's kernel, the distributed
