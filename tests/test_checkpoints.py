@@ -136,7 +136,8 @@ def test_a_damaged_checkpoint_fails_in_one_line_naming_the_file(run, name, damag
   assert 'restore the checkpoint directory from a copy' in message
 
 
-def test_train_eval_and_decode_stop_on_a_damaged_checkpoint_instead_of_starting_over(run, cache_dir):
+def test_train_eval_and_decode_stop_on_a_damaged_checkpoint_instead_of_starting_over(run,
+                                                                                    cache_dir):
   before = utils.snapshot(run)
   _truncate(run / 'checkpoint' / 'model.weights.npy.gz')
   damaged = utils.snapshot(run)

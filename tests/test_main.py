@@ -112,8 +112,8 @@ def test_eval_and_decode_modes_use_the_checkpoint(trained, monkeypatch, capsys):
   assert 'Evaluating the checkpoint of step 4' in result.stdout
   assert 'eval                      accuracy' in result.stdout
   result = run_main_here(_command(out, '--mode=decode', '--prompt=Juliet.',
-                                            '--temperature=0.7', '--top_k=5', '--top_p=0.9',
-                                            '--max_new_tokens=3', '--seed=2'),
+                                  '--temperature=0.7', '--top_k=5', '--top_p=0.9',
+                                  '--max_new_tokens=3', '--seed=2'),
                          monkeypatch, capsys)
   assert result.returncode == 0, result.stderr[-3000:]
   assert '--- sample (temperature 0.7, top_k 5, top_p 0.9) ---\nJuliet.' in result.stdout
@@ -172,8 +172,8 @@ def test_bad_input_fails_with_one_line_error_and_keeps_the_checkpoint(trained, a
 
 
 def test_decode_without_checkpoint_fails_with_one_line_error(tmp_path, monkeypatch, capsys):
-  _one_line_error(run_main_here(_command(tmp_path / 'empty', '--mode=decode'),
-                                monkeypatch, capsys), 'no checkpoint')
+  _one_line_error(run_main_here(_command(tmp_path / 'empty', '--mode=decode'), monkeypatch,
+                                capsys), 'no checkpoint')
 
 
 @pytest.mark.slow  # 58 s; by default the SIGTERM test resumes a stopped run and
@@ -181,8 +181,8 @@ def test_decode_without_checkpoint_fails_with_one_line_error(tmp_path, monkeypat
 def test_kill_9_during_training_then_the_same_command_resumes(tmp_path):
   out = tmp_path / 'run'
   command = _command(out, steps=1000)
-  process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE,
-                             stderr=subprocess.DEVNULL, text=True)
+  process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                             text=True)
   try:
     for line in process.stdout:  # kill at once after a checkpoint beyond step 1
       if line.startswith('step      5/'):

@@ -56,8 +56,7 @@ def test_gpu_size_meets_the_issues_scale():
   assert steps * tokens_per_step <= 2 * 0.99 * shards * token_files.SHARD_TOKENS
 
 
-def test_tiny_reproduction_writes_rows_markdown_and_curves(tmp_path, monkeypatch, cache_dir):
-  monkeypatch.setenv('SPARSE_SCALING_CACHE', str(cache_dir))
+def test_tiny_reproduction_writes_rows_markdown_and_curves(tmp_path):
   results_dir = tmp_path / 'results'
   # 21 steps: evaluations every 2 steps, and one more after the last (odd) step.
   results = quality.reproduce('tiny', 'embedded', [0], ['dense', 'ff'], str(tmp_path / 'runs'),

@@ -96,8 +96,7 @@ def rfc_root(tmp_path_factory, paragraphs):
 
 
 @pytest.fixture(scope='module')
-def spm_path(tmp_path_factory):
-  cache_dir = tmp_path_factory.mktemp('vocab_cache')
+def spm_path(cache_dir):
   data.embedded_vocab(VOCAB_SIZE, cache_dir)
   [path] = cache_dir.glob(f'shakespeare_train_{VOCAB_SIZE}_*.model')
   return path
