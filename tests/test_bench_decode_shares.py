@@ -26,7 +26,7 @@ def test_each_setting_is_in_force_while_it_is_measured_and_undone_after():
   settings = ['default', 'WIDTH=16+CONV_WARPS=8', 'DOT=0+MIXED_CHANNELS=32',
               'MODULES=4+FF_GROUP=1+MAX_PARTS=144', 'MIXED_CHANNELS=all',
               'STATS_IN_KERNEL=0+MAX_D_MODEL=16384', 'CPU_TOP_K=0', 'CUBLAS_BYTES=0',
-              'GRAPHS=0']
+              'GRAPHS=0', 'EARLY=1']
   results = decode_shares.sweep('800m', 'ffqkv', 1, settings, measure=measure)
   assert [text for text, _ in results] == settings
   assert seen == [before, dict(before, WIDTH=16, CONV_WARPS=8),
@@ -35,7 +35,7 @@ def test_each_setting_is_in_force_while_it_is_measured_and_undone_after():
                   dict(before, MIXED_CHANNELS=None),
                   dict(before, STATS_IN_KERNEL=0, MAX_D_MODEL=16384),
                   dict(before, CPU_TOP_K=False), dict(before, CUBLAS_BYTES=0),
-                  dict(before, GRAPHS=False)]
+                  dict(before, GRAPHS=False), dict(before, EARLY=True)]
   assert _constants() == before
 
 

@@ -6,6 +6,8 @@ as Pallas kernels on a GPU (`sparse_qkv_block_kernel.py`, `sparse_ff_kernel.py`)
 kernels run in Pallas' interpreter (any backend) against XLA's path, and are lowered for a GPU.
 """
 
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -33,8 +35,9 @@ def _lm(mode, d_model=64, n_heads=4, attention_sparsity=8, ff_sparsity=(8, 16), 
                               attention_sparsity=attention_sparsity, mode=mode, **kwargs)
 
 
-def _decode(kernel, model_kwargs, tokens, prompt=3, dtype=jnp.float32):
-  """Logits of each decoded token and the final state, decoding `tokens` after a prompt."""
+def _decode(kernel, model_kwargs, tokens, prompt=3, dtype=jnp.float32, count='pallas_call'):
+  """Logits of each decoded token, the final state, decoding `tokens` after a prompt, and how
+  often `count` appears in the step's jaxpr."""
   model = _lm('predict', **model_kwargs)
   model.init(shapes.signature(tokens[:, :1]), rng=jax.random.PRNGKey(0))
   cast = lambda tree: jax.tree.map(
@@ -48,7 +51,7 @@ def _decode(kernel, model_kwargs, tokens, prompt=3, dtype=jnp.float32):
     for i in range(prompt, tokens.shape[1]):
       out, state = step(model.weights, state, tokens[:, i:i + 1])
       logits.append(np.asarray(out))
-  return np.concatenate(logits, axis=1), state, jaxpr.count('pallas_call')
+  return np.concatenate(logits, axis=1), state, jaxpr.count(count)
 
 
 @pytest.mark.parametrize('d_model, n_heads, attention_sparsity, settings', [
@@ -76,14 +79,15 @@ def test_fused_blocks_equal_xla_step_by_step(d_model, n_heads, attention_sparsit
   would make too many programs, and the LayerNorm's statistics computed once by XLA for the
   multiplicative programs (above STATS_IN_KERNEL, as at 17B),
   two rows, the caches filled past their end: each step's logits and the whole state
-  (convolution states, caches, positions) as XLA's path."""
+  (convolution states, caches, positions) as XLA's path. Each kernel lets the next launch
+  early (`decode_kernels.launch_dependents`, nothing in the interpreter)."""
   for name, value in settings.items():
     monkeypatch.setattr(sparse_ff_kernel if name in FF_SHARES else sparse_qkv_block_kernel,
                         name, value)
   kwargs = dict(d_model=d_model, n_heads=n_heads, attention_sparsity=attention_sparsity)
   tokens = jnp.asarray(np.random.RandomState(1).randint(1, VOCAB, (2, 18)), jnp.int32)
   expected, expected_state, n_xla = _decode('xla', kwargs, tokens)
-  got, state, n_kernels = _decode('interpret', kwargs, tokens)
+  got, state, n_kernels = _decode('interpret', kwargs, tokens, count='launch_dependents')
   assert n_xla == 0
   # per block: mixed, conv, attend; norm, units (and down, multiplying W2's rows)
   # per layer: mixed, conv, attend (chained: with the FF LayerNorm's partial sums); units (and
@@ -201,7 +205,8 @@ def test_shapes_the_kernels_do_not_take_decode_through_xla(kwargs, max_d_model, 
         (1024, 6144, 16, 16, (64, 16), 1, 1, {}), (8, 32, 2, 2, (4, 2), 0, 1, {}),
         (9216, 65536, 96, 64, (256, 32), 1, 2, {}),
         (1024, 6144, 16, 16, (64, 16), 1, 1, dict(MIXED_CHANNELS=None)),
-        (1024, 6144, 16, 16, (64, 16), 1, 2, dict(CHAIN=False))])
+        (1024, 6144, 16, 16, (64, 16), 1, 2, dict(CHAIN=False)),
+        (1024, 6144, 16, 16, (64, 16), 1, 1, dict(LAUNCH_EARLY=False))])
 def test_fused_blocks_lower_to_triton_for_a_gpu(d_model, d_ff, n_heads, sparsity, ff_sparsity,
                                                 n_products, n_ff, settings, monkeypatch):
   """One block lowered for CUDA on any machine, KV caches of 168: 800M FF+QKV (d_model 1024,
@@ -214,14 +219,17 @@ def test_fused_blocks_lower_to_triton_for_a_gpu(d_model, d_ff, n_heads, sparsity
   multiplying W2's chosen rows), the caches written in place, and a matrix product in a
   kernel's code (`dot_general:`, its source location in Triton's module) except at the tiny
   shape; the 800M block also with multiplicative programs of all 64 channels
-  (`MIXED_CHANNELS`, by default 16), and unchained (CHAIN off: the FF block's LayerNorm and
-  the controller's first product in a kernel of their own).
+  (`MIXED_CHANNELS`, by default 16), unchained (CHAIN off: the FF block's LayerNorm and
+  the controller's first product in a kernel of their own). Every kernel lets the next launch
+  early (PTX's launch_dependents in each; not with `decode_kernels.LAUNCH_EARLY` off, the
+  800M block's last case).
   (At 17B the attention block is slower than XLA's kernels and declines, MAX_D_MODEL; here
   it is lowered all the same.)"""
   monkeypatch.setattr(sparse_qkv_block_kernel, 'MAX_D_MODEL', d_model)
   for name, value in settings.items():
-    monkeypatch.setattr(fused_residual if name == 'CHAIN' else sparse_qkv_block_kernel, name,
-                        value)
+    module = {'CHAIN': fused_residual, 'LAUNCH_EARLY': decode_kernels}.get(
+        name, sparse_qkv_block_kernel)
+    monkeypatch.setattr(module, name, value)
   model = ScalingTransformerLM(64, d_model, d_ff=d_ff, n_layers=1, n_heads=n_heads,
                                max_len=168, dropout=0.0, ff_sparsity=ff_sparsity,
                                attention_sparsity=sparsity, mode='predict')
@@ -234,10 +242,20 @@ def test_fused_blocks_lower_to_triton_for_a_gpu(d_model, d_ff, n_heads, sparsity
     text = jax.jit(step).trace(weights, state, tokens).lower(
         lowering_platforms=('cuda',)).as_text()
   assert text.count('xla.gpu.triton') == 3 + n_ff
+  assert text.count('griddepcontrol.launch_dependents') == (
+      3 + n_ff if settings.get('LAUNCH_EARLY', True) else 0)
   assert text.count('dot_general:') == n_products
   # The convolution kernel's outputs 2 and 3 are the K and V caches, its operands 10 and 11.
   assert 'output_operand_alias<output_tuple_indices = [2], operand_index = 10,' in text
   assert 'output_operand_alias<output_tuple_indices = [3], operand_index = 11,' in text
+
+
+@pytest.mark.parametrize('capability', [80, 89, 0])
+def test_kernels_before_hopper_do_not_launch_the_next_early(capability):
+  """PTX's griddepcontrol exists from compute capability 9.0 on (Pallas names ROCm's 0): the
+  lowering emits nothing there (it would need an MLIR context to emit anything)."""
+  ctx = types.SimpleNamespace(context=types.SimpleNamespace(compute_capability=capability))
+  assert decode_kernels._launch_dependents_lowering(ctx) == []
 
 
 @pytest.mark.skipif(jax.default_backend() != 'gpu', reason='compiles the kernels for a GPU')

@@ -24,7 +24,9 @@ the controller's and greedy decoding's argmax as `lax.top_k`; `token` and `block
 CUBLAS_BYTES (`CUBLAS_MAX_BYTES`: on a GPU, bfloat16 programs whose weights are at most that
 many bytes each multiply with cuBLAS's kernels, not XLA's Triton ones, 0 none; `token` and
 `block` with `--dtype bfloat16`, any variant, dense included) and GRAPHS (`GRAPH_LOOPS`, 0:
-on a GPU a generation's loop is not recorded as a CUDA graph; `token`). For each setting
+on a GPU a generation's loop is not recorded as a CUDA graph; `token`); `decode_kernels.py`
+has EARLY (`LAUNCH_EARLY`, 1: every program of the kernels lets the next kernel launch as it
+starts). For each setting
 (NAME=value pairs joined by '+'; 'default' changes nothing) this builds the Table 1 decoder
 of `--variant` at `--shape` with `--depth`
 blocks (`decoders.py`, random weights, batch 1, `--dtype`: float32 unless said), and times
@@ -71,8 +73,9 @@ SHARES = {**{name: (sparse_qkv_block_kernel, name)
           'FF_PARTS_BYTES': (sparse_ff_kernel, 'MAX_PARTS_BYTES'),
           'FF_COLUMNS': (sparse_ff_kernel, 'COLUMNS'), 'FF_GATHER': (sparse_ff_kernel, 'GATHER'),
           'CHAIN': (fused_residual, 'CHAIN'), 'CPU_TOP_K': (decoding, 'CPU_TOP_K'),
-          'CUBLAS_BYTES': (decoding, 'CUBLAS_MAX_BYTES'), 'GRAPHS': (decoding, 'GRAPH_LOOPS')}
-_SWITCHES = ('DOT', 'CHAIN', 'CPU_TOP_K', 'GRAPHS')   # 0 or 1
+          'CUBLAS_BYTES': (decoding, 'CUBLAS_MAX_BYTES'), 'GRAPHS': (decoding, 'GRAPH_LOOPS'),
+          'EARLY': (decode_kernels, 'LAUNCH_EARLY')}
+_SWITCHES = ('DOT', 'CHAIN', 'CPU_TOP_K', 'GRAPHS', 'EARLY')   # 0 or 1
 _ALL = ('MODULES', 'MIXED_CHANNELS')   # also 'all': None, the kernel's own choice
 _ANY = ('FF_PARTS_BYTES', 'STATS_IN_KERNEL', 'MAX_D_MODEL', 'CUBLAS_BYTES')   # any int >= 0
 DEFAULT_SETTINGS = ['default', 'DOT=0', 'MIXED_CHANNELS=32', 'WIDTH=16', 'MIXED_WARPS=8',

@@ -24,11 +24,30 @@ kernels issue every load that waits on nothing computed first, together, and a l
 address is computed (a chosen unit's rows) as soon as its address is known: their latencies
 overlap instead of adding up. In a generation each block's weights come from the GPU's
 memory, not its L2 cache, and a load waits about a microsecond.
+
+Launching the next kernel early. On Hopper, XLA launches its kernels and Pallas' with
+Programmatic Dependent Launch (`xla_gpu_enable_pdl`, on by default in jax 0.11.2) and begins
+each with `griddepcontrol.wait`, which holds a program until the kernels before it have
+finished and their writes are visible. A kernel that never says otherwise lets the next one
+launch only as its last program exits. With LAUNCH_EARLY every program of the kernels here
+first runs `griddepcontrol.launch_dependents` (`launch_dependents`): the next kernel's
+programs are placed on the GPU while this one runs and wait at their start, so that its launch
+overlaps this kernel's work. What the kernels read and write, and in which order, is
+unchanged: the wait still guards it. In one H200 sitting (docs/decoding_gpu.md, "Launching the
+next kernel early") the 24-layer 800M FF+QKV generation took 0.396-0.399 ms a token with it
+against 0.413-0.436 without, the same tokens.
 """
 
 import contextlib
 
 import jax
+from jax._src import core as jax_core
+from jax._src.interpreters import mlir
+from jax._src.lib.mlir import ir
+from jax._src.lib.mlir.dialects import arith as arith_dialect
+from jax._src.lib.triton import dialect as tt_dialect
+from jax._src.pallas.triton import lowering as triton_lowering
+from jax._src.pallas.triton import primitives as triton_primitives
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
@@ -58,6 +77,39 @@ def active(kernel):
   if _CHOICE[0] == 'auto':
     return 'pallas' if jax.default_backend() == 'gpu' and kernel in AUTO_ON_GPU else 'xla'
   return _CHOICE[0]
+
+
+LAUNCH_EARLY = True
+
+
+def launch_dependents():
+  """Inside a kernel, with LAUNCH_EARLY: PTX's `griddepcontrol.launch_dependents` (the module's
+  note) where the kernel is compiled for an NVIDIA GPU of compute capability 9.0 (Hopper) or
+  more; nothing on older GPUs and ROCm's, which lack the instruction, or in Pallas'
+  interpreter."""
+  if LAUNCH_EARLY:
+    launch_dependents_p.bind()
+
+
+launch_dependents_p = jax_core.Primitive('launch_dependents')
+launch_dependents_p.multiple_results = True
+# An effect, so that tracing keeps a call whose result nothing uses (Triton's barrier's).
+launch_dependents_p.def_effectful_abstract_eval(
+    lambda: ((), {triton_primitives.barrier_effect}))
+launch_dependents_p.def_impl(lambda: [])
+mlir.register_lowering(launch_dependents_p, lambda ctx: [])   # the interpreter's
+
+
+@triton_lowering.register_lowering(launch_dependents_p)
+def _launch_dependents_lowering(ctx):
+  if (ctx.context.compute_capability or 0) < 90:   # ROCm's: 0
+    return []
+  i32 = ir.IntegerType.get_signless(32)
+  zero = arith_dialect.constant(i32, ir.IntegerAttr.get(i32, 0))
+  tt_dialect.elementwise_inline_asm(
+      [i32], 'mov.b32 $0, $1;\n\tgriddepcontrol.launch_dependents;', constraints='=r,r',
+      pure=False, packed_element=1, args=[zero])
+  return []
 
 
 def is_power_of_2(*values):

@@ -87,6 +87,7 @@ def _units_kernel(x_ref, *refs, group, n, chunk, n_chunks, parts, epsilon):
   given and the parts [T, P, d]; else the outputs hidden [T, K] (float32) and rows [T, K]
   (int32). Loads in the order of `decode_kernels`' note: all that wait on nothing first, then
   the chosen rows of W1, b1 and W2 together."""
+  decode_kernels.launch_dependents()
   t, p = pl.program_id(0), pl.program_id(1)
   chunks = [pl.ds(c * chunk, chunk) for c in range(n_chunks)]
   blocks = [p * group + g for g in range(group)]
@@ -146,6 +147,7 @@ def _units_kernel(x_ref, *refs, group, n, chunk, n_chunks, parts, epsilon):
 def _down_kernel(hidden_ref, row_ref, w2_ref, b2_ref, *refs, columns):
   """One (token, slice of columns) program: Σ_k hidden[k]·W2[row_k, cols] + b2 (+ residual),
   the chosen rows gathered GATHER at a time. Shapes in `sparse_units`."""
+  decode_kernels.launch_dependents()
   *residual_ref, out_ref = refs
   t, c = pl.program_id(0), pl.program_id(1)
   cols = pl.ds(c * columns, columns)
@@ -227,6 +229,7 @@ def ff_block(x, scale, bias, controller, units, epsilon, interpret=False, partia
 def _norm_kernel(x_ref, scale_ref, bias_ref, c1_ref, xn_ref, z_ref, *, rows, sub, epsilon):
   """One (token, slice of rows of C1) program. Shapes in `norm_controller`. C1's rows and
   the slice are loaded before the row's statistics (`decode_kernels`' note on load order)."""
+  decode_kernels.launch_dependents()
   t, p = pl.program_id(0), pl.program_id(1)
   slices = [pl.ds(p * rows + k * sub, sub) for k in range(rows // sub)]
   loaded = [decode_kernels.load_norm_slice(x_ref, scale_ref, bias_ref, t, cols)

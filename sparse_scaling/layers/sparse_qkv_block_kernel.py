@@ -102,6 +102,7 @@ def _mixed_kernel(x_ref, scale_ref, bias_ref, d_ref, e_ref, *refs, rows, sub, sp
   product [S', rows] x [rows, M'] in IEEE float32; else sums of broadcast products. `refs`:
   (mean [B], inv [B], y) where XLA computed the row's statistics, else (y,).
   """
+  decode_kernels.launch_dependents()
   *stats_refs, y_ref = refs
   b, p = pl.program_id(0), pl.program_id(1)
   slices = e_ref.shape[1] // channels
@@ -138,6 +139,7 @@ def _conv_kernel(index_ref, y_ref, y_bias_ref, state_ref, wq_ref, bq_ref, wk_ref
                  wv_ref, bv_ref, k_cache_ref, v_cache_ref, q_ref, position_ref, k_out_ref,
                  v_out_ref, *, sizes, n_heads, width, group):
   """One (row, output, group of modules, channel slice) program. Shapes in `decode_step`."""
+  decode_kernels.launch_dependents()
   b, o, g, c = (pl.program_id(i) for i in range(4))
   _, n, n_modules, n_channels = state_ref.shape
   n_parts = y_ref.shape[1]
@@ -224,6 +226,7 @@ def _attend_kernel(position_ref, x_ref, q_ref, k_cache_ref, v_cache_ref, y_ref, 
   and state_out_ref: the program reads position_ref, never index_ref. With `ff_norm`, refs
   begin with the next FF block's LayerNorm scale and bias and C1, and end with this program's
   partial sums for it (`_ff_partials`)."""
+  decode_kernels.launch_dependents()
   del index_ref
   if ff_norm:
     scale_ref, bias_ref, c1_ref, out_ref, state_out_ref, next_ref, *partial_refs = refs
