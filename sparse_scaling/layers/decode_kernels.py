@@ -96,14 +96,14 @@ launch_dependents_p.multiple_results = True
 # An effect, so that tracing keeps a call whose result nothing uses (Triton's barrier's).
 launch_dependents_p.def_effectful_abstract_eval(
     lambda: ((), {triton_primitives.barrier_effect}))
-launch_dependents_p.def_impl(lambda: [])
-mlir.register_lowering(launch_dependents_p, lambda ctx: [])   # the interpreter's
+mlir.register_lowering(launch_dependents_p, lambda ctx: [])   # Pallas' interpreter: nothing
 
 
 @triton_lowering.register_lowering(launch_dependents_p)
 def _launch_dependents_lowering(ctx):
   if (ctx.context.compute_capability or 0) < 90:   # ROCm's: 0
     return []
+  # Triton's inline assembly is elementwise: a dummy int32 goes in and out around the instruction.
   i32 = ir.IntegerType.get_signless(32)
   zero = arith_dialect.constant(i32, ir.IntegerAttr.get(i32, 0))
   tt_dialect.elementwise_inline_asm(
