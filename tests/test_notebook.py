@@ -33,9 +33,11 @@ def test_notebook_runs_top_to_bottom_at_tiny_size_on_cpu(tmp_path, monkeypatch):
   assert len(tagged) == 1, 'one cell tagged `parameters`'
   # As papermill does: a cell after the parameters cell overrides them. Two copy-task steps
   # run its training, decoding, accuracy and curve (an evaluation at step 1); the copy task
-  # learning to copy is test_terraformer.py's (-m slow).
+  # learning to copy is test_terraformer.py's (-m slow). Four LM steps (evaluations at steps
+  # 1, 2 and 4) run the LM's training, sampling, decoding and curves; a loss that falls with
+  # training is test_compat.py's.
   notebook.cells.insert(tagged[0] + 1, nbformat.v4.new_code_cell(
-      f'TINY = True\nWORK_DIR = {str(tmp_path / "runs")!r}\nCOPY_STEPS = 2',
+      f'TINY = True\nWORK_DIR = {str(tmp_path / "runs")!r}\nCOPY_STEPS = 2\nLM_STEPS = 4',
       metadata={'tags': ['injected-parameters']}))
   copy = tmp_path / NOTEBOOK.name
   nbformat.write(notebook, copy)
