@@ -34,8 +34,8 @@ first runs `griddepcontrol.launch_dependents` (`launch_dependents`): the next ke
 programs are placed on the GPU while this one runs and wait at their start, so that its launch
 overlaps this kernel's work. What the kernels read and write, and in which order, is
 unchanged: the wait still guards it. In one H200 sitting (docs/decoding_gpu.md, "Launching the
-next kernel early") the 24-layer 800M FF+QKV generation took 0.396-0.399 ms a token with it
-against 0.413-0.436 without, the same tokens.
+next kernel early; `bench.decode_shares --settings EARLY=0,default,...`) the 24-layer 800M
+FF+QKV generation took 0.370-0.397 ms a token with it against 0.416-0.427 without.
 """
 
 import contextlib
