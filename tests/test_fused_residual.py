@@ -15,10 +15,13 @@ import pytest
 from trax import layers as tl
 from trax import shapes
 
+from sparse_scaling.layers import attention_kernel
 from sparse_scaling.layers import decode_kernels
 from sparse_scaling.layers import fused_residual
+from sparse_scaling.layers import sparse_ff_controller_kernel
 from sparse_scaling.layers import sparse_ff_kernel
 from sparse_scaling.layers import sparse_qkv_block_kernel
+from sparse_scaling.layers import sparse_qkv_kernel
 from sparse_scaling.layers import SparseFFResidual
 from sparse_scaling.layers import SparseQKVResidual
 from sparse_scaling.models import ScalingTransformerLM
@@ -256,6 +259,42 @@ def test_kernels_before_hopper_do_not_launch_the_next_early(capability):
   lowering emits nothing there (it would need an MLIR context to emit anything)."""
   ctx = types.SimpleNamespace(context=types.SimpleNamespace(compute_capability=capability))
   assert decode_kernels._launch_dependents_lowering(ctx) == []
+
+
+def _lowered_for_an_h200(fn, *args):
+  """The text of fn(*args) lowered for CUDA on any machine (an H200's compute capability)."""
+  h200 = jax.sharding.AbstractDevice(device_kind='NVIDIA H200', num_cores=None, platform='cuda')
+  with jax.sharding.use_abstract_mesh(
+      jax.sharding.AbstractMesh((1,), ('x',), abstract_device=h200)):
+    return jax.jit(fn).trace(*args).lower(lowering_platforms=('cuda',)).as_text()
+
+
+def test_the_layers_own_decoding_kernels_launch_the_next_early_and_training_s_do_not():
+  """The kernels used where a block's do not apply (attention over the KV cache, Sparse QKV's
+  convolutions, Sparse FF's LayerNorm and units) each let the next kernel launch early, as the
+  blocks' do; the training controller's forward and backward kernels do not."""
+  f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+  index = jax.ShapeDtypeStruct((1,), jnp.int32)
+  attention = _lowered_for_an_h200(attention_kernel.attention_step, f32(1, 2, 16), f32(1, 2, 16),
+                                   f32(1, 2, 16), f32(2, 8, 16), f32(2, 8, 16), index)
+  conv = _lowered_for_an_h200(
+      lambda y, state, weights: sparse_qkv_kernel.conv_step(y, state, weights, (3, 3, 1)),
+      f32(1, 4, 8), f32(1, 2, 4, 8),
+      [(f32(3, k, 8, 8), f32(8)) for k in (3, 3, 1)])
+  r, k, n, d = 16, 4, 8, 32
+  ff = _lowered_for_an_h200(
+      lambda x, scale, bias, c1, c2, cb, w1, b1, w2, b2: sparse_ff_kernel.ff_block(
+          x, scale, bias, (c1, c2, cb), (w1, b1, w2, b2), 1e-6),
+      f32(1, d), f32(d), f32(d), f32(d, r), f32(r, k, n), f32(k, n), f32(k, n, d), f32(k, n),
+      f32(k, n, d), f32(d))
+  controller = _lowered_for_an_h200(
+      lambda z, c2, cb, draw: jax.grad(lambda z: jnp.sum(sparse_ff_controller_kernel
+          .controller_mask(z, c2, cb, draw, jnp.asarray(True), 1.0, False)[0] ** 2))(z),
+      f32(16, r), f32(r, k, 16), f32(k, 16), f32(16, k))
+  for text, n_kernels in ((attention, 1), (conv, 1), (ff, 2), (controller, 2)):
+    assert text.count('xla.gpu.triton') == n_kernels
+  assert [text.count('griddepcontrol.launch_dependents')
+          for text in (attention, conv, ff, controller)] == [1, 1, 2, 0]
 
 
 @pytest.mark.skipif(jax.default_backend() != 'gpu', reason='compiles the kernels for a GPU')

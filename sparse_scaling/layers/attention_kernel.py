@@ -41,6 +41,7 @@ def _kernel(index_ref, q_ref, k_ref, v_ref, k_cache_ref, v_cache_ref, out_ref, k
   The whole cache of the head is loaded first, in blocks (the last may overlap the one
   before), all in flight at once; positions from `index` on are masked out of the softmax.
   """
+  decode_kernels.launch_dependents()
   program = pl.program_id(0)                      # row · heads + head: the caches' row
   b, h = program // n_heads, program % n_heads
   index = index_ref[0]

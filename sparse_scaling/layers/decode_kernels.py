@@ -29,13 +29,15 @@ Launching the next kernel early. On Hopper, XLA launches its kernels and Pallas'
 Programmatic Dependent Launch (`xla_gpu_enable_pdl`, on by default in jax 0.11.2) and begins
 each with `griddepcontrol.wait`, which holds a program until the kernels before it have
 finished and their writes are visible. A kernel that never says otherwise lets the next one
-launch only as its last program exits. With LAUNCH_EARLY every program of the kernels here
-first runs `griddepcontrol.launch_dependents` (`launch_dependents`): the next kernel's
-programs are placed on the GPU while this one runs and wait at their start, so that its launch
-overlaps this kernel's work. What the kernels read and write, and in which order, is
-unchanged: the wait still guards it. In one H200 sitting (docs/decoding_gpu.md, "Launching the
-next kernel early; `bench.decode_shares --settings EARLY=0,default,...`) the 24-layer 800M
-FF+QKV generation took 0.370-0.397 ms a token with it against 0.416-0.427 without.
+launch only as its last program exits. With LAUNCH_EARLY every program of the decoding
+kernels (the blocks' and the layers' own) first runs `griddepcontrol.launch_dependents`
+(`launch_dependents`): the next kernel's programs are placed on the GPU while this one runs
+and wait at their start, so that its launch overlaps this kernel's work. What the kernels
+read and write, and in which order, is unchanged: the wait still guards it. In one H200
+sitting (docs/decoding_gpu.md, "Launching the next kernel early; `bench.decode_shares
+--settings EARLY=0,default,...`) the 24-layer 800M FF+QKV generation took 0.370-0.397 ms a
+token with it against 0.416-0.427 without. The training controller's kernels do not: a launch
+is small beside a training step's kernels, and the early launch was not measured there.
 """
 
 import contextlib

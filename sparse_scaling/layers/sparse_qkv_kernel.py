@@ -42,6 +42,7 @@ def _kernel(*refs, sizes, n_modules, lks, width):
   Every load comes first, the arithmetic after: the loads are independent, so the GPU has
   them all in flight at once instead of waiting for each in turn.
   """
+  decode_kernels.launch_dependents()
   n_out = len(sizes)
   y_ref, state_ref = refs[:2]
   weight_refs = refs[2:2 + 2 * n_out]
