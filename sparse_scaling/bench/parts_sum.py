@@ -1,0 +1,216 @@
+"""The Sparse FF block's parts, added: by XLA, by the next kernel, or by atomic adds.
+
+  python -m sparse_scaling.bench.parts_sum [--layers 24] [--tokens 64]
+      [--forms parts,next,unsummed,atomic1,atomic4,atomic8]
+
+Decoding a token at 800M, the FF block ends in 96 units programs (`sparse_ff_kernel`), each
+writing its part of the output [d_model]: its block's chosen row of W2 times the unit's
+activation. XLA adds the parts and the residual in a kernel of its own, 1.3-1.5 µs of a
+~15 µs layer (docs/results/decode_profile_gpu.md). Whether another way of adding them pays
+is a question of a generation's chain of kernels, so this times a layer of two kernels with
+the programs of the real ones, looped over `--layers` and `--tokens` in one compiled program,
+compiled as a generation is (`decoding.compiler_options`):
+
+  attend  d_model / 16 programs of 16 columns (the attention kernel's): x2 = tanh(x) there
+  units   one program per part (the units kernel's): part p = relu(x2·W1[p])·W2[p]
+
+and the forms of adding the parts into the next layer's x (part 0 also carries x2):
+
+  parts     units writes the parts [P, d]; XLA adds them (the decoders' way)
+  next      units writes the parts; the next attend programs add those of their columns
+  atomicG   attend also writes the row as G copies (x2, then zeros) and each units program
+            adds its part into copy p mod G with atomic adds (Triton's `atomic_add`); the
+            next attend programs add the G copies. The order of the adds varies from run to
+            run, and so do the last bits of x.
+  unsummed  the parts, of which the next attend reads part 0 alone: not a sum (its x is
+            wrong), the two kernels' time with nothing added, for scale
+
+Every kernel lets the next launch early (`decode_kernels.launch_dependents`), as the
+decoders' do. Prints µs per layer of each form, in rounds alternating the forms
+(`timing.interleaved_times`; a layer's time is the difference of two token counts over the
+layers they add), and how far each form's x is from the parts form's. On a CPU the kernels
+run in Pallas' interpreter (the tests do). docs/decoding_gpu.md quotes a run on an H200.
+"""
+
+import functools
+
+from absl import app
+from absl import flags
+import jax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+import jax.numpy as jnp
+import numpy as np
+
+from sparse_scaling import decoding
+from sparse_scaling.bench import common
+from sparse_scaling.bench import decoders
+from sparse_scaling.bench import timing
+from sparse_scaling.layers import decode_kernels
+
+COLUMNS = 16          # columns per attend program (the attention kernel's VALUE_WIDTH)
+ROUNDS = 7            # rounds of the forms' alternation
+SHORT_TOKENS = 2      # the shorter of the two token counts
+FORMS = ('parts', 'next', 'unsummed', 'atomic1', 'atomic4', 'atomic8')
+
+
+def shape_800m():
+  """(d_model, parts) of the 800M FF+QKV block: d_model 1024, 6144 / 64 = 96 blocks."""
+  dims = decoders.dimensions('800m', 'ffqkv')
+  return dims['d_model'], dims['d_ff'] // dims['ff_sparsity'][0]
+
+
+def parse_forms(names):
+  """The forms of --forms, each (name, copies): copies G for atomicG, else 0."""
+  forms = []
+  for name in names:
+    copies = name[len('atomic'):] if name.startswith('atomic') else None
+    if name not in ('parts', 'next', 'unsummed') and not (copies and copies.isdigit()
+                                                          and int(copies) >= 1):
+      raise app.UsageError(f'--forms: {name!r} must be parts, next, unsummed or atomicG '
+                           'with G >= 1 copies (e.g. atomic4)')
+    forms.append((name, int(copies) if copies else 0))
+  return forms
+
+
+def _interpret():
+  return jax.default_backend() != 'gpu'
+
+
+def _attend_kernel(x_ref, *out_refs, rows, copies):
+  """One program of COLUMNS columns: x2 = tanh(Σ of the input's `rows` rows there); with
+  `copies`, also the copies' row (x2, then zeros)."""
+  decode_kernels.launch_dependents()
+  cols = pl.ds(pl.program_id(0) * COLUMNS, COLUMNS)
+  total = x_ref[0, cols]
+  for r in range(1, rows):
+    total = total + x_ref[r, cols]
+  x2 = jnp.tanh(total)
+  out_refs[0][0, cols] = x2
+  if copies:
+    out_refs[1][0, cols] = x2
+    for g in range(1, copies):
+      out_refs[1][g, cols] = jnp.zeros((COLUMNS,), jnp.float32)
+
+
+def attend(x, rows, copies):
+  """x [R, d] -> (x2 [1, d],) or, with copies, (x2, the copies [copies, d])."""
+  d = x.shape[1]
+  out_shape = [jax.ShapeDtypeStruct((1, d), jnp.float32)]
+  if copies:
+    out_shape.append(jax.ShapeDtypeStruct((copies, d), jnp.float32))
+  return pl.pallas_call(
+      functools.partial(_attend_kernel, rows=rows, copies=copies), grid=(d // COLUMNS,),
+      out_shape=out_shape, interpret=_interpret(),
+      compiler_params=plgpu.CompilerParams(num_warps=4))(x)   # Triton, not Mosaic GPU
+
+
+def _units_kernel(x_ref, w1_ref, w2_ref, *refs, copies):
+  """Program p: part p = relu(x2·W1[p])·W2[p] (+ x2 in part 0), stored as row p or added
+  into copy p mod `copies`."""
+  decode_kernels.launch_dependents()
+  p = pl.program_id(0)
+  d = x_ref.shape[1]
+  x = x_ref[0, :]
+  part = jnp.maximum(jnp.sum(x * w1_ref[p, :]), 0.0) * w2_ref[p, :]
+  if copies:
+    plgpu.atomic_add(refs[-1], (p % copies, pl.ds(0, d)), part)
+  else:
+    refs[-1][p, :] = part + (p == 0).astype(jnp.float32) * x
+
+
+def units(x2, w1, w2, acc=None):
+  """The parts [P, d], or `acc` [G, d] with the parts added in (updated in place)."""
+  kernel = functools.partial(_units_kernel, copies=0 if acc is None else acc.shape[0])
+  params = plgpu.CompilerParams(num_warps=4)
+  if acc is None:
+    return pl.pallas_call(kernel, grid=(w1.shape[0],), interpret=_interpret(),
+                          out_shape=jax.ShapeDtypeStruct(w1.shape, jnp.float32),
+                          compiler_params=params)(x2, w1, w2)
+  return pl.pallas_call(kernel, grid=(w1.shape[0],), interpret=_interpret(),
+                        out_shape=jax.ShapeDtypeStruct(acc.shape, jnp.float32),
+                        input_output_aliases={3: 0}, compiler_params=params)(x2, w1, w2, acc)
+
+
+def layer(form, copies, x, w1, w2):
+  """The next layer's input after one layer of `form`: [1, d], [P, d] or [copies, d]."""
+  if copies:
+    x2, acc = attend(x, x.shape[0], copies)
+    return units(x2, w1, w2, acc)
+  x2, = attend(x, x.shape[0] if form == 'next' else 1, 0)
+  parts = units(x2, w1, w2)
+  return jnp.sum(parts, axis=0, keepdims=True) if form == 'parts' else parts
+
+
+def generation(form, copies, n_layers):
+  """run(x0 [d], w1s, w2s [layers, P, d], tokens) -> x [d] after `tokens` passes over the
+  layers, compiled as a generation's loop."""
+  def run(x0, w1s, w2s, tokens):
+    rows = copies or (1 if form == 'parts' else w1s.shape[1])
+    x = jnp.zeros((rows, x0.shape[0]), jnp.float32).at[0].set(x0)
+
+    def token(_, x):
+      for i in range(n_layers):
+        x = layer(form, copies, x, w1s[i], w2s[i])
+      return x
+
+    x = jax.lax.fori_loop(0, tokens, token, x)
+    # The x each form hands on: the sum of its rows (unsummed: part 0, as its attend reads).
+    return x[0] if form == 'unsummed' else jnp.sum(x, axis=0)
+  return jax.jit(run, static_argnums=3, compiler_options=decoding.compiler_options())
+
+
+def random_weights(n_layers, n_parts, d_model, seed=0):
+  rng = np.random.RandomState(seed)
+  normal = lambda *shape: jnp.asarray(rng.randn(*shape).astype(np.float32))
+  return (normal(d_model), normal(n_layers, n_parts, d_model) / np.sqrt(d_model),
+          normal(n_layers, n_parts, d_model) / np.sqrt(n_parts))
+
+
+def measure(forms, n_layers, tokens, d_model, n_parts, rounds=ROUNDS, on_row=print):
+  """One row per form, {form, us, error}: µs per layer and max |x − the first form's x|
+  after `tokens` tokens. Each form is compiled and checked first, then all are timed in
+  alternating rounds; rows are handed to `on_row` as they are complete."""
+  x0, w1s, w2s = random_weights(n_layers, n_parts, d_model)
+  runs, errors, reference = [], [], None
+  for name, copies in forms:
+    run = generation(name, copies, n_layers)
+    out = np.asarray(run(x0, w1s, w2s, SHORT_TOKENS))
+    reference = out if reference is None else reference
+    errors.append(float(np.max(np.abs(out - reference))))
+    runs.append(run)
+  fns = [functools.partial(run, x0, w1s, w2s, n) for run in runs for n in (SHORT_TOKENS, tokens)]
+  times = timing.interleaved_times(fns, rounds=rounds, runs_per_round=1, warmup=1)
+  rows = []
+  for i, ((name, _), error) in enumerate(zip(forms, errors)):
+    seconds = (min(times[2 * i + 1]) - min(times[2 * i])) / ((tokens - SHORT_TOKENS) * n_layers)
+    rows.append(dict(form=name, us=seconds * 1e6, error=error))
+    on_row(rows[-1])
+  return rows
+
+
+def define_flags():
+  """Defines the command line's flags; only when run as a program."""
+  flags.DEFINE_integer('layers', 24, 'Layers a token passes (the 800M decoder: 24).',
+                       lower_bound=1)
+  flags.DEFINE_integer('tokens', 64, 'Tokens of the longer loop (the shorter: 2).',
+                       lower_bound=SHORT_TOKENS + 1)
+  flags.DEFINE_list('forms', list(FORMS), 'Forms to time (parts, next, unsummed, atomicG); '
+                    'the first is the reference of the last column.')
+
+
+def main(argv):
+  del argv
+  args = flags.FLAGS
+  forms = parse_forms(args.forms)
+  d_model, n_parts = shape_800m()
+  print(f'Machine: {timing.machine_description()}. The 800M FF block\'s {n_parts} parts of '
+        f'{d_model}, {args.layers} layers of two kernels, {args.tokens} against {SHORT_TOKENS} '
+        'tokens in one compiled program.', flush=True)
+  print(common.table_header(['form', 'µs/layer', 'max |Δx| vs first form']), flush=True)
+  measure(forms, args.layers, args.tokens, d_model, n_parts, on_row=lambda row: print(
+      common.table_row([row['form'], f"{row['us']:.2f}", f"{row['error']:.1e}"]), flush=True))
+
+
+if __name__ == '__main__':
+  common.run(main, define_flags)
