@@ -17,7 +17,10 @@ compiled as a generation is (`decoding.compiler_options`):
 and the forms of adding the parts into the next layer's x (part 0 also carries x2):
 
   parts     units writes the parts [P, d]; XLA adds them (the decoders' way)
+  kernel    units writes the parts; a Pallas kernel adds them (d_model / 16 programs of 16
+            columns), letting the next kernel launch early as the decoders' kernels do
   next      units writes the parts; the next attend programs add those of their columns
+            (loaded in power-of-2 blocks of rows)
   atomicG   attend also writes the row as G copies (x2, then zeros) and each units program
             adds its part into copy p mod G with atomic adds (Triton's `atomic_add`); the
             next attend programs add the G copies. The order of the adds varies from run to
@@ -51,7 +54,7 @@ from sparse_scaling.layers import decode_kernels
 COLUMNS = 16          # columns per attend program (the attention kernel's VALUE_WIDTH)
 ROUNDS = 7            # rounds of the forms' alternation
 SHORT_TOKENS = 2      # the shorter of the two token counts
-FORMS = ('parts', 'next', 'unsummed', 'atomic1', 'atomic4', 'atomic8')
+FORMS = ('parts', 'kernel', 'next', 'unsummed', 'atomic1', 'atomic4', 'atomic8')
 
 
 def shape_800m():
@@ -65,10 +68,10 @@ def parse_forms(names):
   forms = []
   for name in names:
     copies = name[len('atomic'):] if name.startswith('atomic') else None
-    if name not in ('parts', 'next', 'unsummed') and not (copies and copies.isdigit()
-                                                          and int(copies) >= 1):
-      raise app.UsageError(f'--forms: {name!r} must be parts, next, unsummed or atomicG '
-                           'with G >= 1 copies (e.g. atomic4)')
+    if name not in ('parts', 'kernel', 'next', 'unsummed') and not (
+        copies and copies.isdigit() and int(copies) >= 1):
+      raise app.UsageError(f'--forms: {name!r} must be parts, kernel, next, unsummed or '
+                           'atomicG with G >= 1 copies (e.g. atomic4)')
     forms.append((name, int(copies) if copies else 0))
   return forms
 
@@ -77,15 +80,32 @@ def _interpret():
   return jax.default_backend() != 'gpu'
 
 
+def _column_sum(x_ref, rows, cols):
+  """Inside a kernel: Σ of x_ref's first `rows` rows at `cols`, loaded in power-of-2 blocks."""
+  return decode_kernels.sum_rows(decode_kernels.load_pieces(lambda r: x_ref[r, cols], rows))
+
+
+def _sum_kernel(x_ref, out_ref):
+  """One program of COLUMNS columns: the sum of the parts there."""
+  decode_kernels.launch_dependents()
+  cols = pl.ds(pl.program_id(0) * COLUMNS, COLUMNS)
+  out_ref[0, cols] = _column_sum(x_ref, x_ref.shape[0], cols)
+
+
+def column_sum(parts):
+  """parts [P, d] -> their sum [1, d], as a Pallas kernel."""
+  return pl.pallas_call(
+      _sum_kernel, grid=(parts.shape[1] // COLUMNS,), interpret=_interpret(),
+      out_shape=jax.ShapeDtypeStruct((1, parts.shape[1]), jnp.float32),
+      compiler_params=plgpu.CompilerParams(num_warps=4))(parts)   # Triton, not Mosaic GPU
+
+
 def _attend_kernel(x_ref, *out_refs, rows, copies):
   """One program of COLUMNS columns: x2 = tanh(Σ of the input's `rows` rows there); with
   `copies`, also the copies' row (x2, then zeros)."""
   decode_kernels.launch_dependents()
   cols = pl.ds(pl.program_id(0) * COLUMNS, COLUMNS)
-  total = x_ref[0, cols]
-  for r in range(1, rows):
-    total = total + x_ref[r, cols]
-  x2 = jnp.tanh(total)
+  x2 = jnp.tanh(_column_sum(x_ref, rows, cols))
   out_refs[0][0, cols] = x2
   if copies:
     out_refs[1][0, cols] = x2
@@ -139,6 +159,8 @@ def layer(form, copies, x, w1, w2):
     return units(x2, w1, w2, acc)
   x2, = attend(x, x.shape[0] if form == 'next' else 1, 0)
   parts = units(x2, w1, w2)
+  if form == 'kernel':
+    return column_sum(parts)
   return jnp.sum(parts, axis=0, keepdims=True) if form == 'parts' else parts
 
 
@@ -146,7 +168,7 @@ def generation(form, copies, n_layers):
   """run(x0 [d], w1s, w2s [layers, P, d], tokens) -> x [d] after `tokens` passes over the
   layers, compiled as a generation's loop."""
   def run(x0, w1s, w2s, tokens):
-    rows = copies or (1 if form == 'parts' else w1s.shape[1])
+    rows = copies or (1 if form in ('parts', 'kernel') else w1s.shape[1])
     x = jnp.zeros((rows, x0.shape[0]), jnp.float32).at[0].set(x0)
 
     def token(_, x):
