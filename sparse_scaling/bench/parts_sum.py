@@ -1,7 +1,7 @@
-"""The Sparse FF block's parts, added: by XLA, by the next kernel, or by atomic adds.
+"""The Sparse FF block's parts, added: by XLA, a kernel, the next kernel, or atomic adds.
 
   python -m sparse_scaling.bench.parts_sum [--layers 24] [--tokens 64]
-      [--forms parts,next,unsummed,atomic1,atomic4,atomic8]
+      [--forms parts,kernel,next,unsummed,atomic1,atomic4,atomic8]
 
 Decoding a token at 800M, the FF block ends in 96 units programs (`sparse_ff_kernel`), each
 writing its part of the output [d_model]: its block's chosen row of W2 times the unit's
@@ -32,7 +32,7 @@ Every kernel lets the next launch early (`decode_kernels.launch_dependents`), as
 decoders' do. Prints µs per layer of each form, in rounds alternating the forms
 (`timing.interleaved_times`; a layer's time is the difference of two token counts over the
 layers they add), and how far each form's x is from the parts form's. On a CPU the kernels
-run in Pallas' interpreter (the tests do). docs/decoding_gpu.md quotes a run on an H200.
+run in Pallas' interpreter (the tests do). docs/decoding_gpu.md quotes runs on an H200.
 """
 
 import functools
