@@ -25,6 +25,7 @@ from sparse_scaling.layers import sparse_qkv_kernel
 from sparse_scaling.layers import SparseFFResidual
 from sparse_scaling.layers import SparseQKVResidual
 from sparse_scaling.models import ScalingTransformerLM
+from tests.utils import lowered_for_an_h200
 
 VOCAB = 40
 # Settings of sparse_ff_kernel's constants; the others are the QKV block's.
@@ -239,11 +240,8 @@ def test_fused_blocks_lower_to_triton_for_a_gpu(d_model, d_ff, n_heads, sparsity
   tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
   weights, state = model.weights_and_state_signature(tokens)
   step = lambda w, s, t: model.pure_fn(t, w, s, None)
-  h200 = jax.sharding.AbstractDevice(device_kind='NVIDIA H200', num_cores=None, platform='cuda')
-  with decode_kernels.use('pallas'), jax.sharding.use_abstract_mesh(
-      jax.sharding.AbstractMesh((1,), ('x',), abstract_device=h200)):
-    text = jax.jit(step).trace(weights, state, tokens).lower(
-        lowering_platforms=('cuda',)).as_text()
+  with decode_kernels.use('pallas'):
+    text = lowered_for_an_h200(step, weights, state, tokens)
   assert text.count('xla.gpu.triton') == 3 + n_ff
   assert text.count('griddepcontrol.launch_dependents') == (
       3 + n_ff if settings.get('LAUNCH_EARLY', True) else 0)
@@ -261,33 +259,25 @@ def test_kernels_before_hopper_do_not_launch_the_next_early(capability):
   assert decode_kernels._launch_dependents_lowering(ctx) == []
 
 
-def _lowered_for_an_h200(fn, *args):
-  """The text of fn(*args) lowered for CUDA on any machine (an H200's compute capability)."""
-  h200 = jax.sharding.AbstractDevice(device_kind='NVIDIA H200', num_cores=None, platform='cuda')
-  with jax.sharding.use_abstract_mesh(
-      jax.sharding.AbstractMesh((1,), ('x',), abstract_device=h200)):
-    return jax.jit(fn).trace(*args).lower(lowering_platforms=('cuda',)).as_text()
-
-
 def test_the_layers_own_decoding_kernels_launch_the_next_early_and_training_s_do_not():
   """The kernels used where a block's do not apply (attention over the KV cache, Sparse QKV's
   convolutions, Sparse FF's LayerNorm and units) each let the next kernel launch early, as the
   blocks' do; the training controller's forward and backward kernels do not."""
   f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
   index = jax.ShapeDtypeStruct((1,), jnp.int32)
-  attention = _lowered_for_an_h200(attention_kernel.attention_step, f32(1, 2, 16), f32(1, 2, 16),
+  attention = lowered_for_an_h200(attention_kernel.attention_step, f32(1, 2, 16), f32(1, 2, 16),
                                    f32(1, 2, 16), f32(2, 8, 16), f32(2, 8, 16), index)
-  conv = _lowered_for_an_h200(
+  conv = lowered_for_an_h200(
       lambda y, state, weights: sparse_qkv_kernel.conv_step(y, state, weights, (3, 3, 1)),
       f32(1, 4, 8), f32(1, 2, 4, 8),
       [(f32(3, k, 8, 8), f32(8)) for k in (3, 3, 1)])
   r, k, n, d = 16, 4, 8, 32
-  ff = _lowered_for_an_h200(
+  ff = lowered_for_an_h200(
       lambda x, scale, bias, c1, c2, cb, w1, b1, w2, b2: sparse_ff_kernel.ff_block(
           x, scale, bias, (c1, c2, cb), (w1, b1, w2, b2), 1e-6),
       f32(1, d), f32(d), f32(d), f32(d, r), f32(r, k, n), f32(k, n), f32(k, n, d), f32(k, n),
       f32(k, n, d), f32(d))
-  controller = _lowered_for_an_h200(
+  controller = lowered_for_an_h200(
       lambda z, c2, cb, draw: jax.grad(lambda z: jnp.sum(sparse_ff_controller_kernel
           .controller_mask(z, c2, cb, draw, jnp.asarray(True), 1.0, False)[0] ** 2))(z),
       f32(16, r), f32(r, k, 16), f32(k, 16), f32(16, k))

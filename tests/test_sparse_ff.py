@@ -16,6 +16,7 @@ from sparse_scaling.layers import sparse_ff_controller_kernel
 from sparse_scaling.layers import sparse_ff_kernel
 from tests.utils import assert_predict_equals_eval
 from tests.utils import initialized as _init
+from tests.utils import lowered_for_an_h200
 from tests.utils import primitives_reading
 from tests.utils import random_inputs as _inputs
 
@@ -86,14 +87,7 @@ def test_decode_kernel_lowers_to_triton_for_a_gpu_at_table1_shapes(d_model, d_ff
   shapes = [(1, d_model), (1, rank), (rank, blocks, n), (blocks, n), (blocks, n, d_model),
             (blocks, n), (blocks, n, d_model), (d_model,)]
   args = [jax.ShapeDtypeStruct(shape, jnp.float32) for shape in shapes]
-  # The Triton lowering of jax >= 0.11 asks the default device which GPU it is; on a machine
-  # without one an abstract H200 answers (jax 0.10 asks nothing and ignores it).
-  h200 = jax.sharding.AbstractDevice(device_kind='NVIDIA H200', num_cores=None, platform='cuda')
-  with jax.sharding.use_abstract_mesh(
-      jax.sharding.AbstractMesh((1,), ('x',), abstract_device=h200)):
-    lowered = jax.jit(sparse_ff_kernel.sparse_units).trace(*args).lower(
-        lowering_platforms=('cuda',))
-  assert 'xla.gpu.triton' in lowered.as_text()
+  assert 'xla.gpu.triton' in lowered_for_an_h200(sparse_ff_kernel.sparse_units, *args)
 
 
 @pytest.mark.skipif(jax.default_backend() != 'gpu', reason='compiles the kernel for a GPU')
@@ -249,12 +243,8 @@ def test_training_controller_kernel_lowers_to_triton_at_the_gpu_size():
     mask, _ = sparse_ff_controller_kernel.controller_mask(z, c2, cb, u, hard, 0.1, False)
     return jnp.sum(mask * mask)
 
-  h200 = jax.sharding.AbstractDevice(device_kind='NVIDIA H200', num_cores=None, platform='cuda')
-  with jax.sharding.use_abstract_mesh(
-      jax.sharding.AbstractMesh((1,), ('x',), abstract_device=h200)):
-    lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(*args).lower(
-        lowering_platforms=('cuda',))
-  assert lowered.as_text().count('xla.gpu.triton') == 2  # the forward and backward kernels
+  text = lowered_for_an_h200(jax.grad(loss, argnums=(0, 1, 2)), *args)
+  assert text.count('xla.gpu.triton') == 2  # the forward and backward kernels
 
 
 @pytest.mark.parametrize('backend', ['gpu', 'cpu', 'tpu'])

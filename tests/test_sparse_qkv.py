@@ -18,6 +18,7 @@ from sparse_scaling.layers import SparseLoss
 from sparse_scaling.layers import SparseQKVAttention
 from tests.utils import assert_predict_equals_eval
 from tests.utils import initialized as _init
+from tests.utils import lowered_for_an_h200
 from tests.utils import random_inputs as _inputs
 
 D_MODEL, N_HEADS, S = 16, 2, 4
@@ -133,11 +134,8 @@ def test_decode_kernels_lower_to_triton_for_a_gpu(d_model, sparsity):
   x = jax.ShapeDtypeStruct((1, 1, d_model), jnp.float32)
   weights, state = layer.weights_and_state_signature(x)
   step = lambda w, s, t: layer.pure_fn(t, w, s, None)
-  h200 = jax.sharding.AbstractDevice(device_kind='NVIDIA H200', num_cores=None, platform='cuda')
-  with decode_kernels.use('pallas'), jax.sharding.use_abstract_mesh(
-      jax.sharding.AbstractMesh((1,), ('x',), abstract_device=h200)):
-    lowered = jax.jit(step).trace(weights, state, x).lower(lowering_platforms=('cuda',))
-  text = lowered.as_text()
+  with decode_kernels.use('pallas'):
+    text = lowered_for_an_h200(step, weights, state, x)
   assert text.count('xla.gpu.triton') >= 2   # the convolutions, the attention
   # The attention kernel writes the token into the caches in place: outputs 1 and 2 alias
   # operands of the call (no copy of a cache per step).

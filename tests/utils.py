@@ -17,6 +17,16 @@ def initialized(layer, x, seed=0):
   return layer
 
 
+def lowered_for_an_h200(fn, *args):
+  """The text of jit(fn)(*args) lowered for CUDA on any machine. The Triton lowering of jax
+  >= 0.11 asks the default device which GPU it is; without one an abstract H200 answers (jax
+  0.10 asks nothing and ignores it). Lower inside `decode_kernels.use(...)` to pick kernels."""
+  h200 = jax.sharding.AbstractDevice(device_kind='NVIDIA H200', num_cores=None, platform='cuda')
+  with jax.sharding.use_abstract_mesh(
+      jax.sharding.AbstractMesh((1,), ('x',), abstract_device=h200)):
+    return jax.jit(fn).trace(*args).lower(lowering_platforms=('cuda',)).as_text()
+
+
 def random_inputs(*shape, seed=0):
   """Standard normal float32 array of `shape`."""
   return np.random.RandomState(seed).randn(*shape).astype(np.float32)

@@ -141,15 +141,13 @@ def _units_kernel(x_ref, w1_ref, w2_ref, *refs, copies):
 
 def units(x2, w1, w2, acc=None):
   """The parts [P, d], or `acc` [G, d] with the parts added in (updated in place)."""
-  kernel = functools.partial(_units_kernel, copies=0 if acc is None else acc.shape[0])
-  params = plgpu.CompilerParams(num_warps=4)
-  if acc is None:
-    return pl.pallas_call(kernel, grid=(w1.shape[0],), interpret=_interpret(),
-                          out_shape=jax.ShapeDtypeStruct(w1.shape, jnp.float32),
-                          compiler_params=params)(x2, w1, w2)
-  return pl.pallas_call(kernel, grid=(w1.shape[0],), interpret=_interpret(),
-                        out_shape=jax.ShapeDtypeStruct(acc.shape, jnp.float32),
-                        input_output_aliases={3: 0}, compiler_params=params)(x2, w1, w2, acc)
+  acc = () if acc is None else (acc,)
+  return pl.pallas_call(
+      functools.partial(_units_kernel, copies=acc[0].shape[0] if acc else 0),
+      grid=(w1.shape[0],), interpret=_interpret(),
+      out_shape=jax.ShapeDtypeStruct((acc[0] if acc else w1).shape, jnp.float32),
+      input_output_aliases={3: 0} if acc else {},
+      compiler_params=plgpu.CompilerParams(num_warps=4))(x2, w1, w2, *acc)
 
 
 def layer(form, copies, x, w1, w2):
@@ -217,8 +215,8 @@ def define_flags():
                        lower_bound=1)
   flags.DEFINE_integer('tokens', 64, 'Tokens of the longer loop (the shorter: 2).',
                        lower_bound=SHORT_TOKENS + 1)
-  flags.DEFINE_list('forms', list(FORMS), 'Forms to time (parts, next, unsummed, atomicG); '
-                    'the first is the reference of the last column.')
+  flags.DEFINE_list('forms', list(FORMS), 'Forms to time (parts, kernel, next, unsummed, '
+                    'atomicG); the first is the reference of the last column.')
 
 
 def main(argv):

@@ -12,9 +12,10 @@ Here `units`, one program per (token, group of G blocks of N units), finds each 
 
 and the last line is done one of two ways. Where the programs are few (800M: 96 blocks of
 d_model 1024), each multiplies its own rows of W2 and writes a part [d_model], which XLA adds
-('parts'; `bench/parts_sum.py` times other ways of adding them). Where the parts would be large (17B: 256 parts of 9216, 9.4 MB written and read
-again), `units` writes h and the chosen rows, and a second kernel, `down`, one program per
-(token, slice of d_model's columns), gathers those columns of every chosen row of W2
+('parts'; `bench/parts_sum.py` times other ways of adding them). Where the parts would be
+large (17B: 256 parts of 9216, 9.4 MB written and read again), `units` writes h and the
+chosen rows, and a second kernel, `down`, one program per (token, slice of d_model's
+columns), gathers those columns of every chosen row of W2
 ('columns'). Measured on an H200 (2026-12-01), the FF block looped on its own output in one
 compiled program, µs per iteration with the loop's own ~18 µs (`python -m
 sparse_scaling.bench.decode_shares --shape 17b --measure kernels --settings
