@@ -256,7 +256,8 @@ def test_kernels_before_hopper_do_not_launch_the_next_early(capability):
   """PTX's griddepcontrol exists from compute capability 9.0 on (Pallas names ROCm's 0): the
   lowering emits nothing there (it would need an MLIR context to emit anything)."""
   ctx = types.SimpleNamespace(context=types.SimpleNamespace(compute_capability=capability))
-  assert decode_kernels._launch_dependents_lowering(ctx) == []
+  assert decode_kernels._ptx_lowering(
+      ctx, 'griddepcontrol.launch_dependents;', min_capability=90) == []
 
 
 def test_the_layers_own_decoding_kernels_launch_the_next_early_and_training_s_do_not():

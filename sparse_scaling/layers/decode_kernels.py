@@ -90,26 +90,34 @@ def launch_dependents():
   more; nothing on older GPUs and ROCm's, which lack the instruction, or in Pallas'
   interpreter."""
   if LAUNCH_EARLY:
-    launch_dependents_p.bind()
+    ptx('griddepcontrol.launch_dependents;', min_capability=90)
 
 
-launch_dependents_p = jax_core.Primitive('launch_dependents')
-launch_dependents_p.multiple_results = True
+def ptx(instructions, min_capability):
+  """Inside a kernel: the PTX `instructions`, run by every thread of the program, where the
+  kernel is compiled for an NVIDIA GPU of compute capability `min_capability` (x10: 90 is
+  9.0) or more; nothing on older GPUs, ROCm's (whose capability Pallas gives as 0) or in
+  Pallas' interpreter."""
+  ptx_p.bind(instructions=instructions, min_capability=min_capability)
+
+
+ptx_p = jax_core.Primitive('ptx')
+ptx_p.multiple_results = True
 # An effect, so that tracing keeps a call whose result nothing uses (Triton's barrier's).
-launch_dependents_p.def_effectful_abstract_eval(
-    lambda: ((), {triton_primitives.barrier_effect}))
-mlir.register_lowering(launch_dependents_p, lambda ctx: [])   # Pallas' interpreter: nothing
+ptx_p.def_effectful_abstract_eval(
+    lambda **_: ((), {triton_primitives.barrier_effect}))
+mlir.register_lowering(ptx_p, lambda ctx, **_: [])   # Pallas' interpreter: nothing
 
 
-@triton_lowering.register_lowering(launch_dependents_p)
-def _launch_dependents_lowering(ctx):
-  if (ctx.context.compute_capability or 0) < 90:   # ROCm's: 0
+@triton_lowering.register_lowering(ptx_p)
+def _ptx_lowering(ctx, instructions, min_capability):
+  if (ctx.context.compute_capability or 0) < max(min_capability, 1):   # ROCm's: 0
     return []
-  # Triton's inline assembly is elementwise: a dummy int32 goes in and out around the instruction.
+  # Triton's inline assembly is elementwise: a dummy int32 goes in and out around the instructions.
   i32 = ir.IntegerType.get_signless(32)
   zero = arith_dialect.constant(i32, ir.IntegerAttr.get(i32, 0))
   tt_dialect.elementwise_inline_asm(
-      [i32], 'mov.b32 $0, $1;\n\tgriddepcontrol.launch_dependents;', constraints='=r,r',
+      [i32], 'mov.b32 $0, $1;\n\t' + instructions, constraints='=r,r',
       pure=False, packed_element=1, args=[zero])
   return []
 
