@@ -93,6 +93,15 @@ def test_bytes_read_counts_only_the_gathered_rows_of_a_gathered_array():
   assert block_profile.bytes_read(jnp.dot, table, x) == (1000 * 8 + 8) * 4
 
 
+def test_bytes_read_of_a_program_with_compiler_options():
+  """Decoding programs carry XLA options on a GPU (`decoding.jit`), and JAX refuses to nest
+  such a jit in another trace: the profile traces the program itself."""
+  table, rows = jnp.ones((1000, 8)), jnp.array([3, 7])
+  program = jax.jit(lambda t, r: jnp.take(t, r, axis=0),
+                    compiler_options={'xla_backend_optimization_level': 0})
+  assert block_profile.bytes_read(program, table, rows) == 2 * 8 * 4 + 2 * 4
+
+
 def test_pallas_bytes_count_what_a_kernels_programs_load_and_store():
   # 4 programs: each loads its 8 floats of x, one row of a 1000-row table (a gather), and in
   # program 0 only (pl.when, counted as if every program took it) all of y; each stores 8.

@@ -65,6 +65,15 @@ TINY = dict(d_model=32, d_ff=128, n_heads=2, vocab_size=64, ff_sparsity=(8, 4),
             attention_sparsity=4, loss_sparsity=4, length_kernel_size=3)
 
 
+def tiny_dimensions(shape, variant):
+  """TINY as `table1.dimensions` gives a shape's variants: dense has no sparse layer (with
+  Sparse QKV it would decode through the QKV block's kernels on a GPU)."""
+  del shape
+  if variant == 'dense':
+    return dict(TINY, ff_sparsity=0, attention_sparsity=0, loss_sparsity=0)
+  return dict(TINY, attention_sparsity=0, loss_sparsity=0) if variant == 'ff' else TINY
+
+
 @pytest.mark.parametrize('impl', ['ours', 'trax'])
 def test_one_block_is_timed_alone_for_both_implementations(impl):
   model = table1.build(impl, TINY, 2, 32)
@@ -122,8 +131,7 @@ def test_a_measurement_that_fails_is_reported_and_the_others_go_on(monkeypatch):
   def broken(*args):
     raise RuntimeError('no such column')
 
-  monkeypatch.setattr(table1, 'dimensions', lambda shape, variant: dict(
-      TINY, ff_sparsity=0 if variant == 'dense' else (8, 4)))
+  monkeypatch.setattr(table1, 'dimensions', tiny_dimensions)
   monkeypatch.setattr(table1, 'seconds_per_token_program', broken)
   # The measurements that work stand in (the other tests here time blocks for real): what is
   # checked is what `measure` makes of them and of the one that fails.
@@ -150,8 +158,7 @@ def test_a_measurement_that_fails_is_reported_and_the_others_go_on(monkeypatch):
 
 def test_a_run_cut_off_keeps_the_rows_it_finished_in_the_results(monkeypatch, tmp_path):
   monkeypatch.setattr(common, 'RESULTS_DIR', tmp_path)
-  monkeypatch.setattr(table1, 'dimensions', lambda shape, variant: dict(
-      TINY, ff_sparsity=0 if variant == 'dense' else (8, 4)))
+  monkeypatch.setattr(table1, 'dimensions', tiny_dimensions)
   real_block = table1.seconds_per_block
 
   def block_then_cut_off(*args):

@@ -48,9 +48,10 @@ def bytes_read(fn, *args):
   An argument counts whole, unless every use of it (through reshapes and nested jitted
   functions) is the operand of a gather: then only the gathered elements count. XLA's cost
   analysis charges a gather its whole operand, which would price Sparse FF's d_ff/N gathered
-  rows of W1 and W2 as all of them.
+  rows of W1 and W2 as all of them. A jitted `fn` is traced itself: JAX refuses to nest a jit
+  that carries compiler options (the decoding programs' on a GPU, `decoding.jit`).
   """
-  closed = jax.make_jaxpr(fn)(*args)
+  closed = fn.trace(*args).jaxpr if hasattr(fn, 'trace') else jax.make_jaxpr(fn)(*args)
   return sum(_read_per_input(closed.jaxpr))
 
 
