@@ -332,13 +332,17 @@ def trained_on_a_cycle():
 def test_bfloat16_decoding_equals_float32_on_a_trained_model(kernel, trained_on_a_cycle,
                                                              monkeypatch):
   """Weights and caches in bfloat16 (half the bytes a token reads): greedy tokens as in
-  float32, and last-step logits within 0.1 of the float32 logits' spread (bfloat16 keeps 8
-  significant bits: the logits, of magnitude ~10 here, move by up to ~0.05 of the spread on
-  the CPU and 0.051 on an H200). 'auto' decodes
-  Sparse FF as the backend does (the Pallas kernel on a GPU), 'interpret' runs that kernel
-  on any backend. The programs compile at XLA's default optimization level, as users' do
-  (the suite's CPU programs skip LLVM's optimizations: tests/conftest.py): at level 0 the
-  step's bfloat16 roundings are all kept, and its logits moved by 0.34 of the spread."""
+  float32, and last-step logits within half the float32 logits' spread. bfloat16 keeps 8
+  significant bits, and the logits (of magnitude ~10 here) move by as much as the program
+  rounds: 0.05 of the spread on the CPU at XLA's default optimization level, which skips
+  some of the step's bfloat16 roundings, and 0.33-0.34 where every product's output is
+  rounded: the CPU at level 0, and an H200 against the suite's full-precision float32
+  (tests/conftest.py; one H200, 2026-12-03, 0.331 in two runs of the suite; at JAX's default
+  precision there, TF32 for float32, the two decoders' logits were 0.014-0.022 apart). A
+  wrong kernel moves them by the whole spread. 'auto' decodes Sparse FF as the backend does
+  (the Pallas kernel on a GPU), 'interpret' runs that kernel on any backend. The programs
+  compile at XLA's default optimization level, as users' do (the suite's CPU programs skip
+  LLVM's optimizations: tests/conftest.py)."""
   monkeypatch.setitem(decoding.COMPILER_OPTIONS, 'cpu', {'xla_backend_optimization_level': 3})
   model_fn, weights = trained_on_a_cycle
   prompt = np.array([[1, 2, 3], [5, 6, 7]], np.int32)
@@ -355,7 +359,7 @@ def test_bfloat16_decoding_equals_float32_on_a_trained_model(kernel, trained_on_
           w, s, t, None), decoder.model.weights)
       out, _ = step(decoder.model.weights, state, jnp.concatenate([start, prompt], axis=1))
       logits.append(np.asarray(out, np.float32))
-  assert np.abs(logits[1] - logits[0]).max() < 0.1 * logits[0].std()
+  assert np.abs(logits[1] - logits[0]).max() < 0.5 * logits[0].std()
 
 
 def test_decoding_dtype_must_be_a_float():
