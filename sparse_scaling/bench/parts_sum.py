@@ -143,11 +143,11 @@ def attend(x, rows, copies=0, counter=False):
       compiler_params=plgpu.CompilerParams(num_warps=4))(x)   # Triton, not Mosaic GPU
 
 
-def _part(x_ref, w1_ref, w2_ref, p):
-  """Inside a kernel: part p = relu(x2·W1[p])·W2[p], and x2 too in part 0."""
+def _part(x_ref, w1_ref, w2_ref, p, carry=True):
+  """Inside a kernel: part p = relu(x2·W1[p])·W2[p], and with `carry` x2 too in part 0."""
   x = x_ref[0, :]
-  return (jnp.maximum(jnp.sum(x * w1_ref[p, :]), 0.0) * w2_ref[p, :]
-          + (p == 0).astype(jnp.float32) * x)
+  part = jnp.maximum(jnp.sum(x * w1_ref[p, :]), 0.0) * w2_ref[p, :]
+  return part + (p == 0).astype(jnp.float32) * x if carry else part
 
 
 def _units_kernel(x_ref, w1_ref, w2_ref, *refs, copies):
@@ -156,9 +156,8 @@ def _units_kernel(x_ref, w1_ref, w2_ref, *refs, copies):
   decode_kernels.launch_dependents()
   p = pl.program_id(0)
   if copies:   # x2 is in copy 0 already (attend's)
-    x = x_ref[0, :]
-    part = jnp.maximum(jnp.sum(x * w1_ref[p, :]), 0.0) * w2_ref[p, :]
-    plgpu.atomic_add(refs[-1], (p % copies, pl.ds(0, x_ref.shape[1])), part)
+    plgpu.atomic_add(refs[-1], (p % copies, pl.ds(0, x_ref.shape[1])),
+                     _part(x_ref, w1_ref, w2_ref, p, carry=False))
   else:
     refs[-1][p, :] = _part(x_ref, w1_ref, w2_ref, p)
 
