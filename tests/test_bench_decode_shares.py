@@ -2,6 +2,7 @@
 
 import functools
 
+import jax
 import numpy as np
 import pytest
 
@@ -26,7 +27,7 @@ def test_each_setting_is_in_force_while_it_is_measured_and_undone_after():
   settings = ['default', 'WIDTH=16+CONV_WARPS=8', 'DOT=0+MIXED_CHANNELS=32',
               'MODULES=4+FF_GROUP=1+MAX_PARTS=144', 'MIXED_CHANNELS=all',
               'STATS_IN_KERNEL=0+MAX_D_MODEL=16384', 'CPU_TOP_K=0', 'CUBLAS_BYTES=0',
-              'GRAPHS=0', 'EARLY=1']
+              'GRAPHS=0', 'EARLY=1', 'SHARED=2']
   results = decode_shares.sweep('800m', 'ffqkv', 1, settings, measure=measure)
   assert [text for text, _ in results] == settings
   assert seen == [before, dict(before, WIDTH=16, CONV_WARPS=8),
@@ -35,7 +36,8 @@ def test_each_setting_is_in_force_while_it_is_measured_and_undone_after():
                   dict(before, MIXED_CHANNELS=None),
                   dict(before, STATS_IN_KERNEL=0, MAX_D_MODEL=16384),
                   dict(before, CPU_TOP_K=False), dict(before, CUBLAS_BYTES=0),
-                  dict(before, GRAPHS=False), dict(before, EARLY=True)]
+                  dict(before, GRAPHS=False), dict(before, EARLY=True),
+                  dict(before, SHARED=2)]
   assert _constants() == before
 
 
@@ -61,7 +63,8 @@ def test_the_kernels_alone_are_timed_with_the_setting_in_force(monkeypatch):
 
 @pytest.mark.parametrize('text', ['WIDTH', 'WIDTH=12', 'DOT=2', 'CHAIN=2', 'STATS_IN_KERNEL=-1',
                                   'SPEED=4', 'WIDTH=8+', '', 'MAX_PARTS=0', 'FF_GROUP=3',
-                                  'ROWS=all', 'CPU_TOP_K=2', 'CUBLAS_BYTES=-1'])
+                                  'ROWS=all', 'CPU_TOP_K=2', 'CUBLAS_BYTES=-1',
+                                  'SHARED=3'])
 def test_a_bad_setting_is_refused_naming_the_rule(text):
   with pytest.raises(ValueError, match='--settings: '):
     decode_shares.parse_setting(text)
@@ -92,12 +95,33 @@ def test_a_table_cell_lists_each_kernels_time():
 def test_a_generation_and_a_block_are_timed_in_the_dtype_asked_for(monkeypatch):
   seen = []
   monkeypatch.setattr(decode_shares.table1, 'seconds_per_token_program',
-                      lambda model_fn, dtype, prompt, n: seen.append(('token', dtype)) or 1.0)
+                      lambda model_fn, dtype, prompt, n, weights_fn: seen.append(
+                          ('token', dtype, weights_fn and weights_fn.keywords)) or 1.0)
   monkeypatch.setattr(decode_shares.table1, 'seconds_per_block_program',
                       lambda model, dtype, n: seen.append(('block', dtype)) or 1.0)
   monkeypatch.setattr(decode_shares.decoders, 'build', lambda *args, **kwargs: None)
   for measure in (decode_shares.per_token, decode_shares.per_block):
     decode_shares.sweep('800m', 'dense', 2, ['CUBLAS_BYTES=0'],
                         functools.partial(measure, dtype='bfloat16'))
-  decode_shares.sweep('800m', 'dense', 2, ['default'], decode_shares.per_token)
-  assert seen == [('token', 'bfloat16'), ('block', 'bfloat16'), ('token', 'float32')]
+  decode_shares.sweep('800m', 'dense', 2, ['default', 'SHARED=1', 'SHARED=2'],
+                      decode_shares.per_token)
+  assert seen == [('token', 'bfloat16', None), ('block', 'bfloat16'), ('token', 'float32', None),
+                  ('token', 'float32', {'keep_large': False}),
+                  ('token', 'float32', {'keep_large': True})]
+
+
+def test_shared_weights_give_each_block_block_0s_arrays(monkeypatch):
+  """SHARED=1: every block of a kind holds block 0's arrays; SHARED=2: but the large ones."""
+  monkeypatch.setattr(decode_shares, 'LARGE', 64)
+  block = lambda seed: (np.full((8, 8), seed), (np.full(3, seed),) * 8)   # 9 arrays
+  small = lambda seed: (np.full(2, seed),)   # a top-level layer of few arrays: not a block
+  weights = (small(0), block(1), block(2), small(3), block(4))
+  every = decode_shares.shared_block_weights(weights, keep_large=False)
+  assert every[0] is weights[0] and every[3] is weights[3]
+  assert all(a is b for i in (2, 4) for a, b in zip(jax.tree.leaves(every[i]),
+                                                    jax.tree.leaves(weights[1])))
+  fixed = decode_shares.shared_block_weights(weights, keep_large=True)
+  for i in (2, 4):
+    big, *rest = jax.tree.leaves(fixed[i])
+    assert big is weights[i][0] and all(a is b for a, b in zip(rest,
+                                                               jax.tree.leaves(weights[1])[1:]))

@@ -26,7 +26,10 @@ many bytes each multiply with cuBLAS's kernels, not XLA's Triton ones, 0 none; `
 `block` with `--dtype bfloat16`, any variant, dense included) and GRAPHS (`GRAPH_LOOPS`, 0:
 on a GPU a generation's loop is not recorded as a CUDA graph; `token`); `decode_kernels.py`
 has EARLY (`LAUNCH_EARLY`, 1: every program of the kernels lets the next kernel launch as it
-starts). For each setting
+starts); and this module SHARED (`SHARED_WEIGHTS`; `token` only): 1 gives every block block
+0's arrays of its kind, so that on a GPU the blocks' weights stay in the L2 cache, 2 all but
+those of LARGE elements or more (Sparse FF's W1 and W2, whose chosen rows a token reads): what
+reading the weights from the card's memory costs a token. For each setting
 (NAME=value pairs joined by '+'; 'default' changes nothing) this builds the Table 1 decoder
 of `--variant` at `--shape` with `--depth`
 blocks (`decoders.py`, random weights, batch 1, `--dtype`: float32 unless said), and times
@@ -45,11 +48,13 @@ measured. The constants are restored after each. The kernels run on GPUs only: e
 import collections
 import contextlib
 import functools
+import sys
 
 from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from sparse_scaling import decoding
 from sparse_scaling.bench import common
@@ -74,8 +79,11 @@ SHARES = {**{name: (sparse_qkv_block_kernel, name)
           'FF_COLUMNS': (sparse_ff_kernel, 'COLUMNS'), 'FF_GATHER': (sparse_ff_kernel, 'GATHER'),
           'CHAIN': (fused_residual, 'CHAIN'), 'CPU_TOP_K': (decoding, 'CPU_TOP_K'),
           'CUBLAS_BYTES': (decoding, 'CUBLAS_MAX_BYTES'), 'GRAPHS': (decoding, 'GRAPH_LOOPS'),
-          'EARLY': (decode_kernels, 'LAUNCH_EARLY')}
+          'EARLY': (decode_kernels, 'LAUNCH_EARLY'),
+          'SHARED': (sys.modules[__name__], 'SHARED_WEIGHTS')}
 _SWITCHES = ('DOT', 'CHAIN', 'CPU_TOP_K', 'GRAPHS', 'EARLY')   # 0 or 1
+SHARED_WEIGHTS = 0   # 0, 1 or 2: see the module's note
+LARGE = 1 << 22      # elements: SHARED=2 keeps arrays this large each block's own
 _ALL = ('MODULES', 'MIXED_CHANNELS')   # also 'all': None, the kernel's own choice
 _ANY = ('FF_PARTS_BYTES', 'STATS_IN_KERNEL', 'MAX_D_MODEL', 'CUBLAS_BYTES')   # any int >= 0
 DEFAULT_SETTINGS = ['default', 'DOT=0', 'MIXED_CHANNELS=32', 'WIDTH=16', 'MIXED_WARPS=8',
@@ -98,11 +106,12 @@ def parse_setting(text):
                        f'{list(SHARES)} (MODULES and MIXED_CHANNELS also =all)')
     value = int(value)
     if (name in _SWITCHES and value not in (0, 1)) or (
-        name == 'MAX_PARTS' and value < 1) or (
-        name not in (*_SWITCHES, 'MAX_PARTS', *_ANY)
+        name == 'MAX_PARTS' and value < 1) or (name == 'SHARED' and value > 2) or (
+        name not in (*_SWITCHES, 'MAX_PARTS', 'SHARED', *_ANY)
         and not decode_kernels.is_power_of_2(value)):
-      raise ValueError(f'--settings: {pair!r}: {", ".join(_SWITCHES)} are 0 or 1, '
-                       f'MAX_PARTS positive, {", ".join(_ANY)} any, the others powers of 2')
+      raise ValueError(f'--settings: {pair!r}: {", ".join(_SWITCHES)} are 0 or 1, SHARED 0, '
+                       f'1 or 2, MAX_PARTS positive, {", ".join(_ANY)} any, the others powers '
+                       'of 2')
     setting[name] = bool(value) if name in _SWITCHES else value
   return setting
 
@@ -120,11 +129,29 @@ def shares(setting):
       setattr(*SHARES[name], value)
 
 
+def shared_block_weights(weights, keep_large):
+  """A model's weights with every top-level layer of more than 8 arrays (a block: its
+  attention or FF half) given the arrays of the first such layer of its structure and shapes;
+  with `keep_large`, arrays of LARGE elements or more stay the layer's own."""
+  signature = lambda w: (jax.tree.structure(w), tuple(np.shape(a) for a in jax.tree.leaves(w)))
+  first, out = {}, []
+  for w in weights:
+    if len(jax.tree.leaves(w)) > 8:
+      base = first.setdefault(signature(w), w)
+      w = jax.tree.map(lambda own, b: own if keep_large and np.size(own) >= LARGE else b,
+                       w, base)
+    out.append(w)
+  return type(weights)(out)
+
+
 def per_token(dims, depth, dtype='float32'):
   """Seconds per token of one compiled generation of the decoder (`depth` blocks, weights
-  of `dtype`)."""
+  of `dtype`; with SHARED_WEIGHTS, the blocks' weights shared)."""
+  share = SHARED_WEIGHTS and functools.partial(shared_block_weights,
+                                               keep_large=SHARED_WEIGHTS == 2)
   return table1.seconds_per_token_program(
-      functools.partial(decoders.build, 'ours', dims, depth, decoders.MAX_LEN), dtype, 128, 32)
+      functools.partial(decoders.build, 'ours', dims, depth, decoders.MAX_LEN), dtype, 128, 32,
+      weights_fn=share or None)
 
 
 def per_block(dims, depth, dtype='float32'):
