@@ -111,17 +111,23 @@ def test_a_generation_and_a_block_are_timed_in_the_dtype_asked_for(monkeypatch):
 
 
 def test_shared_weights_give_each_block_block_0s_arrays(monkeypatch):
-  """SHARED=1: every block of a kind holds block 0's arrays; SHARED=2: but the large ones."""
-  monkeypatch.setattr(decode_shares, 'LARGE', 64)
-  block = lambda seed: (np.full((8, 8), seed), (np.full(3, seed),) * 8)   # 9 arrays
-  small = lambda seed: (np.full(2, seed),)   # a top-level layer of few arrays: not a block
-  weights = (small(0), block(1), block(2), small(3), block(4))
-  every = decode_shares.shared_block_weights(weights, keep_large=False)
-  assert every[0] is weights[0] and every[3] is weights[3]
-  assert all(a is b for i in (2, 4) for a, b in zip(jax.tree.leaves(every[i]),
-                                                    jax.tree.leaves(weights[1])))
-  fixed = decode_shares.shared_block_weights(weights, keep_large=True)
-  for i in (2, 4):
-    big, *rest = jax.tree.leaves(fixed[i])
-    assert big is weights[i][0] and all(a is b for a, b in zip(rest,
-                                                               jax.tree.leaves(weights[1])[1:]))
+  """SHARED=1: every block's attention and FF layers hold block 0's arrays; SHARED=2: but
+  the large ones (at this size W1 and W2, 4096 elements each); the other layers their own."""
+  monkeypatch.setattr(decode_shares, 'LARGE', 4096)
+  dims = dict(d_model=32, d_ff=128, n_heads=2, vocab_size=64, ff_sparsity=(8, 4),
+              attention_sparsity=4, loss_sparsity=0, length_kernel_size=3)
+  model = decode_shares.decoders.build('ours', dims, 3, 16)
+  weights, _ = decode_shares.decoders.random_weights_and_state(model, 'float32')
+  labels = decode_shares.decoders.scope_labels(model)
+  block0 = {labels.index(f'block0/{kind}') for kind in ('attention', 'ff')}
+  for keep_large in (False, True):
+    shared = decode_shares.shared_block_weights(model, weights, keep_large=keep_large)
+    for i, label in enumerate(labels):
+      own = jax.tree.leaves(weights[i])
+      if i in block0 or '/' not in label:
+        assert all(a is b for a, b in zip(jax.tree.leaves(shared[i]), own))
+        continue
+      first = jax.tree.leaves(weights[labels.index('block0/' + label.partition('/')[2])])
+      assert any(np.size(a) >= 4096 for a in own) == label.endswith('/ff')
+      for a, mine, theirs in zip(jax.tree.leaves(shared[i]), own, first):
+        assert a is (mine if keep_large and np.size(a) >= 4096 else theirs)

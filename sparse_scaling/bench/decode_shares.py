@@ -129,17 +129,16 @@ def shares(setting):
       setattr(*SHARES[name], value)
 
 
-def shared_block_weights(weights, keep_large):
-  """A model's weights with every top-level layer of more than 8 arrays (a block: its
-  attention or FF half) given the arrays of the first such layer of its structure and shapes;
-  with `keep_large`, arrays of LARGE elements or more stay the layer's own."""
-  signature = lambda w: (jax.tree.structure(w), tuple(np.shape(a) for a in jax.tree.leaves(w)))
+def shared_block_weights(model, weights, keep_large):
+  """`model`'s weights with every block's attention and FF layers given block 0's arrays
+  (`decoders.scope_labels` names the blocks' layers); with `keep_large`, arrays of LARGE
+  elements or more stay the layer's own."""
   first, out = {}, []
-  for w in weights:
-    if len(jax.tree.leaves(w)) > 8:
-      base = first.setdefault(signature(w), w)
+  for label, w in zip(decoders.scope_labels(model), weights):
+    kind = label.partition('/')[2]   # 'attention' or 'ff' in a block, else ''
+    if kind:
       w = jax.tree.map(lambda own, b: own if keep_large and np.size(own) >= LARGE else b,
-                       w, base)
+                       w, first.setdefault(kind, w))
     out.append(w)
   return type(weights)(out)
 
@@ -147,11 +146,12 @@ def shared_block_weights(weights, keep_large):
 def per_token(dims, depth, dtype='float32'):
   """Seconds per token of one compiled generation of the decoder (`depth` blocks, weights
   of `dtype`; with SHARED_WEIGHTS, the blocks' weights shared)."""
-  share = SHARED_WEIGHTS and functools.partial(shared_block_weights,
-                                               keep_large=SHARED_WEIGHTS == 2)
+  weights_fn = None
+  if SHARED_WEIGHTS:
+    weights_fn = functools.partial(shared_block_weights, keep_large=SHARED_WEIGHTS == 2)
   return table1.seconds_per_token_program(
       functools.partial(decoders.build, 'ours', dims, depth, decoders.MAX_LEN), dtype, 128, 32,
-      weights_fn=share or None)
+      weights_fn=weights_fn)
 
 
 def per_block(dims, depth, dtype='float32'):

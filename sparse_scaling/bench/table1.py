@@ -181,14 +181,15 @@ def seconds_per_block_program(model, dtype, n_tokens):
 
 def seconds_per_token_program(model_fn, dtype, prompt, n_tokens, weights_fn=None):
   """Seconds per token of greedy generations compiled whole (`decoding.Decoder`), batch 1,
-  on random weights (passed through `weights_fn` if given).
+  on random weights (`weights_fn(model, weights)` if given).
 
   The difference of `n_tokens` and `n_tokens // 4` new tokens (`timing.per_step`: the
   fastest of 5 generations each, the lengths alternating) over the difference in tokens: the
   prompt pass cancels out.
   """
-  weights, _ = random_weights_and_state(model_fn(), dtype)
-  weights = weights_fn(weights) if weights_fn else weights
+  model = model_fn()
+  weights, _ = random_weights_and_state(model, dtype)
+  weights = weights_fn(model, weights) if weights_fn else weights
   decoder = decoding.Decoder(model_fn, weights, dtype=dtype)
   prompt_ids = np.ones((1, prompt), np.int32)
   return timing.per_step(lambda n: decoder.generate(prompt_ids, n), max(1, n_tokens // 4),
