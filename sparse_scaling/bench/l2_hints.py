@@ -7,7 +7,7 @@ Decoding one token at 800M reads ~29 MB of fixed weights (the multiplicative lay
 convolutions' kernels, the controller, LayerNorms) that would fit the H200's 60 MB L2 cache,
 but also streams the KV caches, the chosen rows of W1 and W2 (~52 MB) and the 131 MB output
 layer through it. Given every block the same arrays (`decode_shares --settings SHARED=1`), a
-generation is 7-12% faster (docs/decoding_gpu.md, "The blocks' weights in the L2 cache").
+generation is 10-15% faster on an H200 (docs/decoding_gpu.md, "The L2 hints, measured").
 Pallas' Triton loads carry no L2 hint, so this writes the loads as inline PTX
 (`ptx_loads`) and times a chain like a generation's, looped over `--tokens` in one compiled
 program (`decoding.compiler_options`):
