@@ -290,7 +290,7 @@ def test_the_layers_own_decoding_kernels_launch_the_next_early_and_training_s_do
 
 @pytest.mark.skipif(jax.default_backend() != 'gpu', reason='compiles the kernels for a GPU')
 @pytest.mark.parametrize('settings', [{}, dict(MIXED_CHANNELS=None), dict(CHAIN=False),
-                                      dict(STATS_IN_KERNEL=0)])
+                                      dict(STATS_IN_KERNEL=0), dict(PREFETCH=True)])
 @pytest.mark.parametrize('d_model, n_heads, attention_sparsity', [(1024, 16, 16), (1152, 12, 8)])
 def test_fused_blocks_compiled_for_the_gpu_equal_xla(d_model, n_heads, attention_sparsity,
                                                      settings, monkeypatch):
@@ -298,10 +298,12 @@ def test_fused_blocks_compiled_for_the_gpu_equal_xla(d_model, n_heads, attention
   96, d_model 1152); the default shares, multiplicative programs of all channels
   (`MIXED_CHANNELS`), each block alone (CHAIN off, 5 kernels a layer), and the
   multiplicative programs reading the LayerNorm statistics XLA computed (`STATS_IN_KERNEL`,
-  as above 4096)."""
+  as above 4096), and the kernels asking the L2 cache for the next kernels' weights
+  (`decode_kernels.PREFETCH`)."""
   for name, value in settings.items():
-    monkeypatch.setattr(fused_residual if name == 'CHAIN' else sparse_qkv_block_kernel, name,
-                        value)
+    module = {'CHAIN': fused_residual, 'PREFETCH': decode_kernels}.get(
+        name, sparse_qkv_block_kernel)
+    monkeypatch.setattr(module, name, value)
   kwargs = dict(d_model=d_model, n_heads=n_heads, attention_sparsity=attention_sparsity,
                 ff_sparsity=(64, 16), max_len=168)
   tokens = jnp.asarray(np.random.RandomState(3).randint(1, VOCAB, (1, 10)), jnp.int32)
@@ -332,3 +334,56 @@ def test_benchmarks_time_and_profile_the_blocks_chained():
   logits, _ = jax.jit(lambda w, s, t: model.pure_fn(t, w, s, None))(   # XLA's path
       model.weights, model.state, tokens)
   np.testing.assert_array_equal(token[:, 0], np.argmax(logits[:, -1], axis=-1))
+
+
+def test_prefetching_kernels_still_equal_xla_and_ask_where_the_next_kernel_reads(monkeypatch):
+  """With `decode_kernels.PREFETCH` each layer's multiplicative programs ask the L2 cache for
+  the convolutions' six arrays, its attention programs for the FF block's C2, c, b1 and b2,
+  and the first layer's units programs for the second layer's LayerNorm and D and E (the
+  last layer's have no block after them): 2·6 + 2·4 + 4 requests in the step. The kernels
+  take the extra arrays and still compute XLA's path (Pallas' interpreter, where a request
+  does nothing), two rows, three tokens after a prompt of three."""
+  kwargs = dict(d_model=64, n_heads=4, attention_sparsity=8)
+  tokens = jnp.asarray(np.random.RandomState(2).randint(1, VOCAB, (2, 6)), jnp.int32)
+  expected, expected_state, _ = _decode('xla', kwargs, tokens)
+  monkeypatch.setattr(decode_kernels, 'PREFETCH', True)
+  got, state, n_requests = _decode('interpret', kwargs, tokens, count='prefetch_l2')
+  assert n_requests == 2 * 6 + 2 * 4 + 4
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+  for g, e in zip(jax.tree.leaves(state), jax.tree.leaves(expected_state)):
+    np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('prefetch', [False, True])
+def test_prefetches_lower_to_ptx_for_a_gpu(prefetch, monkeypatch):
+  """Two 800M FF+QKV layers lowered for CUDA on any machine: with PREFETCH, PTX's
+  `prefetch.global.L2` in both multiplicative kernels, both attention kernels and the first
+  units kernel (each Triton module holds the string once)."""
+  monkeypatch.setattr(decode_kernels, 'PREFETCH', prefetch)
+  model = ScalingTransformerLM(64, 1024, d_ff=6144, n_layers=2, n_heads=16, max_len=168,
+                               dropout=0.0, ff_sparsity=(64, 16), attention_sparsity=16,
+                               mode='predict')
+  tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+  weights, state = model.weights_and_state_signature(tokens)
+  with decode_kernels.use('pallas'):
+    text = lowered_for_an_h200(lambda w, s, t: model.pure_fn(t, w, s, None), weights, state,
+                               tokens)
+  assert text.count('xla.gpu.triton') == 2 * 4
+  assert text.count('prefetch.global.L2 [$1];') == (5 if prefetch else 0)
+
+
+@pytest.mark.parametrize('size, itemsize, parts', [(6 * 16 * 64 * 64, 4, 64), (1000, 4, 7),
+                                                   (1024, 2, 96), (1, 4, 3), (33, 4, 1)])
+def test_the_parts_of_a_prefetch_cover_every_line_of_the_array(size, itemsize, parts):
+  per_line, share, n = decode_kernels.prefetch_shares(size, itemsize, parts)
+  assert per_line * itemsize == 128 and n >= share and n & (n - 1) == 0
+  asked = {min((p * share + k) * per_line, size - 1) // per_line
+           for p in range(parts) for k in range(n)}
+  assert asked == set(range(-(-size // per_line)))
+
+
+def test_no_prefetch_on_rocm():
+  """Pallas names ROCm's capability 0: the prefetch lowers to nothing there (it would need
+  an MLIR context to emit anything)."""
+  ctx = types.SimpleNamespace(context=types.SimpleNamespace(compute_capability=0))
+  assert decode_kernels._prefetch_lowering(ctx, None, None, parts=4) == []

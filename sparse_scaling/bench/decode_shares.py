@@ -26,7 +26,8 @@ many bytes each multiply with cuBLAS's kernels, not XLA's Triton ones, 0 none; `
 `block` with `--dtype bfloat16`, any variant, dense included) and GRAPHS (`GRAPH_LOOPS`, 0:
 on a GPU a generation's loop is not recorded as a CUDA graph; `token`); `decode_kernels.py`
 has EARLY (`LAUNCH_EARLY`, 1: every program of the kernels lets the next kernel launch as it
-starts); and this module SHARED (`SHARED_WEIGHTS`; `token` only): 1 gives every block block
+starts) and PREFETCH (1: the kernels ask the L2 cache for the next kernel's fixed weights as
+they start, `decode_kernels.prefetch`; `token` and `block`, with CHAIN); and this module SHARED (`SHARED_WEIGHTS`; `token` only): 1 gives every block block
 0's arrays of its kind, so that on a GPU the blocks' weights stay in the L2 cache, 2 all but
 those of LARGE elements or more (Sparse FF's W1 and W2, whose chosen rows a token reads): what
 reading the weights from the card's memory costs a token. For each setting
@@ -80,8 +81,9 @@ SHARES = {**{name: (sparse_qkv_block_kernel, name)
           'CHAIN': (fused_residual, 'CHAIN'), 'CPU_TOP_K': (decoding, 'CPU_TOP_K'),
           'CUBLAS_BYTES': (decoding, 'CUBLAS_MAX_BYTES'), 'GRAPHS': (decoding, 'GRAPH_LOOPS'),
           'EARLY': (decode_kernels, 'LAUNCH_EARLY'),
+          'PREFETCH': (decode_kernels, 'PREFETCH'),
           'SHARED': (sys.modules[__name__], 'SHARED_WEIGHTS')}
-_SWITCHES = ('DOT', 'CHAIN', 'CPU_TOP_K', 'GRAPHS', 'EARLY')   # 0 or 1
+_SWITCHES = ('DOT', 'CHAIN', 'CPU_TOP_K', 'GRAPHS', 'EARLY', 'PREFETCH')   # 0 or 1
 SHARED_WEIGHTS = 0   # 0, 1 or 2: see the module's note
 LARGE = 1 << 22      # elements: SHARED=2 keeps arrays this large each block's own
 _ALL = ('MODULES', 'MIXED_CHANNELS')   # also 'all': None, the kernel's own choice

@@ -41,6 +41,7 @@ is small beside a training step's kernels, and the early launch was not measured
 """
 
 import contextlib
+import math
 
 import jax
 from jax._src import core as jax_core
@@ -50,6 +51,7 @@ from jax._src.lib.mlir.dialects import arith as arith_dialect
 from jax._src.lib.triton import dialect as tt_dialect
 from jax._src.pallas.triton import lowering as triton_lowering
 from jax._src.pallas.triton import primitives as triton_primitives
+from jax._src.state import discharge as state_discharge
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
@@ -119,6 +121,82 @@ def _ptx_lowering(ctx, instructions, min_capability):
   tt_dialect.elementwise_inline_asm(
       [i32], 'mov.b32 $0, $1;\n\t' + instructions, constraints='=r,r',
       pure=False, packed_element=1, args=[zero])
+  return []
+
+
+# Off by default: not yet measured on a GPU. With PREFETCH the decoding blocks' kernels ask
+# the L2 cache for the next kernel's fixed weights as they start (`prefetch_all`): the
+# multiplicative programs for the convolutions' kernels, the attention programs for the FF
+# block's controller and biases, the units programs for the next attention block's
+# LayerNorm and multiplicative layer. In a generation each block's weights come from the
+# card's memory (docs/decoding_gpu.md, "The L2 hints, measured"); asked for a kernel ahead,
+# the next kernel's loads could find them in the L2.
+PREFETCH = False
+
+
+def prefetch_all(refs, grid):
+  """Inside a kernel of `grid` (static sizes): every program asks the L2 cache for its part
+  of each of `refs`' arrays (`prefetch`), parts numbered over the whole grid."""
+  part, parts = 0, 1
+  for axis, size in enumerate(grid):
+    part, parts = part * size + pl.program_id(axis), parts * size
+  for ref in refs:
+    prefetch(ref, part, parts)
+
+
+def prefetch(ref, part, parts):
+  """Inside a kernel: asks the GPU's L2 cache for part `part` (an int32, e.g. the program's
+  id) of `parts` equal parts of `ref`'s whole array (a kernel's input, not sliced), one request
+  per 128-byte line, and goes on: nothing waits for the lines (PTX's `prefetch.global.L2`), so
+  a kernel can have what the next kernel reads brought from the card's memory while it works.
+  Parts past the array's end ask for its last line. Nothing on ROCm's GPUs or in Pallas'
+  interpreter."""
+  prefetch_p.bind(ref, jnp.asarray(part, jnp.int32), parts=parts)
+
+
+prefetch_p = jax_core.Primitive('prefetch_l2')
+prefetch_p.multiple_results = True
+prefetch_p.def_effectful_abstract_eval(   # an effect: tracing keeps it (see ptx_p)
+    lambda ref, part, **_: ((), {triton_primitives.barrier_effect}))
+
+
+@state_discharge.register_discharge_rule(prefetch_p)
+def _prefetch_discharge(in_avals, out_avals, *args, **params):
+  """Pallas' interpreter: reads nothing, writes nothing."""
+  del out_avals, args, params
+  return (None,) * len(in_avals), []
+
+
+def prefetch_shares(size, itemsize, parts):
+  """(elements a 128-byte line, lines a part, requests a part: the power of 2 at or above)
+  for `prefetch` of `parts` parts of an array of `size` elements; part p asks for lines
+  p·share .. p·share + requests − 1, each clamped to the array's last element."""
+  per_line = max(128 // itemsize, 1)
+  share = -(-(-(-size // per_line)) // parts)
+  return per_line, share, 1 << (share - 1).bit_length()
+
+
+@triton_lowering.register_lowering(prefetch_p)
+def _prefetch_lowering(ctx, ptr, part, *, parts):
+  if not ctx.context.compute_capability:   # ROCm's: 0
+    return []
+  aval = ctx.avals_in[0]
+  size = math.prod(aval.shape)
+  per_line, share, n = prefetch_shares(size, jnp.dtype(aval.dtype).itemsize, parts)
+  i32 = ir.IntegerType.get_signless(32)
+  vector = ir.RankedTensorType.get([n], i32)
+  splat = lambda v: tt_dialect.splat(vector, v)
+  constant = lambda v: arith_dialect.constant(i32, ir.IntegerAttr.get(i32, v))
+  lines = arith_dialect.addi(splat(arith_dialect.muli(part, constant(share))),
+                             tt_dialect.make_range(vector, 0, n))
+  offsets = arith_dialect.minsi(arith_dialect.muli(lines, splat(constant(per_line))),
+                                splat(constant(size - 1)))
+  pointers = tt_dialect.addptr(ir.RankedTensorType.get([n], ptr.type),
+                               tt_dialect.splat(ir.RankedTensorType.get([n], ptr.type), ptr),
+                               offsets)
+  tt_dialect.elementwise_inline_asm(
+      [vector], 'prefetch.global.L2 [$1];\n\tmov.b32 $0, 0;', constraints='=r,l', pure=False,
+      packed_element=1, args=[pointers])
   return []
 
 

@@ -240,8 +240,9 @@ class SparseFFResidual(FusedResidual):
 
   PARTS = (normalization.LayerNorm, SparseFFDecode)
 
-  def fused(self, x, parts, partials=None):
-    """With `partials` (the attention block's before it, `FusedDecoder`), no LayerNorm kernel."""
+  def fused(self, x, parts, partials=None, ahead=()):
+    """With `partials` (the attention block's before it, `FusedDecoder`), no LayerNorm
+    kernel; `ahead`: the next block's fixed weights, for `decode_kernels.PREFETCH`."""
     kernel = decode_kernels.active('sparse_ff_block')
     norm = self.part(0)
     (norm_w, _), ((_, controller, units, _), _) = parts
@@ -250,8 +251,14 @@ class SparseFFResidual(FusedResidual):
     batch, _, d_model = x.shape
     y = sparse_ff_kernel.ff_block(x.reshape(batch, d_model), *norm_w, controller, units,
                                   norm._epsilon, interpret=kernel == 'interpret',  # pylint: disable=protected-access
-                                  partials=partials)
+                                  partials=partials, ahead=ahead)
     return y.reshape(x.shape), ((), ())
+
+  def ahead_arrays(self, weights):
+    """What this block's units kernel reads of its `weights` whatever the token, for the
+    kernel before it to ask the L2 cache for (`decode_kernels.PREFETCH`): C2, c, b1, b2."""
+    _, (_, c2, cb), (_, b1, _, b2), _ = self.part_weights(weights, 1)
+    return c2, cb, b1, b2
 
   def chain_norm(self, x, weights):
     """(scale, bias, C1) for the partial sums that the attention block before this one

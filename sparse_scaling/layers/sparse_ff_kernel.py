@@ -80,8 +80,9 @@ def merge_partials(sums, m2s, products, d_model, epsilon):
   return mean, inv, inv * (centred + moved) + biased
 
 
-def _units_kernel(x_ref, *refs, group, n, chunk, n_chunks, parts, epsilon):
-  """One (token, group of blocks) program. Shapes in `sparse_units`; refs: z's partial sums
+def _units_kernel(x_ref, *refs, group, n, chunk, n_chunks, parts, epsilon, ahead=0, grid=()):
+  """One (token, group of blocks) program. Shapes in `sparse_units`; refs: `ahead` arrays
+  whose parts the programs ask the L2 cache for (`decode_kernels.PREFETCH`), z's partial sums
   [T, P, r], or with `epsilon` the attention programs' partial sums (Σx, Σ(x − x̄)²,
   products; `sparse_qkv_block_kernel._ff_partials`) and the LayerNorm's scale and bias, x
   then being the block's input; C2, c, W1, b1; with `parts`, W2, b2, the residual [T, d] if
@@ -89,6 +90,7 @@ def _units_kernel(x_ref, *refs, group, n, chunk, n_chunks, parts, epsilon):
   (int32). Loads in the order of `decode_kernels`' note: all that wait on nothing first, then
   the chosen rows of W1, b1 and W2 together."""
   decode_kernels.launch_dependents()
+  ahead_refs, refs = refs[:ahead], refs[ahead:]
   t, p = pl.program_id(0), pl.program_id(1)
   chunks = [pl.ds(c * chunk, chunk) for c in range(n_chunks)]
   blocks = [p * group + g for g in range(group)]
@@ -107,6 +109,7 @@ def _units_kernel(x_ref, *refs, group, n, chunk, n_chunks, parts, epsilon):
   xs = [x_ref[t, cols] for cols in chunks]
   c2s = [c2_ref[:, pl.ds(k * n, n)] for k in blocks]
   cbs = [cb_ref[pl.ds(k * n, n)] for k in blocks]
+  decode_kernels.prefetch_all(ahead_refs, grid)
   if parts:
     w2_ref, b2_ref, *residual_ref, out_ref = refs
     extras = [f32(b2_ref[cols]) for cols in chunks]
@@ -163,7 +166,7 @@ def _down_kernel(hidden_ref, row_ref, w2_ref, b2_ref, *refs, columns):
 
 
 def sparse_units(x, z, c2, cb, w1, b1, w2, b2, interpret=False, group=None, residual=None,
-                 norm=None):
+                 norm=None, ahead=()):
   """Sparse FF output for a few tokens: x [T, d], z = x·C1 [T, r] -> [T, d].
 
   Weights as `sparse_ff.py` keeps them: C2 [r, K, N], c [K, N], W1 and W2 [K, N, d],
@@ -173,7 +176,9 @@ def sparse_units(x, z, c2, cb, w1, b1, w2, b2, interpret=False, group=None, resi
   to the output inside the kernels (a residual block's x + FF(...), with no kernel of its
   own). With `norm` (scale [d], bias [d], ε), z is the attention programs' partial sums
   (`sparse_qkv_block_kernel.decode_step`'s with `ff_norm`) and x the block's input: each
-  program finishes the LayerNorm and x·C1 from them.
+  program finishes the LayerNorm and x·C1 from them. With `decode_kernels.PREFETCH` the
+  units programs ask the L2 cache for the arrays `ahead` (what the next kernels read: the
+  next attention block's fixed weights).
   """
   if norm is None:
     z, epsilon = ((z[:, None, :] if z.ndim == 2 else z),), None
@@ -186,10 +191,12 @@ def sparse_units(x, z, c2, cb, w1, b1, w2, b2, interpret=False, group=None, resi
                                       n_blocks)
   parts = n_tokens * (n_blocks // group) * d_model * 4 <= MAX_PARTS_BYTES
   chunk = decode_kernels.row_chunk(d_model)
+  ahead = tuple(ahead) if decode_kernels.PREFETCH else ()
   kernel = functools.partial(_units_kernel, group=group, n=n, chunk=chunk,
-                             n_chunks=d_model // chunk, parts=parts, epsilon=epsilon)
+                             n_chunks=d_model // chunk, parts=parts, epsilon=epsilon,
+                             ahead=len(ahead), grid=(n_tokens, n_blocks // group))
   params = plgpu.CompilerParams(num_warps=WARPS)   # Triton, not Mosaic GPU
-  inputs = (x, *z, c2.reshape(r, n_blocks * n), cb.reshape(-1),
+  inputs = (x, *ahead, *z, c2.reshape(r, n_blocks * n), cb.reshape(-1),
             w1.reshape(n_blocks * n, d_model), b1.reshape(-1))
   w2 = w2.reshape(n_blocks * n, d_model)
   residual = [] if residual is None else [residual]
@@ -213,18 +220,19 @@ def sparse_units(x, z, c2, cb, w1, b1, w2, b2, interpret=False, group=None, resi
   )(hidden, rows, w2, b2, *residual)
 
 
-def ff_block(x, scale, bias, controller, units, epsilon, interpret=False, partials=None):
+def ff_block(x, scale, bias, controller, units, epsilon, interpret=False, partials=None,
+             ahead=()):
   """x + SparseFF(LayerNorm(x)) for a few tokens x [T, d] (trax's centred `LayerNorm` of
   scale and bias [d]; controller (C1, C2, c) and units (W1, b1, W2, b2) as `sparse_units`):
   `norm_controller`, then `sparse_units` with x as the residual; or, given the attention
   programs' `partials` for this block (`sparse_qkv_block_kernel.decode_step`'s with
-  `ff_norm`), `sparse_units` alone."""
+  `ff_norm`), `sparse_units` alone. `ahead`: as `sparse_units`'."""
   c1, c2, cb = controller
   if partials is not None:
     return sparse_units(x, partials, c2, cb, *units, interpret=interpret, residual=x,
-                        norm=(scale, bias, epsilon))
+                        norm=(scale, bias, epsilon), ahead=ahead)
   normed, z = norm_controller(x, scale, bias, c1, epsilon, interpret)
-  return sparse_units(normed, z, c2, cb, *units, interpret=interpret, residual=x)
+  return sparse_units(normed, z, c2, cb, *units, interpret=interpret, residual=x, ahead=ahead)
 
 
 def _norm_kernel(x_ref, scale_ref, bias_ref, c1_ref, xn_ref, z_ref, *, rows, sub, epsilon):

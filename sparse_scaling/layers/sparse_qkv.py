@@ -196,8 +196,9 @@ class SparseQKVResidual(FusedResidual):
 
   PARTS = (normalization.LayerNorm, MultiplicativeDense, ModuleConv, CausalAttentionCore)
 
-  def fused(self, x, parts, ff_norm=None):
-    """With `ff_norm` (the next FF block's, `FusedDecoder`), also the partial sums for it."""
+  def fused(self, x, parts, ff_norm=None, ahead=()):
+    """With `ff_norm` (the next FF block's, `FusedDecoder`), also the partial sums for it;
+    `ahead`: the next FF block's fixed weights, for `decode_kernels.PREFETCH`."""
     kernel = decode_kernels.active('sparse_qkv_block')
     norm, mixed, conv, core = [self.part(i) for i in range(len(self.PARTS))]
     (norm_w, _), (mixed_w, _), (conv_w, conv_state), (_, (k_cache, v_cache, index)) = parts
@@ -212,9 +213,15 @@ class SparseQKVResidual(FusedResidual):
         x.reshape(batch, d_model), norm_w, mixed_w, conv_w, conv_state, k_cache, v_cache,
         index, n_heads=core._n_heads, sizes=conv._sizes,  # pylint: disable=protected-access
         epsilon=norm._epsilon, interpret=kernel == 'interpret',  # pylint: disable=protected-access
-        ff_norm=ff_norm)
+        ff_norm=ff_norm, ahead=ahead)
     states = ((), (), conv_state, (k_cache, v_cache, index))
     return (out.reshape(x.shape), states) + ((partials,) if ff_norm else ())
+
+  def ahead_arrays(self, weights):
+    """What this block's first kernel reads of its `weights`, for the kernel before it to
+    ask the L2 cache for (`decode_kernels.PREFETCH`): the LayerNorm's scale and bias, the
+    multiplicative layer's D and E."""
+    return (*self.part_weights(weights, 0), *self.part_weights(weights, 1)[:2])
 
 
 def _check_sparse_qkv_args(d_model, n_heads, sparsity, mode):

@@ -93,17 +93,18 @@ def fits(d_model, n_modules, n_heads, sizes, length_kernel_size):
 
 
 def _mixed_kernel(x_ref, scale_ref, bias_ref, d_ref, e_ref, *refs, rows, sub, split,
-                  channels, dot, epsilon):
+                  channels, dot, epsilon, ahead=0, grid=()):
   """One (row, input slice, slice of `split` modules and `channels` channels) program:
   partial sums of y at those modules and channels [split, channels], in power-of-2 pieces of
   both sides.
 
   With `dot` (sub = rows; every piece and rows >= 16, Triton's least) each piece is one matrix
   product [S', rows] x [rows, M'] in IEEE float32; else sums of broadcast products. `refs`:
-  (mean [B], inv [B], y) where XLA computed the row's statistics, else (y,).
+  (mean [B], inv [B], y) where XLA computed the row's statistics, else (y,), after `ahead`
+  arrays whose parts the programs ask the L2 cache for (`decode_kernels.PREFETCH`).
   """
   decode_kernels.launch_dependents()
-  *stats_refs, y_ref = refs
+  ahead_refs, (*stats_refs, y_ref) = refs[:ahead], refs[ahead:]
   b, p = pl.program_id(0), pl.program_id(1)
   slices = e_ref.shape[1] // channels
   first, c0 = pl.program_id(2) // slices * split, pl.program_id(2) % slices * channels
@@ -114,6 +115,7 @@ def _mixed_kernel(x_ref, scale_ref, bias_ref, d_ref, e_ref, *refs, rows, sub, sp
             for cols in row_slices]
   ds = [{s0: d_ref[pl.ds(first + s0, ls), cols] for s0, ls in s_pieces} for cols in row_slices]
   es = [{m0: e_ref[cols, pl.ds(c0 + m0, lm)] for m0, lm in m_pieces} for cols in row_slices]
+  decode_kernels.prefetch_all(ahead_refs, grid)
   if stats_refs:
     stats = tuple(ref[b] for ref in stats_refs)
   else:
@@ -220,16 +222,20 @@ def _conv_kernel(index_ref, y_ref, y_bias_ref, state_ref, wq_ref, bq_ref, wk_ref
 
 def _attend_kernel(position_ref, x_ref, q_ref, k_cache_ref, v_cache_ref, y_ref, y_bias_ref,
                    state_ref, index_ref, *refs, n_heads, value_width, starts, block, barrier,
-                   ff_norm):
+                   ff_norm, ahead=0, grid=()):
   """One (row·head, value columns) program. Shapes in `decode_step`; the state flat
   [B, lks − 1, d] and y [B, parts, d]. index_ref and next_ref are one buffer, as are state_ref
   and state_out_ref: the program reads position_ref, never index_ref. With `ff_norm`, refs
   begin with the next FF block's LayerNorm scale and bias and C1, and end with this program's
-  partial sums for it (`_ff_partials`)."""
+  partial sums for it (`_ff_partials`); then come `ahead` arrays whose parts the programs ask
+  the L2 cache for (`decode_kernels.PREFETCH`)."""
   decode_kernels.launch_dependents()
   del index_ref
   if ff_norm:
-    scale_ref, bias_ref, c1_ref, out_ref, state_out_ref, next_ref, *partial_refs = refs
+    scale_ref, bias_ref, c1_ref, *refs = refs
+  ahead_refs, refs = refs[:ahead], refs[ahead:]
+  if ff_norm:
+    out_ref, state_out_ref, next_ref, *partial_refs = refs
   else:
     out_ref, state_out_ref, next_ref = refs
   r, v = pl.program_id(0), pl.program_id(1)
@@ -250,6 +256,7 @@ def _attend_kernel(position_ref, x_ref, q_ref, k_cache_ref, v_cache_ref, y_ref, 
   x = x_ref[b, own]
   if ff_norm:
     ff_weights = scale_ref[own], bias_ref[own], c1_ref[own, :]
+  decode_kernels.prefetch_all(ahead_refs, grid)
   _move_state(y_ref, y_bias_ref, state_ref, state_out_ref, b, own, barrier)
   # q · K_cache, the head's pieces of d_head added; `conv` has written the token's own key
   # at `index`, so its score is read as the cache holds it, like the others'.
@@ -316,7 +323,7 @@ def _move_state(y_ref, y_bias_ref, state_ref, state_out_ref, b, cols, barrier):
 
 def decode_step(x, norm, mixed, conv, state, k_cache, v_cache, index, *, n_heads, sizes,
                 epsilon, interpret=False, rows=None, width=None, value_width=None,
-                modules=None, split=None, ff_norm=None):
+                modules=None, split=None, ff_norm=None, ahead=()):
   """x + SparseQKVAttention(LayerNorm(x)) for one token per row, and the new states.
 
   Args:
@@ -338,6 +345,9 @@ def decode_step(x, norm, mixed, conv, state, k_cache, v_cache, index, *, n_heads
     ff_norm: (scale [d], bias [d], C1 [d, r]) of the next FF block's LayerNorm and
       controller, or None. Given, the attention programs also return the partial sums from
       which `sparse_ff_kernel.ff_block` finishes that LayerNorm without a kernel of its own.
+    ahead: Arrays the kernel after this block's reads (the next FF block's fixed weights).
+      With `decode_kernels.PREFETCH`, the attention programs ask the L2 cache for them, and
+      the multiplicative programs for the convolutions' weights.
 
   Returns:
     (out [B, d] in x's dtype, new state, k_cache, v_cache, index + 1), and with `ff_norm` the
@@ -381,15 +391,19 @@ def decode_step(x, norm, mixed, conv, state, k_cache, v_cache, index, *, n_heads
     x32 = x.astype(jnp.float32)
     mean = jnp.mean(x32, axis=1)
     stats = (mean, jax.lax.rsqrt(jnp.mean(jnp.square(x32 - mean[:, None]), axis=1) + epsilon))
+  conv_weights = [w for pair in conv for w in pair]
+  mixed_ahead, ahead = ((conv_weights, tuple(ahead)) if decode_kernels.PREFETCH else ((), ()))
   # Each kernel's compiler_params are Triton's (plgpu), not Mosaic GPU's.
+  grid = (batch, d_model // rows, n_modules // split * (n_channels // channels))
   y = pl.pallas_call(
       functools.partial(_mixed_kernel, rows=rows, sub=rows if dot else min(rows, 8),
-                        split=split, channels=channels, dot=dot, epsilon=epsilon),
-      grid=(batch, d_model // rows, n_modules // split * (n_channels // channels)),
+                        split=split, channels=channels, dot=dot, epsilon=epsilon,
+                        ahead=len(mixed_ahead), grid=grid),
+      grid=grid,
       out_shape=jax.ShapeDtypeStruct((batch, d_model // rows, n_modules, n_channels),
                                      jnp.float32),
       interpret=interpret, compiler_params=plgpu.CompilerParams(num_warps=MIXED_WARPS),
-  )(x, *norm, d, e, *stats)
+  )(x, *norm, d, e, *mixed_ahead, *stats)
   if y.shape[1] > MAX_PARTS:   # else every `conv` program would add them all
     y = jnp.sum(y, axis=1, keepdims=True)
 
@@ -403,8 +417,7 @@ def decode_step(x, norm, mixed, conv, state, k_cache, v_cache, index, *, n_heads
                  jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype)),
       input_output_aliases={10: 2, 11: 3},
       interpret=interpret, compiler_params=plgpu.CompilerParams(num_warps=CONV_WARPS),
-  )(index, y, y_bias.reshape(n_modules, n_channels), state,
-    *[w for pair in conv for w in pair], k_cache, v_cache)
+  )(index, y, y_bias.reshape(n_modules, n_channels), state, *conv_weights, k_cache, v_cache)
 
   flat_state = state.reshape(batch, state.shape[1], d_model)
   n_programs = d_model // value_width
@@ -412,16 +425,17 @@ def decode_step(x, norm, mixed, conv, state, k_cache, v_cache, index, *, n_heads
       jax.ShapeDtypeStruct((batch, n_programs), jnp.float32),
       jax.ShapeDtypeStruct((batch, n_programs), jnp.float32),
       jax.ShapeDtypeStruct((batch, n_programs, 3, ff_norm[2].shape[1]), jnp.float32))
+  grid = (batch * n_heads, d_head // value_width)
   out, flat_state, index, *partials = pl.pallas_call(
       functools.partial(_attend_kernel, n_heads=n_heads, value_width=value_width,
                         starts=starts, block=block, barrier=not interpret,
-                        ff_norm=ff_norm is not None),
-      grid=(batch * n_heads, d_head // value_width),
+                        ff_norm=ff_norm is not None, ahead=len(ahead), grid=grid),
+      grid=grid,
       out_shape=(jax.ShapeDtypeStruct(x.shape, x.dtype),
                  jax.ShapeDtypeStruct(flat_state.shape, flat_state.dtype),
                  jax.ShapeDtypeStruct((1,), jnp.int32), *partials),
       input_output_aliases={7: 1, 8: 2},
       interpret=interpret, compiler_params=plgpu.CompilerParams(num_warps=ATTEND_WARPS),
   )(position, x, q, k_cache, v_cache, y.reshape(batch, y.shape[1], d_model), y_bias,
-    flat_state, index, *(ff_norm or ()))
+    flat_state, index, *(ff_norm or ()), *ahead)
   return (out, flat_state.reshape(state.shape), k_cache, v_cache, index[0], *partials)
