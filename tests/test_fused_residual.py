@@ -59,7 +59,8 @@ def _decode(kernel, model_kwargs, tokens, prompt=3, dtype=jnp.float32, count='pa
 
 
 @pytest.mark.parametrize('d_model, n_heads, attention_sparsity, settings', [
-    (64, 4, 8, {}), (64, 4, 2, {}), (256, 4, 16, {}), (256, 4, 32, {}), (16, 2, 4, {}),
+    (64, 4, 8, {}), (64, 4, 2, dict(PREFETCH=True)), (256, 4, 16, {}), (256, 4, 32, {}),
+    (16, 2, 4, {}),
     (48, 4, 4, dict(MIXED_CHANNELS=None)),
     (64, 4, 8, dict(ROWS=16, MAX_PARTS=2, MODULES=4, SPLIT=2, MIXED_CHANNELS=4,
                     MAX_PARTS_BYTES=0, COLUMNS=8, GATHER=4, GROUP=2)),
@@ -84,10 +85,13 @@ def test_fused_blocks_equal_xla_step_by_step(d_model, n_heads, attention_sparsit
   multiplicative programs (above STATS_IN_KERNEL, as at 17B),
   two rows, the caches filled past their end: each step's logits and the whole state
   (convolution states, caches, positions) as XLA's path. Each kernel lets the next launch
-  early (`decode_kernels.launch_dependents`, nothing in the interpreter)."""
+  early (`decode_kernels.launch_dependents`, nothing in the interpreter). With PREFETCH (2
+  modules of 32 channels) the kernels also take the next kernels' weights, to ask the L2
+  cache for them (nothing in the interpreter), and still compute the same."""
   for name, value in settings.items():
-    monkeypatch.setattr(sparse_ff_kernel if name in FF_SHARES else sparse_qkv_block_kernel,
-                        name, value)
+    module = (sparse_ff_kernel if name in FF_SHARES else
+              decode_kernels if name == 'PREFETCH' else sparse_qkv_block_kernel)
+    monkeypatch.setattr(module, name, value)
   kwargs = dict(d_model=d_model, n_heads=n_heads, attention_sparsity=attention_sparsity)
   tokens = jnp.asarray(np.random.RandomState(1).randint(1, VOCAB, (2, 18)), jnp.int32)
   expected, expected_state, n_xla = _decode('xla', kwargs, tokens)
@@ -336,29 +340,13 @@ def test_benchmarks_time_and_profile_the_blocks_chained():
   np.testing.assert_array_equal(token[:, 0], np.argmax(logits[:, -1], axis=-1))
 
 
-def test_prefetching_kernels_still_equal_xla_and_ask_where_the_next_kernel_reads(monkeypatch):
-  """With `decode_kernels.PREFETCH` each layer's multiplicative programs ask the L2 cache for
-  the convolutions' six arrays, its attention programs for the FF block's C2, c, b1 and b2,
-  and the first layer's units programs for the second layer's LayerNorm and D and E (the
-  last layer's have no block after them): 2·6 + 2·4 + 4 requests in the step. The kernels
-  take the extra arrays and still compute XLA's path (Pallas' interpreter, where a request
-  does nothing), two rows, three tokens after a prompt of three."""
-  kwargs = dict(d_model=64, n_heads=4, attention_sparsity=8)
-  tokens = jnp.asarray(np.random.RandomState(2).randint(1, VOCAB, (2, 6)), jnp.int32)
-  expected, expected_state, _ = _decode('xla', kwargs, tokens)
-  monkeypatch.setattr(decode_kernels, 'PREFETCH', True)
-  got, state, n_requests = _decode('interpret', kwargs, tokens, count='prefetch_l2')
-  assert n_requests == 2 * 6 + 2 * 4 + 4
-  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
-  for g, e in zip(jax.tree.leaves(state), jax.tree.leaves(expected_state)):
-    np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)
-
-
 @pytest.mark.parametrize('prefetch', [False, True])
 def test_prefetches_lower_to_ptx_for_a_gpu(prefetch, monkeypatch):
   """Two 800M FF+QKV layers lowered for CUDA on any machine: with PREFETCH, PTX's
-  `prefetch.global.L2` in both multiplicative kernels, both attention kernels and the first
-  units kernel (each Triton module holds the string once)."""
+  `prefetch.global.L2` in both multiplicative kernels (for the convolutions' weights), both
+  attention kernels (for the FF block's) and the first units kernel (for the second layer's
+  attention block's; the last layer's has no block after it). Each Triton module holds the
+  string once."""
   monkeypatch.setattr(decode_kernels, 'PREFETCH', prefetch)
   model = ScalingTransformerLM(64, 1024, d_ff=6144, n_layers=2, n_heads=16, max_len=168,
                                dropout=0.0, ff_sparsity=(64, 16), attention_sparsity=16,

@@ -104,10 +104,11 @@ def run_layers(layers, xs, weights, state, rngs=None, scope=None, use_cache=Fals
   i = 0
   while i < len(layers):
     if CHAIN and i + 1 < len(layers) and hasattr(layers[i + 1], 'chain_norm'):
-      after = i + 2 < len(layers) and getattr(layers[i + 2], 'ahead_arrays', None)
+      after = layers[i + 2] if i + 2 < len(layers) else None
+      ahead = (after.ahead_arrays(weights[i + 2])
+               if decode_kernels.PREFETCH and hasattr(after, 'ahead_arrays') else ())
       chained = _chain(layers[i], layers[i + 1], stack, weights[i:i + 2], state[i:i + 2],
-                       (scope(i), scope(i + 1)),
-                       after(weights[i + 2]) if after and decode_kernels.PREFETCH else ())
+                       (scope(i), scope(i + 1)), ahead)
       if chained is not None:
         stack = chained[0]
         new_state += chained[1]
@@ -133,15 +134,14 @@ def _chain(attention, ff, x, weights, state, scopes, ahead=()):
   ff_norm = ff.chain_norm(x, weights[1])
   if ff_norm is None:
     return None
-  prefetch = (dict(ahead=ff.ahead_arrays(weights[1])) if decode_kernels.PREFETCH else {})
+  ff_ahead = ff.ahead_arrays(weights[1]) if decode_kernels.PREFETCH else ()
   with scopes[0]:
-    first = attention.fused_call(x, weights[0], state[0], ff_norm=ff_norm, **prefetch)
+    first = attention.fused_call(x, weights[0], state[0], ff_norm=ff_norm, ahead=ff_ahead)
   if first is None:
     return None
   out, attention_state, (partials,) = first
   with scopes[1]:
-    second = ff.fused_call(out, weights[1], state[1], partials=partials,
-                           **(dict(ahead=ahead) if decode_kernels.PREFETCH else {}))
+    second = ff.fused_call(out, weights[1], state[1], partials=partials, ahead=ahead)
   return second[0], [attention_state, second[1]]
 
 
