@@ -1,4 +1,4 @@
-"""Can PTX's L2 eviction hints keep the blocks' fixed weights in the L2 cache from token to token?
+"""Can PTX's L2 hints keep the blocks' fixed weights in the L2 cache, or requests bring them early?
 
   python -m sparse_scaling.bench.l2_hints [--layers 24] [--tokens 64] [--weight_rows 4]
       [--stream_rows 8] [--vocab 32000] [--set_aside_mb 0] [--forms normal.normal.xla,...]
@@ -7,10 +7,11 @@ Decoding one token at 800M reads ~29 MB of fixed weights (the multiplicative lay
 convolutions' kernels, the controller, LayerNorms) that would fit the H200's 60 MB L2 cache,
 but also streams the KV caches, the chosen rows of W1 and W2 (~52 MB) and the 131 MB output
 layer through it. Given every block the same arrays (`decode_shares --settings SHARED=1`), a
-generation is 10-15% faster on an H200 (docs/decoding_gpu.md, "The L2 hints, measured").
+generation is 10-15% faster on an H200 (docs/decoding_gpu.md, "The L2 hints, a first measurement").
 Pallas' Triton loads carry no L2 hint, so this writes the loads as inline PTX
 (`ptx_loads`) and times a chain like a generation's, looped over `--tokens` in one compiled
-program (`decoding.compiler_options`):
+program (`decoding.compiler_options`), every layer's arrays its own (as the decoder's blocks'
+are; not slices of one array, which XLA may copy every token):
 
   layer    `--layers` a token, one kernel each, of D_MODEL / COLUMNS programs: program p reads
            its `--weight_rows` rows of the layer's fixed weights and its `--stream_rows` rows
@@ -27,6 +28,9 @@ A form is `weights.stream.product`, each part naming how its loads are written:
   cs       ld.global.cs (streaming: evict-first in L1 and L2)
   shared   (weights) every layer reads layer 0's weights, normal loads: they stay in the L2
            cache, the reference that the hints would reach
+  ahead    (weights) normal loads, and each layer's programs ask the L2 cache for the next
+           layer's weights without waiting (`decode_kernels.prefetch`, PTX's
+           prefetch.global.L2), as the decoder's kernels do with `decode_kernels.PREFETCH`
   none     (stream, product) not read
   xla      (product) XLA's product, as the decoders compute it
 
@@ -74,11 +78,12 @@ PTX_LOADS = {
               'ld.global.L2::cache_hint.f32 $0, [$1], policy;\n\t}')
        for hint in ('last', 'first')},
 }
-PARTS = (('normal', 'last', 'first', 'cs', 'shared'), ('normal', 'last', 'first', 'cs', 'none'),
+PARTS = (('normal', 'last', 'first', 'cs', 'shared', 'ahead'), ('normal', 'last', 'first', 'cs', 'none'),
          ('normal', 'last', 'first', 'cs', 'none', 'xla'))
 FORMS = ('normal.normal.xla', 'last.normal.xla', 'last.first.xla', 'last.cs.xla',
          'shared.normal.xla', 'normal.normal.normal', 'normal.cs.cs', 'last.cs.cs',
-         'last.first.first', 'shared.normal.normal', 'normal.none.none', 'shared.none.none')
+         'last.first.first', 'shared.normal.normal', 'ahead.normal.xla', 'normal.none.none',
+         'shared.none.none', 'ahead.none.none')
 _MARK = 'l2_hints:'   # an eviction_policy that `ptx_loads` writes as PTX
 
 
@@ -136,12 +141,17 @@ def load(ref, hint):
 
 
 def _layer_kernel(x_ref, w_ref, *refs, weights, stream):
-  """Program p: columns p of x, from its rows of the weights (and of the stream)."""
+  """Program p: columns p of x, from its rows of the weights (and of the stream); with
+  weights 'ahead', refs begin with the next layer's weights, whose part p it asks for."""
   decode_kernels.launch_dependents()
   p, out_ref, programs = pl.program_id(0), refs[-1], x_ref.shape[1] // COLUMNS
   x = x_ref[0, :]
   rows = w_ref.shape[0] // programs
-  h = 0.01 * jnp.sum(load(w_ref.at[pl.ds(p * rows, rows), :], weights) * x[None, :])
+  h = 0.01 * jnp.sum(load(w_ref.at[pl.ds(p * rows, rows), :],
+                          'normal' if weights == 'ahead' else weights) * x[None, :])
+  if weights == 'ahead':
+    decode_kernels.prefetch(refs[0], p, programs)
+    refs = refs[1:]
   if stream != 'none':
     rows = refs[0].shape[0] // programs
     h += 0.001 * jnp.sum(load(refs[0].at[pl.ds(p * rows, rows), :], stream))
@@ -149,14 +159,16 @@ def _layer_kernel(x_ref, w_ref, *refs, weights, stream):
   out_ref[0, cols] = jnp.tanh(x_ref[0, cols] + h)
 
 
-def layer(x, w, s, weights, stream):
-  """x [1, D] -> [1, D]: one kernel reading w [R, D] (and s [S, D] unless stream is none)."""
+def layer(x, w, s, weights, stream, after=None):
+  """x [1, D] -> [1, D]: one kernel reading w [R, D] (and s [S, D] unless stream is none;
+  with weights 'ahead', asking for `after`, the next layer's w)."""
   return pl.pallas_call(
       functools.partial(_layer_kernel, weights=('normal' if weights == 'shared' else weights),
                         stream=stream),
       grid=(x.shape[1] // COLUMNS,), interpret=_interpret(),
       out_shape=jax.ShapeDtypeStruct(x.shape, jnp.float32),
-      compiler_params=plgpu.CompilerParams(num_warps=4))(x, w, *([] if stream == 'none' else [s]))
+      compiler_params=plgpu.CompilerParams(num_warps=4))(
+          x, w, *([after] if weights == 'ahead' else []), *([] if stream == 'none' else [s]))
 
 
 def _product_kernel(x_ref, w_ref, out_ref, *, hint):
@@ -185,8 +197,9 @@ def product(x, w_out, hint):
 
 def token(x, ws, ss, w_out, weights, stream, hint):
   """One token: the layers, then the product's logits (all of them) nudge x."""
-  for i in range(ws.shape[0]):
-    x = layer(x, ws[0 if weights == 'shared' else i], ss[i], weights, stream)
+  for i in range(len(ws)):
+    x = layer(x, ws[0 if weights == 'shared' else i], ss[i], weights, stream,
+              after=ws[(i + 1) % len(ws)])
   if hint == 'none':
     return x
   logits = product(x, w_out, hint)
@@ -195,7 +208,7 @@ def token(x, ws, ss, w_out, weights, stream, hint):
 
 def generation(weights, stream, hint, tokens, *args):
   """x [D] after `tokens` tokens of a form, compiled as a generation's loop with its loads as
-  PTX: run(x0 [D], ws [L, R, D], ss [L, S, D], w_out [D, V])."""
+  PTX: run(x0 [D], ws (L arrays [R, D]), ss (L arrays [S, D]), w_out [D, V])."""
   def run(x0, ws, ss, w_out):
     step = lambda _, x: token(x, ws, ss, w_out, weights, stream, hint)
     return jax.lax.fori_loop(0, tokens, step, x0[None])[0]
@@ -204,13 +217,15 @@ def generation(weights, stream, hint, tokens, *args):
 
 
 def random_arrays(n_layers, weight_rows, stream_rows, vocab, d_model=D_MODEL, seed=0):
-  """x0 [D], the layers' weights [L, R, D] and streams [L, S, D] (R, S: rows of every layer
-  program times its D / COLUMNS programs), W_out [D, vocab] (vocab >= D)."""
+  """x0 [D], the layers' weights and streams, each layer's arrays of their own (L arrays
+  [R, D], L arrays [S, D]; R, S: rows of every layer program times its D / COLUMNS programs),
+  W_out [D, vocab] (vocab >= D)."""
   rng = np.random.RandomState(seed)
   normal = lambda *shape: jnp.asarray(rng.randn(*shape).astype(np.float32))
   programs = d_model // COLUMNS
-  return (normal(d_model), normal(n_layers, programs * weight_rows, d_model) / np.sqrt(d_model),
-          normal(n_layers, programs * stream_rows, d_model), normal(d_model, vocab) / 32)
+  ws = [normal(programs * weight_rows, d_model) / np.sqrt(d_model) for _ in range(n_layers)]
+  ss = [normal(programs * stream_rows, d_model) for _ in range(n_layers)]
+  return normal(d_model), ws, ss, normal(d_model, vocab) / 32
 
 
 def arithmetic(form):
