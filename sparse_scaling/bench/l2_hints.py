@@ -78,8 +78,9 @@ PTX_LOADS = {
               'ld.global.L2::cache_hint.f32 $0, [$1], policy;\n\t}')
        for hint in ('last', 'first')},
 }
-PARTS = (('normal', 'last', 'first', 'cs', 'shared', 'ahead'), ('normal', 'last', 'first', 'cs', 'none'),
-         ('normal', 'last', 'first', 'cs', 'none', 'xla'))
+PARTS = (('normal', 'last', 'first', 'cs', 'shared', 'ahead'),   # weights
+         ('normal', 'last', 'first', 'cs', 'none'),                # stream
+         ('normal', 'last', 'first', 'cs', 'none', 'xla'))         # product
 FORMS = ('normal.normal.xla', 'last.normal.xla', 'last.first.xla', 'last.cs.xla',
          'shared.normal.xla', 'normal.normal.normal', 'normal.cs.cs', 'last.cs.cs',
          'last.first.first', 'shared.normal.normal', 'ahead.normal.xla', 'normal.none.none',

@@ -129,8 +129,8 @@ def _ptx_lowering(ctx, instructions, min_capability):
 # multiplicative programs for the convolutions' kernels, the attention programs for the FF
 # block's controller and biases, the units programs for the next attention block's
 # LayerNorm and multiplicative layer. In a generation each block's weights come from the
-# card's memory (docs/decoding_gpu.md, "The L2 hints, a first measurement"); asked for a kernel ahead,
-# the next kernel's loads could find them in the L2.
+# card's memory (docs/decoding_gpu.md, "The L2 hints, a first measurement"); asked for a
+# kernel ahead, the next kernel's loads could find them in the L2.
 PREFETCH = False
 
 

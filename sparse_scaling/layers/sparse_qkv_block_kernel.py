@@ -227,8 +227,8 @@ def _attend_kernel(position_ref, x_ref, q_ref, k_cache_ref, v_cache_ref, y_ref, 
   [B, lks − 1, d] and y [B, parts, d]. index_ref and next_ref are one buffer, as are state_ref
   and state_out_ref: the program reads position_ref, never index_ref. With `ff_norm`, refs
   begin with the next FF block's LayerNorm scale and bias and C1, and end with this program's
-  partial sums for it (`_ff_partials`); then come `ahead` arrays whose parts the programs ask
-  the L2 cache for (`decode_kernels.PREFETCH`)."""
+  partial sums for it (`_ff_partials`). The inputs end with `ahead` arrays, whose parts the
+  programs ask the L2 cache for (`decode_kernels.PREFETCH`)."""
   decode_kernels.launch_dependents()
   del index_ref
   if ff_norm:
