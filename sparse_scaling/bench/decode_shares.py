@@ -29,9 +29,9 @@ has EARLY (`LAUNCH_EARLY`, 1: every program of the kernels lets the next kernel 
 starts) and PREFETCH (1: the kernels ask the L2 cache for the next kernel's fixed weights as
 they start, `decode_kernels.prefetch`; `token` and `block`, with CHAIN); and this module
 SHARED (`SHARED_WEIGHTS`; `token` only): 1 gives every block block 0's arrays of its kind,
-so that on a GPU the blocks' weights stay in the L2 cache, 2 all but
-those of LARGE elements or more (Sparse FF's W1 and W2, whose chosen rows a token reads): what
-reading the weights from the card's memory costs a token. For each setting
+so that on a GPU the blocks' weights stay in the L2 cache, 2 all but those of LARGE elements
+or more (Sparse FF's W1 and W2, whose chosen rows a token reads): what reading the weights
+from the card's memory costs a token. For each setting
 (NAME=value pairs joined by '+'; 'default' changes nothing) this builds the Table 1 decoder
 of `--variant` at `--shape` with `--depth`
 blocks (`decoders.py`, random weights, batch 1, `--dtype`: float32 unless said), and times

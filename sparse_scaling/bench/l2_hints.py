@@ -36,7 +36,7 @@ A form is `weights.stream.product`, each part naming how its loads are written:
 
 `--set_aside_mb` sets aside that much of the L2 for persisting (evict_last) lines first
 (`cuCtxSetLimit`, CUDA's driver; the device's maximum if larger). Prints µs per token of each
-form, in rounds alternating the forms (`timing.interleaved_times`; a token's time is the
+form, in rounds alternating the forms (`timing.per_steps`: a token's time is the
 difference of two token counts over the tokens they add), and how far each form's x is from the
 first form of the same arithmetic (same weights shared or not, same parts read). On a CPU the
 kernels run in Pallas' interpreter, with no hints (the tests do). docs/decoding_gpu.md quotes
@@ -243,15 +243,14 @@ def measure(forms, n_layers, tokens, weight_rows, stream_rows, vocab, d_model=D_
   arrays = random_arrays(n_layers, weight_rows, stream_rows, vocab, d_model)
   runs, errors, references = [], [], {}
   for form in forms:
-    short, full = (generation(*form[1:], n, *arrays) for n in (SHORT_TOKENS, tokens))
-    out = np.asarray(short(*arrays))
+    compiled = {n: generation(*form[1:], n, *arrays) for n in (SHORT_TOKENS, tokens)}
+    out = np.asarray(compiled[SHORT_TOKENS](*arrays))
     reference = references.setdefault(arithmetic(form), out)
     errors.append(float(np.max(np.abs(out - reference))))
-    runs += [functools.partial(short, *arrays), functools.partial(full, *arrays)]
-  times = timing.interleaved_times(runs, rounds=rounds, runs_per_round=1, warmup=1)
+    runs.append(lambda n, compiled=compiled: compiled[n](*arrays))
   rows = []
-  for i, (form, error) in enumerate(zip(forms, errors)):
-    seconds = (min(times[2 * i + 1]) - min(times[2 * i])) / (tokens - SHORT_TOKENS)
+  for form, error, seconds in zip(
+      forms, errors, timing.per_steps(runs, SHORT_TOKENS, tokens, min_runs=rounds)):
     rows.append(dict(form=form[0], us=seconds * 1e6, error=error))
     on_row(rows[-1])
   return rows

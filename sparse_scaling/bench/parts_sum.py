@@ -37,7 +37,7 @@ and the forms of adding the parts into the next layer's x (part 0 also carries x
 
 Every kernel lets the next launch early (`decode_kernels.launch_dependents`), as the
 decoders' do. Prints µs per layer of each form, in rounds alternating the forms
-(`timing.interleaved_times`; a layer's time is the difference of two token counts over the
+(`timing.per_steps`; a layer's time is the difference of two token counts over the
 layers they add), and how far each form's x is from the parts form's. On a CPU the kernels
 run in Pallas' interpreter (the tests do). docs/decoding_gpu.md quotes runs on an H200.
 """
@@ -264,12 +264,11 @@ def measure(forms, n_layers, tokens, d_model, n_parts, rounds=ROUNDS, on_row=pri
     reference = out if reference is None else reference
     errors.append(float(np.max(np.abs(out - reference))))
     runs.append(run)
-  fns = [functools.partial(run, x0, w1s, w2s, n) for run in runs for n in (SHORT_TOKENS, tokens)]
-  times = timing.interleaved_times(fns, rounds=rounds, runs_per_round=1, warmup=1)
+  per_token = timing.per_steps([functools.partial(run, x0, w1s, w2s) for run in runs],
+                               SHORT_TOKENS, tokens, min_runs=rounds)
   rows = []
-  for i, ((name, _, _), error) in enumerate(zip(forms, errors)):
-    seconds = (min(times[2 * i + 1]) - min(times[2 * i])) / ((tokens - SHORT_TOKENS) * n_layers)
-    rows.append(dict(form=name, us=seconds * 1e6, error=error))
+  for (name, _, _), error, seconds in zip(forms, errors, per_token):
+    rows.append(dict(form=name, us=seconds / n_layers * 1e6, error=error))
     on_row(rows[-1])
   return rows
 

@@ -1,5 +1,6 @@
 """Timing and machine helpers shared by the benchmarks: clocks, bandwidth, the machine's line."""
 
+import functools
 import os
 import platform
 import time
@@ -35,9 +36,16 @@ def per_step(run, short, long, min_runs=5):
   each keeps its fastest call: another job on the machine only adds time, so the minima are
   the least disturbed pair, and a burst of load cannot fall on one length alone.
   """
-  times = interleaved_times([lambda: run(short), lambda: run(long)], rounds=min_runs,
-                            runs_per_round=1, warmup=1)
-  return (min(times[1]) - min(times[0])) / (long - short)
+  return per_steps([run], short, long, min_runs)[0]
+
+
+def per_steps(runs, short, long, min_runs=5):
+  """`per_step` of each of `runs`, every run's two lengths in the same alternating rounds
+  (`interleaved_times`), so that a drift of the machine falls on all of them alike."""
+  fns = [functools.partial(run, n) for run in runs for n in (short, long)]
+  times = interleaved_times(fns, rounds=min_runs, runs_per_round=1, warmup=1)
+  return [(min(times[2 * i + 1]) - min(times[2 * i])) / (long - short)
+          for i in range(len(runs))]
 
 
 def seconds_of(fn, *args):

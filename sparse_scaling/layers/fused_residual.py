@@ -20,8 +20,6 @@ import contextlib
 from trax import layers as tl
 from trax.layers import combinators
 
-from sparse_scaling.layers import decode_kernels
-
 # Whether `FusedDecoder` chains an attention block and the FF block after it (on an H200 at
 # 800M, 2-5% faster per token than each block alone: docs/decoding_gpu.md).
 CHAIN = True
@@ -105,8 +103,7 @@ def run_layers(layers, xs, weights, state, rngs=None, scope=None, use_cache=Fals
   while i < len(layers):
     if CHAIN and i + 1 < len(layers) and hasattr(layers[i + 1], 'chain_norm'):
       after = layers[i + 2] if i + 2 < len(layers) else None
-      ahead = (after.ahead_arrays(weights[i + 2])
-               if decode_kernels.PREFETCH and hasattr(after, 'ahead_arrays') else ())
+      ahead = after.ahead_arrays(weights[i + 2]) if hasattr(after, 'ahead_arrays') else ()
       chained = _chain(layers[i], layers[i + 1], stack, weights[i:i + 2], state[i:i + 2],
                        (scope(i), scope(i + 1)), ahead)
       if chained is not None:
@@ -128,15 +125,15 @@ def _chain(attention, ff, x, weights, state, scopes, ahead=()):
   """(out, [attention's state, ff's state]) of the two blocks chained, or None. `scopes`: a
   context for each block's half; `ahead`: the next block's fixed weights, which with
   `decode_kernels.PREFETCH` the FF block's kernel asks the L2 cache for, as the attention
-  block's does for the FF block's."""
+  block's does for the FF block's (the kernels' wrappers read the switch)."""
   if not isinstance(attention, FusedResidual) or isinstance(x, (tuple, list)):
     return None
   ff_norm = ff.chain_norm(x, weights[1])
   if ff_norm is None:
     return None
-  ff_ahead = ff.ahead_arrays(weights[1]) if decode_kernels.PREFETCH else ()
   with scopes[0]:
-    first = attention.fused_call(x, weights[0], state[0], ff_norm=ff_norm, ahead=ff_ahead)
+    first = attention.fused_call(x, weights[0], state[0], ff_norm=ff_norm,
+                                 ahead=ff.ahead_arrays(weights[1]))
   if first is None:
     return None
   out, attention_state, (partials,) = first
