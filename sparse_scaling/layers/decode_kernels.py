@@ -124,13 +124,12 @@ def _ptx_lowering(ctx, instructions, min_capability):
   return []
 
 
-# Off by default: not yet measured on a GPU. With PREFETCH the decoding blocks' kernels ask
-# the L2 cache for the next kernel's fixed weights as they start (`prefetch_all`): the
-# multiplicative programs for the convolutions' kernels, the attention programs for the FF
-# block's controller and biases, the units programs for the next attention block's
-# LayerNorm and multiplicative layer. In a generation each block's weights come from the
-# card's memory (docs/decoding_gpu.md, "The L2 hints, a first measurement"); asked for a
-# kernel ahead, the next kernel's loads could find them in the L2.
+# Off by default: on an H200 it paid nothing beyond the spread of the runs (docs/decoding_gpu.md,
+# "Prefetching the next kernel's weights"). With PREFETCH the decoding blocks'
+# kernels ask the L2 cache for the next kernel's fixed weights as they start
+# (`prefetch_all`): the multiplicative programs for the convolutions' kernels, the attention
+# programs for the FF block's controller and biases, the units programs for the next
+# attention block's LayerNorm and multiplicative layer.
 PREFETCH = False
 
 
