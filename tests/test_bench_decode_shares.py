@@ -1,6 +1,8 @@
 """The sweep of the fused blocks' shares (`bench/decode_shares.py`)."""
 
 import functools
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -131,3 +133,41 @@ def test_shared_weights_give_each_block_block_0s_arrays(monkeypatch):
       assert any(np.size(a) >= 4096 for a in own) == label.endswith('/ff')
       for a, mine, theirs in zip(jax.tree.leaves(shared[i]), own, first):
         assert a is (mine if keep_large and np.size(a) >= 4096 else theirs)
+
+
+def test_alternating_generations_are_each_compiled_under_their_setting(monkeypatch, capsys):
+  """--alternate: every setting's generation is built and compiled (both lengths) while its
+  constants are in force, a setting named twice twice, and all are timed in the same rounds."""
+  built, calls = [], []
+
+  def generation_run(model_fn, dtype, prompt, weights_fn=None):
+    i = len(built)
+    built.append((_constants(), dtype, prompt, weights_fn and weights_fn.keywords))
+    return lambda n: calls.append((i, n, _constants()['PREFETCH'])) or np.zeros(1)
+
+  monkeypatch.setattr(decode_shares.table1, 'generation_run', generation_run)
+  monkeypatch.setattr(decode_shares.decoders, 'build', lambda *args, **kwargs: None)
+  before = _constants()
+  settings = ['default', 'PREFETCH=1', 'SHARED=1', 'default']
+  results = decode_shares.sweep_alternating('800m', 'ffqkv', 2, settings, rounds=3)
+  assert [text for text, _ in results] == settings
+  assert [b[0] for b in built] == [before, dict(before, PREFETCH=True),
+                                   dict(before, SHARED=1), before]
+  assert [b[1:] for b in built] == [('float32', 128, None)] * 2 + [
+      ('float32', 128, {'keep_large': False}), ('float32', 128, None)]
+  assert _constants() == before
+  compiles = calls[:8]   # each run's two lengths right after it is built, its setting in force
+  assert compiles == [(i, n, i == 1) for i in range(4) for n in (8, 32)]
+  timed = calls[8:]      # then all in the same rounds, with the constants as they were
+  assert {(i, n) for i, n, _ in timed} == {(i, n) for i in range(4) for n in (8, 32)}
+  assert not any(prefetch for _, _, prefetch in timed)
+  assert all(sum(1 for c in timed if c[:2] == (i, n)) >= 3 for i in range(4) for n in (8, 32))
+  assert capsys.readouterr().out.count('|') == 4 * 3
+
+
+def test_alternate_times_generations_only():
+  out = subprocess.run([sys.executable, '-m', 'sparse_scaling.bench.decode_shares',
+                        '--alternate', '--measure', 'block'], capture_output=True, text=True)
+  assert out.returncode != 0 and not out.stdout
+  assert ('--alternate: times generations (--measure token), not --measure block'
+          in out.stderr)

@@ -1,7 +1,8 @@
 """How the fused blocks' work is shared among programs: a sweep, side by side.
 
   python -m sparse_scaling.bench.decode_shares [--shape 800m] [--variant ffqkv] [--depth 6]
-      [--measure token] [--dtype float32] [--settings default,DOT=0,WIDTH=16,ROWS=32,...]
+      [--measure token] [--alternate] [--dtype float32]
+      [--settings default,DOT=0,WIDTH=16,ROWS=32,...]
 
 `layers/sparse_qkv_block_kernel.py` splits a token's Sparse QKV block over programs by
 module constants (its "shares"): ROWS input rows, SPLIT modules and MIXED_CHANNELS channels
@@ -42,9 +43,12 @@ shape's output layer would hide the blocks); or, on random weights, the fused bl
 alone: looped in a compiled program (`--measure kernels`), or one call of each block traced,
 each kernel's device time (`--measure trace`: a second or two per setting where a generation
 takes over a minute, on an H200 at 800M). It prints one Markdown row per setting as it is
-measured. The constants are restored after each. The kernels run on GPUs only: elsewhere
-`token` and `block` time XLA's path, and the program says so. Results: stdout
-(docs/decoding_gpu.md quotes runs on an H200).
+measured. The constants are restored after each. One generation timed right after its
+compile can be 15% off another of the same code (docs/decoding_gpu.md, "Prefetching the next
+kernel's weights"): `--alternate` compiles every setting first (a setting named twice is
+compiled twice) and times them in the same alternating rounds, printing the rows at the end.
+The kernels run on GPUs only: elsewhere `token` and `block` time XLA's path, and the program
+says so. Results: stdout (docs/decoding_gpu.md quotes runs on an H200).
 """
 
 import collections
@@ -89,6 +93,8 @@ SHARED_WEIGHTS = 0   # 0, 1 or 2: see the module's note
 LARGE = 1 << 22      # elements: SHARED=2 keeps arrays this large each block's own
 _ALL = ('MODULES', 'MIXED_CHANNELS')   # also 'all': None, the kernel's own choice
 _ANY = ('FF_PARTS_BYTES', 'STATS_IN_KERNEL', 'MAX_D_MODEL', 'CUBLAS_BYTES')   # any int >= 0
+PROMPT, TOKENS = 128, 32   # a generation's (`--measure token`)
+ROUNDS = 9                 # `--alternate`'s rounds
 DEFAULT_SETTINGS = ['default', 'DOT=0', 'MIXED_CHANNELS=32', 'WIDTH=16', 'MIXED_WARPS=8',
                     'ATTEND_WARPS=1', 'ROWS=32', 'VALUE_WIDTH=32', 'WIDTH=16+CONV_WARPS=8']
 
@@ -149,12 +155,43 @@ def shared_block_weights(model, weights, keep_large):
 def per_token(dims, depth, dtype='float32'):
   """Seconds per token of one compiled generation of the decoder (`depth` blocks, weights
   of `dtype`; with SHARED_WEIGHTS, the blocks' weights shared)."""
-  weights_fn = None
-  if SHARED_WEIGHTS:
-    weights_fn = functools.partial(shared_block_weights, keep_large=SHARED_WEIGHTS == 2)
   return table1.seconds_per_token_program(
-      functools.partial(decoders.build, 'ours', dims, depth, decoders.MAX_LEN), dtype, 128, 32,
-      weights_fn=weights_fn)
+      functools.partial(decoders.build, 'ours', dims, depth, decoders.MAX_LEN), dtype, PROMPT,
+      TOKENS, weights_fn=_weights_fn())
+
+
+def _weights_fn():
+  if SHARED_WEIGHTS:
+    return functools.partial(shared_block_weights, keep_large=SHARED_WEIGHTS == 2)
+  return None
+
+
+def compiled_generation(dims, depth, dtype='float32'):
+  """run(n) of `table1.generation_run` for the decoder of `per_token`, both of its lengths
+  compiled now, with the constants in force now."""
+  run = table1.generation_run(
+      functools.partial(decoders.build, 'ours', dims, depth, decoders.MAX_LEN), dtype, PROMPT,
+      weights_fn=_weights_fn())
+  for n in (TOKENS // 4, TOKENS):
+    jax.block_until_ready(run(n))
+  return run
+
+
+def sweep_alternating(shape, variant, depth, settings, dtype='float32', rounds=ROUNDS):
+  """Seconds per token of each setting's generation (`compiled_generation`), every setting
+  compiled first (a setting named twice is compiled twice) and then all timed in the same
+  alternating rounds (`timing.per_steps`), so that neither the machine's drift nor the order
+  falls on one setting: [(text, seconds)], each row printed."""
+  dims = decoders.dimensions(shape, variant)
+  runs = []
+  for text in settings:
+    with shares(parse_setting(text)):
+      runs.append(compiled_generation(dims, depth, dtype))
+    print(f'compiled {text}', file=sys.stderr, flush=True)
+  results = list(zip(settings, timing.per_steps(runs, TOKENS // 4, TOKENS, min_runs=rounds)))
+  for text, seconds in results:
+    print(common.table_row([text, _cell(seconds, 1e3)]), flush=True)
+  return results
 
 
 def per_block(dims, depth, dtype='float32'):
@@ -310,6 +347,8 @@ def define_flags():
   flags.DEFINE_list('settings', DEFAULT_SETTINGS,
                     f'Settings: NAME=value pairs joined by "+", NAME one of {list(SHARES)}; '
                     '"default" for the constants as they are.')
+  flags.DEFINE_bool('alternate', False, '--measure token: compile every setting first, then '
+                    'time them all in the same alternating rounds (rows printed at the end).')
 
 
 def main(argv):
@@ -320,6 +359,9 @@ def main(argv):
       parse_setting(text)
   except ValueError as e:
     raise app.UsageError(str(e)) from None
+  if args.alternate and args.measure != 'token':
+    raise app.UsageError(f'--alternate: times generations (--measure token), not '
+                         f'--measure {args.measure}')
   if args.measure in ('kernels', 'trace'):
     if jax.default_backend() != 'gpu':
       raise app.UsageError(f'--measure {args.measure}: the kernels compile for GPUs only '
@@ -338,6 +380,9 @@ def main(argv):
   if jax.default_backend() != 'gpu':
     print('Not a GPU: the fused blocks do not run here, every setting times XLA\'s path.')
   print(common.table_header(['setting'] + _UNITS[args.measure]))
+  if args.alternate:
+    sweep_alternating(args.shape, args.variant, args.depth, args.settings, args.dtype)
+    return
   measure = MEASURES[args.measure]
   if measure in (per_token, per_block):
     measure = functools.partial(measure, dtype=args.dtype)

@@ -179,21 +179,27 @@ def seconds_per_block_program(model, dtype, n_tokens):
   return timing.per_step(run, n_tokens, 4 * n_tokens)
 
 
-def seconds_per_token_program(model_fn, dtype, prompt, n_tokens, weights_fn=None):
-  """Seconds per token of greedy generations compiled whole (`decoding.Decoder`), batch 1,
-  on random weights (`weights_fn(model, weights)` if given).
-
-  The difference of `n_tokens` and `n_tokens // 4` new tokens (`timing.per_step`: the
-  fastest of 5 generations each, the lengths alternating) over the difference in tokens: the
-  prompt pass cancels out.
-  """
+def generation_run(model_fn, dtype, prompt, weights_fn=None):
+  """run(n): a greedy generation of n new tokens after `prompt` tokens, compiled whole
+  (`decoding.Decoder`, compiled anew for each n the first time), batch 1, on random weights
+  (`weights_fn(model, weights)` if given)."""
   model = model_fn()
   weights, _ = random_weights_and_state(model, dtype)
   weights = weights_fn(model, weights) if weights_fn else weights
   decoder = decoding.Decoder(model_fn, weights, dtype=dtype)
   prompt_ids = np.ones((1, prompt), np.int32)
-  return timing.per_step(lambda n: decoder.generate(prompt_ids, n), max(1, n_tokens // 4),
-                         n_tokens)
+  return lambda n: decoder.generate(prompt_ids, n)
+
+
+def seconds_per_token_program(model_fn, dtype, prompt, n_tokens, weights_fn=None):
+  """Seconds per token of greedy generations compiled whole (`generation_run`).
+
+  The difference of `n_tokens` and `n_tokens // 4` new tokens (`timing.per_step`: the
+  fastest of 5 generations each, the lengths alternating) over the difference in tokens: the
+  prompt pass cancels out.
+  """
+  return timing.per_step(generation_run(model_fn, dtype, prompt, weights_fn),
+                         max(1, n_tokens // 4), n_tokens)
 
 
 def bytes_per_token(dims, n_layers, kv_len, itemsize):
