@@ -43,9 +43,9 @@ shape's output layer would hide the blocks); or, on random weights, the fused bl
 alone: looped in a compiled program (`--measure kernels`), or one call of each block traced,
 each kernel's device time (`--measure trace`: a second or two per setting where a generation
 takes over a minute, on an H200 at 800M). It prints one Markdown row per setting as it is
-measured. The constants are restored after each. One generation timed right after its
-compile can be 15% off another of the same code (docs/decoding_gpu.md, "Prefetching the next
-kernel's weights"): `--alternate` compiles every setting first (a setting named twice is
+measured. The constants are restored after each. One-shot timings of the same generation
+have moved 15% from run to run (docs/decoding_gpu.md, "Prefetching the next kernel's
+weights"): `--alternate` compiles every setting first (a setting named twice is
 compiled twice) and times them in the same alternating rounds, printing the rows at the end.
 The kernels run on GPUs only: elsewhere `token` and `block` time XLA's path, and the program
 says so. Results: stdout (docs/decoding_gpu.md quotes runs on an H200).
@@ -155,9 +155,12 @@ def shared_block_weights(model, weights, keep_large):
 def per_token(dims, depth, dtype='float32'):
   """Seconds per token of one compiled generation of the decoder (`depth` blocks, weights
   of `dtype`; with SHARED_WEIGHTS, the blocks' weights shared)."""
-  return table1.seconds_per_token_program(
-      functools.partial(decoders.build, 'ours', dims, depth, decoders.MAX_LEN), dtype, PROMPT,
-      TOKENS, weights_fn=_weights_fn())
+  return table1.seconds_per_token_program(_model_fn(dims, depth), dtype, PROMPT, TOKENS,
+                                         weights_fn=_weights_fn())
+
+
+def _model_fn(dims, depth):
+  return functools.partial(decoders.build, 'ours', dims, depth, decoders.MAX_LEN)
 
 
 def _weights_fn():
@@ -169,9 +172,7 @@ def _weights_fn():
 def compiled_generation(dims, depth, dtype='float32'):
   """run(n) of `table1.generation_run` for the decoder of `per_token`, both of its lengths
   compiled now, with the constants in force now."""
-  run = table1.generation_run(
-      functools.partial(decoders.build, 'ours', dims, depth, decoders.MAX_LEN), dtype, PROMPT,
-      weights_fn=_weights_fn())
+  run = table1.generation_run(_model_fn(dims, depth), dtype, PROMPT, weights_fn=_weights_fn())
   for n in (TOKENS // 4, TOKENS):
     jax.block_until_ready(run(n))
   return run
