@@ -3,11 +3,13 @@
 import functools
 import subprocess
 import sys
+from unittest import mock
 
 import jax
 import numpy as np
 import pytest
 
+from sparse_scaling import decoding
 from sparse_scaling.bench import decode_shares
 from sparse_scaling.layers import sparse_ff_kernel
 from sparse_scaling.layers import sparse_qkv_block_kernel
@@ -29,7 +31,8 @@ def test_each_setting_is_in_force_while_it_is_measured_and_undone_after():
   settings = ['default', 'WIDTH=16+CONV_WARPS=8', 'DOT=0+MIXED_CHANNELS=32',
               'MODULES=4+FF_GROUP=1+MAX_PARTS=144', 'MIXED_CHANNELS=all',
               'STATS_IN_KERNEL=0+MAX_D_MODEL=16384', 'CPU_TOP_K=0', 'CUBLAS_BYTES=0',
-              'GRAPHS=0', 'EARLY=1', 'SHARED=2', 'PREFETCH=1']
+              'GRAPHS=0', 'EARLY=1', 'SHARED=2', 'PREFETCH=1',
+              'DOT_MERGER=0+TILING_SEARCH=1+TRITON_GEMM=0']
   results = decode_shares.sweep('800m', 'ffqkv', 1, settings, measure=measure)
   assert [text for text, _ in results] == settings
   assert seen == [before, dict(before, WIDTH=16, CONV_WARPS=8),
@@ -39,8 +42,29 @@ def test_each_setting_is_in_force_while_it_is_measured_and_undone_after():
                   dict(before, STATS_IN_KERNEL=0, MAX_D_MODEL=16384),
                   dict(before, CPU_TOP_K=False), dict(before, CUBLAS_BYTES=0),
                   dict(before, GRAPHS=False), dict(before, EARLY=True),
-                  dict(before, SHARED=2), dict(before, PREFETCH=True)]
+                  dict(before, SHARED=2), dict(before, PREFETCH=True),
+                  dict(before, DOT_MERGER=False, TILING_SEARCH=True, TRITON_GEMM=False)]
   assert _constants() == before
+
+
+def test_xla_settings_change_the_gpu_programs_options_while_in_force():
+  """DOT_MERGER=0 adds XLA's dot-merger to the passes the decoding programs turn off (after
+  those `decoding.COMPILER_OPTIONS` already does), TILING_SEARCH=1 and TRITON_GEMM=0 set
+  their options, every program compiled in the block gets them, and they are undone after."""
+  before = decoding.COMPILER_OPTIONS
+  with decode_shares.shares(decode_shares.parse_setting('default')):
+    assert decoding.COMPILER_OPTIONS == before
+  with decode_shares.shares(decode_shares.parse_setting(
+      'DOT_MERGER=0+TILING_SEARCH=1+TRITON_GEMM=0')):
+    gpu = decoding.COMPILER_OPTIONS['gpu']
+    assert gpu['xla_disable_hlo_passes'].split(',') == [
+        *before['gpu']['xla_disable_hlo_passes'].split(','), 'dot-merger']
+    assert gpu['xla_gpu_exhaustive_tiling_search'] is True
+    assert gpu['xla_gpu_enable_triton_gemm'] is False
+    with mock.patch.object(jax, 'default_backend', return_value='gpu'):
+      assert decoding.compiler_options()['xla_gpu_exhaustive_tiling_search'] is True
+  assert decoding.COMPILER_OPTIONS is before
+  assert 'xla_gpu_exhaustive_tiling_search' not in before['gpu']
 
 
 def test_the_kernels_alone_are_timed_with_the_setting_in_force(monkeypatch):
@@ -66,7 +90,7 @@ def test_the_kernels_alone_are_timed_with_the_setting_in_force(monkeypatch):
 @pytest.mark.parametrize('text', ['WIDTH', 'WIDTH=12', 'DOT=2', 'CHAIN=2', 'STATS_IN_KERNEL=-1',
                                   'SPEED=4', 'WIDTH=8+', '', 'MAX_PARTS=0', 'FF_GROUP=3',
                                   'ROWS=all', 'CPU_TOP_K=2', 'CUBLAS_BYTES=-1',
-                                  'SHARED=3', 'PREFETCH=2'])
+                                  'SHARED=3', 'PREFETCH=2', 'DOT_MERGER=2'])
 def test_a_bad_setting_is_refused_naming_the_rule(text):
   with pytest.raises(ValueError, match='--settings: '):
     decode_shares.parse_setting(text)

@@ -28,8 +28,12 @@ many bytes each multiply with cuBLAS's kernels, not XLA's Triton ones, 0 none; `
 on a GPU a generation's loop is not recorded as a CUDA graph; `token`); `decode_kernels.py`
 has EARLY (`LAUNCH_EARLY`, 1: every program of the kernels lets the next kernel launch as it
 starts) and PREFETCH (1: the kernels ask the L2 cache for the next kernel's fixed weights as
-they start, `decode_kernels.prefetch`; `token` and `block`, with CHAIN); and this module
-SHARED (`SHARED_WEIGHTS`; `token` only): 1 gives every block block 0's arrays of its kind,
+they start, `decode_kernels.prefetch`; `token` and `block`, with CHAIN); XLA's options for
+every decoding program on a GPU (`token`, `block` and `trace`; `xla_options`): DOT_MERGER
+(0: XLA's `dot-merger` pass off, which makes one product of two that share an operand),
+TILING_SEARCH (1: `xla_gpu_exhaustive_tiling_search`, every tiling of XLA's Triton products
+timed as it compiles) and TRITON_GEMM (0: cuBLAS's product kernels in place of XLA's Triton
+ones); and this module SHARED (`SHARED_WEIGHTS`; `token` only): 1 gives every block block 0's arrays of its kind,
 so that on a GPU the blocks' weights stay in the L2 cache, 2 all but those of LARGE elements
 or more (Sparse FF's W1 and W2, whose chosen rows a token reads): what reading the weights
 from the card's memory costs a token. For each setting
@@ -87,9 +91,14 @@ SHARES = {**{name: (sparse_qkv_block_kernel, name)
           'CUBLAS_BYTES': (decoding, 'CUBLAS_MAX_BYTES'), 'GRAPHS': (decoding, 'GRAPH_LOOPS'),
           'EARLY': (decode_kernels, 'LAUNCH_EARLY'),
           'PREFETCH': (decode_kernels, 'PREFETCH'),
-          'SHARED': (sys.modules[__name__], 'SHARED_WEIGHTS')}
-_SWITCHES = ('DOT', 'CHAIN', 'CPU_TOP_K', 'GRAPHS', 'EARLY', 'PREFETCH')   # 0 or 1
+          'SHARED': (sys.modules[__name__], 'SHARED_WEIGHTS'),
+          **{name: (sys.modules[__name__], f'XLA_{name}')
+             for name in ('DOT_MERGER', 'TILING_SEARCH', 'TRITON_GEMM')}}
+_SWITCHES = ('DOT', 'CHAIN', 'CPU_TOP_K', 'GRAPHS', 'EARLY', 'PREFETCH', 'DOT_MERGER',
+             'TILING_SEARCH', 'TRITON_GEMM')   # 0 or 1
 SHARED_WEIGHTS = 0   # 0, 1 or 2: see the module's note
+# XLA's options for a GPU program, on top of `decoding.COMPILER_OPTIONS` (`xla_options`).
+XLA_DOT_MERGER, XLA_TILING_SEARCH, XLA_TRITON_GEMM = True, False, True
 LARGE = 1 << 22      # elements: SHARED=2 keeps arrays this large each block's own
 _ALL = ('MODULES', 'MIXED_CHANNELS')   # also 'all': None, the kernel's own choice
 _ANY = ('FF_PARTS_BYTES', 'STATS_IN_KERNEL', 'MAX_D_MODEL', 'CUBLAS_BYTES')   # any int >= 0
@@ -125,15 +134,35 @@ def parse_setting(text):
   return setting
 
 
+def xla_options():
+  """`decoding.COMPILER_OPTIONS` with the XLA switches' values in its GPU options: without
+  XLA_DOT_MERGER the `dot-merger` pass is off too, with XLA_TILING_SEARCH XLA times every
+  tiling of its Triton products as it compiles, without XLA_TRITON_GEMM cuBLAS's kernels
+  multiply."""
+  gpu = dict(decoding.COMPILER_OPTIONS.get('gpu', {}))
+  if not XLA_DOT_MERGER:
+    passes = gpu.get('xla_disable_hlo_passes', '')
+    gpu['xla_disable_hlo_passes'] = f'{passes},dot-merger' if passes else 'dot-merger'
+  if XLA_TILING_SEARCH:
+    gpu['xla_gpu_exhaustive_tiling_search'] = True
+  if not XLA_TRITON_GEMM:
+    gpu['xla_gpu_enable_triton_gemm'] = False
+  return {**decoding.COMPILER_OPTIONS, 'gpu': gpu}
+
+
 @contextlib.contextmanager
 def shares(setting):
-  """Within the block, the kernels' constants take the setting's values."""
+  """Within the block, the kernels' constants take the setting's values, and decoding
+  programs compile with `xla_options`."""
   before = {name: getattr(*SHARES[name]) for name in SHARES}
+  options = decoding.COMPILER_OPTIONS
   try:
     for name, value in setting.items():
       setattr(*SHARES[name], value)
+    decoding.COMPILER_OPTIONS = xla_options()
     yield
   finally:
+    decoding.COMPILER_OPTIONS = options
     for name, value in before.items():
       setattr(*SHARES[name], value)
 
