@@ -53,8 +53,10 @@ NORM_ROWS = 64  # rows of C1 per `norm_controller` program (a power of 2)
 # The units programs multiply their own rows of W2 while the parts they write hold at most
 # MAX_PARTS_BYTES (float32); beyond, `down` does, COLUMNS of d_model per program, gathering at
 # most GATHER chosen rows a load (at 17B in the loop above: 64 columns of all 256 rows in one
-# load 33.2 and 32.3 µs, 32 columns 31.8, 64 rows a load 42.6).
-MAX_PARTS_BYTES, COLUMNS, GATHER = 1 << 20, 64, 256
+# load 33.2 and 32.3 µs, 32 columns 31.8, 64 rows a load 42.6). 32 columns since 2026-12-04:
+# one 17B block looped in a compiled program took 0.0636 and 0.0640 ms against 0.0656 and
+# 0.0670 with 64, `down` traced alone 6.6 µs against 7.7 (docs/decoding_gpu.md, "17B shapes").
+MAX_PARTS_BYTES, COLUMNS, GATHER = 1 << 20, 32, 256
 
 
 def fits(d_lowrank, block):
