@@ -33,14 +33,13 @@ every decoding program on a GPU (`token`, `block` and `trace`; `xla_options`): D
 (0: XLA's `dot-merger` pass off, which makes one product of two that share an operand),
 TILING_SEARCH (1: `xla_gpu_exhaustive_tiling_search`, every tiling of XLA's Triton products
 timed as it compiles) and TRITON_GEMM (0: cuBLAS's product kernels in place of XLA's Triton
-ones); and this module SHARED (`SHARED_WEIGHTS`; `token` only): 1 gives every block block 0's arrays of its kind,
-so that on a GPU the blocks' weights stay in the L2 cache, 2 all but those of LARGE elements
-or more (Sparse FF's W1 and W2, whose chosen rows a token reads): what reading the weights
-from the card's memory costs a token. For each setting
-(NAME=value pairs joined by '+'; 'default' changes nothing) this builds the Table 1 decoder
-of `--variant` at `--shape` with `--depth`
-blocks (`decoders.py`, random weights, batch 1, `--dtype`: float32 unless said), and times
-one compiled generation (`--measure token`:
+ones); and this module SHARED (`SHARED_WEIGHTS`; `token` only): 1 gives every block
+block 0's arrays of its kind, so that on a GPU the blocks' weights stay in the L2 cache, 2 all
+but those of LARGE elements or more (Sparse FF's W1 and W2, whose chosen rows a token reads):
+what reading the weights from the card's memory costs a token. For each setting (NAME=value
+pairs joined by '+'; 'default' changes nothing) this builds the Table 1 decoder of `--variant`
+at `--shape` with `--depth` blocks (`decoders.py`, random weights, batch 1, `--dtype`: float32
+unless said), and times one compiled generation (`--measure token`:
 `table1.seconds_per_token_program`, a 128-token prompt, 32 tokens) or one block looped in a
 compiled program (`--measure block`: `table1.seconds_per_block_program`, where the 17B
 shape's output layer would hide the blocks); or, on random weights, the fused blocks' kernels
