@@ -59,7 +59,8 @@ def _decode(kernel, model_kwargs, tokens, prompt=3, dtype=jnp.float32, count='pa
 
 
 @pytest.mark.parametrize('d_model, n_heads, attention_sparsity, settings', [
-    (64, 4, 8, {}), (64, 4, 2, dict(PREFETCH=True)), (256, 4, 16, {}), (256, 4, 32, {}),
+    (64, 4, 8, {}), (64, 4, 2, dict(PREFETCH=True)), (64, 4, 8, dict(L2_PERSIST=1)),
+    (256, 4, 16, {}), (256, 4, 32, {}),
     (16, 2, 4, {}),
     (48, 4, 4, dict(MIXED_CHANNELS=None)),
     (64, 4, 8, dict(ROWS=16, MAX_PARTS=2, MODULES=4, SPLIT=2, MIXED_CHANNELS=4,
@@ -87,10 +88,11 @@ def test_fused_blocks_equal_xla_step_by_step(d_model, n_heads, attention_sparsit
   (convolution states, caches, positions) as XLA's path. Each kernel lets the next launch
   early (`decode_kernels.launch_dependents`, nothing in the interpreter). With PREFETCH (2
   modules of 32 channels) the kernels also take the next kernels' weights, to ask the L2
-  cache for them (nothing in the interpreter), and still compute the same."""
+  cache for them (nothing in the interpreter), and still compute the same, as they do asking
+  the L2 cache to keep their fixed weights (L2_PERSIST)."""
   for name, value in settings.items():
     module = (sparse_ff_kernel if name in FF_SHARES else
-              decode_kernels if name == 'PREFETCH' else sparse_qkv_block_kernel)
+              decode_kernels if name in ('PREFETCH', 'L2_PERSIST') else sparse_qkv_block_kernel)
     monkeypatch.setattr(module, name, value)
   kwargs = dict(d_model=d_model, n_heads=n_heads, attention_sparsity=attention_sparsity)
   tokens = jnp.asarray(np.random.RandomState(1).randint(1, VOCAB, (2, 18)), jnp.int32)
@@ -294,7 +296,8 @@ def test_the_layers_own_decoding_kernels_launch_the_next_early_and_training_s_do
 
 @pytest.mark.skipif(jax.default_backend() != 'gpu', reason='compiles the kernels for a GPU')
 @pytest.mark.parametrize('settings', [{}, dict(MIXED_CHANNELS=None), dict(CHAIN=False),
-                                      dict(STATS_IN_KERNEL=0), dict(PREFETCH=True)])
+                                      dict(STATS_IN_KERNEL=0), dict(PREFETCH=True),
+                                      dict(L2_PERSIST=1)])
 @pytest.mark.parametrize('d_model, n_heads, attention_sparsity', [(1024, 16, 16), (1152, 12, 8)])
 def test_fused_blocks_compiled_for_the_gpu_equal_xla(d_model, n_heads, attention_sparsity,
                                                      settings, monkeypatch):
@@ -302,10 +305,11 @@ def test_fused_blocks_compiled_for_the_gpu_equal_xla(d_model, n_heads, attention
   96, d_model 1152); the default shares, multiplicative programs of all channels
   (`MIXED_CHANNELS`), each block alone (CHAIN off, 5 kernels a layer), and the
   multiplicative programs reading the LayerNorm statistics XLA computed (`STATS_IN_KERNEL`,
-  as above 4096), and the kernels asking the L2 cache for the next kernels' weights
-  (`decode_kernels.PREFETCH`)."""
+  as above 4096), the kernels asking the L2 cache for the next kernels' weights
+  (`decode_kernels.PREFETCH`), and to keep their own in it (`decode_kernels.L2_PERSIST`)."""
   for name, value in settings.items():
-    module = {'CHAIN': fused_residual, 'PREFETCH': decode_kernels}.get(
+    module = {'CHAIN': fused_residual, 'PREFETCH': decode_kernels,
+              'L2_PERSIST': decode_kernels}.get(
         name, sparse_qkv_block_kernel)
     monkeypatch.setattr(module, name, value)
   kwargs = dict(d_model=d_model, n_heads=n_heads, attention_sparsity=attention_sparsity,
@@ -340,14 +344,9 @@ def test_benchmarks_time_and_profile_the_blocks_chained():
   np.testing.assert_array_equal(token[:, 0], np.argmax(logits[:, -1], axis=-1))
 
 
-@pytest.mark.parametrize('prefetch', [False, True])
-def test_prefetches_lower_to_ptx_for_a_gpu(prefetch, monkeypatch):
-  """Two 800M FF+QKV layers lowered for CUDA on any machine: with PREFETCH, PTX's
-  `prefetch.global.L2` in both multiplicative kernels (for the convolutions' weights), both
-  attention kernels (for the FF block's) and the first units kernel (for the second layer's
-  attention block's; the last layer's has no block after it). Each Triton module holds the
-  string once."""
-  monkeypatch.setattr(decode_kernels, 'PREFETCH', prefetch)
+def _two_800m_layers_lowered_for_an_h200():
+  """The text of one decoding step of two 800M FF+QKV layers lowered for CUDA (on any
+  machine): 4 kernels a layer."""
   model = ScalingTransformerLM(64, 1024, d_ff=6144, n_layers=2, n_heads=16, max_len=168,
                                dropout=0.0, ff_sparsity=(64, 16), attention_sparsity=16,
                                mode='predict')
@@ -357,7 +356,32 @@ def test_prefetches_lower_to_ptx_for_a_gpu(prefetch, monkeypatch):
     text = lowered_for_an_h200(lambda w, s, t: model.pure_fn(t, w, s, None), weights, state,
                                tokens)
   assert text.count('xla.gpu.triton') == 2 * 4
+  return text
+
+
+@pytest.mark.parametrize('prefetch', [False, True])
+def test_prefetches_lower_to_ptx_for_a_gpu(prefetch, monkeypatch):
+  """Two 800M FF+QKV layers lowered for CUDA on any machine: with PREFETCH, PTX's
+  `prefetch.global.L2` in both multiplicative kernels (for the convolutions' weights), both
+  attention kernels (for the FF block's) and the first units kernel (for the second layer's
+  attention block's; the last layer's has no block after it). Each Triton module holds the
+  string once."""
+  monkeypatch.setattr(decode_kernels, 'PREFETCH', prefetch)
+  text = _two_800m_layers_lowered_for_an_h200()
   assert text.count('prefetch.global.L2 [$1];') == (5 if prefetch else 0)
+
+
+@pytest.mark.parametrize('persist', [0, 1, 2])
+def test_kernels_ask_to_keep_their_fixed_weights_in_the_l2_cache_with_l2_persist(persist,
+                                                                                 monkeypatch):
+  """Two 800M FF+QKV layers lowered for CUDA on any machine: with L2_PERSIST 1 every kernel
+  of both layers (multiplicative, convolutions, attention, units) asks the L2 cache for its
+  fixed weights with the evict_last priority, with 2 without it; off, none asks."""
+  monkeypatch.setattr(decode_kernels, 'L2_PERSIST', persist)
+  text = _two_800m_layers_lowered_for_an_h200()
+  # once in each kernel's module
+  assert text.count('prefetch.global.L2::evict_last [$1];') == (2 * 4 if persist == 1 else 0)
+  assert text.count('prefetch.global.L2 [$1];') == (2 * 4 if persist == 2 else 0)
 
 
 @pytest.mark.parametrize('size, itemsize, parts', [(6 * 16 * 64 * 64, 4, 64), (1000, 4, 7),
@@ -374,4 +398,4 @@ def test_no_prefetch_on_rocm():
   """Pallas names ROCm's capability 0: the prefetch lowers to nothing there (it would need
   an MLIR context to emit anything)."""
   ctx = types.SimpleNamespace(context=types.SimpleNamespace(compute_capability=0))
-  assert decode_kernels._prefetch_lowering(ctx, None, None, parts=4) == []
+  assert decode_kernels._prefetch_lowering(ctx, None, None, parts=4, keep=True) == []

@@ -27,12 +27,15 @@ many bytes each multiply with cuBLAS's kernels, not XLA's Triton ones, 0 none; `
 `block` with `--dtype bfloat16`, any variant, dense included) and GRAPHS (`GRAPH_LOOPS`, 0:
 on a GPU a generation's loop is not recorded as a CUDA graph; `token`); `decode_kernels.py`
 has EARLY (`LAUNCH_EARLY`, 1: every program of the kernels lets the next kernel launch as it
-starts) and PREFETCH (1: the kernels ask the L2 cache for the next kernel's fixed weights as
-they start, `decode_kernels.prefetch`; `token` and `block`, with CHAIN); XLA's options for
-every decoding program on a GPU (`token`, `block` and `trace`; `xla_options`): DOT_MERGER
-(0: XLA's `dot-merger` pass off, which makes one product of two that share an operand),
-TILING_SEARCH (1: `xla_gpu_exhaustive_tiling_search`, every tiling of XLA's Triton products
-timed as it compiles) and TRITON_GEMM (0: cuBLAS's product kernels in place of XLA's Triton
+starts), PREFETCH (1: the kernels ask the L2 cache for the next kernel's fixed weights as
+they start, `decode_kernels.prefetch`; `token` and `block`, with CHAIN) and PERSIST
+(`L2_PERSIST`: 1, the kernels ask the L2 cache for their fixed weights with PTX's evict_last
+priority, the L2 cache set aside for such lines for the rest of the process; 2, the same
+requests with no priority; `token` and `block`); XLA's options for every decoding program on
+a GPU (`token`, `block` and `trace`; `xla_options`): DOT_MERGER (0: XLA's `dot-merger` pass
+off, which makes one product of two that share an operand), TILING_SEARCH (1:
+`xla_gpu_exhaustive_tiling_search`, every tiling of XLA's Triton products timed as it
+compiles) and TRITON_GEMM (0: cuBLAS's product kernels in place of XLA's Triton
 ones); and this module SHARED (`SHARED_WEIGHTS`; `token` only): 1 gives every block
 block 0's arrays of its kind, so that on a GPU the blocks' weights stay in the L2 cache, 2 all
 but those of LARGE elements or more (Sparse FF's W1 and W2, whose chosen rows a token reads):
@@ -90,6 +93,7 @@ SHARES = {**{name: (sparse_qkv_block_kernel, name)
           'CUBLAS_BYTES': (decoding, 'CUBLAS_MAX_BYTES'), 'GRAPHS': (decoding, 'GRAPH_LOOPS'),
           'EARLY': (decode_kernels, 'LAUNCH_EARLY'),
           'PREFETCH': (decode_kernels, 'PREFETCH'),
+          'PERSIST': (decode_kernels, 'L2_PERSIST'),
           'SHARED': (sys.modules[__name__], 'SHARED_WEIGHTS'),
           **{name: (sys.modules[__name__], f'XLA_{name}')
              for name in ('DOT_MERGER', 'TILING_SEARCH', 'TRITON_GEMM')}}
@@ -123,12 +127,12 @@ def parse_setting(text):
                        f'{list(SHARES)} (MODULES and MIXED_CHANNELS also =all)')
     value = int(value)
     if (name in _SWITCHES and value not in (0, 1)) or (
-        name == 'MAX_PARTS' and value < 1) or (name == 'SHARED' and value > 2) or (
-        name not in (*_SWITCHES, 'MAX_PARTS', 'SHARED', *_ANY)
+        name == 'MAX_PARTS' and value < 1) or (name in ('SHARED', 'PERSIST') and value > 2) or (
+        name not in (*_SWITCHES, 'MAX_PARTS', 'SHARED', 'PERSIST', *_ANY)
         and not decode_kernels.is_power_of_2(value)):
-      raise ValueError(f'--settings: {pair!r}: {", ".join(_SWITCHES)} are 0 or 1, SHARED 0, '
-                       f'1 or 2, MAX_PARTS positive, {", ".join(_ANY)} any, the others powers '
-                       'of 2')
+      raise ValueError(f'--settings: {pair!r}: {", ".join(_SWITCHES)} are 0 or 1, SHARED and '
+                       f'PERSIST 0, 1 or 2, MAX_PARTS positive, {", ".join(_ANY)} any, the '
+                       'others powers of 2')
     setting[name] = bool(value) if name in _SWITCHES else value
   return setting
 

@@ -35,7 +35,7 @@ A form is `weights.stream.product`, each part naming how its loads are written:
   xla      (product) XLA's product, as the decoders compute it
 
 `--set_aside_mb` sets aside that much of the L2 for persisting (evict_last) lines first
-(`cuCtxSetLimit`, CUDA's driver; the device's maximum if larger). Prints µs per token of each
+(`decode_kernels.set_aside_l2`; the device's maximum if larger). Prints µs per token of each
 form, in rounds alternating the forms (`timing.per_steps`: a token's time is the
 difference of two token counts over the tokens they add), and how far each form's x is from the
 first form of the same arithmetic (same weights shared or not, same parts read). On a CPU the
@@ -44,7 +44,6 @@ runs on an H200.
 """
 
 import contextlib
-import ctypes
 import functools
 
 from absl import app
@@ -256,32 +255,6 @@ def measure(forms, n_layers, tokens, weight_rows, stream_rows, vocab, d_model=D_
   return rows
 
 
-def set_aside_persisting_l2(nbytes):
-  """Sets aside `nbytes` of the L2 cache (at most the device's maximum) for persisting lines
-  in the current device's primary context, JAX's; returns (bytes set aside, maximum)."""
-  cuda = ctypes.CDLL('libcuda.so.1')
-
-  def check(status, call):
-    if status:
-      raise RuntimeError(f'{call} failed: CUresult {status}')
-
-  check(cuda.cuInit(0), 'cuInit')
-  device, maximum = ctypes.c_int(), ctypes.c_int()
-  check(cuda.cuDeviceGet(ctypes.byref(device), jax.devices()[0].id), 'cuDeviceGet')
-  check(cuda.cuDeviceGetAttribute(ctypes.byref(maximum), 108, device),   # MAX_PERSISTING_L2
-        'cuDeviceGetAttribute')
-  context, limit = ctypes.c_void_p(), ctypes.c_size_t()
-  check(cuda.cuDevicePrimaryCtxRetain(ctypes.byref(context), device), 'cuDevicePrimaryCtxRetain')
-  check(cuda.cuCtxPushCurrent_v2(context), 'cuCtxPushCurrent')
-  try:
-    check(cuda.cuCtxSetLimit(6, ctypes.c_size_t(min(nbytes, maximum.value))), 'cuCtxSetLimit')
-    check(cuda.cuCtxGetLimit(ctypes.byref(limit), 6), 'cuCtxGetLimit')   # 6: PERSISTING_L2
-  finally:
-    check(cuda.cuCtxPopCurrent_v2(ctypes.byref(ctypes.c_void_p())), 'cuCtxPopCurrent')
-    check(cuda.cuDevicePrimaryCtxRelease_v2(device), 'cuDevicePrimaryCtxRelease')
-  return limit.value, maximum.value
-
-
 def define_flags():
   """Defines the command line's flags; only when run as a program."""
   flags.DEFINE_integer('layers', 24, 'Layers a token passes (the 800M decoder: 24).',
@@ -315,7 +288,7 @@ def main(argv):
                          f'{jax.default_backend()})')
   set_aside = ''
   if args.set_aside_mb:
-    limit, maximum = set_aside_persisting_l2(args.set_aside_mb << 20)
+    limit, maximum = decode_kernels.set_aside_l2(args.set_aside_mb << 20)
     set_aside = f' L2 set aside for persisting lines: {limit} bytes (maximum {maximum}).'
   mb = lambda rows: rows * D_MODEL * 4 * (D_MODEL // COLUMNS) / 1e6
   print(f'Machine: {timing.machine_description()}. {args.layers} layers a token of '

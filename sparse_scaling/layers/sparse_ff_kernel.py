@@ -112,11 +112,14 @@ def _units_kernel(x_ref, *refs, group, n, chunk, n_chunks, parts, epsilon, ahead
   c2s = [c2_ref[:, pl.ds(k * n, n)] for k in blocks]
   cbs = [cb_ref[pl.ds(k * n, n)] for k in blocks]
   decode_kernels.prefetch_all(ahead_refs, grid)
+  fixed = [c2_ref, cb_ref, b1_ref] + ([] if epsilon is None else [scale_ref, bias_ref])
   if parts:
     w2_ref, b2_ref, *residual_ref, out_ref = refs
     extras = [f32(b2_ref[cols]) for cols in chunks]
     if residual_ref:
       extras = [extra + f32(residual_ref[0][t, cols]) for extra, cols in zip(extras, chunks)]
+    fixed.append(b2_ref)
+  decode_kernels.keep(fixed, grid)
   # In float32 whatever the weights' dtype: summed in bfloat16, the controller's logits lose
   # the bits that decide its argmax.
   if epsilon is None:

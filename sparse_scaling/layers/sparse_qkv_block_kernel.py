@@ -135,12 +135,14 @@ def _mixed_kernel(x_ref, scale_ref, bias_ref, d_ref, e_ref, *refs, rows, sub, sp
   for s0, ls in s_pieces:
     for m0, lm in m_pieces:
       y_ref[b, p, pl.ds(first + s0, ls), pl.ds(c0 + m0, lm)] = y[s0, m0]
+  decode_kernels.keep((scale_ref, bias_ref, d_ref, e_ref), grid)
 
 
 def _conv_kernel(index_ref, y_ref, y_bias_ref, state_ref, wq_ref, bq_ref, wk_ref, bk_ref,
                  wv_ref, bv_ref, k_cache_ref, v_cache_ref, q_ref, position_ref, k_out_ref,
-                 v_out_ref, *, sizes, n_heads, width, group):
-  """One (row, output, group of modules, channel slice) program. Shapes in `decode_step`."""
+                 v_out_ref, *, sizes, n_heads, width, group, grid):
+  """One (row, output, group of modules, channel slice) program of `grid`. Shapes in
+  `decode_step`."""
   decode_kernels.launch_dependents()
   b, o, g, c = (pl.program_id(i) for i in range(4))
   _, n, n_modules, n_channels = state_ref.shape
@@ -219,6 +221,8 @@ def _conv_kernel(index_ref, y_ref, y_bias_ref, state_ref, wq_ref, bq_ref, wk_ref
       row, off, _ = cache_slot(k)
       v_out_ref[row, index, pl.ds(off, width)] = out.astype(v_out_ref.dtype)
 
+  decode_kernels.keep((y_bias_ref, wq_ref, bq_ref, wk_ref, bk_ref, wv_ref, bv_ref), grid)
+
 
 def _attend_kernel(position_ref, x_ref, q_ref, k_cache_ref, v_cache_ref, y_ref, y_bias_ref,
                    state_ref, index_ref, *refs, n_heads, value_width, starts, block, barrier,
@@ -257,6 +261,8 @@ def _attend_kernel(position_ref, x_ref, q_ref, k_cache_ref, v_cache_ref, y_ref, 
   if ff_norm:
     ff_weights = scale_ref[own], bias_ref[own], c1_ref[own, :]
   decode_kernels.prefetch_all(ahead_refs, grid)
+  if ff_norm:
+    decode_kernels.keep((scale_ref, bias_ref, c1_ref), grid)
   _move_state(y_ref, y_bias_ref, state_ref, state_out_ref, b, own, barrier)
   # q · K_cache, the head's pieces of d_head added; `conv` has written the token's own key
   # at `index`, so its score is read as the cache holds it, like the others'.
@@ -407,10 +413,11 @@ def decode_step(x, norm, mixed, conv, state, k_cache, v_cache, index, *, n_heads
   if y.shape[1] > MAX_PARTS:   # else every `conv` program would add them all
     y = jnp.sum(y, axis=1, keepdims=True)
 
+  grid = (batch, 3, n_modules // modules, n_channels // width)
   q, position, k_cache, v_cache = pl.pallas_call(
       functools.partial(_conv_kernel, sizes=tuple(sizes), n_heads=n_heads, width=width,
-                        group=modules),
-      grid=(batch, 3, n_modules // modules, n_channels // width),
+                        group=modules, grid=grid),
+      grid=grid,
       out_shape=(jax.ShapeDtypeStruct((batch, d_model), x.dtype),
                  jax.ShapeDtypeStruct((1,), jnp.int32),
                  jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
