@@ -4,54 +4,77 @@
       [--measure token] [--alternate] [--dtype float32]
       [--settings default,DOT=0,WIDTH=16,ROWS=32,...]
 
-`layers/sparse_qkv_block_kernel.py` splits a token's Sparse QKV block over programs by
-module constants (its "shares"): ROWS input rows, SPLIT modules and MIXED_CHANNELS channels
-per multiplicative program, WIDTH channels and MODULES modules per convolution program,
-VALUE_WIDTH value columns per attention program, MIXED_WARPS, CONV_WARPS and ATTEND_WARPS
-(warps per program of each kernel), DOT (1: the multiplicative product as one matrix
-product), STATS_IN_KERNEL (the largest d_model at which each multiplicative program computes
-its row's LayerNorm statistics itself), MAX_D_MODEL (the largest d_model the attention block
-takes: `--measure block` at 17B with MAX_D_MODEL=16384 times the fused block where it
-declines by default) and MAX_PARTS (the most partial sums the convolutions add themselves);
-MODULES=all and MIXED_CHANNELS=all set those two to None (the kernel's choice, and all of M);
-`layers/sparse_ff_kernel.py` has FF_GROUP (blocks of N units per program), FF_WARPS, FF_ROWS
-(rows of C1 per LayerNorm-controller program), FF_PARTS_BYTES (the most bytes of parts the
-units programs write, each its own rows of W2 times their activations; beyond, a second
-kernel multiplies W2's rows: 0 always), FF_COLUMNS (columns of d_model per program of that
-kernel) and FF_GATHER (rows it gathers a load); `layers/fused_residual.py` has CHAIN (1: each
-attention block hands the FF block after it the partial sums of its LayerNorm, one kernel
-fewer a layer; `--measure token` and `block` only); `decoding.py` has CPU_TOP_K (1: on a CPU,
-the controller's and greedy decoding's argmax as `lax.top_k`; `token` and `block`) and
-CUBLAS_BYTES (`CUBLAS_MAX_BYTES`: on a GPU, bfloat16 programs whose weights are at most that
-many bytes each multiply with cuBLAS's kernels, not XLA's Triton ones, 0 none; `token` and
-`block` with `--dtype bfloat16`, any variant, dense included) and GRAPHS (`GRAPH_LOOPS`, 0:
-on a GPU a generation's loop is not recorded as a CUDA graph; `token`); `decode_kernels.py`
-has EARLY (`LAUNCH_EARLY`, 1: every program of the kernels lets the next kernel launch as it
-starts), PREFETCH (1: the kernels ask the L2 cache for the next kernel's fixed weights as
-they start, `decode_kernels.prefetch`; `token` and `block`, with CHAIN) and PERSIST
-(`L2_PERSIST`: 1, the kernels ask the L2 cache for their fixed weights with PTX's evict_last
-priority, the L2 cache set aside for such lines for the rest of the process; 2, the same
-requests with no priority; `token` and `block`); XLA's options for every decoding program on
-a GPU (`token`, `block` and `trace`; `xla_options`): DOT_MERGER (0: XLA's `dot-merger` pass
-off, which makes one product of two that share an operand), TILING_SEARCH (1:
-`xla_gpu_exhaustive_tiling_search`, every tiling of XLA's Triton products timed as it
-compiles) and TRITON_GEMM (0: cuBLAS's product kernels in place of XLA's Triton
-ones); and this module SHARED (`SHARED_WEIGHTS`; `token` only): 1 gives every block
-block 0's arrays of its kind, so that on a GPU the blocks' weights stay in the L2 cache, 2 all
-but those of LARGE elements or more (Sparse FF's W1 and W2, whose chosen rows a token reads):
-what reading the weights from the card's memory costs a token. For each setting (NAME=value
-pairs joined by '+'; 'default' changes nothing) this builds the Table 1 decoder of `--variant`
-at `--shape` with `--depth` blocks (`decoders.py`, random weights, batch 1, `--dtype`: float32
-unless said), and times one compiled generation (`--measure token`:
-`table1.seconds_per_token_program`, a 128-token prompt, 32 tokens) or one block looped in a
-compiled program (`--measure block`: `table1.seconds_per_block_program`, where the 17B
-shape's output layer would hide the blocks); or, on random weights, the fused blocks' kernels
-alone: looped in a compiled program (`--measure kernels`), or one call of each block traced,
-each kernel's device time (`--measure trace`: a second or two per setting where a generation
-takes over a minute, on an H200 at 800M). It prints one Markdown row per setting as it is
-measured. The constants are restored after each. One-shot timings of the same generation
-have moved 15% from run to run (docs/decoding_gpu.md, "Prefetching the next kernel's
-weights"): `--alternate` compiles every setting first (a setting named twice is
+A setting is NAME=value pairs joined by '+' ('default' changes nothing); each name is a module
+constant, set while the setting is measured and restored after it. The names, by module:
+
+  layers/sparse_qkv_block_kernel.py (how a token's Sparse QKV block is split over programs)
+    ROWS, SPLIT, MIXED_CHANNELS  input rows, modules and channels per multiplicative program
+    WIDTH, MODULES               channels and modules per convolution program
+    VALUE_WIDTH                  value columns per attention program
+    MIXED_WARPS, CONV_WARPS, ATTEND_WARPS   warps per program of each kernel
+    DOT                          1: the multiplicative product as one matrix product
+    STATS_IN_KERNEL              the largest d_model at which each multiplicative program
+                                 computes its row's LayerNorm statistics itself
+    MAX_D_MODEL                  the largest d_model the attention block takes (`--measure
+                                 block` at 17B with 16384 times the block where it declines)
+    MAX_PARTS                    the most partial sums the convolutions add themselves
+    (MODULES=all and MIXED_CHANNELS=all: None, the kernel's choice and all of M)
+  layers/sparse_ff_kernel.py
+    FF_GROUP, FF_WARPS           blocks of N units and warps per units program
+    FF_ROWS                      rows of C1 per LayerNorm-controller program
+    FF_PARTS_BYTES               the most bytes of parts the units programs write (each its
+                                 rows of W2 times their activations); beyond, a second kernel
+                                 multiplies W2's rows (0: always)
+    FF_COLUMNS, FF_GATHER        columns of d_model per program of that kernel, rows it
+                                 gathers a load
+  layers/fused_residual.py
+    CHAIN                        1: each attention block hands the FF block after it its
+                                 LayerNorm's partial sums, one kernel fewer a layer (token,
+                                 block)
+  decoding.py
+    CPU_TOP_K                    1: on a CPU, the controller's and greedy decoding's argmax
+                                 as `lax.top_k` (token, block)
+    CUBLAS_BYTES                 `CUBLAS_MAX_BYTES`: on a GPU, bfloat16 programs whose weights
+                                 are at most that many bytes each multiply with cuBLAS's
+                                 kernels, 0 none (token, block, with --dtype bfloat16; any
+                                 variant, dense included)
+    GRAPHS                       `GRAPH_LOOPS`, 0: a generation's loop is not one CUDA graph
+                                 (token)
+  layers/decode_kernels.py
+    EARLY                        `LAUNCH_EARLY`, 1: every kernel's programs let the next
+                                 kernel launch as they start
+    PREFETCH                     1: the kernels ask the L2 cache for the next kernel's fixed
+                                 weights as they start (`decode_kernels.prefetch`; token,
+                                 block, with CHAIN)
+    PERSIST                      `L2_PERSIST`, 1: each kernel asks the L2 cache for its own
+                                 fixed weights with the evict_last priority, the L2 set aside
+                                 for such lines for the rest of the process; 2: the same
+                                 requests with no priority (token, block)
+  XLA's options for every decoding program on a GPU (`xla_options`; token, block, trace)
+    DOT_MERGER                   0: XLA's `dot-merger` pass (one product of two that share an
+                                 operand) off
+    TILING_SEARCH                1: `xla_gpu_exhaustive_tiling_search`, every tiling of
+                                 XLA's Triton products timed as it compiles
+    TRITON_GEMM                  0: cuBLAS's product kernels in place of XLA's Triton ones
+  this module
+    SHARED                       `SHARED_WEIGHTS` (token): 1 gives every block block 0's
+                                 arrays of its kind, so that on a GPU they stay in the L2
+                                 cache; 2 all but those of LARGE elements or more (W1 and W2,
+                                 whose chosen rows a token reads): what reading the weights
+                                 from the card's memory costs a token
+
+For each setting this builds the Table 1 decoder of `--variant` at `--shape` with `--depth`
+blocks (`decoders.py`, random weights, batch 1, `--dtype`: float32 unless said) and times
+  token    one compiled generation (`table1.seconds_per_token_program`: a 128-token prompt,
+           32 tokens);
+  block    one block looped in a compiled program (`table1.seconds_per_block_program`, where
+           the 17B shape's output layer would hide the blocks);
+  kernels  on random weights, the fused blocks' kernels alone, looped in a compiled program;
+  trace    one call of each block traced, each kernel's device time (a second or two per
+           setting, where a generation takes over a minute on an H200 at 800M).
+It prints one Markdown row per setting as it is measured. One-shot timings of the same
+generation have moved 15% from run to run (docs/decoding_gpu.md, "Prefetching the next
+kernel's weights"): `--alternate` compiles every setting first (a setting named twice is
 compiled twice) and times them in the same alternating rounds, printing the rows at the end.
 The kernels run on GPUs only: elsewhere `token` and `block` time XLA's path, and the program
 says so. Results: stdout (docs/decoding_gpu.md quotes runs on an H200).
