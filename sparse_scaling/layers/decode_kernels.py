@@ -42,6 +42,7 @@ is small beside a training step's kernels, and the early launch was not measured
 
 import contextlib
 import ctypes
+import functools
 import math
 
 import jax
@@ -217,7 +218,6 @@ def _prefetch_lowering(ctx, ptr, part, *, parts, keep):
 # kernels' own loads find them there. 2 asks for the same lines with no priority, without
 # setting anything aside: what the requests cost.
 L2_PERSIST = 0
-_SET_ASIDE = []   # the bytes `set_aside_l2` set aside in this process, once it has
 
 
 def keep(refs, grid):
@@ -226,9 +226,15 @@ def keep(refs, grid):
   Nothing without L2_PERSIST, on ROCm's GPUs or in Pallas' interpreter."""
   if not L2_PERSIST:
     return
-  if L2_PERSIST == 1 and jax.default_backend() == 'gpu' and not _SET_ASIDE:
-    _SET_ASIDE.append(set_aside_l2(1 << 30)[0])
+  if L2_PERSIST == 1 and jax.default_backend() == 'gpu':
+    _set_aside_most_of_l2()
   prefetch_all(refs, grid, keep=L2_PERSIST == 1)
+
+
+@functools.cache
+def _set_aside_most_of_l2():
+  """`set_aside_l2` of the device's maximum, once a process."""
+  return set_aside_l2(1 << 30)
 
 
 def set_aside_l2(nbytes):
