@@ -297,7 +297,7 @@ def test_the_layers_own_decoding_kernels_launch_the_next_early_and_training_s_do
 @pytest.mark.skipif(jax.default_backend() != 'gpu', reason='compiles the kernels for a GPU')
 @pytest.mark.parametrize('settings', [{}, dict(MIXED_CHANNELS=None), dict(CHAIN=False),
                                       dict(STATS_IN_KERNEL=0), dict(PREFETCH=True),
-                                      dict(L2_PERSIST=1)])
+                                      dict(L2_PERSIST=1), dict(L2_PERSIST=0)])
 @pytest.mark.parametrize('d_model, n_heads, attention_sparsity', [(1024, 16, 16), (1152, 12, 8)])
 def test_fused_blocks_compiled_for_the_gpu_equal_xla(d_model, n_heads, attention_sparsity,
                                                      settings, monkeypatch):
@@ -306,7 +306,8 @@ def test_fused_blocks_compiled_for_the_gpu_equal_xla(d_model, n_heads, attention
   (`MIXED_CHANNELS`), each block alone (CHAIN off, 5 kernels a layer), and the
   multiplicative programs reading the LayerNorm statistics XLA computed (`STATS_IN_KERNEL`,
   as above 4096), the kernels asking the L2 cache for the next kernels' weights
-  (`decode_kernels.PREFETCH`), and to keep their own in it (`decode_kernels.L2_PERSIST`)."""
+  (`decode_kernels.PREFETCH`), and to keep their own in it (`decode_kernels.L2_PERSIST`, line
+  by line, in bulk as by default, or not at all)."""
   for name, value in settings.items():
     module = {'CHAIN': fused_residual, 'PREFETCH': decode_kernels,
               'L2_PERSIST': decode_kernels}.get(
@@ -371,17 +372,46 @@ def test_prefetches_lower_to_ptx_for_a_gpu(prefetch, monkeypatch):
   assert text.count('prefetch.global.L2 [$1];') == (5 if prefetch else 0)
 
 
-@pytest.mark.parametrize('persist', [0, 1, 2])
+@pytest.mark.parametrize('persist', [0, 1, 2, 3, 4])
 def test_kernels_ask_to_keep_their_fixed_weights_in_the_l2_cache_with_l2_persist(persist,
                                                                                  monkeypatch):
   """Two 800M FF+QKV layers lowered for CUDA on any machine: with L2_PERSIST 1 every kernel
   of both layers (multiplicative, convolutions, attention, units) asks the L2 cache for its
-  fixed weights with the evict_last priority, with 2 without it; off, none asks."""
+  fixed weights with the evict_last priority, with 2 without it, line by line; 3 and 4 the
+  same in one bulk request a program and array; off, none asks."""
   monkeypatch.setattr(decode_kernels, 'L2_PERSIST', persist)
   text = _two_800m_layers_lowered_for_an_h200()
   # once in each kernel's module
   assert text.count('prefetch.global.L2::evict_last [$1];') == (2 * 4 if persist == 1 else 0)
   assert text.count('prefetch.global.L2 [$1];') == (2 * 4 if persist == 2 else 0)
+  bulk = [text.count(f'cp.async.bulk.prefetch.L2.global{hint} [$1]')
+          for hint in ('.L2::cache_hint', '')]
+  assert bulk == {3: [2 * 4, 0], 4: [0, 2 * 4]}.get(persist, [0, 0])
+
+
+def test_kernels_whose_fixed_weights_are_large_ask_for_none(monkeypatch):
+  """Above KEEP_MAX_BYTES of fixed weights (here 100 KB: all but the attention kernel's 74 KB,
+  its LayerNorm's and C1; the others' are 336-455 KB) a kernel makes no request."""
+  monkeypatch.setattr(decode_kernels, 'KEEP_MAX_BYTES', 100 << 10)
+  text = _two_800m_layers_lowered_for_an_h200()
+  assert text.count('cp.async.bulk.prefetch.L2.global.L2::cache_hint [$1]') == 2
+
+
+@pytest.mark.parametrize('size, itemsize, parts', [(6 * 16 * 64 * 64, 4, 64), (1000, 4, 7),
+                                                   (1024, 2, 96), (1, 4, 3), (33, 4, 1),
+                                                   (1030, 4, 4)])
+def test_the_parts_of_a_bulk_prefetch_cover_the_array_in_16_byte_pieces(size, itemsize,
+                                                                        parts):
+  """Each part starts 16-byte aligned (the arrays are), is a multiple of 16 bytes long, and
+  the parts ask for every byte but those of the array's last partial 16 once."""
+  elements, share = decode_kernels.bulk_shares(size, itemsize, parts)
+  assert share % 16 == 0 and elements * itemsize == share
+  asked = []
+  for p in range(parts):
+    n = min(size * itemsize - p * share, share) & -16
+    if n > 0:
+      asked.extend(range(p * share, p * share + n))
+  assert asked == list(range(size * itemsize // 16 * 16))
 
 
 @pytest.mark.parametrize('size, itemsize, parts', [(6 * 16 * 64 * 64, 4, 64), (1000, 4, 7),
@@ -398,4 +428,4 @@ def test_no_prefetch_on_rocm():
   """Pallas names ROCm's capability 0: the prefetch lowers to nothing there (it would need
   an MLIR context to emit anything)."""
   ctx = types.SimpleNamespace(context=types.SimpleNamespace(compute_capability=0))
-  assert decode_kernels._prefetch_lowering(ctx, None, None, parts=4, keep=True) == []
+  assert decode_kernels._prefetch_lowering(ctx, None, None, parts=4, keep=True, bulk=False) == []

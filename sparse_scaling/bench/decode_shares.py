@@ -40,6 +40,9 @@ constant, set while the setting is measured and restored after it. The names, by
                                  variant, dense included)
     GRAPHS                       `GRAPH_LOOPS`, 0: a generation's loop is not one CUDA graph
                                  (token)
+    PACKED                       `PACK_MAX_ELEMENTS`, 0: the Decoder leaves the small weight
+                                 arrays where they are, instead of copying them anew, together
+                                 (token)
   layers/decode_kernels.py
     EARLY                        `LAUNCH_EARLY`, 1: every kernel's programs let the next
                                  kernel launch as they start
@@ -49,7 +52,8 @@ constant, set while the setting is measured and restored after it. The names, by
     PERSIST                      `L2_PERSIST`, 1: each kernel asks the L2 cache for its own
                                  fixed weights with the evict_last priority, the L2 set aside
                                  for such lines for the rest of the process; 2: the same
-                                 requests with no priority (token, block)
+                                 requests with no priority; 3 and 4: 1 and 2 with one
+                                 request a program and array (token, block)
   XLA's options for every decoding program on a GPU (`xla_options`; token, block, trace)
     DOT_MERGER                   0: XLA's `dot-merger` pass (one product of two that share an
                                  operand) off
@@ -118,6 +122,7 @@ SHARES = {**{name: (sparse_qkv_block_kernel, name)
           'PREFETCH': (decode_kernels, 'PREFETCH'),
           'PERSIST': (decode_kernels, 'L2_PERSIST'),
           'SHARED': (sys.modules[__name__], 'SHARED_WEIGHTS'),
+          'PACKED': (decoding, 'PACK_MAX_ELEMENTS'),
           **{name: (sys.modules[__name__], f'XLA_{name}')
              for name in ('DOT_MERGER', 'TILING_SEARCH', 'TRITON_GEMM')}}
 _SWITCHES = ('DOT', 'CHAIN', 'CPU_TOP_K', 'GRAPHS', 'EARLY', 'PREFETCH', 'DOT_MERGER',
@@ -127,7 +132,8 @@ SHARED_WEIGHTS = 0   # 0, 1 or 2: see the module's note
 XLA_DOT_MERGER, XLA_TILING_SEARCH, XLA_TRITON_GEMM = True, False, True
 LARGE = 1 << 22      # elements: SHARED=2 keeps arrays this large each block's own
 _ALL = ('MODULES', 'MIXED_CHANNELS')   # also 'all': None, the kernel's own choice
-_ANY = ('FF_PARTS_BYTES', 'STATS_IN_KERNEL', 'MAX_D_MODEL', 'CUBLAS_BYTES')   # any int >= 0
+_ANY = ('FF_PARTS_BYTES', 'STATS_IN_KERNEL', 'MAX_D_MODEL', 'CUBLAS_BYTES',
+        'PACKED')   # any int >= 0
 PROMPT, TOKENS = 128, 32   # a generation's (`--measure token`)
 ROUNDS = 9                 # `--alternate`'s rounds
 DEFAULT_SETTINGS = ['default', 'DOT=0', 'MIXED_CHANNELS=32', 'WIDTH=16', 'MIXED_WARPS=8',
@@ -150,11 +156,12 @@ def parse_setting(text):
                        f'{list(SHARES)} (MODULES and MIXED_CHANNELS also =all)')
     value = int(value)
     if (name in _SWITCHES and value not in (0, 1)) or (
-        name == 'MAX_PARTS' and value < 1) or (name in ('SHARED', 'PERSIST') and value > 2) or (
+        name == 'MAX_PARTS' and value < 1) or (name == 'SHARED' and value > 2) or (
+        name == 'PERSIST' and value > 4) or (
         name not in (*_SWITCHES, 'MAX_PARTS', 'SHARED', 'PERSIST', *_ANY)
         and not decode_kernels.is_power_of_2(value)):
-      raise ValueError(f'--settings: {pair!r}: {", ".join(_SWITCHES)} are 0 or 1, SHARED and '
-                       f'PERSIST 0, 1 or 2, MAX_PARTS positive, {", ".join(_ANY)} any, the '
+      raise ValueError(f'--settings: {pair!r}: {", ".join(_SWITCHES)} are 0 or 1, SHARED 0, 1 or '
+                       f'2, PERSIST 0 to 4, MAX_PARTS positive, {", ".join(_ANY)} any, the '
                        'others powers of 2')
     setting[name] = bool(value) if name in _SWITCHES else value
   return setting

@@ -135,27 +135,31 @@ def _ptx_lowering(ctx, instructions, min_capability):
 PREFETCH = False
 
 
-def prefetch_all(refs, grid, keep=False):
+def prefetch_all(refs, grid, keep=False, bulk=False):
   """Inside a kernel of `grid` (static sizes): every program asks the L2 cache for its part
-  of each of `refs`' arrays (`prefetch`; with `keep`, to keep), parts numbered over the whole
-  grid."""
+  of each of `refs`' arrays (`prefetch`; with `keep`, to keep; with `bulk`, in one request),
+  parts numbered over the whole grid."""
   part, parts = 0, 1
   for axis, size in enumerate(grid):
     part, parts = part * size + pl.program_id(axis), parts * size
   for ref in refs:
-    prefetch(ref, part, parts, keep)
+    prefetch(ref, part, parts, keep, bulk)
 
 
-def prefetch(ref, part, parts, keep=False):
+def prefetch(ref, part, parts, keep=False, bulk=False):
   """Inside a kernel: asks the GPU's L2 cache for part `part` (an int32, e.g. the program's
   id) of `parts` equal parts of `ref`'s whole array (a kernel's input, not sliced), one request
   per 128-byte line, and goes on: nothing waits for the lines (PTX's `prefetch.global.L2`), so
   a kernel can have what the next kernel reads brought from the card's memory while it works.
   Parts past the array's end ask for its last line. With `keep`, the lines come with the
   `evict_last` priority (`prefetch.global.L2::evict_last`): they persist in the part of the L2
-  cache set aside for such lines (`set_aside_l2`). Nothing on ROCm's GPUs or in Pallas'
+  cache set aside for such lines, which compiling the request for a GPU sets aside, the most
+  that CUDA allows, once a process (`set_aside_l2`). With `bulk`, one thread of the program
+  asks for its whole part in one request (Hopper's `cp.async.bulk.prefetch.L2`, parts of 16
+  bytes or more; `keep` as a cache policy of `evict_last`), where the lines would take one
+  instruction each. Nothing on ROCm's GPUs, before Hopper with `bulk`, or in Pallas'
   interpreter."""
-  prefetch_p.bind(ref, jnp.asarray(part, jnp.int32), parts=parts, keep=keep)
+  prefetch_p.bind(ref, jnp.asarray(part, jnp.int32), parts=parts, keep=keep, bulk=bulk)
 
 
 prefetch_p = jax_core.Primitive('prefetch_l2')
@@ -180,17 +184,52 @@ def prefetch_shares(size, itemsize, parts):
   return per_line, share, 1 << (share - 1).bit_length()
 
 
+def bulk_shares(size, itemsize, parts):
+  """(elements a part, bytes a part) for `prefetch` with `bulk` of `parts` parts of an array
+  of `size` elements: whole multiples of 16 bytes; part p asks for bytes p·share ..
+  min((p + 1)·share, the array's) − 1, rounded down to 16 bytes (none past the end)."""
+  share = -(-(-(-size * itemsize // parts)) // 16) * 16
+  return share // itemsize, share
+
+
+# One thread of the program asks for bytes [$1, $1 + $2) where $2 > 0 ($2: a multiple of 16).
+_BULK = ('{{\n\t.reg .pred pf_go, pf_some;\n\t.reg .b32 pf_tid;\n\t{policy}'
+         'mov.u32 pf_tid, %tid.x;\n\tsetp.eq.u32 pf_go, pf_tid, 0;\n\t'
+         'setp.gt.s32 pf_some, $2, 0;\n\tand.pred pf_go, pf_go, pf_some;\n\t'
+         '@pf_go cp.async.bulk.prefetch.L2.global{hint} [$1], $2{operand};\n\t'
+         'mov.b32 $0, 0;\n\t}}')
+BULK_PTX = {
+    False: _BULK.format(policy='', hint='', operand=''),
+    True: _BULK.format(policy='.reg .b64 pf_policy;\n\t'
+                       'createpolicy.fractional.L2::evict_last.b64 pf_policy, 1.0;\n\t',
+                       hint='.L2::cache_hint', operand=', pf_policy'),
+}
+
+
 @triton_lowering.register_lowering(prefetch_p)
-def _prefetch_lowering(ctx, ptr, part, *, parts, keep):
-  if not ctx.context.compute_capability:   # ROCm's: 0
+def _prefetch_lowering(ctx, ptr, part, *, parts, keep, bulk):
+  if (ctx.context.compute_capability or 0) < (90 if bulk else 1):   # ROCm's: 0
     return []
   aval = ctx.avals_in[0]
   size = math.prod(aval.shape)
-  per_line, share, n = prefetch_shares(size, jnp.dtype(aval.dtype).itemsize, parts)
+  itemsize = jnp.dtype(aval.dtype).itemsize
   i32 = ir.IntegerType.get_signless(32)
+  constant = lambda v: arith_dialect.constant(i32, ir.IntegerAttr.get(i32, v))
+  if keep and jax.default_backend() == 'gpu':   # not where lowered for an abstract GPU
+    _set_aside_most_of_l2()
+  if bulk:
+    elements, share = bulk_shares(size, itemsize, parts)
+    start = arith_dialect.muli(part, constant(share))
+    remaining = arith_dialect.subi(constant(size * itemsize), start)
+    nbytes = arith_dialect.andi(arith_dialect.minsi(remaining, constant(share)), constant(-16))
+    address = tt_dialect.addptr(ptr.type, ptr, arith_dialect.muli(part, constant(elements)))
+    tt_dialect.elementwise_inline_asm(
+        [i32], BULK_PTX[keep], constraints='=r,l,r', pure=False, packed_element=1,
+        args=[address, nbytes])
+    return []
+  per_line, share, n = prefetch_shares(size, itemsize, parts)
   vector = ir.RankedTensorType.get([n], i32)
   splat = lambda v: tt_dialect.splat(vector, v)
-  constant = lambda v: arith_dialect.constant(i32, ir.IntegerAttr.get(i32, v))
   lines = arith_dialect.addi(splat(arith_dialect.muli(part, constant(share))),
                              tt_dialect.make_range(vector, 0, n))
   offsets = arith_dialect.minsi(arith_dialect.muli(lines, splat(constant(per_line))),
@@ -204,31 +243,40 @@ def _prefetch_lowering(ctx, ptr, part, *, parts, keep):
   return []
 
 
-# Off by default: on an H200 the 800M generation took 0.406 ms/token with it against 0.409
-# without, within the spread (`decode_shares` setting PERSIST; docs/decoding_gpu.md, "The
-# fixed weights kept in the L2 cache"). A token reads each block's fixed weights (the
-# LayerNorms, the multiplicative layer, the convolutions' kernels, the controller and the
-# biases: ~1.2 MB a block at 800M, 29 MB for 24 blocks) and streams the KV caches, W1's and
-# W2's chosen rows and the output layer through the L2 cache, which evict them before the next
-# token reads them: given every block the same arrays, a generation is 6-9% faster. With
-# L2_PERSIST 1 each kernel's programs ask the L2 cache for the kernel's fixed weights with
-# PTX's `evict_last` priority (`keep`), and the most of the L2 cache that CUDA allows is set
-# aside for such lines (`set_aside_l2`, once a process: a device setting; other lines use the
-# part that persisting ones do not), so that the weights stay from token to token and the
-# kernels' own loads find them there. 2 asks for the same lines with no priority, without
-# setting anything aside: what the requests cost.
-L2_PERSIST = 0
+# A token reads each block's fixed weights (the LayerNorms, the multiplicative layer, the
+# convolutions' kernels, the controller and the biases: ~1.2 MB a block at 800M, 29 MB for 24
+# blocks) and streams the KV caches, W1's and W2's chosen rows and the output layer through the
+# L2 cache, which evict them before the next token reads them: given every block the same
+# arrays, a generation is 6-9% faster. With L2_PERSIST each kernel's programs ask the L2 cache
+# for the kernel's fixed weights (`keep`), after their own loads of them: 1 with PTX's
+# `evict_last` priority, so that the lines persist in the part of the L2 cache set aside for
+# such lines (`set_aside_l2`, the most that CUDA allows, once a process, as the first such
+# request is compiled: a device setting; other lines use the part that persisting ones do
+# not); 2 the same requests with no priority, nothing set aside: what the requests cost. Line
+# by line, as 1 and 2 ask, the requests cost what they save (0.406 against 0.409 ms a token
+# on an H200, within the spread). 3 (the default) and 4 are 1 and 2 with each program's part of
+# an array asked for in one request (`prefetch` with `bulk`, Hopper and later; nothing on older
+# GPUs): they cost nothing measurable, and with the Decoder's small weights copied together
+# (`decoding.PACK_MAX_ELEMENTS`) the 800M FF+QKV generation took 0.387 and 0.394 ms a token
+# against 0.397 and 0.401 with neither, on one H200, side by side (`decode_shares` settings
+# PERSIST and PACKED; docs/decoding_gpu.md, "The requests in bulk").
+L2_PERSIST = 3
+# A kernel asks to keep its fixed weights only where they are at most KEEP_MAX_BYTES: at 800M
+# every kernel's are (at most 455 KB in float32, the units kernel's; 29 MB for 24 blocks,
+# within the 39 MB an H200 sets aside), at 17B none (the FF units kernel's controller: 4.2 MB
+# in bfloat16; the attention blocks decline there): there the requests were not measured,
+# and a 17B decoder's would not fit.
+KEEP_MAX_BYTES = 1 << 19
 
 
 def keep(refs, grid):
   """Inside a kernel of `grid`, with L2_PERSIST: every program asks the L2 cache for its part
   of each of `refs`' arrays (the kernel's fixed weights), to keep there (`prefetch_all`).
-  Nothing without L2_PERSIST, on ROCm's GPUs or in Pallas' interpreter."""
-  if not L2_PERSIST:
-    return
-  if L2_PERSIST == 1 and jax.default_backend() == 'gpu':
-    _set_aside_most_of_l2()
-  prefetch_all(refs, grid, keep=L2_PERSIST == 1)
+  Nothing without L2_PERSIST, where the arrays are more than KEEP_MAX_BYTES together, on
+  ROCm's GPUs or in Pallas' interpreter."""
+  nbytes = sum(math.prod(ref.shape) * jnp.dtype(ref.dtype).itemsize for ref in refs)
+  if L2_PERSIST and nbytes <= KEEP_MAX_BYTES:
+    prefetch_all(refs, grid, keep=L2_PERSIST in (1, 3), bulk=L2_PERSIST > 2)
 
 
 @functools.cache
