@@ -31,7 +31,7 @@ def test_each_setting_is_in_force_while_it_is_measured_and_undone_after():
   settings = ['default', 'WIDTH=16+CONV_WARPS=8', 'DOT=0+MIXED_CHANNELS=32',
               'MODULES=4+FF_GROUP=1+MAX_PARTS=144', 'MIXED_CHANNELS=all',
               'STATS_IN_KERNEL=0+MAX_D_MODEL=16384', 'CPU_TOP_K=0', 'CUBLAS_BYTES=0',
-              'GRAPHS=0', 'EARLY=1', 'SHARED=2', 'PREFETCH=1', 'PERSIST=0+PACKED=0',
+              'GRAPHS=0', 'EARLY=1', 'SHARED=2', 'PREFETCH=1+CACHES=1', 'PERSIST=0+PACKED=0',
               'DOT_MERGER=0+TILING_SEARCH=1+TRITON_GEMM=0']
   results = decode_shares.sweep('800m', 'ffqkv', 1, settings, measure=measure)
   assert [text for text, _ in results] == settings
@@ -42,7 +42,7 @@ def test_each_setting_is_in_force_while_it_is_measured_and_undone_after():
                   dict(before, STATS_IN_KERNEL=0, MAX_D_MODEL=16384),
                   dict(before, CPU_TOP_K=False), dict(before, CUBLAS_BYTES=0),
                   dict(before, GRAPHS=False), dict(before, EARLY=True),
-                  dict(before, SHARED=2), dict(before, PREFETCH=True),
+                  dict(before, SHARED=2), dict(before, PREFETCH=True, CACHES=True),
                   dict(before, PERSIST=0, PACKED=0),
                   dict(before, DOT_MERGER=False, TILING_SEARCH=True, TRITON_GEMM=False)]
   assert _constants() == before
@@ -91,7 +91,8 @@ def test_the_kernels_alone_are_timed_with_the_setting_in_force(monkeypatch):
 @pytest.mark.parametrize('text', ['WIDTH', 'WIDTH=12', 'DOT=2', 'CHAIN=2', 'STATS_IN_KERNEL=-1',
                                   'SPEED=4', 'WIDTH=8+', '', 'MAX_PARTS=0', 'FF_GROUP=3',
                                   'ROWS=all', 'CPU_TOP_K=2', 'CUBLAS_BYTES=-1',
-                                  'SHARED=3', 'PREFETCH=2', 'DOT_MERGER=2', 'PERSIST=5'])
+                                  'SHARED=3', 'PREFETCH=2', 'DOT_MERGER=2', 'PERSIST=5',
+                                  'CACHES=2'])
 def test_a_bad_setting_is_refused_naming_the_rule(text):
   with pytest.raises(ValueError, match='--settings: '):
     decode_shares.parse_setting(text)

@@ -60,6 +60,7 @@ def _decode(kernel, model_kwargs, tokens, prompt=3, dtype=jnp.float32, count='pa
 
 @pytest.mark.parametrize('d_model, n_heads, attention_sparsity, settings', [
     (64, 4, 8, {}), (64, 4, 2, dict(PREFETCH=True)), (64, 4, 8, dict(L2_PERSIST=1)),
+    (64, 4, 8, dict(PREFETCH_CACHES=True)),
     (256, 4, 16, {}), (256, 4, 32, {}),
     (16, 2, 4, {}),
     (48, 4, 4, dict(MIXED_CHANNELS=None)),
@@ -89,7 +90,8 @@ def test_fused_blocks_equal_xla_step_by_step(d_model, n_heads, attention_sparsit
   early (`decode_kernels.launch_dependents`, nothing in the interpreter). With PREFETCH (2
   modules of 32 channels) the kernels also take the next kernels' weights, to ask the L2
   cache for them (nothing in the interpreter), and still compute the same, as they do asking
-  the L2 cache to keep their fixed weights (L2_PERSIST)."""
+  the L2 cache to keep their fixed weights (L2_PERSIST) and the multiplicative programs
+  asking for the KV caches (PREFETCH_CACHES)."""
   for name, value in settings.items():
     module = (sparse_ff_kernel if name in FF_SHARES else
               decode_kernels if name in ('PREFETCH', 'L2_PERSIST') else sparse_qkv_block_kernel)
@@ -297,7 +299,8 @@ def test_the_layers_own_decoding_kernels_launch_the_next_early_and_training_s_do
 @pytest.mark.skipif(jax.default_backend() != 'gpu', reason='compiles the kernels for a GPU')
 @pytest.mark.parametrize('settings', [{}, dict(MIXED_CHANNELS=None), dict(CHAIN=False),
                                       dict(STATS_IN_KERNEL=0), dict(PREFETCH=True),
-                                      dict(L2_PERSIST=1), dict(L2_PERSIST=0)])
+                                      dict(L2_PERSIST=1), dict(L2_PERSIST=0),
+                                      dict(PREFETCH_CACHES=True)])
 @pytest.mark.parametrize('d_model, n_heads, attention_sparsity', [(1024, 16, 16), (1152, 12, 8)])
 def test_fused_blocks_compiled_for_the_gpu_equal_xla(d_model, n_heads, attention_sparsity,
                                                      settings, monkeypatch):
@@ -307,7 +310,8 @@ def test_fused_blocks_compiled_for_the_gpu_equal_xla(d_model, n_heads, attention
   multiplicative programs reading the LayerNorm statistics XLA computed (`STATS_IN_KERNEL`,
   as above 4096), the kernels asking the L2 cache for the next kernels' weights
   (`decode_kernels.PREFETCH`), and to keep their own in it (`decode_kernels.L2_PERSIST`, line
-  by line, in bulk as by default, or not at all)."""
+  by line, in bulk as by default, or not at all), and the multiplicative programs asking for
+  the KV caches (`PREFETCH_CACHES`)."""
   for name, value in settings.items():
     module = {'CHAIN': fused_residual, 'PREFETCH': decode_kernels,
               'L2_PERSIST': decode_kernels}.get(
@@ -387,6 +391,17 @@ def test_kernels_ask_to_keep_their_fixed_weights_in_the_l2_cache_with_l2_persist
   bulk = [text.count(f'cp.async.bulk.prefetch.L2.global{hint} [$1]')
           for hint in ('.L2::cache_hint', '')]
   assert bulk == {3: [2 * 4, 0], 4: [0, 2 * 4]}.get(persist, [0, 0])
+
+
+@pytest.mark.parametrize('caches', [False, True])
+def test_the_multiplicative_kernels_ask_for_the_kv_caches_with_prefetch_caches(caches,
+                                                                             monkeypatch):
+  """With PREFETCH_CACHES both layers' multiplicative kernels ask the L2 cache for the KV
+  caches in bulk, with no priority (the fixed weights' requests carry one); without, none
+  does."""
+  monkeypatch.setattr(sparse_qkv_block_kernel, 'PREFETCH_CACHES', caches)
+  text = _two_800m_layers_lowered_for_an_h200()
+  assert text.count('cp.async.bulk.prefetch.L2.global [$1]') == (2 if caches else 0)
 
 
 def test_kernels_whose_fixed_weights_are_large_ask_for_none(monkeypatch):

@@ -18,6 +18,8 @@ constant, set while the setting is measured and restored after it. The names, by
     MAX_D_MODEL                  the largest d_model the attention block takes (`--measure
                                  block` at 17B with 16384 times the block where it declines)
     MAX_PARTS                    the most partial sums the convolutions add themselves
+    CACHES                       `PREFETCH_CACHES`, 1: the multiplicative programs ask the
+                                 L2 cache for the KV caches that attention reads
     (MODULES=all and MIXED_CHANNELS=all: None, the kernel's choice and all of M)
   layers/sparse_ff_kernel.py
     FF_GROUP, FF_WARPS           blocks of N units and warps per units program
@@ -112,6 +114,7 @@ SHARES = {**{name: (sparse_qkv_block_kernel, name)
                           'ATTEND_WARPS', 'DOT', 'MODULES', 'MAX_PARTS',
                           'SPLIT', 'MIXED_CHANNELS', 'STATS_IN_KERNEL',
                           'MAX_D_MODEL')},
+          'CACHES': (sparse_qkv_block_kernel, 'PREFETCH_CACHES'),
           'FF_GROUP': (sparse_ff_kernel, 'GROUP'), 'FF_WARPS': (sparse_ff_kernel, 'WARPS'),
           'FF_ROWS': (sparse_ff_kernel, 'NORM_ROWS'),
           'FF_PARTS_BYTES': (sparse_ff_kernel, 'MAX_PARTS_BYTES'),
@@ -126,7 +129,7 @@ SHARES = {**{name: (sparse_qkv_block_kernel, name)
           **{name: (sys.modules[__name__], f'XLA_{name}')
              for name in ('DOT_MERGER', 'TILING_SEARCH', 'TRITON_GEMM')}}
 _SWITCHES = ('DOT', 'CHAIN', 'CPU_TOP_K', 'GRAPHS', 'EARLY', 'PREFETCH', 'DOT_MERGER',
-             'TILING_SEARCH', 'TRITON_GEMM')   # 0 or 1
+             'TILING_SEARCH', 'TRITON_GEMM', 'CACHES')   # 0 or 1
 SHARED_WEIGHTS = 0   # 0, 1 or 2: see the module's note
 # XLA's options for a GPU program, on top of `decoding.COMPILER_OPTIONS` (`xla_options`).
 XLA_DOT_MERGER, XLA_TILING_SEARCH, XLA_TRITON_GEMM = True, False, True

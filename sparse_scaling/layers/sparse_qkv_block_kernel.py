@@ -82,6 +82,12 @@ MIXED_CHANNELS = 16
 # unchained; 0.0748 chained) against 0.0604-0.0622 with XLA's attention, where at 800M's 1024
 # it runs 9.2 µs against 26 (docs/decoding_gpu.md).
 MAX_D_MODEL = 4096
+# With PREFETCH_CACHES the `mixed` programs ask the L2 cache for the block's KV caches, in one
+# request a program and cache (`decode_kernels.prefetch_all` in bulk; Hopper and later), which
+# `attend` reads whole two kernels later: from the card's memory at every token (the 24 blocks'
+# caches, 33 MB at 800M, are read once a token among 180 MB that a token streams). Off: not yet
+# measured on a GPU (docs/decoding_gpu.md, "The requests in bulk").
+PREFETCH_CACHES = False
 
 
 def fits(d_model, n_modules, n_heads, sizes, length_kernel_size):
@@ -93,7 +99,7 @@ def fits(d_model, n_modules, n_heads, sizes, length_kernel_size):
 
 
 def _mixed_kernel(x_ref, scale_ref, bias_ref, d_ref, e_ref, *refs, rows, sub, split,
-                  channels, dot, epsilon, ahead=0, grid=()):
+                  channels, dot, epsilon, ahead=0, caches=0, grid=()):
   """One (row, input slice, slice of `split` modules and `channels` channels) program:
   partial sums of y at those modules and channels [split, channels], in power-of-2 pieces of
   both sides.
@@ -101,10 +107,12 @@ def _mixed_kernel(x_ref, scale_ref, bias_ref, d_ref, e_ref, *refs, rows, sub, sp
   With `dot` (sub = rows; every piece and rows >= 16, Triton's least) each piece is one matrix
   product [S', rows] x [rows, M'] in IEEE float32; else sums of broadcast products. `refs`:
   (mean [B], inv [B], y) where XLA computed the row's statistics, else (y,), after `ahead`
-  arrays whose parts the programs ask the L2 cache for (`decode_kernels.PREFETCH`).
+  arrays whose parts the programs ask the L2 cache for (`decode_kernels.PREFETCH`) and
+  `caches` more that they ask for in bulk (PREFETCH_CACHES).
   """
   decode_kernels.launch_dependents()
-  ahead_refs, (*stats_refs, y_ref) = refs[:ahead], refs[ahead:]
+  ahead_refs, cache_refs = refs[:ahead], refs[ahead:ahead + caches]
+  *stats_refs, y_ref = refs[ahead + caches:]
   b, p = pl.program_id(0), pl.program_id(1)
   slices = e_ref.shape[1] // channels
   first, c0 = pl.program_id(2) // slices * split, pl.program_id(2) % slices * channels
@@ -116,6 +124,7 @@ def _mixed_kernel(x_ref, scale_ref, bias_ref, d_ref, e_ref, *refs, rows, sub, sp
   ds = [{s0: d_ref[pl.ds(first + s0, ls), cols] for s0, ls in s_pieces} for cols in row_slices]
   es = [{m0: e_ref[cols, pl.ds(c0 + m0, lm)] for m0, lm in m_pieces} for cols in row_slices]
   decode_kernels.prefetch_all(ahead_refs, grid)
+  decode_kernels.prefetch_all(cache_refs, grid, bulk=True)
   if stats_refs:
     stats = tuple(ref[b] for ref in stats_refs)
   else:
@@ -399,17 +408,18 @@ def decode_step(x, norm, mixed, conv, state, k_cache, v_cache, index, *, n_heads
     stats = (mean, jax.lax.rsqrt(jnp.mean(jnp.square(x32 - mean[:, None]), axis=1) + epsilon))
   conv_weights = [w for pair in conv for w in pair]
   mixed_ahead, ahead = ((conv_weights, tuple(ahead)) if decode_kernels.PREFETCH else ((), ()))
+  caches = (k_cache, v_cache) if PREFETCH_CACHES else ()
   # Each kernel's compiler_params are Triton's (plgpu), not Mosaic GPU's.
   grid = (batch, d_model // rows, n_modules // split * (n_channels // channels))
   y = pl.pallas_call(
       functools.partial(_mixed_kernel, rows=rows, sub=rows if dot else min(rows, 8),
                         split=split, channels=channels, dot=dot, epsilon=epsilon,
-                        ahead=len(mixed_ahead), grid=grid),
+                        ahead=len(mixed_ahead), caches=len(caches), grid=grid),
       grid=grid,
       out_shape=jax.ShapeDtypeStruct((batch, d_model // rows, n_modules, n_channels),
                                      jnp.float32),
       interpret=interpret, compiler_params=plgpu.CompilerParams(num_warps=MIXED_WARPS),
-  )(x, *norm, d, e, *mixed_ahead, *stats)
+  )(x, *norm, d, e, *mixed_ahead, *caches, *stats)
   if y.shape[1] > MAX_PARTS:   # else every `conv` program would add them all
     y = jnp.sum(y, axis=1, keepdims=True)
 
