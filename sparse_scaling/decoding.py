@@ -81,7 +81,7 @@ GRAPH_LOOPS = True
 # those weights (`decode_kernels.L2_PERSIST`), the 800M FF+QKV generation took 0.387 and 0.394
 # ms a token against 0.397 and 0.401 with neither, on one H200, side by side
 # (docs/decoding_gpu.md, "The requests in bulk"). 0: nothing is copied (`bench.decode_shares`'
-# PACKED=0).
+# PACK_ELEMENTS=0).
 PACK_MAX_ELEMENTS = 1 << 22
 
 

@@ -31,7 +31,7 @@ def test_each_setting_is_in_force_while_it_is_measured_and_undone_after():
   settings = ['default', 'WIDTH=16+CONV_WARPS=8', 'DOT=0+MIXED_CHANNELS=32',
               'MODULES=4+FF_GROUP=1+MAX_PARTS=144', 'MIXED_CHANNELS=all',
               'STATS_IN_KERNEL=0+MAX_D_MODEL=16384', 'CPU_TOP_K=0', 'CUBLAS_BYTES=0',
-              'GRAPHS=0', 'EARLY=1', 'SHARED=2', 'PREFETCH=1+CACHES=1', 'PERSIST=0+PACKED=0',
+              'GRAPHS=0', 'EARLY=1', 'SHARED=2', 'PREFETCH=1+CACHES=1', 'PERSIST=0+PACK_ELEMENTS=0',
               'DOT_MERGER=0+TILING_SEARCH=1+TRITON_GEMM=0']
   results = decode_shares.sweep('800m', 'ffqkv', 1, settings, measure=measure)
   assert [text for text, _ in results] == settings
@@ -43,7 +43,7 @@ def test_each_setting_is_in_force_while_it_is_measured_and_undone_after():
                   dict(before, CPU_TOP_K=False), dict(before, CUBLAS_BYTES=0),
                   dict(before, GRAPHS=False), dict(before, EARLY=True),
                   dict(before, SHARED=2), dict(before, PREFETCH=True, CACHES=True),
-                  dict(before, PERSIST=0, PACKED=0),
+                  dict(before, PERSIST=0, PACK_ELEMENTS=0),
                   dict(before, DOT_MERGER=False, TILING_SEARCH=True, TRITON_GEMM=False)]
   assert _constants() == before
 

@@ -42,9 +42,8 @@ constant, set while the setting is measured and restored after it. The names, by
                                  variant, dense included)
     GRAPHS                       `GRAPH_LOOPS`, 0: a generation's loop is not one CUDA graph
                                  (token)
-    PACKED                       `PACK_MAX_ELEMENTS`, 0: the Decoder leaves the small weight
-                                 arrays where they are, instead of copying them anew, together
-                                 (token)
+    PACK_ELEMENTS                `PACK_MAX_ELEMENTS`: the Decoder copies the weight arrays of
+                                 fewer elements anew, together; 0: none (token)
   layers/decode_kernels.py
     EARLY                        `LAUNCH_EARLY`, 1: every kernel's programs let the next
                                  kernel launch as they start
@@ -125,7 +124,7 @@ SHARES = {**{name: (sparse_qkv_block_kernel, name)
           'PREFETCH': (decode_kernels, 'PREFETCH'),
           'PERSIST': (decode_kernels, 'L2_PERSIST'),
           'SHARED': (sys.modules[__name__], 'SHARED_WEIGHTS'),
-          'PACKED': (decoding, 'PACK_MAX_ELEMENTS'),
+          'PACK_ELEMENTS': (decoding, 'PACK_MAX_ELEMENTS'),
           **{name: (sys.modules[__name__], f'XLA_{name}')
              for name in ('DOT_MERGER', 'TILING_SEARCH', 'TRITON_GEMM')}}
 _SWITCHES = ('DOT', 'CHAIN', 'CPU_TOP_K', 'GRAPHS', 'EARLY', 'PREFETCH', 'DOT_MERGER',
@@ -136,7 +135,7 @@ XLA_DOT_MERGER, XLA_TILING_SEARCH, XLA_TRITON_GEMM = True, False, True
 LARGE = 1 << 22      # elements: SHARED=2 keeps arrays this large each block's own
 _ALL = ('MODULES', 'MIXED_CHANNELS')   # also 'all': None, the kernel's own choice
 _ANY = ('FF_PARTS_BYTES', 'STATS_IN_KERNEL', 'MAX_D_MODEL', 'CUBLAS_BYTES',
-        'PACKED')   # any int >= 0
+        'PACK_ELEMENTS')   # any int >= 0
 PROMPT, TOKENS = 128, 32   # a generation's (`--measure token`)
 ROUNDS = 9                 # `--alternate`'s rounds
 DEFAULT_SETTINGS = ['default', 'DOT=0', 'MIXED_CHANNELS=32', 'WIDTH=16', 'MIXED_WARPS=8',

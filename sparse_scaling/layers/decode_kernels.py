@@ -259,7 +259,7 @@ def _prefetch_lowering(ctx, ptr, part, *, parts, keep, bulk):
 # GPUs): they cost nothing measurable, and with the Decoder's small weights copied together
 # (`decoding.PACK_MAX_ELEMENTS`) the 800M FF+QKV generation took 0.387 and 0.394 ms a token
 # against 0.397 and 0.401 with neither, on one H200, side by side (`decode_shares` settings
-# PERSIST and PACKED; docs/decoding_gpu.md, "The requests in bulk").
+# PERSIST and PACK_ELEMENTS; docs/decoding_gpu.md, "The requests in bulk").
 L2_PERSIST = 3
 # A kernel asks to keep its fixed weights only where they are at most KEEP_MAX_BYTES: at 800M
 # every kernel's are (at most 455 KB in float32, the units kernel's; 29 MB for 24 blocks,
