@@ -60,7 +60,7 @@ def _decode(kernel, model_kwargs, tokens, prompt=3, dtype=jnp.float32, count='pa
 
 @pytest.mark.parametrize('d_model, n_heads, attention_sparsity, settings', [
     (64, 4, 8, {}), (64, 4, 2, dict(PREFETCH=True)), (64, 4, 8, dict(L2_PERSIST=1)),
-    (64, 4, 8, dict(PREFETCH_CACHES=True)),
+    (64, 4, 8, dict(PREFETCH_CACHES=True, PREFETCH_STATE=True)),
     (256, 4, 16, {}), (256, 4, 32, {}),
     (16, 2, 4, {}),
     (48, 4, 4, dict(MIXED_CHANNELS=None)),
@@ -91,7 +91,7 @@ def test_fused_blocks_equal_xla_step_by_step(d_model, n_heads, attention_sparsit
   modules of 32 channels) the kernels also take the next kernels' weights, to ask the L2
   cache for them (nothing in the interpreter), and still compute the same, as they do asking
   the L2 cache to keep their fixed weights (L2_PERSIST) and the multiplicative programs
-  asking for the KV caches (PREFETCH_CACHES)."""
+  asking for the KV caches and the convolution's state (PREFETCH_CACHES, PREFETCH_STATE)."""
   for name, value in settings.items():
     module = (sparse_ff_kernel if name in FF_SHARES else
               decode_kernels if name in ('PREFETCH', 'L2_PERSIST') else sparse_qkv_block_kernel)
@@ -300,7 +300,7 @@ def test_the_layers_own_decoding_kernels_launch_the_next_early_and_training_s_do
 @pytest.mark.parametrize('settings', [{}, dict(MIXED_CHANNELS=None), dict(CHAIN=False),
                                       dict(STATS_IN_KERNEL=0), dict(PREFETCH=True),
                                       dict(L2_PERSIST=1), dict(L2_PERSIST=0),
-                                      dict(PREFETCH_CACHES=True)])
+                                      dict(PREFETCH_CACHES=True, PREFETCH_STATE=True)])
 @pytest.mark.parametrize('d_model, n_heads, attention_sparsity', [(1024, 16, 16), (1152, 12, 8)])
 def test_fused_blocks_compiled_for_the_gpu_equal_xla(d_model, n_heads, attention_sparsity,
                                                      settings, monkeypatch):
@@ -311,7 +311,7 @@ def test_fused_blocks_compiled_for_the_gpu_equal_xla(d_model, n_heads, attention
   as above 4096), the kernels asking the L2 cache for the next kernels' weights
   (`decode_kernels.PREFETCH`), and to keep their own in it (`decode_kernels.L2_PERSIST`, line
   by line, in bulk as by default, or not at all), and the multiplicative programs asking for
-  the KV caches (`PREFETCH_CACHES`)."""
+  the KV caches and the convolution's state (`PREFETCH_CACHES`, `PREFETCH_STATE`)."""
   for name, value in settings.items():
     module = {'CHAIN': fused_residual, 'PREFETCH': decode_kernels,
               'L2_PERSIST': decode_kernels}.get(
@@ -349,19 +349,21 @@ def test_benchmarks_time_and_profile_the_blocks_chained():
   np.testing.assert_array_equal(token[:, 0], np.argmax(logits[:, -1], axis=-1))
 
 
-def _two_800m_layers_lowered_for_an_h200():
+def _two_800m_layers_lowered_for_an_h200(jaxpr=False):
   """The text of one decoding step of two 800M FF+QKV layers lowered for CUDA (on any
-  machine): 4 kernels a layer."""
+  machine): 4 kernels a layer; with `jaxpr`, and the step's jaxpr's."""
   model = ScalingTransformerLM(64, 1024, d_ff=6144, n_layers=2, n_heads=16, max_len=168,
                                dropout=0.0, ff_sparsity=(64, 16), attention_sparsity=16,
                                mode='predict')
   tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
   weights, state = model.weights_and_state_signature(tokens)
   with decode_kernels.use('pallas'):
-    text = lowered_for_an_h200(lambda w, s, t: model.pure_fn(t, w, s, None), weights, state,
-                               tokens)
+    step = lambda w, s, t: model.pure_fn(t, w, s, None)
+    text = lowered_for_an_h200(step, weights, state, tokens)
+    if jaxpr:
+      jaxpr = str(jax.make_jaxpr(step)(weights, state, tokens))
   assert text.count('xla.gpu.triton') == 2 * 4
-  return text
+  return (text, jaxpr) if jaxpr else text
 
 
 @pytest.mark.parametrize('prefetch', [False, True])
@@ -393,15 +395,19 @@ def test_kernels_ask_to_keep_their_fixed_weights_in_the_l2_cache_with_l2_persist
   assert bulk == {3: [2 * 4, 0], 4: [0, 2 * 4]}.get(persist, [0, 0])
 
 
-@pytest.mark.parametrize('caches', [False, True])
-def test_the_multiplicative_kernels_ask_for_the_kv_caches_with_prefetch_caches(caches,
-                                                                             monkeypatch):
-  """With PREFETCH_CACHES both layers' multiplicative kernels ask the L2 cache for the KV
-  caches in bulk, with no priority (the fixed weights' requests carry one); without, none
-  does."""
+@pytest.mark.parametrize('caches, state', [(False, False), (True, False), (False, True),
+                                           (True, True)])
+def test_the_multiplicative_kernels_ask_for_the_caches_and_state_when_told(caches, state,
+                                                                         monkeypatch):
+  """With PREFETCH_CACHES both layers' multiplicative kernels ask the L2 cache for the K and
+  V caches in bulk, with PREFETCH_STATE for the convolution's state, each with no priority (the
+  fixed weights' requests carry one); without, none does."""
   monkeypatch.setattr(sparse_qkv_block_kernel, 'PREFETCH_CACHES', caches)
-  text = _two_800m_layers_lowered_for_an_h200()
-  assert text.count('cp.async.bulk.prefetch.L2.global [$1]') == (2 if caches else 0)
+  monkeypatch.setattr(sparse_qkv_block_kernel, 'PREFETCH_STATE', state)
+  text, jaxpr = _two_800m_layers_lowered_for_an_h200(jaxpr=True)
+  # Each Triton module holds the request's text once, the kernels' jaxprs each request.
+  assert text.count('cp.async.bulk.prefetch.L2.global [$1]') == (2 if caches or state else 0)
+  assert jaxpr.count('prefetch_l2[bulk=True keep=False') == 2 * (2 * caches + state)
 
 
 def test_kernels_whose_fixed_weights_are_large_ask_for_none(monkeypatch):

@@ -20,6 +20,8 @@ constant, set while the setting is measured and restored after it. The names, by
     MAX_PARTS                    the most partial sums the convolutions add themselves
     CACHES                       `PREFETCH_CACHES`, 1: the multiplicative programs ask the
                                  L2 cache for the KV caches that attention reads
+    STATE                        `PREFETCH_STATE`, 1: they ask for the convolution's state
+                                 too
     (MODULES=all and MIXED_CHANNELS=all: None, the kernel's choice and all of M)
   layers/sparse_ff_kernel.py
     FF_GROUP, FF_WARPS           blocks of N units and warps per units program
@@ -55,6 +57,8 @@ constant, set while the setting is measured and restored after it. The names, by
                                  for such lines for the rest of the process; 2: the same
                                  requests with no priority; 3 and 4: 1 and 2 with one
                                  request a program and array (token, block)
+    KEEP_BYTES                   `KEEP_MAX_BYTES`: the most bytes of fixed weights a kernel
+                                 asks the L2 cache to keep (token, block)
   XLA's options for every decoding program on a GPU (`xla_options`; token, block, trace)
     DOT_MERGER                   0: XLA's `dot-merger` pass (one product of two that share an
                                  operand) off
@@ -114,6 +118,7 @@ SHARES = {**{name: (sparse_qkv_block_kernel, name)
                           'SPLIT', 'MIXED_CHANNELS', 'STATS_IN_KERNEL',
                           'MAX_D_MODEL')},
           'CACHES': (sparse_qkv_block_kernel, 'PREFETCH_CACHES'),
+          'STATE': (sparse_qkv_block_kernel, 'PREFETCH_STATE'),
           'FF_GROUP': (sparse_ff_kernel, 'GROUP'), 'FF_WARPS': (sparse_ff_kernel, 'WARPS'),
           'FF_ROWS': (sparse_ff_kernel, 'NORM_ROWS'),
           'FF_PARTS_BYTES': (sparse_ff_kernel, 'MAX_PARTS_BYTES'),
@@ -123,19 +128,20 @@ SHARES = {**{name: (sparse_qkv_block_kernel, name)
           'EARLY': (decode_kernels, 'LAUNCH_EARLY'),
           'PREFETCH': (decode_kernels, 'PREFETCH'),
           'PERSIST': (decode_kernels, 'L2_PERSIST'),
+          'KEEP_BYTES': (decode_kernels, 'KEEP_MAX_BYTES'),
           'SHARED': (sys.modules[__name__], 'SHARED_WEIGHTS'),
           'PACK_ELEMENTS': (decoding, 'PACK_MAX_ELEMENTS'),
           **{name: (sys.modules[__name__], f'XLA_{name}')
              for name in ('DOT_MERGER', 'TILING_SEARCH', 'TRITON_GEMM')}}
 _SWITCHES = ('DOT', 'CHAIN', 'CPU_TOP_K', 'GRAPHS', 'EARLY', 'PREFETCH', 'DOT_MERGER',
-             'TILING_SEARCH', 'TRITON_GEMM', 'CACHES')   # 0 or 1
+             'TILING_SEARCH', 'TRITON_GEMM', 'CACHES', 'STATE')   # 0 or 1
 SHARED_WEIGHTS = 0   # 0, 1 or 2: see the module's note
 # XLA's options for a GPU program, on top of `decoding.COMPILER_OPTIONS` (`xla_options`).
 XLA_DOT_MERGER, XLA_TILING_SEARCH, XLA_TRITON_GEMM = True, False, True
 LARGE = 1 << 22      # elements: SHARED=2 keeps arrays this large each block's own
 _ALL = ('MODULES', 'MIXED_CHANNELS')   # also 'all': None, the kernel's own choice
 _ANY = ('FF_PARTS_BYTES', 'STATS_IN_KERNEL', 'MAX_D_MODEL', 'CUBLAS_BYTES',
-        'PACK_ELEMENTS')   # any int >= 0
+        'PACK_ELEMENTS', 'KEEP_BYTES')   # any int >= 0
 PROMPT, TOKENS = 128, 32   # a generation's (`--measure token`)
 ROUNDS = 9                 # `--alternate`'s rounds
 DEFAULT_SETTINGS = ['default', 'DOT=0', 'MIXED_CHANNELS=32', 'WIDTH=16', 'MIXED_WARPS=8',

@@ -88,6 +88,10 @@ MAX_D_MODEL = 4096
 # caches, 33 MB at 800M, are read once a token among 180 MB that a token streams). Off: not yet
 # measured on a GPU (docs/decoding_gpu.md, "The requests in bulk").
 PREFETCH_CACHES = False
+# With PREFETCH_STATE they ask, the same way, for the convolution's state (8 KB a block at
+# 800M), which `conv` reads in the next kernel and `attend` after it: written a token ago, it
+# has left the L2 cache by then. Off: not yet measured on a GPU.
+PREFETCH_STATE = False
 
 
 def fits(d_model, n_modules, n_heads, sizes, length_kernel_size):
@@ -108,7 +112,7 @@ def _mixed_kernel(x_ref, scale_ref, bias_ref, d_ref, e_ref, *refs, rows, sub, sp
   product [S', rows] x [rows, M'] in IEEE float32; else sums of broadcast products. `refs`:
   (mean [B], inv [B], y) where XLA computed the row's statistics, else (y,), after `ahead`
   arrays whose parts the programs ask the L2 cache for (`decode_kernels.PREFETCH`) and
-  `caches` more that they ask for in bulk (PREFETCH_CACHES).
+  `caches` more that they ask for in bulk (PREFETCH_CACHES, PREFETCH_STATE).
   """
   decode_kernels.launch_dependents()
   ahead_refs, cache_refs = refs[:ahead], refs[ahead:ahead + caches]
@@ -408,7 +412,7 @@ def decode_step(x, norm, mixed, conv, state, k_cache, v_cache, index, *, n_heads
     stats = (mean, jax.lax.rsqrt(jnp.mean(jnp.square(x32 - mean[:, None]), axis=1) + epsilon))
   conv_weights = [w for pair in conv for w in pair]
   mixed_ahead, ahead = ((conv_weights, tuple(ahead)) if decode_kernels.PREFETCH else ((), ()))
-  caches = (k_cache, v_cache) if PREFETCH_CACHES else ()
+  caches = ((k_cache, v_cache) if PREFETCH_CACHES else ()) + ((state,) if PREFETCH_STATE else ())
   # Each kernel's compiler_params are Triton's (plgpu), not Mosaic GPU's.
   grid = (batch, d_model // rows, n_modules // split * (n_channels // channels))
   y = pl.pallas_call(
