@@ -72,28 +72,6 @@ COMPILER_OPTIONS_LOOPS = {'gpu': {
     'xla_gpu_graph_min_graph_size': 1}}
 GRAPH_LOOPS = True
 
-# On a GPU a Decoder copies the weight arrays of fewer than PACK_MAX_ELEMENTS elements anew,
-# one after another, as it is built (`packed`): a sparse model's fixed weights (the
-# multiplicative layers, the convolutions' kernels, the controllers, the LayerNorms and
-# biases; ~1.2 MB a block at 800M) then lie together in the card's memory instead of between
-# the large arrays (W1 and W2, the embedding, the output layer) that the model's
-# initialization placed them among. With the decoding kernels asking the L2 cache to keep
-# those weights (`decode_kernels.L2_PERSIST`), the 800M FF+QKV generation took 0.387 and 0.394
-# ms a token against 0.397 and 0.401 with neither, on one H200, side by side
-# (docs/decoding_gpu.md, "The requests in bulk"). 0: nothing is copied (`bench.decode_shares`'
-# PACK_ELEMENTS=0).
-PACK_MAX_ELEMENTS = 1 << 22
-
-
-def packed(arrays, max_elements):
-  """`arrays` with each distinct one of fewer than `max_elements` elements copied anew onto
-  the default device, in order, and the others as they are; an array given twice stays one."""
-  copies = {}
-  for a in arrays:
-    if np.size(a) < max_elements and id(a) not in copies:
-      copies[id(a)] = jnp.array(a, copy=True)
-  return [copies.get(id(a), a) for a in arrays]
-
 
 def compiler_options(weights=None, loops=True):
   """XLA's options for a decoding program on the default backend that reads `weights` (a
@@ -226,8 +204,6 @@ class Decoder:
     if self._dtype is not None and not jnp.issubdtype(self._dtype, jnp.floating):
       raise ValueError(f'dtype must be a floating-point dtype, got {dtype!r}')
     self._leaves = [self._cast(w) for w in jax.tree.leaves(weights)]
-    if PACK_MAX_ELEMENTS and jax.default_backend() == 'gpu':
-      self._leaves = packed(self._leaves, PACK_MAX_ELEMENTS)
     self._weights = None
     self._start_id = start_id
     self._compiled = {}

@@ -421,33 +421,6 @@ def test_the_decoder_compiles_its_programs_for_the_weights_it_decodes_with(monke
   assert compiled_for == [{jnp.dtype('bfloat16')}]   # cast, or kept
 
 
-def test_packed_copies_each_small_array_once_in_order_and_leaves_the_large_ones():
-  small, large, host = jnp.arange(6.0), jnp.zeros((4, 4)), np.ones(3, np.float32)
-  got = decoding.packed([small, large, host, small], max_elements=8)
-  assert got[1] is large and got[3] is got[0]   # a shared array stays one
-  assert got[0] is not small and isinstance(got[2], jax.Array)
-  for a, b in zip(got, [small, large, host, small]):
-    np.testing.assert_array_equal(a, b)
-
-
-@pytest.mark.parametrize('backend, packs', [('gpu', True), ('cpu', False)])
-def test_the_decoder_packs_its_small_weights_on_gpus_only(model_and_weights, monkeypatch,
-                                                          backend, packs):
-  """On a GPU the Decoder copies its weights of fewer than PACK_MAX_ELEMENTS elements anew
-  (here all but the embedding and the output layer) and decodes with the copies."""
-  model_fn, weights = model_and_weights
-  monkeypatch.setattr(decoding, 'PACK_MAX_ELEMENTS', 512)
-  monkeypatch.setattr(decoding.jax, 'default_backend', lambda: backend)
-  decoder = Decoder(model_fn, weights)
-  monkeypatch.undo()
-  mine = decoder._leaves   # pylint: disable=protected-access
-  for got, given in zip(mine, jax.tree.leaves(weights)):
-    assert (got is given) == (not packs or np.size(given) >= 512)
-  assert any(np.size(w) >= 512 for w in mine) and any(np.size(w) < 512 for w in mine)
-  np.testing.assert_array_equal(decoder.generate(np.ones((1, 3), np.int32), 4),
-                                Decoder(model_fn, weights).generate(np.ones((1, 3), np.int32), 4))
-
-
 _PRODUCT_KERNELS = """
 import jax.numpy as jnp
 from sparse_scaling import decoding

@@ -299,7 +299,7 @@ def test_the_layers_own_decoding_kernels_launch_the_next_early_and_training_s_do
 @pytest.mark.skipif(jax.default_backend() != 'gpu', reason='compiles the kernels for a GPU')
 @pytest.mark.parametrize('settings', [{}, dict(MIXED_CHANNELS=None), dict(CHAIN=False),
                                       dict(STATS_IN_KERNEL=0), dict(PREFETCH=True),
-                                      dict(L2_PERSIST=1), dict(L2_PERSIST=0),
+                                      dict(L2_PERSIST=1), dict(L2_PERSIST=3),
                                       dict(PREFETCH_CACHES=True, PREFETCH_STATE=True)])
 @pytest.mark.parametrize('d_model, n_heads, attention_sparsity', [(1024, 16, 16), (1152, 12, 8)])
 def test_fused_blocks_compiled_for_the_gpu_equal_xla(d_model, n_heads, attention_sparsity,
@@ -310,7 +310,7 @@ def test_fused_blocks_compiled_for_the_gpu_equal_xla(d_model, n_heads, attention
   multiplicative programs reading the LayerNorm statistics XLA computed (`STATS_IN_KERNEL`,
   as above 4096), the kernels asking the L2 cache for the next kernels' weights
   (`decode_kernels.PREFETCH`), and to keep their own in it (`decode_kernels.L2_PERSIST`, line
-  by line, in bulk as by default, or not at all), and the multiplicative programs asking for
+  by line or in bulk; by default they do not ask), and the multiplicative programs asking for
   the KV caches and the convolution's state (`PREFETCH_CACHES`, `PREFETCH_STATE`)."""
   for name, value in settings.items():
     module = {'CHAIN': fused_residual, 'PREFETCH': decode_kernels,
@@ -412,7 +412,9 @@ def test_the_multiplicative_kernels_ask_for_the_caches_and_state_when_told(cache
 
 def test_kernels_whose_fixed_weights_are_large_ask_for_none(monkeypatch):
   """Above KEEP_MAX_BYTES of fixed weights (here 100 KB: all but the attention kernel's 74 KB,
-  its LayerNorm's and C1; the others' are 336-455 KB) a kernel makes no request."""
+  its LayerNorm's and C1; the others' are 336-455 KB) a kernel makes no request, L2_PERSIST
+  asking in bulk."""
+  monkeypatch.setattr(decode_kernels, 'L2_PERSIST', 3)
   monkeypatch.setattr(decode_kernels, 'KEEP_MAX_BYTES', 100 << 10)
   text = _two_800m_layers_lowered_for_an_h200()
   assert text.count('cp.async.bulk.prefetch.L2.global.L2::cache_hint [$1]') == 2

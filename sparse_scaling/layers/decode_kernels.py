@@ -254,18 +254,20 @@ def _prefetch_lowering(ctx, ptr, part, *, parts, keep, bulk):
 # request is compiled: a device setting; other lines use the part that persisting ones do
 # not); 2 the same requests with no priority, nothing set aside: what the requests cost. Line
 # by line, as 1 and 2 ask, the requests cost what they save (0.406 against 0.409 ms a token
-# on an H200, within the spread). 3 (the default) and 4 are 1 and 2 with each program's part of
-# an array asked for in one request (`prefetch` with `bulk`, Hopper and later; nothing on older
-# GPUs): they cost nothing measurable, and with the Decoder's small weights copied together
-# (`decoding.PACK_MAX_ELEMENTS`) the 800M FF+QKV generation took 0.387 and 0.394 ms a token
-# against 0.397 and 0.401 with neither, on one H200, side by side (`decode_shares` settings
-# PERSIST and PACK_ELEMENTS; docs/decoding_gpu.md, "The requests in bulk").
-L2_PERSIST = 3
+# on an H200, within the spread). 3 and 4 are 1 and 2 with each program's part of an array
+# asked for in one request (`prefetch` with `bulk`, Hopper and later; nothing on older GPUs):
+# they cost nothing measurable, and save nothing measurable either. Compiled copies of the
+# 800M FF+QKV generation on the same weights, timed in the same rounds on one H200, took
+# 0.392-0.399 ms a token with 3 (three copies) and 0.394-0.405 with 0 (two), the copies of one
+# setting as far apart as the settings (docs/decoding_gpu.md, "Compiled copies side by side"). So 0 is the default:
+# no request, and no device setting changed behind the user's back.
+L2_PERSIST = 0
 # A kernel asks to keep its fixed weights only where they are at most KEEP_MAX_BYTES: at 800M
 # every kernel's are (at most 455 KB in float32, the units kernel's; 29 MB for 24 blocks,
 # within the 39 MB an H200 sets aside), at 17B none (the FF units kernel's controller: 4.2 MB
-# in bfloat16; the attention blocks decline there): there the requests were not measured,
-# and a 17B decoder's would not fit.
+# in bfloat16; the attention blocks decline there). One 17B float32 block looped in a program
+# with every kernel asking (`decode_shares` setting KEEP_BYTES=67108864, PERSIST=3) took
+# 0.0664 and 0.0697 ms against 0.0613 and 0.0664 without, on one H200.
 KEEP_MAX_BYTES = 1 << 19
 
 
