@@ -31,7 +31,8 @@ def test_each_setting_is_in_force_while_it_is_measured_and_undone_after():
   settings = ['default', 'WIDTH=16+CONV_WARPS=8', 'DOT=0+MIXED_CHANNELS=32',
               'MODULES=4+FF_GROUP=1+MAX_PARTS=144', 'MIXED_CHANNELS=all',
               'STATS_IN_KERNEL=0+MAX_D_MODEL=16384', 'CPU_TOP_K=0', 'CUBLAS_BYTES=0',
-              'GRAPHS=0', 'EARLY=1', 'SHARED=2', 'PREFETCH=1+CACHES=1', 'PERSIST=0+PACK_ELEMENTS=0',
+              'GRAPHS=0', 'EARLY=1', 'SHARED=2', 'PREFETCH=1+CACHES=1+STATE=1',
+              'PERSIST=3+KEEP_BYTES=1000',
               'DOT_MERGER=0+TILING_SEARCH=1+TRITON_GEMM=0']
   results = decode_shares.sweep('800m', 'ffqkv', 1, settings, measure=measure)
   assert [text for text, _ in results] == settings
@@ -42,8 +43,8 @@ def test_each_setting_is_in_force_while_it_is_measured_and_undone_after():
                   dict(before, STATS_IN_KERNEL=0, MAX_D_MODEL=16384),
                   dict(before, CPU_TOP_K=False), dict(before, CUBLAS_BYTES=0),
                   dict(before, GRAPHS=False), dict(before, EARLY=True),
-                  dict(before, SHARED=2), dict(before, PREFETCH=True, CACHES=True),
-                  dict(before, PERSIST=0, PACK_ELEMENTS=0),
+                  dict(before, SHARED=2), dict(before, PREFETCH=True, CACHES=True, STATE=True),
+                  dict(before, PERSIST=3, KEEP_BYTES=1000),
                   dict(before, DOT_MERGER=False, TILING_SEARCH=True, TRITON_GEMM=False)]
   assert _constants() == before
 
@@ -92,7 +93,8 @@ def test_the_kernels_alone_are_timed_with_the_setting_in_force(monkeypatch):
                                   'SPEED=4', 'WIDTH=8+', '', 'MAX_PARTS=0', 'FF_GROUP=3',
                                   'ROWS=all', 'CPU_TOP_K=2', 'CUBLAS_BYTES=-1',
                                   'SHARED=3', 'PREFETCH=2', 'DOT_MERGER=2', 'PERSIST=5',
-                                  'CACHES=2'])
+                                  'CACHES=2', 'STATE=2', 'KEEP_BYTES=-1',
+                                  'PACK_ELEMENTS=0'])
 def test_a_bad_setting_is_refused_naming_the_rule(text):
   with pytest.raises(ValueError, match='--settings: '):
     decode_shares.parse_setting(text)
@@ -188,7 +190,21 @@ def test_alternating_generations_are_each_compiled_under_their_setting(monkeypat
   assert {(i, n) for i, n, _ in timed} == {(i, n) for i in range(4) for n in (8, 32)}
   assert not any(prefetch for _, _, prefetch in timed)
   assert all(sum(1 for c in timed if c[:2] == (i, n)) >= 3 for i in range(4) for n in (8, 32))
-  assert capsys.readouterr().out.count('|') == 4 * 3
+  out = capsys.readouterr().out
+  rows, spread = out.split('\n\n')
+  assert rows.count('|') == 4 * 3
+  # the setting named twice: its two copies' lowest and highest
+  lowest, highest = sorted(seconds for text, seconds in results if text == 'default')
+  assert spread.splitlines()[2] == (f'| default | 2 | {lowest * 1e3:.4f} | {highest * 1e3:.4f} '
+                                    f'| {highest / lowest - 1:.1%} |')
+  assert len(spread.splitlines()) == 3
+
+
+def test_copies_need_alternate():
+  out = subprocess.run([sys.executable, '-m', 'sparse_scaling.bench.decode_shares',
+                        '--copies', '2'], capture_output=True, text=True)
+  assert out.returncode != 0 and not out.stdout
+  assert '--copies 2: compiles copies for --alternate only' in out.stderr
 
 
 def test_alternate_times_generations_only():

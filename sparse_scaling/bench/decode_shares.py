@@ -44,8 +44,6 @@ constant, set while the setting is measured and restored after it. The names, by
                                  variant, dense included)
     GRAPHS                       `GRAPH_LOOPS`, 0: a generation's loop is not one CUDA graph
                                  (token)
-    PACK_ELEMENTS                `PACK_MAX_ELEMENTS`: the Decoder copies the weight arrays of
-                                 fewer elements anew, together; 0: none (token)
   layers/decode_kernels.py
     EARLY                        `LAUNCH_EARLY`, 1: every kernel's programs let the next
                                  kernel launch as they start
@@ -84,7 +82,11 @@ blocks (`decoders.py`, random weights, batch 1, `--dtype`: float32 unless said) 
 It prints one Markdown row per setting as it is measured. One-shot timings of the same
 generation have moved 15% from run to run (docs/decoding_gpu.md, "Prefetching the next
 kernel's weights"): `--alternate` compiles every setting first (a setting named twice is
-compiled twice) and times them in the same alternating rounds, printing the rows at the end.
+compiled twice; `--copies N` compiles each N times, in turn) and times them in the same
+alternating rounds, printing the rows at the end, then each repeated setting's copies' lowest
+and highest time: compiled copies of one 800M generation have run up to ~3% apart, once 8%
+(docs/decoding_gpu.md, "Compiled copies side by side"), so a setting is told apart from
+another only by more than its copies' spread.
 The kernels run on GPUs only: elsewhere `token` and `block` time XLA's path, and the program
 says so. Results: stdout (docs/decoding_gpu.md quotes runs on an H200).
 """
@@ -130,7 +132,6 @@ SHARES = {**{name: (sparse_qkv_block_kernel, name)
           'PERSIST': (decode_kernels, 'L2_PERSIST'),
           'KEEP_BYTES': (decode_kernels, 'KEEP_MAX_BYTES'),
           'SHARED': (sys.modules[__name__], 'SHARED_WEIGHTS'),
-          'PACK_ELEMENTS': (decoding, 'PACK_MAX_ELEMENTS'),
           **{name: (sys.modules[__name__], f'XLA_{name}')
              for name in ('DOT_MERGER', 'TILING_SEARCH', 'TRITON_GEMM')}}
 _SWITCHES = ('DOT', 'CHAIN', 'CPU_TOP_K', 'GRAPHS', 'EARLY', 'PREFETCH', 'DOT_MERGER',
@@ -141,7 +142,7 @@ XLA_DOT_MERGER, XLA_TILING_SEARCH, XLA_TRITON_GEMM = True, False, True
 LARGE = 1 << 22      # elements: SHARED=2 keeps arrays this large each block's own
 _ALL = ('MODULES', 'MIXED_CHANNELS')   # also 'all': None, the kernel's own choice
 _ANY = ('FF_PARTS_BYTES', 'STATS_IN_KERNEL', 'MAX_D_MODEL', 'CUBLAS_BYTES',
-        'PACK_ELEMENTS', 'KEEP_BYTES')   # any int >= 0
+        'KEEP_BYTES')   # any int >= 0
 PROMPT, TOKENS = 128, 32   # a generation's (`--measure token`)
 ROUNDS = 9                 # `--alternate`'s rounds
 DEFAULT_SETTINGS = ['default', 'DOT=0', 'MIXED_CHANNELS=32', 'WIDTH=16', 'MIXED_WARPS=8',
@@ -262,6 +263,16 @@ def sweep_alternating(shape, variant, depth, settings, dtype='float32', rounds=R
   results = list(zip(settings, timing.per_steps(runs, TOKENS // 4, TOKENS, min_runs=rounds)))
   for text, seconds in results:
     print(common.table_row([text, _cell(seconds, 1e3)]), flush=True)
+  copies = collections.defaultdict(list)
+  for text, seconds in results:
+    copies[text].append(seconds)
+  repeated = {text: times for text, times in copies.items() if len(times) > 1}
+  if repeated:
+    print('\n' + common.table_header(['setting', 'copies', 'lowest ms/token',
+                                      'highest ms/token', 'spread']))
+    for text, times in repeated.items():
+      print(common.table_row([text, len(times), _cell(min(times), 1e3), _cell(max(times), 1e3),
+                              f'{max(times) / min(times) - 1:.1%}']), flush=True)
   return results
 
 
@@ -420,6 +431,8 @@ def define_flags():
                     '"default" for the constants as they are.')
   flags.DEFINE_bool('alternate', False, '--measure token: compile every setting first, then '
                     'time them all in the same alternating rounds (rows printed at the end).')
+  flags.DEFINE_integer('copies', 1, '--alternate: compile each setting this many times, the '
+                       'settings in turn, and give each one\'s spread.', lower_bound=1)
 
 
 def main(argv):
@@ -433,6 +446,8 @@ def main(argv):
   if args.alternate and args.measure != 'token':
     raise app.UsageError(f'--alternate: times generations (--measure token), not '
                          f'--measure {args.measure}')
+  if args.copies > 1 and not args.alternate:
+    raise app.UsageError(f'--copies {args.copies}: compiles copies for --alternate only')
   if args.measure in ('kernels', 'trace'):
     if jax.default_backend() != 'gpu':
       raise app.UsageError(f'--measure {args.measure}: the kernels compile for GPUs only '
@@ -452,7 +467,8 @@ def main(argv):
     print('Not a GPU: the fused blocks do not run here, every setting times XLA\'s path.')
   print(common.table_header(['setting'] + _UNITS[args.measure]))
   if args.alternate:
-    sweep_alternating(args.shape, args.variant, args.depth, args.settings, args.dtype)
+    sweep_alternating(args.shape, args.variant, args.depth, args.settings * args.copies,
+                      args.dtype)
     return
   measure = MEASURES[args.measure]
   if measure in (per_token, per_block):
