@@ -2,6 +2,8 @@
 
 import functools
 import json
+import subprocess
+import sys
 import time
 
 import jax
@@ -128,11 +130,11 @@ def test_a_block_looped_in_a_program_keeps_xlas_loops_where_a_generation_does_no
 
 
 def test_a_measurement_that_fails_is_reported_and_the_others_go_on(monkeypatch):
-  def broken(*args):
+  def broken(*args, **kwargs):
     raise RuntimeError('no such column')
 
   monkeypatch.setattr(table1, 'dimensions', tiny_dimensions)
-  monkeypatch.setattr(table1, 'seconds_per_token_program', broken)
+  monkeypatch.setattr(table1, 'seconds_per_token_programs', broken)
   # The measurements that work stand in (the other tests here time blocks for real): what is
   # checked is what `measure` makes of them and of the one that fails.
   built = []
@@ -213,3 +215,48 @@ def test_the_kernel_column_names_the_pallas_kernels_a_model_decodes_through():
     # FF kernel.
     assert table1.kernels_used(dict(big, d_model=4096, n_heads=64, ff_sparsity=(256, 12))) == \
         'pallas: qkvblock'
+
+
+def test_copies_of_a_generation_share_one_draw_of_weights_and_compile_apart(monkeypatch):
+  """`generation_runs`: each copy is its own Decoder, compiled for each length it runs, and
+  all decode the same tokens from the one draw of random weights."""
+  drawn, compiled = [], []
+  real_draw, real_jit = table1.random_weights_and_state, decoding.jit
+  monkeypatch.setattr(table1, 'random_weights_and_state',
+                      lambda *a, **k: drawn.append(1) or real_draw(*a, **k))
+  monkeypatch.setattr(decoding, 'jit', lambda *a, **k: compiled.append(1) or real_jit(*a, **k))
+  model_fn = functools.partial(table1.build, 'ours', TINY, 1, 16)
+  runs = table1.generation_runs(model_fn, 'float32', prompt=4, copies=3)
+  tokens = [np.asarray(run(n)) for n in (2, 5) for run in runs]
+  assert len(runs) == 3 and len(drawn) == 1 and len(compiled) == 3 * 2
+  for got in tokens[1:3]:
+    np.testing.assert_array_equal(got, tokens[0])
+  for got in tokens[4:]:
+    np.testing.assert_array_equal(got, tokens[3])
+
+
+def test_the_program_column_is_the_median_of_its_copies_and_the_table_gives_their_range(
+    monkeypatch):
+  monkeypatch.setattr(table1, 'dimensions', tiny_dimensions)
+  monkeypatch.setattr(table1, 'seconds_per_block', lambda *a: (1e-3, 2e-3))
+  monkeypatch.setattr(table1, 'seconds_per_block_program', lambda *a: 5e-4)
+  asked = []
+  monkeypatch.setattr(table1, 'seconds_per_token_programs',
+                      lambda *a, copies: asked.append(copies) or [3e-4, 1e-4, 2e-4][:copies])
+  rows = table1.measure('800m', ['dense', 'ff'], ['ours'], prompt=4, n_tokens=3,
+                        bandwidth=30e9, program=True, step=False, copies=3)
+  assert asked == [3, 3]
+  assert [r['s_per_token_program'] for r in rows] == [2e-4, 2e-4]
+  assert rows[0]['s_per_token_program_copies'] == [3e-4, 1e-4, 2e-4]
+  assert '| 0.00020 (0.00010-0.00030, 3 copies) | 1.00x |' in table1.markdown(rows, 4, 3)
+  one = table1.measure('800m', ['dense'], ['ours'], prompt=4, n_tokens=3, bandwidth=30e9,
+                       program=True, step=False)
+  assert one[0]['s_per_token_program'] == 3e-4 and 's_per_token_program_copies' not in one[0]
+  assert '| 0.00030 | 1.00x |' in table1.markdown(one, 4, 3)
+
+
+def test_copies_need_the_program_column():
+  out = subprocess.run([sys.executable, '-m', 'sparse_scaling.bench.table1', '--copies', '3',
+                        '--nowrite'], capture_output=True, text=True)
+  assert out.returncode != 0 and '--copies 3: copies of the compiled generation need ' \
+      '--program' in out.stderr

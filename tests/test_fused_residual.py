@@ -349,9 +349,9 @@ def test_benchmarks_time_and_profile_the_blocks_chained():
   np.testing.assert_array_equal(token[:, 0], np.argmax(logits[:, -1], axis=-1))
 
 
-def _two_800m_layers_lowered_for_an_h200(jaxpr=False):
+def _two_800m_layers_lowered_for_an_h200(with_jaxpr=False):
   """The text of one decoding step of two 800M FF+QKV layers lowered for CUDA (on any
-  machine): 4 kernels a layer; with `jaxpr`, and the step's jaxpr's."""
+  machine): 4 kernels a layer; `with_jaxpr`, (that text, the step's jaxpr as text)."""
   model = ScalingTransformerLM(64, 1024, d_ff=6144, n_layers=2, n_heads=16, max_len=168,
                                dropout=0.0, ff_sparsity=(64, 16), attention_sparsity=16,
                                mode='predict')
@@ -360,10 +360,9 @@ def _two_800m_layers_lowered_for_an_h200(jaxpr=False):
   with decode_kernels.use('pallas'):
     step = lambda w, s, t: model.pure_fn(t, w, s, None)
     text = lowered_for_an_h200(step, weights, state, tokens)
-    if jaxpr:
-      jaxpr = str(jax.make_jaxpr(step)(weights, state, tokens))
+    jaxpr = str(jax.make_jaxpr(step)(weights, state, tokens)) if with_jaxpr else None
   assert text.count('xla.gpu.triton') == 2 * 4
-  return (text, jaxpr) if jaxpr else text
+  return (text, jaxpr) if with_jaxpr else text
 
 
 @pytest.mark.parametrize('prefetch', [False, True])
@@ -404,7 +403,7 @@ def test_the_multiplicative_kernels_ask_for_the_caches_and_state_when_told(cache
   fixed weights' requests carry one); without, none does."""
   monkeypatch.setattr(sparse_qkv_block_kernel, 'PREFETCH_CACHES', caches)
   monkeypatch.setattr(sparse_qkv_block_kernel, 'PREFETCH_STATE', state)
-  text, jaxpr = _two_800m_layers_lowered_for_an_h200(jaxpr=True)
+  text, jaxpr = _two_800m_layers_lowered_for_an_h200(with_jaxpr=True)
   # Each Triton module holds the request's text once, the kernels' jaxprs each request.
   assert text.count('cp.async.bulk.prefetch.L2.global [$1]') == (2 if caches or state else 0)
   assert jaxpr.count('prefetch_l2[bulk=True keep=False') == 2 * (2 * caches + state)

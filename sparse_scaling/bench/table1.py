@@ -1,7 +1,7 @@
 """The paper's Table 1: unbatched decoding time per token, ours and trax's, side by side.
 
   python -m sparse_scaling.bench.table1 [--shapes 800m,17b] [--impls ours,trax] [--program]
-      [--nostep] [--dtype bfloat16] [--depth 15] [--json] [--tokens 32]
+      [--copies 3] [--nostep] [--dtype bfloat16] [--depth 15] [--json] [--tokens 32]
   python -m sparse_scaling.bench.table1 --batch_curve    # where sparsity stops paying
 
 Rows: dense, +Sparse FF, +Sparse QKV, +Sparse FF+QKV, +FF+QKV+loss, with the dimensions of
@@ -20,7 +20,9 @@ layers jitted together (weights as arguments, state donated) and fed one token's
 per step, median (p90) of `--tokens` steps after 3 warm-up steps. Per token (step): a prompt
 of `--prompt` tokens fills the caches, then `--tokens` greedy tokens are decoded by one jitted
 predict step each, every step blocked until ready. Per token (program, `--program`): whole
-generations compiled as one program (`decoding.Decoder`), the dispatch cost per step gone; per
+generations compiled as one program (`decoding.Decoder`), the dispatch cost per step gone
+(with `--copies N`, the median of N Decoders on the same weights, each compiled apart and all
+timed in the same rounds: copies of one program have run a few percent apart on a GPU); per
 block (program, `--program`): the first block looped on its own output in one compiled
 program. Every program is compiled as the `Decoder` compiles its own (`decoding.jit`: on a
 GPU, XLA's matrix-vector products stay matrix products, in bfloat16 up to 256 MiB a weight
@@ -183,12 +185,21 @@ def generation_run(model_fn, dtype, prompt, weights_fn=None):
   """run(n): a greedy generation of n new tokens after `prompt` tokens, compiled whole
   (`decoding.Decoder`, compiled anew for each n the first time), batch 1, on random weights
   (`weights_fn(model, weights)` if given)."""
+  return generation_runs(model_fn, dtype, prompt, weights_fn)[0]
+
+
+def generation_runs(model_fn, dtype, prompt, weights_fn=None, copies=1):
+  """`copies` runs of `generation_run`, each its own Decoder (and so its own compiled
+  programs), all on one draw of the random weights."""
   model = model_fn()
   weights, _ = random_weights_and_state(model, dtype)
   weights = weights_fn(model, weights) if weights_fn else weights
-  decoder = decoding.Decoder(model_fn, weights, dtype=dtype)
   prompt_ids = np.ones((1, prompt), np.int32)
-  return lambda n: decoder.generate(prompt_ids, n)
+  runs = []
+  for _ in range(copies):
+    decoder = decoding.Decoder(model_fn, weights, dtype=dtype)
+    runs.append(lambda n, decoder=decoder: decoder.generate(prompt_ids, n))
+  return runs
 
 
 def seconds_per_token_program(model_fn, dtype, prompt, n_tokens, weights_fn=None):
@@ -198,8 +209,16 @@ def seconds_per_token_program(model_fn, dtype, prompt, n_tokens, weights_fn=None
   fastest of 5 generations each, the lengths alternating) over the difference in tokens: the
   prompt pass cancels out.
   """
-  return timing.per_step(generation_run(model_fn, dtype, prompt, weights_fn),
-                         max(1, n_tokens // 4), n_tokens)
+  return seconds_per_token_programs(model_fn, dtype, prompt, n_tokens, weights_fn)[0]
+
+
+def seconds_per_token_programs(model_fn, dtype, prompt, n_tokens, weights_fn=None, copies=1):
+  """`seconds_per_token_program` of `copies` compiled copies of one generation
+  (`generation_runs`), all timed in the same alternating rounds (`timing.per_steps`): on an
+  H200 copies of one 800M generation have run up to ~3% apart (docs/decoding_gpu.md,
+  "Compiled copies side by side"). [seconds per token] of each copy."""
+  runs = generation_runs(model_fn, dtype, prompt, weights_fn, copies)
+  return timing.per_steps(runs, max(1, n_tokens // 4), n_tokens)
 
 
 def bytes_per_token(dims, n_layers, kv_len, itemsize):
@@ -222,10 +241,11 @@ def bytes_per_token(dims, n_layers, kv_len, itemsize):
 
 
 def measure(shape, variants, impls, prompt, n_tokens, bandwidth, program=False, step=True,
-            dtype=None, depth=None, on_row=None):
+            dtype=None, depth=None, on_row=None, copies=1):
   """Rows of one shape: each variant and implementation, one block timed alone and (with
   `step`) the whole decoder's jitted step and (with `program`) its compiled generation, of
-  `depth` blocks (default: the shape's, `SHAPES`). Each row is printed (flushed) and given
+  `depth` blocks (default: the shape's, `SHAPES`); with `copies`, the median of that many
+  compiled copies of the generation (each copy's time in `s_per_token_program_copies`). Each row is printed (flushed) and given
   to `on_row` as soon as it is measured, so that a run cut off keeps the rows it finished.
 
   A measurement that fails (a column an implementation cannot fill) gives a row with the
@@ -252,9 +272,9 @@ def measure(shape, variants, impls, prompt, n_tokens, bandwidth, program=False, 
                                                prompt, n_tokens) if step else None),
             ('block_program', lambda: seconds_per_block_program(
                 build(impl, dims, 1, max_len), dtype, n_tokens) if program else None),
-            ('program', lambda: seconds_per_token_program(
+            ('program', lambda: seconds_per_token_programs(
                 functools.partial(build, impl, dims, whole, max_len), dtype, prompt,
-                n_tokens) if program else None)]:
+                n_tokens, copies=copies) if program else None)]:
           try:
             result = run()
           except Exception as e:  # pylint: disable=broad-except
@@ -264,8 +284,10 @@ def measure(shape, variants, impls, prompt, n_tokens, bandwidth, program=False, 
             row['s_per_block'], row['p90_s_per_block'] = result or (None, None)
           elif name == 'step' and result:
             row['s_per_token'], row['p90_s_per_token'] = result
-          elif name == 'program':
-            row['s_per_token_program'] = result
+          elif name == 'program' and result:
+            row['s_per_token_program'] = float(np.median(result))
+            if copies > 1:
+              row['s_per_token_program_copies'] = result
           elif name == 'block_program':
             row['s_per_block_program'] = result
           gc.collect()
@@ -318,6 +340,15 @@ def _setting(row):
   return row['shape'], row.get('depth', SHAPES[row['shape']][3]), row['dtype']
 
 
+def _program_cell(row):
+  """The s/token, program cell: the time, and the copies' range where there were several."""
+  if not row.get('s_per_token_program'):
+    return ''
+  copies = row.get('s_per_token_program_copies')
+  spread = f' ({min(copies):.5f}-{max(copies):.5f}, {len(copies)} copies)' if copies else ''
+  return f'{row["s_per_token_program"]:.5f}{spread}'
+
+
 def markdown(rows, prompt, n_tokens):
   """The results as a Markdown table: one row per variant and implementation, the paper's
   figures beside ours; speedups against the same implementation's dense row."""
@@ -331,7 +362,9 @@ def markdown(rows, prompt, n_tokens):
       '(program: the block looped in one compiled program, no dispatch per step); s/token: '
       'the whole '
       'decoder, one jitted step per token (step) or the whole generation as one compiled '
-      'program (program); floor: the weight and KV bytes a token reads over the bandwidth. '
+      'program (program; where several compiled copies were timed, their median and, in '
+      'brackets, their range); floor: the weight and KV bytes a token reads over the '
+      'bandwidth. '
       'Speedups are against the dense row of the same implementation, shape, depth and '
       'dtype. Implementations: ours (the default: on a GPU the sparse blocks decode through '
       'fused Pallas kernels, the kernel column names them; XLA\'s ops otherwise), ours-pallas '
@@ -360,7 +393,7 @@ def markdown(rows, prompt, n_tokens):
              else '',
              ratio(dense.get('s_per_block_program'), row.get('s_per_block_program')),
              f'{row["s_per_token"]:.5f}' if row.get('s_per_token') else '',
-             f'{row["s_per_token_program"]:.5f}' if row.get('s_per_token_program') else '',
+             _program_cell(row),
              ratio(dense.get('s_per_token_program'), row.get('s_per_token_program')),
              f'{row["floor_s_per_token"]:.5f}',
              f'{paper[0]:.3f}' if paper else '',
@@ -411,6 +444,9 @@ def define_flags():
   flags.DEFINE_bool('program', False, 'Also time whole generations compiled as one program '
                     '(our Decoder), for both implementations: the per-step dispatch cost that '
                     'dominates on a GPU is then gone.')
+  flags.DEFINE_integer('copies', 1, '--program: compile each generation this many times (one '
+                       'draw of the weights) and give the median of the copies, timed in the '
+                       'same rounds.', lower_bound=1)
   flags.DEFINE_integer('depth', None, "Blocks of the whole decoder timed per token (default: "
                        "the shape's, 24 at 800m and 2 at 17b; 15 at 17b is the whole "
                        '~17B-weight decoder).', lower_bound=1)
@@ -444,6 +480,9 @@ def main(argv):
                          f'{list(VARIANTS)}')
   if not set(args.impls) <= set(IMPLS):
     raise app.UsageError(f'--impls: {args.impls} must name only {list(IMPLS)}')
+  if args.copies > 1 and not args.program:
+    raise app.UsageError(f'--copies {args.copies}: copies of the compiled generation need '
+                         '--program')
   if args.dtype not in (None, 'float32', 'bfloat16'):
     raise app.UsageError(f'--dtype: {args.dtype!r} must be float32 or bfloat16')
   name = args.results or ('table1' if jax.default_backend() == 'cpu'
@@ -460,7 +499,7 @@ def main(argv):
     if shape not in SHAPES:
       raise app.UsageError(f'--shapes: unknown shape {shape!r}; use {sorted(SHAPES)}')
     measure(shape, args.variants, args.impls, args.prompt, args.tokens, bandwidth,
-            args.program, args.step, args.dtype, args.depth, on_row=on_row)
+            args.program, args.step, args.dtype, args.depth, on_row=on_row, copies=args.copies)
   if rows:
     print(markdown(rows, args.prompt, args.tokens))
   elif args.write:   # --render_only

@@ -259,8 +259,9 @@ def _prefetch_lowering(ctx, ptr, part, *, parts, keep, bulk):
 # they cost nothing measurable, and save nothing measurable either. Compiled copies of the
 # 800M FF+QKV generation on the same weights, timed in the same rounds on one H200, took
 # 0.392-0.399 ms a token with 3 (three copies) and 0.394-0.405 with 0 (two), the copies of one
-# setting as far apart as the settings (docs/decoding_gpu.md, "Compiled copies side by side"). So 0 is the default:
-# no request, and no device setting changed behind the user's back.
+# setting as far apart as the settings (docs/decoding_gpu.md, "Compiled copies side by
+# side"). So 0 is the default: no request, and no device setting changed behind the user's
+# back.
 L2_PERSIST = 0
 # A kernel asks to keep its fixed weights only where they are at most KEEP_MAX_BYTES: at 800M
 # every kernel's are (at most 455 KB in float32, the units kernel's; 29 MB for 24 blocks,
