@@ -82,7 +82,8 @@ blocks (`decoders.py`, random weights, batch 1, `--dtype`: float32 unless said) 
 It prints one Markdown row per setting as it is measured. One-shot timings of the same
 generation have moved 15% from run to run (docs/decoding_gpu.md, "Prefetching the next
 kernel's weights"): `--alternate` compiles every setting first (a setting named twice is
-compiled twice; `--copies N` compiles each N times, in turn) and times them in the same
+compiled twice; `--copies N` compiles each N times, in turn, each copy on its own draw of
+the random weights, as every setting) and times them in the same
 alternating rounds, printing the rows at the end, then each repeated setting's copies' lowest
 and highest time: compiled copies of one 800M generation have run up to ~3% apart, once 8%
 (docs/decoding_gpu.md, "Compiled copies side by side"), so a setting is told apart from

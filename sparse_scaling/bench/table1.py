@@ -245,8 +245,9 @@ def measure(shape, variants, impls, prompt, n_tokens, bandwidth, program=False, 
   """Rows of one shape: each variant and implementation, one block timed alone and (with
   `step`) the whole decoder's jitted step and (with `program`) its compiled generation, of
   `depth` blocks (default: the shape's, `SHAPES`); with `copies`, the median of that many
-  compiled copies of the generation (each copy's time in `s_per_token_program_copies`). Each row is printed (flushed) and given
-  to `on_row` as soon as it is measured, so that a run cut off keeps the rows it finished.
+  compiled copies of the generation (each copy's time in `s_per_token_program_copies`). Each
+  row is printed (flushed) and given to `on_row` as soon as it is measured, so that a run cut
+  off keeps the rows it finished.
 
   A measurement that fails (a column an implementation cannot fill) gives a row with the
   error instead, and the others go on.

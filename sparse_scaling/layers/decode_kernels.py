@@ -277,8 +277,10 @@ def keep(refs, grid):
   of each of `refs`' arrays (the kernel's fixed weights), to keep there (`prefetch_all`).
   Nothing without L2_PERSIST, where the arrays are more than KEEP_MAX_BYTES together, on
   ROCm's GPUs or in Pallas' interpreter."""
+  if not L2_PERSIST:
+    return
   nbytes = sum(math.prod(ref.shape) * jnp.dtype(ref.dtype).itemsize for ref in refs)
-  if L2_PERSIST and nbytes <= KEEP_MAX_BYTES:
+  if nbytes <= KEEP_MAX_BYTES:
     prefetch_all(refs, grid, keep=L2_PERSIST in (1, 3), bulk=L2_PERSIST > 2)
 
 
