@@ -173,8 +173,14 @@ def test_alternating_generations_are_each_compiled_under_their_setting(monkeypat
     built.append((_constants(), dtype, prompt, weights_fn and weights_fn.keywords))
     return lambda n: calls.append((i, n, _constants()['PREFETCH'])) or np.zeros(1)
 
+  def seconds_of(fn):   # a clock of our own: run i's n tokens take n * (i + 1) * 0.1 ms
+    fn()
+    i, n, _ = calls[-1]
+    return n * (i + 1) * 1e-4
+
   monkeypatch.setattr(decode_shares.table1, 'generation_run', generation_run)
   monkeypatch.setattr(decode_shares.decoders, 'build', lambda *args, **kwargs: None)
+  monkeypatch.setattr(decode_shares.timing, 'seconds_of', seconds_of)
   before = _constants()
   settings = ['default', 'PREFETCH=1', 'SHARED=1', 'default']
   results = decode_shares.sweep_alternating('800m', 'ffqkv', 2, settings, rounds=3)
@@ -190,14 +196,21 @@ def test_alternating_generations_are_each_compiled_under_their_setting(monkeypat
   assert {(i, n) for i, n, _ in timed} == {(i, n) for i in range(4) for n in (8, 32)}
   assert not any(prefetch for _, _, prefetch in timed)
   assert all(sum(1 for c in timed if c[:2] == (i, n)) >= 3 for i in range(4) for n in (8, 32))
+  assert [seconds for _, seconds in results] == pytest.approx([1e-4, 2e-4, 3e-4, 4e-4])
   out = capsys.readouterr().out
   rows, spread = out.split('\n\n')
-  assert rows.count('|') == 4 * 3
+  assert rows.splitlines() == ['| default | 0.1000 |', '| PREFETCH=1 | 0.2000 |',
+                               '| SHARED=1 | 0.3000 |', '| default | 0.4000 |']
   # the setting named twice: its two copies' lowest and highest
-  lowest, highest = sorted(seconds for text, seconds in results if text == 'default')
-  assert spread.splitlines()[2] == (f'| default | 2 | {lowest * 1e3:.4f} | {highest * 1e3:.4f} '
-                                    f'| {highest / lowest - 1:.1%} |')
-  assert len(spread.splitlines()) == 3
+  assert spread.splitlines()[2:] == ['| default | 2 | 0.1000 | 0.4000 | 300.0% |']
+
+
+def test_a_spread_needs_a_positive_lowest_time():
+  """A time per token is a difference of two timed lengths, which noise can make zero or
+  less: its spread is then 'n/a', not a crash at the end of a sweep."""
+  assert decode_shares._spread([1e-4, 1.5e-4]) == '50.0%'
+  assert decode_shares._spread([0.0, 1e-4]) == 'n/a'
+  assert decode_shares._spread([-1e-5, 1e-4]) == 'n/a'
 
 
 def test_copies_need_alternate():

@@ -273,8 +273,14 @@ def sweep_alternating(shape, variant, depth, settings, dtype='float32', rounds=R
                                       'highest ms/token', 'spread']))
     for text, times in repeated.items():
       print(common.table_row([text, len(times), _cell(min(times), 1e3), _cell(max(times), 1e3),
-                              f'{max(times) / min(times) - 1:.1%}']), flush=True)
+                              _spread(times)]), flush=True)
   return results
+
+
+def _spread(times):
+  """How much the highest of `times` exceeds the lowest, as a percentage; 'n/a' where the
+  lowest is not positive (a difference of two timed lengths can be, on a noisy machine)."""
+  return f'{max(times) / min(times) - 1:.1%}' if min(times) > 0 else 'n/a'
 
 
 def per_block(dims, depth, dtype='float32'):
