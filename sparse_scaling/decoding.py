@@ -108,7 +108,7 @@ def argmax(logits):
   equals. On a CPU it is `lax.top_k(logits, 1)`, which picks the same index (equals in index
   order, as documented) and which XLA's CPU compiler runs several times faster than its argmax
   reduction (Sparse FF's choice at 800M: 13.5 against 64.4 µs in a step's profile on a 2-core
-  Xeon; an 800M generation 7-11% faster: README, "Table 1"). Elsewhere it is jnp.argmax."""
+  Xeon; an 800M generation 7-11% faster: docs/speed.md, "Table 1"). Elsewhere it is jnp.argmax."""
   if CPU_TOP_K and jax.default_backend() == 'cpu':
     return jax.lax.top_k(logits, 1)[1][..., 0].astype(jnp.int32)
   return jnp.argmax(logits, axis=-1).astype(jnp.int32)

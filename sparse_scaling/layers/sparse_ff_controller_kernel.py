@@ -15,7 +15,7 @@ and backward, for the mask's cotangent g: dlogits[k] = p[k] ⊙ (g[k] − Σ_j g
 from which XLA's products give dz, dC2 and dc. XLA runs the same arithmetic as about a dozen
 fusions per layer, each passing over a [tokens, d_ff] array (the logits, both softmaxes, the
 cumulative sum, the mask and their cotangents): on an H200 at the quality reproduction's GPU
-size that is ~0.9 ms and ~50 kernels a layer per step (README, "Training step"). Here the
+size that is ~0.9 ms and ~50 kernels a layer per step (docs/speed.md, "Training step"). Here the
 forward pass reads z and writes the mask once, the backward pass reads the cotangent and
 writes dlogits once; the logits are recomputed from z instead of stored.
 
