@@ -32,7 +32,7 @@ def test_each_setting_is_in_force_while_it_is_measured_and_undone_after():
               'MODULES=4+FF_GROUP=1+MAX_PARTS=144', 'MIXED_CHANNELS=all',
               'STATS_IN_KERNEL=0+MAX_D_MODEL=16384', 'CPU_TOP_K=0', 'CUBLAS_BYTES=0',
               'GRAPHS=0', 'EARLY=1', 'SHARED=2', 'PREFETCH=1+CACHES=1+STATE=1',
-              'PERSIST=3+KEEP_BYTES=1000',
+              'PERSIST=3+KEEP_BYTES=1000', 'CHUNK=0',
               'DOT_MERGER=0+TILING_SEARCH=1+TRITON_GEMM=0']
   results = decode_shares.sweep('800m', 'ffqkv', 1, settings, measure=measure)
   assert [text for text, _ in results] == settings
@@ -44,7 +44,7 @@ def test_each_setting_is_in_force_while_it_is_measured_and_undone_after():
                   dict(before, CPU_TOP_K=False), dict(before, CUBLAS_BYTES=0),
                   dict(before, GRAPHS=False), dict(before, EARLY=True),
                   dict(before, SHARED=2), dict(before, PREFETCH=True, CACHES=True, STATE=True),
-                  dict(before, PERSIST=3, KEEP_BYTES=1000),
+                  dict(before, PERSIST=3, KEEP_BYTES=1000), dict(before, CHUNK=0),
                   dict(before, DOT_MERGER=False, TILING_SEARCH=True, TRITON_GEMM=False)]
   assert _constants() == before
 
@@ -93,7 +93,7 @@ def test_the_kernels_alone_are_timed_with_the_setting_in_force(monkeypatch):
                                   'SPEED=4', 'WIDTH=8+', '', 'MAX_PARTS=0', 'FF_GROUP=3',
                                   'ROWS=all', 'CPU_TOP_K=2', 'CUBLAS_BYTES=-1',
                                   'SHARED=3', 'PREFETCH=2', 'DOT_MERGER=2', 'PERSIST=5',
-                                  'CACHES=2', 'STATE=2', 'KEEP_BYTES=-1',
+                                  'CACHES=2', 'STATE=2', 'KEEP_BYTES=-1', 'CHUNK=-1',
                                   'PACK_ELEMENTS=0'])
 def test_a_bad_setting_is_refused_naming_the_rule(text):
   with pytest.raises(ValueError, match='--settings: '):
@@ -129,13 +129,16 @@ def test_a_generation_and_a_block_are_timed_in_the_dtype_asked_for(monkeypatch):
                           ('token', dtype, weights_fn and weights_fn.keywords)) or 1.0)
   monkeypatch.setattr(decode_shares.table1, 'seconds_per_block_program',
                       lambda model, dtype, n: seen.append(('block', dtype)) or 1.0)
+  monkeypatch.setattr(decode_shares.table1, 'seconds_per_block',
+                      lambda model, dtype, n: seen.append(('call', dtype, n)) or (1.0, 2.0))
   monkeypatch.setattr(decode_shares.decoders, 'build', lambda *args, **kwargs: None)
-  for measure in (decode_shares.per_token, decode_shares.per_block):
+  for measure in (decode_shares.per_token, decode_shares.per_block, decode_shares.per_call):
     decode_shares.sweep('800m', 'dense', 2, ['CUBLAS_BYTES=0'],
                         functools.partial(measure, dtype='bfloat16'))
   decode_shares.sweep('800m', 'dense', 2, ['default', 'SHARED=1', 'SHARED=2'],
                       decode_shares.per_token)
-  assert seen == [('token', 'bfloat16', None), ('block', 'bfloat16'), ('token', 'float32', None),
+  assert seen == [('token', 'bfloat16', None), ('block', 'bfloat16'),
+                  ('call', 'bfloat16', decode_shares.CALLS), ('token', 'float32', None),
                   ('token', 'float32', {'keep_large': False}),
                   ('token', 'float32', {'keep_large': True})]
 
@@ -220,9 +223,45 @@ def test_copies_need_alternate():
   assert '--copies 2: compiles copies for --alternate only' in out.stderr
 
 
-def test_alternate_times_generations_only():
+def test_alternate_times_generations_and_calls_only():
   out = subprocess.run([sys.executable, '-m', 'sparse_scaling.bench.decode_shares',
                         '--alternate', '--measure', 'block'], capture_output=True, text=True)
   assert out.returncode != 0 and not out.stdout
-  assert ('--alternate: times generations (--measure token), not --measure block'
-          in out.stderr)
+  assert ('--alternate: times generations (--measure token) or calls of a block (--measure '
+          'call), not --measure block' in out.stderr)
+
+
+def test_alternating_calls_of_a_block_are_each_compiled_under_their_setting(monkeypatch,
+                                                                            capsys):
+  """--alternate --measure call: every setting's block is compiled while its constants are in
+  force, then all are called in the same rounds, ROUND_CALLS a round each, with the constants
+  as they were; each row is the median of its calls."""
+  built, calls = [], []
+
+  def block_call(model, dtype):
+    i = len(built)
+    built.append((_constants()['CHUNK'], dtype))
+    return lambda: calls.append((i, _constants()['CHUNK'])) or np.zeros(1)
+
+  def seconds_of(fn):   # a clock of our own: a call of block i takes (i + 1) ms
+    fn()
+    return (calls[-1][0] + 1) * 1e-3
+
+  monkeypatch.setattr(decode_shares.table1, 'block_call', block_call)
+  monkeypatch.setattr(decode_shares.decoders, 'build', lambda *args, **kwargs: None)
+  monkeypatch.setattr(decode_shares.timing, 'seconds_of', seconds_of)
+  before = _constants()['CHUNK']
+  settings = ['default', 'CHUNK=0', 'default']
+  results = decode_shares.sweep_alternating('17b', 'ffqkv', 1, settings, rounds=4,
+                                            measure='call')
+  assert built == [(before, 'float32'), (0, 'float32'), (before, 'float32')]
+  assert {c for _, c in calls} == {before}   # every call timed with the constants as they were
+  for i in range(3):
+    assert sum(1 for j, _ in calls if j == i) >= 4 * decode_shares.ROUND_CALLS
+  assert results == [('default', 1e-3), ('CHUNK=0', 2e-3), ('default', 3e-3)]
+  rows, spread = capsys.readouterr().out.split('\n\n')
+  assert rows.splitlines() == ['| default | 1.0000 |', '| CHUNK=0 | 2.0000 |',
+                               '| default | 3.0000 |']
+  assert spread.splitlines()[0] == ('| setting | copies | lowest ms/call | highest ms/call | '
+                                    'spread |')
+  assert spread.splitlines()[2:] == ['| default | 2 | 1.0000 | 3.0000 | 200.0% |']

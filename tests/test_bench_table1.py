@@ -255,6 +255,23 @@ def test_the_program_column_is_the_median_of_its_copies_and_the_table_gives_thei
   assert '| 0.00030 | 1.00x |' in table1.markdown(one, 4, 3)
 
 
+def test_a_block_call_steps_the_first_block_on_its_own_output():
+  """`block_call` (what `decode_shares --measure call` times): compiled by a first call, each
+  call then runs the first block once more on the last output and state, as
+  `seconds_per_block` does."""
+  model = table1.build('ours', TINY, 2, 16)
+  call = table1.block_call(model, 'float32')
+  second, third = np.asarray(call()), np.asarray(call())
+  step, weights, state, x = table1._first_block(table1.build('ours', TINY, 2, 16), 'float32')
+  step = jax.jit(step)
+  for _ in range(2):
+    x, state = step(weights, state, x)
+  np.testing.assert_allclose(second, x, rtol=1e-5, atol=1e-6)
+  x, state = step(weights, state, x)
+  np.testing.assert_allclose(third, x, rtol=1e-5, atol=1e-6)
+  assert not np.allclose(second, third)
+
+
 def test_copies_need_the_program_column():
   out = subprocess.run([sys.executable, '-m', 'sparse_scaling.bench.table1', '--copies', '3',
                         '--nowrite'], capture_output=True, text=True)

@@ -326,6 +326,42 @@ def test_predict_reads_the_big_weights_only_through_a_gather():
   assert 'dot_general' in primitives_reading(step(), (layer.weights, many), is_w1_or_w2)
 
 
+def test_a_cpu_gathers_large_rows_a_chunk_at_a_time(monkeypatch):
+  """On a CPU, where a token's chosen rows of W1 pass CPU_CHUNK_BYTES, the gathered path takes
+  the blocks a chunk at a time (a scan, every step of which gathers its rows): its output
+  equals the rows gathered all at once, W1 and W2 are still read only by gathers, and predict
+  equals eval."""
+  d_model, d_ff, n = 32, 512, 16   # 32 blocks; a token's chosen rows of W1: 32 x 128 bytes
+  x = _inputs(2, 1, d_model)
+  layer = _init(SparseFF(d_ff, n, mode='predict'), x)
+  step = lambda: lambda weights, x: layer.pure_fn(x, weights, layer.state, None)[0]
+  is_w1_or_w2 = lambda aval: aval.shape == (d_ff // n, n, d_model)
+  primitives = lambda: {e.primitive.name for e in jax.make_jaxpr(step())(layer.weights, x).eqns}
+  with decode_kernels.use('xla'):
+    assert 'scan' not in primitives()   # 4 KB a token: all at once
+    whole = np.asarray(jax.jit(step())(layer.weights, x))
+    monkeypatch.setattr(sparse_ff, 'CPU_CHUNK_BYTES', 1024)   # 8 blocks' rows a chunk
+    assert sparse_ff._cpu_chunks(32, 128) == 4
+    assert 'scan' in primitives()
+    np.testing.assert_allclose(jax.jit(step())(layer.weights, x), whole, rtol=1e-6, atol=1e-6)
+    assert primitives_reading(step(), (layer.weights, x), is_w1_or_w2) == {'gather'}
+    monkeypatch.setattr(sparse_ff, 'CPU_CHUNK_BYTES', 2 * D_MODEL * 4)   # 2 of 8 blocks
+    assert_predict_equals_eval(functools.partial(SparseFF, D_FF, N), _inputs(2, 7, D_MODEL))
+
+
+@pytest.mark.parametrize('backend, limit, chunks', [
+    ('cpu', 4 * 2**20, 4),   # the 17B shapes: 256 rows of 36 KB, chunks of 64 (2.4 MB)
+    ('cpu', 2**20, 16),      # chunks of 16 rows (0.6 MB), the largest that fit
+    ('cpu', 0, 1),           # off
+    ('gpu', 4 * 2**20, 1),   # a CPU's only
+    ('tpu', 4 * 2**20, 1)])
+def test_chunks_are_the_fewest_that_fit_on_a_cpu_only(backend, limit, chunks, monkeypatch):
+  monkeypatch.setattr(sparse_ff, 'CPU_CHUNK_BYTES', limit)
+  monkeypatch.setattr(jax, 'default_backend', lambda: backend)
+  assert sparse_ff._cpu_chunks(256, 9216 * 4) == chunks
+  assert sparse_ff._cpu_chunks(64, 1024 * 4) == 1   # 800M: 256 KB a token, all at once
+
+
 @pytest.mark.parametrize('kwargs, parameter', [
     (dict(d_ff=60, n_elements_in_block=8), 'd_ff'),
     (dict(d_ff=64, n_elements_in_block=1), 'n_elements_in_block'),

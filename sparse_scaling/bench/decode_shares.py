@@ -31,6 +31,9 @@ constant, set while the setting is measured and restored after it. The names, by
                                  multiplies W2's rows (0: always)
     FF_COLUMNS, FF_GATHER        columns of d_model per program of that kernel, rows it
                                  gathers a load
+  layers/sparse_ff.py
+    CHUNK                        `CPU_CHUNK_BYTES`: on a CPU, the most bytes of W1's chosen
+                                 rows a token gathers at once, 0 all (token, block)
   layers/fused_residual.py
     CHAIN                        1: each attention block hands the FF block after it its
                                  LayerNorm's partial sums, one kernel fewer a layer (token,
@@ -76,6 +79,8 @@ blocks (`decoders.py`, random weights, batch 1, `--dtype`: float32 unless said) 
            32 tokens);
   block    one block looped in a compiled program (`table1.seconds_per_block_program`, where
            the 17B shape's output layer would hide the blocks);
+  call     one block jitted alone, timed a call at a time (`table1.seconds_per_block`: Table
+           1's per-block column, the one #12's CPU goals are stated in);
   kernels  on random weights, the fused blocks' kernels alone, looped in a compiled program;
   trace    one call of each block traced, each kernel's device time (a second or two per
            setting, where a generation takes over a minute on an H200 at 800M).
@@ -111,6 +116,7 @@ from sparse_scaling.bench import table1
 from sparse_scaling.bench import timing
 from sparse_scaling.layers import decode_kernels
 from sparse_scaling.layers import fused_residual
+from sparse_scaling.layers import sparse_ff
 from sparse_scaling.layers import sparse_ff_kernel
 from sparse_scaling.layers import sparse_qkv_block_kernel
 
@@ -127,6 +133,7 @@ SHARES = {**{name: (sparse_qkv_block_kernel, name)
           'FF_PARTS_BYTES': (sparse_ff_kernel, 'MAX_PARTS_BYTES'),
           'FF_COLUMNS': (sparse_ff_kernel, 'COLUMNS'), 'FF_GATHER': (sparse_ff_kernel, 'GATHER'),
           'CHAIN': (fused_residual, 'CHAIN'), 'CPU_TOP_K': (decoding, 'CPU_TOP_K'),
+          'CHUNK': (sparse_ff, 'CPU_CHUNK_BYTES'),
           'CUBLAS_BYTES': (decoding, 'CUBLAS_MAX_BYTES'), 'GRAPHS': (decoding, 'GRAPH_LOOPS'),
           'EARLY': (decode_kernels, 'LAUNCH_EARLY'),
           'PREFETCH': (decode_kernels, 'PREFETCH'),
@@ -143,8 +150,10 @@ XLA_DOT_MERGER, XLA_TILING_SEARCH, XLA_TRITON_GEMM = True, False, True
 LARGE = 1 << 22      # elements: SHARED=2 keeps arrays this large each block's own
 _ALL = ('MODULES', 'MIXED_CHANNELS')   # also 'all': None, the kernel's own choice
 _ANY = ('FF_PARTS_BYTES', 'STATS_IN_KERNEL', 'MAX_D_MODEL', 'CUBLAS_BYTES',
-        'KEEP_BYTES')   # any int >= 0
+        'KEEP_BYTES', 'CHUNK')   # any int >= 0
 PROMPT, TOKENS = 128, 32   # a generation's (`--measure token`)
+CALLS = 32                 # calls of a block timed (`--measure call`)
+ROUND_CALLS = 5            # with --alternate, a round's
 ROUNDS = 9                 # `--alternate`'s rounds
 DEFAULT_SETTINGS = ['default', 'DOT=0', 'MIXED_CHANNELS=32', 'WIDTH=16', 'MIXED_WARPS=8',
                     'ATTEND_WARPS=1', 'ROWS=32', 'VALUE_WIDTH=32', 'WIDTH=16+CONV_WARPS=8']
@@ -250,18 +259,41 @@ def compiled_generation(dims, depth, dtype='float32'):
   return run
 
 
-def sweep_alternating(shape, variant, depth, settings, dtype='float32', rounds=ROUNDS):
-  """Seconds per token of each setting's generation (`compiled_generation`), every setting
-  compiled first (a setting named twice is compiled twice) and then all timed in the same
-  alternating rounds (`timing.per_steps`), so that neither the machine's drift nor the order
-  falls on one setting: [(text, seconds)], each row printed."""
+def compiled_call(dims, depth, dtype='float32'):
+  """call() of `table1.block_call` for the first block of `per_call`, compiled now with the
+  constants in force now."""
+  del depth
+  return table1.block_call(decoders.build('ours', dims, 1, decoders.MAX_LEN), dtype)
+
+
+def _alternating_token(runs, rounds):
+  """Seconds per token of each generation's run(n), timed in the same rounds."""
+  return timing.per_steps(runs, TOKENS // 4, TOKENS, min_runs=rounds)
+
+
+def _alternating_call(calls, rounds):
+  """Median seconds of each call(), ROUND_CALLS of each a round, in the same rounds."""
+  times = timing.interleaved_times(calls, rounds, runs_per_round=ROUND_CALLS)
+  return [float(np.median(t)) for t in times]
+
+
+def sweep_alternating(shape, variant, depth, settings, dtype='float32', rounds=ROUNDS,
+                      measure='token'):
+  """Each setting's `measure`: seconds per token of its generation (`compiled_generation`,
+  'token') or seconds of one call of its first block (`compiled_call`, 'call'). Every setting
+  is compiled first (a setting named twice is compiled twice) and then all are timed in the
+  same alternating rounds (`timing.interleaved_times`), so that neither the machine's drift
+  nor the order falls on one setting: [(text, seconds)], each row printed."""
+  compile_one, time_all = {'token': (compiled_generation, _alternating_token),
+                           'call': (compiled_call, _alternating_call)}[measure]
+  unit = _UNITS[measure][0]
   dims = decoders.dimensions(shape, variant)
   runs = []
   for text in settings:
     with shares(parse_setting(text)):
-      runs.append(compiled_generation(dims, depth, dtype))
+      runs.append(compile_one(dims, depth, dtype))
     print(f'compiled {text}', file=sys.stderr, flush=True)
-  results = list(zip(settings, timing.per_steps(runs, TOKENS // 4, TOKENS, min_runs=rounds)))
+  results = list(zip(settings, time_all(runs, rounds)))
   for text, seconds in results:
     print(common.table_row([text, _cell(seconds, 1e3)]), flush=True)
   copies = collections.defaultdict(list)
@@ -269,8 +301,8 @@ def sweep_alternating(shape, variant, depth, settings, dtype='float32', rounds=R
     copies[text].append(seconds)
   repeated = {text: times for text, times in copies.items() if len(times) > 1}
   if repeated:
-    print('\n' + common.table_header(['setting', 'copies', 'lowest ms/token',
-                                      'highest ms/token', 'spread']))
+    print('\n' + common.table_header(['setting', 'copies', f'lowest {unit}', f'highest {unit}',
+                                      'spread']))
     for text, times in repeated.items():
       print(common.table_row([text, len(times), _cell(min(times), 1e3), _cell(max(times), 1e3),
                               _spread(times)]), flush=True)
@@ -288,6 +320,14 @@ def per_block(dims, depth, dtype='float32'):
   del depth
   return table1.seconds_per_block_program(
       decoders.build('ours', dims, 1, decoders.MAX_LEN), dtype, 32)
+
+
+def per_call(dims, depth, dtype='float32'):
+  """Median seconds of one call of the first block, jitted alone (`table1.seconds_per_block`:
+  Table 1's per-block column on a CPU)."""
+  del depth
+  return table1.seconds_per_block(decoders.build('ours', dims, 1, decoders.MAX_LEN), dtype,
+                                  CALLS)[0]
 
 
 def fused_blocks(dims, interpret=False):
@@ -391,8 +431,9 @@ def trace(dims, depth, interpret=False, steps=20):
   return attention_s, ff_s, dict(per_kernel.most_common())
 
 
-MEASURES = {'token': per_token, 'block': per_block, 'kernels': kernels, 'trace': trace}
-_UNITS = {'token': ['ms/token'], 'block': ['ms/block'],
+MEASURES = {'token': per_token, 'block': per_block, 'call': per_call, 'kernels': kernels,
+            'trace': trace}
+_UNITS = {'token': ['ms/token'], 'block': ['ms/block'], 'call': ['ms/call'],
           'kernels': ['attention µs/iteration', 'FF µs/iteration'],
           'trace': ['attention µs', 'FF µs', 'kernels µs']}
 
@@ -428,16 +469,18 @@ def define_flags():
   flags.DEFINE_integer('depth', 6, 'Blocks of the decoder timed (--measure token).',
                        lower_bound=1)
   flags.DEFINE_enum('measure', 'token', list(MEASURES), 'Time one compiled generation per '
-                    'token, the first block looped in a compiled program, the fused '
-                    "blocks' kernels alone so looped (random weights), or one call of each "
-                    'fused block traced, kernel by kernel.')
+                    'token, the first block looped in a compiled program, the first block '
+                    "jitted alone a call at a time, the fused blocks' kernels alone looped "
+                    '(random weights), or one call of each fused block traced, kernel by '
+                    'kernel.')
   flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'],
                     'Weights and caches (bfloat16: --measure token and block only).')
   flags.DEFINE_list('settings', DEFAULT_SETTINGS,
                     f'Settings: NAME=value pairs joined by "+", NAME one of {list(SHARES)}; '
                     '"default" for the constants as they are.')
-  flags.DEFINE_bool('alternate', False, '--measure token: compile every setting first, then '
-                    'time them all in the same alternating rounds (rows printed at the end).')
+  flags.DEFINE_bool('alternate', False, '--measure token or call: compile every setting '
+                    'first, then time them all in the same alternating rounds (rows printed '
+                    'at the end).')
   flags.DEFINE_integer('copies', 1, '--alternate: compile each setting this many times, the '
                        'settings in turn, and give each one\'s spread.', lower_bound=1)
 
@@ -450,9 +493,9 @@ def main(argv):
       parse_setting(text)
   except ValueError as e:
     raise app.UsageError(str(e)) from None
-  if args.alternate and args.measure != 'token':
-    raise app.UsageError(f'--alternate: times generations (--measure token), not '
-                         f'--measure {args.measure}')
+  if args.alternate and args.measure not in ('token', 'call'):
+    raise app.UsageError(f'--alternate: times generations (--measure token) or calls of a '
+                         f'block (--measure call), not --measure {args.measure}')
   if args.copies > 1 and not args.alternate:
     raise app.UsageError(f'--copies {args.copies}: compiles copies for --alternate only')
   if args.measure in ('kernels', 'trace'):
@@ -465,6 +508,7 @@ def main(argv):
   timed = {'token': f'{args.depth} blocks, {args.dtype}, one compiled generation of 32 '
                    'tokens after 128',
            'block': f'{args.dtype}, one block looped in a compiled program',
+           'call': f'{args.dtype}, one block jitted alone, timed a call at a time',
            'kernels': "float32, the fused blocks' kernels alone looped in a compiled "
                       'program',
            'trace': "float32, one call of each fused block alone, device time of its "
@@ -475,10 +519,10 @@ def main(argv):
   print(common.table_header(['setting'] + _UNITS[args.measure]))
   if args.alternate:
     sweep_alternating(args.shape, args.variant, args.depth, args.settings * args.copies,
-                      args.dtype)
+                      args.dtype, measure=args.measure)
     return
   measure = MEASURES[args.measure]
-  if measure in (per_token, per_block):
+  if measure in (per_token, per_block, per_call):
     measure = functools.partial(measure, dtype=args.dtype)
   sweep(args.shape, args.variant, args.depth, args.settings, measure)
 

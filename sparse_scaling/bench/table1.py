@@ -98,17 +98,23 @@ def kernels_used(dims):
   return 'pallas: ' + '+'.join(used) if used else 'xla'
 
 
+def _stepper(step, weights, state, x):
+  """call(): one `x, state = step(weights, state, x)`, jitted with the weights as arguments
+  and the state donated, each call fed the last one's output; returns x."""
+  step = decoding.jit(step, weights, donate_argnums=(1,))
+  carry = [x, state]
+
+  def call():
+    carry[:] = step(weights, carry[1], carry[0])
+    return carry[0]
+  return call
+
+
 def _timed_steps(step, weights, state, x, n_steps, warmup=3):
   """Median and p90 seconds of `x, state = step(weights, state, x)`, state donated."""
-  step = decoding.jit(step, weights, donate_argnums=(1,))
-  times = []
-  for i in range(n_steps + warmup):
-    start = timing.now()
-    x, state = step(weights, state, x)
-    jax.block_until_ready(x)
-    if i >= warmup:
-      times.append(timing.now() - start)
-  return timing.median_p90(times)
+  call = _stepper(step, weights, state, x)
+  times = [timing.seconds_of(call) for _ in range(n_steps + warmup)]
+  return timing.median_p90(times[warmup:])
 
 
 def seconds_per_token(model, dtype, prompt, n_tokens, batch=1):
@@ -139,6 +145,14 @@ def _first_block(model, dtype):
   d_model = jax.tree.leaves(weights[index[0]])[0].shape[0]
   x = 0.1 * jax.random.normal(jax.random.PRNGKey(1), (1, 1, d_model), dtype)
   return (step, tuple(weights[i] for i in index), tuple(state[i] for i in index), x)
+
+
+def block_call(model, dtype):
+  """call(): one decoding step of `model`'s first block (`_first_block`) as
+  `seconds_per_block` times it, fed its own output; compiled now (the first call made)."""
+  call = _stepper(*_first_block(model, dtype))
+  jax.block_until_ready(call())
+  return call
 
 
 def seconds_per_block(model, dtype, n_tokens):
