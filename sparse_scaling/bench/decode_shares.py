@@ -33,7 +33,7 @@ constant, set while the setting is measured and restored after it. The names, by
                                  gathers a load
   layers/sparse_ff.py
     CHUNK                        `CPU_CHUNK_BYTES`: on a CPU, the most bytes of W1's chosen
-                                 rows a token gathers at once, 0 all (token, block)
+                                 rows a token gathers at once, 0 all (token, block, call)
   layers/fused_residual.py
     CHAIN                        1: each attention block hands the FF block after it its
                                  LayerNorm's partial sums, one kernel fewer a layer (token,
