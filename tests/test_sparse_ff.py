@@ -341,7 +341,7 @@ def test_a_cpu_gathers_large_rows_a_chunk_at_a_time(monkeypatch):
     assert 'scan' not in primitives()   # 4 KB a token: all at once
     whole = np.asarray(jax.jit(step())(layer.weights, x))
     monkeypatch.setattr(sparse_ff, 'CPU_CHUNK_BYTES', 1024)   # 8 blocks' rows a chunk
-    assert sparse_ff._cpu_chunks(32, 128) == 4
+    assert sparse_ff._cpu_chunks(32, d_model, jnp.float32) == 4
     assert 'scan' in primitives()
     np.testing.assert_allclose(jax.jit(step())(layer.weights, x), whole, rtol=1e-6, atol=1e-6)
     assert primitives_reading(step(), (layer.weights, x), is_w1_or_w2) == {'gather'}
@@ -358,8 +358,9 @@ def test_a_cpu_gathers_large_rows_a_chunk_at_a_time(monkeypatch):
 def test_chunks_are_the_fewest_that_fit_on_a_cpu_only(backend, limit, chunks, monkeypatch):
   monkeypatch.setattr(sparse_ff, 'CPU_CHUNK_BYTES', limit)
   monkeypatch.setattr(jax, 'default_backend', lambda: backend)
-  assert sparse_ff._cpu_chunks(256, 9216 * 4) == chunks
-  assert sparse_ff._cpu_chunks(64, 1024 * 4) == 1   # 800M: 256 KB a token, all at once
+  assert sparse_ff._cpu_chunks(256, 9216, jnp.float32) == chunks
+  assert sparse_ff._cpu_chunks(64, 1024, jnp.float32) == 1   # 800M: 256 KB a token, at once
+  assert sparse_ff._cpu_chunks(256, 9216, jnp.bfloat16) == 1   # float32 rows only
 
 
 @pytest.mark.parametrize('kwargs, parameter', [

@@ -310,16 +310,16 @@ def _masked_units(mask, x, w1, b1, w2, b2):
   return (masked @ w2.reshape(-1, d_model)).reshape(x.shape) + b2
 
 
-# On a CPU, the most bytes of W1's (and W2's) chosen rows that `_gathered_units` gathers at once
-# for a token; 0: all at once (`bench.decode_shares`' CHUNK).
+# On a CPU, the most bytes of W1's (and W2's) float32 chosen rows that `_gathered_units` gathers
+# at once for a token; 0: all at once (`bench.decode_shares`' CHUNK).
 CPU_CHUNK_BYTES = 4 * 2**20
 
 
 def _gathered_units(units, x, w1, b1, w2, b2):
   """Reads only the chosen rows: units [..., d_ff // N] int32, x [..., d_model].
 
-  On a CPU, where a token's chosen rows of W1 pass CPU_CHUNK_BYTES (at the 17B shapes 256 rows
-  of 36 KB, 9.4 MB), the blocks are taken a chunk at a time (`lax.scan`): a chunk's rows of W1
+  On a CPU, where a token's chosen float32 rows of W1 pass CPU_CHUNK_BYTES (at the 17B shapes
+  256 rows of 36 KB, 9.4 MB), the blocks are taken a chunk at a time (`lax.scan`): a chunk's rows of W1
   and W2 are gathered and multiplied before the next chunk's are gathered, so that the
   products read them from the cache instead of from memory, as they must when all the rows are
   gathered first (a 17B FF+QKV block 3-11% faster, side by side: docs/speed.md). The sum is the
@@ -334,7 +334,7 @@ def _gathered_units(units, x, w1, b1, w2, b2):
     hidden = jnp.einsum('...d,...kd->...k', x, take(w1, rows)) + take(b1, rows)[..., 0]
     return jnp.einsum('...k,...kd->...d', jax.nn.relu(hidden), take(w2, rows))
 
-  n_chunks = _cpu_chunks(n_blocks, d_model * w1.dtype.itemsize)
+  n_chunks = _cpu_chunks(n_blocks, d_model, w1.dtype)
   if n_chunks == 1:
     return units_ff(rows) + b2
   chunks = jnp.moveaxis(rows.reshape(*rows.shape[:-1], n_chunks, -1), -2, 0)  # [chunks, ..., k]
@@ -344,12 +344,15 @@ def _gathered_units(units, x, w1, b1, w2, b2):
   return total + b2
 
 
-def _cpu_chunks(n_blocks, row_bytes):
-  """How many chunks `_gathered_units` takes a token's n_blocks chosen rows (of row_bytes
-  each) in: on a CPU the fewest that divide n_blocks into chunks of at most CPU_CHUNK_BYTES;
-  elsewhere, or with CPU_CHUNK_BYTES 0, one."""
-  if not CPU_CHUNK_BYTES or jax.default_backend() != 'cpu':
+def _cpu_chunks(n_blocks, d_model, dtype):
+  """How many chunks `_gathered_units` takes a token's n_blocks chosen rows of d_model
+  elements in: on a CPU, for float32 weights, the fewest that divide n_blocks into chunks of
+  at most CPU_CHUNK_BYTES; otherwise, or with CPU_CHUNK_BYTES 0, one. (Inside a scan XLA's CPU
+  compiler multiplies bfloat16 rows some 150 times slower: the 17B layer's token 1.84 s
+  against 12.5 ms; docs/speed.md.)"""
+  if not CPU_CHUNK_BYTES or jax.default_backend() != 'cpu' or dtype != jnp.float32:
     return 1
+  row_bytes = d_model * jnp.dtype(dtype).itemsize
   fit = [n for n in range(1, n_blocks + 1)
          if n_blocks % n == 0 and n_blocks // n * row_bytes <= CPU_CHUNK_BYTES]
   return fit[0] if fit else n_blocks
