@@ -20,6 +20,7 @@ from sparse_scaling import decoding
 from sparse_scaling.decoding import Decoder
 from sparse_scaling.decoding import filter_logits
 from sparse_scaling.layers import decode_kernels
+from sparse_scaling.layers import sparse_ff
 from sparse_scaling.models import ScalingTransformer
 from sparse_scaling.models import ScalingTransformerLM
 from sparse_scaling.models import Terraformer
@@ -69,6 +70,22 @@ def test_greedy_from_an_empty_prompt_equals_argmax_of_the_eval_model(model_and_w
   tokens = Decoder(model_fn, weights).generate(prompt, max_new_tokens=8)
   assert tokens.shape == (2, 8)
   np.testing.assert_array_equal(tokens, _greedy_by_the_eval_model(model_fn, weights, prompt, 8))
+
+
+@pytest.mark.skipif(jax.default_backend() != 'cpu', reason="the chunks are a CPU's")
+def test_sparse_ff_rows_in_chunks_decode_the_eval_models_tokens(model_and_weights, monkeypatch):
+  """The whole compiled generation with Sparse FF's rows taken a chunk at a time (on a CPU
+  past `sparse_ff.CPU_CHUNK_BYTES`; here 2 of the 8 blocks' rows a chunk, so a scan inside the
+  generation's loop): greedy tokens equal the eval model's."""
+  monkeypatch.setattr(sparse_ff, 'CPU_CHUNK_BYTES', 2 * TINY['d_model'] * 4)
+  chunks, real = [], sparse_ff._cpu_chunks
+  monkeypatch.setattr(sparse_ff, '_cpu_chunks', lambda *a: chunks.append(real(*a)) or chunks[-1])
+  model_fn, weights = model_and_weights
+  prompt = np.array([[5, 6, 7], [9, 3, 2]], np.int32)
+  with decode_kernels.use('xla'):
+    tokens = Decoder(model_fn, weights).generate(prompt, max_new_tokens=8)
+  np.testing.assert_array_equal(tokens, _greedy_by_the_eval_model(model_fn, weights, prompt, 8))
+  assert chunks and set(chunks) == {4}   # every Sparse FF call traced took 4 chunks
 
 
 def test_rows_stop_after_eos(model_and_weights):
