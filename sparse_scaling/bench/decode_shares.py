@@ -32,8 +32,9 @@ constant, set while the setting is measured and restored after it. The names, by
     FF_COLUMNS, FF_GATHER        columns of d_model per program of that kernel, rows it
                                  gathers a load
   layers/sparse_ff.py
-    CHUNK                        `CPU_CHUNK_BYTES`: on a CPU, the most bytes of W1's chosen
-                                 rows a token gathers at once, 0 all (token, block, call)
+    CHUNK                        `CPU_CHUNK_BYTES`: on a CPU, the most bytes of W1's float32
+                                 chosen rows a token gathers at once, 0 all (token, block,
+                                 call)
   layers/fused_residual.py
     CHAIN                        1: each attention block hands the FF block after it its
                                  LayerNorm's partial sums, one kernel fewer a layer (token,
@@ -240,6 +241,12 @@ def per_token(dims, depth, dtype='float32'):
                                          weights_fn=_weights_fn())
 
 
+def _one_block(dims):
+  """The Table 1 decoder of `dims` with one block, whose first block `block` and `call`
+  time."""
+  return decoders.build('ours', dims, 1, decoders.MAX_LEN)
+
+
 def _model_fn(dims, depth):
   return functools.partial(decoders.build, 'ours', dims, depth, decoders.MAX_LEN)
 
@@ -263,7 +270,7 @@ def compiled_call(dims, depth, dtype='float32'):
   """call() of `table1.block_call` for the first block of `per_call`, compiled now with the
   constants in force now."""
   del depth
-  return table1.block_call(decoders.build('ours', dims, 1, decoders.MAX_LEN), dtype)
+  return table1.block_call(_one_block(dims), dtype)
 
 
 def _alternating_token(runs, rounds):
@@ -318,16 +325,14 @@ def _spread(times):
 def per_block(dims, depth, dtype='float32'):
   """Seconds of the first block looped on its own output in a compiled program."""
   del depth
-  return table1.seconds_per_block_program(
-      decoders.build('ours', dims, 1, decoders.MAX_LEN), dtype, 32)
+  return table1.seconds_per_block_program(_one_block(dims), dtype, 32)
 
 
 def per_call(dims, depth, dtype='float32'):
   """Median seconds of one call of the first block, jitted alone (`table1.seconds_per_block`:
   Table 1's per-block column on a CPU)."""
   del depth
-  return table1.seconds_per_block(decoders.build('ours', dims, 1, decoders.MAX_LEN), dtype,
-                                  CALLS)[0]
+  return table1.seconds_per_block(_one_block(dims), dtype, CALLS)[0]
 
 
 def fused_blocks(dims, interpret=False):

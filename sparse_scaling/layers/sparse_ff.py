@@ -319,11 +319,11 @@ def _gathered_units(units, x, w1, b1, w2, b2):
   """Reads only the chosen rows: units [..., d_ff // N] int32, x [..., d_model].
 
   On a CPU, where a token's chosen float32 rows of W1 pass CPU_CHUNK_BYTES (at the 17B shapes
-  256 rows of 36 KB, 9.4 MB), the blocks are taken a chunk at a time (`lax.scan`): a chunk's rows of W1
-  and W2 are gathered and multiplied before the next chunk's are gathered, so that the
-  products read them from the cache instead of from memory, as they must when all the rows are
-  gathered first (a 17B FF+QKV block 3-11% faster, side by side: docs/speed.md). The sum is the
-  same up to the order of its additions.
+  256 rows of 36 KB, 9.4 MB), the blocks are taken a chunk at a time (`lax.scan`): a chunk's
+  rows of W1 and W2 are gathered and multiplied before the next chunk's are gathered, so that
+  the products read them from the cache instead of from memory, as they must when all the rows
+  are gathered first (a 17B FF+QKV block 3-11% faster, side by side: docs/speed.md). The sum
+  is the same up to the order of its additions.
   """
   n_blocks, block, d_model = w1.shape
   rows = units + block * jnp.arange(n_blocks, dtype=units.dtype)      # [..., d_ff // N]
@@ -352,7 +352,7 @@ def _cpu_chunks(n_blocks, d_model, dtype):
   against 12.5 ms; docs/speed.md.)"""
   if not CPU_CHUNK_BYTES or jax.default_backend() != 'cpu' or dtype != jnp.float32:
     return 1
-  row_bytes = d_model * jnp.dtype(dtype).itemsize
+  row_bytes = 4 * d_model
   fit = [n for n in range(1, n_blocks + 1)
          if n_blocks % n == 0 and n_blocks // n * row_bytes <= CPU_CHUNK_BYTES]
   return fit[0] if fit else n_blocks
