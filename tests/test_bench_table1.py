@@ -248,11 +248,11 @@ def test_the_program_column_is_the_median_of_its_copies_and_the_table_gives_thei
   assert asked == [3, 3]
   assert [r['s_per_token_program'] for r in rows] == [2e-4, 2e-4]
   assert rows[0]['s_per_token_program_copies'] == [3e-4, 1e-4, 2e-4]
-  assert '| 0.00020 (0.00010-0.00030, 3 copies) | 1.00x |' in table1.markdown(rows, 4, 3)
+  assert '| 0.000200 (0.000100-0.000300, 3 copies) | 1.00x |' in table1.markdown(rows, 4, 3)
   one = table1.measure('800m', ['dense'], ['ours'], prompt=4, n_tokens=3, bandwidth=30e9,
                        program=True, step=False)
   assert one[0]['s_per_token_program'] == 3e-4 and 's_per_token_program_copies' not in one[0]
-  assert '| 0.00030 | 1.00x |' in table1.markdown(one, 4, 3)
+  assert '| 0.000300 | 1.00x |' in table1.markdown(one, 4, 3)
 
 
 def test_a_block_call_steps_the_first_block_on_its_own_output():

@@ -356,12 +356,13 @@ def _setting(row):
 
 
 def _program_cell(row):
-  """The s/token, program cell: the time, and the copies' range where there were several."""
+  """The s/token, program cell: the time, and the copies' range where there were several (to
+  the microsecond: copies of an 800M generation on a GPU differ by a few)."""
   if not row.get('s_per_token_program'):
     return ''
   copies = row.get('s_per_token_program_copies')
-  spread = f' ({min(copies):.5f}-{max(copies):.5f}, {len(copies)} copies)' if copies else ''
-  return f'{row["s_per_token_program"]:.5f}{spread}'
+  spread = f' ({min(copies):.6f}-{max(copies):.6f}, {len(copies)} copies)' if copies else ''
+  return f'{row["s_per_token_program"]:.6f}{spread}'
 
 
 def markdown(rows, prompt, n_tokens):
