@@ -6,6 +6,7 @@ import sys
 from unittest import mock
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -234,14 +235,25 @@ def test_alternate_times_generations_and_calls_only():
 def test_alternating_calls_of_a_block_are_each_compiled_under_their_setting(monkeypatch,
                                                                             capsys):
   """--alternate --measure call: every setting's block is compiled while its constants are in
-  force, then all are called in the same rounds, ROUND_CALLS a round each, with the constants
-  as they were; each row is the median of its calls."""
-  built, calls = [], []
+  force, on one draw of the weights and a state of its own, then all are called in the same
+  rounds, ROUND_CALLS a round each, with the constants as they were; each row is the median
+  of its calls."""
+  built, calls, drawn = [], [], []
 
-  def block_call(model, dtype):
+  def block_call(model, dtype, drawn_here):
     i = len(built)
     built.append((_constants()['CHUNK'], dtype))
+    drawn.append(drawn_here)
     return lambda: calls.append((i, _constants()['CHUNK'])) or np.zeros(1)
+
+  def random_weights_and_state(model, dtype):   # one draw, at most
+    assert not draws
+    draws.append(({'w': np.ones(2)}, {'cache': jnp.zeros(3)}))
+    return draws[-1]
+
+  draws = []
+  monkeypatch.setattr(decode_shares.decoders, 'random_weights_and_state',
+                      random_weights_and_state)
 
   def seconds_of(fn):   # a clock of our own: a call of block i takes (i + 1) ms
     fn()
@@ -255,6 +267,9 @@ def test_alternating_calls_of_a_block_are_each_compiled_under_their_setting(monk
   results = decode_shares.sweep_alternating('17b', 'ffqkv', 1, settings, rounds=4,
                                             measure='call')
   assert built == [(before, 'float32'), (0, 'float32'), (before, 'float32')]
+  (weights, state), = draws
+  assert all(w is weights for w, _ in drawn)   # the weights shared, each state a copy
+  assert len({id(s['cache']) for _, s in drawn} | {id(state['cache'])}) == 4
   assert {c for _, c in calls} == {before}   # every call timed with the constants as they were
   for i in range(3):
     assert sum(1 for j, _ in calls if j == i) >= 4 * decode_shares.ROUND_CALLS

@@ -88,8 +88,8 @@ blocks (`decoders.py`, random weights, batch 1, `--dtype`: float32 unless said) 
 It prints one Markdown row per setting as it is measured. One-shot timings of the same
 generation have moved 15% from run to run (docs/decoding_gpu.md, "Prefetching the next
 kernel's weights"): `--alternate` compiles every setting first (a setting named twice is
-compiled twice; `--copies N` compiles each N times, in turn, each copy on its own draw of
-the random weights, as every setting) and times them in the same
+compiled twice; `--copies N` compiles each N times, in turn, each generation on its own draw
+of the random weights, the blocks of `call` all on one) and times them in the same
 alternating rounds, printing the rows at the end, then each repeated setting's copies' lowest
 and highest time: compiled copies of one 800M generation have run up to ~3% apart, once 8%
 (docs/decoding_gpu.md, "Compiled copies side by side"), so a setting is told apart from
@@ -266,11 +266,13 @@ def compiled_generation(dims, depth, dtype='float32'):
   return run
 
 
-def compiled_call(dims, depth, dtype='float32'):
+def compiled_call(dims, depth, dtype='float32', drawn=None):
   """call() of `table1.block_call` for the first block of `per_call`, compiled now with the
-  constants in force now."""
+  constants in force now; on `drawn`'s weights and a copy of its state, where given."""
   del depth
-  return table1.block_call(_one_block(dims), dtype)
+  if drawn:
+    drawn = drawn[0], jax.tree.map(jnp.copy, drawn[1])   # each call donates its own state
+  return table1.block_call(_one_block(dims), dtype, drawn)
 
 
 def _alternating_token(runs, rounds):
@@ -290,11 +292,16 @@ def sweep_alternating(shape, variant, depth, settings, dtype='float32', rounds=R
   'token') or seconds of one call of its first block (`compiled_call`, 'call'). Every setting
   is compiled first (a setting named twice is compiled twice) and then all are timed in the
   same alternating rounds (`timing.interleaved_times`), so that neither the machine's drift
-  nor the order falls on one setting: [(text, seconds)], each row printed."""
+  nor the order falls on one setting: [(text, seconds)], each row printed. Each generation
+  draws its own random weights; the blocks of 'call' share one draw (a 17B block's ~5 GB
+  each would not fit four settings in a 23 GB machine)."""
   compile_one, time_all = {'token': (compiled_generation, _alternating_token),
                            'call': (compiled_call, _alternating_call)}[measure]
   unit = _UNITS[measure][0]
   dims = decoders.dimensions(shape, variant)
+  if measure == 'call':
+    compile_one = functools.partial(compile_one, drawn=decoders.random_weights_and_state(
+        _one_block(dims), dtype))
   runs = []
   for text in settings:
     with shares(parse_setting(text)):

@@ -130,11 +130,12 @@ def seconds_per_token(model, dtype, prompt, n_tokens, batch=1):
   return _timed_steps(step, weights, state, tokens, n_tokens)
 
 
-def _first_block(model, dtype):
+def _first_block(model, dtype, drawn=None):
   """(step, weights, state, x): the first block's layers (attention and feed-forward,
   `scope_labels`) of `model` as `x, state = step(weights, state, x)`, with random weights,
-  fresh state and one token's activations x [1, 1, d_model]."""
-  weights, state = random_weights_and_state(model, dtype)
+  fresh state (`drawn`, the model's (weights, state), where given) and one token's
+  activations x [1, 1, d_model]."""
+  weights, state = drawn or random_weights_and_state(model, dtype)
   labels = scope_labels(model)
   index = [i for i, label in enumerate(labels) if label.startswith('block0/')]
   layers = [model.sublayers[i] for i in index]
@@ -147,10 +148,11 @@ def _first_block(model, dtype):
   return (step, tuple(weights[i] for i in index), tuple(state[i] for i in index), x)
 
 
-def block_call(model, dtype):
-  """call(): one decoding step of `model`'s first block (`_first_block`) as
-  `seconds_per_block` times it, fed its own output; compiled now (the first call made)."""
-  call = _stepper(*_first_block(model, dtype))
+def block_call(model, dtype, drawn=None):
+  """call(): one decoding step of `model`'s first block (`_first_block`, on `drawn` where
+  given) as `seconds_per_block` times it, fed its own output; compiled now (the first call
+  made). The call donates the state: `drawn`'s state is its own from then on."""
+  call = _stepper(*_first_block(model, dtype, drawn))
   jax.block_until_ready(call())
   return call
 
