@@ -24,6 +24,7 @@ on the rest of the batch.
 
 import functools
 
+from absl import logging
 import gin
 import jax
 import jax.numpy as jnp
@@ -206,6 +207,9 @@ class Decoder:
     self._dtype = None if dtype is None else jnp.dtype(dtype)
     if self._dtype is not None and not jnp.issubdtype(self._dtype, jnp.floating):
       raise ValueError(f'dtype must be a floating-point dtype, got {dtype!r}')
+    if self._dtype == jnp.bfloat16 and jax.default_backend() == 'cpu':
+      logging.warning('Decoding in bfloat16 on a CPU: several times slower than float32 '
+                      '(docs/speed.md, "bfloat16 on a CPU").')
     self._leaves = [self._cast(w) for w in jax.tree.leaves(weights)]
     self._weights = None
     self._start_id = start_id

@@ -5,6 +5,7 @@ import functools
 import os
 import subprocess
 import sys
+from unittest import mock
 
 import jax
 import numpy as np
@@ -437,6 +438,23 @@ def test_the_decoder_compiles_its_programs_for_the_weights_it_decodes_with(monke
   Decoder(model_fn, weights, dtype=dtype).generate(np.ones((1, 3), np.int32), 2)
   assert compiled_for == [{jnp.dtype('bfloat16')}]   # cast, or kept
 
+
+
+@pytest.mark.parametrize('backend, dtype, warned', [('cpu', 'bfloat16', True),
+                                                    ('cpu', None, False),
+                                                    ('gpu', 'bfloat16', False)])
+def test_bfloat16_decoding_on_a_cpu_warns_that_it_is_slower(monkeypatch, backend, dtype,
+                                                            warned):
+  """XLA's CPU compiler converts a bfloat16 product's weight to float32 at every call
+  (docs/speed.md): a Decoder asked for bfloat16 on a CPU says so, once, as it is built."""
+  model_fn = functools.partial(ScalingTransformerLM, **TINY)
+  weights = model_fn().init(shapes.ShapeDtype((1, 8), jnp.int32))[0]
+  monkeypatch.setattr(jax, 'default_backend', lambda: backend)
+  with mock.patch.object(decoding.logging, 'warning') as warning:
+    Decoder(model_fn, weights, dtype=dtype)
+  assert warning.call_count == int(warned)
+  if warned:
+    assert 'bfloat16 on a CPU' in warning.call_args[0][0]
 
 _PRODUCT_KERNELS = """
 import jax.numpy as jnp
