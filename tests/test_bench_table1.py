@@ -140,8 +140,8 @@ def test_a_measurement_that_fails_is_reported_and_the_others_go_on(monkeypatch):
   built = []
   monkeypatch.setattr(table1, 'seconds_per_block',
                       lambda model, dtype, n_tokens: built.append(model) or (1e-3, 2e-3))
-  monkeypatch.setattr(table1, 'seconds_per_block_program',
-                      lambda model, dtype, n_tokens: built.append(model) or 5e-4)
+  monkeypatch.setattr(table1, 'seconds_per_block_programs',
+                      lambda model, dtype, n_tokens, copies: built.append(model) or [5e-4])
   rows = table1.measure('800m', ['dense', 'ff'], ['ours', 'ours-xla'], prompt=4, n_tokens=3,
                         bandwidth=30e9, program=True, step=False)
   assert len(built) == 2 * 4  # each row's block and its loop: the rows after a failure go on
@@ -235,24 +235,51 @@ def test_copies_of_a_generation_share_one_draw_of_weights_and_compile_apart(monk
     np.testing.assert_array_equal(got, tokens[3])
 
 
-def test_the_program_column_is_the_median_of_its_copies_and_the_table_gives_their_range(
+def test_copies_of_a_blocks_loop_share_one_draw_of_weights_and_compile_apart(monkeypatch):
+  """`seconds_per_block_programs`: each copy is a loop compiled apart (once: its lengths are a
+  static argument of one jit) with a state of its own, all on one draw of random weights, and
+  all timed in the same rounds."""
+  drawn, compiled, timed = [], [], []
+  real_draw, real_jit = table1.random_weights_and_state, decoding.jit
+  monkeypatch.setattr(table1, 'random_weights_and_state',
+                      lambda *a, **k: drawn.append(1) or real_draw(*a, **k))
+  monkeypatch.setattr(decoding, 'jit', lambda *a, **k: compiled.append(1) or real_jit(*a, **k))
+  monkeypatch.setattr(table1.timing, 'per_steps',
+                      lambda runs, short, long: timed.append([run(short) for run in runs])
+                      or [1e-5, 2e-5, 3e-5][:len(runs)])
+  model = table1.build('ours', TINY, 1, 16)
+  assert table1.seconds_per_block_programs(model, 'float32', 2, copies=3) == [1e-5, 2e-5, 3e-5]
+  assert len(drawn) == 1 and len(compiled) == 3
+  (first, *others), = timed   # each copy ran from its own fresh state: the same output
+  for got in others:
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(first))
+
+def test_the_program_columns_are_the_median_of_their_copies_and_the_table_gives_their_range(
     monkeypatch):
   monkeypatch.setattr(table1, 'dimensions', tiny_dimensions)
   monkeypatch.setattr(table1, 'seconds_per_block', lambda *a: (1e-3, 2e-3))
-  monkeypatch.setattr(table1, 'seconds_per_block_program', lambda *a: 5e-4)
   asked = []
+  monkeypatch.setattr(table1, 'seconds_per_block_programs',
+                      lambda model, dtype, n_tokens, copies: asked.append(('block', copies))
+                      or [6e-5, 4e-5, 5e-5][:copies])
   monkeypatch.setattr(table1, 'seconds_per_token_programs',
-                      lambda *a, copies: asked.append(copies) or [3e-4, 1e-4, 2e-4][:copies])
+                      lambda *a, copies: asked.append(('token', copies))
+                      or [3e-4, 1e-4, 2e-4][:copies])
   rows = table1.measure('800m', ['dense', 'ff'], ['ours'], prompt=4, n_tokens=3,
                         bandwidth=30e9, program=True, step=False, copies=3)
-  assert asked == [3, 3]
+  assert asked == [('block', 3), ('token', 3)] * 2
   assert [r['s_per_token_program'] for r in rows] == [2e-4, 2e-4]
+  assert [r['s_per_block_program'] for r in rows] == [5e-5, 5e-5]
   assert rows[0]['s_per_token_program_copies'] == [3e-4, 1e-4, 2e-4]
-  assert '| 0.000200 (0.000100-0.000300, 3 copies) | 1.00x |' in table1.markdown(rows, 4, 3)
+  assert rows[0]['s_per_block_program_copies'] == [6e-5, 4e-5, 5e-5]
+  text = table1.markdown(rows, 4, 3)
+  assert ('| 0.0500 (0.0400-0.0600, 3 copies) | 1.00x |  | 0.000200 (0.000100-0.000300, '
+          '3 copies) | 1.00x |') in text
   one = table1.measure('800m', ['dense'], ['ours'], prompt=4, n_tokens=3, bandwidth=30e9,
                        program=True, step=False)
   assert one[0]['s_per_token_program'] == 3e-4 and 's_per_token_program_copies' not in one[0]
-  assert '| 0.000300 | 1.00x |' in table1.markdown(one, 4, 3)
+  assert one[0]['s_per_block_program'] == 6e-5 and 's_per_block_program_copies' not in one[0]
+  assert '| 0.0600 | 1.00x |  | 0.000300 | 1.00x |' in table1.markdown(one, 4, 3)
 
 
 def test_a_block_call_steps_the_first_block_on_its_own_output():

@@ -24,7 +24,7 @@ generations compiled as one program (`decoding.Decoder`), the dispatch cost per 
 (with `--copies N`, the median of N Decoders on the same weights, each compiled apart and all
 timed in the same rounds: copies of one program have run a few percent apart on a GPU); per
 block (program, `--program`): the first block looped on its own output in one compiled
-program. Every program is compiled as the `Decoder` compiles its own (`decoding.jit`: on a
+program (with `--copies N`, the median of N loops, each compiled apart). Every program is compiled as the `Decoder` compiles its own (`decoding.jit`: on a
 GPU, XLA's matrix-vector products stay matrix products, in bfloat16 up to 256 MiB a weight
 cuBLAS's kernels), the dense rows included.
 Both implementations size their KV caches to the sequence timed (attention reads the whole
@@ -177,8 +177,25 @@ def seconds_per_block_program(model, dtype, n_tokens):
   compiles loops by default (`loops=False`), as in every run of this column before
   `decoding.GRAPH_LOOPS`: a generation's loop recorded as a CUDA graph costs a few µs an
   iteration, which a token hides and one block would not."""
-  step, weights, state, x = _first_block(model, dtype)
+  return seconds_per_block_programs(model, dtype, n_tokens)[0]
 
+
+def seconds_per_block_programs(model, dtype, n_tokens, copies=1):
+  """`seconds_per_block_program` of `copies` loops of the block, each compiled apart, all on
+  one draw of the weights and timed in the same alternating rounds (`timing.per_steps`): on
+  an H200 two loops of one 800M block have run 9% apart (docs/decoding_gpu.md, "Where it
+  stands"). [seconds per step] of each copy."""
+  step, weights, state, x = _first_block(model, dtype)
+  # Each loop donates its state: every copy gets its own, made before any runs.
+  states = [state] + [jax.tree.map(jnp.copy, state) for _ in range(copies - 1)]
+  runs = [_block_loop(step, weights, state, x) for state in states]
+  return timing.per_steps(runs, n_tokens, 4 * n_tokens)
+
+
+def _block_loop(step, weights, state, x):
+  """run(n_steps): `x, state = step(weights, state, x)` n_steps times in one compiled loop
+  (compiled anew for this run, XLA's loops; the state donated and carried from run to run);
+  returns the last x."""
   @functools.partial(decoding.jit, weights=weights, loops=False, static_argnums=3,
                      donate_argnums=1)
   def loop(weights, state, x, n_steps):
@@ -193,8 +210,7 @@ def seconds_per_block_program(model, dtype, n_tokens):
   def run(n_steps):
     holder['state'], out = loop(weights, holder['state'], x, n_steps)
     return out
-
-  return timing.per_step(run, n_tokens, 4 * n_tokens)
+  return run
 
 
 def generation_run(model_fn, dtype, prompt, weights_fn=None):
@@ -261,7 +277,8 @@ def measure(shape, variants, impls, prompt, n_tokens, bandwidth, program=False, 
   """Rows of one shape: each variant and implementation, one block timed alone and (with
   `step`) the whole decoder's jitted step and (with `program`) its compiled generation, of
   `depth` blocks (default: the shape's, `SHAPES`); with `copies`, the median of that many
-  compiled copies of the generation (each copy's time in `s_per_token_program_copies`). Each
+  compiled copies of the generation and of the block's loop (each copy's time in
+  `s_per_token_program_copies` and `s_per_block_program_copies`). Each
   row is printed (flushed) and given to `on_row` as soon as it is measured, so that a run cut
   off keeps the rows it finished.
 
@@ -287,8 +304,8 @@ def measure(shape, variants, impls, prompt, n_tokens, bandwidth, program=False, 
                                                 n_tokens)),
             ('step', lambda: seconds_per_token(build(impl, dims, whole, max_len), dtype,
                                                prompt, n_tokens) if step else None),
-            ('block_program', lambda: seconds_per_block_program(
-                build(impl, dims, 1, max_len), dtype, n_tokens) if program else None),
+            ('block_program', lambda: seconds_per_block_programs(
+                build(impl, dims, 1, max_len), dtype, n_tokens, copies) if program else None),
             ('program', lambda: seconds_per_token_programs(
                 functools.partial(build, impl, dims, whole, max_len), dtype, prompt,
                 n_tokens, copies=copies) if program else None)]:
@@ -306,7 +323,9 @@ def measure(shape, variants, impls, prompt, n_tokens, bandwidth, program=False, 
             if copies > 1:
               row['s_per_token_program_copies'] = result
           elif name == 'block_program':
-            row['s_per_block_program'] = result
+            row['s_per_block_program'] = float(np.median(result)) if result else None
+            if result and copies > 1:
+              row['s_per_block_program_copies'] = result
           gc.collect()
       rows.append(row)
       print(json.dumps(row), flush=True)
@@ -357,14 +376,16 @@ def _setting(row):
   return row['shape'], row.get('depth', SHAPES[row['shape']][3]), row['dtype']
 
 
-def _program_cell(row):
-  """The s/token, program cell: the time, and the copies' range where there were several (to
-  the microsecond: copies of an 800M generation on a GPU differ by a few)."""
-  if not row.get('s_per_token_program'):
+def _copies_cell(row, key, scale, digits):
+  """A program column's cell: row[key] scaled, and its copies' range where there were several
+  (`measure`'s `copies`; to the microsecond: copies of an 800M generation on a GPU differ by a
+  few)."""
+  if not row.get(key):
     return ''
-  copies = row.get('s_per_token_program_copies')
-  spread = f' ({min(copies):.6f}-{max(copies):.6f}, {len(copies)} copies)' if copies else ''
-  return f'{row["s_per_token_program"]:.6f}{spread}'
+  copies = row.get(key + '_copies')
+  spread = (f' ({min(copies) * scale:.{digits}f}-{max(copies) * scale:.{digits}f}, '
+            f'{len(copies)} copies)' if copies else '')
+  return f'{row[key] * scale:.{digits}f}{spread}'
 
 
 def markdown(rows, prompt, n_tokens):
@@ -380,8 +401,8 @@ def markdown(rows, prompt, n_tokens):
       '(program: the block looped in one compiled program, no dispatch per step); s/token: '
       'the whole '
       'decoder, one jitted step per token (step) or the whole generation as one compiled '
-      'program (program; where several compiled copies were timed, their median and, in '
-      'brackets, their range); floor: the weight and KV bytes a token reads over the '
+      'program (program); in a program column where several compiled copies were timed, '
+      'their median and, in brackets, their range; floor: the weight and KV bytes a token reads over the '
       'bandwidth. '
       'Speedups are against the dense row of the same implementation, shape, depth and '
       'dtype. Implementations: ours (the default: on a GPU the sparse blocks decode through '
@@ -407,11 +428,10 @@ def markdown(rows, prompt, n_tokens):
              row['dtype'],
              f'{block * 1e3:.3f} ({row["p90_s_per_block"] * 1e3:.3f})' if block else 'failed',
              ratio(dense.get('s_per_block'), block),
-             f'{row["s_per_block_program"] * 1e3:.4f}' if row.get('s_per_block_program')
-             else '',
+             _copies_cell(row, 's_per_block_program', 1e3, 4),
              ratio(dense.get('s_per_block_program'), row.get('s_per_block_program')),
              f'{row["s_per_token"]:.5f}' if row.get('s_per_token') else '',
-             _program_cell(row),
+             _copies_cell(row, 's_per_token_program', 1, 6),
              ratio(dense.get('s_per_token_program'), row.get('s_per_token_program')),
              f'{row["floor_s_per_token"]:.5f}',
              f'{paper[0]:.3f}' if paper else '',
@@ -462,9 +482,9 @@ def define_flags():
   flags.DEFINE_bool('program', False, 'Also time whole generations compiled as one program '
                     '(our Decoder), for both implementations: the per-step dispatch cost that '
                     'dominates on a GPU is then gone.')
-  flags.DEFINE_integer('copies', 1, '--program: compile each generation this many times (one '
-                       'draw of the weights) and give the median of the copies, timed in the '
-                       'same rounds.', lower_bound=1)
+  flags.DEFINE_integer('copies', 1, '--program: compile each generation and each block\'s loop '
+                       'this many times (one draw of the weights) and give the median of the '
+                       'copies, timed in the same rounds.', lower_bound=1)
   flags.DEFINE_integer('depth', None, "Blocks of the whole decoder timed per token (default: "
                        "the shape's, 24 at 800m and 2 at 17b; 15 at 17b is the whole "
                        '~17B-weight decoder).', lower_bound=1)
