@@ -139,7 +139,7 @@ def test_a_measurement_that_fails_is_reported_and_the_others_go_on(monkeypatch):
   # checked is what `measure` makes of them and of the one that fails.
   built = []
   monkeypatch.setattr(table1, 'seconds_per_block',
-                      lambda model, dtype, n_tokens: built.append(model) or (1e-3, 2e-3))
+                      lambda model, dtype, n_tokens, cold: built.append(model) or (1e-3, 2e-3))
   monkeypatch.setattr(table1, 'seconds_per_block_programs',
                       lambda model, dtype, n_tokens, copies: built.append(model) or [5e-4])
   rows = table1.measure('800m', ['dense', 'ff'], ['ours', 'ours-xla'], prompt=4, n_tokens=3,
@@ -282,6 +282,46 @@ def test_the_program_columns_are_the_median_of_their_copies_and_the_table_gives_
   assert '| 0.0600 | 1.00x |  | 0.000300 | 1.00x |' in table1.markdown(one, 4, 3)
 
 
+def test_alternate_times_every_rows_block_side_by_side(monkeypatch):
+  """--alternate: every row's block is built and compiled (under its implementation's kernel
+  choice) before any is timed, then all are called in the same rounds; a block that fails to
+  build gives its row an error and the others go on."""
+  monkeypatch.setattr(table1, 'dimensions', tiny_dimensions)
+  monkeypatch.setattr(table1, 'seconds_per_block',
+                      lambda *a: pytest.fail('timed alone under --alternate'))
+  events = []
+
+  def block_call(model, dtype):
+    i = len([e for e in events if e[0] == 'built'])
+    events.append(('built', i, decode_kernels.active('sparse_ff'), dtype))
+    if i == 2:
+      raise RuntimeError('no such block')
+    return lambda: events.append(('called', i)) or np.zeros(1)
+
+  def seconds_of(fn):   # a clock of our own: a call of block i takes (i + 1) ms
+    fn()
+    return (events[-1][1] + 1) * 1e-3
+
+  monkeypatch.setattr(table1, 'block_call', block_call)
+  monkeypatch.setattr(table1.timing, 'seconds_of', seconds_of)
+  rows = table1.measure('800m', ['dense', 'ff'], ['ours', 'ours-pallas'], prompt=4,
+                        n_tokens=8, bandwidth=30e9, step=False, alternate=True)
+  built = [e for e in events if e[0] == 'built']
+  assert built == [('built', 0, 'xla', 'float32'), ('built', 1, 'pallas', 'float32'),
+                   ('built', 2, 'xla', 'float32'), ('built', 3, 'pallas', 'float32')]
+  assert events.index(('called', 0)) > events.index(built[-1])   # all built, then timed
+  called = [e[1] for e in events if e[0] == 'called']
+  assert set(called) == {0, 1, 3} and all(called.count(i) == 3 + 2 * 4 for i in (0, 1, 3))
+  assert [(r['variant'], r['impl'], r['s_per_block']) for r in rows] == [
+      ('dense', 'ours', 1e-3), ('dense', 'ours-pallas', 2e-3), ('ff', 'ours', None),
+      ('ff', 'ours-pallas', 4e-3)]
+  assert rows[2]['errors'] == {'block': 'RuntimeError: no such block'}
+  assert all(r['block_side_by_side'] for r in rows)
+  text = table1.markdown(rows, 4, 8)
+  assert '| 1.000 (1.000)* | 1.00x |' in text and 'ms/block marked *' in text
+  assert 'ms/block marked *' not in table1.markdown(
+      [dict(r, block_side_by_side=False) for r in rows], 4, 8)
+
 def test_a_block_call_steps_the_first_block_on_its_own_output():
   """`block_call` (what `decode_shares --measure call` times): compiled by a first call, each
   call then runs the first block once more on the last output and state, as
@@ -304,3 +344,49 @@ def test_copies_need_the_program_column():
                         '--nowrite'], capture_output=True, text=True)
   assert out.returncode != 0 and '--copies 3: copies of the compiled generation need ' \
       '--program' in out.stderr
+
+
+def test_alternate_and_cold_are_refused_together():
+  out = subprocess.run([sys.executable, '-m', 'sparse_scaling.bench.table1', '--alternate',
+                        '--cold', '--nowrite'], capture_output=True, text=True)
+  assert out.returncode != 0 and not out.stdout
+  assert '--alternate and --cold: choose one' in out.stderr
+
+
+def test_cold_flushes_the_caches_before_every_timed_step(monkeypatch):
+  """--cold: `seconds_per_block` runs the flusher, untimed, before each step (warm-up
+  included), and the rows and the table say the column was timed so."""
+  events = []
+  real_flusher = table1.timing.cache_flusher
+
+  def flusher(nbytes=1 << 20):   # the real flusher, smaller, recording its calls
+    flush = real_flusher(nbytes)
+    return lambda: events.append('flush') or flush()
+
+  real_seconds_of = table1.timing.seconds_of
+  monkeypatch.setattr(table1.timing, 'cache_flusher', flusher)
+  monkeypatch.setattr(table1.timing, 'seconds_of',
+                      lambda fn: events.append('step') or real_seconds_of(fn))
+  median, p90 = table1.seconds_per_block(table1.build('ours', TINY, 1, 16), 'float32', 4,
+                                         cold=True)
+  assert 0 < median <= p90
+  assert events == ['flush', 'step'] * (4 + 3)
+  events.clear()
+  table1.seconds_per_block(table1.build('ours', TINY, 1, 16), 'float32', 4)
+  assert events == ['step'] * (4 + 3)
+
+  monkeypatch.setattr(table1, 'dimensions', tiny_dimensions)
+  asked = []
+  monkeypatch.setattr(table1, 'seconds_per_block',
+                      lambda model, dtype, n_tokens, cold: asked.append(cold) or (1e-3, 2e-3))
+  rows = table1.measure('800m', ['dense', 'ff'], ['ours'], prompt=4, n_tokens=3,
+                        bandwidth=30e9, step=False, cold=True)
+  assert asked == [True, True] and all(r['block_cold'] for r in rows)
+  text = table1.markdown(rows, 4, 3)
+  assert '| 1.000 (2.000) cold | 1.00x |' in text and 'ms/block marked "cold"' in text
+
+
+def test_the_cache_flusher_reads_and_writes_its_whole_buffer():
+  flush = table1.timing.cache_flusher(1 << 16)
+  flush()
+  np.testing.assert_array_equal(np.asarray(flush()), np.full(1 << 14, 2.0, np.float32))

@@ -1,7 +1,8 @@
 """The paper's Table 1: unbatched decoding time per token, ours and trax's, side by side.
 
   python -m sparse_scaling.bench.table1 [--shapes 800m,17b] [--impls ours,trax] [--program]
-      [--copies 3] [--nostep] [--dtype bfloat16] [--depth 15] [--json] [--tokens 32]
+      [--copies 3] [--alternate | --cold] [--nostep] [--dtype bfloat16] [--depth 15] [--json]
+      [--tokens 32]
   python -m sparse_scaling.bench.table1 --batch_curve    # where sparsity stops paying
 
 Rows: dense, +Sparse FF, +Sparse QKV, +Sparse FF+QKV, +FF+QKV+loss, with the dimensions of
@@ -17,7 +18,10 @@ KV cache of dense attention), `ours-xla` by XLA's ops only.
 
 Method: batch 1, random weights (timing only). Per block: the first block's attention and FF
 layers jitted together (weights as arguments, state donated) and fed one token's activations
-per step, median (p90) of `--tokens` steps after 3 warm-up steps. Per token (step): a prompt
+per step, median (p90) of `--tokens` steps after 3 warm-up steps (with `--alternate`, the
+blocks of all of a shape's rows called in the same rounds, four calls of each a round; with
+`--cold`, the caches flushed before each step: called over and over, a small block's weights
+stay in the processor's cache, as a decoded token's do not). Per token (step): a prompt
 of `--prompt` tokens fills the caches, then `--tokens` greedy tokens are decoded by one jitted
 predict step each, every step blocked until ready. Per token (program, `--program`): whole
 generations compiled as one program (`decoding.Decoder`), the dispatch cost per step gone
@@ -110,10 +114,15 @@ def _stepper(step, weights, state, x):
   return call
 
 
-def _timed_steps(step, weights, state, x, n_steps, warmup=3):
-  """Median and p90 seconds of `x, state = step(weights, state, x)`, state donated."""
+def _timed_steps(step, weights, state, x, n_steps, warmup=3, flush=None):
+  """Median and p90 seconds of `x, state = step(weights, state, x)`, state donated; with
+  `flush`, called untimed before each step."""
   call = _stepper(step, weights, state, x)
-  times = [timing.seconds_of(call) for _ in range(n_steps + warmup)]
+  times = []
+  for _ in range(n_steps + warmup):
+    if flush:
+      flush()
+    times.append(timing.seconds_of(call))
   return timing.median_p90(times[warmup:])
 
 
@@ -157,14 +166,38 @@ def block_call(model, dtype, drawn=None):
   return call
 
 
-def seconds_per_block(model, dtype, n_tokens):
+def seconds_per_block(model, dtype, n_tokens, cold=False):
   """Median and p90 seconds of one block's decoding step, the block timed alone.
 
   The first block of `model` (`_first_block`) is jitted, weights as arguments and state
   donated, and fed one token's activations [1, 1, d_model] at a time; attention reads its
-  whole cache at every step, so the cost does not depend on how full it is.
+  whole cache at every step, so the cost does not depend on how full it is. Called over and
+  over, a small block's weights stay in the processor's cache from one step to the next, as
+  in a decoded token they do not (the other blocks' weights evict them): with `cold`, the
+  caches are flushed before each step (`timing.cache_flusher`).
   """
-  return _timed_steps(*_first_block(model, dtype), n_tokens)
+  return _timed_steps(*_first_block(model, dtype), n_tokens,
+                      flush=timing.cache_flusher() if cold else None)
+
+
+def seconds_per_block_side_by_side(models, dtype, n_tokens, per_round=4):
+  """`seconds_per_block` of each of `models`' first blocks, side by side: every block
+  compiled first (`block_call`, each made by a function of no arguments, under whatever it
+  needs in force), then all called in the same alternating rounds (`per_round` calls of each a
+  round, the order reversed every other round: `timing.interleaved_times`), so that a drift of
+  the machine falls on all of them alike. [(median, p90) seconds of a call, or the exception
+  that building or compiling that block raised]."""
+  calls = []
+  for make in models:
+    try:
+      calls.append(make())
+    except Exception as e:  # pylint: disable=broad-except
+      calls.append(e)
+  timed = [call for call in calls if not isinstance(call, Exception)]
+  times = iter(timing.interleaved_times(timed, rounds=max(1, n_tokens // per_round),
+                                        runs_per_round=per_round))
+  return [call if isinstance(call, Exception) else timing.median_p90(next(times))
+          for call in calls]
 
 
 def seconds_per_block_program(model, dtype, n_tokens):
@@ -273,12 +306,15 @@ def bytes_per_token(dims, n_layers, kv_len, itemsize):
 
 
 def measure(shape, variants, impls, prompt, n_tokens, bandwidth, program=False, step=True,
-            dtype=None, depth=None, on_row=None, copies=1):
+            dtype=None, depth=None, on_row=None, copies=1, alternate=False, cold=False):
   """Rows of one shape: each variant and implementation, one block timed alone and (with
   `step`) the whole decoder's jitted step and (with `program`) its compiled generation, of
   `depth` blocks (default: the shape's, `SHAPES`); with `copies`, the median of that many
   compiled copies of the generation and of the block's loop (each copy's time in
-  `s_per_token_program_copies` and `s_per_block_program_copies`). Each
+  `s_per_token_program_copies` and `s_per_block_program_copies`); with `alternate`, the
+  per-block column of every variant and implementation measured side by side first
+  (`seconds_per_block_side_by_side`: all their blocks in memory at once); with `cold`, each
+  block's step timed after the caches are flushed (`seconds_per_block`). Each
   row is printed (flushed) and given to `on_row` as soon as it is measured, so that a run cut
   off keeps the rows it finished.
 
@@ -287,11 +323,20 @@ def measure(shape, variants, impls, prompt, n_tokens, bandwidth, program=False, 
   """
   _, shape_dtype, _, whole = SHAPES[shape]
   dtype, whole = dtype or shape_dtype, depth or whole
+  max_len = prompt + n_tokens + 8
+  settings = [(variant, impl) for variant in variants for impl in impls]
+  side_by_side = {}
+  if alternate:
+    def block(variant, impl):
+      with kernel_choice(impl):
+        return block_call(build(impl, dimensions(shape, variant), 1, max_len), dtype)
+    side_by_side = dict(zip(settings, seconds_per_block_side_by_side(
+        [functools.partial(block, *setting) for setting in settings], dtype, n_tokens)))
+    gc.collect()
   rows = []
   for variant in variants:
     dims = dimensions(shape, variant)
     for impl in impls:
-      max_len = prompt + n_tokens + 8
       read = bytes_per_token(dims, whole, prompt + n_tokens // 2, jnp.dtype(dtype).itemsize)
       row = dict(shape=shape, variant=variant, impl=impl, dtype=dtype, depth=whole,
                  machine=timing.machine_description(), floor_s_per_token=read / bandwidth,
@@ -300,8 +345,8 @@ def measure(shape, variants, impls, prompt, n_tokens, bandwidth, program=False, 
       with kernel_choice(impl):
         row['kernel'] = kernels_used(dims)
         for name, run in [
-            ('block', lambda: seconds_per_block(build(impl, dims, 1, max_len), dtype,
-                                                n_tokens)),
+            ('block', lambda: _raised(side_by_side[variant, impl]) if alternate else
+             seconds_per_block(build(impl, dims, 1, max_len), dtype, n_tokens, cold)),
             ('step', lambda: seconds_per_token(build(impl, dims, whole, max_len), dtype,
                                                prompt, n_tokens) if step else None),
             ('block_program', lambda: seconds_per_block_programs(
@@ -316,6 +361,10 @@ def measure(shape, variants, impls, prompt, n_tokens, bandwidth, program=False, 
             result = None
           if name == 'block':
             row['s_per_block'], row['p90_s_per_block'] = result or (None, None)
+            if alternate:
+              row['block_side_by_side'] = True
+            if cold:
+              row['block_cold'] = True
           elif name == 'step' and result:
             row['s_per_token'], row['p90_s_per_token'] = result
           elif name == 'program' and result:
@@ -332,6 +381,14 @@ def measure(shape, variants, impls, prompt, n_tokens, bandwidth, program=False, 
       if on_row:
         on_row(row)
   return rows
+
+
+def _raised(result):
+  """`result`, or raises it where it is an exception (a block that failed to build or compile
+  in `seconds_per_block_side_by_side`)."""
+  if isinstance(result, Exception):
+    raise result
+  return result
 
 
 def batch_curve(prompt, n_tokens, batches=(1, 2, 4, 8, 16, 32, 64)):
@@ -408,7 +465,14 @@ def markdown(rows, prompt, n_tokens):
       'dtype. Implementations: ours (the default: on a GPU the sparse blocks decode through '
       'fused Pallas kernels, the kernel column names them; XLA\'s ops otherwise), ours-pallas '
       '(every Pallas kernel, also attention over the KV cache of dense attention), ours-xla '
-      '(XLA\'s ops only), trax (trax 1.4.1\'s `ConfigurableTransformerLM`).',
+      '(XLA\'s ops only), trax (trax 1.4.1\'s `ConfigurableTransformerLM`).'
+      + (' ms/block marked *: the blocks of the shape\'s rows so marked compiled first and '
+         'then called in the same alternating rounds (`--alternate`), their speedups measured '
+         'side by side.' if any(r.get('block_side_by_side') for r in rows) else '')
+      + (' ms/block marked "cold": each step timed after the caches were flushed (a 256 MB '
+         'buffer read and written, `--cold`), as a decoded token\'s block finds its weights '
+         'evicted by the other blocks\'; unmarked, the block\'s weights may stay in the cache '
+         'from step to step.' if any(r.get('block_cold') for r in rows) else ''),
       '',
       common.table_header(['shape', 'variant', 'impl', 'dtype', 'ms/block (p90)',
                            'speedup/block', 'ms/block, program', 'speedup/block, program',
@@ -426,7 +490,9 @@ def markdown(rows, prompt, n_tokens):
     cells = [shape + (f' ({depth} blocks)' if depth != SHAPES[shape][3] else ''), variant,
              impl + (f' ({row["kernel"]})' if row.get('kernel') and impl != 'trax' else ''),
              row['dtype'],
-             f'{block * 1e3:.3f} ({row["p90_s_per_block"] * 1e3:.3f})' if block else 'failed',
+             (f'{block * 1e3:.3f} ({row["p90_s_per_block"] * 1e3:.3f})'
+              + ('*' if row.get('block_side_by_side') else '')
+              + (' cold' if row.get('block_cold') else '')) if block else 'failed',
              ratio(dense.get('s_per_block'), block),
              _copies_cell(row, 's_per_block_program', 1e3, 4),
              ratio(dense.get('s_per_block_program'), row.get('s_per_block_program')),
@@ -485,6 +551,13 @@ def define_flags():
   flags.DEFINE_integer('copies', 1, '--program: compile each generation and each block\'s loop '
                        'this many times (one draw of the weights) and give the median of the '
                        'copies, timed in the same rounds.', lower_bound=1)
+  flags.DEFINE_bool('alternate', False, 'Time the per-block column of a shape\'s variants '
+                    'side by side: every block compiled first, then all called in the same '
+                    'alternating rounds (all of them in memory at once: at 17B about 7 GB a '
+                    'variant).')
+  flags.DEFINE_bool('cold', False, 'Time the per-block column with the caches flushed before '
+                    'each step (a 256 MB buffer read and written, untimed): the block\'s '
+                    'weights then come from memory, as in a decoded token.')
   flags.DEFINE_integer('depth', None, "Blocks of the whole decoder timed per token (default: "
                        "the shape's, 24 at 800m and 2 at 17b; 15 at 17b is the whole "
                        '~17B-weight decoder).', lower_bound=1)
@@ -521,6 +594,9 @@ def main(argv):
   if args.copies > 1 and not args.program:
     raise app.UsageError(f'--copies {args.copies}: copies of the compiled generation need '
                          '--program')
+  if args.alternate and args.cold:
+    raise app.UsageError('--alternate and --cold: choose one (the alternating rounds flush '
+                         'no cache)')
   if args.dtype not in (None, 'float32', 'bfloat16'):
     raise app.UsageError(f'--dtype: {args.dtype!r} must be float32 or bfloat16')
   name = args.results or ('table1' if jax.default_backend() == 'cpu'
@@ -537,7 +613,8 @@ def main(argv):
     if shape not in SHAPES:
       raise app.UsageError(f'--shapes: unknown shape {shape!r}; use {sorted(SHAPES)}')
     measure(shape, args.variants, args.impls, args.prompt, args.tokens, bandwidth,
-            args.program, args.step, args.dtype, args.depth, on_row=on_row, copies=args.copies)
+            args.program, args.step, args.dtype, args.depth, on_row=on_row, copies=args.copies,
+            alternate=args.alternate, cold=args.cold)
   if rows:
     print(markdown(rows, args.prompt, args.tokens))
   elif args.write:   # --render_only
