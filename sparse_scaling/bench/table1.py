@@ -28,9 +28,10 @@ generations compiled as one program (`decoding.Decoder`), the dispatch cost per 
 (with `--copies N`, the median of N Decoders on the same weights, each compiled apart and all
 timed in the same rounds: copies of one program have run a few percent apart on a GPU); per
 block (program, `--program`): the first block looped on its own output in one compiled
-program (with `--copies N`, the median of N loops, each compiled apart). Every program is compiled as the `Decoder` compiles its own (`decoding.jit`: on a
-GPU, XLA's matrix-vector products stay matrix products, in bfloat16 up to 256 MiB a weight
-cuBLAS's kernels), the dense rows included.
+program (with `--copies N`, the median of N loops, each compiled apart). Every program is
+compiled as the `Decoder` compiles its own (`decoding.jit`: on a GPU, XLA's matrix-vector
+products stay matrix products, in bfloat16 up to 256 MiB a weight cuBLAS's kernels), the
+dense rows included.
 Both implementations size their KV caches to the sequence timed (attention reads the whole
 cache at every step). The floor is the weight and KV-cache bytes a token must read, over the
 bandwidth measured in the same run (`timing.memory_bandwidth`). Every row is printed as it is
@@ -459,8 +460,8 @@ def markdown(rows, prompt, n_tokens):
       'the whole '
       'decoder, one jitted step per token (step) or the whole generation as one compiled '
       'program (program); in a program column where several compiled copies were timed, '
-      'their median and, in brackets, their range; floor: the weight and KV bytes a token reads over the '
-      'bandwidth. '
+      'their median and, in brackets, their range; floor: the weight and KV bytes a token '
+      'reads over the bandwidth. '
       'Speedups are against the dense row of the same implementation, shape, depth and '
       'dtype. Implementations: ours (the default: on a GPU the sparse blocks decode through '
       'fused Pallas kernels, the kernel column names them; XLA\'s ops otherwise), ours-pallas '
