@@ -439,7 +439,6 @@ def test_the_decoder_compiles_its_programs_for_the_weights_it_decodes_with(monke
   assert compiled_for == [{jnp.dtype('bfloat16')}]   # cast, or kept
 
 
-
 @pytest.mark.parametrize('backend, dtype, warned', [('cpu', 'bfloat16', True),
                                                     ('cpu', None, False),
                                                     ('gpu', 'bfloat16', False)])
@@ -455,6 +454,7 @@ def test_bfloat16_decoding_on_a_cpu_warns_that_it_is_slower(monkeypatch, backend
   assert warning.call_count == int(warned)
   if warned:
     assert 'bfloat16 on a CPU' in warning.call_args[0][0]
+
 
 _PRODUCT_KERNELS = """
 import jax.numpy as jnp

@@ -181,15 +181,15 @@ def seconds_per_block(model, dtype, n_tokens, cold=False):
                       flush=timing.cache_flusher() if cold else None)
 
 
-def seconds_per_block_side_by_side(models, dtype, n_tokens, per_round=4):
-  """`seconds_per_block` of each of `models`' first blocks, side by side: every block
-  compiled first (`block_call`, each made by a function of no arguments, under whatever it
-  needs in force), then all called in the same alternating rounds (`per_round` calls of each a
+def seconds_per_block_side_by_side(make_calls, n_tokens, per_round=4):
+  """`seconds_per_block` of several blocks, side by side: each of `make_calls` (no arguments)
+  builds and compiles one (`block_call`, under whatever it needs in force), all before any is
+  timed; then all are called in the same alternating rounds (`per_round` calls of each a
   round, the order reversed every other round: `timing.interleaved_times`), so that a drift of
   the machine falls on all of them alike. [(median, p90) seconds of a call, or the exception
   that building or compiling that block raised]."""
   calls = []
-  for make in models:
+  for make in make_calls:
     try:
       calls.append(make())
     except Exception as e:  # pylint: disable=broad-except
@@ -332,7 +332,7 @@ def measure(shape, variants, impls, prompt, n_tokens, bandwidth, program=False, 
       with kernel_choice(impl):
         return block_call(build(impl, dimensions(shape, variant), 1, max_len), dtype)
     side_by_side = dict(zip(settings, seconds_per_block_side_by_side(
-        [functools.partial(block, *setting) for setting in settings], dtype, n_tokens)))
+        [functools.partial(block, *setting) for setting in settings], n_tokens)))
     gc.collect()
   rows = []
   for variant in variants:

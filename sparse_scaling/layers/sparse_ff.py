@@ -338,9 +338,8 @@ def _gathered_units(units, x, w1, b1, w2, b2):
   if n_chunks == 1:
     return units_ff(rows) + b2
   chunks = jnp.moveaxis(rows.reshape(*rows.shape[:-1], n_chunks, -1), -2, 0)  # [chunks, ..., k]
-  out = jax.eval_shape(units_ff, jax.ShapeDtypeStruct(chunks.shape[1:], chunks.dtype))
   total, _ = jax.lax.scan(lambda total, rows: (total + units_ff(rows), None),
-                          jnp.zeros(out.shape, out.dtype), chunks)
+                          units_ff(chunks[0]), chunks[1:])
   return total + b2
 
 
