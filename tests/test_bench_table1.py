@@ -184,6 +184,35 @@ def test_a_run_cut_off_keeps_the_rows_it_finished_in_the_results(monkeypatch, tm
   assert (tmp_path / 't.png').stat().st_size > 0
 
 
+def test_the_results_header_gives_each_rows_command(monkeypatch, tmp_path):
+  monkeypatch.setattr(common, 'RESULTS_DIR', tmp_path)
+  monkeypatch.setattr(table1, 'plot', lambda rows, path: None)
+  row = lambda shape, dtype, variant, command=None: dict(
+      shape=shape, dtype=dtype, variant=variant, impl='ours', depth=table1.SHAPES[shape][3],
+      s_per_block=1e-3, p90_s_per_block=2e-3, floor_s_per_token=1e-3, bandwidth=30e9,
+      **({'command': command} if command else {}))
+  common.write_json(tmp_path / 't.json', [row('17b', 'float32', 'dense')])   # before commands
+  table1.write_results('t', [row('800m', 'float32', v, 'python -m m --a')
+                             for v in table1.VARIANTS[:2]], 4, 3)
+  table1.write_results('t', [row('800m', 'bfloat16', 'dense', "python -m m --b 'x y'")], 4, 3)
+  header = (tmp_path / 't.md').read_text().split('| shape |')[0]
+  assert ('- a command not recorded (a run before runs recorded theirs): 17b (2 blocks) float32\n'
+          '- `python -m m --a`: 800m (24 blocks) float32\n'
+          "- `python -m m --b 'x y'`: 800m (24 blocks) bfloat16\n") in header
+  # Measured again, a setting's rows carry the new command, and the old one is gone with them.
+  table1.write_results('t', [row('17b', 'float32', 'dense', 'python -m m --c')], 4, 3)
+  header = (tmp_path / 't.md').read_text().split('| shape |')[0]
+  assert 'not recorded' not in header and '- `python -m m --c`: 17b (2 blocks) float32' in header
+
+
+def test_a_command_line_is_the_programs_arguments_quoted(monkeypatch):
+  monkeypatch.setattr(sys, 'argv', ['table1.py', '--shapes', '800m', '--results', 'a b'])
+  assert common.command_line('sparse_scaling.bench.table1') == (
+      "python -m sparse_scaling.bench.table1 --shapes 800m --results 'a b'")
+  assert common.command_line('m', ['CUDA_VISIBLE_DEVICES=0']) == (
+      "CUDA_VISIBLE_DEVICES=0 python -m m --shapes 800m --results 'a b'")
+
+
 def test_depth_sets_the_whole_decoders_blocks_and_the_table_says_so(monkeypatch):
   dense = dict(TINY, ff_sparsity=0, attention_sparsity=0, loss_sparsity=0)
   monkeypatch.setattr(table1, "dimensions", lambda shape, variant: dense)

@@ -9,6 +9,7 @@ dimensions from gin files, and how a program defines its flags and starts.
 import contextlib
 import json
 import pathlib
+import shlex
 import subprocess
 import sys
 import threading
@@ -65,6 +66,12 @@ def table_header(columns):
 def table(columns, rows):
   """A Markdown table of `rows` (lists of cells) under `columns`, as text."""
   return '\n'.join([table_header(columns), *map(table_row, rows)])
+
+
+def command_line(module, variables=()):
+  """This program's command line as it was run, `python -m module` and its arguments, after
+  the environment variables `variables` ('NAME=value'), for a results file's header."""
+  return ' '.join([*variables, 'python', '-m', module, *map(shlex.quote, sys.argv[1:])])
 
 
 def write_json(path, data):

@@ -45,9 +45,7 @@ import json
 import math
 import os
 import resource
-import shlex
 import signal
-import sys
 
 from absl import app
 from absl import flags
@@ -411,7 +409,7 @@ def main(argv):
         measured[point] = run_point(point, FLAGS.point_timeout, FLAGS.memory_limit_gb)
         print(format_row(measured[point]), measured[point].get('detail', ''), flush=True)
     sweeps.append((key, [measured[point] for point in points]))
-  command = ' '.join(['python', '-m', MODULE] + [shlex.quote(a) for a in sys.argv[1:]])
+  command = common.command_line(MODULE)
   text = markdown(sweeps, command, timing.machine_description(), FLAGS.memory_limit_gb,
                   FLAGS.point_timeout)
   print(text)

@@ -370,7 +370,7 @@ def write_results(rows):
 def _command(env):
   """This program's command line, with the variables that choose its devices."""
   variables = [f'{name}={shlex.quote(env[name])}' for name in _DEVICE_ENV if name in env]
-  return ' '.join(variables + ['python', '-m', MODULE] + [shlex.quote(a) for a in sys.argv[1:]])
+  return common.command_line(MODULE, variables)
 
 
 def main(argv):

@@ -66,6 +66,7 @@ from sparse_scaling.layers import sparse_qkv_block_kernel
 from sparse_scaling.layers import sparse_qkv_kernel
 
 # Table 1 of the paper: (s/token, s/block); None where it has no row.
+MODULE = 'sparse_scaling.bench.table1'
 PAPER = {
     ('800m', 'dense'): (0.160, 0.0059), ('800m', 'ff'): (0.093, 0.0031),
     ('800m', 'qkv'): (0.152, 0.0062), ('800m', 'ffqkv'): (0.061, 0.0019),
@@ -572,10 +573,23 @@ def write_results(name, rows, prompt, n_tokens):
   merged = common.merge_json(common.RESULTS_DIR / f'{name}.json', rows, key=_setting)
   (common.RESULTS_DIR / f'{name}.md').write_text(
       '# Table 1, reproduced: unbatched decoding time\n\n'
-      f'`python -m sparse_scaling.bench.table1 --shapes 800m,17b --results={name}` (a run\'s '
-      f'rows replace the saved rows of the same shape, depth and dtype in `{name}.json`)\n\n'
-      + markdown(merged, prompt, n_tokens) + '\n')
+      + commands(merged, name) + '\n\n' + markdown(merged, prompt, n_tokens) + '\n')
   plot(merged, common.RESULTS_DIR / f'{name}.png')
+
+
+def commands(rows, name):
+  """The commands that measured `rows` (each row keeps its run's), as Markdown lines: which
+  rows each made, in the order they were saved."""
+  made = {}
+  for row in rows:
+    shape, depth, dtype = _setting(row)
+    made.setdefault(row.get('command'), {})[f'{shape} ({depth} blocks) {dtype}'] = None
+  lines = [f'The rows, by the command that measured them (a run\'s rows replace the saved rows '
+           f'of the same shape, depth and dtype in `{name}.json`):', '']
+  lines += [(f'- `{command}`' if command else '- a command not recorded (a run before runs '
+             'recorded theirs)') + ': ' + ', '.join(settings)
+            for command, settings in made.items()]
+  return '\n'.join(lines)
 
 
 def main(argv):
@@ -604,8 +618,10 @@ def main(argv):
                             else f'table1_{jax.default_backend()}')
   rows = []
 
+  command = common.command_line(MODULE)
+
   def on_row(row):
-    rows.append(row)
+    rows.append(dict(row, command=command))
     if args.write:
       write_results(name, rows, args.prompt, args.tokens)
 
