@@ -2,6 +2,7 @@
 prompts of different lengths, errors."""
 
 import functools
+import json
 import os
 import subprocess
 import sys
@@ -286,6 +287,51 @@ def test_encoder_decoder_greedy_equals_trax_autoregressive_sample(name):
   theirs = trax_decoding.autoregressive_sample(
       trax_model, inputs=inputs, batch_size=2, temperature=0.0, eos_id=-1, max_length=10)
   np.testing.assert_array_equal(ours, theirs)
+
+
+# A JAX without Pallas' Triton backend (jax 0.11 deprecates it): its modules fail to import.
+_WITHOUT_TRITON = """
+import importlib.abc, json, sys
+class Absent(importlib.abc.MetaPathFinder):
+  def find_spec(self, name, path, target=None):
+    if name.startswith(('jax._src.lib.triton', 'jax._src.pallas.triton',
+                        'jax.experimental.pallas.triton')):
+      raise ImportError(f'No module named {name!r}')
+sys.meta_path.insert(0, Absent())
+import functools
+import jax, numpy as np
+from trax import shapes
+from sparse_scaling.decoding import Decoder
+from sparse_scaling.layers import decode_kernels
+from sparse_scaling.models import ScalingTransformerLM
+model_fn = functools.partial(ScalingTransformerLM, **json.loads(sys.argv[1]))
+model = model_fn(mode='eval')
+model.init(shapes.ShapeDtype((1, 8), np.int32), rng=jax.random.PRNGKey(0))
+cpu, jax.default_backend = jax.default_backend, lambda: 'gpu'
+auto_on_a_gpu = sorted({decode_kernels.active(k) for k in decode_kernels.KERNELS})
+jax.default_backend = cpu
+try:
+  with decode_kernels.use('pallas'):
+    pass
+except ValueError as e:
+  refused = str(e)
+tokens = Decoder(model_fn, model.weights).generate(np.array([[1, 2, 3]], np.int32), 8)
+print(json.dumps(dict(auto_on_a_gpu=auto_on_a_gpu, refused=refused,
+                      tokens=np.asarray(tokens).tolist())))
+"""
+
+
+def test_a_jax_without_pallas_triton_backend_decodes_through_xlas_ops(model_and_weights):
+  out = subprocess.run([sys.executable, '-c', _WITHOUT_TRITON, json.dumps(TINY)],
+                       capture_output=True, text=True)
+  assert out.returncode == 0, out.stderr[-2000:]
+  child = json.loads(out.stdout.splitlines()[-1])
+  assert child['auto_on_a_gpu'] == ['xla']
+  assert child['refused'].startswith("decode kernel 'pallas': this JAX (")
+  assert "has no Pallas Triton backend (No module named 'jax._src" in child['refused']
+  model_fn, weights = model_and_weights
+  ours = Decoder(model_fn, weights).generate(np.array([[1, 2, 3]], np.int32), 8)
+  np.testing.assert_array_equal(child['tokens'], ours)
 
 
 def test_model_whose_state_changes_shape_after_the_prompt_decodes_as_trax():

@@ -50,10 +50,7 @@ from absl import app
 from absl import flags
 import jax
 from jax._src.lib.mlir import ir
-from jax._src.lib.triton import dialect as tt_dialect
-from jax._src.pallas.triton import lowering as triton_lowering
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 import jax.numpy as jnp
 import numpy as np
 
@@ -113,7 +110,7 @@ def ptx_loads():
   wraps that lowering's load rule (`_load`, private to jax): a marked load of float32 without
   a mask becomes Triton's elementwise inline assembly over the addresses, one scalar load per
   element."""
-  original = triton_lowering._load
+  original = decode_kernels.triton_lowering._load
 
   def _load(ptr, mask=None, other=None, *, eviction_policy=None, **kwargs):
     if not (eviction_policy or '').startswith(_MARK):
@@ -121,23 +118,23 @@ def ptx_loads():
     if mask is not None or other is not None:
       raise ValueError('ptx_loads: a marked load must not be masked')
     f32 = ir.F32Type.get()
-    return tt_dialect.elementwise_inline_asm(
+    return decode_kernels.tt_dialect.elementwise_inline_asm(
         [ir.RankedTensorType.get(ir.RankedTensorType(ptr.type).shape, f32)],
         PTX_LOADS[eviction_policy[len(_MARK):]], constraints='=f,l', pure=True,
         packed_element=1, args=[ptr])
 
-  triton_lowering._load = _load
+  decode_kernels.triton_lowering._load = _load
   try:
     yield
   finally:
-    triton_lowering._load = original
+    decode_kernels.triton_lowering._load = original
 
 
 def load(ref, hint):
   """Inside a kernel: ref[...] (float32), its loads written as PTX with `hint`. The kernel
   must be lowered for a GPU inside `ptx_loads` (Pallas' own rule refuses the mark); Pallas'
   interpreter loads as always."""
-  return plgpu.load(ref, eviction_policy=_MARK + hint)
+  return decode_kernels.plgpu.load(ref, eviction_policy=_MARK + hint)
 
 
 def _layer_kernel(x_ref, w_ref, *refs, weights, stream):
@@ -167,7 +164,7 @@ def layer(x, w, s, weights, stream, after=None):
                         stream=stream),
       grid=(x.shape[1] // COLUMNS,), interpret=_interpret(),
       out_shape=jax.ShapeDtypeStruct(x.shape, jnp.float32),
-      compiler_params=plgpu.CompilerParams(num_warps=4))(
+      compiler_params=decode_kernels.triton_params(4))(
           x, w, *([after] if weights == 'ahead' else []), *([] if stream == 'none' else [s]))
 
 
@@ -192,7 +189,7 @@ def product(x, w_out, hint):
       functools.partial(_product_kernel, hint=hint),
       grid=(w_out.shape[1] // PRODUCT_COLUMNS,), interpret=_interpret(),
       out_shape=jax.ShapeDtypeStruct((1, w_out.shape[1]), jnp.float32),
-      compiler_params=plgpu.CompilerParams(num_warps=8))(x, w_out)
+      compiler_params=decode_kernels.triton_params(8))(x, w_out)
 
 
 def token(x, ws, ss, w_out, weights, stream, hint):

@@ -22,7 +22,6 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
 from sparse_scaling.layers import decode_kernels
 
@@ -98,5 +97,5 @@ def attention_step(q, k, v, k_cache, v_cache, index, interpret=False):
                  jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype)),
       input_output_aliases={4: 1, 5: 2},
       interpret=interpret,
-      compiler_params=plgpu.CompilerParams(num_warps=8),   # Triton, not Mosaic GPU
+      compiler_params=decode_kernels.triton_params(8),
   )(jnp.reshape(index, (1,)).astype(jnp.int32), q, k, v, k_cache, v_cache)

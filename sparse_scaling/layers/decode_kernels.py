@@ -50,12 +50,23 @@ from jax._src import core as jax_core
 from jax._src.interpreters import mlir
 from jax._src.lib.mlir import ir
 from jax._src.lib.mlir.dialects import arith as arith_dialect
-from jax._src.lib.triton import dialect as tt_dialect
-from jax._src.pallas.triton import lowering as triton_lowering
-from jax._src.pallas.triton import primitives as triton_primitives
 from jax._src.state import discharge as state_discharge
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+
+# Pallas' Triton backend, which every decoding kernel (`*_kernel.py`) compiles through
+# (`triton_params`). jax 0.11 deprecates it; a JAX without it still imports the layers, which
+# then run XLA's ops only (MISSING says why; `use` refuses 'pallas' and 'interpret').
+try:
+  from jax._src.lib.triton import dialect as tt_dialect
+  from jax._src.pallas.triton import lowering as triton_lowering
+  from jax._src.pallas.triton import primitives as triton_primitives
+  from jax.experimental.pallas import triton as plgpu
+except ImportError as error:
+  tt_dialect = triton_lowering = triton_primitives = plgpu = None
+  MISSING = f'this JAX ({jax.__version__}) has no Pallas Triton backend ({error})'
+else:
+  MISSING = None
 
 CHOICES = ('auto', 'pallas', 'interpret', 'xla')
 KERNELS = ('sparse_ff', 'sparse_qkv', 'attention', 'sparse_ff_controller', 'sparse_ff_block',
@@ -69,6 +80,8 @@ def use(name):
   """Within the block, layers traced anew use `name`: one of CHOICES."""
   if name not in CHOICES:
     raise ValueError(f'decode kernel must be one of {CHOICES}, got {name!r}')
+  if MISSING and name in ('pallas', 'interpret'):
+    raise ValueError(f"decode kernel {name!r}: {MISSING}; use 'auto' or 'xla'")
   previous, _CHOICE[0] = _CHOICE[0], name
   try:
     yield
@@ -81,7 +94,8 @@ def active(kernel):
   if kernel not in KERNELS:
     raise ValueError(f'kernel must be one of {KERNELS}, got {kernel!r}')
   if _CHOICE[0] == 'auto':
-    return 'pallas' if jax.default_backend() == 'gpu' and kernel in AUTO_ON_GPU else 'xla'
+    gpu = jax.default_backend() == 'gpu' and not MISSING
+    return 'pallas' if gpu and kernel in AUTO_ON_GPU else 'xla'
   return _CHOICE[0]
 
 
@@ -105,15 +119,27 @@ def ptx(instructions, min_capability):
   ptx_p.bind(instructions=instructions, min_capability=min_capability)
 
 
+def triton_params(num_warps):
+  """A kernel's `compiler_params`: Triton's (not Mosaic GPU's), `num_warps` to a program."""
+  return plgpu.CompilerParams(num_warps=num_warps)
+
+
+def _triton_lowering(primitive):
+  """Decorator: the function is `primitive`'s lowering in Pallas' Triton backend (registered
+  where this JAX has one)."""
+  return triton_lowering.register_lowering(primitive) if triton_lowering else lambda f: f
+
+
+# An effect, so that tracing keeps a call whose result nothing uses (Triton's barrier's).
+_KEPT = {triton_primitives.barrier_effect} if triton_primitives else set()
+
 ptx_p = jax_core.Primitive('ptx')
 ptx_p.multiple_results = True
-# An effect, so that tracing keeps a call whose result nothing uses (Triton's barrier's).
-ptx_p.def_effectful_abstract_eval(
-    lambda **_: ((), {triton_primitives.barrier_effect}))
+ptx_p.def_effectful_abstract_eval(lambda **_: ((), _KEPT))
 mlir.register_lowering(ptx_p, lambda ctx, **_: [])   # Pallas' interpreter: nothing
 
 
-@triton_lowering.register_lowering(ptx_p)
+@_triton_lowering(ptx_p)
 def _ptx_lowering(ctx, instructions, min_capability):
   if (ctx.context.compute_capability or 0) < max(min_capability, 1):   # ROCm's: 0
     return []
@@ -164,8 +190,7 @@ def prefetch(ref, part, parts, keep=False, bulk=False):
 
 prefetch_p = jax_core.Primitive('prefetch_l2')
 prefetch_p.multiple_results = True
-prefetch_p.def_effectful_abstract_eval(   # an effect: tracing keeps it (see ptx_p)
-    lambda ref, part, **_: ((), {triton_primitives.barrier_effect}))
+prefetch_p.def_effectful_abstract_eval(lambda ref, part, **_: ((), _KEPT))   # as ptx_p's
 
 
 @state_discharge.register_discharge_rule(prefetch_p)
@@ -206,7 +231,7 @@ BULK_PTX = {
 }
 
 
-@triton_lowering.register_lowering(prefetch_p)
+@_triton_lowering(prefetch_p)
 def _prefetch_lowering(ctx, ptr, part, *, parts, keep, bulk):
   if (ctx.context.compute_capability or 0) < (90 if bulk else 1):   # ROCm's: 0
     return []

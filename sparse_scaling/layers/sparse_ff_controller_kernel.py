@@ -30,7 +30,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
 from sparse_scaling.layers import decode_kernels
 
@@ -120,7 +119,7 @@ def _forward(z, c2, cb, draw, hard, temperature, replay, interpret):
       out_shape=[jax.ShapeDtypeStruct((n_tokens, n_blocks * n), z.dtype),
                  jax.ShapeDtypeStruct((n_blocks, n_tokens), jnp.int32)],
       interpret=interpret,
-      compiler_params=plgpu.CompilerParams(num_warps=4),   # Triton, not Mosaic GPU
+      compiler_params=decode_kernels.triton_params(4),
   )(z, c2.reshape(r, -1), cb.reshape(-1), draw.T, hard.astype(jnp.int32).reshape(1))
   return mask.reshape(n_tokens, n_blocks, n), choice.T
 
@@ -134,7 +133,7 @@ def _dlogits(z, c2, cb, cotangent, interpret):
       in_specs=[z_spec, c2_spec, cb_spec, wide], out_specs=wide,
       out_shape=jax.ShapeDtypeStruct((n_tokens, n_blocks * n), z.dtype),
       interpret=interpret,
-      compiler_params=plgpu.CompilerParams(num_warps=4),
+      compiler_params=decode_kernels.triton_params(4),
   )(z, c2.reshape(r, -1), cb.reshape(-1), cotangent.reshape(n_tokens, -1))
 
 

@@ -40,7 +40,6 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
 from sparse_scaling.layers import decode_kernels
 from sparse_scaling.layers.decode_kernels import f32
@@ -200,7 +199,7 @@ def sparse_units(x, z, c2, cb, w1, b1, w2, b2, interpret=False, group=None, resi
   kernel = functools.partial(_units_kernel, group=group, n=n, chunk=chunk,
                              n_chunks=d_model // chunk, parts=parts, epsilon=epsilon,
                              ahead=len(ahead), grid=(n_tokens, n_blocks // group))
-  params = plgpu.CompilerParams(num_warps=WARPS)   # Triton, not Mosaic GPU
+  params = decode_kernels.triton_params(WARPS)
   inputs = (x, *ahead, *z, c2.reshape(r, n_blocks * n), cb.reshape(-1),
             w1.reshape(n_blocks * n, d_model), b1.reshape(-1))
   w2 = w2.reshape(n_blocks * n, d_model)
@@ -282,5 +281,5 @@ def norm_controller(x, scale, bias, c1, epsilon, interpret=False, rows=None):
       out_shape=(jax.ShapeDtypeStruct(x.shape, x.dtype),
                  jax.ShapeDtypeStruct((n_tokens, d_model // rows, c1.shape[1]), jnp.float32)),
       interpret=interpret,
-      compiler_params=plgpu.CompilerParams(num_warps=4),   # Triton, not Mosaic GPU
+      compiler_params=decode_kernels.triton_params(4),
   )(x, scale, bias, c1)

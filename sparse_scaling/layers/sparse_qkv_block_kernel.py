@@ -41,7 +41,6 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
 from sparse_scaling.layers import decode_kernels
 from sparse_scaling.layers.decode_kernels import f32
@@ -336,7 +335,7 @@ def _move_state(y_ref, y_bias_ref, state_ref, state_out_ref, b, cols, barrier):
   y = decode_kernels.sum_rows(parts)
   newer = older + [y + f32(bias)]
   if barrier:
-    plgpu.debug_barrier()
+    decode_kernels.plgpu.debug_barrier()
   for i, value in enumerate(newer):
     state_out_ref[b, i, cols] = value.astype(state_out_ref.dtype)
 
@@ -414,7 +413,6 @@ def decode_step(x, norm, mixed, conv, state, k_cache, v_cache, index, *, n_heads
   conv_weights = [w for pair in conv for w in pair]
   mixed_ahead, ahead = ((conv_weights, tuple(ahead)) if decode_kernels.PREFETCH else ((), ()))
   caches = ((k_cache, v_cache) if PREFETCH_CACHES else ()) + ((state,) if PREFETCH_STATE else ())
-  # Each kernel's compiler_params are Triton's (plgpu), not Mosaic GPU's.
   grid = (batch, d_model // rows, n_modules // split * (n_channels // channels))
   y = pl.pallas_call(
       functools.partial(_mixed_kernel, rows=rows, sub=rows if dot else min(rows, 8),
@@ -423,7 +421,7 @@ def decode_step(x, norm, mixed, conv, state, k_cache, v_cache, index, *, n_heads
       grid=grid,
       out_shape=jax.ShapeDtypeStruct((batch, d_model // rows, n_modules, n_channels),
                                      jnp.float32),
-      interpret=interpret, compiler_params=plgpu.CompilerParams(num_warps=MIXED_WARPS),
+      interpret=interpret, compiler_params=decode_kernels.triton_params(MIXED_WARPS),
   )(x, *norm, d, e, *mixed_ahead, *caches, *stats)
   if y.shape[1] > MAX_PARTS:   # else every `conv` program would add them all
     y = jnp.sum(y, axis=1, keepdims=True)
@@ -438,7 +436,7 @@ def decode_step(x, norm, mixed, conv, state, k_cache, v_cache, index, *, n_heads
                  jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
                  jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype)),
       input_output_aliases={10: 2, 11: 3},
-      interpret=interpret, compiler_params=plgpu.CompilerParams(num_warps=CONV_WARPS),
+      interpret=interpret, compiler_params=decode_kernels.triton_params(CONV_WARPS),
   )(index, y, y_bias.reshape(n_modules, n_channels), state, *conv_weights, k_cache, v_cache)
 
   flat_state = state.reshape(batch, state.shape[1], d_model)
@@ -457,7 +455,7 @@ def decode_step(x, norm, mixed, conv, state, k_cache, v_cache, index, *, n_heads
                  jax.ShapeDtypeStruct(flat_state.shape, flat_state.dtype),
                  jax.ShapeDtypeStruct((1,), jnp.int32), *partials),
       input_output_aliases={7: 1, 8: 2},
-      interpret=interpret, compiler_params=plgpu.CompilerParams(num_warps=ATTEND_WARPS),
+      interpret=interpret, compiler_params=decode_kernels.triton_params(ATTEND_WARPS),
   )(position, x, q, k_cache, v_cache, y.reshape(batch, y.shape[1], d_model), y_bias,
     flat_state, index, *(ff_norm or ()), *ahead)
   return (out, flat_state.reshape(state.shape), k_cache, v_cache, index[0], *partials)

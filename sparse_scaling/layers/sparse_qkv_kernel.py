@@ -24,7 +24,6 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
 from sparse_scaling.layers import decode_kernels
 
@@ -98,5 +97,5 @@ def conv_step(y, state, weights, sizes, interpret=False):
       out_shape=(jax.ShapeDtypeStruct((len(sizes),) + y.shape, y.dtype),
                  jax.ShapeDtypeStruct(state.shape, state.dtype)),
       interpret=interpret,
-      compiler_params=plgpu.CompilerParams(num_warps=4),   # Triton, not Mosaic GPU
+      compiler_params=decode_kernels.triton_params(4),
   )(y, state, *[w for pair in weights for w in pair])
