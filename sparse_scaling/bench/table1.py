@@ -65,8 +65,8 @@ from sparse_scaling.layers import sparse_ff_kernel
 from sparse_scaling.layers import sparse_qkv_block_kernel
 from sparse_scaling.layers import sparse_qkv_kernel
 
-# Table 1 of the paper: (s/token, s/block); None where it has no row.
 MODULE = 'sparse_scaling.bench.table1'
+# Table 1 of the paper: (s/token, s/block); None where it has no row.
 PAPER = {
     ('800m', 'dense'): (0.160, 0.0059), ('800m', 'ff'): (0.093, 0.0031),
     ('800m', 'qkv'): (0.152, 0.0062), ('800m', 'ffqkv'): (0.061, 0.0019),
