@@ -283,8 +283,7 @@ def main(argv):
   if args.write:
     (common.RESULTS_DIR / 'block_profile.md').write_text(
         '# Where a decoding step goes: one block, layer by layer\n\n'
-        f'`python -m sparse_scaling.bench.block_profile --shapes {",".join(shapes)} '
-        f'--variants {",".join(args.variants)} --impls {",".join(args.impls)}`\n\n' + text)
+        f'`{common.command_line("sparse_scaling.bench.block_profile")}`\n\n' + text)
   if args.json:
     print(json.dumps(rows))
 

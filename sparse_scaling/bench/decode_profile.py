@@ -489,9 +489,7 @@ def main(argv):
     path = common.RESULTS_DIR / results_name(jax.default_backend(), shapes, args.kernels,
                                              args.dtype)
     path.write_text('# One decoding step, kernel by kernel\n\n'
-                    f'`python -m sparse_scaling.bench.decode_profile --shapes {",".join(shapes)} '
-                    f'--variants {",".join(args.variants)} --dtype {args.dtype} '
-                    f'--kernels {args.kernels}`\n\n'
+                    f'`{common.command_line("sparse_scaling.bench.decode_profile")}`\n\n'
                     + text + '\n')
   if args.json:
     print(json.dumps(dict(summaries=summaries, details=details)))
