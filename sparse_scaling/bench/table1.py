@@ -414,9 +414,9 @@ def write_batch_curve(curve, path_md, path_png):
                       [[c['batch'], f'{c["dense_s"]:.4f}', f'{c["ffqkv_s"]:.4f}',
                         f'{c["speedup"]:.2f}x'] for c in curve])
   path_md.write_text('# Where sparsity stops paying: speedup of FF+QKV over dense by batch\n\n'
-                     f'`python -m sparse_scaling.bench.table1 --batch_curve` ({timing.machine_description()}; '
-                     'the 24-layer 800M decoder, ours, float32; one step decodes a token for every row)\n\n'
-                     + text + '\n')
+                     f'`{common.command_line(MODULE)}` ({timing.machine_description()}; the '
+                     '24-layer 800M decoder, ours, float32; one step decodes a token for every '
+                     'row)\n\n' + text + '\n')
   fig, ax = common.pyplot().subplots(figsize=(5, 3.5))
   ax.plot([c['batch'] for c in curve], [c['speedup'] for c in curve], 'o-')
   ax.axhline(1.0, color='gray', lw=0.8)
