@@ -327,6 +327,8 @@ def test_a_jax_without_pallas_triton_backend_decodes_through_xlas_ops(model_and_
   assert out.returncode == 0, out.stderr[-2000:]
   child = json.loads(out.stdout.splitlines()[-1])
   assert child['auto_on_a_gpu'] == ['xla']
+  # Said once, not once per kernel.
+  assert out.stderr.count('Decoding on a GPU through XLA\'s ops') == 1, out.stderr[-2000:]
   assert child['refused'].startswith("decode kernel 'pallas': this JAX (")
   assert "has no Pallas Triton backend (No module named 'jax._src" in child['refused']
   model_fn, weights = model_and_weights

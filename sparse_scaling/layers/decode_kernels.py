@@ -45,6 +45,7 @@ import ctypes
 import functools
 import math
 
+from absl import logging
 import jax
 from jax._src import core as jax_core
 from jax._src.interpreters import mlir
@@ -94,9 +95,20 @@ def active(kernel):
   if kernel not in KERNELS:
     raise ValueError(f'kernel must be one of {KERNELS}, got {kernel!r}')
   if _CHOICE[0] == 'auto':
-    gpu = jax.default_backend() == 'gpu' and not MISSING
-    return 'pallas' if gpu and kernel in AUTO_ON_GPU else 'xla'
+    if jax.default_backend() != 'gpu' or kernel not in AUTO_ON_GPU:
+      return 'xla'
+    if MISSING:
+      _warn_missing()
+      return 'xla'
+    return 'pallas'
   return _CHOICE[0]
+
+
+@functools.cache
+def _warn_missing():
+  """Logs once a process that 'auto' runs XLA's ops on a GPU for want of the kernels."""
+  logging.warning('Decoding on a GPU through XLA\'s ops, not the Pallas kernels (at 800M on an '
+                  'H200 about twice as slow: docs/decoding_gpu.md): %s', MISSING)
 
 
 LAUNCH_EARLY = True
