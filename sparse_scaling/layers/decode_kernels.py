@@ -108,7 +108,7 @@ def active(kernel):
 def _warn_missing():
   """Logs once a process that 'auto' runs XLA's ops on a GPU for want of the kernels."""
   logging.warning('Decoding on a GPU through XLA\'s ops, not the Pallas kernels (at 800M on an '
-                  'H200 about twice as slow: docs/decoding_gpu.md): %s', MISSING)
+                  'H200 more than twice as slow: docs/decoding_gpu.md): %s', MISSING)
 
 
 LAUNCH_EARLY = True
