@@ -283,6 +283,7 @@ def test_copies_of_a_blocks_loop_share_one_draw_of_weights_and_compile_apart(mon
   for got in others:
     np.testing.assert_array_equal(np.asarray(got), np.asarray(first))
 
+
 def test_the_program_columns_are_the_median_of_their_copies_and_the_table_gives_their_range(
     monkeypatch):
   monkeypatch.setattr(table1, 'dimensions', tiny_dimensions)
@@ -350,6 +351,7 @@ def test_alternate_times_every_rows_block_side_by_side(monkeypatch):
   assert '| 1.000 (1.000)* | 1.00x |' in text and 'ms/block marked *' in text
   assert 'ms/block marked *' not in table1.markdown(
       [dict(r, block_side_by_side=False) for r in rows], 4, 8)
+
 
 def test_a_block_call_steps_the_first_block_on_its_own_output():
   """`block_call` (what `decode_shares --measure call` times): compiled by a first call, each

@@ -71,7 +71,7 @@ def table(columns, rows):
 def command_line(module, variables=()):
   """This program's command line as it was run, `python -m module` and its arguments, after
   the environment variables `variables` ('NAME=value'), for a results file's header."""
-  return ' '.join([*variables, 'python', '-m', module, *map(shlex.quote, sys.argv[1:])])
+  return ' '.join([*variables, shlex.join(['python', '-m', module, *sys.argv[1:]])])
 
 
 def write_json(path, data):
