@@ -315,8 +315,12 @@ try:
     pass
 except ValueError as e:
   refused = str(e)
+try:
+  decode_kernels.triton_params(4)
+except RuntimeError as e:
+  direct = str(e)
 tokens = Decoder(model_fn, model.weights).generate(np.array([[1, 2, 3]], np.int32), 8)
-print(json.dumps(dict(auto_on_a_gpu=auto_on_a_gpu, refused=refused,
+print(json.dumps(dict(auto_on_a_gpu=auto_on_a_gpu, refused=refused, direct=direct,
                       tokens=np.asarray(tokens).tolist())))
 """
 
@@ -331,6 +335,8 @@ def test_a_jax_without_pallas_triton_backend_decodes_through_xlas_ops(model_and_
   assert out.stderr.count('Decoding on a GPU through XLA\'s ops') == 1, out.stderr[-2000:]
   assert child['refused'].startswith("decode kernel 'pallas': this JAX (")
   assert "has no Pallas Triton backend (No module named 'jax._src" in child['refused']
+  # A kernel called directly, bypassing `use`, stops in one line too.
+  assert child['direct'].startswith('the Pallas decoding kernels need Triton: this JAX (')
   model_fn, weights = model_and_weights
   ours = Decoder(model_fn, weights).generate(np.array([[1, 2, 3]], np.int32), 8)
   np.testing.assert_array_equal(child['tokens'], ours)

@@ -132,7 +132,10 @@ def ptx(instructions, min_capability):
 
 
 def triton_params(num_warps):
-  """A kernel's `compiler_params`: Triton's (not Mosaic GPU's), `num_warps` to a program."""
+  """A kernel's `compiler_params`: Triton's (not Mosaic GPU's), `num_warps` to a program.
+  Where the backend is missing, a kernel called directly (not through `use`) stops here."""
+  if MISSING:
+    raise RuntimeError(f'the Pallas decoding kernels need Triton: {MISSING}')
   return plgpu.CompilerParams(num_warps=num_warps)
 
 
