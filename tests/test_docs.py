@@ -21,8 +21,8 @@ from absl import flags
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FENCE = re.compile(r'```[^\n]*\n(.*?)```', re.S)
 SPAN = re.compile(r'`([^`]+)`')
-COMMAND = re.compile(r'(?:^|\s)\S*python[\d.]*\s+(?:-m\s+(sparse_scaling[\w.]*\w)|(main\.py))'
-                     r'(?=\s|$)(.*)')
+COMMAND = re.compile(r'(?:^|\s)\S*python[\d.]*\s+'
+                     r'(?:-m\s+(sparse_scaling(?:\.[\w.]*\w)?)|(main\.py))(?=\s|$)(.*)')
 ELLIPSIS = ('...', '…')
 APP_FLAGS = ('help', 'helpshort', 'helpfull', 'helpxml', 'only_check_args')
 GIN_DIRS = ('tiny/', 'paper/', 'models/', 'runs/', 'reproduce/')
@@ -127,14 +127,17 @@ python -m sparse_scaling.bench.table1 --shapes 800m \\
     --copies three   # a comment
 ```
 and `python -m sparse_scaling.bench.table1 --no_such_flag`, `python main.py --mode=fly`,
+`python -m sparse_scaling --gin_file=tiny/lm.gin --steps=3`,
+`python -m sparse_scaling.bench.<name>` (a placeholder, no command),
 `python -m sparse_scaling.bench.table1 --shapes 800m ... --program` (elided, fine).
 """
   found = list(commands(text))
   assert [program for program, _ in found] == ['sparse_scaling.bench.table1'] * 2 + [
-      'main.py', 'sparse_scaling.bench.table1']
+      'main.py', 'sparse_scaling', 'sparse_scaling.bench.table1']
   assert found[0][1] == ['--shapes', '800m', '--copies', 'three']
   errors = [flag_error(program, args) for program, args in found]
   assert 'copies' in errors[0]
   assert 'no_such_flag' in errors[1]
   assert 'mode' in errors[2]
-  assert errors[3] is None
+  assert 'steps' in errors[3]   # `python -m sparse_scaling` is main.py, which has no --steps
+  assert errors[4] is None
