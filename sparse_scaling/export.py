@@ -144,7 +144,8 @@ def _define_flags():
   flags.DEFINE_string('output_dir', None, 'The run directory (config.gin, checkpoint/).')
   flags.DEFINE_string('to', None, 'The .npz file to write.')
   flags.DEFINE_string('gin_file', None, "The model's config (default: the run's config.gin).")
-  flags.DEFINE_integer('length', 32, 'A token length the model accepts (for shapes only).')
+  flags.DEFINE_integer('length', 32, 'A token length the model accepts (for shapes only).',
+                       lower_bound=1)
 
 
 def main(argv):

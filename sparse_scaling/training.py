@@ -103,9 +103,16 @@ def train(output_dir, model=gin.REQUIRED, inputs=gin.REQUIRED, steps=1000,
   if use_memory_efficient_trainer and processes > 1:
     raise ValueError(f'use_memory_efficient_trainer=True trains in one process, not in a run '
                      f'of {processes}')
+  if steps < 0:
+    raise ValueError(f'train.steps={steps}: give a number of steps >= 0')
   if eval_frequency is not None and eval_frequency < 1:
     raise ValueError(f'eval_frequency={eval_frequency}: give a positive number of steps, or '
                      'None for no evaluation')
+  if eval_steps < 1:
+    raise ValueError(f'train.eval_steps={eval_steps}: give a positive number of batches')
+  if checkpoint_frequency is not None and checkpoint_frequency < 1:
+    raise ValueError(f'train.checkpoint_frequency={checkpoint_frequency}: give a positive number '
+                     'of steps, or None')
   if evaluate_only and output_dir is None:
     raise ValueError('evaluate_only=True needs the output_dir of a trained run')
   # Held until this function returns: a second run training here fails at once. Process 0

@@ -137,4 +137,4 @@ def test_rounds_below_one_are_refused():
   proc = subprocess.run([sys.executable, '-m', 'sparse_scaling.bench.train_step', '--rounds',
                          '0', '--shapes', 'tiny'], capture_output=True, text=True)
   assert proc.returncode != 0
-  assert '--rounds: 0 must be >= 1' in proc.stderr
+  assert 'flag --rounds=0: 0 is not a positive integer' in proc.stderr

@@ -7,24 +7,19 @@ gin_configs/ that such a command names must exist. A doc that keeps a command fr
 flag was renamed fails here.
 """
 
-import contextlib
-import functools
 import glob
-import importlib
-import importlib.util
 import os
 import re
 import shlex
 
-from absl import flags
+from tests.utils import ROOT
+from tests.utils import flag_error
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FENCE = re.compile(r'```[^\n]*\n(.*?)```', re.S)
 SPAN = re.compile(r'`([^`]+)`')
 COMMAND = re.compile(r'(?:^|\s)\S*python[\d.]*\s+'
                      r'(?:-m\s+(sparse_scaling(?:\.[\w.]*\w)?)|(main\.py))(?=\s|$)(.*)')
 ELLIPSIS = ('...', '…')
-APP_FLAGS = ('help', 'helpshort', 'helpfull', 'helpxml', 'only_check_args')
 GIN_DIRS = ('tiny/', 'paper/', 'models/', 'runs/', 'reproduce/')
 
 
@@ -49,47 +44,6 @@ def commands(text):
         except ValueError:   # the command inside a quoted string: `--command='... main.py ...'`
           args = shlex.split(rest.rstrip('\'" '))
         yield match.group(1) or 'main.py', [a for a in args if a not in ELLIPSIS]
-
-
-@contextlib.contextmanager
-def _defining_into(flag_values):
-  """absl's DEFINE_* functions define into `flag_values` instead of the process's FLAGS."""
-  saved = {name: getattr(flags, name) for name in dir(flags) if name.startswith('DEFINE')}
-  try:
-    for name, define in saved.items():
-      setattr(flags, name, functools.partial(define, flag_values=flag_values))
-    yield
-  finally:
-    for name, define in saved.items():
-      setattr(flags, name, define)
-
-
-@functools.lru_cache(maxsize=None)
-def program_flags(program):
-  """A FlagValues with the flags `program` defines: a module's `define_flags` or
-  `_define_flags`, main.py's when it is loaded."""
-  flag_values = flags.FlagValues()
-  with _defining_into(flag_values):
-    if program in ('main.py', 'sparse_scaling'):
-      spec = importlib.util.spec_from_file_location('_docs_main', os.path.join(ROOT, 'main.py'))
-      spec.loader.exec_module(importlib.util.module_from_spec(spec))
-    else:
-      module = importlib.import_module(program)
-      define = getattr(module, 'define_flags', None) or getattr(module, '_define_flags')
-      define()
-  return flag_values
-
-
-def flag_error(program, args):
-  """Why `program args` would not parse, or None (absl.app's --help and the like aside)."""
-  flag_values = program_flags(program)
-  flag_values.unparse_flags()
-  args = [a for a in args if a.lstrip('-').split('=')[0] not in APP_FLAGS]
-  try:
-    flag_values(['program'] + args)
-  except Exception as error:  # pylint: disable=broad-except
-    return str(error).splitlines()[0]
-  return None
 
 
 def test_documented_commands_parse():

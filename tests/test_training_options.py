@@ -59,3 +59,13 @@ def test_on_step_that_raises_stops_training_and_output_dir_none_writes_nothing(
 def test_eval_frequency_must_be_positive_or_none(tmp_path, value):
   with pytest.raises(ValueError, match=f'eval_frequency={value}: give a positive number'):
     training.train(tmp_path, model=None, inputs=None, eval_frequency=value)
+
+
+@pytest.mark.parametrize('option, value, rule', [
+    ('steps', -5, 'give a number of steps >= 0'),
+    ('eval_steps', 0, 'give a positive number of batches'),
+    ('checkpoint_frequency', 0, 'give a positive number of steps, or None')])
+def test_step_counts_out_of_range_stop_before_anything_is_written(tmp_path, option, value, rule):
+  with pytest.raises(ValueError, match=f'train.{option}={value}: {rule}'):
+    training.train(tmp_path, model=None, inputs=None, **{option: value})
+  assert not list(tmp_path.iterdir())

@@ -1,7 +1,13 @@
 """Checks shared by the tests."""
 
+import contextlib
+import functools
+import importlib
+import importlib.util
+import os
 import pathlib
 
+from absl import flags
 import gin
 import jax
 import numpy as np
@@ -141,3 +147,52 @@ def train_tiny_lm(output_dir, cache_dir, *bindings, steps, evaluate_only=False):
 def snapshot(directory):
   """{path: bytes} of every file below `directory`."""
   return {p: p.read_bytes() for p in pathlib.Path(directory).rglob('*') if p.is_file()}
+
+
+# --- command lines ----------------------------------------------------------------------------
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+APP_FLAGS = ('help', 'helpshort', 'helpfull', 'helpxml', 'only_check_args')
+
+
+@contextlib.contextmanager
+def _defining_into(flag_values):
+  """absl's DEFINE_* functions and validators define into `flag_values`, not the process's
+  FLAGS."""
+  saved = {name: getattr(flags, name) for name in dir(flags)
+           if name.startswith('DEFINE') or name == 'register_validator'}
+  try:
+    for name, define in saved.items():
+      setattr(flags, name, functools.partial(define, flag_values=flag_values))
+    yield
+  finally:
+    for name, define in saved.items():
+      setattr(flags, name, define)
+
+
+@functools.lru_cache(maxsize=None)
+def program_flags(program):
+  """A FlagValues with the flags `program` defines: a module's `define_flags` or
+  `_define_flags`, main.py's when it is loaded."""
+  flag_values = flags.FlagValues()
+  with _defining_into(flag_values):
+    if program in ('main.py', 'sparse_scaling'):
+      spec = importlib.util.spec_from_file_location('_docs_main', os.path.join(ROOT, 'main.py'))
+      spec.loader.exec_module(importlib.util.module_from_spec(spec))
+    else:
+      module = importlib.import_module(program)
+      define = getattr(module, 'define_flags', None) or getattr(module, '_define_flags')
+      define()
+  return flag_values
+
+
+def flag_error(program, args):
+  """Why `program args` would not parse, or None (absl.app's --help and the like aside)."""
+  flag_values = program_flags(program)
+  flag_values.unparse_flags()
+  args = [a for a in args if a.lstrip('-').split('=')[0] not in APP_FLAGS]
+  try:
+    flag_values(['program'] + args)
+  except Exception as error:  # pylint: disable=broad-except
+    return str(error).splitlines()[0]
+  return None

@@ -255,12 +255,13 @@ def markdown(rows, min_share, bandwidth, rate):
 
 def define_flags():
   """Defines the command line's flags; only when run as a program (others have namesakes)."""
-  common.define_flags(json_output=True, shapes=True, writes='docs/results/block_profile.md')
+  common.define_flags(json_output=True, shapes=decoders.SHAPES,
+                      writes='docs/results/block_profile.md')
   flags.DEFINE_list('variants', ['dense', 'ffqkv'], 'Table 1 variants to profile.')
   flags.DEFINE_list('impls', ['ours'], "Implementations: 'ours' and/or 'trax'.")
-  flags.DEFINE_integer('depth', 4, 'Levels of named layers to descend.')
+  flags.DEFINE_integer('depth', 4, 'Levels of named layers to descend.', lower_bound=1)
   flags.DEFINE_float('min_share', 0.02, 'Smallest share of the step a row below the block '
-                     'level needs to be shown.')
+                     'level needs to be shown.', lower_bound=0, upper_bound=1)
 
 
 def main(argv):
@@ -268,8 +269,7 @@ def main(argv):
   args = flags.FLAGS
   shapes = args.shapes or ['17b']
   for name, values, allowed in (('variants', args.variants, decoders.VARIANTS),
-                                ('impls', args.impls, ('ours', 'trax')),
-                                ('shapes', shapes, decoders.SHAPES)):
+                                ('impls', args.impls, ('ours', 'trax'))):
     if not set(values) <= set(allowed):
       raise app.UsageError(f'--{name}: {values} must be among {list(allowed)}')
   bandwidth, rate = timing.memory_bandwidth(), matmul_rate()

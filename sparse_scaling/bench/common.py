@@ -27,19 +27,23 @@ RESULTS_DIR = ROOT / 'docs' / 'results'  # Read when a program writes: tests may
 
 # --- programs ------------------------------------------------------------------------------
 
-def define_flags(json_output=False, shapes=False, writes=None):
+def define_flags(json_output=False, shapes=(), writes=None):
   """Defines the flags that several programs share; a program calls this in its own
   `define_flags`, which runs only when it is the program (others have namesakes).
 
   Args:
     json_output: --json: print one JSON list of rows last.
-    shapes: --shapes: which of the program's shapes to measure.
+    shapes: the program's shape names: --shapes measures some of them, and refuses others
+      when the flags are parsed.
     writes: --write (default true), e.g. 'docs/results/memory.md': what the program writes.
   """
   if json_output:
     flags.DEFINE_bool('json', False, 'Print one JSON list of rows last.')
   if shapes:
-    flags.DEFINE_list('shapes', None, "Shapes to measure (default: the benchmark's all).")
+    names = list(shapes)
+    flags.DEFINE_list('shapes', None, f"Shapes to measure, of {names} (default: the program's).")
+    flags.register_validator('shapes', lambda values: values is None or set(values) <= set(names),
+                             message=f'each shape must be one of {names}')
   if writes:
     flags.DEFINE_bool('write', True, f'Write {writes}.')
 

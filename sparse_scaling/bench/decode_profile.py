@@ -453,12 +453,12 @@ def results_name(backend, shapes, kernels, dtype):
 def define_flags():
   """Defines the command line's flags; only when run as a program (others have namesakes)."""
   common.define_flags(
-      json_output=True, shapes=True,
+      json_output=True, shapes=decoders.SHAPES,
       writes='docs/results/decode_profile_<backend>[_<shapes>][_<kernels>][_<dtype>].md')
   flags.DEFINE_list('variants', list(decoders.VARIANTS), 'Table 1 variants to profile.')
   flags.DEFINE_integer('layers', None, "Blocks of the decoder (default: the shape's whole "
-                       'depth, 24 at 800m).')
-  flags.DEFINE_integer('steps', 20, 'Steps traced.')
+                       'depth, 24 at 800m).', lower_bound=1)
+  flags.DEFINE_integer('steps', 20, 'Steps traced.', lower_bound=1)
   flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Weights and activations.')
   flags.DEFINE_enum('kernels', 'auto', list(decode_kernels.CHOICES),
                     'Where decoding runs Pallas kernels (layers/decode_kernels.py).')
@@ -468,10 +468,8 @@ def main(argv):
   del argv
   args = flags.FLAGS
   shapes = args.shapes or ['800m']
-  for name, values, allowed in (('variants', args.variants, decoders.VARIANTS),
-                                ('shapes', shapes, decoders.SHAPES)):
-    if not set(values) <= set(allowed):
-      raise app.UsageError(f'--{name}: {values} must be among {list(allowed)}')
+  if not set(args.variants) <= set(decoders.VARIANTS):
+    raise app.UsageError(f'--variants: {args.variants} must be among {list(decoders.VARIANTS)}')
   bandwidth, probe = timing.memory_bandwidth(with_probe=True)
   summaries, details = [], []
   for shape in shapes:

@@ -41,6 +41,13 @@ SWEEP_SHAPE, SWEEP_NS = (2048, 16384), (8, 16, 32, 64, 128, 256)
 FLAGS = flags.FLAGS
 
 
+def shape_names(shape):
+  """What --shapes calls `shape`: 'd_modelxd_ffxN' (the rows of every dtype) and
+  'd_modelxd_ffxNxdtype'."""
+  name = 'x'.join(map(str, shape[:3]))
+  return name, f'{name}x{shape[4]}'
+
+
 TOKENS = 16   # different inputs a layer is timed on, in turn
 
 
@@ -81,7 +88,8 @@ def measure(d_model, d_ff, n, d_lowrank, dtype, impls=('dense', 'trax', 'ours'))
 
 def define_flags():
   """Defines the command line's flags; only when run as a program (others have namesakes)."""
-  common.define_flags(json_output=True, shapes=True)
+  common.define_flags(json_output=True,
+                      shapes=dict.fromkeys(n for shape in SHAPES for n in shape_names(shape)))
   flags.DEFINE_bool('sweep', True, 'Also sweep N at d_model 2048, d_ff 16384.')
 
 
@@ -89,9 +97,7 @@ def main(argv):
   del argv
   shapes_ = SHAPES
   if FLAGS.shapes:
-    wanted = set(FLAGS.shapes)
-    shapes_ = [s for s in SHAPES if 'x'.join(map(str, s[:3])) in wanted or
-               'x'.join(map(str, s[:3])) + 'x' + s[4] in wanted]
+    shapes_ = [s for s in SHAPES if set(shape_names(s)) & set(FLAGS.shapes)]
   bandwidth = timing.memory_bandwidth()
   print(f'# FF decode, batch 1, one token: {timing.machine_description()}')
   print(f'# measured read bandwidth {bandwidth / 1e9:.1f} GB/s; floor = weight bytes read / it')

@@ -96,8 +96,10 @@ def define_flags():
                     f'depth {LENGTH_SWEEP_DEPTH}.')
   flags.DEFINE_list('depths', [str(n) for n in DEPTHS],
                     f'Depths of the sweep by depth, at {DEPTH_SWEEP_LENGTH} tokens.')
-  flags.DEFINE_integer('point_timeout', POINT_TIMEOUT_S, 'Seconds a point may take.')
+  flags.DEFINE_integer('point_timeout', POINT_TIMEOUT_S, 'Seconds a point may take.',
+                       lower_bound=1)
   flags.DEFINE_float('memory_limit_gb', MEMORY_LIMIT_GB, 'Address space of each point, GB.')
+  flags.register_validator('memory_limit_gb', lambda gb: gb > 0, message='must be > 0')
   flags.DEFINE_string('child_point', None, 'Internal: measure this model,length,depth in this '
                       'process and print the result.')
 

@@ -86,13 +86,13 @@ FLAGS = flags.FLAGS
 
 def define_flags():
   """Defines the command line's flags; only when run as a program (others have namesakes)."""
-  common.define_flags(json_output=True, shapes=True,
+  common.define_flags(json_output=True, shapes=SHAPES,
                       writes='docs/results/scaling.md and scaling.json')
   flags.DEFINE_list('n_devices', ['1', '2'], 'Device counts to measure; 1 is always measured.')
   flags.DEFINE_integer('steps', 30, f'Training steps per run; the first {WARMUP_STEPS} are not '
                        'timed.')
-  flags.DEFINE_integer('per_device_batch', 8, 'Sequences per device and step.')
-  flags.DEFINE_integer('seq_len', 512, 'Tokens per sequence.')
+  flags.DEFINE_integer('per_device_batch', 8, 'Sequences per device and step.', lower_bound=1)
+  flags.DEFINE_integer('seq_len', 512, 'Tokens per sequence.', lower_bound=1)
   flags.DEFINE_float('max_seconds', None, 'Wall-clock budget of the program, from after its '
                      'imports; each run stops when its share is spent and reports its steps.')
   flags.DEFINE_integer('child_devices', None, 'Internal: run as the child process that trains '
@@ -391,9 +391,6 @@ def main(argv):
   per_device_batch = FLAGS.per_device_batch
   env = dict(os.environ)  # the children's: they allocate the devices' memory, not this process
   os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
-  for name in shape_names:
-    if name not in SHAPES:
-      sys.exit(f'error: --shapes: unknown shape {name!r}; use {sorted(SHAPES)}')
   if steps <= WARMUP_STEPS:
     sys.exit(f'error: --steps={steps}: the first {WARMUP_STEPS} steps are not timed; give more')
   if FLAGS.max_seconds is not None and FLAGS.max_seconds <= 0:

@@ -534,10 +534,11 @@ def plot(rows, path):
 
 def define_flags():
   """Defines the command line's flags; only when run as a program (others have namesakes)."""
-  common.define_flags(json_output=True, shapes=True,
+  common.define_flags(json_output=True, shapes=SHAPES,
                       writes='docs/results/table1.md and table1.png')
-  flags.DEFINE_integer('prompt', 128, 'Prompt length (KV cache filled before timing).')
-  flags.DEFINE_integer('tokens', 32, 'Decoded tokens timed per measurement.')
+  flags.DEFINE_integer('prompt', 128, 'Prompt length (KV cache filled before timing).',
+                       lower_bound=1)
+  flags.DEFINE_integer('tokens', 32, 'Decoded tokens timed per measurement.', lower_bound=1)
   flags.DEFINE_list('impls', ['ours', 'trax'], f'Implementations to time, of {list(IMPLS)}.')
   flags.DEFINE_string('dtype', None, "Weights' dtype (default: the shape's, float32).")
   flags.DEFINE_bool('step', True, 'Also time the whole decoder as one jitted step per token.')
@@ -627,8 +628,6 @@ def main(argv):
 
   bandwidth = None if args.render_only else timing.memory_bandwidth()
   for shape in shapes_measured:
-    if shape not in SHAPES:
-      raise app.UsageError(f'--shapes: unknown shape {shape!r}; use {sorted(SHAPES)}')
     measure(shape, args.variants, args.impls, args.prompt, args.tokens, bandwidth,
             args.program, args.step, args.dtype, args.depth, on_row=on_row, copies=args.copies,
             alternate=args.alternate, cold=args.cold)

