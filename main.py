@@ -55,7 +55,8 @@ _GIN_PARAM = flags.DEFINE_multi_string('gin_param', [], "Gin bindings, e.g. 'tra
 _OUTPUT_DIR = flags.DEFINE_string('output_dir', None, 'Checkpoint, metrics and config.gin.')
 _MODE = flags.DEFINE_enum('mode', 'train', MODES, 'What to do.')
 _DATA_DIR = flags.DEFINE_string('data_dir', None, 'Data directory (gin macro DATA_DIR).')
-_N_DEVICES = flags.DEFINE_integer('n_devices', None, 'Devices for data-parallel training.')
+_N_DEVICES = flags.DEFINE_integer('n_devices', None, 'Devices for data-parallel training.',
+                                  lower_bound=1)
 _SEED = flags.DEFINE_integer('seed', None, 'Random seed (train.random_seed, sample.seed).')
 _PROMPT = flags.DEFINE_string('prompt', None, 'decode: text to continue or to summarize.')
 _MAX_NEW_TOKENS = flags.DEFINE_integer('max_new_tokens', None, 'decode: tokens to generate.')
@@ -66,15 +67,17 @@ _ALLOW_CPU = flags.DEFINE_bool('allow_cpu', False,
                                'Run on the CPU although a GPU or TPU is attached.')
 _COORDINATOR_ADDRESS = flags.DEFINE_string(
     'coordinator_address', None, 'Multi-process run: HOST:PORT of process 0.')
-_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Multi-process run: processes.')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Multi-process run: processes.',
+                                      lower_bound=1)
 _PROCESS_ID = flags.DEFINE_integer(
-    'process_id', None, 'Multi-process run: this process, 0 to --num_processes - 1.')
+    'process_id', None, 'Multi-process run: this process, 0 to --num_processes - 1.',
+    lower_bound=0)
 _DISTRIBUTED = flags.DEFINE_bool(
     'distributed', False, 'Join a multi-process run; JAX reads what the three flags above '
     'leave out from the launcher (Slurm, Open MPI, a Cloud TPU pod slice).')
 _HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
     'heartbeat_timeout', 100, 'Multi-process run: seconds the others wait for a silent '
-    'process before they stop with an error.')
+    'process before they stop with an error.', lower_bound=1)
 
 
 def _bindings():

@@ -40,6 +40,8 @@ REFUSED = [
     ('sparse_scaling.export', ['--length', '0'], 'flag --length=0'),
     ('sparse_scaling.data.make_token_files', ['--output_dir', 'x', '--vocab_size', '0'],
      'flag --vocab_size=0'),
+    ('main.py', ['--n_devices', '0'], 'flag --n_devices=0'),   # trained on every device
+    ('main.py', ['--process_id', '-1'], 'flag --process_id=-1'),
 ]
 
 # The same programs take values inside the rules.
@@ -51,6 +53,7 @@ ACCEPTED = [
     ('sparse_scaling.bench.decode_profile', ['--shapes', '800m,17b']),
     ('sparse_scaling.bench.block_profile', ['--min_share', '0']),
     ('sparse_scaling.reproduce.quality', ['--seeds', '0,1,12']),
+    ('main.py', ['--n_devices', '1', '--num_processes', '2', '--process_id', '0']),
 ]
 
 
