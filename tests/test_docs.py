@@ -1,16 +1,23 @@
-"""The commands that the README and docs/ give run programs that exist, with flags they define.
+"""The commands that the README and docs/ give run programs that exist, with flags they define,
+and the files they name exist.
 
 Every `python -m sparse_scaling...` and `python main.py` command in a code block or span of
 README.md and docs/**/*.md is parsed by the flags its program defines (absl's parser: unknown
 flags, bad enum values and malformed numbers fail), and every `--gin_file` under
 gin_configs/ that such a command names must exist. A doc that keeps a command from before a
-flag was renamed fails here.
+flag was renamed fails here. Every file a span names (`layers/sparse_ff.py`, `lm.gin`,
+`results/table1.md`, `trax/layers/research/sparsity.py`) must exist too, except the files that
+runs write.
 """
 
+import functools
 import glob
 import os
 import re
 import shlex
+import subprocess
+
+import trax
 
 from tests.utils import ROOT
 from tests.utils import flag_error
@@ -21,6 +28,10 @@ COMMAND = re.compile(r'(?:^|\s)\S*python[\d.]*\s+'
                      r'(?:-m\s+(sparse_scaling(?:\.[\w.]*\w)?)|(main\.py))(?=\s|$)(.*)')
 ELLIPSIS = ('...', '…')
 GIN_DIRS = ('tiny/', 'paper/', 'models/', 'runs/', 'reproduce/')
+FILE = re.compile(r'^[\w.\-/]+\.(?:py|gin|md|json|png|ipynb|sh|toml|txt)$')
+# Where a path in a span may be relative to, besides the doc's own folder.
+FILE_ROOTS = ('', 'sparse_scaling', 'docs', 'docs/results', 'gin_configs', 'tests')
+RUN_OUTPUTS = ('config.gin', 'run.json', 'manifest.json')   # what a run writes in its folder
 
 
 def doc_files():
@@ -95,3 +106,47 @@ and `python -m sparse_scaling.bench.table1 --no_such_flag`, `python main.py --mo
   assert 'mode' in errors[2]
   assert 'steps' in errors[3]   # `python -m sparse_scaling` is main.py, which has no --steps
   assert errors[4] is None
+
+
+def named_files(text):
+  """The file names of Markdown `text`'s spans, less those that runs write."""
+  return [name for name in SPAN.findall(FENCE.sub('', text))
+          if FILE.match(name) and os.path.basename(name) not in RUN_OUTPUTS
+          and 'NNNN' not in name]
+
+
+@functools.lru_cache(maxsize=None)
+def _tracked_basenames():
+  tracked = subprocess.run(['git', 'ls-files'], cwd=ROOT, capture_output=True, text=True,
+                           check=True).stdout.split()
+  return {os.path.basename(path) for path in tracked}
+
+
+def exists(name, doc):
+  """Whether `name`, from the doc at path `doc`, names a file: from the repository's root or
+  one of FILE_ROOTS, the doc's folder, trax's package, or a gin file by its name alone."""
+  places = [os.path.join(ROOT, root, name) for root in FILE_ROOTS]
+  places += [os.path.join(os.path.dirname(doc), name),
+             os.path.join(os.path.dirname(os.path.dirname(trax.__file__)), name)]
+  return (any(os.path.exists(place) for place in places)
+          or '/' not in name and name in _tracked_basenames())
+
+
+def test_documented_files_exist():
+  missing, seen = [], 0
+  for doc in doc_files():
+    with open(doc, encoding='utf-8') as f:
+      names = named_files(f.read())
+    seen += len(names)
+    missing += [f'{os.path.relpath(doc, ROOT)}: `{name}`' for name in names
+                if not exists(name, doc)]
+  assert seen > 300, seen
+  assert not missing, '\n'.join(missing)
+
+
+def test_the_check_finds_a_file_that_is_gone():
+  readme = os.path.join(ROOT, 'README.md')
+  names = named_files('`layers/no_such_layer.py`, `layers/sparse_ff.py`, `lm.gin`, '
+                      '`docs/results/table1.md`, `trax/layers/research/sparsity.py` and a '
+                      "run's `config.gin`")
+  assert [name for name in names if not exists(name, readme)] == ['layers/no_such_layer.py']
