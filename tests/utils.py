@@ -27,13 +27,15 @@ def lowered_for_an_h200(fn, *args):
   """The text of jit(fn)(*args) lowered for CUDA on any machine. The Triton lowering of jax
   >= 0.11 asks the default device which GPU it is; without one an abstract H200 answers (jax
   0.10 asks nothing and ignores it), and on a GPU the GPU itself (under an abstract device
-  jax 0.11.2 cannot lower some reductions there). Lower inside `decode_kernels.use(...)` to
-  pick kernels."""
+  jax 0.11.2 cannot lower some reductions there). The abstract mesh's axis is Auto: under
+  jax 0.12's default, Explicit, a reduction inside a kernel fails to lower. Lower inside
+  `decode_kernels.use(...)` to pick kernels."""
   if jax.default_backend() == 'gpu':
     return jax.jit(fn).trace(*args).lower().as_text()
   h200 = jax.sharding.AbstractDevice(device_kind='NVIDIA H200', num_cores=None, platform='cuda')
   with jax.sharding.use_abstract_mesh(
-      jax.sharding.AbstractMesh((1,), ('x',), abstract_device=h200)):
+      jax.sharding.AbstractMesh((1,), ('x',), axis_types=(jax.sharding.AxisType.Auto,),
+                                abstract_device=h200)):
     return jax.jit(fn).trace(*args).lower(lowering_platforms=('cuda',)).as_text()
 
 

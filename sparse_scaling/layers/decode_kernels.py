@@ -209,9 +209,11 @@ prefetch_p.def_effectful_abstract_eval(lambda ref, part, **_: ((), _KEPT))   # a
 
 
 @state_discharge.register_discharge_rule(prefetch_p)
-def _prefetch_discharge(in_avals, out_avals, *args, **params):
-  """Pallas' interpreter: reads nothing, writes nothing."""
-  del out_avals, args, params
+def _prefetch_discharge(context, *args, **params):
+  """Pallas' interpreter: reads nothing, writes nothing. `context`: jax 0.12's DischargeContext,
+  which holds the input avals; before 0.12 the avals themselves (then the output avals)."""
+  in_avals = getattr(context, 'in_avals', context)
+  del args, params
   return (None,) * len(in_avals), []
 
 
