@@ -15,7 +15,6 @@ import glob
 import os
 import re
 import shlex
-import subprocess
 
 import trax
 
@@ -116,20 +115,22 @@ def named_files(text):
 
 
 @functools.lru_cache(maxsize=None)
-def _tracked_basenames():
-  tracked = subprocess.run(['git', 'ls-files'], cwd=ROOT, capture_output=True, text=True,
-                           check=True).stdout.split()
-  return {os.path.basename(path) for path in tracked}
+def _file_names():
+  """The names of the repository's own files (not .venv's or a run's)."""
+  folders = ('sparse_scaling', 'gin_configs', 'tests', 'docs', 'notebooks', '.ci')
+  paths = [path for folder in folders
+           for path in glob.glob(os.path.join(ROOT, folder, '**', '*'), recursive=True)]
+  return {os.path.basename(path) for path in paths + glob.glob(os.path.join(ROOT, '*'))}
 
 
 def exists(name, doc):
   """Whether `name`, from the doc at path `doc`, names a file: from the repository's root or
-  one of FILE_ROOTS, the doc's folder, trax's package, or a gin file by its name alone."""
+  one of FILE_ROOTS, the doc's folder, trax's package, or by its name alone (`lm.gin`)."""
   places = [os.path.join(ROOT, root, name) for root in FILE_ROOTS]
   places += [os.path.join(os.path.dirname(doc), name),
              os.path.join(os.path.dirname(os.path.dirname(trax.__file__)), name)]
   return (any(os.path.exists(place) for place in places)
-          or '/' not in name and name in _tracked_basenames())
+          or '/' not in name and name in _file_names())
 
 
 def test_documented_files_exist():
