@@ -7,11 +7,13 @@ flags, bad enum values and malformed numbers fail), and every `--gin_file` under
 gin_configs/ that such a command names must exist. A doc that keeps a command from before a
 flag was renamed fails here. Every file a span names (`layers/sparse_ff.py`, `lm.gin`,
 `results/table1.md`, `trax/layers/research/sparsity.py`) must exist too, except the files that
-runs write.
+runs write, and so must every name a span gives as one of the package's modules and an
+attribute (`decoding.compiler_options`, `sparse_ff.CPU_CHUNK_BYTES`).
 """
 
 import functools
 import glob
+import importlib
 import os
 import re
 import shlex
@@ -31,6 +33,11 @@ FILE = re.compile(r'^[\w.\-/]+\.(?:py|gin|md|json|png|ipynb|sh|toml|txt)$')
 # Where a path in a span may be relative to, besides the doc's own folder.
 FILE_ROOTS = ('', 'sparse_scaling', 'docs', 'docs/results', 'gin_configs', 'tests')
 RUN_OUTPUTS = ('config.gin', 'run.json', 'manifest.json')   # what a run writes in its folder
+ATTRIBUTE = re.compile(r'^([a-z_0-9]+)\.([A-Za-z_]\w*)(?:\(.*\))?$')   # `module.name(...)`
+# Names the docs give as removed code (docs/decoding_gpu.md: "not kept", "Removed: ..."), and a
+# file whose name looks like one.
+NOT_ATTRIBUTES = ('sparse_ff_kernel.ATOMIC', 'sparse_ff_kernel.SUM_KERNEL', 'decoding.packed',
+                  'vocab.model')
 
 
 def doc_files():
@@ -151,3 +158,48 @@ def test_the_check_finds_a_file_that_is_gone():
                       '`docs/results/table1.md`, `trax/layers/research/sparsity.py` and a '
                       "run's `config.gin`")
   assert [name for name in names if not exists(name, readme)] == ['layers/no_such_layer.py']
+
+
+def package_modules():
+  """The package's modules by their last name: 'sparse_ff' -> 'sparse_scaling.layers.sparse_ff'."""
+  paths = glob.glob(os.path.join(ROOT, 'sparse_scaling', '*.py'))
+  paths += glob.glob(os.path.join(ROOT, 'sparse_scaling', '*', '*.py'))
+  modules = {}
+  for path in sorted(paths):
+    parts = os.path.relpath(path, ROOT)[:-len('.py')].split(os.sep)
+    if parts[-1] not in ('__init__', '__main__'):
+      modules.setdefault(parts[-1], '.'.join(parts))
+  return modules
+
+
+def attribute_names(text, modules):
+  """(module, attribute) of each span of Markdown `text` that names one of `modules` (by last
+  name) and an attribute of it, less NOT_ATTRIBUTES."""
+  names = []
+  for span in SPAN.findall(FENCE.sub('', text)):
+    match = ATTRIBUTE.match(span)
+    if (match and match.group(1) in modules and not FILE.match(span)
+        and span not in NOT_ATTRIBUTES):
+      names.append((modules[match.group(1)], match.group(2)))
+  return names
+
+
+def test_documented_module_attributes_exist():
+  modules, missing, seen = package_modules(), [], 0
+  for doc in doc_files():
+    with open(doc, encoding='utf-8') as f:
+      names = attribute_names(f.read(), modules)
+    seen += len(names)
+    missing += [f'{os.path.relpath(doc, ROOT)}: `{module}.{name}`' for module, name in names
+                if not hasattr(importlib.import_module(module), name)]
+  assert seen > 40, seen
+  assert not missing, '\n'.join(missing)
+
+
+def test_the_check_finds_a_name_that_is_gone():
+  names = attribute_names('`decoding.compiler_options(weights)`, `sparse_ff.NO_SUCH_NAME`, '
+                          '`table1.md`, `numpy.sum` and `decoding.packed`', package_modules())
+  assert names == [('sparse_scaling.decoding', 'compiler_options'),
+                   ('sparse_scaling.layers.sparse_ff', 'NO_SUCH_NAME')]
+  assert [hasattr(importlib.import_module(module), name) for module, name in names] == [
+      True, False]
