@@ -179,7 +179,7 @@ def program_flags(program):
   flag_values = flags.FlagValues()
   with _defining_into(flag_values):
     if program in ('main.py', 'sparse_scaling'):
-      spec = importlib.util.spec_from_file_location('_docs_main', os.path.join(ROOT, 'main.py'))
+      spec = importlib.util.spec_from_file_location('_main_flags', os.path.join(ROOT, 'main.py'))
       spec.loader.exec_module(importlib.util.module_from_spec(spec))
     else:
       module = importlib.import_module(program)
