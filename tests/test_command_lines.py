@@ -57,15 +57,18 @@ ACCEPTED = [
 ]
 
 
-@pytest.mark.parametrize('program, args, said', REFUSED,
-                         ids=[f'{p.split(".")[-1]}{a[0]}' for p, a, _ in REFUSED])
+def _case(program, args, *_):
+  """A case's id: the program's last name and its first flag, e.g. 'table1--tokens'."""
+  return program.removesuffix('.py').rsplit('.', 1)[-1] + args[0]
+
+
+@pytest.mark.parametrize('program, args, said', REFUSED, ids=[_case(*case) for case in REFUSED])
 def test_out_of_range_flags_are_refused(program, args, said):
   error = flag_error(program, args)
   assert error is not None and said in error, error
 
 
-@pytest.mark.parametrize('program, args', ACCEPTED,
-                         ids=[f'{p.split(".")[-1]}{a[0]}' for p, a in ACCEPTED])
+@pytest.mark.parametrize('program, args', ACCEPTED, ids=[_case(*case) for case in ACCEPTED])
 def test_flags_inside_the_rules_parse(program, args):
   assert flag_error(program, args) is None
 
