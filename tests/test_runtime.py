@@ -24,14 +24,14 @@ def test_versions_below_the_tested_range_raise_one_line(python, jax_version, mes
   assert '\n' not in str(error.value) and 'tested' in str(error.value)
 
 
-@pytest.mark.parametrize('python, jax_version', [((3, 13), '0.10.2'), ((3, 11), '0.12.0')])
+@pytest.mark.parametrize('python, jax_version', [((3, 13), '0.10.2'), ((3, 11), '0.13.0')])
 def test_versions_above_the_tested_range_warn(python, jax_version):
   with pytest.warns(UserWarning, match='tested on'):
     runtime.check_versions(python, jax_version)
 
 
 @pytest.mark.parametrize('python, jax_version', [((3, 11), '0.10.2'), ((3, 12), '0.11.2'),
-                                                 ((3, 12), '0.11.0')])
+                                                 ((3, 12), '0.11.0'), ((3, 12), '0.12.0.1')])
 def test_tested_versions_pass_silently(python, jax_version):
   with warnings.catch_warnings():
     warnings.simplefilter('error')
@@ -39,8 +39,9 @@ def test_tested_versions_pass_silently(python, jax_version):
 
 
 @pytest.mark.parametrize('version, tested', [('0.10.2', True), ('0.11.0', True), ('0.11.2', True),
-                                             ('0.11.9', True), ('0.10.1', False),
-                                             ('0.4.35', False), ('0.12.0', False)])
+                                             ('0.11.9', True), ('0.12.0.1', True),
+                                             ('0.12.3', True), ('0.10.1', False),
+                                             ('0.4.35', False), ('0.13.0', False)])
 def test_tested_jax_is_the_range_the_notebook_keeps(version, tested):
   assert runtime.tested_jax(version) == tested
 
