@@ -349,14 +349,17 @@ def test_benchmarks_time_and_profile_the_blocks_chained():
   np.testing.assert_array_equal(token[:, 0], np.argmax(logits[:, -1], axis=-1))
 
 
-def _two_800m_layers_lowered_for_an_h200(with_jaxpr=False):
+def _two_800m_layers_lowered_for_an_h200(with_jaxpr=False, dtype=jnp.float32):
   """The text of one decoding step of two 800M FF+QKV layers lowered for CUDA (on any
-  machine): 4 kernels a layer; `with_jaxpr`, (that text, the step's jaxpr as text)."""
+  machine), their floating weights and state in `dtype` (as `decoding.Decoder` casts them): 4
+  kernels a layer; `with_jaxpr`, (that text, the step's jaxpr as text)."""
   model = ScalingTransformerLM(64, 1024, d_ff=6144, n_layers=2, n_heads=16, max_len=168,
                                dropout=0.0, ff_sparsity=(64, 16), attention_sparsity=16,
                                mode='predict')
   tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
-  weights, state = model.weights_and_state_signature(tokens)
+  cast = lambda a: (jax.ShapeDtypeStruct(a.shape, dtype)
+                    if jnp.issubdtype(a.dtype, jnp.floating) else a)
+  weights, state = jax.tree.map(cast, model.weights_and_state_signature(tokens))
   with decode_kernels.use('pallas'):
     step = lambda w, s, t: model.pure_fn(t, w, s, None)
     text = lowered_for_an_h200(step, weights, state, tokens)
@@ -407,6 +410,17 @@ def test_the_multiplicative_kernels_ask_for_the_caches_and_state_when_told(cache
   # Each Triton module holds the request's text once, the kernels' jaxprs each request.
   assert text.count('cp.async.bulk.prefetch.L2.global [$1]') == (2 if caches or state else 0)
   assert jaxpr.count('prefetch_l2[bulk=True keep=False') == 2 * (2 * caches + state)
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_by_default_kernels_keep_their_fixed_weights_in_bfloat16_alone(dtype):
+  """L2_PERSIST's default (None): in bfloat16 every kernel of both layers asks in bulk, with
+  the evict_last priority, as L2_PERSIST 3 does; in float32 none asks."""
+  assert decode_kernels.L2_PERSIST is None
+  text = _two_800m_layers_lowered_for_an_h200(dtype=dtype)
+  asked = text.count('cp.async.bulk.prefetch.L2.global.L2::cache_hint [$1]')
+  assert asked == (2 * 4 if dtype == jnp.bfloat16 else 0)
+  assert 'prefetch.global.L2' not in text.replace('cp.async.bulk.prefetch.L2.global.L2', '')
 
 
 def test_kernels_whose_fixed_weights_are_large_ask_for_none(monkeypatch):

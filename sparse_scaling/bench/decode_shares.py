@@ -58,7 +58,8 @@ constant, set while the setting is measured and restored after it. The names, by
                                  fixed weights with the evict_last priority, the L2 set aside
                                  for such lines for the rest of the process; 2: the same
                                  requests with no priority; 3 and 4: 1 and 2 with one
-                                 request a program and array (token, block)
+                                 request a program and array; 0: none (by default 3 in
+                                 bfloat16, 0 in float32: `persist_level`; token, block)
     KEEP_BYTES                   `KEEP_MAX_BYTES`: the most bytes of fixed weights a kernel
                                  asks the L2 cache to keep (token, block)
   XLA's options for every decoding program on a GPU (`xla_options`; token, block, trace)

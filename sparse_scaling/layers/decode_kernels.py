@@ -302,9 +302,14 @@ def _prefetch_lowering(ctx, ptr, part, *, parts, keep, bulk):
 # 800M FF+QKV generation on the same weights, timed in the same rounds on one H200, took
 # 0.392-0.399 ms a token with 3 (three copies) and 0.394-0.405 with 0 (two), the copies of one
 # setting as far apart as the settings (docs/decoding_gpu.md, "Compiled copies side by
-# side"). So 0 is the default: no request, and no device setting changed behind the user's
-# back.
-L2_PERSIST = 0
+# side"). In bfloat16, where the fixed weights take half the bytes (~15 MB for 24 blocks), 3
+# paid: three compiled copies of that generation took 0.3556-0.3621 ms a token with it and
+# 0.3724-0.3896 without, every copy with it faster than every copy without ("The fixed
+# weights in the L2 cache, in bfloat16"). So the default, None, is 3 for a kernel whose fixed
+# weights are all 16-bit floats and 0 otherwise (`persist_level`): a float32 decoder asks for
+# nothing and changes no device setting; a bfloat16 decoder on a GPU sets aside the L2 for
+# persisting lines in its process, as the first kernel asking is compiled.
+L2_PERSIST = None
 # A kernel asks to keep its fixed weights only where they are at most KEEP_MAX_BYTES: at 800M
 # every kernel's are (at most 455 KB in float32, the units kernel's; 29 MB for 24 blocks,
 # within the 39 MB an H200 sets aside), at 17B none (the FF units kernel's controller: 4.2 MB
@@ -314,16 +319,25 @@ L2_PERSIST = 0
 KEEP_MAX_BYTES = 1 << 19
 
 
+def persist_level(refs):
+  """L2_PERSIST for a kernel whose fixed weights are `refs`: its value where set, else (None)
+  3 where every array is a 16-bit float (bfloat16 decoding) and 0 otherwise."""
+  if L2_PERSIST is not None:
+    return L2_PERSIST
+  return 3 if all(jnp.dtype(ref.dtype).itemsize == 2 for ref in refs) else 0
+
+
 def keep(refs, grid):
-  """Inside a kernel of `grid`, with L2_PERSIST: every program asks the L2 cache for its part
-  of each of `refs`' arrays (the kernel's fixed weights), to keep there (`prefetch_all`).
-  Nothing without L2_PERSIST, where the arrays are more than KEEP_MAX_BYTES together, on
-  ROCm's GPUs or in Pallas' interpreter."""
-  if not L2_PERSIST:
+  """Inside a kernel of `grid`, with a `persist_level` of `refs` above 0: every program asks
+  the L2 cache for its part of each of `refs`' arrays (the kernel's fixed weights), to keep
+  there (`prefetch_all`). Nothing at level 0, where the arrays are more than KEEP_MAX_BYTES
+  together, on ROCm's GPUs or in Pallas' interpreter."""
+  level = persist_level(refs)
+  if not level:
     return
   nbytes = sum(math.prod(ref.shape) * jnp.dtype(ref.dtype).itemsize for ref in refs)
   if nbytes <= KEEP_MAX_BYTES:
-    prefetch_all(refs, grid, keep=L2_PERSIST in (1, 3), bulk=L2_PERSIST > 2)
+    prefetch_all(refs, grid, keep=level in (1, 3), bulk=level > 2)
 
 
 @functools.cache
