@@ -158,30 +158,48 @@ def test_a_measurement_that_fails_is_reported_and_the_others_go_on(monkeypatch):
   assert '| 800m | ff | ours-xla (xla) | float32 |' in text
 
 
-def test_a_run_cut_off_keeps_the_rows_it_finished_in_the_results(monkeypatch, tmp_path):
+def test_a_run_cut_off_keeps_its_rows_apart_and_the_saved_rows_whole(monkeypatch, tmp_path):
+  """Each shape's rows replace the saved rows of its setting once all are measured; until
+  then they are in <name>_partial.json and .md alone, which the end of a run removes."""
   monkeypatch.setattr(common, 'RESULTS_DIR', tmp_path)
   monkeypatch.setattr(table1, 'dimensions', tiny_dimensions)
+  monkeypatch.setattr(sys, 'argv', ['table1.py', '--shapes', '800m,17b'])
   real_block = table1.seconds_per_block
 
   def block_then_cut_off(*args):
-    if timed:   # the second variant: the run's time is up
+    if len(timed) == cut_after:   # the run's time is up
       raise KeyboardInterrupt
     timed.append(1)
     return real_block(*args)
 
-  timed, written = [], []
+  earlier = lambda shape, variant: dict(
+      shape=shape, variant=variant, impl='ours', dtype='float32', s_per_block=1e-3,
+      p90_s_per_block=2e-3, floor_s_per_token=1e-3, bandwidth=30e9, command='an earlier run')
+  common.write_json(tmp_path / 't.json', [earlier('800m', 'ff'), earlier('17b', 'dense'),
+                                          earlier('17b', 'ff')])
   monkeypatch.setattr(table1, 'seconds_per_block', block_then_cut_off)
-  common.write_json(tmp_path / 't.json', [dict(shape='800m', variant='ff', impl='ours',
-                                               dtype='float32', depth=24)])   # an earlier run's
+  run = functools.partial(table1.measure_and_write, 't', ['800m', '17b'], ['dense', 'ff'],
+                          ['ours'], 4, 3, 30e9, step=False)
+  timed, cut_after = [], 3   # cut off in 17b's second variant
   with pytest.raises(KeyboardInterrupt):
-    table1.measure('800m', ['dense', 'ff'], ['ours'], prompt=4, n_tokens=3, bandwidth=30e9,
-                   step=False, on_row=lambda row: (written.append(row),
-                                                   table1.write_results('t', written, 4, 3)))
-  saved = json.loads((tmp_path / 't.json').read_text())
-  # The dense row is saved; the earlier run's ff row of the same setting is gone with it.
-  assert [(r['variant'], r['s_per_block'] > 0) for r in saved] == [('dense', True)]
+    run()
+  saved = [(r['shape'], r['variant'], r['command']) for r in
+           json.loads((tmp_path / 't.json').read_text())]
+  command = 'python -m sparse_scaling.bench.table1 --shapes 800m,17b'
+  # 800m, measured whole, replaced its setting's saved row; 17b's saved rows stay whole.
+  assert saved == [('17b', 'dense', 'an earlier run'), ('17b', 'ff', 'an earlier run'),
+                   ('800m', 'dense', command), ('800m', 'ff', command)]
+  partial = json.loads((tmp_path / 't_partial.json').read_text())
+  assert [(r['shape'], r['variant'], r['s_per_block'] > 0) for r in partial] == [
+      ('800m', 'dense', True), ('800m', 'ff', True), ('17b', 'dense', True)]
+  text = (tmp_path / 't_partial.md').read_text()
+  assert f'`{command}`' in text and '| 17b | dense | ours (xla) |' in text
   assert '| 800m | dense | ours (xla) |' in (tmp_path / 't.md').read_text()
   assert (tmp_path / 't.png').stat().st_size > 0
+  timed, cut_after = [], None   # a run that ends: every shape saved, no partial files left
+  rows = run()
+  assert len(rows) == 4 and not list(tmp_path.glob('t_partial.*'))
+  assert [r['command'] for r in json.loads((tmp_path / 't.json').read_text())] == [command] * 4
 
 
 def test_the_results_header_gives_each_rows_command(monkeypatch, tmp_path):

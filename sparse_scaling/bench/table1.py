@@ -36,7 +36,10 @@ Both implementations size their KV caches to the sequence timed (attention reads
 cache at every step). The floor is the weight and KV-cache bytes a token must read, over the
 bandwidth measured in the same run (`timing.memory_bandwidth`). Every row is printed as it is
 measured; a measurement that fails is reported with its error, not dropped. Writes
-docs/results/table1.md and table1.png (table1_<backend> elsewhere than the CPU).
+docs/results/table1.md and table1.png (table1_<backend> elsewhere than the CPU) as each shape's
+rows are all measured, and the run's rows so far, as each is measured, to the same name with
+`_partial` (.json and .md, removed when the run ends), so that a run cut off keeps them and
+leaves the saved rows whole.
 """
 
 import functools
@@ -569,13 +572,42 @@ def define_flags():
 
 
 def write_results(name, rows, prompt, n_tokens):
-  """docs/results/<name>.json, .md and .png: `rows` in place of the saved rows of their shape,
-  depth and dtype (the rows of a run so far: written after each, a run cut off keeps them)."""
+  """docs/results/<name>.json, .md and .png: `rows` (a shape's, all measured) in place of the
+  saved rows of their shape, depth and dtype, so that each setting's speedups stay side by
+  side in one run."""
   merged = common.merge_json(common.RESULTS_DIR / f'{name}.json', rows, key=_setting)
   (common.RESULTS_DIR / f'{name}.md').write_text(
       '# Table 1, reproduced: unbatched decoding time\n\n'
       + commands(merged, name) + '\n\n' + markdown(merged, prompt, n_tokens) + '\n')
   plot(merged, common.RESULTS_DIR / f'{name}.png')
+
+
+def measure_and_write(name, shapes, variants, impls, prompt, n_tokens, bandwidth, write=True,
+                      **options):
+  """`measure`'s rows of each of `shapes` (`options`: its keyword arguments), each with the
+  command line that measured it. With `write`, a shape's rows go into `write_results` once
+  all of them are measured, and the run's rows so far into docs/results/<name>_partial.json
+  and .md as each is measured: a run cut off (a time limit) keeps its rows there and leaves
+  the saved rows of a shape it did not finish as they were. The partial files are removed as
+  the run ends."""
+  rows, command = [], common.command_line(MODULE)
+  partial = [common.RESULTS_DIR / f'{name}_partial.{suffix}' for suffix in ('json', 'md')]
+
+  def on_row(row):
+    rows.append(dict(row, command=command))
+    if write:
+      common.write_json(partial[0], rows)
+      partial[1].write_text(f'# Table 1: the rows of a run not finished\n\n`{command}`\n\n'
+                            + markdown(rows, prompt, n_tokens) + '\n')
+
+  for shape in shapes:
+    done = len(rows)
+    measure(shape, variants, impls, prompt, n_tokens, bandwidth, on_row=on_row, **options)
+    if write and rows[done:]:
+      write_results(name, rows[done:], prompt, n_tokens)
+  for path in partial:
+    path.unlink(missing_ok=True)
+  return rows
 
 
 def commands(rows, name):
@@ -617,20 +649,11 @@ def main(argv):
     raise app.UsageError(f'--dtype: {args.dtype!r} must be float32 or bfloat16')
   name = args.results or ('table1' if jax.default_backend() == 'cpu'
                             else f'table1_{jax.default_backend()}')
-  rows = []
-
-  command = common.command_line(MODULE)
-
-  def on_row(row):
-    rows.append(dict(row, command=command))
-    if args.write:
-      write_results(name, rows, args.prompt, args.tokens)
-
   bandwidth = None if args.render_only else timing.memory_bandwidth()
-  for shape in shapes_measured:
-    measure(shape, args.variants, args.impls, args.prompt, args.tokens, bandwidth,
-            args.program, args.step, args.dtype, args.depth, on_row=on_row, copies=args.copies,
-            alternate=args.alternate, cold=args.cold)
+  rows = measure_and_write(name, shapes_measured, args.variants, args.impls, args.prompt,
+                           args.tokens, bandwidth, args.write, program=args.program,
+                           step=args.step, dtype=args.dtype, depth=args.depth,
+                           copies=args.copies, alternate=args.alternate, cold=args.cold)
   if rows:
     print(markdown(rows, args.prompt, args.tokens))
   elif args.write:   # --render_only
