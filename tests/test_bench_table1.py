@@ -223,6 +223,24 @@ def test_the_results_header_gives_each_rows_command(monkeypatch, tmp_path):
   assert 'not recorded' not in header and '- `python -m m --c`: 17b (2 blocks) float32' in header
 
 
+def test_the_figure_has_a_panel_for_each_shape_depth_and_dtype(monkeypatch, tmp_path):
+  """Rows of one shape at two depths and dtypes are three panels, each with its own rows'
+  bars (a panel per shape showed whichever setting's rows came first)."""
+  figures = []
+  monkeypatch.setattr(common, 'save_figure', lambda fig, path: figures.append(fig))
+  row = lambda shape, dtype, depth, block: dict(
+      shape=shape, dtype=dtype, depth=depth, variant='dense', impl='ours', s_per_block=block)
+  table1.plot([row('17b', 'bfloat16', 15, 4e-3), row('800m', 'float32', 24, 1e-3),
+               row('17b', 'float32', 2, 2e-3)], tmp_path / 't.png')
+  axes = figures[0].axes
+  assert [ax.get_title() for ax in axes] == [
+      '800m: unbatched decoding', '17b: unbatched decoding',
+      '17b (15 blocks), bfloat16: unbatched decoding']
+  # the first bar of each panel: ours, dense, in ms
+  assert [ax.patches[0].get_height() for ax in axes] == pytest.approx([1.0, 2.0, 4.0])
+  common.pyplot().close(figures[0])
+
+
 def test_a_command_line_is_the_programs_arguments_quoted(monkeypatch):
   monkeypatch.setattr(sys, 'argv', ['table1.py', '--shapes', '800m', '--results', 'a b'])
   assert common.command_line('sparse_scaling.bench.table1') == (

@@ -492,7 +492,7 @@ def markdown(rows, prompt, n_tokens):
              or by_key.get((shape, depth, dtype, 'dense', 'ours'), {}))
     paper, paper_dense = PAPER.get((shape, variant)), PAPER.get((shape, 'dense'))
     block = row.get('s_per_block')
-    cells = [shape + (f' ({depth} blocks)' if depth != SHAPES[shape][3] else ''), variant,
+    cells = [_setting_label(shape, depth), variant,
              impl + (f' ({row["kernel"]})' if row.get('kernel') and impl != 'trax' else ''),
              row['dtype'],
              (f'{block * 1e3:.3f} ({row["p90_s_per_block"] * 1e3:.3f})'
@@ -515,13 +515,24 @@ def markdown(rows, prompt, n_tokens):
   return '\n'.join(lines)
 
 
+def _setting_label(shape, depth, dtype='float32'):
+  """'17b', '17b (15 blocks)', '800m, bfloat16': a setting as the tables (their shape column,
+  dtype apart) and figures name it."""
+  return (shape + (f' ({depth} blocks)' if depth != SHAPES[shape][3] else '')
+          + (f', {dtype}' if dtype != 'float32' else ''))
+
+
 def plot(rows, path):
-  """Bar chart of ms/block per variant, ours and trax's, one panel per shape."""
-  shapes_ = sorted({r['shape'] for r in rows})
-  fig, axes = common.pyplot().subplots(1, len(shapes_), figsize=(6 * len(shapes_), 4), squeeze=False)
-  for ax, shape in zip(axes[0], shapes_):
+  """Bar chart of ms/block per variant, ours and trax's, one panel per shape, depth and
+  dtype."""
+  settings = sorted({_setting(r) for r in rows},
+                    key=lambda s: (list(SHAPES).index(s[0]), s[1], s[2] != 'float32', s[2]))
+  fig, axes = common.pyplot().subplots(1, len(settings), figsize=(6 * len(settings), 4),
+                                       squeeze=False)
+  for ax, setting in zip(axes[0], settings):
+    shape = setting[0]
     for i, impl in enumerate(['ours', 'trax']):
-      values = [next(((r.get('s_per_block') or 0) * 1e3 for r in rows if r['shape'] == shape
+      values = [next(((r.get('s_per_block') or 0) * 1e3 for r in rows if _setting(r) == setting
                       and r['variant'] == v and r['impl'] == impl), 0) for v in VARIANTS]
       ax.bar(np.arange(len(VARIANTS)) + 0.4 * i, values, 0.4, label=impl)
     paper = [PAPER.get((shape, v), (0, 0))[1] * 1e3 for v in VARIANTS]
@@ -530,7 +541,7 @@ def plot(rows, path):
     ax.set_xticks(np.arange(len(VARIANTS)) + 0.2, VARIANTS)
     ax.set_yscale('log')
     ax.set_ylabel('ms per block per token')
-    ax.set_title(f'{shape}: unbatched decoding')
+    ax.set_title(f'{_setting_label(*setting)}: unbatched decoding')
     ax.legend()
   common.save_figure(fig, path)
 
