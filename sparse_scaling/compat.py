@@ -14,9 +14,9 @@ call it themselves too, so that none of them depends on what an import did. In o
 - installs the shims below into trax and jax.
 
 Tested on jax 0.10.2 (Python 3.11, the lock), 0.11.2 and 0.12.0.1 (Python 3.12): every break
-below is the same on all three, so no shim branches on the version. `sparse_scaling.runtime` refuses older
-jax. This module imports jax and trax only inside functions, after the version check. Each shim
-is the narrowest patch we found for one break:
+below is the same on all three, so no shim branches on the version. `sparse_scaling.runtime`
+refuses older jax. This module imports jax and trax only inside functions, after the version
+check. Each shim is the narrowest patch we found for one break:
 
 - `_for_n_devices` replaces `trax.layers.acceleration.for_n_devices` (also exported as
   `tl.for_n_devices`). trax calls `jax.device_put_replicated` there (acceleration.py, l.241)

@@ -28,7 +28,7 @@ import tempfile
 import warnings
 
 PYTHON_RANGE = ((3, 11), (3, 12))            # tested minor versions, inclusive
-JAX_RANGE = ((0, 10, 2), (0, 12, 0))        # tested jax releases, inclusive
+JAX_RANGE = ((0, 10, 2), (0, 12, 0))         # tested jax releases, inclusive
 _JAX_PIN = "'jax>=0.10.2,<0.13'"
 
 # Lines that importing the pinned stack prints and that say nothing about the run: they come

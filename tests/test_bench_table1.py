@@ -196,7 +196,10 @@ def test_a_run_cut_off_keeps_its_rows_apart_and_the_saved_rows_whole(monkeypatch
   assert f'`{command}`' in text and '| 17b | dense | ours (xla) |' in text
   assert '| 800m | dense | ours (xla) |' in (tmp_path / 't.md').read_text()
   assert (tmp_path / 't.png').stat().st_size > 0
-  timed, cut_after = [], None   # a run that ends: every shape saved, no partial files left
+  timed, cut_after = [], None
+  run(write=False)   # a run that writes nothing leaves the cut-off run's rows too
+  assert (tmp_path / 't_partial.json').read_text() == json.dumps(partial, indent=1) + '\n'
+  timed = []   # a run that ends: every shape saved, no partial files left
   rows = run()
   assert len(rows) == 4 and not list(tmp_path.glob('t_partial.*'))
   assert [r['command'] for r in json.loads((tmp_path / 't.json').read_text())] == [command] * 4

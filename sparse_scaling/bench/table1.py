@@ -616,8 +616,9 @@ def measure_and_write(name, shapes, variants, impls, prompt, n_tokens, bandwidth
     measure(shape, variants, impls, prompt, n_tokens, bandwidth, on_row=on_row, **options)
     if write and rows[done:]:
       write_results(name, rows[done:], prompt, n_tokens)
-  for path in partial:
-    path.unlink(missing_ok=True)
+  if write:
+    for path in partial:
+      path.unlink(missing_ok=True)
   return rows
 
 
