@@ -198,7 +198,10 @@ class Decoder:
         floating-point weights and caches to it: half the bytes a token reads. Matrix
         products and reductions of bfloat16 accumulate in float32 on GPUs and TPUs; the
         sampling runs on float32 logits. On a GPU, programs of 16-bit weights up to
-        CUBLAS_MAX_BYTES each multiply with cuBLAS's kernels (`compiler_options`). On a
+        CUBLAS_MAX_BYTES each multiply with cuBLAS's kernels (`compiler_options`), and
+        the fused blocks' kernels ask the L2 cache to keep their fixed weights, setting
+        aside part of it for such lines in this process's CUDA context
+        (`decode_kernels.persist_level`; L2_PERSIST = 0 turns it off). On a
         CPU, bfloat16 decodes several times slower than float32: XLA's CPU compiler
         converts a bfloat16 product's weight to float32 at every call (docs/speed.md,
         "bfloat16 on a CPU").
