@@ -198,6 +198,7 @@ def test_a_run_cut_off_keeps_its_rows_apart_and_the_saved_rows_whole(monkeypatch
   assert (tmp_path / 't.png').stat().st_size > 0
   timed, cut_after = [], None
   run(write=False)   # a run that writes nothing leaves the cut-off run's rows too
+  table1.measure_and_write('t', [], ['dense'], ['ours'], 4, 3, None)   # nor does a render
   assert (tmp_path / 't_partial.json').read_text() == json.dumps(partial, indent=1) + '\n'
   timed = []   # a run that ends: every shape saved, no partial files left
   rows = run()

@@ -616,7 +616,7 @@ def measure_and_write(name, shapes, variants, impls, prompt, n_tokens, bandwidth
     measure(shape, variants, impls, prompt, n_tokens, bandwidth, on_row=on_row, **options)
     if write and rows[done:]:
       write_results(name, rows[done:], prompt, n_tokens)
-  if write:
+  if write and rows:   # this run's own partial files (a render leaves a cut-off run's)
     for path in partial:
       path.unlink(missing_ok=True)
   return rows
