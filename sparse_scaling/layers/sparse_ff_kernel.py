@@ -32,7 +32,8 @@ slices of d_model, which `units` adds.
 
 Runs on GPUs through Pallas' Triton backend; `interpret=True` runs the same kernels on any
 backend (the tests do, on the CPU). `decode_kernels.use(name)` chooses where `sparse_ff.py`
-calls them.
+calls them. With MOSAIC the units programs of the 'parts' form run in Pallas' Mosaic GPU
+backend instead (`sparse_ff_mosaic.py`), where z does not come from an attention block.
 """
 
 import functools
@@ -42,6 +43,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from sparse_scaling.layers import decode_kernels
+from sparse_scaling.layers import sparse_ff_mosaic
 from sparse_scaling.layers.decode_kernels import f32
 
 # Blocks of N units per `units` program (None: one, or up to 8 while 256 programs or more per
@@ -56,6 +58,11 @@ NORM_ROWS = 64  # rows of C1 per `norm_controller` program (a power of 2)
 # one 17B block looped in a compiled program took 0.0636 and 0.0640 ms against 0.0656 and
 # 0.0670 with 64, `down` traced alone 6.6 µs against 7.7 (docs/decoding_gpu.md, "17B shapes").
 MAX_PARTS_BYTES, COLUMNS, GATHER = 1 << 20, 32, 256
+# With MOSAIC, where the units programs write parts from z (not from an attention block's
+# partial sums: CHAIN off, or `SparseFFDecode`) and the shapes fit, `sparse_units` runs them as
+# a Mosaic GPU kernel (`sparse_ff_mosaic.py`), one block of N units a program: the first
+# decoding kernel on the backend that JAX keeps. Off until timed on a GPU.
+MOSAIC = False
 
 
 def fits(d_lowrank, block):
@@ -182,15 +189,22 @@ def sparse_units(x, z, c2, cb, w1, b1, w2, b2, interpret=False, group=None, resi
   (`sparse_qkv_block_kernel.decode_step`'s with `ff_norm`) and x the block's input: each
   program finishes the LayerNorm and x·C1 from them. With `decode_kernels.PREFETCH` the
   units programs ask the L2 cache for the arrays `ahead` (what the next kernels read: the
-  next attention block's fixed weights).
+  next attention block's fixed weights). With MOSAIC, z not from an attention block and the
+  parts form, the units programs are `sparse_ff_mosaic.units_parts`' (Mosaic GPU).
   """
+  n_tokens, d_model = x.shape
+  r, n_blocks, n = c2.shape
+  if (MOSAIC and norm is None and not (decode_kernels.PREFETCH and ahead)
+      and n_tokens * n_blocks * d_model * 4 <= MAX_PARTS_BYTES
+      and sparse_ff_mosaic.fits(d_model, r, n, c2.dtype)):
+    out = sparse_ff_mosaic.units_parts(x, z[:, None, :] if z.ndim == 2 else z, c2, cb, w1, b1,
+                                       w2, b2, residual, interpret)
+    return jnp.sum(out, axis=1).astype(x.dtype)
   if norm is None:
     z, epsilon = ((z[:, None, :] if z.ndim == 2 else z),), None
   else:
     *norm, epsilon = norm
     z = (*z, *norm)
-  n_tokens, d_model = x.shape
-  r, n_blocks, n = c2.shape
   group = decode_kernels.largest_share(group or GROUP or min(8, max(1, n_blocks // 256)),
                                       n_blocks)
   parts = n_tokens * (n_blocks // group) * d_model * 4 <= MAX_PARTS_BYTES

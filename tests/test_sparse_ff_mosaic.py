@@ -1,0 +1,151 @@
+"""Sparse FF's units kernel in Mosaic GPU (`sparse_ff_mosaic.py`): Pallas' GPU interpreter on
+the CPU against the numpy reference and the Triton kernel, lowering for an H200, and where it
+declines."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sparse_scaling.layers import SparseFF
+from sparse_scaling.layers import decode_kernels
+from sparse_scaling.layers import fused_residual
+from sparse_scaling.layers import sparse_ff_kernel
+from sparse_scaling.layers import sparse_ff_mosaic
+from tests.test_fused_residual import VOCAB
+from tests.test_fused_residual import _decode
+from tests.test_sparse_ff import _reference
+from tests.utils import initialized
+from tests.utils import lowered_for_an_h200
+from tests.utils import random_inputs
+
+# The smallest shapes Mosaic GPU's layouts take: d_model 128 (the warpgroup's threads), rank
+# 64 and N 32 (float32; the matrix units' tiles), two blocks.
+D_MODEL, D_FF, N, RANK = 128, 64, 32, 64
+
+
+def _layer(seed=0, d_ff=D_FF, n=N, rank=RANK):
+  x = random_inputs(3, D_MODEL, seed=seed)
+  layer = initialized(SparseFF(d_ff, n, d_lowrank=rank, mode='predict'), x, seed=seed + 1)
+  return layer, x
+
+
+def test_units_in_the_interpreter_equal_the_reference_with_partials_residual_and_a_tie(
+    monkeypatch):
+  """Three tokens, z as two partial sums, a residual; block 0's logits all 0, a tie that unit
+  0 must win, as argmax does."""
+  monkeypatch.setattr(sparse_ff_kernel, 'MOSAIC', True)
+  layer, x = _layer()
+  _, (c1, c2, cb), (w1, b1, w2, b2), _ = layer.weights
+  c2, cb = c2.at[:, 0].set(0.0), cb.at[0].set(0.0)
+  layer.weights = ((), (c1, c2, cb), (w1, b1, w2, b2), ())
+  expected, chosen = _reference(layer, x)
+  assert (chosen[:, 0] == 0).all()
+  z = x @ c1
+  partials = jnp.stack([0.25 * z, 0.75 * z], axis=1)                               # [T, 2, r]
+  residual = random_inputs(3, D_MODEL, seed=9)
+  got = sparse_ff_kernel.sparse_units(x, partials, c2, cb, w1, b1, w2, b2, interpret=True,
+                                      residual=residual)
+  np.testing.assert_allclose(got, expected + residual, rtol=1e-5, atol=1e-4)
+  parts = sparse_ff_mosaic.units_parts(x, partials, c2, cb, w1, b1, w2, b2, interpret=True)
+  assert parts.shape == (3, D_FF // N, D_MODEL) and parts.dtype == jnp.float32
+
+
+def test_bfloat16_units_equal_the_triton_kernel(monkeypatch):
+  """bfloat16 weights (N 64: the swizzle's width in bfloat16), computed in float32 by both."""
+  layer, x = _layer(seed=3, d_ff=128, n=64)
+  _, (c1, c2, cb), units, _ = jax.tree.map(lambda w: w.astype(jnp.bfloat16), layer.weights)
+  x = jnp.asarray(x, jnp.bfloat16)
+  z = (x @ c1).astype(jnp.float32)
+  triton = sparse_ff_kernel.sparse_units(x, z, c2, cb, *units, interpret=True)
+  monkeypatch.setattr(sparse_ff_kernel, 'MOSAIC', True)
+  mosaic = sparse_ff_kernel.sparse_units(x, z, c2, cb, *units, interpret=True)
+  assert mosaic.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(mosaic, np.float32), np.asarray(triton, np.float32),
+                             rtol=1e-2, atol=1e-2)
+
+
+def test_a_predict_layer_decodes_through_it(monkeypatch):
+  """SparseFF in predict mode, its units kernel chosen by `decode_kernels.use`, interpreted."""
+  monkeypatch.setattr(sparse_ff_kernel, 'MOSAIC', True)
+  layer, x = _layer(seed=5)
+  expected, _ = _reference(layer, x)
+  with decode_kernels.use('interpret'):
+    np.testing.assert_allclose(layer(x), expected, rtol=1e-5, atol=1e-4)
+
+
+def test_a_scaling_transformer_decodes_through_it_unchained(monkeypatch):
+  """The two-layer LM of test_fused_residual at shapes Mosaic GPU takes (d_model 128, N 32,
+  rank 64), its FF blocks' kernels not chained to the attention blocks' (the units' z from
+  the LayerNorm kernel's partial sums): each layer's units kernel is the Mosaic one, and every
+  step's logits and the whole state equal XLA's path, two rows, the caches filled past their
+  end."""
+  monkeypatch.setattr(sparse_ff_kernel, 'MOSAIC', True)
+  monkeypatch.setattr(fused_residual, 'CHAIN', False)
+  kwargs = dict(d_model=128, n_heads=4, attention_sparsity=8, ff_sparsity=(N, RANK), max_len=8)
+  tokens = jnp.asarray(np.random.RandomState(1).randint(1, VOCAB, (2, 11)), jnp.int32)
+  expected, expected_state, _ = _decode('xla', kwargs, tokens)
+  got, state, n_mosaic = _decode('interpret', kwargs, tokens, count="grid_names=('t', 'k')")
+  assert n_mosaic == 2   # the Mosaic kernel's grid, once a layer
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+  for g, e in zip(jax.tree.leaves(state), jax.tree.leaves(expected_state)):
+    np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_lowers_to_mosaic_gpu_for_an_h200_at_the_800m_shape(dtype, monkeypatch):
+  """The 800M layer (d_model 1024, d_ff 6144, N 64, rank 64) as `SparseFFDecode` calls it:
+  one Mosaic GPU kernel and no Triton one; without MOSAIC, Triton's."""
+  blocks = 6144 // 64
+  shapes = [(1, 1024), (1, 64), (64, blocks, 64), (blocks, 64), (blocks, 64, 1024),
+            (blocks, 64), (blocks, 64, 1024), (1024,)]
+  args = [jax.ShapeDtypeStruct(shape, jnp.float32 if i == 1 else dtype)
+          for i, shape in enumerate(shapes)]
+  lowered = lambda: lowered_for_an_h200(   # a new function each time: traced anew
+      lambda *a: sparse_ff_kernel.sparse_units(*a), *args)
+  monkeypatch.setattr(sparse_ff_kernel, 'MOSAIC', True)
+  text = lowered()
+  assert text.count('@mosaic_gpu') == 1 and 'xla.gpu.triton' not in text
+  monkeypatch.setattr(sparse_ff_kernel, 'MOSAIC', False)
+  text = lowered()
+  assert '@mosaic_gpu' not in text and 'xla.gpu.triton' in text
+
+
+@pytest.mark.skipif(jax.default_backend() != 'gpu', reason='compiles the kernel for a GPU')
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_compiled_for_the_gpu_it_equals_triton_at_the_800m_shape(dtype, monkeypatch):
+  """The 800M layer (d_model 1024, d_ff 6144, N 64, rank 64), one token, compiled: the Mosaic
+  GPU kernel against the Triton one (both compute in float32 whatever the weights' dtype)."""
+  x = random_inputs(1, 1, 1024, seed=1)
+  layer = initialized(SparseFF(6144, 64, d_lowrank=64, mode='predict'), x, seed=2)
+  weights = jax.tree.map(lambda w: w.astype(dtype), layer.weights)
+  x = jnp.asarray(x, dtype)
+  run = lambda: np.asarray(jax.jit(lambda x, w: layer.pure_fn(x, w, layer.state, None)[0])(
+      x, weights), np.float32)   # a new function each time: traced anew
+  with decode_kernels.use('pallas'):
+    triton = run()
+    monkeypatch.setattr(sparse_ff_kernel, 'MOSAIC', True)
+    mosaic = run()
+  tolerance = 1e-4 if dtype == jnp.float32 else 1e-2
+  np.testing.assert_allclose(mosaic, triton, rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize('d_model, rank, n, dtype, fits', [
+    (1024, 64, 64, jnp.float32, True), (1024, 64, 64, jnp.bfloat16, True),
+    (1024, 64, 32, jnp.bfloat16, False),   # N under the swizzle's 64 bfloat16 columns
+    (9216, 32, 256, jnp.float32, False),   # 17B: rank 32, under the matrix units' 64 rows
+    (1000, 64, 64, jnp.float32, False)])   # d_model not a multiple of 128
+def test_shapes_it_takes(d_model, rank, n, dtype, fits):
+  assert sparse_ff_mosaic.fits(d_model, rank, n, dtype) == fits
+
+
+def test_shapes_it_declines_go_to_triton_and_a_direct_call_is_refused(monkeypatch):
+  """At 17B's rank the units run as Triton's kernel; called directly, the Mosaic kernel says
+  which shapes it takes in one line."""
+  monkeypatch.setattr(sparse_ff_kernel, 'MOSAIC', True)
+  layer, x = _layer(seed=7, rank=32)
+  _, (c1, c2, cb), units, _ = layer.weights
+  text = lowered_for_an_h200(sparse_ff_kernel.sparse_units, x, x @ c1, c2, cb, *units)
+  assert '@mosaic_gpu' not in text and 'xla.gpu.triton' in text
+  with pytest.raises(ValueError, match=r'units_parts: .*rank 32.* do not fit'):
+    sparse_ff_mosaic.units_parts(x, (x @ c1)[:, None], c2, cb, *units)
