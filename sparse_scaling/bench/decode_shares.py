@@ -31,6 +31,9 @@ constant, set while the setting is measured and restored after it. The names, by
                                  multiplies W2's rows (0: always)
     FF_COLUMNS, FF_GATHER        columns of d_model per program of that kernel, rows it
                                  gathers a load
+    FF_MOSAIC                    `MOSAIC`, 1: the units programs as a Mosaic GPU kernel
+                                 (`sparse_ff_mosaic.py`) where z is not an attention block's
+                                 partial sums (with CHAIN=0; token, block, trace)
   layers/sparse_ff.py
     CHUNK                        `CPU_CHUNK_BYTES`: on a CPU, the most bytes of W1's float32
                                  chosen rows a token gathers at once, 0 all (token, block,
@@ -134,6 +137,7 @@ SHARES = {**{name: (sparse_qkv_block_kernel, name)
           'FF_ROWS': (sparse_ff_kernel, 'NORM_ROWS'),
           'FF_PARTS_BYTES': (sparse_ff_kernel, 'MAX_PARTS_BYTES'),
           'FF_COLUMNS': (sparse_ff_kernel, 'COLUMNS'), 'FF_GATHER': (sparse_ff_kernel, 'GATHER'),
+          'FF_MOSAIC': (sparse_ff_kernel, 'MOSAIC'),
           'CHAIN': (fused_residual, 'CHAIN'), 'CPU_TOP_K': (decoding, 'CPU_TOP_K'),
           'CHUNK': (sparse_ff, 'CPU_CHUNK_BYTES'),
           'CUBLAS_BYTES': (decoding, 'CUBLAS_MAX_BYTES'), 'GRAPHS': (decoding, 'GRAPH_LOOPS'),
@@ -145,7 +149,7 @@ SHARES = {**{name: (sparse_qkv_block_kernel, name)
           **{name: (sys.modules[__name__], f'XLA_{name}')
              for name in ('DOT_MERGER', 'TILING_SEARCH', 'TRITON_GEMM')}}
 _SWITCHES = ('DOT', 'CHAIN', 'CPU_TOP_K', 'GRAPHS', 'EARLY', 'PREFETCH', 'DOT_MERGER',
-             'TILING_SEARCH', 'TRITON_GEMM', 'CACHES', 'STATE')   # 0 or 1
+             'TILING_SEARCH', 'TRITON_GEMM', 'CACHES', 'STATE', 'FF_MOSAIC')   # 0 or 1
 SHARED_WEIGHTS = 0   # 0, 1 or 2: see the module's note
 # XLA's options for a GPU program, on top of `decoding.COMPILER_OPTIONS` (`xla_options`).
 XLA_DOT_MERGER, XLA_TILING_SEARCH, XLA_TRITON_GEMM = True, False, True
