@@ -51,6 +51,24 @@ def test_units_in_the_interpreter_equal_the_reference_with_partials_residual_and
   assert parts.shape == (3, D_FF // N, D_MODEL) and parts.dtype == jnp.float32
 
 
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_norm_controller_in_the_interpreter_equals_the_triton_kernel(dtype):
+  """The LayerNorm and the controller's first product over 4 slices of 64 rows, on rows
+  whose mean (1000) is large beside their spread, where a one-pass variance would lose it:
+  LayerNorm(x) and each partial sum as Triton's kernel (64 rows a program too) computes them."""
+  x = jnp.asarray(1000.0 + random_inputs(3, 256), dtype)
+  scale, bias = (jnp.asarray(random_inputs(256, seed=s), dtype) for s in (1, 2))
+  c1 = jnp.asarray(random_inputs(256, RANK, seed=3), dtype)
+  normed, z = sparse_ff_mosaic.norm_controller(x, scale, bias, c1, 1e-6, interpret=True)
+  want_normed, want_z = sparse_ff_kernel.norm_controller(x, scale, bias, c1, 1e-6,
+                                                         interpret=True)
+  assert normed.dtype == dtype and z.shape == want_z.shape == (3, 4, RANK)
+  tolerance = 1e-5 if dtype == jnp.float32 else 1e-2
+  np.testing.assert_allclose(np.asarray(normed, np.float32), np.asarray(want_normed, np.float32),
+                             rtol=tolerance, atol=tolerance)
+  np.testing.assert_allclose(z, want_z, rtol=tolerance, atol=tolerance * 10)
+
+
 def test_bfloat16_units_equal_the_triton_kernel(monkeypatch):
   """bfloat16 weights (N 64: the swizzle's width in bfloat16), computed in float32 by both."""
   layer, x = _layer(seed=3, d_ff=128, n=64)
@@ -77,7 +95,7 @@ def test_a_predict_layer_decodes_through_it(monkeypatch):
 def test_a_scaling_transformer_decodes_through_it_unchained(monkeypatch):
   """The two-layer LM of test_fused_residual at shapes Mosaic GPU takes (d_model 128, N 32,
   rank 64), its FF blocks' kernels not chained to the attention blocks' (the units' z from
-  the LayerNorm kernel's partial sums): each layer's units kernel is the Mosaic one, and every
+  the LayerNorm kernel's partial sums): each layer's FF kernels are the Mosaic ones, and every
   step's logits and the whole state equal XLA's path, two rows, the caches filled past their
   end."""
   monkeypatch.setattr(sparse_ff_kernel, 'MOSAIC', True)
@@ -85,11 +103,43 @@ def test_a_scaling_transformer_decodes_through_it_unchained(monkeypatch):
   kwargs = dict(d_model=128, n_heads=4, attention_sparsity=8, ff_sparsity=(N, RANK), max_len=8)
   tokens = jnp.asarray(np.random.RandomState(1).randint(1, VOCAB, (2, 11)), jnp.int32)
   expected, expected_state, _ = _decode('xla', kwargs, tokens)
-  got, state, n_mosaic = _decode('interpret', kwargs, tokens, count="grid_names=('t', 'k')")
-  assert n_mosaic == 2   # the Mosaic kernel's grid, once a layer
+  got, state, n_mosaic = _decode('interpret', kwargs, tokens, count="grid_names=('t', ")
+  assert n_mosaic == 4   # the Mosaic kernels' grids: the LayerNorm's and the units', a layer
   np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
   for g, e in zip(jax.tree.leaves(state), jax.tree.leaves(expected_state)):
     np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(jax.default_backend() != 'gpu', reason='compiles the kernels for a GPU')
+def test_compiled_for_the_gpu_a_scaling_transformer_decodes_through_them_unchained(
+    monkeypatch):
+  """As the interpreted test above, compiled: logits and state as XLA's path."""
+  monkeypatch.setattr(sparse_ff_kernel, 'MOSAIC', True)
+  monkeypatch.setattr(fused_residual, 'CHAIN', False)
+  kwargs = dict(d_model=128, n_heads=4, attention_sparsity=8, ff_sparsity=(N, RANK), max_len=8)
+  tokens = jnp.asarray(np.random.RandomState(1).randint(1, VOCAB, (2, 11)), jnp.int32)
+  expected, expected_state, _ = _decode('xla', kwargs, tokens)
+  got, state, _ = _decode('pallas', kwargs, tokens)
+  np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+  for g, e in zip(jax.tree.leaves(state), jax.tree.leaves(expected_state)):
+    np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_the_ff_block_lowers_to_two_mosaic_gpu_kernels_for_an_h200_at_the_800m_shape(
+    dtype, monkeypatch):
+  """The 800M FF block unchained (`ff_block` without partials: the LayerNorm kernel's 16
+  partial sums into the units kernel): two Mosaic GPU kernels and no Triton one."""
+  blocks = 6144 // 64
+  controller = [(1024, 64), (64, blocks, 64), (blocks, 64)]
+  units = [(blocks, 64, 1024), (blocks, 64), (blocks, 64, 1024), (1024,)]
+  args = [jax.ShapeDtypeStruct(shape, dtype)
+          for shape in [(1, 1024), (1024,), (1024,), *controller, *units]]
+  block = lambda x, scale, bias, c1, c2, cb, *units: sparse_ff_kernel.ff_block(
+      x, scale, bias, (c1, c2, cb), units, 1e-6)
+  monkeypatch.setattr(sparse_ff_kernel, 'MOSAIC', True)
+  text = lowered_for_an_h200(block, *args)
+  assert text.count('@mosaic_gpu') == 2 and 'xla.gpu.triton' not in text
 
 
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
@@ -136,7 +186,7 @@ def test_compiled_for_the_gpu_it_equals_triton_at_the_800m_shape(dtype, monkeypa
     (9216, 32, 256, jnp.float32, False),   # 17B: rank 32, under the matrix units' 64 rows
     (1000, 64, 64, jnp.float32, False)])   # d_model not a multiple of 128
 def test_shapes_it_takes(d_model, rank, n, dtype, fits):
-  assert sparse_ff_mosaic.fits(d_model, rank, n, dtype) == fits
+  assert sparse_ff_mosaic.fits(d_model, rank, dtype, n) == fits
 
 
 def test_shapes_it_declines_go_to_triton_and_a_direct_call_is_refused(monkeypatch):

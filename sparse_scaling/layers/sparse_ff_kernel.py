@@ -32,8 +32,9 @@ slices of d_model, which `units` adds.
 
 Runs on GPUs through Pallas' Triton backend; `interpret=True` runs the same kernels on any
 backend (the tests do, on the CPU). `decode_kernels.use(name)` chooses where `sparse_ff.py`
-calls them. With MOSAIC the units programs of the 'parts' form run in Pallas' Mosaic GPU
-backend instead (`sparse_ff_mosaic.py`), where z does not come from an attention block.
+calls them. With MOSAIC `norm_controller` and the units programs of the 'parts' form, where z
+does not come from an attention block, run in Pallas' Mosaic GPU backend instead
+(`sparse_ff_mosaic.py`).
 """
 
 import functools
@@ -58,10 +59,10 @@ NORM_ROWS = 64  # rows of C1 per `norm_controller` program (a power of 2)
 # one 17B block looped in a compiled program took 0.0636 and 0.0640 ms against 0.0656 and
 # 0.0670 with 64, `down` traced alone 6.6 µs against 7.7 (docs/decoding_gpu.md, "17B shapes").
 MAX_PARTS_BYTES, COLUMNS, GATHER = 1 << 20, 32, 256
-# With MOSAIC, where the units programs write parts from z (not from an attention block's
-# partial sums: CHAIN off, or `SparseFFDecode`) and the shapes fit, `sparse_units` runs them as
-# a Mosaic GPU kernel (`sparse_ff_mosaic.py`), one block of N units a program: the first
-# decoding kernel on the backend that JAX keeps. Off until timed on a GPU.
+# With MOSAIC, where the shapes fit, `norm_controller` and the units programs that write parts
+# from z (not from an attention block's partial sums: CHAIN off, or `SparseFFDecode`) run as
+# Mosaic GPU kernels (`sparse_ff_mosaic.py`), the units one block of N a program: the first
+# decoding kernels on the backend that JAX keeps. Off until timed on a GPU.
 MOSAIC = False
 
 
@@ -196,7 +197,7 @@ def sparse_units(x, z, c2, cb, w1, b1, w2, b2, interpret=False, group=None, resi
   r, n_blocks, n = c2.shape
   if (MOSAIC and norm is None and not (decode_kernels.PREFETCH and ahead)
       and n_tokens * n_blocks * d_model * 4 <= MAX_PARTS_BYTES
-      and sparse_ff_mosaic.fits(d_model, r, n, c2.dtype)):
+      and sparse_ff_mosaic.fits(d_model, r, c2.dtype, n)):
     out = sparse_ff_mosaic.units_parts(x, z[:, None, :] if z.ndim == 2 else z, c2, cb, w1, b1,
                                        w2, b2, residual, interpret)
     return jnp.sum(out, axis=1).astype(x.dtype)
@@ -281,13 +282,16 @@ def norm_controller(x, scale, bias, c1, epsilon, interpret=False, rows=None):
     c1: [d, r], the controller's first factor.
     epsilon: The LayerNorm's ε.
     interpret: Run in Pallas' interpreter (any backend).
-    rows: Rows of C1 per program (a power of 2, capped at what divides d; None: NORM_ROWS).
+    rows: Rows of C1 per program (a power of 2, capped at what divides d; None: NORM_ROWS,
+      or with MOSAIC, where the shapes fit, `sparse_ff_mosaic.norm_controller`'s ROWS).
 
   Returns:
     (LayerNorm(x) [T, d] in x's dtype, partial sums of LayerNorm(x)·C1 [T, d / rows, r]),
     the inputs of `sparse_units`.
   """
   n_tokens, d_model = x.shape
+  if MOSAIC and rows is None and sparse_ff_mosaic.fits(d_model, c1.shape[1], c1.dtype):
+    return sparse_ff_mosaic.norm_controller(x, scale, bias, c1, epsilon, interpret)
   rows = decode_kernels.largest_share(rows or NORM_ROWS, d_model)
   kernel = functools.partial(_norm_kernel, rows=rows, sub=min(rows, 64), epsilon=epsilon)
   return pl.pallas_call(
