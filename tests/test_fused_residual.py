@@ -349,10 +349,11 @@ def test_benchmarks_time_and_profile_the_blocks_chained():
   np.testing.assert_array_equal(token[:, 0], np.argmax(logits[:, -1], axis=-1))
 
 
-def _two_800m_layers_lowered_for_an_h200(with_jaxpr=False, dtype=jnp.float32):
+def _two_800m_layers_lowered_for_an_h200(with_jaxpr=False, dtype=jnp.float32, triton=4):
   """The text of one decoding step of two 800M FF+QKV layers lowered for CUDA (on any
-  machine), their floating weights and state in `dtype` (as `decoding.Decoder` casts them): 4
-  kernels a layer; `with_jaxpr`, (that text, the step's jaxpr as text)."""
+  machine), their floating weights and state in `dtype` (as `decoding.Decoder` casts them):
+  `triton` Triton kernels a layer (4: all); `with_jaxpr`, (that text, the step's jaxpr as
+  text)."""
   model = ScalingTransformerLM(64, 1024, d_ff=6144, n_layers=2, n_heads=16, max_len=168,
                                dropout=0.0, ff_sparsity=(64, 16), attention_sparsity=16,
                                mode='predict')
@@ -364,7 +365,7 @@ def _two_800m_layers_lowered_for_an_h200(with_jaxpr=False, dtype=jnp.float32):
     step = lambda w, s, t: model.pure_fn(t, w, s, None)
     text = lowered_for_an_h200(step, weights, state, tokens)
     jaxpr = str(jax.make_jaxpr(step)(weights, state, tokens)) if with_jaxpr else None
-  assert text.count('xla.gpu.triton') == 2 * 4
+  assert text.count('xla.gpu.triton') == 2 * triton
   return (text, jaxpr) if with_jaxpr else text
 
 

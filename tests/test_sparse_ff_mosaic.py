@@ -10,18 +10,20 @@ import pytest
 from sparse_scaling.layers import SparseFF
 from sparse_scaling.layers import decode_kernels
 from sparse_scaling.layers import fused_residual
+from sparse_scaling.layers import sparse_qkv_block_kernel
 from sparse_scaling.layers import sparse_ff_kernel
 from sparse_scaling.layers import sparse_ff_mosaic
 from tests.test_fused_residual import VOCAB
 from tests.test_fused_residual import _decode
+from tests.test_fused_residual import _two_800m_layers_lowered_for_an_h200
 from tests.test_sparse_ff import _reference
 from tests.utils import initialized
 from tests.utils import lowered_for_an_h200
 from tests.utils import random_inputs
 
-# The smallest shapes Mosaic GPU's layouts take: d_model 128 (the warpgroup's threads), rank
-# 64 and N 32 (float32; the matrix units' tiles), two blocks.
-D_MODEL, D_FF, N, RANK = 128, 64, 32, 64
+# The smallest shapes Mosaic GPU's layouts take: d_model 128 (the warpgroup's threads), N 64
+# (the matrix units' tiles), two blocks; rank 16, 800M's.
+D_MODEL, D_FF, N, RANK = 128, 128, 64, 16
 
 
 def _layer(seed=0, d_ff=D_FF, n=N, rank=RANK):
@@ -70,8 +72,8 @@ def test_norm_controller_in_the_interpreter_equals_the_triton_kernel(dtype):
 
 
 def test_bfloat16_units_equal_the_triton_kernel(monkeypatch):
-  """bfloat16 weights (N 64: the swizzle's width in bfloat16), computed in float32 by both."""
-  layer, x = _layer(seed=3, d_ff=128, n=64)
+  """bfloat16 weights, computed in float32 by both."""
+  layer, x = _layer(seed=3)
   _, (c1, c2, cb), units, _ = jax.tree.map(lambda w: w.astype(jnp.bfloat16), layer.weights)
   x = jnp.asarray(x, jnp.bfloat16)
   z = (x @ c1).astype(jnp.float32)
@@ -93,8 +95,8 @@ def test_a_predict_layer_decodes_through_it(monkeypatch):
 
 
 def test_a_scaling_transformer_decodes_through_it_unchained(monkeypatch):
-  """The two-layer LM of test_fused_residual at shapes Mosaic GPU takes (d_model 128, N 32,
-  rank 64), its FF blocks' kernels not chained to the attention blocks' (the units' z from
+  """The two-layer LM of test_fused_residual at shapes Mosaic GPU takes (d_model 128, N 64,
+  rank 16), its FF blocks' kernels not chained to the attention blocks' (the units' z from
   the LayerNorm kernel's partial sums): each layer's FF kernels are the Mosaic ones, and every
   step's logits and the whole state equal XLA's path, two rows, the caches filled past their
   end."""
@@ -110,12 +112,42 @@ def test_a_scaling_transformer_decodes_through_it_unchained(monkeypatch):
     np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.skipif(jax.default_backend() != 'gpu', reason='compiles the kernels for a GPU')
-def test_compiled_for_the_gpu_a_scaling_transformer_decodes_through_them_unchained(
-    monkeypatch):
-  """As the interpreted test above, compiled: logits and state as XLA's path."""
+def test_a_scaling_transformer_decodes_through_it_chained(monkeypatch):
+  """The same LM with its blocks chained, as decoded by default: the units kernel finishes
+  the FF block's LayerNorm from the attention kernel's partial sums, of which the Mosaic
+  kernel takes multiples of 64 (attention programs of 2 value columns: 4 heads of 16 programs;
+  800M: 16 heads of 4). Each layer's units kernel is the Mosaic one; logits and state as XLA's
+  path."""
   monkeypatch.setattr(sparse_ff_kernel, 'MOSAIC', True)
-  monkeypatch.setattr(fused_residual, 'CHAIN', False)
+  monkeypatch.setattr(sparse_qkv_block_kernel, 'VALUE_WIDTH', 2)
+  kwargs = dict(d_model=128, n_heads=4, attention_sparsity=8, ff_sparsity=(N, RANK), max_len=8)
+  tokens = jnp.asarray(np.random.RandomState(2).randint(1, VOCAB, (2, 11)), jnp.int32)
+  expected, expected_state, _ = _decode('xla', kwargs, tokens)
+  got, state, n_mosaic = _decode('interpret', kwargs, tokens, count="grid_names=('t', ")
+  assert n_mosaic == 2   # the units kernel's grid, once a layer
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+  for g, e in zip(jax.tree.leaves(state), jax.tree.leaves(expected_state)):
+    np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_two_800m_layers_decode_through_it_chained_when_lowered_for_an_h200(dtype,
+                                                                             monkeypatch):
+  """Two 800M FF+QKV layers (64 partial sums from the attention kernel), one decoding step
+  lowered for an abstract H200: a layer's three attention kernels Triton's, its units kernel
+  Mosaic GPU's."""
+  monkeypatch.setattr(sparse_ff_kernel, 'MOSAIC', True)
+  text = _two_800m_layers_lowered_for_an_h200(dtype=dtype, triton=3)
+  assert text.count('@mosaic_gpu') == 2
+
+
+@pytest.mark.skipif(jax.default_backend() != 'gpu', reason='compiles the kernels for a GPU')
+@pytest.mark.parametrize('chain', [False, True])
+def test_compiled_for_the_gpu_a_scaling_transformer_decodes_through_them(chain, monkeypatch):
+  """As the interpreted tests above, compiled: logits and state as XLA's path."""
+  monkeypatch.setattr(sparse_ff_kernel, 'MOSAIC', True)
+  monkeypatch.setattr(fused_residual, 'CHAIN', chain)
+  monkeypatch.setattr(sparse_qkv_block_kernel, 'VALUE_WIDTH', 2)
   kwargs = dict(d_model=128, n_heads=4, attention_sparsity=8, ff_sparsity=(N, RANK), max_len=8)
   tokens = jnp.asarray(np.random.RandomState(1).randint(1, VOCAB, (2, 11)), jnp.int32)
   expected, expected_state, _ = _decode('xla', kwargs, tokens)
@@ -126,28 +158,33 @@ def test_compiled_for_the_gpu_a_scaling_transformer_decodes_through_them_unchain
 
 
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
-def test_the_ff_block_lowers_to_two_mosaic_gpu_kernels_for_an_h200_at_the_800m_shape(
-    dtype, monkeypatch):
-  """The 800M FF block unchained (`ff_block` without partials: the LayerNorm kernel's 16
-  partial sums into the units kernel): two Mosaic GPU kernels and no Triton one."""
-  blocks = 6144 // 64
-  controller = [(1024, 64), (64, blocks, 64), (blocks, 64)]
-  units = [(blocks, 64, 1024), (blocks, 64), (blocks, 64, 1024), (1024,)]
+@pytest.mark.parametrize('d_model, d_ff, n, rank, mosaic, triton', [
+    (1024, 6144, 64, 16, 2, 0),     # 800M: the LayerNorm's kernel and the units'
+    (9216, 65536, 256, 32, 1, 2)])  # 17B: the LayerNorm's; the units and W2's rows in Triton
+def test_the_ff_block_lowers_to_mosaic_gpu_kernels_for_an_h200_unchained(
+    d_model, d_ff, n, rank, mosaic, triton, dtype, monkeypatch):
+  """An FF block unchained (`ff_block` without partials, as at 17B, where the attention block
+  declines), lowered for an abstract H200 at Table 1's shapes: at 800M the LayerNorm kernel's
+  16 partial sums go into the units kernel, both Mosaic GPU's; at 17B the units' parts would
+  be large, and the units and W2's rows stay Triton's kernels."""
+  blocks = d_ff // n
+  controller = [(d_model, rank), (rank, blocks, n), (blocks, n)]
+  units = [(blocks, n, d_model), (blocks, n), (blocks, n, d_model), (d_model,)]
   args = [jax.ShapeDtypeStruct(shape, dtype)
-          for shape in [(1, 1024), (1024,), (1024,), *controller, *units]]
+          for shape in [(1, d_model), (d_model,), (d_model,), *controller, *units]]
   block = lambda x, scale, bias, c1, c2, cb, *units: sparse_ff_kernel.ff_block(
       x, scale, bias, (c1, c2, cb), units, 1e-6)
   monkeypatch.setattr(sparse_ff_kernel, 'MOSAIC', True)
   text = lowered_for_an_h200(block, *args)
-  assert text.count('@mosaic_gpu') == 2 and 'xla.gpu.triton' not in text
+  assert text.count('@mosaic_gpu') == mosaic and text.count('xla.gpu.triton') == triton
 
 
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
 def test_lowers_to_mosaic_gpu_for_an_h200_at_the_800m_shape(dtype, monkeypatch):
-  """The 800M layer (d_model 1024, d_ff 6144, N 64, rank 64) as `SparseFFDecode` calls it:
+  """The 800M layer (d_model 1024, d_ff 6144, N 64, rank 16) as `SparseFFDecode` calls it:
   one Mosaic GPU kernel and no Triton one; without MOSAIC, Triton's."""
   blocks = 6144 // 64
-  shapes = [(1, 1024), (1, 64), (64, blocks, 64), (blocks, 64), (blocks, 64, 1024),
+  shapes = [(1, 1024), (1, 16), (16, blocks, 64), (blocks, 64), (blocks, 64, 1024),
             (blocks, 64), (blocks, 64, 1024), (1024,)]
   args = [jax.ShapeDtypeStruct(shape, jnp.float32 if i == 1 else dtype)
           for i, shape in enumerate(shapes)]
@@ -164,10 +201,10 @@ def test_lowers_to_mosaic_gpu_for_an_h200_at_the_800m_shape(dtype, monkeypatch):
 @pytest.mark.skipif(jax.default_backend() != 'gpu', reason='compiles the kernel for a GPU')
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
 def test_compiled_for_the_gpu_it_equals_triton_at_the_800m_shape(dtype, monkeypatch):
-  """The 800M layer (d_model 1024, d_ff 6144, N 64, rank 64), one token, compiled: the Mosaic
+  """The 800M layer (d_model 1024, d_ff 6144, N 64, rank 16), one token, compiled: the Mosaic
   GPU kernel against the Triton one (both compute in float32 whatever the weights' dtype)."""
   x = random_inputs(1, 1, 1024, seed=1)
-  layer = initialized(SparseFF(6144, 64, d_lowrank=64, mode='predict'), x, seed=2)
+  layer = initialized(SparseFF(6144, 64, d_lowrank=16, mode='predict'), x, seed=2)
   weights = jax.tree.map(lambda w: w.astype(dtype), layer.weights)
   x = jnp.asarray(x, dtype)
   run = lambda: np.asarray(jax.jit(lambda x, w: layer.pure_fn(x, w, layer.state, None)[0])(
@@ -181,21 +218,23 @@ def test_compiled_for_the_gpu_it_equals_triton_at_the_800m_shape(dtype, monkeypa
 
 
 @pytest.mark.parametrize('d_model, rank, n, dtype, fits', [
-    (1024, 64, 64, jnp.float32, True), (1024, 64, 64, jnp.bfloat16, True),
-    (1024, 64, 32, jnp.bfloat16, False),   # N under the swizzle's 64 bfloat16 columns
-    (9216, 32, 256, jnp.float32, False),   # 17B: rank 32, under the matrix units' 64 rows
-    (1000, 64, 64, jnp.float32, False)])   # d_model not a multiple of 128
+    (1024, 16, 64, jnp.float32, True), (1024, 16, 64, jnp.bfloat16, True),   # 800M
+    (9216, 32, 256, jnp.float32, True),                                       # 17B
+    (1024, 16, 32, jnp.float32, False),     # N under the matrix units' 64 rows
+    (1024, 12, 64, jnp.float32, False),     # a rank that is not a multiple of 8
+    (1024, 8, 64, jnp.bfloat16, False),     # a rank of 16 bytes, under the 32-byte swizzle
+    (1000, 16, 64, jnp.float32, False)])    # d_model not a multiple of 128
 def test_shapes_it_takes(d_model, rank, n, dtype, fits):
   assert sparse_ff_mosaic.fits(d_model, rank, dtype, n) == fits
 
 
 def test_shapes_it_declines_go_to_triton_and_a_direct_call_is_refused(monkeypatch):
-  """At 17B's rank the units run as Triton's kernel; called directly, the Mosaic kernel says
-  which shapes it takes in one line."""
+  """N 32 runs as Triton's kernel; called directly, the Mosaic kernel says which shapes it
+  takes in one line."""
   monkeypatch.setattr(sparse_ff_kernel, 'MOSAIC', True)
-  layer, x = _layer(seed=7, rank=32)
+  layer, x = _layer(seed=7, d_ff=64, n=32)
   _, (c1, c2, cb), units, _ = layer.weights
   text = lowered_for_an_h200(sparse_ff_kernel.sparse_units, x, x @ c1, c2, cb, *units)
   assert '@mosaic_gpu' not in text and 'xla.gpu.triton' in text
-  with pytest.raises(ValueError, match=r'units_parts: .*rank 32.* do not fit'):
+  with pytest.raises(ValueError, match=r'units_parts: .*N 32 do not fit'):
     sparse_ff_mosaic.units_parts(x, (x @ c1)[:, None], c2, cb, *units)

@@ -31,9 +31,9 @@ constant, set while the setting is measured and restored after it. The names, by
                                  multiplies W2's rows (0: always)
     FF_COLUMNS, FF_GATHER        columns of d_model per program of that kernel, rows it
                                  gathers a load
-    FF_MOSAIC                    `MOSAIC`, 1: the units programs as a Mosaic GPU kernel
-                                 (`sparse_ff_mosaic.py`) where z is not an attention block's
-                                 partial sums (with CHAIN=0; token, block, trace)
+    FF_MOSAIC                    `MOSAIC`, 1: the LayerNorm-controller and units programs
+                                 as Mosaic GPU kernels (`sparse_ff_mosaic.py`) where the
+                                 shapes fit (token, block, trace)
   layers/sparse_ff.py
     CHUNK                        `CPU_CHUNK_BYTES`: on a CPU, the most bytes of W1's float32
                                  chosen rows a token gathers at once, 0 all (token, block,

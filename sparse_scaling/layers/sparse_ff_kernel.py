@@ -32,9 +32,8 @@ slices of d_model, which `units` adds.
 
 Runs on GPUs through Pallas' Triton backend; `interpret=True` runs the same kernels on any
 backend (the tests do, on the CPU). `decode_kernels.use(name)` chooses where `sparse_ff.py`
-calls them. With MOSAIC `norm_controller` and the units programs of the 'parts' form, where z
-does not come from an attention block, run in Pallas' Mosaic GPU backend instead
-(`sparse_ff_mosaic.py`).
+calls them. With MOSAIC `norm_controller` and the units programs of the 'parts' form run in
+Pallas' Mosaic GPU backend instead (`sparse_ff_mosaic.py`).
 """
 
 import functools
@@ -59,10 +58,10 @@ NORM_ROWS = 64  # rows of C1 per `norm_controller` program (a power of 2)
 # one 17B block looped in a compiled program took 0.0636 and 0.0640 ms against 0.0656 and
 # 0.0670 with 64, `down` traced alone 6.6 µs against 7.7 (docs/decoding_gpu.md, "17B shapes").
 MAX_PARTS_BYTES, COLUMNS, GATHER = 1 << 20, 32, 256
-# With MOSAIC, where the shapes fit, `norm_controller` and the units programs that write parts
-# from z (not from an attention block's partial sums: CHAIN off, or `SparseFFDecode`) run as
-# Mosaic GPU kernels (`sparse_ff_mosaic.py`), the units one block of N a program: the first
-# decoding kernels on the backend that JAX keeps. Off until timed on a GPU.
+# With MOSAIC, where the shapes fit (`sparse_ff_mosaic.fits`, `takes`), `norm_controller` and
+# the units programs of the 'parts' form run as Mosaic GPU kernels (`sparse_ff_mosaic.py`), the
+# units one block of N a program: the first decoding kernels on the backend that JAX keeps.
+# At 800M both do, chained or not; at 17B the LayerNorm kernel does. Off until timed on a GPU.
 MOSAIC = False
 
 
@@ -190,19 +189,20 @@ def sparse_units(x, z, c2, cb, w1, b1, w2, b2, interpret=False, group=None, resi
   (`sparse_qkv_block_kernel.decode_step`'s with `ff_norm`) and x the block's input: each
   program finishes the LayerNorm and x·C1 from them. With `decode_kernels.PREFETCH` the
   units programs ask the L2 cache for the arrays `ahead` (what the next kernels read: the
-  next attention block's fixed weights). With MOSAIC, z not from an attention block and the
-  parts form, the units programs are `sparse_ff_mosaic.units_parts`' (Mosaic GPU).
+  next attention block's fixed weights). With MOSAIC and the parts form, the units programs
+  are `sparse_ff_mosaic.units_parts`' (Mosaic GPU), where the shapes fit.
   """
   n_tokens, d_model = x.shape
   r, n_blocks, n = c2.shape
-  if (MOSAIC and norm is None and not (decode_kernels.PREFETCH and ahead)
+  if norm is None and z.ndim == 2:
+    z = z[:, None, :]
+  if (MOSAIC and not (decode_kernels.PREFETCH and ahead)
       and n_tokens * n_blocks * d_model * 4 <= MAX_PARTS_BYTES
-      and sparse_ff_mosaic.fits(d_model, r, c2.dtype, n)):
-    out = sparse_ff_mosaic.units_parts(x, z[:, None, :] if z.ndim == 2 else z, c2, cb, w1, b1,
-                                       w2, b2, residual, interpret)
+      and sparse_ff_mosaic.takes(d_model, r, n, c2.dtype, None if norm is None else z)):
+    out = sparse_ff_mosaic.units_parts(x, z, c2, cb, w1, b1, w2, b2, residual, interpret, norm)
     return jnp.sum(out, axis=1).astype(x.dtype)
   if norm is None:
-    z, epsilon = ((z[:, None, :] if z.ndim == 2 else z),), None
+    z, epsilon = (z,), None
   else:
     *norm, epsilon = norm
     z = (*z, *norm)

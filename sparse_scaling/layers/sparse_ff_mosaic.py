@@ -1,12 +1,11 @@
 """Sparse FF's decoding kernels in Pallas' Mosaic GPU backend: the first moved off Triton.
 
 jax 0.11 deprecates Pallas' Triton backend, which every decoding kernel here is written for
-(`decode_kernels.py`), in favour of Mosaic GPU. This module holds `sparse_ff_kernel`'s two
-kernels of an FF block that follows no attention block's partial sums, written for Mosaic
-GPU, where `sparse_ff_kernel.MOSAIC` asks for them: off by default, as they are not yet timed
-on a GPU. One warpgroup a program.
+(`decode_kernels.py`), in favour of Mosaic GPU. This module holds two of `sparse_ff_kernel`'s
+kernels written for Mosaic GPU, used where `sparse_ff_kernel.MOSAIC` asks for them: off by
+default, as they are not yet timed on a GPU. One warpgroup a program.
 
-`norm_controller`, one program per (token, ROWS rows of C1): the block's LayerNorm of those
+`norm_controller`, one program per (token, ROWS rows of C1): the FF block's LayerNorm of those
 columns of x, written out, and their part of the controller's first product,
 
   z_p = LayerNorm(x)[cols]·C1[cols, :]        [r], a partial sum
@@ -14,23 +13,25 @@ columns of x, written out, and their part of the controller's first product,
 `units_parts`, one program per (token, block of N units), in the units kernel's 'parts' form
 (each program writes its block's part of the output, XLA adds the parts):
 
-  logits = z·C2[:, block] + c[block]          z = Σ_p z_p, [r]
-  u      = argmax(logits)                      ties to the lowest unit, as `jnp.argmax`
-  part   = relu(x·W1[u] + b1[u])·W2[u]         + b2 (+ the residual) in program 0's part
+  logits = z·C2[:, block] + c[block]          z = Σ_p z_p, [r]; or, chained after an
+  u      = argmax(logits)                     attention block, LayerNorm(x)·C1 merged from
+  part   = relu(x·W1[u] + b1[u])·W2[u]        its programs' partial sums (`_merged`)
+           + b2 (+ the residual) in program 0's part;  ties to the lowest unit, as argmax
 
 Mosaic GPU differs from Triton in what a program may hold and how it loads (jax 0.10-0.12):
 an array is laid out over the warpgroup's 128 threads, and a reduction along one axis needs
-the tiled layout of Hopper's matrix units (WGMMA: [m, n], m a multiple of 64, n of 8), which
-loads only from shared memory, and is written back through it. So the slices of C1 [ROWS, r]
-and C2 [r, N], the LayerNorm's weights and c are copied into shared memory by the TMA unit
-(tiled and swizzled, as the layout needs), as are x's columns and z's partial sums; whole rows
-[d] (x for its statistics, W1's and W2's chosen rows) are read straight from the card's memory
-in the strided layout (d a multiple of 128). What the backend brings that Triton's does not:
-a program runs `griddepcontrol.wait` itself, so the copies of the fixed weights are issued
-before it, while the kernel before this one still runs; under Triton, XLA places the wait at
-the kernel's entry (`decode_kernels`' note on launching early). Not yet here: the requests
-that the Triton kernels make in bfloat16 for the L2 cache to keep their fixed weights
-(`decode_kernels.keep`).
+one of the tiled layouts of Hopper's matrix units (WGMMA: [m, n], m a multiple of 64, n of 8,
+straight or transposed), which load only from shared memory and write back through it. So
+the slices of C1 [ROWS, r] and C2 [r, N], the LayerNorm's weights, c, x's columns and z's
+partial sums are copied into shared memory by the TMA unit (tiled and swizzled, as the layouts
+need; each copy a multiple of 128 bytes), and C2's slice is read transposed, [N, r], as the
+800M and 17B ranks (16, 32) are below 64; whole rows [d] (x for its statistics, W1's and W2's
+chosen rows) are read straight from the card's memory in the strided layout (d a multiple of
+128). What the backend brings that Triton's does not: a program runs `griddepcontrol.wait`
+itself, so the copies of the fixed weights are issued before it, while the kernel before
+this one still runs; under Triton, XLA places the wait at the kernel's entry
+(`decode_kernels`' note on launching early). Not yet here: the requests that the Triton
+kernels make in bfloat16 for the L2 cache to keep their fixed weights (`decode_kernels.keep`).
 
 Pallas' GPU interpreter runs the kernels on any backend (`interpret=True`; the tests do, on
 the CPU); it has no rule for the layout casts or the grid dependency control, which it skips
@@ -38,6 +39,7 @@ the CPU); it has no rule for the layout casts or the grid dependency control, wh
 """
 
 import functools
+import math
 
 import jax
 from jax import lax
@@ -54,25 +56,26 @@ except ImportError as error:   # a JAX without the backend: `fits` says no
 else:
   MISSING = None
 
-SWIZZLE = 128   # bytes: the TMA unit's swizzle of C1's and C2's slices in shared memory
 ROWS = 64       # rows of C1 per `norm_controller` program: the matrix units' layout's 64
 
 
 def fits(d_model, d_lowrank, dtype, block=None):
   """Whether `norm_controller` (and, given N `block`, `units_parts`) take these shapes:
-  d_model a multiple of 128 (the warpgroup's threads), the controller's rank a multiple of 64
-  and of the swizzle's width, as N is (32 float32 or 64 bfloat16 columns; the matrix units'
-  layout)."""
-  width = SWIZZLE // jnp.dtype(dtype).itemsize
-  return (MISSING is None and d_model % 128 == 0 and d_lowrank % 64 == 0
-          and d_lowrank % width == 0 and (block is None or block % width == 0))
+  d_model a multiple of 128 (the warpgroup's threads), the controller's rank a multiple of 8
+  and of 32 bytes, N a multiple of 64 (the matrix units' layout; 800M: rank 16, N 64; 17B:
+  32, 256)."""
+  itemsize = jnp.dtype(dtype).itemsize
+  return (MISSING is None and d_model % 128 == 0 and d_lowrank % 8 == 0
+          and d_lowrank * itemsize % 32 == 0 and (block is None or block % 64 == 0))
 
 
 def _swizzled(shape, dtype):
   """A shared-memory array [m, n] tiled and swizzled for the TMA unit and the matrix units'
-  layout (n a multiple of SWIZZLE bytes)."""
-  tiling = plgpu.TilingTransform((8, SWIZZLE // jnp.dtype(dtype).itemsize))
-  return plgpu.SMEM(shape, dtype, transforms=(tiling, plgpu.SwizzleTransform(SWIZZLE)))
+  layouts: rows of 8, the widest swizzle (128, 64 or 32 bytes) that divides a row."""
+  itemsize = jnp.dtype(dtype).itemsize
+  swizzle = next(s for s in (128, 64, 32) if shape[-1] * itemsize % s == 0)
+  return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, swizzle // itemsize)),
+                                              plgpu.SwizzleTransform(swizzle)))
 
 
 class _Program:
@@ -91,20 +94,30 @@ class _Program:
     if not self.interpret:
       plgpu.griddepcontrol_wait()
 
+  def cast(self, value, layout):
+    return value if self.interpret else plgpu.layout_cast(value, layout)
+
   def load(self, ref, layout):
     """ref[...] in float32, in `layout`."""
-    value = ref[...] if self.interpret else plgpu.layout_cast(ref[...], layout)
-    return value.astype(jnp.float32)
+    return self.cast(ref[...], layout).astype(jnp.float32)
+
+  def load_transposed(self, ref):
+    """ref[...].T [n, m] in float32, in the matrix units' transposed layout."""
+    if self.interpret:
+      return ref[...].T.astype(jnp.float32)
+    return self.cast(plgpu.transpose_ref(ref, (1, 0))[...], TRANSPOSED).astype(jnp.float32)
 
   def iota(self, n, layout):
     return (lax.iota(jnp.int32, n) if self.interpret
             else plgpu.broadcasted_iota(jnp.int32, (n,), 0, layout=layout))
 
 
-# The matrix units' layout of [m, n] arrays, and of the [m] and [n] vectors along them.
-MATRIX = plgpu.Layout.WGMMA if plgpu else None
-ALONG_ROWS = MATRIX.reduce(1) if plgpu else None
-ALONG_COLUMNS = MATRIX.reduce(0) if plgpu else None
+# The matrix units' layouts of [m, n] arrays (m a multiple of 64, n of 8), straight and
+# transposed from shared memory, and of the [m] and [n] vectors along them.
+if plgpu:
+  MATRIX, TRANSPOSED = plgpu.Layout.WGMMA, plgpu.Layout.WGMMA_TRANSPOSED
+  ALONG_ROWS, ALONG_COLUMNS = MATRIX.reduce(1), MATRIX.reduce(0)
+  ALONG_ROWS_T, ALONG_COLUMNS_T = TRANSPOSED.reduce(1), TRANSPOSED.reduce(0)
 
 
 def _norm_kernel(x_g, scale_g, bias_g, c1_g, xn_g, z_g, c1_s, scale_s, bias_s, x_s, xn_s, z_s,
@@ -159,11 +172,38 @@ def norm_controller(x, scale, bias, c1, epsilon, interpret=False):
   return kernel(x, scale, bias, c1)
 
 
-def _units_kernel(x_g, z_g, c2_g, cb_g, w1_g, b1_g, w2_g, b2_g, *refs, n, interpret):
-  """One (token, block) program. Shapes in `units_parts`; refs: the residual [T, d] if given,
-  the parts [T, K, d] (float32), then the scratch: z [P, r], C2's slice [r, N], c's [N] in
-  shared memory and three barriers."""
-  *residual_g, out_g, z_s, c2_s, cb_s, barriers = refs
+def _merged(program, sums_s, m2_s, products_s, z_s, d_model, epsilon):
+  """(mean, 1/σ, z = LayerNorm(x)·C1 [r] along the columns of C2's slice transposed) of a row
+  from the attention programs' P partial sums in shared memory
+  (`sparse_ff_kernel.merge_partials`' arithmetic): Σx and Σ(x − x̄)² [P], and
+  Σ(x − x̄)·scale·C1, Σscale·C1 and Σbias·C1 [P, r]. The sums over P leave z along the
+  columns of a [P, r] matrix, another layout: z_s [r] moves it."""
+  size = d_model // sums_s.shape[0]
+  sums = program.load(sums_s, ALONG_ROWS)                                              # [P]
+  mean = jnp.sum(sums) / d_model
+  moves = sums / size - mean
+  spread = jnp.sum(moves * moves)
+  inv = lax.rsqrt((jnp.sum(program.load(m2_s, ALONG_ROWS)) + size * spread) / d_model
+                  + epsilon)
+  centred, scaled, biased = (program.load(ref, MATRIX) for ref in products_s)      # [P, r]
+  moved = jnp.sum(lax.broadcast_in_dim(moves, scaled.shape, (0,)) * scaled, axis=0)   # [r]
+  z_s[...] = inv * (jnp.sum(centred, axis=0) + moved) + jnp.sum(biased, axis=0)
+  return mean, inv, program.load(z_s, ALONG_COLUMNS_T)
+
+
+def _units_kernel(*refs, n, n_inputs, chained, epsilon, interpret):
+  """One (token, block) program. Shapes in `units_parts`. refs: its inputs (`n_inputs`), the
+  parts [T, K, d] (float32), then the scratch: C2's slice [r, N] and c's [N] in shared
+  memory; z [P, r] and three barriers, or, `chained`, the partial sums Σx and Σ(x − x̄)² [P],
+  the three products [P, r], z [r] and seven barriers."""
+  inputs, (out_g, c2_s, cb_s, *scratch) = refs[:n_inputs], refs[n_inputs:]
+  if chained:
+    (x_g, sums_g, m2_g, products_g, scale_g, bias_g, c2_g, cb_g, w1_g, b1_g, w2_g, b2_g,
+     *residual_g) = inputs
+    sums_s, m2_s, *products_s, z_s, barriers = scratch
+  else:
+    x_g, z_g, c2_g, cb_g, w1_g, b1_g, w2_g, b2_g, *residual_g = inputs
+    z_s, barriers = scratch
   program = _Program(interpret)
   t, k = lax.axis_index('t'), lax.axis_index('k')
   program.launch_dependents()
@@ -171,50 +211,89 @@ def _units_kernel(x_g, z_g, c2_g, cb_g, w1_g, b1_g, w2_g, b2_g, *refs, n, interp
   plgpu.copy_gmem_to_smem(c2_g.at[:, units], c2_s, barriers.at[0])
   plgpu.copy_gmem_to_smem(cb_g.at[units], cb_s, barriers.at[1])
   extra = b2_g[...].astype(jnp.float32)                                                # [d]
+  if chained:
+    norm = scale_g[...].astype(jnp.float32), bias_g[...].astype(jnp.float32)
   program.wait()
-  plgpu.copy_gmem_to_smem(z_g.at[t], z_s, barriers.at[2])
+  if chained:
+    plgpu.copy_gmem_to_smem(sums_g.at[t], sums_s, barriers.at[2])
+    plgpu.copy_gmem_to_smem(m2_g.at[t], m2_s, barriers.at[3])
+    for i, products in enumerate(products_s):
+      plgpu.copy_gmem_to_smem(products_g.at[t, :, i, :], products, barriers.at[4 + i])
+  else:
+    plgpu.copy_gmem_to_smem(z_g.at[t], z_s, barriers.at[2])
   x = x_g[t, :].astype(jnp.float32)                                                    # [d]
   if residual_g:
     extra = extra + residual_g[0][t, :].astype(jnp.float32)
-  for i in range(3):
+  for i in range(barriers.shape[0]):
     plgpu.barrier_wait(barriers.at[i])
-  z = sum(program.load(z_s.at[p], ALONG_ROWS) for p in range(z_s.shape[0]))             # [r]
-  c2 = program.load(c2_s, MATRIX)                                                   # [r, N]
-  logits = (jnp.sum(lax.broadcast_in_dim(z, c2.shape, (0,)) * c2, axis=0)
-            + program.load(cb_s, ALONG_COLUMNS))                                       # [N]
+  if chained:
+    mean, inv, z = _merged(program, sums_s, m2_s, products_s, z_s, x.shape[0], epsilon)
+    x = ((x - mean) * inv * norm[0] + norm[1]).astype(x_g.dtype).astype(jnp.float32)
+  else:
+    z = sum(program.load(z_s.at[p], ALONG_COLUMNS_T) for p in range(z_s.shape[0]))      # [r]
+  c2 = program.load_transposed(c2_s)                                        # C2's slice.T [N, r]
+  z = program.cast(lax.broadcast_in_dim(z, c2.shape, (1,)), TRANSPOSED)
+  logits = jnp.sum(z * c2, axis=1) + program.load(cb_s, ALONG_ROWS_T)                  # [N]
   best = jnp.max(logits)
-  row = k * n + jnp.min(jnp.where(logits == best, program.iota(n, ALONG_COLUMNS), n))
+  row = k * n + jnp.min(jnp.where(logits == best, program.iota(n, ALONG_ROWS_T), n))
   h = jnp.sum(x * w1_g[row, :].astype(jnp.float32)) + b1_g[row].astype(jnp.float32)
   part = jnp.maximum(h, 0.0) * w2_g[row, :].astype(jnp.float32)
   out_g[t, k, :] = part + (k == 0).astype(jnp.float32) * extra
 
 
-def units_parts(x, z, c2, cb, w1, b1, w2, b2, residual=None, interpret=False):
+def takes(d_model, d_lowrank, block, dtype, partials=None):
+  """Whether `units_parts` takes these shapes (`fits`), and with the attention programs'
+  `partials` (Σx [T, P], ...) their P, a multiple of 64 (the matrix units' layout)."""
+  return (fits(d_model, d_lowrank, dtype, block)
+          and (partials is None or partials[0].shape[1] % 64 == 0))
+
+
+def units_parts(x, z, c2, cb, w1, b1, w2, b2, residual=None, interpret=False, norm=None):
   """Each block's part of Sparse FF's output for a few tokens: [T, K, d] float32, whose sum
   over K is `sparse_ff_kernel.sparse_units`' output.
 
   Args:
-    x: [T, d], the layer's input (in a residual block, its LayerNorm).
-    z: [T, P, r] float32: P partial sums of x·C1 (`sparse_ff_kernel.norm_controller`'s), or
-      one.
+    x: [T, d], the layer's input (in a residual block, its LayerNorm; with `norm`, the
+      block's input).
+    z: [T, P, r] float32: P partial sums of x·C1 (`sparse_ff_kernel.norm_controller`'s, or
+      one); with `norm`, the attention programs' partial sums for this block (Σx [T, P],
+      Σ(x − x̄)² [T, P], products [T, P, 3, r]; `sparse_qkv_block_kernel._ff_partials`).
     c2, cb, w1, b1, w2, b2: as `sparse_ff.py` keeps them: C2 [r, K, N], c [K, N], W1 and W2
       [K, N, d], b1 [K, N], b2 [d].
     residual: [T, d] or None, added with b2 to block 0's part.
     interpret: run in Pallas' GPU interpreter (any backend).
+    norm: (scale [d], bias [d], ε) of the block's LayerNorm, which each program finishes
+      from the partial sums, or None.
   """
   n_tokens, d_model = x.shape
   rank, n_blocks, n = c2.shape
-  if not fits(d_model, rank, c2.dtype, n):
-    raise ValueError(f'units_parts: d_model {d_model}, rank {rank} and N {n} do not fit '
-                     f'Mosaic GPU\'s layouts ({MISSING or "see fits"})')
+  if not takes(d_model, rank, n, c2.dtype, None if norm is None else z):
+    raise ValueError(f'units_parts: d_model {d_model}, rank {rank}, N {n}'
+                     f'{"" if norm is None else f" and {z[0].shape[1]} partial sums"} do not '
+                     f'fit Mosaic GPU\'s layouts ({MISSING or "see takes"})')
+  if norm is None:
+    # A copy into shared memory moves a multiple of 128 bytes (one a thread of the warpgroup):
+    # zero partial sums pad z's (one [r] where the controller's product comes from XLA).
+    step = 128 // math.gcd(128, rank * 4)
+    rows = -(-z.shape[1] // step) * step
+    z = jnp.pad(z.astype(jnp.float32), ((0, 0), (0, rows - z.shape[1]), (0, 0)))
+    inputs, epsilon = (x, z), None
+    scratch = [plgpu.SMEM(z.shape[1:], jnp.float32), plgpu.Barrier(num_barriers=3)]
+  else:
+    *norm, epsilon = norm
+    (sums, m2s, products), n_partials = z, z[0].shape[1]
+    inputs = (x, sums, m2s, products, *norm)
+    scratch = [plgpu.SMEM((n_partials,), jnp.float32), plgpu.SMEM((n_partials,), jnp.float32),
+               *[_swizzled((n_partials, rank), jnp.float32)] * 3,
+               plgpu.SMEM((rank,), jnp.float32), plgpu.Barrier(num_barriers=7)]
+  inputs += (c2.reshape(rank, n_blocks * n), cb.reshape(-1), w1.reshape(n_blocks * n, d_model),
+             b1.reshape(-1), w2.reshape(n_blocks * n, d_model), b2,
+             *([] if residual is None else [residual]))
   kernel = plgpu.kernel(
-      functools.partial(_units_kernel, n=n, interpret=interpret),
+      functools.partial(_units_kernel, n=n, n_inputs=len(inputs), chained=norm is not None,
+                        epsilon=epsilon, interpret=interpret),
       out_type=jax.ShapeDtypeStruct((n_tokens, n_blocks, d_model), jnp.float32),
       grid=(n_tokens, n_blocks), grid_names=('t', 'k'),
-      scratch_types=[plgpu.SMEM(z.shape[1:], jnp.float32),
-                     _swizzled((rank, n), c2.dtype),
-                     plgpu.SMEM((n,), cb.dtype), plgpu.Barrier(num_barriers=3)],
+      scratch_types=[_swizzled((rank, n), c2.dtype), plgpu.SMEM((n,), cb.dtype), *scratch],
       interpret=decode_kernels.mosaic_interpreter() if interpret else None)
-  return kernel(x, z.astype(jnp.float32), c2.reshape(rank, n_blocks * n), cb.reshape(-1),
-                w1.reshape(n_blocks * n, d_model), b1.reshape(-1),
-                w2.reshape(n_blocks * n, d_model), b2, *([] if residual is None else [residual]))
+  return kernel(*inputs)
