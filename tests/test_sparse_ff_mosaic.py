@@ -130,6 +130,22 @@ def test_a_scaling_transformer_decodes_through_it_chained(monkeypatch):
     np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow   # ~1 min: covered by default by the bfloat16 units and the chained tests
+def test_bfloat16_decoding_through_it_chained_follows_the_triton_kernel(monkeypatch):
+  """The chained LM with bfloat16 weights and state: the same logits, within bfloat16's
+  rounding, as with the Triton units kernel (both compute in float32)."""
+  monkeypatch.setattr(sparse_qkv_block_kernel, 'VALUE_WIDTH', 2)
+  kwargs = dict(d_model=128, n_heads=4, attention_sparsity=8, ff_sparsity=(N, RANK), max_len=8)
+  tokens = jnp.asarray(np.random.RandomState(3).randint(1, VOCAB, (2, 8)), jnp.int32)
+  triton, _, _ = _decode('interpret', kwargs, tokens, dtype=jnp.bfloat16)
+  monkeypatch.setattr(sparse_ff_kernel, 'MOSAIC', True)
+  mosaic, _, n_mosaic = _decode('interpret', kwargs, tokens, dtype=jnp.bfloat16,
+                                count="grid_names=('t', ")
+  assert n_mosaic == 2
+  np.testing.assert_allclose(np.asarray(mosaic, np.float32), np.asarray(triton, np.float32),
+                             rtol=2e-2, atol=2e-2)
+
+
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
 def test_two_800m_layers_decode_through_it_chained_when_lowered_for_an_h200(dtype,
                                                                              monkeypatch):
