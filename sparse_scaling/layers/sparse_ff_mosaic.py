@@ -105,7 +105,7 @@ class _Program:
     """ref[...].T [n, m] in float32, in the matrix units' transposed layout."""
     if self.interpret:
       return ref[...].T.astype(jnp.float32)
-    return self.cast(plgpu.transpose_ref(ref, (1, 0))[...], TRANSPOSED).astype(jnp.float32)
+    return self.cast(ref.T[...], TRANSPOSED).astype(jnp.float32)
 
   def iota(self, n, layout):
     return (lax.iota(jnp.int32, n) if self.interpret
