@@ -1,6 +1,7 @@
-"""Sparse FF's units kernel in Mosaic GPU (`sparse_ff_mosaic.py`): Pallas' GPU interpreter on
-the CPU against the numpy reference and the Triton kernel, lowering for an H200, and where it
-declines."""
+"""Sparse FF's LayerNorm-controller and units kernels in Mosaic GPU (`sparse_ff_mosaic.py`):
+Pallas' GPU interpreter on the CPU against the numpy reference, the Triton kernels and XLA's
+path (a model decoding through them, chained after the attention blocks and not), lowering for
+an H200 at Table 1's shapes, and the shapes they decline."""
 
 import jax
 import jax.numpy as jnp
@@ -10,9 +11,9 @@ import pytest
 from sparse_scaling.layers import SparseFF
 from sparse_scaling.layers import decode_kernels
 from sparse_scaling.layers import fused_residual
-from sparse_scaling.layers import sparse_qkv_block_kernel
 from sparse_scaling.layers import sparse_ff_kernel
 from sparse_scaling.layers import sparse_ff_mosaic
+from sparse_scaling.layers import sparse_qkv_block_kernel
 from tests.test_fused_residual import VOCAB
 from tests.test_fused_residual import _decode
 from tests.test_fused_residual import _two_800m_layers_lowered_for_an_h200
