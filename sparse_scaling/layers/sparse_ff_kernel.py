@@ -58,7 +58,7 @@ NORM_ROWS = 64  # rows of C1 per `norm_controller` program (a power of 2)
 # one 17B block looped in a compiled program took 0.0636 and 0.0640 ms against 0.0656 and
 # 0.0670 with 64, `down` traced alone 6.6 µs against 7.7 (docs/decoding_gpu.md, "17B shapes").
 MAX_PARTS_BYTES, COLUMNS, GATHER = 1 << 20, 32, 256
-# With MOSAIC, where the shapes fit (`sparse_ff_mosaic.fits`, `takes`), `norm_controller` and
+# With MOSAIC, where the shapes fit (`sparse_ff_mosaic.fits`), `norm_controller` and
 # the units programs of the 'parts' form run as Mosaic GPU kernels (`sparse_ff_mosaic.py`), the
 # units one block of N a program: the first decoding kernels on the backend that JAX keeps.
 # At 800M both do, chained or not; at 17B the LayerNorm kernel does. Off until timed on a GPU.
@@ -76,13 +76,14 @@ def merge_partials(sums, m2s, products, d_model, epsilon):
   `load_pieces` gives them (`sparse_qkv_block_kernel._ff_partials`; P slices of d / P
   columns): Σx [P] and Σ(x − x̄)² [P], merged as in Chan et al.'s parallel variance, and
   Σ(x − x̄)·scale·C1, Σscale·C1 and Σbias·C1 [P, r]. Each slice's first product is moved
-  from its own mean x̄ to the row's: + (x̄ − mean)·Σscale·C1."""
+  from its own mean x̄ to the row's: + (x̄ − mean)·Σscale·C1. Triton's kernel and Mosaic GPU's
+  (`sparse_ff_mosaic`, one piece of each) both merge them here."""
   size = d_model // sum(part.shape[0] for part in sums)
   mean = decode_kernels.sum_rows(sums) / d_model
   moves = [f32(part) / size - mean for part in sums]                               # [P']
   spread = sum(jnp.sum(move * move) for move in moves)
   inv = jax.lax.rsqrt((decode_kernels.sum_rows(m2s) + size * spread) / d_model + epsilon)
-  moved = sum(jnp.sum(move[:, None] * f32(scaled), axis=0)
+  moved = sum(jnp.sum(jax.lax.broadcast_in_dim(move, scaled.shape, (0,)) * f32(scaled), axis=0)
               for move, scaled in zip(moves, products[1]))
   centred, biased = (decode_kernels.sum_rows(products[i]) for i in (0, 2))
   return mean, inv, inv * (centred + moved) + biased
@@ -198,7 +199,7 @@ def sparse_units(x, z, c2, cb, w1, b1, w2, b2, interpret=False, group=None, resi
     z = z[:, None, :]
   if (MOSAIC and not (decode_kernels.PREFETCH and ahead)
       and n_tokens * n_blocks * d_model * 4 <= MAX_PARTS_BYTES
-      and sparse_ff_mosaic.takes(d_model, r, n, c2.dtype, None if norm is None else z)):
+      and sparse_ff_mosaic.fits(d_model, r, c2.dtype, n, None if norm is None else z)):
     out = sparse_ff_mosaic.units_parts(x, z, c2, cb, w1, b1, w2, b2, residual, interpret, norm)
     return jnp.sum(out, axis=1).astype(x.dtype)
   if norm is None:

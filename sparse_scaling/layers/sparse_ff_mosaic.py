@@ -47,6 +47,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from sparse_scaling.layers import decode_kernels
+from sparse_scaling.layers import sparse_ff_kernel   # which imports this module: used in calls
 
 try:
   from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -59,14 +60,16 @@ else:
 ROWS = 64       # rows of C1 per `norm_controller` program: the matrix units' layout's 64
 
 
-def fits(d_model, d_lowrank, dtype, block=None):
+def fits(d_model, d_lowrank, dtype, block=None, partials=None):
   """Whether `norm_controller` (and, given N `block`, `units_parts`) take these shapes:
   d_model a multiple of 128 (the warpgroup's threads), the controller's rank a multiple of 8
   and of 32 bytes, N a multiple of 64 (the matrix units' layout; 800M: rank 16, N 64; 17B:
-  32, 256)."""
+  32, 256); and given the attention programs' `partials` (Σx [T, P], ...), P a multiple of
+  64 (800M: 64)."""
   itemsize = jnp.dtype(dtype).itemsize
   return (MISSING is None and d_model % 128 == 0 and d_lowrank % 8 == 0
-          and d_lowrank * itemsize % 32 == 0 and (block is None or block % 64 == 0))
+          and d_lowrank * itemsize % 32 == 0 and (block is None or block % 64 == 0)
+          and (partials is None or partials[0].shape[1] % 64 == 0))
 
 
 def _swizzled(shape, dtype):
@@ -139,8 +142,8 @@ def _norm_kernel(x_g, scale_g, bias_g, c1_g, xn_g, z_g, c1_s, scale_s, bias_s, x
   inv = lax.rsqrt(jnp.sum((x - mean) * (x - mean)) / x.shape[0] + epsilon)
   for i in range(4):
     plgpu.barrier_wait(barriers.at[i])
-  xn = ((program.load(x_s, ALONG_ROWS) - mean) * inv * program.load(scale_s, ALONG_ROWS)
-        + program.load(bias_s, ALONG_ROWS)).astype(x_s.dtype)                        # [ROWS]
+  xn = decode_kernels.layer_norm_slice(
+      [program.cast(ref[...], ALONG_ROWS) for ref in (x_s, scale_s, bias_s)], (mean, inv))
   xn_s[...] = xn
   c1 = program.load(c1_s, MATRIX)                                                 # [ROWS, r]
   z_s[...] = jnp.sum(lax.broadcast_in_dim(xn.astype(jnp.float32), c1.shape, (0,)) * c1, axis=0)
@@ -174,20 +177,13 @@ def norm_controller(x, scale, bias, c1, epsilon, interpret=False):
 
 def _merged(program, sums_s, m2_s, products_s, z_s, d_model, epsilon):
   """(mean, 1/σ, z = LayerNorm(x)·C1 [r] along the columns of C2's slice transposed) of a row
-  from the attention programs' P partial sums in shared memory
-  (`sparse_ff_kernel.merge_partials`' arithmetic): Σx and Σ(x − x̄)² [P], and
-  Σ(x − x̄)·scale·C1, Σscale·C1 and Σbias·C1 [P, r]. The sums over P leave z along the
-  columns of a [P, r] matrix, another layout: z_s [r] moves it."""
-  size = d_model // sums_s.shape[0]
-  sums = program.load(sums_s, ALONG_ROWS)                                              # [P]
-  mean = jnp.sum(sums) / d_model
-  moves = sums / size - mean
-  spread = jnp.sum(moves * moves)
-  inv = lax.rsqrt((jnp.sum(program.load(m2_s, ALONG_ROWS)) + size * spread) / d_model
-                  + epsilon)
-  centred, scaled, biased = (program.load(ref, MATRIX) for ref in products_s)      # [P, r]
-  moved = jnp.sum(lax.broadcast_in_dim(moves, scaled.shape, (0,)) * scaled, axis=0)   # [r]
-  z_s[...] = inv * (jnp.sum(centred, axis=0) + moved) + jnp.sum(biased, axis=0)
+  from the attention programs' P partial sums in shared memory, merged as the Triton kernel
+  merges them (`sparse_ff_kernel.merge_partials`). The sums over P leave z along the columns
+  of a [P, r] matrix, another layout: z_s [r] moves it."""
+  sums, m2s = (program.load(ref, ALONG_ROWS) for ref in (sums_s, m2_s))               # [P]
+  products = [[program.load(ref, MATRIX)] for ref in products_s]                   # [P, r]
+  mean, inv, z_s[...] = sparse_ff_kernel.merge_partials([sums], [m2s], products, d_model,
+                                                        epsilon)
   return mean, inv, program.load(z_s, ALONG_COLUMNS_T)
 
 
@@ -212,7 +208,7 @@ def _units_kernel(*refs, n, n_inputs, chained, epsilon, interpret):
   plgpu.copy_gmem_to_smem(cb_g.at[units], cb_s, barriers.at[1])
   extra = b2_g[...].astype(jnp.float32)                                                # [d]
   if chained:
-    norm = scale_g[...].astype(jnp.float32), bias_g[...].astype(jnp.float32)
+    norm = scale_g[...], bias_g[...]
   program.wait()
   if chained:
     plgpu.copy_gmem_to_smem(sums_g.at[t], sums_s, barriers.at[2])
@@ -221,14 +217,14 @@ def _units_kernel(*refs, n, n_inputs, chained, epsilon, interpret):
       plgpu.copy_gmem_to_smem(products_g.at[t, :, i, :], products, barriers.at[4 + i])
   else:
     plgpu.copy_gmem_to_smem(z_g.at[t], z_s, barriers.at[2])
-  x = x_g[t, :].astype(jnp.float32)                                                    # [d]
+  x = x_g[t, :]                                                                        # [d]
   if residual_g:
     extra = extra + residual_g[0][t, :].astype(jnp.float32)
   for i in range(barriers.shape[0]):
     plgpu.barrier_wait(barriers.at[i])
   if chained:
     mean, inv, z = _merged(program, sums_s, m2_s, products_s, z_s, x.shape[0], epsilon)
-    x = ((x - mean) * inv * norm[0] + norm[1]).astype(x_g.dtype).astype(jnp.float32)
+    x = decode_kernels.layer_norm_slice((x, *norm), (mean, inv))
   else:
     z = sum(program.load(z_s.at[p], ALONG_COLUMNS_T) for p in range(z_s.shape[0]))      # [r]
   c2 = program.load_transposed(c2_s)                                        # C2's slice.T [N, r]
@@ -236,16 +232,10 @@ def _units_kernel(*refs, n, n_inputs, chained, epsilon, interpret):
   logits = jnp.sum(z * c2, axis=1) + program.load(cb_s, ALONG_ROWS_T)                  # [N]
   best = jnp.max(logits)
   row = k * n + jnp.min(jnp.where(logits == best, program.iota(n, ALONG_ROWS_T), n))
-  h = jnp.sum(x * w1_g[row, :].astype(jnp.float32)) + b1_g[row].astype(jnp.float32)
+  h = jnp.sum(x.astype(jnp.float32) * w1_g[row, :].astype(jnp.float32)) + b1_g[row].astype(
+      jnp.float32)
   part = jnp.maximum(h, 0.0) * w2_g[row, :].astype(jnp.float32)
   out_g[t, k, :] = part + (k == 0).astype(jnp.float32) * extra
-
-
-def takes(d_model, d_lowrank, block, dtype, partials=None):
-  """Whether `units_parts` takes these shapes (`fits`), and with the attention programs'
-  `partials` (Σx [T, P], ...) their P, a multiple of 64 (the matrix units' layout)."""
-  return (fits(d_model, d_lowrank, dtype, block)
-          and (partials is None or partials[0].shape[1] % 64 == 0))
 
 
 def units_parts(x, z, c2, cb, w1, b1, w2, b2, residual=None, interpret=False, norm=None):
@@ -267,10 +257,10 @@ def units_parts(x, z, c2, cb, w1, b1, w2, b2, residual=None, interpret=False, no
   """
   n_tokens, d_model = x.shape
   rank, n_blocks, n = c2.shape
-  if not takes(d_model, rank, n, c2.dtype, None if norm is None else z):
+  if not fits(d_model, rank, c2.dtype, n, None if norm is None else z):
     raise ValueError(f'units_parts: d_model {d_model}, rank {rank}, N {n}'
                      f'{"" if norm is None else f" and {z[0].shape[1]} partial sums"} do not '
-                     f'fit Mosaic GPU\'s layouts ({MISSING or "see takes"})')
+                     f'fit Mosaic GPU\'s layouts ({MISSING or "see fits"})')
   if norm is None:
     # A copy into shared memory moves a multiple of 128 bytes (one a thread of the warpgroup):
     # zero partial sums pad z's (one [r] where the controller's product comes from XLA).
