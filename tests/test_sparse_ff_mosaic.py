@@ -27,6 +27,11 @@ from tests.utils import random_inputs
 D_MODEL, D_FF, N, RANK = 128, 128, 64, 16
 
 
+def _mosaic_kernels(fn, *args):
+  """How many Mosaic GPU kernels (their grids, named ('t', ...)) fn(*args) runs."""
+  return str(jax.make_jaxpr(fn)(*args)).count("grid_names=('t', ")
+
+
 def _layer(seed=0, d_ff=D_FF, n=N, rank=RANK):
   x = random_inputs(3, D_MODEL, seed=seed)
   layer = initialized(SparseFF(d_ff, n, d_lowrank=rank, mode='predict'), x, seed=seed + 1)
@@ -47,8 +52,10 @@ def test_units_in_the_interpreter_equal_the_reference_with_partials_residual_and
   z = x @ c1
   partials = jnp.stack([0.25 * z, 0.75 * z], axis=1)                               # [T, 2, r]
   residual = random_inputs(3, D_MODEL, seed=9)
-  got = sparse_ff_kernel.sparse_units(x, partials, c2, cb, w1, b1, w2, b2, interpret=True,
-                                      residual=residual)
+  units = lambda *a: sparse_ff_kernel.sparse_units(*a, interpret=True, residual=residual)
+  args = (x, partials, c2, cb, w1, b1, w2, b2)
+  assert _mosaic_kernels(units, *args) == 1
+  got = units(*args)
   np.testing.assert_allclose(got, expected + residual, rtol=1e-5, atol=1e-4)
   parts = sparse_ff_mosaic.units_parts(x, partials, c2, cb, w1, b1, w2, b2, interpret=True)
   assert parts.shape == (3, D_FF // N, D_MODEL) and parts.dtype == jnp.float32
@@ -80,7 +87,9 @@ def test_bfloat16_units_equal_the_triton_kernel(monkeypatch):
   z = (x @ c1).astype(jnp.float32)
   triton = sparse_ff_kernel.sparse_units(x, z, c2, cb, *units, interpret=True)
   monkeypatch.setattr(sparse_ff_kernel, 'MOSAIC', True)
-  mosaic = sparse_ff_kernel.sparse_units(x, z, c2, cb, *units, interpret=True)
+  units_call = lambda *a: sparse_ff_kernel.sparse_units(*a, interpret=True)
+  assert _mosaic_kernels(units_call, x, z, c2, cb, *units) == 1
+  mosaic = units_call(x, z, c2, cb, *units)
   assert mosaic.dtype == jnp.bfloat16
   np.testing.assert_allclose(np.asarray(mosaic, np.float32), np.asarray(triton, np.float32),
                              rtol=1e-2, atol=1e-2)
@@ -92,6 +101,8 @@ def test_a_predict_layer_decodes_through_it(monkeypatch):
   layer, x = _layer(seed=5)
   expected, _ = _reference(layer, x)
   with decode_kernels.use('interpret'):
+    assert _mosaic_kernels(lambda x: layer.pure_fn(x, layer.weights, layer.state, None)[0],
+                           x) == 1
     np.testing.assert_allclose(layer(x), expected, rtol=1e-5, atol=1e-4)
 
 
