@@ -139,17 +139,6 @@ def triton_params(num_warps):
   return plgpu.CompilerParams(num_warps=num_warps)
 
 
-def mosaic_interpreter():
-  """The `interpret` argument that runs a Mosaic GPU kernel (`plgpu.kernel`) in Pallas' GPU
-  interpreter, on any backend: its parameters, public in jax 0.12
-  (`plgpu.InterpretGPUParams`), in JAX's internals before."""
-  try:
-    from jax.experimental.pallas.mosaic_gpu import InterpretGPUParams   # pylint: disable=import-outside-toplevel
-  except ImportError:
-    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams   # pylint: disable=import-outside-toplevel
-  return InterpretGPUParams()
-
-
 def _triton_lowering(primitive):
   """Decorator: the function is `primitive`'s lowering in Pallas' Triton backend (registered
   where this JAX has one)."""

@@ -1,9 +1,7 @@
-"""Sparse FF's decoding kernels in Pallas' Mosaic GPU backend: the first moved off Triton.
+"""Sparse FF's decoding kernels in Pallas' Mosaic GPU backend (`mosaic_kernels.py`).
 
-jax 0.11 deprecates Pallas' Triton backend, which every decoding kernel here is written for
-(`decode_kernels.py`), in favour of Mosaic GPU. This module holds two of `sparse_ff_kernel`'s
-kernels written for Mosaic GPU, used where `sparse_ff_kernel.MOSAIC` asks for them: off by
-default, as they are not yet timed on a GPU. One warpgroup a program.
+Two of `sparse_ff_kernel`'s kernels written for Mosaic GPU, the backend JAX keeps, used where
+`sparse_ff_kernel.MOSAIC` asks for them: off by default, as they are not yet timed on a GPU.
 
 `norm_controller`, one program per (token, ROWS rows of C1): the FF block's LayerNorm of those
 columns of x, written out, and their part of the controller's first product,
@@ -18,24 +16,14 @@ columns of x, written out, and their part of the controller's first product,
   part   = relu(x·W1[u] + b1[u])·W2[u]        its programs' partial sums (`_merged`)
            + b2 (+ the residual) in program 0's part;  ties to the lowest unit, as argmax
 
-Mosaic GPU differs from Triton in what a program may hold and how it loads (jax 0.10-0.12):
-an array is laid out over the warpgroup's 128 threads, and a reduction along one axis needs
-one of the tiled layouts of Hopper's matrix units (WGMMA: [m, n], m a multiple of 64, n of 8,
-straight or transposed), which load only from shared memory and write back through it. So
-the slices of C1 [ROWS, r] and C2 [r, N], the LayerNorm's weights, c, x's columns and z's
-partial sums are copied into shared memory by the TMA unit (tiled and swizzled, as the layouts
-need; each copy a multiple of 128 bytes), and C2's slice is read transposed, [N, r], as the
-800M and 17B ranks (16, 32) are below 64; whole rows [d] (x for its statistics, W1's and W2's
-chosen rows) are read straight from the card's memory in the strided layout (d a multiple of
-128). What the backend brings that Triton's does not: a program runs `griddepcontrol.wait`
-itself, so the copies of the fixed weights are issued before it, while the kernel before
-this one still runs; under Triton, XLA places the wait at the kernel's entry
-(`decode_kernels`' note on launching early). Not yet here: the requests that the Triton
-kernels make in bfloat16 for the L2 cache to keep their fixed weights (`decode_kernels.keep`).
-
-Pallas' GPU interpreter runs the kernels on any backend (`interpret=True`; the tests do, on
-the CPU); it has no rule for the layout casts or the grid dependency control, which it skips
-(`_Program`).
+The kernels follow Mosaic GPU's rules (`mosaic_kernels.py`): the slices of C1 [ROWS, r] and
+C2 [r, N], the LayerNorm's weights, c, x's columns and z's partial sums are copied into shared
+memory by the TMA unit (each copy a multiple of 128 bytes), and C2's slice is read transposed,
+[N, r], as the 800M and 17B ranks (16, 32) are below the matrix layouts' 64 rows; whole rows
+[d] (x for its statistics, W1's and W2's chosen rows) are read straight from the card's memory
+(d a multiple of 128). Each program issues the copies of its fixed weights before it waits for
+the kernel before it. Not yet here: the requests that the Triton kernels make in bfloat16 for
+the L2 cache to keep their fixed weights (`decode_kernels.keep`).
 """
 
 import functools
@@ -47,15 +35,14 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from sparse_scaling.layers import decode_kernels
+from sparse_scaling.layers import mosaic_kernels
 from sparse_scaling.layers import sparse_ff_kernel   # which imports this module: used in calls
-
-try:
-  from jax.experimental.pallas import mosaic_gpu as plgpu
-except ImportError as error:   # a JAX without the backend: `fits` says no
-  plgpu = None
-  MISSING = f'this JAX ({jax.__version__}) has no Pallas Mosaic GPU backend ({error})'
-else:
-  MISSING = None
+from sparse_scaling.layers.mosaic_kernels import ALONG_COLUMNS_T
+from sparse_scaling.layers.mosaic_kernels import ALONG_ROWS
+from sparse_scaling.layers.mosaic_kernels import ALONG_ROWS_T
+from sparse_scaling.layers.mosaic_kernels import MATRIX
+from sparse_scaling.layers.mosaic_kernels import TRANSPOSED
+from sparse_scaling.layers.mosaic_kernels import plgpu
 
 ROWS = 64       # rows of C1 per `norm_controller` program: the matrix units' layout's 64
 
@@ -66,61 +53,9 @@ def fits(d_model, d_lowrank, dtype, block=None, partials=None):
   and of 32 bytes, N a multiple of 64 (the matrix units' layout; 800M: rank 16, N 64; 17B:
   32, 256); and given the attention programs' `partials` (Σx [T, P], ...), P a multiple of
   64 (800M: 64)."""
-  itemsize = jnp.dtype(dtype).itemsize
-  return (MISSING is None and d_model % 128 == 0 and d_lowrank % 8 == 0
-          and d_lowrank * itemsize % 32 == 0 and (block is None or block % 64 == 0)
+  return (mosaic_kernels.MISSING is None and d_model % 128 == 0
+          and mosaic_kernels.swizzles(d_lowrank, dtype) and (block is None or block % 64 == 0)
           and (partials is None or partials[0].shape[1] % 64 == 0))
-
-
-def _swizzled(shape, dtype):
-  """A shared-memory array [m, n] tiled and swizzled for the TMA unit and the matrix units'
-  layouts: rows of 8, the widest swizzle (128, 64 or 32 bytes) that divides a row."""
-  itemsize = jnp.dtype(dtype).itemsize
-  swizzle = next(s for s in (128, 64, 32) if shape[-1] * itemsize % s == 0)
-  return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, swizzle // itemsize)),
-                                              plgpu.SwizzleTransform(swizzle)))
-
-
-class _Program:
-  """What a program body calls that Pallas' GPU interpreter has no rule for: outside it, the
-  grid dependency control and the layouts; inside, nothing and the arrays as they are."""
-
-  def __init__(self, interpret):
-    self.interpret = interpret
-
-  def launch_dependents(self):
-    if not self.interpret:
-      plgpu.griddepcontrol_launch_dependents()
-
-  def wait(self):
-    """Until the kernels before this one have finished and their writes are visible."""
-    if not self.interpret:
-      plgpu.griddepcontrol_wait()
-
-  def cast(self, value, layout):
-    return value if self.interpret else plgpu.layout_cast(value, layout)
-
-  def load(self, ref, layout):
-    """ref[...] in float32, in `layout`."""
-    return self.cast(ref[...], layout).astype(jnp.float32)
-
-  def load_transposed(self, ref):
-    """ref[...].T [n, m] in float32, in the matrix units' transposed layout."""
-    if self.interpret:
-      return ref[...].T.astype(jnp.float32)
-    return self.cast(ref.T[...], TRANSPOSED).astype(jnp.float32)
-
-  def iota(self, n, layout):
-    return (lax.iota(jnp.int32, n) if self.interpret
-            else plgpu.broadcasted_iota(jnp.int32, (n,), 0, layout=layout))
-
-
-# The matrix units' layouts of [m, n] arrays (m a multiple of 64, n of 8), straight and
-# transposed from shared memory, and of the [m] and [n] vectors along them.
-if plgpu:
-  MATRIX, TRANSPOSED = plgpu.Layout.WGMMA, plgpu.Layout.WGMMA_TRANSPOSED
-  ALONG_ROWS, ALONG_COLUMNS = MATRIX.reduce(1), MATRIX.reduce(0)
-  ALONG_ROWS_T, ALONG_COLUMNS_T = TRANSPOSED.reduce(1), TRANSPOSED.reduce(0)
 
 
 def _norm_kernel(x_g, scale_g, bias_g, c1_g, xn_g, z_g, c1_s, scale_s, bias_s, x_s, xn_s, z_s,
@@ -128,7 +63,7 @@ def _norm_kernel(x_g, scale_g, bias_g, c1_g, xn_g, z_g, c1_s, scale_s, bias_s, x
   """One (token, ROWS columns of x) program. Shapes in `norm_controller`; the scratch: C1's
   rows [ROWS, r], the LayerNorm's scale and bias, x's columns and LayerNorm(x)'s [ROWS], z's
   part [r], four barriers."""
-  program = _Program(interpret)
+  program = mosaic_kernels.Program(interpret)
   t, p = lax.axis_index('t'), lax.axis_index('p')
   program.launch_dependents()
   cols = pl.ds(p * ROWS, ROWS)
@@ -137,9 +72,7 @@ def _norm_kernel(x_g, scale_g, bias_g, c1_g, xn_g, z_g, c1_s, scale_s, bias_s, x
   plgpu.copy_gmem_to_smem(bias_g.at[cols], bias_s, barriers.at[2])
   program.wait()
   plgpu.copy_gmem_to_smem(x_g.at[t, cols], x_s, barriers.at[3])
-  x = x_g[t, :].astype(jnp.float32)                                                    # [d]
-  mean = jnp.sum(x) / x.shape[0]
-  inv = lax.rsqrt(jnp.sum((x - mean) * (x - mean)) / x.shape[0] + epsilon)
+  mean, inv = mosaic_kernels.row_stats(x_g[t, :], epsilon)                         # of x [d]
   for i in range(4):
     plgpu.barrier_wait(barriers.at[i])
   xn = decode_kernels.layer_norm_slice(
@@ -161,17 +94,17 @@ def norm_controller(x, scale, bias, c1, epsilon, interpret=False):
   rank = c1.shape[1]
   if not fits(d_model, rank, c1.dtype):
     raise ValueError(f'norm_controller: d_model {d_model} and rank {rank} do not fit Mosaic '
-                     f'GPU\'s layouts ({MISSING or "see fits"})')
-  kernel = plgpu.kernel(
+                     f'GPU\'s layouts ({mosaic_kernels.MISSING or "see fits"})')
+  kernel = mosaic_kernels.kernel(
       functools.partial(_norm_kernel, epsilon=epsilon, interpret=interpret),
       out_type=(jax.ShapeDtypeStruct(x.shape, x.dtype),
                 jax.ShapeDtypeStruct((n_tokens, d_model // ROWS, rank), jnp.float32)),
       grid=(n_tokens, d_model // ROWS), grid_names=('t', 'p'),
-      scratch_types=[_swizzled((ROWS, rank), c1.dtype), plgpu.SMEM((ROWS,), scale.dtype),
-                     plgpu.SMEM((ROWS,), bias.dtype), plgpu.SMEM((ROWS,), x.dtype),
-                     plgpu.SMEM((ROWS,), x.dtype), plgpu.SMEM((rank,), jnp.float32),
-                     plgpu.Barrier(num_barriers=4)],
-      interpret=decode_kernels.mosaic_interpreter() if interpret else None)
+      scratch_types=[mosaic_kernels.swizzled((ROWS, rank), c1.dtype),
+                     plgpu.SMEM((ROWS,), scale.dtype), plgpu.SMEM((ROWS,), bias.dtype),
+                     plgpu.SMEM((ROWS,), x.dtype), plgpu.SMEM((ROWS,), x.dtype),
+                     plgpu.SMEM((rank,), jnp.float32), plgpu.Barrier(num_barriers=4)],
+      interpret=interpret)
   return kernel(x, scale, bias, c1)
 
 
@@ -200,7 +133,7 @@ def _units_kernel(*refs, n, n_inputs, chained, epsilon, interpret):
   else:
     x_g, z_g, c2_g, cb_g, w1_g, b1_g, w2_g, b2_g, *residual_g = inputs
     z_s, barriers = scratch
-  program = _Program(interpret)
+  program = mosaic_kernels.Program(interpret)
   t, k = lax.axis_index('t'), lax.axis_index('k')
   program.launch_dependents()
   units = pl.ds(k * n, n)
@@ -260,7 +193,7 @@ def units_parts(x, z, c2, cb, w1, b1, w2, b2, residual=None, interpret=False, no
   if not fits(d_model, rank, c2.dtype, n, None if norm is None else z):
     raise ValueError(f'units_parts: d_model {d_model}, rank {rank}, N {n}'
                      f'{"" if norm is None else f" and {z[0].shape[1]} partial sums"} do not '
-                     f'fit Mosaic GPU\'s layouts ({MISSING or "see fits"})')
+                     f'fit Mosaic GPU\'s layouts ({mosaic_kernels.MISSING or "see fits"})')
   if norm is None:
     # A copy into shared memory moves a multiple of 128 bytes (one a thread of the warpgroup):
     # zero partial sums pad z's (one [r] where the controller's product comes from XLA).
@@ -274,16 +207,17 @@ def units_parts(x, z, c2, cb, w1, b1, w2, b2, residual=None, interpret=False, no
     (sums, m2s, products), n_partials = z, z[0].shape[1]
     inputs = (x, sums, m2s, products, *norm)
     scratch = [plgpu.SMEM((n_partials,), jnp.float32), plgpu.SMEM((n_partials,), jnp.float32),
-               *[_swizzled((n_partials, rank), jnp.float32)] * 3,
+               *[mosaic_kernels.swizzled((n_partials, rank), jnp.float32)] * 3,
                plgpu.SMEM((rank,), jnp.float32), plgpu.Barrier(num_barriers=7)]
   inputs += (c2.reshape(rank, n_blocks * n), cb.reshape(-1), w1.reshape(n_blocks * n, d_model),
              b1.reshape(-1), w2.reshape(n_blocks * n, d_model), b2,
              *([] if residual is None else [residual]))
-  kernel = plgpu.kernel(
+  kernel = mosaic_kernels.kernel(
       functools.partial(_units_kernel, n=n, n_inputs=len(inputs), chained=norm is not None,
                         epsilon=epsilon, interpret=interpret),
       out_type=jax.ShapeDtypeStruct((n_tokens, n_blocks, d_model), jnp.float32),
       grid=(n_tokens, n_blocks), grid_names=('t', 'k'),
-      scratch_types=[_swizzled((rank, n), c2.dtype), plgpu.SMEM((n,), cb.dtype), *scratch],
-      interpret=decode_kernels.mosaic_interpreter() if interpret else None)
+      scratch_types=[mosaic_kernels.swizzled((rank, n), c2.dtype), plgpu.SMEM((n,), cb.dtype),
+                     *scratch],
+      interpret=interpret)
   return kernel(*inputs)
