@@ -22,6 +22,9 @@ constant, set while the setting is measured and restored after it. The names, by
                                  L2 cache for the KV caches that attention reads
     STATE                        `PREFETCH_STATE`, 1: they ask for the convolution's state
                                  too
+    QKV_MOSAIC                   `MOSAIC`, 1: the multiplicative programs as a Mosaic GPU
+                                 kernel (`sparse_qkv_mosaic.py`) where the shapes fit (token,
+                                 block, trace)
     (MODULES=all and MIXED_CHANNELS=all: None, the kernel's choice and all of M)
   layers/sparse_ff_kernel.py
     FF_GROUP, FF_WARPS           blocks of N units and warps per units program
@@ -133,6 +136,7 @@ SHARES = {**{name: (sparse_qkv_block_kernel, name)
                           'MAX_D_MODEL')},
           'CACHES': (sparse_qkv_block_kernel, 'PREFETCH_CACHES'),
           'STATE': (sparse_qkv_block_kernel, 'PREFETCH_STATE'),
+          'QKV_MOSAIC': (sparse_qkv_block_kernel, 'MOSAIC'),
           'FF_GROUP': (sparse_ff_kernel, 'GROUP'), 'FF_WARPS': (sparse_ff_kernel, 'WARPS'),
           'FF_ROWS': (sparse_ff_kernel, 'NORM_ROWS'),
           'FF_PARTS_BYTES': (sparse_ff_kernel, 'MAX_PARTS_BYTES'),
@@ -149,7 +153,8 @@ SHARES = {**{name: (sparse_qkv_block_kernel, name)
           **{name: (sys.modules[__name__], f'XLA_{name}')
              for name in ('DOT_MERGER', 'TILING_SEARCH', 'TRITON_GEMM')}}
 _SWITCHES = ('DOT', 'CHAIN', 'CPU_TOP_K', 'GRAPHS', 'EARLY', 'PREFETCH', 'DOT_MERGER',
-             'TILING_SEARCH', 'TRITON_GEMM', 'CACHES', 'STATE', 'FF_MOSAIC')   # 0 or 1
+             'TILING_SEARCH', 'TRITON_GEMM', 'CACHES', 'STATE', 'FF_MOSAIC',
+             'QKV_MOSAIC')   # 0 or 1
 SHARED_WEIGHTS = 0   # 0, 1 or 2: see the module's note
 # XLA's options for a GPU program, on top of `decoding.COMPILER_OPTIONS` (`xla_options`).
 XLA_DOT_MERGER, XLA_TILING_SEARCH, XLA_TRITON_GEMM = True, False, True

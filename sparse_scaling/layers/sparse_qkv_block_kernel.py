@@ -34,6 +34,8 @@ The result equals the layers' XLA path (`tests/test_fused_residual.py`).
 
 Runs on GPUs through Pallas' Triton backend; `interpret=True` runs it on any backend (the
 tests do, on the CPU). `decode_kernels.use(name)` chooses where `sparse_qkv.py` calls it.
+With MOSAIC the multiplicative programs run in Pallas' Mosaic GPU backend instead
+(`sparse_qkv_mosaic.py`), where the shapes fit.
 """
 
 import functools
@@ -43,6 +45,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from sparse_scaling.layers import decode_kernels
+from sparse_scaling.layers import sparse_qkv_mosaic
 from sparse_scaling.layers.decode_kernels import f32
 
 POSITIONS = 64  # cache positions read per block, at most
@@ -92,6 +95,11 @@ MAX_D_MODEL = 4096
 # two kernels ahead").
 PREFETCH_CACHES = False
 PREFETCH_STATE = False
+# With MOSAIC, where the shapes fit (`sparse_qkv_mosaic.fits`; 800M's do) and the Triton
+# kernel would compute the row's statistics itself and ask the L2 cache for nothing ahead,
+# the multiplicative programs run as a Mosaic GPU kernel (`sparse_qkv_mosaic.py`), which
+# copies its fixed weights before it waits for the kernel before it. Off until timed on a GPU.
+MOSAIC = False
 
 
 def fits(d_model, n_modules, n_heads, sizes, length_kernel_size):
@@ -414,15 +422,19 @@ def decode_step(x, norm, mixed, conv, state, k_cache, v_cache, index, *, n_heads
   mixed_ahead, ahead = ((conv_weights, tuple(ahead)) if decode_kernels.PREFETCH else ((), ()))
   caches = ((k_cache, v_cache) if PREFETCH_CACHES else ()) + ((state,) if PREFETCH_STATE else ())
   grid = (batch, d_model // rows, n_modules // split * (n_channels // channels))
-  y = pl.pallas_call(
-      functools.partial(_mixed_kernel, rows=rows, sub=rows if dot else min(rows, 8),
-                        split=split, channels=channels, dot=dot, epsilon=epsilon,
-                        ahead=len(mixed_ahead), caches=len(caches), grid=grid),
-      grid=grid,
-      out_shape=jax.ShapeDtypeStruct((batch, d_model // rows, n_modules, n_channels),
-                                     jnp.float32),
-      interpret=interpret, compiler_params=decode_kernels.triton_params(MIXED_WARPS),
-  )(x, *norm, d, e, *mixed_ahead, *caches, *stats)
+  if (MOSAIC and not (stats or mixed_ahead or caches)
+      and sparse_qkv_mosaic.fits(d_model, n_modules, n_channels, e.dtype)):
+    y = sparse_qkv_mosaic.mixed_parts(x, *norm, d, e, epsilon, interpret)
+  else:
+    y = pl.pallas_call(
+        functools.partial(_mixed_kernel, rows=rows, sub=rows if dot else min(rows, 8),
+                          split=split, channels=channels, dot=dot, epsilon=epsilon,
+                          ahead=len(mixed_ahead), caches=len(caches), grid=grid),
+        grid=grid,
+        out_shape=jax.ShapeDtypeStruct((batch, d_model // rows, n_modules, n_channels),
+                                       jnp.float32),
+        interpret=interpret, compiler_params=decode_kernels.triton_params(MIXED_WARPS),
+    )(x, *norm, d, e, *mixed_ahead, *caches, *stats)
   if y.shape[1] > MAX_PARTS:   # else every `conv` program would add them all
     y = jnp.sum(y, axis=1, keepdims=True)
 
