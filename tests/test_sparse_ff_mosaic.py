@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax._src.pallas.mosaic_gpu import core as mosaic_core
 
 from sparse_scaling.layers import SparseFF
 from sparse_scaling.layers import decode_kernels
@@ -21,6 +22,9 @@ from tests.test_sparse_ff import _reference
 from tests.utils import initialized
 from tests.utils import lowered_for_an_h200
 from tests.utils import random_inputs
+
+# Whether this JAX marks a kernel that waits for Programmatic Dependent Launch (0.11 and later).
+MARKS_PDL = hasattr(mosaic_core, 'PdlEffect')
 
 # The smallest shapes Mosaic GPU's layouts take: d_model 128 (the warpgroup's threads), N 64
 # (the matrix units' tiles), two blocks; rank 16, 800M's.
@@ -93,6 +97,39 @@ def test_bfloat16_units_equal_the_triton_kernel(monkeypatch):
   assert mosaic.dtype == jnp.bfloat16
   np.testing.assert_allclose(np.asarray(mosaic, np.float32), np.asarray(triton, np.float32),
                              rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_units_writing_activations_for_w2s_kernel_equal_the_triton_kernels(dtype, monkeypatch):
+  """Where the parts would be large (MAX_PARTS_BYTES 0 here; 17B's 9.4 MB), the Mosaic units
+  kernel writes each block's activation and chosen row and Triton's `down` kernel multiplies
+  W2's rows: z as two partial sums, a residual, block 0's logits all 0 (a tie that unit 0
+  must win), against the Triton kernels' same form and, in float32, the numpy reference."""
+  monkeypatch.setattr(sparse_ff_kernel, 'MAX_PARTS_BYTES', 0)
+  layer, x = _layer(seed=11)
+  _, (c1, c2, cb), (w1, b1, w2, b2), _ = layer.weights
+  c2, cb = c2.at[:, 0].set(0.0), cb.at[0].set(0.0)
+  layer.weights = ((), (c1, c2, cb), (w1, b1, w2, b2), ())
+  expected, chosen = _reference(layer, x)
+  assert (chosen[:, 0] == 0).all()
+  residual = random_inputs(3, D_MODEL, seed=12)
+  cast = lambda a: jnp.asarray(a, dtype)
+  z = (cast(x) @ cast(c1)).astype(jnp.float32)
+  args = (cast(x), jnp.stack([0.25 * z, 0.75 * z], axis=1), *map(cast, (c2, cb, w1, b1, w2, b2)))
+  units = lambda *a: sparse_ff_kernel.sparse_units(*a, interpret=True, residual=cast(residual))
+  triton = units(*args)
+  monkeypatch.setattr(sparse_ff_kernel, 'MOSAIC', True)
+  assert _mosaic_kernels(units, *args) == 1
+  mosaic = units(*args)
+  assert mosaic.dtype == dtype
+  tolerance = 1e-5 if dtype == jnp.float32 else 1e-2
+  np.testing.assert_allclose(np.asarray(mosaic, np.float32), np.asarray(triton, np.float32),
+                             rtol=tolerance, atol=tolerance)
+  hidden, rows = sparse_ff_mosaic.units_hidden(*args[:6], interpret=True)
+  assert hidden.shape == rows.shape == (3, D_FF // N) and rows.dtype == jnp.int32
+  if dtype == jnp.float32:
+    np.testing.assert_allclose(mosaic, expected + residual, rtol=1e-5, atol=1e-4)
+    np.testing.assert_array_equal(rows, chosen + N * np.arange(D_FF // N))
 
 
 def test_a_predict_layer_decodes_through_it(monkeypatch):
@@ -188,13 +225,15 @@ def test_compiled_for_the_gpu_a_scaling_transformer_decodes_through_them(chain, 
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize('d_model, d_ff, n, rank, mosaic, triton', [
     (1024, 6144, 64, 16, 2, 0),     # 800M: the LayerNorm's kernel and the units'
-    (9216, 65536, 256, 32, 1, 2)])  # 17B: the LayerNorm's; the units and W2's rows in Triton
+    (9216, 65536, 256, 32, 2, 1)])  # 17B: the LayerNorm's and the units'; W2's rows Triton's
 def test_the_ff_block_lowers_to_mosaic_gpu_kernels_for_an_h200_unchained(
     d_model, d_ff, n, rank, mosaic, triton, dtype, monkeypatch):
   """An FF block unchained (`ff_block` without partials, as at 17B, where the attention block
   declines), lowered for an abstract H200 at Table 1's shapes: at 800M the LayerNorm kernel's
   16 partial sums go into the units kernel, both Mosaic GPU's; at 17B the units' parts would
-  be large, and the units and W2's rows stay Triton's kernels."""
+  be large, so the Mosaic units kernel writes each block's activation and chosen row, and
+  Triton's `down` kernel multiplies W2's rows. From jax 0.11 each Mosaic kernel is marked for
+  Programmatic Dependent Launch."""
   blocks = d_ff // n
   controller = [(d_model, rank), (rank, blocks, n), (blocks, n)]
   units = [(blocks, n, d_model), (blocks, n), (blocks, n, d_model), (d_model,)]
@@ -205,6 +244,7 @@ def test_the_ff_block_lowers_to_mosaic_gpu_kernels_for_an_h200_unchained(
   monkeypatch.setattr(sparse_ff_kernel, 'MOSAIC', True)
   text = lowered_for_an_h200(block, *args)
   assert text.count('@mosaic_gpu') == mosaic and text.count('xla.gpu.triton') == triton
+  assert text.count('mosaic_gpu.uses_pdl') == (mosaic if MARKS_PDL else 0)
 
 
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
@@ -227,10 +267,15 @@ def test_lowers_to_mosaic_gpu_for_an_h200_at_the_800m_shape(dtype, monkeypatch):
 
 
 @pytest.mark.skipif(jax.default_backend() != 'gpu', reason='compiles the kernel for a GPU')
+@pytest.mark.parametrize('parts_bytes', [None, 0])
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
-def test_compiled_for_the_gpu_it_equals_triton_at_the_800m_shape(dtype, monkeypatch):
+def test_compiled_for_the_gpu_it_equals_triton_at_the_800m_shape(dtype, parts_bytes,
+                                                                 monkeypatch):
   """The 800M layer (d_model 1024, d_ff 6144, N 64, rank 16), one token, compiled: the Mosaic
-  GPU kernel against the Triton one (both compute in float32 whatever the weights' dtype)."""
+  GPU kernel against the Triton one (both compute in float32 whatever the weights' dtype),
+  writing the parts, and with MAX_PARTS_BYTES 0 the activations for W2's kernel (17B's form)."""
+  if parts_bytes is not None:
+    monkeypatch.setattr(sparse_ff_kernel, 'MAX_PARTS_BYTES', parts_bytes)
   x = random_inputs(1, 1, 1024, seed=1)
   layer = initialized(SparseFF(6144, 64, d_lowrank=16, mode='predict'), x, seed=2)
   weights = jax.tree.map(lambda w: w.astype(dtype), layer.weights)

@@ -32,8 +32,8 @@ slices of d_model, which `units` adds.
 
 Runs on GPUs through Pallas' Triton backend; `interpret=True` runs the same kernels on any
 backend (the tests do, on the CPU). `decode_kernels.use(name)` chooses where `sparse_ff.py`
-calls them. With MOSAIC `norm_controller` and the units programs of the 'parts' form run in
-Pallas' Mosaic GPU backend instead (`sparse_ff_mosaic.py`).
+calls them. With MOSAIC `norm_controller` and the units programs run in Pallas' Mosaic GPU
+backend instead (`sparse_ff_mosaic.py`).
 """
 
 import functools
@@ -58,10 +58,11 @@ NORM_ROWS = 64  # rows of C1 per `norm_controller` program (a power of 2)
 # one 17B block looped in a compiled program took 0.0636 and 0.0640 ms against 0.0656 and
 # 0.0670 with 64, `down` traced alone 6.6 µs against 7.7 (docs/decoding_gpu.md, "17B shapes").
 MAX_PARTS_BYTES, COLUMNS, GATHER = 1 << 20, 32, 256
-# With MOSAIC, where the shapes fit (`sparse_ff_mosaic.fits`), `norm_controller` and
-# the units programs of the 'parts' form run as Mosaic GPU kernels (`sparse_ff_mosaic.py`), the
-# units one block of N a program: the first decoding kernels on the backend that JAX keeps.
-# At 800M both do, chained or not; at 17B the LayerNorm kernel does. Off until timed on a GPU.
+# With MOSAIC, where the shapes fit (`sparse_ff_mosaic.fits`), `norm_controller` and the units
+# programs run as Mosaic GPU kernels (`sparse_ff_mosaic.py`), the units one block of N a
+# program, in the parts form or, where the parts would pass MAX_PARTS_BYTES, writing each
+# block's activation and chosen row for `down` (Triton's): at 800M (parts) and 17B (`down`),
+# chained or not. Off until timed on a GPU.
 MOSAIC = False
 
 
@@ -190,18 +191,24 @@ def sparse_units(x, z, c2, cb, w1, b1, w2, b2, interpret=False, group=None, resi
   (`sparse_qkv_block_kernel.decode_step`'s with `ff_norm`) and x the block's input: each
   program finishes the LayerNorm and x·C1 from them. With `decode_kernels.PREFETCH` the
   units programs ask the L2 cache for the arrays `ahead` (what the next kernels read: the
-  next attention block's fixed weights). With MOSAIC and the parts form, the units programs
-  are `sparse_ff_mosaic.units_parts`' (Mosaic GPU), where the shapes fit.
+  next attention block's fixed weights). With MOSAIC the units programs are Mosaic GPU's
+  where the shapes fit: `sparse_ff_mosaic.units_parts`, or where the parts would be large
+  `sparse_ff_mosaic.units_hidden` and then the `down` kernel.
   """
   n_tokens, d_model = x.shape
   r, n_blocks, n = c2.shape
   if norm is None and z.ndim == 2:
     z = z[:, None, :]
-  if (MOSAIC and not (decode_kernels.PREFETCH and ahead)
-      and n_tokens * n_blocks * d_model * 4 <= MAX_PARTS_BYTES
-      and sparse_ff_mosaic.fits(d_model, r, c2.dtype, n, None if norm is None else z)):
+  mosaic = (MOSAIC and not (decode_kernels.PREFETCH and ahead)
+            and sparse_ff_mosaic.fits(d_model, r, c2.dtype, n, None if norm is None else z))
+  if mosaic and n_tokens * n_blocks * d_model * 4 <= MAX_PARTS_BYTES:
     out = sparse_ff_mosaic.units_parts(x, z, c2, cb, w1, b1, w2, b2, residual, interpret, norm)
     return jnp.sum(out, axis=1).astype(x.dtype)
+  w2 = w2.reshape(n_blocks * n, d_model)
+  residual = [] if residual is None else [residual]
+  if mosaic:
+    hidden, rows = sparse_ff_mosaic.units_hidden(x, z, c2, cb, w1, b1, interpret, norm)
+    return _down(hidden, rows, w2, b2, residual, interpret, x.dtype)
   if norm is None:
     z, epsilon = (z,), None
   else:
@@ -218,8 +225,6 @@ def sparse_units(x, z, c2, cb, w1, b1, w2, b2, interpret=False, group=None, resi
   params = decode_kernels.triton_params(WARPS)
   inputs = (x, *ahead, *z, c2.reshape(r, n_blocks * n), cb.reshape(-1),
             w1.reshape(n_blocks * n, d_model), b1.reshape(-1))
-  w2 = w2.reshape(n_blocks * n, d_model)
-  residual = [] if residual is None else [residual]
   if parts:
     out = pl.pallas_call(
         kernel, grid=(n_tokens, n_blocks // group), interpret=interpret,
@@ -232,11 +237,18 @@ def sparse_units(x, z, c2, cb, w1, b1, w2, b2, interpret=False, group=None, resi
       out_shape=(jax.ShapeDtypeStruct((n_tokens, n_blocks), jnp.float32),
                  jax.ShapeDtypeStruct((n_tokens, n_blocks), jnp.int32)),
   )(*inputs)
+  return _down(hidden, rows, w2, b2, residual, interpret, x.dtype)
+
+
+def _down(hidden, rows, w2, b2, residual, interpret, dtype):
+  """The `down` kernel: Σ_k hidden[k]·W2[rows_k] + b2 (+ the residual) [T, d] in `dtype`,
+  COLUMNS of d a program. hidden [T, K], rows [T, K] of W2 [K·N, d]."""
+  n_tokens, d_model = hidden.shape[0], w2.shape[1]
   columns = decode_kernels.largest_share(COLUMNS, d_model)
   return pl.pallas_call(
       functools.partial(_down_kernel, columns=columns), grid=(n_tokens, d_model // columns),
-      interpret=interpret, compiler_params=params,
-      out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
+      interpret=interpret, compiler_params=decode_kernels.triton_params(WARPS),
+      out_shape=jax.ShapeDtypeStruct((n_tokens, d_model), dtype),
   )(hidden, rows, w2, b2, *residual)
 
 

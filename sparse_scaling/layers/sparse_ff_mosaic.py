@@ -120,18 +120,19 @@ def _merged(program, sums_s, m2_s, products_s, z_s, d_model, epsilon):
   return mean, inv, program.load(z_s, ALONG_COLUMNS_T)
 
 
-def _units_kernel(*refs, n, n_inputs, chained, epsilon, interpret):
-  """One (token, block) program. Shapes in `units_parts`. refs: its inputs (`n_inputs`), the
-  parts [T, K, d] (float32), then the scratch: C2's slice [r, N] and c's [N] in shared
-  memory; z [P, r] and three barriers, or, `chained`, the partial sums Σx and Σ(x − x̄)² [P],
-  the three products [P, r], z [r] and seven barriers."""
-  inputs, (out_g, c2_s, cb_s, *scratch) = refs[:n_inputs], refs[n_inputs:]
+def _units_kernel(*refs, n, n_inputs, chained, parts, epsilon, interpret):
+  """One (token, block) program. Shapes in `units_parts` and `units_hidden`. refs: the
+  inputs (`n_inputs`); the outputs: with `parts` the parts [T, K, d] (float32), else hidden
+  [T, K] (float32) and rows [T, K] (int32); then the scratch: C2's slice [r, N] and c's [N] in
+  shared memory; z [P, r] and three barriers, or, `chained`, the partial sums Σx and
+  Σ(x − x̄)² [P], the three products [P, r], z [r] and seven barriers."""
+  inputs, outputs = refs[:n_inputs], refs[n_inputs:n_inputs + (1 if parts else 2)]
+  c2_s, cb_s, *scratch = refs[n_inputs + len(outputs):]
   if chained:
-    (x_g, sums_g, m2_g, products_g, scale_g, bias_g, c2_g, cb_g, w1_g, b1_g, w2_g, b2_g,
-     *residual_g) = inputs
+    x_g, sums_g, m2_g, products_g, scale_g, bias_g, c2_g, cb_g, w1_g, b1_g, *rest = inputs
     sums_s, m2_s, *products_s, z_s, barriers = scratch
   else:
-    x_g, z_g, c2_g, cb_g, w1_g, b1_g, w2_g, b2_g, *residual_g = inputs
+    x_g, z_g, c2_g, cb_g, w1_g, b1_g, *rest = inputs
     z_s, barriers = scratch
   program = mosaic_kernels.Program(interpret)
   t, k = lax.axis_index('t'), lax.axis_index('k')
@@ -139,7 +140,9 @@ def _units_kernel(*refs, n, n_inputs, chained, epsilon, interpret):
   units = pl.ds(k * n, n)
   plgpu.copy_gmem_to_smem(c2_g.at[:, units], c2_s, barriers.at[0])
   plgpu.copy_gmem_to_smem(cb_g.at[units], cb_s, barriers.at[1])
-  extra = b2_g[...].astype(jnp.float32)                                                # [d]
+  if parts:
+    w2_g, b2_g, *residual_g = rest
+    extra = b2_g[...].astype(jnp.float32)                                              # [d]
   if chained:
     norm = scale_g[...], bias_g[...]
   program.wait()
@@ -151,7 +154,7 @@ def _units_kernel(*refs, n, n_inputs, chained, epsilon, interpret):
   else:
     plgpu.copy_gmem_to_smem(z_g.at[t], z_s, barriers.at[2])
   x = x_g[t, :]                                                                        # [d]
-  if residual_g:
+  if parts and residual_g:
     extra = extra + residual_g[0][t, :].astype(jnp.float32)
   for i in range(barriers.shape[0]):
     plgpu.barrier_wait(barriers.at[i])
@@ -167,8 +170,13 @@ def _units_kernel(*refs, n, n_inputs, chained, epsilon, interpret):
   row = k * n + jnp.min(jnp.where(logits == best, program.iota(n, ALONG_ROWS_T), n))
   h = jnp.sum(x.astype(jnp.float32) * w1_g[row, :].astype(jnp.float32)) + b1_g[row].astype(
       jnp.float32)
-  part = jnp.maximum(h, 0.0) * w2_g[row, :].astype(jnp.float32)
-  out_g[t, k, :] = part + (k == 0).astype(jnp.float32) * extra
+  if parts:
+    part = jnp.maximum(h, 0.0) * w2_g[row, :].astype(jnp.float32)
+    outputs[0][t, k, :] = part + (k == 0).astype(jnp.float32) * extra
+  else:
+    hidden_g, rows_g = outputs
+    hidden_g[t, k] = jnp.maximum(h, 0.0)
+    rows_g[t, k] = row
 
 
 def units_parts(x, z, c2, cb, w1, b1, w2, b2, residual=None, interpret=False, norm=None):
@@ -188,10 +196,32 @@ def units_parts(x, z, c2, cb, w1, b1, w2, b2, residual=None, interpret=False, no
     norm: (scale [d], bias [d], ε) of the block's LayerNorm, which each program finishes
       from the partial sums, or None.
   """
+  n_tokens, _ = x.shape
+  _, n_blocks, _ = c2.shape
+  residual = () if residual is None else (residual,)
+  return _units('units_parts', x, z, c2, cb, w1, b1, (w2, b2, *residual), interpret, norm,
+                jax.ShapeDtypeStruct((n_tokens, n_blocks, x.shape[1]), jnp.float32))
+
+
+def units_hidden(x, z, c2, cb, w1, b1, interpret=False, norm=None):
+  """Each block's chosen unit and its activation, for `sparse_ff_kernel`'s `down` kernel to
+  multiply W2's chosen rows (where the parts would be large: 17B's 256 blocks of d_model
+  9216): hidden [T, K] float32, and rows [T, K] int32, the chosen unit's row of W1 and W2
+  taken as [K·N, d]. Arguments as `units_parts`'."""
+  n_tokens, _ = x.shape
+  _, n_blocks, _ = c2.shape
+  return _units('units_hidden', x, z, c2, cb, w1, b1, (), interpret, norm,
+                (jax.ShapeDtypeStruct((n_tokens, n_blocks), jnp.float32),
+                 jax.ShapeDtypeStruct((n_tokens, n_blocks), jnp.int32)))
+
+
+def _units(name, x, z, c2, cb, w1, b1, rest, interpret, norm, out_type):
+  """The units kernel with `rest` (W2, b2 and the residual, for the parts; or none) after the
+  inputs, its outputs `out_type`."""
   n_tokens, d_model = x.shape
   rank, n_blocks, n = c2.shape
   if not fits(d_model, rank, c2.dtype, n, None if norm is None else z):
-    raise ValueError(f'units_parts: d_model {d_model}, rank {rank}, N {n}'
+    raise ValueError(f'{name}: d_model {d_model}, rank {rank}, N {n}'
                      f'{"" if norm is None else f" and {z[0].shape[1]} partial sums"} do not '
                      f'fit Mosaic GPU\'s layouts ({mosaic_kernels.MISSING or "see fits"})')
   if norm is None:
@@ -209,14 +239,13 @@ def units_parts(x, z, c2, cb, w1, b1, w2, b2, residual=None, interpret=False, no
     scratch = [plgpu.SMEM((n_partials,), jnp.float32), plgpu.SMEM((n_partials,), jnp.float32),
                *[mosaic_kernels.swizzled((n_partials, rank), jnp.float32)] * 3,
                plgpu.SMEM((rank,), jnp.float32), plgpu.Barrier(num_barriers=7)]
+  rest = tuple(a.reshape(n_blocks * n, d_model) if a.ndim == 3 else a for a in rest)
   inputs += (c2.reshape(rank, n_blocks * n), cb.reshape(-1), w1.reshape(n_blocks * n, d_model),
-             b1.reshape(-1), w2.reshape(n_blocks * n, d_model), b2,
-             *([] if residual is None else [residual]))
+             b1.reshape(-1), *rest)
   kernel = mosaic_kernels.kernel(
       functools.partial(_units_kernel, n=n, n_inputs=len(inputs), chained=norm is not None,
-                        epsilon=epsilon, interpret=interpret),
-      out_type=jax.ShapeDtypeStruct((n_tokens, n_blocks, d_model), jnp.float32),
-      grid=(n_tokens, n_blocks), grid_names=('t', 'k'),
+                        parts=bool(rest), epsilon=epsilon, interpret=interpret),
+      out_type=out_type, grid=(n_tokens, n_blocks), grid_names=('t', 'k'),
       scratch_types=[mosaic_kernels.swizzled((rank, n), c2.dtype), plgpu.SMEM((n,), cb.dtype),
                      *scratch],
       interpret=interpret)
