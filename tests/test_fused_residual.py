@@ -41,7 +41,7 @@ def _lm(mode, d_model=64, n_heads=4, attention_sparsity=8, ff_sparsity=(8, 16), 
 
 def _decode(kernel, model_kwargs, tokens, prompt=3, dtype=jnp.float32, count='pallas_call'):
   """Logits of each decoded token, the final state, decoding `tokens` after a prompt, and how
-  often `count` appears in the step's jaxpr."""
+  often `count` (a string, or a tuple of them) appears in the step's jaxpr."""
   model = _lm('predict', **model_kwargs)
   model.init(shapes.signature(tokens[:, :1]), rng=jax.random.PRNGKey(0))
   cast = lambda tree: jax.tree.map(
@@ -55,7 +55,9 @@ def _decode(kernel, model_kwargs, tokens, prompt=3, dtype=jnp.float32, count='pa
     for i in range(prompt, tokens.shape[1]):
       out, state = step(model.weights, state, tokens[:, i:i + 1])
       logits.append(np.asarray(out))
-  return np.concatenate(logits, axis=1), state, jaxpr.count(count)
+  counts = (jaxpr.count(count) if isinstance(count, str)
+            else tuple(jaxpr.count(text) for text in count))
+  return np.concatenate(logits, axis=1), state, counts
 
 
 @pytest.mark.parametrize('d_model, n_heads, attention_sparsity, settings', [

@@ -1,7 +1,7 @@
-"""Sparse QKV's multiplicative kernel in Mosaic GPU (`sparse_qkv_mosaic.py`): Pallas' GPU
-interpreter on the CPU against numpy and the Triton kernel, a model decoding through it (with
-the FF block's Mosaic kernels and without), lowering for an H200 at the 800M shape, and the
-shapes it declines."""
+"""Sparse QKV's multiplicative and convolution kernels in Mosaic GPU (`sparse_qkv_mosaic.py`):
+Pallas' GPU interpreter on the CPU against numpy and the Triton kernels, a model decoding
+through them (with the FF block's Mosaic kernels and without), lowering for an H200 at the
+800M shape, and the shapes they decline."""
 
 import jax
 import jax.numpy as jnp
@@ -20,15 +20,23 @@ from tests.test_fused_residual import _decode
 from tests.test_fused_residual import _two_800m_layers_lowered_for_an_h200
 from tests.test_sparse_ff_mosaic import N
 from tests.test_sparse_ff_mosaic import RANK
-from tests.test_sparse_ff_mosaic import _mosaic_kernels
 from tests.utils import lowered_for_an_h200
 from tests.utils import random_inputs
 
-# The tiny LM of test_fused_residual at shapes both Mosaic kernels take: d_model 128 (the
-# warpgroup's threads), 8 modules of 16 channels, 4 heads.
+# The tiny LM of test_fused_residual at shapes the multiplicative and FF kernels take:
+# d_model 128 (the warpgroup's threads), 8 modules of 16 channels, 4 heads; with 2 modules of
+# 64 channels the convolution kernel too.
 LM = dict(d_model=128, n_heads=4, attention_sparsity=8, ff_sparsity=(N, RANK), max_len=8)
+SIZES = (3, 3, 1)   # the module kernels of Q, K and V, as at 800M
+GRIDS = ("grid_names=('t', 'p', 'c')", "grid_names=('b', 'o', 'g', 'c')")   # mixed, conv
 # Whether this JAX marks a kernel that waits for Programmatic Dependent Launch (0.11 and later).
 MARKS_PDL = hasattr(mosaic_core, 'PdlEffect')
+
+
+def _kernels(fn, *args):
+  """(multiplicative, convolution) Mosaic GPU kernels that fn(*args) runs (a new trace)."""
+  text = str(jax.make_jaxpr(lambda *a: fn(*a))(*args))
+  return tuple(text.count(grid) for grid in GRIDS)
 
 
 def _weights(d_model, n_modules, n_channels, dtype=jnp.float32, mean=0.0, seed=0):
@@ -62,20 +70,21 @@ def test_in_the_interpreter_it_equals_the_reference(channels, mean, tolerance):
   np.testing.assert_allclose(got, _reference(*weights), rtol=tolerance, atol=tolerance)
 
 
-def _block(d_model, n_modules, n_channels, n_heads, dtype, interpret, max_len=8, seed=3):
-  """(decode_step, its arguments): one Sparse QKV block of these shapes, 3 rows, random
-  weights, state and caches (their first 5 positions valid) in `dtype`."""
+def _block(d_model, n_modules, n_channels, n_heads, dtype, interpret, max_len=8, index=5,
+           seed=3):
+  """(decode_step, its arguments): one Sparse QKV block of these shapes, 3 rows, module
+  kernels of SIZES, random weights, state and caches in `dtype`, the token at `index`."""
   x, scale, bias, d, e = _weights(d_model, n_modules, n_channels, dtype, seed=seed)
   rng = np.random.RandomState(seed + 10)
-  conv = tuple((jnp.asarray(rng.randn(3, 3, n_channels, n_channels) / 8, dtype),
-                jnp.asarray(rng.randn(n_channels), dtype)) for _ in range(3))
+  conv = tuple((jnp.asarray(rng.randn(3, size, n_channels, n_channels) / 8, dtype),
+                jnp.asarray(rng.randn(n_channels), dtype)) for size in SIZES)
   state = jnp.asarray(rng.randn(3, 2, n_modules, n_channels), dtype)
   caches = [jnp.asarray(rng.randn(3 * n_heads, max_len, d_model // n_heads), dtype)
             for _ in range(2)]
   y_bias = jnp.asarray(rng.randn(d_model), dtype)
   step = lambda *a: sparse_qkv_block_kernel.decode_step(
-      *a, n_heads=n_heads, sizes=(3, 3, 3), epsilon=1e-6, interpret=interpret)
-  return step, (x, (scale, bias), (d, e, y_bias), conv, state, *caches, jnp.int32(5))
+      *a, n_heads=n_heads, sizes=SIZES, epsilon=1e-6, interpret=interpret)
+  return step, (x, (scale, bias), (d, e, y_bias), conv, state, *caches, jnp.int32(index))
 
 
 def _assert_close(got, want, tolerance):
@@ -86,30 +95,42 @@ def _assert_close(got, want, tolerance):
 
 
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
-def test_the_block_through_it_equals_the_block_through_the_triton_kernel(dtype, monkeypatch):
-  """`decode_step` at 8 modules of 16 channels, 4 heads, its multiplicative programs
-  Mosaic GPU's or Triton's (both compute in float32, LayerNorm(x) rounded to x's dtype first):
-  the same output, state and caches."""
-  step, args = _block(128, 8, 16, 4, dtype, interpret=True)
+@pytest.mark.parametrize('n_modules, n_channels, index, kernels', [
+    (8, 16, 5, (1, 0)),    # M 16: the multiplicative kernel alone
+    (2, 64, 5, (1, 1)),    # M 64: and the convolutions
+    (2, 64, 11, (1, 1))])  # the token past the caches' end: their last position
+def test_the_block_through_them_equals_the_block_through_the_triton_kernels(
+    n_modules, n_channels, index, kernels, dtype, monkeypatch):
+  """`decode_step` at d_model 128, 4 heads, module kernels of 3, 3 and 1, its multiplicative
+  and convolution programs Mosaic GPU's (where M is a multiple of 64) or Triton's (both
+  compute in float32, LayerNorm(x) and the state's newest position rounded to the dtype
+  first): the same output, state, caches (K and V written in place) and position."""
+  step, args = _block(128, n_modules, n_channels, 4, dtype, interpret=True, index=index)
   triton = step(*args)
   monkeypatch.setattr(sparse_qkv_block_kernel, 'MOSAIC', True)
-  assert _mosaic_kernels(step, *args) == 1
+  assert _kernels(step, *args) == kernels
   _assert_close(step(*args), triton, 1e-4 if dtype == jnp.float32 else 2e-2)
 
 
-@pytest.mark.parametrize('ff_mosaic, n_mosaic', [(False, 2), (True, 4)])
-def test_a_scaling_transformer_decodes_through_it_chained(ff_mosaic, n_mosaic, monkeypatch):
-  """The two-layer LM, its blocks chained as decoded by default, every layer's multiplicative
-  kernel Mosaic GPU's, and with the FF block's Mosaic kernels too its units kernel (fed the
-  attention programs' 64 partial sums: 4 heads of 16 programs of 2 value columns): every
-  step's logits and the whole state as XLA's path, two rows, the caches filled past their end."""
+@pytest.mark.parametrize('attention_sparsity, ff_mosaic, kernels', [
+    (8, False, (2, 0)),    # 8 modules of 16 channels: the multiplicative kernel a layer
+    pytest.param(2, False, (2, 2), marks=pytest.mark.slow),   # 2 of 64: and the convolutions
+    (2, True, (4, 2))])    # and the FF block's units kernel (~30 s: the convolutions interpreted)
+def test_a_scaling_transformer_decodes_through_them_chained(attention_sparsity, ff_mosaic,
+                                                           kernels, monkeypatch):
+  """The two-layer LM, its blocks chained as decoded by default, every layer's attention
+  kernels Mosaic GPU's where they fit, and with the FF block's Mosaic kernels its units
+  kernel (fed the attention programs' 64 partial sums: 4 heads of 16 programs of 2 value
+  columns): every step's logits and the whole state as XLA's path, two rows, the caches (4
+  positions) filled past their end."""
   monkeypatch.setattr(sparse_qkv_block_kernel, 'MOSAIC', True)
   monkeypatch.setattr(sparse_ff_kernel, 'MOSAIC', ff_mosaic)
   monkeypatch.setattr(sparse_qkv_block_kernel, 'VALUE_WIDTH', 2)
-  tokens = jnp.asarray(np.random.RandomState(5).randint(1, VOCAB, (2, 11)), jnp.int32)
-  expected, expected_state, _ = _decode('xla', LM, tokens)
-  got, state, count = _decode('interpret', LM, tokens, count="grid_names=('t', ")
-  assert count == n_mosaic   # the Mosaic kernels' grids, one or two a layer
+  lm = dict(LM, attention_sparsity=attention_sparsity, max_len=4)
+  tokens = jnp.asarray(np.random.RandomState(5).randint(1, VOCAB, (2, 7)), jnp.int32)
+  expected, expected_state, _ = _decode('xla', lm, tokens)
+  got, state, counts = _decode('interpret', lm, tokens, count=("grid_names=('t', ", GRIDS[1]))
+  assert counts == kernels   # the Mosaic kernels with a grid over tokens; the convolutions
   np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
   for g, e in zip(jax.tree.leaves(state), jax.tree.leaves(expected_state)):
     np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)
@@ -117,18 +138,23 @@ def test_a_scaling_transformer_decodes_through_it_chained(ff_mosaic, n_mosaic, m
 
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize('ff_mosaic', [False, True])
-def test_two_800m_layers_decode_through_it_when_lowered_for_an_h200(ff_mosaic, dtype,
-                                                                     monkeypatch):
+def test_two_800m_layers_decode_through_them_when_lowered_for_an_h200(ff_mosaic, dtype,
+                                                                       monkeypatch):
   """Two 800M FF+QKV layers (d_model 1024, 16 modules of 64 channels), one decoding step
-  lowered for an abstract H200: a layer's multiplicative kernel Mosaic GPU's (and with the
-  FF block's, its units kernel), the others Triton's; from jax 0.11 each Mosaic kernel is
-  marked for Programmatic Dependent Launch, without which its wait would hide nothing."""
+  lowered for an abstract H200: a layer's multiplicative and convolution kernels Mosaic GPU's
+  (and with the FF block's, its units kernel), attention Triton's; the convolutions write K
+  and V into the caches in place (their custom call's outputs alias the caches); from jax
+  0.11 each Mosaic kernel is marked for Programmatic Dependent Launch, without which its wait
+  would hide nothing."""
   monkeypatch.setattr(sparse_qkv_block_kernel, 'MOSAIC', True)
   monkeypatch.setattr(sparse_ff_kernel, 'MOSAIC', ff_mosaic)
-  text = _two_800m_layers_lowered_for_an_h200(dtype=dtype, triton=2 if ff_mosaic else 3)
-  n_mosaic = 4 if ff_mosaic else 2
+  text = _two_800m_layers_lowered_for_an_h200(dtype=dtype, triton=1 if ff_mosaic else 2)
+  n_mosaic = 6 if ff_mosaic else 4
   assert text.count('@mosaic_gpu') == n_mosaic
   assert text.count('mosaic_gpu.uses_pdl') == (n_mosaic if MARKS_PDL else 0)
+  aliased = [line for line in text.split('\n')
+             if '@mosaic_gpu' in line and 'output_operand_aliases' in line]
+  assert len(aliased) == 2   # a layer's convolutions
 
 
 @pytest.mark.parametrize('d_model, n_modules, n_channels, dtype, fits', [
@@ -138,26 +164,44 @@ def test_two_800m_layers_decode_through_it_when_lowered_for_an_h200(ff_mosaic, d
     (128, 8, 24, jnp.float32, False),      # channels that 16 does not divide
     (192, 8, 24, jnp.float32, False),      # d_model not a multiple of 128
     (1024, 512, 2, jnp.float32, False)])   # more modules than a copy's 256
-def test_shapes_it_takes(d_model, n_modules, n_channels, dtype, fits):
+def test_shapes_the_multiplicative_kernel_takes(d_model, n_modules, n_channels, dtype, fits):
   assert sparse_qkv_mosaic.fits(d_model, n_modules, n_channels, dtype) == fits
 
 
-def test_shapes_it_declines_go_to_triton_and_a_direct_call_is_refused(monkeypatch):
-  """A Sparse QKV block of 16 modules of 8 channels runs Triton's multiplicative kernel;
-  called directly, the Mosaic kernel says which shapes it takes in one line."""
+@pytest.mark.parametrize('d_model, n_modules, n_heads, dtype, fits', [
+    (1024, 16, 16, jnp.float32, True), (1024, 16, 16, jnp.bfloat16, True),   # 800M
+    (128, 2, 4, jnp.float32, True),       # 2 modules of 64, heads of 32
+    (9216, 64, 96, jnp.float32, False),   # 17B: 144 channels, not a multiple of 64
+    (128, 8, 4, jnp.float32, False),      # 16 channels, under the matrix layout's 64 rows
+    (256, 2, 32, jnp.float32, False)])    # heads of 8, under a program's 16 channels
+def test_shapes_the_convolution_kernel_takes(d_model, n_modules, n_heads, dtype, fits):
+  n_channels = d_model // n_modules
+  assert sparse_qkv_mosaic.convolutions_fit(d_model, n_modules, n_channels, n_heads,
+                                            dtype) == fits
+
+
+def test_shapes_they_decline_go_to_triton_and_a_direct_call_is_refused(monkeypatch):
+  """A Sparse QKV block of 16 modules of 8 channels runs Triton's three kernels; called
+  directly, each Mosaic kernel says which shapes it takes in one line."""
   monkeypatch.setattr(sparse_qkv_block_kernel, 'MOSAIC', True)
   x, scale, bias, d, e = _weights(128, 16, 8)
   conv = tuple((jnp.zeros((3, 3, 8, 8)), jnp.zeros(8)) for _ in range(3))
   caches = [jnp.zeros((3 * 4, 8, 32)) for _ in range(2)]
+  state = jnp.zeros((3, 2, 16, 8))
   step = lambda *a: sparse_qkv_block_kernel.decode_step(
       *a, n_heads=4, sizes=(3, 3, 3), epsilon=1e-6)
   with decode_kernels.use('pallas'):
-    text = lowered_for_an_h200(step, x, (scale, bias), (d, e, jnp.zeros(128)), conv,
-                               jnp.zeros((3, 2, 16, 8)), *caches, jnp.int32(0))
+    text = lowered_for_an_h200(step, x, (scale, bias), (d, e, jnp.zeros(128)), conv, state,
+                               *caches, jnp.int32(0))
   assert '@mosaic_gpu' not in text and text.count('xla.gpu.triton') == 3
   with pytest.raises(ValueError, match=r'mixed_parts: d_model 128, 16 modules and 8 channels '
                                        r'\(16 a program\) do not fit'):
     sparse_qkv_mosaic.mixed_parts(x, scale, bias, d, e, 1e-6)
+  with pytest.raises(ValueError, match=r'convolutions: 16 modules of 8 channels, 4 heads '
+                                       r'\(16 channels a program\) do not fit'):
+    sparse_qkv_mosaic.convolutions(jnp.zeros(1, jnp.int32), jnp.zeros((3, 2, 16, 8)),
+                                   jnp.zeros(128), state, conv, *caches, n_heads=4,
+                                   sizes=(3, 3, 3))
 
 
 def test_without_the_backend_the_mosaic_kernels_decline(monkeypatch):
@@ -165,19 +209,24 @@ def test_without_the_backend_the_mosaic_kernels_decline(monkeypatch):
   so the Triton kernels run."""
   monkeypatch.setattr(mosaic_kernels, 'MISSING', 'no backend')
   assert not sparse_qkv_mosaic.fits(1024, 16, 64, jnp.float32)
+  assert not sparse_qkv_mosaic.convolutions_fit(1024, 16, 64, 16, jnp.float32)
   assert not sparse_ff_mosaic.fits(1024, 16, jnp.float32, 64)
 
 
 @pytest.mark.skipif(jax.default_backend() != 'gpu', reason='compiles the kernels for a GPU')
 @pytest.mark.parametrize('ff_mosaic', [False, True])
-def test_compiled_for_the_gpu_a_scaling_transformer_decodes_through_it(ff_mosaic, monkeypatch):
-  """As the interpreted test above, compiled: logits and state as XLA's path."""
+def test_compiled_for_the_gpu_a_scaling_transformer_decodes_through_them(ff_mosaic,
+                                                                         monkeypatch):
+  """As the interpreted test above (2 modules of 64 channels: the multiplicative and the
+  convolution kernels Mosaic GPU's, and the units kernel with `ff_mosaic`), compiled: logits
+  and state as XLA's path, the caches filled past their end."""
   monkeypatch.setattr(sparse_qkv_block_kernel, 'MOSAIC', True)
   monkeypatch.setattr(sparse_ff_kernel, 'MOSAIC', ff_mosaic)
   monkeypatch.setattr(sparse_qkv_block_kernel, 'VALUE_WIDTH', 2)
+  lm = dict(LM, attention_sparsity=2)
   tokens = jnp.asarray(np.random.RandomState(5).randint(1, VOCAB, (2, 11)), jnp.int32)
-  expected, expected_state, _ = _decode('xla', LM, tokens)
-  got, state, _ = _decode('pallas', LM, tokens)
+  expected, expected_state, _ = _decode('xla', lm, tokens)
+  got, state, _ = _decode('pallas', lm, tokens)
   np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
   for g, e in zip(jax.tree.leaves(state), jax.tree.leaves(expected_state)):
     np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4)
@@ -185,10 +234,10 @@ def test_compiled_for_the_gpu_a_scaling_transformer_decodes_through_it(ff_mosaic
 
 @pytest.mark.skipif(jax.default_backend() != 'gpu', reason='compiles the kernel for a GPU')
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
-def test_compiled_for_the_gpu_the_800m_block_through_it_equals_the_triton_kernel(dtype,
-                                                                               monkeypatch):
-  """The 800M block (d_model 1024, 16 modules of 64 channels, 16 heads), compiled: its
-  multiplicative programs Mosaic GPU's against Triton's."""
+def test_compiled_for_the_gpu_the_800m_block_through_them_equals_the_triton_kernels(
+    dtype, monkeypatch):
+  """The 800M block (d_model 1024, 16 modules of 64 channels, 16 heads, caches of 168),
+  compiled: its multiplicative and convolution programs Mosaic GPU's against Triton's."""
   run = lambda: jax.jit(step)(*args)   # traced anew each time
   step, args = _block(1024, 16, 64, 16, dtype, interpret=False, max_len=168)
   with decode_kernels.use('pallas'):

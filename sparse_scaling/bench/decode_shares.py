@@ -22,9 +22,9 @@ constant, set while the setting is measured and restored after it. The names, by
                                  L2 cache for the KV caches that attention reads
     STATE                        `PREFETCH_STATE`, 1: they ask for the convolution's state
                                  too
-    QKV_MOSAIC                   `MOSAIC`, 1: the multiplicative programs as a Mosaic GPU
-                                 kernel (`sparse_qkv_mosaic.py`) where the shapes fit (token,
-                                 block, trace)
+    QKV_MOSAIC                   `MOSAIC`, 1: the multiplicative and convolution programs as
+                                 Mosaic GPU kernels (`sparse_qkv_mosaic.py`) where the shapes
+                                 fit (token, block, trace)
     (MODULES=all and MIXED_CHANNELS=all: None, the kernel's choice and all of M)
   layers/sparse_ff_kernel.py
     FF_GROUP, FF_WARPS           blocks of N units and warps per units program

@@ -26,9 +26,12 @@ the CPU); it has no rule for the layout casts, the grid dependency control or an
 layout, which `Program` skips there.
 """
 
+import functools
+
 import jax
 from jax import lax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
 
 try:
   from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -57,9 +60,29 @@ def interpreter():
   return InterpretGPUParams()
 
 
-def kernel(body, interpret, **kwargs):
-  """`plgpu.kernel(body, **kwargs)`, in the GPU interpreter where `interpret`."""
-  return plgpu.kernel(body, interpret=interpreter() if interpret else None, **kwargs)
+def kernel(body, interpret, input_output_aliases=None, **kwargs):
+  """`plgpu.kernel(body, **kwargs)`, in the GPU interpreter where `interpret`.
+
+  With `input_output_aliases` ({input index: output index}) the outputs named there are
+  written in place into those inputs' buffers, as `pallas_call`'s argument of that name does
+  (the KV caches at a token's position). `plgpu.kernel` has no such argument, and a
+  `pallas_call` with Mosaic GPU's compiler parameters no longer lowers from jax 0.11, so the
+  kernel is then Pallas' own `mpmd_map` with aliases, which `plgpu.kernel` also runs on
+  (JAX's internals; the same in jax 0.10.2 to 0.12.0.1: `tests/test_sparse_qkv_mosaic.py`).
+  """
+  if not input_output_aliases:
+    return plgpu.kernel(body, interpret=interpreter() if interpret else None, **kwargs)
+  from jax._src.pallas import mpmd   # pylint: disable=import-outside-toplevel
+  scratch = kwargs.pop('scratch_types', ())
+  out_type = kwargs.pop('out_type')
+  mesh = plgpu.Mesh(**kwargs)
+
+  def scoped(*refs):   # scratch with transforms is allocated in the body, as plgpu.kernel does
+    pl.run_scoped(functools.partial(body, *refs), *scratch)
+
+  return mpmd._mpmd_map(   # pylint: disable=protected-access
+      [(mesh, scoped)], out_types=tuple(out_type), input_output_aliases=input_output_aliases,
+      interpret=interpreter() if interpret else False)
 
 
 def swizzled(shape, dtype):

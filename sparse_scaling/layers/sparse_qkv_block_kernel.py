@@ -34,8 +34,8 @@ The result equals the layers' XLA path (`tests/test_fused_residual.py`).
 
 Runs on GPUs through Pallas' Triton backend; `interpret=True` runs it on any backend (the
 tests do, on the CPU). `decode_kernels.use(name)` chooses where `sparse_qkv.py` calls it.
-With MOSAIC the multiplicative programs run in Pallas' Mosaic GPU backend instead
-(`sparse_qkv_mosaic.py`), where the shapes fit.
+With MOSAIC the multiplicative and convolution programs run in Pallas' Mosaic GPU backend
+instead (`sparse_qkv_mosaic.py`), where the shapes fit.
 """
 
 import functools
@@ -95,10 +95,12 @@ MAX_D_MODEL = 4096
 # two kernels ahead").
 PREFETCH_CACHES = False
 PREFETCH_STATE = False
-# With MOSAIC, where the shapes fit (`sparse_qkv_mosaic.fits`; 800M's do) and the Triton
-# kernel would compute the row's statistics itself and ask the L2 cache for nothing ahead,
-# the multiplicative programs run as a Mosaic GPU kernel (`sparse_qkv_mosaic.py`), which
-# copies its fixed weights before it waits for the kernel before it. Off until timed on a GPU.
+# With MOSAIC the multiplicative and convolution programs run as Mosaic GPU kernels
+# (`sparse_qkv_mosaic.py`), which copy their fixed weights before they wait for the kernel
+# before them: the multiplicative ones where the shapes fit (`sparse_qkv_mosaic.fits`) and the
+# Triton kernel would compute the row's statistics itself and ask the L2 cache for nothing
+# ahead, the convolutions where M is a multiple of 64 (`convolutions_fit`) and x and the
+# caches share a dtype; 800M's shapes take both. Off until timed on a GPU.
 MOSAIC = False
 
 
@@ -439,17 +441,24 @@ def decode_step(x, norm, mixed, conv, state, k_cache, v_cache, index, *, n_heads
     y = jnp.sum(y, axis=1, keepdims=True)
 
   grid = (batch, 3, n_modules // modules, n_channels // width)
-  q, position, k_cache, v_cache = pl.pallas_call(
-      functools.partial(_conv_kernel, sizes=tuple(sizes), n_heads=n_heads, width=width,
-                        group=modules, grid=grid),
-      grid=grid,
-      out_shape=(jax.ShapeDtypeStruct((batch, d_model), x.dtype),
-                 jax.ShapeDtypeStruct((1,), jnp.int32),
-                 jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
-                 jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype)),
-      input_output_aliases={10: 2, 11: 3},
-      interpret=interpret, compiler_params=decode_kernels.triton_params(CONV_WARPS),
-  )(index, y, y_bias.reshape(n_modules, n_channels), state, *conv_weights, k_cache, v_cache)
+  if (MOSAIC and x.dtype == k_cache.dtype
+      and sparse_qkv_mosaic.convolutions_fit(d_model, n_modules, n_channels, n_heads,
+                                             k_cache.dtype)):
+    q, position, k_cache, v_cache = sparse_qkv_mosaic.convolutions(
+        index, y, y_bias, state, conv, k_cache, v_cache, n_heads=n_heads, sizes=sizes,
+        interpret=interpret)
+  else:
+    q, position, k_cache, v_cache = pl.pallas_call(
+        functools.partial(_conv_kernel, sizes=tuple(sizes), n_heads=n_heads, width=width,
+                          group=modules, grid=grid),
+        grid=grid,
+        out_shape=(jax.ShapeDtypeStruct((batch, d_model), x.dtype),
+                   jax.ShapeDtypeStruct((1,), jnp.int32),
+                   jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
+                   jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype)),
+        input_output_aliases={10: 2, 11: 3},
+        interpret=interpret, compiler_params=decode_kernels.triton_params(CONV_WARPS),
+    )(index, y, y_bias.reshape(n_modules, n_channels), state, *conv_weights, k_cache, v_cache)
 
   flat_state = state.reshape(batch, state.shape[1], d_model)
   n_programs = d_model // value_width
