@@ -60,6 +60,19 @@ def _decode(kernel, model_kwargs, tokens, prompt=3, dtype=jnp.float32, count='pa
   return np.concatenate(logits, axis=1), state, counts
 
 
+def _decodes_as_xla(kernel, model_kwargs, tokens, tolerance=1e-5, prompt=3,
+                    count='pallas_call'):
+  """Decodes `tokens` through `kernel` and through XLA's path: every step's logits and the
+  final state agree to `tolerance`. Returns how often `count` appears in the kernel's step
+  (`_decode`)."""
+  expected, expected_state, _ = _decode('xla', model_kwargs, tokens, prompt=prompt)
+  got, state, counts = _decode(kernel, model_kwargs, tokens, prompt=prompt, count=count)
+  np.testing.assert_allclose(got, expected, rtol=tolerance, atol=tolerance)
+  for g, e in zip(jax.tree.leaves(state), jax.tree.leaves(expected_state)):
+    np.testing.assert_allclose(g, e, rtol=tolerance, atol=tolerance)
+  return counts
+
+
 @pytest.mark.parametrize('d_model, n_heads, attention_sparsity, settings', [
     (64, 4, 8, {}), (64, 4, 2, dict(PREFETCH=True)), (64, 4, 8, dict(L2_PERSIST=1)),
     (64, 4, 8, dict(PREFETCH_CACHES=True, PREFETCH_STATE=True)),
@@ -123,12 +136,7 @@ def test_blocks_each_alone_equal_xla_step_by_step(d_model, n_heads, attention_sp
   monkeypatch.setattr(fused_residual, 'CHAIN', False)
   kwargs = dict(d_model=d_model, n_heads=n_heads, attention_sparsity=attention_sparsity)
   tokens = jnp.asarray(np.random.RandomState(5).randint(1, VOCAB, (2, 18)), jnp.int32)
-  expected, expected_state, _ = _decode('xla', kwargs, tokens)
-  got, state, n_kernels = _decode('interpret', kwargs, tokens)
-  assert n_kernels == 2 * (3 + 2)
-  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
-  for g, e in zip(jax.tree.leaves(state), jax.tree.leaves(expected_state)):
-    np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)
+  assert _decodes_as_xla('interpret', kwargs, tokens) == 2 * (3 + 2)
 
 
 def test_chained_layer_norm_keeps_its_bits_where_the_residual_mean_is_large():
@@ -322,12 +330,8 @@ def test_fused_blocks_compiled_for_the_gpu_equal_xla(d_model, n_heads, attention
   kwargs = dict(d_model=d_model, n_heads=n_heads, attention_sparsity=attention_sparsity,
                 ff_sparsity=(64, 16), max_len=168)
   tokens = jnp.asarray(np.random.RandomState(3).randint(1, VOCAB, (1, 10)), jnp.int32)
-  expected, expected_state, _ = _decode('xla', kwargs, tokens, prompt=5)
-  got, state, n_kernels = _decode('pallas', kwargs, tokens, prompt=5)
+  n_kernels = _decodes_as_xla('pallas', kwargs, tokens, tolerance=1e-4, prompt=5)
   assert n_kernels == 2 * (5 if settings.get('CHAIN') is False else 4)
-  np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
-  for g, e in zip(jax.tree.leaves(state), jax.tree.leaves(expected_state)):
-    np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4)
 
 
 def test_benchmarks_time_and_profile_the_blocks_chained():
