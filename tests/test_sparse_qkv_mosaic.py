@@ -7,7 +7,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax._src.pallas.mosaic_gpu import core as mosaic_core
 
 from sparse_scaling.layers import decode_kernels
 from sparse_scaling.layers import mosaic_kernels
@@ -18,6 +17,7 @@ from sparse_scaling.layers import sparse_qkv_mosaic
 from tests.test_fused_residual import VOCAB
 from tests.test_fused_residual import _decodes_as_xla
 from tests.test_fused_residual import _two_800m_layers_lowered_for_an_h200
+from tests.test_sparse_ff_mosaic import MARKS_PDL
 from tests.test_sparse_ff_mosaic import N
 from tests.test_sparse_ff_mosaic import RANK
 from tests.utils import lowered_for_an_h200
@@ -29,8 +29,6 @@ from tests.utils import random_inputs
 LM = dict(d_model=128, n_heads=4, attention_sparsity=8, ff_sparsity=(N, RANK), max_len=8)
 SIZES = (3, 3, 1)   # the module kernels of Q, K and V, as at 800M
 GRIDS = ("grid_names=('t', 'p', 'c')", "grid_names=('b', 'o', 'g', 'c')")   # mixed, conv
-# Whether this JAX marks a kernel that waits for Programmatic Dependent Launch (0.11 and later).
-MARKS_PDL = hasattr(mosaic_core, 'PdlEffect')
 
 
 def _kernels(fn, *args):
