@@ -34,7 +34,8 @@ def test_each_setting_is_in_force_while_it_is_measured_and_undone_after():
               'STATS_IN_KERNEL=0+MAX_D_MODEL=16384', 'CPU_TOP_K=0', 'CUBLAS_BYTES=0',
               'GRAPHS=0', 'EARLY=1', 'SHARED=2', 'PREFETCH=1+CACHES=1+STATE=1',
               'PERSIST=3+KEEP_BYTES=1000', 'CHUNK=0', 'FF_MOSAIC=1+CHAIN=0',
-              'QKV_MOSAIC=1+FF_MOSAIC=1', 'DOT_MERGER=0+TILING_SEARCH=1+TRITON_GEMM=0']
+              'QKV_MOSAIC=1+FF_MOSAIC=1', 'QKV_MOSAIC=1+MOSAIC_CHANNELS=64+MOSAIC_WIDTH=32',
+              'DOT_MERGER=0+TILING_SEARCH=1+TRITON_GEMM=0']
   results = decode_shares.sweep('800m', 'ffqkv', 1, settings, measure=measure)
   assert [text for text, _ in results] == settings
   assert seen == [before, dict(before, WIDTH=16, CONV_WARPS=8),
@@ -48,6 +49,7 @@ def test_each_setting_is_in_force_while_it_is_measured_and_undone_after():
                   dict(before, PERSIST=3, KEEP_BYTES=1000), dict(before, CHUNK=0),
                   dict(before, FF_MOSAIC=True, CHAIN=False),
                   dict(before, QKV_MOSAIC=True, FF_MOSAIC=True),
+                  dict(before, QKV_MOSAIC=True, MOSAIC_CHANNELS=64, MOSAIC_WIDTH=32),
                   dict(before, DOT_MERGER=False, TILING_SEARCH=True, TRITON_GEMM=False)]
   assert _constants() == before
 
@@ -97,7 +99,8 @@ def test_the_kernels_alone_are_timed_with_the_setting_in_force(monkeypatch):
                                   'ROWS=all', 'CPU_TOP_K=2', 'CUBLAS_BYTES=-1',
                                   'SHARED=3', 'PREFETCH=2', 'DOT_MERGER=2', 'PERSIST=5',
                                   'CACHES=2', 'STATE=2', 'KEEP_BYTES=-1', 'CHUNK=-1',
-                                  'PACK_ELEMENTS=0', 'FF_MOSAIC=2', 'QKV_MOSAIC=2'])
+                                  'PACK_ELEMENTS=0', 'FF_MOSAIC=2', 'QKV_MOSAIC=2',
+                                  'MOSAIC_WIDTH=24'])
 def test_a_bad_setting_is_refused_naming_the_rule(text):
   with pytest.raises(ValueError, match='--settings: '):
     decode_shares.parse_setting(text)

@@ -110,6 +110,22 @@ def test_the_block_through_them_equals_the_block_through_the_triton_kernels(
   _assert_close(step(*args), triton, 1e-4 if dtype == jnp.float32 else 2e-2)
 
 
+def test_the_programs_shares_follow_the_module_constants(monkeypatch):
+  """CHANNELS and WIDTH (`decode_shares`' MOSAIC_CHANNELS and MOSAIC_WIDTH) set the programs'
+  shares: all 64 channels a multiplicative program (3 tokens, 2 slices of rows, 1 of
+  channels) and 32 output channels a convolution program (2 slices of 64); the block's result
+  is unchanged."""
+  step, args = _block(128, 2, 64, 4, jnp.float32, interpret=True)
+  triton = step(*args)
+  monkeypatch.setattr(sparse_qkv_block_kernel, 'MOSAIC', True)
+  monkeypatch.setattr(sparse_qkv_mosaic, 'CHANNELS', 64)
+  monkeypatch.setattr(sparse_qkv_mosaic, 'WIDTH', 32)
+  text = str(jax.make_jaxpr(lambda *a: step(*a))(*args))
+  assert "grid=(3, 2, 1), grid_names=('t', 'p', 'c')" in text
+  assert "grid=(3, 3, 2, 2), grid_names=('b', 'o', 'g', 'c')" in text
+  _assert_close(step(*args), triton, 1e-4)
+
+
 @pytest.mark.parametrize('attention_sparsity, ff_mosaic, kernels', [
     (8, False, (2, 0)),    # 8 modules of 16 channels: the multiplicative kernel a layer
     pytest.param(2, False, (2, 2), marks=pytest.mark.slow),   # 2 of 64: and the convolutions

@@ -25,6 +25,9 @@ constant, set while the setting is measured and restored after it. The names, by
     QKV_MOSAIC                   `MOSAIC`, 1: the multiplicative and convolution programs as
                                  Mosaic GPU kernels (`sparse_qkv_mosaic.py`) where the shapes
                                  fit (token, block, trace)
+  layers/sparse_qkv_mosaic.py (with QKV_MOSAIC=1)
+    MOSAIC_CHANNELS              `CHANNELS`: channels of M per multiplicative program
+    MOSAIC_WIDTH                 `WIDTH`: output channels per convolution program
     (MODULES=all and MIXED_CHANNELS=all: None, the kernel's choice and all of M)
   layers/sparse_ff_kernel.py
     FF_GROUP, FF_WARPS           blocks of N units and warps per units program
@@ -127,6 +130,7 @@ from sparse_scaling.layers import fused_residual
 from sparse_scaling.layers import sparse_ff
 from sparse_scaling.layers import sparse_ff_kernel
 from sparse_scaling.layers import sparse_qkv_block_kernel
+from sparse_scaling.layers import sparse_qkv_mosaic
 
 # Setting name -> (module, constant).
 SHARES = {**{name: (sparse_qkv_block_kernel, name)
@@ -137,6 +141,8 @@ SHARES = {**{name: (sparse_qkv_block_kernel, name)
           'CACHES': (sparse_qkv_block_kernel, 'PREFETCH_CACHES'),
           'STATE': (sparse_qkv_block_kernel, 'PREFETCH_STATE'),
           'QKV_MOSAIC': (sparse_qkv_block_kernel, 'MOSAIC'),
+          'MOSAIC_CHANNELS': (sparse_qkv_mosaic, 'CHANNELS'),
+          'MOSAIC_WIDTH': (sparse_qkv_mosaic, 'WIDTH'),
           'FF_GROUP': (sparse_ff_kernel, 'GROUP'), 'FF_WARPS': (sparse_ff_kernel, 'WARPS'),
           'FF_ROWS': (sparse_ff_kernel, 'NORM_ROWS'),
           'FF_PARTS_BYTES': (sparse_ff_kernel, 'MAX_PARTS_BYTES'),
