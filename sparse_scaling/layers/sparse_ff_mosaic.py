@@ -16,6 +16,10 @@ columns of x, written out, and their part of the controller's first product,
   part   = relu(x·W1[u] + b1[u])·W2[u]        its programs' partial sums (`_merged`)
            + b2 (+ the residual) in program 0's part;  ties to the lowest unit, as argmax
 
+`units_hidden`, the same programs in the kernel's other form, where the parts would be large
+(17B: 256 parts of 9216): each writes relu(x·W1[u] + b1[u]) and u's row, and
+`sparse_ff_kernel`'s `down` kernel (Triton's) multiplies W2's chosen rows.
+
 The kernels follow Mosaic GPU's rules (`mosaic_kernels.py`): the slices of C1 [ROWS, r] and
 C2 [r, N], the LayerNorm's weights, c, x's columns and z's partial sums are copied into shared
 memory by the TMA unit (each copy a multiple of 128 bytes), and C2's slice is read transposed,
