@@ -35,9 +35,12 @@ MARKS_PDL = hasattr(mosaic_core, 'PdlEffect')
 D_MODEL, D_FF, N, RANK = 128, 128, 64, 16
 
 
-def _mosaic_kernels(fn, *args):
-  """How many Mosaic GPU kernels (their grids, named ('t', ...)) fn(*args) runs."""
-  return str(jax.make_jaxpr(fn)(*args)).count("grid_names=('t', ")
+def _mosaic_kernels(fn, *args, grids=None):
+  """How many Mosaic GPU kernels (their grids, named ('t', ...)) fn(*args) runs, traced anew;
+  given `grids` (texts of grid names), how many of each, a tuple."""
+  text = str(jax.make_jaxpr(lambda *a: fn(*a))(*args))
+  return (text.count("grid_names=('t', ") if grids is None
+          else tuple(text.count(grid) for grid in grids))
 
 
 def _layer(seed=0, d_ff=D_FF, n=N, rank=RANK):

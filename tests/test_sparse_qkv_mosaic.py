@@ -20,6 +20,7 @@ from tests.test_fused_residual import _two_800m_layers_lowered_for_an_h200
 from tests.test_sparse_ff_mosaic import MARKS_PDL
 from tests.test_sparse_ff_mosaic import N
 from tests.test_sparse_ff_mosaic import RANK
+from tests.test_sparse_ff_mosaic import _mosaic_kernels
 from tests.utils import lowered_for_an_h200
 from tests.utils import random_inputs
 
@@ -29,12 +30,6 @@ from tests.utils import random_inputs
 LM = dict(d_model=128, n_heads=4, attention_sparsity=8, ff_sparsity=(N, RANK), max_len=8)
 SIZES = (3, 3, 1)   # the module kernels of Q, K and V, as at 800M
 GRIDS = ("grid_names=('t', 'p', 'c')", "grid_names=('b', 'o', 'g', 'c')")   # mixed, conv
-
-
-def _kernels(fn, *args):
-  """(multiplicative, convolution) Mosaic GPU kernels that fn(*args) runs (a new trace)."""
-  text = str(jax.make_jaxpr(lambda *a: fn(*a))(*args))
-  return tuple(text.count(grid) for grid in GRIDS)
 
 
 def _weights(d_model, n_modules, n_channels, dtype=jnp.float32, mean=0.0, seed=0):
@@ -106,7 +101,7 @@ def test_the_block_through_them_equals_the_block_through_the_triton_kernels(
   step, args = _block(128, n_modules, n_channels, 4, dtype, interpret=True, index=index)
   triton = step(*args)
   monkeypatch.setattr(sparse_qkv_block_kernel, 'MOSAIC', True)
-  assert _kernels(step, *args) == kernels
+  assert _mosaic_kernels(step, *args, grids=GRIDS) == kernels
   _assert_close(step(*args), triton, 1e-4 if dtype == jnp.float32 else 2e-2)
 
 

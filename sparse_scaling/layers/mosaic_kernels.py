@@ -33,6 +33,8 @@ from jax import lax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from sparse_scaling.layers import decode_kernels
+
 try:
   from jax.experimental.pallas import mosaic_gpu as plgpu
 except ImportError as error:   # a JAX without the backend: the kernels' `fits` say no
@@ -135,6 +137,12 @@ class Program:
     if self.interpret:
       return ref[...].T.astype(jnp.float32)
     return self.cast(ref.T[...], TRANSPOSED).astype(jnp.float32)
+
+  def layer_norm(self, x_s, scale_s, bias_s, stats):
+    """LayerNorm(x)[cols] in x's dtype, along the rows of a matrix layout, from x's slice and
+    the LayerNorm's scale and bias [cols] in shared memory and the row's (mean, 1/σ)."""
+    return decode_kernels.layer_norm_slice(
+        [self.cast(ref[...], ALONG_ROWS) for ref in (x_s, scale_s, bias_s)], stats)
 
   def iota(self, n, layout):
     return (lax.iota(jnp.int32, n) if self.interpret

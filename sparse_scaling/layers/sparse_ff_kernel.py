@@ -66,6 +66,12 @@ MAX_PARTS_BYTES, COLUMNS, GATHER = 1 << 20, 32, 256
 MOSAIC = False
 
 
+def _writes_parts(n_tokens, programs, d_model):
+  """Whether `programs` units programs a token write their parts [d] (float32), within
+  MAX_PARTS_BYTES, or the activations for `down`."""
+  return n_tokens * programs * d_model * 4 <= MAX_PARTS_BYTES
+
+
 def fits(d_lowrank, block):
   """Whether `sparse_units` and `ff_block` take these shapes: the controller's rank and N
   powers of 2. d_model may be any: rows and partial sums are loaded in power-of-2 pieces."""
@@ -201,7 +207,7 @@ def sparse_units(x, z, c2, cb, w1, b1, w2, b2, interpret=False, group=None, resi
     z = z[:, None, :]
   mosaic = (MOSAIC and not (decode_kernels.PREFETCH and ahead)
             and sparse_ff_mosaic.fits(d_model, r, c2.dtype, n, None if norm is None else z))
-  if mosaic and n_tokens * n_blocks * d_model * 4 <= MAX_PARTS_BYTES:
+  if mosaic and _writes_parts(n_tokens, n_blocks, d_model):   # one block a Mosaic program
     out = sparse_ff_mosaic.units_parts(x, z, c2, cb, w1, b1, w2, b2, residual, interpret, norm)
     return jnp.sum(out, axis=1).astype(x.dtype)
   w2 = w2.reshape(n_blocks * n, d_model)
@@ -216,7 +222,7 @@ def sparse_units(x, z, c2, cb, w1, b1, w2, b2, interpret=False, group=None, resi
     z = (*z, *norm)
   group = decode_kernels.largest_share(group or GROUP or min(8, max(1, n_blocks // 256)),
                                       n_blocks)
-  parts = n_tokens * (n_blocks // group) * d_model * 4 <= MAX_PARTS_BYTES
+  parts = _writes_parts(n_tokens, n_blocks // group, d_model)
   chunk = decode_kernels.row_chunk(d_model)
   ahead = tuple(ahead) if decode_kernels.PREFETCH else ()
   kernel = functools.partial(_units_kernel, group=group, n=n, chunk=chunk,

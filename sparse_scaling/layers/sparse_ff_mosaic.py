@@ -79,8 +79,7 @@ def _norm_kernel(x_g, scale_g, bias_g, c1_g, xn_g, z_g, c1_s, scale_s, bias_s, x
   mean, inv = mosaic_kernels.row_stats(x_g[t, :], epsilon)                         # of x [d]
   for i in range(4):
     plgpu.barrier_wait(barriers.at[i])
-  xn = decode_kernels.layer_norm_slice(
-      [program.cast(ref[...], ALONG_ROWS) for ref in (x_s, scale_s, bias_s)], (mean, inv))
+  xn = program.layer_norm(x_s, scale_s, bias_s, (mean, inv))
   xn_s[...] = xn
   c1 = program.load(c1_s, MATRIX)                                                 # [ROWS, r]
   z_s[...] = jnp.sum(lax.broadcast_in_dim(xn.astype(jnp.float32), c1.shape, (0,)) * c1, axis=0)
@@ -200,11 +199,12 @@ def units_parts(x, z, c2, cb, w1, b1, w2, b2, residual=None, interpret=False, no
     norm: (scale [d], bias [d], ε) of the block's LayerNorm, which each program finishes
       from the partial sums, or None.
   """
-  n_tokens, _ = x.shape
-  _, n_blocks, _ = c2.shape
+  n_tokens, d_model = x.shape
+  _, n_blocks, n = c2.shape
   residual = () if residual is None else (residual,)
-  return _units('units_parts', x, z, c2, cb, w1, b1, (w2, b2, *residual), interpret, norm,
-                jax.ShapeDtypeStruct((n_tokens, n_blocks, x.shape[1]), jnp.float32))
+  return _units('units_parts', x, z, c2, cb, w1, b1,
+                (w2.reshape(n_blocks * n, d_model), b2, *residual), interpret, norm,
+                jax.ShapeDtypeStruct((n_tokens, n_blocks, d_model), jnp.float32))
 
 
 def units_hidden(x, z, c2, cb, w1, b1, interpret=False, norm=None):
@@ -243,7 +243,6 @@ def _units(name, x, z, c2, cb, w1, b1, rest, interpret, norm, out_type):
     scratch = [plgpu.SMEM((n_partials,), jnp.float32), plgpu.SMEM((n_partials,), jnp.float32),
                *[mosaic_kernels.swizzled((n_partials, rank), jnp.float32)] * 3,
                plgpu.SMEM((rank,), jnp.float32), plgpu.Barrier(num_barriers=7)]
-  rest = tuple(a.reshape(n_blocks * n, d_model) if a.ndim == 3 else a for a in rest)
   inputs += (c2.reshape(rank, n_blocks * n), cb.reshape(-1), w1.reshape(n_blocks * n, d_model),
              b1.reshape(-1), *rest)
   kernel = mosaic_kernels.kernel(

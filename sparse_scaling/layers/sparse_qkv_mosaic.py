@@ -42,7 +42,6 @@ from jax import lax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from sparse_scaling.layers import decode_kernels
 from sparse_scaling.layers import mosaic_kernels
 from sparse_scaling.layers.mosaic_kernels import ALONG_COLUMNS
 from sparse_scaling.layers.mosaic_kernels import ALONG_ROWS
@@ -81,9 +80,7 @@ def _mixed_kernel(x_g, scale_g, bias_g, d_g, e_g, y_g, d_s, e_s, scale_s, bias_s
   stats = mosaic_kernels.row_stats(x_g[t, :], epsilon)                             # of x [d]
   for i in range(5):
     plgpu.barrier_wait(barriers.at[i])
-  xn = decode_kernels.layer_norm_slice(
-      [program.cast(ref[...], ALONG_ROWS) for ref in (x_s, scale_s, bias_s)], stats)
-  xn = xn.astype(jnp.float32)                                                       # [ROWS]
+  xn = program.layer_norm(x_s, scale_s, bias_s, stats).astype(jnp.float32)          # [ROWS]
   e = program.load(e_s, MATRIX)                                                   # [ROWS, C]
   for s in range(d_s.shape[0]):
     scaled = xn * program.load(d_s.at[s], ALONG_ROWS)                              # [ROWS]
