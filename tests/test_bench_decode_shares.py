@@ -34,7 +34,7 @@ def test_each_setting_is_in_force_while_it_is_measured_and_undone_after():
               'STATS_IN_KERNEL=0+MAX_D_MODEL=16384', 'CPU_TOP_K=0', 'CUBLAS_BYTES=0',
               'GRAPHS=0', 'EARLY=1', 'SHARED=2', 'PREFETCH=1+CACHES=1+STATE=1',
               'PERSIST=3+KEEP_BYTES=1000', 'CHUNK=0', 'FF_MOSAIC=1+CHAIN=0',
-              'QKV_MOSAIC=1+FF_MOSAIC=1', 'QKV_MOSAIC=1+MOSAIC_CHANNELS=64+MOSAIC_WIDTH=32',
+              'QKV_MOSAIC=1+FF_MOSAIC=1+MOSAIC_ATTEND=0', 'QKV_MOSAIC=1+MOSAIC_CHANNELS=64+MOSAIC_WIDTH=32',
               'DOT_MERGER=0+TILING_SEARCH=1+TRITON_GEMM=0']
   results = decode_shares.sweep('800m', 'ffqkv', 1, settings, measure=measure)
   assert [text for text, _ in results] == settings
@@ -48,7 +48,7 @@ def test_each_setting_is_in_force_while_it_is_measured_and_undone_after():
                   dict(before, SHARED=2), dict(before, PREFETCH=True, CACHES=True, STATE=True),
                   dict(before, PERSIST=3, KEEP_BYTES=1000), dict(before, CHUNK=0),
                   dict(before, FF_MOSAIC=True, CHAIN=False),
-                  dict(before, QKV_MOSAIC=True, FF_MOSAIC=True),
+                  dict(before, QKV_MOSAIC=True, FF_MOSAIC=True, MOSAIC_ATTEND=False),
                   dict(before, QKV_MOSAIC=True, MOSAIC_CHANNELS=64, MOSAIC_WIDTH=32),
                   dict(before, DOT_MERGER=False, TILING_SEARCH=True, TRITON_GEMM=False)]
   assert _constants() == before

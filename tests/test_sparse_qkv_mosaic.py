@@ -1,7 +1,7 @@
-"""Sparse QKV's multiplicative and convolution kernels in Mosaic GPU (`sparse_qkv_mosaic.py`):
-Pallas' GPU interpreter on the CPU against numpy and the Triton kernels, a model decoding
-through them (with the FF block's Mosaic kernels and without), lowering for an H200 at the
-800M shape, and the shapes they decline."""
+"""Sparse QKV's multiplicative, convolution and attention kernels in Mosaic GPU
+(`sparse_qkv_mosaic.py`): Pallas' GPU interpreter on the CPU against numpy and the Triton
+kernels, a model decoding through them (with the FF block's Mosaic kernels and without),
+lowering for an H200 at the 800M shape, and the shapes they decline."""
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +29,8 @@ from tests.utils import random_inputs
 # 64 channels the convolution kernel too.
 LM = dict(d_model=128, n_heads=4, attention_sparsity=8, ff_sparsity=(N, RANK), max_len=8)
 SIZES = (3, 3, 1)   # the module kernels of Q, K and V, as at 800M
-GRIDS = ("grid_names=('t', 'p', 'c')", "grid_names=('b', 'o', 'g', 'c')")   # mixed, conv
+GRIDS = ("grid_names=('t', 'p', 'c')", "grid_names=('b', 'o', 'g', 'c')",
+         "grid_names=('b', 'h', 'c')")   # mixed, conv, attend
 
 
 def _weights(d_model, n_modules, n_channels, dtype=jnp.float32, mean=0.0, seed=0):
@@ -88,17 +89,22 @@ def _assert_close(got, want, tolerance):
 
 
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize('n_modules, n_channels, index, kernels', [
-    (8, 16, 5, (1, 0)),    # M 16: the multiplicative kernel alone
-    (2, 64, 5, (1, 1)),    # M 64: and the convolutions
-    (2, 64, 11, (1, 1))])  # the token past the caches' end: their last position
+@pytest.mark.parametrize('n_modules, n_channels, n_heads, max_len, index, kernels', [
+    (8, 16, 4, 8, 5, (1, 0, 0)),      # M 16: the multiplicative kernel alone
+    (2, 64, 4, 8, 5, (1, 1, 0)),      # M 64: and the convolutions
+    (2, 64, 4, 8, 11, (1, 1, 0)),     # the token past the caches' end: their last position
+    (2, 64, 2, 96, 5, (1, 1, 1)),     # heads of 64, caches of 96: and attention (blocks of
+    (2, 64, 2, 96, 70, (1, 1, 1)),    # 64 positions from 0 and 32), the token in both blocks,
+    (2, 64, 2, 96, 130, (1, 1, 1))])  # past the end
 def test_the_block_through_them_equals_the_block_through_the_triton_kernels(
-    n_modules, n_channels, index, kernels, dtype, monkeypatch):
-  """`decode_step` at d_model 128, 4 heads, module kernels of 3, 3 and 1, its multiplicative
-  and convolution programs Mosaic GPU's (where M is a multiple of 64) or Triton's (both
-  compute in float32, LayerNorm(x) and the state's newest position rounded to the dtype
-  first): the same output, state, caches (K and V written in place) and position."""
-  step, args = _block(128, n_modules, n_channels, 4, dtype, interpret=True, index=index)
+    n_modules, n_channels, n_heads, max_len, index, kernels, dtype, monkeypatch):
+  """`decode_step` at d_model 128, module kernels of 3, 3 and 1, its multiplicative,
+  convolution and attention programs Mosaic GPU's (where M and d_head are multiples of 64 and
+  the caches hold 64 positions) or Triton's (all compute in float32, LayerNorm(x) and the
+  state's newest position rounded to the dtype first): the same output, state (moved on in
+  place), caches (K and V written in place) and position."""
+  step, args = _block(128, n_modules, n_channels, n_heads, dtype, interpret=True,
+                      max_len=max_len, index=index)
   triton = step(*args)
   monkeypatch.setattr(sparse_qkv_block_kernel, 'MOSAIC', True)
   assert _mosaic_kernels(step, *args, grids=GRIDS) == kernels
@@ -121,45 +127,49 @@ def test_the_programs_shares_follow_the_module_constants(monkeypatch):
   _assert_close(step(*args), triton, 1e-4)
 
 
-@pytest.mark.parametrize('attention_sparsity, ff_mosaic, kernels', [
-    (8, False, (2, 0)),    # 8 modules of 16 channels: the multiplicative kernel a layer
-    pytest.param(2, False, (2, 2), marks=pytest.mark.slow),   # 2 of 64: and the convolutions
-    (2, True, (4, 2))])    # and the FF block's units kernel (~30 s: the convolutions interpreted)
-def test_a_scaling_transformer_decodes_through_them_chained(attention_sparsity, ff_mosaic,
-                                                           kernels, monkeypatch):
+@pytest.mark.parametrize('attention_sparsity, n_heads, max_len, ff_mosaic, kernels', [
+    (8, 4, 4, False, (2, 0, 0)),   # 8 modules of 16 channels: the multiplicative kernel a layer
+    pytest.param(2, 4, 4, False, (2, 2, 0), marks=pytest.mark.slow),   # 2 of 64: and the
+    (2, 4, 4, True, (4, 2, 0)),    # convolutions, and the FF block's units kernel (~30 s)
+    (2, 2, 64, True, (4, 2, 2))])  # heads of 64, caches of 64: and attention (~60 s)
+def test_a_scaling_transformer_decodes_through_them_chained(
+    attention_sparsity, n_heads, max_len, ff_mosaic, kernels, monkeypatch):
   """The two-layer LM, its blocks chained as decoded by default, every layer's attention
   kernels Mosaic GPU's where they fit, and with the FF block's Mosaic kernels its units
-  kernel (fed the attention programs' 64 partial sums: 4 heads of 16 programs of 2 value
-  columns): every step's logits and the whole state as XLA's path, two rows, the caches (4
-  positions) filled past their end."""
+  kernel (fed the attention programs' 64 partial sums of 2 columns: from 4 heads of 16
+  programs of 2 value columns (Triton's), or from 2 heads of one program of 64 columns, each
+  writing 32 (Mosaic GPU's)): every step's logits and the whole state as XLA's path, two
+  rows, the caches (of 4 positions) filled past their end."""
   monkeypatch.setattr(sparse_qkv_block_kernel, 'MOSAIC', True)
   monkeypatch.setattr(sparse_ff_kernel, 'MOSAIC', ff_mosaic)
   monkeypatch.setattr(sparse_qkv_block_kernel, 'VALUE_WIDTH', 2)
-  lm = dict(LM, attention_sparsity=attention_sparsity, max_len=4)
+  lm = dict(LM, attention_sparsity=attention_sparsity, n_heads=n_heads, max_len=max_len)
   tokens = jnp.asarray(np.random.RandomState(5).randint(1, VOCAB, (2, 7)), jnp.int32)
-  counts = _decodes_as_xla('interpret', lm, tokens, count=("grid_names=('t', ", GRIDS[1]))
-  assert counts == kernels   # the Mosaic kernels with a grid over tokens; the convolutions
+  counts = _decodes_as_xla('interpret', lm, tokens, count=("grid_names=('t', ", *GRIDS[1:]))
+  assert counts == kernels   # the kernels with a grid over tokens; convolutions; attention
 
 
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize('ff_mosaic', [False, True])
-def test_two_800m_layers_decode_through_them_when_lowered_for_an_h200(ff_mosaic, dtype,
+@pytest.mark.parametrize('ff_mosaic, attend', [(False, True), (True, True), (True, False)])
+def test_two_800m_layers_decode_through_them_when_lowered_for_an_h200(ff_mosaic, attend, dtype,
                                                                        monkeypatch):
-  """Two 800M FF+QKV layers (d_model 1024, 16 modules of 64 channels), one decoding step
-  lowered for an abstract H200: a layer's multiplicative and convolution kernels Mosaic GPU's
-  (and with the FF block's, its units kernel), attention Triton's; the convolutions write K
-  and V into the caches in place (their custom call's outputs alias the caches); from jax
-  0.11 each Mosaic kernel is marked for Programmatic Dependent Launch, without which its wait
-  would hide nothing."""
+  """Two 800M FF+QKV layers (d_model 1024, 16 modules of 64 channels, 16 heads of 64,
+  caches of 168), one decoding step lowered for an abstract H200: a layer's multiplicative,
+  convolution and attention kernels Mosaic GPU's (attention Triton's without MOSAIC_ATTEND),
+  and with the FF block's, its units kernel (the whole layer Mosaic GPU's); the convolutions
+  write K and V into the caches in place and attention the state and the position (their
+  custom calls' outputs alias those inputs); from jax 0.11 each Mosaic kernel is marked for
+  Programmatic Dependent Launch, without which its wait would hide nothing."""
   monkeypatch.setattr(sparse_qkv_block_kernel, 'MOSAIC', True)
+  monkeypatch.setattr(sparse_qkv_block_kernel, 'MOSAIC_ATTEND', attend)
   monkeypatch.setattr(sparse_ff_kernel, 'MOSAIC', ff_mosaic)
-  text = _two_800m_layers_lowered_for_an_h200(dtype=dtype, triton=1 if ff_mosaic else 2)
-  n_mosaic = 6 if ff_mosaic else 4
-  assert text.count('@mosaic_gpu') == n_mosaic
-  assert text.count('mosaic_gpu.uses_pdl') == (n_mosaic if MARKS_PDL else 0)
+  n_mosaic = 2 + attend + ff_mosaic   # a layer's
+  text = _two_800m_layers_lowered_for_an_h200(dtype=dtype, triton=4 - n_mosaic)
+  assert text.count('@mosaic_gpu') == 2 * n_mosaic
+  assert text.count('mosaic_gpu.uses_pdl') == (2 * n_mosaic if MARKS_PDL else 0)
   aliased = [line for line in text.split('\n')
              if '@mosaic_gpu' in line and 'output_operand_aliases' in line]
-  assert len(aliased) == 2   # a layer's convolutions
+  assert len(aliased) == 2 * (1 + attend)   # a layer's convolutions and attention
 
 
 @pytest.mark.parametrize('d_model, n_modules, n_channels, dtype, fits', [
@@ -185,6 +195,22 @@ def test_shapes_the_convolution_kernel_takes(d_model, n_modules, n_heads, dtype,
                                             dtype) == fits
 
 
+@pytest.mark.parametrize('d_model, n_heads, max_len, n_state, dtype, rank, partial, fits', [
+    (1024, 16, 168, 2, jnp.float32, 16, 16, True),      # 800M, chained
+    (1024, 16, 168, 2, jnp.bfloat16, 16, 16, True),
+    (1024, 16, 168, 2, jnp.float32, None, None, True),  # unchained
+    (128, 2, 64, 1, jnp.float32, 16, 2, True),          # one position of state, 64 of cache
+    (128, 4, 168, 2, jnp.float32, 16, 16, False),       # heads of 32, under a program's 64
+    (1024, 16, 32, 2, jnp.float32, 16, 16, False),      # caches under a block's 64 positions
+    (1024, 16, 168, 0, jnp.float32, 16, 16, False),     # no state
+    (1024, 16, 168, 2, jnp.float32, 12, 16, False),     # rank not a multiple of 8
+    (1024, 16, 168, 2, jnp.float32, 16, 48, False)])    # partial sums of 48 columns
+def test_shapes_the_attention_kernel_takes(d_model, n_heads, max_len, n_state, dtype, rank,
+                                           partial, fits):
+  assert sparse_qkv_mosaic.attend_fits(d_model, n_heads, max_len, n_state, dtype, rank,
+                                       partial) == fits
+
+
 def test_shapes_they_decline_go_to_triton_and_a_direct_call_is_refused(monkeypatch):
   """A Sparse QKV block of 16 modules of 8 channels runs Triton's three kernels; called
   directly, each Mosaic kernel says which shapes it takes in one line."""
@@ -207,6 +233,11 @@ def test_shapes_they_decline_go_to_triton_and_a_direct_call_is_refused(monkeypat
     sparse_qkv_mosaic.convolutions(jnp.zeros(1, jnp.int32), jnp.zeros((3, 2, 16, 8)),
                                    jnp.zeros(128), state, conv, *caches, n_heads=4,
                                    sizes=(3, 3, 3))
+  with pytest.raises(ValueError, match=r'attend: d_model 128, 4 heads, 8 positions, a state '
+                                       r'of 2, rank None and 64 columns a partial sum do not'):
+    sparse_qkv_mosaic.attend(jnp.zeros(1, jnp.int32), x, x, *caches, jnp.zeros((3, 2, 128)),
+                             jnp.zeros(128), state.reshape(3, 2, 128), jnp.zeros(1, jnp.int32),
+                             n_heads=4)
 
 
 def test_without_the_backend_the_mosaic_kernels_decline(monkeypatch):
@@ -215,21 +246,24 @@ def test_without_the_backend_the_mosaic_kernels_decline(monkeypatch):
   monkeypatch.setattr(mosaic_kernels, 'MISSING', 'no backend')
   assert not sparse_qkv_mosaic.fits(1024, 16, 64, jnp.float32)
   assert not sparse_qkv_mosaic.convolutions_fit(1024, 16, 64, 16, jnp.float32)
+  assert not sparse_qkv_mosaic.attend_fits(1024, 16, 168, 2, jnp.float32, 16, 16)
   assert not sparse_ff_mosaic.fits(1024, 16, jnp.float32, 64)
 
 
 @pytest.mark.skipif(jax.default_backend() != 'gpu', reason='compiles the kernels for a GPU')
-@pytest.mark.parametrize('ff_mosaic', [False, True])
-def test_compiled_for_the_gpu_a_scaling_transformer_decodes_through_them(ff_mosaic,
-                                                                         monkeypatch):
+@pytest.mark.parametrize('ff_mosaic, n_heads, max_len, length', [
+    (False, 4, 8, 11), (True, 4, 8, 11), (True, 2, 64, 70)])
+def test_compiled_for_the_gpu_a_scaling_transformer_decodes_through_them(
+    ff_mosaic, n_heads, max_len, length, monkeypatch):
   """As the interpreted test above (2 modules of 64 channels: the multiplicative and the
-  convolution kernels Mosaic GPU's, and the units kernel with `ff_mosaic`), compiled: logits
-  and state as XLA's path, the caches filled past their end."""
+  convolution kernels Mosaic GPU's, the units kernel with `ff_mosaic`, and attention with
+  heads of 64 and caches of 64), compiled: logits and state as XLA's path, the caches filled
+  past their end."""
   monkeypatch.setattr(sparse_qkv_block_kernel, 'MOSAIC', True)
   monkeypatch.setattr(sparse_ff_kernel, 'MOSAIC', ff_mosaic)
   monkeypatch.setattr(sparse_qkv_block_kernel, 'VALUE_WIDTH', 2)
-  lm = dict(LM, attention_sparsity=2)
-  tokens = jnp.asarray(np.random.RandomState(5).randint(1, VOCAB, (2, 11)), jnp.int32)
+  lm = dict(LM, attention_sparsity=2, n_heads=n_heads, max_len=max_len)
+  tokens = jnp.asarray(np.random.RandomState(5).randint(1, VOCAB, (2, length)), jnp.int32)
   _decodes_as_xla('pallas', lm, tokens, tolerance=1e-4)
 
 
@@ -238,9 +272,10 @@ def test_compiled_for_the_gpu_a_scaling_transformer_decodes_through_them(ff_mosa
 def test_compiled_for_the_gpu_the_800m_block_through_them_equals_the_triton_kernels(
     dtype, monkeypatch):
   """The 800M block (d_model 1024, 16 modules of 64 channels, 16 heads, caches of 168),
-  compiled: its multiplicative and convolution programs Mosaic GPU's against Triton's."""
+  compiled: its multiplicative, convolution and attention programs Mosaic GPU's against
+  Triton's, the token in the caches' last block."""
   run = lambda: jax.jit(step)(*args)   # traced anew each time
-  step, args = _block(1024, 16, 64, 16, dtype, interpret=False, max_len=168)
+  step, args = _block(1024, 16, 64, 16, dtype, interpret=False, max_len=168, index=140)
   with decode_kernels.use('pallas'):
     triton = run()
     monkeypatch.setattr(sparse_qkv_block_kernel, 'MOSAIC', True)

@@ -22,9 +22,10 @@ constant, set while the setting is measured and restored after it. The names, by
                                  L2 cache for the KV caches that attention reads
     STATE                        `PREFETCH_STATE`, 1: they ask for the convolution's state
                                  too
-    QKV_MOSAIC                   `MOSAIC`, 1: the multiplicative and convolution programs as
-                                 Mosaic GPU kernels (`sparse_qkv_mosaic.py`) where the shapes
-                                 fit (token, block, trace)
+    QKV_MOSAIC                   `MOSAIC`, 1: the multiplicative, convolution and attention
+                                 programs as Mosaic GPU kernels (`sparse_qkv_mosaic.py`) where
+                                 the shapes fit (token, block, trace)
+    MOSAIC_ATTEND                with QKV_MOSAIC=1, 0: the attention programs Triton's
   layers/sparse_qkv_mosaic.py (with QKV_MOSAIC=1)
     MOSAIC_CHANNELS              `CHANNELS`: channels of M per multiplicative program
     MOSAIC_WIDTH                 `WIDTH`: output channels per convolution program
@@ -141,6 +142,7 @@ SHARES = {**{name: (sparse_qkv_block_kernel, name)
           'CACHES': (sparse_qkv_block_kernel, 'PREFETCH_CACHES'),
           'STATE': (sparse_qkv_block_kernel, 'PREFETCH_STATE'),
           'QKV_MOSAIC': (sparse_qkv_block_kernel, 'MOSAIC'),
+          'MOSAIC_ATTEND': (sparse_qkv_block_kernel, 'MOSAIC_ATTEND'),
           'MOSAIC_CHANNELS': (sparse_qkv_mosaic, 'CHANNELS'),
           'MOSAIC_WIDTH': (sparse_qkv_mosaic, 'WIDTH'),
           'FF_GROUP': (sparse_ff_kernel, 'GROUP'), 'FF_WARPS': (sparse_ff_kernel, 'WARPS'),
@@ -160,7 +162,7 @@ SHARES = {**{name: (sparse_qkv_block_kernel, name)
              for name in ('DOT_MERGER', 'TILING_SEARCH', 'TRITON_GEMM')}}
 _SWITCHES = ('DOT', 'CHAIN', 'CPU_TOP_K', 'GRAPHS', 'EARLY', 'PREFETCH', 'DOT_MERGER',
              'TILING_SEARCH', 'TRITON_GEMM', 'CACHES', 'STATE', 'FF_MOSAIC',
-             'QKV_MOSAIC')   # 0 or 1
+             'QKV_MOSAIC', 'MOSAIC_ATTEND')   # 0 or 1
 SHARED_WEIGHTS = 0   # 0, 1 or 2: see the module's note
 # XLA's options for a GPU program, on top of `decoding.COMPILER_OPTIONS` (`xla_options`).
 XLA_DOT_MERGER, XLA_TILING_SEARCH, XLA_TRITON_GEMM = True, False, True

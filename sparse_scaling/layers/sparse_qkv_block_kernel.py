@@ -100,8 +100,12 @@ PREFETCH_STATE = False
 # before them: the multiplicative ones where the shapes fit (`sparse_qkv_mosaic.fits`) and the
 # Triton kernel would compute the row's statistics itself and ask the L2 cache for nothing
 # ahead, the convolutions where M is a multiple of 64 (`convolutions_fit`) and x and the
-# caches share a dtype; 800M's shapes take both. Off until timed on a GPU.
+# caches share a dtype; and with MOSAIC_ATTEND the attention programs, where d_head is a
+# multiple of 64, the caches hold 64 positions or more and the kernel asks the L2 cache for
+# nothing ahead (`sparse_qkv_mosaic.attend_fits`). 800M's shapes take all three. Off until
+# timed on a GPU.
 MOSAIC = False
+MOSAIC_ATTEND = True
 
 
 def fits(d_model, n_modules, n_heads, sizes, length_kernel_size):
@@ -466,6 +470,14 @@ def decode_step(x, norm, mixed, conv, state, k_cache, v_cache, index, *, n_heads
       jax.ShapeDtypeStruct((batch, n_programs), jnp.float32),
       jax.ShapeDtypeStruct((batch, n_programs), jnp.float32),
       jax.ShapeDtypeStruct((batch, n_programs, 3, ff_norm[2].shape[1]), jnp.float32))
+  if (MOSAIC and MOSAIC_ATTEND and not ahead and x.dtype == k_cache.dtype == state.dtype
+      and sparse_qkv_mosaic.attend_fits(
+          d_model, n_heads, max_len, state.shape[1], k_cache.dtype,
+          None if ff_norm is None else ff_norm[2].shape[1], value_width)):
+    out, flat_state, index, *partials = sparse_qkv_mosaic.attend(
+        position, x, q, k_cache, v_cache, y.reshape(batch, y.shape[1], d_model), y_bias,
+        flat_state, index, ff_norm, n_heads=n_heads, partial=value_width, interpret=interpret)
+    return (out, flat_state.reshape(state.shape), k_cache, v_cache, index[0], *partials)
   grid = (batch * n_heads, d_head // value_width)
   out, flat_state, index, *partials = pl.pallas_call(
       functools.partial(_attend_kernel, n_heads=n_heads, value_width=value_width,

@@ -42,6 +42,7 @@ from jax import lax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from sparse_scaling.layers import decode_kernels
 from sparse_scaling.layers import mosaic_kernels
 from sparse_scaling.layers.mosaic_kernels import ALONG_COLUMNS
 from sparse_scaling.layers.mosaic_kernels import ALONG_ROWS
@@ -51,6 +52,7 @@ from sparse_scaling.layers.mosaic_kernels import plgpu
 ROWS = 64       # input rows per program: the matrix units' layout's 64
 CHANNELS = 16   # channels of M per program (as the Triton kernel's MIXED_CHANNELS at 800M)
 WIDTH = 16      # output channels per `convolutions` program (as the Triton kernel's WIDTH)
+HEAD_COLUMNS = 64   # value columns per `attend` program: the matrix units' layout's 64 rows
 
 
 def fits(d_model, n_modules, n_channels, dtype, channels=None):
@@ -256,3 +258,195 @@ def convolutions(index, y, y_bias, state, conv, k_cache, v_cache, *, n_heads, si
       interpret=interpret)
   return kernel(index, y, y_bias.reshape(n_modules, n_channels), state, *weights, k_cache,
                 v_cache)
+
+
+def attend_fits(d_model, n_heads, max_len, n_state, dtype, d_lowrank=None, partial=None):
+  """Whether `attend` takes these shapes: d_head a multiple of HEAD_COLUMNS' 64 (a program's
+  value columns, the rows of the matrix units' layout), caches of at least 64 positions (a
+  block of them is a matrix's 64 rows), a state of at least one position; given the next FF
+  block's controller rank `d_lowrank`, a multiple of 8 and of 32 bytes, and the `partial`
+  sums' columns (None: 64) dividing 64. 800M: d_head 64, 168 positions, rank 16."""
+  d_head = d_model // n_heads
+  return (mosaic_kernels.MISSING is None and d_model % n_heads == 0
+          and d_head % HEAD_COLUMNS == 0 and max_len >= HEAD_COLUMNS and n_state >= 1
+          and mosaic_kernels.swizzles(d_head, dtype)
+          and jnp.dtype(dtype).itemsize * HEAD_COLUMNS % 128 == 0
+          and (d_lowrank is None or mosaic_kernels.swizzles(d_lowrank, dtype))
+          and HEAD_COLUMNS % (partial or HEAD_COLUMNS) == 0)
+
+
+
+def _attend_kernel(position_g, x_g, q_g, k_g, v_g, y_g, y_bias_g, state_g, _index_g, *refs,
+                   n_heads, starts, partial, chained, interpret):
+  """One (row, head, 64 value columns) program. Shapes in `attend`; state_g and state_out_g
+  are one buffer, as are _index_g and next_g. refs: with `chained`, the next FF block's
+  LayerNorm scale and bias and C1; the outputs; the scratch."""
+  program = mosaic_kernels.Program(interpret)
+  program.launch_dependents()
+  if chained:
+    scale_g, bias_g, c1_g, *refs = refs
+    (out_g, state_out_g, next_g, sums_g, m2_g, products_g, k_s, v_s, q_s, k_row_s, v_row_s,
+     x_s, y_s, y_bias_s, state_s, out_s, scale_s, bias_s, c1_s, products_s, barriers) = refs
+  else:
+    (out_g, state_out_g, next_g, k_s, v_s, q_s, k_row_s, v_row_s, x_s, y_s, y_bias_s,
+     state_s, out_s, barriers) = refs
+  b, h, c = lax.axis_index('b'), lax.axis_index('h'), lax.axis_index('c')
+  d_head, block, n = k_g.shape[2], k_s.shape[1], state_g.shape[1]
+  r = b * n_heads + h                                      # the row of the caches
+  cols = pl.ds(c * HEAD_COLUMNS, HEAD_COLUMNS)             # of the head's channels
+  own = pl.ds(h * d_head + c * HEAD_COLUMNS, HEAD_COLUMNS)  # the same, of d_model's
+  used = []
+  def copy(src, dst):
+    used.append(len(used))
+    plgpu.copy_gmem_to_smem(src, dst, barriers.at[used[-1]])
+  # Before the wait, what no kernel of this token writes: the caches' blocks (the token's own
+  # position, which the convolutions write, is read again after the wait), the state's
+  # older positions (written by this kernel a token before), y's bias and the FF block's
+  # weights; the new state's older positions go straight to their place in state_s.
+  for i, start in enumerate(starts):
+    copy(k_g.at[r, pl.ds(start, block)], k_s.at[i])
+    copy(v_g.at[r, pl.ds(start, block), cols], v_s.at[i])
+  if n > 1:
+    copy(state_g.at[b, pl.ds(1, n - 1), own], state_s.at[pl.ds(0, n - 1)])
+  copy(y_bias_g.at[own], y_bias_s)
+  if chained:
+    copy(scale_g.at[own], scale_s)
+    copy(bias_g.at[own], bias_s)
+    copy(c1_g.at[own], c1_s)
+  program.wait()
+  position = position_g[0]
+  index = jnp.minimum(position, k_g.shape[1] - 1)
+  copy(q_g.at[b, pl.ds(h * d_head, d_head)], q_s)
+  copy(k_g.at[r, index], k_row_s)
+  copy(v_g.at[r, index, cols], v_row_s)
+  copy(x_g.at[b, own], x_s)
+  copy(y_g.at[b, :, own], y_s)
+  for i in used:
+    plgpu.barrier_wait(barriers.at[i])
+
+  root = float(d_head) ** 0.5
+  q = program.load(q_s, ALONG_COLUMNS)                                              # [Dh]
+  own_score = jnp.sum(q * program.load(k_row_s, ALONG_COLUMNS)) / root   # the token's key
+  scores, at_index = [], []
+  for i, start in enumerate(starts):
+    keys = program.load(k_s.at[i], MATRIX)                                     # [block, Dh]
+    score = jnp.sum(keys * lax.broadcast_in_dim(q, keys.shape, (1,)), axis=1) / root
+    position_i = start + program.iota(block, ALONG_ROWS)
+    valid = (position_i >= i * block) & (position_i <= index)   # blocks overlap at the end
+    at_index.append(position_i == index)
+    scores.append(jnp.where(valid, jnp.where(at_index[-1], own_score, score), -jnp.inf))
+  top = functools.reduce(jnp.maximum, [jnp.max(score) for score in scores])
+  weights, weighted = None, None   # the token's own value apart: the cache's copy is stale
+  for i, score in enumerate(scores):
+    p = jnp.exp(score - top)                                                      # [block]
+    values = program.load(v_s.at[i], MATRIX)                                    # [block, C]
+    products = lax.broadcast_in_dim(jnp.where(at_index[i], 0.0, p), values.shape, (0,))
+    weights = jnp.sum(p) if weights is None else weights + jnp.sum(p)
+    part = jnp.sum(products * values, axis=0)                                         # [C]
+    weighted = part if weighted is None else weighted + part
+  weighted = weighted + jnp.exp(own_score - top) * program.load(v_row_s, ALONG_COLUMNS)
+  x = program.load(x_s, ALONG_COLUMNS)
+  out_s[...] = (x + weighted / weights).astype(out_s.dtype)
+  # The state moves on at the program's columns: its newest position is y (partial sums
+  # added), as the state's dtype holds it.
+  y = sum(program.load(y_s.at[p], ALONG_COLUMNS) for p in range(y_s.shape[0]))
+  state_s[n - 1] = (y + program.load(y_bias_s, ALONG_COLUMNS)).astype(state_s.dtype)
+  plgpu.commit_smem()
+  plgpu.copy_smem_to_gmem(out_s, out_g.at[b, own])
+  plgpu.copy_smem_to_gmem(state_s, state_out_g.at[b, :, own])
+  if chained:   # the partial sums of `partial` columns each (`_ff_partials'`), from out_s
+    x = program.load(out_s, ALONG_ROWS)
+    scale, bias = (program.load(ref, ALONG_ROWS) for ref in (scale_s, bias_s))
+    c1 = program.load(c1_s, MATRIX)                                                # [C, r]
+    scaled = lax.broadcast_in_dim(scale, c1.shape, (0,)) * c1
+    piece = program.iota(HEAD_COLUMNS, ALONG_ROWS) // partial
+    first = (h * d_head + c * HEAD_COLUMNS) // partial
+    along = lambda v: lax.broadcast_in_dim(v, c1.shape, (0,))
+    for j in range(HEAD_COLUMNS // partial):
+      inside = (piece == j).astype(jnp.float32)
+      total = jnp.sum(x * inside)
+      centred = (x - total / partial) * inside
+      sums_g[b, first + j] = total
+      m2_g[b, first + j] = jnp.sum(centred * centred)
+      products_s[j, 0] = jnp.sum(along(centred) * scaled, axis=0)
+      products_s[j, 1] = jnp.sum(along(inside) * scaled, axis=0)
+      products_s[j, 2] = jnp.sum(along(bias * inside) * c1, axis=0)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(products_s, products_g.at[b, pl.ds(first, HEAD_COLUMNS // partial)])
+  next_g[0] = position + 1   # the next token's position (every program writes it)
+  plgpu.wait_smem_to_gmem(0)
+
+
+def attend(position, x, q, k_cache, v_cache, y, y_bias, state, index, ff_norm=None, *,
+           n_heads, partial=None, interpret=False):
+  """Attention of one token per row over the KV caches, the residual added, and the
+  convolution's state moved on in place (`sparse_qkv_block_kernel`'s `attend`).
+
+  One program per (row, head, HEAD_COLUMNS value columns). Before it waits: the caches'
+  blocks of 64 positions (the last overlapping the one before), the state's older positions,
+  y's bias and the next FF block's fixed weights; after it, q, the token's own key and value
+  (which the convolutions have just written, so the blocks' copies of them are stale: the
+  score and value at the token's position are its own), x's columns and y's partial sums.
+
+  Args:
+    position: [1] int32, the token's position (the convolutions' output).
+    x: [B, d], the block's input (the residual).
+    q: [B, d], the token's query (the convolutions').
+    k_cache, v_cache: [B·H, max_len, d_head], the token's key and value written at
+      min(position, max_len − 1).
+    y: [B, P, d] float32, the multiplicative layer's partial sums; y_bias: [d], its bias.
+    state: [B, n, d], the convolution's previous inputs (oldest first).
+    index: [1] int32, the buffer the next position is written into.
+    ff_norm: (scale [d], bias [d], C1 [d, r]) of the next FF block's LayerNorm and
+      controller, or None.
+    n_heads: H.
+    partial: Columns per partial sum with `ff_norm` (a divisor of 64; None: 64).
+    interpret: Run in Pallas' GPU interpreter (any backend).
+
+  Returns:
+    (out [B, d] in x's dtype, the new state [B, n, d] in state's buffer, position + 1 [1] in
+    index's), and with `ff_norm` the partial sums Σx [B, d / partial], Σ(x − x̄)² [B, d /
+    partial] and products [B, d / partial, 3, r] (`sparse_qkv_block_kernel._ff_partials`).
+  """
+  batch, d_model = x.shape
+  _, max_len, d_head = k_cache.shape
+  n = state.shape[1]
+  partial = partial or HEAD_COLUMNS
+  rank = None if ff_norm is None else ff_norm[2].shape[1]
+  dtype = k_cache.dtype
+  if not (attend_fits(d_model, n_heads, max_len, n, dtype, rank, partial)
+          and x.dtype == q.dtype == dtype == state.dtype):
+    raise ValueError(f'attend: d_model {d_model}, {n_heads} heads, {max_len} positions, a '
+                     f'state of {n}, rank {rank} and {partial} columns a partial sum do not '
+                     f'fit Mosaic GPU\'s layouts, or x, q, the caches and the state differ in '
+                     f'dtype ({mosaic_kernels.MISSING or "see attend_fits"})')
+  block, starts = decode_kernels.cache_blocks(max_len, HEAD_COLUMNS)
+  n_partials = d_model // partial
+  partials = () if ff_norm is None else (
+      jax.ShapeDtypeStruct((batch, n_partials), jnp.float32),
+      jax.ShapeDtypeStruct((batch, n_partials), jnp.float32),
+      jax.ShapeDtypeStruct((batch, n_partials, 3, rank), jnp.float32))
+  ff_scratch = () if ff_norm is None else (
+      plgpu.SMEM((HEAD_COLUMNS,), ff_norm[0].dtype), plgpu.SMEM((HEAD_COLUMNS,), ff_norm[1].dtype),
+      mosaic_kernels.swizzled((HEAD_COLUMNS, rank), ff_norm[2].dtype),
+      plgpu.SMEM((HEAD_COLUMNS // partial, 3, rank), jnp.float32))
+  n_copies = 2 * len(starts) + (n > 1) + 1 + 3 * (ff_norm is not None) + 5
+  kernel = mosaic_kernels.kernel(
+      functools.partial(_attend_kernel, n_heads=n_heads, starts=starts, partial=partial,
+                        chained=ff_norm is not None, interpret=interpret),
+      out_type=(jax.ShapeDtypeStruct(x.shape, x.dtype),
+                jax.ShapeDtypeStruct(state.shape, state.dtype),
+                jax.ShapeDtypeStruct((1,), jnp.int32), *partials),
+      input_output_aliases={7: 1, 8: 2},
+      grid=(batch, n_heads, d_head // HEAD_COLUMNS), grid_names=('b', 'h', 'c'),
+      scratch_types=[mosaic_kernels.swizzled((len(starts), block, d_head), dtype),
+                     mosaic_kernels.swizzled((len(starts), block, HEAD_COLUMNS), dtype),
+                     plgpu.SMEM((d_head,), dtype), plgpu.SMEM((d_head,), dtype),
+                     plgpu.SMEM((HEAD_COLUMNS,), dtype), plgpu.SMEM((HEAD_COLUMNS,), dtype),
+                     plgpu.SMEM((y.shape[1], HEAD_COLUMNS), jnp.float32),
+                     plgpu.SMEM((HEAD_COLUMNS,), y_bias.dtype),
+                     plgpu.SMEM((n, HEAD_COLUMNS), state.dtype),
+                     plgpu.SMEM((HEAD_COLUMNS,), x.dtype), *ff_scratch,
+                     plgpu.Barrier(num_barriers=n_copies)],
+      interpret=interpret)
+  return kernel(position, x, q, k_cache, v_cache, y, y_bias, state, index, *(ff_norm or ()))
