@@ -3,7 +3,8 @@
 jax 0.11 deprecates Pallas' Triton backend, which the decoding kernels were first written for
 (`decode_kernels.py`), in favour of Mosaic GPU. Kernels written for it so far:
 `sparse_ff_mosaic.py` (the FF block's LayerNorm-controller and units programs) and
-`sparse_qkv_mosaic.py` (the attention block's multiplicative and convolution programs), each
+`sparse_qkv_mosaic.py` (the attention block's multiplicative, convolution and attention
+programs), each
 behind its module's MOSAIC switch, off until timed on a GPU.
 
 Mosaic GPU differs from Triton in what a program may hold and how it loads (jax 0.10-0.12):

@@ -1,9 +1,10 @@
-"""Sparse QKV's multiplicative and convolution decoding kernels in Mosaic GPU (`mosaic_kernels.py`).
+"""Sparse QKV's decoding kernels in Mosaic GPU (`mosaic_kernels.py`).
 
-Two of the attention block's three kernels (`sparse_qkv_block_kernel.py`'s `mixed` and
-`conv`) written for Mosaic GPU, used where `sparse_qkv_block_kernel.MOSAIC` asks for them: off
-by default, as they are not yet timed on a GPU. Each program copies what it reads that the
-kernel before it did not write (its fixed weights, and the convolution's state) into shared
+The attention block's three kernels (`sparse_qkv_block_kernel.py`'s `mixed`, `conv` and
+`attend`) written for Mosaic GPU, used where `sparse_qkv_block_kernel.MOSAIC` asks for them:
+off by default, as they are not yet timed on a GPU. Each program copies what it reads that the
+kernels of this token did not write (its fixed weights, the convolution's state, the KV
+caches' older positions) into shared
 memory with the TMA unit before it waits for that kernel, so that their latency passes while
 that kernel runs; then what that kernel wrote.
 
@@ -30,9 +31,17 @@ its bias, y's bias and the state (which this block's attention kernel wrote a to
 after it, y's partial sums. Q goes to its output, K and V into the caches at the token's
 position in place (`mosaic_kernels.kernel`'s aliases), as the Triton kernel writes them.
 
+`attend`, one program per (token, head, HEAD_COLUMNS value columns):
+
+  out = x[cols] + Σ_t softmax_t(q·K[t] / √d_head)·V[t, cols]      [C], t up to the position
+
+over the caches in blocks of 64 positions (the rows of a matrix layout), the token's own
+score and value from the row the convolutions have just written, read after the wait (the
+blocks, copied before it, may hold the row's old contents). It also moves the convolution's
+state on in place and, chained, writes the next FF block's partial sums (`attend`'s note).
+
 Not yet here, as in `sparse_ff_mosaic.py`: the requests that the Triton kernels make in
-bfloat16 for the L2 cache to keep their fixed weights (`decode_kernels.keep`); nor the
-attention kernel, which stays Triton's.
+bfloat16 for the L2 cache to keep their fixed weights (`decode_kernels.keep`).
 """
 
 import functools
