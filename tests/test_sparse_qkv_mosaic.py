@@ -111,6 +111,28 @@ def test_the_block_through_them_equals_the_block_through_the_triton_kernels(
   _assert_close(step(*args), triton, 1e-4 if dtype == jnp.float32 else 2e-2)
 
 
+@pytest.mark.parametrize('value_width', [16, 64])
+def test_chained_its_partial_sums_for_the_ff_block_equal_the_triton_kernels(value_width,
+                                                                             monkeypatch):
+  """Chained (the next FF block's LayerNorm and C1 given, rank 16), the attention programs'
+  partial sums for that block: Mosaic GPU's programs of 64 columns write one for each slice
+  of the Triton kernel's value width (4 of 16, or 1 of 64), equal to the Triton programs'
+  slice by slice, beside the same output and state."""
+  monkeypatch.setattr(sparse_qkv_block_kernel, 'VALUE_WIDTH', value_width)
+  _, args = _block(128, 2, 64, 2, jnp.float32, interpret=True, max_len=96, index=40)
+  rng = np.random.RandomState(7)
+  ff_norm = tuple(jnp.asarray(rng.randn(*shape), jnp.float32) + mean
+                  for shape, mean in (((128,), 1.0), ((128,), 0.0), ((128, 16), 0.0)))
+  chained = lambda *a: sparse_qkv_block_kernel.decode_step(
+      *a, n_heads=2, sizes=SIZES, epsilon=1e-6, interpret=True, ff_norm=ff_norm)
+  triton = chained(*args)
+  monkeypatch.setattr(sparse_qkv_block_kernel, 'MOSAIC', True)
+  assert _mosaic_kernels(chained, *args, grids=GRIDS) == (1, 1, 1)
+  mosaic = chained(*args)
+  assert mosaic[-1].shape == (3, 128 // value_width, 3, 16)
+  _assert_close(mosaic, triton, 1e-4)
+
+
 def test_the_programs_shares_follow_the_module_constants(monkeypatch):
   """CHANNELS and WIDTH (`decode_shares`' MOSAIC_CHANNELS and MOSAIC_WIDTH) set the programs'
   shares: all 64 channels a multiplicative program (3 tokens, 2 slices of rows, 1 of
