@@ -284,7 +284,6 @@ def attend_fits(d_model, n_heads, max_len, n_state, dtype, d_lowrank=None, parti
           and HEAD_COLUMNS % (partial or HEAD_COLUMNS) == 0)
 
 
-
 def _attend_kernel(position_g, x_g, q_g, k_g, v_g, y_g, y_bias_g, state_g, _index_g, *refs,
                    n_heads, starts, partial, chained, interpret):
   """One (row, head, 64 value columns) program. Shapes in `attend`; state_g and state_out_g
