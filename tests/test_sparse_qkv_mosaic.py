@@ -224,6 +224,9 @@ def test_shapes_the_convolution_kernel_takes(d_model, n_modules, n_heads, dtype,
     (128, 2, 64, 1, jnp.float32, 16, 2, True),          # one position of state, 64 of cache
     (128, 4, 168, 2, jnp.float32, 16, 16, False),       # heads of 32, under a program's 64
     (1024, 16, 32, 2, jnp.float32, 16, 16, False),      # caches under a block's 64 positions
+    (1024, 16, 320, 2, jnp.float32, 16, 16, True),      # 5 blocks of K and V: 160 KB
+    (1024, 16, 384, 2, jnp.float32, 16, 16, False),     # 6: over CACHE_BYTES
+    (1024, 16, 384, 2, jnp.bfloat16, 16, 16, True),     # in bfloat16, 96 KB
     (1024, 16, 168, 0, jnp.float32, 16, 16, False),     # no state
     (1024, 16, 168, 2, jnp.float32, 12, 16, False),     # rank not a multiple of 8
     (1024, 16, 168, 2, jnp.float32, 16, 48, False)])    # partial sums of 48 columns

@@ -62,6 +62,10 @@ ROWS = 64       # input rows per program: the matrix units' layout's 64
 CHANNELS = 16   # channels of M per program (as the Triton kernel's MIXED_CHANNELS at 800M)
 WIDTH = 16      # output channels per `convolutions` program (as the Triton kernel's WIDTH)
 HEAD_COLUMNS = 64   # value columns per `attend` program: the matrix units' layout's 64 rows
+# The most bytes of the KV caches' blocks an `attend` program holds in shared memory (of the
+# 227 KB a Hopper SM has): K's and V's 168 positions of 64 channels at 800M take 96 KB in
+# float32; longer caches go to the Triton kernel, which reads a block at a time.
+CACHE_BYTES = 160 * 1024
 
 
 def fits(d_model, n_modules, n_channels, dtype, channels=None):
@@ -272,12 +276,16 @@ def convolutions(index, y, y_bias, state, conv, k_cache, v_cache, *, n_heads, si
 def attend_fits(d_model, n_heads, max_len, n_state, dtype, d_lowrank=None, partial=None):
   """Whether `attend` takes these shapes: d_head a multiple of HEAD_COLUMNS' 64 (a program's
   value columns, the rows of the matrix units' layout), caches of at least 64 positions (a
-  block of them is a matrix's 64 rows), a state of at least one position; given the next FF
+  block of them is a matrix's 64 rows) whose blocks a program holds in CACHE_BYTES, a state
+  of at least one position; given the next FF
   block's controller rank `d_lowrank`, a multiple of 8 and of 32 bytes, and the `partial`
   sums' columns (None: 64) dividing 64. 800M: d_head 64, 168 positions, rank 16."""
   d_head = d_model // n_heads
+  blocks = len(decode_kernels.cache_blocks(max_len, HEAD_COLUMNS)[1])
+  cache_bytes = blocks * HEAD_COLUMNS * (d_head + HEAD_COLUMNS) * jnp.dtype(dtype).itemsize
   return (mosaic_kernels.MISSING is None and d_model % n_heads == 0
           and d_head % HEAD_COLUMNS == 0 and max_len >= HEAD_COLUMNS and n_state >= 1
+          and cache_bytes <= CACHE_BYTES
           and mosaic_kernels.swizzles(d_head, dtype)
           and jnp.dtype(dtype).itemsize * HEAD_COLUMNS % 128 == 0
           and (d_lowrank is None or mosaic_kernels.swizzles(d_lowrank, dtype))
