@@ -65,9 +65,10 @@ def test_in_the_interpreter_it_equals_the_reference(channels, mean, tolerance):
 
 
 def _block(d_model, n_modules, n_channels, n_heads, dtype, interpret, max_len=8, index=5,
-           seed=3):
+           seed=3, **kwargs):
   """(decode_step, its arguments): one Sparse QKV block of these shapes, 3 rows, module
-  kernels of SIZES, random weights, state and caches in `dtype`, the token at `index`."""
+  kernels of SIZES, random weights, state and caches in `dtype`, the token at `index`;
+  `kwargs` go to decode_step (ff_norm)."""
   x, scale, bias, d, e = _weights(d_model, n_modules, n_channels, dtype, seed=seed)
   rng = np.random.RandomState(seed + 10)
   conv = tuple((jnp.asarray(rng.randn(3, size, n_channels, n_channels) / 8, dtype),
@@ -77,7 +78,7 @@ def _block(d_model, n_modules, n_channels, n_heads, dtype, interpret, max_len=8,
             for _ in range(2)]
   y_bias = jnp.asarray(rng.randn(d_model), dtype)
   step = lambda *a: sparse_qkv_block_kernel.decode_step(
-      *a, n_heads=n_heads, sizes=SIZES, epsilon=1e-6, interpret=interpret)
+      *a, n_heads=n_heads, sizes=SIZES, epsilon=1e-6, interpret=interpret, **kwargs)
   return step, (x, (scale, bias), (d, e, y_bias), conv, state, *caches, jnp.int32(index))
 
 
@@ -119,12 +120,11 @@ def test_chained_its_partial_sums_for_the_ff_block_equal_the_triton_kernels(valu
   of the Triton kernel's value width (4 of 16, or 1 of 64), equal to the Triton programs'
   slice by slice, beside the same output and state."""
   monkeypatch.setattr(sparse_qkv_block_kernel, 'VALUE_WIDTH', value_width)
-  _, args = _block(128, 2, 64, 2, jnp.float32, interpret=True, max_len=96, index=40)
   rng = np.random.RandomState(7)
   ff_norm = tuple(jnp.asarray(rng.randn(*shape), jnp.float32) + mean
                   for shape, mean in (((128,), 1.0), ((128,), 0.0), ((128, 16), 0.0)))
-  chained = lambda *a: sparse_qkv_block_kernel.decode_step(
-      *a, n_heads=2, sizes=SIZES, epsilon=1e-6, interpret=True, ff_norm=ff_norm)
+  chained, args = _block(128, 2, 64, 2, jnp.float32, interpret=True, max_len=96, index=40,
+                         ff_norm=ff_norm)
   triton = chained(*args)
   monkeypatch.setattr(sparse_qkv_block_kernel, 'MOSAIC', True)
   assert _mosaic_kernels(chained, *args, grids=GRIDS) == (1, 1, 1)

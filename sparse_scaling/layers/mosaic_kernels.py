@@ -110,6 +110,22 @@ def row_stats(x, epsilon):
   return mean, lax.rsqrt(jnp.sum((x - mean) * (x - mean)) / x.shape[0] + epsilon)
 
 
+class Copies:
+  """A program's copies into shared memory by the TMA unit, each on a barrier of its own in
+  turn (`barriers`: a `plgpu.Barrier` scratch of at least as many), and the wait for them all."""
+
+  def __init__(self, barriers):
+    self.barriers, self.count = barriers, 0
+
+  def __call__(self, src, dst):
+    plgpu.copy_gmem_to_smem(src, dst, self.barriers.at[self.count])
+    self.count += 1
+
+  def wait(self):
+    for i in range(self.count):
+      plgpu.barrier_wait(self.barriers.at[i])
+
+
 class Program:
   """What a program body calls that Pallas' GPU interpreter has no rule for: outside it, the
   grid dependency control and the layouts; inside, nothing and the arrays as they are."""

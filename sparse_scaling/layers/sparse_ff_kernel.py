@@ -78,6 +78,14 @@ def fits(d_lowrank, block):
   return decode_kernels.is_power_of_2(d_lowrank, block)
 
 
+def partials_type(n_tokens, n_partials, rank):
+  """The shapes of the partial sums an attention kernel writes for the FF block after it
+  (`merge_partials`' Σx [T, P], Σ(x − x̄)² [T, P] and products [T, P, 3, r], float32)."""
+  return (jax.ShapeDtypeStruct((n_tokens, n_partials), jnp.float32),
+          jax.ShapeDtypeStruct((n_tokens, n_partials), jnp.float32),
+          jax.ShapeDtypeStruct((n_tokens, n_partials, 3, rank), jnp.float32))
+
+
 def merge_partials(sums, m2s, products, d_model, epsilon):
   """(mean, 1/σ, z = LayerNorm(x)·C1 [r]) of a row from its slices' partial sums, as
   `load_pieces` gives them (`sparse_qkv_block_kernel._ff_partials`; P slices of d / P

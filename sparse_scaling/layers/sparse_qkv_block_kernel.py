@@ -45,6 +45,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from sparse_scaling.layers import decode_kernels
+from sparse_scaling.layers import sparse_ff_kernel
 from sparse_scaling.layers import sparse_qkv_mosaic
 from sparse_scaling.layers.decode_kernels import f32
 
@@ -465,30 +466,28 @@ def decode_step(x, norm, mixed, conv, state, k_cache, v_cache, index, *, n_heads
     )(index, y, y_bias.reshape(n_modules, n_channels), state, *conv_weights, k_cache, v_cache)
 
   flat_state = state.reshape(batch, state.shape[1], d_model)
-  n_programs = d_model // value_width
-  partials = () if ff_norm is None else (
-      jax.ShapeDtypeStruct((batch, n_programs), jnp.float32),
-      jax.ShapeDtypeStruct((batch, n_programs), jnp.float32),
-      jax.ShapeDtypeStruct((batch, n_programs, 3, ff_norm[2].shape[1]), jnp.float32))
+  y = y.reshape(batch, y.shape[1], d_model)
+  rank = None if ff_norm is None else ff_norm[2].shape[1]
   if (MOSAIC and MOSAIC_ATTEND and not ahead and x.dtype == k_cache.dtype == state.dtype
-      and sparse_qkv_mosaic.attend_fits(
-          d_model, n_heads, max_len, state.shape[1], k_cache.dtype,
-          None if ff_norm is None else ff_norm[2].shape[1], value_width)):
+      and sparse_qkv_mosaic.attend_fits(d_model, n_heads, max_len, state.shape[1],
+                                        k_cache.dtype, rank, value_width)):
     out, flat_state, index, *partials = sparse_qkv_mosaic.attend(
-        position, x, q, k_cache, v_cache, y.reshape(batch, y.shape[1], d_model), y_bias,
-        flat_state, index, ff_norm, n_heads=n_heads, partial=value_width, interpret=interpret)
-    return (out, flat_state.reshape(state.shape), k_cache, v_cache, index[0], *partials)
-  grid = (batch * n_heads, d_head // value_width)
-  out, flat_state, index, *partials = pl.pallas_call(
-      functools.partial(_attend_kernel, n_heads=n_heads, value_width=value_width,
-                        starts=starts, block=block, barrier=not interpret,
-                        ff_norm=ff_norm is not None, ahead=len(ahead), grid=grid),
-      grid=grid,
-      out_shape=(jax.ShapeDtypeStruct(x.shape, x.dtype),
-                 jax.ShapeDtypeStruct(flat_state.shape, flat_state.dtype),
-                 jax.ShapeDtypeStruct((1,), jnp.int32), *partials),
-      input_output_aliases={7: 1, 8: 2},
-      interpret=interpret, compiler_params=decode_kernels.triton_params(ATTEND_WARPS),
-  )(position, x, q, k_cache, v_cache, y.reshape(batch, y.shape[1], d_model), y_bias,
-    flat_state, index, *(ff_norm or ()), *ahead)
+        position, x, q, k_cache, v_cache, y, y_bias, flat_state, index, ff_norm,
+        n_heads=n_heads, partial=value_width, interpret=interpret)
+  else:
+    partials = (() if ff_norm is None
+                else sparse_ff_kernel.partials_type(batch, d_model // value_width, rank))
+    grid = (batch * n_heads, d_head // value_width)
+    out, flat_state, index, *partials = pl.pallas_call(
+        functools.partial(_attend_kernel, n_heads=n_heads, value_width=value_width,
+                          starts=starts, block=block, barrier=not interpret,
+                          ff_norm=ff_norm is not None, ahead=len(ahead), grid=grid),
+        grid=grid,
+        out_shape=(jax.ShapeDtypeStruct(x.shape, x.dtype),
+                   jax.ShapeDtypeStruct(flat_state.shape, flat_state.dtype),
+                   jax.ShapeDtypeStruct((1,), jnp.int32), *partials),
+        input_output_aliases={7: 1, 8: 2},
+        interpret=interpret, compiler_params=decode_kernels.triton_params(ATTEND_WARPS),
+    )(position, x, q, k_cache, v_cache, y, y_bias, flat_state, index, *(ff_norm or ()),
+      *ahead)
   return (out, flat_state.reshape(state.shape), k_cache, v_cache, index[0], *partials)

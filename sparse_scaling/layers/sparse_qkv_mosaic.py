@@ -53,6 +53,7 @@ from jax.experimental import pallas as pl
 
 from sparse_scaling.layers import decode_kernels
 from sparse_scaling.layers import mosaic_kernels
+from sparse_scaling.layers import sparse_ff_kernel
 from sparse_scaling.layers.mosaic_kernels import ALONG_COLUMNS
 from sparse_scaling.layers.mosaic_kernels import ALONG_ROWS
 from sparse_scaling.layers.mosaic_kernels import MATRIX
@@ -86,15 +87,15 @@ def _mixed_kernel(x_g, scale_g, bias_g, d_g, e_g, y_g, d_s, e_s, scale_s, bias_s
   t, p, c = lax.axis_index('t'), lax.axis_index('p'), lax.axis_index('c')
   program.launch_dependents()
   rows, channels = pl.ds(p * ROWS, ROWS), pl.ds(c * e_s.shape[1], e_s.shape[1])
-  plgpu.copy_gmem_to_smem(d_g.at[:, rows], d_s, barriers.at[0])
-  plgpu.copy_gmem_to_smem(e_g.at[rows, channels], e_s, barriers.at[1])
-  plgpu.copy_gmem_to_smem(scale_g.at[rows], scale_s, barriers.at[2])
-  plgpu.copy_gmem_to_smem(bias_g.at[rows], bias_s, barriers.at[3])
+  copy = mosaic_kernels.Copies(barriers)
+  copy(d_g.at[:, rows], d_s)
+  copy(e_g.at[rows, channels], e_s)
+  copy(scale_g.at[rows], scale_s)
+  copy(bias_g.at[rows], bias_s)
   program.wait()
-  plgpu.copy_gmem_to_smem(x_g.at[t, rows], x_s, barriers.at[4])
+  copy(x_g.at[t, rows], x_s)
   stats = mosaic_kernels.row_stats(x_g[t, :], epsilon)                             # of x [d]
-  for i in range(5):
-    plgpu.barrier_wait(barriers.at[i])
+  copy.wait()
   xn = program.layer_norm(x_s, scale_s, bias_s, stats).astype(jnp.float32)          # [ROWS]
   e = program.load(e_s, MATRIX)                                                   # [ROWS, C]
   for s in range(d_s.shape[0]):
@@ -179,11 +180,7 @@ def _conv_kernel(index_g, y_g, y_bias_g, state_g, wq_g, bq_g, wk_g, bk_g, wv_g, 
       taps = [(i, j) for i in range(n + 1) for j in range(size)]
       # Fixed before the wait: the kernel's taps and bias, the state (written by this block's
       # attention kernel a token before) and y's bias; after it, y's partial sums.
-      bar = iter(range(barriers.shape[0]))
-      used = []
-      def copy(src, dst):
-        used.append(next(bar))
-        plgpu.copy_gmem_to_smem(src, dst, barriers.at[used[-1]])
+      copy = mosaic_kernels.Copies(barriers)
       cols = pl.ds(c * width, width)
       for t, (i, j) in enumerate(taps):
         copy(w_g.at[i, j, :, cols], w_s.at[t])
@@ -195,8 +192,7 @@ def _conv_kernel(index_g, y_g, y_bias_g, state_g, wq_g, bq_g, wk_g, bk_g, wv_g, 
       program.wait()
       for j, m in enumerate(modules):
         copy(y_g.at[b, :, m, :], y_s.at[j])
-      for i in used:
-        plgpu.barrier_wait(barriers.at[i])
+      copy.wait()
       acc = None   # summed over the taps first: one reduction across threads, not nine
       for t, (i, j) in enumerate(taps):
         if i < n:
@@ -311,10 +307,7 @@ def _attend_kernel(position_g, x_g, q_g, k_g, v_g, y_g, y_bias_g, state_g, _inde
   r = b * n_heads + h                                      # the row of the caches
   cols = pl.ds(c * HEAD_COLUMNS, HEAD_COLUMNS)             # of the head's channels
   own = pl.ds(h * d_head + c * HEAD_COLUMNS, HEAD_COLUMNS)  # the same, of d_model's
-  used = []
-  def copy(src, dst):
-    used.append(len(used))
-    plgpu.copy_gmem_to_smem(src, dst, barriers.at[used[-1]])
+  copy = mosaic_kernels.Copies(barriers)
   # Before the wait, what no kernel of this token writes: the caches' blocks (the token's own
   # position, which the convolutions write, is read again after the wait), the state's
   # older positions (written by this kernel a token before), y's bias and the FF block's
@@ -337,8 +330,7 @@ def _attend_kernel(position_g, x_g, q_g, k_g, v_g, y_g, y_bias_g, state_g, _inde
   copy(v_g.at[r, index, cols], v_row_s)
   copy(x_g.at[b, own], x_s)
   copy(y_g.at[b, :, own], y_s)
-  for i in used:
-    plgpu.barrier_wait(barriers.at[i])
+  copy.wait()
 
   root = float(d_head) ** 0.5
   q = program.load(q_s, ALONG_COLUMNS)                                              # [Dh]
@@ -437,11 +429,8 @@ def attend(position, x, q, k_cache, v_cache, y, y_bias, state, index, ff_norm=No
                      f'fit Mosaic GPU\'s layouts, or x, q, the caches and the state differ in '
                      f'dtype ({mosaic_kernels.MISSING or "see attend_fits"})')
   block, starts = decode_kernels.cache_blocks(max_len, HEAD_COLUMNS)
-  n_partials = d_model // partial
-  partials = () if ff_norm is None else (
-      jax.ShapeDtypeStruct((batch, n_partials), jnp.float32),
-      jax.ShapeDtypeStruct((batch, n_partials), jnp.float32),
-      jax.ShapeDtypeStruct((batch, n_partials, 3, rank), jnp.float32))
+  partials = (() if ff_norm is None
+              else sparse_ff_kernel.partials_type(batch, d_model // partial, rank))
   ff_scratch = () if ff_norm is None else (
       plgpu.SMEM((HEAD_COLUMNS,), ff_norm[0].dtype), plgpu.SMEM((HEAD_COLUMNS,), ff_norm[1].dtype),
       mosaic_kernels.swizzled((HEAD_COLUMNS, rank), ff_norm[2].dtype),
