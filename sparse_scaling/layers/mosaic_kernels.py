@@ -5,7 +5,8 @@ jax 0.11 deprecates Pallas' Triton backend, which the decoding kernels were firs
 `sparse_ff_mosaic.py` (the FF block's LayerNorm-controller and units programs) and
 `sparse_qkv_mosaic.py` (the attention block's multiplicative, convolution and attention
 programs), each
-behind its module's MOSAIC switch, off until timed on a GPU.
+behind its module's MOSAIC switch, off: timed on an H200 they equal the Triton kernels' results
+and are slower (docs/decoding_gpu.md, "Mosaic GPU").
 
 Mosaic GPU differs from Triton in what a program may hold and how it loads (jax 0.10-0.12):
 one warpgroup of 128 threads a program, an array in registers laid out over its threads, and

@@ -62,7 +62,9 @@ MAX_PARTS_BYTES, COLUMNS, GATHER = 1 << 20, 32, 256
 # programs run as Mosaic GPU kernels (`sparse_ff_mosaic.py`), the units one block of N a
 # program, in the parts form or, where the parts would pass MAX_PARTS_BYTES, writing each
 # block's activation and chosen row for `down` (Triton's): at 800M (parts) and 17B (`down`),
-# chained or not. Off until timed on a GPU.
+# chained or not. Off: on an H200 the 800M FF block took 5.3 µs of device time with them
+# against 4.7 with the Triton kernels, and the 17B block the same (docs/decoding_gpu.md,
+# "Mosaic GPU").
 MOSAIC = False
 
 

@@ -1,7 +1,8 @@
 """Sparse FF's decoding kernels in Pallas' Mosaic GPU backend (`mosaic_kernels.py`).
 
 Two of `sparse_ff_kernel`'s kernels written for Mosaic GPU, the backend JAX keeps, used where
-`sparse_ff_kernel.MOSAIC` asks for them: off by default, as they are not yet timed on a GPU.
+`sparse_ff_kernel.MOSAIC` asks for them: off by default, as on an H200 they are slower than the
+Triton kernels at 800M and no faster at 17B (docs/decoding_gpu.md, "Mosaic GPU").
 
 `norm_controller`, one program per (token, ROWS rows of C1): the FF block's LayerNorm of those
 columns of x, written out, and their part of the controller's first product,

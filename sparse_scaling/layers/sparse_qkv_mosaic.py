@@ -2,7 +2,8 @@
 
 The attention block's three kernels (`sparse_qkv_block_kernel.py`'s `mixed`, `conv` and
 `attend`) written for Mosaic GPU, used where `sparse_qkv_block_kernel.MOSAIC` asks for them:
-off by default, as they are not yet timed on a GPU. Each program copies what it reads that the
+off by default, as on an H200 they are slower than the Triton kernels (docs/decoding_gpu.md,
+"Mosaic GPU"). Each program copies what it reads that the
 kernels of this token did not write (its fixed weights, the convolution's state, the KV
 caches' older positions) into shared
 memory with the TMA unit before it waits for that kernel, so that their latency passes while
