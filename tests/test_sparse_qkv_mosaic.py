@@ -205,16 +205,19 @@ def test_shapes_the_multiplicative_kernel_takes(d_model, n_modules, n_channels, 
   assert sparse_qkv_mosaic.fits(d_model, n_modules, n_channels, dtype) == fits
 
 
-@pytest.mark.parametrize('d_model, n_modules, n_heads, dtype, fits', [
-    (1024, 16, 16, jnp.float32, True), (1024, 16, 16, jnp.bfloat16, True),   # 800M
-    (128, 2, 4, jnp.float32, True),       # 2 modules of 64, heads of 32
-    (9216, 64, 96, jnp.float32, False),   # 17B: 144 channels, not a multiple of 64
-    (128, 8, 4, jnp.float32, False),      # 16 channels, under the matrix layout's 64 rows
-    (256, 2, 32, jnp.float32, False)])    # heads of 8, under a program's 16 channels
-def test_shapes_the_convolution_kernel_takes(d_model, n_modules, n_heads, dtype, fits):
+@pytest.mark.parametrize('d_model, n_modules, n_heads, dtype, parts, fits', [
+    (1024, 16, 16, jnp.float32, 16, True), (1024, 16, 16, jnp.bfloat16, 16, True),   # 800M
+    (128, 2, 4, jnp.float32, 2, True),        # 2 modules of 64, heads of 32
+    (9216, 64, 96, jnp.float32, 16, False),   # 17B: 144 channels, not a multiple of 64
+    (128, 8, 4, jnp.float32, 2, False),       # 16 channels, under the matrix layout's 64 rows
+    (256, 2, 32, jnp.float32, 4, False),      # heads of 8, under a program's 16 channels
+    (1024, 4, 16, jnp.float32, 16, True),     # M 256: 202 KB of shared memory
+    (1024, 2, 16, jnp.float32, 16, False),    # M 512: 404 KB, over CONV_BYTES
+    (1024, 2, 16, jnp.bfloat16, 1, True)])    # M 512 in bfloat16, y's sums added: 160 KB
+def test_shapes_the_convolution_kernel_takes(d_model, n_modules, n_heads, dtype, parts, fits):
   n_channels = d_model // n_modules
-  assert sparse_qkv_mosaic.convolutions_fit(d_model, n_modules, n_channels, n_heads,
-                                            dtype) == fits
+  assert sparse_qkv_mosaic.convolutions_fit(d_model, n_modules, n_channels, n_heads, dtype,
+                                            n_state=2, largest=3, parts=parts) == fits
 
 
 @pytest.mark.parametrize('d_model, n_heads, max_len, n_state, dtype, rank, partial, fits', [
@@ -270,7 +273,8 @@ def test_without_the_backend_the_mosaic_kernels_decline(monkeypatch):
   so the Triton kernels run."""
   monkeypatch.setattr(mosaic_kernels, 'MISSING', 'no backend')
   assert not sparse_qkv_mosaic.fits(1024, 16, 64, jnp.float32)
-  assert not sparse_qkv_mosaic.convolutions_fit(1024, 16, 64, 16, jnp.float32)
+  assert not sparse_qkv_mosaic.convolutions_fit(1024, 16, 64, 16, jnp.float32, n_state=2,
+                                                largest=3, parts=16)
   assert not sparse_qkv_mosaic.attend_fits(1024, 16, 168, 2, jnp.float32, 16, 16)
   assert not sparse_ff_mosaic.fits(1024, 16, jnp.float32, 64)
 

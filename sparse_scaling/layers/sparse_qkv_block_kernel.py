@@ -448,8 +448,9 @@ def decode_step(x, norm, mixed, conv, state, k_cache, v_cache, index, *, n_heads
 
   grid = (batch, 3, n_modules // modules, n_channels // width)
   if (MOSAIC and x.dtype == k_cache.dtype
-      and sparse_qkv_mosaic.convolutions_fit(d_model, n_modules, n_channels, n_heads,
-                                             k_cache.dtype)):
+      and sparse_qkv_mosaic.convolutions_fit(
+          d_model, n_modules, n_channels, n_heads, k_cache.dtype, n_state=state.shape[1],
+          largest=max(sizes), parts=y.shape[1])):
     q, position, k_cache, v_cache = sparse_qkv_mosaic.convolutions(
         index, y, y_bias, state, conv, k_cache, v_cache, n_heads=n_heads, sizes=sizes,
         interpret=interpret)

@@ -68,6 +68,10 @@ HEAD_COLUMNS = 64   # value columns per `attend` program: the matrix units' layo
 # 227 KB a Hopper SM has): K's and V's 168 positions of 64 channels at 800M take 96 KB in
 # float32; longer caches go to the Triton kernel, which reads a block at a time.
 CACHE_BYTES = 160 * 1024
+# The most bytes of shared memory a `convolutions` program takes (its taps, the state's rows,
+# y's partial sums; of the 227 KB a Hopper SM has, less its barriers): 800M's M 64, kernels of
+# 3 modules and 16 partial sums, takes 51 KB in float32, M 256 202 KB; M 512 goes to Triton.
+CONV_BYTES = 220 * 1024
 
 
 def fits(d_model, n_modules, n_channels, dtype, channels=None):
@@ -143,15 +147,28 @@ def mixed_parts(x, scale, bias, d, e, epsilon, interpret=False, channels=None):
   return kernel(x, scale, bias, d, e)
 
 
-def convolutions_fit(d_model, n_modules, n_channels, n_heads, dtype, width=None):
+def convolutions_fit(d_model, n_modules, n_channels, n_heads, dtype, width=None, *, n_state,
+                     largest, parts):
   """Whether `convolutions` takes these shapes: M a multiple of 64 (the rows of the matrix
   units' layout; 800M's 64), `width` (None: WIDTH) dividing M and the heads' d_head, a multiple
-  of 8 and of 32 bytes."""
+  of 8 and of 32 bytes, and a program's scratch (`_conv_bytes`: the state's `n_state`
+  positions, the `largest` module kernel, y's `parts` partial sums) within CONV_BYTES."""
   width = width or WIDTH
   d_head = d_model // n_heads
   return (mosaic_kernels.MISSING is None and d_model % n_heads == 0
           and n_channels % 64 == 0 and n_channels % width == 0 and d_head % width == 0
-          and mosaic_kernels.swizzles(width, dtype))
+          and mosaic_kernels.swizzles(width, dtype)
+          and _conv_bytes(n_state, largest, parts, n_channels, width, dtype) <= CONV_BYTES)
+
+
+def _conv_bytes(n, largest, parts, n_channels, width, dtype):
+  """Bytes of a `convolutions` program's scratch (`convolutions`' scratch_types, weights and
+  state in `dtype`): the taps [(n + 1)·k, M, C], the bias [M], the state's rows [n, k, M],
+  y's bias [k, M], y's float32 partial sums [k, P, M] and the output [C]."""
+  itemsize = jnp.dtype(dtype).itemsize
+  elements = ((n + 1) * largest * n_channels * width + n_channels + n * largest * n_channels
+              + largest * n_channels + width)
+  return elements * itemsize + largest * parts * n_channels * 4
 
 
 def _conv_kernel(index_g, y_g, y_bias_g, state_g, wq_g, bq_g, wk_g, bk_g, wv_g, bv_g, _k_in,
@@ -242,11 +259,12 @@ def convolutions(index, y, y_bias, state, conv, k_cache, v_cache, *, n_heads, si
   d_model = n_modules * n_channels
   width = width or WIDTH
   dtype = k_cache.dtype
-  if not convolutions_fit(d_model, n_modules, n_channels, n_heads, dtype, width):
+  largest, parts = max(sizes), y.shape[1]
+  if not convolutions_fit(d_model, n_modules, n_channels, n_heads, dtype, width, n_state=n,
+                          largest=largest, parts=parts):
     raise ValueError(f'convolutions: {n_modules} modules of {n_channels} channels, {n_heads} '
                      f'heads ({width} channels a program) do not fit Mosaic GPU\'s layouts '
                      f'({mosaic_kernels.MISSING or "see convolutions_fit"})')
-  largest, parts = max(sizes), y.shape[1]
   weights = [w for pair in conv for w in pair]
   kernel = mosaic_kernels.kernel(
       functools.partial(_conv_kernel, sizes=tuple(sizes), n_heads=n_heads,
