@@ -130,9 +130,9 @@ def _one_line(error):
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    sys.exit(f'error: unexpected arguments: {argv[1:]}')
   if not _OUTPUT_DIR.value:
-    raise app.UsageError('--output_dir is required')
+    sys.exit('error: --output_dir is required')
   logging.set_verbosity(logging.WARNING)  # the Loop prints its metrics itself
   warnings.filterwarnings('ignore', 'GzipFile was opened for writing')  # trax's checkpoints
   distributed = _DISTRIBUTED.value or any(

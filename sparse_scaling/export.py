@@ -28,6 +28,7 @@ import numpy as np
 from trax import shapes
 
 from sparse_scaling import checkpoints
+from sparse_scaling.bench import common
 from sparse_scaling import configs
 from sparse_scaling import data  # pylint: disable=unused-import  (gin registrations)
 from sparse_scaling import models  # pylint: disable=unused-import  (gin registrations)
@@ -162,5 +163,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  _define_flags()
-  app.run(main)
+  common.run(main, _define_flags)

@@ -1,7 +1,7 @@
 """Every program refuses an out-of-range flag when it parses its flags, in one line naming it.
 
 The flags are parsed in this process, as each program defines them (`tests/utils.flag_error`);
-one program is also run, for its exit status and its one line.
+two programs are also run, for their exit status and their one line.
 """
 
 import subprocess
@@ -80,3 +80,18 @@ def test_a_program_stops_with_one_line_and_a_failing_status():
   errors = [line for line in proc.stderr.splitlines() if 'Flags parsing error' in line]
   assert errors == ["FATAL Flags parsing error: flag --shapes=['tiny', 'huge']: each shape must "
                     "be one of ['tiny', '800m', 'gpu']"], proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize('program, args, said', [
+    (['-m', 'sparse_scaling.bench.decode_shares'], ['--alternate', '--measure', 'kernels'],
+     'error: --alternate: times generations (--measure token) or calls of a block '
+     '(--measure call), not --measure kernels'),
+    (['main.py'], ['--gin_file', 'tiny/lm.gin'], 'error: --output_dir is required')],
+    ids=['decode_shares', 'main'])
+def test_flags_that_do_not_go_together_stop_a_program_with_one_line(program, args, said):
+  """A usage error that a program's main finds is its one line on stderr, not absl's page of
+  help before it (`bench.common.run`; main.py exits so itself)."""
+  proc = subprocess.run([sys.executable, *program, *args], capture_output=True, text=True)
+  assert proc.returncode == 1
+  assert proc.stderr.splitlines() == [said], proc.stderr[-2000:]
+  assert proc.stdout == ''

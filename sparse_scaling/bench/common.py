@@ -7,6 +7,7 @@ dimensions from gin files, and how a program defines its flags and starts.
 """
 
 import contextlib
+import functools
 import json
 import pathlib
 import shlex
@@ -49,10 +50,20 @@ def define_flags(json_output=False, shapes=(), writes=None):
 
 
 def run(main, define_program_flags):
-  """Runs a program: the package's setup (`compat.apply`), its flags, then `app.run(main)`."""
+  """Runs a program: the package's setup (`compat.apply`), its flags, then `app.run(main)`.
+  A usage error that main raises (`app.UsageError`: flags that parse but do not go together)
+  ends the program with status 1 and one line on stderr, 'error: ' and its message, where
+  absl would print the program's whole help before it."""
   compat.apply()
   define_program_flags()
-  app.run(main)
+  app.run(functools.partial(_usage_in_one_line, main))
+
+
+def _usage_in_one_line(main, argv):
+  try:
+    return main(argv)
+  except app.UsageError as error:
+    sys.exit(f'error: {error}')
 
 
 # --- tables, JSON and figures ----------------------------------------------------------------

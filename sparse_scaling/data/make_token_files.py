@@ -12,6 +12,7 @@ corpus's text in another form: keep it out of git (`.data/` is ignored).
 from absl import app
 from absl import flags
 
+from sparse_scaling.bench import common
 from sparse_scaling.data import corpus
 from sparse_scaling.data import lm
 from sparse_scaling.data import rfc
@@ -69,5 +70,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  _define_flags()
-  app.run(main)
+  common.run(main, _define_flags)
