@@ -27,8 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 from trax import shapes
 
-from sparse_scaling import checkpoints
 from sparse_scaling.bench import common
+from sparse_scaling import checkpoints
 from sparse_scaling import configs
 from sparse_scaling import data  # pylint: disable=unused-import  (gin registrations)
 from sparse_scaling import models  # pylint: disable=unused-import  (gin registrations)

@@ -46,6 +46,7 @@ bfloat16 for the L2 cache to keep their fixed weights (`decode_kernels.keep`).
 """
 
 import functools
+import math
 
 import jax
 from jax import lax
@@ -151,24 +152,26 @@ def convolutions_fit(d_model, n_modules, n_channels, n_heads, dtype, width=None,
                      largest, parts):
   """Whether `convolutions` takes these shapes: M a multiple of 64 (the rows of the matrix
   units' layout; 800M's 64), `width` (None: WIDTH) dividing M and the heads' d_head, a multiple
-  of 8 and of 32 bytes, and a program's scratch (`_conv_bytes`: the state's `n_state`
-  positions, the `largest` module kernel, y's `parts` partial sums) within CONV_BYTES."""
+  of 8 and of 32 bytes, and a program's shared arrays (`_conv_scratch`: the state's `n_state`
+  positions, the `largest` module kernel, y's `parts` partial sums) within CONV_BYTES, taken
+  in `dtype` but for y's float32 sums."""
   width = width or WIDTH
   d_head = d_model // n_heads
+  shapes = _conv_scratch(n_state, largest, parts, n_channels, width)
+  shared = (sum(math.prod(shape) for name, shape in shapes.items() if name != 'sums')
+            * jnp.dtype(dtype).itemsize + math.prod(shapes['sums']) * 4)
   return (mosaic_kernels.MISSING is None and d_model % n_heads == 0
           and n_channels % 64 == 0 and n_channels % width == 0 and d_head % width == 0
-          and mosaic_kernels.swizzles(width, dtype)
-          and _conv_bytes(n_state, largest, parts, n_channels, width, dtype) <= CONV_BYTES)
+          and mosaic_kernels.swizzles(width, dtype) and shared <= CONV_BYTES)
 
 
-def _conv_bytes(n, largest, parts, n_channels, width, dtype):
-  """Bytes of a `convolutions` program's scratch (`convolutions`' scratch_types, weights and
-  state in `dtype`): the taps [(n + 1)·k, M, C], the bias [M], the state's rows [n, k, M],
-  y's bias [k, M], y's float32 partial sums [k, P, M] and the output [C]."""
-  itemsize = jnp.dtype(dtype).itemsize
-  elements = ((n + 1) * largest * n_channels * width + n_channels + n * largest * n_channels
-              + largest * n_channels + width)
-  return elements * itemsize + largest * parts * n_channels * 4
+def _conv_scratch(n, largest, parts, n_channels, width):
+  """The shapes of a `convolutions` program's shared arrays, by name: the taps [(n + 1)·k, M,
+  C], the bias [M], the state's rows [n, k, M], y's bias [k, M] and float32 partial sums
+  [k, P, M] (k: the `largest` module kernel), the output [C]."""
+  return {'taps': ((n + 1) * largest, n_channels, width), 'bias': (n_channels,),
+          'state': (n, largest, n_channels), 'y_bias': (largest, n_channels),
+          'sums': (largest, parts, n_channels), 'out': (width,)}
 
 
 def _conv_kernel(index_g, y_g, y_bias_g, state_g, wq_g, bq_g, wk_g, bk_g, wv_g, bv_g, _k_in,
@@ -266,6 +269,7 @@ def convolutions(index, y, y_bias, state, conv, k_cache, v_cache, *, n_heads, si
                      f'heads ({width} channels a program) do not fit Mosaic GPU\'s layouts '
                      f'({mosaic_kernels.MISSING or "see convolutions_fit"})')
   weights = [w for pair in conv for w in pair]
+  shapes = _conv_scratch(n, largest, parts, n_channels, width)
   kernel = mosaic_kernels.kernel(
       functools.partial(_conv_kernel, sizes=tuple(sizes), n_heads=n_heads,
                         interpret=interpret),
@@ -275,13 +279,12 @@ def convolutions(index, y, y_bias, state, conv, k_cache, v_cache, *, n_heads, si
                 jax.ShapeDtypeStruct(v_cache.shape, dtype)),
       input_output_aliases={10: 2, 11: 3},
       grid=(batch, 3, n_modules, n_channels // width), grid_names=('b', 'o', 'g', 'c'),
-      scratch_types=[mosaic_kernels.swizzled(((n + 1) * largest, n_channels, width),
-                                             weights[0].dtype),
-                     plgpu.SMEM((n_channels,), weights[1].dtype),
-                     plgpu.SMEM((n, largest, n_channels), state.dtype),
-                     plgpu.SMEM((largest, n_channels), y_bias.dtype),
-                     plgpu.SMEM((largest, parts, n_channels), jnp.float32),
-                     plgpu.SMEM((width,), dtype),
+      scratch_types=[mosaic_kernels.swizzled(shapes['taps'], weights[0].dtype),
+                     plgpu.SMEM(shapes['bias'], weights[1].dtype),
+                     plgpu.SMEM(shapes['state'], state.dtype),
+                     plgpu.SMEM(shapes['y_bias'], y_bias.dtype),
+                     plgpu.SMEM(shapes['sums'], jnp.float32),
+                     plgpu.SMEM(shapes['out'], dtype),
                      plgpu.Barrier(num_barriers=(2 * n + 3) * largest + 1)],
       interpret=interpret)
   return kernel(index, y, y_bias.reshape(n_modules, n_channels), state, *weights, k_cache,
