@@ -30,6 +30,8 @@ REFUSED = [
     ('sparse_scaling.bench.decode_profile', ['--steps', '0'], 'flag --steps=0'),
     ('sparse_scaling.bench.block_profile', ['--min_share', '2'],
      'flag --min_share=2: 2.0 is not a number in the range [0, 1]'),
+    ('sparse_scaling.bench.kernel_chain', ['--columns', '192'],
+     'flag --columns=192: --columns must be a multiple of 128'),
     ('sparse_scaling.bench.memory', ['--memory_limit_gb', '0'],
      'flag --memory_limit_gb=0.0: must be > 0'),
     ('sparse_scaling.reproduce.quality', ['--seeds', '0,x'],
@@ -52,6 +54,7 @@ ACCEPTED = [
     ('sparse_scaling.bench.scaling', ['--shapes', 'tiny']),
     ('sparse_scaling.bench.decode_profile', ['--shapes', '800m,17b']),
     ('sparse_scaling.bench.block_profile', ['--min_share', '0']),
+    ('sparse_scaling.bench.kernel_chain', ['--columns', '256', '--forms', 'mosaic8']),
     ('sparse_scaling.reproduce.quality', ['--seeds', '0,1,12']),
     ('main.py', ['--n_devices', '1', '--num_processes', '2', '--process_id', '0']),
 ]
