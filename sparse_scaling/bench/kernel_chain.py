@@ -5,7 +5,7 @@
 
 A decoded 800M token runs ~120 small kernels, each reading little, so what a kernel costs
 besides its bytes sets the token's time. On an H200 the Mosaic GPU forms of the fused blocks'
-kernels were each slower than their Triton twins, by 0.2-2.3 µs (docs/decoding_gpu.md,
+kernels were each slower than their Triton twins, by 0.2-3.3 µs (docs/decoding_gpu.md,
 "Mosaic GPU"). This tells the backend's own cost from the kernels' design: every form adds 1
 to x [programs, columns] float32, one program a row, `--kernels` times a token, `--tokens`
 tokens in one compiled program, compiled as a generation is (`decoding.compiler_options`):
