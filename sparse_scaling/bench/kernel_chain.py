@@ -73,13 +73,12 @@ def _triton_kernel(x_ref, out_ref):
 
 
 def triton(x):
-  """x + 1 as a Triton kernel, one program a row."""
-  from jax.experimental.pallas import triton as pltriton   # pylint: disable=import-outside-toplevel
+  """x [programs, columns] + 1 as a Triton kernel, one program a row."""
   row = pl.BlockSpec((1, x.shape[1]), lambda i: (i, 0))
   return pl.pallas_call(
       _triton_kernel, grid=(x.shape[0],), in_specs=[row], out_specs=row,
       out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype), interpret=_interpret(),
-      compiler_params=pltriton.CompilerParams(num_warps=4))(x)
+      compiler_params=decode_kernels.triton_params(4))(x)
 
 
 def _mosaic_kernel(x_g, out_g, *scratch, copies):
@@ -105,7 +104,8 @@ def _mosaic_kernel(x_g, out_g, *scratch, copies):
 
 
 def mosaic(x, copies=0):
-  """x + 1 as a Mosaic GPU kernel, one program a row (`copies`: through shared memory)."""
+  """x [programs, columns] + 1 as a Mosaic GPU kernel, one program a row (`copies`: through
+  shared memory)."""
   scratch = ([plgpu.SMEM(x.shape[1:], x.dtype), plgpu.SMEM(x.shape[1:], x.dtype),
               plgpu.Barrier(num_barriers=copies)] if copies else [])
   return mosaic_kernels.kernel(
