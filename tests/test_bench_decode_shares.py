@@ -122,6 +122,36 @@ def test_a_trace_gives_each_blocks_time_and_each_kernels(monkeypatch):
   assert list(per_kernel.values()) == sorted(per_kernel.values(), reverse=True)
 
 
+def test_the_fused_blocks_take_the_dtype_asked_for_and_agree_with_float32():
+  """`--measure kernels` and `trace` in bfloat16 time the blocks the bfloat16 decoder runs:
+  every array of `fused_blocks` in that dtype, the same draw as float32's, each block's output
+  (Pallas' interpreter) within bfloat16's rounding of float32's."""
+  dims = dict(d_model=32, d_ff=64, n_heads=2, attention_sparsity=4, ff_sparsity=(8, 4),
+              length_kernel_size=3)
+  outputs = {}
+  for dtype in ('float32', 'bfloat16'):
+    attention, feed_forward, (attention_w, ff_w), x, carry = decode_shares.fused_blocks(
+        dims, interpret=True, dtype=dtype)
+    arrays = jax.tree.leaves((attention_w, ff_w, x, carry))
+    assert {a.dtype for a in arrays} == {jnp.dtype(dtype)}
+    outputs[dtype] = (attention(attention_w, x, *carry)[0], feed_forward(ff_w, x))
+  for f32, bf16 in zip(outputs['float32'], outputs['bfloat16']):
+    assert bf16.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(bf16, np.float32), f32, rtol=0.05,
+                               atol=0.05 * float(jnp.max(jnp.abs(f32))))
+
+
+def test_a_trace_in_bfloat16_gives_each_blocks_time(monkeypatch):
+  dims = dict(d_model=32, d_ff=64, n_heads=2, attention_sparsity=4, ff_sparsity=(8, 4),
+              length_kernel_size=3)
+  monkeypatch.setattr(decode_shares.decoders, 'dimensions', lambda shape, variant: dims)
+  measure = lambda dims, depth: decode_shares.trace(dims, depth, interpret=True, steps=2,
+                                                    dtype='bfloat16')
+  [(_, (attention, ff, per_kernel))] = decode_shares.sweep('800m', 'ffqkv', 1, ['default'],
+                                                           measure)
+  assert attention > 0 and ff > 0 and per_kernel
+
+
 def test_a_table_cell_lists_each_kernels_time():
   assert decode_shares._cell(2.5e-6, 1e6) == '2.5000'
   assert decode_shares._cell({'_conv_kernel': 6.3e-6, 'copy.1': 1.3e-6}, 1e6) == (

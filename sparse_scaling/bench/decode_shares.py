@@ -360,8 +360,9 @@ def per_call(dims, depth, dtype='float32'):
   return table1.seconds_per_block(_one_block(dims), dtype, CALLS)[0]
 
 
-def fused_blocks(dims, interpret=False):
-  """The fused blocks of `dims` on random weights (float32, KV caches of MAX_LEN, the position
+def fused_blocks(dims, interpret=False, dtype='float32'):
+  """The fused blocks of `dims` on random weights (drawn in float32 and cast to `dtype` with x,
+  the state and the caches, as `decoding.Decoder` casts them; KV caches of MAX_LEN, the position
   fixed at 100, Q and K's module kernels of 3 and V's of 1, as `SparseQKVAttention`'s):
   (attention(weights, x, state, k_cache, v_cache) -> (out, state, k_cache, v_cache),
   feed_forward(weights, x) -> out, (attention's weights, FF's weights), x [1, d_model],
@@ -380,6 +381,8 @@ def fused_blocks(dims, interpret=False):
   controller = (normal(d_model, rank), normal(rank, n_blocks, block), normal(n_blocks, block))
   units = (normal(n_blocks, block, d_model), normal(n_blocks, block),
            normal(n_blocks, block, d_model), normal(d_model))
+  x, norm, mixed, conv, state, caches, controller, units = jax.tree.map(
+      lambda a: a.astype(dtype), (x, norm, mixed, conv, state, caches, controller, units))
 
   def attention(weights, x, state, k_cache, v_cache):
     norm, mixed, conv = weights
@@ -396,13 +399,13 @@ def fused_blocks(dims, interpret=False):
           (state, *caches))
 
 
-def kernels(dims, depth, interpret=False, steps=(8, 40)):
+def kernels(dims, depth, interpret=False, steps=(8, 40), dtype='float32'):
   """(attention, FF): seconds per iteration of the fused blocks' kernels alone
   (`fused_blocks`), each block's looped on its own output in one compiled program:
   `timing.per_step` of the `steps` iterations. The loop's own cost per iteration (on the
   H200 ~18 µs) is included."""
   del depth
-  attention, feed_forward, (attention_w, ff_w), x, carry = fused_blocks(dims, interpret)
+  attention, feed_forward, (attention_w, ff_w), x, carry = fused_blocks(dims, interpret, dtype)
 
   def attention_loop(weights, x, carry, n):
     def body(_, c):
@@ -420,7 +423,7 @@ def kernels(dims, depth, interpret=False, steps=(8, 40)):
   return seconds(attention_loop, attention_w, x, carry), seconds(ff_loop, ff_w, x)
 
 
-def trace(dims, depth, interpret=False, steps=20):
+def trace(dims, depth, interpret=False, steps=20, dtype='float32'):
   """(attention, FF, {kernel: seconds}): device seconds of one call of each fused block alone
   (`fused_blocks`), and of each kernel, named by its Pallas function ('_conv_kernel') or, for
   XLA's, its instruction. Each block is jitted as a generation's program (`decoding.jit`) with
@@ -431,7 +434,7 @@ def trace(dims, depth, interpret=False, steps=20):
   wait on memory take longer there (at 800M the units kernel 2.4 µs here, 4.1 in a
   generation's profile)."""
   del depth
-  attention, feed_forward, (attention_w, ff_w), x, carry = fused_blocks(dims, interpret)
+  attention, feed_forward, (attention_w, ff_w), x, carry = fused_blocks(dims, interpret, dtype)
   per_kernel = collections.Counter()
 
   def seconds(fn, args, donate, feed):
@@ -504,7 +507,7 @@ def define_flags():
                     '(random weights), or one call of each fused block traced, kernel by '
                     'kernel.')
   flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'],
-                    'Weights and caches (bfloat16: --measure token and block only).')
+                    'Weights, state and caches (every --measure).')
   flags.DEFINE_list('settings', DEFAULT_SETTINGS,
                     f'Settings: NAME=value pairs joined by "+", NAME one of {list(SHARES)}; '
                     '"default" for the constants as they are.')
@@ -532,16 +535,16 @@ def main(argv):
     if jax.default_backend() != 'gpu':
       raise app.UsageError(f'--measure {args.measure}: the kernels compile for GPUs only '
                            f'(here: {jax.default_backend()})')
-    if 'qkv' not in args.variant or args.dtype != 'float32':
-      raise app.UsageError(f'--measure {args.measure}: times the fused float32 blocks of a '
-                           f'variant with Sparse QKV, not {args.variant} in {args.dtype}')
+    if 'qkv' not in args.variant:
+      raise app.UsageError(f'--measure {args.measure}: times the fused blocks of a variant '
+                           f'with Sparse QKV, not {args.variant}')
   timed = {'token': f'{args.depth} blocks, {args.dtype}, one compiled generation of 32 '
                    'tokens after 128',
            'block': f'{args.dtype}, one block looped in a compiled program',
            'call': f'{args.dtype}, one block jitted alone, timed a call at a time',
-           'kernels': "float32, the fused blocks' kernels alone looped in a compiled "
+           'kernels': f"{args.dtype}, the fused blocks' kernels alone looped in a compiled "
                       'program',
-           'trace': "float32, one call of each fused block alone, device time of its "
+           'trace': f'{args.dtype}, one call of each fused block alone, device time of its '
                     'kernels'}[args.measure]
   print(f'Machine: {timing.machine_description()}. {args.variant} at {args.shape}, {timed}.')
   if jax.default_backend() != 'gpu':
@@ -551,9 +554,7 @@ def main(argv):
     sweep_alternating(args.shape, args.variant, args.depth, args.settings * args.copies,
                       args.dtype, measure=args.measure)
     return
-  measure = MEASURES[args.measure]
-  if measure in (per_token, per_block, per_call):
-    measure = functools.partial(measure, dtype=args.dtype)
+  measure = functools.partial(MEASURES[args.measure], dtype=args.dtype)
   sweep(args.shape, args.variant, args.depth, args.settings, measure)
 
 
