@@ -1,12 +1,13 @@
 """Every program refuses an out-of-range flag when it parses its flags, in one line naming it.
 
 The flags are parsed in this process, as each program defines them (`tests/utils.flag_error`);
-two programs are also run, for their exit status and their one line.
+a few programs are also run, for their exit status and their one line.
 """
 
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from tests.utils import flag_error
@@ -89,8 +90,12 @@ def test_a_program_stops_with_one_line_and_a_failing_status():
     (['-m', 'sparse_scaling.bench.decode_shares'], ['--alternate', '--measure', 'kernels'],
      'error: --alternate: times generations (--measure token) or calls of a block '
      '(--measure call), not --measure kernels'),
-    (['main.py'], ['--gin_file', 'tiny/lm.gin'], 'error: --output_dir is required')],
-    ids=['decode_shares', 'main'])
+    (['main.py'], ['--gin_file', 'tiny/lm.gin'], 'error: --output_dir is required'),
+    pytest.param(['-m', 'sparse_scaling.bench.kernel_chain'], [],
+                 "error: kernel_chain: times kernels on a GPU (here: cpu); the tests run its "
+                 'forms on a CPU', marks=pytest.mark.skipif(
+                     jax.default_backend() != 'cpu', reason='a CPU refuses it'))],
+    ids=['decode_shares', 'main', 'kernel_chain'])
 def test_flags_that_do_not_go_together_stop_a_program_with_one_line(program, args, said):
   """A usage error that a program's main finds is its one line on stderr, not absl's page of
   help before it (`bench.common.run`; main.py exits so itself)."""

@@ -21,9 +21,9 @@ tokens in one compiled program, compiled as a generation is (`decoding.compiler_
             with their arrays (K a power of 2 dividing --columns)
 
 Prints µs per kernel of each form, in rounds alternating the forms (`timing.per_steps`: the
-difference of two token counts over the kernels they add), after checking each form's x. On a
-CPU the kernels run in Pallas' interpreters (the tests do), so only a GPU's figures mean
-anything. docs/decoding_gpu.md quotes runs on an H200.
+difference of two token counts over the kernels they add), after checking each form's x. It
+runs on a GPU only; the tests run the forms in Pallas' interpreters on a CPU.
+docs/decoding_gpu.md quotes runs on an H200.
 """
 
 import functools
@@ -170,6 +170,9 @@ def main(argv):
   del argv
   args = flags.FLAGS
   forms = parse_forms(args.forms, args.columns)
+  if jax.default_backend() != 'gpu':   # the interpreters' times say nothing of a GPU's
+    raise app.UsageError(f'kernel_chain: times kernels on a GPU (here: '
+                         f'{jax.default_backend()}); the tests run its forms on a CPU')
   print(f'Machine: {timing.machine_description()}. {args.kernels} kernels a token, each adding '
         f'1 to x [{args.programs}, {args.columns}] float32 a program a row, {args.tokens} '
         f'against {SHORT_TOKENS} tokens in one compiled program.', flush=True)
