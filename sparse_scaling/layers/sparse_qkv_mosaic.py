@@ -299,8 +299,8 @@ def attend_fits(d_model, n_heads, max_len, n_state, dtype, d_lowrank=None, parti
   block's controller rank `d_lowrank`, a multiple of 8 and of 32 bytes, and the `partial`
   sums' columns (None: 64) dividing 64. 800M: d_head 64, 168 positions, rank 16."""
   d_head = d_model // n_heads
-  blocks = len(decode_kernels.cache_blocks(max_len, HEAD_COLUMNS)[1])
-  cache_bytes = blocks * HEAD_COLUMNS * (d_head + HEAD_COLUMNS) * jnp.dtype(dtype).itemsize
+  cache_bytes = (sum(math.prod(shape) for shape in _cache_scratch(max_len, d_head))
+                 * jnp.dtype(dtype).itemsize)
   return (mosaic_kernels.MISSING is None and d_model % n_heads == 0
           and d_head % HEAD_COLUMNS == 0 and max_len >= HEAD_COLUMNS and n_state >= 1
           and cache_bytes <= CACHE_BYTES
@@ -308,6 +308,14 @@ def attend_fits(d_model, n_heads, max_len, n_state, dtype, d_lowrank=None, parti
           and jnp.dtype(dtype).itemsize * HEAD_COLUMNS % 128 == 0
           and (d_lowrank is None or mosaic_kernels.swizzles(d_lowrank, dtype))
           and HEAD_COLUMNS % (partial or HEAD_COLUMNS) == 0)
+
+
+def _cache_scratch(max_len, d_head):
+  """The shapes of an `attend` program's blocks of the caches in shared memory: K's [blocks,
+  64, d_head] and V's value columns [blocks, 64, HEAD_COLUMNS] (`decode_kernels.cache_blocks`'
+  blocks of 64 positions)."""
+  block, starts = decode_kernels.cache_blocks(max_len, HEAD_COLUMNS)
+  return (len(starts), block, d_head), (len(starts), block, HEAD_COLUMNS)
 
 
 def _attend_kernel(position_g, x_g, q_g, k_g, v_g, y_g, y_bias_g, state_g, _index_g, *refs,
@@ -450,7 +458,7 @@ def attend(position, x, q, k_cache, v_cache, y, y_bias, state, index, ff_norm=No
                      f'state of {n}, rank {rank} and {partial} columns a partial sum do not '
                      f'fit Mosaic GPU\'s layouts, or x, q, the caches and the state differ in '
                      f'dtype ({mosaic_kernels.MISSING or "see attend_fits"})')
-  block, starts = decode_kernels.cache_blocks(max_len, HEAD_COLUMNS)
+  _, starts = decode_kernels.cache_blocks(max_len, HEAD_COLUMNS)
   partials = (() if ff_norm is None
               else sparse_ff_kernel.partials_type(batch, d_model // partial, rank))
   ff_scratch = () if ff_norm is None else (
@@ -466,8 +474,8 @@ def attend(position, x, q, k_cache, v_cache, y, y_bias, state, index, ff_norm=No
                 jax.ShapeDtypeStruct((1,), jnp.int32), *partials),
       input_output_aliases={7: 1, 8: 2},
       grid=(batch, n_heads, d_head // HEAD_COLUMNS), grid_names=('b', 'h', 'c'),
-      scratch_types=[mosaic_kernels.swizzled((len(starts), block, d_head), dtype),
-                     mosaic_kernels.swizzled((len(starts), block, HEAD_COLUMNS), dtype),
+      scratch_types=[*(mosaic_kernels.swizzled(shape, dtype)
+                       for shape in _cache_scratch(max_len, d_head)),
                      plgpu.SMEM((d_head,), dtype), plgpu.SMEM((d_head,), dtype),
                      plgpu.SMEM((HEAD_COLUMNS,), dtype), plgpu.SMEM((HEAD_COLUMNS,), dtype),
                      plgpu.SMEM((y.shape[1], HEAD_COLUMNS), jnp.float32),
