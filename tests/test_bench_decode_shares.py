@@ -152,6 +152,18 @@ def test_a_trace_in_bfloat16_gives_each_blocks_time(monkeypatch):
   assert attention > 0 and ff > 0 and per_kernel
 
 
+@pytest.mark.parametrize('name', ['kernels', 'trace'])
+def test_a_sweep_of_kernels_or_a_trace_prints_microseconds_in_any_dtype(name, monkeypatch,
+                                                                       capsys):
+  """`main` hands `sweep` the measure with its dtype bound (a partial): its rows are still in
+  µs, as the header says (they came out in ms, every kernel 0.0, after --dtype came in)."""
+  monkeypatch.setattr(decode_shares, name,
+                      lambda dims, depth, dtype: (2.5e-6, 1.5e-6, {'_conv_kernel': 2.5e-6}))
+  measure = functools.partial(getattr(decode_shares, name), dtype='bfloat16')
+  decode_shares.sweep('800m', 'ffqkv', 1, ['default'], measure)
+  assert capsys.readouterr().out.strip() == '| default | 2.5000 | 1.5000 | `_conv_kernel` 2.5 |'
+
+
 def test_a_table_cell_lists_each_kernels_time():
   assert decode_shares._cell(2.5e-6, 1e6) == '2.5000'
   assert decode_shares._cell({'_conv_kernel': 6.3e-6, 'copy.1': 1.3e-6}, 1e6) == (

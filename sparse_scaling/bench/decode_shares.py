@@ -481,7 +481,7 @@ def sweep(shape, variant, depth, settings, measure=per_token):
     with shares(parse_setting(text)):   # traced anew by each measurement
       result = measure(dims, depth)
     results.append((text, result))
-    scale = 1e6 if measure in (kernels, trace) else 1e3
+    scale = 1e6 if getattr(measure, 'func', measure) in (kernels, trace) else 1e3
     values = result if isinstance(result, tuple) else (result,)
     print(common.table_row([text] + [_cell(v, scale) for v in values]), flush=True)
   return results

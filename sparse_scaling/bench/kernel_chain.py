@@ -10,7 +10,8 @@ kernels were each slower than their Triton twins, by 0.2-3.3 µs (docs/decoding_
 to x [programs, columns] float32, one program a row, `--kernels` times a token, `--tokens`
 tokens in one compiled program, compiled as a generation is (`decoding.compiler_options`):
 
-  xla       XLA's fusion
+  xla       XLA's fusion, each behind an optimization barrier (else XLA fuses the chain of
+            adds into one kernel)
   triton    a Pallas Triton kernel letting the next launch early, as the decoders' kernels do
             (`decode_kernels.launch_dependents`)
   mosaic    a Pallas Mosaic GPU kernel, the row read from the card's memory into registers
@@ -117,7 +118,7 @@ def mosaic(x, copies=0):
 def chained(kind, copies, n_kernels):
   """run(x [programs, columns], tokens) -> x after `tokens` × `n_kernels` kernels of the
   form, compiled as a generation's loop."""
-  step = {'xla': lambda x: x + 1, 'triton': triton,
+  step = {'xla': lambda x: lax.optimization_barrier(x + 1), 'triton': triton,
           'mosaic': functools.partial(mosaic, copies=copies)}[kind]
 
   def run(x, tokens):
