@@ -352,6 +352,21 @@ def test_the_program_columns_are_the_median_of_their_copies_and_the_table_gives_
   assert '| 0.0600 | 1.00x |  | 0.000300 | 1.00x |' in table1.markdown(one, 4, 3)
 
 
+def test_a_row_faster_than_its_floor_is_marked_with_the_rate_it_read():
+  """A floor is bytes over the run's probe; a row that decodes faster read faster than the
+  probe (the dense 17B generation on an H100), so its floor is marked and the rate named."""
+  row = lambda variant, floor, program: dict(
+      shape='17b', variant=variant, impl='ours', dtype='float32', depth=2, machine='m',
+      bandwidth=2.8e12, bytes_per_token=9.96e9, floor_s_per_token=floor, s_per_token=None,
+      s_per_token_program=program, s_per_block=1e-3, p90_s_per_block=1e-3)
+  rows = [row('dense', 3.56e-3, 3.30e-3), row('ffqkv', 4.6e-4, 5.2e-4)]
+  text = table1.markdown(rows, 4, 3)
+  assert '| 0.00356† |' in text and '| 0.00046 |' in text
+  assert 'floor marked †: the row decoded faster than its floor, reading 17b dense ours at '\
+      '3018 GB/s, above the run\'s bandwidth probe' in text
+  assert '†' not in table1.markdown(rows[1:], 4, 3)
+
+
 def test_alternate_times_every_rows_block_side_by_side(monkeypatch):
   """--alternate: every row's block is built and compiled (under its implementation's kernel
   choice) before any is timed, then all are called in the same rounds; a block that fails to

@@ -474,6 +474,13 @@ def markdown(rows, prompt, n_tokens):
       + (' ms/block marked *: the blocks of the shape\'s rows so marked compiled first and '
          'then called in the same alternating rounds (`--alternate`), their speedups measured '
          'side by side.' if any(r.get('block_side_by_side') for r in rows) else '')
+      + (' floor marked †: the row decoded faster than its floor, reading '
+         + ', '.join(f'{_setting_label(r["shape"], r["depth"], r["dtype"])} {r["variant"]} '
+                     f'{r["impl"]} at '
+                     f'{r["bytes_per_token"] / _fastest_token(r) / 1e9:.0f} GB/s'
+                     for r in rows if _beats_floor(r))
+         + ', above the run\'s bandwidth probe: there the probe understates the memory\'s '
+         'rate and the floor is an upper bound.' if any(_beats_floor(r) for r in rows) else '')
       + (' ms/block marked "cold": each step timed after the caches were flushed (a 256 MB '
          'buffer read and written, `--cold`), as a decoded token\'s block finds its weights '
          'evicted by the other blocks\'; unmarked, the block\'s weights may stay in the cache '
@@ -504,7 +511,7 @@ def markdown(rows, prompt, n_tokens):
              f'{row["s_per_token"]:.5f}' if row.get('s_per_token') else '',
              _copies_cell(row, 's_per_token_program', 1, 6),
              ratio(dense.get('s_per_token_program'), row.get('s_per_token_program')),
-             f'{row["floor_s_per_token"]:.5f}',
+             f'{row["floor_s_per_token"]:.5f}' + ('†' if _beats_floor(row) else ''),
              f'{paper[0]:.3f}' if paper else '',
              ratio(paper_dense[1], paper[1]) if paper else '']
     lines.append(common.table_row(cells))
@@ -513,6 +520,19 @@ def markdown(rows, prompt, n_tokens):
   if errors:
     lines += ['', 'Measurements that failed:', ''] + errors
   return '\n'.join(lines)
+
+
+def _fastest_token(row):
+  """The row's fastest measured seconds per token (step or program), or None."""
+  times = [t for t in (row.get('s_per_token'), row.get('s_per_token_program')) if t]
+  return min(times) if times else None
+
+
+def _beats_floor(row):
+  """Whether the row decoded a token in less than its floor: it read faster than the run's
+  bandwidth probe (on an H100 the dense 17B generation read 3.0 TB/s, its probe 2.8)."""
+  fastest = _fastest_token(row)
+  return bool(fastest) and fastest < row['floor_s_per_token']
 
 
 def _setting_label(shape, depth, dtype='float32'):
