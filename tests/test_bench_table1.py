@@ -367,6 +367,28 @@ def test_a_row_faster_than_its_floor_is_marked_with_the_rate_it_read():
   assert '†' not in table1.markdown(rows[1:], 4, 3)
 
 
+def test_each_part_of_a_row_says_what_it_measured_as_it_is_measured(monkeypatch, capsys):
+  """A run cut off inside a row (a large shape compiling for minutes) still leaves a line for
+  every part it measured, its figures and how long the part took; a part that failed or was
+  not asked for says so."""
+  monkeypatch.setattr(table1, 'dimensions', tiny_dimensions)
+  monkeypatch.setattr(table1, 'seconds_per_block', lambda *a: (1e-3, 2e-3))
+  monkeypatch.setattr(table1, 'seconds_per_block_programs', lambda *a, **k: [5e-5, 4e-5])
+
+  def program(*args, **kwargs):
+    raise RuntimeError('out of memory')
+  monkeypatch.setattr(table1, 'seconds_per_token_programs', program)
+  table1.measure('800m', ['dense'], ['ours'], prompt=4, n_tokens=3, bandwidth=30e9,
+                 program=True, step=False, copies=2)
+  lines = capsys.readouterr().err.splitlines()
+  assert [line.split(' (measured in ')[0] for line in lines] == [
+      'table1: 800m dense ours, block: 1.0000, 2.0000 ms',
+      'table1: 800m dense ours, step: skipped',
+      'table1: 800m dense ours, block_program: 0.0500, 0.0400 ms',
+      'table1: 800m dense ours, program: failed']
+  assert all(line.endswith(' s)') for line in lines)
+
+
 def test_alternate_times_every_rows_block_side_by_side(monkeypatch):
   """--alternate: every row's block is built and compiled (under its implementation's kernel
   choice) before any is timed, then all are called in the same rounds; a block that fails to

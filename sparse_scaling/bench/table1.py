@@ -34,8 +34,10 @@ products stay matrix products, in bfloat16 up to 256 MiB a weight cuBLAS's kerne
 dense rows included.
 Both implementations size their KV caches to the sequence timed (attention reads the whole
 cache at every step). The floor is the weight and KV-cache bytes a token must read, over the
-bandwidth measured in the same run (`timing.memory_bandwidth`). Every row is printed as it is
-measured; a measurement that fails is reported with its error, not dropped. Writes
+bandwidth measured in the same run (`timing.memory_bandwidth`); a floor that its row beat is
+marked (the probe read slower than the row). Every row is printed as it is measured, and each
+part of a row (block, step, programs) as a line on stderr with the seconds it took; a
+measurement that fails is reported with its error, not dropped. Writes
 docs/results/table1.md and table1.png (table1_<backend> elsewhere than the CPU) as each shape's
 rows are all measured, and the run's rows so far, as each is measured, to the same name with
 `_partial` (.json and .md, removed when the run ends), so that a run cut off keeps them and
@@ -45,6 +47,8 @@ leaves the saved rows whole.
 import functools
 import gc
 import json
+import sys
+import time
 
 from absl import app
 from absl import flags
@@ -359,11 +363,13 @@ def measure(shape, variants, impls, prompt, n_tokens, bandwidth, program=False, 
             ('program', lambda: seconds_per_token_programs(
                 functools.partial(build, impl, dims, whole, max_len), dtype, prompt,
                 n_tokens, copies=copies) if program else None)]:
+          start = time.perf_counter()
           try:
             result = run()
           except Exception as e:  # pylint: disable=broad-except
             row.setdefault('errors', {})[name] = f'{type(e).__name__}: {str(e)[:300]}'
             result = None
+          _progress(row, name, result, time.perf_counter() - start)
           if name == 'block':
             row['s_per_block'], row['p90_s_per_block'] = result or (None, None)
             if alternate:
@@ -386,6 +392,20 @@ def measure(shape, variants, impls, prompt, n_tokens, bandwidth, program=False, 
       if on_row:
         on_row(row)
   return rows
+
+
+def _progress(row, part, result, seconds):
+  """One line on stderr as each part of a row is measured (flushed): a run cut off before
+  its row is complete (a large shape compiling for minutes) still says what it measured and
+  how long each part took."""
+  if result is None:
+    value = 'skipped' if not row.get('errors', {}).get(part) else 'failed'
+  else:
+    times = [t for t in np.ravel(result) if t is not None]
+    value = ', '.join(f'{t * 1e3:.4f}' for t in times) + ' ms'
+  print(f'table1: {_setting_label(row["shape"], row["depth"], row["dtype"])} '
+        f'{row["variant"]} {row["impl"]}, {part}: {value} (measured in {seconds:.0f} s)',
+        file=sys.stderr, flush=True)
 
 
 def _raised(result):
