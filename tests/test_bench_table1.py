@@ -362,8 +362,8 @@ def test_a_row_faster_than_its_floor_is_marked_with_the_rate_it_read():
   rows = [row('dense', 3.56e-3, 3.30e-3), row('ffqkv', 4.6e-4, 5.2e-4)]
   text = table1.markdown(rows, 4, 3)
   assert '| 0.00356† |' in text and '| 0.00046 |' in text
-  assert 'floor marked †: the row decoded faster than its floor, reading 17b dense ours at '\
-      '3018 GB/s, above the run\'s bandwidth probe' in text
+  assert 'floor marked †: its row decoded a token in less than the floor, reading 17b dense ours '\
+      'at 3018 GB/s, above the run\'s bandwidth probe' in text
   assert '†' not in table1.markdown(rows[1:], 4, 3)
 
 

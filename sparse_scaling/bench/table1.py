@@ -494,7 +494,7 @@ def markdown(rows, prompt, n_tokens):
       + (' ms/block marked *: the blocks of the shape\'s rows so marked compiled first and '
          'then called in the same alternating rounds (`--alternate`), their speedups measured '
          'side by side.' if any(r.get('block_side_by_side') for r in rows) else '')
-      + (' floor marked †: the row decoded faster than its floor, reading '
+      + (' floor marked †: its row decoded a token in less than the floor, reading '
          + ', '.join(f'{_setting_label(r["shape"], r["depth"], r["dtype"])} {r["variant"]} '
                      f'{r["impl"]} at '
                      f'{r["bytes_per_token"] / _fastest_token(r) / 1e9:.0f} GB/s'
