@@ -18,8 +18,9 @@ def test_accelerators_also_time_probes_looped_in_one_call(monkeypatch):
   assert rates.keys() == (ONE_PASS if on_cpu else ONE_PASS | looped)
   assert min(rates.values()) > 0
   monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
-  rates = timing.bandwidth_probes(shape=(256, 128))
-  assert rates.keys() == ONE_PASS | looped and min(rates.values()) > 0
+  rates = timing.bandwidth_probes(shape=(256, 128), large_shape=(128, 512))
+  large = {f'vector-matrix product, {timing.ACCELERATOR_PASSES} passes in one loop at [128, 512]'}
+  assert rates.keys() == ONE_PASS | looped | large and min(rates.values()) > 0
 
 
 def test_memory_bandwidth_is_the_best_probe(monkeypatch):

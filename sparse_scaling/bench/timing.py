@@ -128,7 +128,7 @@ def memory_bandwidth(with_probe=False):
   return (rates[best], best) if with_probe else rates[best]
 
 
-def bandwidth_probes(shape=(16384, 8192)):
+def bandwidth_probes(shape=(16384, 8192), large_shape=(9216, 40960)):
   """Bytes per second that each of several jitted probes reads: name -> rate.
 
   Each probe streams a float32 array x of `shape` once per call: a full reduction,
@@ -136,13 +136,29 @@ def bandwidth_probes(shape=(16384, 8192)):
   (a decoding step's dense layer reads its weight as the latter does) and a scaled copy (read
   plus write counted). On an accelerator the last two also run `ACCELERATOR_PASSES` passes in
   one compiled loop, each pass depending on the one before, so that a call's dispatch and
-  synchronisation (~0.1 ms on an H200's host, against ~0.15 ms of reading) drop out
-  (docs/decoding_gpu.md has the H200's figures). Which probe reaches the memory's rate depends
-  on the backend, so the floors take the best.
+  synchronisation (~0.1 ms on an H200's host, against ~0.15 ms of reading) drop out, and the
+  looped vector-matrix product runs once more on an array of `large_shape`: on an H200 it
+  read 4.15 TB/s at the 17B FF layer's [9216, 40960] against 3.77 at 512 MiB, nearer the 4.3
+  that the dense 17B decoder reads (docs/decoding_gpu.md, "Floors and the bandwidth probe").
+  Which probe reaches the memory's rate depends on the backend, so the floors take the best.
 
   Args:
     shape: The probes' array [rows, cols]; the default is 512 MiB.
+    large_shape: The large probe's array on an accelerator; the default is 1.5 GB.
   """
+  rates = _probe_rates(shape, ('full reduction', 'row reduction', 'column reduction',
+                               'matrix-vector product', 'vector-matrix product',
+                               'scaled copy, read + write'),
+                       looped=('vector-matrix product', 'scaled copy, read + write'))
+  if jax.default_backend() != 'cpu':
+    rates.update({f'{name} at {list(large_shape)}': rate for name, rate in _probe_rates(
+        large_shape, (), looped=('vector-matrix product',)).items()})
+  return rates
+
+
+def _probe_rates(shape, names, looped):
+  """`bandwidth_probes`' rates on an array of `shape`: the probes `names` one pass a call,
+  and on an accelerator those `looped` also `ACCELERATOR_PASSES` passes in one call."""
   x = jnp.asarray(np.random.RandomState(0).rand(*shape).astype(np.float32))
   rows, cols = shape
   passes = {  # name: (one pass (x, carry) -> carry, the carry's first value, bytes moved)
@@ -153,14 +169,13 @@ def bandwidth_probes(shape=(16384, 8192)):
       'vector-matrix product': (lambda x, v: jnp.resize(v @ x, rows) / cols,
                                 jnp.ones(rows, x.dtype), x.nbytes),
       'scaled copy, read + write': (lambda x, y: y * 0.999, x, 2 * x.nbytes)}
-  probes = {name: (jax.jit(one_pass), first, nbytes, 1)
-            for name, (one_pass, first, nbytes) in passes.items()}
+  probes = {name: (jax.jit(passes[name][0]), *passes[name][1:], 1) for name in names}
   if jax.default_backend() != 'cpu':
-    for name in ('vector-matrix product', 'scaled copy, read + write'):
+    for name in looped:
       one_pass, first, nbytes = passes[name]
-      looped = jax.jit(lambda x, c, one_pass=one_pass: jax.lax.fori_loop(
+      loop = jax.jit(lambda x, c, one_pass=one_pass: jax.lax.fori_loop(
           0, ACCELERATOR_PASSES, lambda i, c: one_pass(x, c), c))
       probes[f'{name}, {ACCELERATOR_PASSES} passes in one loop'] = (
-          looped, first, nbytes, ACCELERATOR_PASSES)
+          loop, first, nbytes, ACCELERATOR_PASSES)
   return {name: n * nbytes / time_call(probe, x, first, min_runs=10, min_seconds=0.2)[0]
           for name, (probe, first, nbytes, n) in probes.items()}
