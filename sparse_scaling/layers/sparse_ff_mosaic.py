@@ -72,14 +72,14 @@ def _norm_kernel(x_g, scale_g, bias_g, c1_g, xn_g, z_g, c1_s, scale_s, bias_s, x
   t, p = lax.axis_index('t'), lax.axis_index('p')
   program.launch_dependents()
   cols = pl.ds(p * ROWS, ROWS)
-  plgpu.copy_gmem_to_smem(c1_g.at[cols, :], c1_s, barriers.at[0])
-  plgpu.copy_gmem_to_smem(scale_g.at[cols], scale_s, barriers.at[1])
-  plgpu.copy_gmem_to_smem(bias_g.at[cols], bias_s, barriers.at[2])
+  copy = mosaic_kernels.Copies(barriers)
+  copy(c1_g.at[cols, :], c1_s)
+  copy(scale_g.at[cols], scale_s)
+  copy(bias_g.at[cols], bias_s)
   program.wait()
-  plgpu.copy_gmem_to_smem(x_g.at[t, cols], x_s, barriers.at[3])
+  copy(x_g.at[t, cols], x_s)
   mean, inv = mosaic_kernels.row_stats(x_g[t, :], epsilon)                         # of x [d]
-  for i in range(4):
-    plgpu.barrier_wait(barriers.at[i])
+  copy.wait()
   xn = program.layer_norm(x_s, scale_s, bias_s, (mean, inv))
   xn_s[...] = xn
   c1 = program.load(c1_s, MATRIX)                                                 # [ROWS, r]
@@ -142,8 +142,9 @@ def _units_kernel(*refs, n, n_inputs, chained, parts, epsilon, interpret):
   t, k = lax.axis_index('t'), lax.axis_index('k')
   program.launch_dependents()
   units = pl.ds(k * n, n)
-  plgpu.copy_gmem_to_smem(c2_g.at[:, units], c2_s, barriers.at[0])
-  plgpu.copy_gmem_to_smem(cb_g.at[units], cb_s, barriers.at[1])
+  copy = mosaic_kernels.Copies(barriers)
+  copy(c2_g.at[:, units], c2_s)
+  copy(cb_g.at[units], cb_s)
   if parts:
     w2_g, b2_g, *residual_g = rest
     extra = b2_g[...].astype(jnp.float32)                                              # [d]
@@ -151,17 +152,16 @@ def _units_kernel(*refs, n, n_inputs, chained, parts, epsilon, interpret):
     norm = scale_g[...], bias_g[...]
   program.wait()
   if chained:
-    plgpu.copy_gmem_to_smem(sums_g.at[t], sums_s, barriers.at[2])
-    plgpu.copy_gmem_to_smem(m2_g.at[t], m2_s, barriers.at[3])
+    copy(sums_g.at[t], sums_s)
+    copy(m2_g.at[t], m2_s)
     for i, products in enumerate(products_s):
-      plgpu.copy_gmem_to_smem(products_g.at[t, :, i, :], products, barriers.at[4 + i])
+      copy(products_g.at[t, :, i, :], products)
   else:
-    plgpu.copy_gmem_to_smem(z_g.at[t], z_s, barriers.at[2])
+    copy(z_g.at[t], z_s)
   x = x_g[t, :]                                                                        # [d]
   if parts and residual_g:
     extra = extra + residual_g[0][t, :].astype(jnp.float32)
-  for i in range(barriers.shape[0]):
-    plgpu.barrier_wait(barriers.at[i])
+  copy.wait()
   if chained:
     mean, inv, z = _merged(program, sums_s, m2_s, products_s, z_s, x.shape[0], epsilon)
     x = decode_kernels.layer_norm_slice((x, *norm), (mean, inv))
