@@ -261,10 +261,13 @@ def test_depth_sets_the_whole_decoders_blocks_and_the_table_says_so(monkeypatch)
   monkeypatch.setattr(table1, 'build', lambda impl, dims, n, max_len, **kw: (
       built.append(n), real_build(impl, dims, n, max_len, **kw))[1])
   rows = table1.measure('17b', ['dense'], ['ours'], prompt=4, n_tokens=3, bandwidth=30e9,
-                        step=True, depth=3)
+                        step=True, depth=3, probe='full reduction')
   assert rows[0]['depth'] == 3 and sorted(set(built)) == [1, 3]  # one block, then the whole
   assert rows[0]["bytes_per_token"] > 1.4 * table1.bytes_per_token(dense, 2, 6, 4)
-  assert '| 17b (3 blocks) | dense | ours (xla) |' in table1.markdown(rows, 4, 3)
+  text = table1.markdown(rows, 4, 3)
+  assert '| 17b (3 blocks) | dense | ours (xla) |' in text
+  # the rows keep the probe that read the bandwidth, and the header names it
+  assert rows[0]['probe'] == 'full reduction' and '(17b: 30 GB/s by the full reduction)' in text
 
 
 def test_the_kernel_column_names_the_pallas_kernels_a_model_decodes_through():

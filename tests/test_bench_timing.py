@@ -1,8 +1,13 @@
 """The benchmarks' shared timing: the memory-bandwidth probes behind every floor column."""
 
 import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
 
 from sparse_scaling.bench import timing
+from sparse_scaling.layers import decode_kernels
+from tests import utils
 
 ONE_PASS = {'full reduction', 'row reduction', 'column reduction', 'matrix-vector product',
             'vector-matrix product', 'scaled copy, read + write'}
@@ -19,8 +24,30 @@ def test_accelerators_also_time_probes_looped_in_one_call(monkeypatch):
   assert min(rates.values()) > 0
   monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
   rates = timing.bandwidth_probes(shape=(256, 128), large_shape=(128, 512))
-  large = {f'vector-matrix product, {timing.ACCELERATOR_PASSES} passes in one loop at [128, 512]'}
-  assert rates.keys() == ONE_PASS | looped | large and min(rates.values()) > 0
+  # On a GPU also the streaming sum, where Pallas has its Triton backend (in Pallas'
+  # interpreter here).
+  streams = ({timing.STREAM_PROBE} if decode_kernels.MISSING is None else set())
+  large = {f'{name}, {timing.ACCELERATOR_PASSES} passes in one loop at [128, 512]'
+           for name in {'vector-matrix product'} | streams}
+  looped |= {f'{name}, {timing.ACCELERATOR_PASSES} passes in one loop' for name in streams}
+  assert rates.keys() == ONE_PASS | streams | looped | large and min(rates.values()) > 0
+
+
+def test_the_streaming_sum_sums_and_is_a_triton_kernel_for_a_gpu():
+  x = jnp.asarray(np.random.RandomState(0).rand(48, 2 * timing.STREAM_WIDTH), jnp.float32)
+  scale = jnp.full((1,), 0.25, jnp.float32)
+  sums = timing.stream_sums(x, scale, interpret=True)
+  # 48 rows of 2·WIDTH: 96 rows of WIDTH, in blocks of ROWS (4), over 8 programs of 3 steps
+  assert sums.shape == (8,)
+  np.testing.assert_allclose(float(jnp.sum(sums)), 0.25 * float(jnp.sum(x)), rtol=1e-5)
+  # each program's own rows: program 1 sums rows 12..23 of the [96, WIDTH] view
+  np.testing.assert_allclose(float(sums[1]), 0.25 * float(jnp.sum(
+      x.reshape(-1, timing.STREAM_WIDTH)[12:24])), rtol=1e-5)
+  if decode_kernels.MISSING is None:
+    text = utils.lowered_for_an_h200(lambda x, s: timing.stream_sums(x, s), x, scale)
+    assert text.count('__gpu$xla.gpu.triton') == 1
+  with pytest.raises(ValueError, match='multiple of STREAM_WIDTH'):
+    timing.stream_sums(x[:, :-1], scale, interpret=True)
 
 
 def test_memory_bandwidth_is_the_best_probe(monkeypatch):

@@ -315,7 +315,8 @@ def bytes_per_token(dims, n_layers, kv_len, itemsize):
 
 
 def measure(shape, variants, impls, prompt, n_tokens, bandwidth, program=False, step=True,
-            dtype=None, depth=None, on_row=None, copies=1, alternate=False, cold=False):
+            dtype=None, depth=None, on_row=None, copies=1, alternate=False, cold=False,
+            probe=None):
   """Rows of one shape: each variant and implementation, one block timed alone and (with
   `step`) the whole decoder's jitted step and (with `program`) its compiled generation, of
   `depth` blocks (default: the shape's, `SHAPES`); with `copies`, the median of that many
@@ -328,7 +329,8 @@ def measure(shape, variants, impls, prompt, n_tokens, bandwidth, program=False, 
   off keeps the rows it finished.
 
   A measurement that fails (a column an implementation cannot fill) gives a row with the
-  error instead, and the others go on.
+  error instead, and the others go on. `probe` names the bandwidth probe that read
+  `bandwidth` (`timing.memory_bandwidth`), kept in each row.
   """
   _, shape_dtype, _, whole = SHAPES[shape]
   dtype, whole = dtype or shape_dtype, depth or whole
@@ -349,7 +351,7 @@ def measure(shape, variants, impls, prompt, n_tokens, bandwidth, program=False, 
       read = bytes_per_token(dims, whole, prompt + n_tokens // 2, jnp.dtype(dtype).itemsize)
       row = dict(shape=shape, variant=variant, impl=impl, dtype=dtype, depth=whole,
                  machine=timing.machine_description(), floor_s_per_token=read / bandwidth,
-                 bytes_per_token=read, bandwidth=bandwidth, s_per_token=None,
+                 bytes_per_token=read, bandwidth=bandwidth, probe=probe, s_per_token=None,
                  p90_s_per_token=None, s_per_token_program=None)
       with kernel_choice(impl):
         row['kernel'] = kernels_used(dims)
@@ -473,7 +475,9 @@ def _copies_cell(row, key, scale, digits):
 def markdown(rows, prompt, n_tokens):
   """The results as a Markdown table: one row per variant and implementation, the paper's
   figures beside ours; speedups against the same implementation's dense row."""
-  bandwidths = ', '.join(sorted({f'{r["shape"]}: {r["bandwidth"] / 1e9:.0f} GB/s' for r in rows}))
+  bandwidths = ', '.join(sorted({
+      f'{r["shape"]}: {r["bandwidth"] / 1e9:.0f} GB/s'
+      + (f' by the {r["probe"]}' if r.get('probe') else '') for r in rows}))
   by_key = {(*_setting(r), r['variant'], r['impl']): r for r in rows}
   lines = [
       f'Machine: {"; ".join(sorted({r.get("machine", "") for r in rows}))}; bandwidth '
@@ -701,9 +705,10 @@ def main(argv):
     raise app.UsageError(f'--dtype: {args.dtype!r} must be float32 or bfloat16')
   name = args.results or ('table1' if jax.default_backend() == 'cpu'
                             else f'table1_{jax.default_backend()}')
-  bandwidth = None if args.render_only else timing.memory_bandwidth()
+  bandwidth, probe = (None, None) if args.render_only else timing.memory_bandwidth(True)
   rows = measure_and_write(name, shapes_measured, args.variants, args.impls, args.prompt,
-                           args.tokens, bandwidth, args.write, program=args.program,
+                           args.tokens, bandwidth, args.write, probe=probe,
+                           program=args.program,
                            step=args.step, dtype=args.dtype, depth=args.depth,
                            copies=args.copies, alternate=args.alternate, cold=args.cold)
   if rows:

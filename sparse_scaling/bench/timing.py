@@ -6,8 +6,12 @@ import platform
 import time
 
 import jax
+from jax import lax
+from jax.experimental import pallas as pl
 import jax.numpy as jnp
 import numpy as np
+
+from sparse_scaling.layers import decode_kernels
 
 now = time.perf_counter
 
@@ -140,20 +144,81 @@ def bandwidth_probes(shape=(16384, 8192), large_shape=(9216, 40960)):
   looped vector-matrix product runs once more on an array of `large_shape`: on an H200 it
   read 4.15 TB/s at the 17B FF layer's [9216, 40960] against 3.77 at 512 MiB, nearer the 4.3
   that the dense 17B decoder reads (docs/decoding_gpu.md, "Floors and the bandwidth probe").
+  On a GPU whose JAX has Pallas' Triton backend a kernel made to stream, `stream_sums`, also
+  runs at both shapes (one pass a call and looped; looped only at `large_shape`): XLA's
+  probes read less than the dense 17B decoder itself, so that its floor lay above its time.
   Which probe reaches the memory's rate depends on the backend, so the floors take the best.
 
   Args:
     shape: The probes' array [rows, cols]; the default is 512 MiB.
     large_shape: The large probe's array on an accelerator; the default is 1.5 GB.
   """
+  streams = (STREAM_PROBE,) if _streams() else ()
   rates = _probe_rates(shape, ('full reduction', 'row reduction', 'column reduction',
                                'matrix-vector product', 'vector-matrix product',
-                               'scaled copy, read + write'),
-                       looped=('vector-matrix product', 'scaled copy, read + write'))
+                               'scaled copy, read + write') + streams,
+                       looped=('vector-matrix product', 'scaled copy, read + write') + streams)
   if jax.default_backend() != 'cpu':
     rates.update({f'{name} at {list(large_shape)}': rate for name, rate in _probe_rates(
-        large_shape, (), looped=('vector-matrix product',)).items()})
+        large_shape, (), looped=('vector-matrix product',) + streams).items()})
   return rates
+
+
+STREAM_PROBE = 'streaming sum (Pallas Triton)'
+
+
+def _streams():
+  """Whether the probes include `stream_sums`: on a GPU, where Pallas has its Triton backend."""
+  return jax.default_backend() == 'gpu' and decode_kernels.MISSING is None
+
+
+def _interpret():
+  """Whether a Pallas kernel must run in Pallas' interpreter: no GPU holds the arrays."""
+  return jax.devices()[0].platform != 'gpu'
+
+
+# A streaming sum's programs (`stream_sum`): each loads ROWS rows of STREAM_WIDTH float32 at a
+# time (32 KB in flight a program) from its share of consecutive rows, at most
+# STREAM_PROGRAMS programs (powers of 2).
+STREAM_WIDTH, STREAM_ROWS, STREAM_PROGRAMS = 2048, 4, 1024
+
+
+def stream_sums(x, scale, interpret=False):
+  """Partial sums of a float32 array x (its size a multiple of STREAM_WIDTH) times scale [1],
+  as a Pallas Triton kernel that only streams x: one program per share of x's consecutive
+  rows of STREAM_WIDTH, adding ROWS rows at a time elementwise and reducing once at its end.
+  A read-bandwidth probe (`bandwidth_probes`): no output to speak of, every load contiguous
+  and independent of the others, as many programs as the card has room for.
+
+  Returns:
+    [P] float32, whose sum is scale·Σx.
+  """
+  if x.size % STREAM_WIDTH:
+    raise ValueError(f'stream_sums: x has {x.size} elements, which must be a multiple of '
+                     f'STREAM_WIDTH ({STREAM_WIDTH})')
+  flat = x.reshape(-1, STREAM_WIDTH)
+  rows = _largest_power_of_2_dividing(flat.shape[0], STREAM_ROWS)
+  programs = _largest_power_of_2_dividing(flat.shape[0] // rows, STREAM_PROGRAMS)
+  steps = flat.shape[0] // (rows * programs)
+
+  def kernel(scale_ref, x_ref, out_ref):
+    p = pl.program_id(0)
+    acc = lax.fori_loop(
+        0, steps, lambda i, acc: acc + x_ref[pl.ds((p * steps + i) * rows, rows), :],
+        jnp.zeros((rows, STREAM_WIDTH), jnp.float32))
+    out_ref[p] = jnp.sum(acc) * scale_ref[0]
+  return pl.pallas_call(
+      kernel, grid=(programs,), out_shape=jax.ShapeDtypeStruct((programs,), jnp.float32),
+      interpret=interpret,
+      compiler_params=None if interpret else decode_kernels.triton_params(4))(scale, flat)
+
+
+def _largest_power_of_2_dividing(n, most):
+  """The largest power of 2 that divides n, at most `most`."""
+  power = 1
+  while power * 2 <= most and n % (power * 2) == 0:
+    power *= 2
+  return power
 
 
 def _probe_rates(shape, names, looped):
@@ -168,7 +233,9 @@ def _probe_rates(shape, names, looped):
       'matrix-vector product': (lambda x, c: x @ jnp.ones(cols, x.dtype), None, x.nbytes),
       'vector-matrix product': (lambda x, v: jnp.resize(v @ x, rows) / cols,
                                 jnp.ones(rows, x.dtype), x.nbytes),
-      'scaled copy, read + write': (lambda x, y: y * 0.999, x, 2 * x.nbytes)}
+      'scaled copy, read + write': (lambda x, y: y * 0.999, x, 2 * x.nbytes),
+      STREAM_PROBE: (lambda x, c: jnp.sum(stream_sums(x, c, _interpret()), keepdims=True)
+                     / x.size, jnp.ones(1, x.dtype), x.nbytes)}
   probes = {name: (jax.jit(passes[name][0]), *passes[name][1:], 1) for name in names}
   if jax.default_backend() != 'cpu':
     for name in looped:
