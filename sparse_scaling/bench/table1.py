@@ -476,7 +476,7 @@ def markdown(rows, prompt, n_tokens):
   """The results as a Markdown table: one row per variant and implementation, the paper's
   figures beside ours; speedups against the same implementation's dense row."""
   bandwidths = ', '.join(sorted({
-      f'{r["shape"]}: {r["bandwidth"] / 1e9:.0f} GB/s'
+      f'{_setting_label(*_setting(r))}: {r["bandwidth"] / 1e9:.0f} GB/s'
       + (f' by the {r["probe"]}' if r.get('probe') else '') for r in rows}))
   by_key = {(*_setting(r), r['variant'], r['impl']): r for r in rows}
   lines = [
