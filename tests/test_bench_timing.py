@@ -40,13 +40,16 @@ def test_the_streaming_sum_sums_and_is_a_triton_kernel_for_a_gpu():
   # 48 rows of 2·WIDTH: 96 rows of WIDTH, in blocks of ROWS (4), over 8 programs of 3 steps
   assert sums.shape == (8,)
   np.testing.assert_allclose(float(jnp.sum(sums)), 0.25 * float(jnp.sum(x)), rtol=1e-5)
-  # each program's own rows: program 1 sums rows 12..23 of the [96, WIDTH] view
-  np.testing.assert_allclose(float(sums[1]), 0.25 * float(jnp.sum(
-      x.reshape(-1, timing.STREAM_WIDTH)[12:24])), rtol=1e-5)
+  # each program's own rows: in turn along x, program 1 sums blocks 1, 9 and 17 of 4 rows of
+  # the [96, WIDTH] view; each along its own share, rows 12..23
+  view = x.reshape(-1, 4, timing.STREAM_WIDTH)
+  np.testing.assert_allclose(float(sums[1]), 0.25 * float(jnp.sum(view[1::8])), rtol=1e-5)
+  shares = timing.stream_sums(x, scale, interpret=True, interleaved=False)
+  np.testing.assert_allclose(float(shares[1]), 0.25 * float(jnp.sum(view[3:6])), rtol=1e-5)
   if decode_kernels.MISSING is None:
     text = utils.lowered_for_an_h200(lambda x, s: timing.stream_sums(x, s), x, scale)
     assert text.count('__gpu$xla.gpu.triton') == 1
-  with pytest.raises(ValueError, match='multiple of STREAM_WIDTH'):
+  with pytest.raises(ValueError, match='multiple of the width'):
     timing.stream_sums(x[:, :-1], scale, interpret=True)
 
 

@@ -177,40 +177,46 @@ def _interpret():
   return jax.devices()[0].platform != 'gpu'
 
 
-# A streaming sum's programs (`stream_sum`): each loads ROWS rows of STREAM_WIDTH float32 at a
-# time (32 KB in flight a program) from its share of consecutive rows, at most
-# STREAM_PROGRAMS programs (powers of 2).
-STREAM_WIDTH, STREAM_ROWS, STREAM_PROGRAMS = 2048, 4, 1024
+# A streaming sum's programs (`stream_sums`): each loads ROWS rows of STREAM_WIDTH float32 at a
+# time (32 KB in flight a program), at most STREAM_PROGRAMS programs (powers of 2), in turn
+# along x (INTERLEAVED: step i of program p reads block i·P + p, so that at any moment the
+# programs read neighbouring blocks) or each along its own share of consecutive blocks.
+STREAM_WIDTH, STREAM_ROWS, STREAM_PROGRAMS, INTERLEAVED = 2048, 4, 1024, True
 
 
-def stream_sums(x, scale, interpret=False):
-  """Partial sums of a float32 array x (its size a multiple of STREAM_WIDTH) times scale [1],
-  as a Pallas Triton kernel that only streams x: one program per share of x's consecutive
-  rows of STREAM_WIDTH, adding ROWS rows at a time elementwise and reducing once at its end.
-  A read-bandwidth probe (`bandwidth_probes`): no output to speak of, every load contiguous
-  and independent of the others, as many programs as the card has room for.
+def stream_sums(x, scale, interpret=False, width=None, rows=None, programs=None,
+                interleaved=None, warps=4):
+  """Partial sums of a float32 array x (its size a multiple of `width`) times scale [1], as a
+  Pallas Triton kernel that only streams x: x viewed as rows of `width`, each program adds
+  `rows` of them at a time elementwise and reduces once at its end. A read-bandwidth probe
+  (`bandwidth_probes`): no output to speak of, every load contiguous and independent of the
+  others, as many programs as the card has room for. The shares default to the module's
+  constants (STREAM_WIDTH, STREAM_ROWS, STREAM_PROGRAMS: the most, INTERLEAVED).
 
   Returns:
     [P] float32, whose sum is scale·Σx.
   """
-  if x.size % STREAM_WIDTH:
+  width = width or STREAM_WIDTH
+  interleaved = INTERLEAVED if interleaved is None else interleaved
+  if x.size % width:
     raise ValueError(f'stream_sums: x has {x.size} elements, which must be a multiple of '
-                     f'STREAM_WIDTH ({STREAM_WIDTH})')
-  flat = x.reshape(-1, STREAM_WIDTH)
-  rows = _largest_power_of_2_dividing(flat.shape[0], STREAM_ROWS)
-  programs = _largest_power_of_2_dividing(flat.shape[0] // rows, STREAM_PROGRAMS)
+                     f'the width ({width})')
+  flat = x.reshape(-1, width)
+  rows = _largest_power_of_2_dividing(flat.shape[0], rows or STREAM_ROWS)
+  programs = _largest_power_of_2_dividing(flat.shape[0] // rows, programs or STREAM_PROGRAMS)
   steps = flat.shape[0] // (rows * programs)
 
   def kernel(scale_ref, x_ref, out_ref):
     p = pl.program_id(0)
+    block = (lambda i: i * programs + p) if interleaved else (lambda i: p * steps + i)
     acc = lax.fori_loop(
-        0, steps, lambda i, acc: acc + x_ref[pl.ds((p * steps + i) * rows, rows), :],
-        jnp.zeros((rows, STREAM_WIDTH), jnp.float32))
+        0, steps, lambda i, acc: acc + x_ref[pl.ds(block(i) * rows, rows), :],
+        jnp.zeros((rows, width), jnp.float32))
     out_ref[p] = jnp.sum(acc) * scale_ref[0]
   return pl.pallas_call(
       kernel, grid=(programs,), out_shape=jax.ShapeDtypeStruct((programs,), jnp.float32),
       interpret=interpret,
-      compiler_params=None if interpret else decode_kernels.triton_params(4))(scale, flat)
+      compiler_params=None if interpret else decode_kernels.triton_params(warps))(scale, flat)
 
 
 def _largest_power_of_2_dividing(n, most):
