@@ -33,6 +33,7 @@ REFUSED = [
      'flag --min_share=2: 2.0 is not a number in the range [0, 1]'),
     ('sparse_scaling.bench.kernel_chain', ['--columns', '192'],
      'flag --columns=192: --columns must be a multiple of 128'),
+    ('sparse_scaling.bench.bandwidth', ['--rounds', '0'], 'flag --rounds=0'),
     ('sparse_scaling.bench.memory', ['--memory_limit_gb', '0'],
      'flag --memory_limit_gb=0.0: must be > 0'),
     ('sparse_scaling.reproduce.quality', ['--seeds', '0,x'],
@@ -56,6 +57,7 @@ ACCEPTED = [
     ('sparse_scaling.bench.decode_profile', ['--shapes', '800m,17b']),
     ('sparse_scaling.bench.block_profile', ['--min_share', '0']),
     ('sparse_scaling.bench.kernel_chain', ['--columns', '256', '--forms', 'mosaic8']),
+    ('sparse_scaling.bench.bandwidth', ['--shares', '4096:4:1024:8', '--rounds', '1']),
     ('sparse_scaling.reproduce.quality', ['--seeds', '0,1,12']),
     ('main.py', ['--n_devices', '1', '--num_processes', '2', '--process_id', '0']),
 ]

@@ -178,20 +178,24 @@ def _interpret():
 
 
 # A streaming sum's programs (`stream_sums`): each loads ROWS rows of STREAM_WIDTH float32 at a
-# time (32 KB in flight a program), at most STREAM_PROGRAMS programs (powers of 2), in turn
-# along x (INTERLEAVED: step i of program p reads block i·P + p, so that at any moment the
-# programs read neighbouring blocks) or each along its own share of consecutive blocks.
-STREAM_WIDTH, STREAM_ROWS, STREAM_PROGRAMS, INTERLEAVED = 2048, 4, 1024, True
+# time (64 KB in flight a program of STREAM_WARPS warps), at most STREAM_PROGRAMS programs
+# (powers of 2), in turn along x (INTERLEAVED: step i of program p reads block i·P + p, so
+# that at any moment the programs read neighbouring blocks) or each along its own share of
+# consecutive blocks. On an H100, at [9216, 40960], these shares read 2.95-2.96 TB/s, as XLA's
+# looped vector-matrix product (2.94); 2048 columns, 4 rows and 4 warps 2.78-2.81
+# (`python -m sparse_scaling.bench.bandwidth --shares ...`, docs/decoding_gpu.md).
+STREAM_WIDTH, STREAM_ROWS, STREAM_PROGRAMS, STREAM_WARPS, INTERLEAVED = 4096, 4, 1024, 8, True
 
 
 def stream_sums(x, scale, interpret=False, width=None, rows=None, programs=None,
-                interleaved=None, warps=4):
+                interleaved=None, warps=None):
   """Partial sums of a float32 array x (its size a multiple of `width`) times scale [1], as a
   Pallas Triton kernel that only streams x: x viewed as rows of `width`, each program adds
   `rows` of them at a time elementwise and reduces once at its end. A read-bandwidth probe
   (`bandwidth_probes`): no output to speak of, every load contiguous and independent of the
   others, as many programs as the card has room for. The shares default to the module's
-  constants (STREAM_WIDTH, STREAM_ROWS, STREAM_PROGRAMS: the most, INTERLEAVED).
+  constants (STREAM_WIDTH, STREAM_ROWS, STREAM_PROGRAMS: the most, INTERLEAVED,
+  STREAM_WARPS).
 
   Returns:
     [P] float32, whose sum is scale·Σx.
@@ -216,7 +220,8 @@ def stream_sums(x, scale, interpret=False, width=None, rows=None, programs=None,
   return pl.pallas_call(
       kernel, grid=(programs,), out_shape=jax.ShapeDtypeStruct((programs,), jnp.float32),
       interpret=interpret,
-      compiler_params=None if interpret else decode_kernels.triton_params(warps))(scale, flat)
+      compiler_params=None if interpret else decode_kernels.triton_params(
+          warps or STREAM_WARPS))(scale, flat)
 
 
 def _largest_power_of_2_dividing(n, most):
