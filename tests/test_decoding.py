@@ -289,6 +289,34 @@ def test_encoder_decoder_greedy_equals_trax_autoregressive_sample(name):
   np.testing.assert_array_equal(ours, theirs)
 
 
+@pytest.mark.parametrize('name', ['lm', *sorted(ENCODER_DECODERS)])
+def test_the_first_state_is_the_inits_without_making_its_weights(name):
+  """`init_state` gives the state that the predict model's init gives, leaf by leaf, and
+  compiles to a program that makes the state only: the weights that init draws (here an
+  output layer of 16 MB) are left out by XLA. The model's rng is what it was."""
+  if name == 'lm':
+    model_fn = functools.partial(ScalingTransformerLM, **dict(TINY, vocab_size=8192,
+                                                              d_model=512, attention_sparsity=4))
+    signature = shapes.ShapeDtype((2, 1), np.int32)
+  else:
+    model_fn = ENCODER_DECODERS[name]
+    signature = (shapes.ShapeDtype((2, 5), np.int32), shapes.ShapeDtype((2, 1), np.int32))
+  model = model_fn(mode='predict')
+  rng = model.rng
+  state = decoding.init_state(model, signature)
+  np.testing.assert_array_equal(model.rng, rng)
+  weights, theirs = model_fn(mode='predict').init(signature, use_cache=False)
+  assert jax.tree.structure(state) == jax.tree.structure(theirs)
+  for ours, expected in zip(jax.tree.leaves(state), jax.tree.leaves(theirs)):
+    np.testing.assert_array_equal(ours, expected)
+  made = decoding.state_program(model_fn(mode='predict'), signature).lower().compile()
+  memory = made.memory_analysis()
+  state_bytes = sum(leaf.nbytes for leaf in jax.tree.leaves(state))
+  weight_bytes = sum(w.nbytes for w in jax.tree.leaves(weights))
+  assert memory.output_size_in_bytes <= state_bytes + 1024
+  assert memory.temp_size_in_bytes < weight_bytes / 10
+
+
 # A JAX without Pallas' Triton backend (jax 0.11 deprecates it): its modules fail to import.
 _WITHOUT_TRITON = """
 import importlib.abc, json, sys
