@@ -61,15 +61,14 @@ def measure_shares(shares, shape, rounds, on_row=print, min_runs=5):
   of its width is refused first, in one line."""
   x = jnp.asarray(np.random.RandomState(0).rand(*shape).astype(np.float32))
   rows_of_x, columns = shape
-  interpret = jax.devices()[0].platform != 'gpu'
   forms = {XLA: (looped(lambda x, v: jnp.resize(v @ x, rows_of_x) / columns),
                  jnp.ones(rows_of_x, jnp.float32))}
   for width, rows, programs, warps in shares:
     if x.size % (width * rows):
       raise ValueError(f'--shares: {width}:{rows}:{programs}:{warps}: x has {x.size} '
                        f'elements, not a whole number of {rows} rows of {width}')
-    sums = functools.partial(timing.stream_sums, interpret=interpret, width=width, rows=rows,
-                             programs=programs, warps=warps)
+    sums = functools.partial(timing.stream_sums, width=width, rows=rows, programs=programs,
+                             warps=warps)
     forms[share_name(width, rows, programs, warps)] = (
         looped(lambda x, c, sums=sums: jnp.sum(sums(x, c), keepdims=True) / x.size),
         jnp.ones(1, jnp.float32))

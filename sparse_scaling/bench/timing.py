@@ -172,11 +172,6 @@ def _streams():
   return jax.default_backend() == 'gpu' and decode_kernels.MISSING is None
 
 
-def _interpret():
-  """Whether a Pallas kernel must run in Pallas' interpreter: no GPU holds the arrays."""
-  return jax.devices()[0].platform != 'gpu'
-
-
 # A streaming sum's programs (`stream_sums`): each loads ROWS rows of STREAM_WIDTH float32 at a
 # time (64 KB in flight a program of STREAM_WARPS warps), at most STREAM_PROGRAMS programs
 # (powers of 2), in turn along x (INTERLEAVED: step i of program p reads block i·P + p, so
@@ -187,7 +182,7 @@ def _interpret():
 STREAM_WIDTH, STREAM_ROWS, STREAM_PROGRAMS, STREAM_WARPS, INTERLEAVED = 4096, 4, 1024, 8, True
 
 
-def stream_sums(x, scale, interpret=False, width=None, rows=None, programs=None,
+def stream_sums(x, scale, interpret=None, width=None, rows=None, programs=None,
                 interleaved=None, warps=None):
   """Partial sums of a float32 array x (its size a multiple of `width`) times scale [1], as a
   Pallas Triton kernel that only streams x: x viewed as rows of `width`, each program adds
@@ -195,12 +190,14 @@ def stream_sums(x, scale, interpret=False, width=None, rows=None, programs=None,
   (`bandwidth_probes`): no output to speak of, every load contiguous and independent of the
   others, as many programs as the card has room for. The shares default to the module's
   constants (STREAM_WIDTH, STREAM_ROWS, STREAM_PROGRAMS: the most, INTERLEAVED,
-  STREAM_WARPS).
+  STREAM_WARPS). It runs in Pallas' interpreter where `interpret` says, by default where no
+  GPU holds the arrays (the tests).
 
   Returns:
     [P] float32, whose sum is scale·Σx.
   """
   width = width or STREAM_WIDTH
+  interpret = jax.devices()[0].platform != 'gpu' if interpret is None else interpret
   interleaved = INTERLEAVED if interleaved is None else interleaved
   if x.size % width:
     raise ValueError(f'stream_sums: x has {x.size} elements, which must be a multiple of '
@@ -245,8 +242,8 @@ def _probe_rates(shape, names, looped):
       'vector-matrix product': (lambda x, v: jnp.resize(v @ x, rows) / cols,
                                 jnp.ones(rows, x.dtype), x.nbytes),
       'scaled copy, read + write': (lambda x, y: y * 0.999, x, 2 * x.nbytes),
-      STREAM_PROBE: (lambda x, c: jnp.sum(stream_sums(x, c, _interpret()), keepdims=True)
-                     / x.size, jnp.ones(1, x.dtype), x.nbytes)}
+      STREAM_PROBE: (lambda x, c: jnp.sum(stream_sums(x, c), keepdims=True) / x.size,
+                     jnp.ones(1, x.dtype), x.nbytes)}
   probes = {name: (jax.jit(passes[name][0]), *passes[name][1:], 1) for name in names}
   if jax.default_backend() != 'cpu':
     for name in looped:
