@@ -106,6 +106,9 @@ def run(mode, output_dir):
     print(f'vocabulary of {vocab.get_piece_size()} pieces ready')
     return
   if mode == 'decode':
+    if not configs.has_binding('sample.vocab'):
+      raise ValueError('--mode=decode writes text, and this config binds no vocabulary '
+                       '(sample.vocab): its task\'s tokens are not text')
     weights = checkpoints.read_weights(output_dir, configs.configured_model())
   else:
     loop = training.train(output_dir, evaluate_only=mode == 'eval')

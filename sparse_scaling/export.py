@@ -133,7 +133,7 @@ def export_run(output_dir, to, gin_file=None, length=32):
     raise FileNotFoundError(f'no checkpoint in {output_dir}: train first')
   configs.parse([gin_file])
   model = configs.configured_model()(mode='eval')
-  signature, _ = model.weights_and_state_signature(model_signature(model, length))
+  signature = checkpoints.weights_signature(model, model_signature(model, length))
   checkpoints.check_fits(checkpoint.weights, model, checkpoint.directory, signature)
   weights = checkpoints.from_bits(checkpoint.weights)
   save_weights(model, weights, to, structure=signature)

@@ -1,6 +1,7 @@
 """checkpoints.py: damaged checkpoints, pickles that would run code, the previous checkpoint.
 
-All on one checkpoint of the tiny LM (conftest's `one_step_run`), copied before it is changed.
+All on one checkpoint of the tiny LM (conftest's `one_step_run`), copied before it is changed;
+and the weights' signature of a fresh encoder-decoder, against which checkpoints are checked.
 """
 
 import gzip
@@ -163,3 +164,28 @@ def test_no_checkpoint_is_none_and_a_crash_mid_swap_leaves_one_that_loads(run):
   assert checkpoints.load_latest(run.parent / 'nothing_here') is None
   os.rename(run / 'checkpoint', run / checkpoints.PREVIOUS)  # between the two renames
   assert checkpoints.load_latest(run).step == 1
+
+
+@pytest.mark.parametrize('mode', ['eval', 'predict'])
+def test_a_fresh_encoder_decoders_weights_signature_fits_its_trained_weights(mode):
+  """trax's `weights_and_state_signature` fails on a fresh Terraformer as it puts the fresh
+  state back (so `export` and decoding failed on a Terraformer run); `weights_signature` gives
+  the shapes that an initialized model's weights have, and its checkpoint fits."""
+  from trax import shapes  # pylint: disable=g-import-not-at-top
+  from sparse_scaling.models import Terraformer  # pylint: disable=g-import-not-at-top
+  model_fn = lambda: Terraformer(input_vocab_size=32, d_model=16, d_ff=64, n_encoder_layers=1,
+                                 n_decoder_layers=1, n_heads=2, max_len=32, dropout=0.0,
+                                 ff_sparsity=8, attention_sparsity=4, loss_sparsity=4,
+                                 ff_use_sru=(1, 4), mode=mode)
+  tokens = shapes.ShapeDtype((1, 8), np.int32)
+  signature = (tokens, shapes.ShapeDtype((1, 1 if mode == 'predict' else 8), np.int32))
+  with pytest.raises((ValueError, IndexError)):
+    model_fn().weights_and_state_signature(signature)
+  fresh = model_fn()
+  ours = checkpoints.weights_signature(fresh, signature)
+  trained = model_fn()
+  weights, _ = trained.init(signature, rng=jax.random.PRNGKey(0))
+  flat = jax.tree.leaves(weights)
+  assert [(s.shape, s.dtype) for s in jax.tree.leaves(ours)] == [(w.shape, w.dtype) for w in flat]
+  checkpoints.check_fits(flat, fresh, 'here', ours)
+  assert checkpoints.weight_names(fresh, ours) == checkpoints.weight_names(trained)
