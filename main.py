@@ -107,8 +107,8 @@ def run(mode, output_dir):
     return
   if mode == 'decode':
     if not configs.has_binding('sample.vocab'):
-      raise ValueError('--mode=decode writes text, and this config binds no vocabulary '
-                       '(sample.vocab): its task\'s tokens are not text')
+      raise ValueError('--mode=decode: the config binds no vocabulary (sample.vocab) to '
+                       'write its tokens as text')
     weights = checkpoints.read_weights(output_dir, configs.configured_model())
   else:
     loop = training.train(output_dir, evaluate_only=mode == 'eval')

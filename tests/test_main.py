@@ -177,12 +177,12 @@ def test_decode_without_checkpoint_fails_with_one_line_error(tmp_path, monkeypat
 
 
 def test_decode_of_a_task_without_text_fails_with_one_line_error(tmp_path, monkeypatch, capsys):
-  """The copy task's tokens are symbols, with no vocabulary to write them as text: said in one
-  line before any checkpoint is read (gin's missing-binding error was a traceback)."""
+  """The copy task's config binds no vocabulary to write its tokens as text: said in one line
+  before any checkpoint is read (gin's missing-binding error was a traceback)."""
   command = [sys.executable, str(ROOT / 'main.py'), '--gin_file=tiny/terraformer_copy.gin',
              f'--output_dir={tmp_path / "empty"}', '--mode=decode']
   _one_line_error(run_main_here(command, monkeypatch, capsys),
-                  'this config binds no vocabulary (sample.vocab)')
+                  '--mode=decode: the config binds no vocabulary (sample.vocab)')
 
 
 @pytest.mark.slow  # 58 s; by default the SIGTERM test resumes a stopped run and
