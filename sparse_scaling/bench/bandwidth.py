@@ -14,12 +14,8 @@ streaming sums run in Pallas' interpreter (the tests do so), and their rates say
 GPU's.
 """
 
-import functools
-
 from absl import app
 from absl import flags
-import jax
-from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
@@ -48,30 +44,20 @@ def share_name(width, rows, programs, warps):
   return f'streaming sum, {width} columns, {rows} rows, {programs} programs, {warps} warps'
 
 
-def looped(one_pass, passes=timing.ACCELERATOR_PASSES):
-  """jit((x, carry) -> carry after `passes` passes of one_pass(x, carry)), each pass
-  depending on the one before."""
-  return jax.jit(lambda x, c: lax.fori_loop(0, passes, lambda i, c: one_pass(x, c), c))
-
-
 def measure_shares(shares, shape, rounds, on_row=print, min_runs=5):
   """Rows {round, form, rate (bytes/s)}: XLA's vector-matrix product and each share's
   streaming sum over x of `shape`, looped, every form timed in each of `rounds` rounds in
   turn; each row handed to `on_row` as it is measured. A share that does not divide x's rows
   of its width is refused first, in one line."""
   x = jnp.asarray(np.random.RandomState(0).rand(*shape).astype(np.float32))
-  rows_of_x, columns = shape
-  forms = {XLA: (looped(lambda x, v: jnp.resize(v @ x, rows_of_x) / columns),
-                 jnp.ones(rows_of_x, jnp.float32))}
+  forms = {XLA: timing.probe_passes(x)['vector-matrix product']}
   for width, rows, programs, warps in shares:
     if x.size % (width * rows):
       raise ValueError(f'--shares: {width}:{rows}:{programs}:{warps}: x has {x.size} '
                        f'elements, not a whole number of {rows} rows of {width}')
-    sums = functools.partial(timing.stream_sums, width=width, rows=rows, programs=programs,
-                             warps=warps)
-    forms[share_name(width, rows, programs, warps)] = (
-        looped(lambda x, c, sums=sums: jnp.sum(sums(x, c), keepdims=True) / x.size),
-        jnp.ones(1, jnp.float32))
+    forms[share_name(width, rows, programs, warps)] = timing.stream_pass(
+        x, width=width, rows=rows, programs=programs, warps=warps)
+  forms = {name: (timing.looped(one_pass), first) for name, (one_pass, first, _) in forms.items()}
   out = []
   for r in range(rounds):
     for name, (fn, carry) in forms.items():

@@ -405,7 +405,7 @@ def _progress(row, part, result, seconds):
   else:
     times = [t for t in np.ravel(result) if t is not None]
     value = ', '.join(f'{t * 1e3:.4f}' for t in times) + ' ms'
-  print(f'table1: {_setting_label(row["shape"], row["depth"], row["dtype"])} '
+  print(f'table1: {_setting_label(*_setting(row))} '
         f'{row["variant"]} {row["impl"]}, {part}: {value} (measured in {seconds:.0f} s)',
         file=sys.stderr, flush=True)
 
@@ -499,7 +499,7 @@ def markdown(rows, prompt, n_tokens):
          'then called in the same alternating rounds (`--alternate`), their speedups measured '
          'side by side.' if any(r.get('block_side_by_side') for r in rows) else '')
       + (' floor marked †: its row decoded a token in less than the floor, reading '
-         + ', '.join(f'{_setting_label(r["shape"], r["depth"], r["dtype"])} {r["variant"]} '
+         + ', '.join(f'{_setting_label(*_setting(r))} {r["variant"]} '
                      f'{r["impl"]} at '
                      f'{r["bytes_per_token"] / _fastest_token(r) / 1e9:.0f} GB/s'
                      for r in rows if _beats_floor(r))

@@ -157,10 +157,10 @@ def bandwidth_probes(shape=(16384, 8192), large_shape=(9216, 40960)):
   rates = _probe_rates(shape, ('full reduction', 'row reduction', 'column reduction',
                                'matrix-vector product', 'vector-matrix product',
                                'scaled copy, read + write') + streams,
-                       looped=('vector-matrix product', 'scaled copy, read + write') + streams)
+                       ('vector-matrix product', 'scaled copy, read + write') + streams)
   if jax.default_backend() != 'cpu':
     rates.update({f'{name} at {list(large_shape)}': rate for name, rate in _probe_rates(
-        large_shape, (), looped=('vector-matrix product',) + streams).items()})
+        large_shape, (), ('vector-matrix product',) + streams).items()})
   return rates
 
 
@@ -229,12 +229,11 @@ def _largest_power_of_2_dividing(n, most):
   return power
 
 
-def _probe_rates(shape, names, looped):
-  """`bandwidth_probes`' rates on an array of `shape`: the probes `names` one pass a call,
-  and on an accelerator those `looped` also `ACCELERATOR_PASSES` passes in one call."""
-  x = jnp.asarray(np.random.RandomState(0).rand(*shape).astype(np.float32))
-  rows, cols = shape
-  passes = {  # name: (one pass (x, carry) -> carry, the carry's first value, bytes moved)
+def probe_passes(x):
+  """The probes' passes over x [rows, cols]: name -> (one pass (x, carry) -> carry, the carry's
+  first value, bytes moved); the streaming sum's with its default shares (`stream_pass`)."""
+  rows, cols = x.shape
+  return {
       'full reduction': (lambda x, c: jnp.sum(x), None, x.nbytes),
       'row reduction': (lambda x, c: jnp.sum(x, axis=1), None, x.nbytes),
       'column reduction': (lambda x, c: jnp.sum(x, axis=0), None, x.nbytes),
@@ -242,15 +241,32 @@ def _probe_rates(shape, names, looped):
       'vector-matrix product': (lambda x, v: jnp.resize(v @ x, rows) / cols,
                                 jnp.ones(rows, x.dtype), x.nbytes),
       'scaled copy, read + write': (lambda x, y: y * 0.999, x, 2 * x.nbytes),
-      STREAM_PROBE: (lambda x, c: jnp.sum(stream_sums(x, c), keepdims=True) / x.size,
-                     jnp.ones(1, x.dtype), x.nbytes)}
+      STREAM_PROBE: stream_pass(x)}
+
+
+def stream_pass(x, **shares):
+  """A probe's pass of `stream_sums` over x with `shares` (its keyword arguments), as
+  `probe_passes` gives them: the carry [1] scales the next pass's sum."""
+  return (lambda x, c: jnp.sum(stream_sums(x, c, **shares), keepdims=True) / x.size,
+          jnp.ones(1, x.dtype), x.nbytes)
+
+
+def looped(one_pass, passes=ACCELERATOR_PASSES):
+  """jit((x, carry) -> carry after `passes` passes of one_pass(x, carry)), each pass depending
+  on the one before: one call's dispatch over `passes` passes of reading."""
+  return jax.jit(lambda x, c: lax.fori_loop(0, passes, lambda i, c: one_pass(x, c), c))
+
+
+def _probe_rates(shape, names, looped_names):
+  """`bandwidth_probes`' rates on an array of `shape`: the probes `names` one pass a call,
+  and on an accelerator those `looped_names` also `ACCELERATOR_PASSES` passes in one call."""
+  x = jnp.asarray(np.random.RandomState(0).rand(*shape).astype(np.float32))
+  passes = probe_passes(x)
   probes = {name: (jax.jit(passes[name][0]), *passes[name][1:], 1) for name in names}
   if jax.default_backend() != 'cpu':
-    for name in looped:
+    for name in looped_names:
       one_pass, first, nbytes = passes[name]
-      loop = jax.jit(lambda x, c, one_pass=one_pass: jax.lax.fori_loop(
-          0, ACCELERATOR_PASSES, lambda i, c: one_pass(x, c), c))
       probes[f'{name}, {ACCELERATOR_PASSES} passes in one loop'] = (
-          loop, first, nbytes, ACCELERATOR_PASSES)
+          looped(one_pass), first, nbytes, ACCELERATOR_PASSES)
   return {name: n * nbytes / time_call(probe, x, first, min_runs=10, min_seconds=0.2)[0]
           for name, (probe, first, nbytes, n) in probes.items()}
