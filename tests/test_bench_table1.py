@@ -267,7 +267,8 @@ def test_depth_sets_the_whole_decoders_blocks_and_the_table_says_so(monkeypatch)
   text = table1.markdown(rows, 4, 3)
   assert '| 17b (3 blocks) | dense | ours (xla) |' in text
   # the rows keep the probe that read the bandwidth, and the header names it
-  assert rows[0]['probe'] == 'full reduction' and '(17b (3 blocks): 30 GB/s by the full reduction)' in text
+  assert rows[0]['probe'] == 'full reduction'
+  assert '(17b (3 blocks): 30 GB/s by the full reduction)' in text
 
 
 def test_the_kernel_column_names_the_pallas_kernels_a_model_decodes_through():
