@@ -29,6 +29,7 @@ import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
+from trax import layers as tl
 from trax import shapes
 
 # XLA's GPU compiler rewrites a product of a vector and a matrix of up to ten million elements
@@ -176,6 +177,46 @@ def _padded(prompt):
   return padded, lengths
 
 
+def position_limits(model):
+  """[(positions, whether the encoder's count too)]: what each layer of the predict-mode
+  `model` that keeps one entry per position holds: trax's positional encodings (their
+  max_len, decoder positions) and every layer with a `positions_held()` (the KV caches of
+  `layers/causal_attention.py`, and of `layers/concat_decoder.py`, which also hold the
+  encoder's positions). Past its last position such a layer would take every further token
+  at that last position, silently (`dynamic_slice` clamps), so `Decoder.generate` refuses a
+  generation longer than any of them holds."""
+  limits, seen, layers = [], set(), [model]
+  while layers:
+    layer = layers.pop()
+    if id(layer) in seen:
+      continue
+    seen.add(id(layer))
+    if isinstance(layer, tl.PositionalEncoding):
+      # trax keeps these two private; its predict-mode encoding reads its weights at the
+      # state's position, past max_len at the last one.
+      if layer._mode == 'predict':   # pylint: disable=protected-access
+        limits.append((layer._max_len, False))   # pylint: disable=protected-access
+    elif hasattr(layer, 'positions_held') and layer.positions_held():
+      limits.append(layer.positions_held())
+    layers.extend(layer.sublayers)
+  return limits
+
+
+def _check_positions(limits, prompt_length, max_new_tokens, encoder_length):
+  """Raises ValueError where a generation of `max_new_tokens` after a (padded) prompt of
+  `prompt_length` needs more positions than one of `limits` (`position_limits`) holds: the
+  start token, the prompt and every new token but the last are fed, prompt_length +
+  max_new_tokens positions, and a cache of [encoder; decoder] also holds the encoder's
+  `encoder_length`."""
+  for held, with_encoder in limits:
+    needed = prompt_length + max_new_tokens + (encoder_length if with_encoder else 0)
+    if needed > held:
+      encoder = f" after the encoder's {encoder_length} inputs" if with_encoder else ''
+      raise ValueError(f'max_new_tokens: a prompt of {prompt_length} tokens and '
+                       f'{max_new_tokens} new ones{encoder} need {needed} positions; the '
+                       f'model holds {held} (its max_len)')
+
+
 def init_state(model, signature):
   """The state that `model.init(signature)` makes (a predict model's empty caches and
   positions), without the weights it draws: the init runs compiled and returns its state
@@ -236,6 +277,7 @@ class Decoder:
     self._start_id = start_id
     self._compiled = {}
     self._states = {}
+    self._limits = position_limits(self.model)
 
   def generate(self, prompt, max_new_tokens, temperature=0.0, top_k=None, top_p=None,
                eos_id=None, seed=0, inputs=None):
@@ -257,7 +299,9 @@ class Decoder:
       Generated token ids [batch, max_new_tokens] (int32), as a numpy array.
 
     Raises:
-      ValueError: an option outside its range, named in the message.
+      ValueError: an option outside its range, named in the message; a generation longer
+        than the model's caches or positional encodings hold (prompt length +
+        max_new_tokens, and in a Terraformer the encoder's length too, at most max_len).
     """
     _check_sampling(max_new_tokens, temperature, top_k, top_p)
     if (inputs is None) != (self.model.n_in == 1):
@@ -270,6 +314,8 @@ class Decoder:
     if seeds.shape != (batch_size,):
       raise ValueError(f'seed must be an int or one per row ({batch_size}), got {seed!r}')
     inputs = None if inputs is None else jnp.asarray(inputs, jnp.int32)
+    _check_positions(self._limits, prompt.shape[1], max_new_tokens,
+                     0 if inputs is None else inputs.shape[1])
     shape_key = (batch_size, None if inputs is None else inputs.shape)
     if shape_key not in self._states:
       self._states[shape_key] = self._initial_state(batch_size, inputs)

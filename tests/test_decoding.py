@@ -124,6 +124,21 @@ def test_bad_arguments_raise_value_error(model_and_weights, kwargs, parameter):
   assert '\n' not in str(error.value)
 
 
+def test_a_generation_longer_than_the_model_holds_is_refused(model_and_weights):
+  """A prompt and new tokens up to max_len (32) decode the eval model's tokens, the last
+  position fed at the caches' and the positional encoding's last slot; one token more would
+  be fed at that slot again, silently, and is refused in one line naming max_new_tokens."""
+  model_fn, weights = model_and_weights
+  decoder = Decoder(model_fn, weights)
+  prompt = np.array([[5, 6, 7], [9, 3, 2]], np.int32)
+  assert decoding.position_limits(decoder.model)   # the positional encoding, the KV caches
+  tokens = decoder.generate(prompt, 29)
+  np.testing.assert_array_equal(tokens, _greedy_by_the_eval_model(model_fn, weights, prompt, 29))
+  with pytest.raises(ValueError, match='max_new_tokens: .* need 33 positions; .* 32') as error:
+    decoder.generate(prompt, 30)
+  assert '\n' not in str(error.value)
+
+
 def test_unknown_sampling_option_is_named(model_and_weights):
   model_fn, weights = model_and_weights
   with pytest.raises(TypeError, match='top_q'):
@@ -287,6 +302,26 @@ def test_encoder_decoder_greedy_equals_trax_autoregressive_sample(name):
   theirs = trax_decoding.autoregressive_sample(
       trax_model, inputs=inputs, batch_size=2, temperature=0.0, eos_id=-1, max_length=10)
   np.testing.assert_array_equal(ours, theirs)
+
+
+@pytest.mark.parametrize('name, longest', [('scaling_transformer', 32),
+                                           ('terraformer', 32 - 5)])
+def test_encoder_decoders_refuse_generations_longer_than_they_hold(name, longest):
+  """max_len 32: the encoder-decoder with cross-attention decodes 32 tokens after 5 inputs;
+  the Terraformer's decoder caches hold [encoder; decoder], so 27 (its packed first call
+  writes the 5 inputs' positions, the start token's after them). One more is refused, the
+  Terraformer's error counting the encoder's positions."""
+  model_fn = ENCODER_DECODERS[name]
+  inputs = np.array([[4, 5, 6, 7, 0], [8, 9, 3, 0, 0]], np.int32)
+  model = model_fn(mode='eval')
+  model.init(shapes.signature((inputs, inputs)), rng=jax.random.PRNGKey(0))
+  decoder = Decoder(model_fn, model.weights)
+  prompt = np.zeros((2, 0), np.int32)
+  assert decoder.generate(prompt, longest, inputs=inputs).shape == (2, longest)
+  needed = longest + 1 + (5 if name == 'terraformer' else 0)
+  with pytest.raises(ValueError, match=f'max_new_tokens: .* need {needed} positions') as error:
+    decoder.generate(prompt, longest + 1, inputs=inputs)
+  assert ("after the encoder's 5 inputs" in str(error.value)) == (name == 'terraformer')
 
 
 @pytest.mark.parametrize('name', ['lm', *sorted(ENCODER_DECODERS)])

@@ -109,6 +109,11 @@ class CausalAttentionCore(base.Layer):
     out = out.reshape(batch, n_heads, length, d_head).transpose(0, 2, 1, 3)
     return out.reshape(batch, length, d_model)
 
+  def positions_held(self):
+    """In predict mode (max_len, False): the KV cache holds max_len decoded positions, the
+    encoder's none (`decoding.Decoder` checks a generation against it); else None."""
+    return (self._max_len, False) if self._mode == 'predict' else None
+
   def init_weights_and_state(self, input_signature):
     if self._mode == 'predict':
       q = input_signature[0]

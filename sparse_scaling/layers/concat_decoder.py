@@ -145,6 +145,12 @@ class PackedCausalAttention(base.Layer):
       weights = jnp.where(keep, weights / (1.0 - self._dropout), 0.0)
     return jnp.einsum('bqk,bkd->bqd', weights, v)
 
+  def positions_held(self):
+    """In predict mode (max_len, True): the caches hold max_len positions of [encoder;
+    decoder], the encoder's padded length among them (`decoding.Decoder` checks a generation
+    against it); else None."""
+    return (self._max_len, True) if self._mode == 'predict' else None
+
   def init_weights_and_state(self, input_signature):
     if self._mode == 'predict':
       q, _, _, mask = input_signature
