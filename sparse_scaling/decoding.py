@@ -183,8 +183,8 @@ def position_limits(model):
   max_len, decoder positions) and every layer with a `positions_held()` (the KV caches of
   `layers/causal_attention.py`, and of `layers/concat_decoder.py`, which also hold the
   encoder's positions). Past its last position such a layer would take every further token
-  at that last position, silently (`dynamic_slice` clamps), so `Decoder.generate` refuses a
-  generation longer than any of them holds."""
+  at that last position, silently (`dynamic_slice` and `dynamic_update_slice` clamp their
+  start), so `Decoder.generate` refuses a generation longer than any of them holds."""
   limits, seen, layers = [], set(), [model]
   while layers:
     layer = layers.pop()
@@ -196,8 +196,10 @@ def position_limits(model):
       # state's position, past max_len at the last one.
       if layer._mode == 'predict':   # pylint: disable=protected-access
         limits.append((layer._max_len, False))   # pylint: disable=protected-access
-    elif hasattr(layer, 'positions_held') and layer.positions_held():
-      limits.append(layer.positions_held())
+    else:
+      held = getattr(layer, 'positions_held', lambda: None)()
+      if held:
+        limits.append(held)
     layers.extend(layer.sublayers)
   return limits
 
