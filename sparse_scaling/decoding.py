@@ -29,8 +29,8 @@ import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
-from trax import layers as tl
 from trax import shapes
+from trax.layers import attention as trax_attention
 
 # XLA's GPU compiler rewrites a product of a vector and a matrix of up to ten million elements
 # as an elementwise product and a reduction (its 'dot-strength-reduction' pass). Decoding one
@@ -191,7 +191,9 @@ def position_limits(model):
     if id(layer) in seen:
       continue
     seen.add(id(layer))
-    if isinstance(layer, tl.PositionalEncoding):
+    # The class itself: `tl.PositionalEncoding` is gin's configurable wrapper of it, whose
+    # instances are the class's, not the wrapper's.
+    if isinstance(layer, trax_attention.PositionalEncoding):
       # trax keeps these two private; its predict-mode encoding reads its weights at the
       # state's position, past max_len at the last one.
       if layer._mode == 'predict':   # pylint: disable=protected-access

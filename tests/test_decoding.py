@@ -131,7 +131,8 @@ def test_a_generation_longer_than_the_model_holds_is_refused(model_and_weights):
   model_fn, weights = model_and_weights
   decoder = Decoder(model_fn, weights)
   prompt = np.array([[5, 6, 7], [9, 3, 2]], np.int32)
-  assert decoding.position_limits(decoder.model)   # the positional encoding, the KV caches
+  # The positional encoding and the two layers' KV caches.
+  assert decoding.position_limits(decoder.model) == [(32, False)] * 3
   tokens = decoder.generate(prompt, 29)
   np.testing.assert_array_equal(tokens, _greedy_by_the_eval_model(model_fn, weights, prompt, 29))
   with pytest.raises(ValueError, match='max_new_tokens: .* need 33 positions; .* 32') as error:
@@ -425,6 +426,10 @@ def test_model_whose_state_changes_shape_after_the_prompt_decodes_as_trax():
   theirs = trax_decoding.autoregressive_sample(
       trax_model, inputs=prompt, batch_size=1, temperature=0.0, eos_id=-1, max_length=6)
   np.testing.assert_array_equal(ours, theirs)
+  # trax's reference model (Table 1's trax column) is held to its max_len through its
+  # positional encoding.
+  with pytest.raises(ValueError, match='need 33 positions; the model holds 32'):
+    Decoder(model_fn, model.weights).generate(prompt, max_new_tokens=29)
 
 
 def _trained_on_a_cycle(model_fn, steps=150, period=7):
