@@ -239,6 +239,21 @@ def state_program(model, signature):
   return jax.jit(lambda: model.init(signature, use_cache=False)[1])
 
 
+def laid_out(layer, weights):
+  """`weights` of a predict-mode `layer` as a generation reads them, made once per generation
+  outside its loop over tokens: where a layer lays its weights out for decoding (its
+  `decode_weights(weights)`; None leaves it to its sublayers), its laid-out weights
+  (`sparse_qkv.ModuleConv`'s on a GPU); everything else, shared weights' markers too, as
+  it is."""
+  lay_out = getattr(layer, 'decode_weights', None)
+  laid = lay_out(weights) if lay_out else None
+  if laid is not None:
+    return laid
+  if not layer.sublayers or isinstance(weights, dict):
+    return weights
+  return type(weights)(laid_out(sub, w) for sub, w in zip(layer.sublayers, weights))
+
+
 class Decoder:
   """Greedy or sampled generation from a trax LM or encoder-decoder in predict mode.
 
@@ -369,6 +384,7 @@ class Decoder:
     token while the row has one there, else a new token from the logits of the last step.
     """
     batch_size, prompt_length = prompt.shape
+    weights = laid_out(self.model, weights)
     rows = jnp.arange(batch_size)
     n_steps = prompt_length - n_shared + max_new_tokens  # until the longest row is complete
     keys = jax.vmap(jax.random.PRNGKey)(seeds)                        # [batch, 2]

@@ -22,7 +22,9 @@ from sparse_scaling import decoding
 from sparse_scaling.decoding import Decoder
 from sparse_scaling.decoding import filter_logits
 from sparse_scaling.layers import decode_kernels
+from sparse_scaling.layers import ModuleConv
 from sparse_scaling.layers import sparse_ff
+from sparse_scaling.layers import sparse_qkv
 from sparse_scaling.models import ScalingTransformer
 from sparse_scaling.models import ScalingTransformerLM
 from sparse_scaling.models import Terraformer
@@ -303,6 +305,56 @@ def test_encoder_decoder_greedy_equals_trax_autoregressive_sample(name):
   theirs = trax_decoding.autoregressive_sample(
       trax_model, inputs=inputs, batch_size=2, temperature=0.0, eos_id=-1, max_length=10)
   np.testing.assert_array_equal(ours, theirs)
+
+
+def _module_convs(layer):
+  """How many `ModuleConv` layers `layer` holds."""
+  return isinstance(layer, ModuleConv) + sum(_module_convs(sub) for sub in layer.sublayers)
+
+
+def _layouts(weights):
+  return sum(isinstance(w, sparse_qkv.DecodeLayout) for w in jax.tree.leaves(
+      weights, is_leaf=lambda w: isinstance(w, sparse_qkv.DecodeLayout)))
+
+
+@pytest.mark.parametrize('name', ['lm', *sorted(ENCODER_DECODERS)])
+def test_convolutions_laid_out_once_a_generation_decode_the_same_tokens(name, monkeypatch):
+  """Sparse QKV's convolution kernels laid out once a generation (`sparse_qkv.DECODE_LAYOUT`,
+  a GPU's default, forced here; every `ModuleConv` is, XLA's ops taking the token): the
+  greedy tokens of trax's layout, in the LM and both encoder-decoders (the Terraformer's
+  convolutions masked over [encoder; decoder])."""
+  model_fn = (functools.partial(ScalingTransformerLM, **dict(TINY, attention_sparsity=4))
+              if name == 'lm' else ENCODER_DECODERS[name])
+  inputs = np.array([[4, 5, 6, 7, 0], [8, 9, 3, 0, 0]], np.int32)
+  model = model_fn(mode='eval')
+  model.init(shapes.signature(inputs if name == 'lm' else (inputs, inputs)),
+             rng=jax.random.PRNGKey(2))
+  prompt, encoder = (inputs[:, :3], None) if name == 'lm' else (inputs[:, :0], inputs)
+  tokens = {}
+  with decode_kernels.use('xla'):
+    for layout in (False, True):
+      monkeypatch.setattr(sparse_qkv, 'DECODE_LAYOUT', layout)
+      decoder = Decoder(model_fn, model.weights)
+      tokens[layout] = decoder.generate(prompt, 10, inputs=encoder)
+      laid = decoding.laid_out(decoder.model, decoder._weights)  # pylint: disable=protected-access
+      assert _layouts(laid) == (_module_convs(decoder.model) if layout else 0)
+  assert _module_convs(decoder.model) > 0
+  np.testing.assert_array_equal(tokens[True], tokens[False])
+
+
+def test_a_fused_block_that_takes_the_token_keeps_its_convolutions_layout(monkeypatch):
+  """`decoding.laid_out` leaves a Sparse QKV block's weights as trax's where its kernels take
+  the token (they read that layout) and lays out its convolution where XLA's ops do."""
+  monkeypatch.setattr(sparse_qkv, 'DECODE_LAYOUT', True)
+  model_fn = functools.partial(ScalingTransformerLM, **dict(TINY, attention_sparsity=4))
+  model = model_fn(mode='predict')
+  weights, _ = model.init(shapes.ShapeDtype((1, 1), np.int32))
+  for kernel, layouts in (('interpret', 0), ('xla', 2)):
+    with decode_kernels.use(kernel):
+      laid = decoding.laid_out(model, weights)
+    assert _layouts(laid) == layouts
+    if not layouts:
+      assert all(a is b for a, b in zip(jax.tree.leaves(laid), jax.tree.leaves(weights)))
 
 
 @pytest.mark.parametrize('name, longest', [('scaling_transformer', 32),

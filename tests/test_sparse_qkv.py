@@ -12,6 +12,7 @@ from trax.layers.research import sparsity as trax_sparsity
 from sparse_scaling import convert
 from sparse_scaling.layers import ModuleConv
 from sparse_scaling.layers import decode_kernels
+from sparse_scaling.layers import sparse_qkv
 from sparse_scaling.layers import MultiplicativeDense
 from sparse_scaling.layers import SparseEncDecAttention
 from sparse_scaling.layers import SparseLoss
@@ -210,3 +211,48 @@ def test_bad_arguments_raise_value_error_naming_the_parameter(make, parameter):
     make()
 
 
+
+
+@pytest.mark.parametrize('sizes', [(3, 3, 1), (3,), (1, 5, 3)])
+def test_module_conv_laid_out_for_decoding_equals_trax_layout_step_by_step(sizes, monkeypatch):
+  """`decode_weights` (a GPU's default, forced here): one product per module kernel size,
+  rows padded to PAD_ROWS; a prompt and each token then give trax's layout's outputs and
+  state."""
+  monkeypatch.setattr(sparse_qkv, 'DECODE_LAYOUT', True)
+  d, s, lks = 48, 4, 3   # M 12: rows 3·3·12 = 108 -> 128, 3·1·12 = 36 -> 64
+  x = _inputs(2, 7, d)
+  layer = _init(ModuleConv(d, s, lks, sizes, 'predict'), x[:, :3])
+  keys = jax.random.split(jax.random.PRNGKey(3), len(sizes))   # biases apart (init's ~1e-6)
+  weights = tuple((k, jax.random.normal(key, b.shape)) for (k, b), key in zip(layer.weights, keys))
+  state = layer.state
+  layout = layer.decode_weights(weights)
+  assert isinstance(layout, sparse_qkv.DecodeLayout)
+  groups = {size: sizes.count(size) for size in dict.fromkeys(sizes)}
+  assert [k.shape for k in layout.kernels] == [
+      (-(-lks * size * 12 // 64) * 64, n * 12) for size, n in groups.items()]
+  for kernel, size in zip(layout.kernels, groups):
+    assert not np.any(kernel[lks * size * 12:])   # the padded rows are zeros
+  assert layer.decode_weights(layout) is layout
+  step = jax.jit(lambda w, s, t: layer.pure_fn(t, w, s, None))
+  runs = []
+  for w in (weights, layout):
+    outs, st = [], state
+    for start, stop in [(0, 3)] + [(i, i + 1) for i in range(3, 7)]:
+      out, st = step(w, st, x[:, start:stop])
+      outs.append(np.concatenate([np.asarray(o) for o in jax.tree.leaves(out)], axis=-1))
+    runs.append((np.concatenate(outs, axis=1), st))
+  np.testing.assert_allclose(runs[1][0], runs[0][0], rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(runs[1][1], runs[0][1])
+
+
+def test_module_conv_keeps_trax_layout_off_gpus_and_in_train_mode(monkeypatch):
+  x = _inputs(1, 4, D_MODEL)
+  predict = _init(ModuleConv(D_MODEL, S, 3, (3, 3, 1), 'predict'), x)
+  train = _init(ModuleConv(D_MODEL, S, 3, (3, 3, 1), 'train'), x)
+  monkeypatch.setattr(sparse_qkv.jax, 'default_backend', lambda: 'cpu')
+  assert predict.decode_weights(predict.weights) is predict.weights   # DECODE_LAYOUT None
+  monkeypatch.setattr(sparse_qkv.jax, 'default_backend', lambda: 'gpu')
+  assert isinstance(predict.decode_weights(predict.weights), sparse_qkv.DecodeLayout)
+  assert train.decode_weights(train.weights) is train.weights
+  monkeypatch.setattr(sparse_qkv, 'DECODE_LAYOUT', False)
+  assert predict.decode_weights(predict.weights) is predict.weights

@@ -359,6 +359,7 @@ def profile(dims, n_layers, n_steps, dtype, bandwidth):
   """Summary and per-kernel rows of one decoding step of our LM with dimensions `dims`."""
   model = decoders.build('ours', dims, n_layers, decoders.MAX_LEN)
   weights, state = decoders.random_weights_and_state(model, dtype)
+  weights = decoding.laid_out(model, weights)   # as a generation reads them
   step = scoped_step(model)
   tokens = jnp.ones((1, 1), jnp.int32)
   program = decoding.jit(step, weights, donate_argnums=(1,)).trace(weights, state, tokens)

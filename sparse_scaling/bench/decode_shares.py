@@ -41,6 +41,11 @@ constant, set while the setting is measured and restored after it. The names, by
     FF_MOSAIC                    `MOSAIC`, 1: the LayerNorm-controller and units programs
                                  as Mosaic GPU kernels (`sparse_ff_mosaic.py`) where the
                                  shapes fit (token, block, trace)
+  layers/sparse_qkv.py
+    CONV_LAYOUT                  `DECODE_LAYOUT`, 0: the convolutions' kernels as trax lays
+                                 them out, 1: laid out once per generation (one product per
+                                 module kernel size, rows padded; by default on GPUs), where
+                                 XLA's ops take the attention block (17B; token, block, call)
   layers/sparse_ff.py
     CHUNK                        `CPU_CHUNK_BYTES`: on a CPU, the most bytes of W1's float32
                                  chosen rows a token gathers at once, 0 all (token, block,
@@ -130,6 +135,7 @@ from sparse_scaling.layers import decode_kernels
 from sparse_scaling.layers import fused_residual
 from sparse_scaling.layers import sparse_ff
 from sparse_scaling.layers import sparse_ff_kernel
+from sparse_scaling.layers import sparse_qkv
 from sparse_scaling.layers import sparse_qkv_block_kernel
 from sparse_scaling.layers import sparse_qkv_mosaic
 
@@ -152,6 +158,7 @@ SHARES = {**{name: (sparse_qkv_block_kernel, name)
           'FF_MOSAIC': (sparse_ff_kernel, 'MOSAIC'),
           'CHAIN': (fused_residual, 'CHAIN'), 'CPU_TOP_K': (decoding, 'CPU_TOP_K'),
           'CHUNK': (sparse_ff, 'CPU_CHUNK_BYTES'),
+          'CONV_LAYOUT': (sparse_qkv, 'DECODE_LAYOUT'),
           'CUBLAS_BYTES': (decoding, 'CUBLAS_MAX_BYTES'), 'GRAPHS': (decoding, 'GRAPH_LOOPS'),
           'EARLY': (decode_kernels, 'LAUNCH_EARLY'),
           'PREFETCH': (decode_kernels, 'PREFETCH'),
@@ -162,7 +169,7 @@ SHARES = {**{name: (sparse_qkv_block_kernel, name)
              for name in ('DOT_MERGER', 'TILING_SEARCH', 'TRITON_GEMM')}}
 _SWITCHES = ('DOT', 'CHAIN', 'CPU_TOP_K', 'GRAPHS', 'EARLY', 'PREFETCH', 'DOT_MERGER',
              'TILING_SEARCH', 'TRITON_GEMM', 'CACHES', 'STATE', 'FF_MOSAIC',
-             'QKV_MOSAIC', 'MOSAIC_ATTEND')   # 0 or 1
+             'QKV_MOSAIC', 'MOSAIC_ATTEND', 'CONV_LAYOUT')   # 0 or 1
 SHARED_WEIGHTS = 0   # 0, 1 or 2: see the module's note
 # XLA's options for a GPU program, on top of `decoding.COMPILER_OPTIONS` (`xla_options`).
 XLA_DOT_MERGER, XLA_TILING_SEARCH, XLA_TRITON_GEMM = True, False, True

@@ -138,6 +138,7 @@ def _timed_steps(step, weights, state, x, n_steps, warmup=3, flush=None):
 def seconds_per_token(model, dtype, prompt, n_tokens, batch=1):
   """Median and p90 seconds of one greedy decoding step (of `batch` rows) after a prompt."""
   weights, state = random_weights_and_state(model, dtype, batch)
+  weights = decoding.laid_out(model, weights)   # as a generation reads them
 
   def step(weights, state, tokens):
     logits, state = model.pure_fn(tokens, weights, state, None)
@@ -150,9 +151,9 @@ def seconds_per_token(model, dtype, prompt, n_tokens, batch=1):
 
 def _first_block(model, dtype, drawn=None):
   """(step, weights, state, x): the first block's layers (attention and feed-forward,
-  `scope_labels`) of `model` as `x, state = step(weights, state, x)`, with random weights,
-  fresh state (`drawn`, the model's (weights, state), where given) and one token's
-  activations x [1, 1, d_model]."""
+  `scope_labels`) of `model` as `x, state = step(weights, state, x)`, with random weights
+  laid out as a generation reads them (`decoding.laid_out`), fresh state (`drawn`, the
+  model's (weights, state), where given) and one token's activations x [1, 1, d_model]."""
   weights, state = drawn or random_weights_and_state(model, dtype)
   labels = scope_labels(model)
   index = [i for i, label in enumerate(labels) if label.startswith('block0/')]
@@ -163,7 +164,8 @@ def _first_block(model, dtype, drawn=None):
 
   d_model = jax.tree.leaves(weights[index[0]])[0].shape[0]
   x = 0.1 * jax.random.normal(jax.random.PRNGKey(1), (1, 1, d_model), dtype)
-  return (step, tuple(weights[i] for i in index), tuple(state[i] for i in index), x)
+  return (step, tuple(decoding.laid_out(model.sublayers[i], weights[i]) for i in index),
+          tuple(state[i] for i in index), x)
 
 
 def block_call(model, dtype, drawn=None):

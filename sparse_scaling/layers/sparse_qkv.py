@@ -15,6 +15,8 @@ layer, and compute each new position as one matrix product over its receptive fi
 convolution call); attention keeps a KV cache.
 """
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 from trax import layers as tl
@@ -30,6 +32,34 @@ from sparse_scaling.layers.checks import check_divides
 from sparse_scaling.layers.checks import check_mode
 from sparse_scaling.layers.fused_residual import FusedResidual
 from sparse_scaling.layers.multiplicative_dense import MultiplicativeDense
+
+# Decoding computes each new position of the convolutions as a product of its receptive
+# fields and the kernels (`ModuleConv`'s predict path). On a GPU, XLA merges Q's and K's
+# products into one, concatenating their kernels, and pads the contracting side of its Triton
+# products to a multiple of 64 rows (at 17B: Q and K 1296 -> 1344, V 432 -> 448, and the
+# fields); those passes run after its loop-invariant code motion, so a generation did that at
+# every token, 6.4 µs of a 17B block's ~60 (docs/results/decode_profile_gpu_17b.md), and
+# pads that the step itself made were not hoisted either (docs/decoding_gpu.md, "17B
+# shapes"). So the kernels are laid out once per generation, outside its loop
+# (`ModuleConv.decode_weights`, called through `decoding.laid_out`): those of one module
+# kernel size side by side, their rows padded with zeros to a multiple of PAD_ROWS, and each
+# step pads the fields in the concatenation that builds them. DECODE_LAYOUT None: on GPUs
+# only (on the CPU the concatenated kernels were slower: a 17B step 0.52 against 0.45 ms on
+# the EPYC, docs/decoding_gpu.md); True: on every backend (the tests); False: never.
+DECODE_LAYOUT = None
+PAD_ROWS = 64
+
+
+class DecodeLayout(NamedTuple):
+  """`ModuleConv`'s weights as a generation reads them (`ModuleConv.decode_weights`).
+
+  kernels: one per module kernel size k, in the order of first use, [R, n·M]: the n outputs
+    of that size side by side, each kernel [lks, k, M, M] as [lks·k·M, M], its rows padded
+    with zeros to R, a multiple of PAD_ROWS.
+  biases: one per module kernel size, [n·M], in the same order.
+  """
+  kernels: tuple
+  biases: tuple
 
 
 def SparseQKVAttention(d_model, n_heads=1, sparsity=None, length_kernel_size=3,
@@ -103,7 +133,9 @@ class ModuleConv(base.Layer):
   Weights: ((kernel, bias) for each output), the layout of trax's `tl.Conv`. Predict mode
   computes a call as one matrix product per output over the receptive fields (a call there is
   a prompt or one token), or one token per row as one Pallas kernel (`sparse_qkv_kernel.py`;
-  off by default, `decode_kernels.py`); train and eval run the convolution.
+  off by default, `decode_kernels.py`); train and eval run the convolution. A generation on a
+  GPU reads the weights laid out once for it (`decode_weights`, DECODE_LAYOUT): one product
+  per module kernel size.
   """
 
   def __init__(self, d_model, n_modules, length_kernel_size, module_kernel_size, mode,
@@ -134,9 +166,9 @@ class ModuleConv(base.Layer):
     batch, length, d = x.shape
     x = x.reshape(batch, length, self._n_modules, self._channels)   # [b, l, S, M]
     n = self._lks - 1
-    kernel = decode_kernels.active('sparse_qkv')
-    if (self._mode == 'predict' and length == 1 and mask is None and kernel != 'xla'
-        and sparse_qkv_kernel.fits(self._channels, self._lks)):
+    kernel = self._step_kernel()
+    if (self._mode == 'predict' and length == 1 and mask is None and kernel
+        and not isinstance(self.weights, DecodeLayout)):
       outputs, self.state = sparse_qkv_kernel.conv_step(
           x[:, 0].astype(self.state.dtype), self.state, self.weights, self._sizes,
           interpret=kernel == 'interpret')
@@ -148,6 +180,8 @@ class ModuleConv(base.Layer):
       window = jnp.pad(x, [(0, 0), (n, 0), (0, 0), (0, 0)])       # [b, n + l, S, M]
     half = max(self._sizes) // 2
     window = jnp.pad(window, [(0, 0), (0, 0), (half, half), (0, 0)])   # [b, n + l, S + 2h, M]
+    if isinstance(self.weights, DecodeLayout):
+      return self._laid_out_products(window, length)
     fields = {}  # module kernel size -> receptive fields (predict), shared by Q and K
     outputs = []
     for (kernel, bias), size in zip(self.weights, self._sizes):
@@ -163,12 +197,65 @@ class ModuleConv(base.Layer):
       outputs.append((y + bias).reshape(batch, length, d))
     return tuple(outputs)
 
-  def _receptive_fields(self, view, length):
+  def _receptive_fields(self, view, length, rows=0):
     """view [b, n + l, S + k − 1, M] -> [b, l, S, lks·k·M]: each output position's inputs,
-    in the order of a kernel [lks, k, M, M] reshaped to [lks·k·M, M]."""
+    in the order of a kernel [lks, k, M, M] reshaped to [lks·k·M, M]; with `rows` larger,
+    zeros after them up to `rows`."""
     size = view.shape[2] - self._n_modules + 1
-    return jnp.concatenate([view[:, i:i + length, j:j + self._n_modules]
-                            for i in range(self._lks) for j in range(size)], axis=-1)
+    parts = [view[:, i:i + length, j:j + self._n_modules]
+             for i in range(self._lks) for j in range(size)]
+    pad = rows - self._lks * size * self._channels
+    if pad > 0:
+      parts.append(jnp.zeros(view.shape[:1] + (length, self._n_modules, pad), view.dtype))
+    return jnp.concatenate(parts, axis=-1)
+
+  def _groups(self):
+    """[(module kernel size, [the indices of the outputs of that size])], in order of first
+    use: the products of a `DecodeLayout`."""
+    groups = {}
+    for i, size in enumerate(self._sizes):
+      groups.setdefault(size, []).append(i)
+    return list(groups.items())
+
+  def _laid_out_products(self, window, length):
+    """The outputs (a tuple of [b, l, d]) from window [b, n + l, S + 2h, M] through
+    `self.weights`, a `DecodeLayout`: one product per module kernel size."""
+    batch, d = window.shape[0], self._n_modules * self._channels
+    half = max(self._sizes) // 2
+    outputs = [None] * len(self._sizes)
+    layout = self.weights
+    for (size, indices), kernel, bias in zip(self._groups(), layout.kernels, layout.biases):
+      start = half - size // 2
+      view = window[:, :, start:start + self._n_modules + size - 1]
+      fields = self._receptive_fields(view, length, kernel.shape[0])   # [b, l, S, R]
+      y = jnp.einsum('blsf,fo->blso', fields, kernel) + bias           # [b, l, S, n·M]
+      for i, part in zip(indices, jnp.split(y, len(indices), axis=-1)):
+        outputs[i] = part.reshape(batch, length, d)
+    return tuple(outputs)
+
+  def _step_kernel(self):
+    """Whether a one-token predict call runs the Pallas kernel (`sparse_qkv_kernel.py`):
+    'pallas' or 'interpret', else None (XLA's ops)."""
+    kernel = decode_kernels.active('sparse_qkv')
+    if kernel == 'xla' or not sparse_qkv_kernel.fits(self._channels, self._lks):
+      return None
+    return kernel
+
+  def decode_weights(self, weights):
+    """`weights` as a generation reads them, made once per generation outside its loop
+    (`decoding.laid_out`): a `DecodeLayout` where DECODE_LAYOUT says so (by default on a
+    GPU) and XLA's ops take a token; else `weights` as they are."""
+    on = jax.default_backend() == 'gpu' if DECODE_LAYOUT is None else DECODE_LAYOUT
+    if (not on or self._mode != 'predict' or self._step_kernel()
+        or isinstance(weights, DecodeLayout)):
+      return weights
+    kernels, biases = [], []
+    for _, indices in self._groups():
+      kernel = jnp.concatenate([weights[i][0].reshape(-1, self._channels) for i in indices],
+                               axis=1)
+      kernels.append(jnp.pad(kernel, [(0, -kernel.shape[0] % PAD_ROWS), (0, 0)]))
+      biases.append(jnp.concatenate([weights[i][1] for i in indices]))
+    return DecodeLayout(tuple(kernels), tuple(biases))
 
   def _last_inputs(self, window, mask):
     """The predict state after a call: the last n positions of window [b, n + l, S, M]."""
@@ -199,14 +286,12 @@ class SparseQKVResidual(FusedResidual):
   def fused(self, x, parts, ff_norm=None, ahead=()):
     """With `ff_norm` (the next FF block's, `FusedDecoder`), also the partial sums for it;
     `ahead`: the next FF block's fixed weights, for `decode_kernels.PREFETCH`."""
-    kernel = decode_kernels.active('sparse_qkv_block')
-    norm, mixed, conv, core = [self.part(i) for i in range(len(self.PARTS))]
+    kernel = self._kernel()
+    if kernel is None:
+      return None
+    norm, _, conv, core = [self.part(i) for i in range(len(self.PARTS))]
     (norm_w, _), (mixed_w, _), (conv_w, conv_state), (_, (k_cache, v_cache, index)) = parts
     batch, _, d_model = x.shape
-    if (kernel == 'xla' or not norm._center  # pylint: disable=protected-access
-        or not sparse_qkv_block_kernel.fits(d_model, mixed._n_modules, core._n_heads,  # pylint: disable=protected-access
-                                            conv._sizes, conv._lks)):  # pylint: disable=protected-access
-      return None
     if len(mixed_w) == 2:
       mixed_w = (*mixed_w, jnp.zeros((d_model,), x.dtype))
     out, conv_state, k_cache, v_cache, index, *partials = sparse_qkv_block_kernel.decode_step(
@@ -216,6 +301,22 @@ class SparseQKVResidual(FusedResidual):
         ff_norm=ff_norm, ahead=ahead)
     states = ((), (), conv_state, (k_cache, v_cache, index))
     return (out.reshape(x.shape), states) + ((partials,) if ff_norm else ())
+
+  def _kernel(self):
+    """'pallas' or 'interpret' where the block's kernels take a token; else None."""
+    kernel = decode_kernels.active('sparse_qkv_block')
+    norm, mixed, conv, core = [self.part(i) for i in range(len(self.PARTS))]
+    # pylint: disable=protected-access
+    if (kernel == 'xla' or not norm._center or not sparse_qkv_block_kernel.fits(
+        conv._n_modules * conv._channels, mixed._n_modules, core._n_heads, conv._sizes,
+        conv._lks)):
+      return None
+    return kernel
+
+  def decode_weights(self, weights):
+    """`weights` as they are where the block's kernels take a token (they read the
+    sublayers' own layout); None, each sublayer's own (`decoding.laid_out`), where not."""
+    return weights if self._kernel() else None
 
   def ahead_arrays(self, weights):
     """What this block's first kernel reads of its `weights`, for the kernel before it to
