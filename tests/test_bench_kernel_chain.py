@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import pytest
 
 from sparse_scaling.bench import kernel_chain
+from sparse_scaling.bench import timing
 from sparse_scaling.layers import mosaic_kernels
 from tests import utils
 from tests.test_sparse_ff_mosaic import MARKS_PDL
@@ -54,7 +55,7 @@ def test_the_mosaic_forms_lower_for_an_h200_as_the_decoding_kernels_do(copies, m
   """Compiled for an H200, each Mosaic form is one Mosaic GPU kernel that lets the next launch
   early and waits for the one before, marked for Programmatic Dependent Launch under jax >=
   0.11 (as the Mosaic decoding kernels); mosaicK copies with the TMA unit, mosaic not."""
-  monkeypatch.setattr(kernel_chain, '_interpret', lambda: False)
+  monkeypatch.setattr(timing, 'interpreted', lambda: False)
   text = utils.lowered_for_an_h200(functools.partial(kernel_chain.mosaic, copies=copies),
                                    jax.ShapeDtypeStruct((64, 128), jnp.float32))
   assert text.count('@mosaic_gpu') == 1
@@ -68,7 +69,7 @@ def test_the_mosaic_forms_lower_for_an_h200_as_the_decoding_kernels_do(copies, m
 
 
 def test_the_triton_form_launches_the_next_kernel_early_for_an_h200(monkeypatch):
-  monkeypatch.setattr(kernel_chain, '_interpret', lambda: False)
+  monkeypatch.setattr(timing, 'interpreted', lambda: False)
   text = utils.lowered_for_an_h200(kernel_chain.triton,
                                    jax.ShapeDtypeStruct((64, 128), jnp.float32))
   assert 'griddepcontrol.launch_dependents' in text

@@ -10,6 +10,7 @@ from jax._src.pallas.triton import lowering as triton_lowering
 import pytest
 
 from sparse_scaling.bench import l2_hints
+from sparse_scaling.bench import timing
 from tests import utils
 
 
@@ -39,7 +40,7 @@ def test_the_layers_differ_so_shared_weights_compute_another_x():
 
 
 def test_ahead_asks_for_the_next_layers_weights_where_compiled_for_an_h200(monkeypatch):
-  monkeypatch.setattr(l2_hints, '_interpret', lambda: False)
+  monkeypatch.setattr(timing, 'interpreted', lambda: False)
   f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
   layer = lambda x, w, after: l2_hints.layer(x, w, None, 'ahead', 'none', after=after)
   with l2_hints.ptx_loads():
@@ -55,7 +56,7 @@ def test_ahead_asks_for_the_next_layers_weights_where_compiled_for_an_h200(monke
 def test_the_hinted_loads_are_ptx_where_compiled_for_an_h200(monkeypatch, hint, ptx):
   """Lowered for an H200 inside `ptx_loads`, the marked loads of a layer and of the product
   are the hint's PTX, and Pallas' load rule is put back after."""
-  monkeypatch.setattr(l2_hints, '_interpret', lambda: False)   # Triton's kernels on any machine
+  monkeypatch.setattr(timing, 'interpreted', lambda: False)   # Triton's kernels on any machine
   f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
   layer = functools.partial(l2_hints.layer, weights=hint, stream=hint)
   args = f32(1, 64), f32(8, 64), f32(16, 64)

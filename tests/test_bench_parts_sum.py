@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import pytest
 
 from sparse_scaling.bench import parts_sum
+from sparse_scaling.bench import timing
 from tests import utils
 
 
@@ -33,7 +34,7 @@ def test_every_summing_form_hands_on_the_same_x_and_unsummed_does_not():
 def test_the_summers_fence_and_count_where_compiled_for_an_h200(monkeypatch):
   """Compiled for an H200, the units programs of a lastK layer fence their stores and meet
   before they count, and the summers fence after the count; the interpreter runs neither."""
-  monkeypatch.setattr(parts_sum, '_interpret', lambda: False)   # Triton's kernels on any machine
+  monkeypatch.setattr(timing, 'interpreted', lambda: False)   # Triton's kernels on any machine
   f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
   text = utils.lowered_for_an_h200(functools.partial(parts_sum.layer, 'last', 4), f32(1, 64),
                                    f32(6, 64), f32(6, 64))

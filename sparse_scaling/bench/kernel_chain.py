@@ -64,10 +64,6 @@ def parse_forms(names, columns):
   return forms
 
 
-def _interpret():
-  return jax.default_backend() != 'gpu'
-
-
 def _triton_kernel(x_ref, out_ref):
   decode_kernels.launch_dependents()
   out_ref[...] = x_ref[...] + 1
@@ -78,14 +74,14 @@ def triton(x):
   row = pl.BlockSpec((1, x.shape[1]), lambda i: (i, 0))
   return pl.pallas_call(
       _triton_kernel, grid=(x.shape[0],), in_specs=[row], out_specs=row,
-      out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype), interpret=_interpret(),
+      out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype), interpret=timing.interpreted(),
       compiler_params=decode_kernels.triton_params(4))(x)
 
 
 def _mosaic_kernel(x_g, out_g, *scratch, copies):
   """One row's program: straight from and to the card's memory, or through shared memory
   in `copies` TMA copies."""
-  program = mosaic_kernels.Program(_interpret())
+  program = mosaic_kernels.Program(timing.interpreted())
   program.launch_dependents()
   program.wait()
   p = lax.axis_index('p')
@@ -110,7 +106,7 @@ def mosaic(x, copies=0):
   scratch = ([plgpu.SMEM(x.shape[1:], x.dtype), plgpu.SMEM(x.shape[1:], x.dtype),
               plgpu.Barrier(num_barriers=copies)] if copies else [])
   return mosaic_kernels.kernel(
-      functools.partial(_mosaic_kernel, copies=copies), _interpret(),
+      functools.partial(_mosaic_kernel, copies=copies), timing.interpreted(),
       out_type=jax.ShapeDtypeStruct(x.shape, x.dtype), grid=(x.shape[0],),
       grid_names=('p',), scratch_types=scratch)(x)
 
@@ -171,7 +167,7 @@ def main(argv):
   del argv
   args = flags.FLAGS
   forms = parse_forms(args.forms, args.columns)
-  if jax.default_backend() != 'gpu':   # the interpreters' times say nothing of a GPU's
+  if timing.interpreted():   # the interpreters' times say nothing of a GPU's
     raise app.UsageError(f'kernel_chain: times kernels on a GPU (here: '
                          f'{jax.default_backend()}); the tests run its forms on a CPU')
   print(f'Machine: {timing.machine_description()}. {args.kernels} kernels a token, each adding '

@@ -98,10 +98,6 @@ def parse_forms(names):
   return forms
 
 
-def _interpret():
-  return jax.default_backend() != 'gpu'
-
-
 @contextlib.contextmanager
 def ptx_loads():
   """While lowered inside it, the kernels' loads marked by `load` are inline PTX.
@@ -162,7 +158,7 @@ def layer(x, w, s, weights, stream, after=None):
   return pl.pallas_call(
       functools.partial(_layer_kernel, weights=('normal' if weights == 'shared' else weights),
                         stream=stream),
-      grid=(x.shape[1] // COLUMNS,), interpret=_interpret(),
+      grid=(x.shape[1] // COLUMNS,), interpret=timing.interpreted(),
       out_shape=jax.ShapeDtypeStruct(x.shape, jnp.float32),
       compiler_params=decode_kernels.triton_params(4))(
           x, w, *([after] if weights == 'ahead' else []), *([] if stream == 'none' else [s]))
@@ -187,7 +183,7 @@ def product(x, w_out, hint):
     return x @ w_out
   return pl.pallas_call(
       functools.partial(_product_kernel, hint=hint),
-      grid=(w_out.shape[1] // PRODUCT_COLUMNS,), interpret=_interpret(),
+      grid=(w_out.shape[1] // PRODUCT_COLUMNS,), interpret=timing.interpreted(),
       out_shape=jax.ShapeDtypeStruct((1, w_out.shape[1]), jnp.float32),
       compiler_params=decode_kernels.triton_params(8))(x, w_out)
 
@@ -280,7 +276,7 @@ def main(argv):
       raise app.UsageError(f'--{name}: {getattr(args, name)} must be a power of 2')
   if args.vocab % PRODUCT_COLUMNS:
     raise app.UsageError(f'--vocab: {args.vocab} must be a multiple of {PRODUCT_COLUMNS}')
-  if args.set_aside_mb and _interpret():
+  if args.set_aside_mb and timing.interpreted():
     raise app.UsageError('--set_aside_mb: needs an NVIDIA GPU (JAX\'s backend is '
                          f'{jax.default_backend()})')
   set_aside = ''

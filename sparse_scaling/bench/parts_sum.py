@@ -87,10 +87,6 @@ def parse_forms(names):
   return forms
 
 
-def _interpret():
-  return jax.default_backend() != 'gpu'
-
-
 def _column_sum(x_ref, rows, cols):
   """Inside a kernel: Σ of x_ref's first `rows` rows at `cols`, loaded in power-of-2 blocks."""
   return decode_kernels.sum_rows(decode_kernels.load_pieces(lambda r: x_ref[r, cols], rows))
@@ -106,7 +102,7 @@ def _sum_kernel(x_ref, out_ref):
 def column_sum(parts):
   """parts [P, d] -> their sum [1, d], as a Pallas kernel."""
   return pl.pallas_call(
-      _sum_kernel, grid=(parts.shape[1] // COLUMNS,), interpret=_interpret(),
+      _sum_kernel, grid=(parts.shape[1] // COLUMNS,), interpret=timing.interpreted(),
       out_shape=jax.ShapeDtypeStruct((1, parts.shape[1]), jnp.float32),
       compiler_params=plgpu.CompilerParams(num_warps=4))(parts)   # Triton, not Mosaic GPU
 
@@ -139,7 +135,7 @@ def attend(x, rows, copies=0, counter=False):
     out_shape.append(jax.ShapeDtypeStruct((1,), jnp.int32))
   return pl.pallas_call(
       functools.partial(_attend_kernel, rows=rows, copies=copies, counter=counter),
-      grid=(d // COLUMNS,), out_shape=out_shape, interpret=_interpret(),
+      grid=(d // COLUMNS,), out_shape=out_shape, interpret=timing.interpreted(),
       compiler_params=plgpu.CompilerParams(num_warps=4))(x)   # Triton, not Mosaic GPU
 
 
@@ -167,7 +163,7 @@ def units(x2, w1, w2, acc=None):
   acc = () if acc is None else (acc,)
   return pl.pallas_call(
       functools.partial(_units_kernel, copies=acc[0].shape[0] if acc else 0),
-      grid=(w1.shape[0],), interpret=_interpret(),
+      grid=(w1.shape[0],), interpret=timing.interpreted(),
       out_shape=jax.ShapeDtypeStruct((acc[0] if acc else w1).shape, jnp.float32),
       input_output_aliases={3: 0} if acc else {},
       compiler_params=plgpu.CompilerParams(num_warps=4))(x2, w1, w2, *acc)
@@ -207,7 +203,7 @@ def units_summed(x2, w1, w2, counter, summers):
       out_shape=[jax.ShapeDtypeStruct(w1.shape, jnp.float32),
                  jax.ShapeDtypeStruct((1, d), jnp.float32),
                  jax.ShapeDtypeStruct((1,), jnp.int32)],
-      input_output_aliases={3: 2}, interpret=_interpret(),
+      input_output_aliases={3: 2}, interpret=timing.interpreted(),
       compiler_params=plgpu.CompilerParams(num_warps=4))(x2, w1, w2, counter)
 
 

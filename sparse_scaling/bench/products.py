@@ -84,7 +84,7 @@ def _rows_kernel(x_ref, wt_ref, b_ref, out_ref):
 
 def _pallas_call(kernel, grid, out_shape, *args):
   """The kernel compiled for a GPU (Triton), or in Pallas' interpreter elsewhere."""
-  interpret = jax.default_backend() != 'gpu'
+  interpret = timing.interpreted()
   params = None if interpret else plgpu.CompilerParams(num_warps=WARPS)
   return pl.pallas_call(kernel, grid=grid, out_shape=jax.ShapeDtypeStruct(out_shape, jnp.float32),
                         interpret=interpret, compiler_params=params)(*args)

@@ -182,6 +182,13 @@ def _streams():
 STREAM_WIDTH, STREAM_ROWS, STREAM_PROGRAMS, STREAM_WARPS, INTERLEAVED = 4096, 4, 1024, 8, True
 
 
+def interpreted():
+  """Whether the benchmarks' own Pallas kernels run in Pallas' interpreter here: where no GPU
+  holds the arrays (the tests on a CPU, which set it to False to lower the kernels for
+  Triton, or tell the probes that a GPU is there and still interpret the kernels)."""
+  return jax.devices()[0].platform != 'gpu'
+
+
 def stream_sums(x, scale, interpret=None, width=None, rows=None, programs=None,
                 interleaved=None, warps=None):
   """Partial sums of a float32 array x (its size a multiple of `width`) times scale [1], as a
@@ -191,13 +198,13 @@ def stream_sums(x, scale, interpret=None, width=None, rows=None, programs=None,
   others, as many programs as the card has room for. The shares default to the module's
   constants (STREAM_WIDTH, STREAM_ROWS, STREAM_PROGRAMS: the most, INTERLEAVED,
   STREAM_WARPS). It runs in Pallas' interpreter where `interpret` says, by default where no
-  GPU holds the arrays (the tests).
+  GPU runs them (`interpreted`).
 
   Returns:
     [P] float32, whose sum is scale·Σx.
   """
   width = width or STREAM_WIDTH
-  interpret = jax.devices()[0].platform != 'gpu' if interpret is None else interpret
+  interpret = interpreted() if interpret is None else interpret
   interleaved = INTERLEAVED if interleaved is None else interleaved
   if x.size % width:
     raise ValueError(f'stream_sums: x has {x.size} elements, which must be a multiple of '
