@@ -43,9 +43,10 @@ from sparse_scaling.layers.multiplicative_dense import MultiplicativeDense
 # shapes"). So the kernels are laid out once per generation, outside its loop
 # (`ModuleConv.decode_weights`, called through `decoding.laid_out`): those of one module
 # kernel size side by side, their rows padded with zeros to a multiple of PAD_ROWS, and each
-# step pads the fields in the concatenation that builds them. DECODE_LAYOUT None: on GPUs
-# only (on the CPU the concatenated kernels were slower: a 17B step 0.52 against 0.45 ms on
-# the EPYC, docs/decoding_gpu.md); True: on every backend (the tests); False: never.
+# step pads the fields in the concatenation that builds them: on an H100 one 17B block looped
+# 0.0623-0.0629 ms against 0.0658-0.0667 (docs/decoding_gpu.md). DECODE_LAYOUT None: on GPUs
+# only (on a CPU it changed nothing beyond the spread, docs/speed.md); True: on every backend
+# (the tests); False: never.
 DECODE_LAYOUT = None
 PAD_ROWS = 64
 
