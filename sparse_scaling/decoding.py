@@ -245,11 +245,13 @@ def laid_out(layer, weights):
   `decode_weights(weights)`; None leaves it to its sublayers), its laid-out weights
   (`sparse_qkv.ModuleConv`'s on a GPU); everything else, shared weights' markers too, as
   it is."""
+  if isinstance(weights, dict):   # a shared layer's later place: the layer holds its weights
+    return weights
   lay_out = getattr(layer, 'decode_weights', None)
   laid = lay_out(weights) if lay_out else None
   if laid is not None:
     return laid
-  if not layer.sublayers or isinstance(weights, dict):
+  if not layer.sublayers:
     return weights
   return type(weights)(laid_out(sub, w) for sub, w in zip(layer.sublayers, weights))
 

@@ -336,7 +336,7 @@ def test_convolutions_laid_out_once_a_generation_decode_the_same_tokens(name, mo
       monkeypatch.setattr(sparse_qkv, 'DECODE_LAYOUT', layout)
       decoder = Decoder(model_fn, model.weights)
       tokens[layout] = decoder.generate(prompt, 10, inputs=encoder)
-      laid = decoding.laid_out(decoder.model, decoder._weights)  # pylint: disable=protected-access
+      laid = decoding.laid_out(decoder.model, decoder.model.weights)
       assert _layouts(laid) == (_module_convs(decoder.model) if layout else 0)
   assert _module_convs(decoder.model) > 0
   np.testing.assert_array_equal(tokens[True], tokens[False])

@@ -7,9 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from trax import layers as tl
+from trax import shapes
 from trax.layers.research import sparsity as trax_sparsity
 
 from sparse_scaling import convert
+from sparse_scaling import decoding
 from sparse_scaling.layers import ModuleConv
 from sparse_scaling.layers import decode_kernels
 from sparse_scaling.layers import sparse_qkv
@@ -256,3 +258,20 @@ def test_module_conv_keeps_trax_layout_off_gpus_and_in_train_mode(monkeypatch):
   assert train.decode_weights(train.weights) is train.weights
   monkeypatch.setattr(sparse_qkv, 'DECODE_LAYOUT', False)
   assert predict.decode_weights(predict.weights) is predict.weights
+
+
+def test_a_shared_module_conv_is_laid_out_once_in_its_first_place(monkeypatch):
+  """trax gives a layer used twice its weights at its first place and a marker at the next;
+  `decoding.laid_out` lays out the first and leaves the marker, which the layer's own
+  (laid-out) weights then answer."""
+  monkeypatch.setattr(sparse_qkv, 'DECODE_LAYOUT', True)
+  conv = ModuleConv(D_MODEL, S, 3, (3,), 'predict')
+  model = tl.Serial(conv, conv)
+  x = _inputs(1, 1, D_MODEL)
+  weights, state = model.init(shapes.signature(x))
+  assert isinstance(weights[1], dict)   # trax's marker for the shared layer
+  laid = decoding.laid_out(model, weights)
+  assert isinstance(laid[0], sparse_qkv.DecodeLayout) and laid[1] is weights[1]
+  out, _ = model.pure_fn(x, laid, state, None)
+  expected, _ = model.pure_fn(x, weights, state, None)
+  np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
