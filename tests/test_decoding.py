@@ -320,9 +320,10 @@ def _layouts(weights):
 @pytest.mark.parametrize('name', ['lm', *sorted(ENCODER_DECODERS)])
 def test_convolutions_laid_out_once_a_generation_decode_the_same_tokens(name, monkeypatch):
   """Sparse QKV's convolution kernels laid out once a generation (`sparse_qkv.DECODE_LAYOUT`,
-  a GPU's default, forced here; every `ModuleConv` is, XLA's ops taking the token): the
-  greedy tokens of trax's layout, in the LM and both encoder-decoders (the Terraformer's
-  convolutions masked over [encoder; decoder])."""
+  a GPU's default, forced here; every `ModuleConv` is, XLA's ops taking the token), one
+  product per module kernel size or with ONE_PRODUCT one: the greedy tokens of trax's
+  layout, in the LM and both encoder-decoders (the Terraformer's convolutions masked over
+  [encoder; decoder])."""
   model_fn = (functools.partial(ScalingTransformerLM, **dict(TINY, attention_sparsity=4))
               if name == 'lm' else ENCODER_DECODERS[name])
   inputs = np.array([[4, 5, 6, 7, 0], [8, 9, 3, 0, 0]], np.int32)
@@ -332,14 +333,16 @@ def test_convolutions_laid_out_once_a_generation_decode_the_same_tokens(name, mo
   prompt, encoder = (inputs[:, :3], None) if name == 'lm' else (inputs[:, :0], inputs)
   tokens = {}
   with decode_kernels.use('xla'):
-    for layout in (False, True):
+    for layout, one_product in ((False, False), (True, False), (True, True)):
       monkeypatch.setattr(sparse_qkv, 'DECODE_LAYOUT', layout)
+      monkeypatch.setattr(sparse_qkv, 'ONE_PRODUCT', one_product)
       decoder = Decoder(model_fn, model.weights)
-      tokens[layout] = decoder.generate(prompt, 10, inputs=encoder)
+      tokens[layout, one_product] = decoder.generate(prompt, 10, inputs=encoder)
       laid = decoding.laid_out(decoder.model, decoder.model.weights)
       assert _layouts(laid) == (_module_convs(decoder.model) if layout else 0)
   assert _module_convs(decoder.model) > 0
-  np.testing.assert_array_equal(tokens[True], tokens[False])
+  np.testing.assert_array_equal(tokens[True, False], tokens[False, False])
+  np.testing.assert_array_equal(tokens[True, True], tokens[False, False])
 
 
 def test_a_fused_block_that_takes_the_token_keeps_its_convolutions_layout(monkeypatch):

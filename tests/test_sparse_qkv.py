@@ -215,12 +215,15 @@ def test_bad_arguments_raise_value_error_naming_the_parameter(make, parameter):
 
 
 
+@pytest.mark.parametrize('one_product', [False, True])
 @pytest.mark.parametrize('sizes', [(3, 3, 1), (3,), (1, 5, 3)])
-def test_module_conv_laid_out_for_decoding_equals_trax_layout_step_by_step(sizes, monkeypatch):
-  """`decode_weights` (a GPU's default, forced here): one product per module kernel size,
-  rows padded to PAD_ROWS; a prompt and each token then give trax's layout's outputs and
-  state."""
+def test_module_conv_laid_out_for_decoding_equals_trax_layout_step_by_step(sizes, one_product,
+                                                                          monkeypatch):
+  """`decode_weights` (a GPU's default, forced here): one product per module kernel size (or
+  with ONE_PRODUCT one, the smaller kernels among zeros), rows padded to PAD_ROWS; a prompt
+  and each token then give trax's layout's outputs and state."""
   monkeypatch.setattr(sparse_qkv, 'DECODE_LAYOUT', True)
+  monkeypatch.setattr(sparse_qkv, 'ONE_PRODUCT', one_product)
   d, s, lks = 48, 4, 3   # M 12: rows 3·3·12 = 108 -> 128, 3·1·12 = 36 -> 64
   x = _inputs(2, 7, d)
   layer = _init(ModuleConv(d, s, lks, sizes, 'predict'), x[:, :3])
@@ -229,7 +232,8 @@ def test_module_conv_laid_out_for_decoding_equals_trax_layout_step_by_step(sizes
   state = layer.state
   layout = layer.decode_weights(weights)
   assert isinstance(layout, sparse_qkv.DecodeLayout)
-  groups = {size: sizes.count(size) for size in dict.fromkeys(sizes)}
+  groups = ({max(sizes): len(sizes)} if one_product
+            else {size: sizes.count(size) for size in dict.fromkeys(sizes)})
   assert [k.shape for k in layout.kernels] == [
       (-(-lks * size * 12 // 64) * 64, n * 12) for size, n in groups.items()]
   for kernel, size in zip(layout.kernels, groups):

@@ -46,6 +46,8 @@ constant, set while the setting is measured and restored after it. The names, by
                                  them out, 1: laid out once per generation (one product per
                                  module kernel size, rows padded; by default on GPUs), where
                                  XLA's ops take the attention block (17B; token, block, call)
+    CONV_ONE                     `ONE_PRODUCT`, 1: that layout as one product of all three
+                                 convolutions, V's kernel among zeros (token, block, call)
   layers/sparse_ff.py
     CHUNK                        `CPU_CHUNK_BYTES`: on a CPU, the most bytes of W1's float32
                                  chosen rows a token gathers at once, 0 all (token, block,
@@ -159,6 +161,7 @@ SHARES = {**{name: (sparse_qkv_block_kernel, name)
           'CHAIN': (fused_residual, 'CHAIN'), 'CPU_TOP_K': (decoding, 'CPU_TOP_K'),
           'CHUNK': (sparse_ff, 'CPU_CHUNK_BYTES'),
           'CONV_LAYOUT': (sparse_qkv, 'DECODE_LAYOUT'),
+          'CONV_ONE': (sparse_qkv, 'ONE_PRODUCT'),
           'CUBLAS_BYTES': (decoding, 'CUBLAS_MAX_BYTES'), 'GRAPHS': (decoding, 'GRAPH_LOOPS'),
           'EARLY': (decode_kernels, 'LAUNCH_EARLY'),
           'PREFETCH': (decode_kernels, 'PREFETCH'),
@@ -169,7 +172,7 @@ SHARES = {**{name: (sparse_qkv_block_kernel, name)
              for name in ('DOT_MERGER', 'TILING_SEARCH', 'TRITON_GEMM')}}
 _SWITCHES = ('DOT', 'CHAIN', 'CPU_TOP_K', 'GRAPHS', 'EARLY', 'PREFETCH', 'DOT_MERGER',
              'TILING_SEARCH', 'TRITON_GEMM', 'CACHES', 'STATE', 'FF_MOSAIC',
-             'QKV_MOSAIC', 'MOSAIC_ATTEND', 'CONV_LAYOUT')   # 0 or 1
+             'QKV_MOSAIC', 'MOSAIC_ATTEND', 'CONV_LAYOUT', 'CONV_ONE')   # 0 or 1
 SHARED_WEIGHTS = 0   # 0, 1 or 2: see the module's note
 # XLA's options for a GPU program, on top of `decoding.COMPILER_OPTIONS` (`xla_options`).
 XLA_DOT_MERGER, XLA_TILING_SEARCH, XLA_TRITON_GEMM = True, False, True

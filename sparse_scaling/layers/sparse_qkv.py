@@ -49,15 +49,23 @@ from sparse_scaling.layers.multiplicative_dense import MultiplicativeDense
 # (the tests); False: never.
 DECODE_LAYOUT = None
 PAD_ROWS = 64
+# With ONE_PRODUCT the layout makes one product of all three convolutions: V's kernel (module
+# kernel size 1) placed at the middle module of the receptive fields that Q and K read (size
+# 3), zeros at the others, so that a token builds one set of fields and runs one product
+# [S, 3·lks·M] x [3·lks·M, 3M]: at 17B a [1344, 432] kernel of 2.32 MB where the two products
+# read 1.81, so that V's own concatenation and product kernels (1.2 and 2.3 µs on an H100)
+# would go. Not yet timed on a GPU: off (`bench.decode_shares`' CONV_ONE=1).
+ONE_PRODUCT = False
 
 
 class DecodeLayout(NamedTuple):
   """`ModuleConv`'s weights as a generation reads them (`ModuleConv.decode_weights`).
 
-  kernels: one per module kernel size k, in the order of first use, [R, n·M]: the n outputs
-    of that size side by side, each kernel [lks, k, M, M] as [lks·k·M, M], its rows padded
-    with zeros to R, a multiple of PAD_ROWS.
-  biases: one per module kernel size, [n·M], in the same order.
+  kernels: one per product (`ModuleConv._products`): per module kernel size k, in the order
+    of first use, or with ONE_PRODUCT one of the largest k. [R, n·M]: the product's n outputs
+    side by side, each kernel [lks, k, M, M] (a smaller one placed among zeros at the middle
+    modules) as [lks·k·M, M], its rows padded with zeros to R, a multiple of PAD_ROWS.
+  biases: one per product, [n·M], in the same order.
   """
   kernels: tuple
   biases: tuple
@@ -210,9 +218,12 @@ class ModuleConv(base.Layer):
       parts.append(jnp.zeros(view.shape[:1] + (length, self._n_modules, pad), view.dtype))
     return jnp.concatenate(parts, axis=-1)
 
-  def _groups(self):
-    """[(module kernel size, [the indices of the outputs of that size])], in order of first
-    use: the products of a `DecodeLayout`."""
+  def _products(self):
+    """The products of a `DecodeLayout`: [(module kernel size of its receptive fields, [the
+    indices of its outputs])], one per size in order of first use, or with ONE_PRODUCT one
+    of the largest size and every output."""
+    if ONE_PRODUCT:
+      return [(max(self._sizes), list(range(len(self._sizes))))]
     groups = {}
     for i, size in enumerate(self._sizes):
       groups.setdefault(size, []).append(i)
@@ -225,7 +236,7 @@ class ModuleConv(base.Layer):
     half = max(self._sizes) // 2
     outputs = [None] * len(self._sizes)
     layout = self.weights
-    for (size, indices), kernel, bias in zip(self._groups(), layout.kernels, layout.biases):
+    for (size, indices), kernel, bias in zip(self._products(), layout.kernels, layout.biases):
       start = half - size // 2
       view = window[:, :, start:start + self._n_modules + size - 1]
       fields = self._receptive_fields(view, length, kernel.shape[0])   # [b, l, S, R]
@@ -251,9 +262,9 @@ class ModuleConv(base.Layer):
         or isinstance(weights, DecodeLayout)):
       return weights
     kernels, biases = [], []
-    for _, indices in self._groups():
-      kernel = jnp.concatenate([weights[i][0].reshape(-1, self._channels) for i in indices],
-                               axis=1)
+    for size, indices in self._products():
+      kernel = jnp.concatenate([_widened(weights[i][0], size).reshape(-1, self._channels)
+                                for i in indices], axis=1)
       kernels.append(jnp.pad(kernel, [(0, -kernel.shape[0] % PAD_ROWS), (0, 0)]))
       biases.append(jnp.concatenate([weights[i][1] for i in indices]))
     return DecodeLayout(tuple(kernels), tuple(biases))
@@ -274,6 +285,13 @@ class ModuleConv(base.Layer):
         for i, size in enumerate(self._sizes))
     if self._mode == 'predict':
       self.state = jnp.zeros((x.shape[0], self._lks - 1, self._n_modules, m), x.dtype)
+
+
+def _widened(kernel, size):
+  """kernel [lks, k, M, M] -> [lks, size, M, M]: the same convolution over `size` modules
+  centred on the output's (k odd, at most size), zeros at the outer ones."""
+  pad = (size - kernel.shape[1]) // 2
+  return jnp.pad(kernel, [(0, 0), (pad, pad), (0, 0), (0, 0)])
 
 
 class SparseQKVResidual(FusedResidual):
