@@ -53,8 +53,8 @@ PAD_ROWS = 64
 # kernel size 1) placed at the middle module of the receptive fields that Q and K read (size
 # 3), zeros at the others, so that a token builds one set of fields and runs one product
 # [S, 3·lks·M] x [3·lks·M, 3M]: at 17B a [1344, 432] kernel of 2.32 MB where the two products
-# read 1.81, so that V's own concatenation and product kernels (1.2 and 2.3 µs on an H100)
-# would go. Not yet timed on a GPU: off (`bench.decode_shares`' CONV_ONE=1).
+# read 1.81, so that V's own concatenation and product kernels (by their bytes 1.2 and 2.3 µs
+# on an H100) would go. Not yet timed on a GPU: off (`bench.decode_shares`' CONV_ONE=1).
 ONE_PRODUCT = False
 
 
@@ -231,7 +231,7 @@ class ModuleConv(base.Layer):
 
   def _laid_out_products(self, window, length):
     """The outputs (a tuple of [b, l, d]) from window [b, n + l, S + 2h, M] through
-    `self.weights`, a `DecodeLayout`: one product per module kernel size."""
+    `self.weights`, a `DecodeLayout`: its products (`_products`)."""
     batch, d = window.shape[0], self._n_modules * self._channels
     half = max(self._sizes) // 2
     outputs = [None] * len(self._sizes)
@@ -246,8 +246,8 @@ class ModuleConv(base.Layer):
     return tuple(outputs)
 
   def _step_kernel(self):
-    """Whether a one-token predict call runs the Pallas kernel (`sparse_qkv_kernel.py`):
-    'pallas' or 'interpret', else None (XLA's ops)."""
+    """The Pallas kernel a one-token predict call runs (`sparse_qkv_kernel.py`): 'pallas' or
+    'interpret'; None where XLA's ops take it."""
     kernel = decode_kernels.active('sparse_qkv')
     if kernel == 'xla' or not sparse_qkv_kernel.fits(self._channels, self._lks):
       return None
