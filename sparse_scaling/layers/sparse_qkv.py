@@ -189,20 +189,14 @@ class ModuleConv(base.Layer):
       window = jnp.pad(x, [(0, 0), (n, 0), (0, 0), (0, 0)])       # [b, n + l, S, M]
     half = max(self._sizes) // 2
     window = jnp.pad(window, [(0, 0), (0, 0), (half, half), (0, 0)])   # [b, n + l, S + 2h, M]
-    if isinstance(self.weights, DecodeLayout):
-      return self._laid_out_products(window, length)
-    fields = {}  # module kernel size -> receptive fields (predict), shared by Q and K
+    if self._mode == 'predict':
+      return self._products_over_fields(window, length)
     outputs = []
     for (kernel, bias), size in zip(self.weights, self._sizes):
       start = half - size // 2
       view = window[:, :, start:start + self._n_modules + size - 1]
-      if self._mode == 'predict':
-        if size not in fields:
-          fields[size] = self._receptive_fields(view, length)   # [b, l, S, lks·k·M]
-        y = jnp.einsum('blsf,fo->blso', fields[size], kernel.reshape(-1, kernel.shape[-1]))
-      else:
-        y = jax.lax.conv_general_dilated(view, kernel.astype(view.dtype), (1, 1), 'VALID',
-                                         dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+      y = jax.lax.conv_general_dilated(view, kernel.astype(view.dtype), (1, 1), 'VALID',
+                                       dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
       outputs.append((y + bias).reshape(batch, length, d))
     return tuple(outputs)
 
@@ -229,19 +223,28 @@ class ModuleConv(base.Layer):
       groups.setdefault(size, []).append(i)
     return list(groups.items())
 
-  def _laid_out_products(self, window, length):
-    """The outputs (a tuple of [b, l, d]) from window [b, n + l, S + 2h, M] through
-    `self.weights`, a `DecodeLayout`: its products (`_products`)."""
+  def _products_over_fields(self, window, length):
+    """Predict mode's outputs (a tuple of [b, l, d]) from window [b, n + l, S + 2h, M]: each
+    a product of receptive fields and kernels, as `self.weights` lays them out: a
+    `DecodeLayout`'s products (`_products`), or trax's layout's one per output, the outputs of
+    one module kernel size sharing their fields."""
     batch, d = window.shape[0], self._n_modules * self._channels
     half = max(self._sizes) // 2
+    if isinstance(self.weights, DecodeLayout):
+      products, layout = self._products(), self.weights
+    else:
+      products = [(size, [i]) for i, size in enumerate(self._sizes)]
+      layout = DecodeLayout(tuple(k.reshape(-1, self._channels) for k, _ in self.weights),
+                            tuple(b for _, b in self.weights))
+    fields = {}   # (module kernel size, rows) -> receptive fields [b, l, S, rows]
     outputs = [None] * len(self._sizes)
-    layout = self.weights
-    for (size, indices), kernel, bias in zip(self._products(), layout.kernels, layout.biases):
-      start = half - size // 2
-      view = window[:, :, start:start + self._n_modules + size - 1]
-      fields = self._receptive_fields(view, length, kernel.shape[0])   # [b, l, S, R]
-      y = jnp.einsum('blsf,fo->blso', fields, kernel) + bias           # [b, l, S, n·M]
-      for i, part in zip(indices, jnp.split(y, len(indices), axis=-1)):
+    for (size, indices), kernel, bias in zip(products, layout.kernels, layout.biases):
+      if (size, kernel.shape[0]) not in fields:
+        start = half - size // 2
+        view = window[:, :, start:start + self._n_modules + size - 1]
+        fields[size, kernel.shape[0]] = self._receptive_fields(view, length, kernel.shape[0])
+      y = jnp.einsum('blsf,fo->blso', fields[size, kernel.shape[0]], kernel) + bias
+      for i, part in zip(indices, jnp.split(y, len(indices), axis=-1)):   # [b, l, S, M] each
         outputs[i] = part.reshape(batch, length, d)
     return tuple(outputs)
 
