@@ -213,8 +213,6 @@ def test_bad_arguments_raise_value_error_naming_the_parameter(make, parameter):
     make()
 
 
-
-
 @pytest.mark.parametrize('one_product', [False, True])
 @pytest.mark.parametrize('sizes', [(3, 3, 1), (3,), (1, 5, 3)])
 def test_module_conv_laid_out_for_decoding_equals_trax_layout_step_by_step(sizes, one_product,
