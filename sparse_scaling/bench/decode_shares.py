@@ -46,8 +46,9 @@ constant, set while the setting is measured and restored after it. The names, by
                                  them out, 1: laid out once per generation (one product per
                                  module kernel size, rows padded; by default on GPUs), where
                                  XLA's ops take the attention block (17B; token, block, call)
-    CONV_ONE                     `ONE_PRODUCT`, 1: that layout as one product of all three
-                                 convolutions, V's kernel among zeros (token, block, call)
+    CONV_ONE                     `ONE_PRODUCT`, 0: that layout as one product per module
+                                 kernel size, 1: as one product of all three convolutions,
+                                 V's kernel among zeros (the default; token, block, call)
   layers/sparse_ff.py
     CHUNK                        `CPU_CHUNK_BYTES`: on a CPU, the most bytes of W1's float32
                                  chosen rows a token gathers at once, 0 all (token, block,

@@ -43,19 +43,21 @@ from sparse_scaling.layers.multiplicative_dense import MultiplicativeDense
 # shapes"). So the kernels are laid out once per generation, outside its loop
 # (`ModuleConv.decode_weights`, called through `decoding.laid_out`): those of one module
 # kernel size side by side, their rows padded with zeros to a multiple of PAD_ROWS, and each
-# step pads the fields in the concatenation that builds them: on an H100 one 17B block looped
-# 0.0623-0.0629 ms against 0.0658-0.0667 (docs/decoding_gpu.md). DECODE_LAYOUT None: on GPUs
-# only (on a CPU it changed nothing beyond the spread, docs/speed.md); True: on every backend
-# (the tests); False: never.
+# step pads the fields in the concatenation that builds them: one 17B block looped 0.0623-0.0629
+# ms against 0.0658-0.0667 on an H100, 0.0577-0.0583 against 0.0615-0.0620 on an H200
+# (docs/decoding_gpu.md). DECODE_LAYOUT None: on GPUs only (on a CPU it changed nothing
+# beyond the spread, docs/speed.md); True: on every backend (the tests); False: never.
 DECODE_LAYOUT = None
 PAD_ROWS = 64
 # With ONE_PRODUCT the layout makes one product of all three convolutions: V's kernel (module
 # kernel size 1) placed at the middle module of the receptive fields that Q and K read (size
 # 3), zeros at the others, so that a token builds one set of fields and runs one product
 # [S, 3·lks·M] x [3·lks·M, 3M]: at 17B a [1344, 432] kernel of 2.32 MB where the two products
-# read 1.81, so that V's own concatenation and product kernels (by their bytes 1.2 and 2.3 µs
-# on an H100) would go. Not yet timed on a GPU: off (`bench.decode_shares`' CONV_ONE=1).
-ONE_PRODUCT = False
+# read 1.81, and V's own concatenation and product kernels go. On an H200 one 17B block looped
+# 0.0534-0.0544 ms against 0.0577-0.0583 with a product per size, and in bfloat16
+# 0.0408-0.0409 against 0.0442-0.0448 (docs/decoding_gpu.md): on (`bench.decode_shares`'
+# CONV_ONE=0 turns it off). It changes nothing where nothing is laid out (CPUs, fused blocks).
+ONE_PRODUCT = True
 
 
 class DecodeLayout(NamedTuple):
