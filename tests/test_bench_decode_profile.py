@@ -100,6 +100,28 @@ ENTRY %main (p0: f32[65536,1024], p1: f32[1,1024]) -> f32[1,1024] {
   assert moved['pallas_call.7']['bytes'] == 1234
 
 
+def test_each_kernel_row_names_the_operation_it_computes():
+  # A fusion carries the op_name of the operation it was made from; a Pallas kernel its
+  # function's name; a kernel with neither (the CPU's dots) none.
+  info = {'gemm_fusion_dot.8': dict(
+              scope='block1/attention', category='fusion', bytes=8, function=None,
+              op_name='jit(step)/block1/attention/...i,si,im->...sm/dot_general'),
+          'pallas_call.24': dict(scope='block1/ff', category='custom-call', bytes=4,
+                                 function='_units_kernel',
+                                 op_name='jit(step)/block1/ff/pallas_call'),
+          'dot.3': dict(scope='block1/ff', category='dot', bytes=4, function=None, op_name='')}
+  times = {name.replace('.', '_'): (1.0, 1e-6) for name in info}
+  rows = {r['kernel']: r for r in decode_profile.attribute(times, info)}
+  assert decode_profile.operation(rows['gemm_fusion_dot_8']) == '...i,si,im->...sm/dot_general'
+  assert decode_profile.operation(rows['pallas_call_24']) == '_units_kernel'
+  assert decode_profile.operation(rows['dot_3']) == ''
+  summary = dict(shape='17b', variant='ffqkv', layers=2, wall_s=0, device_s=0, kernels=3,
+                 block_kernels=3, attention_kernels=1, ff_kernels=2, block_s=0,
+                 block_bytes=0, block_floor_s=0)
+  text = decode_profile.markdown([summary], [list(rows.values())], 1e12, 'a probe')
+  assert '| `...i,si,im->...sm/dot_general` |' in text and '| `_units_kernel` |' in text
+
+
 def test_a_cublas_calls_workspace_is_not_counted_as_bytes_moved():
   # One bfloat16 row times an 800M FF weight as XLA's GPU program runs it through cuBLAS:
   # (result, 32 MiB of workspace).

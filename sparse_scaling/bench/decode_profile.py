@@ -24,7 +24,8 @@ kernel name is matched to its instruction by `kernel_key`.
 
 The summary gives, per variant: wall and device-busy time per step, kernels per step and per
 block, time and bytes per block, and the block's bandwidth floor. The detail lists one block's
-kernels (block 1: block 0 can differ where XLA fuses across the embedding). Device time far
+kernels (block 1: block 0 can differ where XLA fuses across the embedding), each with what it
+computes (`operation`: a Pallas kernel's function, else the operation XLA made it from). Device time far
 above bytes / bandwidth with many kernels of a few microseconds each is launch-bound: the
 step's cost is its number of kernels, not what they read. `--kernels` chooses the Pallas
 decoding kernels (`layers/decode_kernels.py`: auto, pallas, interpret or xla). Writes
@@ -310,8 +311,20 @@ def attribute(times, info):
     rows.append(dict(kernel=name, launches=launches, seconds=seconds,
                      scope=meta.get('scope', 'other'), category=meta.get('category', '?'),
                      bytes=meta.get('bytes', 0), op_name=meta.get('op_name', ''),
-                     attributed=bool(meta)))
+                     function=meta.get('function'), attributed=bool(meta)))
   return rows
+
+
+def operation(row):
+  """What an `attribute` row's kernel computes, for a reader: a Pallas kernel's function
+  name, else its instruction's op_name from its scope on ('jit(step)/block1/attention/
+  ...i,si,im->...sm/dot_general' -> '...i,si,im->...sm/dot_general'); '' where XLA recorded
+  none (the CPU's dots)."""
+  if row.get('function'):
+    return row['function']
+  name = row.get('op_name', '')
+  match = re.search(r'(?:embed|block\d+/(?:attention|ff)|output)/(.*)', name)
+  return match.group(1) if match else name.rpartition('jit(step)/')[2]
 
 
 # On a GPU, XLA records runs of kernels as CUDA graphs (command buffers), whose kernels a trace
@@ -417,7 +430,9 @@ def markdown(summaries, details, bandwidth, probe):
            'so that every kernel carries its instruction\'s name; wall is the default '
            'compilation. Unnamed: device time of kernels no instruction names (a '
            'library\'s helpers), counted in the step but in no block. Outside blocks: the '
-           'embedding, the output layer, the argmax and unnamed kernels.', '',
+           'embedding, the output layer, the argmax and unnamed kernels. Op: what a kernel '
+           'computes, a Pallas kernel\'s function or the operation its instruction was made '
+           'from (its op_name within its block; blank where XLA recorded none).', '',
            common.table_header(['shape', 'variant', 'layers', 'wall ms/step', 'device ms/step',
                                 'unnamed ms/step', 'outside blocks ms/step', 'kernels/step',
                                 'kernels/block (attn + ff)', 'µs/block', 'MB/block',
@@ -434,11 +449,12 @@ def markdown(summaries, details, bandwidth, probe):
   for s, detail in zip(summaries, details):
     lines += ['', f'### {s["shape"]} {s["variant"]}: the kernels of one block, and the output '
               'layer\'s', '',
-              common.table_header(['scope', 'kernel', 'what', 'launches', 'µs', 'MB'])]
+              common.table_header(['scope', 'kernel', 'what', 'op', 'launches', 'µs', 'MB'])]
     for r in detail:
+      op = operation(r)
       lines.append(common.table_row([
-          r['scope'].split('/')[-1], f'`{r["kernel"]}`', r['category'], f'{r["launches"]:.0f}',
-          f'{r["seconds"] * 1e6:.1f}', f'{r["bytes"] / 1e6:.3f}']))
+          r['scope'].split('/')[-1], f'`{r["kernel"]}`', r['category'], op and f'`{op}`',
+          f'{r["launches"]:.0f}', f'{r["seconds"] * 1e6:.1f}', f'{r["bytes"] / 1e6:.3f}']))
   return '\n'.join(lines)
 
 
