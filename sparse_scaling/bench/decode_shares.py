@@ -43,9 +43,10 @@ constant, set while the setting is measured and restored after it. The names, by
                                  shapes fit (token, block, trace)
   layers/sparse_qkv.py
     CONV_LAYOUT                  `DECODE_LAYOUT`, 0: the convolutions' kernels as trax lays
-                                 them out, 1: laid out once per generation (one product per
-                                 module kernel size, rows padded; by default on GPUs), where
-                                 XLA's ops take the attention block (17B; token, block, call)
+                                 them out, 1: laid out once per generation (rows padded; one
+                                 product, or one per module kernel size with CONV_ONE=0; by
+                                 default on GPUs), where XLA's ops take the attention block
+                                 (17B; token, block, call)
     CONV_ONE                     `ONE_PRODUCT`, 0: that layout as one product per module
                                  kernel size, 1: as one product of all three convolutions,
                                  V's kernel among zeros (the default; token, block, call)

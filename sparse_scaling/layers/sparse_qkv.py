@@ -146,7 +146,7 @@ class ModuleConv(base.Layer):
   a prompt or one token), or one token per row as one Pallas kernel (`sparse_qkv_kernel.py`;
   off by default, `decode_kernels.py`); train and eval run the convolution. A generation on a
   GPU reads the weights laid out once for it (`decode_weights`, DECODE_LAYOUT): one product
-  per module kernel size.
+  of all outputs (ONE_PRODUCT), or else one per module kernel size.
   """
 
   def __init__(self, d_model, n_modules, length_kernel_size, module_kernel_size, mode,
