@@ -219,7 +219,8 @@ def test_module_conv_laid_out_for_decoding_equals_trax_layout_step_by_step(sizes
                                                                           monkeypatch):
   """`decode_weights` (a GPU's default, forced here): one product per module kernel size (or
   with ONE_PRODUCT one, the smaller kernels among zeros), rows padded to PAD_ROWS; a prompt
-  and each token then give trax's layout's outputs and state."""
+  and each token then give trax's layout's outputs and state, the layout read as it was made
+  whatever ONE_PRODUCT says by then."""
   monkeypatch.setattr(sparse_qkv, 'DECODE_LAYOUT', True)
   monkeypatch.setattr(sparse_qkv, 'ONE_PRODUCT', one_product)
   d, s, lks = 48, 4, 3   # M 12: rows 3·3·12 = 108 -> 128, 3·1·12 = 36 -> 64
@@ -237,6 +238,7 @@ def test_module_conv_laid_out_for_decoding_equals_trax_layout_step_by_step(sizes
   for kernel, size in zip(layout.kernels, groups):
     assert not np.any(kernel[lks * size * 12:])   # the padded rows are zeros
   assert layer.decode_weights(layout) is layout
+  monkeypatch.setattr(sparse_qkv, 'ONE_PRODUCT', not one_product)
   step = jax.jit(lambda w, s, t: layer.pure_fn(t, w, s, None))
   runs = []
   for w in (weights, layout):

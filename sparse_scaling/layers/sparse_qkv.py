@@ -214,11 +214,11 @@ class ModuleConv(base.Layer):
       parts.append(jnp.zeros(view.shape[:1] + (length, self._n_modules, pad), view.dtype))
     return jnp.concatenate(parts, axis=-1)
 
-  def _products(self):
+  def _products(self, one):
     """The products of a `DecodeLayout`: [(module kernel size of its receptive fields, [the
-    indices of its outputs])], one per size in order of first use, or with ONE_PRODUCT one
-    of the largest size and every output."""
-    if ONE_PRODUCT:
+    indices of its outputs])], one per size in order of first use, or with `one` one of the
+    largest size and every output."""
+    if one:
       return [(max(self._sizes), list(range(len(self._sizes))))]
     groups = {}
     for i, size in enumerate(self._sizes):
@@ -233,7 +233,9 @@ class ModuleConv(base.Layer):
     batch, d = window.shape[0], self._n_modules * self._channels
     half = max(self._sizes) // 2
     if isinstance(self.weights, DecodeLayout):
-      products, layout = self._products(), self.weights
+      # The layout says which products it holds (one kernel: all outputs in one), so that
+      # it reads as it was made whatever ONE_PRODUCT is when it is read.
+      products, layout = self._products(len(self.weights.kernels) == 1), self.weights
     else:
       products = [(size, [i]) for i, size in enumerate(self._sizes)]
       layout = DecodeLayout(tuple(k.reshape(-1, self._channels) for k, _ in self.weights),
@@ -267,7 +269,7 @@ class ModuleConv(base.Layer):
         or isinstance(weights, DecodeLayout)):
       return weights
     kernels, biases = [], []
-    for size, indices in self._products():
+    for size, indices in self._products(ONE_PRODUCT):
       kernel = jnp.concatenate([_widened(weights[i][0], size).reshape(-1, self._channels)
                                 for i in indices], axis=1)
       kernels.append(jnp.pad(kernel, [(0, -kernel.shape[0] % PAD_ROWS), (0, 0)]))
