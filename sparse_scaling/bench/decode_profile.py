@@ -253,8 +253,11 @@ def _op_name(inst, fused):
   return named[0] if named else ''
 
 
+_SCOPES = r'(embed|block\d+/(?:attention|ff)|output)'   # `scoped_step`'s scopes in an op_name
+
+
 def _scope(op_name):
-  match = re.search(r'(embed|block\d+/(?:attention|ff)|output)', op_name)
+  match = re.search(_SCOPES, op_name)
   return match.group(1) if match else 'other'
 
 
@@ -323,8 +326,8 @@ def operation(row):
   if row.get('function'):
     return row['function']
   name = row.get('op_name', '')
-  match = re.search(r'(?:embed|block\d+/(?:attention|ff)|output)/(.*)', name)
-  return match.group(1) if match else name.rpartition('jit(step)/')[2]
+  match = re.search(_SCOPES + '/(.*)', name)
+  return match.group(2) if match else name.rpartition('jit(step)/')[2]
 
 
 # On a GPU, XLA records runs of kernels as CUDA graphs (command buffers), whose kernels a trace
