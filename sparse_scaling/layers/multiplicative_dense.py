@@ -18,6 +18,12 @@ from trax.layers import initializers as init
 
 from sparse_scaling.layers.checks import check_divides
 
+# The few-token product's form: 0, one einsum (XLA: x·D written out, then its product with E);
+# 1, D @ (x·E); 2, one reduction of x·D·E over d_in. One 17B FF+QKV block looped on an H200
+# took 0.0541-0.0543 ms with 0, 0.0571 with 1 and 0.0987 with 2 (docs/decoding_gpu.md); on a
+# CPU both others were slower too (docs/speed.md).
+DECODE_FORM = 0
+
 
 class MultiplicativeDense(base.Layer):
   """y[..., s, m] = Σ_i x[..., i]·D[s, i]·E[i, m] + b, flattened to [..., d_out].
@@ -54,7 +60,13 @@ class MultiplicativeDense(base.Layer):
       y = x @ w                                         # [..., d_out]
     else:
       # Few tokens (decoding): read D and E only, d_in·(S + M) weights.
-      y = jnp.einsum('...i,si,im->...sm', x, d, e)     # [..., S, M]
+      if DECODE_FORM == 1:
+        y = jnp.einsum('si,...im->...sm', d, x[..., :, None] * e)
+      elif DECODE_FORM == 2:
+        y = jnp.sum(x[..., None, :, None] * d[:, :, None] * e[None], axis=-2)
+      else:
+        y = jnp.einsum('...i,si,im->...sm', x, d, e)
+      # y [..., S, M]
       y = y.reshape(x.shape[:-1] + (self._d_out,))      # [..., d_out]
     return y + self.weights[2] if self._use_bias else y
 
