@@ -279,11 +279,11 @@ def test_the_kernel_column_names_the_pallas_kernels_a_model_decodes_through():
     assert table1.kernels_used(dims) == 'pallas: ffblock+qkvblock'
     assert table1.kernels_used(dict(dims, ff_sparsity=0, attention_sparsity=0)) == \
         'pallas: attn'
-    # 17B's shapes (d_model 9216, 144 channels per module, heads of 96): the FF block loads
-    # them in power-of-2 pieces; the attention block would, but declines above MAX_D_MODEL,
-    # and 144 channels and heads of 96 fit neither Sparse QKV's nor attention's own kernel.
+    # 17B's shapes (d_model 9216, 144 channels per module, heads of 96): the FF block and
+    # attention's own kernel load them in power-of-2 pieces; the attention block would, but
+    # declines above MAX_D_MODEL, and 144 channels fit not Sparse QKV's own kernel.
     big = dict(dims, d_model=9216, n_heads=96, ff_sparsity=(256, 32), attention_sparsity=64)
-    assert table1.kernels_used(big) == 'pallas: ffblock'
+    assert table1.kernels_used(big) == 'pallas: ffblock+attn'
     # d_model 4096, MAX_D_MODEL: the attention block; a controller of rank 12 fits no Sparse
     # FF kernel.
     assert table1.kernels_used(dict(big, d_model=4096, n_heads=64, ff_sparsity=(256, 12))) == \

@@ -10,6 +10,7 @@ from trax import layers as tl
 from sparse_scaling import convert
 from sparse_scaling.bench import decode_profile
 from sparse_scaling.layers import CausalAttention
+from sparse_scaling.layers import attention_kernel
 from sparse_scaling.layers import causal_attention
 from sparse_scaling.layers import decode_kernels
 from tests.utils import assert_predict_equals_eval
@@ -27,18 +28,56 @@ def test_matches_trax_causal_attention_with_the_same_weights():
   np.testing.assert_allclose(ours(x), theirs(x), atol=1e-5)
 
 
-@pytest.mark.parametrize('kernel, reductions, max_len, length', [
-    ('xla', False, 16, 9), ('xla', True, 16, 9), ('xla', True, 16, 16),
-    ('interpret', False, 16, 9), ('interpret', False, 20, 19)])
-def test_predict_equals_eval(kernel, reductions, max_len, length, monkeypatch):
+@pytest.mark.parametrize('kernel, reductions, max_len, length, d_model, split', [
+    ('xla', False, 16, 9, D_MODEL, None), ('xla', True, 16, 9, D_MODEL, None),
+    ('xla', True, 16, 16, D_MODEL, None),
+    ('interpret', False, 16, 9, D_MODEL, False), ('interpret', False, 20, 19, D_MODEL, False),
+    ('interpret', False, 20, 19, 48, False), ('interpret', False, 20, 19, 48, True),
+    ('interpret', False, 40, 39, 48, True)])
+def test_predict_equals_eval(kernel, reductions, max_len, length, d_model, split, monkeypatch):
   # reductions: each decoded token's products over the cache as sums (as on a GPU; here on
   # any backend), up to a full cache. kernel 'interpret': each decoded token through the
-  # Pallas kernel (attention_kernel.py), run by Pallas' interpreter. A cache of 20 is read in
-  # blocks of 16, the second overlapping the first; decoding fills it up to its last position.
+  # Pallas kernel (attention_kernel.py), run by Pallas' interpreter, its programs by value
+  # columns or (split) by blocks of positions. A cache of 20 is read in blocks of 16, one of
+  # 40 in blocks of 32, the second overlapping the first; decoding fills it up to its last
+  # position. d_model 48: heads of 12, loaded in pieces of 8 and 4, each head's values in
+  # three programs of 4 columns (as 17B's heads of 96: 64 and 32, three of 32).
   monkeypatch.setattr(causal_attention, 'one_query_as_reductions', lambda: reductions)
-  model_fn = functools.partial(CausalAttention, D_MODEL, N_HEADS, max_inference_length=max_len)
+  if split is not None:
+    monkeypatch.setattr(attention_kernel, 'SPLIT', split)
+  model_fn = functools.partial(CausalAttention, d_model, N_HEADS, max_inference_length=max_len)
   with decode_kernels.use(kernel):
-    assert_predict_equals_eval(model_fn, _inputs(2, length, D_MODEL))
+    assert_predict_equals_eval(model_fn, _inputs(2, length, d_model))
+
+
+@pytest.mark.skipif(jax.default_backend() != 'gpu', reason='compiles the kernel for a GPU')
+@pytest.mark.parametrize('split', [False, True])
+@pytest.mark.parametrize('d_model, max_len, length', [(64, 16, 16), (384, 168, 24)])
+def test_the_kernel_compiled_for_a_gpu_decodes_as_eval(d_model, max_len, length, split,
+                                                       monkeypatch):
+  # Heads of 16, and of 96 (17B's: pieces of 64 and 32, three programs of 32 value columns)
+  # over a cache of 168 read in blocks of 64, the last overlapping.
+  monkeypatch.setattr(attention_kernel, 'SPLIT', split)
+  model_fn = functools.partial(CausalAttention, d_model, N_HEADS, max_inference_length=max_len)
+  with decode_kernels.use('pallas'):
+    assert_predict_equals_eval(model_fn, _inputs(1, length, d_model), atol=1e-4)
+
+
+def test_auto_takes_the_attention_kernel_on_a_gpu_from_min_rows(monkeypatch):
+  """'auto' counts a step's rows·heads: 17B's 96 heads take the kernel on a GPU, 800M's 16
+  keep XLA's ops (at batch 4, 64, they take it); off a GPU XLA's ops always; a kernel chosen
+  by name runs whatever the count."""
+  assert attention_kernel.value_width(96) == 32 and attention_kernel.value_width(12) == 4
+  assert attention_kernel.pays(1, 96) and not attention_kernel.pays(1, 16)
+  assert attention_kernel.pays(4, 16) and not attention_kernel.pays(3, 16)
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  monkeypatch.setattr(decode_kernels, 'MISSING', None)
+  assert decode_kernels.active('attention', attention_kernel.pays(1, 96)) == 'pallas'
+  assert decode_kernels.active('attention', attention_kernel.pays(1, 16)) == 'xla'
+  with decode_kernels.use('interpret'):
+    assert decode_kernels.active('attention', attention_kernel.pays(1, 16)) == 'interpret'
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'cpu')
+  assert decode_kernels.active('attention', attention_kernel.pays(1, 96)) == 'xla'
 
 
 def test_one_query_products_are_reductions_on_gpus_only(monkeypatch):

@@ -50,6 +50,19 @@ constant, set while the setting is measured and restored after it. The names, by
     CONV_ONE                     `ONE_PRODUCT`, 0: that layout as one product per module
                                  kernel size, 1: as one product of all three convolutions,
                                  V's kernel among zeros (the default; token, block, call)
+  layers/multiplicative_dense.py
+    MULT_FORM                    `DECODE_FORM`: a few tokens' multiplicative product as 0,
+                                 one einsum (the default), 1, D @ (x·E), or 2, one reduction
+                                 (where XLA's ops take it: 17B on a GPU, every CPU path;
+                                 token, block, call)
+  layers/attention_kernel.py (attention over the KV cache, where the layer's own kernel runs)
+    ATTN_ROWS                    `MIN_ROWS`: the fewest rows·heads a step attends from for
+                                 'auto' to take the kernel on a GPU (100000: never)
+    ATTN_SPLIT                   `SPLIT`, 0: programs by value columns, 1: by blocks of
+                                 positions (the default)
+    ATTN_POSITIONS               `POSITIONS`: cache positions per block
+    ATTN_WIDTH, ATTN_WARPS       `VALUE_WIDTH` (value columns per program with ATTN_SPLIT=0)
+                                 and warps per program
   layers/sparse_ff.py
     CHUNK                        `CPU_CHUNK_BYTES`: on a CPU, the most bytes of W1's float32
                                  chosen rows a token gathers at once, 0 all (token, block,
@@ -135,10 +148,12 @@ from sparse_scaling.bench import decode_profile
 from sparse_scaling.bench import decoders
 from sparse_scaling.bench import table1
 from sparse_scaling.bench import timing
+from sparse_scaling.layers import attention_kernel
 from sparse_scaling.layers import decode_kernels
 from sparse_scaling.layers import fused_residual
 from sparse_scaling.layers import sparse_ff
 from sparse_scaling.layers import sparse_ff_kernel
+from sparse_scaling.layers import multiplicative_dense
 from sparse_scaling.layers import sparse_qkv
 from sparse_scaling.layers import sparse_qkv_block_kernel
 from sparse_scaling.layers import sparse_qkv_mosaic
@@ -164,6 +179,11 @@ SHARES = {**{name: (sparse_qkv_block_kernel, name)
           'CHUNK': (sparse_ff, 'CPU_CHUNK_BYTES'),
           'CONV_LAYOUT': (sparse_qkv, 'DECODE_LAYOUT'),
           'CONV_ONE': (sparse_qkv, 'ONE_PRODUCT'),
+          'MULT_FORM': (multiplicative_dense, 'DECODE_FORM'),
+          'ATTN_ROWS': (attention_kernel, 'MIN_ROWS'),
+          'ATTN_WIDTH': (attention_kernel, 'VALUE_WIDTH'), 'ATTN_WARPS': (attention_kernel, 'WARPS'),
+          'ATTN_SPLIT': (attention_kernel, 'SPLIT'),
+          'ATTN_POSITIONS': (attention_kernel, 'POSITIONS'),
           'CUBLAS_BYTES': (decoding, 'CUBLAS_MAX_BYTES'), 'GRAPHS': (decoding, 'GRAPH_LOOPS'),
           'EARLY': (decode_kernels, 'LAUNCH_EARLY'),
           'PREFETCH': (decode_kernels, 'PREFETCH'),
@@ -174,14 +194,14 @@ SHARES = {**{name: (sparse_qkv_block_kernel, name)
              for name in ('DOT_MERGER', 'TILING_SEARCH', 'TRITON_GEMM')}}
 _SWITCHES = ('DOT', 'CHAIN', 'CPU_TOP_K', 'GRAPHS', 'EARLY', 'PREFETCH', 'DOT_MERGER',
              'TILING_SEARCH', 'TRITON_GEMM', 'CACHES', 'STATE', 'FF_MOSAIC',
-             'QKV_MOSAIC', 'MOSAIC_ATTEND', 'CONV_LAYOUT', 'CONV_ONE')   # 0 or 1
+             'QKV_MOSAIC', 'MOSAIC_ATTEND', 'CONV_LAYOUT', 'CONV_ONE', 'ATTN_SPLIT')   # 0 or 1
 SHARED_WEIGHTS = 0   # 0, 1 or 2: see the module's note
 # XLA's options for a GPU program, on top of `decoding.COMPILER_OPTIONS` (`xla_options`).
 XLA_DOT_MERGER, XLA_TILING_SEARCH, XLA_TRITON_GEMM = True, False, True
 LARGE = 1 << 22      # elements: SHARED=2 keeps arrays this large each block's own
 _ALL = ('MODULES', 'MIXED_CHANNELS')   # also 'all': None, the kernel's own choice
 _ANY = ('FF_PARTS_BYTES', 'STATS_IN_KERNEL', 'MAX_D_MODEL', 'CUBLAS_BYTES',
-        'KEEP_BYTES', 'CHUNK')   # any int >= 0
+        'KEEP_BYTES', 'CHUNK', 'MULT_FORM', 'ATTN_ROWS')   # any int >= 0
 PROMPT, TOKENS = 128, 32   # a generation's (`--measure token`)
 CALLS = 32                 # calls of a block timed (`--measure call`)
 ROUND_CALLS = 5            # with --alternate, a round's

@@ -6,12 +6,28 @@ write the token's key and value into the caches at `index`, then
   out = softmax(q·Kᵀ / √d_head)·V       over the cache's positions 0..index
 
 per row and head. XLA runs this as about six kernels (two in-place cache updates, the scores,
-the softmax's max and sum, the weighted sum), each of one or two microseconds on a GPU while a
-head's cache is tens of kilobytes. Here one program per (row, head) does all of it: it loads
-the head's cache in blocks of up to 64 positions, all at once, masks the positions from
-`index` on, and writes the token's key and value in place (the kernel's outputs alias its
-cache inputs). On an H200 at the 800M shape it takes 4.2 µs and a whole generation is no
-faster with it, so `decode_kernels.py` leaves it off by default.
+the softmax's max and sum, the weighted sum), each of one or two microseconds on a GPU. Here
+one kernel does all of it, its programs in one of two forms:
+
+  split   (SPLIT, the default) program (row·head, block): one block of up to 64 of the
+          head's cached positions, every column: its largest score, Σ exp(score − largest)
+          and the values weighted by those (the token's own key and value in block 0's, which
+          also writes them into the caches); XLA then adds the blocks' parts, rescaled to the
+          largest score of all, as flash-decoding does.
+  columns program (row·head, c): every position, and VALUE_WIDTH columns of the head's
+          values; the first program of a head also writes the token's key.
+
+Each program issues its loads together (`decode_kernels`' note on load order) and masks the
+positions from `index` on; the kernel's outputs alias its cache inputs. A d_head that is not
+a power of 2 (17B's 96) is loaded in power-of-2 pieces (`decode_kernels.pieces`: 64 and 32).
+
+Where it pays. XLA's kernels read 17B's 12 MB of caches (96 heads of 96, 168 positions) at
+1.5-1.9 TB/s on an H200 (docs/decoding_gpu.md). There one FF+QKV block looped in a program
+took 0.0558-0.0577 ms with the split kernel on an H100 against 0.0595-0.0613 with XLA's
+ops; at the 800M shape (16 heads of 64) an earlier one-program-a-head kernel took 4.2 µs on
+an H200 and a whole generation was no faster with it. So on a GPU `decode_kernels.py`'s
+'auto' takes it where a step attends from at least MIN_ROWS rows·heads (`pays`), XLA's ops
+elsewhere.
 
 Runs on GPUs through Pallas' Triton backend; `interpret=True` runs it on any backend (the
 tests do, on the CPU). `decode_kernels.use(name)` chooses where the attention calls it.
@@ -24,54 +40,153 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from sparse_scaling.layers import decode_kernels
+from sparse_scaling.layers.decode_kernels import f32
 
 POSITIONS = 64  # cache positions read per block, at most
+# The programs' form (the module's note): at 17B's shapes on an H100, one FF+QKV block looped
+# 0.0558-0.0577 ms split against 0.0574 by columns; on an H200 the columns' form took
+# 0.0541-0.0543 against XLA's 0.0538-0.0542 (docs/decoding_gpu.md).
+SPLIT = True
+VALUE_WIDTH = 32  # value columns per program without SPLIT, at most (a power of 2)
+WARPS = 8  # per program
+# 'auto' takes the kernel on a GPU where a step attends from at least MIN_ROWS rows·heads:
+# 17B's 96 heads at batch 1, not 800M's 16, whose decoder was no faster with it.
+MIN_ROWS = 64
 
 
 def fits(d_head, max_len):
-  """Whether the kernel takes these shapes: d_head a power of 2 (Triton's blocks)."""
-  return decode_kernels.is_power_of_2(d_head) and max_len >= 1
+  """Whether the kernel takes these shapes (any: sides that are not powers of 2 are loaded
+  in pieces)."""
+  return d_head >= 1 and max_len >= 1
+
+
+def value_width(d_head):
+  """Value columns per program without SPLIT: the largest power of 2 up to VALUE_WIDTH
+  dividing d_head."""
+  return min(VALUE_WIDTH, d_head & -d_head)
+
+
+def pays(batch, n_heads):
+  """Whether 'auto' takes the kernel on a GPU: at least MIN_ROWS rows·heads a step."""
+  return batch * n_heads >= MIN_ROWS
 
 
 def _kernel(index_ref, q_ref, k_ref, v_ref, k_cache_ref, v_cache_ref, out_ref, k_out_ref,
-            v_out_ref, *, n_heads, block, starts):
-  """One (row, head) program. Shapes in `attention_step`.
+            v_out_ref, *, n_heads, block, starts, width):
+  """One (row·head, value columns) program without SPLIT. Shapes in `attention_step`.
 
-  The whole cache of the head is loaded first, in blocks (the last may overlap the one
-  before), all in flight at once; positions from `index` on are masked out of the softmax.
+  Every load first (`decode_kernels`' note on load order): q and the token's key in pieces of
+  d_head, the head's K cache in blocks of positions (the last may overlap the one before) and
+  pieces, the program's columns of its V cache; positions from `index` on are masked out of
+  the softmax.
   """
   decode_kernels.launch_dependents()
-  program = pl.program_id(0)                      # row · heads + head: the caches' row
-  b, h = program // n_heads, program % n_heads
+  r, c = pl.program_id(0), pl.program_id(1)       # the caches' row (row · heads + head)
+  b, h = r // n_heads, r % n_heads
   index = index_ref[0]
-  keys = [k_cache_ref[program, pl.ds(start, block), :] for start in starts]    # [block, d_head]
-  values = [v_cache_ref[program, pl.ds(start, block), :] for start in starts]
-  q = q_ref[b, h, :].astype(jnp.float32)           # [d_head]
-  k, v = k_ref[b, h, :], v_ref[b, h, :]
-  k_out_ref[program, index, :] = k.astype(k_out_ref.dtype)
-  v_out_ref[program, index, :] = v.astype(v_out_ref.dtype)
+  head = decode_kernels.pieces(q_ref.shape[-1])
+  cols = pl.ds(c * width, width)
+  keys = [[k_cache_ref[r, pl.ds(start, block), pl.ds(s0, ls)] for s0, ls in head]
+          for start in starts]                                        # [block, piece]
+  values = [v_cache_ref[r, pl.ds(start, block), cols] for start in starts]   # [block, width]
+  qs = [f32(q_ref[b, h, pl.ds(s0, ls)]) for s0, ls in head]
+  ks = [k_ref[b, h, pl.ds(s0, ls)].astype(k_out_ref.dtype) for s0, ls in head]
+  v = v_ref[b, h, cols].astype(v_out_ref.dtype)
+
+  @pl.when(c == 0)
+  def _():
+    for (s0, ls), k in zip(head, ks):
+      k_out_ref[r, index, pl.ds(s0, ls)] = k
+
+  v_out_ref[r, index, cols] = v
   root = float(q_ref.shape[-1]) ** 0.5           # scores are q·k / √d_head, as the layer's
-  k = k.astype(k_out_ref.dtype).astype(jnp.float32)   # the token as the cache holds it
-  v = v.astype(v_out_ref.dtype).astype(jnp.float32)
-  own = jnp.sum(q * k) / root
+  own = sum(jnp.sum(q * f32(k)) for q, k in zip(qs, ks)) / root   # the token as cached
   scores, masks = [], []
-  for i, start in enumerate(starts):
+  for i, (start, pieces) in enumerate(zip(starts, keys)):
     position = start + jnp.arange(block)
     valid = (position >= i * block) & (position < index)
-    scores.append(jnp.where(valid, jnp.sum(keys[i].astype(jnp.float32) * q[None, :], axis=1)
-                            / root, -jnp.inf))
+    part = sum(jnp.sum(f32(k) * q[None, :], axis=1) for q, k in zip(qs, pieces))
+    scores.append(jnp.where(valid, part / root, -jnp.inf))
     masks.append(valid)
   top = own
   for score in scores:
     top = jnp.maximum(top, jnp.max(score))
   total = jnp.exp(own - top)
-  out = total * v
+  out = total * f32(v)
   for score, valid, value in zip(scores, masks, values):
     p = jnp.exp(score - top)                                              # [block]; 0 masked
     total += jnp.sum(p)
-    out += jnp.sum(p[:, None] * jnp.where(valid[:, None], value.astype(jnp.float32), 0.0),
-                   axis=0)
-  out_ref[b, h, :] = (out / total).astype(out_ref.dtype)
+    out += jnp.sum(p[:, None] * jnp.where(valid[:, None], f32(value), 0.0), axis=0)
+  out_ref[b, h, cols] = (out / total).astype(out_ref.dtype)
+
+
+_EMPTY = -1e30   # a masked score: exp(_EMPTY − top) is 0 for any top a score can reach
+
+
+def _split_kernel(index_ref, q_ref, k_ref, v_ref, k_cache_ref, v_cache_ref, top_ref, total_ref,
+                  out_ref, k_out_ref, v_out_ref, *, n_heads, block, max_len):
+  """One (row·head, block of positions) program of SPLIT: the softmax's parts over its block,
+  every column of the head (in pieces): its largest score, Σ exp(score − top) and the values
+  weighted by those, the token's own among them in block 0's, which also writes the token's
+  key and value into the caches. `attention_step` adds the blocks' parts."""
+  decode_kernels.launch_dependents()
+  r, j = pl.program_id(0), pl.program_id(1)
+  b, h = r // n_heads, r % n_heads
+  index = index_ref[0]
+  head = decode_kernels.pieces(q_ref.shape[-1])
+  start = jnp.minimum(j * block, max_len - block)        # the last block overlaps the one before
+  keys = [k_cache_ref[r, pl.ds(start, block), pl.ds(s0, ls)] for s0, ls in head]
+  values = [v_cache_ref[r, pl.ds(start, block), pl.ds(s0, ls)] for s0, ls in head]
+  qs = [f32(q_ref[b, h, pl.ds(s0, ls)]) for s0, ls in head]
+  ks = [k_ref[b, h, pl.ds(s0, ls)].astype(k_out_ref.dtype) for s0, ls in head]
+  vs = [v_ref[b, h, pl.ds(s0, ls)].astype(v_out_ref.dtype) for s0, ls in head]
+  first = j == 0
+
+  @pl.when(first)
+  def _():
+    for (s0, ls), k, v in zip(head, ks, vs):
+      k_out_ref[r, index, pl.ds(s0, ls)] = k
+      v_out_ref[r, index, pl.ds(s0, ls)] = v
+
+  root = float(q_ref.shape[-1]) ** 0.5
+  own = sum(jnp.sum(q * f32(k)) for q, k in zip(qs, ks)) / root   # the token as cached
+  position = start + jnp.arange(block)
+  valid = (position >= j * block) & (position < index)
+  score = jnp.where(valid, sum(jnp.sum(f32(k) * q[None, :], axis=1)
+                               for q, k in zip(qs, keys)) / root, _EMPTY)
+  top = jnp.maximum(jnp.max(score), jnp.where(first, own, _EMPTY))
+  p = jnp.where(valid, jnp.exp(score - top), 0.0)                          # [block]
+  p_own = jnp.where(first, jnp.exp(own - top), 0.0)
+  top_ref[r, j] = top
+  total_ref[r, j] = jnp.sum(p) + p_own
+  for (s0, ls), value, v in zip(head, values, vs):
+    weighted = jnp.sum(p[:, None] * jnp.where(valid[:, None], f32(value), 0.0), axis=0)
+    out_ref[r, j, pl.ds(s0, ls)] = weighted + p_own * f32(v)
+
+
+def _attention_split(q, k, v, k_cache, v_cache, index, interpret):
+  """`attention_step` as SPLIT programs, each writing its block's parts (largest score and
+  Σ exp(score − largest) [B·H, blocks], weighted values [B·H, blocks, d_head], in float32),
+  and XLA's sum of the parts."""
+  _, n_heads, d_head = q.shape
+  rows, max_len = k_cache.shape[:2]
+  block, starts = decode_kernels.cache_blocks(max_len, POSITIONS)
+  kernel = functools.partial(_split_kernel, n_heads=n_heads, block=block, max_len=max_len)
+  parts = (rows, len(starts))
+  top, total, out, k_cache, v_cache = pl.pallas_call(
+      kernel, grid=parts,
+      out_shape=(jax.ShapeDtypeStruct(parts, jnp.float32),
+                 jax.ShapeDtypeStruct(parts, jnp.float32),
+                 jax.ShapeDtypeStruct(parts + (d_head,), jnp.float32),
+                 jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
+                 jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype)),
+      input_output_aliases={4: 3, 5: 4},
+      interpret=interpret,
+      compiler_params=decode_kernels.triton_params(WARPS),
+  )(jnp.reshape(index, (1,)).astype(jnp.int32), q, k, v, k_cache, v_cache)
+  scale = jnp.exp(top - jnp.max(top, axis=1, keepdims=True))             # [rows, blocks]
+  out = jnp.sum(scale[..., None] * out, axis=1) / jnp.sum(scale * total, axis=1)[:, None]
+  return out.reshape(q.shape).astype(q.dtype), k_cache, v_cache
 
 
 def attention_step(q, k, v, k_cache, v_cache, index, interpret=False):
@@ -86,16 +201,19 @@ def attention_step(q, k, v, k_cache, v_cache, index, interpret=False):
   Returns:
     (out [B, H, d_head] in q's dtype, k_cache, v_cache), the caches updated in place.
   """
+  if SPLIT:
+    return _attention_split(q, k, v, k_cache, v_cache, index, interpret)
   batch, n_heads, _ = q.shape
   max_len = k_cache.shape[1]
   block, starts = decode_kernels.cache_blocks(max_len, POSITIONS)
-  kernel = functools.partial(_kernel, n_heads=n_heads, block=block, starts=starts)
+  width = value_width(q.shape[-1])
+  kernel = functools.partial(_kernel, n_heads=n_heads, block=block, starts=starts, width=width)
   return pl.pallas_call(
-      kernel, grid=(batch * n_heads,),
+      kernel, grid=(batch * n_heads, q.shape[-1] // width),
       out_shape=(jax.ShapeDtypeStruct(q.shape, q.dtype),
                  jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
                  jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype)),
       input_output_aliases={4: 1, 5: 2},
       interpret=interpret,
-      compiler_params=decode_kernels.triton_params(8),
+      compiler_params=decode_kernels.triton_params(WARPS),
   )(jnp.reshape(index, (1,)).astype(jnp.int32), q, k, v, k_cache, v_cache)

@@ -11,8 +11,9 @@ training, Sparse FF's controller can run as two (`sparse_ff_controller_kernel.py
 layer asks `active(kernel)` when it is traced:
 
   'auto'       on a GPU the kernels measured faster there (AUTO_ON_GPU: the two blocks',
-               Sparse FF's and its controller's training kernels; Sparse QKV's and
-               attention's own cut a block's kernels but not the time of a whole generation,
+               Sparse FF's and its controller's training kernels, and attention's own where
+               a step has many heads, `attention_kernel.pays`, as at 17B; Sparse QKV's own
+               cut a block's kernels but not the time of a whole generation,
                docs/decoding_gpu.md), XLA's ops elsewhere;
   'pallas'     every kernel, compiled (GPUs only);
   'interpret'  every kernel, run by Pallas' interpreter on any backend (the tests' CPU check);
@@ -72,7 +73,8 @@ else:
 CHOICES = ('auto', 'pallas', 'interpret', 'xla')
 KERNELS = ('sparse_ff', 'sparse_qkv', 'attention', 'sparse_ff_controller', 'sparse_ff_block',
            'sparse_qkv_block')
-AUTO_ON_GPU = ('sparse_ff', 'sparse_ff_controller', 'sparse_ff_block', 'sparse_qkv_block')
+AUTO_ON_GPU = ('sparse_ff', 'sparse_ff_controller', 'sparse_ff_block', 'sparse_qkv_block',
+               'attention')
 _CHOICE = ['auto']
 
 
@@ -90,12 +92,13 @@ def use(name):
     _CHOICE[0] = previous
 
 
-def active(kernel):
-  """'pallas', 'interpret' or 'xla': what calls of `kernel` (one of KERNELS) use."""
+def active(kernel, pays=True):
+  """'pallas', 'interpret' or 'xla': what calls of `kernel` (one of KERNELS) use; with
+  'auto', a kernel of AUTO_ON_GPU where the caller's shapes also say it `pays` there."""
   if kernel not in KERNELS:
     raise ValueError(f'kernel must be one of {KERNELS}, got {kernel!r}')
   if _CHOICE[0] == 'auto':
-    if jax.default_backend() != 'gpu' or kernel not in AUTO_ON_GPU:
+    if jax.default_backend() != 'gpu' or kernel not in AUTO_ON_GPU or not pays:
       return 'xla'
     if MISSING:
       _warn_missing()
