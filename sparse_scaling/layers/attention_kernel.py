@@ -173,17 +173,11 @@ def _attention_split(q, k, v, k_cache, v_cache, index, interpret):
   block, starts = decode_kernels.cache_blocks(max_len, POSITIONS)
   kernel = functools.partial(_split_kernel, n_heads=n_heads, block=block, max_len=max_len)
   parts = (rows, len(starts))
-  top, total, out, k_cache, v_cache = pl.pallas_call(
-      kernel, grid=parts,
-      out_shape=(jax.ShapeDtypeStruct(parts, jnp.float32),
-                 jax.ShapeDtypeStruct(parts, jnp.float32),
-                 jax.ShapeDtypeStruct(parts + (d_head,), jnp.float32),
-                 jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
-                 jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype)),
-      input_output_aliases={4: 3, 5: 4},
-      interpret=interpret,
-      compiler_params=decode_kernels.triton_params(WARPS),
-  )(jnp.reshape(index, (1,)).astype(jnp.int32), q, k, v, k_cache, v_cache)
+  top, total, out, k_cache, v_cache = _call(
+      kernel, parts, (jax.ShapeDtypeStruct(parts, jnp.float32),
+                      jax.ShapeDtypeStruct(parts, jnp.float32),
+                      jax.ShapeDtypeStruct(parts + (d_head,), jnp.float32)),
+      q, k, v, k_cache, v_cache, index, interpret)
   scale = jnp.exp(top - jnp.max(top, axis=1, keepdims=True))             # [rows, blocks]
   out = jnp.sum(scale[..., None] * out, axis=1) / jnp.sum(scale * total, axis=1)[:, None]
   return out.reshape(q.shape).astype(q.dtype), k_cache, v_cache
@@ -208,12 +202,20 @@ def attention_step(q, k, v, k_cache, v_cache, index, interpret=False):
   block, starts = decode_kernels.cache_blocks(max_len, POSITIONS)
   width = value_width(q.shape[-1])
   kernel = functools.partial(_kernel, n_heads=n_heads, block=block, starts=starts, width=width)
+  return _call(kernel, (batch * n_heads, q.shape[-1] // width),
+               (jax.ShapeDtypeStruct(q.shape, q.dtype),), q, k, v, k_cache, v_cache, index,
+               interpret)
+
+
+def _call(kernel, grid, out_shape, q, k, v, k_cache, v_cache, index, interpret):
+  """`kernel`'s pallas_call over `grid`: its outputs `out_shape`, then the caches, written in
+  place (aliased to the inputs' caches); its inputs the position, q, k, v and the caches."""
+  n = len(out_shape)
   return pl.pallas_call(
-      kernel, grid=(batch * n_heads, q.shape[-1] // width),
-      out_shape=(jax.ShapeDtypeStruct(q.shape, q.dtype),
-                 jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
+      kernel, grid=grid,
+      out_shape=(*out_shape, jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
                  jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype)),
-      input_output_aliases={4: 1, 5: 2},
+      input_output_aliases={4: n, 5: n + 1},
       interpret=interpret,
       compiler_params=decode_kernels.triton_params(WARPS),
   )(jnp.reshape(index, (1,)).astype(jnp.int32), q, k, v, k_cache, v_cache)
