@@ -55,8 +55,8 @@ def test_predict_equals_eval(kernel, reductions, max_len, length, d_model, split
 @pytest.mark.parametrize('d_model, max_len, length', [(64, 16, 16), (384, 168, 24)])
 def test_the_kernel_compiled_for_a_gpu_decodes_as_eval(d_model, max_len, length, split,
                                                        monkeypatch):
-  # Heads of 16, and of 96 (17B's: pieces of 64 and 32, three programs of 32 value columns)
-  # over a cache of 168 read in blocks of 64, the last overlapping.
+  # Heads of 16, and of 96 (17B's: pieces of 64 and 32; by columns three programs of 32 a
+  # head) over a cache of 168 read in blocks of 64, the last overlapping.
   monkeypatch.setattr(attention_kernel, 'SPLIT', split)
   model_fn = functools.partial(CausalAttention, d_model, N_HEADS, max_inference_length=max_len)
   with decode_kernels.use('pallas'):
@@ -78,6 +78,25 @@ def test_auto_takes_the_attention_kernel_on_a_gpu_from_min_rows(monkeypatch):
     assert decode_kernels.active('attention', attention_kernel.pays(1, 16)) == 'interpret'
   monkeypatch.setattr(jax, 'default_backend', lambda: 'cpu')
   assert decode_kernels.active('attention', attention_kernel.pays(1, 96)) == 'xla'
+
+
+@pytest.mark.parametrize('min_rows, runs_kernel', [(8, True), (9, False)])
+def test_a_predict_step_asks_auto_with_its_rows_and_heads(min_rows, runs_kernel, monkeypatch):
+  """On a GPU (here pretended, the kernel in Pallas' interpreter) a one-token step of batch 2
+  and 4 heads, 8 rows·heads, runs the kernel where MIN_ROWS is 8, XLA's ops where it is 9."""
+  calls = []
+  real_step = attention_kernel.attention_step
+  monkeypatch.setattr(attention_kernel, 'attention_step', lambda *args, interpret: (
+      calls.append(1) or real_step(*args, interpret=True)))
+  monkeypatch.setattr(attention_kernel, 'MIN_ROWS', min_rows)
+  x = _inputs(2, 1, D_MODEL)
+  layer = _init(CausalAttention(D_MODEL, N_HEADS, mode='predict'), x)
+  expected = layer(x)
+  layer.state = _init(CausalAttention(D_MODEL, N_HEADS, mode='predict'), x).state
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  monkeypatch.setattr(decode_kernels, 'MISSING', None)
+  np.testing.assert_allclose(layer(x), expected, atol=1e-5)
+  assert bool(calls) == runs_kernel
 
 
 def test_one_query_products_are_reductions_on_gpus_only(monkeypatch):
