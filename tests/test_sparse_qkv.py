@@ -13,6 +13,7 @@ from trax.layers.research import sparsity as trax_sparsity
 from sparse_scaling import convert
 from sparse_scaling import decoding
 from sparse_scaling.layers import ModuleConv
+from sparse_scaling.layers import attention_kernel
 from sparse_scaling.layers import decode_kernels
 from sparse_scaling.layers import sparse_qkv
 from sparse_scaling.layers import MultiplicativeDense
@@ -128,10 +129,13 @@ def test_decode_kernels_equal_xla_step_by_step(d_model, n_heads, sparsity):
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize('split', [True, False])
 @pytest.mark.parametrize('d_model, sparsity', [(1024, 16), (512, 8)])
-def test_decode_kernels_lower_to_triton_for_a_gpu(d_model, sparsity):
+def test_decode_kernels_lower_to_triton_for_a_gpu(d_model, sparsity, split, monkeypatch):
   """Lowered for CUDA on any machine (800M's and the quality runs' shapes, KV caches of 168):
-  Triton's rules hold and the Triton backend is chosen, for both kernels."""
+  Triton's rules hold and the Triton backend is chosen, for both kernels, attention's in
+  either form (`attention_kernel.SPLIT`)."""
+  monkeypatch.setattr(attention_kernel, 'SPLIT', split)
   layer = SparseQKVAttention(d_model, sparsity, sparsity, max_inference_length=168,
                              mode='predict')
   x = jax.ShapeDtypeStruct((1, 1, d_model), jnp.float32)
@@ -140,10 +144,12 @@ def test_decode_kernels_lower_to_triton_for_a_gpu(d_model, sparsity):
   with decode_kernels.use('pallas'):
     text = lowered_for_an_h200(step, weights, state, x)
   assert text.count('xla.gpu.triton') >= 2   # the convolutions, the attention
-  # The attention kernel writes the token into the caches in place: outputs 1 and 2 alias
-  # operands of the call (no copy of a cache per step).
-  assert 'output_operand_alias<output_tuple_indices = [1]' in text
-  assert 'output_operand_alias<output_tuple_indices = [2]' in text
+  # The attention kernel writes the token into the caches in place: its last two outputs (1
+  # and 2 after the output; split, 3 and 4 after the blocks' three parts) alias operands of
+  # the call (no copy of a cache per step).
+  first = 3 if split else 1
+  assert f'output_operand_alias<output_tuple_indices = [{first}]' in text
+  assert f'output_operand_alias<output_tuple_indices = [{first + 1}]' in text
 
 
 @pytest.mark.skipif(jax.default_backend() != 'gpu', reason='compiles the kernels for a GPU')
