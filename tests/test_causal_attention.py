@@ -33,7 +33,7 @@ def test_matches_trax_causal_attention_with_the_same_weights():
     ('xla', True, 16, 16, D_MODEL, None),
     ('interpret', False, 16, 9, D_MODEL, False), ('interpret', False, 20, 19, D_MODEL, False),
     ('interpret', False, 20, 19, 48, False), ('interpret', False, 20, 19, 48, True),
-    ('interpret', False, 40, 39, 48, True)])
+    ('interpret', False, 40, 39, 48, True), ('interpret', False, 40, 39, 48, 'skip')])
 def test_predict_equals_eval(kernel, reductions, max_len, length, d_model, split, monkeypatch):
   # reductions: each decoded token's products over the cache as sums (as on a GPU; here on
   # any backend), up to a full cache. kernel 'interpret': each decoded token through the
@@ -41,23 +41,49 @@ def test_predict_equals_eval(kernel, reductions, max_len, length, d_model, split
   # columns or (split) by blocks of positions. A cache of 20 is read in blocks of 16, one of
   # 40 in blocks of 32, the second overlapping the first; decoding fills it up to its last
   # position. d_model 48: heads of 12, loaded in pieces of 8 and 4, each head's values in
-  # three programs of 4 columns (as 17B's heads of 96: 64 and 32, three of 32).
+  # three programs of 4 columns (as 17B's heads of 96: 64 and 32, three of 32). 'skip': split,
+  # the second block of 32 skipped (SKIP) until a token's position passes 32.
   monkeypatch.setattr(causal_attention, 'one_query_as_reductions', lambda: reductions)
   if split is not None:
-    monkeypatch.setattr(attention_kernel, 'SPLIT', split)
+    monkeypatch.setattr(attention_kernel, 'SPLIT', bool(split))
+    monkeypatch.setattr(attention_kernel, 'SKIP', split == 'skip')
   model_fn = functools.partial(CausalAttention, d_model, N_HEADS, max_inference_length=max_len)
   with decode_kernels.use(kernel):
     assert_predict_equals_eval(model_fn, _inputs(2, length, d_model))
 
 
+@pytest.mark.parametrize('split', [False, True, 'skip'])
+def test_a_step_past_the_caches_end_writes_their_last_position_as_xla_does(split, monkeypatch):
+  """A loop of one block (Table 1's per-block column) runs on past max_len: XLA's in-place
+  update clamps the position to the caches' last, and the kernel does the same (unclamped, it
+  would store past the caches on a GPU and attend to a position twice)."""
+  monkeypatch.setattr(attention_kernel, 'SPLIT', bool(split))
+  monkeypatch.setattr(attention_kernel, 'SKIP', split == 'skip')
+  x = _inputs(1, 1, 48)
+  layer = _init(CausalAttention(48, N_HEADS, max_inference_length=20, mode='predict'), x)
+  branch, (k_cache, v_cache, _), dense = layer.state   # the projections', the core's, Dense's
+  state = (branch, (_inputs(*k_cache.shape, seed=1), _inputs(*v_cache.shape, seed=2),
+                    np.int32(23)), dense)
+  outputs = {}
+  for kernel in ('xla', 'interpret'):
+    with decode_kernels.use(kernel):
+      outputs[kernel] = layer.pure_fn(x, layer.weights, state, None)
+  (out_x, state_x), (out_k, state_k) = outputs['xla'], outputs['interpret']
+  np.testing.assert_allclose(out_k, out_x, atol=1e-5)
+  for got, expected in zip(jax.tree.leaves(state_k), jax.tree.leaves(state_x)):
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+
+
 @pytest.mark.skipif(jax.default_backend() != 'gpu', reason='compiles the kernel for a GPU')
-@pytest.mark.parametrize('split', [False, True])
+@pytest.mark.parametrize('split', [False, True, 'skip'])
 @pytest.mark.parametrize('d_model, max_len, length', [(64, 16, 16), (384, 168, 24)])
 def test_the_kernel_compiled_for_a_gpu_decodes_as_eval(d_model, max_len, length, split,
                                                        monkeypatch):
   # Heads of 16, and of 96 (17B's: pieces of 64 and 32; by columns three programs of 32 a
-  # head) over a cache of 168 read in blocks of 64, the last overlapping.
-  monkeypatch.setattr(attention_kernel, 'SPLIT', split)
+  # head) over a cache of 168 read in blocks of 64, the last overlapping (with SKIP, the
+  # blocks past the 24 positions skipped).
+  monkeypatch.setattr(attention_kernel, 'SPLIT', bool(split))
+  monkeypatch.setattr(attention_kernel, 'SKIP', split == 'skip')
   model_fn = functools.partial(CausalAttention, d_model, N_HEADS, max_inference_length=max_len)
   with decode_kernels.use('pallas'):
     assert_predict_equals_eval(model_fn, _inputs(1, length, d_model), atol=1e-4)

@@ -60,6 +60,8 @@ constant, set while the setting is measured and restored after it. The names, by
                                  'auto' to take the kernel on a GPU (100000: never)
     ATTN_SPLIT                   `SPLIT`, 0: programs by value columns, 1: by blocks of
                                  positions (the default)
+    ATTN_SKIP                    `SKIP`, 1: with ATTN_SPLIT, blocks past the token's position
+                                 load nothing (a long cache read as far as it is filled)
     ATTN_POSITIONS               `POSITIONS`: cache positions per block
     ATTN_WIDTH, ATTN_WARPS       `VALUE_WIDTH` (value columns per program with ATTN_SPLIT=0)
                                  and warps per program
@@ -100,6 +102,9 @@ constant, set while the setting is measured and restored after it. The names, by
     TILING_SEARCH                1: `xla_gpu_exhaustive_tiling_search`, every tiling of
                                  XLA's Triton products timed as it compiles
     TRITON_GEMM                  0: cuBLAS's product kernels in place of XLA's Triton ones
+  bench/decoders.py
+    CACHE                        `MAX_LEN`: the KV caches' positions (168 by default, Table
+                                 1's; e.g. 2048, the gin files' MAX_LEN, for a long cache)
   this module
     SHARED                       `SHARED_WEIGHTS` (token): 1 gives every block block 0's
                                  arrays of its kind, so that on a GPU they stay in the L2
@@ -182,7 +187,8 @@ SHARES = {**{name: (sparse_qkv_block_kernel, name)
           'MULT_FORM': (multiplicative_dense, 'DECODE_FORM'),
           'ATTN_ROWS': (attention_kernel, 'MIN_ROWS'),
           'ATTN_WIDTH': (attention_kernel, 'VALUE_WIDTH'), 'ATTN_WARPS': (attention_kernel, 'WARPS'),
-          'ATTN_SPLIT': (attention_kernel, 'SPLIT'),
+          'ATTN_SPLIT': (attention_kernel, 'SPLIT'), 'ATTN_SKIP': (attention_kernel, 'SKIP'),
+          'CACHE': (decoders, 'MAX_LEN'),
           'ATTN_POSITIONS': (attention_kernel, 'POSITIONS'),
           'CUBLAS_BYTES': (decoding, 'CUBLAS_MAX_BYTES'), 'GRAPHS': (decoding, 'GRAPH_LOOPS'),
           'EARLY': (decode_kernels, 'LAUNCH_EARLY'),
@@ -194,14 +200,15 @@ SHARES = {**{name: (sparse_qkv_block_kernel, name)
              for name in ('DOT_MERGER', 'TILING_SEARCH', 'TRITON_GEMM')}}
 _SWITCHES = ('DOT', 'CHAIN', 'CPU_TOP_K', 'GRAPHS', 'EARLY', 'PREFETCH', 'DOT_MERGER',
              'TILING_SEARCH', 'TRITON_GEMM', 'CACHES', 'STATE', 'FF_MOSAIC',
-             'QKV_MOSAIC', 'MOSAIC_ATTEND', 'CONV_LAYOUT', 'CONV_ONE', 'ATTN_SPLIT')   # 0 or 1
+             'QKV_MOSAIC', 'MOSAIC_ATTEND', 'CONV_LAYOUT', 'CONV_ONE', 'ATTN_SPLIT',
+             'ATTN_SKIP')   # 0 or 1
 SHARED_WEIGHTS = 0   # 0, 1 or 2: see the module's note
 # XLA's options for a GPU program, on top of `decoding.COMPILER_OPTIONS` (`xla_options`).
 XLA_DOT_MERGER, XLA_TILING_SEARCH, XLA_TRITON_GEMM = True, False, True
 LARGE = 1 << 22      # elements: SHARED=2 keeps arrays this large each block's own
 _ALL = ('MODULES', 'MIXED_CHANNELS')   # also 'all': None, the kernel's own choice
 _ANY = ('FF_PARTS_BYTES', 'STATS_IN_KERNEL', 'MAX_D_MODEL', 'CUBLAS_BYTES',
-        'KEEP_BYTES', 'CHUNK', 'MULT_FORM', 'ATTN_ROWS')   # any int >= 0
+        'KEEP_BYTES', 'CHUNK', 'MULT_FORM', 'ATTN_ROWS', 'CACHE')   # any int >= 0
 PROMPT, TOKENS = 128, 32   # a generation's (`--measure token`)
 CALLS = 32                 # calls of a block timed (`--measure call`)
 ROUND_CALLS = 5            # with --alternate, a round's

@@ -47,6 +47,10 @@ POSITIONS = 64  # cache positions read per block, at most
 # 0.0558-0.0577 ms split against 0.0574 by columns; on an H200 the columns' form took
 # 0.0541-0.0543 against XLA's 0.0538-0.0542 (docs/decoding_gpu.md).
 SPLIT = True
+# With SKIP (and SPLIT) the programs of blocks that hold no cached position before the token
+# load nothing: a generation reads the filled part of its caches, not all max_len positions
+# at every token, as XLA's path does. Off: not yet timed on a GPU.
+SKIP = False
 VALUE_WIDTH = 32  # value columns per program without SPLIT, at most (a power of 2)
 WARPS = 8  # per program
 # 'auto' takes the kernel on a GPU where a step attends from at least MIN_ROWS rows·heads:
@@ -83,7 +87,7 @@ def _kernel(index_ref, q_ref, k_ref, v_ref, k_cache_ref, v_cache_ref, out_ref, k
   decode_kernels.launch_dependents()
   r, c = pl.program_id(0), pl.program_id(1)       # the caches' row (row · heads + head)
   b, h = r // n_heads, r % n_heads
-  index = index_ref[0]
+  index = jnp.minimum(index_ref[0], k_cache_ref.shape[1] - 1)   # past the end, the last
   head = decode_kernels.pieces(q_ref.shape[-1])
   cols = pl.ds(c * width, width)
   keys = [[k_cache_ref[r, pl.ds(start, block), pl.ds(s0, ls)] for s0, ls in head]
@@ -124,19 +128,18 @@ _EMPTY = -1e30   # a masked score: exp(_EMPTY − top) is 0 for any top a score 
 
 
 def _split_kernel(index_ref, q_ref, k_ref, v_ref, k_cache_ref, v_cache_ref, top_ref, total_ref,
-                  out_ref, k_out_ref, v_out_ref, *, n_heads, block, max_len):
+                  out_ref, k_out_ref, v_out_ref, *, n_heads, block, max_len, skip):
   """One (row·head, block of positions) program of SPLIT: the softmax's parts over its block,
   every column of the head (in pieces): its largest score, Σ exp(score − top) and the values
   weighted by those, the token's own among them in block 0's, which also writes the token's
-  key and value into the caches. `attention_step` adds the blocks' parts."""
+  key and value into the caches. `attention_step` adds the blocks' parts. With `skip`
+  (SKIP), a block holding no position before the token's loads nothing and writes the parts
+  of an empty block, as the masks would give them."""
   decode_kernels.launch_dependents()
   r, j = pl.program_id(0), pl.program_id(1)
   b, h = r // n_heads, r % n_heads
-  index = index_ref[0]
+  index = jnp.minimum(index_ref[0], k_cache_ref.shape[1] - 1)   # past the end, the last
   head = decode_kernels.pieces(q_ref.shape[-1])
-  start = jnp.minimum(j * block, max_len - block)        # the last block overlaps the one before
-  keys = [k_cache_ref[r, pl.ds(start, block), pl.ds(s0, ls)] for s0, ls in head]
-  values = [v_cache_ref[r, pl.ds(start, block), pl.ds(s0, ls)] for s0, ls in head]
   qs = [f32(q_ref[b, h, pl.ds(s0, ls)]) for s0, ls in head]
   ks = [k_ref[b, h, pl.ds(s0, ls)].astype(k_out_ref.dtype) for s0, ls in head]
   vs = [v_ref[b, h, pl.ds(s0, ls)].astype(v_out_ref.dtype) for s0, ls in head]
@@ -148,20 +151,38 @@ def _split_kernel(index_ref, q_ref, k_ref, v_ref, k_cache_ref, v_cache_ref, top_
       k_out_ref[r, index, pl.ds(s0, ls)] = k
       v_out_ref[r, index, pl.ds(s0, ls)] = v
 
-  root = float(q_ref.shape[-1]) ** 0.5
-  own = sum(jnp.sum(q * f32(k)) for q, k in zip(qs, ks)) / root   # the token as cached
-  position = start + jnp.arange(block)
-  valid = (position >= j * block) & (position < index)
-  score = jnp.where(valid, sum(jnp.sum(f32(k) * q[None, :], axis=1)
-                               for q, k in zip(qs, keys)) / root, _EMPTY)
-  top = jnp.maximum(jnp.max(score), jnp.where(first, own, _EMPTY))
-  p = jnp.where(valid, jnp.exp(score - top), 0.0)                          # [block]
-  p_own = jnp.where(first, jnp.exp(own - top), 0.0)
-  top_ref[r, j] = top
-  total_ref[r, j] = jnp.sum(p) + p_own
-  for (s0, ls), value, v in zip(head, values, vs):
-    weighted = jnp.sum(p[:, None] * jnp.where(valid[:, None], f32(value), 0.0), axis=0)
-    out_ref[r, j, pl.ds(s0, ls)] = weighted + p_own * f32(v)
+  def parts():
+    start = jnp.minimum(j * block, max_len - block)    # the last block overlaps the one before
+    keys = [k_cache_ref[r, pl.ds(start, block), pl.ds(s0, ls)] for s0, ls in head]
+    values = [v_cache_ref[r, pl.ds(start, block), pl.ds(s0, ls)] for s0, ls in head]
+    root = float(q_ref.shape[-1]) ** 0.5
+    own = sum(jnp.sum(q * f32(k)) for q, k in zip(qs, ks)) / root   # the token as cached
+    position = start + jnp.arange(block)
+    valid = (position >= j * block) & (position < index)
+    score = jnp.where(valid, sum(jnp.sum(f32(k) * q[None, :], axis=1)
+                                 for q, k in zip(qs, keys)) / root, _EMPTY)
+    top = jnp.maximum(jnp.max(score), jnp.where(first, own, _EMPTY))
+    p = jnp.where(valid, jnp.exp(score - top), 0.0)                        # [block]
+    p_own = jnp.where(first, jnp.exp(own - top), 0.0)
+    top_ref[r, j] = top
+    total_ref[r, j] = jnp.sum(p) + p_own
+    for (s0, ls), value, v in zip(head, values, vs):
+      weighted = jnp.sum(p[:, None] * jnp.where(valid[:, None], f32(value), 0.0), axis=0)
+      out_ref[r, j, pl.ds(s0, ls)] = weighted + p_own * f32(v)
+
+  if not skip:
+    parts()
+    return
+  live = first | (j * block < index)
+  pl.when(live)(parts)
+
+  @pl.when(jnp.logical_not(live))
+  def _():
+    zero = f32(j - j)   # computed: Triton's lowering stores no constant here
+    top_ref[r, j] = zero + _EMPTY
+    total_ref[r, j] = zero
+    for s0, ls in head:
+      out_ref[r, j, pl.ds(s0, ls)] = jnp.broadcast_to(zero, (ls,))
 
 
 def _attention_split(q, k, v, k_cache, v_cache, index, interpret):
@@ -171,7 +192,8 @@ def _attention_split(q, k, v, k_cache, v_cache, index, interpret):
   _, n_heads, d_head = q.shape
   rows, max_len = k_cache.shape[:2]
   block, starts = decode_kernels.cache_blocks(max_len, POSITIONS)
-  kernel = functools.partial(_split_kernel, n_heads=n_heads, block=block, max_len=max_len)
+  kernel = functools.partial(_split_kernel, n_heads=n_heads, block=block, max_len=max_len,
+                             skip=SKIP)
   parts = (rows, len(starts))
   top, total, out, k_cache, v_cache = _call(
       kernel, parts, (jax.ShapeDtypeStruct(parts, jnp.float32),
@@ -189,7 +211,8 @@ def attention_step(q, k, v, k_cache, v_cache, index, interpret=False):
   Args:
     q, k, v: [B, H, d_head], the token's projections split into heads.
     k_cache, v_cache: [B·H, max_len, d_head], valid before `index`.
-    index: int32 scalar, the token's position (< max_len).
+    index: int32 scalar, the token's position; past the caches' end, their last position
+      (as XLA's in-place update clamps it: a benchmark's loop of one block runs on past it).
     interpret: Run in Pallas' interpreter (any backend).
 
   Returns:
