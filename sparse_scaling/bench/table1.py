@@ -90,7 +90,7 @@ def kernels_used(dims):
   """'xla', or 'pallas: ' and the Pallas kernels a model of `dims` decodes through now: a
   fused block (ffblock, qkvblock) where it takes the shapes, in place of its layer's own
   kernel (ff; qkv and attn, at batch 1)."""
-  on = lambda kernel: decode_kernels.active(kernel) != 'xla'
+  on = lambda kernel, pays=True: decode_kernels.active(kernel, pays) != 'xla'
   d_model, used = dims['d_model'], []
   if dims['ff_sparsity']:
     n, rank = dims['ff_sparsity']
@@ -106,9 +106,7 @@ def kernels_used(dims):
     if s and on('sparse_qkv') and sparse_qkv_kernel.fits(d_model // s,
                                                           dims['length_kernel_size']):
       used.append('qkv')
-    d_head = d_model // dims['n_heads']
-    if (decode_kernels.active('attention', attention_kernel.pays(1, dims['n_heads']))
-        != 'xla' and attention_kernel.fits(d_head, 1)):
+    if on('attention', attention_kernel.pays(1, dims['n_heads'])):   # any d_head
       used.append('attn')
   return 'pallas: ' + '+'.join(used) if used else 'xla'
 

@@ -58,12 +58,6 @@ WARPS = 8  # per program
 MIN_ROWS = 64
 
 
-def fits(d_head, max_len):
-  """Whether the kernel takes these shapes (any: sides that are not powers of 2 are loaded
-  in pieces)."""
-  return d_head >= 1 and max_len >= 1
-
-
 def value_width(d_head):
   """Value columns per program without SPLIT: the largest power of 2 up to VALUE_WIDTH
   dividing d_head."""

@@ -67,8 +67,7 @@ class CausalAttentionCore(base.Layer):
     batch, length, d_model = q.shape
     n_heads, d_head = self._n_heads, d_model // self._n_heads
     kernel = decode_kernels.active('attention', attention_kernel.pays(batch, n_heads))
-    if (self._mode == 'predict' and length == 1 and kernel != 'xla'
-        and attention_kernel.fits(d_head, self._max_len)):
+    if self._mode == 'predict' and length == 1 and kernel != 'xla':   # any d_head: in pieces
       k_cache, v_cache, start = self.state
       split = lambda a: a.reshape(batch, n_heads, d_head)
       out, k_cache, v_cache = attention_kernel.attention_step(
