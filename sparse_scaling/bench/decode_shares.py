@@ -209,7 +209,7 @@ XLA_DOT_MERGER, XLA_TILING_SEARCH, XLA_TRITON_GEMM = True, False, True
 LARGE = 1 << 22      # elements: SHARED=2 keeps arrays this large each block's own
 _ALL = ('MODULES', 'MIXED_CHANNELS')   # also 'all': None, the kernel's own choice
 _ANY = ('FF_PARTS_BYTES', 'STATS_IN_KERNEL', 'MAX_D_MODEL', 'CUBLAS_BYTES',
-        'KEEP_BYTES', 'CHUNK', 'MULT_FORM', 'ATTN_ROWS', 'CACHE')   # any int >= 0
+        'KEEP_BYTES', 'CHUNK', 'MULT_FORM', 'ATTN_ROWS')   # any int >= 0
 PROMPT, TOKENS = 128, 32   # a generation's (`--measure token`)
 CALLS = 32                 # calls of a block timed (`--measure call`)
 ROUND_CALLS = 5            # with --alternate, a round's
@@ -234,13 +234,13 @@ def parse_setting(text):
                        f'{list(SHARES)} (MODULES and MIXED_CHANNELS also =all)')
     value = int(value)
     if (name in _SWITCHES and value not in (0, 1)) or (
-        name == 'MAX_PARTS' and value < 1) or (name == 'SHARED' and value > 2) or (
+        name in ('MAX_PARTS', 'CACHE') and value < 1) or (name == 'SHARED' and value > 2) or (
         name == 'PERSIST' and value > 4) or (
-        name not in (*_SWITCHES, 'MAX_PARTS', 'SHARED', 'PERSIST', *_ANY)
+        name not in (*_SWITCHES, 'MAX_PARTS', 'CACHE', 'SHARED', 'PERSIST', *_ANY)
         and not decode_kernels.is_power_of_2(value)):
       raise ValueError(f'--settings: {pair!r}: {", ".join(_SWITCHES)} are 0 or 1, SHARED 0, 1 or '
-                       f'2, PERSIST 0 to 4, MAX_PARTS positive, {", ".join(_ANY)} any, the '
-                       'others powers of 2')
+                       f'2, PERSIST 0 to 4, MAX_PARTS and CACHE positive, {", ".join(_ANY)} '
+                       'any, the others powers of 2')
     setting[name] = bool(value) if name in _SWITCHES else value
   return setting
 
