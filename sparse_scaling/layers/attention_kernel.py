@@ -13,7 +13,8 @@ one kernel does all of it, its programs in one of two forms:
           head's cached positions, every column: its largest score, Σ exp(score − largest)
           and the values weighted by those (the token's own key and value in block 0's, which
           also writes them into the caches); XLA then adds the blocks' parts, rescaled to the
-          largest score of all, as flash-decoding does.
+          largest score of all, as flash-decoding does. The programs of blocks past the
+          token's position load nothing (SKIP), so a cache is read as far as it is filled.
   columns program (row·head, c): every position, and VALUE_WIDTH columns of the head's
           values; the first program of a head also writes the token's key.
 
@@ -25,9 +26,11 @@ Where it pays. XLA's kernels read 17B's 12 MB of caches (96 heads of 96, 168 pos
 1.5-1.9 TB/s on an H200 (docs/decoding_gpu.md). There one FF+QKV block looped in a program
 took 0.0558-0.0577 ms with the split kernel on an H100 against 0.0595-0.0613 with XLA's
 ops; at the 800M shape (16 heads of 64) an earlier one-program-a-head kernel took 4.2 µs on
-an H200 and a whole generation was no faster with it. So on a GPU `decode_kernels.py`'s
-'auto' takes it where a step attends from at least MIN_ROWS rows·heads (`pays`), XLA's ops
-elsewhere.
+an H200 and a whole generation was no faster with it. With caches of 2048 positions (the gin
+files' MAX_LEN), where XLA's path reads every position at every token, a 2-block 17B
+generation in bfloat16 took 0.3016 ms a token on an H100, against 0.3608 without SKIP and
+0.4081 with XLA's attention. So on a GPU `decode_kernels.py`'s 'auto' takes it where a step
+attends from at least MIN_ROWS rows·heads (`pays`), XLA's ops elsewhere.
 
 Runs on GPUs through Pallas' Triton backend; `interpret=True` runs it on any backend (the
 tests do, on the CPU). `decode_kernels.use(name)` chooses where the attention calls it.
@@ -49,8 +52,11 @@ POSITIONS = 64  # cache positions read per block, at most
 SPLIT = True
 # With SKIP (and SPLIT) the programs of blocks that hold no cached position before the token
 # load nothing: a generation reads the filled part of its caches, not all max_len positions
-# at every token, as XLA's path does. Off: not yet timed on a GPU.
-SKIP = False
+# at every token, as XLA's path does. On an H100 at 17B with caches of 2048 positions one
+# FF+QKV block looped 0.0709-0.0730 ms with it against 0.1185-0.1200 without (XLA's path
+# 0.1259-0.1264); a 2-block generation in bfloat16 took 0.3016 ms a token against 0.3608
+# (docs/decoding_gpu.md).
+SKIP = True
 VALUE_WIDTH = 32  # value columns per program without SPLIT, at most (a power of 2)
 WARPS = 8  # per program
 # 'auto' takes the kernel on a GPU where a step attends from at least MIN_ROWS rows·heads:
