@@ -60,8 +60,9 @@ constant, set while the setting is measured and restored after it. The names, by
                                  'auto' to take the kernel on a GPU (100000: never)
     ATTN_SPLIT                   `SPLIT`, 0: programs by value columns, 1: by blocks of
                                  positions (the default)
-    ATTN_SKIP                    `SKIP`, 1: with ATTN_SPLIT, blocks past the token's position
-                                 load nothing (a long cache read as far as it is filled)
+    ATTN_SKIP                    `SKIP`, 0: with ATTN_SPLIT, blocks past the token's position
+                                 load and mask all of the cache, as XLA's path reads it (1,
+                                 the default: they load nothing)
     ATTN_POSITIONS               `POSITIONS`: cache positions per block
     ATTN_WIDTH, ATTN_WARPS       `VALUE_WIDTH` (value columns per program with ATTN_SPLIT=0)
                                  and warps per program
