@@ -272,18 +272,21 @@ def test_depth_sets_the_whole_decoders_blocks_and_the_table_says_so(monkeypatch)
 
 
 def test_the_kernel_column_names_the_pallas_kernels_a_model_decodes_through():
-  dims = dict(TINY, attention_sparsity=4)
+  dims = dict(TINY, attention_sparsity=4, loss_sparsity=0)
   with decode_kernels.use('xla'):
     assert table1.kernels_used(dims) == 'xla'
   with decode_kernels.use('interpret'):
     assert table1.kernels_used(dims) == 'pallas: ffblock+qkvblock'
     assert table1.kernels_used(dict(dims, ff_sparsity=0, attention_sparsity=0)) == \
         'pallas: attn'
-    # 17B's shapes (d_model 9216, 144 channels per module, heads of 96): the FF block and
-    # attention's own kernel load them in power-of-2 pieces; the attention block would, but
-    # declines above MAX_D_MODEL, and 144 channels fit not Sparse QKV's own kernel.
+    # 17B's shapes (d_model 9216, 144 channels per module, heads of 96): the FF block, the
+    # multiplicative layer's and attention's own kernels load them in power-of-2 pieces; the
+    # attention block would, but declines above MAX_D_MODEL, and 144 channels fit not Sparse
+    # QKV's own kernel.
     big = dict(dims, d_model=9216, n_heads=96, ff_sparsity=(256, 32), attention_sparsity=64)
-    assert table1.kernels_used(big) == 'pallas: ffblock+attn'
+    assert table1.kernels_used(big) == 'pallas: ffblock+mult+attn'
+    # the sparse loss is a multiplicative layer too, also beside the attention block
+    assert table1.kernels_used(dict(dims, loss_sparsity=4)) == 'pallas: ffblock+qkvblock+mult'
     # d_model 4096, MAX_D_MODEL: the attention block; a controller of rank 12 fits no Sparse
     # FF kernel.
     assert table1.kernels_used(dict(big, d_model=4096, n_heads=64, ff_sparsity=(256, 12))) == \

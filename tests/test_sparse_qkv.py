@@ -15,6 +15,7 @@ from sparse_scaling import decoding
 from sparse_scaling.layers import ModuleConv
 from sparse_scaling.layers import attention_kernel
 from sparse_scaling.layers import decode_kernels
+from sparse_scaling.layers import multiplicative_kernel
 from sparse_scaling.layers import sparse_qkv
 from sparse_scaling.layers import MultiplicativeDense
 from sparse_scaling.layers import SparseEncDecAttention
@@ -56,6 +57,97 @@ def test_multiplicative_dense_matches_trax_factored_dense():
   ours = _init(MultiplicativeDense(S, 24), x)
   convert.load_trax_weights(ours, theirs.weights)
   np.testing.assert_allclose(ours(x), theirs(x), atol=1e-5)
+
+
+# (rows, steps' loop, modules, channels) of a program; the shapes' d_in, S, M, batch, dtype.
+_MULT_CASES = [
+    # parts of 64 rows in one step; channels of 16 over M 24, the last slice overlapping
+    ((64, True, 64, 16), (256, 4, 24, 1, jnp.float32)),
+    # 2 rows of x; 2 parts of 2 steps unrolled; 8 modules as slices of 4, 36 channels of 16
+    ((128, False, 4, 16), (256, 8, 36, 2, jnp.float32)),
+    # 17B's sides scaled down: 144 channels, 16 modules, parts of 512 rows in 8 steps
+    ((512, True, 64, 16), (1152, 16, 144, 1, jnp.float32)),
+    # sides below Triton's 16 (3 modules, M 10, d_in 96): sums, not products; bfloat16
+    ((512, True, 64, 16), (96, 3, 10, 1, jnp.bfloat16)),
+]
+
+
+@pytest.mark.parametrize('shares, shape', _MULT_CASES)
+def test_the_multiplicative_kernel_is_the_layers_product(shares, shape, monkeypatch):
+  """`multiplicative_kernel.product` (in Pallas' interpreter) equals the formula: every part
+  of d_in summed once, every module and channel written, in the slices' overlaps too."""
+  d_in, n_modules, n_channels, batch, dtype = shape
+  for name, value in zip(('ROWS', 'LOOP', 'MODULES', 'CHANNELS'), shares):
+    monkeypatch.setattr(multiplicative_kernel, name, value)
+  x, d, e = (jnp.asarray(_inputs(*side, seed=i), dtype) for i, side in enumerate(
+      [(batch, d_in), (n_modules, d_in), (d_in, n_channels)]))
+  got = multiplicative_kernel.product(x, d, e, interpret=True)
+  expected = np.einsum('bi,si,im->bsm', *(np.asarray(a, np.float64) for a in (x, d, e)))
+  assert got.shape == (batch, n_modules, n_channels) and got.dtype == dtype
+  tolerance = 1e-4 if dtype == jnp.float32 else 2e-2
+  np.testing.assert_allclose(np.asarray(got, np.float64), expected,
+                             atol=tolerance * np.abs(expected).max())
+
+
+def test_few_tokens_take_the_multiplicative_kernel_where_it_is_on(monkeypatch):
+  """In the few-token path the layer calls the kernel as `decode_kernels` says (here in the
+  interpreter) and gives XLA's output; more tokens than MAX_TOKENS, or than M, do not."""
+  calls = []
+  real = multiplicative_kernel.product
+  monkeypatch.setattr(multiplicative_kernel, 'product', lambda *args, interpret: (
+      calls.append(args[0].shape) or real(*args, interpret=interpret)))
+  monkeypatch.setattr(multiplicative_kernel, 'MAX_TOKENS', 4)
+  x = _inputs(2, 3, D_MODEL)
+  layer = _init(MultiplicativeDense(S, 64), x)                 # M = 16
+  for tokens in (x[:, :1], x[:, :2], x[:, :3], x):
+    expected = layer(tokens)
+    with decode_kernels.use('interpret'):
+      np.testing.assert_allclose(layer(tokens), expected, atol=1e-5)
+  assert calls == [(2, D_MODEL), (4, D_MODEL)]       # 2 and 4 tokens; not 6, not 6 again
+
+
+def test_auto_takes_the_multiplicative_kernel_on_a_gpu_from_min_d_in(monkeypatch):
+  """By default 'auto' never takes the kernel (measured slower); from MIN_D_IN 8192 it takes
+  it at 17B's d_model (9216) on a GPU, not at 800M's (1024), and never off a GPU."""
+  assert not multiplicative_kernel.pays(9216)
+  monkeypatch.setattr(multiplicative_kernel, 'MIN_D_IN', 8192)
+  assert multiplicative_kernel.pays(9216) and not multiplicative_kernel.pays(1024)
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  monkeypatch.setattr(decode_kernels, 'MISSING', None)
+  assert decode_kernels.active('multiplicative', multiplicative_kernel.pays(9216)) == 'pallas'
+  assert decode_kernels.active('multiplicative', multiplicative_kernel.pays(1024)) == 'xla'
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'cpu')
+  assert decode_kernels.active('multiplicative', multiplicative_kernel.pays(9216)) == 'xla'
+
+
+@pytest.mark.parametrize('loop, precision, dtype', [
+    (True, 0, jnp.float32), (False, 0, jnp.float32), (True, 1, jnp.float32),
+    (True, 2, jnp.float32), (True, 0, jnp.bfloat16)])
+def test_the_multiplicative_kernel_lowers_for_a_gpu_at_17b(loop, precision, dtype,
+                                                          monkeypatch):
+  """At 17B's shapes (d_in 9216, 64 modules of 144) the kernel lowers through Pallas'
+  Triton rules to one call for a GPU, its steps as a loop or unrolled, in each precision."""
+  monkeypatch.setattr(multiplicative_kernel, 'LOOP', loop)
+  monkeypatch.setattr(multiplicative_kernel, 'PRECISION', precision)
+  x, d, e = (jnp.zeros(shape, dtype) for shape in ((1, 9216), (64, 9216), (9216, 144)))
+  text = lowered_for_an_h200(multiplicative_kernel.product, x, d, e)
+  assert text.count('__gpu$xla.gpu.triton') == 1
+
+
+@pytest.mark.skipif(jax.default_backend() != 'gpu', reason='compiles the kernel for a GPU')
+@pytest.mark.parametrize('shares, shape', _MULT_CASES)
+def test_the_multiplicative_kernel_compiled_for_a_gpu_is_the_layers_product(shares, shape,
+                                                                            monkeypatch):
+  for name, value in zip(('ROWS', 'LOOP', 'MODULES', 'CHANNELS'), shares):
+    monkeypatch.setattr(multiplicative_kernel, name, value)
+  d_in, n_modules, n_channels, batch, dtype = shape
+  x, d, e = (jnp.asarray(_inputs(*side, seed=i), dtype) for i, side in enumerate(
+      [(batch, d_in), (n_modules, d_in), (d_in, n_channels)]))
+  got = jax.jit(multiplicative_kernel.product)(x, d, e)
+  expected = np.einsum('bi,si,im->bsm', *(np.asarray(a, np.float64) for a in (x, d, e)))
+  tolerance = 1e-4 if dtype == jnp.float32 else 2e-2
+  np.testing.assert_allclose(np.asarray(got, np.float64), expected,
+                             atol=tolerance * np.abs(expected).max())
 
 
 @pytest.mark.parametrize('loss_sparsity, n_weights', [(0, D_MODEL * 32 + 32),
@@ -108,7 +200,8 @@ def test_sparse_qkv_predict_equals_eval(length_kernel_size, kernel):
 @pytest.mark.parametrize('d_model, n_heads, sparsity', [(64, 4, 8), (32, 4, 2)])
 def test_decode_kernels_equal_xla_step_by_step(d_model, n_heads, sparsity):
   """Module and head sizes apart (8 modules of 8 against 4 heads of 16; 2 of 16 against 4 of
-  8): each step's output and the whole state (convolution state, caches, index) as XLA's."""
+  8): each step's output and the whole state (convolution state, caches, index) as XLA's,
+  with the layers' own kernels (the multiplicative product, the convolutions, attention)."""
   x = _inputs(3, 12, d_model)
   runs = {}
   for kernel in ('xla', 'interpret'):
@@ -119,7 +212,7 @@ def test_decode_kernels_equal_xla_step_by_step(d_model, n_heads, sparsity):
       step = jax.jit(lambda w, s, t: layer.pure_fn(t, w, s, None))  # traced in this block
       state = layer.state
       jaxpr = str(jax.make_jaxpr(step)(layer.weights, state, x[:, 2:3]))
-      assert jaxpr.count('pallas_call') == (2 if kernel == 'interpret' else 0)
+      assert jaxpr.count('pallas_call') == (3 if kernel == 'interpret' else 0)
       for i in range(2, 12):
         out, state = step(layer.weights, state, x[:, i:i + 1])
         outputs.append(out)

@@ -55,6 +55,15 @@ constant, set while the setting is measured and restored after it. The names, by
                                  one einsum (the default), 1, D @ (x·E), or 2, one reduction
                                  (where XLA's ops take it: 17B on a GPU, every CPU path;
                                  token, block, call)
+  layers/multiplicative_kernel.py (a few tokens' multiplicative product as one kernel)
+    MULT_MIN                     `MIN_D_IN`: the least d_in at which 'auto' takes the kernel
+                                 on a GPU (by default never; 8192: at 17B)
+    MULT_ROWS, MULT_STEP         input rows per program, and per step of its loop
+    MULT_MODULES, MULT_CHANNELS  modules and channels per program
+    MULT_WARPS, MULT_STAGES      warps per program; Triton's pipeline stages (0: its own)
+    MULT_LOOP                    `LOOP`, 0: the steps unrolled, every load first
+    MULT_PRECISION               `PRECISION` of a float32 product: 0 IEEE, 1 three TF32
+                                 products, 2 one
   layers/attention_kernel.py (attention over the KV cache, where the layer's own kernel runs)
     ATTN_ROWS                    `MIN_ROWS`: the fewest rows·heads a step attends from for
                                  'auto' to take the kernel on a GPU (100000: never)
@@ -160,6 +169,7 @@ from sparse_scaling.layers import fused_residual
 from sparse_scaling.layers import sparse_ff
 from sparse_scaling.layers import sparse_ff_kernel
 from sparse_scaling.layers import multiplicative_dense
+from sparse_scaling.layers import multiplicative_kernel
 from sparse_scaling.layers import sparse_qkv
 from sparse_scaling.layers import sparse_qkv_block_kernel
 from sparse_scaling.layers import sparse_qkv_mosaic
@@ -186,6 +196,10 @@ SHARES = {**{name: (sparse_qkv_block_kernel, name)
           'CONV_LAYOUT': (sparse_qkv, 'DECODE_LAYOUT'),
           'CONV_ONE': (sparse_qkv, 'ONE_PRODUCT'),
           'MULT_FORM': (multiplicative_dense, 'DECODE_FORM'),
+          **{f'MULT_{name}': (multiplicative_kernel, name)
+             for name in ('ROWS', 'STEP', 'MODULES', 'CHANNELS', 'WARPS', 'STAGES', 'LOOP',
+                          'PRECISION')},
+          'MULT_MIN': (multiplicative_kernel, 'MIN_D_IN'),
           'ATTN_ROWS': (attention_kernel, 'MIN_ROWS'),
           'ATTN_WIDTH': (attention_kernel, 'VALUE_WIDTH'),
           'ATTN_WARPS': (attention_kernel, 'WARPS'),
@@ -203,14 +217,15 @@ SHARES = {**{name: (sparse_qkv_block_kernel, name)
 _SWITCHES = ('DOT', 'CHAIN', 'CPU_TOP_K', 'GRAPHS', 'EARLY', 'PREFETCH', 'DOT_MERGER',
              'TILING_SEARCH', 'TRITON_GEMM', 'CACHES', 'STATE', 'FF_MOSAIC',
              'QKV_MOSAIC', 'MOSAIC_ATTEND', 'CONV_LAYOUT', 'CONV_ONE', 'ATTN_SPLIT',
-             'ATTN_SKIP')   # 0 or 1
+             'ATTN_SKIP', 'MULT_LOOP')   # 0 or 1
 SHARED_WEIGHTS = 0   # 0, 1 or 2: see the module's note
 # XLA's options for a GPU program, on top of `decoding.COMPILER_OPTIONS` (`xla_options`).
 XLA_DOT_MERGER, XLA_TILING_SEARCH, XLA_TRITON_GEMM = True, False, True
 LARGE = 1 << 22      # elements: SHARED=2 keeps arrays this large each block's own
 _ALL = ('MODULES', 'MIXED_CHANNELS')   # also 'all': None, the kernel's own choice
 _ANY = ('FF_PARTS_BYTES', 'STATS_IN_KERNEL', 'MAX_D_MODEL', 'CUBLAS_BYTES',
-        'KEEP_BYTES', 'CHUNK', 'MULT_FORM', 'ATTN_ROWS')   # any int >= 0
+        'KEEP_BYTES', 'CHUNK', 'MULT_FORM', 'ATTN_ROWS', 'MULT_MIN',
+        'MULT_STAGES')   # any int >= 0
 PROMPT, TOKENS = 128, 32   # a generation's (`--measure token`)
 CALLS = 32                 # calls of a block timed (`--measure call`)
 ROUND_CALLS = 5            # with --alternate, a round's
@@ -236,11 +251,13 @@ def parse_setting(text):
     value = int(value)
     if (name in _SWITCHES and value not in (0, 1)) or (
         name in ('MAX_PARTS', 'CACHE') and value < 1) or (name == 'SHARED' and value > 2) or (
-        name == 'PERSIST' and value > 4) or (
-        name not in (*_SWITCHES, 'MAX_PARTS', 'CACHE', 'SHARED', 'PERSIST', *_ANY)
+        name == 'PERSIST' and value > 4) or (name == 'MULT_PRECISION' and value > 2) or (
+        name not in (*_SWITCHES, 'MAX_PARTS', 'CACHE', 'SHARED', 'PERSIST', 'MULT_PRECISION',
+                     *_ANY)
         and not decode_kernels.is_power_of_2(value)):
       raise ValueError(f'--settings: {pair!r}: {", ".join(_SWITCHES)} are 0 or 1, SHARED 0, 1 or '
-                       f'2, PERSIST 0 to 4, MAX_PARTS and CACHE positive, {", ".join(_ANY)} '
+                       f'2, PERSIST 0 to 4, MULT_PRECISION 0 to 2, MAX_PARTS and CACHE positive, '
+                       f'{", ".join(_ANY)} '
                        'any, the others powers of 2')
     setting[name] = bool(value) if name in _SWITCHES else value
   return setting

@@ -68,6 +68,7 @@ from sparse_scaling.bench.decoders import scope_labels
 from sparse_scaling.layers import attention_kernel
 from sparse_scaling.layers import decode_kernels
 from sparse_scaling.layers import fused_residual
+from sparse_scaling.layers import multiplicative_kernel
 from sparse_scaling.layers import sparse_ff_kernel
 from sparse_scaling.layers import sparse_qkv_block_kernel
 from sparse_scaling.layers import sparse_qkv_kernel
@@ -89,7 +90,7 @@ def kernel_choice(impl):
 def kernels_used(dims):
   """'xla', or 'pallas: ' and the Pallas kernels a model of `dims` decodes through now: a
   fused block (ffblock, qkvblock) where it takes the shapes, in place of its layer's own
-  kernel (ff; qkv and attn, at batch 1)."""
+  kernel (ff; qkv, mult and attn, at batch 1; mult also for the sparse loss)."""
   on = lambda kernel, pays=True: decode_kernels.active(kernel, pays) != 'xla'
   d_model, used = dims['d_model'], []
   if dims['ff_sparsity']:
@@ -99,15 +100,18 @@ def kernels_used(dims):
     elif on('sparse_ff') and sparse_ff_kernel.fits(rank, n):
       used.append('ff')
   s = dims['attention_sparsity']
-  if s and on('sparse_qkv_block') and sparse_qkv_block_kernel.fits(
-      d_model, s, dims['n_heads'], (3, 3, 1), dims['length_kernel_size']):
+  block = s and on('sparse_qkv_block') and sparse_qkv_block_kernel.fits(
+      d_model, s, dims['n_heads'], (3, 3, 1), dims['length_kernel_size'])
+  if block:
     used.append('qkvblock')
-  else:
-    if s and on('sparse_qkv') and sparse_qkv_kernel.fits(d_model // s,
+  elif s and on('sparse_qkv') and sparse_qkv_kernel.fits(d_model // s,
                                                           dims['length_kernel_size']):
-      used.append('qkv')
-    if on('attention', attention_kernel.pays(1, dims['n_heads'])):   # any d_head
-      used.append('attn')
+    used.append('qkv')
+  if ((s and not block) or dims.get('loss_sparsity')) and on(
+      'multiplicative', multiplicative_kernel.pays(d_model)):
+    used.append('mult')
+  if not block and on('attention', attention_kernel.pays(1, dims['n_heads'])):  # any d_head
+    used.append('attn')
   return 'pallas: ' + '+'.join(used) if used else 'xla'
 
 

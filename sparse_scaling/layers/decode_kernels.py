@@ -6,15 +6,16 @@ decode a token through kernels fused across the block (`fused_residual.py`): the
 attention block in three (`sparse_qkv_block_kernel.py`) and the Sparse FF block in two and a
 reduction, or in three (`sparse_ff_kernel.py`). The layers also have kernels of their own, used
 where a block's do not apply: Sparse FF (`sparse_ff_kernel.py`), Sparse QKV's convolutions
-(`sparse_qkv_kernel.py`) and attention over the KV cache (`attention_kernel.py`). In
-training, Sparse FF's controller can run as two (`sparse_ff_controller_kernel.py`). Each
-layer asks `active(kernel)` when it is traced:
+(`sparse_qkv_kernel.py`), the multiplicative layer (`multiplicative_kernel.py`) and attention
+over the KV cache (`attention_kernel.py`). In training, Sparse FF's controller can run as two
+(`sparse_ff_controller_kernel.py`). Each layer asks `active(kernel)` when it is traced:
 
   'auto'       on a GPU the kernels measured faster there (AUTO_ON_GPU: the two blocks',
                Sparse FF's and its controller's training kernels, and attention's own where
                a step has many heads, `attention_kernel.pays`, as at 17B; Sparse QKV's own
-               cut a block's kernels but not the time of a whole generation,
-               docs/decoding_gpu.md), XLA's ops elsewhere;
+               cut a block's kernels but not the time of a whole generation, and the
+               multiplicative layer's, asked with `multiplicative_kernel.pays`, was slower at
+               17B, docs/decoding_gpu.md), XLA's ops elsewhere;
   'pallas'     every kernel, compiled (GPUs only);
   'interpret'  every kernel, run by Pallas' interpreter on any backend (the tests' CPU check);
   'xla'        XLA's ops everywhere (`table1 --impls ours-xla`, `train_step --kernels xla`).
@@ -72,9 +73,9 @@ else:
 
 CHOICES = ('auto', 'pallas', 'interpret', 'xla')
 KERNELS = ('sparse_ff', 'sparse_qkv', 'attention', 'sparse_ff_controller', 'sparse_ff_block',
-           'sparse_qkv_block')
+           'sparse_qkv_block', 'multiplicative')
 AUTO_ON_GPU = ('sparse_ff', 'sparse_ff_controller', 'sparse_ff_block', 'sparse_qkv_block',
-               'attention')
+               'attention', 'multiplicative')
 _CHOICE = ['auto']
 
 
@@ -134,12 +135,13 @@ def ptx(instructions, min_capability):
   ptx_p.bind(instructions=instructions, min_capability=min_capability)
 
 
-def triton_params(num_warps):
-  """A kernel's `compiler_params`: Triton's (not Mosaic GPU's), `num_warps` to a program.
+def triton_params(num_warps, num_stages=None):
+  """A kernel's `compiler_params`: Triton's (not Mosaic GPU's), `num_warps` to a program and
+  `num_stages` stages of its loops' pipelines (None: Triton's own).
   Where the backend is missing, a kernel called directly (not through `use`) stops here."""
   if MISSING:
     raise RuntimeError(f'the Pallas decoding kernels need Triton: {MISSING}')
-  return plgpu.CompilerParams(num_warps=num_warps)
+  return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 
 def _triton_lowering(primitive):

@@ -16,6 +16,8 @@ import jax.numpy as jnp
 from trax.layers import base
 from trax.layers import initializers as init
 
+from sparse_scaling.layers import decode_kernels
+from sparse_scaling.layers import multiplicative_kernel
 from sparse_scaling.layers.checks import check_divides
 
 # The few-token product's form: 0, one einsum (XLA: x·D written out, then its product with E);
@@ -59,8 +61,13 @@ class MultiplicativeDense(base.Layer):
       w = (d.T[:, :, None] * e[:, None, :]).reshape(x.shape[-1], self._d_out)
       y = x @ w                                         # [..., d_out]
     else:
-      # Few tokens (decoding): read D and E only, d_in·(S + M) weights.
-      if DECODE_FORM == 1:
+      # Few tokens (decoding): read D and E only, d_in·(S + M) weights; on a GPU at large
+      # d_in as one Pallas kernel (`multiplicative_kernel.py`).
+      kernel = decode_kernels.active('multiplicative', multiplicative_kernel.pays(x.shape[-1]))
+      if kernel != 'xla' and n_tokens <= multiplicative_kernel.MAX_TOKENS:
+        y = multiplicative_kernel.product(x.reshape(n_tokens, x.shape[-1]), d, e,
+                                          interpret=kernel == 'interpret')
+      elif DECODE_FORM == 1:
         y = jnp.einsum('si,...im->...sm', d, x[..., :, None] * e)
       elif DECODE_FORM == 2:
         y = jnp.sum(x[..., None, :, None] * d[:, :, None] * e[None], axis=-2)
