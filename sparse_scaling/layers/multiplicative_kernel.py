@@ -4,11 +4,12 @@ A decoded token's multiplicative product (`multiplicative_dense.py`, §3.2)
 
   y[b, s, m] = Σ_i x[b, i]·D[s, i]·E[i, m]       D [S, d_in], E [d_in, M]
 
-reads d_in·(S + M) weights (7.7 MB at 17B: d_in 9216, 64 modules of 144) and does little
-arithmetic on each, so its time is the time to read them. XLA runs it as three
-kernels: x·D written out [S, d_in], a product of it with E split along d_in, and the parts'
-sum (on an H100 at 17B 2.8, 6.7 and 2.1 µs; docs/decoding_gpu.md). Here one kernel scales D's
-columns as it loads them:
+reads d_in·(S + M) weights but makes d_in·S·M multiply-adds, as many as a dense layer of its
+size (docs/speed.md): at 17B (d_in 9216, 64 modules of 144) 7.7 MB and 85 M, about as long on
+an H100's float32 FMA units (67 TFLOP/s: 2.5 µs) as at its memory rate (3 TB/s: 2.6 µs). XLA
+runs it as three kernels: x·D written out [S, d_in], a product of it with E split along d_in,
+and the parts' sum (on an H100 at 17B 2.8, 6.7 and 2.1 µs; docs/decoding_gpu.md). Here one
+kernel scales D's columns as it loads them:
 
   program (b, p, s, c)   rows [p·R, (p + 1)·R) of d_in, modules [s·S', (s + 1)·S') and
                          channels [c·C, (c + 1)·C): Σ over its rows, STEP rows a loop step, of
