@@ -53,8 +53,8 @@ SPLIT = True
 # With SKIP (and SPLIT) the programs of blocks that hold no cached position before the token
 # load nothing: a generation reads the filled part of its caches, not all max_len positions
 # at every token, as XLA's path does. On an H100 at 17B with caches of 2048 positions one
-# FF+QKV block looped 0.0709-0.0730 ms with it against 0.1185-0.1200 without (XLA's path
-# 0.1259-0.1264); a 2-block generation in bfloat16 took 0.3016 ms a token against 0.3608
+# FF+QKV block looped 0.0616 ms with it against 0.1113 without (XLA's path 0.1164); a 2-block
+# generation took 0.5195 ms a token against 0.6203, in bfloat16 0.3016 against 0.3608
 # (docs/decoding_gpu.md).
 SKIP = True
 VALUE_WIDTH = 32  # value columns per program without SPLIT, at most (a power of 2)
