@@ -61,8 +61,9 @@ class MultiplicativeDense(base.Layer):
       w = (d.T[:, :, None] * e[:, None, :]).reshape(x.shape[-1], self._d_out)
       y = x @ w                                         # [..., d_out]
     else:
-      # Few tokens (decoding): read D and E only, d_in·(S + M) weights; on a GPU at large
-      # d_in as one Pallas kernel (`multiplicative_kernel.py`).
+      # Few tokens (decoding): read D and E only, d_in·(S + M) weights; where
+      # `decode_kernels` says so, as one Pallas kernel (`multiplicative_kernel.py`; 'auto'
+      # does not take it: slower than XLA's ops at 17B on an H100).
       kernel = decode_kernels.active('multiplicative', multiplicative_kernel.pays(x.shape[-1]))
       if kernel != 'xla' and n_tokens <= multiplicative_kernel.MAX_TOKENS:
         y = multiplicative_kernel.product(x.reshape(n_tokens, x.shape[-1]), d, e,
