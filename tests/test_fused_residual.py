@@ -202,17 +202,18 @@ def test_fused_blocks_keep_the_weights_and_state_of_tl_residual():
 
 @pytest.mark.parametrize('kwargs, max_d_model, n_per_block', [
     (dict(ff_sparsity=(8, 12)), None, 3),
-    (dict(length_kernel_size=1), None, 2 + 1),
-    ({}, 32, 2 + 2)])
+    (dict(length_kernel_size=1), None, 2 + 2),
+    ({}, 32, 2 + 3)])
 def test_shapes_the_kernels_do_not_take_decode_through_xla(kwargs, max_d_model, n_per_block,
                                                            monkeypatch):
   """A controller of rank 12 (not a power of 2, as Triton's blocks must be): the FF block
   declines and Sparse FF decodes through XLA; the attention block's three kernels run. No
   look-back along the length (length_kernel_size 1): the attention block declines and its
-  attention decodes through its own kernel (`attention_kernel.py`); the FF block's two run.
-  d_model above MAX_D_MODEL (as 17B's 9216 above 4096): the attention block declines and its
-  layers decode through their own kernels (Sparse QKV's convolutions, attention's); the FF
-  block's two run. The logits are XLA's."""
+  multiplicative layer and attention decode through their own kernels
+  (`multiplicative_kernel.py`, `attention_kernel.py`); the FF block's two run. d_model above
+  MAX_D_MODEL (as 17B's 9216 above 4096): the attention block declines and its layers decode
+  through their own kernels (the multiplicative layer's, Sparse QKV's convolutions,
+  attention's); the FF block's two run. The logits are XLA's."""
   if max_d_model:
     monkeypatch.setattr(sparse_qkv_block_kernel, 'MAX_D_MODEL', max_d_model)
   tokens = jnp.asarray(np.random.RandomState(2).randint(1, VOCAB, (1, 7)), jnp.int32)
