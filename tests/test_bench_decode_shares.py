@@ -101,7 +101,7 @@ def test_the_kernels_alone_are_timed_with_the_setting_in_force(monkeypatch):
                                   'CACHES=2', 'STATE=2', 'KEEP_BYTES=-1', 'CHUNK=-1',
                                   'PACK_ELEMENTS=0', 'FF_MOSAIC=2', 'QKV_MOSAIC=2',
                                   'MOSAIC_WIDTH=24', 'CACHE=0', 'ATTN_SKIP=2',
-                                  'MULT_PRECISION=3', 'MULT_LOOP=2'])
+                                  'MULT_PRECISION=3', 'MULT_LOOP=2', 'FILLED_BLOCK=48'])
 def test_a_bad_setting_is_refused_naming_the_rule(text):
   with pytest.raises(ValueError, match='--settings: '):
     decode_shares.parse_setting(text)

@@ -52,6 +52,47 @@ def test_predict_equals_eval(kernel, reductions, max_len, length, d_model, split
     assert_predict_equals_eval(model_fn, _inputs(2, length, d_model))
 
 
+@pytest.mark.parametrize('max_len, length, block', [(10, 10, 4), (12, 12, 4), (16, 9, 8)])
+def test_a_step_over_a_long_cache_reads_its_filled_blocks_as_eval(max_len, length, block,
+                                                                  monkeypatch):
+  """On a CPU, caches of FILLED_MIN_LEN positions or more (here 8) are read block by block as
+  far as the token's position (`attend_filled`): predict == eval up to a full cache, the last
+  block overlapping the one before where max_len is not a multiple of the block."""
+  monkeypatch.setattr(causal_attention, 'FILLED_MIN_LEN', 8)
+  monkeypatch.setattr(causal_attention, 'FILLED_BLOCK', block)
+  calls = []
+  real = causal_attention.attend_filled
+  monkeypatch.setattr(causal_attention, 'attend_filled',
+                      lambda *args: calls.append(1) or real(*args))
+  model_fn = functools.partial(CausalAttention, D_MODEL, N_HEADS, max_inference_length=max_len)
+  with decode_kernels.use('xla'):
+    assert_predict_equals_eval(model_fn, _inputs(2, length, D_MODEL))
+  assert calls
+
+
+@pytest.mark.parametrize('index', [0, 3, 4, 7, 9, 12])
+def test_attend_filled_is_softmax_attention_over_the_positions_up_to_the_token(index):
+  """Positions 0..index of caches of 10 in blocks of 4 (the third overlapping the second);
+  past the caches' end, all of them, as the whole-cache path attends."""
+  rows, max_len, d_head = 6, 10, 8
+  q, k, v = _inputs(rows, 1, d_head), _inputs(rows, max_len, d_head, seed=1), _inputs(
+      rows, max_len, d_head, seed=2)
+  got = causal_attention.attend_filled(q, k, v, np.int32(index), 4)
+  n = min(index, max_len - 1) + 1
+  scores = np.einsum('bqd,bkd->bqk', q, k[:, :n]) / np.sqrt(d_head)
+  weights = np.exp(scores - scores.max(-1, keepdims=True))
+  expected = np.einsum('bqk,bkd->bqd', weights / weights.sum(-1, keepdims=True), v[:, :n])
+  np.testing.assert_allclose(got, expected, atol=1e-6)
+
+
+def test_only_a_cpu_reads_only_the_filled_blocks_and_only_of_long_caches(monkeypatch):
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'cpu')
+  assert causal_attention.reads_filled(2048) and not causal_attention.reads_filled(168)
+  for backend in ('gpu', 'tpu'):
+    monkeypatch.setattr(jax, 'default_backend', lambda backend=backend: backend)
+    assert not causal_attention.reads_filled(2048)
+
+
 @pytest.mark.parametrize('split', [False, True, 'skip'])
 def test_a_step_past_the_caches_end_writes_their_last_position_as_xla_does(split, monkeypatch):
   """A loop of one block (Table 1's per-block column) runs on past max_len: XLA's in-place
@@ -128,7 +169,8 @@ def test_a_predict_step_asks_auto_with_its_rows_and_heads(min_rows, runs_kernel,
 def test_one_query_products_are_reductions_on_gpus_only(monkeypatch):
   assert causal_attention.one_query_as_reductions() == (jax.default_backend() == 'gpu')
   x = _inputs(1, 1, D_MODEL)
-  layer = _init(CausalAttention(D_MODEL, N_HEADS, mode='predict'), x)
+  # caches of 16 positions: below FILLED_MIN_LEN, the whole-cache products on any backend
+  layer = _init(CausalAttention(D_MODEL, N_HEADS, max_inference_length=16, mode='predict'), x)
   for reductions in (False, True):
     monkeypatch.setattr(causal_attention, 'one_query_as_reductions', lambda: reductions)
     jaxpr = str(jax.make_jaxpr(lambda w, s, x: layer.pure_fn(x, w, s, None))(
@@ -137,16 +179,24 @@ def test_one_query_products_are_reductions_on_gpus_only(monkeypatch):
     assert jaxpr.count('dot_general') == (4 if reductions else 6)
 
 
-def test_a_decoding_step_writes_the_cache_in_place_and_never_copies_it():
+@pytest.mark.parametrize('filled', [False, True])
+def test_a_decoding_step_writes_the_cache_in_place_and_never_copies_it(filled, monkeypatch):
   """A step reads each of the K and V caches [batch·heads, max_len, d_head] once and writes
   only the new position: a transpose or copy of a cache (XLA makes one when a product wants
-  another layout) would move it twice more."""
+  another layout) would move it twice more. Read block by block (`attend_filled`, where a
+  loop's operands count whole in the kernels' bytes), no cache is copied either."""
+  if not filled:
+    monkeypatch.setattr(causal_attention, 'FILLED_MIN_LEN', 1 << 30)
   d_model = 64  # heads of 32: the scores [heads, 1, max_len] are small beside a cache
   x = _inputs(1, 1, d_model)
   layer = _init(CausalAttention(d_model, 2, max_inference_length=4096, mode='predict'), x)
   step = jax.jit(lambda w, s, x: layer.pure_fn(x, w, s, None), donate_argnums=(1,))
   with decode_kernels.use('xla'):  # XLA's ops (the kernel's in-place writes: test_sparse_qkv)
     hlo = step.lower(layer.weights, layer.state, x).compile().as_text()
-  moved = sum(k['bytes'] for k in decode_profile.kernels(hlo).values())
-  cache_bytes = 4096 * d_model * 4
-  assert 2 * cache_bytes <= moved < 2.5 * cache_bytes
+  assert (' while(' in hlo) == (filled and jax.default_backend() == 'cpu')
+  assert not [line for line in hlo.splitlines()
+              if 'f32[2,4096,32]' in line.partition('=')[2][:40] and ' copy(' in line]
+  if not filled:
+    moved = sum(k['bytes'] for k in decode_profile.kernels(hlo).values())
+    cache_bytes = 4096 * d_model * 4
+    assert 2 * cache_bytes <= moved < 2.5 * cache_bytes

@@ -75,6 +75,11 @@ constant, set while the setting is measured and restored after it. The names, by
     ATTN_POSITIONS               `POSITIONS`: cache positions per block
     ATTN_WIDTH, ATTN_WARPS       `VALUE_WIDTH` (value columns per program with ATTN_SPLIT=0)
                                  and warps per program
+  layers/causal_attention.py
+    FILLED_MIN                   `FILLED_MIN_LEN`: on a CPU, the fewest cache positions at which
+                                 a one-token step reads only the caches' filled blocks
+                                 (100000: never)
+    FILLED_BLOCK                 `FILLED_BLOCK`: the positions of such a block
   layers/sparse_ff.py
     CHUNK                        `CPU_CHUNK_BYTES`: on a CPU, the most bytes of W1's float32
                                  chosen rows a token gathers at once, 0 all (token, block,
@@ -164,6 +169,7 @@ from sparse_scaling.bench import decoders
 from sparse_scaling.bench import table1
 from sparse_scaling.bench import timing
 from sparse_scaling.layers import attention_kernel
+from sparse_scaling.layers import causal_attention
 from sparse_scaling.layers import decode_kernels
 from sparse_scaling.layers import fused_residual
 from sparse_scaling.layers import sparse_ff
@@ -200,6 +206,8 @@ SHARES = {**{name: (sparse_qkv_block_kernel, name)
              for name in ('ROWS', 'STEP', 'MODULES', 'CHANNELS', 'WARPS', 'STAGES', 'LOOP',
                           'PRECISION')},
           'MULT_MIN': (multiplicative_kernel, 'MIN_D_IN'),
+          'FILLED_MIN': (causal_attention, 'FILLED_MIN_LEN'),
+          'FILLED_BLOCK': (causal_attention, 'FILLED_BLOCK'),
           'ATTN_ROWS': (attention_kernel, 'MIN_ROWS'),
           'ATTN_WIDTH': (attention_kernel, 'VALUE_WIDTH'),
           'ATTN_WARPS': (attention_kernel, 'WARPS'),
@@ -225,7 +233,7 @@ LARGE = 1 << 22      # elements: SHARED=2 keeps arrays this large each block's o
 _ALL = ('MODULES', 'MIXED_CHANNELS')   # also 'all': None, the kernel's own choice
 _ANY = ('FF_PARTS_BYTES', 'STATS_IN_KERNEL', 'MAX_D_MODEL', 'CUBLAS_BYTES',
         'KEEP_BYTES', 'CHUNK', 'MULT_FORM', 'ATTN_ROWS', 'MULT_MIN',
-        'MULT_STAGES')   # any int >= 0
+        'MULT_STAGES', 'FILLED_MIN')   # any int >= 0
 PROMPT, TOKENS = 128, 32   # a generation's (`--measure token`)
 CALLS = 32                 # calls of a block timed (`--measure call`)
 ROUND_CALLS = 5            # with --alternate, a round's
