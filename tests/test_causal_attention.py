@@ -130,13 +130,17 @@ def test_the_kernel_compiled_for_a_gpu_decodes_as_eval(d_model, max_len, length,
     assert_predict_equals_eval(model_fn, _inputs(1, length, d_model), atol=1e-4)
 
 
-def test_auto_takes_the_attention_kernel_on_a_gpu_from_min_rows(monkeypatch):
+def test_auto_takes_the_attention_kernel_on_a_gpu_from_min_rows_or_min_len(monkeypatch):
   """'auto' counts a step's rows·heads: 17B's 96 heads take the kernel on a GPU, 800M's 16
-  keep XLA's ops (at batch 4, 64, they take it); off a GPU XLA's ops always; a kernel chosen
-  by name runs whatever the count."""
+  keep XLA's ops (at batch 4, 64, they take it) unless the caches hold MIN_LEN positions or
+  more (512: the gin files' 2048, not Table 1's 168); off a GPU XLA's ops always; a kernel
+  chosen by name runs whatever the count."""
   assert attention_kernel.value_width(96) == 32 and attention_kernel.value_width(12) == 4
   assert attention_kernel.pays(1, 96) and not attention_kernel.pays(1, 16)
   assert attention_kernel.pays(4, 16) and not attention_kernel.pays(3, 16)
+  assert attention_kernel.MIN_LEN == 512
+  assert attention_kernel.pays(1, 16, 2048) and attention_kernel.pays(1, 16, 512)
+  assert not attention_kernel.pays(1, 16, 511) and not attention_kernel.pays(1, 16, 168)
   monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
   monkeypatch.setattr(decode_kernels, 'MISSING', None)
   assert decode_kernels.active('attention', attention_kernel.pays(1, 96)) == 'pallas'
@@ -145,21 +149,28 @@ def test_auto_takes_the_attention_kernel_on_a_gpu_from_min_rows(monkeypatch):
     assert decode_kernels.active('attention', attention_kernel.pays(1, 16)) == 'interpret'
   monkeypatch.setattr(jax, 'default_backend', lambda: 'cpu')
   assert decode_kernels.active('attention', attention_kernel.pays(1, 96)) == 'xla'
+  monkeypatch.setattr(attention_kernel, 'MIN_LEN', None)
+  assert not attention_kernel.pays(1, 16, 2048) and attention_kernel.pays(1, 96, 168)
 
 
-@pytest.mark.parametrize('min_rows, runs_kernel', [(8, True), (9, False)])
-def test_a_predict_step_asks_auto_with_its_rows_and_heads(min_rows, runs_kernel, monkeypatch):
+@pytest.mark.parametrize('min_rows, max_len, runs_kernel', [(8, 16, True), (9, 16, False),
+                                                            (9, 512, True)])
+def test_a_predict_step_asks_auto_with_its_rows_heads_and_caches(min_rows, max_len,
+                                                                 runs_kernel, monkeypatch):
   """On a GPU (here pretended, the kernel in Pallas' interpreter) a one-token step of batch 2
-  and 4 heads, 8 rows·heads, runs the kernel where MIN_ROWS is 8, XLA's ops where it is 9."""
+  and 4 heads, 8 rows·heads, runs the kernel where MIN_ROWS is 8, XLA's ops where it is 9,
+  unless its caches hold MIN_LEN (512) positions."""
   calls = []
   real_step = attention_kernel.attention_step
   monkeypatch.setattr(attention_kernel, 'attention_step', lambda *args, interpret: (
       calls.append(1) or real_step(*args, interpret=True)))
   monkeypatch.setattr(attention_kernel, 'MIN_ROWS', min_rows)
   x = _inputs(2, 1, D_MODEL)
-  layer = _init(CausalAttention(D_MODEL, N_HEADS, mode='predict'), x)
+  make = lambda: _init(CausalAttention(D_MODEL, N_HEADS, max_inference_length=max_len,
+                                      mode='predict'), x)
+  layer = make()
   expected = layer(x)
-  layer.state = _init(CausalAttention(D_MODEL, N_HEADS, mode='predict'), x).state
+  layer.state = make().state
   monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
   monkeypatch.setattr(decode_kernels, 'MISSING', None)
   np.testing.assert_allclose(layer(x), expected, atol=1e-5)

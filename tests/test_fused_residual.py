@@ -139,6 +139,51 @@ def test_blocks_each_alone_equal_xla_step_by_step(d_model, n_heads, attention_sp
   assert _decodes_as_xla('interpret', kwargs, tokens) == 2 * (3 + 2)
 
 
+@pytest.mark.parametrize('first', [0, 2])
+@pytest.mark.parametrize('max_len', [16, 14])
+def test_attention_programs_read_long_caches_in_a_loop_as_xla_step_by_step(max_len, first,
+                                                                          monkeypatch):
+  """From FILLED_MIN_LEN positions (here 8) the attention programs read the caches' first
+  FILLED_FIRST blocks of POSITIONS (here 0 or 2 blocks of 4) up front and the others in a
+  loop (of 14 positions, the last from 10, overlapping the one before), as far as the token's
+  position: each step's logits and the whole state as XLA's path, two rows, the tokens from
+  the first block to past the caches' end (every block then)."""
+  monkeypatch.setattr(sparse_qkv_block_kernel, 'POSITIONS', 4)
+  monkeypatch.setattr(sparse_qkv_block_kernel, 'FILLED_MIN_LEN', 8)
+  monkeypatch.setattr(sparse_qkv_block_kernel, 'FILLED_FIRST', first)
+  assert sparse_qkv_block_kernel.reads_filled(max_len)
+  tokens = jnp.asarray(np.random.RandomState(6).randint(1, VOCAB, (2, 18)), jnp.int32)
+  assert _decodes_as_xla('interpret', dict(max_len=max_len), tokens) == 2 * 4
+
+
+@pytest.mark.parametrize('filled_min_len, first, reads_past', [
+    (8, 0, False), (8, 1, False), (8, 2, False), (1 << 30, 2, True)])
+def test_attention_programs_in_a_loop_let_nothing_past_the_token_in(filled_min_len, first,
+                                                                    reads_past, monkeypatch):
+  """The caches' positions past the token's (5) hold NaN: read in a loop (FILLED_MIN_LEN 8,
+  caches of 16 in blocks of 4, the first 0, 1 or 2 of them up front), the step's logits are
+  those of clean caches (the blocks past the token's are not read, and the positions after
+  it in the blocks read count as 0); every block loaded first (FILLED_MIN_LEN above the
+  caches), NaN reaches them."""
+  monkeypatch.setattr(sparse_qkv_block_kernel, 'POSITIONS', 4)
+  monkeypatch.setattr(sparse_qkv_block_kernel, 'FILLED_MIN_LEN', filled_min_len)
+  monkeypatch.setattr(sparse_qkv_block_kernel, 'FILLED_FIRST', first)
+  tokens = jnp.asarray(np.random.RandomState(7).randint(1, VOCAB, (1, 6)), jnp.int32)
+  model = _lm('predict')
+  model.init(shapes.signature(tokens[:, :1]), rng=jax.random.PRNGKey(0))
+  model(tokens[:, :5])
+  caches = lambda a: a.ndim == 3 and a.shape[1] == 16   # [B·H, max_len, d_head]
+  poisoned = jax.tree.map(lambda a: a.at[:, 5:].set(jnp.nan) if caches(a) else a, model.state)
+  assert sum(caches(a) for a in jax.tree.leaves(model.state)) == 2 * 2
+  with decode_kernels.use('interpret'):
+    step = jax.jit(lambda w, s, t: model.pure_fn(t, w, s, None))
+    clean, _ = step(model.weights, model.state, tokens[:, 5:6])
+    got, _ = step(model.weights, poisoned, tokens[:, 5:6])
+  assert np.isnan(got).any() == reads_past
+  if not reads_past:
+    np.testing.assert_allclose(got, clean, rtol=1e-6, atol=1e-6)
+
+
 def test_chained_layer_norm_keeps_its_bits_where_the_residual_mean_is_large():
   """The FF block's LayerNorm(x)·C1 from the attention programs' partial sums of 4 slices
   (`_ff_partials`, `merge_partials`) for residuals of mean 4000 and spread 0.25, and C1's
@@ -229,7 +274,9 @@ def test_shapes_the_kernels_do_not_take_decode_through_xla(kwargs, max_d_model, 
         (9216, 65536, 96, 64, (256, 32), 1, 2, {}),
         (1024, 6144, 16, 16, (64, 16), 1, 1, dict(MIXED_CHANNELS=None)),
         (1024, 6144, 16, 16, (64, 16), 1, 2, dict(CHAIN=False)),
-        (1024, 6144, 16, 16, (64, 16), 1, 1, dict(LAUNCH_EARLY=False))])
+        (1024, 6144, 16, 16, (64, 16), 1, 1, dict(LAUNCH_EARLY=False)),
+        (1024, 6144, 16, 16, (64, 16), 1, 1, dict(FILLED_MIN_LEN=128)),
+        (9216, 65536, 96, 64, (256, 32), 1, 2, dict(FILLED_MIN_LEN=128))])
 def test_fused_blocks_lower_to_triton_for_a_gpu(d_model, d_ff, n_heads, sparsity, ff_sparsity,
                                                 n_products, n_ff, settings, monkeypatch):
   """One block lowered for CUDA on any machine, KV caches of 168: 800M FF+QKV (d_model 1024,
@@ -245,7 +292,8 @@ def test_fused_blocks_lower_to_triton_for_a_gpu(d_model, d_ff, n_heads, sparsity
   (`MIXED_CHANNELS`, by default 16), unchained (CHAIN off: the FF block's LayerNorm and
   the controller's first product in a kernel of their own). Every kernel lets the next launch
   early (PTX's launch_dependents in each; not with `decode_kernels.LAUNCH_EARLY` off, the
-  800M block's last case).
+  800M block's case) and, with FILLED_MIN_LEN at 128, the attention programs reading the
+  caches in a loop (`_attend_filled`, as from 512 positions by default) at 800M and 17B.
   (At 17B the attention block is slower than XLA's kernels and declines, MAX_D_MODEL; here
   it is lowered all the same.)"""
   monkeypatch.setattr(sparse_qkv_block_kernel, 'MAX_D_MODEL', d_model)
@@ -265,6 +313,7 @@ def test_fused_blocks_lower_to_triton_for_a_gpu(d_model, d_ff, n_heads, sparsity
   assert text.count('griddepcontrol.launch_dependents') == (
       3 + n_ff if settings.get('LAUNCH_EARLY', True) else 0)
   assert text.count('dot_general:') == n_products
+  assert ('_attend_filled' in text) == ('FILLED_MIN_LEN' in settings)   # its source locations
   # The convolution kernel's outputs 2 and 3 are the K and V caches, its operands 10 and 11.
   assert 'output_operand_alias<output_tuple_indices = [2], operand_index = 10,' in text
   assert 'output_operand_alias<output_tuple_indices = [3], operand_index = 11,' in text
@@ -311,7 +360,8 @@ def test_the_layers_own_decoding_kernels_launch_the_next_early_and_training_s_do
 @pytest.mark.parametrize('settings', [{}, dict(MIXED_CHANNELS=None), dict(CHAIN=False),
                                       dict(STATS_IN_KERNEL=0), dict(PREFETCH=True),
                                       dict(L2_PERSIST=1), dict(L2_PERSIST=3),
-                                      dict(PREFETCH_CACHES=True, PREFETCH_STATE=True)])
+                                      dict(PREFETCH_CACHES=True, PREFETCH_STATE=True),
+                                      dict(FILLED_MIN_LEN=128, FILLED_FIRST=0)])
 @pytest.mark.parametrize('d_model, n_heads, attention_sparsity', [(1024, 16, 16), (1152, 12, 8)])
 def test_fused_blocks_compiled_for_the_gpu_equal_xla(d_model, n_heads, attention_sparsity,
                                                      settings, monkeypatch):
@@ -322,7 +372,9 @@ def test_fused_blocks_compiled_for_the_gpu_equal_xla(d_model, n_heads, attention
   as above 4096), the kernels asking the L2 cache for the next kernels' weights
   (`decode_kernels.PREFETCH`), and to keep their own in it (`decode_kernels.L2_PERSIST`, line
   by line or in bulk; by default they do not ask), and the multiplicative programs asking for
-  the KV caches and the convolution's state (`PREFETCH_CACHES`, `PREFETCH_STATE`)."""
+  the KV caches and the convolution's state (`PREFETCH_CACHES`, `PREFETCH_STATE`), and the
+  attention programs reading the caches in a loop (`FILLED_MIN_LEN`, here from 128, every
+  block in the loop: `FILLED_FIRST` 0)."""
   for name, value in settings.items():
     module = {'CHAIN': fused_residual, 'PREFETCH': decode_kernels,
               'L2_PERSIST': decode_kernels}.get(

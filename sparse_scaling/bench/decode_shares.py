@@ -18,6 +18,13 @@ constant, set while the setting is measured and restored after it. The names, by
     MAX_D_MODEL                  the largest d_model the attention block takes (`--measure
                                  block` at 17B with 16384 times the block where it declines)
     MAX_PARTS                    the most partial sums the convolutions add themselves
+    ATTEND_FILLED                `FILLED_MIN_LEN`: the fewest cache positions at which the
+                                 attention programs read the caches in a loop, only the
+                                 blocks up to the token's position (100000: never, every
+                                 block loaded first)
+    ATTEND_POSITIONS             `POSITIONS`: cache positions per block of those programs
+    ATTEND_FIRST                 `FILLED_FIRST`: the blocks they load first before the loop
+                                 (0: every block in the loop)
     CACHES                       `PREFETCH_CACHES`, 1: the multiplicative programs ask the
                                  L2 cache for the KV caches that attention reads
     STATE                        `PREFETCH_STATE`, 1: they ask for the convolution's state
@@ -73,6 +80,9 @@ constant, set while the setting is measured and restored after it. The names, by
                                  load and mask all of the cache, as XLA's path reads it (1,
                                  the default: they load nothing)
     ATTN_POSITIONS               `POSITIONS`: cache positions per block
+    ATTN_LEN                     `MIN_LEN`: the fewest cache positions at which 'auto' takes
+                                 the kernel on a GPU whatever the rows·heads (512; 100000:
+                                 never, as 800M's dense blocks before)
     ATTN_WIDTH, ATTN_WARPS       `VALUE_WIDTH` (value columns per program with ATTN_SPLIT=0)
                                  and warps per program
   layers/causal_attention.py
@@ -212,6 +222,10 @@ SHARES = {**{name: (sparse_qkv_block_kernel, name)
           'ATTN_WIDTH': (attention_kernel, 'VALUE_WIDTH'),
           'ATTN_WARPS': (attention_kernel, 'WARPS'),
           'ATTN_SPLIT': (attention_kernel, 'SPLIT'), 'ATTN_SKIP': (attention_kernel, 'SKIP'),
+          'ATTN_LEN': (attention_kernel, 'MIN_LEN'),
+          'ATTEND_FILLED': (sparse_qkv_block_kernel, 'FILLED_MIN_LEN'),
+          'ATTEND_POSITIONS': (sparse_qkv_block_kernel, 'POSITIONS'),
+          'ATTEND_FIRST': (sparse_qkv_block_kernel, 'FILLED_FIRST'),
           'CACHE': (decoders, 'MAX_LEN'),
           'ATTN_POSITIONS': (attention_kernel, 'POSITIONS'),
           'CUBLAS_BYTES': (decoding, 'CUBLAS_MAX_BYTES'), 'GRAPHS': (decoding, 'GRAPH_LOOPS'),
@@ -233,7 +247,8 @@ LARGE = 1 << 22      # elements: SHARED=2 keeps arrays this large each block's o
 _ALL = ('MODULES', 'MIXED_CHANNELS')   # also 'all': None, the kernel's own choice
 _ANY = ('FF_PARTS_BYTES', 'STATS_IN_KERNEL', 'MAX_D_MODEL', 'CUBLAS_BYTES',
         'KEEP_BYTES', 'CHUNK', 'MULT_FORM', 'ATTN_ROWS', 'MULT_MIN',
-        'MULT_STAGES', 'FILLED_MIN')   # any int >= 0
+        'MULT_STAGES', 'FILLED_MIN', 'ATTN_LEN', 'ATTEND_FILLED',
+        'ATTEND_FIRST')   # any int >= 0
 PROMPT, TOKENS = 128, 32   # a generation's (`--measure token`)
 CALLS = 32                 # calls of a block timed (`--measure call`)
 ROUND_CALLS = 5            # with --alternate, a round's

@@ -29,8 +29,10 @@ ops; at the 800M shape (16 heads of 64) an earlier one-program-a-head kernel too
 an H200 and a whole generation was no faster with it. With caches of 2048 positions (the gin
 files' MAX_LEN), where XLA's path reads every position at every token, a 2-block 17B
 generation in bfloat16 took 0.3016 ms a token on an H100, against 0.3608 without SKIP and
-0.4081 with XLA's attention. So on a GPU `decode_kernels.py`'s 'auto' takes it where a step
-attends from at least MIN_ROWS rows·heads (`pays`), XLA's ops elsewhere.
+0.4081 with XLA's attention; at 800M, a dense 24-block generation 1.1982 ms a token against
+1.3486. So on a GPU `decode_kernels.py`'s 'auto' takes it where a step attends from at least
+MIN_ROWS rows·heads or over caches of at least MIN_LEN positions (`pays`), XLA's ops
+elsewhere.
 
 Runs on GPUs through Pallas' Triton backend; `interpret=True` runs it on any backend (the
 tests do, on the CPU). `decode_kernels.use(name)` chooses where the attention calls it.
@@ -62,6 +64,13 @@ WARPS = 8  # per program
 # 'auto' takes the kernel on a GPU where a step attends from at least MIN_ROWS rows·heads:
 # 17B's 96 heads at batch 1, not 800M's 16, whose decoder was no faster with it.
 MIN_ROWS = 64
+# ... or where its caches hold at least MIN_LEN positions (None: never), which XLA's path
+# reads whole at every token and the kernel as far as they are filled (SKIP). On an H100 at
+# 800M (16 heads), caches of 2048: a dense block looped 0.0491-0.0498 ms with the kernel
+# against 0.0549 with XLA's path (caches of 512: 0.0487-0.0491 against 0.0479-0.0492, a
+# tie); a 24-block generation 1.1982 ms a token against 1.3486 (docs/decoding_gpu.md, "Long
+# caches at 800M"). Table 1's caches of 168 keep XLA's path at 800M.
+MIN_LEN = 512
 
 
 def value_width(d_head):
@@ -70,9 +79,10 @@ def value_width(d_head):
   return min(VALUE_WIDTH, d_head & -d_head)
 
 
-def pays(batch, n_heads):
-  """Whether 'auto' takes the kernel on a GPU: at least MIN_ROWS rows·heads a step."""
-  return batch * n_heads >= MIN_ROWS
+def pays(batch, n_heads, max_len=0):
+  """Whether 'auto' takes the kernel on a GPU: at least MIN_ROWS rows·heads a step, or
+  caches of at least MIN_LEN positions."""
+  return batch * n_heads >= MIN_ROWS or (MIN_LEN is not None and max_len >= MIN_LEN)
 
 
 def _kernel(index_ref, q_ref, k_ref, v_ref, k_cache_ref, v_cache_ref, out_ref, k_out_ref,

@@ -129,7 +129,8 @@ class CausalAttentionCore(base.Layer):
     q, k, v = inputs
     batch, length, d_model = q.shape
     n_heads, d_head = self._n_heads, d_model // self._n_heads
-    kernel = decode_kernels.active('attention', attention_kernel.pays(batch, n_heads))
+    kernel = decode_kernels.active('attention',
+                                   attention_kernel.pays(batch, n_heads, self._max_len))
     if self._mode == 'predict' and length == 1 and kernel != 'xla':   # any d_head: in pieces
       k_cache, v_cache, start = self.state
       split = lambda a: a.reshape(batch, n_heads, d_head)

@@ -17,7 +17,8 @@ channels, H heads of d_head channels and C channels per program:
   attend  program (row·head, v): the head's scores q·K_cache (the token's own key among them,
           as `conv` wrote it), softmax, and the V cache's columns [v·Cv, (v + 1)·Cv); out =
           x + that. It also moves the convolution's state on at those channels and the
-          position on, both in place.
+          position on, both in place. Caches of FILLED_MIN_LEN positions or more it reads in
+          a loop, only the blocks up to the token's position.
 
 Each program reads a few tens of kilobytes, so many programs share the work: a program of one
 GPU multiprocessor reads far below the card's rate, and a launch costs about a microsecond.
@@ -108,6 +109,21 @@ PREFETCH_STATE = False
 # (docs/decoding_gpu.md, "Mosaic GPU").
 MOSAIC = False
 MOSAIC_ATTEND = True
+# From caches of FILLED_MIN_LEN positions, each `attend` program reads them in a loop over
+# blocks of POSITIONS, as many as hold positions up to the token's (`_attend_filled`), where
+# below it loads every block first: a generation with the gin files' caches of 2048 reads
+# what it has decoded, not 2048 positions a token, as attention's kernel does with its SKIP
+# (`attention_kernel.py`). Loading all 32 blocks of 2048 first, an 800M block looped took
+# 0.316 ms on an H100 against 0.0155-0.0169 in the loop (Table 1's 168: 0.0151), a 6-block
+# generation 1.9765 ms a token against 0.1747; at 512 the loop 0.0139-0.0162 against
+# 0.0172-0.0213, at 256 0.0195 against 0.0160 (docs/decoding_gpu.md, "Long caches at 800M").
+# Table 1's caches of 168 keep every load first.
+FILLED_MIN_LEN = 512
+# ... of which the first FILLED_FIRST blocks load first, as below FILLED_MIN_LEN, and the loop
+# reads on from there where the token lies beyond them (0: every block in the loop). An 800M
+# 6-block generation with caches of 2048 (positions 128-160) took 0.1656 ms a token on an
+# H100 against 0.1752 with every block in the loop (Table 1's 168: 0.1540; one run each).
+FILLED_FIRST = 4
 
 
 def fits(d_model, n_modules, n_heads, sizes, length_kernel_size):
@@ -116,6 +132,12 @@ def fits(d_model, n_modules, n_heads, sizes, length_kernel_size):
   144 channels, heads of 96) are loaded in power-of-2 pieces (`decode_kernels.pieces`)."""
   return (d_model % n_modules == 0 and d_model % n_heads == 0 and len(sizes) == 3
           and length_kernel_size >= 2 and d_model <= MAX_D_MODEL)
+
+
+def reads_filled(max_len):
+  """Whether the `attend` programs read caches of `max_len` positions in a loop over their
+  filled blocks (FILLED_MIN_LEN; at least two blocks)."""
+  return max_len >= max(FILLED_MIN_LEN, 2 * POSITIONS)
 
 
 def _mixed_kernel(x_ref, scale_ref, bias_ref, d_ref, e_ref, *refs, rows, sub, split,
@@ -255,7 +277,7 @@ def _conv_kernel(index_ref, y_ref, y_bias_ref, state_ref, wq_ref, bq_ref, wk_ref
 
 def _attend_kernel(position_ref, x_ref, q_ref, k_cache_ref, v_cache_ref, y_ref, y_bias_ref,
                    state_ref, index_ref, *refs, n_heads, value_width, starts, block, barrier,
-                   ff_norm, ahead=0, grid=()):
+                   ff_norm, filled=False, ahead=0, grid=()):
   """One (row·head, value columns) program. Shapes in `decode_step`; the state flat
   [B, lks − 1, d] and y [B, parts, d]. index_ref and next_ref are one buffer, as are state_ref
   and state_out_ref: the program reads position_ref, never index_ref. With `ff_norm`, refs
@@ -280,12 +302,15 @@ def _attend_kernel(position_ref, x_ref, q_ref, k_cache_ref, v_cache_ref, y_ref, 
   own = pl.ds(h * d_head + v * value_width, value_width)  # the same, of d_model's
   # Every load first (`decode_kernels`' note on load order): q's pieces of d_head, the
   # head's K cache in blocks of positions and pieces, its V cache's columns, x; then the
-  # state's, which `_move_state` waits for before it writes the state.
+  # state's, which `_move_state` waits for before it writes the state. With `filled` only the
+  # first FILLED_FIRST blocks load so; the others in a loop after, as far as the token's
+  # position.
   q_pieces = decode_kernels.pieces(d_head)
-  qs = [q_ref[b, pl.ds(h * d_head + s0, ls)] for s0, ls in q_pieces]
+  qs = [f32(q_ref[b, pl.ds(h * d_head + s0, ls)]) for s0, ls in q_pieces]
+  first = starts[:FILLED_FIRST] if filled else starts
   keys = [[k_cache_ref[r, pl.ds(start, block), pl.ds(s0, ls)] for s0, ls in q_pieces]
-          for start in starts]
-  values = [v_cache_ref[r, pl.ds(start, block), cols] for start in starts]
+          for start in first]
+  values = [v_cache_ref[r, pl.ds(start, block), cols] for start in first]
   x = x_ref[b, own]
   if ff_norm:
     ff_weights = scale_ref[own], bias_ref[own], c1_ref[own, :]
@@ -295,28 +320,74 @@ def _attend_kernel(position_ref, x_ref, q_ref, k_cache_ref, v_cache_ref, y_ref, 
   _move_state(y_ref, y_bias_ref, state_ref, state_out_ref, b, own, barrier)
   # q · K_cache, the head's pieces of d_head added; `conv` has written the token's own key
   # at `index`, so its score is read as the cache holds it, like the others'.
-  parts = [sum(jnp.sum(f32(k) * f32(q)[None, :], axis=1) for q, k in zip(qs, key_pieces))
-           for key_pieces in keys]
-  x = f32(x)
-  root = float(d_head) ** 0.5
-  scores = []
-  for i, (start, part) in enumerate(zip(starts, parts)):
-    position = start + jnp.arange(block)
-    valid = (position >= i * block) & (position <= index)   # blocks overlap at the end
-    scores.append(jnp.where(valid, part / root, -jnp.inf))
-  top = scores[0].max()
-  for score in scores[1:]:
-    top = jnp.maximum(top, score.max())
-  weights, weighted = None, None   # summed over the blocks first, then reduced once
-  for score, value in zip(scores, values):
-    p = jnp.exp(score - top)                                             # [block]; 0 masked
-    products = p[:, None] * f32(value)                                   # [block, Cv]
-    weights = p if weights is None else weights + p
-    weighted = products if weighted is None else weighted + products
-  out = (x + jnp.sum(weighted, axis=0) / jnp.sum(weights)).astype(out_ref.dtype)
+  if first:
+    parts = _attend_blocks(qs, keys, values, first, block, index, masked=filled)
+  else:   # every block in the loop: the parts of no position
+    zero = f32(index - index)   # computed: a loop's carries are values in Triton's lowering
+    parts = zero - 1e30, zero, jnp.zeros((value_width,), jnp.float32) + zero
+  if filled:
+    parts = _attend_filled(parts, qs, q_pieces, k_cache_ref, v_cache_ref, r, cols, index,
+                           block, len(first))
+  top, total, weighted = parts
+  out = (f32(x) + weighted / total).astype(out_ref.dtype)
   out_ref[b, own] = out
   if ff_norm:   # the program's index among its row's d / Cv
     _ff_partials(f32(out), *ff_weights, *partial_refs, b, h * (d_head // value_width) + v)
+
+
+def _scores(qs, key_pieces, position, valid_from, index):
+  """q · K [block] / √d_head at these positions of the cache, the head's pieces of d_head
+  added; −inf where a position lies before `valid_from` (a block that overlaps the one
+  before) or after `index`."""
+  root = float(sum(q.shape[0] for q in qs)) ** 0.5
+  part = sum(jnp.sum(f32(k) * q[None, :], axis=1) for q, k in zip(qs, key_pieces))
+  valid = (position >= valid_from) & (position <= index)
+  return jnp.where(valid, part / root, -jnp.inf), valid
+
+
+def _attend_blocks(qs, keys, values, starts, block, index, masked=False):
+  """The softmax's parts over the blocks of the caches at `starts`, loaded before (`keys`,
+  `values` per block), the positions after `index` masked out: the largest score, Σ
+  exp(score − largest) and those weights times V [Cv] (softmax·V = the last over the
+  second). With `masked`, masked positions' values count as 0 (the blocks may hold anything
+  past `index`, as where `_attend_filled` reads on)."""
+  found = [_scores(qs, pieces, start + jnp.arange(block), i * block, index)
+           for i, (start, pieces) in enumerate(zip(starts, keys))]
+  top = found[0][0].max()
+  for score, _ in found[1:]:
+    top = jnp.maximum(top, score.max())
+  weights, weighted = None, None   # summed over the blocks first, then reduced once
+  for (score, valid), value in zip(found, values):
+    p = jnp.exp(score - top)                                             # [block]; 0 masked
+    value = jnp.where(valid[:, None], f32(value), 0.0) if masked else f32(value)
+    products = p[:, None] * value                                        # [block, Cv]
+    weights = p if weights is None else weights + p
+    weighted = products if weighted is None else weighted + products
+  return top, jnp.sum(weights), jnp.sum(weighted, axis=0)
+
+
+def _attend_filled(parts, qs, q_pieces, k_cache_ref, v_cache_ref, r, cols, index, block,
+                   done):
+  """The softmax's parts (`_attend_blocks`') `parts` of the first `done` blocks, merged with
+  those of the blocks after them that hold positions up to `index`, read in a loop (of
+  index // block + 1 − done steps, none where the token lies in the first blocks;
+  FILLED_MIN_LEN) as flash-decoding merges them; masked positions' values count as 0, so
+  nothing past `index` reaches the output, whatever the caches hold there."""
+  max_len = k_cache_ref.shape[1]
+
+  def step(j, carry):
+    top, total, weighted = carry
+    start = jnp.minimum(j * block, max_len - block)   # the last block overlaps the one before
+    keys = [k_cache_ref[r, pl.ds(start, block), pl.ds(s0, ls)] for s0, ls in q_pieces]
+    value = v_cache_ref[r, pl.ds(start, block), cols]                    # [block, Cv]
+    score, valid = _scores(qs, keys, start + jnp.arange(block), j * block, index)
+    new_top = jnp.maximum(top, score.max())
+    p = jnp.exp(score - new_top)                                         # [block]; 0 masked
+    scale = jnp.exp(top - new_top)
+    products = p[:, None] * jnp.where(valid[:, None], f32(value), 0.0)
+    return new_top, total * scale + jnp.sum(p), weighted * scale + jnp.sum(products, axis=0)
+
+  return jax.lax.fori_loop(done, index // block + 1, step, parts)
 
 
 def _ff_partials(x, scale, bias, c1, sum_ref, m2_ref, products_ref, b, p):
@@ -483,7 +554,8 @@ def decode_step(x, norm, mixed, conv, state, k_cache, v_cache, index, *, n_heads
     out, flat_state, index, *partials = pl.pallas_call(
         functools.partial(_attend_kernel, n_heads=n_heads, value_width=value_width,
                           starts=starts, block=block, barrier=not interpret,
-                          ff_norm=ff_norm is not None, ahead=len(ahead), grid=grid),
+                          ff_norm=ff_norm is not None, filled=reads_filled(max_len),
+                          ahead=len(ahead), grid=grid),
         grid=grid,
         out_shape=(jax.ShapeDtypeStruct(x.shape, x.dtype),
                    jax.ShapeDtypeStruct(flat_state.shape, flat_state.dtype),
