@@ -253,16 +253,24 @@ def test_a_command_line_is_the_programs_arguments_quoted(monkeypatch):
       "CUDA_VISIBLE_DEVICES=0 python -m m --shapes 800m --results 'a b'")
 
 
-def test_depth_sets_the_whole_decoders_blocks_and_the_table_says_so(monkeypatch):
+def _dense_builds(monkeypatch):
+  """Makes every variant table1 builds the tiny dense decoder; returns its dimensions and the
+  list into which each build puts its (blocks, cache positions)."""
   dense = dict(TINY, ff_sparsity=0, attention_sparsity=0, loss_sparsity=0)
-  monkeypatch.setattr(table1, "dimensions", lambda shape, variant: dense)
+  monkeypatch.setattr(table1, 'dimensions', lambda shape, variant: dense)
   built = []
   real_build = table1.build
   monkeypatch.setattr(table1, 'build', lambda impl, dims, n, max_len, **kw: (
-      built.append(n), real_build(impl, dims, n, max_len, **kw))[1])
+      built.append((n, max_len)), real_build(impl, dims, n, max_len, **kw))[1])
+  return dense, built
+
+
+def test_depth_sets_the_whole_decoders_blocks_and_the_table_says_so(monkeypatch):
+  dense, built = _dense_builds(monkeypatch)
   rows = table1.measure('17b', ['dense'], ['ours'], prompt=4, n_tokens=3, bandwidth=30e9,
                         step=True, depth=3, probe='full reduction')
-  assert rows[0]['depth'] == 3 and sorted(set(built)) == [1, 3]  # one block, then the whole
+  # one block, then the whole decoder
+  assert rows[0]['depth'] == 3 and sorted({n for n, _ in built}) == [1, 3]
   assert rows[0]["bytes_per_token"] > 1.4 * table1.bytes_per_token(dense, 2, 6, 4)
   text = table1.markdown(rows, 4, 3)
   assert '| 17b (3 blocks) | dense | ours (xla) |' in text
@@ -271,7 +279,32 @@ def test_depth_sets_the_whole_decoders_blocks_and_the_table_says_so(monkeypatch)
   assert '(17b (3 blocks): 30 GB/s by the full reduction)' in text
 
 
-def test_the_kernel_column_names_the_pallas_kernels_a_model_decodes_through():
+def test_max_len_sizes_the_caches_and_its_rows_stay_apart_from_table_1s(monkeypatch, tmp_path):
+  """`--max_len` builds every model with caches of that many positions, keeps it in each row,
+  and such rows replace only rows of the same caches: Table 1's (the default, 4 + 3 + 8) and
+  the long caches' are two settings, each with its own speedups, both in the results."""
+  monkeypatch.setattr(common, 'RESULTS_DIR', tmp_path)
+  monkeypatch.setattr(table1, 'plot', lambda rows, path: None)
+  _, built = _dense_builds(monkeypatch)
+  run = lambda **kw: table1.measure_and_write('t', ['800m'], ['dense'], ['ours'], 4, 3, 30e9,
+                                              step=True, depth=1, **kw)
+  long, short = run(max_len=64)[0], run()[0]
+  # the block, then the whole decoder, of each run
+  assert [max_len for _, max_len in built] == [64, 64, 15, 15]
+  assert long['max_len'] == 64 and 'max_len' not in short
+  assert table1._setting(long) != table1._setting(short)   # pylint: disable=protected-access
+  text = (tmp_path / 't.md').read_text()
+  assert '| 800m (1 blocks) | dense |' in text
+  assert '| 800m (1 blocks), caches of 64 | dense |' in text
+  assert '800m (1 blocks) float32, caches of 64' in text.split('| shape |')[0]
+  out = subprocess.run([sys.executable, '-m', 'sparse_scaling.bench.table1', '--max_len', '100',
+                        '--nowrite'], capture_output=True, text=True)
+  assert out.returncode != 0 and not out.stdout
+  assert ('--max_len: 100 must hold the prompt and the decoded tokens (at least --prompt + '
+          '--tokens = 160)') in out.stderr
+
+
+def test_the_kernel_column_names_the_pallas_kernels_a_model_decodes_through(monkeypatch):
   dims = dict(TINY, attention_sparsity=4, loss_sparsity=0)
   with decode_kernels.use('xla'):
     assert table1.kernels_used(dims) == 'xla'
@@ -279,6 +312,13 @@ def test_the_kernel_column_names_the_pallas_kernels_a_model_decodes_through():
     assert table1.kernels_used(dims) == 'pallas: ffblock+qkvblock'
     assert table1.kernels_used(dict(dims, ff_sparsity=0, attention_sparsity=0)) == \
         'pallas: attn'
+  with decode_kernels.use('auto'):   # on a GPU, at 800M: attention's kernel from 512 positions
+    monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+    monkeypatch.setattr(decode_kernels, 'MISSING', None)
+    dense = dict(dims, d_model=1024, n_heads=16, ff_sparsity=0, attention_sparsity=0)
+    assert table1.kernels_used(dense, 2048) == 'pallas: attn'
+    assert table1.kernels_used(dense, 168) == table1.kernels_used(dense) == 'xla'
+  with decode_kernels.use('interpret'):
     # 17B's shapes (d_model 9216, 144 channels per module, heads of 96): the FF block, the
     # multiplicative layer's and attention's own kernels load them in power-of-2 pieces; the
     # attention block would, but declines above MAX_D_MODEL, and 144 channels fit not Sparse

@@ -2,7 +2,7 @@
 
   python -m sparse_scaling.bench.table1 [--shapes 800m,17b] [--impls ours,trax] [--program]
       [--copies 3] [--alternate | --cold] [--nostep] [--dtype bfloat16] [--depth 15] [--json]
-      [--tokens 32]
+      [--tokens 32] [--max_len 2048]
   python -m sparse_scaling.bench.table1 --batch_curve    # where sparsity stops paying
 
 Rows: dense, +Sparse FF, +Sparse QKV, +Sparse FF+QKV, +FF+QKV+loss, with the dimensions of
@@ -32,8 +32,10 @@ program (with `--copies N`, the median of N loops, each compiled apart). Every p
 compiled as the `Decoder` compiles its own (`decoding.jit`: on a GPU, XLA's matrix-vector
 products stay matrix products, in bfloat16 up to 256 MiB a weight cuBLAS's kernels), the
 dense rows included.
-Both implementations size their KV caches to the sequence timed (attention reads the whole
-cache at every step). The floor is the weight and KV-cache bytes a token must read, over the
+Both implementations size their KV caches to the sequence timed (XLA's attention reads the
+whole cache at every step), or to `--max_len` positions (as the gin files' 2048, where our
+kernels read the caches as far as they are filled and XLA's ops all of them; such rows are
+kept apart from Table 1's). The floor is the weight and KV-cache bytes a token must read, over the
 bandwidth measured in the same run (`timing.memory_bandwidth`); a floor that its row beat is
 marked (the probe read slower than the row). Every row is printed as it is measured, and each
 part of a row (block, step, programs) as a line on stderr with the seconds it took; a
@@ -87,10 +89,11 @@ def kernel_choice(impl):
   return decode_kernels.use({'ours-xla': 'xla', 'ours-pallas': 'pallas'}.get(impl, 'auto'))
 
 
-def kernels_used(dims):
-  """'xla', or 'pallas: ' and the Pallas kernels a model of `dims` decodes through now: a
-  fused block (ffblock, qkvblock) where it takes the shapes, in place of its layer's own
-  kernel (ff; qkv, mult and attn, at batch 1; mult also for the sparse loss)."""
+def kernels_used(dims, max_len=0):
+  """'xla', or 'pallas: ' and the Pallas kernels a model of `dims` with caches of `max_len`
+  positions decodes through now: a fused block (ffblock, qkvblock) where it takes the shapes,
+  in place of its layer's own kernel (ff; qkv, mult and attn, at batch 1; mult also for the
+  sparse loss)."""
   on = lambda kernel, pays=True: decode_kernels.active(kernel, pays) != 'xla'
   d_model, used = dims['d_model'], []
   if dims['ff_sparsity']:
@@ -110,7 +113,7 @@ def kernels_used(dims):
   if ((s and not block) or dims.get('loss_sparsity')) and on(
       'multiplicative', multiplicative_kernel.pays(d_model)):
     used.append('mult')
-  if not block and on('attention', attention_kernel.pays(1, dims['n_heads'])):  # any d_head
+  if not block and on('attention', attention_kernel.pays(1, dims['n_heads'], max_len)):
     used.append('attn')
   return 'pallas: ' + '+'.join(used) if used else 'xla'
 
@@ -322,7 +325,7 @@ def bytes_per_token(dims, n_layers, kv_len, itemsize):
 
 def measure(shape, variants, impls, prompt, n_tokens, bandwidth, program=False, step=True,
             dtype=None, depth=None, on_row=None, copies=1, alternate=False, cold=False,
-            probe=None):
+            probe=None, max_len=None):
   """Rows of one shape: each variant and implementation, one block timed alone and (with
   `step`) the whole decoder's jitted step and (with `program`) its compiled generation, of
   `depth` blocks (default: the shape's, `SHAPES`); with `copies`, the median of that many
@@ -336,11 +339,13 @@ def measure(shape, variants, impls, prompt, n_tokens, bandwidth, program=False, 
 
   A measurement that fails (a column an implementation cannot fill) gives a row with the
   error instead, and the others go on. `probe` names the bandwidth probe that read
-  `bandwidth` (`timing.memory_bandwidth`), kept in each row.
+  `bandwidth` (`timing.memory_bandwidth`), kept in each row. `max_len`: the KV caches'
+  positions (None: prompt + n_tokens + 8, Table 1's 168), kept in each row where given.
   """
   _, shape_dtype, _, whole = SHAPES[shape]
   dtype, whole = dtype or shape_dtype, depth or whole
-  max_len = prompt + n_tokens + 8
+  caches = {} if max_len is None else dict(max_len=max_len)
+  max_len = max_len or prompt + n_tokens + 8
   settings = [(variant, impl) for variant in variants for impl in impls]
   side_by_side = {}
   if alternate:
@@ -358,9 +363,9 @@ def measure(shape, variants, impls, prompt, n_tokens, bandwidth, program=False, 
       row = dict(shape=shape, variant=variant, impl=impl, dtype=dtype, depth=whole,
                  machine=timing.machine_description(), floor_s_per_token=read / bandwidth,
                  bytes_per_token=read, bandwidth=bandwidth, probe=probe, s_per_token=None,
-                 p90_s_per_token=None, s_per_token_program=None)
+                 p90_s_per_token=None, s_per_token_program=None, **caches)
       with kernel_choice(impl):
-        row['kernel'] = kernels_used(dims)
+        row['kernel'] = kernels_used(dims, max_len)
         for name, run in [
             ('block', lambda: _raised(side_by_side[variant, impl]) if alternate else
              seconds_per_block(build(impl, dims, 1, max_len), dtype, n_tokens, cold)),
@@ -462,8 +467,10 @@ IMPLS = ('ours', 'ours-pallas', 'ours-xla', 'trax')
 
 
 def _setting(row):
-  """What a row's speedups are relative to: its shape, depth and dtype."""
-  return row['shape'], row.get('depth', SHAPES[row['shape']][3]), row['dtype']
+  """What a row's speedups are relative to: its shape, depth, dtype and caches (None: the
+  run's prompt and tokens and 8 spare positions, Table 1's)."""
+  return (row['shape'], row.get('depth', SHAPES[row['shape']][3]), row['dtype'],
+          row.get('max_len'))
 
 
 def _copies_cell(row, key, scale, digits):
@@ -488,7 +495,8 @@ def markdown(rows, prompt, n_tokens):
   lines = [
       f'Machine: {"; ".join(sorted({r.get("machine", "") for r in rows}))}; bandwidth '
       f'measured in each run ({bandwidths}). Batch 1, prompt {prompt} tokens, '
-      f'{n_tokens} decoded tokens (KV caches of {prompt + n_tokens + 8}). ms/block: one '
+      f'{n_tokens} decoded tokens (KV caches of {prompt + n_tokens + 8} unless the shape '
+      'column names others). ms/block: one '
       'block (attention and FF) timed alone, median (p90) of its steps, each step a call '
       '(program: the block looped in one compiled program, no dispatch per step); s/token: '
       'the whole '
@@ -522,14 +530,14 @@ def markdown(rows, prompt, n_tokens):
                            'speedup/token, program', 'floor s/token', 'paper s/token',
                            'paper speedup/block'])]
   order = lambda kv: (list(SHAPES).index(kv[0][0]), kv[0][1], kv[0][2] != 'float32', kv[0][2],
-                      VARIANTS.index(kv[0][3]), IMPLS.index(kv[0][4]))
+                      kv[0][3] or 0, VARIANTS.index(kv[0][4]), IMPLS.index(kv[0][5]))
   ratio = lambda a, b: f'{a / b:.2f}x' if a and b else ''
-  for (shape, depth, dtype, variant, impl), row in sorted(by_key.items(), key=order):
-    dense = (by_key.get((shape, depth, dtype, 'dense', impl))
-             or by_key.get((shape, depth, dtype, 'dense', 'ours'), {}))
+  for (shape, depth, dtype, caches, variant, impl), row in sorted(by_key.items(), key=order):
+    dense = (by_key.get((shape, depth, dtype, caches, 'dense', impl))
+             or by_key.get((shape, depth, dtype, caches, 'dense', 'ours'), {}))
     paper, paper_dense = PAPER.get((shape, variant)), PAPER.get((shape, 'dense'))
     block = row.get('s_per_block')
-    cells = [_setting_label(shape, depth), variant,
+    cells = [_setting_label(shape, depth, caches=caches), variant,
              impl + (f' ({row["kernel"]})' if row.get('kernel') and impl != 'trax' else ''),
              row['dtype'],
              (f'{block * 1e3:.3f} ({row["p90_s_per_block"] * 1e3:.3f})'
@@ -565,18 +573,20 @@ def _beats_floor(row):
   return bool(fastest) and fastest < row['floor_s_per_token']
 
 
-def _setting_label(shape, depth, dtype='float32'):
-  """'17b', '17b (15 blocks)', '800m, bfloat16': a setting as the tables (their shape column,
-  dtype apart) and figures name it."""
+def _setting_label(shape, depth, dtype='float32', caches=None):
+  """'17b', '17b (15 blocks)', '800m, bfloat16', '800m, caches of 2048': a setting as the
+  tables (their shape column, dtype apart) and figures name it."""
   return (shape + (f' ({depth} blocks)' if depth != SHAPES[shape][3] else '')
-          + (f', {dtype}' if dtype != 'float32' else ''))
+          + (f', {dtype}' if dtype != 'float32' else '')
+          + (f', caches of {caches}' if caches else ''))
 
 
 def plot(rows, path):
   """Bar chart of ms/block per variant, ours and trax's, one panel per shape, depth and
   dtype."""
   settings = sorted({_setting(r) for r in rows},
-                    key=lambda s: (list(SHAPES).index(s[0]), s[1], s[2] != 'float32', s[2]))
+                    key=lambda s: (list(SHAPES).index(s[0]), s[1], s[2] != 'float32', s[2],
+                                   s[3] or 0))
   fig, axes = common.pyplot().subplots(1, len(settings), figsize=(6 * len(settings), 4),
                                        squeeze=False)
   for ax, setting in zip(axes[0], settings):
@@ -628,6 +638,9 @@ def define_flags():
   flags.DEFINE_integer('depth', None, "Blocks of the whole decoder timed per token (default: "
                        "the shape's, 24 at 800m and 2 at 17b; 15 at 17b is the whole "
                        '~17B-weight decoder).', lower_bound=1)
+  flags.DEFINE_integer('max_len', None, "The KV caches' positions (default: --prompt + "
+                       '--tokens + 8, Table 1\'s 168; e.g. 2048, the gin files\' MAX_LEN: '
+                       'rows of their own in the results).')
   flags.DEFINE_string('results', None, 'Base name of the result files in docs/results/ '
                       '(default: table1 on CPU, table1_<backend> elsewhere).')
 
@@ -677,10 +690,11 @@ def commands(rows, name):
   rows each made, in the order they were saved."""
   made = {}
   for row in rows:
-    shape, depth, dtype = _setting(row)
-    made.setdefault(row.get('command'), {})[f'{shape} ({depth} blocks) {dtype}'] = None
+    shape, depth, dtype, caches = _setting(row)
+    made.setdefault(row.get('command'), {})[
+        f'{shape} ({depth} blocks) {dtype}' + (f', caches of {caches}' if caches else '')] = None
   lines = [f'The rows, by the command that measured them (a run\'s rows replace the saved rows '
-           f'of the same shape, depth and dtype in `{name}.json`):', '']
+           f'of the same shape, depth, dtype and caches in `{name}.json`):', '']
   lines += [(f'- `{command}`' if command else '- a command not recorded (a run before runs '
              'recorded theirs)') + ': ' + ', '.join(settings)
             for command, settings in made.items()]
@@ -707,6 +721,9 @@ def main(argv):
   if args.alternate and args.cold:
     raise app.UsageError('--alternate and --cold: choose one (the alternating rounds flush '
                          'no cache)')
+  if args.max_len is not None and args.max_len < args.prompt + args.tokens:
+    raise app.UsageError(f'--max_len: {args.max_len} must hold the prompt and the decoded '
+                         f'tokens (at least --prompt + --tokens = {args.prompt + args.tokens})')
   if args.dtype not in (None, 'float32', 'bfloat16'):
     raise app.UsageError(f'--dtype: {args.dtype!r} must be float32 or bfloat16')
   name = args.results or ('table1' if jax.default_backend() == 'cpu'
@@ -716,7 +733,8 @@ def main(argv):
                            args.tokens, bandwidth, args.write, probe=probe,
                            program=args.program,
                            step=args.step, dtype=args.dtype, depth=args.depth,
-                           copies=args.copies, alternate=args.alternate, cold=args.cold)
+                           copies=args.copies, alternate=args.alternate, cold=args.cold,
+                           max_len=args.max_len)
   if rows:
     print(markdown(rows, args.prompt, args.tokens))
   elif args.write:   # --render_only
