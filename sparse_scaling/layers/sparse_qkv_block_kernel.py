@@ -117,7 +117,8 @@ MOSAIC_ATTEND = True
 # 0.316 ms on an H100 against 0.0155-0.0169 in the loop (Table 1's 168: 0.0151), a 6-block
 # generation 1.9765 ms a token against 0.1747; at 512 the loop 0.0139-0.0162 against
 # 0.0172-0.0213, at 256 0.0195 against 0.0160 (docs/decoding_gpu.md, "Long caches at 800M").
-# Table 1's caches of 168 keep every load first.
+# Table 1's caches of 168 keep every load first. (The Mosaic GPU attention programs, MOSAIC,
+# off, load every block.)
 FILLED_MIN_LEN = 512
 # ... of which the first FILLED_FIRST blocks load first, as below FILLED_MIN_LEN, and the loop
 # reads on from there where the token lies beyond them (0: every block in the loop). An 800M
