@@ -297,6 +297,11 @@ def test_max_len_sizes_the_caches_and_its_rows_stay_apart_from_table_1s(monkeypa
   assert '| 800m (1 blocks) | dense |' in text
   assert '| 800m (1 blocks), caches of 64 | dense |' in text
   assert '800m (1 blocks) float32, caches of 64' in text.split('| shape |')[0]
+  # rows of two machines: the header says which measured which
+  other = dict(long, machine='B')
+  assert table1.markdown([dict(short, machine='A'), other], 4, 3).startswith(
+      'Machine: A (800m (1 blocks)); B (800m (1 blocks), caches of 64); bandwidth')
+  assert table1.markdown([other], 4, 3).startswith('Machine: B; bandwidth')
   out = subprocess.run([sys.executable, '-m', 'sparse_scaling.bench.table1', '--max_len', '100',
                         '--nowrite'], capture_output=True, text=True)
   assert out.returncode != 0 and not out.stdout

@@ -493,7 +493,7 @@ def markdown(rows, prompt, n_tokens):
       + (f' by the {r["probe"]}' if r.get('probe') else '') for r in rows}))
   by_key = {(*_setting(r), r['variant'], r['impl']): r for r in rows}
   lines = [
-      f'Machine: {"; ".join(sorted({r.get("machine", "") for r in rows}))}; bandwidth '
+      f'Machine: {_machines(rows)}; bandwidth '
       f'measured in each run ({bandwidths}). Batch 1, prompt {prompt} tokens, '
       f'{n_tokens} decoded tokens (KV caches of {prompt + n_tokens + 8} unless the shape '
       'column names others). ms/block: one '
@@ -558,6 +558,18 @@ def markdown(rows, prompt, n_tokens):
   if errors:
     lines += ['', 'Measurements that failed:', ''] + errors
   return '\n'.join(lines)
+
+
+def _machines(rows):
+  """The machine the rows were measured on; where they were measured on several, each with
+  the settings it measured ('A (800m, caches of 2048); B (17b, 800m)')."""
+  settings = {}
+  for r in rows:
+    settings.setdefault(r.get('machine', ''), set()).add(_setting_label(*_setting(r)))
+  if len(settings) == 1:
+    return next(iter(settings))
+  return '; '.join(f'{machine} ({", ".join(sorted(labels))})'
+                   for machine, labels in sorted(settings.items()))
 
 
 def _fastest_token(row):
