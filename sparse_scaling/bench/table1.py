@@ -473,6 +473,13 @@ def _setting(row):
           row.get('max_len'))
 
 
+def _setting_order(setting):
+  """Where a `_setting` comes in the tables and figures: by shape as SHAPES lists them,
+  depth, float32 before other dtypes, then Table 1's caches before longer ones."""
+  shape, depth, dtype, caches = setting
+  return list(SHAPES).index(shape), depth, dtype != 'float32', dtype, caches or 0
+
+
 def _copies_cell(row, key, scale, digits):
   """A program column's cell: row[key] scaled, and its copies' range where there were several
   (`measure`'s `copies`; to the microsecond: copies of an 800M generation on a GPU differ by a
@@ -529,8 +536,8 @@ def markdown(rows, prompt, n_tokens):
                            's/token, step', 's/token, program',
                            'speedup/token, program', 'floor s/token', 'paper s/token',
                            'paper speedup/block'])]
-  order = lambda kv: (list(SHAPES).index(kv[0][0]), kv[0][1], kv[0][2] != 'float32', kv[0][2],
-                      kv[0][3] or 0, VARIANTS.index(kv[0][4]), IMPLS.index(kv[0][5]))
+  order = lambda kv: (*_setting_order(kv[0][:4]), VARIANTS.index(kv[0][4]),
+                      IMPLS.index(kv[0][5]))
   ratio = lambda a, b: f'{a / b:.2f}x' if a and b else ''
   for (shape, depth, dtype, caches, variant, impl), row in sorted(by_key.items(), key=order):
     dense = (by_key.get((shape, depth, dtype, caches, 'dense', impl))
@@ -596,9 +603,7 @@ def _setting_label(shape, depth, dtype='float32', caches=None):
 def plot(rows, path):
   """Bar chart of ms/block per variant, ours and trax's, one panel per shape, depth and
   dtype."""
-  settings = sorted({_setting(r) for r in rows},
-                    key=lambda s: (list(SHAPES).index(s[0]), s[1], s[2] != 'float32', s[2],
-                                   s[3] or 0))
+  settings = sorted({_setting(r) for r in rows}, key=_setting_order)
   fig, axes = common.pyplot().subplots(1, len(settings), figsize=(6 * len(settings), 4),
                                        squeeze=False)
   for ax, setting in zip(axes[0], settings):

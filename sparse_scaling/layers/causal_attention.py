@@ -153,7 +153,7 @@ class CausalAttentionCore(base.Layer):
       self.state = (k, v, start + length)
       if length == 1 and reads_filled(self._max_len):
         out = attend_filled(q, k, v, start, FILLED_BLOCK)         # [b·heads, 1, d_head]
-        return out.reshape(batch, n_heads, 1, d_head).reshape(batch, 1, d_model)
+        return out.reshape(batch, 1, d_model)
     reduce = self._mode == 'predict' and length == 1 and one_query_as_reductions()
     if reduce:   # q [b·h, 1, d_head]; the products in float32 inside the reductions
       dots = jnp.sum(q.astype(jnp.float32) * k.astype(jnp.float32), axis=-1)[:, None, :]

@@ -329,7 +329,7 @@ def _attend_kernel(position_ref, x_ref, q_ref, k_cache_ref, v_cache_ref, y_ref, 
   if filled:
     parts = _attend_filled(parts, qs, q_pieces, k_cache_ref, v_cache_ref, r, cols, index,
                            block, len(first))
-  top, total, weighted = parts
+  _, total, weighted = parts
   out = (f32(x) + weighted / total).astype(out_ref.dtype)
   out_ref[b, own] = out
   if ff_norm:   # the program's index among its row's d / Cv
