@@ -139,35 +139,40 @@ def test_blocks_each_alone_equal_xla_step_by_step(d_model, n_heads, attention_sp
   assert _decodes_as_xla('interpret', kwargs, tokens) == 2 * (3 + 2)
 
 
-@pytest.mark.parametrize('first', [0, 2])
+@pytest.mark.parametrize('first, step', [(0, 1), (2, 1), (0, 3), (1, 2)])
 @pytest.mark.parametrize('max_len', [16, 14])
 def test_attention_programs_read_long_caches_in_a_loop_as_xla_step_by_step(max_len, first,
-                                                                          monkeypatch):
+                                                                          step, monkeypatch):
   """From FILLED_MIN_LEN positions (here 8) the attention programs read the caches' first
-  FILLED_FIRST blocks of POSITIONS (here 0 or 2 blocks of 4) up front and the others in a
-  loop (of 14 positions, the last from 10, overlapping the one before), as far as the token's
+  FILLED_FIRST blocks of POSITIONS (here 0, 1 or 2 blocks of 4) up front and the others in a
+  loop (of 14 positions, the last from 10, overlapping the one before), FILLED_STEP blocks a
+  step (1, 2 or 3: a last step may reach past the caches' end), as far as the token's
   position: each step's logits and the whole state as XLA's path, two rows, the tokens from
   the first block to past the caches' end (every block then)."""
   monkeypatch.setattr(sparse_qkv_block_kernel, 'POSITIONS', 4)
   monkeypatch.setattr(sparse_qkv_block_kernel, 'FILLED_MIN_LEN', 8)
   monkeypatch.setattr(sparse_qkv_block_kernel, 'FILLED_FIRST', first)
+  monkeypatch.setattr(sparse_qkv_block_kernel, 'FILLED_STEP', step)
   assert sparse_qkv_block_kernel.reads_filled(max_len)
   tokens = jnp.asarray(np.random.RandomState(6).randint(1, VOCAB, (2, 18)), jnp.int32)
   assert _decodes_as_xla('interpret', dict(max_len=max_len), tokens) == 2 * 4
 
 
-@pytest.mark.parametrize('filled_min_len, first, reads_past', [
-    (8, 0, False), (8, 1, False), (8, 2, False), (1 << 30, 2, True)])
+@pytest.mark.parametrize('filled_min_len, first, step, reads_past', [
+    (8, 0, 1, False), (8, 1, 1, False), (8, 2, 1, False), (8, 0, 3, False),
+    (1 << 30, 2, 1, True)])
 def test_attention_programs_in_a_loop_let_nothing_past_the_token_in(filled_min_len, first,
-                                                                    reads_past, monkeypatch):
+                                                                    step, reads_past,
+                                                                    monkeypatch):
   """The caches' positions past the token's (5) hold NaN: read in a loop (FILLED_MIN_LEN 8,
-  caches of 16 in blocks of 4, the first 0, 1 or 2 of them up front), the step's logits are
-  those of clean caches (the blocks past the token's are not read, and the positions after
-  it in the blocks read count as 0); every block loaded first (FILLED_MIN_LEN above the
-  caches), NaN reaches them."""
+  caches of 16 in blocks of 4, the first 0, 1 or 2 of them up front, 1 or 3 blocks a loop
+  step), the step's logits are those of clean caches (the blocks past the token's are not
+  read, or, in a step's later blocks, count as 0, as do the positions after it in the blocks
+  read); every block loaded first (FILLED_MIN_LEN above the caches), NaN reaches them."""
   monkeypatch.setattr(sparse_qkv_block_kernel, 'POSITIONS', 4)
   monkeypatch.setattr(sparse_qkv_block_kernel, 'FILLED_MIN_LEN', filled_min_len)
   monkeypatch.setattr(sparse_qkv_block_kernel, 'FILLED_FIRST', first)
+  monkeypatch.setattr(sparse_qkv_block_kernel, 'FILLED_STEP', step)
   tokens = jnp.asarray(np.random.RandomState(7).randint(1, VOCAB, (1, 6)), jnp.int32)
   model = _lm('predict')
   model.init(shapes.signature(tokens[:, :1]), rng=jax.random.PRNGKey(0))
@@ -361,7 +366,9 @@ def test_the_layers_own_decoding_kernels_launch_the_next_early_and_training_s_do
                                       dict(STATS_IN_KERNEL=0), dict(PREFETCH=True),
                                       dict(L2_PERSIST=1), dict(L2_PERSIST=3),
                                       dict(PREFETCH_CACHES=True, PREFETCH_STATE=True),
-                                      dict(FILLED_MIN_LEN=128, FILLED_FIRST=0)])
+                                      dict(FILLED_MIN_LEN=128, FILLED_FIRST=0),
+                                      dict(FILLED_MIN_LEN=128, FILLED_FIRST=0,
+                                           FILLED_STEP=2)])
 @pytest.mark.parametrize('d_model, n_heads, attention_sparsity', [(1024, 16, 16), (1152, 12, 8)])
 def test_fused_blocks_compiled_for_the_gpu_equal_xla(d_model, n_heads, attention_sparsity,
                                                      settings, monkeypatch):
@@ -374,7 +381,8 @@ def test_fused_blocks_compiled_for_the_gpu_equal_xla(d_model, n_heads, attention
   by line or in bulk; by default they do not ask), and the multiplicative programs asking for
   the KV caches and the convolution's state (`PREFETCH_CACHES`, `PREFETCH_STATE`), and the
   attention programs reading the caches in a loop (`FILLED_MIN_LEN`, here from 128, every
-  block in the loop: `FILLED_FIRST` 0)."""
+  block in the loop: `FILLED_FIRST` 0), a block or two a step (`FILLED_STEP`; the second past
+  the token's)."""
   for name, value in settings.items():
     module = {'CHAIN': fused_residual, 'PREFETCH': decode_kernels,
               'L2_PERSIST': decode_kernels}.get(

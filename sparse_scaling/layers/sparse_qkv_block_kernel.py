@@ -125,6 +125,9 @@ FILLED_MIN_LEN = 512
 # 6-block generation with caches of 2048 (positions 128-160) took 0.1656 ms a token on an
 # H100 against 0.1752 with every block in the loop (Table 1's 168: 0.1540; one run each).
 FILLED_FIRST = 4
+# ... and the loop reads FILLED_STEP blocks a step, loaded first (1: a block a step, the
+# thirtieth session's loop).
+FILLED_STEP = 1
 
 
 def fits(d_model, n_modules, n_heads, sizes, length_kernel_size):
@@ -346,13 +349,14 @@ def _scores(qs, key_pieces, position, valid_from, index):
   return jnp.where(valid, part / root, -jnp.inf), valid
 
 
-def _attend_blocks(qs, keys, values, starts, block, index, masked=False):
-  """The softmax's parts over the blocks of the caches at `starts`, loaded before (`keys`,
-  `values` per block), the positions after `index` masked out: the largest score, Σ
-  exp(score − largest) and those weights times V [Cv] (softmax·V = the last over the
-  second). With `masked`, masked positions' values count as 0 (the blocks may hold anything
-  past `index`, as where `_attend_filled` reads on)."""
-  found = [_scores(qs, pieces, start + jnp.arange(block), i * block, index)
+def _attend_blocks(qs, keys, values, starts, block, index, masked=False, first=0):
+  """The softmax's parts over the blocks of the caches at `starts` (blocks first, first + 1,
+  ... of the caches, each block's start clamped as `decode_kernels.cache_blocks` clamps the
+  last), loaded before (`keys`, `values` per block), the positions after `index` masked out:
+  the largest score, Σ exp(score − largest) and those weights times V [Cv] (softmax·V = the
+  last over the second). With `masked`, masked positions' values count as 0 (the blocks may
+  hold anything past `index`, as where `_attend_filled` reads on)."""
+  found = [_scores(qs, pieces, start + jnp.arange(block), (first + i) * block, index)
            for i, (start, pieces) in enumerate(zip(starts, keys))]
   top = found[0][0].max()
   for score, _ in found[1:]:
@@ -370,25 +374,36 @@ def _attend_blocks(qs, keys, values, starts, block, index, masked=False):
 def _attend_filled(parts, qs, q_pieces, k_cache_ref, v_cache_ref, r, cols, index, block,
                    done):
   """The softmax's parts (`_attend_blocks`') `parts` of the first `done` blocks, merged with
-  those of the blocks after them that hold positions up to `index`, read in a loop (of
-  index // block + 1 − done steps, none where the token lies in the first blocks;
-  FILLED_MIN_LEN) as flash-decoding merges them; masked positions' values count as 0, so
-  nothing past `index` reaches the output, whatever the caches hold there."""
-  max_len = k_cache_ref.shape[1]
+  those of the blocks after them that hold positions up to `index`, read in a loop of
+  FILLED_STEP blocks a step (⌈(index // block + 1 − done) / FILLED_STEP⌉ steps, none where
+  the token lies in the first blocks; FILLED_MIN_LEN), each step's blocks loaded first and
+  merged as flash-decoding merges parts; masked positions' values count as 0, so nothing
+  past `index` reaches the output, whatever the caches hold there (blocks past the caches'
+  end, in a last step, hold no position: their starts clamp to the last block's, and
+  `_scores` masks every position of them as lying before the block)."""
+  max_len, group = k_cache_ref.shape[1], FILLED_STEP
 
-  def step(j, carry):
-    top, total, weighted = carry
-    start = jnp.minimum(j * block, max_len - block)   # the last block overlaps the one before
-    keys = [k_cache_ref[r, pl.ds(start, block), pl.ds(s0, ls)] for s0, ls in q_pieces]
-    value = v_cache_ref[r, pl.ds(start, block), cols]                    # [block, Cv]
-    score, valid = _scores(qs, keys, start + jnp.arange(block), j * block, index)
-    new_top = jnp.maximum(top, score.max())
-    p = jnp.exp(score - new_top)                                         # [block]; 0 masked
-    scale = jnp.exp(top - new_top)
-    products = p[:, None] * jnp.where(valid[:, None], f32(value), 0.0)
-    return new_top, total * scale + jnp.sum(p), weighted * scale + jnp.sum(products, axis=0)
+  def step(g, carry):
+    first = done + g * group
+    starts = [jnp.minimum((first + i) * block, max_len - block) for i in range(group)]
+    keys = [[k_cache_ref[r, pl.ds(start, block), pl.ds(s0, ls)] for s0, ls in q_pieces]
+            for start in starts]
+    values = [v_cache_ref[r, pl.ds(start, block), cols] for start in starts]   # [block, Cv]
+    # Every block of a step holds a position up to `index` in its first block, so the
+    # step's largest score is finite.
+    return _merge(carry, _attend_blocks(qs, keys, values, starts, block, index, masked=True,
+                                        first=first))
 
-  return jax.lax.fori_loop(done, index // block + 1, step, parts)
+  return jax.lax.fori_loop(0, (index // block + 1 - done + group - 1) // group, step, parts)
+
+
+def _merge(parts, more):
+  """Two (largest score, Σ exp(score − largest), weighted values) parts of one softmax as
+  one, each rescaled to the larger of the two largest scores."""
+  top = jnp.maximum(parts[0], more[0])
+  scale, more_scale = jnp.exp(parts[0] - top), jnp.exp(more[0] - top)
+  return (top, parts[1] * scale + more[1] * more_scale,
+          parts[2] * scale + more[2] * more_scale)
 
 
 def _ff_partials(x, scale, bias, c1, sum_ref, m2_ref, products_ref, b, p):
