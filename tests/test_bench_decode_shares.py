@@ -172,24 +172,33 @@ def test_a_table_cell_lists_each_kernels_time():
 
 
 def test_a_generation_and_a_block_are_timed_in_the_dtype_asked_for(monkeypatch):
+  """Each measure times in the dtype asked for, with the setting's SHARED weights, and after
+  its PROMPT (a generation's prompt; where a block's steps start), Table 1's 128 by default,
+  in caches of its CACHE positions."""
   seen = []
   monkeypatch.setattr(decode_shares.table1, 'seconds_per_token_program',
                       lambda model_fn, dtype, prompt, n, weights_fn: seen.append(
-                          ('token', dtype, weights_fn and weights_fn.keywords)) or 1.0)
+                          ('token', dtype, weights_fn and weights_fn.keywords, prompt,
+                           model_fn.args[-1])) or 1.0)
   monkeypatch.setattr(decode_shares.table1, 'seconds_per_block_program',
-                      lambda model, dtype, n: seen.append(('block', dtype)) or 1.0)
+                      lambda model, dtype, n, position: seen.append(
+                          ('block', dtype, position, model)) or 1.0)
   monkeypatch.setattr(decode_shares.table1, 'seconds_per_block',
-                      lambda model, dtype, n: seen.append(('call', dtype, n)) or (1.0, 2.0))
-  monkeypatch.setattr(decode_shares.decoders, 'build', lambda *args, **kwargs: None)
+                      lambda model, dtype, n, position: seen.append(
+                          ('call', dtype, n, position, model)) or (1.0, 2.0))
+  monkeypatch.setattr(decode_shares.decoders, 'build', lambda *args, **kwargs: args[-1])
   for measure in (decode_shares.per_token, decode_shares.per_block, decode_shares.per_call):
-    decode_shares.sweep('800m', 'dense', 2, ['CUBLAS_BYTES=0'],
+    decode_shares.sweep('800m', 'dense', 2, ['CUBLAS_BYTES=0', 'CACHE=2048+PROMPT=1920'],
                         functools.partial(measure, dtype='bfloat16'))
   decode_shares.sweep('800m', 'dense', 2, ['default', 'SHARED=1', 'SHARED=2'],
                       decode_shares.per_token)
-  assert seen == [('token', 'bfloat16', None), ('block', 'bfloat16'),
-                  ('call', 'bfloat16', decode_shares.CALLS), ('token', 'float32', None),
-                  ('token', 'float32', {'keep_large': False}),
-                  ('token', 'float32', {'keep_large': True})]
+  assert seen == [('token', 'bfloat16', None, 128, 168), ('token', 'bfloat16', None, 1920, 2048),
+                  ('block', 'bfloat16', 128, 168), ('block', 'bfloat16', 1920, 2048),
+                  ('call', 'bfloat16', decode_shares.CALLS, 128, 168),
+                  ('call', 'bfloat16', decode_shares.CALLS, 1920, 2048),
+                  ('token', 'float32', None, 128, 168),
+                  ('token', 'float32', {'keep_large': False}, 128, 168),
+                  ('token', 'float32', {'keep_large': True}, 128, 168)]
 
 
 def test_shared_weights_give_each_block_block_0s_arrays(monkeypatch):
@@ -272,6 +281,15 @@ def test_copies_need_alternate():
   assert '--copies 2: compiles copies for --alternate only' in out.stderr
 
 
+def test_a_prompt_the_caches_cannot_hold_with_the_tokens_is_refused():
+  out = subprocess.run([sys.executable, '-m', 'sparse_scaling.bench.decode_shares',
+                        '--settings', 'default,CACHE=2048+PROMPT=2020'],
+                       capture_output=True, text=True)
+  assert out.returncode != 0 and not out.stdout
+  assert ('--settings: PROMPT=2020 needs caches of at least PROMPT + 32 positions (CACHE, 2048 '
+          'here)' in out.stderr.splitlines()[-1])
+
+
 def test_alternate_times_generations_and_calls_only():
   out = subprocess.run([sys.executable, '-m', 'sparse_scaling.bench.decode_shares',
                         '--alternate', '--measure', 'block'], capture_output=True, text=True)
@@ -288,7 +306,8 @@ def test_alternating_calls_of_a_block_are_each_compiled_under_their_setting(monk
   of its calls."""
   built, calls, drawn = [], [], []
 
-  def block_call(model, dtype, drawn_here):
+  def block_call(model, dtype, drawn_here, position):
+    assert position == decode_shares.PROMPT
     i = len(built)
     built.append((_constants()['CHUNK'], dtype))
     drawn.append(drawn_here)

@@ -17,6 +17,12 @@ from sparse_scaling.bench import table1
 from sparse_scaling.layers import decode_kernels
 
 
+@pytest.fixture(autouse=True)
+def short_prompts(monkeypatch):
+  """The tests' runs take prompts of 4 as Table 1's (its rows keep no prompt of their own)."""
+  monkeypatch.setattr(table1, 'PROMPT', 4)
+
+
 def test_dimensions_come_from_the_paper_gin_files():
   dims = table1.dimensions('800m', 'ffqkv')
   assert (dims['d_model'], dims['d_ff'], dims['n_heads']) == (1024, 6144, 16)
@@ -139,9 +145,11 @@ def test_a_measurement_that_fails_is_reported_and_the_others_go_on(monkeypatch):
   # checked is what `measure` makes of them and of the one that fails.
   built = []
   monkeypatch.setattr(table1, 'seconds_per_block',
-                      lambda model, dtype, n_tokens, cold: built.append(model) or (1e-3, 2e-3))
+                      lambda model, dtype, n_tokens, cold, position: built.append(model)
+                      or (1e-3, 2e-3))
   monkeypatch.setattr(table1, 'seconds_per_block_programs',
-                      lambda model, dtype, n_tokens, copies: built.append(model) or [5e-4])
+                      lambda model, dtype, n_tokens, copies, position: built.append(model)
+                      or [5e-4])
   rows = table1.measure('800m', ['dense', 'ff'], ['ours', 'ours-xla'], prompt=4, n_tokens=3,
                         bandwidth=30e9, program=True, step=False)
   assert len(built) == 2 * 4  # each row's block and its loop: the rows after a failure go on
@@ -166,11 +174,11 @@ def test_a_run_cut_off_keeps_its_rows_apart_and_the_saved_rows_whole(monkeypatch
   monkeypatch.setattr(sys, 'argv', ['table1.py', '--shapes', '800m,17b'])
   real_block = table1.seconds_per_block
 
-  def block_then_cut_off(*args):
+  def block_then_cut_off(*args, **kwargs):
     if len(timed) == cut_after:   # the run's time is up
       raise KeyboardInterrupt
     timed.append(1)
-    return real_block(*args)
+    return real_block(*args, **kwargs)
 
   earlier = lambda shape, variant: dict(
       shape=shape, variant=variant, impl='ours', dtype='float32', s_per_block=1e-3,
@@ -282,21 +290,31 @@ def test_depth_sets_the_whole_decoders_blocks_and_the_table_says_so(monkeypatch)
 def test_max_len_sizes_the_caches_and_its_rows_stay_apart_from_table_1s(monkeypatch, tmp_path):
   """`--max_len` builds every model with caches of that many positions, keeps it in each row,
   and such rows replace only rows of the same caches: Table 1's (the default, 4 + 3 + 8) and
-  the long caches' are two settings, each with its own speedups, both in the results."""
+  the long caches' are two settings, each with its own speedups, both in the results; so is
+  a longer prompt in the long caches, kept in its rows: the per-block columns' block starts
+  after it too (`_first_block`'s position)."""
   monkeypatch.setattr(common, 'RESULTS_DIR', tmp_path)
   monkeypatch.setattr(table1, 'plot', lambda rows, path: None)
   _, built = _dense_builds(monkeypatch)
-  run = lambda **kw: table1.measure_and_write('t', ['800m'], ['dense'], ['ours'], 4, 3, 30e9,
-                                              step=True, depth=1, **kw)
-  long, short = run(max_len=64)[0], run()[0]
+  positions = []
+  first_block = table1._first_block   # pylint: disable=protected-access
+  monkeypatch.setattr(table1, '_first_block', lambda *a, position=0: (
+      positions.append(position), first_block(*a, position=position))[1])
+  run = lambda prompt=4, **kw: table1.measure_and_write(
+      't', ['800m'], ['dense'], ['ours'], prompt, 3, 30e9, step=True, depth=1, **kw)
+  long, short, late = run(max_len=64)[0], run()[0], run(prompt=50, max_len=64)[0]
   # the block, then the whole decoder, of each run
-  assert [max_len for _, max_len in built] == [64, 64, 15, 15]
+  assert [max_len for _, max_len in built] == [64, 64, 15, 15, 64, 64]
+  assert positions == [4, 4, 50]
   assert long['max_len'] == 64 and 'max_len' not in short
-  assert table1._setting(long) != table1._setting(short)   # pylint: disable=protected-access
+  assert 'prompt' not in long and late['prompt'] == 50
+  assert len({table1._setting(r) for r in (long, short, late)}) == 3   # pylint: disable=protected-access
   text = (tmp_path / 't.md').read_text()
   assert '| 800m (1 blocks) | dense |' in text
   assert '| 800m (1 blocks), caches of 64 | dense |' in text
+  assert '| 800m (1 blocks), caches of 64, prompt of 50 | dense |' in text
   assert '800m (1 blocks) float32, caches of 64' in text.split('| shape |')[0]
+  assert '800m (1 blocks) float32, caches of 64, prompt of 50' in text.split('| shape |')[0]
   # rows of two machines: the header says which measured which
   other = dict(long, machine='B')
   assert table1.markdown([dict(short, machine='A'), other], 4, 3).startswith(
@@ -382,7 +400,8 @@ def test_the_program_columns_are_the_median_of_their_copies_and_the_table_gives_
   monkeypatch.setattr(table1, 'seconds_per_block', lambda *a: (1e-3, 2e-3))
   asked = []
   monkeypatch.setattr(table1, 'seconds_per_block_programs',
-                      lambda model, dtype, n_tokens, copies: asked.append(('block', copies))
+                      lambda model, dtype, n_tokens, copies, position: asked.append(
+                          ('block', copies))
                       or [6e-5, 4e-5, 5e-5][:copies])
   monkeypatch.setattr(table1, 'seconds_per_token_programs',
                       lambda *a, copies: asked.append(('token', copies))
@@ -450,7 +469,8 @@ def test_alternate_times_every_rows_block_side_by_side(monkeypatch):
                       lambda *a: pytest.fail('timed alone under --alternate'))
   events = []
 
-  def block_call(model, dtype):
+  def block_call(model, dtype, position):
+    assert position == 4
     i = len([e for e in events if e[0] == 'built'])
     events.append(('built', i, decode_kernels.active('sparse_ff'), dtype))
     if i == 2:
@@ -538,7 +558,8 @@ def test_cold_flushes_the_caches_before_every_timed_step(monkeypatch):
   monkeypatch.setattr(table1, 'dimensions', tiny_dimensions)
   asked = []
   monkeypatch.setattr(table1, 'seconds_per_block',
-                      lambda model, dtype, n_tokens, cold: asked.append(cold) or (1e-3, 2e-3))
+                      lambda model, dtype, n_tokens, cold, position: asked.append(cold)
+                      or (1e-3, 2e-3))
   rows = table1.measure('800m', ['dense', 'ff'], ['ours'], prompt=4, n_tokens=3,
                         bandwidth=30e9, step=False, cold=True)
   assert asked == [True, True] and all(r['block_cold'] for r in rows)

@@ -25,6 +25,8 @@ constant, set while the setting is measured and restored after it. The names, by
     ATTEND_POSITIONS             `POSITIONS`: cache positions per block of those programs
     ATTEND_FIRST                 `FILLED_FIRST`: the blocks they load first before the loop
                                  (0: every block in the loop)
+    ATTEND_STEP                  `FILLED_STEP`: the blocks the loop reads a step, loaded
+                                 first
     CACHES                       `PREFETCH_CACHES`, 1: the multiplicative programs ask the
                                  L2 cache for the KV caches that attention reads
     STATE                        `PREFETCH_STATE`, 1: they ask for the convolution's state
@@ -136,15 +138,20 @@ constant, set while the setting is measured and restored after it. The names, by
                                  cache; 2 all but those of LARGE elements or more (W1 and W2,
                                  whose chosen rows a token reads): what reading the weights
                                  from the card's memory costs a token
+    PROMPT                       the positions the caches hold before timing (128 by
+                                 default): token's prompt, and where block's and call's
+                                 block starts (its caches filled by one prompt pass); with
+                                 CACHE, e.g. CACHE=2048+PROMPT=1920 times tokens late in
+                                 the gin files' caches
 
 For each setting this builds the Table 1 decoder of `--variant` at `--shape` with `--depth`
 blocks (`decoders.py`, random weights, batch 1, `--dtype`: float32 unless said) and times
   token    one compiled generation (`table1.seconds_per_token_program`: a 128-token prompt,
            32 tokens);
   block    one block looped in a compiled program (`table1.seconds_per_block_program`, where
-           the 17B shape's output layer would hide the blocks);
+           the 17B shape's output layer would hide the blocks), from the prompt's position;
   call     one block jitted alone, timed a call at a time (`table1.seconds_per_block`: Table
-           1's per-block column, the one #12's CPU goals are stated in);
+           1's per-block column, the one #12's CPU goals are stated in), from there too;
   kernels  on random weights, the fused blocks' kernels alone, looped in a compiled program;
   trace    one call of each block traced, each kernel's device time (a second or two per
            setting, where a generation takes over a minute on an H200 at 800M).
@@ -226,6 +233,7 @@ SHARES = {**{name: (sparse_qkv_block_kernel, name)
           'ATTEND_FILLED': (sparse_qkv_block_kernel, 'FILLED_MIN_LEN'),
           'ATTEND_POSITIONS': (sparse_qkv_block_kernel, 'POSITIONS'),
           'ATTEND_FIRST': (sparse_qkv_block_kernel, 'FILLED_FIRST'),
+          'ATTEND_STEP': (sparse_qkv_block_kernel, 'FILLED_STEP'),
           'CACHE': (decoders, 'MAX_LEN'),
           'ATTN_POSITIONS': (attention_kernel, 'POSITIONS'),
           'CUBLAS_BYTES': (decoding, 'CUBLAS_MAX_BYTES'), 'GRAPHS': (decoding, 'GRAPH_LOOPS'),
@@ -234,6 +242,7 @@ SHARES = {**{name: (sparse_qkv_block_kernel, name)
           'PERSIST': (decode_kernels, 'L2_PERSIST'),
           'KEEP_BYTES': (decode_kernels, 'KEEP_MAX_BYTES'),
           'SHARED': (sys.modules[__name__], 'SHARED_WEIGHTS'),
+          'PROMPT': (sys.modules[__name__], 'PROMPT'),
           **{name: (sys.modules[__name__], f'XLA_{name}')
              for name in ('DOT_MERGER', 'TILING_SEARCH', 'TRITON_GEMM')}}
 _SWITCHES = ('DOT', 'CHAIN', 'CPU_TOP_K', 'GRAPHS', 'EARLY', 'PREFETCH', 'DOT_MERGER',
@@ -248,8 +257,8 @@ _ALL = ('MODULES', 'MIXED_CHANNELS')   # also 'all': None, the kernel's own choi
 _ANY = ('FF_PARTS_BYTES', 'STATS_IN_KERNEL', 'MAX_D_MODEL', 'CUBLAS_BYTES',
         'KEEP_BYTES', 'CHUNK', 'MULT_FORM', 'ATTN_ROWS', 'MULT_MIN',
         'MULT_STAGES', 'FILLED_MIN', 'ATTN_LEN', 'ATTEND_FILLED',
-        'ATTEND_FIRST')   # any int >= 0
-PROMPT, TOKENS = 128, 32   # a generation's (`--measure token`)
+        'ATTEND_FIRST', 'PROMPT')   # any int >= 0
+PROMPT, TOKENS = 128, 32   # a generation's (`--measure token`); PROMPT also block's and call's
 CALLS = 32                 # calls of a block timed (`--measure call`)
 ROUND_CALLS = 5            # with --alternate, a round's
 ROUNDS = 9                 # `--alternate`'s rounds
@@ -284,6 +293,16 @@ def parse_setting(text):
                        'any, the others powers of 2')
     setting[name] = bool(value) if name in _SWITCHES else value
   return setting
+
+
+def _check_positions(setting):
+  """One-line ValueError where a setting's caches (CACHE) cannot hold its PROMPT and the
+  TOKENS after it."""
+  prompt = setting.get('PROMPT', PROMPT)
+  max_len = setting.get('CACHE', decoders.MAX_LEN)
+  if prompt + TOKENS > max_len:
+    raise ValueError(f'--settings: PROMPT={prompt} needs caches of at least PROMPT + '
+                     f'{TOKENS} positions (CACHE, {max_len} here)')
 
 
 def xla_options():
@@ -371,7 +390,7 @@ def compiled_call(dims, depth, dtype='float32', drawn=None):
   del depth
   if drawn:
     drawn = drawn[0], jax.tree.map(jnp.copy, drawn[1])   # each call donates its own state
-  return table1.block_call(_one_block(dims), dtype, drawn)
+  return table1.block_call(_one_block(dims), dtype, drawn, position=PROMPT)
 
 
 def _alternating_token(runs, rounds):
@@ -431,14 +450,14 @@ def _spread(times):
 def per_block(dims, depth, dtype='float32'):
   """Seconds of the first block looped on its own output in a compiled program."""
   del depth
-  return table1.seconds_per_block_program(_one_block(dims), dtype, 32)
+  return table1.seconds_per_block_program(_one_block(dims), dtype, 32, position=PROMPT)
 
 
 def per_call(dims, depth, dtype='float32'):
   """Median seconds of one call of the first block, jitted alone (`table1.seconds_per_block`:
   Table 1's per-block column on a CPU)."""
   del depth
-  return table1.seconds_per_block(_one_block(dims), dtype, CALLS)[0]
+  return table1.seconds_per_block(_one_block(dims), dtype, CALLS, position=PROMPT)[0]
 
 
 def fused_blocks(dims, interpret=False, dtype='float32'):
@@ -604,7 +623,7 @@ def main(argv):
   args = flags.FLAGS
   try:
     for text in args.settings:
-      parse_setting(text)
+      _check_positions(parse_setting(text))
   except ValueError as e:
     raise app.UsageError(str(e)) from None
   if args.alternate and args.measure not in ('token', 'call'):
@@ -620,7 +639,7 @@ def main(argv):
       raise app.UsageError(f'--measure {args.measure}: times the fused blocks of a variant '
                            f'with Sparse QKV, not {args.variant}')
   timed = {'token': f'{args.depth} blocks, {args.dtype}, one compiled generation of 32 '
-                   'tokens after 128',
+                   'tokens after 128 (or a setting\'s PROMPT)',
            'block': f'{args.dtype}, one block looped in a compiled program',
            'call': f'{args.dtype}, one block jitted alone, timed a call at a time',
            'kernels': f"{args.dtype}, the fused blocks' kernels alone looped in a compiled "

@@ -17,8 +17,9 @@ chooses: `ours` by default (on GPUs the sparse blocks through fused Pallas kerne
 KV cache of dense attention), `ours-xla` by XLA's ops only.
 
 Method: batch 1, random weights (timing only). Per block: the first block's attention and FF
-layers jitted together (weights as arguments, state donated) and fed one token's activations
-per step, median (p90) of `--tokens` steps after 3 warm-up steps (with `--alternate`, the
+layers jitted together (weights as arguments, state donated), its caches filled by a prompt
+of `--prompt` positions, and fed one token's activations per step, median (p90) of
+`--tokens` steps after 3 warm-up steps (with `--alternate`, the
 blocks of all of a shape's rows called in the same rounds, four calls of each a round; with
 `--cold`, the caches flushed before each step: called over and over, a small block's weights
 stay in the processor's cache, as a decoded token's do not). Per token (step): a prompt
@@ -35,7 +36,8 @@ dense rows included.
 Both implementations size their KV caches to the sequence timed (XLA's attention reads the
 whole cache at every step), or to `--max_len` positions (as the gin files' 2048, where our
 kernels read the caches as far as they are filled and XLA's ops all of them; such rows are
-kept apart from Table 1's). The floor is the weight and KV-cache bytes a token must read, over the
+kept apart from Table 1's, as are rows of a `--prompt` other than Table 1's 128: with
+`--max_len 2048 --prompt 1920`, tokens late in the gin files' caches). The floor is the weight and KV-cache bytes a token must read, over the
 bandwidth measured in the same run (`timing.memory_bandwidth`); a floor that its row beat is
 marked (the probe read slower than the row). Every row is printed as it is measured, and each
 part of a row (block, step, programs) as a line on stderr with the seconds it took; a
@@ -156,11 +158,14 @@ def seconds_per_token(model, dtype, prompt, n_tokens, batch=1):
   return _timed_steps(step, weights, state, tokens, n_tokens)
 
 
-def _first_block(model, dtype, drawn=None):
+def _first_block(model, dtype, drawn=None, position=0):
   """(step, weights, state, x): the first block's layers (attention and feed-forward,
   `scope_labels`) of `model` as `x, state = step(weights, state, x)`, with random weights
   laid out as a generation reads them (`decoding.laid_out`), fresh state (`drawn`, the
-  model's (weights, state), where given) and one token's activations x [1, 1, d_model]."""
+  model's (weights, state), where given) and one token's activations x [1, 1, d_model].
+  With `position`, the state is the block's after a prompt of that many random activations
+  [1, position, d_model] (one call, as a generation's prompt pass): its caches hold that
+  many positions and the next token comes after them."""
   weights, state = drawn or random_weights_and_state(model, dtype)
   labels = scope_labels(model)
   index = [i for i, label in enumerate(labels) if label.startswith('block0/')]
@@ -171,30 +176,38 @@ def _first_block(model, dtype, drawn=None):
 
   d_model = jax.tree.leaves(weights[index[0]])[0].shape[0]
   x = 0.1 * jax.random.normal(jax.random.PRNGKey(1), (1, 1, d_model), dtype)
-  return (step, tuple(decoding.laid_out(model.sublayers[i], weights[i]) for i in index),
-          tuple(state[i] for i in index), x)
+  weights = tuple(decoding.laid_out(model.sublayers[i], weights[i]) for i in index)
+  state = tuple(state[i] for i in index)
+  if position:
+    prompt = 0.1 * jax.random.normal(jax.random.PRNGKey(2), (1, position, d_model), dtype)
+    _, state = decoding.jit(step, weights=weights, donate_argnums=1)(weights, state, prompt)
+  return step, weights, state, x
 
 
-def block_call(model, dtype, drawn=None):
+def block_call(model, dtype, drawn=None, position=0):
   """call(): one decoding step of `model`'s first block (`_first_block`, on `drawn` where
-  given) as `seconds_per_block` times it, fed its own output; compiled now (the first call
-  made). The call donates the state: `drawn`'s state is its own from then on."""
-  call = _stepper(*_first_block(model, dtype, drawn))
+  given, after `position` positions) as `seconds_per_block` times it, fed its own output;
+  compiled now (the first call made). The call donates the state: `drawn`'s state is its own
+  from then on."""
+  call = _stepper(*_first_block(model, dtype, drawn, position))
   jax.block_until_ready(call())
   return call
 
 
-def seconds_per_block(model, dtype, n_tokens, cold=False):
+def seconds_per_block(model, dtype, n_tokens, cold=False, position=0):
   """Median and p90 seconds of one block's decoding step, the block timed alone.
 
-  The first block of `model` (`_first_block`) is jitted, weights as arguments and state
-  donated, and fed one token's activations [1, 1, d_model] at a time; attention reads its
-  whole cache at every step, so the cost does not depend on how full it is. Called over and
+  The first block of `model` (`_first_block`, its caches filled to `position`) is jitted,
+  weights as arguments and state donated, and fed one token's activations [1, 1, d_model] at
+  a time, each step a position further on (up to the caches' last, where the rest stay).
+  Where attention reads its whole cache at every step (XLA's path below
+  `causal_attention.FILLED_MIN_LEN` positions), the cost does not depend on how full it is;
+  the GPU kernels' and the CPU's loop over long caches read only the filled part. Called over and
   over, a small block's weights stay in the processor's cache from one step to the next, as
   in a decoded token they do not (the other blocks' weights evict them): with `cold`, the
   caches are flushed before each step (`timing.cache_flusher`).
   """
-  return _timed_steps(*_first_block(model, dtype), n_tokens,
+  return _timed_steps(*_first_block(model, dtype, position=position), n_tokens,
                       flush=timing.cache_flusher() if cold else None)
 
 
@@ -218,7 +231,7 @@ def seconds_per_block_side_by_side(make_calls, n_tokens, per_round=4):
           for call in calls]
 
 
-def seconds_per_block_program(model, dtype, n_tokens):
+def seconds_per_block_program(model, dtype, n_tokens, position=0):
   """Seconds of one block's decoding step in a compiled program: the first block of `model`
   (`_first_block`) applied to its own output `n_tokens` and 4·`n_tokens` times in one loop
   (`lax.fori_loop`, state donated), the difference over the difference in steps
@@ -227,16 +240,17 @@ def seconds_per_block_program(model, dtype, n_tokens):
   `seconds_per_block` pays per step (most of it on a GPU). Its loop is compiled as XLA
   compiles loops by default (`loops=False`), as in every run of this column before
   `decoding.GRAPH_LOOPS`: a generation's loop recorded as a CUDA graph costs a few µs an
-  iteration, which a token hides and one block would not."""
-  return seconds_per_block_programs(model, dtype, n_tokens)[0]
+  iteration, which a token hides and one block would not. `position`: as
+  `seconds_per_block`'s."""
+  return seconds_per_block_programs(model, dtype, n_tokens, position=position)[0]
 
 
-def seconds_per_block_programs(model, dtype, n_tokens, copies=1):
+def seconds_per_block_programs(model, dtype, n_tokens, copies=1, position=0):
   """`seconds_per_block_program` of `copies` loops of the block, each compiled apart, all on
   one draw of the weights and timed in the same alternating rounds (`timing.per_steps`): on
   an H200 two loops of one 800M block have run 9% apart (docs/decoding_gpu.md, "Where it
   stands"). [seconds per step] of each copy."""
-  step, weights, state, x = _first_block(model, dtype)
+  step, weights, state, x = _first_block(model, dtype, position=position)
   # Each loop donates its state: every copy gets its own, made before any runs.
   states = [state] + [jax.tree.map(jnp.copy, state) for _ in range(copies - 1)]
   runs = [_block_loop(step, weights, state, x) for state in states]
@@ -340,18 +354,22 @@ def measure(shape, variants, impls, prompt, n_tokens, bandwidth, program=False, 
   A measurement that fails (a column an implementation cannot fill) gives a row with the
   error instead, and the others go on. `probe` names the bandwidth probe that read
   `bandwidth` (`timing.memory_bandwidth`), kept in each row. `max_len`: the KV caches'
-  positions (None: prompt + n_tokens + 8, Table 1's 168), kept in each row where given.
+  positions (None: prompt + n_tokens + 8, Table 1's 168), kept in each row where given;
+  `prompt`, kept in each row where it is not Table 1's PROMPT, also fills the caches of the
+  per-block columns' block before its steps are timed (`_first_block`).
   """
   _, shape_dtype, _, whole = SHAPES[shape]
   dtype, whole = dtype or shape_dtype, depth or whole
-  caches = {} if max_len is None else dict(max_len=max_len)
+  caches = ({} if max_len is None else dict(max_len=max_len)) | (
+      {} if prompt == PROMPT else dict(prompt=prompt))
   max_len = max_len or prompt + n_tokens + 8
   settings = [(variant, impl) for variant in variants for impl in impls]
   side_by_side = {}
   if alternate:
     def block(variant, impl):
       with kernel_choice(impl):
-        return block_call(build(impl, dimensions(shape, variant), 1, max_len), dtype)
+        return block_call(build(impl, dimensions(shape, variant), 1, max_len), dtype,
+                          position=prompt)
     side_by_side = dict(zip(settings, seconds_per_block_side_by_side(
         [functools.partial(block, *setting) for setting in settings], n_tokens)))
     gc.collect()
@@ -368,11 +386,13 @@ def measure(shape, variants, impls, prompt, n_tokens, bandwidth, program=False, 
         row['kernel'] = kernels_used(dims, max_len)
         for name, run in [
             ('block', lambda: _raised(side_by_side[variant, impl]) if alternate else
-             seconds_per_block(build(impl, dims, 1, max_len), dtype, n_tokens, cold)),
+             seconds_per_block(build(impl, dims, 1, max_len), dtype, n_tokens, cold,
+                               prompt)),
             ('step', lambda: seconds_per_token(build(impl, dims, whole, max_len), dtype,
                                                prompt, n_tokens) if step else None),
             ('block_program', lambda: seconds_per_block_programs(
-                build(impl, dims, 1, max_len), dtype, n_tokens, copies) if program else None),
+                build(impl, dims, 1, max_len), dtype, n_tokens, copies, prompt)
+                if program else None),
             ('program', lambda: seconds_per_token_programs(
                 functools.partial(build, impl, dims, whole, max_len), dtype, prompt,
                 n_tokens, copies=copies) if program else None)]:
@@ -464,20 +484,23 @@ def write_batch_curve(curve, path_md, path_png):
 
 
 IMPLS = ('ours', 'ours-pallas', 'ours-xla', 'trax')
+PROMPT = 128   # Table 1's prompt (`--prompt`'s default); rows of other prompts keep theirs
 
 
 def _setting(row):
-  """What a row's speedups are relative to: its shape, depth, dtype and caches (None: the
-  run's prompt and tokens and 8 spare positions, Table 1's)."""
+  """What a row's speedups are relative to: its shape, depth, dtype, caches (None: the run's
+  prompt and tokens and 8 spare positions, Table 1's) and prompt (None: Table 1's PROMPT)."""
   return (row['shape'], row.get('depth', SHAPES[row['shape']][3]), row['dtype'],
-          row.get('max_len'))
+          row.get('max_len'), row.get('prompt'))
 
 
 def _setting_order(setting):
   """Where a `_setting` comes in the tables and figures: by shape as SHAPES lists them,
-  depth, float32 before other dtypes, then Table 1's caches before longer ones."""
-  shape, depth, dtype, caches = setting
-  return list(SHAPES).index(shape), depth, dtype != 'float32', dtype, caches or 0
+  depth, float32 before other dtypes, then Table 1's caches before longer ones, and Table
+  1's prompt before longer ones."""
+  shape, depth, dtype, caches, prompt = setting
+  return (list(SHAPES).index(shape), depth, dtype != 'float32', dtype, caches or 0,
+          prompt or 0)
 
 
 def _copies_cell(row, key, scale, digits):
@@ -536,15 +559,16 @@ def markdown(rows, prompt, n_tokens):
                            's/token, step', 's/token, program',
                            'speedup/token, program', 'floor s/token', 'paper s/token',
                            'paper speedup/block'])]
-  order = lambda kv: (*_setting_order(kv[0][:4]), VARIANTS.index(kv[0][4]),
-                      IMPLS.index(kv[0][5]))
+  order = lambda kv: (*_setting_order(kv[0][:5]), VARIANTS.index(kv[0][5]),
+                      IMPLS.index(kv[0][6]))
   ratio = lambda a, b: f'{a / b:.2f}x' if a and b else ''
-  for (shape, depth, dtype, caches, variant, impl), row in sorted(by_key.items(), key=order):
-    dense = (by_key.get((shape, depth, dtype, caches, 'dense', impl))
-             or by_key.get((shape, depth, dtype, caches, 'dense', 'ours'), {}))
+  for (*setting, variant, impl), row in sorted(by_key.items(), key=order):
+    shape, depth, dtype, caches, prompt = setting
+    dense = (by_key.get((*setting, 'dense', impl))
+             or by_key.get((*setting, 'dense', 'ours'), {}))
     paper, paper_dense = PAPER.get((shape, variant)), PAPER.get((shape, 'dense'))
     block = row.get('s_per_block')
-    cells = [_setting_label(shape, depth, caches=caches), variant,
+    cells = [_setting_label(shape, depth, caches=caches, prompt=prompt), variant,
              impl + (f' ({row["kernel"]})' if row.get('kernel') and impl != 'trax' else ''),
              row['dtype'],
              (f'{block * 1e3:.3f} ({row["p90_s_per_block"] * 1e3:.3f})'
@@ -592,12 +616,14 @@ def _beats_floor(row):
   return bool(fastest) and fastest < row['floor_s_per_token']
 
 
-def _setting_label(shape, depth, dtype='float32', caches=None):
-  """'17b', '17b (15 blocks)', '800m, bfloat16', '800m, caches of 2048': a setting as the
-  tables (their shape column, dtype apart) and figures name it."""
+def _setting_label(shape, depth, dtype='float32', caches=None, prompt=None):
+  """'17b', '17b (15 blocks)', '800m, bfloat16', '800m, caches of 2048', '800m, caches of
+  2048, prompt of 1920': a setting as the tables (their shape column, dtype apart) and
+  figures name it."""
   return (shape + (f' ({depth} blocks)' if depth != SHAPES[shape][3] else '')
           + (f', {dtype}' if dtype != 'float32' else '')
-          + (f', caches of {caches}' if caches else ''))
+          + (f', caches of {caches}' if caches else '')
+          + (f', prompt of {prompt}' if prompt else ''))
 
 
 def plot(rows, path):
@@ -627,7 +653,7 @@ def define_flags():
   """Defines the command line's flags; only when run as a program (others have namesakes)."""
   common.define_flags(json_output=True, shapes=SHAPES,
                       writes='docs/results/table1.md and table1.png')
-  flags.DEFINE_integer('prompt', 128, 'Prompt length (KV cache filled before timing).',
+  flags.DEFINE_integer('prompt', PROMPT, 'Prompt length (KV cache filled before timing).',
                        lower_bound=1)
   flags.DEFINE_integer('tokens', 32, 'Decoded tokens timed per measurement.', lower_bound=1)
   flags.DEFINE_list('impls', ['ours', 'trax'], f'Implementations to time, of {list(IMPLS)}.')
@@ -707,11 +733,12 @@ def commands(rows, name):
   rows each made, in the order they were saved."""
   made = {}
   for row in rows:
-    shape, depth, dtype, caches = _setting(row)
+    shape, depth, dtype, caches, prompt = _setting(row)
     made.setdefault(row.get('command'), {})[
-        f'{shape} ({depth} blocks) {dtype}' + (f', caches of {caches}' if caches else '')] = None
+        f'{shape} ({depth} blocks) {dtype}' + (f', caches of {caches}' if caches else '')
+        + (f', prompt of {prompt}' if prompt else '')] = None
   lines = [f'The rows, by the command that measured them (a run\'s rows replace the saved rows '
-           f'of the same shape, depth, dtype and caches in `{name}.json`):', '']
+           f'of the same shape, depth, dtype, caches and prompt in `{name}.json`):', '']
   lines += [(f'- `{command}`' if command else '- a command not recorded (a run before runs '
              'recorded theirs)') + ': ' + ', '.join(settings)
             for command, settings in made.items()]
