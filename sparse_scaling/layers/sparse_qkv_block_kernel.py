@@ -389,8 +389,8 @@ def _attend_filled(parts, qs, q_pieces, k_cache_ref, v_cache_ref, r, cols, index
     keys = [[k_cache_ref[r, pl.ds(start, block), pl.ds(s0, ls)] for s0, ls in q_pieces]
             for start in starts]
     values = [v_cache_ref[r, pl.ds(start, block), cols] for start in starts]   # [block, Cv]
-    # Every block of a step holds a position up to `index` in its first block, so the
-    # step's largest score is finite.
+    # A step's first block holds a position up to `index`, so the step's largest score is
+    # finite (`_merge` rescales by it).
     return _merge(carry, _attend_blocks(qs, keys, values, starts, block, index, masked=True,
                                         first=first))
 
