@@ -3,9 +3,11 @@
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from trax import layers as tl
+from trax import shapes
 
 from sparse_scaling import convert
 from sparse_scaling.bench import decode_profile
@@ -83,6 +85,34 @@ def test_attend_filled_is_softmax_attention_over_the_positions_up_to_the_token(i
   weights = np.exp(scores - scores.max(-1, keepdims=True))
   expected = np.einsum('bqk,bkd->bqd', weights / weights.sum(-1, keepdims=True), v[:, :n])
   np.testing.assert_allclose(got, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize('until, reads_past', [(100, False), (50, False), (30, True)])
+def test_a_token_late_in_the_caches_takes_the_whole_cache_products(until, reads_past,
+                                                                   monkeypatch):
+  """On a CPU, a token in the first FILLED_UNTIL percent of caches of FILLED_MIN_LEN or more
+  (here caches of 16, blocks of 4) reads their filled blocks only; past that it takes the
+  whole-cache products, which read every position: with NaN in the caches past the second
+  block, the token at position 5 (31% of 16) gets a clean output from the loop and NaN from
+  the products (a masked weight of 0 times NaN). Clean caches: both as eval's."""
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'cpu')
+  monkeypatch.setattr(causal_attention, 'FILLED_MIN_LEN', 8)
+  monkeypatch.setattr(causal_attention, 'FILLED_BLOCK', 4)
+  monkeypatch.setattr(causal_attention, 'FILLED_UNTIL', until)
+  model_fn = functools.partial(CausalAttention, D_MODEL, N_HEADS, max_inference_length=16)
+  with decode_kernels.use('xla'):
+    assert_predict_equals_eval(model_fn, _inputs(2, 12, D_MODEL))
+    x = _inputs(2, 6, D_MODEL)
+    layer = model_fn(mode='predict')
+    layer.init(shapes.signature(x[:, :1]))
+    layer(x[:, :5])
+    caches = lambda a: a.ndim == 3 and a.shape[1] == 16   # [B·H, max_len, d_head]
+    assert sum(caches(a) for a in jax.tree.leaves(layer.state)) == 2
+    poisoned = jax.tree.map(lambda a: a.at[:, 8:].set(jnp.nan) if caches(a) else a,
+                            layer.state)
+    step = jax.jit(lambda w, s, t: layer.pure_fn(t, w, s, None)[0])
+    got = step(layer.weights, poisoned, x[:, 5:6])
+  assert np.isnan(got).any() == reads_past
 
 
 def test_only_a_cpu_reads_only_the_filled_blocks_and_only_of_long_caches(monkeypatch):

@@ -92,6 +92,9 @@ constant, set while the setting is measured and restored after it. The names, by
                                  a one-token step reads only the caches' filled blocks
                                  (100000: never)
     FILLED_BLOCK                 `FILLED_BLOCK`: the positions of such a block
+    FILLED_UNTIL                 `FILLED_UNTIL`: the percent of the caches up to which the
+                                 token's position takes that loop, the whole-cache
+                                 products past it (100: the loop at every position)
   layers/sparse_ff.py
     CHUNK                        `CPU_CHUNK_BYTES`: on a CPU, the most bytes of W1's float32
                                  chosen rows a token gathers at once, 0 all (token, block,
@@ -225,6 +228,7 @@ SHARES = {**{name: (sparse_qkv_block_kernel, name)
           'MULT_MIN': (multiplicative_kernel, 'MIN_D_IN'),
           'FILLED_MIN': (causal_attention, 'FILLED_MIN_LEN'),
           'FILLED_BLOCK': (causal_attention, 'FILLED_BLOCK'),
+          'FILLED_UNTIL': (causal_attention, 'FILLED_UNTIL'),
           'ATTN_ROWS': (attention_kernel, 'MIN_ROWS'),
           'ATTN_WIDTH': (attention_kernel, 'VALUE_WIDTH'),
           'ATTN_WARPS': (attention_kernel, 'WARPS'),
@@ -257,7 +261,7 @@ _ALL = ('MODULES', 'MIXED_CHANNELS')   # also 'all': None, the kernel's own choi
 _ANY = ('FF_PARTS_BYTES', 'STATS_IN_KERNEL', 'MAX_D_MODEL', 'CUBLAS_BYTES',
         'KEEP_BYTES', 'CHUNK', 'MULT_FORM', 'ATTN_ROWS', 'MULT_MIN',
         'MULT_STAGES', 'FILLED_MIN', 'ATTN_LEN', 'ATTEND_FILLED',
-        'ATTEND_FIRST', 'PROMPT')   # any int >= 0
+        'ATTEND_FIRST', 'PROMPT', 'FILLED_UNTIL')   # any int >= 0
 PROMPT, TOKENS = 128, 32   # a generation's (`--measure token`); PROMPT also block's and call's
 CALLS = 32                 # calls of a block timed (`--measure call`)
 ROUND_CALLS = 5            # with --alternate, a round's

@@ -58,10 +58,20 @@ def one_query_as_reductions():
 # (docs/speed.md). GPUs read long caches through the attention kernel's SKIP
 # (`attention_kernel.py`) or XLA's products; other backends through the products.
 FILLED_BLOCK, FILLED_MIN_LEN = 64, 512
+# ... while the token lies in the first FILLED_UNTIL percent of the caches; past them the
+# whole-cache products again, which cost the same at any position where the loop's cost
+# grows with it: on the 2-core Xeon, 800M's caches of 2048 (16 heads of 64), twelve layers'
+# caches read in turn (a scratch script), ms a layer, the loop against the products: 0.175
+# against 0.703 at position 128, 0.622 against 0.734 at 512, 0.773 against 0.772 at 640,
+# 0.959 against 0.772 at 768, 2.158 against 0.805 at 1920; a 6-block 800M FF+QKV generation
+# at 1920 took 9.12-14.98 ms a token against 19.79-20.56 with the loop at every position
+# (docs/speed.md, "Tokens late in the caches"). 100: the loop at every position.
+FILLED_UNTIL = 30
 
 
 def reads_filled(max_len):
-  """Whether a one-token step over caches of `max_len` positions takes `attend_filled`."""
+  """Whether a one-token step over caches of `max_len` positions takes `attend_filled` (while
+  its position lies in their first FILLED_UNTIL percent)."""
   return jax.default_backend() == 'cpu' and max_len >= max(FILLED_MIN_LEN, 2 * FILLED_BLOCK)
 
 
@@ -152,8 +162,20 @@ class CausalAttentionCore(base.Layer):
       v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), start, 1)
       self.state = (k, v, start + length)
       if length == 1 and reads_filled(self._max_len):
-        out = attend_filled(q, k, v, start, FILLED_BLOCK)         # [b·heads, 1, d_head]
+        out = jax.lax.cond(                                       # [b·heads, 1, d_head]
+            start * 100 < FILLED_UNTIL * self._max_len,
+            lambda: attend_filled(q, k, v, start, FILLED_BLOCK),
+            lambda: self._attend_all(q, k, v, start, length))
         return out.reshape(batch, 1, d_model)
+    out = self._attend_all(q, k, v, start, length)
+    out = out.reshape(batch, n_heads, length, d_head).transpose(0, 2, 1, 3)
+    return out.reshape(batch, length, d_model)
+
+  def _attend_all(self, q, k, v, start, length):
+    """softmax(q·kᵀ / √d_head)·v over every position of k and v, masked past each query's
+    (start + its row): q [B·H, length, d_head], k and v [B·H, positions, d_head] ->
+    [B·H, length, d_head]."""
+    d_head = q.shape[-1]
     reduce = self._mode == 'predict' and length == 1 and one_query_as_reductions()
     if reduce:   # q [b·h, 1, d_head]; the products in float32 inside the reductions
       dots = jnp.sum(q.astype(jnp.float32) * k.astype(jnp.float32), axis=-1)[:, None, :]
@@ -172,8 +194,7 @@ class CausalAttentionCore(base.Layer):
       out = out.astype(v.dtype)
     else:
       out = jnp.einsum('bqk,bkd->bqd', weights.astype(v.dtype), v)  # [b·heads, lq, d_head]
-    out = out.reshape(batch, n_heads, length, d_head).transpose(0, 2, 1, 3)
-    return out.reshape(batch, length, d_model)
+    return out
 
   def positions_held(self):
     """In predict mode (max_len, False): the KV cache holds max_len decoded positions, the
