@@ -315,6 +315,8 @@ def test_max_len_sizes_the_caches_and_its_rows_stay_apart_from_table_1s(monkeypa
   assert '| 800m (1 blocks), caches of 64, prompt of 50 | dense |' in text
   assert '800m (1 blocks) float32, caches of 64' in text.split('| shape |')[0]
   assert '800m (1 blocks) float32, caches of 64, prompt of 50' in text.split('| shape |')[0]
+  # the header's prompt is that of the rows that keep none, whatever the last run's
+  assert 'Batch 1, prompt 4 tokens unless the shape column names another' in text
   # rows of two machines: the header says which measured which
   other = dict(long, machine='B')
   assert table1.markdown([dict(short, machine='A'), other], 4, 3).startswith(

@@ -517,16 +517,17 @@ def _copies_cell(row, key, scale, digits):
 
 def markdown(rows, prompt, n_tokens):
   """The results as a Markdown table: one row per variant and implementation, the paper's
-  figures beside ours; speedups against the same implementation's dense row."""
+  figures beside ours; speedups against the same implementation's dense row. `prompt`: that
+  of the rows that keep none (Table 1's PROMPT; a row of another keeps its own)."""
   bandwidths = ', '.join(sorted({
       f'{_setting_label(*_setting(r))}: {r["bandwidth"] / 1e9:.0f} GB/s'
       + (f' by the {r["probe"]}' if r.get('probe') else '') for r in rows}))
   by_key = {(*_setting(r), r['variant'], r['impl']): r for r in rows}
   lines = [
       f'Machine: {_machines(rows)}; bandwidth '
-      f'measured in each run ({bandwidths}). Batch 1, prompt {prompt} tokens, '
-      f'{n_tokens} decoded tokens (KV caches of {prompt + n_tokens + 8} unless the shape '
-      'column names others). ms/block: one '
+      f'measured in each run ({bandwidths}). Batch 1, prompt {prompt} tokens unless the '
+      f'shape column names another, {n_tokens} decoded tokens (KV caches of '
+      f'{prompt + n_tokens + 8} unless the shape column names others). ms/block: one '
       'block (attention and FF) timed alone, median (p90) of its steps, each step a call '
       '(program: the block looped in one compiled program, no dispatch per step); s/token: '
       'the whole '
@@ -690,8 +691,8 @@ def define_flags():
 
 def write_results(name, rows, prompt, n_tokens):
   """docs/results/<name>.json, .md and .png: `rows` (a shape's, all measured) in place of the
-  saved rows of their shape, depth and dtype, so that each setting's speedups stay side by
-  side in one run."""
+  saved rows of their setting (`_setting`: shape, depth, dtype, caches and prompt), so that
+  each setting's speedups stay side by side in one run; `prompt` as `markdown`'s."""
   merged = common.merge_json(common.RESULTS_DIR / f'{name}.json', rows, key=_setting)
   (common.RESULTS_DIR / f'{name}.md').write_text(
       '# Table 1, reproduced: unbatched decoding time\n\n'
@@ -715,13 +716,13 @@ def measure_and_write(name, shapes, variants, impls, prompt, n_tokens, bandwidth
     if write:
       common.write_json(partial[0], rows)
       partial[1].write_text(f'# Table 1: the rows of a run not finished\n\n`{command}`\n\n'
-                            + markdown(rows, prompt, n_tokens) + '\n')
+                            + markdown(rows, PROMPT, n_tokens) + '\n')
 
   for shape in shapes:
     done = len(rows)
     measure(shape, variants, impls, prompt, n_tokens, bandwidth, on_row=on_row, **options)
     if write and rows[done:]:
-      write_results(name, rows[done:], prompt, n_tokens)
+      write_results(name, rows[done:], PROMPT, n_tokens)
   if write and rows:   # this run's own partial files (a render leaves a cut-off run's)
     for path in partial:
       path.unlink(missing_ok=True)
@@ -780,9 +781,9 @@ def main(argv):
                            copies=args.copies, alternate=args.alternate, cold=args.cold,
                            max_len=args.max_len)
   if rows:
-    print(markdown(rows, args.prompt, args.tokens))
+    print(markdown(rows, PROMPT, args.tokens))
   elif args.write:   # --render_only
-    write_results(name, rows, args.prompt, args.tokens)
+    write_results(name, rows, PROMPT, args.tokens)
   if args.json:
     print(json.dumps([{k: r.get(k) for k in ('shape', 'variant', 'impl', 's_per_token',
                                              's_per_block', 's_per_token_program',
