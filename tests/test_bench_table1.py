@@ -161,7 +161,7 @@ def test_a_measurement_that_fails_is_reported_and_the_others_go_on(monkeypatch):
   # A dense model decodes by XLA by default everywhere (the attention kernel is opt-in).
   assert rows[3]['kernel'] == 'xla' and rows[0]['kernel'] == 'xla'
   assert rows[2]['errors'] == {'program': 'RuntimeError: no such column'}
-  text = table1.markdown(rows, 4, 3)
+  text = table1.markdown(rows, 3)
   assert 'Measurements that failed:' in text and 'ff ours, program: RuntimeError' in text
   assert '| 800m | ff | ours-xla (xla) | float32 |' in text
 
@@ -223,14 +223,14 @@ def test_the_results_header_gives_each_rows_command(monkeypatch, tmp_path):
       **({'command': command} if command else {}))
   common.write_json(tmp_path / 't.json', [row('17b', 'float32', 'dense')])   # before commands
   table1.write_results('t', [row('800m', 'float32', v, 'python -m m --a')
-                             for v in table1.VARIANTS[:2]], 4, 3)
-  table1.write_results('t', [row('800m', 'bfloat16', 'dense', "python -m m --b 'x y'")], 4, 3)
+                             for v in table1.VARIANTS[:2]], 3)
+  table1.write_results('t', [row('800m', 'bfloat16', 'dense', "python -m m --b 'x y'")], 3)
   header = (tmp_path / 't.md').read_text().split('| shape |')[0]
   assert ('- a command not recorded (a run before runs recorded theirs): 17b (2 blocks) float32\n'
           '- `python -m m --a`: 800m (24 blocks) float32\n'
           "- `python -m m --b 'x y'`: 800m (24 blocks) bfloat16\n") in header
   # Measured again, a setting's rows carry the new command, and the old one is gone with them.
-  table1.write_results('t', [row('17b', 'float32', 'dense', 'python -m m --c')], 4, 3)
+  table1.write_results('t', [row('17b', 'float32', 'dense', 'python -m m --c')], 3)
   header = (tmp_path / 't.md').read_text().split('| shape |')[0]
   assert 'not recorded' not in header and '- `python -m m --c`: 17b (2 blocks) float32' in header
 
@@ -280,7 +280,7 @@ def test_depth_sets_the_whole_decoders_blocks_and_the_table_says_so(monkeypatch)
   # one block, then the whole decoder
   assert rows[0]['depth'] == 3 and sorted({n for n, _ in built}) == [1, 3]
   assert rows[0]["bytes_per_token"] > 1.4 * table1.bytes_per_token(dense, 2, 6, 4)
-  text = table1.markdown(rows, 4, 3)
+  text = table1.markdown(rows, 3)
   assert '| 17b (3 blocks) | dense | ours (xla) |' in text
   # the rows keep the probe that read the bandwidth, and the header names it
   assert rows[0]['probe'] == 'full reduction'
@@ -308,7 +308,8 @@ def test_max_len_sizes_the_caches_and_its_rows_stay_apart_from_table_1s(monkeypa
   assert positions == [4, 4, 50]
   assert long['max_len'] == 64 and 'max_len' not in short
   assert 'prompt' not in long and late['prompt'] == 50
-  assert len({table1._setting(r) for r in (long, short, late)}) == 3   # pylint: disable=protected-access
+  settings = {table1._setting(r) for r in (long, short, late)}   # pylint: disable=protected-access
+  assert len(settings) == 3
   text = (tmp_path / 't.md').read_text()
   assert '| 800m (1 blocks) | dense |' in text
   assert '| 800m (1 blocks), caches of 64 | dense |' in text
@@ -319,9 +320,9 @@ def test_max_len_sizes_the_caches_and_its_rows_stay_apart_from_table_1s(monkeypa
   assert 'Batch 1, prompt 4 tokens unless the shape column names another' in text
   # rows of two machines: the header says which measured which
   other = dict(long, machine='B')
-  assert table1.markdown([dict(short, machine='A'), other], 4, 3).startswith(
+  assert table1.markdown([dict(short, machine='A'), other], 3).startswith(
       'Machine: A (800m (1 blocks)); B (800m (1 blocks), caches of 64); bandwidth')
-  assert table1.markdown([other], 4, 3).startswith('Machine: B; bandwidth')
+  assert table1.markdown([other], 3).startswith('Machine: B; bandwidth')
   out = subprocess.run([sys.executable, '-m', 'sparse_scaling.bench.table1', '--max_len', '100',
                         '--nowrite'], capture_output=True, text=True)
   assert out.returncode != 0 and not out.stdout
@@ -415,14 +416,14 @@ def test_the_program_columns_are_the_median_of_their_copies_and_the_table_gives_
   assert [r['s_per_block_program'] for r in rows] == [5e-5, 5e-5]
   assert rows[0]['s_per_token_program_copies'] == [3e-4, 1e-4, 2e-4]
   assert rows[0]['s_per_block_program_copies'] == [6e-5, 4e-5, 5e-5]
-  text = table1.markdown(rows, 4, 3)
+  text = table1.markdown(rows, 3)
   assert ('| 0.0500 (0.0400-0.0600, 3 copies) | 1.00x |  | 0.000200 (0.000100-0.000300, '
           '3 copies) | 1.00x |') in text
   one = table1.measure('800m', ['dense'], ['ours'], prompt=4, n_tokens=3, bandwidth=30e9,
                        program=True, step=False)
   assert one[0]['s_per_token_program'] == 3e-4 and 's_per_token_program_copies' not in one[0]
   assert one[0]['s_per_block_program'] == 6e-5 and 's_per_block_program_copies' not in one[0]
-  assert '| 0.0600 | 1.00x |  | 0.000300 | 1.00x |' in table1.markdown(one, 4, 3)
+  assert '| 0.0600 | 1.00x |  | 0.000300 | 1.00x |' in table1.markdown(one, 3)
 
 
 def test_a_row_faster_than_its_floor_is_marked_with_the_rate_it_read():
@@ -433,11 +434,11 @@ def test_a_row_faster_than_its_floor_is_marked_with_the_rate_it_read():
       bandwidth=2.8e12, bytes_per_token=9.96e9, floor_s_per_token=floor, s_per_token=None,
       s_per_token_program=program, s_per_block=1e-3, p90_s_per_block=1e-3)
   rows = [row('dense', 3.56e-3, 3.30e-3), row('ffqkv', 4.6e-4, 5.2e-4)]
-  text = table1.markdown(rows, 4, 3)
+  text = table1.markdown(rows, 3)
   assert '| 0.00356† |' in text and '| 0.00046 |' in text
   assert 'floor marked †: its row decoded a token in less than the floor, reading 17b dense ours '\
       'at 3018 GB/s, above the run\'s bandwidth probe' in text
-  assert '†' not in table1.markdown(rows[1:], 4, 3)
+  assert '†' not in table1.markdown(rows[1:], 3)
 
 
 def test_each_part_of_a_row_says_what_it_measured_as_it_is_measured(monkeypatch, capsys):
@@ -498,10 +499,10 @@ def test_alternate_times_every_rows_block_side_by_side(monkeypatch):
       ('ff', 'ours-pallas', 4e-3)]
   assert rows[2]['errors'] == {'block': 'RuntimeError: no such block'}
   assert all(r['block_side_by_side'] for r in rows)
-  text = table1.markdown(rows, 4, 8)
+  text = table1.markdown(rows, 8)
   assert '| 1.000 (1.000)* | 1.00x |' in text and 'ms/block marked *' in text
   assert 'ms/block marked *' not in table1.markdown(
-      [dict(r, block_side_by_side=False) for r in rows], 4, 8)
+      [dict(r, block_side_by_side=False) for r in rows], 8)
 
 
 def test_a_block_call_steps_the_first_block_on_its_own_output():
@@ -565,7 +566,7 @@ def test_cold_flushes_the_caches_before_every_timed_step(monkeypatch):
   rows = table1.measure('800m', ['dense', 'ff'], ['ours'], prompt=4, n_tokens=3,
                         bandwidth=30e9, step=False, cold=True)
   assert asked == [True, True] and all(r['block_cold'] for r in rows)
-  text = table1.markdown(rows, 4, 3)
+  text = table1.markdown(rows, 3)
   assert '| 1.000 (2.000) cold | 1.00x |' in text and 'ms/block marked "cold"' in text
 
 

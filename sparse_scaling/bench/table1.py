@@ -37,9 +37,10 @@ Both implementations size their KV caches to the sequence timed (XLA's attention
 whole cache at every step), or to `--max_len` positions (as the gin files' 2048, where our
 kernels read the caches as far as they are filled and XLA's ops all of them; such rows are
 kept apart from Table 1's, as are rows of a `--prompt` other than Table 1's 128: with
-`--max_len 2048 --prompt 1920`, tokens late in the gin files' caches). The floor is the weight and KV-cache bytes a token must read, over the
-bandwidth measured in the same run (`timing.memory_bandwidth`); a floor that its row beat is
-marked (the probe read slower than the row). Every row is printed as it is measured, and each
+`--max_len 2048 --prompt 1920`, tokens late in the gin files' caches). The floor is the
+weight and KV-cache bytes a token must read, over the bandwidth measured in the same run
+(`timing.memory_bandwidth`); a floor that its row beat is marked (the probe read slower than
+the row). Every row is printed as it is measured, and each
 part of a row (block, step, programs) as a line on stderr with the seconds it took; a
 measurement that fails is reported with its error, not dropped. Writes
 docs/results/table1.md and table1.png (table1_<backend> elsewhere than the CPU) as each shape's
@@ -515,19 +516,19 @@ def _copies_cell(row, key, scale, digits):
   return f'{row[key] * scale:.{digits}f}{spread}'
 
 
-def markdown(rows, prompt, n_tokens):
+def markdown(rows, n_tokens):
   """The results as a Markdown table: one row per variant and implementation, the paper's
-  figures beside ours; speedups against the same implementation's dense row. `prompt`: that
-  of the rows that keep none (Table 1's PROMPT; a row of another keeps its own)."""
+  figures beside ours; speedups against the same implementation's dense row. Rows that keep
+  no prompt were measured after Table 1's (PROMPT)."""
   bandwidths = ', '.join(sorted({
       f'{_setting_label(*_setting(r))}: {r["bandwidth"] / 1e9:.0f} GB/s'
       + (f' by the {r["probe"]}' if r.get('probe') else '') for r in rows}))
   by_key = {(*_setting(r), r['variant'], r['impl']): r for r in rows}
   lines = [
       f'Machine: {_machines(rows)}; bandwidth '
-      f'measured in each run ({bandwidths}). Batch 1, prompt {prompt} tokens unless the '
+      f'measured in each run ({bandwidths}). Batch 1, prompt {PROMPT} tokens unless the '
       f'shape column names another, {n_tokens} decoded tokens (KV caches of '
-      f'{prompt + n_tokens + 8} unless the shape column names others). ms/block: one '
+      f'{PROMPT + n_tokens + 8} unless the shape column names others). ms/block: one '
       'block (attention and FF) timed alone, median (p90) of its steps, each step a call '
       '(program: the block looped in one compiled program, no dispatch per step); s/token: '
       'the whole '
@@ -622,9 +623,13 @@ def _setting_label(shape, depth, dtype='float32', caches=None, prompt=None):
   2048, prompt of 1920': a setting as the tables (their shape column, dtype apart) and
   figures name it."""
   return (shape + (f' ({depth} blocks)' if depth != SHAPES[shape][3] else '')
-          + (f', {dtype}' if dtype != 'float32' else '')
-          + (f', caches of {caches}' if caches else '')
-          + (f', prompt of {prompt}' if prompt else ''))
+          + (f', {dtype}' if dtype != 'float32' else '') + _positions_label(caches, prompt))
+
+
+def _positions_label(caches, prompt):
+  """', caches of 2048, prompt of 1920': a setting's caches and prompt where they are not
+  Table 1's (None), as labels end."""
+  return (f', caches of {caches}' if caches else '') + (f', prompt of {prompt}' if prompt else '')
 
 
 def plot(rows, path):
@@ -689,14 +694,14 @@ def define_flags():
                       '(default: table1 on CPU, table1_<backend> elsewhere).')
 
 
-def write_results(name, rows, prompt, n_tokens):
+def write_results(name, rows, n_tokens):
   """docs/results/<name>.json, .md and .png: `rows` (a shape's, all measured) in place of the
   saved rows of their setting (`_setting`: shape, depth, dtype, caches and prompt), so that
-  each setting's speedups stay side by side in one run; `prompt` as `markdown`'s."""
+  each setting's speedups stay side by side in one run."""
   merged = common.merge_json(common.RESULTS_DIR / f'{name}.json', rows, key=_setting)
   (common.RESULTS_DIR / f'{name}.md').write_text(
       '# Table 1, reproduced: unbatched decoding time\n\n'
-      + commands(merged, name) + '\n\n' + markdown(merged, prompt, n_tokens) + '\n')
+      + commands(merged, name) + '\n\n' + markdown(merged, n_tokens) + '\n')
   plot(merged, common.RESULTS_DIR / f'{name}.png')
 
 
@@ -716,13 +721,13 @@ def measure_and_write(name, shapes, variants, impls, prompt, n_tokens, bandwidth
     if write:
       common.write_json(partial[0], rows)
       partial[1].write_text(f'# Table 1: the rows of a run not finished\n\n`{command}`\n\n'
-                            + markdown(rows, PROMPT, n_tokens) + '\n')
+                            + markdown(rows, n_tokens) + '\n')
 
   for shape in shapes:
     done = len(rows)
     measure(shape, variants, impls, prompt, n_tokens, bandwidth, on_row=on_row, **options)
     if write and rows[done:]:
-      write_results(name, rows[done:], PROMPT, n_tokens)
+      write_results(name, rows[done:], n_tokens)
   if write and rows:   # this run's own partial files (a render leaves a cut-off run's)
     for path in partial:
       path.unlink(missing_ok=True)
@@ -734,10 +739,9 @@ def commands(rows, name):
   rows each made, in the order they were saved."""
   made = {}
   for row in rows:
-    shape, depth, dtype, caches, prompt = _setting(row)
+    shape, depth, dtype, *positions = _setting(row)
     made.setdefault(row.get('command'), {})[
-        f'{shape} ({depth} blocks) {dtype}' + (f', caches of {caches}' if caches else '')
-        + (f', prompt of {prompt}' if prompt else '')] = None
+        f'{shape} ({depth} blocks) {dtype}' + _positions_label(*positions)] = None
   lines = [f'The rows, by the command that measured them (a run\'s rows replace the saved rows '
            f'of the same shape, depth, dtype, caches and prompt in `{name}.json`):', '']
   lines += [(f'- `{command}`' if command else '- a command not recorded (a run before runs '
@@ -781,9 +785,9 @@ def main(argv):
                            copies=args.copies, alternate=args.alternate, cold=args.cold,
                            max_len=args.max_len)
   if rows:
-    print(markdown(rows, PROMPT, args.tokens))
+    print(markdown(rows, args.tokens))
   elif args.write:   # --render_only
-    write_results(name, rows, PROMPT, args.tokens)
+    write_results(name, rows, args.tokens)
   if args.json:
     print(json.dumps([{k: r.get(k) for k in ('shape', 'variant', 'impl', 's_per_token',
                                              's_per_block', 's_per_token_program',
