@@ -281,7 +281,7 @@ def test_shapes_the_kernels_do_not_take_decode_through_xla(kwargs, max_d_model, 
         (1024, 6144, 16, 16, (64, 16), 1, 2, dict(CHAIN=False)),
         (1024, 6144, 16, 16, (64, 16), 1, 1, dict(LAUNCH_EARLY=False)),
         (1024, 6144, 16, 16, (64, 16), 1, 1, dict(FILLED_MIN_LEN=128)),
-        (1024, 6144, 16, 16, (64, 16), 1, 1, dict(FILLED_MIN_LEN=128, FILLED_STEP=4)),
+        (1024, 6144, 16, 16, (64, 16), 1, 1, dict(FILLED_MIN_LEN=128, FILLED_STEP=1)),
         (9216, 65536, 96, 64, (256, 32), 1, 2, dict(FILLED_MIN_LEN=128))])
 def test_fused_blocks_lower_to_triton_for_a_gpu(d_model, d_ff, n_heads, sparsity, ff_sparsity,
                                                 n_products, n_ff, settings, monkeypatch):
@@ -300,7 +300,7 @@ def test_fused_blocks_lower_to_triton_for_a_gpu(d_model, d_ff, n_heads, sparsity
   early (PTX's launch_dependents in each; not with `decode_kernels.LAUNCH_EARLY` off, the
   800M block's case) and, with FILLED_MIN_LEN at 128, the attention programs reading the
   caches in a loop (`_attend_filled`, as from 512 positions by default) at 800M and 17B, at
-  800M also four blocks a loop step (`FILLED_STEP`).
+  800M also one block a loop step (`FILLED_STEP`; by default four).
   (At 17B the attention block is slower than XLA's kernels and declines, MAX_D_MODEL; here
   it is lowered all the same.)"""
   monkeypatch.setattr(sparse_qkv_block_kernel, 'MAX_D_MODEL', d_model)
