@@ -65,7 +65,8 @@ FILLED_BLOCK, FILLED_MIN_LEN = 64, 512
 # against 0.703 at position 128, 0.622 against 0.734 at 512, 0.773 against 0.772 at 640,
 # 0.959 against 0.772 at 768, 2.158 against 0.805 at 1920; a 6-block 800M FF+QKV generation
 # at 1920 took 9.12-14.98 ms a token against 19.79-20.56 with the loop at every position
-# (docs/speed.md, "Tokens late in the caches"). 100: the loop at every position.
+# (docs/speed.md, "Tokens late in the caches"). The 2-core EPYC's crossover lies nearer 17%
+# (the same script); 30 is the Xeon's. 100: the loop at every position.
 FILLED_UNTIL = 30
 
 
