@@ -139,40 +139,50 @@ def test_blocks_each_alone_equal_xla_step_by_step(d_model, n_heads, attention_sp
   assert _decodes_as_xla('interpret', kwargs, tokens) == 2 * (3 + 2)
 
 
-@pytest.mark.parametrize('first, step', [(0, 1), (2, 1), (0, 3), (1, 2)])
+@pytest.mark.parametrize('first, step, splits, d_model', [
+    (0, 1, 1, 64), (2, 1, 1, 64), (0, 3, 1, 64), (1, 2, 1, 64), (1, 1, 2, 64), (0, 1, 4, 64),
+    (2, 1, 8, 64), (1, 1, 4, 48)])
 @pytest.mark.parametrize('max_len', [16, 14])
 def test_attention_programs_read_long_caches_in_a_loop_as_xla_step_by_step(max_len, first,
-                                                                          step, monkeypatch):
+                                                                          step, splits,
+                                                                          d_model, monkeypatch):
   """From FILLED_MIN_LEN positions (here 8) the attention programs read the caches' first
   FILLED_FIRST blocks of POSITIONS (here 0, 1 or 2 blocks of 4) up front and the others in a
   loop (of 14 positions, the last from 10, overlapping the one before), FILLED_STEP blocks a
   step (1, 2 or 3: a last step may reach past the caches' end), as far as the token's
-  position: each step's logits and the whole state as XLA's path, two rows, the tokens from
-  the first block to past the caches' end (every block then)."""
+  position, one program a head's columns or FILLED_SPLITS (2, 4 or 8: more than the steps,
+  some with none) that share the steps, the last to finish merging (d_model 48: heads of 12
+  in 3 programs' columns, 24 counters a call): each step's logits and the whole state as
+  XLA's path, two rows, the tokens from the first block to past the caches' end (every block
+  then)."""
   monkeypatch.setattr(sparse_qkv_block_kernel, 'POSITIONS', 4)
   monkeypatch.setattr(sparse_qkv_block_kernel, 'FILLED_MIN_LEN', 8)
   monkeypatch.setattr(sparse_qkv_block_kernel, 'FILLED_FIRST', first)
   monkeypatch.setattr(sparse_qkv_block_kernel, 'FILLED_STEP', step)
+  monkeypatch.setattr(sparse_qkv_block_kernel, 'FILLED_SPLITS', splits)
   assert sparse_qkv_block_kernel.reads_filled(max_len)
   tokens = jnp.asarray(np.random.RandomState(6).randint(1, VOCAB, (2, 18)), jnp.int32)
-  assert _decodes_as_xla('interpret', dict(max_len=max_len), tokens) == 2 * 4
+  assert _decodes_as_xla('interpret', dict(max_len=max_len, d_model=d_model),
+                         tokens) == 2 * 4
 
 
-@pytest.mark.parametrize('filled_min_len, first, step, reads_past', [
-    (8, 0, 1, False), (8, 1, 1, False), (8, 2, 1, False), (8, 0, 3, False),
-    (1 << 30, 2, 1, True)])
+@pytest.mark.parametrize('filled_min_len, first, step, splits, reads_past', [
+    (8, 0, 1, 1, False), (8, 1, 1, 1, False), (8, 2, 1, 1, False), (8, 0, 3, 1, False),
+    (8, 0, 1, 4, False), (8, 1, 3, 2, False), (1 << 30, 2, 1, 1, True)])
 def test_attention_programs_in_a_loop_let_nothing_past_the_token_in(filled_min_len, first,
-                                                                    step, reads_past,
+                                                                    step, splits, reads_past,
                                                                     monkeypatch):
   """The caches' positions past the token's (5) hold NaN: read in a loop (FILLED_MIN_LEN 8,
   caches of 16 in blocks of 4, the first 0, 1 or 2 of them up front, 1 or 3 blocks a loop
-  step), the step's logits are those of clean caches (the blocks past the token's are not
-  read, or, in a step's later blocks, count as 0, as do the positions after it in the blocks
-  read); every block loaded first (FILLED_MIN_LEN above the caches), NaN reaches them."""
+  step, shared by 1, 2 or 4 programs: FILLED_SPLITS), the step's logits are those of clean
+  caches (the blocks past the token's are not read, or, in a step's later blocks, count as 0,
+  as do the positions after it in the blocks read); every block loaded first (FILLED_MIN_LEN
+  above the caches), NaN reaches them."""
   monkeypatch.setattr(sparse_qkv_block_kernel, 'POSITIONS', 4)
   monkeypatch.setattr(sparse_qkv_block_kernel, 'FILLED_MIN_LEN', filled_min_len)
   monkeypatch.setattr(sparse_qkv_block_kernel, 'FILLED_FIRST', first)
   monkeypatch.setattr(sparse_qkv_block_kernel, 'FILLED_STEP', step)
+  monkeypatch.setattr(sparse_qkv_block_kernel, 'FILLED_SPLITS', splits)
   tokens = jnp.asarray(np.random.RandomState(7).randint(1, VOCAB, (1, 6)), jnp.int32)
   model = _lm('predict')
   model.init(shapes.signature(tokens[:, :1]), rng=jax.random.PRNGKey(0))
@@ -282,6 +292,7 @@ def test_shapes_the_kernels_do_not_take_decode_through_xla(kwargs, max_d_model, 
         (1024, 6144, 16, 16, (64, 16), 1, 1, dict(LAUNCH_EARLY=False)),
         (1024, 6144, 16, 16, (64, 16), 1, 1, dict(FILLED_MIN_LEN=128)),
         (1024, 6144, 16, 16, (64, 16), 1, 1, dict(FILLED_MIN_LEN=128, FILLED_STEP=1)),
+        (1024, 6144, 16, 16, (64, 16), 1, 1, dict(FILLED_MIN_LEN=128, FILLED_SPLITS=8)),
         (9216, 65536, 96, 64, (256, 32), 1, 2, dict(FILLED_MIN_LEN=128))])
 def test_fused_blocks_lower_to_triton_for_a_gpu(d_model, d_ff, n_heads, sparsity, ff_sparsity,
                                                 n_products, n_ff, settings, monkeypatch):
@@ -300,7 +311,9 @@ def test_fused_blocks_lower_to_triton_for_a_gpu(d_model, d_ff, n_heads, sparsity
   early (PTX's launch_dependents in each; not with `decode_kernels.LAUNCH_EARLY` off, the
   800M block's case) and, with FILLED_MIN_LEN at 128, the attention programs reading the
   caches in a loop (`_attend_filled`, as from 512 positions by default) at 800M and 17B, at
-  800M also one block a loop step (`FILLED_STEP`; by default four).
+  800M also one block a loop step (`FILLED_STEP`; by default four), and a head's programs
+  split eight ways (`FILLED_SPLITS`), each fencing its stores and meeting its threads before
+  it counts itself with an atomic add, the last fencing again before it reads the others'.
   (At 17B the attention block is slower than XLA's kernels and declines, MAX_D_MODEL; here
   it is lowered all the same.)"""
   monkeypatch.setattr(sparse_qkv_block_kernel, 'MAX_D_MODEL', d_model)
@@ -321,6 +334,10 @@ def test_fused_blocks_lower_to_triton_for_a_gpu(d_model, d_ff, n_heads, sparsity
       3 + n_ff if settings.get('LAUNCH_EARLY', True) else 0)
   assert text.count('dot_general:') == n_products
   assert ('_attend_filled' in text) == ('FILLED_MIN_LEN' in settings)   # its source locations
+  split = settings.get('FILLED_SPLITS', 1) > 1
+  assert text.count('fence.acq_rel.gpu;\\0A\\09bar.sync 0;') == split
+  assert text.count('fence.acq_rel.gpu;') == 2 * split
+  assert ('atomic_rmw' in text) == split
   # The convolution kernel's outputs 2 and 3 are the K and V caches, its operands 10 and 11.
   assert 'output_operand_alias<output_tuple_indices = [2], operand_index = 10,' in text
   assert 'output_operand_alias<output_tuple_indices = [3], operand_index = 11,' in text
@@ -370,7 +387,12 @@ def test_the_layers_own_decoding_kernels_launch_the_next_early_and_training_s_do
                                       dict(PREFETCH_CACHES=True, PREFETCH_STATE=True),
                                       dict(FILLED_MIN_LEN=128, FILLED_FIRST=0),
                                       dict(FILLED_MIN_LEN=128, FILLED_FIRST=0,
-                                           FILLED_STEP=2)])
+                                           FILLED_STEP=2),
+                                      dict(FILLED_MIN_LEN=128, POSITIONS=4, FILLED_FIRST=1,
+                                           FILLED_STEP=1, FILLED_SPLITS=2),
+                                      dict(FILLED_MIN_LEN=128, POSITIONS=4, FILLED_FIRST=0,
+                                           FILLED_STEP=1, FILLED_SPLITS=8),
+                                      dict(FILLED_MIN_LEN=128, FILLED_SPLITS=8)])
 @pytest.mark.parametrize('d_model, n_heads, attention_sparsity', [(1024, 16, 16), (1152, 12, 8)])
 def test_fused_blocks_compiled_for_the_gpu_equal_xla(d_model, n_heads, attention_sparsity,
                                                      settings, monkeypatch):
@@ -384,7 +406,11 @@ def test_fused_blocks_compiled_for_the_gpu_equal_xla(d_model, n_heads, attention
   the KV caches and the convolution's state (`PREFETCH_CACHES`, `PREFETCH_STATE`), and the
   attention programs reading the caches in a loop (`FILLED_MIN_LEN`, here from 128, every
   block in the loop: `FILLED_FIRST` 0), a block or two a step (`FILLED_STEP`; the second past
-  the token's)."""
+  the token's), and a head's programs split two or eight ways (`FILLED_SPLITS`): in blocks
+  of 4 positions (`POSITIONS`), the tokens after the prompt (positions 5-9) take one or two
+  loop steps of a block past the first, or two or three with every block in the loop, a
+  step a split, and the last to finish merges the others' parts; in blocks of 64 split 0
+  computes alone (the token in the first four blocks)."""
   for name, value in settings.items():
     module = {'CHAIN': fused_residual, 'PREFETCH': decode_kernels,
               'L2_PERSIST': decode_kernels}.get(

@@ -27,6 +27,8 @@ constant, set while the setting is measured and restored after it. The names, by
                                  (0: every block in the loop)
     ATTEND_STEP                  `FILLED_STEP`: the blocks the loop reads a step, loaded
                                  first
+    ATTEND_SPLITS                `FILLED_SPLITS`: the programs a head's columns take, which
+                                 share the loop's steps (1: one)
     CACHES                       `PREFETCH_CACHES`, 1: the multiplicative programs ask the
                                  L2 cache for the KV caches that attention reads
     STATE                        `PREFETCH_STATE`, 1: they ask for the convolution's state
@@ -238,6 +240,7 @@ SHARES = {**{name: (sparse_qkv_block_kernel, name)
           'ATTEND_POSITIONS': (sparse_qkv_block_kernel, 'POSITIONS'),
           'ATTEND_FIRST': (sparse_qkv_block_kernel, 'FILLED_FIRST'),
           'ATTEND_STEP': (sparse_qkv_block_kernel, 'FILLED_STEP'),
+          'ATTEND_SPLITS': (sparse_qkv_block_kernel, 'FILLED_SPLITS'),
           'CACHE': (decoders, 'MAX_LEN'),
           'ATTN_POSITIONS': (attention_kernel, 'POSITIONS'),
           'CUBLAS_BYTES': (decoding, 'CUBLAS_MAX_BYTES'), 'GRAPHS': (decoding, 'GRAPH_LOOPS'),

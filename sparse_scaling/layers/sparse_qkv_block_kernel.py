@@ -132,6 +132,12 @@ FILLED_FIRST = 4
 # against 1.0049 with 4 (dense: 1.3133). Up to FILLED_FIRST's blocks no step runs, so Table
 # 1's positions are unchanged (docs/decoding_gpu.md, "Tokens late in long caches").
 FILLED_STEP = 4
+# ... and with FILLED_SPLITS above 1 (a power of 2), a head's attention programs are that
+# many programs each, which share the loop's steps (`_attend_filled`): each stores its parts
+# of the softmax, and the last of them to finish, counted with an atomic counter, merges them
+# and writes the head's output (`_publish`). Where the token lies in the first FILLED_FIRST
+# blocks, split 0 computes all as one program would, and the others end at once.
+FILLED_SPLITS = 1
 
 
 def fits(d_model, n_modules, n_heads, sizes, length_kernel_size):
@@ -210,6 +216,13 @@ def _conv_kernel(index_ref, y_ref, y_bias_ref, state_ref, wq_ref, bq_ref, wk_ref
   m0 = c * width
   m_pieces = decode_kernels.pieces(n_channels)
   position_ref[0] = index_ref[0]   # for `attend`, which moves index_ref on in place
+  # Split attention programs' counters, after the position (`_publish`): a row's zeroed once.
+  per_row = (position_ref.shape[0] - 1) // state_ref.shape[0]
+  if per_row:
+    @pl.when((o == 0) & (g == 0) & (c == 0))
+    def _():
+      for start, length in decode_kernels.pieces(per_row):
+        position_ref[pl.ds(1 + b * per_row + start, length)] = jnp.zeros((length,), jnp.int32)
   # A full cache takes the token at its last position, as XLA's dynamic_update_slice does.
   index = jnp.minimum(index_ref[0], k_cache_ref.shape[1] - 1)
 
@@ -285,22 +298,22 @@ def _conv_kernel(index_ref, y_ref, y_bias_ref, state_ref, wq_ref, bq_ref, wk_ref
 
 def _attend_kernel(position_ref, x_ref, q_ref, k_cache_ref, v_cache_ref, y_ref, y_bias_ref,
                    state_ref, index_ref, *refs, n_heads, value_width, starts, block, barrier,
-                   ff_norm, filled=False, ahead=0, grid=()):
-  """One (row·head, value columns) program. Shapes in `decode_step`; the state flat
+                   ff_norm, filled=False, splits=1, ahead=0, grid=()):
+  """One (row·head, value columns[, split]) program. Shapes in `decode_step`; the state flat
   [B, lks − 1, d] and y [B, parts, d]. index_ref and next_ref are one buffer, as are state_ref
   and state_out_ref: the program reads position_ref, never index_ref. With `ff_norm`, refs
-  begin with the next FF block's LayerNorm scale and bias and C1, and end with this program's
-  partial sums for it (`_ff_partials`). The inputs end with `ahead` arrays, whose parts the
-  programs ask the L2 cache for (`decode_kernels.PREFETCH`)."""
+  begin with the next FF block's LayerNorm scale and bias and C1, and the outputs end with
+  this program's partial sums for it (`_ff_partials`). The inputs end with `ahead` arrays,
+  whose parts the programs ask the L2 cache for (`decode_kernels.PREFETCH`). With `splits`
+  above 1 (`filled` only) the outputs end with position_ref's buffer, which holds the
+  programs' counters after the position (`_conv_kernel` zeroes them), and the splits' parts
+  of the softmax (`_publish`)."""
   decode_kernels.launch_dependents()
   del index_ref
   if ff_norm:
     scale_ref, bias_ref, c1_ref, *refs = refs
-  ahead_refs, refs = refs[:ahead], refs[ahead:]
-  if ff_norm:
-    out_ref, state_out_ref, next_ref, *partial_refs = refs
-  else:
-    out_ref, state_out_ref, next_ref = refs
+  ahead_refs, (out_ref, state_out_ref, next_ref, *refs) = refs[:ahead], refs[ahead:]
+  partial_refs, split_refs = (refs[:3], refs[3:]) if ff_norm else ((), refs)
   r, v = pl.program_id(0), pl.program_id(1)
   b, h = r // n_heads, r % n_heads
   d_head = x_ref.shape[1] // n_heads
@@ -308,39 +321,106 @@ def _attend_kernel(position_ref, x_ref, q_ref, k_cache_ref, v_cache_ref, y_ref, 
   index = jnp.minimum(position_ref[0], k_cache_ref.shape[1] - 1)
   cols = pl.ds(v * value_width, value_width)              # of the head's channels
   own = pl.ds(h * d_head + v * value_width, value_width)  # the same, of d_model's
-  # Every load first (`decode_kernels`' note on load order): q's pieces of d_head, the
-  # head's K cache in blocks of positions and pieces, its V cache's columns, x; then the
-  # state's, which `_move_state` waits for before it writes the state. With `filled` only the
-  # first FILLED_FIRST blocks load so; the others in a loop after, as far as the token's
-  # position.
   q_pieces = decode_kernels.pieces(d_head)
-  qs = [f32(q_ref[b, pl.ds(h * d_head + s0, ls)]) for s0, ls in q_pieces]
   first = starts[:FILLED_FIRST] if filled else starts
-  keys = [[k_cache_ref[r, pl.ds(start, block), pl.ds(s0, ls)] for s0, ls in q_pieces]
-          for start in first]
-  values = [v_cache_ref[r, pl.ds(start, block), cols] for start in first]
-  x = x_ref[b, own]
-  if ff_norm:
-    ff_weights = scale_ref[own], bias_ref[own], c1_ref[own, :]
-  decode_kernels.prefetch_all(ahead_refs, grid)
-  if ff_norm:
-    decode_kernels.keep((scale_ref, bias_ref, c1_ref), grid)
-  _move_state(y_ref, y_bias_ref, state_ref, state_out_ref, b, own, barrier)
-  # q · K_cache, the head's pieces of d_head added; `conv` has written the token's own key
-  # at `index`, so its score is read as the cache holds it, like the others'.
-  if first:
-    parts = _attend_blocks(qs, keys, values, first, block, index, masked=filled)
-  else:   # every block in the loop: the parts of no position
-    zero = f32(index - index)   # computed: a loop's carries are values in Triton's lowering
-    parts = zero - 1e30, zero, jnp.zeros((value_width,), jnp.float32) + zero
-  if filled:
-    parts = _attend_filled(parts, qs, q_pieces, k_cache_ref, v_cache_ref, r, cols, index,
-                           block, len(first))
-  _, total, weighted = parts
-  out = (f32(x) + weighted / total).astype(out_ref.dtype)
-  out_ref[b, own] = out
-  if ff_norm:   # the program's index among its row's d / Cv
-    _ff_partials(f32(out), *ff_weights, *partial_refs, b, h * (d_head // value_width) + v)
+
+  def load_q():
+    return [f32(q_ref[b, pl.ds(h * d_head + s0, ls)]) for s0, ls in q_pieces]
+
+  def load_own():   # x and the FF block's weights at the program's columns
+    return x_ref[b, own], (scale_ref[own], bias_ref[own], c1_ref[own, :]) if ff_norm else ()
+
+  def finish(parts, loaded):
+    """out = x + softmax·V at the program's columns, and the FF block's partial sums."""
+    x, ff_weights = loaded
+    _, total, weighted = parts
+    out = (f32(x) + weighted / total).astype(out_ref.dtype)
+    out_ref[b, own] = out
+    if ff_norm:   # the program's index among its row's d / Cv
+      _ff_partials(f32(out), *ff_weights, *partial_refs, b, h * (d_head // value_width) + v)
+
+  def start():
+    """(q's pieces, the parts of the first blocks, x and the FF weights): every load first
+    (`decode_kernels`' note on load order): q's pieces of d_head, the head's K cache in
+    blocks of positions and pieces, its V cache's columns, x; then the state's, which
+    `_move_state` waits for before it writes the state. With `filled` only the first
+    FILLED_FIRST blocks load so; the others in a loop after, as far as the token's
+    position."""
+    qs = load_q()
+    keys = [[k_cache_ref[r, pl.ds(s, block), pl.ds(s0, ls)] for s0, ls in q_pieces]
+            for s in first]
+    values = [v_cache_ref[r, pl.ds(s, block), cols] for s in first]
+    loaded = load_own()
+    decode_kernels.prefetch_all(ahead_refs, grid[:2])
+    if ff_norm:
+      decode_kernels.keep((scale_ref, bias_ref, c1_ref), grid[:2])
+    _move_state(y_ref, y_bias_ref, state_ref, state_out_ref, b, own, barrier)
+    # q · K_cache, the head's pieces of d_head added; `conv` has written the token's own
+    # key at `index`, so its score is read as the cache holds it, like the others'.
+    if first:
+      parts = _attend_blocks(qs, keys, values, first, block, index, masked=filled)
+    else:   # every block in the loop: the parts of no position
+      parts = _no_parts(index, value_width)
+    return qs, parts, loaded
+
+  def read_on(qs, parts, split=0):
+    return _attend_filled(parts, qs, q_pieces, k_cache_ref, v_cache_ref, r, cols, index,
+                          block, len(first), split, splits)
+
+  if splits == 1:
+    qs, parts, loaded = start()
+    finish(read_on(qs, parts) if filled else parts, loaded)
+    return
+  # A head's `splits` programs share the blocks past the first (`_attend_filled`); where the
+  # token lies in those (`alone`), split 0 reads them all and the others have none.
+  s, alone = pl.program_id(2), index // block < len(first)
+  publish = functools.partial(_publish, *split_refs, r, v, s, splits, finish, load_own)
+
+  @pl.when(s == 0)
+  def _():
+    qs, parts, loaded = start()
+    pl.when(alone)(lambda: finish(parts, loaded))
+    pl.when(jnp.logical_not(alone))(lambda: publish(read_on(qs, parts)))
+
+  @pl.when((s > 0) & jnp.logical_not(alone))
+  def _():
+    publish(read_on(load_q(), _no_parts(index, value_width), s))
+
+
+def _no_parts(index, width):
+  """The softmax's parts of no position (`_merge`'s identity): computed from `index`, as a
+  loop's carries are values in Triton's lowering."""
+  zero = f32(index - index)
+  return zero - 1e30, zero, jnp.zeros((width,), jnp.float32) + zero
+
+
+def _publish(counters_ref, tops_ref, totals_ref, weighted_ref, r, v, s, splits, finish,
+             load_own, parts):
+  """Split s of program (r, v) stores its parts of the softmax, then counts itself (every
+  thread's stores made visible GPU-wide first, the program's threads met); the last of the
+  `splits` to count merges them all and `finish`es. The counters follow the position in its
+  buffer, zeroed by `_conv_kernel`: a kernel's boundary orders the zeroing before the counts.
+  The last reads the parts as volatile loads, past its multiprocessor's L1 cache, which may
+  hold a line of them read before another program stored its part there (Triton's `.cg`
+  loads, meant for this, fail in this JAX's lowering)."""
+  top, total, weighted = parts
+  tops_ref[r, v, s] = top
+  totals_ref[r, v, s] = total
+  weighted_ref[r, v, s, :] = weighted
+  decode_kernels.ptx('fence.acq_rel.gpu;\n\tbar.sync 0;', min_capability=70)
+  n_values = tops_ref.shape[1]
+  counted = decode_kernels.plgpu.atomic_add(counters_ref, 1 + r * n_values + v, s * 0 + 1)
+
+  @pl.when(counted == splits - 1)
+  def _():
+    decode_kernels.ptx('fence.acq_rel.gpu;', min_capability=70)
+    load = functools.partial(decode_kernels.plgpu.load, volatile=True)
+    tops, totals = load(tops_ref.at[r, v, :]), load(totals_ref.at[r, v, :])   # [splits]
+    weighted = load(weighted_ref.at[r, v, :, :])                              # [splits, Cv]
+    loaded = load_own()
+    top = jnp.max(tops)
+    scale = jnp.exp(tops - top)
+    finish((top, jnp.sum(scale * totals), jnp.sum(scale[:, None] * weighted, axis=0)), loaded)
 
 
 def _scores(qs, key_pieces, position, valid_from, index):
@@ -376,7 +456,7 @@ def _attend_blocks(qs, keys, values, starts, block, index, masked=False, first=0
 
 
 def _attend_filled(parts, qs, q_pieces, k_cache_ref, v_cache_ref, r, cols, index, block,
-                   done):
+                   done, split=0, splits=1):
   """The softmax's parts (`_attend_blocks`') `parts` of the first `done` blocks, merged with
   those of the blocks after them that hold positions up to `index`, read in a loop of
   FILLED_STEP blocks a step (⌈(index // block + 1 − done) / FILLED_STEP⌉ steps, none where
@@ -384,11 +464,14 @@ def _attend_filled(parts, qs, q_pieces, k_cache_ref, v_cache_ref, r, cols, index
   merged as flash-decoding merges parts; masked positions' values count as 0, so nothing
   past `index` reaches the output, whatever the caches hold there (blocks past the caches'
   end, in a last step, hold no position: their starts clamp to the last block's, and
-  `_scores` masks every position of them as lying before the block)."""
+  `_scores` masks every position of them as lying before the block). With `splits` above 1,
+  a head's programs share the steps: split s reads steps (s − 1) mod `splits`, then every
+  `splits`-th after it (split 0, which read the first blocks, the last of each round)."""
   max_len, group = k_cache_ref.shape[1], FILLED_STEP
+  own = (split + splits - 1) % splits
 
   def step(g, carry):
-    first = done + g * group
+    first = done + (own + g * splits) * group
     starts = [jnp.minimum((first + i) * block, max_len - block) for i in range(group)]
     keys = [[k_cache_ref[r, pl.ds(start, block), pl.ds(s0, ls)] for s0, ls in q_pieces]
             for start in starts]
@@ -398,7 +481,8 @@ def _attend_filled(parts, qs, q_pieces, k_cache_ref, v_cache_ref, r, cols, index
     return _merge(carry, _attend_blocks(qs, keys, values, starts, block, index, masked=True,
                                         first=first))
 
-  return jax.lax.fori_loop(0, (index // block + 1 - done + group - 1) // group, step, parts)
+  steps = (index // block + 1 - done + group - 1) // group
+  return jax.lax.fori_loop(0, (steps - own + splits - 1) // splits, step, parts)
 
 
 def _merge(parts, more):
@@ -538,10 +622,19 @@ def decode_step(x, norm, mixed, conv, state, k_cache, v_cache, index, *, n_heads
     y = jnp.sum(y, axis=1, keepdims=True)
 
   grid = (batch, 3, n_modules // modules, n_channels // width)
-  if (MOSAIC and x.dtype == k_cache.dtype
-      and sparse_qkv_mosaic.convolutions_fit(
-          d_model, n_modules, n_channels, n_heads, k_cache.dtype, n_state=state.shape[1],
-          largest=max(sizes), parts=y.shape[1])):
+  mosaic_conv = (MOSAIC and x.dtype == k_cache.dtype
+                 and sparse_qkv_mosaic.convolutions_fit(
+                     d_model, n_modules, n_channels, n_heads, k_cache.dtype,
+                     n_state=state.shape[1], largest=max(sizes), parts=y.shape[1]))
+  rank = None if ff_norm is None else ff_norm[2].shape[1]
+  mosaic_attend = (MOSAIC and MOSAIC_ATTEND and not ahead
+                   and x.dtype == k_cache.dtype == state.dtype
+                   and sparse_qkv_mosaic.attend_fits(d_model, n_heads, max_len, state.shape[1],
+                                                     k_cache.dtype, rank, value_width))
+  splits = (FILLED_SPLITS if reads_filled(max_len) and not (mosaic_conv or mosaic_attend)
+            else 1)
+  counters = batch * n_heads * (d_head // value_width) if splits > 1 else 0
+  if mosaic_conv:
     q, position, k_cache, v_cache = sparse_qkv_mosaic.convolutions(
         index, y, y_bias, state, conv, k_cache, v_cache, n_heads=n_heads, sizes=sizes,
         interpret=interpret)
@@ -551,7 +644,7 @@ def decode_step(x, norm, mixed, conv, state, k_cache, v_cache, index, *, n_heads
                           group=modules, grid=grid),
         grid=grid,
         out_shape=(jax.ShapeDtypeStruct((batch, d_model), x.dtype),
-                   jax.ShapeDtypeStruct((1,), jnp.int32),
+                   jax.ShapeDtypeStruct((1 + counters,), jnp.int32),
                    jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
                    jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype)),
         input_output_aliases={10: 2, 11: 3},
@@ -560,28 +653,29 @@ def decode_step(x, norm, mixed, conv, state, k_cache, v_cache, index, *, n_heads
 
   flat_state = state.reshape(batch, state.shape[1], d_model)
   y = y.reshape(batch, y.shape[1], d_model)
-  rank = None if ff_norm is None else ff_norm[2].shape[1]
-  if (MOSAIC and MOSAIC_ATTEND and not ahead and x.dtype == k_cache.dtype == state.dtype
-      and sparse_qkv_mosaic.attend_fits(d_model, n_heads, max_len, state.shape[1],
-                                        k_cache.dtype, rank, value_width)):
+  if mosaic_attend:
     out, flat_state, index, *partials = sparse_qkv_mosaic.attend(
         position, x, q, k_cache, v_cache, y, y_bias, flat_state, index, ff_norm,
         n_heads=n_heads, partial=value_width, interpret=interpret)
   else:
     partials = (() if ff_norm is None
                 else sparse_ff_kernel.partials_type(batch, d_model // value_width, rank))
-    grid = (batch * n_heads, d_head // value_width)
+    grid = (batch * n_heads, d_head // value_width) + ((splits,) if splits > 1 else ())
+    parts = () if splits == 1 else (
+        jax.ShapeDtypeStruct(position.shape, position.dtype),
+        *[jax.ShapeDtypeStruct(grid + side, jnp.float32) for side in ((), (), (value_width,))])
     out, flat_state, index, *partials = pl.pallas_call(
         functools.partial(_attend_kernel, n_heads=n_heads, value_width=value_width,
                           starts=starts, block=block, barrier=not interpret,
                           ff_norm=ff_norm is not None, filled=reads_filled(max_len),
-                          ahead=len(ahead), grid=grid),
+                          splits=splits, ahead=len(ahead), grid=grid),
         grid=grid,
         out_shape=(jax.ShapeDtypeStruct(x.shape, x.dtype),
                    jax.ShapeDtypeStruct(flat_state.shape, flat_state.dtype),
-                   jax.ShapeDtypeStruct((1,), jnp.int32), *partials),
-        input_output_aliases={7: 1, 8: 2},
+                   jax.ShapeDtypeStruct((1,), jnp.int32), *partials, *parts),
+        input_output_aliases={7: 1, 8: 2, **({0: 3 + len(partials)} if parts else {})},
         interpret=interpret, compiler_params=decode_kernels.triton_params(ATTEND_WARPS),
     )(position, x, q, k_cache, v_cache, y, y_bias, flat_state, index, *(ff_norm or ()),
       *ahead)
+    partials = partials[:len(partials) - len(parts)]
   return (out, flat_state.reshape(state.shape), k_cache, v_cache, index[0], *partials)
