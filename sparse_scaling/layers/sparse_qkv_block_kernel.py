@@ -135,12 +135,12 @@ FILLED_STEP = 4
 # ... and with FILLED_SPLITS above 1 (a power of 2), a head's attention programs are that
 # many programs each, which share the loop's steps (`_attend_filled`): each stores its parts
 # of the softmax, and the last of them to finish, counted with an atomic counter, merges them
-# and writes the head's output (`_publish`). Where the token lies in the first FILLED_FIRST
-# blocks, split 0 computes all as one program would, and the others end at once. Off: on an
-# H100, one 800M block looped with caches of 2048 took 0.0254 ms split 8 ways at 1920 (4
-# ways 0.0248) against 0.0306 unsplit and 0.0250 declined (MAX_D_MODEL), but 0.0228 against
-# 0.0182 at 128, where it does not split (docs/decoding_gpu.md, "A head's positions split
-# over programs").
+# and writes the head's output (`_attend_kernel`'s `publish`). Where the token lies in the
+# first FILLED_FIRST blocks, split 0 computes all as one program would, and the others end
+# at once. Off: on an H100, one 800M block looped with caches of 2048 took 0.0254 ms split 8
+# ways at 1920 (4 ways 0.0248) against 0.0306 unsplit and 0.0250 declined (MAX_D_MODEL), but
+# 0.0228 against 0.0182 at 128, where it does not split (docs/decoding_gpu.md, "A head's
+# positions split over programs").
 FILLED_SPLITS = 1
 
 
@@ -220,7 +220,8 @@ def _conv_kernel(index_ref, y_ref, y_bias_ref, state_ref, wq_ref, bq_ref, wk_ref
   m0 = c * width
   m_pieces = decode_kernels.pieces(n_channels)
   position_ref[0] = index_ref[0]   # for `attend`, which moves index_ref on in place
-  # Split attention programs' counters, after the position (`_publish`): a row's zeroed once.
+  # Split attention programs' counters, after the position (`_attend_kernel`'s `publish`):
+  # a row's zeroed once.
   per_row = (position_ref.shape[0] - 1) // state_ref.shape[0]
   if per_row:
     @pl.when((o == 0) & (g == 0) & (c == 0))
@@ -311,7 +312,7 @@ def _attend_kernel(position_ref, x_ref, q_ref, k_cache_ref, v_cache_ref, y_ref, 
   whose parts the programs ask the L2 cache for (`decode_kernels.PREFETCH`). With `splits`
   above 1 (`filled` only) the outputs end with position_ref's buffer, which holds the
   programs' counters after the position (`_conv_kernel` zeroes them), and the splits' parts
-  of the softmax (`_publish`)."""
+  of the softmax (`publish`)."""
   decode_kernels.launch_dependents()
   del index_ref
   if ff_norm:
@@ -378,7 +379,35 @@ def _attend_kernel(position_ref, x_ref, q_ref, k_cache_ref, v_cache_ref, y_ref, 
   # A head's `splits` programs share the blocks past the first (`_attend_filled`); where the
   # token lies in those (`alone`), split 0 reads them all and the others have none.
   s, alone = pl.program_id(2), index // block < len(first)
-  publish = functools.partial(_publish, *split_refs, r, v, s, splits, finish, load_own)
+  counters_ref, tops_ref, totals_ref, weighted_ref = split_refs
+
+  def publish(parts):
+    """Split s stores its parts of the softmax, then counts itself (every thread's stores
+    made visible GPU-wide first, the program's threads met); the last of the `splits` to
+    count merges them all and `finish`es. The counters follow the position in its buffer,
+    zeroed by `_conv_kernel`: a kernel's boundary orders the zeroing before the counts. The
+    last reads the parts as volatile loads, past its multiprocessor's L1 cache, which may
+    hold a line of them read before another program stored its part there (Triton's `.cg`
+    loads, meant for this, fail in this JAX's lowering)."""
+    top, total, weighted = parts
+    tops_ref[r, v, s] = top
+    totals_ref[r, v, s] = total
+    weighted_ref[r, v, s, :] = weighted
+    decode_kernels.ptx('fence.acq_rel.gpu;\n\tbar.sync 0;', min_capability=70)
+    counted = decode_kernels.plgpu.atomic_add(counters_ref, 1 + r * tops_ref.shape[1] + v,
+                                              s * 0 + 1)
+
+    @pl.when(counted == splits - 1)
+    def _():
+      decode_kernels.ptx('fence.acq_rel.gpu;', min_capability=70)
+      load = functools.partial(decode_kernels.plgpu.load, volatile=True)
+      tops, totals = load(tops_ref.at[r, v, :]), load(totals_ref.at[r, v, :])   # [splits]
+      weighted = load(weighted_ref.at[r, v, :, :])                              # [splits, Cv]
+      loaded = load_own()
+      top = jnp.max(tops)
+      scale = jnp.exp(tops - top)
+      finish((top, jnp.sum(scale * totals), jnp.sum(scale[:, None] * weighted, axis=0)),
+             loaded)
 
   @pl.when(s == 0)
   def _():
@@ -396,35 +425,6 @@ def _no_parts(index, width):
   loop's carries are values in Triton's lowering."""
   zero = f32(index - index)
   return zero - 1e30, zero, jnp.zeros((width,), jnp.float32) + zero
-
-
-def _publish(counters_ref, tops_ref, totals_ref, weighted_ref, r, v, s, splits, finish,
-             load_own, parts):
-  """Split s of program (r, v) stores its parts of the softmax, then counts itself (every
-  thread's stores made visible GPU-wide first, the program's threads met); the last of the
-  `splits` to count merges them all and `finish`es. The counters follow the position in its
-  buffer, zeroed by `_conv_kernel`: a kernel's boundary orders the zeroing before the counts.
-  The last reads the parts as volatile loads, past its multiprocessor's L1 cache, which may
-  hold a line of them read before another program stored its part there (Triton's `.cg`
-  loads, meant for this, fail in this JAX's lowering)."""
-  top, total, weighted = parts
-  tops_ref[r, v, s] = top
-  totals_ref[r, v, s] = total
-  weighted_ref[r, v, s, :] = weighted
-  decode_kernels.ptx('fence.acq_rel.gpu;\n\tbar.sync 0;', min_capability=70)
-  n_values = tops_ref.shape[1]
-  counted = decode_kernels.plgpu.atomic_add(counters_ref, 1 + r * n_values + v, s * 0 + 1)
-
-  @pl.when(counted == splits - 1)
-  def _():
-    decode_kernels.ptx('fence.acq_rel.gpu;', min_capability=70)
-    load = functools.partial(decode_kernels.plgpu.load, volatile=True)
-    tops, totals = load(tops_ref.at[r, v, :]), load(totals_ref.at[r, v, :])   # [splits]
-    weighted = load(weighted_ref.at[r, v, :, :])                              # [splits, Cv]
-    loaded = load_own()
-    top = jnp.max(tops)
-    scale = jnp.exp(tops - top)
-    finish((top, jnp.sum(scale * totals), jnp.sum(scale[:, None] * weighted, axis=0)), loaded)
 
 
 def _scores(qs, key_pieces, position, valid_from, index):
@@ -662,8 +662,8 @@ def decode_step(x, norm, mixed, conv, state, k_cache, v_cache, index, *, n_heads
         position, x, q, k_cache, v_cache, y, y_bias, flat_state, index, ff_norm,
         n_heads=n_heads, partial=value_width, interpret=interpret)
   else:
-    partials = (() if ff_norm is None
-                else sparse_ff_kernel.partials_type(batch, d_model // value_width, rank))
+    partial_types = (() if ff_norm is None
+                     else sparse_ff_kernel.partials_type(batch, d_model // value_width, rank))
     grid = (batch * n_heads, d_head // value_width) + ((splits,) if splits > 1 else ())
     parts = () if splits == 1 else (
         jax.ShapeDtypeStruct(position.shape, position.dtype),
@@ -676,10 +676,10 @@ def decode_step(x, norm, mixed, conv, state, k_cache, v_cache, index, *, n_heads
         grid=grid,
         out_shape=(jax.ShapeDtypeStruct(x.shape, x.dtype),
                    jax.ShapeDtypeStruct(flat_state.shape, flat_state.dtype),
-                   jax.ShapeDtypeStruct((1,), jnp.int32), *partials, *parts),
-        input_output_aliases={7: 1, 8: 2, **({0: 3 + len(partials)} if parts else {})},
+                   jax.ShapeDtypeStruct((1,), jnp.int32), *partial_types, *parts),
+        input_output_aliases={7: 1, 8: 2, **({0: 3 + len(partial_types)} if parts else {})},
         interpret=interpret, compiler_params=decode_kernels.triton_params(ATTEND_WARPS),
     )(position, x, q, k_cache, v_cache, y, y_bias, flat_state, index, *(ff_norm or ()),
       *ahead)
-    partials = partials[:len(partials) - len(parts)]
+    partials = partials[:len(partial_types)]   # the split programs' scratch outputs dropped
   return (out, flat_state.reshape(state.shape), k_cache, v_cache, index[0], *partials)
