@@ -29,6 +29,10 @@ constant, set while the setting is measured and restored after it. The names, by
                                  first
     ATTEND_SPLITS                `FILLED_SPLITS`: the programs a head's columns take, which
                                  share the loop's steps (1: one)
+    ATTEND_BY_POSITIONS          `FILLED_BY_POSITIONS`, 1: past the first blocks a head's
+                                 value-column programs share its blocks, each reading every
+                                 value column
+    ATTEND_POSITIONS_STEP        `POSITIONS_STEP`: the blocks a step of those programs reads
     CACHES                       `PREFETCH_CACHES`, 1: the multiplicative programs ask the
                                  L2 cache for the KV caches that attention reads
     STATE                        `PREFETCH_STATE`, 1: they ask for the convolution's state
@@ -241,6 +245,8 @@ SHARES = {**{name: (sparse_qkv_block_kernel, name)
           'ATTEND_FIRST': (sparse_qkv_block_kernel, 'FILLED_FIRST'),
           'ATTEND_STEP': (sparse_qkv_block_kernel, 'FILLED_STEP'),
           'ATTEND_SPLITS': (sparse_qkv_block_kernel, 'FILLED_SPLITS'),
+          'ATTEND_BY_POSITIONS': (sparse_qkv_block_kernel, 'FILLED_BY_POSITIONS'),
+          'ATTEND_POSITIONS_STEP': (sparse_qkv_block_kernel, 'POSITIONS_STEP'),
           'CACHE': (decoders, 'MAX_LEN'),
           'ATTN_POSITIONS': (attention_kernel, 'POSITIONS'),
           'CUBLAS_BYTES': (decoding, 'CUBLAS_MAX_BYTES'), 'GRAPHS': (decoding, 'GRAPH_LOOPS'),
@@ -255,7 +261,7 @@ SHARES = {**{name: (sparse_qkv_block_kernel, name)
 _SWITCHES = ('DOT', 'CHAIN', 'CPU_TOP_K', 'GRAPHS', 'EARLY', 'PREFETCH', 'DOT_MERGER',
              'TILING_SEARCH', 'TRITON_GEMM', 'CACHES', 'STATE', 'FF_MOSAIC',
              'QKV_MOSAIC', 'MOSAIC_ATTEND', 'CONV_LAYOUT', 'CONV_ONE', 'ATTN_SPLIT',
-             'ATTN_SKIP', 'MULT_LOOP')   # 0 or 1
+             'ATTN_SKIP', 'MULT_LOOP', 'ATTEND_BY_POSITIONS')   # 0 or 1
 SHARED_WEIGHTS = 0   # 0, 1 or 2: see the module's note
 # XLA's options for a GPU program, on top of `decoding.COMPILER_OPTIONS` (`xla_options`).
 XLA_DOT_MERGER, XLA_TILING_SEARCH, XLA_TRITON_GEMM = True, False, True

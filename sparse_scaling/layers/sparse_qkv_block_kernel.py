@@ -142,6 +142,11 @@ FILLED_STEP = 4
 # 0.0228 against 0.0182 at 128, where it does not split (docs/decoding_gpu.md, "A head's
 # positions split over programs").
 FILLED_SPLITS = 1
+# ... or, with FILLED_BY_POSITIONS, past the first FILLED_FIRST blocks a head's value-column
+# programs share its blocks (each reading the keys once and every value column, in a loop of
+# POSITIONS_STEP blocks a step), the last of them to finish merging, as the splits merge.
+FILLED_BY_POSITIONS = False
+POSITIONS_STEP = 2
 
 
 def fits(d_model, n_modules, n_heads, sizes, length_kernel_size):
@@ -303,46 +308,57 @@ def _conv_kernel(index_ref, y_ref, y_bias_ref, state_ref, wq_ref, bq_ref, wk_ref
 
 def _attend_kernel(position_ref, x_ref, q_ref, k_cache_ref, v_cache_ref, y_ref, y_bias_ref,
                    state_ref, index_ref, *refs, n_heads, value_width, starts, block, barrier,
-                   ff_norm, filled=False, splits=1, ahead=0, grid=()):
+                   ff_norm, filled=False, splits=1, by_positions=False, ahead=0, grid=()):
   """One (row·head, value columns[, split]) program. Shapes in `decode_step`; the state flat
   [B, lks − 1, d] and y [B, parts, d]. index_ref and next_ref are one buffer, as are state_ref
   and state_out_ref: the program reads position_ref, never index_ref. With `ff_norm`, refs
   begin with the next FF block's LayerNorm scale and bias and C1, and the outputs end with
   this program's partial sums for it (`_ff_partials`). The inputs end with `ahead` arrays,
   whose parts the programs ask the L2 cache for (`decode_kernels.PREFETCH`). With `splits`
-  above 1 (`filled` only) the outputs end with position_ref's buffer, which holds the
-  programs' counters after the position (`_conv_kernel` zeroes them), and the splits' parts
-  of the softmax (`publish`)."""
+  above 1 or `by_positions` (`filled` only) the outputs end with position_ref's buffer, which
+  holds the programs' counters after the position (`_conv_kernel` zeroes them), and the
+  shared programs' parts of the softmax (`publish`)."""
   decode_kernels.launch_dependents()
   del index_ref
   if ff_norm:
     scale_ref, bias_ref, c1_ref, *refs = refs
   ahead_refs, (out_ref, state_out_ref, next_ref, *refs) = refs[:ahead], refs[ahead:]
-  partial_refs, split_refs = (refs[:3], refs[3:]) if ff_norm else ((), refs)
+  partial_refs, shared_refs = (refs[:3], refs[3:]) if ff_norm else ((), refs)
   r, v = pl.program_id(0), pl.program_id(1)
   b, h = r // n_heads, r % n_heads
   d_head = x_ref.shape[1] // n_heads
+  n_slices = d_head // value_width   # a head's programs of value columns
   next_ref[0] = position_ref[0] + 1   # the next token's position (every program writes it)
   index = jnp.minimum(position_ref[0], k_cache_ref.shape[1] - 1)
-  cols = pl.ds(v * value_width, value_width)              # of the head's channels
-  own = pl.ds(h * d_head + v * value_width, value_width)  # the same, of d_model's
+  # The head's value columns j, of its channels and of d_model's (program v's, once).
+  mine = (pl.ds(v * value_width, value_width), pl.ds(h * d_head + v * value_width, value_width))
+  cols = lambda j: mine[0] if j is v else pl.ds(j * value_width, value_width)
+  own = lambda j: mine[1] if j is v else pl.ds(h * d_head + j * value_width, value_width)
   q_pieces = decode_kernels.pieces(d_head)
   first = starts[:FILLED_FIRST] if filled else starts
 
   def load_q():
     return [f32(q_ref[b, pl.ds(h * d_head + s0, ls)]) for s0, ls in q_pieces]
 
-  def load_own():   # x and the FF block's weights at the program's columns
-    return x_ref[b, own], (scale_ref[own], bias_ref[own], c1_ref[own, :]) if ff_norm else ()
+  def load_own(j):   # x and the FF block's weights at the head's value columns j
+    x = x_ref[b, own(j)]
+    return x, (scale_ref[own(j)], bias_ref[own(j)], c1_ref[own(j), :]) if ff_norm else ()
 
-  def finish(parts, loaded):
-    """out = x + softmax·V at the program's columns, and the FF block's partial sums."""
+  def finish(total, weighted, loaded, j):
+    """out = x + softmax·V at the head's value columns j, and the FF block's partial sums."""
     x, ff_weights = loaded
-    _, total, weighted = parts
     out = (f32(x) + weighted / total).astype(out_ref.dtype)
-    out_ref[b, own] = out
-    if ff_norm:   # the program's index among its row's d / Cv
-      _ff_partials(f32(out), *ff_weights, *partial_refs, b, h * (d_head // value_width) + v)
+    out_ref[b, own(j)] = out
+    if ff_norm:   # the columns' index among its row's d / Cv
+      _ff_partials(f32(out), *ff_weights, *partial_refs, b, h * n_slices + j)
+
+  def move_state():
+    """Asks the L2 cache for the next kernel's weights and moves the convolution's state at
+    the program's columns (`_move_state` waits for its loads before it writes)."""
+    decode_kernels.prefetch_all(ahead_refs, grid[:2])
+    if ff_norm:
+      decode_kernels.keep((scale_ref, bias_ref, c1_ref), grid[:2])
+    _move_state(y_ref, y_bias_ref, state_ref, state_out_ref, b, own(v), barrier)
 
   def start():
     """(q's pieces, the parts of the first blocks, x and the FF weights): every load first
@@ -354,12 +370,9 @@ def _attend_kernel(position_ref, x_ref, q_ref, k_cache_ref, v_cache_ref, y_ref, 
     qs = load_q()
     keys = [[k_cache_ref[r, pl.ds(s, block), pl.ds(s0, ls)] for s0, ls in q_pieces]
             for s in first]
-    values = [v_cache_ref[r, pl.ds(s, block), cols] for s in first]
-    loaded = load_own()
-    decode_kernels.prefetch_all(ahead_refs, grid[:2])
-    if ff_norm:
-      decode_kernels.keep((scale_ref, bias_ref, c1_ref), grid[:2])
-    _move_state(y_ref, y_bias_ref, state_ref, state_out_ref, b, own, barrier)
+    values = [[v_cache_ref[r, pl.ds(s, block), cols(v)]] for s in first]
+    loaded = load_own(v)
+    move_state()
     # q · K_cache, the head's pieces of d_head added; `conv` has written the token's own
     # key at `index`, so its score is read as the cache holds it, like the others'.
     if first:
@@ -368,63 +381,92 @@ def _attend_kernel(position_ref, x_ref, q_ref, k_cache_ref, v_cache_ref, y_ref, 
       parts = _no_parts(index, value_width)
     return qs, parts, loaded
 
-  def read_on(qs, parts, split=0):
-    return _attend_filled(parts, qs, q_pieces, k_cache_ref, v_cache_ref, r, cols, index,
-                          block, len(first), split, splits)
+  def read_on(qs, parts, first_step=0, every=1):
+    return _attend_filled(parts, qs, q_pieces, k_cache_ref, v_cache_ref, r, [cols(v)], index,
+                          block, len(first), FILLED_STEP, first_step, every)
 
-  if splits == 1:
+  if splits == 1 and not by_positions:
     qs, parts, loaded = start()
-    finish(read_on(qs, parts) if filled else parts, loaded)
+    _, total, (weighted,) = read_on(qs, parts) if filled else parts
+    finish(total, weighted, loaded, v)
     return
-  # A head's `splits` programs share the blocks past the first (`_attend_filled`); where the
-  # token lies in those (`alone`), split 0 reads them all and the others have none.
-  s, alone = pl.program_id(2), index // block < len(first)
-  counters_ref, tops_ref, totals_ref, weighted_ref = split_refs
+  # Programs that share a head's positions (below); where the token lies in the first
+  # blocks (`alone`), a head's value-column programs compute alone as above.
+  alone = index // block < len(first)
+  counters_ref, tops_ref, totals_ref, weighted_ref = shared_refs
 
-  def publish(parts):
-    """Split s stores its parts of the softmax, then counts itself (every thread's stores
-    made visible GPU-wide first, the program's threads met); the last of the `splits` to
-    count merges them all and `finish`es. The counters follow the position in its buffer,
-    zeroed by `_conv_kernel`: a kernel's boundary orders the zeroing before the counts. The
-    last reads the parts as volatile loads, past its multiprocessor's L1 cache, which may
-    hold a line of them read before another program stored its part there (Triton's `.cg`
-    loads, meant for this, fail in this JAX's lowering)."""
+  def publish(parts, at, counter, slices):
+    """A program stores its parts of the softmax at `at` of the scratch outputs (the last
+    axis that of the programs sharing them), then counts itself at `counter` (every thread's
+    stores made visible GPU-wide first, the program's threads met); the last of them to
+    count merges them all and `finish`es the head's value columns `slices`. The counters
+    follow the position in its buffer, zeroed by `_conv_kernel`: a kernel's boundary orders
+    the zeroing before the counts. The last reads the parts as volatile loads, past its
+    multiprocessor's L1 cache, which may hold a line of them read before another program
+    stored its part there (Triton's `.cg` loads, meant for this, fail in this JAX's
+    lowering)."""
     top, total, weighted = parts
-    tops_ref[r, v, s] = top
-    totals_ref[r, v, s] = total
-    weighted_ref[r, v, s, :] = weighted
+    tops_ref[at] = top
+    totals_ref[at] = total
+    for i, w in enumerate(weighted):
+      weighted_ref[(*at, jnp.int32(i), slice(None))] = w
     decode_kernels.ptx('fence.acq_rel.gpu;\n\tbar.sync 0;', min_capability=70)
-    counted = decode_kernels.plgpu.atomic_add(counters_ref, 1 + r * tops_ref.shape[1] + v,
-                                              s * 0 + 1)
+    counted = decode_kernels.plgpu.atomic_add(counters_ref, counter, r * 0 + 1)
 
-    @pl.when(counted == splits - 1)
+    @pl.when(counted == tops_ref.shape[len(at) - 1] - 1)
     def _():
       decode_kernels.ptx('fence.acq_rel.gpu;', min_capability=70)
       load = functools.partial(decode_kernels.plgpu.load, volatile=True)
-      tops, totals = load(tops_ref.at[r, v, :]), load(totals_ref.at[r, v, :])   # [splits]
-      weighted = load(weighted_ref.at[r, v, :, :])                              # [splits, Cv]
-      loaded = load_own()
+      sharing = (*at[:-1], slice(None))
+      tops, totals = load(tops_ref.at[sharing]), load(totals_ref.at[sharing])   # [sharing]
       top = jnp.max(tops)
       scale = jnp.exp(tops - top)
-      finish((top, jnp.sum(scale * totals), jnp.sum(scale[:, None] * weighted, axis=0)),
-             loaded)
+      total = jnp.sum(scale * totals)
+      for i, j in enumerate(slices):
+        weighted = load(weighted_ref.at[(*sharing, jnp.int32(i), slice(None))])   # [sharing, Cv]
+        finish(total, jnp.sum(scale[:, None] * weighted, axis=0), load_own(j), j)
+
+  if by_positions:
+    # Past the first blocks a head's value-column programs share its blocks instead, each
+    # reading keys and every value column of its steps (`_attend_filled`: program v steps
+    # v, v + n_slices, ...), the last to finish merging: a head's keys are read once.
+    @pl.when(alone)
+    def _():
+      _, (_, total, (weighted,)), loaded = start()
+      finish(total, weighted, loaded, v)
+
+    @pl.when(jnp.logical_not(alone))
+    def _():
+      qs = load_q()
+      move_state()
+      parts = _attend_filled(_no_parts(index, value_width, n_slices), qs, q_pieces,
+                             k_cache_ref, v_cache_ref, r, [cols(j) for j in range(n_slices)],
+                             index, block, 0, POSITIONS_STEP, v, n_slices)
+      publish(parts, (r, v), 1 + r, range(n_slices))
+    return
+  # A head's `splits` programs share the blocks past the first (`_attend_filled`); where the
+  # token lies in those, split 0 reads them all and the others have none.
+  s = pl.program_id(2)
+  at, counter = (r, v, s), 1 + r * n_slices + v
 
   @pl.when(s == 0)
   def _():
     qs, parts, loaded = start()
-    pl.when(alone)(lambda: finish(parts, loaded))
-    pl.when(jnp.logical_not(alone))(lambda: publish(read_on(qs, parts)))
+    pl.when(alone)(lambda: finish(parts[1], parts[2][0], loaded, v))
+    pl.when(jnp.logical_not(alone))(
+        lambda: publish(read_on(qs, parts, splits - 1, splits), at, counter, [v]))
 
   @pl.when((s > 0) & jnp.logical_not(alone))
   def _():
-    publish(read_on(load_q(), _no_parts(index, value_width), s))
+    publish(read_on(load_q(), _no_parts(index, value_width), s - 1, splits), at, counter, [v])
 
 
-def _no_parts(index, width):
-  """The softmax's parts of no position (`_merge`'s identity): computed from `index`, as a
-  loop's carries are values in Triton's lowering."""
+def _no_parts(index, width, n_slices=1):
+  """The softmax's parts of no position (`_merge`'s identity), with `n_slices` slices of
+  `width` value columns: computed from `index`, as a loop's carries are values in Triton's
+  lowering."""
   zero = f32(index - index)
-  return zero - 1e30, zero, jnp.zeros((width,), jnp.float32) + zero
+  return zero - 1e30, zero, [jnp.zeros((width,), jnp.float32) + zero for _ in range(n_slices)]
 
 
 def _scores(qs, key_pieces, position, valid_from, index):
@@ -440,62 +482,65 @@ def _scores(qs, key_pieces, position, valid_from, index):
 def _attend_blocks(qs, keys, values, starts, block, index, masked=False, first=0):
   """The softmax's parts over the blocks of the caches at `starts` (blocks first, first + 1,
   ... of the caches, each block's start clamped as `decode_kernels.cache_blocks` clamps the
-  last), loaded before (`keys`, `values` per block), the positions after `index` masked out:
-  the largest score, Σ exp(score − largest) and those weights times V [Cv] (softmax·V = the
-  last over the second). With `masked`, masked positions' values count as 0 (the blocks may
-  hold anything past `index`, as where `_attend_filled` reads on)."""
+  last), loaded before (`keys` per block, `values` per block a list of column slices), the
+  positions after `index` masked out: the largest score, Σ exp(score − largest) and, for each
+  slice, those weights times V [Cv] (softmax·V = the last over the second). With `masked`,
+  masked positions' values count as 0 (the blocks may hold anything past `index`, as where
+  `_attend_filled` reads on)."""
   found = [_scores(qs, pieces, start + jnp.arange(block), (first + i) * block, index)
            for i, (start, pieces) in enumerate(zip(starts, keys))]
   top = found[0][0].max()
   for score, _ in found[1:]:
     top = jnp.maximum(top, score.max())
   weights, weighted = None, None   # summed over the blocks first, then reduced once
-  for (score, valid), value in zip(found, values):
+  for (score, valid), slices in zip(found, values):
     p = jnp.exp(score - top)                                             # [block]; 0 masked
-    value = jnp.where(valid[:, None], f32(value), 0.0) if masked else f32(value)
-    products = p[:, None] * value                                        # [block, Cv]
+    products = []                                                        # each [block, Cv]
+    for value in slices:
+      value = jnp.where(valid[:, None], f32(value), 0.0) if masked else f32(value)
+      products.append(p[:, None] * value)
     weights = p if weights is None else weights + p
-    weighted = products if weighted is None else weighted + products
-  return top, jnp.sum(weights), jnp.sum(weighted, axis=0)
+    weighted = products if weighted is None else [w + q for w, q in zip(weighted, products)]
+  return top, jnp.sum(weights), [jnp.sum(w, axis=0) for w in weighted]
 
 
-def _attend_filled(parts, qs, q_pieces, k_cache_ref, v_cache_ref, r, cols, index, block,
-                   done, split=0, splits=1):
+def _attend_filled(parts, qs, q_pieces, k_cache_ref, v_cache_ref, r, columns, index, block,
+                   done, group, first_step=0, every=1):
   """The softmax's parts (`_attend_blocks`') `parts` of the first `done` blocks, merged with
-  those of the blocks after them that hold positions up to `index`, read in a loop of
-  FILLED_STEP blocks a step (⌈(index // block + 1 − done) / FILLED_STEP⌉ steps, none where
-  the token lies in the first blocks; FILLED_MIN_LEN), each step's blocks loaded first and
-  merged as flash-decoding merges parts; masked positions' values count as 0, so nothing
-  past `index` reaches the output, whatever the caches hold there (blocks past the caches'
-  end, in a last step, hold no position: their starts clamp to the last block's, and
-  `_scores` masks every position of them as lying before the block). With `splits` above 1,
-  a head's programs share the steps: split s reads steps (s − 1) mod `splits`, then every
-  `splits`-th after it (split 0, which read the first blocks, the last of each round)."""
-  max_len, group = k_cache_ref.shape[1], FILLED_STEP
-  own = (split + splits - 1) % splits
+  those of the blocks after them that hold positions up to `index`, read in a loop of `group`
+  blocks a step (⌈(index // block + 1 − done) / group⌉ steps, none where the token lies in the
+  first blocks; FILLED_MIN_LEN), each step's blocks loaded first and merged as
+  flash-decoding merges parts; masked positions' values count as 0, so nothing past `index`
+  reaches the output, whatever the caches hold there (blocks past the caches' end, in a last
+  step, hold no position: their starts clamp to the last block's, and `_scores` masks every
+  position of them as lying before the block). The values are read at each of `columns`'
+  slices. Programs that share a head's steps each read step `first_step`, then every
+  `every`-th after it."""
+  max_len = k_cache_ref.shape[1]
 
   def step(g, carry):
-    first = done + (own + g * splits) * group
+    first = done + (first_step + g * every) * group
     starts = [jnp.minimum((first + i) * block, max_len - block) for i in range(group)]
     keys = [[k_cache_ref[r, pl.ds(start, block), pl.ds(s0, ls)] for s0, ls in q_pieces]
             for start in starts]
-    values = [v_cache_ref[r, pl.ds(start, block), cols] for start in starts]   # [block, Cv]
+    values = [[v_cache_ref[r, pl.ds(start, block), c] for c in columns]       # [block, Cv]
+              for start in starts]
     # A step's first block holds a position up to `index`, so the step's largest score is
     # finite (`_merge` rescales by it).
     return _merge(carry, _attend_blocks(qs, keys, values, starts, block, index, masked=True,
                                         first=first))
 
   steps = (index // block + 1 - done + group - 1) // group
-  return jax.lax.fori_loop(0, (steps - own + splits - 1) // splits, step, parts)
+  return jax.lax.fori_loop(0, (steps - first_step + every - 1) // every, step, parts)
 
 
 def _merge(parts, more):
-  """Two (largest score, Σ exp(score − largest), weighted values) parts of one softmax as
-  one, each rescaled to the larger of the two largest scores."""
+  """Two (largest score, Σ exp(score − largest), weighted values' slices) parts of one softmax
+  as one, each rescaled to the larger of the two largest scores."""
   top = jnp.maximum(parts[0], more[0])
   scale, more_scale = jnp.exp(parts[0] - top), jnp.exp(more[0] - top)
   return (top, parts[1] * scale + more[1] * more_scale,
-          parts[2] * scale + more[2] * more_scale)
+          [w * scale + m * more_scale for w, m in zip(parts[2], more[2])])
 
 
 def _ff_partials(x, scale, bias, c1, sum_ref, m2_ref, products_ref, b, p):
@@ -635,9 +680,16 @@ def decode_step(x, norm, mixed, conv, state, k_cache, v_cache, index, *, n_heads
                    and x.dtype == k_cache.dtype == state.dtype
                    and sparse_qkv_mosaic.attend_fits(d_model, n_heads, max_len, state.shape[1],
                                                      k_cache.dtype, rank, value_width))
-  splits = (FILLED_SPLITS if reads_filled(max_len) and not (mosaic_conv or mosaic_attend)
-            else 1)
-  counters = batch * n_heads * (d_head // value_width) if splits > 1 else 0
+  shareable = reads_filled(max_len) and not (mosaic_conv or mosaic_attend)
+  n_slices = d_head // value_width
+  splits = FILLED_SPLITS if shareable else 1
+  # (their parts loaded as one array of n_slices, which Triton takes in powers of 2 only)
+  by_positions = (FILLED_BY_POSITIONS and shareable and n_slices > 1
+                  and decode_kernels.is_power_of_2(n_slices))
+  if splits > 1 and by_positions:
+    raise ValueError(f'FILLED_SPLITS ({splits}) and FILLED_BY_POSITIONS: one at most')
+  # Counters of the programs that share a head's positions (`_attend_kernel`'s `publish`).
+  counters = batch * n_heads * (n_slices if splits > 1 else int(by_positions))
   if mosaic_conv:
     q, position, k_cache, v_cache = sparse_qkv_mosaic.convolutions(
         index, y, y_bias, state, conv, k_cache, v_cache, n_heads=n_heads, sizes=sizes,
@@ -664,15 +716,18 @@ def decode_step(x, norm, mixed, conv, state, k_cache, v_cache, index, *, n_heads
   else:
     partial_types = (() if ff_norm is None
                      else sparse_ff_kernel.partials_type(batch, d_model // value_width, rank))
-    grid = (batch * n_heads, d_head // value_width) + ((splits,) if splits > 1 else ())
-    parts = () if splits == 1 else (
+    grid = (batch * n_heads, n_slices) + ((splits,) if splits > 1 else ())
+    slices = n_slices if by_positions else 1   # value column slices a program shares
+    parts = () if not counters else (
         jax.ShapeDtypeStruct(position.shape, position.dtype),
-        *[jax.ShapeDtypeStruct(grid + side, jnp.float32) for side in ((), (), (value_width,))])
+        *[jax.ShapeDtypeStruct(grid + side, jnp.float32)
+          for side in ((), (), (slices, value_width))])
     out, flat_state, index, *partials = pl.pallas_call(
         functools.partial(_attend_kernel, n_heads=n_heads, value_width=value_width,
                           starts=starts, block=block, barrier=not interpret,
                           ff_norm=ff_norm is not None, filled=reads_filled(max_len),
-                          splits=splits, ahead=len(ahead), grid=grid),
+                          splits=splits, by_positions=by_positions, ahead=len(ahead),
+                          grid=grid),
         grid=grid,
         out_shape=(jax.ShapeDtypeStruct(x.shape, x.dtype),
                    jax.ShapeDtypeStruct(flat_state.shape, flat_state.dtype),
