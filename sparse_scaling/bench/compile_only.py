@@ -1,0 +1,176 @@
+"""The fused blocks compiled for a Hopper GPU on a machine without one: each kernel's registers
+and spills, and the instructions XLA runs.
+
+  python -m sparse_scaling.bench.compile_only [--gpu h100] [--shape 800m] [--variant ffqkv]
+      [--settings CACHE=2048,CACHE=2048+ATTEND_SPLITS=8]
+
+GPU time is scarce; what a kernel compiles to is not. This compiles the fused blocks as
+`decode_shares --measure trace` does (`decode_shares.fused_blocks`, each block jitted as a
+generation's program, its state donated), with `decode_shares`' settings, for a compile-only
+device that XLA builds from a description of the GPU (`TARGETS`: an H100's or H200's figures,
+from XLA's target configurations; both Hopper, sm_90a, so their kernels compile alike). Per
+setting and block it prints the instructions of the program that run, copies included
+(`decode_profile.kernels`), each kernel with its registers a thread and the bytes it spills
+(ptxas -v on the PTX that XLA writes). Nothing runs and nothing is timed.
+
+Needs, beside this package: this jaxlib's CUDA plugin without the CUDA libraries it would
+load on a GPU (`pip install --no-deps jax-cuda12-plugin==V jax-cuda12-pjrt==V`, V the
+jaxlib version) and ptxas for sm_90a on the PATH (CUDA 12.8 or newer). Without them it stops
+with a one-line error.
+"""
+
+import glob
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+
+from absl import app
+from absl import flags
+import jax
+from jax.experimental import topologies
+
+from sparse_scaling import decoding
+from sparse_scaling.bench import common
+from sparse_scaling.bench import decode_profile
+from sparse_scaling.bench import decode_shares
+from sparse_scaling.bench import decoders
+
+# The figures of XLA's target configurations (xla/backends/gpu/target_config/specs) that
+# differ between the two cards: name, memory bytes, memory bytes a second.
+GPUS = {'h100': ('NVIDIA H100 80GB HBM3', 84942979072, 3352320000000),
+        'h200': ('NVIDIA H200 141GB HBM3e', 151397597184, 4800000000000)}
+TARGET = """gpu_device_info {{
+  threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
+  shared_memory_per_core: 233472 threads_per_core_limit: 2048 core_count: 132
+  fpus_per_core: 128 block_dim_limit_x: 2147483647 block_dim_limit_y: 65535
+  block_dim_limit_z: 65535 memory_bandwidth: {bandwidth} l2_cache_size: 52428800
+  clock_rate_ghz: 1.98 device_memory_size: {memory} shared_memory_per_block_optin: 232448
+  cuda_compute_capability {{ major: 9 }}
+  registers_per_core_limit: 65536 registers_per_block_limit: 65536
+}}
+platform_name: "CUDA"
+dnn_version_info {{ major: 9 minor: 10 }}
+device_description_str: "{name}"
+"""
+
+
+def compile_only_device(gpu):
+  """A device of the `gpu` (a key of GPUS) that programs compile for but never run on.
+  One-line RuntimeError where this jaxlib has no CUDA plugin."""
+  name, memory, bandwidth = GPUS[gpu]
+  target = TARGET.format(name=name, memory=memory, bandwidth=bandwidth)
+  try:
+    topology = topologies.get_topology_desc(
+        'compile_only', 'cuda', target_config=target, topology='1x1x1')
+  except (RuntimeError, NotImplementedError) as e:
+    raise RuntimeError(f'--gpu {gpu}: no CUDA plugin to compile with (pip install --no-deps '
+                       f'jax-cuda12-plugin=={jax.__version__} jax-cuda12-pjrt=='
+                       f'{jax.__version__}): {str(e).splitlines()[0]}') from e
+  return topology.devices[0]
+
+
+def ptxas_usage(ptx_path, ptxas='ptxas'):
+  """{kernel: (registers a thread, spill bytes stored + loaded)} of the kernels in a PTX
+  file, as `ptxas -v` reports them for sm_90a ({} for a file of no kernel: XLA writes some
+  empty)."""
+  out = subprocess.run([ptxas, '-arch=sm_90a', '-v', ptx_path, '-o', os.devnull],
+                       capture_output=True, text=True, check=False).stderr
+  return parse_ptxas(out)
+
+
+def parse_ptxas(text):
+  """{kernel: (registers, spill bytes)} from `ptxas -v`'s report (its 'Compiling entry
+  function', 'bytes spill stores, ... spill loads' and 'Used N registers' lines)."""
+  usage, kernel, spills = {}, None, 0
+  for line in text.splitlines():
+    entry = re.search(r"Compiling entry function '(\w+)'", line)
+    if entry:
+      kernel, spills = entry.group(1), 0
+    spill = re.search(r'(\d+) bytes spill stores, (\d+) bytes spill loads', line)
+    if spill:
+      spills = int(spill.group(1)) + int(spill.group(2))
+    used = re.search(r'Used (\d+) registers', line)
+    if used and kernel:
+      usage[kernel] = (int(used.group(1)), spills)
+      kernel = None
+  return usage
+
+
+def compiled_blocks(dims, device, dtype='float32'):
+  """{'attention' | 'FF': (the compiled program's HLO text, {kernel: (registers, spill
+  bytes)})}: each fused block of `dims` compiled for `device` as a generation compiles it."""
+  attention, feed_forward, (attention_w, ff_w), x, carry = decode_shares.fused_blocks(
+      dims, dtype=dtype)
+  sharding = jax.sharding.SingleDeviceSharding(device)
+  spec = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding)
+  out = {}
+  for name, fn, args, donate in (('attention', attention, (attention_w, x, *carry), (2, 3, 4)),
+                                 ('FF', feed_forward, (ff_w, x), ())):
+    with tempfile.TemporaryDirectory() as dump:
+      program = decoding.jit(fn, donate_argnums=donate).trace(*jax.tree.map(spec, args))
+      compiled = program.lower(lowering_platforms=('cuda',)).compile(
+          compiler_options={'xla_dump_to': dump})
+      usage = {}
+      for path in sorted(glob.glob(os.path.join(dump, '*.ptx'))):
+        usage.update(ptxas_usage(path))
+    out[name] = (compiled.as_text(), usage)
+  return out
+
+
+def rows(setting, blocks):
+  """Table rows (setting, block, instruction, kernel, registers, spill bytes) of
+  `compiled_blocks`' result: every instruction that runs, a Pallas kernel's by its function."""
+  out = []
+  for block, (hlo, usage) in blocks.items():
+    for name, meta in decode_profile.kernels(hlo).items():
+      kernel = meta['function'] or ''
+      registers, spills = usage.get(kernel, ('', ''))
+      out.append([setting, block, f'`{name}`', f'`{kernel}`' if kernel else '', registers,
+                  spills])
+  return out
+
+
+def define_flags():
+  """Defines the command line's flags; only when run as a program."""
+  flags.DEFINE_enum('gpu', 'h100', list(GPUS), 'The GPU to compile for.')
+  flags.DEFINE_enum('shape', '800m', list(decoders.SHAPES), 'Table 1 shape.')
+  flags.DEFINE_string('variant', 'ffqkv', 'Table 1 variant, with Sparse QKV.')
+  flags.DEFINE_list('settings', ['default'], "decode_shares' settings, each compiled.")
+  flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Weights and caches.')
+
+
+def main(argv):
+  del argv
+  args = flags.FLAGS
+  if 'qkv' not in args.variant:
+    raise app.UsageError(f'--variant {args.variant}: compiles the fused blocks of a variant '
+                         'with Sparse QKV')
+  try:
+    settings = [(text, decode_shares.parse_setting(text)) for text in args.settings]
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
+  if not shutil.which('ptxas'):
+    raise app.UsageError('ptxas: not on the PATH (CUDA 12.8 or newer, for sm_90a)')
+  # Compiles only: the CUDA plugin loads without the CUDA libraries a GPU would need.
+  os.environ['JAX_SKIP_CUDA_CONSTRAINTS_CHECK'] = '1'
+  jax.config.update('jax_platforms', 'cpu')
+  try:
+    device = compile_only_device(args.gpu)
+  except RuntimeError as e:
+    raise app.UsageError(str(e)) from e
+  print(f'{GPUS[args.gpu][0]}, compiled only (jax {jax.__version__}). {args.variant} at '
+        f'{args.shape}, {args.dtype}, each fused block as a generation compiles it.')
+  print(common.table_header(['setting', 'block', 'instruction', 'kernel', 'registers',
+                             'spill bytes']))
+  dims = decoders.dimensions(args.shape, args.variant)
+  for text, setting in settings:
+    with decode_shares.shares(setting):
+      blocks = compiled_blocks(dims, device, args.dtype)
+    for row in rows(text, blocks):
+      print(common.table_row(row), flush=True)
+
+
+if __name__ == '__main__':
+  common.run(main, define_flags)

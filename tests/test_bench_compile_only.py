@@ -1,0 +1,78 @@
+"""The fused blocks compiled for a Hopper GPU without one (`bench/compile_only.py`)."""
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from sparse_scaling.bench import compile_only
+
+
+def _has_plugin():
+  try:
+    return importlib.util.find_spec('jax_plugins.xla_cuda12') is not None
+  except ModuleNotFoundError:   # no jax_plugins package at all
+    return False
+
+
+PLUGIN = _has_plugin()
+REPORT = """ptxas info    : 0 bytes gmem
+ptxas info    : Compiling entry function '_attend_kernel' for 'sm_90a'
+ptxas info    : Function properties for _attend_kernel
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 128 registers, used 1 barriers
+ptxas info    : Compiling entry function 'wide' for 'sm_90a'
+ptxas info    : Function properties for wide
+    48 bytes stack frame, 40 bytes spill stores, 24 bytes spill loads
+ptxas info    : Used 255 registers, used 1 barriers, 8320 bytes smem
+"""
+
+
+def _program(*flags, env=None):
+  return subprocess.run([sys.executable, '-m', 'sparse_scaling.bench.compile_only', *flags],
+                        capture_output=True, text=True, env=env)
+
+
+def test_ptxas_report_gives_each_kernel_its_registers_and_spilled_bytes():
+  assert compile_only.parse_ptxas(REPORT) == {'_attend_kernel': (128, 0), 'wide': (255, 64)}
+  assert compile_only.parse_ptxas('ptxas fatal   : Missing .version directive') == {}
+
+
+def test_a_variant_without_sparse_qkv_is_refused():
+  out = _program('--variant', 'ff')
+  assert out.returncode != 0 and not out.stdout
+  assert out.stderr.splitlines()[-1] == (
+      'error: --variant ff: compiles the fused blocks of a variant with Sparse QKV')
+
+
+def test_without_ptxas_it_stops_with_one_line():
+  env = dict(os.environ, PATH=os.path.dirname(sys.executable))
+  out = _program(env=env)
+  assert out.returncode != 0 and not out.stdout
+  assert out.stderr.splitlines()[-1] == (
+      'error: ptxas: not on the PATH (CUDA 12.8 or newer, for sm_90a)')
+
+
+@pytest.mark.skipif(PLUGIN, reason='this machine has the CUDA plugin')
+def test_without_the_cuda_plugin_no_device_is_made():
+  with pytest.raises(RuntimeError, match='--gpu h200: no CUDA plugin to compile with'):
+    compile_only.compile_only_device('h200')
+
+
+@pytest.mark.skipif(not (PLUGIN and shutil.which('ptxas')),
+                    reason='needs the CUDA plugin and ptxas')
+def test_the_800m_blocks_compile_to_their_kernels_with_registers_and_no_spills():
+  """Where the plugin and ptxas are (not in CI): the 800M FF+QKV attention block is the
+  multiplicative, convolution and attention kernels, the FF block its LayerNorm-controller
+  and units kernels, each with its registers and no spills."""
+  out = _program('--settings', 'default')
+  assert out.returncode == 0, out.stderr
+  rows = [[cell.strip() for cell in line.strip('|').split('|')]
+          for line in out.stdout.splitlines() if line.startswith('| default')]
+  kernels = {row[3].strip('`'): (int(row[4]), int(row[5])) for row in rows if row[3]}
+  assert set(kernels) == {'_mixed_kernel', '_conv_kernel', '_attend_kernel', '_norm_kernel',
+                          '_units_kernel'}
+  assert all(0 < registers <= 255 and spills == 0 for registers, spills in kernels.values())
