@@ -332,27 +332,29 @@ def _attend_kernel(position_ref, x_ref, q_ref, k_cache_ref, v_cache_ref, y_ref, 
   n_slices = d_head // value_width   # a head's programs of value columns
   next_ref[0] = position_ref[0] + 1   # the next token's position (every program writes it)
   index = jnp.minimum(position_ref[0], k_cache_ref.shape[1] - 1)
-  # The head's value columns j, of its channels and of d_model's (program v's, once).
+  # The head's value columns j, of its channels and of d_model's; the program's own (j None)
+  # computed once, up front (as the one-program form always had them: the same code).
   mine = (pl.ds(v * value_width, value_width), pl.ds(h * d_head + v * value_width, value_width))
-  cols = lambda j: mine[0] if j is v else pl.ds(j * value_width, value_width)
-  own = lambda j: mine[1] if j is v else pl.ds(h * d_head + j * value_width, value_width)
+  cols = lambda j=None: mine[0] if j is None else pl.ds(j * value_width, value_width)
+  own = lambda j=None: mine[1] if j is None else pl.ds(h * d_head + j * value_width, value_width)
   q_pieces = decode_kernels.pieces(d_head)
   first = starts[:FILLED_FIRST] if filled else starts
 
   def load_q():
     return [f32(q_ref[b, pl.ds(h * d_head + s0, ls)]) for s0, ls in q_pieces]
 
-  def load_own(j):   # x and the FF block's weights at the head's value columns j
+  def load_own(j=None):   # x and the FF block's weights at the head's value columns j
     x = x_ref[b, own(j)]
     return x, (scale_ref[own(j)], bias_ref[own(j)], c1_ref[own(j), :]) if ff_norm else ()
 
-  def finish(total, weighted, loaded, j):
+  def finish(total, weighted, loaded, j=None):
     """out = x + softmax·V at the head's value columns j, and the FF block's partial sums."""
     x, ff_weights = loaded
     out = (f32(x) + weighted / total).astype(out_ref.dtype)
     out_ref[b, own(j)] = out
     if ff_norm:   # the columns' index among its row's d / Cv
-      _ff_partials(f32(out), *ff_weights, *partial_refs, b, h * n_slices + j)
+      p = h * n_slices + (v if j is None else j)
+      _ff_partials(f32(out), *ff_weights, *partial_refs, b, p)
 
   def move_state():
     """Asks the L2 cache for the next kernel's weights and moves the convolution's state at
@@ -360,7 +362,7 @@ def _attend_kernel(position_ref, x_ref, q_ref, k_cache_ref, v_cache_ref, y_ref, 
     decode_kernels.prefetch_all(ahead_refs, grid[:2])
     if ff_norm:
       decode_kernels.keep((scale_ref, bias_ref, c1_ref), grid[:2])
-    _move_state(y_ref, y_bias_ref, state_ref, state_out_ref, b, own(v), barrier)
+    _move_state(y_ref, y_bias_ref, state_ref, state_out_ref, b, own(), barrier)
 
   def start():
     """(q's pieces, the parts of the first blocks, x and the FF weights): every load first
@@ -372,8 +374,8 @@ def _attend_kernel(position_ref, x_ref, q_ref, k_cache_ref, v_cache_ref, y_ref, 
     qs = load_q()
     keys = [[k_cache_ref[r, pl.ds(s, block), pl.ds(s0, ls)] for s0, ls in q_pieces]
             for s in first]
-    values = [[v_cache_ref[r, pl.ds(s, block), cols(v)]] for s in first]
-    loaded = load_own(v)
+    values = [[v_cache_ref[r, pl.ds(s, block), cols()]] for s in first]
+    loaded = load_own()
     move_state()
     # q · K_cache, the head's pieces of d_head added; `conv` has written the token's own
     # key at `index`, so its score is read as the cache holds it, like the others'.
@@ -384,13 +386,13 @@ def _attend_kernel(position_ref, x_ref, q_ref, k_cache_ref, v_cache_ref, y_ref, 
     return qs, parts, loaded
 
   def read_on(qs, parts, first_step=0, every=1):
-    return _attend_filled(parts, qs, q_pieces, k_cache_ref, v_cache_ref, r, [cols(v)], index,
+    return _attend_filled(parts, qs, q_pieces, k_cache_ref, v_cache_ref, r, [cols()], index,
                           block, len(first), FILLED_STEP, first_step, every)
 
   if splits == 1 and not by_positions:
     qs, parts, loaded = start()
     _, total, (weighted,) = read_on(qs, parts) if filled else parts
-    finish(total, weighted, loaded, v)
+    finish(total, weighted, loaded)
     return
   # Programs that share a head's positions (below); where the token lies in the first
   # blocks (`alone`), a head's value-column programs compute alone as above.
@@ -401,7 +403,8 @@ def _attend_kernel(position_ref, x_ref, q_ref, k_cache_ref, v_cache_ref, y_ref, 
     """A program stores its parts of the softmax at `at` of the scratch outputs (the last
     axis that of the programs sharing them), then counts itself at `counter` (every thread's
     stores made visible GPU-wide first, the program's threads met); the last of them to
-    count merges them all and `finish`es the head's value columns `slices`. The counters
+    count merges them all and `finish`es the head's value columns `slices` (None: the
+    program's own). The counters
     follow the position in its buffer, zeroed by `_conv_kernel`: a kernel's boundary orders
     the zeroing before the counts. The last reads the parts as volatile loads, past its
     multiprocessor's L1 cache, which may hold a line of them read before another program
@@ -435,7 +438,7 @@ def _attend_kernel(position_ref, x_ref, q_ref, k_cache_ref, v_cache_ref, y_ref, 
     @pl.when(alone)
     def _():
       _, (_, total, (weighted,)), loaded = start()
-      finish(total, weighted, loaded, v)
+      finish(total, weighted, loaded)
 
     @pl.when(jnp.logical_not(alone))
     def _():
@@ -454,13 +457,14 @@ def _attend_kernel(position_ref, x_ref, q_ref, k_cache_ref, v_cache_ref, y_ref, 
   @pl.when(s == 0)
   def _():
     qs, parts, loaded = start()
-    pl.when(alone)(lambda: finish(parts[1], parts[2][0], loaded, v))
+    pl.when(alone)(lambda: finish(parts[1], parts[2][0], loaded))
     pl.when(jnp.logical_not(alone))(
-        lambda: publish(read_on(qs, parts, splits - 1, splits), at, counter, [v]))
+        lambda: publish(read_on(qs, parts, splits - 1, splits), at, counter, [None]))
 
   @pl.when((s > 0) & jnp.logical_not(alone))
   def _():
-    publish(read_on(load_q(), _no_parts(index, value_width), s - 1, splits), at, counter, [v])
+    publish(read_on(load_q(), _no_parts(index, value_width), s - 1, splits), at, counter,
+            [None])
 
 
 def _no_parts(index, width, n_slices=1):
