@@ -174,6 +174,27 @@ def test_attention_programs_read_long_caches_in_a_loop_as_xla_step_by_step(max_l
                          tokens) == 2 * 4
 
 
+@pytest.mark.parametrize('d_model, shared', [(64, True), (48, False)])
+def test_a_heads_programs_share_its_positions_where_they_are_a_power_of_2(d_model, shared,
+                                                                         monkeypatch):
+  """FILLED_BY_POSITIONS with value columns of 4: heads of 16 have 4 programs, which share
+  (an atomic add in the step); heads of 12 have 3, which Triton's loads of the parts cannot
+  take, so they read alone, as without it; both decode as XLA's path. With FILLED_SPLITS
+  too, one line naming both."""
+  monkeypatch.setattr(sparse_qkv_block_kernel, 'POSITIONS', 4)
+  monkeypatch.setattr(sparse_qkv_block_kernel, 'FILLED_MIN_LEN', 8)
+  monkeypatch.setattr(sparse_qkv_block_kernel, 'FILLED_FIRST', 1)
+  monkeypatch.setattr(sparse_qkv_block_kernel, 'FILLED_BY_POSITIONS', True)
+  monkeypatch.setattr(sparse_qkv_block_kernel, 'VALUE_WIDTH', 4)
+  tokens = jnp.asarray(np.random.RandomState(8).randint(1, VOCAB, (1, 12)), jnp.int32)
+  assert _decodes_as_xla('interpret', dict(d_model=d_model), tokens,
+                         count='atomic_rmw') == (2 if shared else 0)
+  monkeypatch.setattr(sparse_qkv_block_kernel, 'FILLED_SPLITS', 2)
+  with pytest.raises(Exception, match=r'FILLED_SPLITS \(2\) and FILLED_BY_POSITIONS: one at '
+                                      r'most'):   # trax's LayerError around the ValueError
+    _decode('interpret', dict(d_model=64), tokens)
+
+
 @pytest.mark.parametrize('filled_min_len, first, step, splits, reads_past, by_positions', [
     (8, 0, 1, 1, False, 0), (8, 1, 1, 1, False, 0), (8, 2, 1, 1, False, 0),
     (8, 0, 3, 1, False, 0), (8, 0, 1, 4, False, 0), (8, 1, 3, 2, False, 0),

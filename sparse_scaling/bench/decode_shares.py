@@ -310,7 +310,12 @@ def parse_setting(text):
 
 def _check_positions(setting):
   """One-line ValueError where a setting's caches (CACHE) cannot hold its PROMPT and the
-  TOKENS after it."""
+  TOKENS after it, or where it shares a head's positions both ways (ATTEND_SPLITS above 1 and
+  ATTEND_BY_POSITIONS)."""
+  if setting.get('ATTEND_SPLITS', 1) > 1 and setting.get('ATTEND_BY_POSITIONS'):
+    raise ValueError(f'--settings: ATTEND_SPLITS={setting["ATTEND_SPLITS"]} and '
+                     'ATTEND_BY_POSITIONS=1: a head\'s programs share its positions one way at '
+                     'most')
   prompt = setting.get('PROMPT', PROMPT)
   max_len = setting.get('CACHE', decoders.MAX_LEN)
   if prompt + TOKENS > max_len:
