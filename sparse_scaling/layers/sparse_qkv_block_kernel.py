@@ -145,7 +145,7 @@ FILLED_SPLITS = 1
 # ... or, with FILLED_BY_POSITIONS, past the first FILLED_FIRST blocks a head's value-column
 # programs share its blocks (each reading the keys once and every value column, in a loop of
 # POSITIONS_STEP blocks a step), the last of them to finish merging, as the splits merge: no
-# program more. Off until timed on a GPU (docs/decoding_gpu.md, "A head's programs sharing
+# extra program. Off until timed on a GPU (docs/decoding_gpu.md, "A head's programs sharing
 # its positions").
 FILLED_BY_POSITIONS = False
 POSITIONS_STEP = 2
