@@ -6,9 +6,10 @@ and spills, and the instructions XLA runs.
 
 GPU time is scarce; what a kernel compiles to is not. This compiles the fused blocks as
 `decode_shares --measure trace` does (`decode_shares.fused_blocks`, each block jitted as a
-generation's program, its state donated), with `decode_shares`' settings, for a compile-only
-device that XLA builds from a description of the GPU (`TARGETS`: an H100's or H200's figures,
-from XLA's target configurations; both Hopper, sm_90a, so their kernels compile alike). Per
+generation's program, its state donated: `decode_shares.fused_block_programs`), with
+`decode_shares`' settings, for a compile-only device that XLA builds from a description of
+the GPU (`TARGET` with `GPUS`' figures: an H100's or H200's, from XLA's target
+configurations; both Hopper, sm_90a, so their kernels compile alike). Per
 setting and block it prints the instructions of the program that run, copies included
 (`decode_profile.kernels`), each kernel with its registers a thread and the bytes it spills
 (ptxas -v on the PTX that XLA writes). Nothing runs and nothing is timed.
@@ -101,13 +102,10 @@ def parse_ptxas(text):
 def compiled_blocks(dims, device, dtype='float32'):
   """{'attention' | 'FF': (the compiled program's HLO text, {kernel: (registers, spill
   bytes)})}: each fused block of `dims` compiled for `device` as a generation compiles it."""
-  attention, feed_forward, (attention_w, ff_w), x, carry = decode_shares.fused_blocks(
-      dims, dtype=dtype)
   sharding = jax.sharding.SingleDeviceSharding(device)
   spec = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding)
   out = {}
-  for name, fn, args, donate in (('attention', attention, (attention_w, x, *carry), (2, 3, 4)),
-                                 ('FF', feed_forward, (ff_w, x), ())):
+  for name, fn, args, donate in decode_shares.fused_block_programs(dims, dtype=dtype):
     with tempfile.TemporaryDirectory() as dump:
       program = decoding.jit(fn, donate_argnums=donate).trace(*jax.tree.map(spec, args))
       compiled = program.lower(lowering_platforms=('cuda',)).compile(

@@ -308,7 +308,7 @@ def parse_setting(text):
   return setting
 
 
-def _check_positions(setting):
+def _check_setting(setting):
   """One-line ValueError where a setting's caches (CACHE) cannot hold its PROMPT and the
   TOKENS after it, or where it shares a head's positions both ways (ATTEND_SPLITS above 1 and
   ATTEND_BY_POSITIONS)."""
@@ -517,6 +517,14 @@ def fused_blocks(dims, interpret=False, dtype='float32'):
           (state, *caches))
 
 
+def fused_block_programs(dims, interpret=False, dtype='float32'):
+  """[(name, fn, args, donated argument numbers)] of the fused blocks (`fused_blocks`), as a
+  generation's program takes them: 'attention' with its state and caches donated, 'FF'."""
+  attention, feed_forward, (attention_w, ff_w), x, carry = fused_blocks(dims, interpret, dtype)
+  return [('attention', attention, (attention_w, x, *carry), (2, 3, 4)),
+          ('FF', feed_forward, (ff_w, x), ())]
+
+
 def kernels(dims, depth, interpret=False, steps=(8, 40), dtype='float32'):
   """(attention, FF): seconds per iteration of the fused blocks' kernels alone
   (`fused_blocks`), each block's looped on its own output in one compiled program:
@@ -552,7 +560,6 @@ def trace(dims, depth, interpret=False, steps=20, dtype='float32'):
   wait on memory take longer there (at 800M the units kernel 2.4 µs here, 4.1 in a
   generation's profile)."""
   del depth
-  attention, feed_forward, (attention_w, ff_w), x, carry = fused_blocks(dims, interpret, dtype)
   per_kernel = collections.Counter()
 
   def seconds(fn, args, donate, feed):
@@ -577,8 +584,9 @@ def trace(dims, depth, interpret=False, steps=20, dtype='float32'):
   def carry_on(args, out):   # the new state and caches, in the donated buffers' place
     args[2:] = out[1:]
 
-  attention_s = seconds(attention, (attention_w, x, *carry), (2, 3, 4), carry_on)
-  ff_s = seconds(feed_forward, (ff_w, x), (), lambda args, out: None)
+  (_, *attention), (_, *feed_forward) = fused_block_programs(dims, interpret, dtype)
+  attention_s = seconds(*attention, carry_on)
+  ff_s = seconds(*feed_forward, lambda args, out: None)
   return attention_s, ff_s, dict(per_kernel.most_common())
 
 
@@ -641,7 +649,7 @@ def main(argv):
   args = flags.FLAGS
   try:
     for text in args.settings:
-      _check_positions(parse_setting(text))
+      _check_setting(parse_setting(text))
   except ValueError as e:
     raise app.UsageError(str(e)) from None
   if args.alternate and args.measure not in ('token', 'call'):

@@ -227,8 +227,8 @@ def _conv_kernel(index_ref, y_ref, y_bias_ref, state_ref, wq_ref, bq_ref, wk_ref
   m0 = c * width
   m_pieces = decode_kernels.pieces(n_channels)
   position_ref[0] = index_ref[0]   # for `attend`, which moves index_ref on in place
-  # Split attention programs' counters, after the position (`_attend_kernel`'s `publish`):
-  # a row's zeroed once.
+  # The counters of attention programs that share a head's positions, after the position
+  # (`_attend_kernel`'s `publish`): a row's zeroed once.
   per_row = (position_ref.shape[0] - 1) // state_ref.shape[0]
   if per_row:
     @pl.when((o == 0) & (g == 0) & (c == 0))
@@ -404,12 +404,11 @@ def _attend_kernel(position_ref, x_ref, q_ref, k_cache_ref, v_cache_ref, y_ref, 
     axis that of the programs sharing them), then counts itself at `counter` (every thread's
     stores made visible GPU-wide first, the program's threads met); the last of them to
     count merges them all and `finish`es the head's value columns `slices` (None: the
-    program's own). The counters
-    follow the position in its buffer, zeroed by `_conv_kernel`: a kernel's boundary orders
-    the zeroing before the counts. The last reads the parts as volatile loads, past its
-    multiprocessor's L1 cache, which may hold a line of them read before another program
-    stored its part there (Triton's `.cg` loads, meant for this, fail in this JAX's
-    lowering)."""
+    program's own). The counters follow the position in its buffer, zeroed by
+    `_conv_kernel`: a kernel's boundary orders the zeroing before the counts. The last reads
+    the parts as volatile loads, past its multiprocessor's L1 cache, which may hold a line of
+    them read before another program stored its part there (Triton's `.cg` loads, meant for
+    this, fail in this JAX's lowering)."""
     top, total, weighted = parts
     tops_ref[at] = top
     totals_ref[at] = total
