@@ -20,6 +20,11 @@ smallest set of most likely tokens whose probability reaches top_p); temperature
 The noise of row r's j-th new token is drawn from `fold_in(PRNGKey(seeds[r]), j)`, where
 `seeds[r] = seed + r` for an int seed: a row depends on its own prompt and seed only, never
 on the rest of the batch.
+
+Late tokens: where a fused block pays only up to a cache position (`fused_residual.
+late_position`: the Sparse QKV block's kernels, long caches), a decoder-only generation runs
+its tokens from that position on in a second loop, traced within `fused_residual.late()`,
+where the block takes its layers' XLA path: no per-token choice at run time.
 """
 
 import functools
@@ -31,6 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 from trax import shapes
 from trax.layers import attention as trax_attention
+
+from sparse_scaling.layers import fused_residual
 
 # XLA's GPU compiler rewrites a product of a vector and a matrix of up to ten million elements
 # as an elementwise product and a reduction (its 'dot-strength-reduction' pass). Decoding one
@@ -384,11 +391,22 @@ class Decoder:
 
     Step i (from 0) chooses the token at position n_shared + i of every row: its prompt's
     token while the row has one there, else a new token from the logits of the last step.
+    The caches take that token at position n_shared + i + 1 (after the start token), in
+    step i + 1: the steps from the model's late position on (`fused_residual.late_position`)
+    are traced within `fused_residual.late()`, a loop of their own.
     """
     batch_size, prompt_length = prompt.shape
+    n_steps = prompt_length - n_shared + max_new_tokens  # until the longest row is complete
+    # The first step whose token is at the late position or past it (an encoder-decoder's
+    # caches hold the encoder's positions first: none).
+    late = fused_residual.late_position(self.model) if inputs is None else None
+    first_late = n_steps if late is None else max(late - n_shared, 1)
+    late_weights = None
+    if first_late < n_steps:
+      with fused_residual.late():
+        late_weights = laid_out(self.model, weights)
     weights = laid_out(self.model, weights)
     rows = jnp.arange(batch_size)
-    n_steps = prompt_length - n_shared + max_new_tokens  # until the longest row is complete
     keys = jax.vmap(jax.random.PRNGKey)(seeds)                        # [batch, 2]
     prompt = jnp.pad(prompt, ((0, 0), (0, 1)))  # a column to read past the end of every row
 
@@ -412,11 +430,15 @@ class Decoder:
       tokens = tokens.at[rows, jnp.where(kept, new_index, max_new_tokens)].set(token)
       return token, tokens, done
 
-    def body(carry):
+    def body(carry, weights=weights):
       i, token, state, tokens, done = carry
       logits, state = self._step(weights, state, token[:, None], inputs)
       token, tokens, done = choose(i, logits, tokens, done)
       return i + 1, token, state, tokens, done
+
+    def late_body(carry):
+      with fused_residual.late():
+        return body(carry, late_weights)
 
     def cond(carry):
       i, _, _, _, done = carry
@@ -434,8 +456,13 @@ class Decoder:
       # One step before the loop: some layers' state changes shape or structure after the
       # prompt pass (trax's MultiplicativeConvCausalAttention keeps the inputs of its last
       # call), and a while_loop's carry must keep one shape.
-      carry = body(carry)
-    return jax.lax.while_loop(cond, body, carry)[3][:, :max_new_tokens]
+      carry = (body if first_late > 1 else late_body)(carry)
+    if first_late > 2:
+      early = lambda c: cond(c) & (c[0] < first_late)
+      carry = jax.lax.while_loop(early, body, carry)
+    if first_late < n_steps:
+      carry = jax.lax.while_loop(cond, late_body, carry)
+    return carry[3][:, :max_new_tokens]
 
 
 @gin.configurable(module='sparse_scaling', denylist=['model_fn', 'weights'])

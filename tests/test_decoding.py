@@ -1,6 +1,7 @@
 """The compiled decoder: equal to trax's autoregressive sampling, EOS, sampling options,
 prompts of different lengths, errors."""
 
+import collections
 import functools
 import json
 import os
@@ -22,9 +23,12 @@ from sparse_scaling import decoding
 from sparse_scaling.decoding import Decoder
 from sparse_scaling.decoding import filter_logits
 from sparse_scaling.layers import decode_kernels
+from sparse_scaling.layers import fused_residual
 from sparse_scaling.layers import ModuleConv
 from sparse_scaling.layers import sparse_ff
 from sparse_scaling.layers import sparse_qkv
+from sparse_scaling.layers import sparse_qkv_block_kernel
+from sparse_scaling.layers.causal_attention import CausalAttentionCore
 from sparse_scaling.models import ScalingTransformer
 from sparse_scaling.models import ScalingTransformerLM
 from sparse_scaling.models import Terraformer
@@ -358,6 +362,70 @@ def test_a_fused_block_that_takes_the_token_keeps_its_convolutions_layout(monkey
     assert _layouts(laid) == layouts
     if not layouts:
       assert all(a is b for a, b in zip(jax.tree.leaves(laid), jax.tree.leaves(weights)))
+
+
+@pytest.mark.parametrize('lengths', [(3,), (5, 7), (9, 11)])
+def test_tokens_from_the_late_position_on_decline_the_attention_kernels(lengths, monkeypatch):
+  """Caches of 16 read in a loop (here from 8 positions in blocks of 4), LATE_POSITION 9:
+  the generation's tokens at positions before 9 go through the attention blocks' kernels,
+  those at 9 or after through XLA's attention, in a loop traced within
+  `fused_residual.late()` (prompts of 3; of 5 and 7, the longer row forced past 9; of 9 and
+  11: every step late). Greedy tokens equal those of XLA's path and of the kernels
+  throughout (LATE_POSITION None)."""
+  monkeypatch.setattr(sparse_qkv_block_kernel, 'POSITIONS', 4)
+  monkeypatch.setattr(sparse_qkv_block_kernel, 'FILLED_MIN_LEN', 8)
+  model_fn = functools.partial(ScalingTransformerLM,
+                               **dict(TINY, attention_sparsity=4, max_len=16))
+  model = model_fn(mode='eval')
+  model.init(shapes.ShapeDtype((1, 8), np.int32), rng=jax.random.PRNGKey(3))
+  rng = np.random.RandomState(5)
+  prompt = [rng.randint(1, TINY['vocab_size'], n).tolist() for n in lengths]
+  steps = collections.defaultdict(set)   # (path, within late()) -> cache positions run
+
+  def spy(where, wrapped):
+    def call(*args, **kwargs):
+      if where == 'kernels':   # decode_step(x, norm, mixed, conv, state, k, v, index, ...)
+        index = args[7]
+      elif args[0]._mode == 'predict' and args[1][0].shape[1] == 1:   # forward((q, k, v))
+        index = args[0].state[2]
+      else:
+        return wrapped(*args, **kwargs)
+      key = (where, fused_residual.is_late())
+      jax.debug.callback(lambda i: steps[key].add(int(i)), index)
+      return wrapped(*args, **kwargs)
+    return call
+
+  monkeypatch.setattr(sparse_qkv_block_kernel, 'decode_step',
+                      spy('kernels', sparse_qkv_block_kernel.decode_step))
+  monkeypatch.setattr(CausalAttentionCore, 'forward', spy('xla', CausalAttentionCore.forward))
+  first, last = min(lengths) + 1, 15   # the one-token steps' positions (after the start token)
+  tokens = {}
+  for kernel, late, expected in (
+      ('xla', 9, {('xla', False): range(first, last)}),
+      ('interpret', None, {('kernels', False): range(first, last)}),
+      ('interpret', 9, {('kernels', False): range(first, 9),
+                        ('xla', True): range(max(first, 9), last)})):
+    monkeypatch.setattr(sparse_qkv_block_kernel, 'LATE_POSITION', late)
+    steps.clear()
+    with decode_kernels.use(kernel):
+      decoder = Decoder(model_fn, model.weights)
+      assert fused_residual.late_position(decoder.model) == (late if kernel != 'xla' else None)
+      tokens[kernel, late] = decoder.generate(prompt, last - max(lengths))
+    assert dict(steps) == {key: set(r) for key, r in expected.items() if r}
+  np.testing.assert_array_equal(tokens['interpret', None], tokens['xla', 9])
+  np.testing.assert_array_equal(tokens['interpret', 9], tokens['xla', 9])
+
+
+def test_the_late_position_needs_caches_read_in_a_loop_that_reach_it(monkeypatch):
+  """`sparse_qkv_block_kernel.late_position`: LATE_POSITION where the caches are read in a
+  loop (FILLED_MIN_LEN) and hold positions past it; None otherwise, or with it None."""
+  late_position = sparse_qkv_block_kernel.late_position
+  monkeypatch.setattr(sparse_qkv_block_kernel, 'LATE_POSITION', 768)
+  assert late_position(2048) == 768
+  assert late_position(768) is None   # no position past it
+  assert late_position(168) is None   # Table 1's caches, every block loaded first
+  monkeypatch.setattr(sparse_qkv_block_kernel, 'LATE_POSITION', None)
+  assert late_position(2048) is None
 
 
 @pytest.mark.parametrize('name, longest', [('scaling_transformer', 32),

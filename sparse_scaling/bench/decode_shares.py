@@ -33,6 +33,8 @@ constant, set while the setting is measured and restored after it. The names, by
                                  value-column programs share its blocks, each reading every
                                  value column
     ATTEND_POSITIONS_STEP        `POSITIONS_STEP`: the blocks a step of those programs reads
+    LATE                         `LATE_POSITION`: a generation's tokens from this cache
+                                 position on decline the block (none: never; token)
     CACHES                       `PREFETCH_CACHES`, 1: the multiplicative programs ask the
                                  L2 cache for the KV caches that attention reads
     STATE                        `PREFETCH_STATE`, 1: they ask for the convolution's state
@@ -44,7 +46,8 @@ constant, set while the setting is measured and restored after it. The names, by
   layers/sparse_qkv_mosaic.py (with QKV_MOSAIC=1)
     MOSAIC_CHANNELS              `CHANNELS`: channels of M per multiplicative program
     MOSAIC_WIDTH                 `WIDTH`: output channels per convolution program
-    (MODULES=all and MIXED_CHANNELS=all: None, the kernel's choice and all of M)
+    (MODULES=all and MIXED_CHANNELS=all: None, the kernel's choice and all of M; LATE=none:
+    None)
   layers/sparse_ff_kernel.py
     FF_GROUP, FF_WARPS           blocks of N units and warps per units program
     FF_ROWS                      rows of C1 per LayerNorm-controller program
@@ -247,6 +250,7 @@ SHARES = {**{name: (sparse_qkv_block_kernel, name)
           'ATTEND_SPLITS': (sparse_qkv_block_kernel, 'FILLED_SPLITS'),
           'ATTEND_BY_POSITIONS': (sparse_qkv_block_kernel, 'FILLED_BY_POSITIONS'),
           'ATTEND_POSITIONS_STEP': (sparse_qkv_block_kernel, 'POSITIONS_STEP'),
+          'LATE': (sparse_qkv_block_kernel, 'LATE_POSITION'),
           'CACHE': (decoders, 'MAX_LEN'),
           'ATTN_POSITIONS': (attention_kernel, 'POSITIONS'),
           'CUBLAS_BYTES': (decoding, 'CUBLAS_MAX_BYTES'), 'GRAPHS': (decoding, 'GRAPH_LOOPS'),
@@ -270,7 +274,7 @@ _ALL = ('MODULES', 'MIXED_CHANNELS')   # also 'all': None, the kernel's own choi
 _ANY = ('FF_PARTS_BYTES', 'STATS_IN_KERNEL', 'MAX_D_MODEL', 'CUBLAS_BYTES',
         'KEEP_BYTES', 'CHUNK', 'MULT_FORM', 'ATTN_ROWS', 'MULT_MIN',
         'MULT_STAGES', 'FILLED_MIN', 'ATTN_LEN', 'ATTEND_FILLED',
-        'ATTEND_FIRST', 'PROMPT', 'FILLED_UNTIL')   # any int >= 0
+        'ATTEND_FIRST', 'PROMPT', 'FILLED_UNTIL', 'LATE')   # any int >= 0
 PROMPT, TOKENS = 128, 32   # a generation's (`--measure token`); PROMPT also block's and call's
 CALLS = 32                 # calls of a block timed (`--measure call`)
 ROUND_CALLS = 5            # with --alternate, a round's
@@ -287,12 +291,12 @@ def parse_setting(text):
   setting = {}
   for pair in text.split('+'):
     name, _, value = pair.partition('=')
-    if name in _ALL and value == 'all':
+    if (name in _ALL and value == 'all') or (name == 'LATE' and value == 'none'):
       setting[name] = None
       continue
     if name not in SHARES or not value.isdigit():
       raise ValueError(f'--settings: {pair!r} must be NAME=integer with NAME one of '
-                       f'{list(SHARES)} (MODULES and MIXED_CHANNELS also =all)')
+                       f'{list(SHARES)} (MODULES and MIXED_CHANNELS also =all, LATE =none)')
     value = int(value)
     if (name in _SWITCHES and value not in (0, 1)) or (
         name in ('MAX_PARTS', 'CACHE') and value < 1) or (name == 'SHARED' and value > 2) or (

@@ -13,6 +13,10 @@ CHAIN on, its one-token calls run each attention block that is followed by an FF
 one chain: the attention kernel's programs also write the partial sums from which the FF
 block's units programs finish its LayerNorm, so that the FF block needs no kernel of its own
 for it (a trax layer hands the next one a single array; these sums cross the boundary here).
+
+A fused block may pay only up to a cache position (`late_position`): `decoding.Decoder` then
+runs a generation's later tokens in a second loop traced within `late()`, where such blocks
+decline.
 """
 
 import contextlib
@@ -23,6 +27,30 @@ from trax.layers import combinators
 # Whether `FusedDecoder` chains an attention block and the FF block after it (on an H200 at
 # 800M, 2-5% faster per token than each block alone: docs/decoding_gpu.md).
 CHAIN = True
+_LATE = [False]   # within `late()`
+
+
+@contextlib.contextmanager
+def late():
+  """Within the block, blocks traced anew that decline late (`late_position`) decline."""
+  previous, _LATE[0] = _LATE[0], True
+  try:
+    yield
+  finally:
+    _LATE[0] = previous
+
+
+def is_late():
+  """Whether blocks traced now decline from their late position on (`late()`)."""
+  return _LATE[0]
+
+
+def late_position(layer):
+  """The first cache position from which some fused block of `layer` declines (the least
+  of their `late_position()`), or None."""
+  own = layer.late_position() if isinstance(layer, FusedResidual) else None
+  found = [p for p in [own, *map(late_position, layer.sublayers)] if p is not None]
+  return min(found, default=None)
 
 
 class FusedResidual(tl.Serial):
@@ -66,6 +94,11 @@ class FusedResidual(tl.Serial):
     for path, part_state in zip(self._paths, states):
       state = _put(state, path, part_state)
     return out, state, more
+
+  def late_position(self):
+    """The cache position from which a generation's tokens should decline `fused`
+    (`late()`), or None: never."""
+    return None
 
   def fused(self, x, parts, **chain):
     """(out, new states of PARTS, ...) for x [batch, 1, d] and (weights, state) of PARTS; or

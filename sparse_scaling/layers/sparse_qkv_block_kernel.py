@@ -149,6 +149,22 @@ FILLED_SPLITS = 1
 # its positions").
 FILLED_BY_POSITIONS = False
 POSITIONS_STEP = 2
+# A generation's tokens from this cache position on (None: none) take the block's layers as
+# XLA runs them, attention's split kernel among them (`decoding.Decoder` runs them in a
+# second loop, `fused_residual.late`), where the caches are long enough to be read in a
+# loop (`reads_filled`). The two cross near 768: on an H100 at 800M, caches of 2048, one block
+# looped took 0.0227 ms fused and 0.0229 declined there, 0.0165 against 0.0222 at 128 and
+# 0.0303 against 0.0235 at 1920; the 24-block generation at 1920 0.7712 ms a token declined
+# against 1.0049 fused (docs/decoding_gpu.md, "Tokens late in long caches").
+LATE_POSITION = 768
+
+
+def late_position(max_len):
+  """The cache position from which a generation's tokens decline the block (LATE_POSITION),
+  where caches of `max_len` positions reach it and are read in a loop; else None."""
+  if LATE_POSITION is None or not reads_filled(max_len) or LATE_POSITION >= max_len:
+    return None
+  return LATE_POSITION
 
 
 def fits(d_model, n_modules, n_heads, sizes, length_kernel_size):
