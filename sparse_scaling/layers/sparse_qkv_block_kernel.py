@@ -145,18 +145,23 @@ FILLED_SPLITS = 1
 # ... or, with FILLED_BY_POSITIONS, past the first FILLED_FIRST blocks a head's value-column
 # programs share its blocks (each reading the keys once and every value column, in a loop of
 # POSITIONS_STEP blocks a step), the last of them to finish merging, as the splits merge: no
-# extra program. Off until timed on a GPU (docs/decoding_gpu.md, "A head's programs sharing
-# its positions").
+# extra program. Off: on an H100, one 800M block looped with caches of 2048 took 0.0247 ms at
+# 1920 (0.0243 with 4 blocks a step) against 0.0307 unsplit and 0.0232 declined, 0.0221
+# against 0.0222 at 768, and 0.0211 against 0.0187 at 128, where it does not share
+# (docs/decoding_gpu.md, "Late tokens in a loop of their own").
 FILLED_BY_POSITIONS = False
 POSITIONS_STEP = 2
 # A generation's tokens from this cache position on (None: none) take the block's layers as
 # XLA runs them, attention's split kernel among them (`decoding.Decoder` runs them in a
 # second loop, `fused_residual.late`), where the caches are long enough to be read in a
-# loop (`reads_filled`). The two cross near 768: on an H100 at 800M, caches of 2048, one block
-# looped took 0.0227 ms fused and 0.0229 declined there, 0.0165 against 0.0222 at 128 and
-# 0.0303 against 0.0235 at 1920; the 24-block generation at 1920 0.7712 ms a token declined
-# against 1.0049 fused (docs/decoding_gpu.md, "Tokens late in long caches").
-LATE_POSITION = 768
+# loop (`reads_filled`). The loop takes ⌈(position // 64 − 3) / 4⌉ steps: 3 from 768 to 1023,
+# 4 from 1024. One 800M block looped on an H100, caches of 2048, fused against declined:
+# 0.0222 against 0.0238 ms at 768 and 0.0307 against 0.0232 at 1920 (7 steps; ~2.1 µs a step),
+# 0.0187 against 0.0225 at 128; an earlier lease 0.0227 against 0.0229 at 768, 0.0303
+# against 0.0235 at 1920. So the fused block is ahead up to 1023 and a step behind from 1024;
+# the 24-block generation at 1920 took 0.7712 ms a token declined against 1.0049 fused
+# (docs/decoding_gpu.md, "Late tokens in a loop of their own").
+LATE_POSITION = 1024
 
 
 def late_position(max_len):
