@@ -24,7 +24,7 @@ on the rest of the batch.
 Late tokens: where a fused block pays only up to a cache position (`fused_residual.
 late_position`: the Sparse QKV block's kernels, long caches), a decoder-only generation runs
 its tokens from that position on in a second loop, traced within `fused_residual.late()`,
-where the block takes its layers' XLA path: no per-token choice at run time.
+where the block runs its layers one by one: no per-token choice at run time.
 """
 
 import functools

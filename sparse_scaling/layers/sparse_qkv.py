@@ -346,7 +346,8 @@ class SparseQKVResidual(FusedResidual):
 
   def late_position(self):
     """Where the block's kernels take a token: the cache position from which they give way
-    to XLA's (`sparse_qkv_block_kernel.LATE_POSITION`, caches read in a loop); else None."""
+    to its layers' own (`sparse_qkv_block_kernel.LATE_POSITION`, caches read in a loop);
+    else None."""
     if self._kernel(late=False) is None:
       return None
     core = self.part(3)
