@@ -329,9 +329,15 @@ class SparseQKVResidual(FusedResidual):
     states = ((), (), conv_state, (k_cache, v_cache, index))
     return (out.reshape(x.shape), states) + ((partials,) if ff_norm else ())
 
-  def _kernel(self, late=None):
-    """'pallas' or 'interpret' where the block's kernels take a token (within
-    `fused_residual.late()`, not where the block declines late); else None."""
+  def _kernel(self):
+    """'pallas' or 'interpret' where the block's kernels take a token, but not within
+    `fused_residual.late()` where the block declines late; else None."""
+    if fused_residual.is_late() and self.late_position() is not None:
+      return None
+    return self._takes_token()
+
+  def _takes_token(self):
+    """'pallas' or 'interpret' where the block's kernels take these shapes; else None."""
     kernel = decode_kernels.active('sparse_qkv_block')
     norm, mixed, conv, core = [self.part(i) for i in range(len(self.PARTS))]
     # pylint: disable=protected-access
@@ -339,19 +345,15 @@ class SparseQKVResidual(FusedResidual):
         conv._n_modules * conv._channels, mixed._n_modules, core._n_heads, conv._sizes,
         conv._lks)):
       return None
-    late = fused_residual.is_late() if late is None else late
-    if late and sparse_qkv_block_kernel.late_position(core._max_len) is not None:
-      return None
     return kernel
 
   def late_position(self):
     """Where the block's kernels take a token: the cache position from which they give way
     to its layers' own (`sparse_qkv_block_kernel.LATE_POSITION`, caches read in a loop);
     else None."""
-    if self._kernel(late=False) is None:
+    if self._takes_token() is None:
       return None
-    core = self.part(3)
-    return sparse_qkv_block_kernel.late_position(core._max_len)  # pylint: disable=protected-access
+    return sparse_qkv_block_kernel.late_position(self.part(3)._max_len)  # pylint: disable=protected-access
 
   def decode_weights(self, weights):
     """`weights` as they are where the block's kernels take a token (they read the

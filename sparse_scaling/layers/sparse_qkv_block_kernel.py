@@ -151,9 +151,9 @@ FILLED_SPLITS = 1
 # (docs/decoding_gpu.md, "Late tokens in a loop of their own").
 FILLED_BY_POSITIONS = False
 POSITIONS_STEP = 2
-# A generation's tokens from this cache position on (None: none) take the block's layers as
-# XLA runs them, attention's split kernel among them (`decoding.Decoder` runs them in a
-# second loop, `fused_residual.late`), where the caches are long enough to be read in a
+# A generation's tokens from this cache position on (None: none) decline the block, which runs
+# its layers one by one, attention's split kernel among them (`decoding.Decoder` runs them in
+# a second loop, `fused_residual.late`), where the caches are long enough to be read in a
 # loop (`reads_filled`). With POSITIONS, FILLED_FIRST and FILLED_STEP as above the loop takes
 # ⌈(position // 64 − 3) / 4⌉ steps: 3 from 768 to 1023, 4 from 1024. One 800M block looped
 # on an H100, caches of 2048, fused against declined:
