@@ -292,16 +292,6 @@ def test_a_prompt_the_caches_cannot_hold_with_the_tokens_is_refused():
           'here)' in out.stderr.splitlines()[-1])
 
 
-def test_a_setting_sharing_a_heads_positions_both_ways_is_refused():
-  out = subprocess.run([sys.executable, '-m', 'sparse_scaling.bench.decode_shares',
-                        '--settings', 'default,ATTEND_SPLITS=4+ATTEND_BY_POSITIONS=1'],
-                       capture_output=True, text=True)
-  assert out.returncode != 0 and not out.stdout
-  assert out.stderr.splitlines()[-1] == (
-      "error: --settings: ATTEND_SPLITS=4 and ATTEND_BY_POSITIONS=1: a head's programs share "
-      'its positions one way at most')
-
-
 def test_alternate_times_generations_and_calls_only():
   out = subprocess.run([sys.executable, '-m', 'sparse_scaling.bench.decode_shares',
                         '--alternate', '--measure', 'block'], capture_output=True, text=True)

@@ -139,86 +139,40 @@ def test_blocks_each_alone_equal_xla_step_by_step(d_model, n_heads, attention_sp
   assert _decodes_as_xla('interpret', kwargs, tokens) == 2 * (3 + 2)
 
 
-@pytest.mark.parametrize('first, step, splits, d_model, by_positions', [
-    (0, 1, 1, 64, 0), (2, 1, 1, 64, 0), (0, 3, 1, 64, 0), (1, 2, 1, 64, 0), (1, 1, 2, 64, 0),
-    (0, 1, 4, 64, 0), (2, 1, 8, 64, 0), (1, 1, 4, 48, 0), (0, 1, 1, 64, (1, 4)),
-    (2, 1, 1, 64, (2, 4)), (1, 1, 1, 64, (3, 4)), (1, 1, 1, 64, (1, 8))])
+@pytest.mark.parametrize('first, step', [(0, 1), (2, 1), (0, 3), (1, 2)])
 @pytest.mark.parametrize('max_len', [16, 14])
 def test_attention_programs_read_long_caches_in_a_loop_as_xla_step_by_step(max_len, first,
-                                                                          step, splits,
-                                                                          d_model, by_positions,
-                                                                          monkeypatch):
+                                                                          step, monkeypatch):
   """From FILLED_MIN_LEN positions (here 8) the attention programs read the caches' first
   FILLED_FIRST blocks of POSITIONS (here 0, 1 or 2 blocks of 4) up front and the others in a
   loop (of 14 positions, the last from 10, overlapping the one before), FILLED_STEP blocks a
   step (1, 2 or 3: a last step may reach past the caches' end), as far as the token's
-  position, one program a head's columns or FILLED_SPLITS (2, 4 or 8: more than the steps,
-  some with none) that share the steps, the last to finish merging (d_model 48: heads of 12
-  in 3 programs' columns, 24 counters a call); or, with FILLED_BY_POSITIONS (`by_positions`:
-  POSITIONS_STEP 1, 2 or 3 blocks a step, VALUE_WIDTH 4 or 8), past the first blocks a head's
-  value-column programs (4 or 2) share its blocks from the first, each reading every value
-  column: each step's logits and the whole state as XLA's path, two rows, the tokens from
+  position: each step's logits and the whole state as XLA's path, two rows, the tokens from
   the first block to past the caches' end (every block then)."""
   monkeypatch.setattr(sparse_qkv_block_kernel, 'POSITIONS', 4)
   monkeypatch.setattr(sparse_qkv_block_kernel, 'FILLED_MIN_LEN', 8)
   monkeypatch.setattr(sparse_qkv_block_kernel, 'FILLED_FIRST', first)
   monkeypatch.setattr(sparse_qkv_block_kernel, 'FILLED_STEP', step)
-  monkeypatch.setattr(sparse_qkv_block_kernel, 'FILLED_SPLITS', splits)
-  if by_positions:
-    monkeypatch.setattr(sparse_qkv_block_kernel, 'FILLED_BY_POSITIONS', True)
-    monkeypatch.setattr(sparse_qkv_block_kernel, 'POSITIONS_STEP', by_positions[0])
-    monkeypatch.setattr(sparse_qkv_block_kernel, 'VALUE_WIDTH', by_positions[1])
   assert sparse_qkv_block_kernel.reads_filled(max_len)
   tokens = jnp.asarray(np.random.RandomState(6).randint(1, VOCAB, (2, 18)), jnp.int32)
-  assert _decodes_as_xla('interpret', dict(max_len=max_len, d_model=d_model),
-                         tokens) == 2 * 4
+  assert _decodes_as_xla('interpret', dict(max_len=max_len), tokens) == 2 * 4
 
 
-@pytest.mark.parametrize('d_model, shared', [(64, True), (48, False)])
-def test_a_heads_programs_share_its_positions_where_they_are_a_power_of_2(d_model, shared,
-                                                                         monkeypatch):
-  """FILLED_BY_POSITIONS with value columns of 4: heads of 16 have 4 programs, which share
-  (an atomic add in the step); heads of 12 have 3, which Triton's loads of the parts cannot
-  take, so they read alone, as without it; both decode as XLA's path. With FILLED_SPLITS
-  too, one line naming both."""
-  monkeypatch.setattr(sparse_qkv_block_kernel, 'POSITIONS', 4)
-  monkeypatch.setattr(sparse_qkv_block_kernel, 'FILLED_MIN_LEN', 8)
-  monkeypatch.setattr(sparse_qkv_block_kernel, 'FILLED_FIRST', 1)
-  monkeypatch.setattr(sparse_qkv_block_kernel, 'FILLED_BY_POSITIONS', True)
-  monkeypatch.setattr(sparse_qkv_block_kernel, 'VALUE_WIDTH', 4)
-  tokens = jnp.asarray(np.random.RandomState(8).randint(1, VOCAB, (1, 12)), jnp.int32)
-  assert _decodes_as_xla('interpret', dict(d_model=d_model), tokens,
-                         count='atomic_rmw') == (2 if shared else 0)
-  monkeypatch.setattr(sparse_qkv_block_kernel, 'FILLED_SPLITS', 2)
-  with pytest.raises(Exception, match=r'FILLED_SPLITS \(2\) and FILLED_BY_POSITIONS: one at '
-                                      r'most'):   # trax's LayerError around the ValueError
-    _decode('interpret', dict(d_model=64), tokens)
-
-
-@pytest.mark.parametrize('filled_min_len, first, step, splits, reads_past, by_positions', [
-    (8, 0, 1, 1, False, 0), (8, 1, 1, 1, False, 0), (8, 2, 1, 1, False, 0),
-    (8, 0, 3, 1, False, 0), (8, 0, 1, 4, False, 0), (8, 1, 3, 2, False, 0),
-    (8, 0, 1, 1, False, 3), (8, 1, 1, 1, False, 2), (1 << 30, 2, 1, 1, True, 0)])
+@pytest.mark.parametrize('filled_min_len, first, step, reads_past', [
+    (8, 0, 1, False), (8, 1, 1, False), (8, 2, 1, False), (8, 0, 3, False),
+    (1 << 30, 2, 1, True)])
 def test_attention_programs_in_a_loop_let_nothing_past_the_token_in(filled_min_len, first,
-                                                                    step, splits, reads_past,
-                                                                    by_positions,
+                                                                    step, reads_past,
                                                                     monkeypatch):
   """The caches' positions past the token's (5) hold NaN: read in a loop (FILLED_MIN_LEN 8,
   caches of 16 in blocks of 4, the first 0, 1 or 2 of them up front, 1 or 3 blocks a loop
-  step, shared by 1, 2 or 4 programs: FILLED_SPLITS, or by a head's 4 value-column programs,
-  3 or 2 blocks a step: FILLED_BY_POSITIONS), the step's logits are those of clean caches
-  (the blocks past the token's are not read, or, in a step's later blocks, count as 0, as do
-  the positions after it in the blocks read); every block loaded first (FILLED_MIN_LEN above
-  the caches), NaN reaches them."""
+  step), the step's logits are those of clean caches (the blocks past the token's are not
+  read, or, in a step's later blocks, count as 0, as do the positions after it in the blocks
+  read); every block loaded first (FILLED_MIN_LEN above the caches), NaN reaches them."""
   monkeypatch.setattr(sparse_qkv_block_kernel, 'POSITIONS', 4)
   monkeypatch.setattr(sparse_qkv_block_kernel, 'FILLED_MIN_LEN', filled_min_len)
   monkeypatch.setattr(sparse_qkv_block_kernel, 'FILLED_FIRST', first)
   monkeypatch.setattr(sparse_qkv_block_kernel, 'FILLED_STEP', step)
-  monkeypatch.setattr(sparse_qkv_block_kernel, 'FILLED_SPLITS', splits)
-  if by_positions:
-    monkeypatch.setattr(sparse_qkv_block_kernel, 'FILLED_BY_POSITIONS', True)
-    monkeypatch.setattr(sparse_qkv_block_kernel, 'POSITIONS_STEP', by_positions)
-    monkeypatch.setattr(sparse_qkv_block_kernel, 'VALUE_WIDTH', 4)
   tokens = jnp.asarray(np.random.RandomState(7).randint(1, VOCAB, (1, 6)), jnp.int32)
   model = _lm('predict')
   model.init(shapes.signature(tokens[:, :1]), rng=jax.random.PRNGKey(0))
@@ -328,9 +282,6 @@ def test_shapes_the_kernels_do_not_take_decode_through_xla(kwargs, max_d_model, 
         (1024, 6144, 16, 16, (64, 16), 1, 1, dict(LAUNCH_EARLY=False)),
         (1024, 6144, 16, 16, (64, 16), 1, 1, dict(FILLED_MIN_LEN=128)),
         (1024, 6144, 16, 16, (64, 16), 1, 1, dict(FILLED_MIN_LEN=128, FILLED_STEP=1)),
-        (1024, 6144, 16, 16, (64, 16), 1, 1, dict(FILLED_MIN_LEN=128, FILLED_SPLITS=8)),
-        (1024, 6144, 16, 16, (64, 16), 1, 1,
-         dict(FILLED_MIN_LEN=128, FILLED_BY_POSITIONS=True)),
         (9216, 65536, 96, 64, (256, 32), 1, 2, dict(FILLED_MIN_LEN=128))])
 def test_fused_blocks_lower_to_triton_for_a_gpu(d_model, d_ff, n_heads, sparsity, ff_sparsity,
                                                 n_products, n_ff, settings, monkeypatch):
@@ -349,10 +300,7 @@ def test_fused_blocks_lower_to_triton_for_a_gpu(d_model, d_ff, n_heads, sparsity
   early (PTX's launch_dependents in each; not with `decode_kernels.LAUNCH_EARLY` off, the
   800M block's case) and, with FILLED_MIN_LEN at 128, the attention programs reading the
   caches in a loop (`_attend_filled`, as from 512 positions by default) at 800M and 17B, at
-  800M also one block a loop step (`FILLED_STEP`; by default four), and a head's programs
-  split eight ways (`FILLED_SPLITS`) or sharing the head's positions past the first blocks
-  (`FILLED_BY_POSITIONS`), each fencing its stores and meeting its threads before it counts
-  itself with an atomic add, the last fencing again before it reads the others'.
+  800M also one block a loop step (`FILLED_STEP`; by default four).
   (At 17B the attention block is slower than XLA's kernels and declines, MAX_D_MODEL; here
   it is lowered all the same.)"""
   monkeypatch.setattr(sparse_qkv_block_kernel, 'MAX_D_MODEL', d_model)
@@ -373,10 +321,6 @@ def test_fused_blocks_lower_to_triton_for_a_gpu(d_model, d_ff, n_heads, sparsity
       3 + n_ff if settings.get('LAUNCH_EARLY', True) else 0)
   assert text.count('dot_general:') == n_products
   assert ('_attend_filled' in text) == ('FILLED_MIN_LEN' in settings)   # its source locations
-  split = settings.get('FILLED_SPLITS', 1) > 1 or settings.get('FILLED_BY_POSITIONS', False)
-  assert text.count('fence.acq_rel.gpu;\\0A\\09bar.sync 0;') == split
-  assert text.count('fence.acq_rel.gpu;') == 2 * split
-  assert ('atomic_rmw' in text) == split
   # The convolution kernel's outputs 2 and 3 are the K and V caches, its operands 10 and 11.
   assert 'output_operand_alias<output_tuple_indices = [2], operand_index = 10,' in text
   assert 'output_operand_alias<output_tuple_indices = [3], operand_index = 11,' in text
@@ -426,15 +370,7 @@ def test_the_layers_own_decoding_kernels_launch_the_next_early_and_training_s_do
                                       dict(PREFETCH_CACHES=True, PREFETCH_STATE=True),
                                       dict(FILLED_MIN_LEN=128, FILLED_FIRST=0),
                                       dict(FILLED_MIN_LEN=128, FILLED_FIRST=0,
-                                           FILLED_STEP=2),
-                                      dict(FILLED_MIN_LEN=128, POSITIONS=4, FILLED_FIRST=1,
-                                           FILLED_STEP=1, FILLED_SPLITS=2),
-                                      dict(FILLED_MIN_LEN=128, POSITIONS=4, FILLED_FIRST=0,
-                                           FILLED_STEP=1, FILLED_SPLITS=8),
-                                      dict(FILLED_MIN_LEN=128, FILLED_SPLITS=8),
-                                      dict(FILLED_MIN_LEN=128, POSITIONS=4, FILLED_FIRST=1,
-                                           FILLED_BY_POSITIONS=True, POSITIONS_STEP=2),
-                                      dict(FILLED_MIN_LEN=128, FILLED_BY_POSITIONS=True)])
+                                           FILLED_STEP=2)])
 @pytest.mark.parametrize('d_model, n_heads, attention_sparsity', [(1024, 16, 16), (1152, 12, 8)])
 def test_fused_blocks_compiled_for_the_gpu_equal_xla(d_model, n_heads, attention_sparsity,
                                                      settings, monkeypatch):
@@ -448,13 +384,7 @@ def test_fused_blocks_compiled_for_the_gpu_equal_xla(d_model, n_heads, attention
   the KV caches and the convolution's state (`PREFETCH_CACHES`, `PREFETCH_STATE`), and the
   attention programs reading the caches in a loop (`FILLED_MIN_LEN`, here from 128, every
   block in the loop: `FILLED_FIRST` 0), a block or two a step (`FILLED_STEP`; the second past
-  the token's), and a head's programs split two or eight ways (`FILLED_SPLITS`): in blocks
-  of 4 positions (`POSITIONS`), the tokens after the prompt (positions 5-9) take one or two
-  loop steps of a block past the first, or two or three with every block in the loop, a
-  step a split, and the last to finish merges the others' parts; in blocks of 64 split 0
-  computes alone (the token in the first four blocks); or a head's value-column programs
-  sharing its blocks past the first (`FILLED_BY_POSITIONS`, two blocks of 4 a step; at
-  d_model 1152 six programs a head, not a power of 2, which read alone)."""
+  the token's)."""
   for name, value in settings.items():
     module = {'CHAIN': fused_residual, 'PREFETCH': decode_kernels,
               'L2_PERSIST': decode_kernels}.get(

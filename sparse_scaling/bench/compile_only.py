@@ -2,7 +2,7 @@
 and spills, and the instructions XLA runs.
 
   python -m sparse_scaling.bench.compile_only [--gpu h100] [--shape 800m] [--variant ffqkv]
-      [--settings CACHE=2048,CACHE=2048+ATTEND_SPLITS=8]
+      [--settings CACHE=2048,CACHE=2048+ATTEND_STEP=2]
 
 GPU time is scarce; what a kernel compiles to is not. This compiles the fused blocks as
 `decode_shares --measure trace` does (`decode_shares.fused_blocks`, each block jitted as a

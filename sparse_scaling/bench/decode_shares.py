@@ -27,12 +27,6 @@ constant, set while the setting is measured and restored after it. The names, by
                                  (0: every block in the loop)
     ATTEND_STEP                  `FILLED_STEP`: the blocks the loop reads a step, loaded
                                  first
-    ATTEND_SPLITS                `FILLED_SPLITS`: the programs a head's columns take, which
-                                 share the loop's steps (1: one)
-    ATTEND_BY_POSITIONS          `FILLED_BY_POSITIONS`, 1: past the first blocks a head's
-                                 value-column programs share its blocks, each reading every
-                                 value column
-    ATTEND_POSITIONS_STEP        `POSITIONS_STEP`: the blocks a step of those programs reads
     LATE                         `LATE_POSITION`: a generation's tokens from this cache
                                  position on decline the block (none: never; token)
     CACHES                       `PREFETCH_CACHES`, 1: the multiplicative programs ask the
@@ -247,9 +241,6 @@ SHARES = {**{name: (sparse_qkv_block_kernel, name)
           'ATTEND_POSITIONS': (sparse_qkv_block_kernel, 'POSITIONS'),
           'ATTEND_FIRST': (sparse_qkv_block_kernel, 'FILLED_FIRST'),
           'ATTEND_STEP': (sparse_qkv_block_kernel, 'FILLED_STEP'),
-          'ATTEND_SPLITS': (sparse_qkv_block_kernel, 'FILLED_SPLITS'),
-          'ATTEND_BY_POSITIONS': (sparse_qkv_block_kernel, 'FILLED_BY_POSITIONS'),
-          'ATTEND_POSITIONS_STEP': (sparse_qkv_block_kernel, 'POSITIONS_STEP'),
           'LATE': (sparse_qkv_block_kernel, 'LATE_POSITION'),
           'CACHE': (decoders, 'MAX_LEN'),
           'ATTN_POSITIONS': (attention_kernel, 'POSITIONS'),
@@ -265,7 +256,7 @@ SHARES = {**{name: (sparse_qkv_block_kernel, name)
 _SWITCHES = ('DOT', 'CHAIN', 'CPU_TOP_K', 'GRAPHS', 'EARLY', 'PREFETCH', 'DOT_MERGER',
              'TILING_SEARCH', 'TRITON_GEMM', 'CACHES', 'STATE', 'FF_MOSAIC',
              'QKV_MOSAIC', 'MOSAIC_ATTEND', 'CONV_LAYOUT', 'CONV_ONE', 'ATTN_SPLIT',
-             'ATTN_SKIP', 'MULT_LOOP', 'ATTEND_BY_POSITIONS')   # 0 or 1
+             'ATTN_SKIP', 'MULT_LOOP')   # 0 or 1
 SHARED_WEIGHTS = 0   # 0, 1 or 2: see the module's note
 # XLA's options for a GPU program, on top of `decoding.COMPILER_OPTIONS` (`xla_options`).
 XLA_DOT_MERGER, XLA_TILING_SEARCH, XLA_TRITON_GEMM = True, False, True
@@ -312,14 +303,9 @@ def parse_setting(text):
   return setting
 
 
-def _check_setting(setting):
+def _check_positions(setting):
   """One-line ValueError where a setting's caches (CACHE) cannot hold its PROMPT and the
-  TOKENS after it, or where it shares a head's positions both ways (ATTEND_SPLITS above 1 and
-  ATTEND_BY_POSITIONS)."""
-  if setting.get('ATTEND_SPLITS', 1) > 1 and setting.get('ATTEND_BY_POSITIONS'):
-    raise ValueError(f'--settings: ATTEND_SPLITS={setting["ATTEND_SPLITS"]} and '
-                     'ATTEND_BY_POSITIONS=1: a head\'s programs share its positions one way at '
-                     'most')
+  TOKENS after it."""
   prompt = setting.get('PROMPT', PROMPT)
   max_len = setting.get('CACHE', decoders.MAX_LEN)
   if prompt + TOKENS > max_len:
@@ -653,7 +639,7 @@ def main(argv):
   args = flags.FLAGS
   try:
     for text in args.settings:
-      _check_setting(parse_setting(text))
+      _check_positions(parse_setting(text))
   except ValueError as e:
     raise app.UsageError(str(e)) from None
   if args.alternate and args.measure not in ('token', 'call'):

@@ -132,25 +132,12 @@ FILLED_FIRST = 4
 # against 1.0049 with 4 (dense: 1.3133). Up to FILLED_FIRST's blocks no step runs, so Table
 # 1's positions are unchanged (docs/decoding_gpu.md, "Tokens late in long caches").
 FILLED_STEP = 4
-# ... and with FILLED_SPLITS above 1 (a power of 2), a head's attention programs are that
-# many programs each, which share the loop's steps (`_attend_filled`): each stores its parts
-# of the softmax, and the last of them to finish, counted with an atomic counter, merges them
-# and writes the head's output (`_attend_kernel`'s `publish`). Where the token lies in the
-# first FILLED_FIRST blocks, split 0 computes all as one program would, and the others end
-# at once. Off: on an H100, one 800M block looped with caches of 2048 took 0.0254 ms split 8
-# ways at 1920 (4 ways 0.0248) against 0.0306 unsplit and 0.0250 declined (MAX_D_MODEL), but
-# 0.0228 against 0.0182 at 128, where it does not split (docs/decoding_gpu.md, "A head's
-# positions split over programs").
-FILLED_SPLITS = 1
-# ... or, with FILLED_BY_POSITIONS, past the first FILLED_FIRST blocks a head's value-column
-# programs share its blocks (each reading the keys once and every value column, in a loop of
-# POSITIONS_STEP blocks a step), the last of them to finish merging, as the splits merge: no
-# extra program. Off: on an H100, one 800M block looped with caches of 2048 took 0.0247 ms at
-# 1920 (0.0243 with 4 blocks a step) against 0.0307 unsplit and 0.0232 declined, 0.0221
-# against 0.0222 at 768, and 0.0211 against 0.0187 at 128, where it does not share
-# (docs/decoding_gpu.md, "Late tokens in a loop of their own").
-FILLED_BY_POSITIONS = False
-POSITIONS_STEP = 2
+# (Two forms in which a head's attention programs shared its positions past the first blocks,
+# the last of them to finish merging their parts of the softmax, were timed against this one
+# and removed: split over more programs, and the head's value-column programs sharing its
+# blocks. Neither was ahead of the late loop below at a late token, and both were behind the
+# loop's one program a head's columns at 128 (docs/decoding_gpu.md, "A head's positions split
+# over programs" and "The sharing forms removed").)
 # A generation's tokens from this cache position on (None: none) decline the block, which runs
 # its layers one by one, attention's split kernel among them (`decoding.Decoder` runs them in
 # a second loop, `fused_residual.late`), where the caches are long enough to be read in a
@@ -249,14 +236,6 @@ def _conv_kernel(index_ref, y_ref, y_bias_ref, state_ref, wq_ref, bq_ref, wk_ref
   m0 = c * width
   m_pieces = decode_kernels.pieces(n_channels)
   position_ref[0] = index_ref[0]   # for `attend`, which moves index_ref on in place
-  # The counters of attention programs that share a head's positions, after the position
-  # (`_attend_kernel`'s `publish`): a row's zeroed once.
-  per_row = (position_ref.shape[0] - 1) // state_ref.shape[0]
-  if per_row:
-    @pl.when((o == 0) & (g == 0) & (c == 0))
-    def _():
-      for start, length in decode_kernels.pieces(per_row):
-        position_ref[pl.ds(1 + b * per_row + start, length)] = jnp.zeros((length,), jnp.int32)
   # A full cache takes the token at its last position, as XLA's dynamic_update_slice does.
   index = jnp.minimum(index_ref[0], k_cache_ref.shape[1] - 1)
 
@@ -332,168 +311,62 @@ def _conv_kernel(index_ref, y_ref, y_bias_ref, state_ref, wq_ref, bq_ref, wk_ref
 
 def _attend_kernel(position_ref, x_ref, q_ref, k_cache_ref, v_cache_ref, y_ref, y_bias_ref,
                    state_ref, index_ref, *refs, n_heads, value_width, starts, block, barrier,
-                   ff_norm, filled=False, splits=1, by_positions=False, ahead=0, grid=()):
-  """One (row·head, value columns[, split]) program. Shapes in `decode_step`; the state flat
+                   ff_norm, filled=False, ahead=0, grid=()):
+  """One (row·head, value columns) program. Shapes in `decode_step`; the state flat
   [B, lks − 1, d] and y [B, parts, d]. index_ref and next_ref are one buffer, as are state_ref
   and state_out_ref: the program reads position_ref, never index_ref. With `ff_norm`, refs
-  begin with the next FF block's LayerNorm scale and bias and C1, and the outputs end with
-  this program's partial sums for it (`_ff_partials`). The inputs end with `ahead` arrays,
-  whose parts the programs ask the L2 cache for (`decode_kernels.PREFETCH`). With `splits`
-  above 1 or `by_positions` (`filled` only) the outputs end with position_ref's buffer, which
-  holds the programs' counters after the position (`_conv_kernel` zeroes them), and the
-  shared programs' parts of the softmax (`publish`)."""
+  begin with the next FF block's LayerNorm scale and bias and C1, and end with this program's
+  partial sums for it (`_ff_partials`). The inputs end with `ahead` arrays, whose parts the
+  programs ask the L2 cache for (`decode_kernels.PREFETCH`)."""
   decode_kernels.launch_dependents()
   del index_ref
   if ff_norm:
     scale_ref, bias_ref, c1_ref, *refs = refs
-  ahead_refs, (out_ref, state_out_ref, next_ref, *refs) = refs[:ahead], refs[ahead:]
-  partial_refs, shared_refs = (refs[:3], refs[3:]) if ff_norm else ((), refs)
+  ahead_refs, refs = refs[:ahead], refs[ahead:]
+  if ff_norm:
+    out_ref, state_out_ref, next_ref, *partial_refs = refs
+  else:
+    out_ref, state_out_ref, next_ref = refs
   r, v = pl.program_id(0), pl.program_id(1)
   b, h = r // n_heads, r % n_heads
   d_head = x_ref.shape[1] // n_heads
-  n_slices = d_head // value_width   # a head's programs of value columns
   next_ref[0] = position_ref[0] + 1   # the next token's position (every program writes it)
   index = jnp.minimum(position_ref[0], k_cache_ref.shape[1] - 1)
-  # The head's value columns j, of its channels and of d_model's; the program's own (j None)
-  # computed once, up front (as the one-program form always had them: the same code).
-  mine = (pl.ds(v * value_width, value_width), pl.ds(h * d_head + v * value_width, value_width))
-  cols = lambda j=None: mine[0] if j is None else pl.ds(j * value_width, value_width)
-  own = lambda j=None: mine[1] if j is None else pl.ds(h * d_head + j * value_width, value_width)
+  cols = pl.ds(v * value_width, value_width)              # of the head's channels
+  own = pl.ds(h * d_head + v * value_width, value_width)  # the same, of d_model's
+  # Every load first (`decode_kernels`' note on load order): q's pieces of d_head, the
+  # head's K cache in blocks of positions and pieces, its V cache's columns, x; then the
+  # state's, which `_move_state` waits for before it writes the state. With `filled` only the
+  # first FILLED_FIRST blocks load so; the others in a loop after, as far as the token's
+  # position.
   q_pieces = decode_kernels.pieces(d_head)
+  qs = [f32(q_ref[b, pl.ds(h * d_head + s0, ls)]) for s0, ls in q_pieces]
   first = starts[:FILLED_FIRST] if filled else starts
-
-  def load_q():
-    return [f32(q_ref[b, pl.ds(h * d_head + s0, ls)]) for s0, ls in q_pieces]
-
-  def load_own(j=None):   # x and the FF block's weights at the head's value columns j
-    x = x_ref[b, own(j)]
-    return x, (scale_ref[own(j)], bias_ref[own(j)], c1_ref[own(j), :]) if ff_norm else ()
-
-  def finish(total, weighted, loaded, j=None):
-    """out = x + softmax·V at the head's value columns j, and the FF block's partial sums."""
-    x, ff_weights = loaded
-    out = (f32(x) + weighted / total).astype(out_ref.dtype)
-    out_ref[b, own(j)] = out
-    if ff_norm:   # the columns' index among its row's d / Cv
-      p = h * n_slices + (v if j is None else j)
-      _ff_partials(f32(out), *ff_weights, *partial_refs, b, p)
-
-  def move_state():
-    """Asks the L2 cache for the next kernel's weights and moves the convolution's state at
-    the program's columns (`_move_state` waits for its loads before it writes)."""
-    decode_kernels.prefetch_all(ahead_refs, grid[:2])
-    if ff_norm:
-      decode_kernels.keep((scale_ref, bias_ref, c1_ref), grid[:2])
-    _move_state(y_ref, y_bias_ref, state_ref, state_out_ref, b, own(), barrier)
-
-  def start():
-    """(q's pieces, the parts of the first blocks, x and the FF weights): every load first
-    (`decode_kernels`' note on load order): q's pieces of d_head, the head's K cache in
-    blocks of positions and pieces, its V cache's columns, x; then the state's, which
-    `_move_state` waits for before it writes the state. With `filled` only the first
-    FILLED_FIRST blocks load so; the others in a loop after, as far as the token's
-    position."""
-    qs = load_q()
-    keys = [[k_cache_ref[r, pl.ds(s, block), pl.ds(s0, ls)] for s0, ls in q_pieces]
-            for s in first]
-    values = [[v_cache_ref[r, pl.ds(s, block), cols()]] for s in first]
-    loaded = load_own()
-    move_state()
-    # q · K_cache, the head's pieces of d_head added; `conv` has written the token's own
-    # key at `index`, so its score is read as the cache holds it, like the others'.
-    if first:
-      parts = _attend_blocks(qs, keys, values, first, block, index, masked=filled)
-    else:   # every block in the loop: the parts of no position
-      parts = _no_parts(index, value_width)
-    return qs, parts, loaded
-
-  def read_on(qs, parts, first_step=0, every=1):
-    return _attend_filled(parts, qs, q_pieces, k_cache_ref, v_cache_ref, r, [cols()], index,
-                          block, len(first), FILLED_STEP, first_step, every)
-
-  if splits == 1 and not by_positions:
-    qs, parts, loaded = start()
-    _, total, (weighted,) = read_on(qs, parts) if filled else parts
-    finish(total, weighted, loaded)
-    return
-  # Programs that share a head's positions (below); where the token lies in the first
-  # blocks (`alone`), a head's value-column programs compute alone as above.
-  alone = index // block < len(first)
-  counters_ref, tops_ref, totals_ref, weighted_ref = shared_refs
-
-  def publish(parts, at, counter, slices):
-    """A program stores its parts of the softmax at `at` of the scratch outputs (the last
-    axis that of the programs sharing them), then counts itself at `counter` (every thread's
-    stores made visible GPU-wide first, the program's threads met); the last of them to
-    count merges them all and `finish`es the head's value columns `slices` (None: the
-    program's own). The counters follow the position in its buffer, zeroed by
-    `_conv_kernel`: a kernel's boundary orders the zeroing before the counts. The last reads
-    the parts as volatile loads, past its multiprocessor's L1 cache, which may hold a line of
-    them read before another program stored its part there (Triton's `.cg` loads, meant for
-    this, fail in this JAX's lowering)."""
-    top, total, weighted = parts
-    tops_ref[at] = top
-    totals_ref[at] = total
-    for i, w in enumerate(weighted):
-      weighted_ref[(*at, jnp.int32(i), slice(None))] = w
-    decode_kernels.ptx('fence.acq_rel.gpu;\n\tbar.sync 0;', min_capability=70)
-    counted = decode_kernels.plgpu.atomic_add(counters_ref, counter, r * 0 + 1)
-
-    @pl.when(counted == tops_ref.shape[len(at) - 1] - 1)
-    def _():
-      decode_kernels.ptx('fence.acq_rel.gpu;', min_capability=70)
-      load = functools.partial(decode_kernels.plgpu.load, volatile=True)
-      sharing = (*at[:-1], slice(None))
-      tops, totals = load(tops_ref.at[sharing]), load(totals_ref.at[sharing])   # [sharing]
-      top = jnp.max(tops)
-      scale = jnp.exp(tops - top)
-      total = jnp.sum(scale * totals)
-      for i, j in enumerate(slices):
-        weighted = load(weighted_ref.at[(*sharing, jnp.int32(i), slice(None))])   # [sharing, Cv]
-        finish(total, jnp.sum(scale[:, None] * weighted, axis=0), load_own(j), j)
-
-  if by_positions:
-    # Past the first blocks a head's value-column programs share its blocks instead, each
-    # reading keys and every value column of its steps (`_attend_filled`: program v steps
-    # v, v + n_slices, ...), the last to finish merging: a head's keys are read once.
-    @pl.when(alone)
-    def _():
-      _, (_, total, (weighted,)), loaded = start()
-      finish(total, weighted, loaded)
-
-    @pl.when(jnp.logical_not(alone))
-    def _():
-      qs = load_q()
-      move_state()
-      parts = _attend_filled(_no_parts(index, value_width, n_slices), qs, q_pieces,
-                             k_cache_ref, v_cache_ref, r, [cols(j) for j in range(n_slices)],
-                             index, block, 0, POSITIONS_STEP, v, n_slices)
-      publish(parts, (r, v), 1 + r, range(n_slices))
-    return
-  # A head's `splits` programs share the blocks past the first (`_attend_filled`); where the
-  # token lies in those, split 0 reads them all and the others have none.
-  s = pl.program_id(2)
-  at, counter = (r, v, s), 1 + r * n_slices + v
-
-  @pl.when(s == 0)
-  def _():
-    qs, parts, loaded = start()
-    pl.when(alone)(lambda: finish(parts[1], parts[2][0], loaded))
-    pl.when(jnp.logical_not(alone))(
-        lambda: publish(read_on(qs, parts, splits - 1, splits), at, counter, [None]))
-
-  @pl.when((s > 0) & jnp.logical_not(alone))
-  def _():
-    publish(read_on(load_q(), _no_parts(index, value_width), s - 1, splits), at, counter,
-            [None])
-
-
-def _no_parts(index, width, n_slices=1):
-  """The softmax's parts of no position (`_merge`'s identity), with `n_slices` slices of
-  `width` value columns: computed from `index`, as a loop's carries are values in Triton's
-  lowering."""
-  zero = f32(index - index)
-  return zero - 1e30, zero, [jnp.zeros((width,), jnp.float32) + zero for _ in range(n_slices)]
+  keys = [[k_cache_ref[r, pl.ds(start, block), pl.ds(s0, ls)] for s0, ls in q_pieces]
+          for start in first]
+  values = [v_cache_ref[r, pl.ds(start, block), cols] for start in first]
+  x = x_ref[b, own]
+  if ff_norm:
+    ff_weights = scale_ref[own], bias_ref[own], c1_ref[own, :]
+  decode_kernels.prefetch_all(ahead_refs, grid)
+  if ff_norm:
+    decode_kernels.keep((scale_ref, bias_ref, c1_ref), grid)
+  _move_state(y_ref, y_bias_ref, state_ref, state_out_ref, b, own, barrier)
+  # q · K_cache, the head's pieces of d_head added; `conv` has written the token's own key
+  # at `index`, so its score is read as the cache holds it, like the others'.
+  if first:
+    parts = _attend_blocks(qs, keys, values, first, block, index, masked=filled)
+  else:   # every block in the loop: the parts of no position
+    zero = f32(index - index)   # computed: a loop's carries are values in Triton's lowering
+    parts = zero - 1e30, zero, jnp.zeros((value_width,), jnp.float32) + zero
+  if filled:
+    parts = _attend_filled(parts, qs, q_pieces, k_cache_ref, v_cache_ref, r, cols, index,
+                           block, len(first))
+  _, total, weighted = parts
+  out = (f32(x) + weighted / total).astype(out_ref.dtype)
+  out_ref[b, own] = out
+  if ff_norm:   # the program's index among its row's d / Cv
+    _ff_partials(f32(out), *ff_weights, *partial_refs, b, h * (d_head // value_width) + v)
 
 
 def _scores(qs, key_pieces, position, valid_from, index):
@@ -509,65 +382,58 @@ def _scores(qs, key_pieces, position, valid_from, index):
 def _attend_blocks(qs, keys, values, starts, block, index, masked=False, first=0):
   """The softmax's parts over the blocks of the caches at `starts` (blocks first, first + 1,
   ... of the caches, each block's start clamped as `decode_kernels.cache_blocks` clamps the
-  last), loaded before (`keys` per block, `values` per block a list of column slices), the
-  positions after `index` masked out: the largest score, Σ exp(score − largest) and, for each
-  slice, those weights times V [Cv] (softmax·V = the last over the second). With `masked`,
-  masked positions' values count as 0 (the blocks may hold anything past `index`, as where
-  `_attend_filled` reads on)."""
+  last), loaded before (`keys`, `values` per block), the positions after `index` masked out:
+  the largest score, Σ exp(score − largest) and those weights times V [Cv] (softmax·V = the
+  last over the second). With `masked`, masked positions' values count as 0 (the blocks may
+  hold anything past `index`, as where `_attend_filled` reads on)."""
   found = [_scores(qs, pieces, start + jnp.arange(block), (first + i) * block, index)
            for i, (start, pieces) in enumerate(zip(starts, keys))]
   top = found[0][0].max()
   for score, _ in found[1:]:
     top = jnp.maximum(top, score.max())
   weights, weighted = None, None   # summed over the blocks first, then reduced once
-  for (score, valid), slices in zip(found, values):
+  for (score, valid), value in zip(found, values):
     p = jnp.exp(score - top)                                             # [block]; 0 masked
-    products = []                                                        # each [block, Cv]
-    for value in slices:
-      value = jnp.where(valid[:, None], f32(value), 0.0) if masked else f32(value)
-      products.append(p[:, None] * value)
+    value = jnp.where(valid[:, None], f32(value), 0.0) if masked else f32(value)
+    products = p[:, None] * value                                        # [block, Cv]
     weights = p if weights is None else weights + p
-    weighted = products if weighted is None else [w + q for w, q in zip(weighted, products)]
-  return top, jnp.sum(weights), [jnp.sum(w, axis=0) for w in weighted]
+    weighted = products if weighted is None else weighted + products
+  return top, jnp.sum(weights), jnp.sum(weighted, axis=0)
 
 
-def _attend_filled(parts, qs, q_pieces, k_cache_ref, v_cache_ref, r, columns, index, block,
-                   done, group, first_step=0, every=1):
+def _attend_filled(parts, qs, q_pieces, k_cache_ref, v_cache_ref, r, cols, index, block,
+                   done):
   """The softmax's parts (`_attend_blocks`') `parts` of the first `done` blocks, merged with
-  those of the blocks after them that hold positions up to `index`, read in a loop of `group`
-  blocks a step (⌈(index // block + 1 − done) / group⌉ steps, none where the token lies in the
-  first blocks; FILLED_MIN_LEN), each step's blocks loaded first and merged as
-  flash-decoding merges parts; masked positions' values count as 0, so nothing past `index`
-  reaches the output, whatever the caches hold there (blocks past the caches' end, in a last
-  step, hold no position: their starts clamp to the last block's, and `_scores` masks every
-  position of them as lying before the block). The values are read at each of `columns`'
-  slices. Programs that share a head's steps each read step `first_step`, then every
-  `every`-th after it."""
-  max_len = k_cache_ref.shape[1]
+  those of the blocks after them that hold positions up to `index`, read in a loop of
+  FILLED_STEP blocks a step (⌈(index // block + 1 − done) / FILLED_STEP⌉ steps, none where
+  the token lies in the first blocks; FILLED_MIN_LEN), each step's blocks loaded first and
+  merged as flash-decoding merges parts; masked positions' values count as 0, so nothing
+  past `index` reaches the output, whatever the caches hold there (blocks past the caches'
+  end, in a last step, hold no position: their starts clamp to the last block's, and
+  `_scores` masks every position of them as lying before the block)."""
+  max_len, group = k_cache_ref.shape[1], FILLED_STEP
 
   def step(g, carry):
-    first = done + (first_step + g * every) * group
+    first = done + g * group
     starts = [jnp.minimum((first + i) * block, max_len - block) for i in range(group)]
     keys = [[k_cache_ref[r, pl.ds(start, block), pl.ds(s0, ls)] for s0, ls in q_pieces]
             for start in starts]
-    values = [[v_cache_ref[r, pl.ds(start, block), c] for c in columns]       # [block, Cv]
-              for start in starts]
+    values = [v_cache_ref[r, pl.ds(start, block), cols] for start in starts]   # [block, Cv]
     # A step's first block holds a position up to `index`, so the step's largest score is
     # finite (`_merge` rescales by it).
     return _merge(carry, _attend_blocks(qs, keys, values, starts, block, index, masked=True,
                                         first=first))
 
-  steps = (index // block + 1 - done + group - 1) // group
-  return jax.lax.fori_loop(0, (steps - first_step + every - 1) // every, step, parts)
+  return jax.lax.fori_loop(0, (index // block + 1 - done + group - 1) // group, step, parts)
 
 
 def _merge(parts, more):
-  """Two (largest score, Σ exp(score − largest), weighted values' slices) parts of one softmax
-  as one, each rescaled to the larger of the two largest scores."""
+  """Two (largest score, Σ exp(score − largest), weighted values) parts of one softmax as
+  one, each rescaled to the larger of the two largest scores."""
   top = jnp.maximum(parts[0], more[0])
   scale, more_scale = jnp.exp(parts[0] - top), jnp.exp(more[0] - top)
   return (top, parts[1] * scale + more[1] * more_scale,
-          [w * scale + m * more_scale for w, m in zip(parts[2], more[2])])
+          parts[2] * scale + more[2] * more_scale)
 
 
 def _ff_partials(x, scale, bias, c1, sum_ref, m2_ref, products_ref, b, p):
@@ -698,26 +564,10 @@ def decode_step(x, norm, mixed, conv, state, k_cache, v_cache, index, *, n_heads
     y = jnp.sum(y, axis=1, keepdims=True)
 
   grid = (batch, 3, n_modules // modules, n_channels // width)
-  mosaic_conv = (MOSAIC and x.dtype == k_cache.dtype
-                 and sparse_qkv_mosaic.convolutions_fit(
-                     d_model, n_modules, n_channels, n_heads, k_cache.dtype,
-                     n_state=state.shape[1], largest=max(sizes), parts=y.shape[1]))
-  rank = None if ff_norm is None else ff_norm[2].shape[1]
-  mosaic_attend = (MOSAIC and MOSAIC_ATTEND and not ahead
-                   and x.dtype == k_cache.dtype == state.dtype
-                   and sparse_qkv_mosaic.attend_fits(d_model, n_heads, max_len, state.shape[1],
-                                                     k_cache.dtype, rank, value_width))
-  shareable = reads_filled(max_len) and not (mosaic_conv or mosaic_attend)
-  n_slices = d_head // value_width
-  splits = FILLED_SPLITS if shareable else 1
-  # (their parts loaded as one array of n_slices, which Triton takes in powers of 2 only)
-  by_positions = (FILLED_BY_POSITIONS and shareable and n_slices > 1
-                  and decode_kernels.is_power_of_2(n_slices))
-  if splits > 1 and by_positions:
-    raise ValueError(f'FILLED_SPLITS ({splits}) and FILLED_BY_POSITIONS: one at most')
-  # Counters of the programs that share a head's positions (`_attend_kernel`'s `publish`).
-  counters = batch * n_heads * (n_slices if splits > 1 else int(by_positions))
-  if mosaic_conv:
+  if (MOSAIC and x.dtype == k_cache.dtype
+      and sparse_qkv_mosaic.convolutions_fit(
+          d_model, n_modules, n_channels, n_heads, k_cache.dtype, n_state=state.shape[1],
+          largest=max(sizes), parts=y.shape[1])):
     q, position, k_cache, v_cache = sparse_qkv_mosaic.convolutions(
         index, y, y_bias, state, conv, k_cache, v_cache, n_heads=n_heads, sizes=sizes,
         interpret=interpret)
@@ -727,7 +577,7 @@ def decode_step(x, norm, mixed, conv, state, k_cache, v_cache, index, *, n_heads
                           group=modules, grid=grid),
         grid=grid,
         out_shape=(jax.ShapeDtypeStruct((batch, d_model), x.dtype),
-                   jax.ShapeDtypeStruct((1 + counters,), jnp.int32),
+                   jax.ShapeDtypeStruct((1,), jnp.int32),
                    jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
                    jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype)),
         input_output_aliases={10: 2, 11: 3},
@@ -736,32 +586,28 @@ def decode_step(x, norm, mixed, conv, state, k_cache, v_cache, index, *, n_heads
 
   flat_state = state.reshape(batch, state.shape[1], d_model)
   y = y.reshape(batch, y.shape[1], d_model)
-  if mosaic_attend:
+  rank = None if ff_norm is None else ff_norm[2].shape[1]
+  if (MOSAIC and MOSAIC_ATTEND and not ahead and x.dtype == k_cache.dtype == state.dtype
+      and sparse_qkv_mosaic.attend_fits(d_model, n_heads, max_len, state.shape[1],
+                                        k_cache.dtype, rank, value_width)):
     out, flat_state, index, *partials = sparse_qkv_mosaic.attend(
         position, x, q, k_cache, v_cache, y, y_bias, flat_state, index, ff_norm,
         n_heads=n_heads, partial=value_width, interpret=interpret)
   else:
-    partial_types = (() if ff_norm is None
-                     else sparse_ff_kernel.partials_type(batch, d_model // value_width, rank))
-    grid = (batch * n_heads, n_slices) + ((splits,) if splits > 1 else ())
-    slices = n_slices if by_positions else 1   # value column slices a program shares
-    parts = () if not counters else (
-        jax.ShapeDtypeStruct(position.shape, position.dtype),
-        *[jax.ShapeDtypeStruct(grid + side, jnp.float32)
-          for side in ((), (), (slices, value_width))])
+    partials = (() if ff_norm is None
+                else sparse_ff_kernel.partials_type(batch, d_model // value_width, rank))
+    grid = (batch * n_heads, d_head // value_width)
     out, flat_state, index, *partials = pl.pallas_call(
         functools.partial(_attend_kernel, n_heads=n_heads, value_width=value_width,
                           starts=starts, block=block, barrier=not interpret,
                           ff_norm=ff_norm is not None, filled=reads_filled(max_len),
-                          splits=splits, by_positions=by_positions, ahead=len(ahead),
-                          grid=grid),
+                          ahead=len(ahead), grid=grid),
         grid=grid,
         out_shape=(jax.ShapeDtypeStruct(x.shape, x.dtype),
                    jax.ShapeDtypeStruct(flat_state.shape, flat_state.dtype),
-                   jax.ShapeDtypeStruct((1,), jnp.int32), *partial_types, *parts),
-        input_output_aliases={7: 1, 8: 2, **({0: 3 + len(partial_types)} if parts else {})},
+                   jax.ShapeDtypeStruct((1,), jnp.int32), *partials),
+        input_output_aliases={7: 1, 8: 2},
         interpret=interpret, compiler_params=decode_kernels.triton_params(ATTEND_WARPS),
     )(position, x, q, k_cache, v_cache, y, y_bias, flat_state, index, *(ff_norm or ()),
       *ahead)
-    partials = partials[:len(partial_types)]   # the split programs' scratch outputs dropped
   return (out, flat_state.reshape(state.shape), k_cache, v_cache, index[0], *partials)
