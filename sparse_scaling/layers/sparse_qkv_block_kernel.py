@@ -133,11 +133,11 @@ FILLED_FIRST = 4
 # 1's positions are unchanged (docs/decoding_gpu.md, "Tokens late in long caches").
 FILLED_STEP = 4
 # (Two forms in which a head's attention programs shared its positions past the first blocks,
-# the last of them to finish merging their parts of the softmax, were timed against this one
-# and removed: split over more programs, and the head's value-column programs sharing its
-# blocks. Neither was ahead of the late loop below at a late token, and both were behind the
-# loop's one program a head's columns at 128 (docs/decoding_gpu.md, "A head's positions split
-# over programs" and "The sharing forms removed").)
+# the last of them to finish merging their parts of the softmax, were timed against this
+# one program per head's value columns and removed: split over more programs, and the head's
+# value-column programs sharing its blocks. Neither was ahead of the declined block late in
+# the caches, where LATE_POSITION below now declines it, and both were slower at 128
+# (docs/decoding_gpu.md, "The sharing forms removed").)
 # A generation's tokens from this cache position on (None: none) decline the block, which runs
 # its layers one by one, attention's split kernel among them (`decoding.Decoder` runs them in
 # a second loop, `fused_residual.late`), where the caches are long enough to be read in a
