@@ -22,8 +22,8 @@ The noise of row r's j-th new token is drawn from `fold_in(PRNGKey(seeds[r]), j)
 on the rest of the batch.
 
 Late tokens: where a fused block pays only up to a cache position (`fused_residual.
-late_position`: the Sparse QKV block's kernels, long caches), a decoder-only generation runs
-its tokens from that position on in a second loop, traced within `fused_residual.late()`,
+late_position`: the Sparse QKV block's kernels, long caches), a generation runs its tokens
+from that position on in a second loop, traced within `fused_residual.late()`,
 where the block runs its layers one by one: no per-token choice at run time.
 """
 
@@ -397,9 +397,13 @@ class Decoder:
     """
     batch_size, prompt_length = prompt.shape
     n_steps = prompt_length - n_shared + max_new_tokens  # until the longest row is complete
-    # The first step whose token is at the late position or past it (an encoder-decoder's
-    # caches hold the encoder's positions first: none).
-    late = fused_residual.late_position(self.model) if inputs is None else None
+    # The first step whose token is at the late position or past it. The fused blocks'
+    # caches hold the decoder's own positions (the LM's, and the Scaling Transformer
+    # encoder-decoder's self-attention). A fused block over caches of [encoder; decoder]
+    # (none today) would reach its late position sooner than this step: that would move
+    # only where the second loop should start, since a step decodes the same tokens in
+    # either loop.
+    late = fused_residual.late_position(self.model)
     first_late = n_steps if late is None else max(late - n_shared, 1)
     late_weights = None
     if first_late < n_steps:

@@ -364,20 +364,29 @@ def test_a_fused_block_that_takes_the_token_keeps_its_convolutions_layout(monkey
       assert all(a is b for a, b in zip(jax.tree.leaves(laid), jax.tree.leaves(weights)))
 
 
-@pytest.mark.parametrize('lengths', [(3,), (5, 7), (9, 11)])
-def test_tokens_from_the_late_position_on_decline_the_attention_kernels(lengths, monkeypatch):
+@pytest.mark.parametrize('name, lengths', [('lm', (3,)), ('lm', (5, 7)), ('lm', (9, 11)),
+                                           ('scaling_transformer', (4, 6))])
+def test_tokens_from_the_late_position_on_decline_the_attention_kernels(name, lengths,
+                                                                        monkeypatch):
   """Caches of 16 read in a loop (here from 8 positions in blocks of 4), LATE_POSITION 9:
   the generation's tokens at positions before 9 go through the attention blocks' kernels,
   those at 9 or after through XLA's attention, in a loop traced within
   `fused_residual.late()` (prompts of 3; of 5 and 7, the longer row forced past 9; of 9 and
-  11: every step late). Greedy tokens equal those of XLA's path and of the kernels
-  throughout (LATE_POSITION None)."""
+  11: every step late; in the encoder-decoder, whose decoder's self-attention caches hold
+  its own positions, prompts of 4 and 6 after 3 encoder inputs). Greedy tokens equal those
+  of XLA's path and of the kernels throughout (LATE_POSITION None)."""
   monkeypatch.setattr(sparse_qkv_block_kernel, 'POSITIONS', 4)
   monkeypatch.setattr(sparse_qkv_block_kernel, 'FILLED_MIN_LEN', 8)
-  model_fn = functools.partial(ScalingTransformerLM,
-                               **dict(TINY, attention_sparsity=4, max_len=16))
+  if name == 'lm':
+    model_fn = functools.partial(ScalingTransformerLM,
+                                 **dict(TINY, attention_sparsity=4, max_len=16))
+    encoder, signature = None, shapes.ShapeDtype((1, 8), np.int32)
+  else:
+    model_fn = functools.partial(ENCODER_DECODERS[name], max_len=16)
+    encoder = np.array([[4, 5, 6], [8, 9, 3]], np.int32)
+    signature = shapes.signature((encoder, encoder))
   model = model_fn(mode='eval')
-  model.init(shapes.ShapeDtype((1, 8), np.int32), rng=jax.random.PRNGKey(3))
+  model.init(signature, rng=jax.random.PRNGKey(3))
   rng = np.random.RandomState(5)
   prompt = [rng.randint(1, TINY['vocab_size'], n).tolist() for n in lengths]
   steps = collections.defaultdict(set)   # (path, within late()) -> cache positions run
@@ -398,7 +407,9 @@ def test_tokens_from_the_late_position_on_decline_the_attention_kernels(lengths,
   monkeypatch.setattr(sparse_qkv_block_kernel, 'decode_step',
                       spy('kernels', sparse_qkv_block_kernel.decode_step))
   monkeypatch.setattr(CausalAttentionCore, 'forward', spy('xla', CausalAttentionCore.forward))
-  first, last = min(lengths) + 1, 15   # the one-token steps' positions (after the start token)
+  # The one-token steps' positions (after the start token); the encoder-decoder's 16
+  # positions also hold its encoder's 3 (`decoding.position_limits`).
+  first, last = min(lengths) + 1, 15 if encoder is None else 13
   tokens = {}
   for kernel, late, expected in (
       ('xla', 9, {('xla', False): range(first, last)}),
@@ -410,7 +421,7 @@ def test_tokens_from_the_late_position_on_decline_the_attention_kernels(lengths,
     with decode_kernels.use(kernel):
       decoder = Decoder(model_fn, model.weights)
       assert fused_residual.late_position(decoder.model) == (late if kernel != 'xla' else None)
-      tokens[kernel, late] = decoder.generate(prompt, last - max(lengths))
+      tokens[kernel, late] = decoder.generate(prompt, last - max(lengths), inputs=encoder)
     assert dict(steps) == {key: set(r) for key, r in expected.items() if r}
   np.testing.assert_array_equal(tokens['interpret', None], tokens['xla', 9])
   np.testing.assert_array_equal(tokens['interpret', 9], tokens['xla', 9])
