@@ -407,9 +407,7 @@ def test_tokens_from_the_late_position_on_decline_the_attention_kernels(name, le
   monkeypatch.setattr(sparse_qkv_block_kernel, 'decode_step',
                       spy('kernels', sparse_qkv_block_kernel.decode_step))
   monkeypatch.setattr(CausalAttentionCore, 'forward', spy('xla', CausalAttentionCore.forward))
-  # The one-token steps' positions (after the start token); the encoder-decoder's 16
-  # positions also hold its encoder's 3 (`decoding.position_limits`).
-  first, last = min(lengths) + 1, 15 if encoder is None else 13
+  first, last = min(lengths) + 1, 15   # the one-token steps' positions (after the start token)
   tokens = {}
   for kernel, late, expected in (
       ('xla', 9, {('xla', False): range(first, last)}),
