@@ -8,7 +8,9 @@ gin_configs/ that such a command names must exist. A doc that keeps a command fr
 flag was renamed fails here. Every file a span names (`layers/sparse_ff.py`, `lm.gin`,
 `results/table1.md`, `trax/layers/research/sparsity.py`) must exist too, except the files that
 runs write, and so must every name a span gives as one of the package's modules and an
-attribute (`decoding.compiler_options`, `sparse_ff.CPU_CHUNK_BYTES`).
+attribute (`decoding.compiler_options`, `sparse_ff.CPU_CHUNK_BYTES`), and every link of a doc
+to one of its own headings (`[...](#the-fused-blocks)`, the contents of docs/decoding_gpu.md)
+must reach one.
 """
 
 import functools
@@ -158,6 +160,40 @@ def test_the_check_finds_a_file_that_is_gone():
                       '`docs/results/table1.md`, `trax/layers/research/sparsity.py` and a '
                       "run's `config.gin`")
   assert [name for name in names if not exists(name, readme)] == ['layers/no_such_layer.py']
+
+
+HEADING = re.compile(r'^#{1,6} (.+?)\s*$', re.M)
+HEADING_LINK = re.compile(r'\]\(#([^)\s]+)\)')   # [text](#id): a heading of the same doc
+
+
+def missing_headings(text):
+  """The ids that Markdown `text` links to within itself (`[...](#id)`) and no heading of it
+  has: a heading's id as GitHub makes it (lower case, punctuation but - and _ dropped,
+  spaces as -)."""
+  ids = {re.sub(r'[^\w\- ]', '', heading.lower()).replace(' ', '-')
+         for heading in HEADING.findall(FENCE.sub('', text))}
+  return [link for link in HEADING_LINK.findall(text) if link not in ids]
+
+
+def test_links_within_a_doc_reach_its_headings():
+  missing, seen = [], 0
+  for doc in doc_files():
+    with open(doc, encoding='utf-8') as f:
+      text = f.read()
+    seen += len(HEADING_LINK.findall(text))
+    missing += [f'{os.path.relpath(doc, ROOT)}: #{link}' for link in missing_headings(text)]
+  assert seen > 30, seen
+  assert not missing, '\n'.join(missing)
+
+
+def test_the_check_finds_a_link_to_a_heading_that_is_gone():
+  text = ("- [The fused blocks](#the-fused-blocks)\n- [Gone](#gone)\n"
+          "- [Attention's own kernel at 17B](#attentions-own-kernel-at-17b)\n\n"
+          "```bash\n# a comment, not a heading\n```\n"
+          "## The fused blocks\n\n### Attention's own kernel at 17B\n")
+  assert missing_headings(text) == ['gone']
+  assert missing_headings(text.replace('## The fused blocks', 'The fused blocks')) == [
+      'the-fused-blocks', 'gone']
 
 
 def package_modules():
