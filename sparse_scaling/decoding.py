@@ -461,8 +461,8 @@ class Decoder:
       # prompt pass (trax's MultiplicativeConvCausalAttention keeps the inputs of its last
       # call), and a while_loop's carry must keep one shape.
       carry = (body if first_late > 1 else late_body)(carry)
-    if first_late > 2:
-      early = lambda c: cond(c) & (c[0] < first_late)
+    if first_late > 2:   # without a late loop, the one loop as before it (no extra bound)
+      early = cond if first_late >= n_steps else (lambda c: cond(c) & (c[0] < first_late))
       carry = jax.lax.while_loop(early, body, carry)
     if first_late < n_steps:
       carry = jax.lax.while_loop(cond, late_body, carry)

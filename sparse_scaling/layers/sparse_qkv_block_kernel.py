@@ -322,11 +322,7 @@ def _attend_kernel(position_ref, x_ref, q_ref, k_cache_ref, v_cache_ref, y_ref, 
   del index_ref
   if ff_norm:
     scale_ref, bias_ref, c1_ref, *refs = refs
-  ahead_refs, refs = refs[:ahead], refs[ahead:]
-  if ff_norm:
-    out_ref, state_out_ref, next_ref, *partial_refs = refs
-  else:
-    out_ref, state_out_ref, next_ref = refs
+  ahead_refs, (out_ref, state_out_ref, next_ref, *partial_refs) = refs[:ahead], refs[ahead:]
   r, v = pl.program_id(0), pl.program_id(1)
   b, h = r // n_heads, r % n_heads
   d_head = x_ref.shape[1] // n_heads
