@@ -1,6 +1,7 @@
 """Sparse QKV (paper §3.2): multiplicative layer, causal module convolution, attention."""
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +16,7 @@ from sparse_scaling import decoding
 from sparse_scaling.layers import ModuleConv
 from sparse_scaling.layers import attention_kernel
 from sparse_scaling.layers import decode_kernels
+from sparse_scaling.layers import multiplicative_dense
 from sparse_scaling.layers import multiplicative_kernel
 from sparse_scaling.layers import sparse_qkv
 from sparse_scaling.layers import MultiplicativeDense
@@ -49,6 +51,33 @@ def test_multiplicative_dense_computes_one_function_for_few_and_many_tokens():
            for xs in (x, x[:1, :3])]
   for g in grads:  # both paths pass gradients to D, E and the bias
     assert all(np.abs(leaf).max() > 0 for leaf in jax.tree.leaves(g))
+
+
+@pytest.mark.parametrize('form', [0, 1, 2, 3, pytest.param(4, marks=pytest.mark.skipif(
+    jax.default_backend() != 'gpu', reason="three TF32 products: XLA's CPU has no TF32"))])
+def test_every_decode_form_of_the_multiplicative_product_is_the_formula(form, monkeypatch):
+  # 3 and 4 multiply on tensor cores as six bfloat16 or three TF32 products: about float32's
+  # accuracy.
+  monkeypatch.setattr(multiplicative_dense, 'DECODE_FORM', form)
+  x = _inputs(3, 2 * D_MODEL)
+  layer = _init(MultiplicativeDense(S, 24), x)
+  d, e, b = [np.asarray(w, np.float64) for w in layer.weights]
+  expected = np.einsum('bi,si,im->bsm', x, d, e).reshape(3, 24) + b
+  np.testing.assert_allclose(layer(x), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('form, precision, products', [(3, 'bf16', 6), (4, 'tf32', 3),
+                                                       (0, None, None)])
+def test_the_tensor_core_forms_lower_to_their_dot_algorithm(form, precision, products,
+                                                            monkeypatch):
+  # 4 runs on GPUs only (XLA's CPU has no TF32): lowered for one, as is 3.
+  monkeypatch.setattr(multiplicative_dense, 'DECODE_FORM', form)
+  x = _inputs(1, 2 * D_MODEL)
+  layer = _init(MultiplicativeDense(S, 24), x)
+  text = lowered_for_an_h200(lambda x, w: layer.pure_fn(x, w, (), None)[0], x, layer.weights)
+  algorithms = re.findall(r'algorithm = <lhs_precision_type = (\w+),.*'
+                          r'num_primitive_operations = (\d+)', text)
+  assert algorithms == ([(precision, str(products))] if precision else [])
 
 
 def test_multiplicative_dense_matches_trax_factored_dense():

@@ -64,9 +64,10 @@ constant, set while the setting is measured and restored after it. The names, by
                                  V's kernel among zeros (the default; token, block, call)
   layers/multiplicative_dense.py
     MULT_FORM                    `DECODE_FORM`: a few tokens' multiplicative product as 0,
-                                 one einsum (the default), 1, D @ (x·E), or 2, one reduction
-                                 (where XLA's ops take it: 17B on a GPU, every CPU path;
-                                 token, block, call)
+                                 one einsum (the default), 1, D @ (x·E), 2, one reduction,
+                                 or 0 on the tensor cores as six bfloat16 products (3) or
+                                 three TF32 (4, GPUs only) (where XLA's ops take it: 17B on a
+                                 GPU, every CPU path; token, block, call)
   layers/multiplicative_kernel.py (a few tokens' multiplicative product as one kernel)
     MULT_MIN                     `MIN_D_IN`: the least d_in at which 'auto' takes the kernel
                                  on a GPU (by default never; 8192: at 17B)

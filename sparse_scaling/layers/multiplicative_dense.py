@@ -23,8 +23,14 @@ from sparse_scaling.layers.checks import check_divides
 # The few-token product's form: 0, one einsum (XLA: x·D written out, then its product with E);
 # 1, D @ (x·E); 2, one reduction of x·D·E over d_in. One 17B FF+QKV block looped on an H200
 # took 0.0541-0.0543 ms with 0, 0.0571 with 1 and 0.0987 with 2 (docs/decoding_gpu.md); on a
-# CPU both others were slower too (docs/speed.md).
+# CPU both others were slower too (docs/speed.md). 3 and 4 are 0 with float32 weights
+# multiplied on a GPU's tensor cores at about float32's accuracy: x·D's product with E as six
+# bfloat16 products (3) or three TF32 products (4; GPUs only), XLA's dot algorithms; bfloat16
+# weights multiply as 0 does. Both slower on an H100 at 17B: the block looped 0.0618-0.0621
+# ms with 3 and 0.0625 with 4 against 0.0570-0.0576 (docs/decoding_gpu.md).
 DECODE_FORM = 0
+_ALGORITHMS = {3: jax.lax.DotAlgorithmPreset.BF16_BF16_F32_X6,
+               4: jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3}
 
 
 class MultiplicativeDense(base.Layer):
@@ -72,6 +78,9 @@ class MultiplicativeDense(base.Layer):
         y = jnp.einsum('si,...im->...sm', d, x[..., :, None] * e)
       elif DECODE_FORM == 2:
         y = jnp.sum(x[..., None, :, None] * d[:, :, None] * e[None], axis=-2)
+      elif DECODE_FORM in _ALGORITHMS and e.dtype == jnp.float32:
+        y = jnp.einsum('...si,im->...sm', x[..., None, :] * d, e,
+                       precision=_ALGORITHMS[DECODE_FORM])
       else:
         y = jnp.einsum('...i,si,im->...sm', x, d, e)
       # y [..., S, M]
