@@ -15,6 +15,7 @@ from sparse_scaling import decoding
 from sparse_scaling.bench import common
 from sparse_scaling.bench import table1
 from sparse_scaling.layers import decode_kernels
+from sparse_scaling.layers import sparse_qkv_block_kernel
 
 
 @pytest.fixture(autouse=True)
@@ -328,6 +329,25 @@ def test_max_len_sizes_the_caches_and_its_rows_stay_apart_from_table_1s(monkeypa
   assert out.returncode != 0 and not out.stdout
   assert ('--max_len: 100 must hold the prompt and the decoded tokens (at least --prompt + '
           '--tokens = 160)') in out.stderr
+
+
+def test_a_block_from_the_late_position_on_runs_as_a_generations_late_loop(monkeypatch):
+  """Caches of 16 read in a loop from 8 positions (blocks of 4), LATE_POSITION 9: the block
+  timed after a prompt of 8 takes the attention block's kernels, after one of 9 or 12 XLA's
+  attention, as a generation's tokens there do (`decoding.Decoder`'s late loop)."""
+  monkeypatch.setattr(sparse_qkv_block_kernel, 'POSITIONS', 4)
+  monkeypatch.setattr(sparse_qkv_block_kernel, 'FILLED_MIN_LEN', 8)
+  monkeypatch.setattr(sparse_qkv_block_kernel, 'LATE_POSITION', 9)
+  calls, decode_step = [], sparse_qkv_block_kernel.decode_step
+  monkeypatch.setattr(sparse_qkv_block_kernel, 'decode_step',
+                      lambda *a, **k: (calls.append(a[0].shape), decode_step(*a, **k))[1])
+  with decode_kernels.use('interpret'):
+    model = table1.build('ours', dict(TINY, attention_sparsity=4), 1, 16)
+    for position, kernels in ((8, True), (9, False), (12, False)):
+      step, weights, state, x = table1._first_block(model, 'float32', position=position)  # pylint: disable=protected-access
+      calls.clear()
+      jax.make_jaxpr(step)(weights, state, x)
+      assert bool(calls) == kernels, position
 
 
 def test_the_kernel_column_names_the_pallas_kernels_a_model_decodes_through(monkeypatch):

@@ -49,6 +49,7 @@ rows are all measured, and the run's rows so far, as each is measured, to the sa
 leaves the saved rows whole.
 """
 
+import contextlib
 import functools
 import gc
 import json
@@ -166,18 +167,25 @@ def _first_block(model, dtype, drawn=None, position=0):
   model's (weights, state), where given) and one token's activations x [1, 1, d_model].
   With `position`, the state is the block's after a prompt of that many random activations
   [1, position, d_model] (one call, as a generation's prompt pass): its caches hold that
-  many positions and the next token comes after them."""
+  many positions and the next token comes after them. From the model's late position on
+  (`fused_residual.late_position`) the block runs as a generation's late loop runs it,
+  within `fused_residual.late()`."""
   weights, state = drawn or random_weights_and_state(model, dtype)
   labels = scope_labels(model)
   index = [i for i, label in enumerate(labels) if label.startswith('block0/')]
   layers = [model.sublayers[i] for i in index]
+  late_position = fused_residual.late_position(model)
+  late = (fused_residual.late if late_position is not None and position >= late_position
+          else contextlib.nullcontext)
 
   def step(weights, state, x):   # chained as in decoding where CHAIN lets (`run_layers`)
-    return fused_residual.run_layers(layers, x, weights, state)
+    with late():
+      return fused_residual.run_layers(layers, x, weights, state)
 
   d_model = jax.tree.leaves(weights[index[0]])[0].shape[0]
   x = 0.1 * jax.random.normal(jax.random.PRNGKey(1), (1, 1, d_model), dtype)
-  weights = tuple(decoding.laid_out(model.sublayers[i], weights[i]) for i in index)
+  with late():
+    weights = tuple(decoding.laid_out(model.sublayers[i], weights[i]) for i in index)
   state = tuple(state[i] for i in index)
   if position:
     prompt = 0.1 * jax.random.normal(jax.random.PRNGKey(2), (1, position, d_model), dtype)
