@@ -28,7 +28,9 @@ constant, set while the setting is measured and restored after it. The names, by
     ATTEND_STEP                  `FILLED_STEP`: the blocks the loop reads a step, loaded
                                  first
     LATE                         `LATE_POSITION`: a generation's tokens from this cache
-                                 position on decline the block (none: never; token)
+                                 position on decline the block, as does a block timed
+                                 after a PROMPT that reaches it (none: never; token,
+                                 block, call)
     CACHES                       `PREFETCH_CACHES`, 1: the multiplicative programs ask the
                                  L2 cache for the KV caches that attention reads
     STATE                        `PREFETCH_STATE`, 1: they ask for the convolution's state
