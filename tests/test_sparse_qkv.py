@@ -396,3 +396,27 @@ def test_a_shared_module_conv_is_laid_out_once_in_its_first_place(monkeypatch):
   out, _ = model.pure_fn(x, laid, state, None)
   expected, _ = model.pure_fn(x, weights, state, None)
   np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('lks', [2, 3])
+def test_a_laid_out_token_writes_its_state_in_place_from_the_fields(lks, monkeypatch):
+  """STATE_FROM_FIELDS: a laid-out token's new state comes from its receptive fields, so that
+  XLA writes it into the donated state without copying the old one first (a copy kernel per
+  block at every token without it, on a GPU as on the CPU); the state and outputs are those
+  of the window's."""
+  monkeypatch.setattr(sparse_qkv, 'DECODE_LAYOUT', True)
+  d = 48   # M 12 (at D_MODEL's M of 4 the CPU's XLA copies nothing either way)
+  x = _inputs(1, 4, d)
+  layer = _init(ModuleConv(d, S, lks, (3, 3, 1), 'predict'), x[:, :3])
+  layout = layer.decode_weights(layer.weights)
+  results, copies = {}, {}
+  for on in (True, False):
+    monkeypatch.setattr(sparse_qkv, 'STATE_FROM_FIELDS', on)   # a new function: traced anew
+    program = jax.jit(lambda w, s, t: layer.pure_fn(t, w, s, None), donate_argnums=1)
+    hlo = program.lower(layout, layer.state, x[:, 3:]).compile().as_text()
+    copies[on] = len(re.findall(r'= \S+ copy\(', hlo))
+    results[on] = program(layout, jnp.array(layer.state), x[:, 3:])
+  assert copies[True] < copies[False], copies
+  np.testing.assert_array_equal(results[True][1], results[False][1])
+  for a, b in zip(results[True][0], results[False][0]):
+    np.testing.assert_array_equal(a, b)

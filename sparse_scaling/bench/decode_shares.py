@@ -64,6 +64,10 @@ constant, set while the setting is measured and restored after it. The names, by
     CONV_ONE                     `ONE_PRODUCT`, 0: that layout as one product per module
                                  kernel size, 1: as one product of all three convolutions,
                                  V's kernel among zeros (the default; token, block, call)
+    CONV_STATE                   `STATE_FROM_FIELDS`, 0: a laid-out token's new convolution
+                                 state from the window (XLA copies the old state first),
+                                 1: from the receptive fields (the default; token, block,
+                                 call)
   layers/multiplicative_dense.py
     MULT_FORM                    `DECODE_FORM`: a few tokens' multiplicative product as 0,
                                  one einsum (the default), 1, D @ (x·E), 2, one reduction,
@@ -227,6 +231,7 @@ SHARES = {**{name: (sparse_qkv_block_kernel, name)
           'CHUNK': (sparse_ff, 'CPU_CHUNK_BYTES'),
           'CONV_LAYOUT': (sparse_qkv, 'DECODE_LAYOUT'),
           'CONV_ONE': (sparse_qkv, 'ONE_PRODUCT'),
+          'CONV_STATE': (sparse_qkv, 'STATE_FROM_FIELDS'),
           'MULT_FORM': (multiplicative_dense, 'DECODE_FORM'),
           **{f'MULT_{name}': (multiplicative_kernel, name)
              for name in ('ROWS', 'STEP', 'MODULES', 'CHANNELS', 'WARPS', 'STAGES', 'LOOP',
@@ -258,8 +263,8 @@ SHARES = {**{name: (sparse_qkv_block_kernel, name)
              for name in ('DOT_MERGER', 'TILING_SEARCH', 'TRITON_GEMM')}}
 _SWITCHES = ('DOT', 'CHAIN', 'CPU_TOP_K', 'GRAPHS', 'EARLY', 'PREFETCH', 'DOT_MERGER',
              'TILING_SEARCH', 'TRITON_GEMM', 'CACHES', 'STATE', 'FF_MOSAIC',
-             'QKV_MOSAIC', 'MOSAIC_ATTEND', 'CONV_LAYOUT', 'CONV_ONE', 'ATTN_SPLIT',
-             'ATTN_SKIP', 'MULT_LOOP')   # 0 or 1
+             'QKV_MOSAIC', 'MOSAIC_ATTEND', 'CONV_LAYOUT', 'CONV_ONE', 'CONV_STATE',
+             'ATTN_SPLIT', 'ATTN_SKIP', 'MULT_LOOP')   # 0 or 1
 SHARED_WEIGHTS = 0   # 0, 1 or 2: see the module's note
 # XLA's options for a GPU program, on top of `decoding.COMPILER_OPTIONS` (`xla_options`).
 XLA_DOT_MERGER, XLA_TILING_SEARCH, XLA_TRITON_GEMM = True, False, True

@@ -59,6 +59,13 @@ PAD_ROWS = 64
 # 0.0408-0.0409 against 0.0442-0.0448 (docs/decoding_gpu.md): on (`bench.decode_shares`'
 # CONV_ONE=0 turns it off). It changes nothing where nothing is laid out (CPUs, fused blocks).
 ONE_PRODUCT = True
+# With STATE_FROM_FIELDS a laid-out token's new state (the window's last lks − 1 positions)
+# is read from the receptive fields the product reads, through an optimization barrier, not
+# from the window: XLA then writes it into the donated state after building the fields, where
+# reading the old state and writing the new one in one fusion made it copy the state first, a
+# kernel a block at every token (the 17B attention block: 15 -> 14 kernels looped, compiled
+# for an H100 without one; docs/decoding_gpu.md, "The convolution's state from the fields").
+STATE_FROM_FIELDS = True
 
 
 class DecodeLayout(NamedTuple):
@@ -185,7 +192,7 @@ class ModuleConv(base.Layer):
           x[:, 0].astype(self.state.dtype), self.state, self.weights, self._sizes,
           interpret=kernel == 'interpret')
       return tuple(out.reshape(batch, length, d) for out in outputs)
-    if self._mode == 'predict':
+    if self._mode == 'predict':   # (a laid-out token's: from its fields, below)
       window = jnp.concatenate([self.state, x.astype(self.state.dtype)], axis=1)
       self.state = self._last_inputs(window, mask)
     else:
@@ -193,7 +200,7 @@ class ModuleConv(base.Layer):
     half = max(self._sizes) // 2
     window = jnp.pad(window, [(0, 0), (0, 0), (half, half), (0, 0)])   # [b, n + l, S + 2h, M]
     if self._mode == 'predict':
-      return self._products_over_fields(window, length)
+      return self._products_over_fields(window, length, mask is None and length == 1)
     outputs = []
     for (kernel, bias), size in zip(self.weights, self._sizes):
       start = half - size // 2
@@ -226,11 +233,13 @@ class ModuleConv(base.Layer):
       groups.setdefault(size, []).append(i)
     return list(groups.items())
 
-  def _products_over_fields(self, window, length):
+  def _products_over_fields(self, window, length, one_token=False):
     """Predict mode's outputs (a tuple of [b, l, d]) from window [b, n + l, S + 2h, M]: each
     a product of receptive fields and kernels, as `self.weights` lays them out: a
     `DecodeLayout`'s products (`_products`), or trax's layout's one per output, the outputs of
-    one module kernel size sharing their fields."""
+    one module kernel size sharing their fields. For `one_token` (a token, no mask) read
+    through a `DecodeLayout`, the new state is taken from the first fields built
+    (STATE_FROM_FIELDS)."""
     batch, d = window.shape[0], self._n_modules * self._channels
     half = max(self._sizes) // 2
     if isinstance(self.weights, DecodeLayout):
@@ -243,11 +252,18 @@ class ModuleConv(base.Layer):
                             tuple(b for _, b in self.weights))
     fields = {}   # (module kernel size, rows) -> receptive fields [b, l, S, rows]
     outputs = [None] * len(self._sizes)
+    from_fields = (STATE_FROM_FIELDS and one_token and self._lks > 1
+                   and isinstance(self.weights, DecodeLayout))
     for (size, indices), kernel, bias in zip(products, layout.kernels, layout.biases):
       if (size, kernel.shape[0]) not in fields:
         start = half - size // 2
         view = window[:, :, start:start + self._n_modules + size - 1]
-        fields[size, kernel.shape[0]] = self._receptive_fields(view, length, kernel.shape[0])
+        found = self._receptive_fields(view, length, kernel.shape[0])
+        if from_fields:   # XLA must not see through to the window (the note at the top)
+          found = jax.lax.optimization_barrier(found)
+          self.state = self._last_inputs_in_fields(found, size)
+          from_fields = False
+        fields[size, kernel.shape[0]] = found
       y = jnp.einsum('blsf,fo->blso', fields[size, kernel.shape[0]], kernel) + bias
       for i, part in zip(indices, jnp.split(y, len(indices), axis=-1)):   # [b, l, S, M] each
         outputs[i] = part.reshape(batch, length, d)
@@ -276,6 +292,15 @@ class ModuleConv(base.Layer):
       kernels.append(jnp.pad(kernel, [(0, -kernel.shape[0] % PAD_ROWS), (0, 0)]))
       biases.append(jnp.concatenate([weights[i][1] for i in indices]))
     return DecodeLayout(tuple(kernels), tuple(biases))
+
+  def _last_inputs_in_fields(self, fields, size):
+    """The predict state after one token, [b, n, S, M], from its receptive fields
+    [b, 1, S, rows] of module kernel size `size`: length taps 1..n, the middle module's
+    (`_receptive_fields`' order), hold the window's last n positions unpadded."""
+    m, middle = self._channels, size // 2
+    taps = [fields[..., (i * size + middle) * m:(i * size + middle + 1) * m]
+            for i in range(1, self._lks)]
+    return jnp.concatenate(taps, axis=1)
 
   def _last_inputs(self, window, mask):
     """The predict state after a call: the last n positions of window [b, n + l, S, M]."""
