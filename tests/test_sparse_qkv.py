@@ -405,9 +405,8 @@ def test_a_laid_out_token_writes_its_state_in_place_from_the_fields(lks, monkeyp
   block at every token without it, on a GPU as on the CPU); the state and outputs are those
   of the window's."""
   monkeypatch.setattr(sparse_qkv, 'DECODE_LAYOUT', True)
-  d = 48   # M 12 (at D_MODEL's M of 4 the CPU's XLA copies nothing either way)
-  x = _inputs(1, 4, d)
-  layer = _init(ModuleConv(d, S, lks, (3, 3, 1), 'predict'), x[:, :3])
+  x = _inputs(1, 4, D_MODEL)
+  layer = _init(ModuleConv(D_MODEL, S, lks, (3, 3, 1), 'predict'), x[:, :3])
   layout = layer.decode_weights(layer.weights)
   results, copies = {}, {}
   for on in (True, False):

@@ -192,7 +192,7 @@ class ModuleConv(base.Layer):
           x[:, 0].astype(self.state.dtype), self.state, self.weights, self._sizes,
           interpret=kernel == 'interpret')
       return tuple(out.reshape(batch, length, d) for out in outputs)
-    if self._mode == 'predict':   # (a laid-out token's: from its fields, below)
+    if self._mode == 'predict':   # a laid-out token's state: from its fields (below)
       window = jnp.concatenate([self.state, x.astype(self.state.dtype)], axis=1)
       self.state = self._last_inputs(window, mask)
     else:
