@@ -192,15 +192,19 @@ class ModuleConv(base.Layer):
           x[:, 0].astype(self.state.dtype), self.state, self.weights, self._sizes,
           interpret=kernel == 'interpret')
       return tuple(out.reshape(batch, length, d) for out in outputs)
-    if self._mode == 'predict':   # a laid-out token's state: from its fields (below)
+    # A laid-out token's new state is taken from its receptive fields (STATE_FROM_FIELDS).
+    from_fields = (self._mode == 'predict' and STATE_FROM_FIELDS and length == 1
+                   and mask is None and n > 0 and isinstance(self.weights, DecodeLayout))
+    if self._mode == 'predict':
       window = jnp.concatenate([self.state, x.astype(self.state.dtype)], axis=1)
-      self.state = self._last_inputs(window, mask)
+      if not from_fields:
+        self.state = self._last_inputs(window, mask)
     else:
       window = jnp.pad(x, [(0, 0), (n, 0), (0, 0), (0, 0)])       # [b, n + l, S, M]
     half = max(self._sizes) // 2
     window = jnp.pad(window, [(0, 0), (0, 0), (half, half), (0, 0)])   # [b, n + l, S + 2h, M]
     if self._mode == 'predict':
-      return self._products_over_fields(window, length, mask is None and length == 1)
+      return self._products_over_fields(window, length, from_fields)
     outputs = []
     for (kernel, bias), size in zip(self.weights, self._sizes):
       start = half - size // 2
@@ -233,13 +237,12 @@ class ModuleConv(base.Layer):
       groups.setdefault(size, []).append(i)
     return list(groups.items())
 
-  def _products_over_fields(self, window, length, one_token=False):
+  def _products_over_fields(self, window, length, state_from_fields=False):
     """Predict mode's outputs (a tuple of [b, l, d]) from window [b, n + l, S + 2h, M]: each
     a product of receptive fields and kernels, as `self.weights` lays them out: a
     `DecodeLayout`'s products (`_products`), or trax's layout's one per output, the outputs of
-    one module kernel size sharing their fields. For `one_token` (a token, no mask) read
-    through a `DecodeLayout`, the new state is taken from the first fields built
-    (STATE_FROM_FIELDS)."""
+    one module kernel size sharing their fields. With `state_from_fields` (a token read
+    through a `DecodeLayout`) it also sets the new state, from the first fields built."""
     batch, d = window.shape[0], self._n_modules * self._channels
     half = max(self._sizes) // 2
     if isinstance(self.weights, DecodeLayout):
@@ -252,17 +255,14 @@ class ModuleConv(base.Layer):
                             tuple(b for _, b in self.weights))
     fields = {}   # (module kernel size, rows) -> receptive fields [b, l, S, rows]
     outputs = [None] * len(self._sizes)
-    from_fields = (STATE_FROM_FIELDS and one_token and self._lks > 1
-                   and isinstance(self.weights, DecodeLayout))
     for (size, indices), kernel, bias in zip(products, layout.kernels, layout.biases):
       if (size, kernel.shape[0]) not in fields:
         start = half - size // 2
         view = window[:, :, start:start + self._n_modules + size - 1]
         found = self._receptive_fields(view, length, kernel.shape[0])
-        if from_fields:   # XLA must not see through to the window (the note at the top)
+        if state_from_fields and not fields:   # XLA must not see through to the window
           found = jax.lax.optimization_barrier(found)
           self.state = self._last_inputs_in_fields(found, size)
-          from_fields = False
         fields[size, kernel.shape[0]] = found
       y = jnp.einsum('blsf,fo->blso', fields[size, kernel.shape[0]], kernel) + bias
       for i, part in zip(indices, jnp.split(y, len(indices), axis=-1)):   # [b, l, S, M] each
