@@ -5,6 +5,7 @@ from sparse_scaling.layers.conv_attention import DenseConvAttention
 from sparse_scaling.layers.embedding import Embedder
 from sparse_scaling.layers.feed_forward import FeedForward
 from sparse_scaling.layers.fused_residual import FusedDecoder
+from sparse_scaling.layers.layer_norm import LayerNorm
 from sparse_scaling.layers.multiplicative_dense import MultiplicativeDense
 from sparse_scaling.layers.sparse_ff import SparseFF
 from sparse_scaling.layers.sparse_ff import SparseFFResidual

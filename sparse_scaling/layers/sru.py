@@ -23,6 +23,7 @@ from trax.layers import base
 from sparse_scaling.layers import components
 from sparse_scaling.layers.checks import check_mode
 from sparse_scaling.layers.checks import check_positive_int
+from sparse_scaling.layers.layer_norm import LayerNorm
 
 
 def SRU(n_units, mode='train'):
@@ -56,7 +57,7 @@ def SRUSideBranch(d_model, n_units, n_layers, mode):
   `FeedForwardWithOptions`, so that weights convert one to one).
   """
   srus = [[tl.Select([0, 1, 1]), SRU(n_units, mode)] for _ in range(n_layers)]  # keeps mask
-  return components.SRUBranch(tl.LayerNorm(), tl.Dense(n_units), srus, tl.Select([0], n_in=2),
+  return components.SRUBranch(LayerNorm(), tl.Dense(n_units), srus, tl.Select([0], n_in=2),
                               tl.Dense(d_model), name='SRUSideBranch')
 
 

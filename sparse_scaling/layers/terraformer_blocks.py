@@ -22,6 +22,7 @@ from sparse_scaling.layers import components
 from sparse_scaling.layers.concat_decoder import PackedDenseAttention
 from sparse_scaling.layers.concat_decoder import PackedSparseQKVAttention
 from sparse_scaling.layers.feed_forward import FeedForward
+from sparse_scaling.layers.layer_norm import LayerNorm
 from sparse_scaling.layers.sru import SRUSideBranch
 
 ATTENTION_TYPES = ('dense', 'chunked', 'lsh')
@@ -99,14 +100,14 @@ def _AttentionHalfResidual(attention, part):
   The name tells encoder and decoder apart: trax's memory-efficient trainer caches compiled
   layers by their repr, and trax's LSH layer's repr does not show whether it is causal.
   """
-  return [tl.ReversibleHalfResidual(tl.LayerNorm(), attention_layer=attention,
+  return [tl.ReversibleHalfResidual(LayerNorm(), attention_layer=attention,
                                     name=f'{part}AttentionHalfResidual'),
           tl.ReversibleSwap()]
 
 
 def _FeedForwardHalfResidual(d_model, d_ff, dropout, ff_sparsity, ff_use_sru, mode, part):
   """x1 += FF(LayerNorm(x2)) [+ SRU branch(x2, mask)]; swap."""
-  ff = [tl.LayerNorm(), FeedForward(d_model, d_ff, dropout, ff_sparsity, mode)]
+  ff = [LayerNorm(), FeedForward(d_model, d_ff, dropout, ff_sparsity, mode)]
   if ff_use_sru:
     n_layers, units = (ff_use_sru if isinstance(ff_use_sru, (tuple, list))
                        else (ff_use_sru, SRU_UNITS))

@@ -25,6 +25,7 @@ from sparse_scaling.layers import Embedder
 from sparse_scaling.layers import SparseEncDecAttention
 from sparse_scaling.layers import FeedForward
 from sparse_scaling.layers import FusedDecoder
+from sparse_scaling.layers import LayerNorm
 from sparse_scaling.layers import SparseFFResidual
 from sparse_scaling.layers import SparseLoss
 from sparse_scaling.layers import SparseQKVAttention
@@ -85,7 +86,7 @@ def ScalingTransformerLM(vocab_size=VOCAB_SIZE, d_model=D_MODEL, d_ff=D_FF,
                        length_kernel_size, mode, attention_conv),
         _FeedForwardBlock(d_model, d_ff, dropout, ff_sparsity, mode)]
        for _ in range(n_layers)],
-      tl.LayerNorm(),
+      LayerNorm(),
       SparseLoss(vocab_size, loss_sparsity),                 # [batch, length, vocab_size]
       name='ScalingTransformerLM')
 
@@ -135,7 +136,7 @@ def ScalingTransformer(input_vocab_size=VOCAB_SIZE, output_vocab_size=None,
         _FeedForwardBlock(d_model, encoder_d_ff or d_ff, dropout, ff_sparsity,
                           encoder_mode)]
        for _ in range(n_encoder_layers)],
-      tl.LayerNorm(),
+      LayerNorm(),
       name='Encoder')
   if mode == 'predict':
     encoder = tl.Cache(encoder)
@@ -154,7 +155,7 @@ def ScalingTransformer(input_vocab_size=VOCAB_SIZE, output_vocab_size=None,
                          length_kernel_size, mode),
         _FeedForwardBlock(d_model, d_ff, dropout, ff_sparsity, mode)]
        for _ in range(n_decoder_layers)],
-      tl.LayerNorm(),
+      LayerNorm(),
       tl.Select([0], n_in=3),                            # vec_d tok_d
       SparseLoss(output_vocab_size, loss_sparsity),      # logits tok_d
       name='ScalingTransformer')
@@ -176,14 +177,14 @@ def _SelfAttention(d_model, n_heads, max_len, dropout, attention_sparsity, lengt
   residual = (SparseQKVResidual if attention_sparsity and not attention_conv and
               mode == 'predict' else tl.Residual)    # the same layer, decoding fused
   return residual(components.SelfAttention(
-      tl.LayerNorm(), attention, tl.Dropout(rate=dropout, mode=mode), name='SelfAttention'))
+      LayerNorm(), attention, tl.Dropout(rate=dropout, mode=mode), name='SelfAttention'))
 
 
 def _MaskedSelfAttention(d_model, n_heads, dropout, mode):
   """Pre-LayerNorm residual bidirectional attention over (x, mask) -> (x, mask)."""
   attention = tl.Attention(d_model, n_heads=n_heads, dropout=dropout, mode=mode)
   return tl.Residual(components.SelfAttention(
-      tl.LayerNorm(), attention, tl.Dropout(rate=dropout, mode=mode), name='SelfAttention'))
+      LayerNorm(), attention, tl.Dropout(rate=dropout, mode=mode), name='SelfAttention'))
 
 
 def _EncDecAttention(d_model, n_heads, dropout, sparsity, length_kernel_size, mode):
@@ -195,7 +196,7 @@ def _EncDecAttention(d_model, n_heads, dropout, sparsity, length_kernel_size, mo
     attention = tl.AttentionQKV(d_model, n_heads=n_heads, dropout=dropout, mode=mode,
                                 cache_KV_in_predict=True)
   return tl.Residual(components.EncDecAttention(
-      tl.LayerNorm(),
+      LayerNorm(),
       tl.Select([0, 2, 2, 1, 2]),                  # vec_d vec_e vec_e mask vec_e
       attention,                                   # vec_d mask vec_e
       tl.Dropout(rate=dropout, mode=mode),
@@ -205,7 +206,7 @@ def _EncDecAttention(d_model, n_heads, dropout, sparsity, length_kernel_size, mo
 def _FeedForwardBlock(d_model, d_ff, dropout, ff_sparsity, mode):
   """Pre-LayerNorm residual feed-forward."""
   residual = SparseFFResidual if ff_sparsity and mode == 'predict' else tl.Residual
-  return residual(tl.LayerNorm(), FeedForward(d_model, d_ff, dropout, ff_sparsity, mode))
+  return residual(LayerNorm(), FeedForward(d_model, d_ff, dropout, ff_sparsity, mode))
 
 
 def _check_model_args(d_model, n_heads, attention_sparsity, mode):

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from trax import layers as tl
 
 from sparse_scaling.layers import Embedder
+from sparse_scaling.layers import LayerNorm
 from sparse_scaling.layers import SparseLoss
 from sparse_scaling.layers import components
 from sparse_scaling.layers import concat_decoder
@@ -105,7 +106,7 @@ def Terraformer(input_vocab_size=VOCAB_SIZE, output_vocab_size=None, d_model=D_M
             tl.Select([0, 2, 1, 4]),                # ed1 ed2 mask_ed mask_e
            ]
   else:
-    encoder += [_Average(), tl.Dense(d_model), tl.LayerNorm()]  # vec_e mask_e
+    encoder += [_Average(), tl.Dense(d_model), LayerNorm()]  # vec_e mask_e
     pack = [tl.Select([0, 1, 2, 1]),                            # vec_e mask_e vec_d mask_e
             concat_decoder.ConcatEncoderDecoder(mode),          # ed mask_ed mask_e
             tl.Select([0, 0, 1, 2])]                            # ed ed mask_ed mask_e
@@ -128,7 +129,7 @@ def Terraformer(input_vocab_size=VOCAB_SIZE, output_vocab_size=None, d_model=D_M
       pack,                                                  # ed1 ed2 mask_ed mask_e tok_d
       decoder,
       _Average(),                                            # ed mask_ed mask_e tok_d
-      tl.LayerNorm(),
+      LayerNorm(),
       tl.Select([0, 2], n_in=3),                             # ed mask_e tok_d
       concat_decoder.StripEncoder(mode),                     # vec_d tok_d
       SparseLoss(output_vocab_size, loss_sparsity),          # logits tok_d
