@@ -6,9 +6,11 @@ import shutil
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from sparse_scaling.bench import compile_only
+from sparse_scaling.layers import decode_kernels
 
 
 def _has_plugin():
@@ -45,7 +47,18 @@ def test_a_variant_without_sparse_qkv_is_refused():
   out = _program('--variant', 'ff')
   assert out.returncode != 0 and not out.stdout
   assert out.stderr.splitlines()[-1] == (
-      'error: --variant ff: compiles the fused blocks of a variant with Sparse QKV')
+      'error: --variant ff: --blocks fused compiles the fused blocks of a variant with Sparse '
+      'QKV')
+
+
+def test_as_on_a_gpu_answers_gpu_within_and_restores_the_backend():
+  real = jax.default_backend()
+  with pytest.raises(ValueError):
+    with compile_only.as_on_a_gpu():
+      assert jax.default_backend() == 'gpu'
+      assert decode_kernels.active('attention', True) == 'pallas'   # 'auto', as on a GPU
+      raise ValueError
+  assert jax.default_backend() == real
 
 
 def test_without_ptxas_it_stops_with_one_line():
@@ -76,3 +89,20 @@ def test_the_800m_blocks_compile_to_their_kernels_with_registers_and_no_spills()
   assert set(kernels) == {'_mixed_kernel', '_conv_kernel', '_attend_kernel', '_norm_kernel',
                           '_units_kernel'}
   assert all(0 < registers <= 255 and spills == 0 for registers, spills in kernels.values())
+
+
+@pytest.mark.skipif(not (PLUGIN and shutil.which('ptxas')),
+                    reason='needs the CUDA plugin and ptxas')
+def test_the_17b_block_as_a_generation_runs_it_has_one_layernorm_kernel():
+  """--blocks model: the 17B FF+QKV block a GPU's generation runs (XLA's attention block with
+  attention's own kernel, the FF block's three kernels); the LayerNorm's statistics one
+  kernel with ONE_PASS and two without, nothing else changed."""
+  out = _program('--blocks', 'model', '--shape', '17b', '--settings', 'default,LN_ONE_PASS=0')
+  assert out.returncode == 0, out.stderr
+  settings = ('default', 'LN_ONE_PASS=0')
+  rows = [row for row in ([cell.strip() for cell in line.strip('|').split('|')]
+                          for line in out.stdout.splitlines()) if row[0] in settings]
+  listed = {setting: [row[2] for row in rows if row[0] == setting] for setting in settings}
+  assert len(listed['LN_ONE_PASS=0']) == len(listed['default']) + 1
+  kernels = {row[3].strip('`') for row in rows if row[3]}
+  assert kernels == {'_split_kernel', '_norm_kernel', '_units_kernel', '_down_kernel'}

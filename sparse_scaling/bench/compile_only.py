@@ -2,7 +2,7 @@
 and spills, and the instructions XLA runs.
 
   python -m sparse_scaling.bench.compile_only [--gpu h100] [--shape 800m] [--variant ffqkv]
-      [--settings CACHE=2048,CACHE=2048+ATTEND_STEP=2]
+      [--settings CACHE=2048,CACHE=2048+ATTEND_STEP=2] [--blocks fused]
 
 GPU time is scarce; what a kernel compiles to is not. This compiles the fused blocks as
 `decode_shares --measure trace` does (`decode_shares.fused_blocks`, each block jitted as a
@@ -14,12 +14,19 @@ setting and block it prints the instructions of the program that run, copies inc
 (`decode_profile.kernels`), each kernel with its registers a thread and the bytes it spills
 (ptxas -v on the PTX that XLA writes). Nothing runs and nothing is timed.
 
+With `--blocks model` it compiles instead one decoding step of the model's first block
+(attention and FF) as a generation on a GPU runs it (`compiled_model_block`): the paths a GPU
+takes, XLA's ops among them (17B's attention block), so that what XLA makes of them can be
+counted offline (the 17B FF+QKV block: 16 instructions that run, 17 with `LN_ONE_PASS=0`, as
+an H100's trace of the step found 16; docs/decoding_gpu.md). Any variant.
+
 Needs, beside this package: this jaxlib's CUDA plugin without the CUDA libraries it would
 load on a GPU (`pip install --no-deps jax-cuda12-plugin==V jax-cuda12-pjrt==V`, V the
 jaxlib version) and ptxas for sm_90a on the PATH (CUDA 12.8 or newer). Without them it stops
 with a one-line error.
 """
 
+import contextlib
 import glob
 import os
 import re
@@ -37,6 +44,7 @@ from sparse_scaling.bench import common
 from sparse_scaling.bench import decode_profile
 from sparse_scaling.bench import decode_shares
 from sparse_scaling.bench import decoders
+from sparse_scaling.bench import table1
 
 # The figures of XLA's target configurations (xla/backends/gpu/target_config/specs) that
 # differ between the two cards: name, memory bytes, memory bytes a second.
@@ -117,6 +125,48 @@ def compiled_blocks(dims, device, dtype='float32'):
   return out
 
 
+@contextlib.contextmanager
+def as_on_a_gpu():
+  """Within: code that asks `jax.default_backend()` which path to take (`decode_kernels`'
+  'auto', the convolutions' decoding layout, ...) is answered 'gpu', so that a block is built
+  and traced as a generation on a GPU builds and traces it, on a machine without one."""
+  real = jax.default_backend
+  jax.default_backend = lambda: 'gpu'
+  try:
+    yield
+  finally:
+    jax.default_backend = real
+
+
+def compiled_model_block(dims, device, dtype='float32'):
+  """{'block': (the compiled program's HLO text, {kernel: (registers, spill bytes)})}: one
+  decoding step of Table 1's first block of `dims` (attention and FF, `table1._first_block`)
+  as a generation on a GPU runs it at cache position 0 (`as_on_a_gpu`: 17B's attention block
+  through XLA's ops and attention's own kernel, 800M's through the fused kernels), its state
+  donated, compiled for `device`. The weights are shapes only: nothing is drawn."""
+  sharding = jax.sharding.SingleDeviceSharding(device)
+  spec = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding)
+  with as_on_a_gpu():
+    model = decoders.build('ours', dims, 1, decoders.MAX_LEN)
+    weights, state = jax.eval_shape(lambda: decoders.random_weights_and_state(model, dtype))
+    built = {}
+
+    def laid_out(weights, state):
+      built['step'], weights, state, x = table1._first_block(  # pylint: disable=protected-access
+          model, dtype, drawn=(weights, state))
+      return weights, state, x
+
+    args = jax.tree.map(spec, jax.eval_shape(laid_out, weights, state))
+    with tempfile.TemporaryDirectory() as dump:
+      program = decoding.jit(built['step'], donate_argnums=1).trace(*args)
+      compiled = program.lower(lowering_platforms=('cuda',)).compile(
+          compiler_options={'xla_dump_to': dump})
+      usage = {}
+      for path in sorted(glob.glob(os.path.join(dump, '*.ptx'))):
+        usage.update(ptxas_usage(path))
+  return {'block': (compiled.as_text(), usage)}
+
+
 def rows(setting, blocks):
   """Table rows (setting, block, instruction, kernel, registers, spill bytes) of
   `compiled_blocks`' result: every instruction that runs, a Pallas kernel's by its function."""
@@ -137,14 +187,19 @@ def define_flags():
   flags.DEFINE_string('variant', 'ffqkv', 'Table 1 variant, with Sparse QKV.')
   flags.DEFINE_list('settings', ['default'], "decode_shares' settings, each compiled.")
   flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Weights and caches.')
+  flags.DEFINE_enum('blocks', 'fused', ['fused', 'model'],
+                    "fused: the fused blocks' kernels alone; model: the model's first block "
+                    'as a generation on a GPU runs it.')
 
 
 def main(argv):
   del argv
   args = flags.FLAGS
-  if 'qkv' not in args.variant:
-    raise app.UsageError(f'--variant {args.variant}: compiles the fused blocks of a variant '
-                         'with Sparse QKV')
+  if args.blocks == 'fused' and 'qkv' not in args.variant:
+    raise app.UsageError(f'--variant {args.variant}: --blocks fused compiles the fused blocks '
+                         'of a variant with Sparse QKV')
+  if args.variant not in decoders.VARIANTS:
+    raise app.UsageError(f'--variant {args.variant}: one of {list(decoders.VARIANTS)}')
   try:
     settings = [(text, decode_shares.parse_setting(text)) for text in args.settings]
   except ValueError as e:
@@ -158,14 +213,17 @@ def main(argv):
     device = compile_only_device(args.gpu)
   except RuntimeError as e:
     raise app.UsageError(str(e)) from e
+  what = ('each fused block as a generation compiles it' if args.blocks == 'fused' else
+          "the model's first block, one step as a generation on a GPU runs it")
   print(f'{GPUS[args.gpu][0]}, compiled only (jax {jax.__version__}). {args.variant} at '
-        f'{args.shape}, {args.dtype}, each fused block as a generation compiles it.')
+        f'{args.shape}, {args.dtype}, {what}.')
   print(common.table_header(['setting', 'block', 'instruction', 'kernel', 'registers',
                              'spill bytes']))
   dims = decoders.dimensions(args.shape, args.variant)
   for text, setting in settings:
     with decode_shares.shares(setting):
-      blocks = compiled_blocks(dims, device, args.dtype)
+      blocks = (compiled_blocks(dims, device, args.dtype) if args.blocks == 'fused' else
+                compiled_model_block(dims, device, args.dtype))
     for row in rows(text, blocks):
       print(common.table_row(row), flush=True)
 
