@@ -106,3 +106,18 @@ def test_the_17b_block_as_a_generation_runs_it_has_one_layernorm_kernel():
   assert len(listed['LN_ONE_PASS=0']) == len(listed['default']) + 1
   kernels = {row[3].strip('`') for row in rows if row[3]}
   assert kernels == {'_split_kernel', '_norm_kernel', '_units_kernel', '_down_kernel'}
+
+
+@pytest.mark.skipif(not (PLUGIN and shutil.which('ptxas')),
+                    reason='needs the CUDA plugin and ptxas')
+def test_the_800m_dense_block_loses_a_kernel_to_each_of_relu_and_layernorm():
+  """--blocks model, dense: XLA takes the ReLU as a maximum into the product after it
+  (`feed_forward.RELU_AS_MAXIMUM`), and each LayerNorm's statistics are one reduction
+  (`layer_norm.ONE_PASS`; trax's two are two kernels)."""
+  settings = ('default', 'RELU_MAX=0', 'LN_ONE_PASS=0+RELU_MAX=0')
+  out = _program('--blocks', 'model', '--variant', 'dense', '--settings', ','.join(settings))
+  assert out.returncode == 0, out.stderr
+  rows = [[cell.strip() for cell in line.strip('|').split('|')]
+          for line in out.stdout.splitlines()]
+  counts = [sum(row[0] == setting for row in rows) for setting in settings]
+  assert counts == [13, 14, 16]

@@ -68,6 +68,9 @@ constant, set while the setting is measured and restored after it. The names, by
                                  state from the window (XLA copies the old state first),
                                  1: from the receptive fields (the default; token, block,
                                  call)
+  layers/feed_forward.py
+    RELU_MAX                     `RELU_AS_MAXIMUM`, 0: a dense FF's ReLU as trax's select, 1:
+                                 as max(x, 0) (the default; dense variants)
   layers/layer_norm.py
     LN_ONE_PASS                  `ONE_PASS`, 0: a decoded token's LayerNorm statistics as
                                  trax's two reductions, 1: as one pass (the default; where
@@ -206,6 +209,7 @@ from sparse_scaling.bench import timing
 from sparse_scaling.layers import attention_kernel
 from sparse_scaling.layers import causal_attention
 from sparse_scaling.layers import decode_kernels
+from sparse_scaling.layers import feed_forward
 from sparse_scaling.layers import fused_residual
 from sparse_scaling.layers import layer_norm
 from sparse_scaling.layers import sparse_ff
@@ -252,6 +256,7 @@ SHARES = {**{name: (sparse_qkv_block_kernel, name)
           'ATTN_SPLIT': (attention_kernel, 'SPLIT'), 'ATTN_SKIP': (attention_kernel, 'SKIP'),
           'ATTN_LEN': (attention_kernel, 'MIN_LEN'),
           'LN_ONE_PASS': (layer_norm, 'ONE_PASS'),
+          'RELU_MAX': (feed_forward, 'RELU_AS_MAXIMUM'),
           'ATTEND_FILLED': (sparse_qkv_block_kernel, 'FILLED_MIN_LEN'),
           'ATTEND_POSITIONS': (sparse_qkv_block_kernel, 'POSITIONS'),
           'ATTEND_FIRST': (sparse_qkv_block_kernel, 'FILLED_FIRST'),
@@ -271,7 +276,7 @@ SHARES = {**{name: (sparse_qkv_block_kernel, name)
 _SWITCHES = ('DOT', 'CHAIN', 'CPU_TOP_K', 'GRAPHS', 'EARLY', 'PREFETCH', 'DOT_MERGER',
              'TILING_SEARCH', 'TRITON_GEMM', 'CACHES', 'STATE', 'FF_MOSAIC',
              'QKV_MOSAIC', 'MOSAIC_ATTEND', 'CONV_LAYOUT', 'CONV_ONE', 'CONV_STATE',
-             'ATTN_SPLIT', 'ATTN_SKIP', 'LN_ONE_PASS', 'MULT_LOOP')   # 0 or 1
+             'ATTN_SPLIT', 'ATTN_SKIP', 'LN_ONE_PASS', 'RELU_MAX', 'MULT_LOOP')   # 0 or 1
 SHARED_WEIGHTS = 0   # 0, 1 or 2: see the module's note
 # XLA's options for a GPU program, on top of `decoding.COMPILER_OPTIONS` (`xla_options`).
 XLA_DOT_MERGER, XLA_TILING_SEARCH, XLA_TRITON_GEMM = True, False, True
