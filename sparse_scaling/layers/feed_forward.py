@@ -40,7 +40,6 @@ def FeedForward(d_model, d_ff, dropout, ff_sparsity, mode):
   return SparseFF(d_ff, n, d_lowrank=d_lowrank, dropout_rate=dropout, mode=mode)
 
 
-
 @assert_shape('...->...')   # as trax's: the same layers, so the same weights tree
 def Relu():
   """trax's `Relu` (its layers and values); max(x, 0) with RELU_AS_MAXIMUM, read when traced."""
