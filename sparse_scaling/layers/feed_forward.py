@@ -5,18 +5,18 @@ trax's (Dense, dropout, ReLU, Dense, dropout); `ff_sparsity` replaces it with th
 §3.1 (`sparse_ff.py`). Input and output: [..., d_model].
 """
 
-import jax.numpy as jnp
+import jax
 from trax import layers as tl
 from trax.layers.assert_shape import assert_shape
 
 from sparse_scaling.layers import components
 from sparse_scaling.layers.sparse_ff import SparseFF
 
-# The dense FF's ReLU as max(x, 0), not trax's where(x <= 0, 0, x): the same values, NaN
-# included, and on a GPU XLA takes a maximum into the product after it, where the select stays
-# a kernel of its own: an 800M dense block decoding a token, compiled for an H100
-# (`bench/compile_only.py --blocks model --variant dense`), is 13 kernels with it and 14
-# without (docs/decoding_gpu.md). Its gradient at exactly 0 is 1/2 (trax's: 0).
+# The dense FF's ReLU as JAX's `jax.nn.relu`, max(x, 0), not trax's where(x <= 0, 0, x): the
+# same values (NaN included) and gradients, and on a GPU XLA takes a maximum into the product
+# after it, where the select stays a kernel of its own: an 800M dense block decoding a token,
+# compiled for an H100 (`bench/compile_only.py --blocks model --variant dense`), is 13 kernels
+# with it and 14 without (docs/decoding_gpu.md). Read when the layer is built.
 RELU_AS_MAXIMUM = True
 
 
@@ -40,11 +40,11 @@ def FeedForward(d_model, d_ff, dropout, ff_sparsity, mode):
   return SparseFF(d_ff, n, d_lowrank=d_lowrank, dropout_rate=dropout, mode=mode)
 
 
-@assert_shape('...->...')   # as trax's: the same layers, so the same weights tree
 def Relu():
-  """trax's `Relu` (its layers and values); max(x, 0) with RELU_AS_MAXIMUM, read when traced."""
-  def relu(x):
-    if RELU_AS_MAXIMUM:
-      return jnp.maximum(x, 0)
-    return jnp.where(x <= 0, jnp.zeros_like(x), x)
-  return tl.Fn('Relu', relu)
+  """trax's `Relu` (its layers, values and gradients); with RELU_AS_MAXIMUM, `jax.nn.relu`."""
+  return _MaximumRelu() if RELU_AS_MAXIMUM else tl.Relu()
+
+
+@assert_shape('...->...')   # as trax's: the same layers, so the same weights tree
+def _MaximumRelu():
+  return tl.Fn('Relu', lambda x: jax.nn.relu(x))   # trax's Fn takes no keyword arguments
