@@ -107,22 +107,26 @@ def parse_ptxas(text):
   return usage
 
 
+def _compiled(fn, args, donate, device):
+  """(the HLO text, {kernel: (registers, spill bytes)}) of `decoding.jit(fn)` on args (arrays
+  or shapes) with `donate` donated, compiled for `device`."""
+  sharding = jax.sharding.SingleDeviceSharding(device)
+  spec = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding)
+  with tempfile.TemporaryDirectory() as dump:
+    program = decoding.jit(fn, donate_argnums=donate).trace(*jax.tree.map(spec, args))
+    compiled = program.lower(lowering_platforms=('cuda',)).compile(
+        compiler_options={'xla_dump_to': dump})
+    usage = {}
+    for path in sorted(glob.glob(os.path.join(dump, '*.ptx'))):
+      usage.update(ptxas_usage(path))
+  return compiled.as_text(), usage
+
+
 def compiled_blocks(dims, device, dtype='float32'):
   """{'attention' | 'FF': (the compiled program's HLO text, {kernel: (registers, spill
   bytes)})}: each fused block of `dims` compiled for `device` as a generation compiles it."""
-  sharding = jax.sharding.SingleDeviceSharding(device)
-  spec = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding)
-  out = {}
-  for name, fn, args, donate in decode_shares.fused_block_programs(dims, dtype=dtype):
-    with tempfile.TemporaryDirectory() as dump:
-      program = decoding.jit(fn, donate_argnums=donate).trace(*jax.tree.map(spec, args))
-      compiled = program.lower(lowering_platforms=('cuda',)).compile(
-          compiler_options={'xla_dump_to': dump})
-      usage = {}
-      for path in sorted(glob.glob(os.path.join(dump, '*.ptx'))):
-        usage.update(ptxas_usage(path))
-    out[name] = (compiled.as_text(), usage)
-  return out
+  return {name: _compiled(fn, args, donate, device)
+          for name, fn, args, donate in decode_shares.fused_block_programs(dims, dtype=dtype)}
 
 
 @contextlib.contextmanager
@@ -144,8 +148,6 @@ def compiled_model_block(dims, device, dtype='float32'):
   as a generation on a GPU runs it at cache position 0 (`as_on_a_gpu`: 17B's attention block
   through XLA's ops and attention's own kernel, 800M's through the fused kernels), its state
   donated, compiled for `device`. The weights are shapes only: nothing is drawn."""
-  sharding = jax.sharding.SingleDeviceSharding(device)
-  spec = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding)
   with as_on_a_gpu():
     model = decoders.build('ours', dims, 1, decoders.MAX_LEN)
     weights, state = jax.eval_shape(lambda: decoders.random_weights_and_state(model, dtype))
@@ -156,15 +158,8 @@ def compiled_model_block(dims, device, dtype='float32'):
           model, dtype, drawn=(weights, state))
       return weights, state, x
 
-    args = jax.tree.map(spec, jax.eval_shape(laid_out, weights, state))
-    with tempfile.TemporaryDirectory() as dump:
-      program = decoding.jit(built['step'], donate_argnums=1).trace(*args)
-      compiled = program.lower(lowering_platforms=('cuda',)).compile(
-          compiler_options={'xla_dump_to': dump})
-      usage = {}
-      for path in sorted(glob.glob(os.path.join(dump, '*.ptx'))):
-        usage.update(ptxas_usage(path))
-  return {'block': (compiled.as_text(), usage)}
+    args = jax.eval_shape(laid_out, weights, state)
+    return {'block': _compiled(built['step'], args, 1, device)}
 
 
 def rows(setting, blocks):
@@ -184,7 +179,8 @@ def define_flags():
   """Defines the command line's flags; only when run as a program."""
   flags.DEFINE_enum('gpu', 'h100', list(GPUS), 'The GPU to compile for.')
   flags.DEFINE_enum('shape', '800m', list(decoders.SHAPES), 'Table 1 shape.')
-  flags.DEFINE_string('variant', 'ffqkv', 'Table 1 variant, with Sparse QKV.')
+  flags.DEFINE_enum('variant', 'ffqkv', list(decoders.VARIANTS),
+                    'Table 1 variant (with --blocks fused, one with Sparse QKV).')
   flags.DEFINE_list('settings', ['default'], "decode_shares' settings, each compiled.")
   flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Weights and caches.')
   flags.DEFINE_enum('blocks', 'fused', ['fused', 'model'],
@@ -198,8 +194,6 @@ def main(argv):
   if args.blocks == 'fused' and 'qkv' not in args.variant:
     raise app.UsageError(f'--variant {args.variant}: --blocks fused compiles the fused blocks '
                          'of a variant with Sparse QKV')
-  if args.variant not in decoders.VARIANTS:
-    raise app.UsageError(f'--variant {args.variant}: one of {list(decoders.VARIANTS)}')
   try:
     settings = [(text, decode_shares.parse_setting(text)) for text in args.settings]
   except ValueError as e:
