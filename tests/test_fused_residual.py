@@ -29,7 +29,7 @@ from tests.utils import lowered_for_an_h200
 
 VOCAB = 40
 # Settings of sparse_ff_kernel's constants; the others are the QKV block's.
-FF_SHARES = ('MAX_PARTS_BYTES', 'COLUMNS', 'GATHER', 'GROUP', 'DOWN_GROUPS')
+FF_SHARES = ('MAX_PARTS_BYTES', 'COLUMNS', 'GATHER', 'GROUP')
 
 
 def _lm(mode, d_model=64, n_heads=4, attention_sparsity=8, ff_sparsity=(8, 16), max_len=16,
@@ -80,7 +80,7 @@ def _decodes_as_xla(kernel, model_kwargs, tokens, tolerance=1e-5, prompt=3,
     (16, 2, 4, {}),
     (48, 4, 4, dict(MIXED_CHANNELS=None)),
     (64, 4, 8, dict(ROWS=16, MAX_PARTS=2, MODULES=4, SPLIT=2, MIXED_CHANNELS=4,
-                    MAX_PARTS_BYTES=0, COLUMNS=8, GATHER=4, GROUP=2, DOWN_GROUPS=2)),
+                    MAX_PARTS_BYTES=0, COLUMNS=8, GATHER=4, GROUP=2)),
     (768, 8, 16, dict(CONV_PROGRAMS=8, STATS_IN_KERNEL=512))])
 def test_fused_blocks_equal_xla_step_by_step(d_model, n_heads, attention_sparsity, settings,
                                              monkeypatch):
@@ -94,8 +94,8 @@ def test_fused_blocks_equal_xla_step_by_step(d_model, n_heads, attention_sparsit
   programs that convolve several modules with the partial sums added first and
   multiplicative programs of 2 modules and 4 of the 8 channels each (and, in the same case,
   the FF block with W2's chosen rows multiplied by a kernel of their own, as at 17B where the
-  units programs' parts would be large: programs of 8 columns gathering 4 rows a load, the
-  rows in two groups whose parts XLA adds, after units programs of two blocks), and d_model 768 as 17B's shapes in small: 16 modules of 48
+  units programs' parts would be large: programs of 8 columns gathering 4 rows a load, after
+  units programs of two blocks), and d_model 768 as 17B's shapes in small: 16 modules of 48
   channels (multiplicative programs of 16 of them, a matrix product each), 12 partial sums,
   heads of 96, programs of 16 channels and 16 modules where 16 channels of one module each
   would make too many programs, and the LayerNorm's statistics computed once by XLA for the

@@ -54,21 +54,18 @@ def test_one_unit_active_per_block(mode, kernel):
     np.testing.assert_allclose(layer(x), expected, atol=1e-5)
 
 
-@pytest.mark.parametrize('parts_bytes, groups', [(None, 1), (0, 1), (0, 4)])
+@pytest.mark.parametrize('parts_bytes', [None, 0])
 @pytest.mark.parametrize('d_model, d_ff, n, group', [(16, 64, 8, 1), (48, 256, 4, 8),
                                                      (2048 + 1024, 512, 8, 2), (24, 768, 8, 1)])
-def test_decode_kernel_equals_the_gathered_rows(d_model, d_ff, n, group, parts_bytes, groups,
+def test_decode_kernel_equals_the_gathered_rows(d_model, d_ff, n, group, parts_bytes,
                                                 monkeypatch):
   """The Pallas kernels (interpreted) on fresh random weights, W2's rows multiplied in the
   units programs (parts, the default at these sizes) and by a kernel of their own (0 bytes of
-  parts: gathered 32 rows a load, so that 96 blocks take 32 + 32 + 32), its rows in one group
-  or in 4, each group's sum a part XLA adds (96 blocks: groups of 24, gathered 16 + 8; 8
-  blocks: groups of 2): groups of blocks, rows longer than one slice, ties broken toward the
-  lowest unit as argmax does."""
+  parts: gathered 32 rows a load, so that 96 blocks take 32 + 32 + 32): groups of blocks, rows
+  longer than one slice, ties broken toward the lowest unit as argmax does."""
   if parts_bytes is not None:
     monkeypatch.setattr(sparse_ff_kernel, 'MAX_PARTS_BYTES', parts_bytes)
     monkeypatch.setattr(sparse_ff_kernel, 'GATHER', 32)
-  monkeypatch.setattr(sparse_ff_kernel, 'DOWN_GROUPS', groups)
   x = _inputs(3, d_model, seed=d_model)
   layer = _init(SparseFF(d_ff, n, d_lowrank=4, mode='predict'), x, seed=d_ff)
   _, (c1, c2, cb), (w1, b1, w2, b2), _ = layer.weights
@@ -82,14 +79,10 @@ def test_decode_kernel_equals_the_gathered_rows(d_model, d_ff, n, group, parts_b
   np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize('d_model, d_ff, n, rank, groups', [
-    (1024, 6144, 64, 16, 1), (9216, 65536, 256, 32, 1), (9216, 65536, 256, 32, 8)])
-def test_decode_kernel_lowers_to_triton_for_a_gpu_at_table1_shapes(d_model, d_ff, n, rank,
-                                                                    groups, monkeypatch):
+@pytest.mark.parametrize('d_model, d_ff, n, rank', [(1024, 6144, 64, 16), (9216, 65536, 256, 32)])
+def test_decode_kernel_lowers_to_triton_for_a_gpu_at_table1_shapes(d_model, d_ff, n, rank):
   """Lowered for CUDA on any machine: Triton's rules (every loaded block a power of 2 in
-  size) hold at the 800M and 17B shapes (17B's `down` rows also in 8 groups), and the Triton
-  backend is the one chosen."""
-  monkeypatch.setattr(sparse_ff_kernel, 'DOWN_GROUPS', groups)
+  size) hold at the 800M and 17B shapes, and the Triton backend is the one chosen."""
   blocks = d_ff // n
   shapes = [(1, d_model), (1, rank), (rank, blocks, n), (blocks, n), (blocks, n, d_model),
             (blocks, n), (blocks, n, d_model), (d_model,)]

@@ -52,8 +52,6 @@ constant, set while the setting is measured and restored after it. The names, by
                                  multiplies W2's rows (0: always)
     FF_COLUMNS, FF_GATHER        columns of d_model per program of that kernel, rows it
                                  gathers a load
-    FF_GROUPS                    `DOWN_GROUPS`: that kernel's rows in groups, each group's
-                                 sum a part that XLA adds
     FF_MOSAIC                    `MOSAIC`, 1: the LayerNorm-controller and units programs
                                  as Mosaic GPU kernels (`sparse_ff_mosaic.py`) where the
                                  shapes fit (token, block, trace)
@@ -238,7 +236,6 @@ SHARES = {**{name: (sparse_qkv_block_kernel, name)
           'FF_ROWS': (sparse_ff_kernel, 'NORM_ROWS'),
           'FF_PARTS_BYTES': (sparse_ff_kernel, 'MAX_PARTS_BYTES'),
           'FF_COLUMNS': (sparse_ff_kernel, 'COLUMNS'), 'FF_GATHER': (sparse_ff_kernel, 'GATHER'),
-          'FF_GROUPS': (sparse_ff_kernel, 'DOWN_GROUPS'),
           'FF_MOSAIC': (sparse_ff_kernel, 'MOSAIC'),
           'CHAIN': (fused_residual, 'CHAIN'), 'CPU_TOP_K': (decoding, 'CPU_TOP_K'),
           'CHUNK': (sparse_ff, 'CPU_CHUNK_BYTES'),

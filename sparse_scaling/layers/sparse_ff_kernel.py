@@ -58,12 +58,6 @@ NORM_ROWS = 64  # rows of C1 per `norm_controller` program (a power of 2)
 # one 17B block looped in a compiled program took 0.0636 and 0.0640 ms against 0.0656 and
 # 0.0670 with 64, `down` traced alone 6.6 µs against 7.7 (docs/decoding_gpu.md, "17B shapes").
 MAX_PARTS_BYTES, COLUMNS, GATHER = 1 << 20, 32, 256
-# `down`'s chosen rows in DOWN_GROUPS groups (a power of 2): a program gathers its group's
-# rows over COLUMNS columns and writes that group's part [d] (float32), which XLA adds with b2
-# and the residual. Groups let a program read longer runs of each row (COLUMNS·4 bytes: 128
-# at 32 columns, the length of one cache line) in as many programs. 1: one part, b2 and the
-# residual added in the kernel.
-DOWN_GROUPS = 1
 # With MOSAIC, where the shapes fit (`sparse_ff_mosaic.fits`), `norm_controller` and the units
 # programs run as Mosaic GPU kernels (`sparse_ff_mosaic.py`), the units one block of N a
 # program, in the parts form or, where the parts would pass MAX_PARTS_BYTES, writing each
@@ -183,28 +177,21 @@ def _units_kernel(x_ref, *refs, group, n, chunk, n_chunks, parts, epsilon, ahead
     out_ref[t, p, cols] = part + first * extra
 
 
-def _down_kernel(hidden_ref, row_ref, w2_ref, b2_ref, *refs, columns, rows):
+def _down_kernel(hidden_ref, row_ref, w2_ref, b2_ref, *refs, columns):
   """One (token, slice of columns) program: Σ_k hidden[k]·W2[row_k, cols] + b2 (+ residual),
-  the chosen rows gathered GATHER at a time; or, where the rows come in groups of `rows` (a
-  grid of (token, group, slice)), one (token, group, slice): the group's Σ alone, a part
-  [T, groups, d] in float32 that XLA adds. Shapes in `sparse_units`."""
+  the chosen rows gathered GATHER at a time. Shapes in `sparse_units`."""
   decode_kernels.launch_dependents()
   *residual_ref, out_ref = refs
-  grouped = out_ref.ndim == 3
-  t, c = pl.program_id(0), pl.program_id(out_ref.ndim - 1)
-  first = pl.program_id(1) * rows if grouped else 0
+  t, c = pl.program_id(0), pl.program_id(1)
   cols = pl.ds(c * columns, columns)
-  out = 0.0 if grouped else f32(b2_ref[cols])
-  if residual_ref and not grouped:
+  out = f32(b2_ref[cols])
+  if residual_ref:
     out += f32(residual_ref[0][t, cols])
-  for start, length in decode_kernels.pieces(rows, largest=GATHER):
-    blocks = pl.ds(first + start, length)
+  for start, length in decode_kernels.pieces(hidden_ref.shape[1], largest=GATHER):
+    blocks = pl.ds(start, length)
     w = f32(w2_ref[row_ref[t, blocks], cols])                                   # [length, C]
     out += jnp.sum(hidden_ref[t, blocks][:, None] * w, axis=0)
-  if grouped:
-    out_ref[t, pl.program_id(1), cols] = out
-  else:
-    out_ref[t, cols] = out.astype(out_ref.dtype)
+  out_ref[t, cols] = out.astype(out_ref.dtype)
 
 
 def sparse_units(x, z, c2, cb, w1, b1, w2, b2, interpret=False, group=None, residual=None,
@@ -271,24 +258,14 @@ def sparse_units(x, z, c2, cb, w1, b1, w2, b2, interpret=False, group=None, resi
 
 def _down(hidden, rows, w2, b2, residual, interpret, dtype):
   """The `down` kernel: Σ_k hidden[k]·W2[rows_k] + b2 (+ the residual) [T, d] in `dtype`,
-  COLUMNS of d a program, the K rows in DOWN_GROUPS groups (each group's sum a part, the
-  parts added by XLA). hidden [T, K], rows [T, K] of W2 [K·N, d]."""
-  (n_tokens, n_blocks), d_model = hidden.shape, w2.shape[1]
+  COLUMNS of d a program. hidden [T, K], rows [T, K] of W2 [K·N, d]."""
+  n_tokens, d_model = hidden.shape[0], w2.shape[1]
   columns = decode_kernels.largest_share(COLUMNS, d_model)
-  groups = decode_kernels.largest_share(DOWN_GROUPS, n_blocks)
-  kernel = functools.partial(_down_kernel, columns=columns, rows=n_blocks // groups)
-  call = lambda grid, out_shape, *extra: pl.pallas_call(
-      kernel, grid=grid, interpret=interpret, out_shape=out_shape,
-      compiler_params=decode_kernels.triton_params(WARPS))(hidden, rows, w2, b2, *extra)
-  if groups == 1:
-    return call((n_tokens, d_model // columns),
-                jax.ShapeDtypeStruct((n_tokens, d_model), dtype), *residual)
-  parts = call((n_tokens, groups, d_model // columns),
-               jax.ShapeDtypeStruct((n_tokens, groups, d_model), jnp.float32))
-  out = jnp.sum(parts, axis=1) + f32(b2)
-  if residual:
-    out += f32(residual[0])
-  return out.astype(dtype)
+  return pl.pallas_call(
+      functools.partial(_down_kernel, columns=columns), grid=(n_tokens, d_model // columns),
+      interpret=interpret, compiler_params=decode_kernels.triton_params(WARPS),
+      out_shape=jax.ShapeDtypeStruct((n_tokens, d_model), dtype),
+  )(hidden, rows, w2, b2, *residual)
 
 
 def ff_block(x, scale, bias, controller, units, epsilon, interpret=False, partials=None,
