@@ -7,9 +7,11 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import pytest
 
 from sparse_scaling.bench import compile_only
+from sparse_scaling.bench import decode_profile
 from sparse_scaling.layers import decode_kernels
 
 
@@ -121,3 +123,40 @@ def test_the_800m_dense_block_loses_a_kernel_to_each_of_relu_and_layernorm():
           for line in out.stdout.splitlines()]
   counts = [sum(row[0] == setting for row in rows) for setting in settings]
   assert counts == [13, 14, 16]
+
+
+def test_a_loops_body_is_found_and_its_instructions_listed():
+  """`--blocks loop` lists the instructions of a loop's body, not the entry's (here a CPU
+  program: the parsing is the same)."""
+  def program(x):
+    return jax.lax.fori_loop(0, 3, lambda i, x: jnp.tanh(x) * 2.0 + i, x)
+
+  hlo = jax.jit(program).lower(jnp.ones(8)).compile().as_text()
+  body = compile_only.loop_body(hlo)
+  assert body in hlo and body != 'main'
+  listed = decode_profile.kernels(hlo, computation=body)
+  text = hlo[hlo.index(f'\n%{body} '):]
+  text = text[:text.index('\n}\n')]
+  assert listed and all(f'%{name} = ' in text for name in listed)
+  assert any(meta['category'].startswith('fusion') for meta in listed.values())
+  assert not set(listed) & set(decode_profile.kernels(hlo))   # the entry's: the loop
+
+
+@pytest.mark.skipif(not (PLUGIN and shutil.which('ptxas')),
+                    reason='needs the CUDA plugin and ptxas')
+def test_the_17b_block_in_a_loop_copies_nothing_that_its_one_step_program_copies():
+  """--blocks loop: in Table 1's loop of one block the 17B FF+QKV block runs the one-step
+  program's instructions but the copy of the position that attention's kernel reads, and
+  the loop's counter beside them; the same kernels."""
+  listed = {}
+  for blocks in ('model', 'loop'):
+    out = _program('--blocks', blocks, '--shape', '17b', '--settings', 'default')
+    assert out.returncode == 0, out.stderr
+    listed[blocks] = [row for row in ([cell.strip() for cell in line.strip('|').split('|')]
+                                      for line in out.stdout.splitlines())
+                      if row[0] == 'default']
+  copies = lambda rows: [row for row in rows if row[2].startswith('`copy')]
+  assert len(copies(listed['model'])) == 1 and not copies(listed['loop'])
+  assert len(listed['loop']) == len(listed['model'])   # the loop's counter for the copy
+  kernels = lambda rows: sorted(row[3] for row in rows if row[3])
+  assert kernels(listed['loop']) == kernels(listed['model'])

@@ -2,7 +2,7 @@
 and spills, and the instructions XLA runs.
 
   python -m sparse_scaling.bench.compile_only [--gpu h100] [--shape 800m] [--variant ffqkv]
-      [--settings CACHE=2048,CACHE=2048+ATTEND_STEP=2] [--blocks fused]
+      [--settings CACHE=2048,CACHE=2048+ATTEND_STEP=2] [--blocks fused|model|loop]
 
 GPU time is scarce; what a kernel compiles to is not. This compiles the fused blocks as
 `decode_shares --measure trace` does (`decode_shares.fused_blocks`, each block jitted as a
@@ -18,7 +18,12 @@ With `--blocks model` it compiles instead one decoding step of the model's first
 (attention and FF) as a generation on a GPU runs it (`compiled_model_block`): the paths a GPU
 takes, XLA's ops among them (17B's attention block), so that what XLA makes of them can be
 counted offline (the 17B FF+QKV block: 16 instructions that run, 17 with `LN_ONE_PASS=0`, as
-an H100's trace of the step found 16; docs/decoding_gpu.md). Any variant.
+an H100's trace of the step found 16; docs/decoding_gpu.md). Any variant. A step compiled
+as a program of its own is not quite what a loop runs: XLA copies state that the step both
+reads and updates in place (17B attention's position, read by its kernel). `--blocks loop`
+compiles the block in Table 1's loop of one block (`table1.block_loop`, as its per-block
+program column runs it) and lists its body's instructions, the loop's counter among them: the
+17B FF+QKV block runs 15 kernels there, no copy.
 
 Needs, beside this package: this jaxlib's CUDA plugin without the CUDA libraries it would
 load on a GPU (`pip install --no-deps jax-cuda12-plugin==V jax-cuda12-pjrt==V`, V the
@@ -27,6 +32,7 @@ with a one-line error.
 """
 
 import contextlib
+import functools
 import glob
 import os
 import re
@@ -50,6 +56,8 @@ from sparse_scaling.bench import table1
 # differ between the two cards: name, memory bytes, memory bytes a second.
 GPUS = {'h100': ('NVIDIA H100 80GB HBM3', 84942979072, 3352320000000),
         'h200': ('NVIDIA H200 141GB HBM3e', 151397597184, 4800000000000)}
+# Steps of `--blocks loop`'s loop: any above 1 (XLA inlines a loop of one step).
+LOOP_STEPS = 4
 TARGET = """gpu_device_info {{
   threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
   shared_memory_per_core: 233472 threads_per_core_limit: 2048 core_count: 132
@@ -107,13 +115,14 @@ def parse_ptxas(text):
   return usage
 
 
-def _compiled(fn, args, donate, device):
-  """(the HLO text, {kernel: (registers, spill bytes)}) of `decoding.jit(fn)` on args (arrays
-  or shapes) with `donate` donated, compiled for `device`."""
+def _compiled(fn, args, donate, device, loops=True):
+  """(the HLO text, {kernel: (registers, spill bytes)}) of `decoding.jit(fn, loops=loops)` on
+  args (arrays or shapes) with `donate` donated, compiled for `device`."""
   sharding = jax.sharding.SingleDeviceSharding(device)
   spec = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding)
   with tempfile.TemporaryDirectory() as dump:
-    program = decoding.jit(fn, donate_argnums=donate).trace(*jax.tree.map(spec, args))
+    program = decoding.jit(fn, loops=loops, donate_argnums=donate).trace(
+        *jax.tree.map(spec, args))
     compiled = program.lower(lowering_platforms=('cuda',)).compile(
         compiler_options={'xla_dump_to': dump})
     usage = {}
@@ -142,12 +151,14 @@ def as_on_a_gpu():
     jax.default_backend = real
 
 
-def compiled_model_block(dims, device, dtype='float32'):
+def compiled_model_block(dims, device, dtype='float32', loop=False):
   """{'block': (the compiled program's HLO text, {kernel: (registers, spill bytes)})}: one
   decoding step of Table 1's first block of `dims` (attention and FF, `table1._first_block`)
   as a generation on a GPU runs it at cache position 0 (`as_on_a_gpu`: 17B's attention block
   through XLA's ops and attention's own kernel, 800M's through the fused kernels), its state
-  donated, compiled for `device`. The weights are shapes only: nothing is drawn."""
+  donated, compiled for `device`; with `loop`, {'loop': ...}: the block in Table 1's loop of
+  LOOP_STEPS steps (`table1.block_loop`, XLA's loops as that column compiles them). The weights
+  are shapes only: nothing is drawn."""
   with as_on_a_gpu():
     model = decoders.build('ours', dims, 1, decoders.MAX_LEN)
     weights, state = jax.eval_shape(lambda: decoders.random_weights_and_state(model, dtype))
@@ -159,15 +170,25 @@ def compiled_model_block(dims, device, dtype='float32'):
       return weights, state, x
 
     args = jax.eval_shape(laid_out, weights, state)
+    if loop:
+      looped = functools.partial(table1.block_loop(built['step']), n_steps=LOOP_STEPS)
+      return {'loop': _compiled(looped, args, 1, device, loops=False)}
     return {'block': _compiled(built['step'], args, 1, device)}
+
+
+def loop_body(hlo):
+  """The name of the body computation of the entry's while loop in HLO text (the first)."""
+  return re.search(r' while\(.*?\bbody=%?([\w.\-]+)', hlo).group(1)
 
 
 def rows(setting, blocks):
   """Table rows (setting, block, instruction, kernel, registers, spill bytes) of
-  `compiled_blocks`' result: every instruction that runs, a Pallas kernel's by its function."""
+  `compiled_blocks`' or `compiled_model_block`'s result: every instruction that runs, a
+  Pallas kernel's by its function; of a 'loop', those of the loop's body."""
   out = []
   for block, (hlo, usage) in blocks.items():
-    for name, meta in decode_profile.kernels(hlo).items():
+    computation = loop_body(hlo) if block == 'loop' else None
+    for name, meta in decode_profile.kernels(hlo, computation=computation).items():
       kernel = meta['function'] or ''
       registers, spills = usage.get(kernel, ('', ''))
       out.append([setting, block, f'`{name}`', f'`{kernel}`' if kernel else '', registers,
@@ -183,9 +204,10 @@ def define_flags():
                     'Table 1 variant (with --blocks fused, one with Sparse QKV).')
   flags.DEFINE_list('settings', ['default'], "decode_shares' settings, each compiled.")
   flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Weights and caches.')
-  flags.DEFINE_enum('blocks', 'fused', ['fused', 'model'],
-                    "fused: the fused blocks' kernels alone; model: the model's first block "
-                    'as a generation on a GPU runs it.')
+  flags.DEFINE_enum('blocks', 'fused', ['fused', 'model', 'loop'],
+                    "fused: the fused blocks' kernels alone; model: one step of the model's "
+                    'first block as a generation on a GPU runs it; loop: that block in '
+                    "Table 1's loop of one block, the loop body's instructions.")
 
 
 def main(argv):
@@ -207,8 +229,10 @@ def main(argv):
     device = compile_only_device(args.gpu)
   except RuntimeError as e:
     raise app.UsageError(str(e)) from e
-  what = ('each fused block as a generation compiles it' if args.blocks == 'fused' else
-          "the model's first block, one step as a generation on a GPU runs it")
+  what = {'fused': 'each fused block as a generation compiles it',
+          'model': "the model's first block, one step as a generation on a GPU runs it",
+          'loop': "the model's first block as a generation on a GPU runs it, in Table 1's "
+                  'loop of one block (the instructions of its body)'}[args.blocks]
   print(f'{GPUS[args.gpu][0]}, compiled only (jax {jax.__version__}). {args.variant} at '
         f'{args.shape}, {args.dtype}, {what}.')
   print(common.table_header(['setting', 'block', 'instruction', 'kernel', 'registers',
@@ -217,7 +241,7 @@ def main(argv):
   for text, setting in settings:
     with decode_shares.shares(setting):
       blocks = (compiled_blocks(dims, device, args.dtype) if args.blocks == 'fused' else
-                compiled_model_block(dims, device, args.dtype))
+                compiled_model_block(dims, device, args.dtype, loop=args.blocks == 'loop'))
     for row in rows(text, blocks):
       print(common.table_row(row), flush=True)
 

@@ -191,15 +191,17 @@ def _output_bytes(inst, fused):
   return total
 
 
-def kernels(text, pallas=None):
-  """The entry computation's instructions that run: name -> dict(scope, category, bytes,
-  op_name, function: a Triton kernel's function name, else None).
+def kernels(text, pallas=None, computation=None):
+  """The entry computation's instructions that run (or `computation`'s, by its name: a loop's
+  body): name -> dict(scope, category, bytes, op_name, function: a Triton kernel's function
+  name, else None).
 
   A custom call's bytes are its operands and outputs whole, except a Pallas kernel's found in
   `pallas` ({(function name, programs): bytes}, `block_profile.pallas_bytes`): what its
   programs load and store.
   """
   computations, entry = parse_hlo(text)
+  entry = computation or entry
   types = {i['name']: i['type'] for i in computations[entry]}
   out = {}
   for inst in computations[entry]:

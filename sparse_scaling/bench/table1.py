@@ -266,19 +266,24 @@ def seconds_per_block_programs(model, dtype, n_tokens, copies=1, position=0):
   return timing.per_steps(runs, n_tokens, 4 * n_tokens)
 
 
-def _block_loop(step, weights, state, x):
-  """run(n_steps): `x, state = step(weights, state, x)` n_steps times in one compiled loop
-  (compiled anew for this run, XLA's loops; the state donated and carried from run to run);
-  returns the last x."""
-  @functools.partial(decoding.jit, weights=weights, loops=False, static_argnums=3,
-                     donate_argnums=1)
+def block_loop(step):
+  """`(weights, state, x, n_steps) -> (state, x)`: `x, state = step(weights, state, x)`
+  n_steps times in one `lax.fori_loop`, the loop of the per-block program column, not yet
+  compiled (`_block_loop` compiles it; `compile_only --blocks loop` for a GPU without one)."""
   def loop(weights, state, x, n_steps):
     def body(_, carry):
       x, state = carry
       return step(weights, state, x)
     x, state = jax.lax.fori_loop(0, n_steps, body, (x, state))
     return state, x
+  return loop
 
+
+def _block_loop(step, weights, state, x):
+  """run(n_steps): `block_loop(step)` compiled anew for this run (XLA's loops; the state
+  donated and carried from run to run); returns the last x."""
+  loop = decoding.jit(block_loop(step), weights=weights, loops=False, static_argnums=3,
+                      donate_argnums=1)
   holder = {'state': state}
 
   def run(n_steps):
