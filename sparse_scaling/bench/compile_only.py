@@ -177,8 +177,10 @@ def compiled_model_block(dims, device, dtype='float32', loop=False):
 
 
 def loop_body(hlo):
-  """The name of the body computation of the entry's while loop in HLO text (the first)."""
-  return re.search(r' while\(.*?\bbody=%?([\w.\-]+)', hlo).group(1)
+  """The name of the body computation of the first while loop in HLO text."""
+  computations, _ = decode_profile.parse_hlo(hlo)
+  return next(inst['body'] for insts in computations.values() for inst in insts
+              if inst['opcode'] == 'while')
 
 
 def rows(setting, blocks):

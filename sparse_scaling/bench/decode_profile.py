@@ -132,6 +132,7 @@ def parse_hlo(text):
     opcode, arguments, attrs = _call(call)
     op_name = re.search(r'op_name="([^"]*)"', attrs)
     calls = re.search(r'calls=%?([\w.\-]+)', attrs)
+    body = re.search(r'\bbody=%?([\w.\-]+)', attrs)   # a while loop's
     target = re.search(r'custom_call_target="([^"]*)"', attrs)
     kind = re.search(r'kind=(\w+)', attrs)
     grid = [int(n) for n in re.findall(r'grid_[xyz] = (\d+)', attrs)]
@@ -141,6 +142,7 @@ def parse_hlo(text):
         operands=re.findall(r'%([\w.\-]+)', arguments),
         index=int(arguments) if opcode == 'parameter' else None,
         op_name=op_name.group(1) if op_name else '', calls=calls and calls.group(1),
+        body=body and body.group(1),
         target=target and target.group(1), kind=kind and kind.group(1),
         kernel=(names[-1], int(np.prod(grid))) if grid and names else None,
         root=line.lstrip().startswith('ROOT')))
