@@ -7,11 +7,9 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import pytest
 
 from sparse_scaling.bench import compile_only
-from sparse_scaling.bench import decode_profile
 from sparse_scaling.layers import decode_kernels
 
 
@@ -123,23 +121,6 @@ def test_the_800m_dense_block_loses_a_kernel_to_each_of_relu_and_layernorm():
           for line in out.stdout.splitlines()]
   counts = [sum(row[0] == setting for row in rows) for setting in settings]
   assert counts == [13, 14, 16]
-
-
-def test_a_loops_body_is_found_and_its_instructions_listed():
-  """`--blocks loop` lists the instructions of a loop's body, not the entry's (here a CPU
-  program: the parsing is the same)."""
-  def program(x):
-    return jax.lax.fori_loop(0, 3, lambda i, x: jnp.tanh(x) * 2.0 + i, x)
-
-  hlo = jax.jit(program).lower(jnp.ones(8)).compile().as_text()
-  body = compile_only.loop_body(hlo)
-  assert body != decode_profile.parse_hlo(hlo)[1]   # not the entry
-  listed = decode_profile.kernels(hlo, computation=body)
-  text = hlo[hlo.index(f'\n%{body} '):]
-  text = text[:text.index('\n}\n')]
-  assert listed and all(f'%{name} = ' in text for name in listed)
-  assert any(meta['category'].startswith('fusion') for meta in listed.values())
-  assert not set(listed) & set(decode_profile.kernels(hlo))   # the entry's: the loop
 
 
 @pytest.mark.skipif(not (PLUGIN and shutil.which('ptxas')),

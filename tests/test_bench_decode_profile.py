@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from sparse_scaling.bench import decode_profile
@@ -21,9 +22,44 @@ def test_scoped_step_is_the_models_greedy_step():
   assert int(token[0, 0]) == int(jnp.argmax(logits[0, -1]))
 
 
-@pytest.mark.parametrize('dims', [TINY, DENSE], ids=['ffqkvloss', 'dense'])
-def test_every_block_runs_its_kernels_and_the_summary_adds_them_up(dims):
-  summary, detail = decode_profile.profile(dims, 3, 3, 'float32', bandwidth=30e9)
+def test_looped_step_runs_the_greedy_steps_one_after_another():
+  model = table1.build('ours', TINY, 2, 16)
+  weights, state = table1.random_weights_and_state(model, 'float32')
+  step = decode_profile.scoped_step(model)
+  tokens = jnp.ones((1, 1), jnp.int32)
+  looped, looped_state = jax.jit(decode_profile.looped_step(step, 3))(weights, state, tokens)
+  for _ in range(3):
+    tokens, state = step(weights, state, tokens)
+  assert int(looped[0, 0]) == int(tokens[0, 0])
+  # The caches hold the three steps' keys and values, the positions moved on by three.
+  for got, want in zip(jax.tree.leaves(looped_state), jax.tree.leaves(state)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_loops_body_is_found_and_its_instructions_listed():
+  """The instructions of a loop's body, not the entry's (a CPU program here: the parsing is
+  the same for a GPU's)."""
+  def program(x):
+    return jax.lax.fori_loop(0, 3, lambda i, x: jnp.tanh(x) * 2.0 + i, x)
+
+  hlo = jax.jit(program).lower(jnp.ones(8)).compile().as_text()
+  body = decode_profile.loop_body(hlo)
+  assert body != decode_profile.parse_hlo(hlo)[1]   # not the entry
+  listed = decode_profile.kernels(hlo, computation=body)
+  text = hlo[hlo.index(f'\n%{body} '):]
+  text = text[:text.index('\n}\n')]
+  assert listed and all(f'%{name} = ' in text for name in listed)
+  assert any(meta['category'].startswith('fusion') for meta in listed.values())
+  assert not set(listed) & set(decode_profile.kernels(hlo))   # the entry's: the loop
+
+
+@pytest.mark.parametrize('dims,loop', [(TINY, 4), (DENSE, 4), (TINY, 1)],
+                         ids=['ffqkvloss', 'dense', 'ffqkvloss-one-step'])
+def test_every_block_runs_its_kernels_and_the_summary_adds_them_up(dims, loop):
+  summary, detail = decode_profile.profile(dims, 3, 3, 'float32', bandwidth=30e9, loop=loop)
+  assert summary['loop'] == loop
+  # Per step: each of the block's kernels runs once a step, in a loop as in one step.
+  assert all(r['launches'] == 1 for r in detail)
   assert summary['kernels'] > 3 * summary['block_kernels'] > 0
   assert 0 < summary['block_s'] < summary['device_s']
   assert summary['block_bytes'] > 0

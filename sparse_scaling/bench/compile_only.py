@@ -176,20 +176,13 @@ def compiled_model_block(dims, device, dtype='float32', loop=False):
     return {'block': _compiled(built['step'], args, 1, device)}
 
 
-def loop_body(hlo):
-  """The name of the body computation of the first while loop in HLO text."""
-  computations, _ = decode_profile.parse_hlo(hlo)
-  return next(inst['body'] for insts in computations.values() for inst in insts
-              if inst['opcode'] == 'while')
-
-
 def rows(setting, blocks):
   """Table rows (setting, block, instruction, kernel, registers, spill bytes) of
   `compiled_blocks`' or `compiled_model_block`'s result: every instruction that runs, a
   Pallas kernel's by its function; of a 'loop', those of the loop's body."""
   out = []
   for block, (hlo, usage) in blocks.items():
-    computation = loop_body(hlo) if block == 'loop' else None
+    computation = decode_profile.loop_body(hlo) if block == 'loop' else None
     for name, meta in decode_profile.kernels(hlo, computation=computation).items():
       kernel = meta['function'] or ''
       registers, spills = usage.get(kernel, ('', ''))

@@ -1,22 +1,25 @@
 """What one decoding step runs, kernel by kernel: the fixed cost per block behind Table 1.
 
   python -m sparse_scaling.bench.decode_profile [--shapes 800m] [--variants dense,ffqkv]
-      [--layers 24] [--steps 20] [--dtype float32] [--kernels auto] [--json] [--nowrite]
+      [--layers 24] [--steps 20] [--loop 8] [--dtype float32] [--kernels auto] [--json]
+      [--nowrite]
 
 Builds each Table 1 variant as our `ScalingTransformerLM` in predict mode (random weights,
-batch 1, KV caches of 168 positions as in Table 1), compiles one decoding step (jitted, state
-donated) with every top-level layer under a named scope (`embed`, `block<i>/attention`,
-`block<i>/ff`, `output`), and reads three things:
+batch 1, KV caches of 168 positions as in Table 1), compiles a decoding step (state donated)
+with every top-level layer under a named scope (`embed`, `block<i>/attention`, `block<i>/ff`,
+`output`), in a loop of `--loop` steps as a generation runs it (`looped_step`: each step's
+greedy token the next one's input; 1: one step a program), and reads three things:
 
-- the optimized HLO of the step: every instruction that runs as a kernel (a fusion, a
+- the optimized HLO of the step (the loop's body): every instruction that runs as a kernel (a fusion, a
   library call, a copy), the scope it belongs to (its `op_name` metadata), and the bytes it
   moves: its operands and outputs, except that an operand its fused computation only slices,
   gathers or updates in place counts only the part it touches, and that a Pallas kernel
   counts what its programs load and store (`block_profile.pallas_bytes`, from the step's
   jaxpr: Sparse FF's chosen rows, not W1 and W2 whole);
-- a `jax.profiler` trace of `--steps` steps: the time of each of those kernels on the device
-  (on a GPU the CUDA kernels that CUPTI records, on the CPU the thunks XLA's runtime runs);
-- the wall time of a step, measured apart from the trace.
+- a `jax.profiler` trace of at least `--steps` steps: the time of each of those kernels on
+  the device per step (on a GPU the CUDA kernels that CUPTI records, on the CPU the thunks
+  XLA's runtime runs);
+- the wall time of a step (a program's time over its steps), measured apart from the trace.
 
 On a GPU the traced program is compiled without XLA's command buffers: kernels that run
 inside a CUDA graph reach the trace without the name of their HLO instruction. A trace's
@@ -61,6 +64,23 @@ _ITEMSIZE = {'pred': 1, 's8': 1, 'u8': 1, 'bf16': 2, 'f16': 2, 's16': 2, 'u16': 
 _FREE = {'parameter', 'constant', 'tuple', 'get-tuple-element', 'bitcast', 'after-all',
          'partition-id', 'replica-id'}
 _SLICING = {'dynamic-slice', 'gather', 'slice'}
+# Steps per compiled program (`--loop`): the step runs in a loop of LOOP steps, as a generation
+# runs its steps, so that the kernels are those of a loop's body. A program of one step also
+# copies state that it both reads and updates in place, which no loop does (17B attention's
+# position, read by its kernel: 1.3 µs a block on an H100; docs/decoding_gpu.md).
+LOOP = 8
+
+
+def looped_step(step, n_steps):
+  """`(weights, state, tokens) -> (token, state)`: `step` (`scoped_step`'s) n_steps times in
+  one `lax.fori_loop`, each step's token the next one's input, as a generation runs its
+  steps. (Named so that its XLA module's name holds 'step', as `kernel_times` asks.)"""
+  def steps(weights, state, tokens):
+    def body(_, carry):
+      tokens, state = carry
+      return step(weights, state, tokens)
+    return jax.lax.fori_loop(0, n_steps, body, (tokens, state))
+  return steps
 
 
 def scoped_step(model):
@@ -191,6 +211,13 @@ def _output_bytes(inst, fused):
     elif out:
       total += shape_bytes(out['type'])
   return total
+
+
+def loop_body(text):
+  """The name of the body computation of the first while loop in HLO text."""
+  computations, _ = parse_hlo(text)
+  return next(inst['body'] for insts in computations.values() for inst in insts
+              if inst['opcode'] == 'while')
 
 
 def kernels(text, pallas=None, computation=None):
@@ -367,24 +394,28 @@ def totals(rows, key):
 
 # --- one variant -------------------------------------------------------------------------
 
-def profile_variant(shape, variant, n_layers, n_steps, dtype, bandwidth):
+def profile_variant(shape, variant, n_layers, n_steps, dtype, bandwidth, loop=LOOP):
   """Summary and per-kernel rows of one decoding step of a Table 1 variant."""
   summary, detail = profile(decoders.dimensions(shape, variant), n_layers, n_steps, dtype,
-                            bandwidth)
+                            bandwidth, loop)
   summary.update(shape=shape, variant=variant)
   return summary, detail
 
 
-def profile(dims, n_layers, n_steps, dtype, bandwidth):
-  """Summary and per-kernel rows of one decoding step of our LM with dimensions `dims`."""
+def profile(dims, n_layers, n_steps, dtype, bandwidth, loop=LOOP):
+  """Summary and per-kernel rows of one decoding step of our LM with dimensions `dims`: the
+  step compiled in a loop of `loop` steps (`looped_step`; 1: a program of one step), its
+  kernels those of the loop's body, times and launches per step."""
   model = decoders.build('ours', dims, n_layers, decoders.MAX_LEN)
   weights, state = decoders.random_weights_and_state(model, dtype)
   weights = decoding.laid_out(model, weights)   # as a generation reads them
-  step = scoped_step(model)
+  step = scoped_step(model) if loop == 1 else looped_step(scoped_step(model), loop)
   tokens = jnp.ones((1, 1), jnp.int32)
   program = decoding.jit(step, weights, donate_argnums=(1,)).trace(weights, state, tokens)
   compiled, traced = compile_for_trace(program.lower())
-  info = kernels(traced.as_text(), block_profile.pallas_bytes(program.jaxpr))
+  text = traced.as_text()
+  info = kernels(text, block_profile.pallas_bytes(program.jaxpr),
+                 computation=None if loop == 1 else loop_body(text))
   holder = {'state': state}
 
   def runner(program):
@@ -393,11 +424,19 @@ def profile(dims, n_layers, n_steps, dtype, bandwidth):
       return token
     return run
 
-  wall, _ = timing.time_call(runner(compiled), min_runs=max(20, n_steps), min_seconds=0.5,
+  calls = -(-n_steps // loop)
+  wall, _ = timing.time_call(runner(compiled), min_runs=max(20, calls), min_seconds=0.5,
                              warmup=3)
+  wall /= loop
   run = runner(traced)
   jax.block_until_ready(run())
-  rows = attribute(kernel_times(run, n_steps), info)
+  # Per step; of a loop, without what the program runs once around it (the loop itself, the
+  # copies into and out of its carry).
+  once = set() if loop == 1 else {kernel_key(name) for name in kernels(text)}
+  times = {name: (launches / loop, seconds / loop)
+           for name, (launches, seconds) in kernel_times(run, calls).items()
+           if kernel_key(name) not in once}
+  rows = attribute(times, info)
   by_scope = totals(rows, lambda row: row['scope'])
   blocks = sorted({int(re.search(r'\d+', s).group()) for s in by_scope if s.startswith('block')})
   later = blocks[1:] or blocks
@@ -406,7 +445,7 @@ def profile(dims, n_layers, n_steps, dtype, bandwidth):
     return statistics.median(by_scope[f'block{b}/{part}'][key] for b in later) if later else 0
 
   summary = dict(
-      layers=n_layers, dtype=dtype,
+      layers=n_layers, dtype=dtype, loop=loop,
       wall_s=wall, device_s=sum(r['seconds'] for r in rows),
       kernels=sum(r['launches'] for r in rows),
       unattributed_s=sum(r['seconds'] for r in rows if not r['attributed']),
@@ -426,14 +465,15 @@ def markdown(summaries, details, bandwidth, probe):
   """The summary table and each variant's block detail."""
   lines = [f'Machine: {timing.machine_description()}; read bandwidth {bandwidth / 1e9:.0f} GB/s '
            f'({probe}, measured in this run). Batch 1, one token per step, KV caches of '
-           f'{decoders.MAX_LEN}. Device time: the kernels\' own time in a `jax.profiler` '
-           'trace; wall: one jitted step, dispatch included. Bytes: what each kernel\'s '
+           f'{decoders.MAX_LEN}. {_programs(summaries)} Device time: the kernels\' own time in '
+           'a `jax.profiler` trace, per step; wall: a program\'s time over its steps, '
+           'dispatch included. Bytes: what each kernel\'s '
            'operands and outputs hold in the optimized HLO (a slice, gather or in-place '
            'update counts only what it touches; a Pallas kernel counts what its programs '
            'load and store, each program\'s accesses, so data several programs read counts '
            'each time: as Sparse FF\'s, the chosen rows of W1 and W2, not the whole '
            'arrays); floor = block bytes / bandwidth.', '',
-           'On a GPU the traced step is compiled without command buffers (CUDA graphs), '
+           'On a GPU the traced program is compiled without command buffers (CUDA graphs), '
            'so that every kernel carries its instruction\'s name; wall is the default '
            'compilation. Unnamed: device time of kernels no instruction names (a '
            'library\'s helpers), counted in the step but in no block. Outside blocks: the '
@@ -465,6 +505,16 @@ def markdown(summaries, details, bandwidth, probe):
   return '\n'.join(lines)
 
 
+def _programs(summaries):
+  """The sentence that says how the profiled steps were compiled."""
+  loops = sorted({s.get('loop', 1) for s in summaries})
+  if loops == [1]:
+    return 'Each step one jitted program.'
+  return (f'The step compiled in a loop of {"/".join(map(str, loops))} steps, as a generation '
+          'runs its steps (`--loop`): the kernels of the loop\'s body, the loop\'s counter '
+          'among them.')
+
+
 def results_name(backend, shapes, kernels, dtype):
   """The results file of a run: decode_profile_<backend>.md for the defaults (800m, 'auto',
   float32), each other choice adding its suffix, so that runs of one kind replace each other."""
@@ -483,6 +533,9 @@ def define_flags():
   flags.DEFINE_integer('layers', None, "Blocks of the decoder (default: the shape's whole "
                        'depth, 24 at 800m).', lower_bound=1)
   flags.DEFINE_integer('steps', 20, 'Steps traced.', lower_bound=1)
+  flags.DEFINE_integer('loop', LOOP, 'Steps per compiled program: the step in a loop of this '
+                       'many, as a generation runs it; 1: one jitted step a call.',
+                       lower_bound=1)
   flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Weights and activations.')
   flags.DEFINE_enum('kernels', 'auto', list(decode_kernels.CHOICES),
                     'Where decoding runs Pallas kernels (layers/decode_kernels.py).')
@@ -501,7 +554,7 @@ def main(argv):
       with decode_kernels.use(args.kernels):
         summary, detail = profile_variant(shape, variant,
                                           args.layers or decoders.SHAPES[shape][3], args.steps,
-                                          args.dtype, bandwidth)
+                                          args.dtype, bandwidth, args.loop)
       summaries.append(summary)
       details.append(detail)
       print(json.dumps(summary), flush=True)
