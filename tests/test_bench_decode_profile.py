@@ -105,6 +105,31 @@ ENTRY %main (p0: f32[4,8], p1: f32[8]) -> f32[4] {
   assert info['dot.1']['scope'] == info['exponential.3']['scope'] == 'block1/attention'
 
 
+def test_a_kernel_finds_its_block_from_its_fused_root_or_through_users_found_later():
+  # As a GPU loop's body: a fusion with no op_name of its own whose root has one, and a chain
+  # of two without metadata listed before the user that names their block.
+  hlo = """HloModule steps
+
+%fused_max (q0: f32[8]) -> f32[8] {
+  %q0 = f32[8]{0} parameter(0)
+  %c = f32[] constant(0)
+  %b = f32[8]{0} broadcast(%c), dimensions={}
+  ROOT %max.1 = f32[8]{0} maximum(%q0, %b), metadata={op_name="jit(steps)/while/body/block1/ff/max"}
+}
+
+ENTRY %main (p0: f32[8]) -> f32[8] {
+  %p0 = f32[8]{0} parameter(0)
+  %fusion.1 = f32[8]{0} fusion(%p0), kind=kLoop, calls=%fused_max
+  %negate.2 = f32[8]{0} negate(%p0)
+  %sine.3 = f32[8]{0} sine(%negate.2)
+  ROOT %exponential.4 = f32[8]{0} exponential(%sine.3), metadata={op_name="jit(steps)/while/body/block2/attention/exp"}
+}
+"""
+  info = decode_profile.kernels(hlo)
+  assert info['fusion.1']['scope'] == 'block1/ff'
+  assert info['negate.2']['scope'] == info['sine.3']['scope'] == 'block2/attention'
+
+
 def test_a_gpu_kernels_name_finds_its_instruction():
   # XLA's GPU kernels are named after their instructions with '.' and '-' made '_'; a
   # library's helper kernel matches none and is counted as unnamed, in no block.

@@ -12,6 +12,7 @@ import pytest
 
 from sparse_scaling.bench import kernel_chain
 from sparse_scaling.bench import timing
+from sparse_scaling.layers import decode_kernels
 from sparse_scaling.layers import mosaic_kernels
 from tests import utils
 from tests.test_sparse_ff_mosaic import MARKS_PDL
@@ -73,6 +74,21 @@ def test_the_triton_form_launches_the_next_kernel_early_for_an_h200(monkeypatch)
   text = utils.lowered_for_an_h200(kernel_chain.triton,
                                    jax.ShapeDtypeStruct((64, 128), jnp.float32))
   assert 'griddepcontrol.launch_dependents' in text
+
+
+def test_the_early_launch_turned_off_leaves_the_instruction_out_until_restored(monkeypatch):
+  """`decode_kernels.launching_early(False)`, as `decode_profile` traces its kernels: no
+  `launch_dependents` in what is lowered within, and LAUNCH_EARLY as before after."""
+  monkeypatch.setattr(timing, 'interpreted', lambda: False)
+
+  def lowered():   # a new function each time: jit's cache would give the first trace again
+    return utils.lowered_for_an_h200(lambda x: kernel_chain.triton(x),  # pylint: disable=unnecessary-lambda
+                                     jax.ShapeDtypeStruct((64, 128), jnp.float32))
+
+  with decode_kernels.launching_early(False):
+    assert 'griddepcontrol.launch_dependents' not in lowered()
+  assert decode_kernels.LAUNCH_EARLY
+  assert 'griddepcontrol.launch_dependents' in lowered()
 
 
 @pytest.mark.parametrize('name', ['mosaic3', 'mosaic0', 'mosaic256', 'mosaicx', 'pallas'])

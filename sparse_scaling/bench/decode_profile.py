@@ -251,9 +251,9 @@ def kernels(text, pallas=None, computation=None):
       category = f'fusion {inst["kind"] or ""} ({root["opcode"] if root else "?"})'
     elif inst['target']:
       category = f'custom-call {inst["target"]}'
-    out[inst['name']] = dict(scope=_scope(inst['op_name']), category=category, bytes=moved,
-                             op_name=_op_name(inst, fused),
-                             function=inst['kernel'] and inst['kernel'][0])
+    op_name = _op_name(inst, fused)
+    out[inst['name']] = dict(scope=_scope(op_name), category=category, bytes=moved,
+                             op_name=op_name, function=inst['kernel'] and inst['kernel'][0])
   # Instructions XLA made without metadata (the CPU's dots, a GPU's product over a KV cache)
   # belong where their users are, found through instructions that run no kernel (bitcasts).
   users = collections.defaultdict(list)
@@ -268,9 +268,14 @@ def kernels(text, pallas=None, computation=None):
       elif out[user]['scope'] != 'other':
         yield out[user]['scope']
 
-  for name, meta in out.items():
-    if meta['scope'] == 'other':
-      meta['scope'] = next(user_scopes(name), 'other')
+  # Until nothing changes: a user may itself find its scope only through its own users.
+  changed = True
+  while changed:
+    changed = False
+    for name, meta in out.items():
+      if meta['scope'] == 'other':
+        meta['scope'] = next(user_scopes(name), 'other')
+        changed = changed or meta['scope'] != 'other'
   return out
 
 
@@ -394,27 +399,40 @@ def totals(rows, key):
 
 # --- one variant -------------------------------------------------------------------------
 
-def profile_variant(shape, variant, n_layers, n_steps, dtype, bandwidth, loop=LOOP):
+def profile_variant(shape, variant, n_layers, n_steps, dtype, bandwidth, loop=LOOP,
+                    early=False):
   """Summary and per-kernel rows of one decoding step of a Table 1 variant."""
   summary, detail = profile(decoders.dimensions(shape, variant), n_layers, n_steps, dtype,
-                            bandwidth, loop)
+                            bandwidth, loop, early)
   summary.update(shape=shape, variant=variant)
   return summary, detail
 
 
-def profile(dims, n_layers, n_steps, dtype, bandwidth, loop=LOOP):
+def profile(dims, n_layers, n_steps, dtype, bandwidth, loop=LOOP, early=False):
   """Summary and per-kernel rows of one decoding step of our LM with dimensions `dims`: the
   step compiled in a loop of `loop` steps (`looped_step`; 1: a program of one step), its
-  kernels those of the loop's body, times and launches per step."""
+  kernels those of the loop's body, times and launches per step. On a GPU the traced
+  program's kernels let the next launch early only with `early` (`_traced_program`); the
+  timed one's as decoding's do."""
   model = decoders.build('ours', dims, n_layers, decoders.MAX_LEN)
   weights, state = decoders.random_weights_and_state(model, dtype)
   weights = decoding.laid_out(model, weights)   # as a generation reads them
-  step = scoped_step(model) if loop == 1 else looped_step(scoped_step(model), loop)
   tokens = jnp.ones((1, 1), jnp.int32)
-  program = decoding.jit(step, weights, donate_argnums=(1,)).trace(weights, state, tokens)
-  compiled, traced = compile_for_trace(program.lower())
+
+  def trace():   # a new function each time, traced with the constants of the moment
+    step = scoped_step(model) if loop == 1 else looped_step(scoped_step(model), loop)
+    return decoding.jit(step, weights, donate_argnums=(1,)).trace(weights, state, tokens)
+
+  program = trace()
+  if early or jax.default_backend() not in _PROFILE_OPTIONS:
+    traced_program = program
+    compiled, traced = compile_for_trace(program.lower())
+  else:
+    with decode_kernels.launching_early(False):
+      traced_program = trace()
+    compiled, traced = program.lower().compile(), compile_traced(traced_program.lower())
   text = traced.as_text()
-  info = kernels(text, block_profile.pallas_bytes(program.jaxpr),
+  info = kernels(text, block_profile.pallas_bytes(traced_program.jaxpr),
                  computation=None if loop == 1 else loop_body(text))
   holder = {'state': state}
 
@@ -445,7 +463,7 @@ def profile(dims, n_layers, n_steps, dtype, bandwidth, loop=LOOP):
     return statistics.median(by_scope[f'block{b}/{part}'][key] for b in later) if later else 0
 
   summary = dict(
-      layers=n_layers, dtype=dtype, loop=loop,
+      layers=n_layers, dtype=dtype, loop=loop, early=early,
       wall_s=wall, device_s=sum(r['seconds'] for r in rows),
       kernels=sum(r['launches'] for r in rows),
       unattributed_s=sum(r['seconds'] for r in rows if not r['attributed']),
@@ -474,8 +492,9 @@ def markdown(summaries, details, bandwidth, probe):
            'each time: as Sparse FF\'s, the chosen rows of W1 and W2, not the whole '
            'arrays); floor = block bytes / bandwidth.', '',
            'On a GPU the traced program is compiled without command buffers (CUDA graphs), '
-           'so that every kernel carries its instruction\'s name; wall is the default '
-           'compilation. Unnamed: device time of kernels no instruction names (a '
+           'so that every kernel carries its instruction\'s name, and '
+           f'{_early(summaries)}; wall is the default compilation, as decoding runs it. '
+           'Unnamed: device time of kernels no instruction names (a '
            'library\'s helpers), counted in the step but in no block. Outside blocks: the '
            'embedding, the output layer, the argmax and unnamed kernels. Op: what a kernel '
            'computes, a Pallas kernel\'s function or the operation its instruction was made '
@@ -515,6 +534,17 @@ def _programs(summaries):
           'among them.')
 
 
+def _early(summaries):
+  """The clause that says whether the traced kernels launched the next early."""
+  if all(s.get('early') for s in summaries):
+    return ('its kernels let the next launch early, as decoding\'s do (`--early_launch`: a '
+            'kernel launched early is traced from its launch, its wait for the kernel before '
+            'it included)')
+  return ('its kernels do not let the next launch early, as decoding\'s do (each kernel\'s '
+          'time its own; a kernel launched early would be traced from its launch, its wait '
+          'for the kernel before it included)')
+
+
 def results_name(backend, shapes, kernels, dtype):
   """The results file of a run: decode_profile_<backend>.md for the defaults (800m, 'auto',
   float32), each other choice adding its suffix, so that runs of one kind replace each other."""
@@ -536,6 +566,10 @@ def define_flags():
   flags.DEFINE_integer('loop', LOOP, 'Steps per compiled program: the step in a loop of this '
                        'many, as a generation runs it; 1: one jitted step a call.',
                        lower_bound=1)
+  flags.DEFINE_bool('early_launch', False, "On a GPU, trace the kernels as decoding runs them, "
+                    'each letting the next launch early (layers/decode_kernels.py), so that a '
+                    "kernel launched early is traced from its launch, its wait for the one "
+                    'before included; by default each kernel\'s own time.')
   flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Weights and activations.')
   flags.DEFINE_enum('kernels', 'auto', list(decode_kernels.CHOICES),
                     'Where decoding runs Pallas kernels (layers/decode_kernels.py).')
@@ -554,7 +588,8 @@ def main(argv):
       with decode_kernels.use(args.kernels):
         summary, detail = profile_variant(shape, variant,
                                           args.layers or decoders.SHAPES[shape][3], args.steps,
-                                          args.dtype, bandwidth, args.loop)
+                                          args.dtype, bandwidth, args.loop,
+                                          args.early_launch)
       summaries.append(summary)
       details.append(detail)
       print(json.dumps(summary), flush=True)

@@ -118,6 +118,17 @@ def _warn_missing():
 LAUNCH_EARLY = True
 
 
+@contextlib.contextmanager
+def launching_early(on):
+  """Within: the kernels traced let the next launch early (LAUNCH_EARLY) as `on` says."""
+  before = LAUNCH_EARLY
+  globals()['LAUNCH_EARLY'] = on
+  try:
+    yield
+  finally:
+    globals()['LAUNCH_EARLY'] = before
+
+
 def launch_dependents():
   """Inside a kernel, with LAUNCH_EARLY: PTX's `griddepcontrol.launch_dependents` (the module's
   note) where the kernel is compiled for an NVIDIA GPU of compute capability 9.0 (Hopper) or
