@@ -82,8 +82,8 @@ def test_the_early_launch_turned_off_leaves_the_instruction_out_until_restored(m
   monkeypatch.setattr(timing, 'interpreted', lambda: False)
 
   def lowered():   # a new function each time: jit's cache would give the first trace again
-    return utils.lowered_for_an_h200(lambda x: kernel_chain.triton(x),  # pylint: disable=unnecessary-lambda
-                                     jax.ShapeDtypeStruct((64, 128), jnp.float32))
+    fresh = functools.partial(kernel_chain.triton)
+    return utils.lowered_for_an_h200(fresh, jax.ShapeDtypeStruct((64, 128), jnp.float32))
 
   with decode_kernels.launching_early(False):
     assert 'griddepcontrol.launch_dependents' not in lowered()

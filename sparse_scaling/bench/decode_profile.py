@@ -10,12 +10,12 @@ with every top-level layer under a named scope (`embed`, `block<i>/attention`, `
 `output`), in a loop of `--loop` steps as a generation runs it (`looped_step`: each step's
 greedy token the next one's input; 1: one step a program), and reads three things:
 
-- the optimized HLO of the step (the loop's body): every instruction that runs as a kernel (a fusion, a
-  library call, a copy), the scope it belongs to (its `op_name` metadata), and the bytes it
-  moves: its operands and outputs, except that an operand its fused computation only slices,
-  gathers or updates in place counts only the part it touches, and that a Pallas kernel
-  counts what its programs load and store (`block_profile.pallas_bytes`, from the step's
-  jaxpr: Sparse FF's chosen rows, not W1 and W2 whole);
+- the optimized HLO of the step (the loop's body): every instruction that runs as a kernel
+  (a fusion, a library call, a copy), the scope it belongs to (its `op_name` metadata), and
+  the bytes it moves: its operands and outputs, except that an operand its fused computation
+  only slices, gathers or updates in place counts only the part it touches, and that a Pallas
+  kernel counts what its programs load and store (`block_profile.pallas_bytes`, from the
+  step's jaxpr: Sparse FF's chosen rows, not W1 and W2 whole);
 - a `jax.profiler` trace of at least `--steps` steps: the time of each of those kernels on
   the device per step (on a GPU the CUDA kernels that CUPTI records, on the CPU the thunks
   XLA's runtime runs);
@@ -412,8 +412,8 @@ def profile(dims, n_layers, n_steps, dtype, bandwidth, loop=LOOP, early=False):
   """Summary and per-kernel rows of one decoding step of our LM with dimensions `dims`: the
   step compiled in a loop of `loop` steps (`looped_step`; 1: a program of one step), its
   kernels those of the loop's body, times and launches per step. On a GPU the traced
-  program's kernels let the next launch early only with `early` (`_traced_program`); the
-  timed one's as decoding's do."""
+  program's kernels let the next launch early only with `early`
+  (`decode_kernels.launching_early`); the timed one's as decoding's do."""
   model = decoders.build('ours', dims, n_layers, decoders.MAX_LEN)
   weights, state = decoders.random_weights_and_state(model, dtype)
   weights = decoding.laid_out(model, weights)   # as a generation reads them
