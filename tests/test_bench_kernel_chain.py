@@ -81,9 +81,9 @@ def test_the_early_launch_turned_off_leaves_the_instruction_out_until_restored(m
   `launch_dependents` in what is lowered within, and LAUNCH_EARLY as before after."""
   monkeypatch.setattr(timing, 'interpreted', lambda: False)
 
-  def lowered():   # a new function each time: jit's cache would give the first trace again
-    fresh = functools.partial(kernel_chain.triton)
-    return utils.lowered_for_an_h200(fresh, jax.ShapeDtypeStruct((64, 128), jnp.float32))
+  def lowered():
+    return utils.lowered_for_an_h200(kernel_chain.triton,
+                                     jax.ShapeDtypeStruct((64, 128), jnp.float32))
 
   with decode_kernels.launching_early(False):
     assert 'griddepcontrol.launch_dependents' not in lowered()
