@@ -54,6 +54,7 @@ from sparse_scaling import decoding
 from sparse_scaling.bench import block_profile
 from sparse_scaling.bench import common
 from sparse_scaling.bench import decoders
+from sparse_scaling.bench import table1
 from sparse_scaling.bench import timing
 from sparse_scaling.layers import decode_kernels
 from sparse_scaling.layers import fused_residual
@@ -73,13 +74,14 @@ LOOP = 8
 
 def looped_step(step, n_steps):
   """`(weights, state, tokens) -> (token, state)`: `step` (`scoped_step`'s) n_steps times in
-  one `lax.fori_loop`, each step's token the next one's input, as a generation runs its
-  steps. (Named so that its XLA module's name holds 'step', as `kernel_times` asks.)"""
+  Table 1's loop (`table1.block_loop`), each step's token the next one's input, as a
+  generation runs its steps. (Named so that its XLA module's name holds 'step', as
+  `kernel_times` asks.)"""
+  loop = table1.block_loop(step)
+
   def steps(weights, state, tokens):
-    def body(_, carry):
-      tokens, state = carry
-      return step(weights, state, tokens)
-    return jax.lax.fori_loop(0, n_steps, body, (tokens, state))
+    state, token = loop(weights, state, tokens, n_steps)
+    return token, state
   return steps
 
 
