@@ -379,13 +379,13 @@ def compile_traced(lowered):
   return lowered.compile(compiler_options=_PROFILE_OPTIONS.get(jax.default_backend()))
 
 
-def compile_for_trace(lowered):
+def compile_for_trace(lowered, traced=None):
   """(the program as XLA compiles it by default, the program to trace): the same one except on
-  a GPU (`compile_traced`)."""
+  a GPU, where the traced one is `traced` (or `lowered`, both lowered) by `compile_traced`."""
   compiled = lowered.compile()
   if jax.default_backend() not in _PROFILE_OPTIONS:
     return compiled, compiled
-  return compiled, compile_traced(lowered)
+  return compiled, compile_traced(traced or lowered)
 
 
 def totals(rows, key):
@@ -425,14 +425,12 @@ def profile(dims, n_layers, n_steps, dtype, bandwidth, loop=LOOP, early=False):
     step = scoped_step(model) if loop == 1 else looped_step(scoped_step(model), loop)
     return decoding.jit(step, weights, donate_argnums=(1,)).trace(weights, state, tokens)
 
-  program = trace()
-  if early or jax.default_backend() not in _PROFILE_OPTIONS:
-    traced_program = program
-    compiled, traced = compile_for_trace(program.lower())
-  else:
+  program = traced_program = trace()
+  if not early and jax.default_backend() in _PROFILE_OPTIONS:
     with decode_kernels.launching_early(False):
       traced_program = trace()
-    compiled, traced = program.lower().compile(), compile_traced(traced_program.lower())
+  compiled, traced = compile_for_trace(
+      program.lower(), None if traced_program is program else traced_program.lower())
   text = traced.as_text()
   info = kernels(text, block_profile.pallas_bytes(traced_program.jaxpr),
                  computation=None if loop == 1 else loop_body(text))

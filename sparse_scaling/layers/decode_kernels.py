@@ -123,13 +123,13 @@ def launching_early(on):
   """Within: the kernels traced let the next launch early (LAUNCH_EARLY) as `on` says. JAX's
   caches are cleared on the way in and out: Pallas (jax 0.11) keeps a kernel function's
   traced body, which would carry the instruction, or its absence, across the change."""
-  before = LAUNCH_EARLY
-  globals()['LAUNCH_EARLY'] = on
+  global LAUNCH_EARLY
+  before, LAUNCH_EARLY = LAUNCH_EARLY, on
   jax.clear_caches()
   try:
     yield
   finally:
-    globals()['LAUNCH_EARLY'] = before
+    LAUNCH_EARLY = before
     jax.clear_caches()
 
 
