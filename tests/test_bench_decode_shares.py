@@ -35,7 +35,8 @@ def test_each_setting_is_in_force_while_it_is_measured_and_undone_after():
               'GRAPHS=0', 'EARLY=1', 'SHARED=2', 'PREFETCH=1+CACHES=1+STATE=1',
               'PERSIST=3+KEEP_BYTES=1000', 'CHUNK=0', 'FF_MOSAIC=1+CHAIN=0',
               'QKV_MOSAIC=1+FF_MOSAIC=1+MOSAIC_ATTEND=0', 'QKV_MOSAIC=1+MOSAIC_CHANNELS=64+MOSAIC_WIDTH=32',
-              'DOT_MERGER=0+TILING_SEARCH=1+TRITON_GEMM=0', 'LATE=none', 'LATE=1024']
+              'DOT_MERGER=0+TILING_SEARCH=1+TRITON_GEMM=0', 'LATE=none', 'LATE=1024',
+              'FF_C2_AHEAD=1+FF_W2_AHEAD=1']
   results = decode_shares.sweep('800m', 'ffqkv', 1, settings, measure=measure)
   assert [text for text, _ in results] == settings
   assert seen == [before, dict(before, WIDTH=16, CONV_WARPS=8),
@@ -51,7 +52,8 @@ def test_each_setting_is_in_force_while_it_is_measured_and_undone_after():
                   dict(before, QKV_MOSAIC=True, FF_MOSAIC=True, MOSAIC_ATTEND=False),
                   dict(before, QKV_MOSAIC=True, MOSAIC_CHANNELS=64, MOSAIC_WIDTH=32),
                   dict(before, DOT_MERGER=False, TILING_SEARCH=True, TRITON_GEMM=False),
-                  dict(before, LATE=None), dict(before, LATE=1024)]
+                  dict(before, LATE=None), dict(before, LATE=1024),
+                  dict(before, FF_C2_AHEAD=True, FF_W2_AHEAD=True)]
   assert _constants() == before
 
 

@@ -450,6 +450,36 @@ def test_prefetches_lower_to_ptx_for_a_gpu(prefetch, monkeypatch):
   assert text.count('prefetch.global.L2 [$1];') == (5 if prefetch else 0)
 
 
+@pytest.mark.parametrize('prefetch, wrap, asked', [(False, True, 0), (True, False, 0),
+                                                    (True, True, 1)])
+def test_an_unchained_ff_block_asks_for_the_next_blocks_weights_with_prefetch(
+    prefetch, wrap, asked, monkeypatch):
+  """Where the attention block declines (17B's; here an 800M block's, MAX_D_MODEL below its
+  d_model) the FF block runs unchained, and with PREFETCH its units kernel asks the L2 cache
+  for the next block's LayerNorm and multiplicative weights (`run_layers` hands them on): a
+  block looped (`wrap`, as Table 1's per-block column runs it) for its own; a block with
+  nothing after it asks for nothing. Lowered for an H200 with every kernel on: the attention
+  block's layers' own three (multiplicative, convolutions, attention), the FF block's two
+  (LayerNorm-controller, units)."""
+  from sparse_scaling.bench import table1   # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(sparse_qkv_block_kernel, 'MAX_D_MODEL', 512)
+  monkeypatch.setattr(decode_kernels, 'PREFETCH', prefetch)
+  model = ScalingTransformerLM(64, 1024, d_ff=6144, n_layers=1, n_heads=16, max_len=168,
+                               dropout=0.0, ff_sparsity=(64, 16), attention_sparsity=16,
+                               mode='predict')
+  weights, state = model.weights_and_state_signature(jax.ShapeDtypeStruct((1, 1), jnp.int32))
+  index = [i for i, label in enumerate(table1.scope_labels(model))
+           if label.startswith('block0/')]
+  layers = [model.sublayers[i] for i in index]
+  step = lambda w, s, x: fused_residual.run_layers(layers, x, w, s, wrap=wrap)
+  with decode_kernels.use('pallas'):
+    text = lowered_for_an_h200(step, tuple(weights[i] for i in index),
+                               tuple(state[i] for i in index),
+                               jax.ShapeDtypeStruct((1, 1, 1024), jnp.float32))
+  assert text.count('xla.gpu.triton') == 3 + 2
+  assert text.count('prefetch.global.L2 [$1];') == asked
+
+
 @pytest.mark.parametrize('persist', [0, 1, 2, 3, 4])
 def test_kernels_ask_to_keep_their_fixed_weights_in_the_l2_cache_with_l2_persist(persist,
                                                                                  monkeypatch):

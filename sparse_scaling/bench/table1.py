@@ -169,7 +169,9 @@ def _first_block(model, dtype, drawn=None, position=0):
   [1, position, d_model] (one call, as a generation's prompt pass): its caches hold that
   many positions and the next token comes after them. From the model's late position on
   (`fused_residual.late_position`) the block runs as a generation's late loop runs it,
-  within `fused_residual.late()`."""
+  within `fused_residual.late()`. Looped, the block comes after itself (`run_layers`'
+  `wrap`): with `decode_kernels.PREFETCH` its last kernels ask the L2 cache for its own first
+  kernel's weights, as a generation's ask for the next block's."""
   weights, state = drawn or random_weights_and_state(model, dtype)
   labels = scope_labels(model)
   index = [i for i, label in enumerate(labels) if label.startswith('block0/')]
@@ -178,9 +180,9 @@ def _first_block(model, dtype, drawn=None, position=0):
   late = (fused_residual.late if late_position is not None and position >= late_position
           else contextlib.nullcontext)
 
-  def step(weights, state, x):   # chained as in decoding where CHAIN lets (`run_layers`)
-    with late():
-      return fused_residual.run_layers(layers, x, weights, state)
+  def step(weights, state, x):   # chained as in decoding where CHAIN lets (`run_layers`);
+    with late():                 # looped, the block after it is itself
+      return fused_residual.run_layers(layers, x, weights, state, wrap=True)
 
   d_model = jax.tree.leaves(weights[index[0]])[0].shape[0]
   x = 0.1 * jax.random.normal(jax.random.PRNGKey(1), (1, 1, d_model), dtype)

@@ -187,12 +187,14 @@ def _ptx_lowering(ctx, instructions, min_capability):
   return []
 
 
-# Off by default: on an H200 a generation was 2.7% slower with it, timed side by side
-# (docs/decoding_gpu.md, "Prefetching the next kernel's weights"). With PREFETCH the decoding
-# blocks' kernels ask the L2 cache for the next kernel's fixed weights as they start
-# (`prefetch_all`): the multiplicative programs for the convolutions' kernels, the attention
-# programs for the FF block's controller and biases, the units programs for the next
-# attention block's LayerNorm and multiplicative layer.
+# Off by default: on an H200 an 800M generation was 2.7% slower with it, timed side by side
+# (docs/decoding_gpu.md, "Prefetching the next kernel's weights"), and on an H100 one 17B
+# FF+QKV block looped 0.0539 ms against 0.0527-0.0533 ("The FF block's next reads asked for
+# a kernel ahead"). With PREFETCH the decoding blocks' kernels ask the L2 cache for the next
+# kernel's fixed weights as they start (`prefetch_all`): the multiplicative programs for the
+# convolutions' kernels, the attention programs for the FF block's controller and biases,
+# the units programs for the next attention block's LayerNorm and multiplicative layer (at
+# 17B, where XLA's ops take that block, for its kernels; `fused_residual.run_layers`).
 PREFETCH = False
 
 

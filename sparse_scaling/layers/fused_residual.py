@@ -123,32 +123,47 @@ class FusedDecoder(tl.Serial):
     return stack
 
 
-def run_layers(layers, xs, weights, state, rngs=None, scope=None, use_cache=False):
+def run_layers(layers, xs, weights, state, rngs=None, scope=None, use_cache=False,
+               wrap=False):
   """(outputs, new state) of `layers` in series on xs, as `tl.Serial`'s forward, chaining
   an attention block and the FF block after it where CHAIN lets them (`FusedDecoder`; the
-  benchmarks time and profile blocks through it too). `scope(i)`, if given, is a context (a
-  profile's named scope) around what layer i computes, its half of a chain too; `use_cache`
-  as `pure_fn`'s (True only inside a combinator's own `pure_fn`, as `tl.Serial` has it)."""
+  benchmarks time and profile blocks through it too). A fused block's call (chained or
+  not) also gets the next block's fixed weights (`ahead_arrays`), which with
+  `decode_kernels.PREFETCH` its kernels ask the L2 cache for; with `wrap` the layers run in
+  a loop (a benchmark's block looped), the first coming after the last. `scope(i)`, if
+  given, is a context (a profile's named scope) around what layer i computes, its half of a
+  chain too; `use_cache` as `pure_fn`'s (True only inside a combinator's own `pure_fn`, as
+  `tl.Serial` has it)."""
   scope = scope or (lambda i: contextlib.nullcontext())
   rngs = [None] * len(layers) if rngs is None else rngs
   stack, new_state, layers = xs, [], list(layers)
+
+  def ahead(j):   # the fixed weights of layer j's first kernel, or ()
+    j = j % len(layers) if wrap else j
+    after = layers[j] if j < len(layers) else None
+    return after.ahead_arrays(weights[j]) if hasattr(after, 'ahead_arrays') else ()
+
   i = 0
   while i < len(layers):
     if CHAIN and i + 1 < len(layers) and hasattr(layers[i + 1], 'chain_norm'):
-      after = layers[i + 2] if i + 2 < len(layers) else None
-      ahead = after.ahead_arrays(weights[i + 2]) if hasattr(after, 'ahead_arrays') else ()
       chained = _chain(layers[i], layers[i + 1], stack, weights[i:i + 2], state[i:i + 2],
-                       (scope(i), scope(i + 1)), ahead)
+                       (scope(i), scope(i + 1)), ahead(i + 2))
       if chained is not None:
         stack = chained[0]
         new_state += chained[1]
         i += 2
         continue
     layer = layers[i]
-    inputs = combinators.inputs_from_stack(stack, layer.n_in)
     with scope(i):
-      outputs, s = layer.pure_fn(inputs, weights[i], state[i], rngs[i], use_cache=use_cache)
-    stack = combinators.outputs_onto_stack(outputs, stack, layer.n_in)
+      fused = (layer.fused_call(stack, weights[i], state[i], ahead=ahead(i + 1))
+               if isinstance(layer, FusedResidual) and not isinstance(stack, (tuple, list))
+               else None)
+      if fused is None:
+        inputs = combinators.inputs_from_stack(stack, layer.n_in)
+        outputs, s = layer.pure_fn(inputs, weights[i], state[i], rngs[i], use_cache=use_cache)
+        stack = combinators.outputs_onto_stack(outputs, stack, layer.n_in)
+      else:
+        stack, s, _ = fused
     new_state.append(s)
     i += 1
   return stack, tuple(new_state)
