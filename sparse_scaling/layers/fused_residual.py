@@ -156,8 +156,7 @@ def run_layers(layers, xs, weights, state, rngs=None, scope=None, use_cache=Fals
     layer = layers[i]
     with scope(i):
       fused = (layer.fused_call(stack, weights[i], state[i], ahead=ahead(i + 1))
-               if isinstance(layer, FusedResidual) and not isinstance(stack, (tuple, list))
-               else None)
+               if _fusable(layer, stack) else None)
       if fused is None:
         inputs = combinators.inputs_from_stack(stack, layer.n_in)
         outputs, s = layer.pure_fn(inputs, weights[i], state[i], rngs[i], use_cache=use_cache)
@@ -169,12 +168,18 @@ def run_layers(layers, xs, weights, state, rngs=None, scope=None, use_cache=Fals
   return stack, tuple(new_state)
 
 
+def _fusable(layer, x):
+  """Whether `run_layers` hands x to `layer.fused_call`: a fused block, and one array on
+  the stack (what a block takes)."""
+  return isinstance(layer, FusedResidual) and not isinstance(x, (tuple, list))
+
+
 def _chain(attention, ff, x, weights, state, scopes, ahead=()):
   """(out, [attention's state, ff's state]) of the two blocks chained, or None. `scopes`: a
   context for each block's half; `ahead`: the next block's fixed weights, which with
   `decode_kernels.PREFETCH` the FF block's kernel asks the L2 cache for, as the attention
   block's does for the FF block's (the kernels' wrappers read the switch)."""
-  if not isinstance(attention, FusedResidual) or isinstance(x, (tuple, list)):
+  if not _fusable(attention, x):
     return None
   ff_norm = ff.chain_norm(x, weights[1])
   if ff_norm is None:
