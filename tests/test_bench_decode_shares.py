@@ -1,10 +1,10 @@
 """The sweep of the fused blocks' shares (`bench/decode_shares.py`)."""
 
 import functools
-import subprocess
-import sys
+import re
 from unittest import mock
 
+from absl import app
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,6 +14,7 @@ from sparse_scaling import decoding
 from sparse_scaling.bench import decode_shares
 from sparse_scaling.layers import sparse_ff_kernel
 from sparse_scaling.layers import sparse_qkv_block_kernel
+from tests import utils
 
 
 def _constants():
@@ -278,28 +279,28 @@ def test_a_spread_needs_a_positive_lowest_time():
   assert decode_shares._spread([-1e-5, 1e-4]) == 'n/a'
 
 
+_flags = functools.partial(utils.parsed_flags, 'sparse_scaling.bench.decode_shares')
+
+
 def test_copies_need_alternate():
-  out = subprocess.run([sys.executable, '-m', 'sparse_scaling.bench.decode_shares',
-                        '--copies', '2'], capture_output=True, text=True)
-  assert out.returncode != 0 and not out.stdout
-  assert '--copies 2: compiles copies for --alternate only' in out.stderr
+  with pytest.raises(app.UsageError, match='--copies 2: compiles copies for --alternate only'):
+    decode_shares.check_flags(_flags('--copies', '2'))
+  decode_shares.check_flags(_flags('--copies', '2', '--alternate'))
 
 
 def test_a_prompt_the_caches_cannot_hold_with_the_tokens_is_refused():
-  out = subprocess.run([sys.executable, '-m', 'sparse_scaling.bench.decode_shares',
-                        '--settings', 'default,CACHE=2048+PROMPT=2020'],
-                       capture_output=True, text=True)
-  assert out.returncode != 0 and not out.stdout
-  assert ('--settings: PROMPT=2020 needs caches of at least PROMPT + 32 positions (CACHE, 2048 '
-          'here)' in out.stderr.splitlines()[-1])
+  with pytest.raises(app.UsageError, match=re.escape(
+      '--settings: PROMPT=2020 needs caches of at least PROMPT + 32 positions (CACHE, 2048 '
+      'here)')):
+    decode_shares.check_flags(_flags('--settings', 'default,CACHE=2048+PROMPT=2020'))
+  decode_shares.check_flags(_flags('--settings', 'default,CACHE=2048+PROMPT=2016'))
 
 
 def test_alternate_times_generations_and_calls_only():
-  out = subprocess.run([sys.executable, '-m', 'sparse_scaling.bench.decode_shares',
-                        '--alternate', '--measure', 'block'], capture_output=True, text=True)
-  assert out.returncode != 0 and not out.stdout
-  assert ('--alternate: times generations (--measure token) or calls of a block (--measure '
-          'call), not --measure block' in out.stderr)
+  with pytest.raises(app.UsageError, match=re.escape(
+      '--alternate: times generations (--measure token) or calls of a block (--measure '
+      'call), not --measure block')):
+    decode_shares.check_flags(_flags('--alternate', '--measure', 'block'))
 
 
 def test_alternating_calls_of_a_block_are_each_compiled_under_their_setting(monkeypatch,

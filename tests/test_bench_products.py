@@ -1,14 +1,16 @@
 """The one-token products benchmark (`bench/products.py`): a tiny block, Pallas' interpreter."""
 
-import subprocess
-import sys
+import functools
+import re
 
+from absl import app
 import jax
 import jax.numpy as jnp
 import pytest
 
 from sparse_scaling import decoding
 from sparse_scaling.bench import products
+from tests import utils
 
 DIMS = dict(d_model=32, d_ff=64)
 
@@ -64,11 +66,14 @@ def test_fits_refuses_shapes_the_programs_do_not_divide():
   assert not products.fits(1000, 4096)
 
 
+_flags = functools.partial(utils.parsed_flags, 'sparse_scaling.bench.products')
+
+
 def test_an_unknown_form_is_refused_naming_the_forms():
-  proc = subprocess.run([sys.executable, '-m', 'sparse_scaling.bench.products', '--forms',
-                         'xla,gemv'], capture_output=True, text=True)
-  assert proc.returncode != 0
-  assert "--forms: ['xla', 'gemv'] must name one or more of ['xla', 'rewrite'" in proc.stderr
+  with pytest.raises(app.UsageError, match=re.escape(
+      "--forms: ['xla', 'gemv'] must name one or more of ['xla', 'rewrite'")):
+    products.check_flags(_flags('--forms', 'xla,gemv'))
+  products.check_flags(_flags('--forms', 'xla,rewrite'))
 
 
 def test_the_forms_loop_their_products_as_xla_compiles_loops(monkeypatch):

@@ -2,10 +2,11 @@
 
 import functools
 import json
-import subprocess
+import re
 import sys
 import time
 
+from absl import app
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,6 +17,7 @@ from sparse_scaling.bench import common
 from sparse_scaling.bench import table1
 from sparse_scaling.layers import decode_kernels
 from sparse_scaling.layers import sparse_qkv_block_kernel
+from tests import utils
 
 
 @pytest.fixture(autouse=True)
@@ -288,6 +290,9 @@ def test_depth_sets_the_whole_decoders_blocks_and_the_table_says_so(monkeypatch)
   assert '(17b (3 blocks): 30 GB/s by the full reduction)' in text
 
 
+_flags = functools.partial(utils.parsed_flags, 'sparse_scaling.bench.table1')
+
+
 def test_max_len_sizes_the_caches_and_its_rows_stay_apart_from_table_1s(monkeypatch, tmp_path):
   """`--max_len` builds every model with caches of that many positions, keeps it in each row,
   and such rows replace only rows of the same caches: Table 1's (the default, 4 + 3 + 8) and
@@ -324,11 +329,10 @@ def test_max_len_sizes_the_caches_and_its_rows_stay_apart_from_table_1s(monkeypa
   assert table1.markdown([dict(short, machine='A'), other], 3).startswith(
       'Machine: A (800m (1 blocks)); B (800m (1 blocks), caches of 64); bandwidth')
   assert table1.markdown([other], 3).startswith('Machine: B; bandwidth')
-  out = subprocess.run([sys.executable, '-m', 'sparse_scaling.bench.table1', '--max_len', '100',
-                        '--nowrite'], capture_output=True, text=True)
-  assert out.returncode != 0 and not out.stdout
-  assert ('--max_len: 100 must hold the prompt and the decoded tokens (at least --prompt + '
-          '--tokens = 160)') in out.stderr
+  with pytest.raises(app.UsageError, match=re.escape(
+      '--max_len: 100 must hold the prompt and the decoded tokens (at least --prompt + '
+      '--tokens = 160)')):
+    table1.check_flags(_flags('--max_len', '100', '--prompt', '128', '--tokens', '32'))
 
 
 def test_a_block_from_the_late_position_on_runs_as_a_generations_late_loop(monkeypatch):
@@ -544,18 +548,20 @@ def test_a_block_call_steps_the_first_block_on_its_own_output():
   assert not np.allclose(second, third)
 
 
+def test_the_defaults_pass_the_checks():
+  table1.check_flags(_flags())
+
+
 def test_copies_need_the_program_column():
-  out = subprocess.run([sys.executable, '-m', 'sparse_scaling.bench.table1', '--copies', '3',
-                        '--nowrite'], capture_output=True, text=True)
-  assert out.returncode != 0 and '--copies 3: copies of the compiled generation need ' \
-      '--program' in out.stderr
+  with pytest.raises(app.UsageError,
+                     match='--copies 3: copies of the compiled generation need --program'):
+    table1.check_flags(_flags('--copies', '3'))
+  table1.check_flags(_flags('--copies', '3', '--program'))
 
 
 def test_alternate_and_cold_are_refused_together():
-  out = subprocess.run([sys.executable, '-m', 'sparse_scaling.bench.table1', '--alternate',
-                        '--cold', '--nowrite'], capture_output=True, text=True)
-  assert out.returncode != 0 and not out.stdout
-  assert '--alternate and --cold: choose one' in out.stderr
+  with pytest.raises(app.UsageError, match='--alternate and --cold: choose one'):
+    table1.check_flags(_flags('--alternate', '--cold'))
 
 
 def test_cold_flushes_the_caches_before_every_timed_step(monkeypatch):

@@ -13,7 +13,6 @@ import jax
 import numpy as np
 import pytest
 import jax.numpy as jnp
-from trax import layers as tl
 from trax import shapes
 from trax.layers.research import sparsity as trax_sparsity
 from trax.models.research import configurable_transformer as trax_ct
@@ -321,7 +320,11 @@ def _layouts(weights):
       weights, is_leaf=lambda w: isinstance(w, sparse_qkv.DecodeLayout)))
 
 
-@pytest.mark.parametrize('name', ['lm', *sorted(ENCODER_DECODERS)])
+# The Scaling Transformer encoder-decoder's case (~30 s on 2 CPU cores; its decoder's
+# convolutions are the LM's) with -m slow.
+@pytest.mark.parametrize('name', [
+    pytest.param(name, marks=pytest.mark.slow) if name == 'scaling_transformer' else name
+    for name in ['lm', *sorted(ENCODER_DECODERS)]])
 def test_convolutions_laid_out_once_a_generation_decode_the_same_tokens(name, monkeypatch):
   """Sparse QKV's convolution kernels laid out once a generation (`sparse_qkv.DECODE_LAYOUT`,
   a GPU's default, forced here; every `ModuleConv` is, XLA's ops taking the token), one
@@ -364,8 +367,11 @@ def test_a_fused_block_that_takes_the_token_keeps_its_convolutions_layout(monkey
       assert all(a is b for a, b in zip(jax.tree.leaves(laid), jax.tree.leaves(weights)))
 
 
-@pytest.mark.parametrize('name, lengths', [('lm', (3,)), ('lm', (5, 7)), ('lm', (9, 11)),
-                                           ('scaling_transformer', (4, 6))])
+# ~25 s each on 2 CPU cores: by default prompts of 5 and 7, whose steps run both before and
+# from the late position, and the encoder-decoder; the others with -m slow.
+@pytest.mark.parametrize('name, lengths', [
+    pytest.param('lm', (3,), marks=pytest.mark.slow), ('lm', (5, 7)),
+    pytest.param('lm', (9, 11), marks=pytest.mark.slow), ('scaling_transformer', (4, 6))])
 def test_tokens_from_the_late_position_on_decline_the_attention_kernels(name, lengths,
                                                                         monkeypatch):
   """Caches of 16 read in a loop (here from 8 positions in blocks of 4), LATE_POSITION 9:

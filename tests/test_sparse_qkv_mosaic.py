@@ -89,14 +89,22 @@ def _assert_close(got, want, tolerance):
                                rtol=tolerance, atol=tolerance)
 
 
-@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize('n_modules, n_channels, n_heads, max_len, index, kernels', [
-    (8, 16, 4, 8, 5, (1, 0, 0)),      # M 16: the multiplicative kernel alone
-    (2, 64, 4, 8, 5, (1, 1, 0)),      # M 64: and the convolutions
-    (2, 64, 4, 8, 11, (1, 1, 0)),     # the token past the caches' end: their last position
-    (2, 64, 2, 96, 5, (1, 1, 1)),     # heads of 64, caches of 96: and attention (blocks of
-    (2, 64, 2, 96, 40, (1, 1, 1)),    # 64 positions from 0 and 32), the token in the first,
-    (2, 64, 2, 96, 130, (1, 1, 1))])  # in both, past the end (in the second)
+F32, BOTH = (jnp.float32,), (jnp.float32, jnp.bfloat16)
+# (n_modules, n_channels, n_heads, max_len, index, kernels), and the dtypes run by default:
+# ~12 s a case and dtype on 2 CPU cores, the others with -m slow.
+BLOCK_CASES = [
+    ((8, 16, 4, 8, 5, (1, 0, 0)), F32),       # M 16: the multiplicative kernel alone
+    ((2, 64, 4, 8, 5, (1, 1, 0)), F32),       # M 64: and the convolutions
+    ((2, 64, 4, 8, 11, (1, 1, 0)), ()),       # the token past the caches' end: their last
+    ((2, 64, 2, 96, 5, (1, 1, 1)), ()),       # position; heads of 64, caches of 96: and
+    ((2, 64, 2, 96, 40, (1, 1, 1)), BOTH),    # attention (blocks of 64 positions from 0 and
+    ((2, 64, 2, 96, 130, (1, 1, 1)), F32)]    # 32), the token in the first, in both, past
+                                              # the end (in the second)
+
+
+@pytest.mark.parametrize('n_modules, n_channels, n_heads, max_len, index, kernels, dtype', [
+    pytest.param(*case, dtype, marks=() if dtype in default else pytest.mark.slow)
+    for dtype in (jnp.float32, jnp.bfloat16) for case, default in BLOCK_CASES])
 def test_the_block_through_them_equals_the_block_through_the_triton_kernels(
     n_modules, n_channels, n_heads, max_len, index, kernels, dtype, monkeypatch):
   """`decode_step` at d_model 128, module kernels of 3, 3 and 1, its multiplicative,
@@ -112,7 +120,7 @@ def test_the_block_through_them_equals_the_block_through_the_triton_kernels(
   _assert_close(step(*args), triton, 1e-4 if dtype == jnp.float32 else 2e-2)
 
 
-@pytest.mark.parametrize('value_width', [16, 64])
+@pytest.mark.parametrize('value_width', [16, pytest.param(64, marks=pytest.mark.slow)])
 def test_chained_its_partial_sums_for_the_ff_block_equal_the_triton_kernels(value_width,
                                                                              monkeypatch):
   """Chained (the next FF block's LayerNorm and C1 given, rank 16), the attention programs'
@@ -152,7 +160,8 @@ def test_the_programs_shares_follow_the_module_constants(monkeypatch):
 @pytest.mark.parametrize('attention_sparsity, n_heads, max_len, ff_mosaic, kernels', [
     (8, 4, 4, False, (2, 0, 0)),   # 8 modules of 16 channels: the multiplicative kernel a layer
     pytest.param(2, 4, 4, False, (2, 2, 0), marks=pytest.mark.slow),   # 2 of 64: and the
-    (2, 4, 4, True, (4, 2, 0)),    # convolutions, and the FF block's units kernel (~30 s)
+    pytest.param(2, 4, 4, True, (4, 2, 0), marks=pytest.mark.slow),   # convolutions, and the
+    # FF block's units kernel (~60 s; by default in the next, with attention's kernel too)
     (2, 2, 64, True, (4, 2, 2))])  # heads of 64, caches of 64: and attention (~60 s)
 def test_a_scaling_transformer_decodes_through_them_chained(
     attention_sparsity, n_heads, max_len, ff_mosaic, kernels, monkeypatch):

@@ -188,6 +188,16 @@ def program_flags(program):
   return flag_values
 
 
+def parsed_flags(program, *args):
+  """`program`'s flags parsed from the command line `args`, for a program's own checks of
+  flags that parse but do not go together (`check_flags`; that such an error is one line and
+  a failing status, through `bench.common.run`, tests/test_command_lines.py runs)."""
+  flag_values = program_flags(program)   # one per process
+  flag_values.unparse_flags()
+  flag_values(['program', *args])
+  return flag_values
+
+
 def flag_error(program, args):
   """Why `program args` would not parse, or None (absl.app's --help and the like aside)."""
   flag_values = program_flags(program)

@@ -663,9 +663,9 @@ def define_flags():
                        'settings in turn, and give each one\'s spread.', lower_bound=1)
 
 
-def main(argv):
-  del argv
-  args = flags.FLAGS
+def check_flags(args):
+  """Raises app.UsageError, naming the flag and its rule, where `args` (the parsed flags)
+  ask for what the benchmark cannot run."""
   try:
     for text in args.settings:
       _check_positions(parse_setting(text))
@@ -683,6 +683,12 @@ def main(argv):
     if 'qkv' not in args.variant:
       raise app.UsageError(f'--measure {args.measure}: times the fused blocks of a variant '
                            f'with Sparse QKV, not {args.variant}')
+
+
+def main(argv):
+  del argv
+  args = flags.FLAGS
+  check_flags(args)
   timed = {'token': f'{args.depth} blocks, {args.dtype}, one compiled generation of 32 '
                    'tokens after 128 (or a setting\'s PROMPT)',
            'block': f'{args.dtype}, one block looped in a compiled program',

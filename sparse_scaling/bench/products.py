@@ -203,9 +203,9 @@ def define_flags():
   flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Weights and activations.')
 
 
-def main(argv):
-  del argv
-  args = flags.FLAGS
+def check_flags(args):
+  """Raises app.UsageError, naming the flag and its rule, where `args` (the parsed flags)
+  ask for what the benchmark cannot run."""
   if not args.forms or not set(args.forms) <= set(FORMS):
     raise app.UsageError(f'--forms: {args.forms} must name one or more of {list(FORMS)}')
   dims = decoders.dimensions(args.shape, 'dense')
@@ -213,6 +213,13 @@ def main(argv):
     if not fits(d, n):
       raise app.UsageError(f'--shape: {args.shape}\'s products ({d} -> {n}) must have sides '
                            f'that {SPLIT_ROWS}, {SPLIT_COLUMNS} and {ROWS_PIECE} divide')
+
+
+def main(argv):
+  del argv
+  args = flags.FLAGS
+  check_flags(args)
+  dims = decoders.dimensions(args.shape, 'dense')
   bandwidth, probe = timing.memory_bandwidth(with_probe=True)
   print(f'Machine: {timing.machine_description()}. The {args.shape} dense block\'s products, '
         f'{args.dtype}, one row, pairs chained over {COLD_BYTES >> 20}+ MiB of distinct '

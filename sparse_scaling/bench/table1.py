@@ -765,15 +765,9 @@ def commands(rows, name):
   return '\n'.join(lines)
 
 
-def main(argv):
-  del argv
-  args = flags.FLAGS
-  if args.batch_curve:
-    common.RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    write_batch_curve(batch_curve(args.prompt, args.tokens),
-                      common.RESULTS_DIR / 'batch_curve.md', common.RESULTS_DIR / 'batch_curve.png')
-    return
-  shapes_measured = [] if args.render_only else (args.shapes or list(SHAPES))
+def check_flags(args):
+  """Raises app.UsageError, naming the flag and its rule, where `args` (the parsed flags)
+  ask for what the benchmark cannot run."""
   if not set(args.variants) <= set(VARIANTS) or args.variants[:1] != ['dense']:
     raise app.UsageError(f'--variants: {args.variants} must start with dense and name only '
                          f'{list(VARIANTS)}')
@@ -790,6 +784,18 @@ def main(argv):
                          f'tokens (at least --prompt + --tokens = {args.prompt + args.tokens})')
   if args.dtype not in (None, 'float32', 'bfloat16'):
     raise app.UsageError(f'--dtype: {args.dtype!r} must be float32 or bfloat16')
+
+
+def main(argv):
+  del argv
+  args = flags.FLAGS
+  if args.batch_curve:
+    common.RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    write_batch_curve(batch_curve(args.prompt, args.tokens),
+                      common.RESULTS_DIR / 'batch_curve.md', common.RESULTS_DIR / 'batch_curve.png')
+    return
+  shapes_measured = [] if args.render_only else (args.shapes or list(SHAPES))
+  check_flags(args)
   name = args.results or ('table1' if jax.default_backend() == 'cpu'
                             else f'table1_{jax.default_backend()}')
   bandwidth, probe = (None, None) if args.render_only else timing.memory_bandwidth(True)
