@@ -257,22 +257,22 @@ def sparse_units(x, z, c2, cb, w1, b1, w2, b2, interpret=False, group=None, resi
   ahead = tuple(ahead) if decode_kernels.PREFETCH else ()
   # A row a request: whole multiples of 16 bytes (`decode_kernels.bulk_shares`).
   rows_ahead = ROWS_AHEAD and not parts and d_model * w2.dtype.itemsize % 16 == 0
+  grid = (n_tokens, n_blocks // group)
   kernel = functools.partial(_units_kernel, group=group, n=n, chunk=chunk,
                              n_chunks=d_model // chunk, parts=parts, epsilon=epsilon,
-                             ahead=len(ahead), grid=(n_tokens, n_blocks // group),
-                             rows_ahead=rows_ahead)
+                             ahead=len(ahead), grid=grid, rows_ahead=rows_ahead)
   params = decode_kernels.triton_params(WARPS)
   inputs = (x, *ahead, *z, c2.reshape(r, n_blocks * n), cb.reshape(-1),
             w1.reshape(n_blocks * n, d_model), b1.reshape(-1))
   if parts:
     out = pl.pallas_call(
-        kernel, grid=(n_tokens, n_blocks // group), interpret=interpret,
+        kernel, grid=grid, interpret=interpret,
         compiler_params=params,
         out_shape=jax.ShapeDtypeStruct((n_tokens, n_blocks // group, d_model), jnp.float32),
     )(*inputs, w2, b2, *residual)
     return jnp.sum(out, axis=1).astype(x.dtype)
   hidden, rows = pl.pallas_call(
-      kernel, grid=(n_tokens, n_blocks // group), interpret=interpret, compiler_params=params,
+      kernel, grid=grid, interpret=interpret, compiler_params=params,
       out_shape=(jax.ShapeDtypeStruct((n_tokens, n_blocks), jnp.float32),
                  jax.ShapeDtypeStruct((n_tokens, n_blocks), jnp.int32)),
   )(*inputs, *((w2,) if rows_ahead else ()))
