@@ -15,12 +15,15 @@ import pytest
 from trax import layers as tl
 from trax import shapes
 
+from sparse_scaling import decoding
 from sparse_scaling.layers import attention_kernel
 from sparse_scaling.layers import decode_kernels
 from sparse_scaling.layers import fused_residual
 from sparse_scaling.layers import sparse_ff_controller_kernel
 from sparse_scaling.layers import sparse_ff_kernel
+from sparse_scaling.layers import sparse_qkv
 from sparse_scaling.layers import sparse_qkv_block_kernel
+from sparse_scaling.layers import sparse_qkv_fields_kernel
 from sparse_scaling.layers import sparse_qkv_kernel
 from sparse_scaling.layers import SparseFFResidual
 from sparse_scaling.layers import SparseQKVResidual
@@ -39,9 +42,11 @@ def _lm(mode, d_model=64, n_heads=4, attention_sparsity=8, ff_sparsity=(8, 16), 
                               attention_sparsity=attention_sparsity, mode=mode, **kwargs)
 
 
-def _decode(kernel, model_kwargs, tokens, prompt=3, dtype=jnp.float32, count='pallas_call'):
+def _decode(kernel, model_kwargs, tokens, prompt=3, dtype=jnp.float32, count='pallas_call',
+            lay_out=False):
   """Logits of each decoded token, the final state, decoding `tokens` after a prompt, and how
-  often `count` (a string, or a tuple of them) appears in the step's jaxpr."""
+  often `count` (a string, or a tuple of them) appears in the step's jaxpr; with `lay_out`,
+  the weights laid out as a generation lays them out (`decoding.laid_out`)."""
   model = _lm('predict', **model_kwargs)
   model.init(shapes.signature(tokens[:, :1]), rng=jax.random.PRNGKey(0))
   cast = lambda tree: jax.tree.map(
@@ -49,11 +54,12 @@ def _decode(kernel, model_kwargs, tokens, prompt=3, dtype=jnp.float32, count='pa
   model.weights, model.state = cast(model.weights), cast(model.state)
   model(tokens[:, :prompt])
   with decode_kernels.use(kernel):
+    weights = decoding.laid_out(model, model.weights) if lay_out else model.weights
     step = jax.jit(lambda w, s, t: model.pure_fn(t, w, s, None))    # traced in this block
-    jaxpr = str(jax.make_jaxpr(step)(model.weights, model.state, tokens[:, :1]))
+    jaxpr = str(jax.make_jaxpr(step)(weights, model.state, tokens[:, :1]))
     state, logits = model.state, []
     for i in range(prompt, tokens.shape[1]):
-      out, state = step(model.weights, state, tokens[:, i:i + 1])
+      out, state = step(weights, state, tokens[:, i:i + 1])
       logits.append(np.asarray(out))
   counts = (jaxpr.count(count) if isinstance(count, str)
             else tuple(jaxpr.count(text) for text in count))
@@ -61,12 +67,14 @@ def _decode(kernel, model_kwargs, tokens, prompt=3, dtype=jnp.float32, count='pa
 
 
 def _decodes_as_xla(kernel, model_kwargs, tokens, tolerance=1e-5, prompt=3,
-                    count='pallas_call'):
+                    count='pallas_call', lay_out=False):
   """Decodes `tokens` through `kernel` and through XLA's path: every step's logits and the
   final state agree to `tolerance`. Returns how often `count` appears in the kernel's step
-  (`_decode`)."""
-  expected, expected_state, _ = _decode('xla', model_kwargs, tokens, prompt=prompt)
-  got, state, counts = _decode(kernel, model_kwargs, tokens, prompt=prompt, count=count)
+  (`_decode`, `lay_out` there for both)."""
+  expected, expected_state, _ = _decode('xla', model_kwargs, tokens, prompt=prompt,
+                                        lay_out=lay_out)
+  got, state, counts = _decode(kernel, model_kwargs, tokens, prompt=prompt, count=count,
+                               lay_out=lay_out)
   np.testing.assert_allclose(got, expected, rtol=tolerance, atol=tolerance)
   for g, e in zip(jax.tree.leaves(state), jax.tree.leaves(expected_state)):
     np.testing.assert_allclose(g, e, rtol=tolerance, atol=tolerance)
@@ -271,6 +279,52 @@ def test_shapes_the_kernels_do_not_take_decode_through_xla(kwargs, max_d_model, 
   got, _, n_kernels = _decode('interpret', kwargs, tokens)
   assert n_kernels == 2 * n_per_block
   np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def _count_fields_calls(monkeypatch):
+  """A list that gets P (the parts' count) each time `sparse_qkv_fields_kernel.fields` is
+  traced."""
+  calls, fields = [], sparse_qkv_fields_kernel.fields
+
+  def counted(parts, *args, **kwargs):
+    calls.append(parts.shape[0])
+    return fields(parts, *args, **kwargs)
+
+  monkeypatch.setattr(sparse_qkv_fields_kernel, 'fields', counted)
+  return calls
+
+
+@pytest.mark.parametrize('n_parts', [4, 1])
+def test_where_the_attention_block_declines_the_fields_kernel_decodes_as_xla(n_parts,
+                                                                            monkeypatch):
+  """d_model above MAX_D_MODEL (as 17B's): the attention block's kernels decline, and with
+  its convolutions laid out as one product (DECODE_LAYOUT, as on a GPU) the block sums the
+  multiplicative layer's parts into the receptive fields and state in one kernel
+  (`SparseQKVResidual._from_parts`, `sparse_qkv_fields_kernel.py`), once a layer: every
+  step's logits and the final state are XLA's. Modules of 12 channels (not a power of 2, so
+  Sparse QKV's own convolution kernel declines); the product in 4 slices of d_in, or 1."""
+  monkeypatch.setattr(sparse_qkv, 'DECODE_LAYOUT', True)
+  monkeypatch.setattr(sparse_qkv_block_kernel, 'MAX_D_MODEL', 32)
+  monkeypatch.setattr(sparse_qkv_fields_kernel, 'PARTS', n_parts)
+  calls = _count_fields_calls(monkeypatch)
+  tokens = jnp.asarray(np.random.RandomState(2).randint(1, VOCAB, (2, 7)), jnp.int32)
+  _decodes_as_xla('interpret', dict(d_model=48, n_heads=4, attention_sparsity=4), tokens,
+                  lay_out=True)
+  assert calls == [n_parts] * 2   # once a layer (the step traced once: its jaxpr, reused)
+
+
+@pytest.mark.skipif(jax.default_backend() != 'gpu', reason='compiles the kernels for a GPU')
+def test_the_fields_kernel_compiled_for_the_gpu_decodes_as_xla(monkeypatch):
+  """A shape loaded in pieces as 17B's (modules of 144 channels, heads of 96, d_model 1152),
+  its attention block declining (MAX_D_MODEL) and its receptive fields from the parts'
+  kernel compiled for the GPU: XLA's logits and state, with the product in 64 parts."""
+  monkeypatch.setattr(sparse_qkv_block_kernel, 'MAX_D_MODEL', 1024)
+  calls = _count_fields_calls(monkeypatch)
+  kwargs = dict(d_model=1152, n_heads=12, attention_sparsity=8, ff_sparsity=(64, 16),
+                max_len=168)
+  tokens = jnp.asarray(np.random.RandomState(3).randint(1, VOCAB, (1, 10)), jnp.int32)
+  _decodes_as_xla('pallas', kwargs, tokens, tolerance=1e-4, prompt=5, lay_out=True)
+  assert calls == [64] * 2
 
 
 @pytest.mark.parametrize(

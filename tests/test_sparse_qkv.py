@@ -19,6 +19,7 @@ from sparse_scaling.layers import decode_kernels
 from sparse_scaling.layers import multiplicative_dense
 from sparse_scaling.layers import multiplicative_kernel
 from sparse_scaling.layers import sparse_qkv
+from sparse_scaling.layers import sparse_qkv_fields_kernel
 from sparse_scaling.layers import MultiplicativeDense
 from sparse_scaling.layers import SparseEncDecAttention
 from sparse_scaling.layers import SparseLoss
@@ -419,3 +420,73 @@ def test_a_laid_out_token_writes_its_state_in_place_from_the_fields(lks, monkeyp
   np.testing.assert_array_equal(results[True][1], results[False][1])
   for a, b in zip(results[True][0], results[False][0]):
     np.testing.assert_array_equal(a, b)
+
+
+def _fields_case(batch, n_parts, n_modules, channels, lks, dtype, seed=0):
+  """Parts [P, B, S, M] and bias [S, M] in float32, a state [B, lks − 1, S, M] in dtype."""
+  rng = np.random.RandomState(seed)
+  parts = jnp.asarray(rng.randn(n_parts, batch, n_modules, channels), jnp.float32)
+  bias = jnp.asarray(rng.randn(n_modules, channels), jnp.float32)
+  state = jnp.asarray(rng.randn(batch, lks - 1, n_modules, channels), dtype)
+  return parts, bias, state
+
+
+@pytest.mark.parametrize('interpret', [True, pytest.param(False, marks=pytest.mark.skipif(
+    jax.default_backend() != 'gpu', reason='compiles the kernel for a GPU'))])
+@pytest.mark.parametrize('batch, n_parts, n_modules, channels, lks, size, pad, dtype', [
+    (1, 4, 6, 24, 3, 3, 8, jnp.float32),      # channels in pieces (16 + 8), rows padded
+    (2, 1, 4, 8, 2, 3, 0, jnp.float32),       # a batch, one part, no padding
+    (1, 3, 5, 12, 4, 5, 4, jnp.float32),      # a wider module kernel, a longer window
+    (1, 64, 64, 144, 3, 3, 48, jnp.float32),  # 17B's: 64 parts, 64 modules of 144, R 1344
+    (1, 4, 6, 24, 3, 3, 8, jnp.bfloat16)])
+def test_the_fields_kernel_builds_the_layers_receptive_fields_and_state(
+    batch, n_parts, n_modules, channels, lks, size, pad, dtype, interpret):
+  """`sparse_qkv_fields_kernel.fields` against `ModuleConv`'s own receptive fields and state
+  of the window [state; Σ parts + bias] (in the state's dtype, as the layer casts its input):
+  every slot, the zeros past the modules and after lks·k·M, the state moved on."""
+  parts, bias, state = _fields_case(batch, n_parts, n_modules, channels, lks, dtype)
+  rows = lks * size * channels + pad
+  conv = ModuleConv(n_modules * channels, n_modules, lks, (size,), 'predict')
+  y = (parts.sum(0) + bias).astype(dtype)
+  window = jnp.concatenate([state, y[:, None]], axis=1)            # [B, lks, S, M]
+  view = jnp.pad(window, [(0, 0), (0, 0), (size // 2, size // 2), (0, 0)])
+  expected = conv._receptive_fields(view, 1, rows)[:, 0]  # pylint: disable=protected-access
+  fields, new_state = sparse_qkv_fields_kernel.fields(parts, bias, state, size, rows,
+                                                      interpret=interpret)
+  assert fields.dtype == new_state.dtype == dtype
+  tolerance = 1e-5 if dtype == jnp.float32 else 1e-2
+  np.testing.assert_allclose(np.asarray(fields, np.float32), np.asarray(expected, np.float32),
+                             rtol=tolerance, atol=tolerance)
+  np.testing.assert_array_equal(np.asarray(new_state[:, :-1], np.float32),
+                                np.asarray(state[:, 1:], np.float32))
+  np.testing.assert_allclose(np.asarray(new_state[:, -1], np.float32),
+                             np.asarray(y, np.float32), rtol=tolerance, atol=tolerance)
+
+
+def test_the_fields_kernel_refuses_rows_short_of_the_window():
+  parts, bias, state = _fields_case(1, 2, 4, 8, 3, jnp.float32)
+  with pytest.raises(ValueError, match='rows must be at least'):
+    sparse_qkv_fields_kernel.fields(parts, bias, state, 3, 64, interpret=True)
+
+
+@pytest.mark.parametrize('use_bias', [True, False])
+def test_the_multiplicative_layers_parts_add_up_to_its_token(use_bias):
+  """`MultiplicativeDense.decode_parts`: the P parts of a token's product, plus the bias, are
+  the layer's output for it."""
+  x = _inputs(2, 1, 48)
+  layer = _init(MultiplicativeDense(4, 48, use_bias=use_bias), x)
+  parts, bias = layer.decode_parts(x, layer.weights, 6)
+  assert parts.shape == (6, 2, 4, 12) and parts.dtype == jnp.float32
+  np.testing.assert_allclose(parts.sum(0) + bias, layer(x).reshape(2, 4, 12), rtol=1e-5,
+                             atol=1e-5)
+
+
+def test_auto_takes_the_fields_kernel_on_a_gpu_from_min_d_model(monkeypatch):
+  """Not yet timed on a GPU: by default 'auto' never takes it; from MIN_D_MODEL it does, on
+  a GPU only."""
+  assert not sparse_qkv_fields_kernel.pays(9216)
+  monkeypatch.setattr(sparse_qkv_fields_kernel, 'MIN_D_MODEL', 8192)
+  assert sparse_qkv_fields_kernel.pays(9216) and not sparse_qkv_fields_kernel.pays(1024)
+  monkeypatch.setattr(decode_kernels.jax, 'default_backend', lambda: 'gpu')
+  assert decode_kernels.active('sparse_qkv_fields', sparse_qkv_fields_kernel.pays(9216)) == 'pallas'
+  assert decode_kernels.active('sparse_qkv_fields', sparse_qkv_fields_kernel.pays(1024)) == 'xla'

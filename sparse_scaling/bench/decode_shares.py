@@ -97,6 +97,12 @@ constant, set while the setting is measured and restored after it. The names, by
     MULT_LOOP                    `LOOP`, 0: the steps unrolled, every load first
     MULT_PRECISION               `PRECISION` of a float32 product: 0 IEEE, 1 three TF32
                                  products, 2 one
+  layers/sparse_qkv_fields_kernel.py (a token's receptive fields from the multiplicative
+  layer's parts, where XLA's ops take the attention block)
+    FIELDS_MIN                   `MIN_D_MODEL`: the least d_model at which 'auto' takes the
+                                 kernel on a GPU (by default never; 0: wherever the block
+                                 declines and its convolutions are laid out as one product;
+                                 token, block, call)
   layers/attention_kernel.py (attention over the KV cache, where the layer's own kernel runs)
     ATTN_ROWS                    `MIN_ROWS`: the fewest rows·heads a step attends from for
                                  'auto' to take the kernel on a GPU (100000: never)
@@ -224,6 +230,7 @@ from sparse_scaling.layers import multiplicative_dense
 from sparse_scaling.layers import multiplicative_kernel
 from sparse_scaling.layers import sparse_qkv
 from sparse_scaling.layers import sparse_qkv_block_kernel
+from sparse_scaling.layers import sparse_qkv_fields_kernel
 from sparse_scaling.layers import sparse_qkv_mosaic
 
 # Setting name -> (module, constant).
@@ -255,6 +262,7 @@ SHARES = {**{name: (sparse_qkv_block_kernel, name)
              for name in ('ROWS', 'STEP', 'MODULES', 'CHANNELS', 'WARPS', 'STAGES', 'LOOP',
                           'PRECISION')},
           'MULT_MIN': (multiplicative_kernel, 'MIN_D_IN'),
+          'FIELDS_MIN': (sparse_qkv_fields_kernel, 'MIN_D_MODEL'),
           'FILLED_MIN': (causal_attention, 'FILLED_MIN_LEN'),
           'FILLED_BLOCK': (causal_attention, 'FILLED_BLOCK'),
           'FILLED_UNTIL': (causal_attention, 'FILLED_UNTIL'),
@@ -292,7 +300,7 @@ XLA_DOT_MERGER, XLA_TILING_SEARCH, XLA_TRITON_GEMM = True, False, True
 LARGE = 1 << 22      # elements: SHARED=2 keeps arrays this large each block's own
 _ALL = ('MODULES', 'MIXED_CHANNELS')   # also 'all': None, the kernel's own choice
 _ANY = ('FF_PARTS_BYTES', 'STATS_IN_KERNEL', 'MAX_D_MODEL', 'CUBLAS_BYTES',
-        'KEEP_BYTES', 'CHUNK', 'MULT_FORM', 'ATTN_ROWS', 'MULT_MIN',
+        'KEEP_BYTES', 'CHUNK', 'MULT_FORM', 'ATTN_ROWS', 'MULT_MIN', 'FIELDS_MIN',
         'MULT_STAGES', 'FILLED_MIN', 'ATTN_LEN', 'ATTEND_FILLED',
         'ATTEND_FIRST', 'PROMPT', 'FILLED_UNTIL', 'LATE')   # any int >= 0
 PROMPT, TOKENS = 128, 32   # a generation's (`--measure token`); PROMPT also block's and call's

@@ -6,8 +6,10 @@ decode a token through kernels fused across the block (`fused_residual.py`): the
 attention block in three (`sparse_qkv_block_kernel.py`) and the Sparse FF block in two and a
 reduction, or in three (`sparse_ff_kernel.py`). The layers also have kernels of their own, used
 where a block's do not apply: Sparse FF (`sparse_ff_kernel.py`), Sparse QKV's convolutions
-(`sparse_qkv_kernel.py`), the multiplicative layer (`multiplicative_kernel.py`) and attention
-over the KV cache (`attention_kernel.py`). In training, Sparse FF's controller can run as two
+(`sparse_qkv_kernel.py`), the multiplicative layer (`multiplicative_kernel.py`), attention
+over the KV cache (`attention_kernel.py`), and, where XLA's ops take the attention block
+(17B's), the receptive fields from the multiplicative layer's parts
+(`sparse_qkv_fields_kernel.py`). In training, Sparse FF's controller can run as two
 (`sparse_ff_controller_kernel.py`). Each layer asks `active(kernel)` when it is traced:
 
   'auto'       on a GPU the kernels measured faster there (AUTO_ON_GPU: the two blocks',
@@ -15,7 +17,8 @@ over the KV cache (`attention_kernel.py`). In training, Sparse FF's controller c
                a step has many heads, `attention_kernel.pays`, as at 17B; Sparse QKV's own
                cut a block's kernels but not the time of a whole generation, and the
                multiplicative layer's, asked with `multiplicative_kernel.pays`, was slower at
-               17B, docs/decoding_gpu.md), XLA's ops elsewhere;
+               17B, docs/decoding_gpu.md; the receptive fields', asked with
+               `sparse_qkv_fields_kernel.pays`, is not yet timed), XLA's ops elsewhere;
   'pallas'     every kernel, compiled (GPUs only);
   'interpret'  every kernel, run by Pallas' interpreter on any backend (the tests' CPU check);
   'xla'        XLA's ops everywhere (`table1 --impls ours-xla`, `train_step --kernels xla`).
@@ -73,9 +76,9 @@ else:
 
 CHOICES = ('auto', 'pallas', 'interpret', 'xla')
 KERNELS = ('sparse_ff', 'sparse_qkv', 'attention', 'sparse_ff_controller', 'sparse_ff_block',
-           'sparse_qkv_block', 'multiplicative')
+           'sparse_qkv_block', 'multiplicative', 'sparse_qkv_fields')
 AUTO_ON_GPU = ('sparse_ff', 'sparse_ff_controller', 'sparse_ff_block', 'sparse_qkv_block',
-               'attention', 'multiplicative')
+               'attention', 'multiplicative', 'sparse_qkv_fields')
 _CHOICE = ['auto']
 
 

@@ -87,6 +87,20 @@ class MultiplicativeDense(base.Layer):
       y = y.reshape(x.shape[:-1] + (self._d_out,))      # [..., d_out]
     return y + self.weights[2] if self._use_bias else y
 
+  def decode_parts(self, x, weights, n_parts):
+    """A token's product before the bias, in parts: x [B, 1, d_in] -> [P, B, S, M] float32,
+    part p the sum over d_in's slice p of P (`sparse_qkv_fields_kernel.py` adds them), as one
+    product batched over the slices (XLA splits the einsum of `forward` alike); and the
+    bias [S, M] (zeros without one)."""
+    d, e = weights[:2]
+    batch, d_in = x.shape[0], x.shape[-1]
+    n_modules, channels = d.shape[0], e.shape[1]
+    scaled = (x.reshape(batch, 1, d_in) * d).reshape(batch, n_modules, n_parts, -1)
+    parts = jnp.einsum('bspk,pkm->pbsm', scaled, e.reshape(n_parts, -1, channels),
+                       preferred_element_type=jnp.float32)
+    bias = (weights[2] if self._use_bias else jnp.zeros((self._d_out,), x.dtype))
+    return parts, bias.reshape(n_modules, channels)
+
   def init_weights_and_state(self, input_signature):
     d_in = input_signature.shape[-1]
     rng_d, rng_e, rng_b = jax.random.split(self.rng, 3)

@@ -27,6 +27,7 @@ from trax.layers import initializers as init
 from sparse_scaling.layers import decode_kernels
 from sparse_scaling.layers import fused_residual
 from sparse_scaling.layers import sparse_qkv_block_kernel
+from sparse_scaling.layers import sparse_qkv_fields_kernel
 from sparse_scaling.layers import sparse_qkv_kernel
 from sparse_scaling.layers.causal_attention import CausalAttentionCore
 from sparse_scaling.layers.checks import check_divides
@@ -243,7 +244,6 @@ class ModuleConv(base.Layer):
     `DecodeLayout`'s products (`_products`), or trax's layout's one per output, the outputs of
     one module kernel size sharing their fields. With `state_from_fields` (a token read
     through a `DecodeLayout`) it also sets the new state, from the first fields built."""
-    batch, d = window.shape[0], self._n_modules * self._channels
     half = max(self._sizes) // 2
     if isinstance(self.weights, DecodeLayout):
       # The layout says which products it holds (one kernel: all outputs in one), so that
@@ -264,10 +264,34 @@ class ModuleConv(base.Layer):
           found = jax.lax.optimization_barrier(found)
           self.state = self._last_inputs_in_fields(found, size)
         fields[size, kernel.shape[0]] = found
-      y = jnp.einsum('blsf,fo->blso', fields[size, kernel.shape[0]], kernel) + bias
-      for i, part in zip(indices, jnp.split(y, len(indices), axis=-1)):   # [b, l, S, M] each
-        outputs[i] = part.reshape(batch, length, d)
+      self._product(fields[size, kernel.shape[0]], kernel, bias, indices, outputs)
     return tuple(outputs)
+
+  def _product(self, fields, kernel, bias, indices, outputs):
+    """outputs[i] [b, l, d] for i in `indices`: fields [b, l, S, rows] times a laid-out
+    kernel [rows, n·M] of those outputs side by side, plus their biases [n·M]."""
+    batch, length = fields.shape[:2]
+    y = jnp.einsum('blsf,fo->blso', fields, kernel) + bias
+    for i, part in zip(indices, jnp.split(y, len(indices), axis=-1)):   # [b, l, S, M] each
+      outputs[i] = part.reshape(batch, length, self._n_modules * self._channels)
+
+  def takes_parts(self, weights):
+    """Whether `from_parts` takes a token with these weights: laid out as one product
+    (`decode_weights`, ONE_PRODUCT), a state to move on (length_kernel_size >= 2)."""
+    return (self._mode == 'predict' and self._lks >= 2 and isinstance(weights, DecodeLayout)
+            and len(weights.kernels) == 1)
+
+  def from_parts(self, parts, bias, weights, state, interpret=False):
+    """(outputs, each [B, 1, d], and the new state) of one token from the multiplicative
+    layer's parts [P, B, S, M] and bias [S, M] (`MultiplicativeDense.decode_parts`), with
+    weights that `takes_parts`: the receptive fields and state from one kernel
+    (`sparse_qkv_fields_kernel.py`), then the product of `_products_over_fields`."""
+    (kernel,), (conv_bias,) = weights.kernels, weights.biases
+    fields, state = sparse_qkv_fields_kernel.fields(
+        parts, bias, state, max(self._sizes), kernel.shape[0], interpret=interpret)
+    outputs = [None] * len(self._sizes)
+    self._product(fields[:, None], kernel, conv_bias, range(len(self._sizes)), outputs)
+    return tuple(outputs), state
 
   def _step_kernel(self):
     """The Pallas kernel a one-token predict call runs (`sparse_qkv_kernel.py`): 'pallas' or
@@ -331,7 +355,9 @@ class SparseQKVResidual(FusedResidual):
   """x + SparseQKVAttention(LayerNorm(x)) as `tl.Residual`; one decoded token as the three
   Pallas kernels of `sparse_qkv_block_kernel.py` (where `decode_kernels` says so), whose
   attention kernel also writes the next FF block's LayerNorm partial sums where the blocks
-  are chained (`fused_residual.CHAIN`)."""
+  are chained (`fused_residual.CHAIN`). Where those decline (17B's d_model), a token's
+  receptive fields can come from one kernel of their own (`sparse_qkv_fields_kernel.py`,
+  off by default), its layers' other work XLA's."""
 
   PARTS = (normalization.LayerNorm, MultiplicativeDense, ModuleConv, CausalAttentionCore)
 
@@ -340,7 +366,7 @@ class SparseQKVResidual(FusedResidual):
     `ahead`: the next FF block's fixed weights, for `decode_kernels.PREFETCH`."""
     kernel = self._kernel()
     if kernel is None:
-      return None
+      return None if ff_norm is not None else self._from_parts(x, parts)
     norm, _, conv, core = [self.part(i) for i in range(len(self.PARTS))]
     (norm_w, _), (mixed_w, _), (conv_w, conv_state), (_, (k_cache, v_cache, index)) = parts
     batch, _, d_model = x.shape
@@ -353,6 +379,25 @@ class SparseQKVResidual(FusedResidual):
         ff_norm=ff_norm, ahead=ahead)
     states = ((), (), conv_state, (k_cache, v_cache, index))
     return (out.reshape(x.shape), states) + ((partials,) if ff_norm else ())
+
+  def _from_parts(self, x, parts):
+    """Where the block's kernels decline (17B's) and `sparse_qkv_fields_kernel` takes the
+    shapes: the block through its layers, the multiplicative layer's parts summed into the
+    convolutions' receptive fields by that kernel (`ModuleConv.from_parts`); else None."""
+    norm, mixed, conv, core = [self.part(i) for i in range(len(self.PARTS))]
+    (norm_w, norm_s), (mixed_w, _), (conv_w, conv_s), (core_w, core_s) = parts
+    d_model = x.shape[-1]
+    kernel = decode_kernels.active('sparse_qkv_fields',
+                                   sparse_qkv_fields_kernel.pays(d_model))
+    if kernel == 'xla' or not conv.takes_parts(conv_w):
+      return None
+    normed, _ = norm.pure_fn(x, norm_w, norm_s, None)
+    mixed_parts, bias = mixed.decode_parts(normed, mixed_w,
+                                           sparse_qkv_fields_kernel.n_parts(d_model))
+    qkv, conv_s = conv.from_parts(mixed_parts, bias, conv_w, conv_s,
+                                  interpret=kernel == 'interpret')
+    out, core_s = core.pure_fn(qkv, core_w, core_s, None)
+    return x + out, ((), (), conv_s, core_s)
 
   def _kernel(self):
     """'pallas' or 'interpret' where the block's kernels take a token, but not within
