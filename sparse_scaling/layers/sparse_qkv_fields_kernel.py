@@ -23,9 +23,10 @@ that row lies past the modules (into its own slot (i, k − 1 − j) instead, wh
 past them too), and the next state in place (no program reads another module's state).
 
 The parts come from `MultiplicativeDense.decode_parts`, the product as one batched product
-(`'bspk,pkm->pbsm'`), which XLA compiles as the split product it makes of the einsum
-(compiled for an H200 without one: the attention block's 12 kernels become 10). Not timed yet on a GPU,
-so 'auto' does not take it (MIN_D_MODEL None; `bench/decode_shares.py`'s FIELDS_MIN=0 does).
+(`'bspk,pkm->pbsm'`), which XLA compiles as the split product it makes of the einsum.
+Compiled for an H200 without one, the 17B attention block's 12 kernels become 10
+(docs/decoding_gpu.md). Not timed yet on a GPU, so 'auto' does not take it (MIN_D_MODEL
+None; `bench/decode_shares.py`'s FIELDS_MIN=0 does).
 
 Runs on GPUs through Pallas' Triton backend; `interpret=True` runs it on any backend (the
 tests do, on the CPU).
@@ -75,7 +76,7 @@ def _fields_kernel(parts_ref, bias_ref, state_ref, fields_ref, new_state_ref, *,
       inside = ((target >= 0) & (target < n_modules)).astype(jnp.int32)
       at = s + inside * (target - s)
       slot = i * size + 2 * half - j + inside * (2 * j - 2 * half)
-      for (start, length), value in zip(pieces, row):
+      for (start, length), value in zip(pieces, row):   # `inside` as a vector to lower
         kept = jnp.where(jnp.full((length,), inside) > 0, f32(value),
                          jnp.zeros((length,), jnp.float32))
         fields_ref[b, at, pl.ds(slot * channels + start, length)] = kept.astype(
