@@ -490,3 +490,18 @@ def test_auto_takes_the_fields_kernel_on_a_gpu_from_min_d_model(monkeypatch):
   monkeypatch.setattr(decode_kernels.jax, 'default_backend', lambda: 'gpu')
   assert decode_kernels.active('sparse_qkv_fields', sparse_qkv_fields_kernel.pays(9216)) == 'pallas'
   assert decode_kernels.active('sparse_qkv_fields', sparse_qkv_fields_kernel.pays(1024)) == 'xla'
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_the_fields_kernel_lowers_to_triton_for_a_gpu_at_17b(dtype):
+  """Lowered for CUDA on any machine at 17B's shapes (64 parts, 64 modules of 144 channels in
+  pieces, R 1344): Triton's rules hold, the kernel lets the next launch early, and its state
+  output aliases the state operand (moved on in place, no copy)."""
+  parts = jax.ShapeDtypeStruct((64, 1, 64, 144), jnp.float32)
+  bias = jax.ShapeDtypeStruct((64, 144), dtype)
+  state = jax.ShapeDtypeStruct((1, 2, 64, 144), dtype)
+  text = lowered_for_an_h200(
+      lambda p, b, s: sparse_qkv_fields_kernel.fields(p, b, s, 3, 1344), parts, bias, state)
+  assert text.count('xla.gpu.triton') == 1
+  assert text.count('griddepcontrol.launch_dependents') == 1
+  assert 'output_operand_alias<output_tuple_indices = [1]' in text
