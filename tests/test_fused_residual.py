@@ -294,7 +294,8 @@ def _count_fields_calls(monkeypatch):
   return calls
 
 
-@pytest.mark.parametrize('n_parts', [4, 1])
+# One part (the kernel's own test has a case of it) with `-m slow`.
+@pytest.mark.parametrize('n_parts', [4, pytest.param(1, marks=pytest.mark.slow)])
 def test_where_the_attention_block_declines_the_fields_kernel_decodes_as_xla(n_parts,
                                                                             monkeypatch):
   """d_model above MAX_D_MODEL (as 17B's): the attention block's kernels decline, and with
