@@ -422,13 +422,11 @@ def test_a_laid_out_token_writes_its_state_in_place_from_the_fields(lks, monkeyp
     np.testing.assert_array_equal(a, b)
 
 
-def _fields_case(batch, n_parts, n_modules, channels, lks, dtype, seed=0):
+def _fields_case(batch, n_parts, n_modules, channels, lks, dtype):
   """Parts [P, B, S, M] and bias [S, M] in float32, a state [B, lks − 1, S, M] in dtype."""
-  rng = np.random.RandomState(seed)
-  parts = jnp.asarray(rng.randn(n_parts, batch, n_modules, channels), jnp.float32)
-  bias = jnp.asarray(rng.randn(n_modules, channels), jnp.float32)
-  state = jnp.asarray(rng.randn(batch, lks - 1, n_modules, channels), dtype)
-  return parts, bias, state
+  return (jnp.asarray(_inputs(n_parts, batch, n_modules, channels)),
+          jnp.asarray(_inputs(n_modules, channels, seed=1)),
+          jnp.asarray(_inputs(batch, lks - 1, n_modules, channels, seed=2), dtype))
 
 
 @pytest.mark.parametrize('interpret', [True, pytest.param(False, marks=pytest.mark.skipif(
