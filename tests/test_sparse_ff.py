@@ -310,8 +310,8 @@ def test_auto_runs_sparse_ff_s_kernels_on_a_gpu_only(backend, monkeypatch):
   # attention's own and the multiplicative layer's where its layer's shapes say it pays
   # (`attention_kernel.pays`, measured on an H100, `test_causal_attention.py`;
   # `multiplicative_kernel.pays`, never by default, `test_sparse_qkv.py`; the receptive
-  # fields' where `sparse_qkv_fields_kernel.pays`, never by default: `active` is asked here
-  # without shapes); the others only when asked.
+  # fields' where `sparse_qkv_fields_kernel.pays`, from 17B's d_model: `active` is asked
+  # here without shapes); the others only when asked.
   monkeypatch.setattr(decode_kernels.jax, 'default_backend', lambda: backend)
   on = ({'sparse_ff', 'sparse_ff_controller', 'sparse_ff_block', 'sparse_qkv_block',
          'attention', 'multiplicative', 'sparse_qkv_fields'} if backend == 'gpu' else set())

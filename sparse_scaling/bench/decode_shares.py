@@ -100,9 +100,9 @@ constant, set while the setting is measured and restored after it. The names, by
   layers/sparse_qkv_fields_kernel.py (a token's receptive fields from the multiplicative
   layer's parts, where XLA's ops take the attention block)
     FIELDS_MIN                   `MIN_D_MODEL`: the least d_model at which 'auto' takes the
-                                 kernel on a GPU (by default never; 0: wherever the block
-                                 declines and its convolutions are laid out as one product;
-                                 token, block, call)
+                                 kernel on a GPU (by default 8192: 17B's; 0: wherever the
+                                 block declines and its convolutions are laid out as one
+                                 product; none: never; token, block, call)
   layers/attention_kernel.py (attention over the KV cache, where the layer's own kernel runs)
     ATTN_ROWS                    `MIN_ROWS`: the fewest rows·heads a step attends from for
                                  'auto' to take the kernel on a GPU (100000: never)

@@ -18,7 +18,7 @@ over the KV cache (`attention_kernel.py`), and, where XLA's ops take the attenti
                cut a block's kernels but not the time of a whole generation, and the
                multiplicative layer's, asked with `multiplicative_kernel.pays`, was slower at
                17B, docs/decoding_gpu.md; the receptive fields', asked with
-               `sparse_qkv_fields_kernel.pays`, is not yet timed), XLA's ops elsewhere;
+               `sparse_qkv_fields_kernel.pays`, from 17B's d_model), XLA's ops elsewhere;
   'pallas'     every kernel, compiled (GPUs only);
   'interpret'  every kernel, run by Pallas' interpreter on any backend (the tests' CPU check);
   'xla'        XLA's ops everywhere (`table1 --impls ours-xla`, `train_step --kernels xla`).

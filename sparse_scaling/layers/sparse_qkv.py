@@ -356,8 +356,8 @@ class SparseQKVResidual(FusedResidual):
   Pallas kernels of `sparse_qkv_block_kernel.py` (where `decode_kernels` says so), whose
   attention kernel also writes the next FF block's LayerNorm partial sums where the blocks
   are chained (`fused_residual.CHAIN`). Where those decline (17B's d_model), a token's
-  receptive fields can come from one kernel of their own (`sparse_qkv_fields_kernel.py`,
-  off by default), its layers' other work XLA's."""
+  receptive fields come from one kernel of their own (`sparse_qkv_fields_kernel.py`,
+  on a GPU from its MIN_D_MODEL), its layers' other work XLA's."""
 
   PARTS = (normalization.LayerNorm, MultiplicativeDense, ModuleConv, CausalAttentionCore)
 

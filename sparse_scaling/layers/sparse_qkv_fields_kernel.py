@@ -24,9 +24,11 @@ past them too), and the next state in place (no program reads another module's s
 
 The parts come from `MultiplicativeDense.decode_parts`, the product as one batched product
 (`'bspk,pkm->pbsm'`), which XLA compiles as the split product it makes of the einsum.
-Compiled for an H200 without one, the 17B attention block's 12 kernels become 10
-(docs/decoding_gpu.md). Not timed yet on a GPU, so 'auto' does not take it (MIN_D_MODEL
-None; `bench/decode_shares.py`'s FIELDS_MIN=0 does).
+The 17B attention block's 12 kernels become 10; on an H100 the block looped in 0.0520 ms
+against 0.0527-0.0532 (float32; bfloat16 0.0344-0.0360 against 0.0367-0.0379) and its
+kernels traced 53.5 µs against 56.9, this kernel 3.0 µs where the three took 5.8
+(docs/decoding_gpu.md, the forty-sixth session), so 'auto' takes it on a GPU from d_model
+8192 (MIN_D_MODEL; `bench/decode_shares.py`'s FIELDS_MIN sets it).
 
 Runs on GPUs through Pallas' Triton backend; `interpret=True` runs it on any backend (the
 tests do, on the CPU).
@@ -41,9 +43,11 @@ from jax.experimental import pallas as pl
 from sparse_scaling.layers import decode_kernels
 from sparse_scaling.layers.decode_kernels import f32
 
-# 'auto' takes the kernel on a GPU from this d_model; None: never (not yet timed: the note).
-MIN_D_MODEL = None
-PARTS = 64   # P, the slices of d_in the multiplicative product is split into (dividing d_in)
+# 'auto' takes the kernel on a GPU from this d_model (17B's 9216; 800M's blocks take the
+# fused block instead); None: never.
+MIN_D_MODEL = 8192
+PARTS = 64   # P, the slices of d_in the multiplicative product is split into (dividing d_in;
+             # a power of two, as the kernel loads a module's parts as one array)
 WARPS = 4
 
 
@@ -93,7 +97,8 @@ def fields(parts, bias, state, size, rows, interpret=False):
   """A token's receptive fields and the convolutions' next state.
 
   Args:
-    parts: [P, B, S, M], the multiplicative layer's output before its bias, in P parts.
+    parts: [P, B, S, M], the multiplicative layer's output before its bias, in P parts (P a
+      power of two: Pallas' Triton lowering takes arrays of such sizes only).
     bias: [S, M], its bias.
     state: [B, n, S, M], the window's previous n = lks − 1 positions (oldest first);
       updated in place.
@@ -107,6 +112,10 @@ def fields(parts, bias, state, size, rows, interpret=False):
     window[1:]).
   """
   batch, n, n_modules, channels = state.shape
+  n_parts = parts.shape[0]
+  if n_parts & (n_parts - 1):
+    raise ValueError(f'parts: P = {n_parts} must be a power of two (the kernel loads a '
+                     "module's parts as one array)")
   if rows < (n + 1) * size * channels:
     raise ValueError(f'rows must be at least lks·k·M = {(n + 1) * size * channels}, '
                      f'got {rows}')
