@@ -37,7 +37,7 @@ def test_each_setting_is_in_force_while_it_is_measured_and_undone_after():
               'PERSIST=3+KEEP_BYTES=1000', 'CHUNK=0', 'FF_MOSAIC=1+CHAIN=0',
               'QKV_MOSAIC=1+FF_MOSAIC=1+MOSAIC_ATTEND=0', 'QKV_MOSAIC=1+MOSAIC_CHANNELS=64+MOSAIC_WIDTH=32',
               'DOT_MERGER=0+TILING_SEARCH=1+TRITON_GEMM=0', 'LATE=none', 'LATE=1024',
-              'FF_C2_AHEAD=1+FF_W2_AHEAD=1']
+              'FIELDS_MIN=0+RELU_MAX=0', 'FIELDS_MIN=none']
   results = decode_shares.sweep('800m', 'ffqkv', 1, settings, measure=measure)
   assert [text for text, _ in results] == settings
   assert seen == [before, dict(before, WIDTH=16, CONV_WARPS=8),
@@ -54,7 +54,7 @@ def test_each_setting_is_in_force_while_it_is_measured_and_undone_after():
                   dict(before, QKV_MOSAIC=True, MOSAIC_CHANNELS=64, MOSAIC_WIDTH=32),
                   dict(before, DOT_MERGER=False, TILING_SEARCH=True, TRITON_GEMM=False),
                   dict(before, LATE=None), dict(before, LATE=1024),
-                  dict(before, FF_C2_AHEAD=True, FF_W2_AHEAD=True)]
+                  dict(before, FIELDS_MIN=0, RELU_MAX=False), dict(before, FIELDS_MIN=None)]
   assert _constants() == before
 
 

@@ -90,62 +90,6 @@ def test_decode_kernel_lowers_to_triton_for_a_gpu_at_table1_shapes(d_model, d_ff
   assert 'xla.gpu.triton' in lowered_for_an_h200(sparse_ff_kernel.sparse_units, *args)
 
 
-def _ff_block_args(d_model, d_ff, n, rank, dtype=jnp.float32):
-  """Shapes of `sparse_ff_kernel.ff_block`'s arguments (x [1, d], the LayerNorm's scale and
-  bias, C1, C2, c, W1, b1, W2, b2) and the block as a function of them."""
-  blocks = d_ff // n
-  shapes = [(1, d_model), (d_model,), (d_model,), (d_model, rank), (rank, blocks, n),
-            (blocks, n), (blocks, n, d_model), (blocks, n), (blocks, n, d_model), (d_model,)]
-  block = lambda x, scale, bias, c1, c2, cb, *units, interpret=False: sparse_ff_kernel.ff_block(
-      x, scale, bias, (c1, c2, cb), units, 1e-6, interpret=interpret)
-  return [jax.ShapeDtypeStruct(shape, dtype) for shape in shapes], block
-
-
-@pytest.mark.parametrize('controller, rows', [(True, False), (False, True), (True, True)])
-def test_the_ff_block_asking_the_l2_cache_ahead_decodes_as_without(controller, rows,
-                                                                    monkeypatch):
-  """With CONTROLLER_AHEAD (the LayerNorm-controller programs asking for C2 and c) and
-  ROWS_AHEAD (the units programs asking for their chosen rows of W2), interpreted, in the
-  form where `down` multiplies W2's rows (17B's): the block's output equals the one without,
-  and the reference's (the requests change no input a kernel reads)."""
-  monkeypatch.setattr(sparse_ff_kernel, 'MAX_PARTS_BYTES', 0)
-  specs, block = _ff_block_args(48, 256, 8, 4)
-  rng = np.random.RandomState(3)
-  args = [jnp.asarray(rng.randn(*spec.shape).astype(np.float32)) for spec in specs]
-  expected = block(*args, interpret=True)
-  monkeypatch.setattr(sparse_ff_kernel, 'CONTROLLER_AHEAD', controller)
-  monkeypatch.setattr(sparse_ff_kernel, 'ROWS_AHEAD', rows)
-  got = block(*args, interpret=True)
-  np.testing.assert_array_equal(got, expected)
-  x, scale, bias, c1, c2, cb, w1, b1, w2, b2 = [np.asarray(a, np.float64) for a in args]
-  normed = (x - x.mean()) / np.sqrt(x.var() + 1e-6) * scale + bias
-  chosen = np.argmax(np.einsum('td,dr,rkn->tkn', normed, c1, c2) + cb, axis=-1)[0]
-  reference = x[0] + b2 + sum(max(0.0, normed[0] @ w1[k, u] + b1[k, u]) * w2[k, u]
-                              for k, u in enumerate(chosen))
-  np.testing.assert_allclose(got[0], reference, rtol=1e-4, atol=1e-4)
-
-
-@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize('controller, rows', [(False, False), (True, False), (False, True),
-                                              (True, True)])
-def test_the_17b_ff_block_asks_the_l2_cache_for_the_next_reads_when_told(controller, rows,
-                                                                         dtype, monkeypatch):
-  """The 17B FF block lowered for an abstract H200: with CONTROLLER_AHEAD its LayerNorm-
-  controller kernel asks the L2 cache for C2 and c in bulk (two requests a program), with
-  ROWS_AHEAD its units kernel for each chosen row of W2 (one a program: a block of N a
-  program); off, neither does. Each Triton module holds the request's text once; the
-  fixed weights' requests of bfloat16 kernels (L2_PERSIST's default) carry a cache hint
-  and are not these."""
-  monkeypatch.setattr(sparse_ff_kernel, 'CONTROLLER_AHEAD', controller)
-  monkeypatch.setattr(sparse_ff_kernel, 'ROWS_AHEAD', rows)
-  specs, block = _ff_block_args(9216, 65536, 256, 32, dtype)
-  text = lowered_for_an_h200(block, *specs)
-  assert text.count('xla.gpu.triton') == 3
-  assert text.count('cp.async.bulk.prefetch.L2.global [$1]') == controller + rows
-  jaxpr = str(jax.make_jaxpr(block)(*specs))
-  assert jaxpr.count('prefetch_l2[bulk=True keep=False') == 2 * controller + rows
-
-
 @pytest.mark.skipif(jax.default_backend() != 'gpu', reason='compiles the kernel for a GPU')
 @pytest.mark.parametrize('d_model, d_ff, n, rank', [(1024, 6144, 64, 16), (9216, 65536, 256, 32)])
 def test_decode_kernel_compiled_for_the_gpu_equals_xla_at_table1_shapes(d_model, d_ff, n, rank):

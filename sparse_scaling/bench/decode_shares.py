@@ -55,12 +55,6 @@ constant, set while the setting is measured and restored after it. The names, by
     FF_MOSAIC                    `MOSAIC`, 1: the LayerNorm-controller and units programs
                                  as Mosaic GPU kernels (`sparse_ff_mosaic.py`) where the
                                  shapes fit (token, block, trace)
-    FF_C2_AHEAD                  `CONTROLLER_AHEAD`, 1: the LayerNorm-controller programs
-                                 of an FF block unchained (17B's) ask the L2 cache for C2
-                                 and c, which the units programs read next
-    FF_W2_AHEAD                  `ROWS_AHEAD`, 1: where a kernel of its own multiplies W2's
-                                 rows (17B), each units program asks the L2 cache for its
-                                 chosen rows of W2 as it chooses them
   layers/sparse_qkv.py
     CONV_LAYOUT                  `DECODE_LAYOUT`, 0: the convolutions' kernels as trax lays
                                  them out, 1: laid out once per generation (rows padded; one
@@ -250,8 +244,6 @@ SHARES = {**{name: (sparse_qkv_block_kernel, name)
           'FF_PARTS_BYTES': (sparse_ff_kernel, 'MAX_PARTS_BYTES'),
           'FF_COLUMNS': (sparse_ff_kernel, 'COLUMNS'), 'FF_GATHER': (sparse_ff_kernel, 'GATHER'),
           'FF_MOSAIC': (sparse_ff_kernel, 'MOSAIC'),
-          'FF_C2_AHEAD': (sparse_ff_kernel, 'CONTROLLER_AHEAD'),
-          'FF_W2_AHEAD': (sparse_ff_kernel, 'ROWS_AHEAD'),
           'CHAIN': (fused_residual, 'CHAIN'), 'CPU_TOP_K': (decoding, 'CPU_TOP_K'),
           'CHUNK': (sparse_ff, 'CPU_CHUNK_BYTES'),
           'CONV_LAYOUT': (sparse_qkv, 'DECODE_LAYOUT'),
@@ -292,13 +284,13 @@ SHARES = {**{name: (sparse_qkv_block_kernel, name)
 _SWITCHES = ('DOT', 'CHAIN', 'CPU_TOP_K', 'GRAPHS', 'EARLY', 'PREFETCH', 'DOT_MERGER',
              'TILING_SEARCH', 'TRITON_GEMM', 'CACHES', 'STATE', 'FF_MOSAIC',
              'QKV_MOSAIC', 'MOSAIC_ATTEND', 'CONV_LAYOUT', 'CONV_ONE', 'CONV_STATE',
-             'ATTN_SPLIT', 'ATTN_SKIP', 'LN_ONE_PASS', 'RELU_MAX', 'MULT_LOOP',
-             'FF_C2_AHEAD', 'FF_W2_AHEAD')   # 0 or 1
+             'ATTN_SPLIT', 'ATTN_SKIP', 'LN_ONE_PASS', 'RELU_MAX', 'MULT_LOOP')   # 0 or 1
 SHARED_WEIGHTS = 0   # 0, 1 or 2: see the module's note
 # XLA's options for a GPU program, on top of `decoding.COMPILER_OPTIONS` (`xla_options`).
 XLA_DOT_MERGER, XLA_TILING_SEARCH, XLA_TRITON_GEMM = True, False, True
 LARGE = 1 << 22      # elements: SHARED=2 keeps arrays this large each block's own
 _ALL = ('MODULES', 'MIXED_CHANNELS')   # also 'all': None, the kernel's own choice
+_NONE = ('LATE', 'FIELDS_MIN')          # also 'none': None, never
 _ANY = ('FF_PARTS_BYTES', 'STATS_IN_KERNEL', 'MAX_D_MODEL', 'CUBLAS_BYTES',
         'KEEP_BYTES', 'CHUNK', 'MULT_FORM', 'ATTN_ROWS', 'MULT_MIN', 'FIELDS_MIN',
         'MULT_STAGES', 'FILLED_MIN', 'ATTN_LEN', 'ATTEND_FILLED',
@@ -319,12 +311,13 @@ def parse_setting(text):
   setting = {}
   for pair in text.split('+'):
     name, _, value = pair.partition('=')
-    if (name in _ALL and value == 'all') or (name == 'LATE' and value == 'none'):
+    if (name in _ALL and value == 'all') or (name in _NONE and value == 'none'):
       setting[name] = None
       continue
     if name not in SHARES or not value.isdigit():
       raise ValueError(f'--settings: {pair!r} must be NAME=integer with NAME one of '
-                       f'{list(SHARES)} (MODULES and MIXED_CHANNELS also =all, LATE =none)')
+                       f'{list(SHARES)} (MODULES and MIXED_CHANNELS also =all, LATE and '
+                       'FIELDS_MIN =none)')
     value = int(value)
     if (name in _SWITCHES and value not in (0, 1)) or (
         name in ('MAX_PARTS', 'CACHE') and value < 1) or (name == 'SHARED' and value > 2) or (

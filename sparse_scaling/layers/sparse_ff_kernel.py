@@ -66,20 +66,12 @@ MAX_PARTS_BYTES, COLUMNS, GATHER = 1 << 20, 32, 256
 # against 4.7 with the Triton kernels, and the 17B block the same (docs/decoding_gpu.md,
 # "Mosaic GPU").
 MOSAIC = False
-# What the next kernel reads, asked of the L2 cache a kernel ahead (`decode_kernels.prefetch`
-# in bulk; Hopper and later), where a kernel bound by its latency leaves the card's memory
-# idle. With CONTROLLER_AHEAD the `norm_controller` programs ask for C2 and c, which `units`
-# reads first (at 17B 8.4 MB of its 18: C2 [32, 65536] in float32); with ROWS_AHEAD, in the
-# `down` form, each units program asks for its chosen rows of W2 as soon as it has chosen
-# them, before it loads those of W1, so that `down` gathers them from the L2 cache (at 17B
-# 256 rows of 36 KB a token). Both off: on an H100 one 17B FF+QKV block looped took 0.0536 ms
-# with the first, 0.0538 with the second and 0.0551 with both, against 0.0527 and 0.0533
-# without. Traced with both (and PREFETCH), `down` took 4.9 µs against 6.6, but the units
-# kernel 11.6 against 10.2 and `norm_controller` 5.2 against 3.5: the requests compete with
-# the kernels' own reads for the card's memory (docs/decoding_gpu.md, "The FF block's next
-# reads asked for a kernel ahead"; `decode_shares` settings FF_C2_AHEAD, FF_W2_AHEAD).
-CONTROLLER_AHEAD = False
-ROWS_AHEAD = False
+# What the FF block reads next, asked of the L2 cache a kernel ahead (the forty-third
+# session's CONTROLLER_AHEAD, C2 and c by the `norm_controller` programs, and ROWS_AHEAD,
+# each units program's chosen rows of W2 for `down`), made those reads faster and the
+# kernels that asked slower: a 17B FF+QKV block looped 0.6-5% slower on an H100 in two
+# sessions (the forty-sixth: 0.0539-0.0540 ms against 0.0531-0.0536), so both were removed
+# (docs/decoding_gpu.md, "The FF block's next reads asked for a kernel ahead").
 
 
 def _writes_parts(n_tokens, programs, d_model):
@@ -120,17 +112,15 @@ def merge_partials(sums, m2s, products, d_model, epsilon):
   return mean, inv, inv * (centred + moved) + biased
 
 
-def _units_kernel(x_ref, *refs, group, n, chunk, n_chunks, parts, epsilon, ahead=0, grid=(),
-                  rows_ahead=False):
+def _units_kernel(x_ref, *refs, group, n, chunk, n_chunks, parts, epsilon, ahead=0, grid=()):
   """One (token, group of blocks) program. Shapes in `sparse_units`; refs: `ahead` arrays
   whose parts the programs ask the L2 cache for (`decode_kernels.PREFETCH`), z's partial sums
   [T, P, r], or with `epsilon` the attention programs' partial sums (Σx, Σ(x − x̄)²,
   products; `sparse_qkv_block_kernel._ff_partials`) and the LayerNorm's scale and bias, x
   then being the block's input; C2, c, W1, b1; with `parts`, W2, b2, the residual [T, d] if
   given and the parts [T, P, d]; else the outputs hidden [T, K] (float32) and rows [T, K]
-  (int32), after W2 [K·N, d] with `rows_ahead`, the L2 cache asked for its chosen rows. Loads
-  in the order of `decode_kernels`' note: all that wait on nothing first, then the chosen
-  rows of W1, b1 and W2 together."""
+  (int32). Loads in the order of `decode_kernels`' note: all that wait on nothing first, then
+  the chosen rows of W1, b1 and W2 together."""
   decode_kernels.launch_dependents()
   ahead_refs, refs = refs[:ahead], refs[ahead:]
   t, p = pl.program_id(0), pl.program_id(1)
@@ -173,10 +163,6 @@ def _units_kernel(x_ref, *refs, group, n, chunk, n_chunks, parts, epsilon, ahead
     logits = jnp.sum(z[:, None] * f32(c2), axis=0) + f32(cb)                        # [N]
     best = jnp.max(logits)
     rows.append(k * n + jnp.min(jnp.where(logits == best, jnp.arange(n, dtype=jnp.int32), n)))
-  if rows_ahead:   # W2, for `down`: its chosen rows asked for (ROWS_AHEAD)
-    w2_ref, *refs = refs
-    for row in rows:
-      decode_kernels.prefetch(w2_ref, row, w2_ref.shape[0], bulk=True)
   b1s = [b1_ref[row] for row in rows]
   w1s = [[w1_ref[row, cols] for cols in chunks] for row in rows]
   if parts:
@@ -255,12 +241,10 @@ def sparse_units(x, z, c2, cb, w1, b1, w2, b2, interpret=False, group=None, resi
   parts = _writes_parts(n_tokens, n_blocks // group, d_model)
   chunk = decode_kernels.row_chunk(d_model)
   ahead = tuple(ahead) if decode_kernels.PREFETCH else ()
-  # A row a request: whole multiples of 16 bytes (`decode_kernels.bulk_shares`).
-  rows_ahead = ROWS_AHEAD and not parts and d_model * w2.dtype.itemsize % 16 == 0
   grid = (n_tokens, n_blocks // group)
   kernel = functools.partial(_units_kernel, group=group, n=n, chunk=chunk,
                              n_chunks=d_model // chunk, parts=parts, epsilon=epsilon,
-                             ahead=len(ahead), grid=grid, rows_ahead=rows_ahead)
+                             ahead=len(ahead), grid=grid)
   params = decode_kernels.triton_params(WARPS)
   inputs = (x, *ahead, *z, c2.reshape(r, n_blocks * n), cb.reshape(-1),
             w1.reshape(n_blocks * n, d_model), b1.reshape(-1))
@@ -275,7 +259,7 @@ def sparse_units(x, z, c2, cb, w1, b1, w2, b2, interpret=False, group=None, resi
       kernel, grid=grid, interpret=interpret, compiler_params=params,
       out_shape=(jax.ShapeDtypeStruct((n_tokens, n_blocks), jnp.float32),
                  jax.ShapeDtypeStruct((n_tokens, n_blocks), jnp.int32)),
-  )(*inputs, *((w2,) if rows_ahead else ()))
+  )(*inputs)
   return _down(hidden, rows, w2, b2, residual, interpret, x.dtype)
 
 
@@ -302,18 +286,14 @@ def ff_block(x, scale, bias, controller, units, epsilon, interpret=False, partia
   if partials is not None:
     return sparse_units(x, partials, c2, cb, *units, interpret=interpret, residual=x,
                         norm=(scale, bias, epsilon), ahead=ahead)
-  normed, z = norm_controller(x, scale, bias, c1, epsilon, interpret,
-                              ahead=(c2, cb) if CONTROLLER_AHEAD else ())
+  normed, z = norm_controller(x, scale, bias, c1, epsilon, interpret)
   return sparse_units(normed, z, c2, cb, *units, interpret=interpret, residual=x, ahead=ahead)
 
 
-def _norm_kernel(x_ref, scale_ref, bias_ref, c1_ref, *refs, rows, sub, epsilon, grid):
-  """One (token, slice of rows of C1) program. Shapes in `norm_controller`; refs: the
-  arrays `ahead`, then the outputs. C1's rows and the slice are loaded before the row's
-  statistics (`decode_kernels`' note on load order)."""
+def _norm_kernel(x_ref, scale_ref, bias_ref, c1_ref, xn_ref, z_ref, *, rows, sub, epsilon):
+  """One (token, slice of rows of C1) program. Shapes in `norm_controller`. C1's rows and the
+  slice are loaded before the row's statistics (`decode_kernels`' note on load order)."""
   decode_kernels.launch_dependents()
-  *ahead_refs, xn_ref, z_ref = refs
-  decode_kernels.prefetch_all(ahead_refs, grid, bulk=True)
   t, p = pl.program_id(0), pl.program_id(1)
   slices = [pl.ds(p * rows + k * sub, sub) for k in range(rows // sub)]
   loaded = [decode_kernels.load_norm_slice(x_ref, scale_ref, bias_ref, t, cols)
@@ -329,7 +309,7 @@ def _norm_kernel(x_ref, scale_ref, bias_ref, c1_ref, *refs, rows, sub, epsilon, 
   z_ref[t, p, :] = z
 
 
-def norm_controller(x, scale, bias, c1, epsilon, interpret=False, rows=None, ahead=()):
+def norm_controller(x, scale, bias, c1, epsilon, interpret=False, rows=None):
   """The block's LayerNorm and the controller's first product, split over rows of C1.
 
   Args:
@@ -340,8 +320,6 @@ def norm_controller(x, scale, bias, c1, epsilon, interpret=False, rows=None, ahe
     interpret: Run in Pallas' interpreter (any backend).
     rows: Rows of C1 per program (a power of 2, capped at what divides d; None: NORM_ROWS,
       or with MOSAIC, where the shapes fit, `sparse_ff_mosaic.norm_controller`'s ROWS).
-    ahead: Arrays that the programs ask the L2 cache for, each its part of each, in bulk
-      (the `units` kernel's controller weights: CONTROLLER_AHEAD; Triton's kernel only).
 
   Returns:
     (LayerNorm(x) [T, d] in x's dtype, partial sums of LayerNorm(x)·C1 [T, d / rows, r]),
@@ -351,13 +329,11 @@ def norm_controller(x, scale, bias, c1, epsilon, interpret=False, rows=None, ahe
   if MOSAIC and rows is None and sparse_ff_mosaic.fits(d_model, c1.shape[1], c1.dtype):
     return sparse_ff_mosaic.norm_controller(x, scale, bias, c1, epsilon, interpret)
   rows = decode_kernels.largest_share(rows or NORM_ROWS, d_model)
-  grid = (n_tokens, d_model // rows)
-  kernel = functools.partial(_norm_kernel, rows=rows, sub=min(rows, 64), epsilon=epsilon,
-                             grid=grid)
+  kernel = functools.partial(_norm_kernel, rows=rows, sub=min(rows, 64), epsilon=epsilon)
   return pl.pallas_call(
-      kernel, grid=grid,
+      kernel, grid=(n_tokens, d_model // rows),
       out_shape=(jax.ShapeDtypeStruct(x.shape, x.dtype),
                  jax.ShapeDtypeStruct((n_tokens, d_model // rows, c1.shape[1]), jnp.float32)),
       interpret=interpret,
       compiler_params=decode_kernels.triton_params(4),
-  )(x, scale, bias, c1, *ahead)
+  )(x, scale, bias, c1)
