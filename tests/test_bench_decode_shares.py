@@ -37,7 +37,8 @@ def test_each_setting_is_in_force_while_it_is_measured_and_undone_after():
               'PERSIST=3+KEEP_BYTES=1000', 'CHUNK=0', 'FF_MOSAIC=1+CHAIN=0',
               'QKV_MOSAIC=1+FF_MOSAIC=1+MOSAIC_ATTEND=0', 'QKV_MOSAIC=1+MOSAIC_CHANNELS=64+MOSAIC_WIDTH=32',
               'DOT_MERGER=0+TILING_SEARCH=1+TRITON_GEMM=0', 'LATE=none', 'LATE=1024',
-              'FIELDS_MIN=0+RELU_MAX=0', 'FIELDS_MIN=none']
+              'FIELDS_MIN=0+RELU_MAX=0', 'FIELDS_MIN=none',
+              'FIELDS_PARTS=16+FIELDS_WARPS=8']
   results = decode_shares.sweep('800m', 'ffqkv', 1, settings, measure=measure)
   assert [text for text, _ in results] == settings
   assert seen == [before, dict(before, WIDTH=16, CONV_WARPS=8),
@@ -54,7 +55,8 @@ def test_each_setting_is_in_force_while_it_is_measured_and_undone_after():
                   dict(before, QKV_MOSAIC=True, MOSAIC_CHANNELS=64, MOSAIC_WIDTH=32),
                   dict(before, DOT_MERGER=False, TILING_SEARCH=True, TRITON_GEMM=False),
                   dict(before, LATE=None), dict(before, LATE=1024),
-                  dict(before, FIELDS_MIN=0, RELU_MAX=False), dict(before, FIELDS_MIN=None)]
+                  dict(before, FIELDS_MIN=0, RELU_MAX=False), dict(before, FIELDS_MIN=None),
+                  dict(before, FIELDS_PARTS=16, FIELDS_WARPS=8)]
   assert _constants() == before
 
 
@@ -106,7 +108,8 @@ def test_the_kernels_alone_are_timed_with_the_setting_in_force(monkeypatch):
                                   'PACK_ELEMENTS=0', 'FF_MOSAIC=2', 'QKV_MOSAIC=2',
                                   'MOSAIC_WIDTH=24', 'CACHE=0', 'ATTN_SKIP=2',
                                   'MULT_PRECISION=3', 'MULT_LOOP=2', 'FILLED_BLOCK=48',
-                                  'LATE=all', 'MODULES=none', 'LATE=-1'])
+                                  'LATE=all', 'MODULES=none', 'LATE=-1',
+                                  'FIELDS_PARTS=24', 'FIELDS_WARPS=none'])
 def test_a_bad_setting_is_refused_naming_the_rule(text):
   with pytest.raises(ValueError, match='--settings: '):
     decode_shares.parse_setting(text)

@@ -97,6 +97,8 @@ constant, set while the setting is measured and restored after it. The names, by
                                  kernel on a GPU (by default 8192: 17B's; 0: wherever the
                                  block declines and its convolutions are laid out as one
                                  product; none: never; token, block, call)
+    FIELDS_PARTS, FIELDS_WARPS   `PARTS`: the slices of d_in the multiplicative product is
+                                 split into (P), `WARPS`: warps per program
   layers/attention_kernel.py (attention over the KV cache, where the layer's own kernel runs)
     ATTN_ROWS                    `MIN_ROWS`: the fewest rows·heads a step attends from for
                                  'auto' to take the kernel on a GPU (100000: never)
@@ -255,6 +257,8 @@ SHARES = {**{name: (sparse_qkv_block_kernel, name)
                           'PRECISION')},
           'MULT_MIN': (multiplicative_kernel, 'MIN_D_IN'),
           'FIELDS_MIN': (sparse_qkv_fields_kernel, 'MIN_D_MODEL'),
+          'FIELDS_PARTS': (sparse_qkv_fields_kernel, 'PARTS'),
+          'FIELDS_WARPS': (sparse_qkv_fields_kernel, 'WARPS'),
           'FILLED_MIN': (causal_attention, 'FILLED_MIN_LEN'),
           'FILLED_BLOCK': (causal_attention, 'FILLED_BLOCK'),
           'FILLED_UNTIL': (causal_attention, 'FILLED_UNTIL'),
