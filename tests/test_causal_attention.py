@@ -17,6 +17,7 @@ from sparse_scaling.layers import causal_attention
 from sparse_scaling.layers import decode_kernels
 from tests.utils import assert_predict_equals_eval
 from tests.utils import initialized as _init
+from tests.utils import needs_gpu
 from tests.utils import random_inputs as _inputs
 
 D_MODEL, N_HEADS = 16, 4
@@ -146,7 +147,7 @@ def test_a_step_past_the_caches_end_writes_their_last_position_as_xla_does(split
     np.testing.assert_allclose(got, expected, atol=1e-6)
 
 
-@pytest.mark.skipif(jax.default_backend() != 'gpu', reason='compiles the kernel for a GPU')
+@needs_gpu('compiles the kernel for a GPU')
 @pytest.mark.parametrize('split', [False, True, 'skip'])
 @pytest.mark.parametrize('d_model, max_len, length', [(64, 16, 16), (384, 168, 24)])
 def test_the_kernel_compiled_for_a_gpu_decodes_as_eval(d_model, max_len, length, split,

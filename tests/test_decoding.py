@@ -32,6 +32,8 @@ from sparse_scaling.models import ScalingTransformer
 from sparse_scaling.models import ScalingTransformerLM
 from sparse_scaling.models import Terraformer
 
+from tests.utils import needs_gpu
+
 TINY = dict(vocab_size=32, d_model=16, d_ff=64, n_layers=2, n_heads=2, max_len=32, dropout=0.0,
             ff_sparsity=8)
 
@@ -724,7 +726,7 @@ print('__cublas' in decoding.jit(jnp.dot, w).lower(x, w).compile().as_text())
 """
 
 
-@pytest.mark.skipif(jax.default_backend() != 'gpu', reason="XLA's GPU compiler")
+@needs_gpu("XLA's GPU compiler")
 def test_a_bfloat16_decoding_product_runs_as_cublas_on_a_gpu():
   # In a process of its own: the tests' XLA_FLAGS (deterministic ops) make every product
   # cuBLAS's, and XLA reads them once. Without the option this product was XLA's Triton
@@ -736,7 +738,7 @@ def test_a_bfloat16_decoding_product_runs_as_cublas_on_a_gpu():
   assert out.split() == ['True']
 
 
-@pytest.mark.skipif(jax.default_backend() != 'gpu', reason="XLA's GPU compiler")
+@needs_gpu("XLA's GPU compiler")
 def test_a_decoding_matrix_vector_product_compiles_to_a_matrix_product_on_a_gpu():
   x, w = jnp.ones((1, 1024)), jnp.ones((1024, 4096))   # the 800M decoder's FF, one token
   xla = jax.jit(jnp.dot).lower(x, w).compile().as_text()

@@ -29,6 +29,7 @@ from sparse_scaling.layers import SparseFFResidual
 from sparse_scaling.layers import SparseQKVResidual
 from sparse_scaling.models import ScalingTransformerLM
 from tests.utils import lowered_for_an_h200
+from tests.utils import needs_gpu
 
 VOCAB = 40
 # Settings of sparse_ff_kernel's constants; the others are the QKV block's.
@@ -336,7 +337,7 @@ def test_the_fields_kernel_decodes_bfloat16_weights_at_least_as_well_as_xla(monk
   assert error(got) <= max(error(xla), 0.05), (error(got), error(xla))
 
 
-@pytest.mark.skipif(jax.default_backend() != 'gpu', reason='compiles the kernels for a GPU')
+@needs_gpu('compiles the kernels for a GPU')
 def test_the_fields_kernel_compiled_for_the_gpu_decodes_as_xla(monkeypatch):
   """A shape loaded in pieces as 17B's (modules of 144 channels, heads of 96, d_model 1152),
   its attention block declining (MAX_D_MODEL) and its receptive fields from the parts'
@@ -440,7 +441,7 @@ def test_the_layers_own_decoding_kernels_launch_the_next_early_and_training_s_do
           for text in (attention, conv, ff, controller)] == [1, 1, 2, 0]
 
 
-@pytest.mark.skipif(jax.default_backend() != 'gpu', reason='compiles the kernels for a GPU')
+@needs_gpu('compiles the kernels for a GPU')
 @pytest.mark.parametrize('settings', [{}, dict(MIXED_CHANNELS=None), dict(CHAIN=False),
                                       dict(STATS_IN_KERNEL=0), dict(PREFETCH=True),
                                       dict(L2_PERSIST=1), dict(L2_PERSIST=3),

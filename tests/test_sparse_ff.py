@@ -17,6 +17,7 @@ from sparse_scaling.layers import sparse_ff_kernel
 from tests.utils import assert_predict_equals_eval
 from tests.utils import initialized as _init
 from tests.utils import lowered_for_an_h200
+from tests.utils import needs_gpu
 from tests.utils import primitives_reading
 from tests.utils import random_inputs as _inputs
 
@@ -90,7 +91,7 @@ def test_decode_kernel_lowers_to_triton_for_a_gpu_at_table1_shapes(d_model, d_ff
   assert 'xla.gpu.triton' in lowered_for_an_h200(sparse_ff_kernel.sparse_units, *args)
 
 
-@pytest.mark.skipif(jax.default_backend() != 'gpu', reason='compiles the kernel for a GPU')
+@needs_gpu('compiles the kernel for a GPU')
 @pytest.mark.parametrize('d_model, d_ff, n, rank', [(1024, 6144, 64, 16), (9216, 65536, 256, 32)])
 def test_decode_kernel_compiled_for_the_gpu_equals_xla_at_table1_shapes(d_model, d_ff, n, rank):
   x = _inputs(1, 1, d_model, seed=1)
@@ -267,7 +268,7 @@ def test_auto_runs_sparse_ff_s_kernels_on_a_gpu_only(backend, monkeypatch):
     decode_kernels.active('sparse_loss')
 
 
-@pytest.mark.skipif(jax.default_backend() != 'gpu', reason='compiles the kernel for a GPU')
+@needs_gpu('compiles the kernel for a GPU')
 def test_training_controller_kernel_compiled_for_the_gpu_equals_xla():
   x = _inputs(4, 256, 512, seed=3)
   layer = _init(SparseFF(2048, 32, d_lowrank=16, temperature=0.1, quant_prob=0.0,

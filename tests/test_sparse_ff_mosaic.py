@@ -21,6 +21,7 @@ from tests.test_fused_residual import _two_800m_layers_lowered_for_an_h200
 from tests.test_sparse_ff import _reference
 from tests.utils import initialized
 from tests.utils import lowered_for_an_h200
+from tests.utils import needs_gpu
 from tests.utils import random_inputs
 
 try:
@@ -205,7 +206,7 @@ def test_two_800m_layers_decode_through_it_chained_when_lowered_for_an_h200(dtyp
   assert text.count('@mosaic_gpu') == 2
 
 
-@pytest.mark.skipif(jax.default_backend() != 'gpu', reason='compiles the kernels for a GPU')
+@needs_gpu('compiles the kernels for a GPU')
 @pytest.mark.parametrize('chain', [False, True])
 def test_compiled_for_the_gpu_a_scaling_transformer_decodes_through_them(chain, monkeypatch):
   """As the interpreted tests above, compiled: logits and state as XLA's path."""
@@ -261,7 +262,7 @@ def test_lowers_to_mosaic_gpu_for_an_h200_at_the_800m_shape(dtype, monkeypatch):
   assert '@mosaic_gpu' not in text and 'xla.gpu.triton' in text
 
 
-@pytest.mark.skipif(jax.default_backend() != 'gpu', reason='compiles the kernel for a GPU')
+@needs_gpu('compiles the kernel for a GPU')
 @pytest.mark.parametrize('parts_bytes', [None, 0])
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
 def test_compiled_for_the_gpu_it_equals_triton_at_the_800m_shape(dtype, parts_bytes,

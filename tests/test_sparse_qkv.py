@@ -25,8 +25,10 @@ from sparse_scaling.layers import SparseEncDecAttention
 from sparse_scaling.layers import SparseLoss
 from sparse_scaling.layers import SparseQKVAttention
 from tests.utils import assert_predict_equals_eval
+from tests.utils import gpu_marks
 from tests.utils import initialized as _init
 from tests.utils import lowered_for_an_h200
+from tests.utils import needs_gpu
 from tests.utils import random_inputs as _inputs
 
 D_MODEL, N_HEADS, S = 16, 2, 4
@@ -54,8 +56,8 @@ def test_multiplicative_dense_computes_one_function_for_few_and_many_tokens():
     assert all(np.abs(leaf).max() > 0 for leaf in jax.tree.leaves(g))
 
 
-@pytest.mark.parametrize('form', [0, 1, 2, 3, pytest.param(4, marks=pytest.mark.skipif(
-    jax.default_backend() != 'gpu', reason="three TF32 products: XLA's CPU has no TF32"))])
+@pytest.mark.parametrize('form', [0, 1, 2, 3, pytest.param(4, marks=gpu_marks(
+    "three TF32 products: XLA's CPU has no TF32"))])
 def test_every_decode_form_of_the_multiplicative_product_is_the_formula(form, monkeypatch):
   # 3 and 4 multiply on tensor cores as six bfloat16 or three TF32 products: about float32's
   # accuracy.
@@ -102,8 +104,8 @@ _MULT_CASES = [
 ]
 
 
-@pytest.mark.parametrize('interpret', [True, pytest.param(False, marks=pytest.mark.skipif(
-    jax.default_backend() != 'gpu', reason='compiles the kernel for a GPU'))])
+@pytest.mark.parametrize('interpret', [True, pytest.param(
+    False, marks=gpu_marks('compiles the kernel for a GPU'))])
 @pytest.mark.parametrize('shares, shape', _MULT_CASES)
 def test_the_multiplicative_kernel_is_the_layers_product(shares, shape, interpret,
                                                          monkeypatch):
@@ -264,7 +266,7 @@ def test_decode_kernels_lower_to_triton_for_a_gpu(d_model, sparsity, split, monk
   assert f'output_operand_alias<output_tuple_indices = [{first + 1}]' in text
 
 
-@pytest.mark.skipif(jax.default_backend() != 'gpu', reason='compiles the kernels for a GPU')
+@needs_gpu('compiles the kernels for a GPU')
 def test_decode_kernels_compiled_for_the_gpu_equal_xla_at_the_800m_shape():
   x = _inputs(1, 6, 1024, seed=1)
   runs = {}
@@ -429,8 +431,8 @@ def _fields_case(batch, n_parts, n_modules, channels, lks, dtype):
           jnp.asarray(_inputs(batch, lks - 1, n_modules, channels, seed=2), dtype))
 
 
-@pytest.mark.parametrize('interpret', [True, pytest.param(False, marks=pytest.mark.skipif(
-    jax.default_backend() != 'gpu', reason='compiles the kernel for a GPU'))])
+@pytest.mark.parametrize('interpret', [True, pytest.param(
+    False, marks=gpu_marks('compiles the kernel for a GPU'))])
 @pytest.mark.parametrize('batch, n_parts, n_modules, channels, lks, size, pad, dtype', [
     (1, 4, 6, 24, 3, 3, 8, jnp.float32),      # channels in pieces (16 + 8), rows padded
     (2, 1, 4, 8, 2, 3, 0, jnp.float32),       # a batch, one part, no padding

@@ -22,6 +22,7 @@ from tests.test_sparse_ff_mosaic import N
 from tests.test_sparse_ff_mosaic import RANK
 from tests.test_sparse_ff_mosaic import _mosaic_kernels
 from tests.utils import lowered_for_an_h200
+from tests.utils import needs_gpu
 from tests.utils import random_inputs
 
 # The tiny LM of test_fused_residual at shapes the multiplicative and FF kernels take:
@@ -288,7 +289,7 @@ def test_without_the_backend_the_mosaic_kernels_decline(monkeypatch):
   assert not sparse_ff_mosaic.fits(1024, 16, jnp.float32, 64)
 
 
-@pytest.mark.skipif(jax.default_backend() != 'gpu', reason='compiles the kernels for a GPU')
+@needs_gpu('compiles the kernels for a GPU')
 @pytest.mark.parametrize('ff_mosaic, n_heads, max_len, length', [
     (False, 4, 8, 11), (True, 4, 8, 11), (True, 2, 64, 70)])
 def test_compiled_for_the_gpu_a_scaling_transformer_decodes_through_them(
@@ -305,7 +306,7 @@ def test_compiled_for_the_gpu_a_scaling_transformer_decodes_through_them(
   _decodes_as_xla('pallas', lm, tokens, tolerance=1e-4)
 
 
-@pytest.mark.skipif(jax.default_backend() != 'gpu', reason='compiles the kernel for a GPU')
+@needs_gpu('compiles the kernel for a GPU')
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
 def test_compiled_for_the_gpu_the_800m_block_through_them_equals_the_triton_kernels(
     dtype, monkeypatch):

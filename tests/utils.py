@@ -11,6 +11,7 @@ from absl import flags
 import gin
 import jax
 import numpy as np
+import pytest
 from trax import shapes
 
 from sparse_scaling import configs
@@ -21,6 +22,18 @@ def initialized(layer, x, seed=0):
   """`layer`, initialized for input `x` with weights of `seed`."""
   layer.init(shapes.signature(x), rng=jax.random.PRNGKey(seed))
   return layer
+
+
+def gpu_marks(reason):
+  """The marks of a check that needs a GPU (`pytest.param(..., marks=gpu_marks(...))`): skipped
+  elsewhere for `reason`, and marked `gpu`, so that on a GPU machine `pytest -o addopts=""
+  -m gpu` runs every check that a CPU skips."""
+  return [pytest.mark.gpu, pytest.mark.skipif(jax.default_backend() != 'gpu', reason=reason)]
+
+
+def needs_gpu(reason):
+  """`gpu_marks(reason)` as a test's decorator."""
+  return lambda test: functools.reduce(lambda marked, mark: mark(marked), gpu_marks(reason), test)
 
 
 def lowered_for_an_h200(fn, *args):
