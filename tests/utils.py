@@ -36,6 +36,17 @@ def needs_gpu(reason):
   return lambda test: functools.reduce(lambda marked, mark: mark(marked), gpu_marks(reason), test)
 
 
+def compiled_or_lowered(fn, *args):
+  """A kernel's compiled case (marked `gpu`): on a GPU, jit(fn)(*args); elsewhere None, once
+  jit(fn) lowered for an H200 (`lowered_for_an_h200`) holds a Triton kernel: Pallas' Triton
+  lowering runs there, so its rules (such as arrays of power-of-2 sizes) are checked on any
+  machine, for each case a GPU would compile."""
+  if jax.default_backend() == 'gpu':
+    return jax.jit(fn)(*args)
+  assert 'xla.gpu.triton' in lowered_for_an_h200(fn, *args)
+  return None
+
+
 def lowered_for_an_h200(fn, *args):
   """The text of jit(fn)(*args) lowered for CUDA on any machine. The Triton lowering of jax
   >= 0.11 asks the default device which GPU it is; without one an abstract H200 answers (jax
