@@ -17,6 +17,7 @@ from sparse_scaling.layers import causal_attention
 from sparse_scaling.layers import decode_kernels
 from tests.utils import assert_predict_equals_eval
 from tests.utils import initialized as _init
+from tests.utils import lowered_for_an_h200
 from tests.utils import needs_gpu
 from tests.utils import random_inputs as _inputs
 
@@ -45,7 +46,9 @@ def test_predict_equals_eval(kernel, reductions, max_len, length, d_model, split
   # 40 in blocks of 32, the second overlapping the first; decoding fills it up to its last
   # position. d_model 48: heads of 12, loaded in pieces of 8 and 4, each head's values in
   # three programs of 4 columns (as 17B's heads of 96: 64 and 32, three of 32). 'skip': split,
-  # the second block of 32 skipped (SKIP) until a token's position passes 32.
+  # the second block of 32 skipped (SKIP) until a token's position passes 32. The kernel's
+  # cases also lower for a GPU (an abstract H200 off one): Triton's rules hold for their
+  # shapes, which Pallas' interpreter does not check.
   monkeypatch.setattr(causal_attention, 'one_query_as_reductions', lambda: reductions)
   if split is not None:
     monkeypatch.setattr(attention_kernel, 'SPLIT', bool(split))
@@ -53,6 +56,12 @@ def test_predict_equals_eval(kernel, reductions, max_len, length, d_model, split
   model_fn = functools.partial(CausalAttention, d_model, N_HEADS, max_inference_length=max_len)
   with decode_kernels.use(kernel):
     assert_predict_equals_eval(model_fn, _inputs(2, length, d_model))
+  if kernel == 'interpret':
+    token = jax.ShapeDtypeStruct((2, N_HEADS, d_model // N_HEADS), jnp.float32)
+    cache = jax.ShapeDtypeStruct((2 * N_HEADS, max_len, d_model // N_HEADS), jnp.float32)
+    text = lowered_for_an_h200(attention_kernel.attention_step, token, token, token, cache,
+                               cache, jax.ShapeDtypeStruct((), jnp.int32))
+    assert text.count('xla.gpu.triton') == 1
 
 
 @pytest.mark.skipif(jax.default_backend() != 'cpu', reason='a CPU path (`reads_filled`)')

@@ -115,7 +115,9 @@ def test_fused_blocks_equal_xla_step_by_step(d_model, n_heads, attention_sparsit
   modules of 32 channels) the kernels also take the next kernels' weights, to ask the L2
   cache for them (nothing in the interpreter), and still compute the same, as they do asking
   the L2 cache to keep their fixed weights (L2_PERSIST) and the multiplicative programs
-  asking for the KV caches and the convolution's state (PREFETCH_CACHES, PREFETCH_STATE)."""
+  asking for the KV caches and the convolution's state (PREFETCH_CACHES, PREFETCH_STATE).
+  Each case also lowers for a GPU (an abstract H200 off one) to as many Triton kernels:
+  Triton's rules hold for its shapes, which Pallas' interpreter does not check."""
   for name, value in settings.items():
     module = (sparse_ff_kernel if name in FF_SHARES else
               decode_kernels if name in ('PREFETCH', 'L2_PERSIST') else sparse_qkv_block_kernel)
@@ -132,6 +134,12 @@ def test_fused_blocks_equal_xla_step_by_step(d_model, n_heads, attention_sparsit
   np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
   for g, e in zip(jax.tree.leaves(state), jax.tree.leaves(expected_state)):
     np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)
+  model = _lm('predict', **kwargs)
+  weights, state = model.weights_and_state_signature(jax.ShapeDtypeStruct((2, 1), jnp.int32))
+  with decode_kernels.use('pallas'):
+    text = lowered_for_an_h200(lambda w, s, t: model.pure_fn(t, w, s, None), weights, state,
+                               jax.ShapeDtypeStruct((2, 1), jnp.int32))
+  assert text.count('xla.gpu.triton') == n_kernels
 
 
 @pytest.mark.parametrize('d_model, n_heads, attention_sparsity', [(64, 4, 8), (48, 4, 4)])

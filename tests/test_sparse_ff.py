@@ -63,7 +63,9 @@ def test_decode_kernel_equals_the_gathered_rows(d_model, d_ff, n, group, parts_b
   """The Pallas kernels (interpreted) on fresh random weights, W2's rows multiplied in the
   units programs (parts, the default at these sizes) and by a kernel of their own (0 bytes of
   parts: gathered 32 rows a load, so that 96 blocks take 32 + 32 + 32): groups of blocks, rows
-  longer than one slice, ties broken toward the lowest unit as argmax does."""
+  longer than one slice, ties broken toward the lowest unit as argmax does. Each case also
+  lowers for a GPU (an abstract H200 off one) to as many Triton kernels: Triton's rules hold
+  for its shapes, which Pallas' interpreter does not check."""
   if parts_bytes is not None:
     monkeypatch.setattr(sparse_ff_kernel, 'MAX_PARTS_BYTES', parts_bytes)
     monkeypatch.setattr(sparse_ff_kernel, 'GATHER', 32)
@@ -78,6 +80,11 @@ def test_decode_kernel_equals_the_gathered_rows(d_model, d_ff, n, group, parts_b
   expected, chosen = _reference(layer, x)
   assert (chosen[:, 0] == 0).all()
   np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-4)
+  units = functools.partial(sparse_ff_kernel.sparse_units, group=group)
+  text = lowered_for_an_h200(units, x, x @ c1, c2, cb, w1, b1, w2, b2)
+  parts = sparse_ff_kernel._writes_parts(  # pylint: disable=protected-access
+      3, d_ff // n // group, d_model)
+  assert text.count('xla.gpu.triton') == 1 + (not parts)   # units (and down, W2's rows)
 
 
 @pytest.mark.parametrize('d_model, d_ff, n, rank', [(1024, 6144, 64, 16), (9216, 65536, 256, 32)])
