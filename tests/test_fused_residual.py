@@ -134,11 +134,11 @@ def test_fused_blocks_equal_xla_step_by_step(d_model, n_heads, attention_sparsit
   np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
   for g, e in zip(jax.tree.leaves(state), jax.tree.leaves(expected_state)):
     np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)
-  model = _lm('predict', **kwargs)
-  weights, state = model.weights_and_state_signature(jax.ShapeDtypeStruct((2, 1), jnp.int32))
+  model, token = _lm('predict', **kwargs), jax.ShapeDtypeStruct((2, 1), jnp.int32)
+  weights, state = model.weights_and_state_signature(token)
   with decode_kernels.use('pallas'):
     text = lowered_for_an_h200(lambda w, s, t: model.pure_fn(t, w, s, None), weights, state,
-                               jax.ShapeDtypeStruct((2, 1), jnp.int32))
+                               token)
   assert text.count('xla.gpu.triton') == n_kernels
 
 

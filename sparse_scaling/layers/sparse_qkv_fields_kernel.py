@@ -112,9 +112,8 @@ def fields(parts, bias, state, size, rows, interpret=False):
     window[1:]).
   """
   batch, n, n_modules, channels = state.shape
-  n_parts = parts.shape[0]
-  if n_parts & (n_parts - 1):
-    raise ValueError(f'parts: P = {n_parts} must be a power of two (the kernel loads a '
+  if not decode_kernels.is_power_of_2(parts.shape[0]):
+    raise ValueError(f'parts: P = {parts.shape[0]} must be a power of two (the kernel loads a '
                      "module's parts as one array)")
   if rows < (n + 1) * size * channels:
     raise ValueError(f'rows must be at least lks·k·M = {(n + 1) * size * channels}, '
