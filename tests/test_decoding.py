@@ -731,11 +731,8 @@ def test_a_bfloat16_decoding_product_runs_as_cublas_on_a_gpu():
   # In a process of its own: the tests' XLA_FLAGS (deterministic ops) make every product
   # cuBLAS's, and XLA reads them once. Without the option this product was XLA's Triton
   # kernel on the H200 (`gemm_fusion_dot`: docs/decoding_gpu.md, "bfloat16: cuBLAS's
-  # products up to 256 MiB"). The child takes the card's memory as it needs it: after the
-  # suite's other GPU tests this process holds most of it, and a child that takes 75% up
-  # front stopped with CUDA_ERROR_OUT_OF_MEMORY (docs/testing.md).
+  # products up to 256 MiB"). The child takes GPU memory as it needs it (tests/conftest.py).
   env = {name: value for name, value in os.environ.items() if name != 'XLA_FLAGS'}
-  env['XLA_PYTHON_CLIENT_PREALLOCATE'] = 'false'
   child = subprocess.run([sys.executable, '-c', _PRODUCT_KERNELS], env=env,
                          capture_output=True, text=True)
   assert child.returncode == 0, child.stderr[-2000:]
