@@ -419,7 +419,6 @@ def measure(shape, variants, impls, prompt, n_tokens, bandwidth, program=False, 
             row.setdefault('errors', {})[name] = f'{type(e).__name__}: {str(e)[:300]}'
             result = None
           _progress(row, name, result, time.perf_counter() - start)
-          measured = result is not None or name in row.get('errors', {})
           if name == 'block':
             row['s_per_block'], row['p90_s_per_block'] = result or (None, None)
             if alternate:
@@ -436,8 +435,8 @@ def measure(shape, variants, impls, prompt, n_tokens, bandwidth, program=False, 
             row['s_per_block_program'] = float(np.median(result)) if result else None
             if result and copies > 1:
               row['s_per_block_program_copies'] = result
-          if measured:   # frees the part's model and buffers (a full pass: ~0.3 s in a test)
-            gc.collect()
+          if result is not None or name in row.get('errors', {}):   # the part ran: frees its
+            gc.collect()   # model and buffers (a full pass, ~0.3 s in a test process)
       rows.append(row)
       print(json.dumps(row), flush=True)
       if on_row:
