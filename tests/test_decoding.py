@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from unittest import mock
 
 import jax
@@ -639,6 +640,39 @@ def test_bfloat16_decoding_equals_float32_on_a_trained_model(kernel, trained_on_
           w, s, t, None), decoder.model.weights)
       out, _ = step(decoder.model.weights, state, jnp.concatenate([start, prompt], axis=1))
       logits.append(np.asarray(out, np.float32))
+  assert np.abs(logits[1] - logits[0]).max() < 0.5 * logits[0].std()
+
+
+@pytest.mark.parametrize('name', sorted(ENCODER_DECODERS))
+def test_an_encoder_decoder_decodes_in_bfloat16_its_state_kept_in_bfloat16(name):
+  """bfloat16 decoding of an encoder-decoder: the prompt pass (in a Terraformer, the
+  encoder's output packed with the decoder's inputs) leaves every bfloat16 piece of the state
+  bfloat16 (a Terraformer's mask cache refused the packed mask, and its SRU state came out
+  float32, as did the whole packed pass, its encoder handing on float32), the generation
+  warns of no mixed-dtype update, and the logits are float32's within half their spread (the
+  bound of the LM's test above; random weights here)."""
+  model_fn = ENCODER_DECODERS[name]
+  inputs = np.array([[4, 5, 6, 7, 0], [8, 9, 3, 0, 0]], np.int32)
+  model = model_fn(mode='eval')
+  model.init(shapes.signature((inputs, inputs)), rng=jax.random.PRNGKey(0))
+  tokens = jnp.array([[0, 1, 2, 3], [0, 5, 6, 7]], jnp.int32)   # the start token, a prompt
+  logits = []
+  for dtype in (None, 'bfloat16'):
+    decoder = Decoder(model_fn, model.weights, dtype=dtype)
+    state = decoder._initial_state(2, inputs)  # pylint: disable=protected-access
+    step = decoding.jit(lambda w, s, t, d=decoder: d._step(  # pylint: disable=protected-access
+        w, s, t, jnp.asarray(inputs)), decoder.model.weights)
+    out, after = step(decoder.model.weights, state, tokens)
+    logits.append(np.asarray(out, np.float32))
+    if dtype:
+      before = dict(jax.tree_util.tree_leaves_with_path(state))
+      changed = [jax.tree_util.keystr(path) for path, a in
+                 jax.tree_util.tree_leaves_with_path(after)
+                 if path in before and before[path].dtype == jnp.bfloat16 != a.dtype]
+      assert not changed
+      with warnings.catch_warnings():
+        warnings.simplefilter('error', FutureWarning)
+        assert decoder.generate(tokens[:, 1:], 4, inputs=inputs).shape == (2, 4)
   assert np.abs(logits[1] - logits[0]).max() < 0.5 * logits[0].std()
 
 

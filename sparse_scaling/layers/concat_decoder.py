@@ -64,8 +64,9 @@ class _PacksOnce(base.Layer):
 class ConcatEncoderDecoder(_PacksOnce):
   """Packs (vec_e [b, le, d], mask_e [b, le], vec_d [b, ld, d]) into (vec_ed, mask_ed).
 
-  Outputs: vec_ed [b, le + ld, d] (the layout in the module docstring) and mask_ed
-  [b, le + ld] float32. In predict mode, calls after the first return vec_d and ones [b, ld].
+  Outputs: vec_ed [b, le + ld, d] in vec_d's dtype (the layout in the module docstring) and
+  mask_ed [b, le + ld] float32. In predict mode, calls after the first return vec_d and ones
+  [b, ld].
   """
 
   def __init__(self, mode='train'):
@@ -84,7 +85,10 @@ class ConcatEncoderDecoder(_PacksOnce):
     is_enc = positions < lengths
     is_dec = (positions >= lengths) & (positions < lengths + len_d)
     vec_ed = jnp.where(is_enc[..., None], enc, jnp.where(is_dec[..., None], dec, 0.0))
-    return vec_ed.astype(vec_e.dtype), (is_enc | is_dec).astype(jnp.float32)
+    # In the decoder's dtype: a bfloat16 decoder's encoder hands on float32 (trax's attention
+    # returns float32), which would make the packed pass, and the SRU state it leaves,
+    # float32.
+    return vec_ed.astype(vec_d.dtype), (is_enc | is_dec).astype(jnp.float32)
 
 
 class StripEncoder(_PacksOnce):
@@ -130,8 +134,8 @@ class PackedCausalAttention(base.Layer):
       k_cache, v_cache, mask_cache, start = self.state
       k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), start, 1)
       v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), start, 1)
-      mask = jax.lax.dynamic_update_slice_in_dim(mask_cache, mask.astype(jnp.float32), start,
-                                                 1)
+      mask = jax.lax.dynamic_update_slice_in_dim(mask_cache, mask.astype(mask_cache.dtype),
+                                                 start, 1)
       self.state = (k, v, mask, start + length)
     query_pos = start + jnp.arange(length)[:, None]                      # [lq, 1]
     key_pos = jnp.arange(k.shape[1])[None, :]                            # [1, lk]
