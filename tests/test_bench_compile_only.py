@@ -1,4 +1,5 @@
-"""The fused blocks compiled for a Hopper GPU without one (`bench/compile_only.py`)."""
+"""The fused blocks compiled for a Hopper GPU without one, and the blocks for a TPU without one
+(`bench/compile_only.py`)."""
 
 import importlib.util
 import os
@@ -21,6 +22,7 @@ def _has_plugin():
 
 
 PLUGIN = _has_plugin()
+LIBTPU = importlib.util.find_spec('libtpu') is not None
 REPORT = """ptxas info    : 0 bytes gmem
 ptxas info    : Compiling entry function '_attend_kernel' for 'sm_90a'
 ptxas info    : Function properties for _attend_kernel
@@ -54,7 +56,7 @@ def test_a_variant_without_sparse_qkv_is_refused():
 def test_as_on_a_gpu_answers_gpu_within_and_restores_the_backend():
   real = jax.default_backend()
   with pytest.raises(ValueError):
-    with compile_only.as_on_a_gpu():
+    with compile_only.as_on():
       assert jax.default_backend() == 'gpu'
       assert decode_kernels.active('attention', True) == 'pallas'   # 'auto', as on a GPU
       raise ValueError
@@ -141,3 +143,37 @@ def test_the_17b_block_in_a_loop_copies_nothing_that_its_one_step_program_copies
   assert len(listed['loop']) == len(listed['model'])   # the loop's counter for the copy
   kernels = lambda rows: sorted(row[3] for row in rows if row[3])
   assert kernels(listed['loop']) == kernels(listed['model'])
+
+
+def test_a_tpu_compiles_no_fused_blocks():
+  out = _program('--tpu', 'v5e')
+  assert out.returncode != 0 and not out.stdout
+  assert out.stderr.splitlines()[-1] == (
+      'error: --tpu: compiles --blocks model or loop (the fused blocks are GPU kernels)')
+
+
+@pytest.mark.skipif(LIBTPU, reason='this machine has libtpu')
+def test_without_libtpu_no_tpu_chip_is_made():
+  with pytest.raises(RuntimeError, match='--tpu v5e: no TPU compiler'):
+    compile_only.compile_only_tpu('v5e')
+
+
+@pytest.mark.skipif(not LIBTPU, reason='needs libtpu')
+def test_the_800m_blocks_compile_for_a_tpu_through_xlas_ops_with_the_compilers_estimates():
+  """Where libtpu is (not in CI): Table 1's 800M block in its loop, compiled for a v5e chip,
+  runs XLA's instructions only (no kernel of ours), most with the compiler's estimated
+  cycles, and FF+QKV's add up to fewer than dense's."""
+  summaries = {}
+  for variant in ('dense', 'ffqkv'):
+    out = _program('--tpu', 'v5e', '--blocks', 'loop', '--variant', variant)
+    assert out.returncode == 0, out.stderr
+    rows = [[cell.strip() for cell in line.strip('|').split('|')]
+            for line in out.stdout.splitlines() if line.startswith('| default')]
+    listed = [row for row in rows if row[2].startswith('`')]
+    assert not [row for row in listed if 'tpu_custom_call' in row[3]]   # Pallas' kernels
+    assert sum(bool(row[4]) for row in listed) > len(listed) / 2
+    instructions, cycles = rows[-1][2:]
+    assert int(instructions) == len(listed)
+    assert int(cycles) == sum(int(row[4] or 0) for row in listed)
+    summaries[variant] = int(cycles)
+  assert summaries['ffqkv'] < summaries['dense']

@@ -29,6 +29,13 @@ Needs, beside this package: this jaxlib's CUDA plugin without the CUDA libraries
 load on a GPU (`pip install --no-deps jax-cuda12-plugin==V jax-cuda12-pjrt==V`, V the
 jaxlib version) and ptxas for sm_90a on the PATH (CUDA 12.8 or newer). Without them it stops
 with a one-line error.
+
+`--tpu v5e` (or v6e, v4) compiles `--blocks model` or `loop` for one chip of that TPU instead,
+with the TPU's own compiler (libtpu, jax[tpu]'s: `pip install --no-deps libtpu==V`, V the
+version jax[tpu] pins), on a machine without a TPU: the paths a TPU takes (XLA's ops; the
+fused blocks are GPU kernels). Per instruction it prints the cycles the compiler estimates
+for it, and per block the instructions and their estimated cycles, a step. These are the
+compiler's figures, not timings.
 """
 
 import contextlib
@@ -56,6 +63,9 @@ from sparse_scaling.bench import table1
 # differ between the two cards: name, memory bytes, memory bytes a second.
 GPUS = {'h100': ('NVIDIA H100 80GB HBM3', 84942979072, 3352320000000),
         'h200': ('NVIDIA H200 141GB HBM3e', 151397597184, 4800000000000)}
+# TPU chips by a topology of one host that holds them (`--tpu`); a program compiles for its
+# first chip. v5e and v6e are the chips of Colab's TPU runtimes.
+TPUS = {'v5e': 'v5e:2x2', 'v6e': 'v6e:2x2', 'v4': 'v4:2x2x1'}
 # Steps of `--blocks loop`'s loop: any above 1 (XLA inlines a loop of one step).
 LOOP_STEPS = 4
 TARGET = """gpu_device_info {{
@@ -88,6 +98,18 @@ def compile_only_device(gpu):
   return topology.devices[0]
 
 
+def compile_only_tpu(chip):
+  """A chip of the TPU `chip` (a key of TPUS) that programs compile for but never run on.
+  One-line RuntimeError where no TPU compiler (libtpu) is installed."""
+  try:
+    topology = topologies.get_topology_desc(topology_name=TPUS[chip], platform='tpu')
+  except Exception as e:   # pylint: disable=broad-except   # no libtpu: the error varies
+    raise RuntimeError(f'--tpu {chip}: no TPU compiler (libtpu) to compile with (pip install '
+                       f'--no-deps libtpu, the version jax[tpu]=={jax.__version__} pins): '
+                       f'{str(e).splitlines()[0]}') from e
+  return topology.devices[0]
+
+
 def ptxas_usage(ptx_path, ptxas='ptxas'):
   """{kernel: (registers a thread, spill bytes stored + loaded)} of the kernels in a PTX
   file, as `ptxas -v` reports them for sm_90a ({} for a file of no kernel: XLA writes some
@@ -117,13 +139,15 @@ def parse_ptxas(text):
 
 def _compiled(fn, args, donate, device, loops=True):
   """(the HLO text, {kernel: (registers, spill bytes)}) of `decoding.jit(fn, loops=loops)` on
-  args (arrays or shapes) with `donate` donated, compiled for `device`."""
+  args (arrays or shapes) with `donate` donated, compiled for `device` (a GPU's, or a TPU's:
+  no registers there)."""
   sharding = jax.sharding.SingleDeviceSharding(device)
   spec = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding)
+  platform = 'tpu' if device.platform == 'tpu' else 'cuda'
   with tempfile.TemporaryDirectory() as dump:
     program = decoding.jit(fn, loops=loops, donate_argnums=donate).trace(
         *jax.tree.map(spec, args))
-    compiled = program.lower(lowering_platforms=('cuda',)).compile(
+    compiled = program.lower(lowering_platforms=(platform,)).compile(
         compiler_options={'xla_dump_to': dump})
     usage = {}
     for path in sorted(glob.glob(os.path.join(dump, '*.ptx'))):
@@ -139,12 +163,13 @@ def compiled_blocks(dims, device, dtype='float32'):
 
 
 @contextlib.contextmanager
-def as_on_a_gpu():
+def as_on(backend='gpu'):
   """Within: code that asks `jax.default_backend()` which path to take (`decode_kernels`'
-  'auto', the convolutions' decoding layout, ...) is answered 'gpu', so that a block is built
-  and traced as a generation on a GPU builds and traces it, on a machine without one."""
+  'auto', the convolutions' decoding layout, ...) is answered `backend` ('gpu' or 'tpu'), so
+  that a block is built and traced as a generation there builds and traces it, on a machine
+  without one."""
   real = jax.default_backend
-  jax.default_backend = lambda: 'gpu'
+  jax.default_backend = lambda: backend
   try:
     yield
   finally:
@@ -154,12 +179,12 @@ def as_on_a_gpu():
 def compiled_model_block(dims, device, dtype='float32', loop=False):
   """{'block': (the compiled program's HLO text, {kernel: (registers, spill bytes)})}: one
   decoding step of Table 1's first block of `dims` (attention and FF, `table1._first_block`)
-  as a generation on a GPU runs it at cache position 0 (`as_on_a_gpu`: 17B's attention block
-  through XLA's ops and attention's own kernel, 800M's through the fused kernels), its state
-  donated, compiled for `device`; with `loop`, {'loop': ...}: the block in Table 1's loop of
-  LOOP_STEPS steps (`table1.block_loop`, XLA's loops as that column compiles them). The weights
-  are shapes only: nothing is drawn."""
-  with as_on_a_gpu():
+  as a generation on the `device`'s backend runs it at cache position 0 (`as_on`: on a GPU
+  17B's attention block through XLA's ops and attention's own kernel, 800M's through the
+  fused kernels; on a TPU XLA's ops), its state donated, compiled for `device`; with `loop`,
+  {'loop': ...}: the block in Table 1's loop of LOOP_STEPS steps (`table1.block_loop`, XLA's
+  loops as that column compiles them). The weights are shapes only: nothing is drawn."""
+  with as_on('tpu' if device.platform == 'tpu' else 'gpu'):
     model = decoders.build('ours', dims, 1, decoders.MAX_LEN)
     weights, state = jax.eval_shape(lambda: decoders.random_weights_and_state(model, dtype))
     built = {}
@@ -191,9 +216,27 @@ def rows(setting, blocks):
   return out
 
 
+def tpu_rows(setting, blocks):
+  """(rows, summaries) of `compiled_model_block`'s result compiled for a TPU: rows (setting,
+  block, instruction, what, estimated cycles) of every instruction that runs (of a 'loop',
+  its body's); a summary (setting, block, instructions, estimated cycles) of each block."""
+  rows, summaries = [], []
+  for block, (hlo, _) in blocks.items():
+    computation = decode_profile.loop_body(hlo) if block == 'loop' else None
+    listed = decode_profile.kernels(hlo, computation=computation)
+    for name, meta in listed.items():
+      rows.append([setting, block, f'`{name}`', meta['category'],
+                   '' if meta['cycles'] is None else meta['cycles']])
+    summaries.append([setting, block, len(listed),
+                      sum(m['cycles'] or 0 for m in listed.values())])
+  return rows, summaries
+
+
 def define_flags():
   """Defines the command line's flags; only when run as a program."""
   flags.DEFINE_enum('gpu', 'h100', list(GPUS), 'The GPU to compile for.')
+  flags.DEFINE_enum('tpu', None, list(TPUS), 'Compile for one chip of this TPU instead '
+                    '(--blocks model or loop).')
   flags.DEFINE_enum('shape', '800m', list(decoders.SHAPES), 'Table 1 shape.')
   flags.DEFINE_enum('variant', 'ffqkv', list(decoders.VARIANTS),
                     'Table 1 variant (with --blocks fused, one with Sparse QKV).')
@@ -215,6 +258,8 @@ def main(argv):
     settings = [(text, decode_shares.parse_setting(text)) for text in args.settings]
   except ValueError as e:
     raise app.UsageError(str(e)) from e
+  if args.tpu:
+    return main_tpu(args, settings)
   if not shutil.which('ptxas'):
     raise app.UsageError('ptxas: not on the PATH (CUDA 12.8 or newer, for sm_90a)')
   # Compiles only: the CUDA plugin loads without the CUDA libraries a GPU would need.
@@ -239,6 +284,42 @@ def main(argv):
                 compiled_model_block(dims, device, args.dtype, loop=args.blocks == 'loop'))
     for row in rows(text, blocks):
       print(common.table_row(row), flush=True)
+
+
+
+def main_tpu(args, settings):
+  """`--tpu`: the model's first block compiled for a TPU chip, instruction by instruction,
+  then each block's sums."""
+  if args.blocks == 'fused':
+    raise app.UsageError('--tpu: compiles --blocks model or loop (the fused blocks are GPU '
+                         'kernels)')
+  # The program runs nothing: no TPU is sought, and libtpu's lock on the chips (held by any
+  # other process that loaded it) is not taken.
+  jax.config.update('jax_platforms', 'cpu')
+  os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
+  try:
+    device = compile_only_tpu(args.tpu)
+  except RuntimeError as e:
+    raise app.UsageError(str(e)) from e
+  what = ('one step, as a generation runs it' if args.blocks == 'model' else
+          "in Table 1's loop of one block (the instructions of its body)")
+  print(f'TPU {device.device_kind}, compiled only (jax {jax.__version__}). {args.variant} at '
+        f'{args.shape}, {args.dtype}: the first block {what}. Cycles: the compiler\'s '
+        'estimates, not timings.')
+  print(common.table_header(['setting', 'block', 'instruction', 'what', 'estimated cycles']))
+  dims = decoders.dimensions(args.shape, args.variant)
+  summaries = []
+  for text, setting in settings:
+    with decode_shares.shares(setting):
+      blocks = compiled_model_block(dims, device, args.dtype, loop=args.blocks == 'loop')
+    rows, sums = tpu_rows(text, blocks)
+    for row in rows:
+      print(common.table_row(row), flush=True)
+    summaries += sums
+  print()
+  print(common.table_header(['setting', 'block', 'instructions', 'estimated cycles']))
+  for row in summaries:
+    print(common.table_row(row), flush=True)
 
 
 if __name__ == '__main__':

@@ -159,6 +159,7 @@ def parse_hlo(text):
     kind = re.search(r'kind=(\w+)', attrs)
     grid = [int(n) for n in re.findall(r'grid_[xyz] = (\d+)', attrs)]
     names = re.findall(r'\bname = "(\w+)"', attrs)   # a Triton kernel's function (last)
+    cycles = re.search(r'"estimated_cycles":"(\d+)"', attrs)   # a TPU compiler's estimate
     computations[current].append(dict(
         name=match.group(1), type=type_text, opcode=opcode,
         operands=re.findall(r'%([\w.\-]+)', arguments),
@@ -167,7 +168,7 @@ def parse_hlo(text):
         body=body and body.group(1),
         target=target and target.group(1), kind=kind and kind.group(1),
         kernel=(names[-1], int(np.prod(grid))) if grid and names else None,
-        root=line.lstrip().startswith('ROOT')))
+        cycles=cycles and int(cycles.group(1)), root=line.lstrip().startswith('ROOT')))
   return computations, entry
 
 
@@ -225,7 +226,7 @@ def loop_body(text):
 def kernels(text, pallas=None, computation=None):
   """The entry computation's instructions that run (or `computation`'s, by its name: a loop's
   body): name -> dict(scope, category, bytes, op_name, function: a Triton kernel's function
-  name, else None).
+  name, else None; cycles: the cycles a TPU's compiler estimates for it, else None).
 
   A custom call's bytes are its operands and outputs whole, except a Pallas kernel's found in
   `pallas` ({(function name, programs): bytes}, `block_profile.pallas_bytes`): what its
@@ -255,7 +256,8 @@ def kernels(text, pallas=None, computation=None):
       category = f'custom-call {inst["target"]}'
     op_name = _op_name(inst, fused)
     out[inst['name']] = dict(scope=_scope(op_name), category=category, bytes=moved,
-                             op_name=op_name, function=inst['kernel'] and inst['kernel'][0])
+                             op_name=op_name, function=inst['kernel'] and inst['kernel'][0],
+                             cycles=inst['cycles'])
   # Instructions XLA made without metadata (the CPU's dots, a GPU's product over a KV cache)
   # belong where their users are, found through instructions that run no kernel (bitcasts).
   users = collections.defaultdict(list)
