@@ -1,8 +1,9 @@
 """The fused blocks compiled for a Hopper GPU on a machine without one: each kernel's registers
-and spills, and the instructions XLA runs.
+and spills, and the instructions XLA runs; or Table 1's blocks compiled for a TPU chip.
 
-  python -m sparse_scaling.bench.compile_only [--gpu h100] [--shape 800m] [--variant ffqkv]
-      [--settings CACHE=2048,CACHE=2048+ATTEND_STEP=2] [--blocks fused|model|loop]
+  python -m sparse_scaling.bench.compile_only [--gpu h100 | --tpu v5e] [--shape 800m]
+      [--variant ffqkv] [--settings CACHE=2048,CACHE=2048+ATTEND_STEP=2]
+      [--blocks fused|model|loop]
 
 GPU time is scarce; what a kernel compiles to is not. This compiles the fused blocks as
 `decode_shares --measure trace` does (`decode_shares.fused_blocks`, each block jitted as a
@@ -284,7 +285,6 @@ def main(argv):
                 compiled_model_block(dims, device, args.dtype, loop=args.blocks == 'loop'))
     for row in rows(text, blocks):
       print(common.table_row(row), flush=True)
-
 
 
 def main_tpu(args, settings):
