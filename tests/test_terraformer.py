@@ -2,6 +2,7 @@
 
 import functools
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -171,6 +172,27 @@ def test_lsh_attention_trains_on_long_inputs():
 def test_bad_arguments_raise_value_error_naming_the_parameter(kwargs, parameter):
   with pytest.raises(ValueError, match=parameter):
     _model(**kwargs)(mode='train')
+
+
+@pytest.mark.parametrize('kwargs, lengths, message', [
+    (dict(encoder_attention_type='lsh'), (200, 128),
+     "inputs: chunked and LSH attention read chunks of 128 positions, so the encoder's length "
+     'must be a multiple of 128, got 200'),
+    (dict(decoder_attention_type='chunked'), (128, 100),
+     "targets: chunked and LSH attention read chunks of 128 positions, so the encoder's and the "
+     "decoder's lengths together must be a multiple of 128, got 228"),
+])
+def test_lengths_that_fill_no_whole_chunks_are_refused_naming_them(kwargs, lengths, message):
+  """Chunked and LSH attention read chunks of 128 positions (trax's layers failed to reshape
+  otherwise): the encoder's inputs, and where the decoder's attention is one of them, the
+  packed [encoder; decoder]. Sparse QKV in the decoder takes any length."""
+  signature = tuple(shapes.ShapeDtype((1, length), np.int32) for length in lengths)
+  kwargs = dict(kwargs, max_len=512)
+  with pytest.raises(tl.LayerError) as info:
+    _model(**kwargs)(mode='train').init(signature)
+  assert re.findall(r'^ValueError: (.*)$', str(info.value), flags=re.MULTILINE)[-1] == message
+  if 'decoder_attention_type' in kwargs:
+    _model(**dict(kwargs, attention_sparsity=4))(mode='train').init(signature)
 
 
 def test_lsh_decoder_cannot_predict():

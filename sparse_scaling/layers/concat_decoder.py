@@ -23,6 +23,7 @@ from trax import layers as tl
 from trax.layers import base
 
 from sparse_scaling.layers import components
+from sparse_scaling.layers.checks import check_chunks
 from sparse_scaling.layers.checks import check_divides
 from sparse_scaling.layers.checks import check_mode
 from sparse_scaling.layers.multiplicative_dense import MultiplicativeDense
@@ -66,17 +67,22 @@ class ConcatEncoderDecoder(_PacksOnce):
 
   Outputs: vec_ed [b, le + ld, d] in vec_d's dtype (the layout in the module docstring) and
   mask_ed [b, le + ld] float32. In predict mode, calls after the first return vec_d and ones
-  [b, ld].
+  [b, ld]. With `chunk_len` (the chunks of the decoder's chunked or LSH attention), le + ld
+  must be a multiple of it outside predict mode (ValueError naming `targets`).
   """
 
-  def __init__(self, mode='train'):
+  def __init__(self, mode='train', chunk_len=None):
     super().__init__(3, 2, 'ConcatEncoderDecoder', mode)
+    self._chunk_len = chunk_len
 
   def forward(self, inputs):
     vec_e, mask_e, vec_d = inputs
     if self._passes_through():
       return vec_d, jnp.ones(vec_d.shape[:2], jnp.float32)
     len_e, len_d = vec_e.shape[1], vec_d.shape[1]
+    if self._mode != 'predict':
+      check_chunks('targets', "the encoder's and the decoder's lengths together", len_e + len_d,
+                   self._chunk_len)
     lengths = _true_lengths(mask_e)                                       # [b, 1]
     positions = jnp.arange(len_e + len_d)[None, :]                        # [1, le + ld]
     from_dec = jnp.clip(positions - lengths, 0, len_d - 1)                # [b, le + ld]

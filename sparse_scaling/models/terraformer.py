@@ -27,6 +27,7 @@ from sparse_scaling.layers import SparseLoss
 from sparse_scaling.layers import components
 from sparse_scaling.layers import concat_decoder
 from sparse_scaling.layers import terraformer_blocks
+from sparse_scaling.layers.checks import check_chunks
 from sparse_scaling.layers.checks import check_divides
 from sparse_scaling.layers.checks import check_mode
 
@@ -64,8 +65,10 @@ def Terraformer(input_vocab_size=VOCAB_SIZE, output_vocab_size=None, d_model=D_M
     n_heads: Attention heads; must divide d_model.
     max_len: Longest encoder plus decoder sequence (positions and decoding caches).
     dropout: Dropout rate of embeddings, attention and FF.
-    encoder_attention_type: 'dense', 'chunked' or 'lsh' (bidirectional).
-    decoder_attention_type: 'dense', 'chunked' or 'lsh' (causal); only 'dense' decodes.
+    encoder_attention_type: 'dense', 'chunked' or 'lsh' (bidirectional; the last two read
+      chunks of 128 positions, so the encoder's length must be a multiple of 128).
+    decoder_attention_type: 'dense', 'chunked' or 'lsh' (causal; the last two: the encoder's
+      and the decoder's lengths together a multiple of 128); only 'dense' decodes.
     n_decoder_attention_layers: Attention layers per decoder block.
     ff_sparsity: Sparse FF everywhere: 0, N, or (N, d_lowrank).
     attention_sparsity: Sparse QKV modules of decoder attention (0: decoder_attention_type).
@@ -87,6 +90,17 @@ def Terraformer(input_vocab_size=VOCAB_SIZE, output_vocab_size=None, d_model=D_M
   if attention_sparsity:
     check_divides('attention_sparsity', attention_sparsity, 'd_model', d_model)
   encoder_mode = 'eval' if mode == 'predict' else mode   # the encoder sees whole inputs
+  # Chunked and LSH attention read whole chunks: of the encoder's inputs, and of the decoder's
+  # [encoder; decoder] where its attention is one of them.
+  chunked = lambda attention_type: (None if attention_type == 'dense' else
+                                    terraformer_blocks.CHUNK_LEN)
+  decoder_chunks = None if attention_sparsity else chunked(decoder_attention_type)
+
+  def padding_mask(tokens):
+    check_chunks('inputs', "the encoder's length", tokens.shape[1],
+                 chunked(encoder_attention_type))
+    return jnp.asarray(tokens != 0, jnp.float32)
+
   embedding = tl.Embedding(input_vocab_size, d_model)
   output_embedding = embedding if output_vocab_size is None else tl.Embedding(
       output_vocab_size, d_model)
@@ -101,14 +115,14 @@ def Terraformer(input_vocab_size=VOCAB_SIZE, output_vocab_size=None, d_model=D_M
           encoder_mode) for _ in range(n_encoder_layers)])]    # vec_e1 vec_e2 mask_e
   if reversible_encoder:
     pack = [tl.Select([0, 2, 3, 1, 2, 3, 2]),       # e1 mask_e vec_d e2 mask_e vec_d mask_e
-            concat_decoder.ConcatEncoderDecoder(mode),          # ed1 mask_ed e2 ...
-            tl.Parallel([], [], concat_decoder.ConcatEncoderDecoder(mode)),
+            concat_decoder.ConcatEncoderDecoder(mode, decoder_chunks),  # ed1 mask_ed e2 ...
+            tl.Parallel([], [], concat_decoder.ConcatEncoderDecoder(mode, decoder_chunks)),
             tl.Select([0, 2, 1, 4]),                # ed1 ed2 mask_ed mask_e
            ]
   else:
     encoder += [_Average(), tl.Dense(d_model), LayerNorm()]  # vec_e mask_e
     pack = [tl.Select([0, 1, 2, 1]),                            # vec_e mask_e vec_d mask_e
-            concat_decoder.ConcatEncoderDecoder(mode),          # ed mask_ed mask_e
+            concat_decoder.ConcatEncoderDecoder(mode, decoder_chunks),  # ed mask_ed mask_e
             tl.Select([0, 0, 1, 2])]                            # ed ed mask_ed mask_e
   encoder = components.Encoder(encoder, name='Encoder')
   if mode == 'predict':
@@ -121,7 +135,7 @@ def Terraformer(input_vocab_size=VOCAB_SIZE, output_vocab_size=None, d_model=D_M
   return tl.Serial(                                          # tok_e tok_d
       tl.Select([0, 0, 1, 1]),                               # tok_e tok_e tok_d tok_d
       tl.Parallel(encoder_embedder,
-                  tl.Fn('PaddingMask', lambda t: jnp.asarray(t != 0, jnp.float32)),
+                  tl.Fn('PaddingMask', padding_mask),
                   [tl.ShiftRight(mode=mode),
                    Embedder(output_vocab_size, d_model, max_len, dropout, mode,
                             output_embedding)]),             # vec_e mask_e vec_d tok_d
