@@ -14,6 +14,7 @@ from trax import shapes
 
 from sparse_scaling import decoding
 from sparse_scaling.decoding import Decoder
+from sparse_scaling.models import ScalingTransformer
 from sparse_scaling.models import ScalingTransformerLM
 from sparse_scaling.models import Terraformer
 
@@ -21,12 +22,16 @@ MODELS = {
     'lm': functools.partial(
         ScalingTransformerLM, vocab_size=32, d_model=32, d_ff=64, n_layers=2, n_heads=2,
         max_len=32, dropout=0.0, ff_sparsity=8, attention_sparsity=4, loss_sparsity=4),
+    'scaling_transformer': functools.partial(
+        ScalingTransformer, input_vocab_size=32, d_model=32, d_ff=64, n_encoder_layers=1,
+        n_decoder_layers=2, n_heads=2, max_len=32, dropout=0.0, ff_sparsity=8,
+        attention_sparsity=4, enc_dec_attention_sparsity=4, loss_sparsity=4),
     'terraformer': functools.partial(
         Terraformer, input_vocab_size=32, d_model=32, d_ff=64, n_encoder_layers=1,
         n_decoder_layers=2, n_heads=2, max_len=32, dropout=0.0, ff_sparsity=8,
         attention_sparsity=4, loss_sparsity=4, ff_use_sru=(1, 8)),
 }
-INPUTS = np.array([[4, 5, 6, 7, 0], [8, 9, 3, 0, 0]], np.int32)   # the Terraformer's encoder's
+INPUTS = np.array([[4, 5, 6, 7, 0], [8, 9, 3, 0, 0]], np.int32)   # an encoder's
 # A kernel in a lowered program: Pallas' Triton and Mosaic GPU calls, and Mosaic TPU's.
 KERNELS = ('triton', 'mosaic_gpu', 'tpu_custom_call')
 
@@ -38,7 +43,7 @@ def _lowered_for_a_tpu(fn, *args):
 
 def _signature(name):
   tokens = shapes.ShapeDtype((2, 8), jnp.int32)
-  return (shapes.signature(INPUTS), tokens) if name == 'terraformer' else tokens
+  return tokens if name == 'lm' else (shapes.signature(INPUTS), tokens)
 
 
 def _generation(name, dtype, backend, monkeypatch):
@@ -62,7 +67,7 @@ def _generation(name, dtype, backend, monkeypatch):
 
   monkeypatch.setattr(decoding, 'jit', jit)
   monkeypatch.setattr(jax, 'default_backend', lambda: backend)
-  inputs = INPUTS if name == 'terraformer' else None
+  inputs = None if name == 'lm' else INPUTS
   Decoder(model_fn, weights, dtype=dtype).generate(np.array([[1, 2], [3, 4]], np.int32), 4,
                                                    inputs=inputs)
   assert len(programs) == 1
@@ -94,11 +99,11 @@ def test_a_training_steps_gradients_lower_for_a_tpu(name, monkeypatch):
   model = MODELS[name](mode='train')
   weights, state = model.init(_signature(name), rng=jax.random.PRNGKey(0))
   targets = jnp.ones((2, 8), jnp.int32)
-  batch = (jnp.asarray(INPUTS), targets) if name == 'terraformer' else targets
+  batch = targets if name == 'lm' else (jnp.asarray(INPUTS), targets)
 
   def loss(w):
     out, _ = model.pure_fn(batch, w, state, jax.random.PRNGKey(1))
-    logits = out[0] if name == 'terraformer' else out
+    logits = out if name == 'lm' else out[0]
     return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], -1))
 
   text = _lowered_for_a_tpu(jax.value_and_grad(loss), weights)
