@@ -29,10 +29,10 @@ from sparse_scaling.layers import sparse_ff
 from sparse_scaling.layers import sparse_qkv
 from sparse_scaling.layers import sparse_qkv_block_kernel
 from sparse_scaling.layers.causal_attention import CausalAttentionCore
-from sparse_scaling.models import ScalingTransformer
 from sparse_scaling.models import ScalingTransformerLM
-from sparse_scaling.models import Terraformer
 
+from tests.utils import ENCODER_DECODERS
+from tests.utils import ENCODER_INPUTS
 from tests.utils import needs_gpu
 
 TINY = dict(vocab_size=32, d_model=16, d_ff=64, n_layers=2, n_heads=2, max_len=32, dropout=0.0,
@@ -284,22 +284,10 @@ def test_other_prompt_lengths_reuse_the_compiled_generation(model_and_weights):
   assert len(traces) == n_traced
 
 
-ENCODER_DECODERS = {
-    'scaling_transformer': functools.partial(
-        ScalingTransformer, input_vocab_size=32, d_model=16, d_ff=64, n_encoder_layers=1,
-        n_decoder_layers=2, n_heads=2, max_len=32, dropout=0.0, ff_sparsity=8,
-        attention_sparsity=4, enc_dec_attention_sparsity=4, loss_sparsity=4),
-    'terraformer': functools.partial(
-        Terraformer, input_vocab_size=32, d_model=16, d_ff=64, n_encoder_layers=1,
-        n_decoder_layers=1, n_heads=2, max_len=32, dropout=0.0, ff_sparsity=8,
-        attention_sparsity=4, loss_sparsity=4, ff_use_sru=(1, 4)),
-}
-
-
 @pytest.mark.parametrize('name', sorted(ENCODER_DECODERS))
 def test_encoder_decoder_greedy_equals_trax_autoregressive_sample(name):
   model_fn = ENCODER_DECODERS[name]
-  inputs = np.array([[4, 5, 6, 7, 0], [8, 9, 3, 0, 0]], np.int32)
+  inputs = ENCODER_INPUTS
   model = model_fn(mode='eval')
   model.init(shapes.signature((inputs, inputs)), rng=jax.random.PRNGKey(0))
   ours = Decoder(model_fn, model.weights).generate(np.zeros((2, 0), np.int32), 10,
@@ -336,7 +324,7 @@ def test_convolutions_laid_out_once_a_generation_decode_the_same_tokens(name, mo
   [encoder; decoder])."""
   model_fn = (functools.partial(ScalingTransformerLM, **dict(TINY, attention_sparsity=4))
               if name == 'lm' else ENCODER_DECODERS[name])
-  inputs = np.array([[4, 5, 6, 7, 0], [8, 9, 3, 0, 0]], np.int32)
+  inputs = ENCODER_INPUTS
   model = model_fn(mode='eval')
   model.init(shapes.signature(inputs if name == 'lm' else (inputs, inputs)),
              rng=jax.random.PRNGKey(2))
@@ -454,7 +442,7 @@ def test_encoder_decoders_refuse_generations_longer_than_they_hold(name, longest
   writes the 5 inputs' positions, the start token's after them). One more is refused, the
   Terraformer's error counting the encoder's positions."""
   model_fn = ENCODER_DECODERS[name]
-  inputs = np.array([[4, 5, 6, 7, 0], [8, 9, 3, 0, 0]], np.int32)
+  inputs = ENCODER_INPUTS
   model = model_fn(mode='eval')
   model.init(shapes.signature((inputs, inputs)), rng=jax.random.PRNGKey(0))
   decoder = Decoder(model_fn, model.weights)
@@ -607,6 +595,19 @@ def trained_on_a_cycle():
   return model_fn, _trained_on_a_cycle(model_fn)
 
 
+def _prompt_pass(decoder, prompt, inputs=None):
+  """(logits [batch, vocab] in float32, the state before, the state after) of `decoder`'s
+  model fed the start token and `prompt` [batch, p] in one compiled step (encoder `inputs`
+  for an encoder-decoder)."""
+  # pylint: disable=protected-access
+  state = decoder._initial_state(prompt.shape[0], inputs)
+  tokens = jnp.concatenate([jnp.zeros((prompt.shape[0], 1), jnp.int32), prompt], axis=1)
+  inputs = None if inputs is None else jnp.asarray(inputs)
+  step = decoding.jit(lambda w, s, t: decoder._step(w, s, t, inputs), decoder.model.weights)
+  out, after = step(decoder.model.weights, state, tokens)
+  return np.asarray(out, np.float32), state, after
+
+
 # 'interpret' with -m slow (~30 s on 2 CPU cores): by default the kernels' bfloat16 decoding is
 # held to float32's in test_fused_residual.py (test_fused_blocks_decode_bfloat16_weights_...).
 @pytest.mark.parametrize('kernel', ['auto', pytest.param('interpret', marks=pytest.mark.slow)])
@@ -632,14 +633,7 @@ def test_bfloat16_decoding_equals_float32_on_a_trained_model(kernel, trained_on_
     np.testing.assert_array_equal(bf16.generate(prompt, 16), f32.generate(prompt, 16))
     assert {str(w.dtype) for w in jax.tree.leaves(bf16.model.weights)} <= {'bfloat16',
                                                                           'int32'}
-    logits = []
-    for decoder in (f32, bf16):
-      state = decoder._initial_state(2, None)  # pylint: disable=protected-access
-      start = jnp.zeros((2, 1), jnp.int32)
-      step = decoding.jit(lambda w, s, t, d=decoder: d._step(  # pylint: disable=protected-access
-          w, s, t, None), decoder.model.weights)
-      out, _ = step(decoder.model.weights, state, jnp.concatenate([start, prompt], axis=1))
-      logits.append(np.asarray(out, np.float32))
+    logits = [_prompt_pass(decoder, prompt)[0] for decoder in (f32, bf16)]
   assert np.abs(logits[1] - logits[0]).max() < 0.5 * logits[0].std()
 
 
@@ -652,18 +646,15 @@ def test_an_encoder_decoder_decodes_in_bfloat16_its_state_kept_in_bfloat16(name)
   warns of no mixed-dtype update, and the logits are float32's within half their spread (the
   bound of the LM's test above; random weights here)."""
   model_fn = ENCODER_DECODERS[name]
-  inputs = np.array([[4, 5, 6, 7, 0], [8, 9, 3, 0, 0]], np.int32)
+  inputs = ENCODER_INPUTS
   model = model_fn(mode='eval')
   model.init(shapes.signature((inputs, inputs)), rng=jax.random.PRNGKey(0))
-  tokens = jnp.array([[0, 1, 2, 3], [0, 5, 6, 7]], jnp.int32)   # the start token, a prompt
+  prompt = np.array([[1, 2, 3], [5, 6, 7]], np.int32)
   logits = []
   for dtype in (None, 'bfloat16'):
     decoder = Decoder(model_fn, model.weights, dtype=dtype)
-    state = decoder._initial_state(2, inputs)  # pylint: disable=protected-access
-    step = decoding.jit(lambda w, s, t, d=decoder: d._step(  # pylint: disable=protected-access
-        w, s, t, jnp.asarray(inputs)), decoder.model.weights)
-    out, after = step(decoder.model.weights, state, tokens)
-    logits.append(np.asarray(out, np.float32))
+    out, state, after = _prompt_pass(decoder, prompt, inputs)
+    logits.append(out)
     if dtype:
       before = dict(jax.tree_util.tree_leaves_with_path(state))
       changed = [jax.tree_util.keystr(path) for path, a in
@@ -672,7 +663,7 @@ def test_an_encoder_decoder_decodes_in_bfloat16_its_state_kept_in_bfloat16(name)
       assert not changed
       with warnings.catch_warnings():
         warnings.simplefilter('error', FutureWarning)
-        assert decoder.generate(tokens[:, 1:], 4, inputs=inputs).shape == (2, 4)
+        assert decoder.generate(prompt, 4, inputs=inputs).shape == (2, 4)
   assert np.abs(logits[1] - logits[0]).max() < 0.5 * logits[0].std()
 
 

@@ -14,24 +14,16 @@ from trax import shapes
 
 from sparse_scaling import decoding
 from sparse_scaling.decoding import Decoder
-from sparse_scaling.models import ScalingTransformer
 from sparse_scaling.models import ScalingTransformerLM
-from sparse_scaling.models import Terraformer
+from tests.utils import ENCODER_DECODERS
+from tests.utils import ENCODER_INPUTS
 
 MODELS = {
     'lm': functools.partial(
         ScalingTransformerLM, vocab_size=32, d_model=32, d_ff=64, n_layers=2, n_heads=2,
         max_len=32, dropout=0.0, ff_sparsity=8, attention_sparsity=4, loss_sparsity=4),
-    'scaling_transformer': functools.partial(
-        ScalingTransformer, input_vocab_size=32, d_model=32, d_ff=64, n_encoder_layers=1,
-        n_decoder_layers=2, n_heads=2, max_len=32, dropout=0.0, ff_sparsity=8,
-        attention_sparsity=4, enc_dec_attention_sparsity=4, loss_sparsity=4),
-    'terraformer': functools.partial(
-        Terraformer, input_vocab_size=32, d_model=32, d_ff=64, n_encoder_layers=1,
-        n_decoder_layers=2, n_heads=2, max_len=32, dropout=0.0, ff_sparsity=8,
-        attention_sparsity=4, loss_sparsity=4, ff_use_sru=(1, 8)),
+    **ENCODER_DECODERS,
 }
-INPUTS = np.array([[4, 5, 6, 7, 0], [8, 9, 3, 0, 0]], np.int32)   # an encoder's
 # A kernel in a lowered program: Pallas' Triton and Mosaic GPU calls, and Mosaic TPU's.
 KERNELS = ('triton', 'mosaic_gpu', 'tpu_custom_call')
 
@@ -43,7 +35,7 @@ def _lowered_for_a_tpu(fn, *args):
 
 def _signature(name):
   tokens = shapes.ShapeDtype((2, 8), jnp.int32)
-  return tokens if name == 'lm' else (shapes.signature(INPUTS), tokens)
+  return tokens if name == 'lm' else (shapes.signature(ENCODER_INPUTS), tokens)
 
 
 def _generation(name, dtype, backend, monkeypatch):
@@ -67,7 +59,7 @@ def _generation(name, dtype, backend, monkeypatch):
 
   monkeypatch.setattr(decoding, 'jit', jit)
   monkeypatch.setattr(jax, 'default_backend', lambda: backend)
-  inputs = None if name == 'lm' else INPUTS
+  inputs = None if name == 'lm' else ENCODER_INPUTS
   Decoder(model_fn, weights, dtype=dtype).generate(np.array([[1, 2], [3, 4]], np.int32), 4,
                                                    inputs=inputs)
   assert len(programs) == 1
@@ -99,7 +91,7 @@ def test_a_training_steps_gradients_lower_for_a_tpu(name, monkeypatch):
   model = MODELS[name](mode='train')
   weights, state = model.init(_signature(name), rng=jax.random.PRNGKey(0))
   targets = jnp.ones((2, 8), jnp.int32)
-  batch = targets if name == 'lm' else (jnp.asarray(INPUTS), targets)
+  batch = targets if name == 'lm' else (jnp.asarray(ENCODER_INPUTS), targets)
 
   def loss(w):
     out, _ = model.pure_fn(batch, w, state, jax.random.PRNGKey(1))

@@ -16,6 +16,23 @@ from trax import shapes
 
 from sparse_scaling import configs
 from sparse_scaling import training
+from sparse_scaling.models import ScalingTransformer
+from sparse_scaling.models import Terraformer
+
+
+# Tiny sparse encoder-decoders, as decoding tests build them, and encoder inputs for them
+# (rows of true length 4 and 3, padded with 0).
+ENCODER_DECODERS = {
+    'scaling_transformer': functools.partial(
+        ScalingTransformer, input_vocab_size=32, d_model=16, d_ff=64, n_encoder_layers=1,
+        n_decoder_layers=2, n_heads=2, max_len=32, dropout=0.0, ff_sparsity=8,
+        attention_sparsity=4, enc_dec_attention_sparsity=4, loss_sparsity=4),
+    'terraformer': functools.partial(
+        Terraformer, input_vocab_size=32, d_model=16, d_ff=64, n_encoder_layers=1,
+        n_decoder_layers=1, n_heads=2, max_len=32, dropout=0.0, ff_sparsity=8,
+        attention_sparsity=4, loss_sparsity=4, ff_use_sru=(1, 4)),
+}
+ENCODER_INPUTS = np.array([[4, 5, 6, 7, 0], [8, 9, 3, 0, 0]], np.int32)
 
 
 def initialized(layer, x, seed=0):
